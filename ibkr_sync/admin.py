@@ -1,0 +1,63 @@
+"""SyncRun history, and the admin's "Sync now" control (a thin edge over the service)."""
+
+from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
+from django.http import HttpRequest, HttpResponseNotAllowed, HttpResponseRedirect
+from django.urls import path, reverse
+
+from .exceptions import IbkrSyncError
+from .models import SyncRun
+from .services import sync_positions
+
+
+@admin.register(SyncRun)
+class SyncRunAdmin(admin.ModelAdmin):
+    list_display = (
+        "id", "started_at", "status", "trigger", "user", "account_filter", "processed",
+        "created", "updated", "unchanged", "reopened", "closed", "errors", "duration",
+    )  # fmt: skip
+    list_filter = ("status", "trigger")
+    list_select_related = ("user",)
+    search_fields = ("=id", "account_filter", "error_message")
+    readonly_fields = [f.name for f in SyncRun._meta.fields] + ["duration"]
+    date_hierarchy = "started_at"
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+    def get_urls(self):
+        sync_now = self.admin_site.admin_view(self.sync_now_view)
+        return [path("sync-now/", sync_now, name="ibkr_sync_syncrun_sync_now"), *super().get_urls()]
+
+    def changelist_view(self, request: HttpRequest, extra_context=None):
+        extra_context = {
+            **(extra_context or {}),
+            "can_run_sync": request.user.has_perm("ibkr_sync.run_sync"),
+        }
+        return super().changelist_view(request, extra_context)
+
+    def sync_now_view(self, request: HttpRequest):
+        if request.method != "POST":
+            return HttpResponseNotAllowed(["POST"])
+        if not request.user.has_perm("ibkr_sync.run_sync"):
+            raise PermissionDenied
+        account = request.POST.get("ibkr_account_id", "").strip() or None
+        try:
+            result = sync_positions(account, trigger=SyncRun.Trigger.ADMIN, user=request.user)
+        except IbkrSyncError as exc:
+            self.message_user(request, f"Sync failed: {exc}", messages.ERROR)
+        else:
+            level = messages.WARNING if result.errors else messages.SUCCESS
+            self.message_user(
+                request,
+                f"Sync #{result.sync_run_id} finished: {result.processed} positions in "
+                f"{len(result.accounts)} account(s); {result.created} created, "
+                f"{result.updated} updated, {result.unchanged} unchanged, "
+                f"{result.reopened} reopened, {result.closed} closed, "
+                f"{len(result.errors)} errors.",
+                level,
+            )
+        return HttpResponseRedirect(reverse("admin:ibkr_sync_syncrun_changelist"))

@@ -1,0 +1,7 @@
+from django.apps import AppConfig
+
+
+class IbkrSyncConfig(AppConfig):
+    default_auto_field = "django.db.models.BigAutoField"
+    name = "ibkr_sync"
+    verbose_name = "IBKR sync"

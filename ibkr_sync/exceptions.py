@@ -1,0 +1,54 @@
+"""One hierarchy for everything a sync can fail with.
+
+The edges map each class to one HTTP status (`api/views.py`) and one exit code
+(`management/commands/sync_ibkr.py`); messages are written for the person who has to act
+on them, so the edges show them as they are.
+"""
+
+
+class IbkrSyncError(Exception):
+    """Base class; `code` is the stable machine-readable name used in API errors."""
+
+    code = "sync_error"
+
+
+class InvalidAccountId(IbkrSyncError, ValueError):
+    code = "invalid_account_id"
+
+
+class SyncAlreadyRunning(IbkrSyncError):
+    code = "sync_already_running"
+
+
+class GatewayError(IbkrSyncError):
+    """The gateway answered, but not with a usable snapshot."""
+
+    code = "gateway_error"
+
+    def __init__(self, message: str, *, ib_code: int | None = None) -> None:
+        super().__init__(message)
+        self.ib_code = ib_code
+
+
+class GatewayUnavailable(GatewayError):
+    """No API session could be established (refused, unreachable, or lost)."""
+
+    code = "gateway_unavailable"
+
+
+class GatewayTimeout(GatewayError):
+    code = "gateway_timeout"
+
+
+class ClientIdInUse(GatewayError):
+    code = "client_id_in_use"
+
+
+class UnknownAccount(GatewayError):
+    code = "unknown_account"
+
+
+class IncompleteSnapshot(GatewayError):
+    """The gateway sent something we could not read; the snapshot cannot be trusted."""
+
+    code = "incomplete_snapshot"

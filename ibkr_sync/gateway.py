@@ -1,0 +1,391 @@
+"""The one adapter between this project and the IB client library (ib_insync or ib_async).
+
+Everything library-specific lives here: the event loop, timeouts, the connection's
+lifetime and the translation of IB errors into our exceptions. The rest of the project
+sees only `IbkrGateway.fetch_positions()` and the frozen dataclasses it returns, with
+`Decimal` values and snake_case names.
+
+Why it is shaped this way:
+
+- Each read runs in a private thread with its own event loop. A WSGI worker thread has
+  no event loop (ib_insync needs one, even to be imported), and inside a running loop
+  (ASGI, async views) the library's blocking calls fail while their work goes on in the
+  background holding the client id. A private loop avoids both, and it is closed with
+  its thread when the read ends, so nothing dangles.
+- We connect with the bare API handshake and then ask for positions once, waiting for
+  the gateway's end-of-positions marker. `IB.connect()` also reads positions, but it
+  only logs a start-up request that timed out, so its position list may be silently
+  incomplete; a snapshot here is complete or it is an error, never a short portfolio
+  that would close positions that are still held.
+- Quantities and average costs are taken from the wire text, not from the library's
+  floats, so fractional shares arrive exactly as the gateway sent them.
+- One read at a time per process: a dropped IB connection cancels blocking calls of
+  every other IB instance in the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import threading
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import Any, TypeVar
+
+from .conf import GatewayConfig
+from .exceptions import (
+    ClientIdInUse,
+    GatewayError,
+    GatewayTimeout,
+    GatewayUnavailable,
+    IbkrSyncError,
+    IncompleteSnapshot,
+    SyncAlreadyRunning,
+    UnknownAccount,
+)
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Message ids of the TWS protocol that carry the positions we read.
+_MSG_POSITION = 61
+_MSG_POSITION_END = 62
+
+# IB error codes that end a read, decided here and nowhere else. Everything else the
+# gateway says during a read (farm status 2104/2106/2158, 1102 "connectivity restored",
+# ...) is informational and only logged.
+_CLIENT_ID_IN_USE = 326
+_GATEWAY_DOWN_CODES = frozenset({502, 504, 1100, 1300})
+_REQUEST_FAILED_CODES = frozenset({321, 322})
+
+_SETUP_CHECKLIST = (
+    "Check that TWS or IB Gateway is running and logged in, that 'Enable ActiveX and "
+    "Socket Clients' is checked in its API settings, that the API port matches "
+    "IBKR_PORT, and that this machine's IP address is in its trusted IPs."
+)
+
+_process_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class GatewayPosition:
+    """One position row as the gateway reported it, before any mapping."""
+
+    account: str
+    con_id: int
+    symbol: str
+    sec_type: str
+    quantity: Decimal
+    average_cost: Decimal | None
+    currency: str = ""
+    exchange: str = ""
+    primary_exchange: str = ""
+    local_symbol: str = ""
+    trading_class: str = ""
+    multiplier: str = ""
+    last_trade_date: str = ""
+    strike: Decimal | None = None
+    right: str = ""
+
+
+@dataclass(frozen=True)
+class GatewaySnapshot:
+    """Every open position of the accounts read, complete up to the end marker."""
+
+    accounts: tuple[str, ...]
+    positions: tuple[GatewayPosition, ...]
+    managed_accounts: tuple[str, ...] = ()
+    server_version: int | None = None
+
+
+def _decimal(text: Any) -> Decimal | None:
+    if text is None:
+        return None
+    try:
+        return Decimal(str(text).strip() or "0")
+    except InvalidOperation:
+        return None
+
+
+def _float_decimal(value: float | None) -> Decimal | None:
+    # repr() is the shortest text that round-trips, i.e. the decimal the wire carried.
+    return None if value is None else Decimal(repr(float(value)))
+
+
+@dataclass
+class _ReadState:
+    """What one read has seen so far; filled by library callbacks on the private loop."""
+
+    failure: asyncio.Future | None = None
+    raw_fields: list[str] | None = None
+    malformed: list[str] = field(default_factory=list)
+    positions: dict[tuple[str, int], GatewayPosition] = field(default_factory=dict)
+
+    def fail(self, error: IbkrSyncError) -> None:
+        # The first failure wins: a 326 is followed by the socket closing, and the
+        # clear reason is the 326, not the close.
+        if self.failure is not None and not self.failure.done():
+            self.failure.set_result(error)
+
+    @property
+    def decisive_failure(self) -> IbkrSyncError | None:
+        """A failure the gateway stated with an error code, which explains it best."""
+        if self.failure is None or not self.failure.done():
+            return None
+        error = self.failure.result()
+        return error if getattr(error, "ib_code", None) is not None else None
+
+
+class IbkrGateway:
+    """Reads managed accounts and positions from a running TWS / IB Gateway."""
+
+    def __init__(self, config: GatewayConfig | None = None) -> None:
+        self.config = config or GatewayConfig.from_settings()
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.config.port}"
+
+    def fetch_positions(self, account_id: str | None = None) -> GatewaySnapshot:
+        """Connect read-only, read every position (of one account, if given), disconnect."""
+        if not _process_lock.acquire(blocking=False):
+            raise SyncAlreadyRunning(
+                "Another sync is reading from the IB gateway in this process; try again later."
+            )
+        try:
+            return _run_in_private_loop(lambda: self._read(account_id))
+        finally:
+            _process_lock.release()
+
+    # --- everything below runs on the private event loop --------------------------------
+
+    async def _read(self, account_id: str | None) -> GatewaySnapshot:
+        cfg = self.config
+        library = importlib.import_module(cfg.library)
+        ib = library.IB()
+        ib.RequestTimeout = cfg.request_timeout
+        state = _ReadState(failure=asyncio.get_running_loop().create_future())
+        ib.errorEvent += lambda *args: self._on_error(state, *args)
+        ib.client.apiError += lambda message: self._on_api_error(state, message)
+        ib.positionEvent += lambda position: self._on_position(state, position)
+        self._guard_position_messages(ib, state)
+        try:
+            ib.wrapper.clientId = cfg.client_id
+            await self._race(
+                ib.client.connectAsync(cfg.host, cfg.port, cfg.client_id, cfg.connect_timeout),
+                state,
+                cfg.connect_timeout,
+                "connect",
+            )
+            managed = tuple(ib.client.getAccounts())
+            if account_id is not None and account_id not in managed:
+                raise UnknownAccount(
+                    f"Account {account_id} is not managed by the IB gateway at {self.address} "
+                    f"(it manages: {', '.join(managed) or 'none'})."
+                )
+            await self._race(ib.reqPositionsAsync(), state, cfg.request_timeout, "send positions")
+            if state.malformed:
+                raise IncompleteSnapshot(
+                    f"The IB gateway at {self.address} sent {len(state.malformed)} position "
+                    "message(s) that could not be read; nothing was changed. "
+                    f"First: {state.malformed[0]}"
+                )
+            accounts = (account_id,) if account_id is not None else managed
+            positions = tuple(
+                p
+                for p in state.positions.values()
+                if p.quantity != 0 and (account_id is None or p.account == account_id)
+            )
+            return GatewaySnapshot(
+                accounts=accounts,
+                positions=positions,
+                managed_accounts=managed,
+                server_version=ib.client.serverVersion(),
+            )
+        finally:
+            await self._disconnect(ib)
+
+    async def _race(
+        self, awaitable: Awaitable[T], state: _ReadState, timeout: float, what: str
+    ) -> T:
+        """Await a library call, but give up at once on a fatal gateway error or timeout."""
+        task = asyncio.ensure_future(awaitable)
+        failure = state.failure
+        done, _ = await asyncio.wait(
+            {task, failure}, timeout=timeout, return_when="FIRST_COMPLETED"
+        )
+        if state.decisive_failure is not None or (failure in done and task not in done):
+            await self._cancel(task)
+            raise failure.result()
+        if task not in done:
+            await self._cancel(task)
+            raise GatewayTimeout(
+                f"The IB gateway at {self.address} did not {what} within {timeout:g} s "
+                "(IBKR_CONNECT_TIMEOUT / IBKR_REQUEST_TIMEOUT); nothing was changed."
+            )
+        try:
+            return task.result()
+        except TimeoutError:  # before OSError: in 3.11 it is a subclass of it
+            raise GatewayTimeout(
+                f"The IB gateway at {self.address} did not {what} within {timeout:g} s; "
+                "nothing was changed."
+            ) from None
+        except ConnectionRefusedError:
+            raise GatewayUnavailable(
+                f"Cannot connect to the IB gateway at {self.address}: connection refused. "
+                + _SETUP_CHECKLIST
+            ) from None
+        except ConnectionError as exc:
+            raise GatewayUnavailable(
+                f"The connection to the IB gateway at {self.address} was lost while waiting "
+                f"for it to {what} ({exc}); nothing was changed. " + _SETUP_CHECKLIST
+            ) from None
+        except OSError as exc:
+            raise GatewayUnavailable(
+                f"Cannot connect to the IB gateway at {self.address}: "
+                f"{exc.strerror or exc}. " + _SETUP_CHECKLIST
+            ) from None
+
+    @staticmethod
+    async def _cancel(task: asyncio.Future) -> None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    async def _disconnect(self, ib: Any) -> None:
+        try:
+            ib.disconnect()
+        except ConnectionError:
+            # Socket up, API handshake unfinished (e.g. after error 326): IB.disconnect()
+            # raises 'Not connected'; close the socket underneath instead.
+            ib.client.disconnect()
+        except Exception:
+            logger.debug("Error while disconnecting from %s", self.address, exc_info=True)
+        # Let the transport's close callbacks run before the loop goes away.
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+
+    # --- library callbacks ---------------------------------------------------------------
+
+    def _on_error(self, state: _ReadState, req_id: int, code: int, text: str, *_: Any) -> None:
+        if code == _CLIENT_ID_IN_USE:
+            state.fail(
+                ClientIdInUse(
+                    f"The IB gateway at {self.address} refused client id "
+                    f"{self.config.client_id}: it is already in use by another API "
+                    "connection. Set IBKR_CLIENT_ID to a client id no other tool uses.",
+                    ib_code=code,
+                )
+            )
+        elif code in _GATEWAY_DOWN_CODES:
+            state.fail(
+                GatewayUnavailable(
+                    f"The IB gateway at {self.address} reported error {code}: {text}. "
+                    + _SETUP_CHECKLIST,
+                    ib_code=code,
+                )
+            )
+        elif code in _REQUEST_FAILED_CODES:
+            state.fail(
+                GatewayError(
+                    f"The IB gateway at {self.address} rejected a request "
+                    f"(error {code}: {text}); nothing was changed.",
+                    ib_code=code,
+                )
+            )
+        else:
+            logger.info("IB gateway message %s (reqId %s): %s", code, req_id, text)
+
+    def _on_api_error(self, state: _ReadState, message: str) -> None:
+        state.fail(
+            GatewayUnavailable(
+                f"The IB gateway at {self.address} closed the API connection ({message}). "
+                + _SETUP_CHECKLIST
+            )
+        )
+
+    def _on_position(self, state: _ReadState, position: Any) -> None:
+        contract = position.contract
+        raw = state.raw_fields
+        if raw is not None and len(raw) >= 4 and raw[3] == str(contract.conId):
+            quantity, average_cost = _decimal(raw[-2]), _decimal(raw[-1])
+        else:
+            quantity = _float_decimal(position.position)
+            average_cost = _float_decimal(position.avgCost)
+        state.positions[(position.account, contract.conId)] = GatewayPosition(
+            account=position.account,
+            con_id=contract.conId,
+            symbol=contract.symbol,
+            sec_type=contract.secType,
+            quantity=quantity if quantity is not None else Decimal(0),
+            average_cost=average_cost,
+            currency=contract.currency,
+            exchange=contract.exchange,
+            primary_exchange=contract.primaryExchange,
+            local_symbol=contract.localSymbol,
+            trading_class=contract.tradingClass,
+            multiplier=str(contract.multiplier or ""),
+            last_trade_date=contract.lastTradeDateOrContractMonth,
+            strike=_float_decimal(contract.strike),
+            right=contract.right,
+        )
+
+    @staticmethod
+    def _guard_position_messages(ib: Any, state: _ReadState) -> None:
+        """Notice position messages the library fails to decode, and keep their raw text.
+
+        The library's decoder logs and drops a message it cannot parse; a read during
+        which that happened is incomplete, and must not close positions.
+        """
+        handlers = getattr(ib.client.decoder, "handlers", None)
+        if not isinstance(handlers, dict):
+            return
+        for msg_id in (_MSG_POSITION, _MSG_POSITION_END):
+            original = handlers.get(msg_id)
+            if original is None:
+                continue
+
+            def guarded(fields: list[str], _original: Any = original) -> None:
+                state.raw_fields = fields
+                try:
+                    _original(fields)
+                except Exception:
+                    state.malformed.append(",".join(fields[:6]))
+                    raise
+                finally:
+                    state.raw_fields = None
+
+            handlers[msg_id] = guarded
+
+
+def _run_in_private_loop(make_coroutine: Any) -> Any:
+    """Run a coroutine on a new event loop in a new thread; return its result or raise."""
+    outcome: dict[str, Any] = {}
+
+    def worker() -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            outcome["result"] = loop.run_until_complete(make_coroutine())
+        except BaseException as exc:
+            outcome["error"] = exc
+        finally:
+            try:
+                pending = asyncio.all_tasks(loop)
+                for task in pending:
+                    task.cancel()
+                if pending:
+                    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            finally:
+                asyncio.set_event_loop(None)
+                loop.close()
+
+    thread = threading.Thread(target=worker, name="ibkr-gateway-read", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]

@@ -1,0 +1,345 @@
+"""The sync: the one place that writes positions.
+
+Order of work: take the lock (a `running` SyncRun row), read the gateway (network,
+outside any transaction), map, then apply everything in one transaction. Any failure
+leaves every position as it was and marks the SyncRun failed with the reason.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import socket
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from portfolio.models import Account, Instrument, Position
+
+from . import conf
+from .exceptions import IbkrSyncError, SyncAlreadyRunning
+from .gateway import GatewaySnapshot, IbkrGateway
+from .mapping import (
+    BROKER,
+    INSTRUMENT_FIELDS,
+    MappedPosition,
+    MappingError,
+    is_paper_account,
+    map_position,
+    normalize_account_id,
+)
+from .models import SyncRun
+
+logger = logging.getLogger(__name__)
+
+# Rows per statement: below SQLite's bound-parameter limit for the widest statement.
+BATCH_SIZE = 500
+
+
+class PositionSource(Protocol):
+    """What the service needs from a gateway (tests pass a fake)."""
+
+    def fetch_positions(self, account_id: str | None = None) -> GatewaySnapshot: ...
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    sync_run_id: int
+    accounts: list[str]
+    processed: int
+    created: int
+    updated: int
+    unchanged: int
+    reopened: int
+    closed: int
+    errors: list[dict[str, Any]]
+    started_at: dt.datetime
+    finished_at: dt.datetime
+
+
+@dataclass
+class _Counts:
+    created: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    reopened: int = 0
+    closed: int = 0
+    errors: list[dict[str, Any]] = field(default_factory=list)
+
+
+def sync_positions(
+    account_id: str | None = None,
+    *,
+    trigger: str,
+    user: Any = None,
+    gateway: PositionSource | None = None,
+) -> SyncResult:
+    """Bring the database in line with the gateway's positions (of one account, if given).
+
+    Must not run inside a transaction: the SyncRun row (the lock and the audit record)
+    has to be committed on its own so it is visible to other processes and survives a
+    failed sync.
+    """
+    if account_id is not None:
+        account_id = normalize_account_id(account_id)
+    run = _start_run(trigger=trigger, user=user, account_id=account_id)
+    try:
+        snapshot = (gateway or IbkrGateway()).fetch_positions(account_id)
+        with transaction.atomic():
+            accounts, processed, counts = _apply(snapshot, timezone.now())
+    except IbkrSyncError as exc:
+        _fail_run(run, exc.code, str(exc))
+        logger.info("IBKR sync #%s failed: %s", run.pk, exc)
+        raise
+    except BaseException as exc:
+        _fail_run(run, "internal_error", f"{type(exc).__name__}: {exc}")
+        logger.exception("IBKR sync #%s failed unexpectedly", run.pk)
+        raise
+
+    run.status = SyncRun.Status.SUCCESS
+    run.accounts = accounts
+    run.processed = processed
+    run.created, run.updated, run.unchanged = counts.created, counts.updated, counts.unchanged
+    run.reopened, run.closed = counts.reopened, counts.closed
+    run.errors, run.error_details = len(counts.errors), counts.errors
+    run.finished_at = timezone.now()
+    run.save()
+    logger.info(
+        "IBKR sync #%s: %s positions in %s account(s): %s created, %s updated, "
+        "%s unchanged, %s reopened, %s closed, %s errors",
+        run.pk, processed, len(accounts), counts.created, counts.updated,
+        counts.unchanged, counts.reopened, counts.closed, len(counts.errors),
+    )  # fmt: skip
+    return SyncResult(
+        sync_run_id=run.pk,
+        accounts=accounts,
+        processed=processed,
+        created=counts.created,
+        updated=counts.updated,
+        unchanged=counts.unchanged,
+        reopened=counts.reopened,
+        closed=counts.closed,
+        errors=counts.errors,
+        started_at=run.started_at,
+        finished_at=run.finished_at,
+    )
+
+
+# --- the lock ------------------------------------------------------------------------------
+
+
+def _start_run(*, trigger: str, user: Any, account_id: str | None) -> SyncRun:
+    fields = {
+        "trigger": trigger,
+        "user": user if getattr(user, "is_authenticated", False) else None,
+        "account_filter": account_id or "",
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+    }
+    for _attempt in range(2):
+        try:
+            with transaction.atomic():
+                return SyncRun.objects.create(status=SyncRun.Status.RUNNING, **fields)
+        except IntegrityError:
+            if not _release_stale_lock():
+                break
+    error = SyncAlreadyRunning(
+        "Another IBKR sync is running; this one was not started. Try again when it finishes."
+    )
+    SyncRun.objects.create(
+        status=SyncRun.Status.FAILED,
+        error_code=error.code,
+        error_message=str(error),
+        finished_at=timezone.now(),
+        **fields,
+    )
+    raise error
+
+
+def _release_stale_lock() -> bool:
+    """Fail a `running` row whose process is gone; True if the lock is free now."""
+    running = SyncRun.objects.filter(status=SyncRun.Status.RUNNING).first()
+    if running is None:
+        return True
+    age = (timezone.now() - running.started_at).total_seconds()
+    crashed_here = running.host == socket.gethostname() and not _process_alive(running.pid)
+    if not crashed_here and age < float(conf.get("IBKR_SYNC_STALE_AFTER")):
+        return False
+    released = SyncRun.objects.filter(pk=running.pk, status=SyncRun.Status.RUNNING).update(
+        status=SyncRun.Status.FAILED,
+        error_code="abandoned",
+        error_message="The process running this sync stopped before it finished; "
+        "its lock was released by a later sync.",
+        finished_at=timezone.now(),
+    )
+    if released:
+        logger.warning("Released the lock of abandoned IBKR sync #%s", running.pk)
+    return True
+
+
+def _process_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fail_run(run: SyncRun, code: str, message: str) -> None:
+    try:
+        run.status = SyncRun.Status.FAILED
+        run.error_code = code
+        run.error_message = message
+        run.finished_at = timezone.now()
+        run.save(update_fields=["status", "error_code", "error_message", "finished_at"])
+    except Exception:
+        logger.exception("Could not record the failure of IBKR sync #%s", run.pk)
+
+
+# --- applying a snapshot ----------------------------------------------------------------
+
+
+def _apply(snapshot: GatewaySnapshot, now: dt.datetime) -> tuple[list[str], int, _Counts]:
+    counts = _Counts()
+    mapped: dict[tuple[str, str], MappedPosition] = {}
+    unmapped: set[tuple[str, str]] = set()
+    for record in snapshot.positions:
+        try:
+            item = map_position(record)
+        except MappingError as exc:
+            unmapped.add((record.account, str(record.con_id)))
+            counts.errors.append(
+                {
+                    "account": record.account,
+                    "con_id": record.con_id,
+                    "symbol": record.symbol,
+                    "sec_type": record.sec_type,
+                    "reason": str(exc),
+                }
+            )
+            continue
+        mapped[(item.account_id, item.instrument_id)] = item
+
+    reported = {*snapshot.accounts, *(a for a, _ in mapped), *(a for a, _ in unmapped)}
+    account_ids = sorted(a for a in reported if a)
+    accounts = _upsert_accounts(account_ids, now)
+    instruments = _upsert_instruments(mapped.values(), now)
+
+    existing: dict[tuple[str, str], Position] = {
+        (p.account.external_id, p.instrument.external_id): p
+        for p in Position.objects.filter(account__in=accounts.values())
+        .select_related("account", "instrument")
+        .only("account__external_id", "instrument__external_id", *_POSITION_STATE)
+    }
+    to_create: list[Position] = []
+    to_update: list[Position] = []
+    for key, item in mapped.items():
+        row = existing.get(key)
+        if row is None:
+            to_create.append(
+                Position(
+                    account=accounts[item.account_id],
+                    instrument_id=instruments[item.instrument_id],
+                    opened_at=now,
+                    last_synced_at=now,
+                    **item.position,
+                )
+            )
+            counts.created += 1
+        elif row.closed_at is not None:
+            _assign(row, item.position)
+            row.closed_at, row.opened_at, row.last_synced_at = None, now, now
+            to_update.append(row)
+            counts.reopened += 1
+        elif _assign(row, item.position):
+            row.last_synced_at = now
+            to_update.append(row)
+            counts.updated += 1
+        else:
+            counts.unchanged += 1
+
+    gone = [
+        row.pk
+        for key, row in existing.items()
+        if row.closed_at is None and key not in mapped and key not in unmapped
+    ]
+    Position.objects.bulk_create(to_create, batch_size=BATCH_SIZE)
+    Position.objects.bulk_update(to_update, _POSITION_STATE, batch_size=BATCH_SIZE)
+    for chunk in _chunks(gone):
+        Position.objects.filter(pk__in=chunk).update(closed_at=now, last_synced_at=now)
+    counts.closed = len(gone)
+    return account_ids, len(mapped) + len(unmapped), counts
+
+
+_POSITION_STATE = (
+    "quantity",
+    "average_cost",
+    "cost_basis",
+    "opened_at",
+    "last_synced_at",
+    "closed_at",
+)
+
+
+def _assign(row: Any, values: dict[str, Any]) -> bool:
+    """Set changed values on a model instance; True if anything changed."""
+    changed = False
+    for name, value in values.items():
+        if getattr(row, name) != value:
+            setattr(row, name, value)
+            changed = True
+    return changed
+
+
+def _upsert_accounts(account_ids: Sequence[str], now: dt.datetime) -> dict[str, Account]:
+    accounts = {
+        a.external_id: a for a in Account.objects.filter(broker=BROKER, external_id__in=account_ids)
+    }
+    missing = [
+        Account(broker=BROKER, external_id=a, is_paper=is_paper_account(a), last_synced_at=now)
+        for a in account_ids
+        if a not in accounts
+    ]
+    for account in Account.objects.bulk_create(missing):
+        accounts[account.external_id] = account
+    Account.objects.filter(pk__in=[a.pk for a in accounts.values()]).update(last_synced_at=now)
+    return accounts
+
+
+def _upsert_instruments(items: Iterable[MappedPosition], now: dt.datetime) -> dict[str, int]:
+    """Create or update the instruments of the mapped positions; return conId -> pk."""
+    wanted = {item.instrument_id: item.instrument for item in items}
+    existing: dict[str, Instrument] = {}
+    for chunk in _chunks(list(wanted)):
+        for instrument in Instrument.objects.filter(broker=BROKER, external_id__in=chunk):
+            existing[instrument.external_id] = instrument
+    to_create = [
+        Instrument(broker=BROKER, external_id=conid, **fields)
+        for conid, fields in wanted.items()
+        if conid not in existing
+    ]
+    to_update = []
+    for conid, instrument in existing.items():
+        if _assign(instrument, wanted[conid]):
+            instrument.updated_at = now
+            to_update.append(instrument)
+    Instrument.objects.bulk_update(
+        to_update, [*INSTRUMENT_FIELDS, "updated_at"], batch_size=BATCH_SIZE // 4
+    )
+    created = Instrument.objects.bulk_create(to_create, batch_size=BATCH_SIZE // 4)
+    ids = {i.external_id: i.pk for i in existing.values()}
+    ids.update({i.external_id: i.pk for i in created})
+    return ids
+
+
+def _chunks(items: Sequence[Any], size: int = BATCH_SIZE) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

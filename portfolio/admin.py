@@ -1,0 +1,114 @@
+"""Admin for the mirrored portfolio. Synced fields are read-only: the next sync would
+overwrite an edit, so the admin does not pretend one is possible."""
+
+from decimal import Decimal
+
+from django.contrib import admin
+from django.db.models import QuerySet
+from django.http import HttpRequest
+
+from .models import Account, Instrument, Position
+
+
+def plain(value: Decimal | None) -> str:
+    """A Decimal without the column's trailing zeros: 0.5, not 0.5000000000."""
+    if value is None:
+        return "-"
+    text = f"{value.normalize():f}"
+    return text
+
+
+class SyncedModelAdmin(admin.ModelAdmin):
+    """Rows that only a sync creates and deletes."""
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+
+@admin.register(Account)
+class AccountAdmin(SyncedModelAdmin):
+    list_display = ("external_id", "broker", "name", "base_currency", "is_paper", "last_synced_at")
+    list_filter = ("broker", "is_paper")
+    search_fields = ("external_id", "name")
+    readonly_fields = ("broker", "external_id", "is_paper", "last_synced_at", "created_at")
+    fields = ("broker", "external_id", "name", "base_currency", "is_paper", "last_synced_at")
+
+
+@admin.register(Instrument)
+class InstrumentAdmin(SyncedModelAdmin):
+    list_display = (
+        "symbol", "local_symbol", "sec_type", "currency", "exchange", "expiry", "strike_display",
+        "right", "multiplier_display", "external_id",
+    )  # fmt: skip
+    list_filter = ("sec_type", "currency", "broker")
+    search_fields = ("symbol", "local_symbol", "=external_id", "description")
+    readonly_fields = [f.name for f in Instrument._meta.fields]
+
+    @admin.display(description="strike", ordering="strike")
+    def strike_display(self, obj: Instrument) -> str:
+        return plain(obj.strike)
+
+    @admin.display(description="multiplier", ordering="multiplier")
+    def multiplier_display(self, obj: Instrument) -> str:
+        return plain(obj.multiplier)
+
+
+class OpenClosedFilter(admin.SimpleListFilter):
+    title = "status"
+    parameter_name = "status"
+
+    def lookups(self, request, model_admin):
+        return [("open", "Open"), ("closed", "Closed")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        if self.value() == "open":
+            return queryset.filter(closed_at__isnull=True)
+        if self.value() == "closed":
+            return queryset.filter(closed_at__isnull=False)
+        return queryset
+
+
+@admin.register(Position)
+class PositionAdmin(SyncedModelAdmin):
+    list_display = (
+        "account", "symbol", "sec_type", "quantity_display", "average_cost_display",
+        "cost_basis_display", "currency", "is_open", "last_synced_at",
+    )  # fmt: skip
+    list_select_related = ("account", "instrument")
+    list_filter = (
+        OpenClosedFilter, "account", "instrument__sec_type", "instrument__currency",
+    )  # fmt: skip
+    search_fields = ("instrument__symbol", "instrument__local_symbol", "=instrument__external_id")
+    readonly_fields = [f.name for f in Position._meta.fields]
+    list_per_page = 100
+
+    @admin.display(description="symbol", ordering="instrument__symbol")
+    def symbol(self, obj: Position) -> str:
+        return obj.instrument.local_symbol or obj.instrument.symbol
+
+    @admin.display(description="sec type", ordering="instrument__sec_type")
+    def sec_type(self, obj: Position) -> str:
+        return obj.instrument.sec_type
+
+    @admin.display(description="currency", ordering="instrument__currency")
+    def currency(self, obj: Position) -> str:
+        return obj.instrument.currency
+
+    @admin.display(description="quantity", ordering="quantity")
+    def quantity_display(self, obj: Position) -> str:
+        return plain(obj.quantity)
+
+    @admin.display(description="average cost", ordering="average_cost")
+    def average_cost_display(self, obj: Position) -> str:
+        return plain(obj.average_cost)
+
+    @admin.display(description="cost basis", ordering="cost_basis")
+    def cost_basis_display(self, obj: Position) -> str:
+        return plain(obj.cost_basis)
+
+    @admin.display(description="open", boolean=True, ordering="closed_at")
+    def is_open(self, obj: Position) -> bool:
+        return obj.closed_at is None

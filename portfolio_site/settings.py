@@ -1,0 +1,180 @@
+"""Settings for the portfolio site, read from the environment (and `.env` if present).
+
+Every value has a safe local default so `manage.py` works on a fresh clone; production
+sets `SECRET_KEY`, `DEBUG=False`, `ALLOWED_HOSTS` and `DATABASE_URL`. A malformed value
+stops start-up with an error that names the variable, rather than surfacing later as a
+confusing connection failure.
+"""
+
+from pathlib import Path
+
+import environ
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+env = environ.Env()
+environ.Env.read_env(BASE_DIR / ".env")
+
+
+def _env_int(name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
+    raw = env.str(name, default=str(default)).strip()
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be an integer, got {raw!r}.") from None
+    if value < minimum or (maximum is not None and value > maximum):
+        bounds = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+        raise ImproperlyConfigured(f"{name} must be {bounds}, got {value}.")
+    return value
+
+
+def _env_seconds(name: str, default: float) -> float:
+    raw = env.str(name, default=str(default)).strip()
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be a number of seconds, got {raw!r}.") from None
+    if not 0 < value <= 3600:
+        raise ImproperlyConfigured(f"{name} must be more than 0 and at most 3600 seconds.")
+    return value
+
+
+def _env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = env.str(name, default=default).strip()
+    if value not in choices:
+        raise ImproperlyConfigured(f"{name} must be one of {', '.join(choices)}; got {value!r}.")
+    return value
+
+
+DEBUG = env.bool("DEBUG", default=True)
+SECRET_KEY = env.str("SECRET_KEY", default="")
+if not SECRET_KEY:
+    if not DEBUG:
+        raise ImproperlyConfigured("SECRET_KEY must be set when DEBUG is off.")
+    SECRET_KEY = "django-insecure-local-development-key-do-not-use-in-production"
+ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
+CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "rest_framework.authtoken",
+    "portfolio",
+    "ibkr_sync",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "portfolio_site.urls"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+WSGI_APPLICATION = "portfolio_site.wsgi.application"
+ASGI_APPLICATION = "portfolio_site.asgi.application"
+
+DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}")}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # WAL lets the admin read while a sync writes; the busy timeout makes a second
+    # writer wait for the lock instead of failing at once with "database is locked".
+    DATABASES["default"].setdefault("OPTIONS", {}).update(
+        {
+            "timeout": 20,
+            "transaction_mode": "IMMEDIATE",
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        }
+    )
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = env.str("TIME_ZONE", default="UTC")
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = env.str("STATIC_ROOT", default=str(BASE_DIR / "static"))
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        # Token first, so an anonymous caller gets 401 with a WWW-Authenticate header.
+        "rest_framework.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+}
+
+# --- Interactive Brokers (TWS / IB Gateway) ---------------------------------------------
+# Ports: TWS live 7496, TWS paper 7497, IB Gateway live 4001, IB Gateway paper 4002.
+IBKR_HOST = env.str("IBKR_HOST", default="127.0.0.1").strip()
+if not IBKR_HOST:
+    raise ImproperlyConfigured("IBKR_HOST must not be empty.")
+IBKR_PORT = _env_int("IBKR_PORT", 7497, minimum=1, maximum=65535)
+IBKR_CLIENT_ID = _env_int("IBKR_CLIENT_ID", 1, minimum=0, maximum=2**31 - 1)
+IBKR_CONNECT_TIMEOUT = _env_seconds("IBKR_CONNECT_TIMEOUT", 10)
+IBKR_REQUEST_TIMEOUT = _env_seconds("IBKR_REQUEST_TIMEOUT", 60)
+IBKR_CLIENT_LIBRARY = _env_choice("IBKR_CLIENT_LIBRARY", "ib_insync", ("ib_insync", "ib_async"))
+# A running sync whose process died keeps its lock at most this long (same-host crashes
+# are detected at once by process id).
+IBKR_SYNC_STALE_AFTER = _env_seconds("IBKR_SYNC_STALE_AFTER", 900)
+
+_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_LEVEL = _env_choice("LOG_LEVEL", "WARNING", _LEVELS)
+IBKR_LIBRARY_LOG_LEVEL = _env_choice("IBKR_LIBRARY_LOG_LEVEL", "", ("", *_LEVELS))
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
+    },
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": "plain"},
+        "null": {"class": "logging.NullHandler"},
+    },
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {
+        # The IB client libraries log their own tracebacks for conditions we translate
+        # into one clear error; keep them out of the console unless asked for
+        # (`sync_ibkr -v 2`, or IBKR_LIBRARY_LOG_LEVEL).
+        name: {
+            "handlers": ["console"] if IBKR_LIBRARY_LOG_LEVEL else ["null"],
+            "level": IBKR_LIBRARY_LOG_LEVEL or "INFO",
+            "propagate": False,
+        }
+        for name in ("ib_insync", "ib_async", "eventkit")
+    },
+}

@@ -1,0 +1,102 @@
+"""Shared fixtures: users with and without the sync permission, a fake gateway, records."""
+
+from __future__ import annotations
+
+import threading
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from django.contrib.auth.models import Permission
+from rest_framework.test import APIClient
+
+from ibkr_sync.gateway import GatewayPosition, GatewaySnapshot
+
+
+def position(
+    account: str = "U1111111",
+    con_id: int = 265598,
+    symbol: str = "AAPL",
+    quantity: str | Decimal = "10",
+    average_cost: str | Decimal | None = "150.25",
+    **fields: Any,
+) -> GatewayPosition:
+    """A gateway position record with stock defaults; override any field."""
+    fields.setdefault("sec_type", "STK")
+    fields.setdefault("currency", "USD")
+    fields.setdefault("exchange", "NASDAQ")
+    return GatewayPosition(
+        account=account,
+        con_id=con_id,
+        symbol=symbol,
+        quantity=Decimal(quantity),
+        average_cost=None if average_cost is None else Decimal(average_cost),
+        **fields,
+    )
+
+
+class FakeGateway:
+    """Stands in for IbkrGateway at the adapter boundary in fast service tests."""
+
+    def __init__(self, positions=(), accounts=("U1111111",), error: Exception | None = None):
+        self.accounts = tuple(accounts)
+        self.positions = list(positions)
+        self.error = error
+        self.calls: list[str | None] = []
+        self.entered = threading.Event()
+        self.release: threading.Event | None = None
+
+    def fetch_positions(self, account_id: str | None = None) -> GatewaySnapshot:
+        self.calls.append(account_id)
+        self.entered.set()
+        if self.release is not None:
+            self.release.wait(10)
+        if self.error is not None:
+            raise self.error
+        if account_id is not None:
+            from ibkr_sync.exceptions import UnknownAccount
+
+            if account_id not in self.accounts:
+                raise UnknownAccount(f"Account {account_id} is not managed by the gateway.")
+            return GatewaySnapshot(
+                accounts=(account_id,),
+                positions=tuple(p for p in self.positions if p.account == account_id),
+                managed_accounts=self.accounts,
+            )
+        return GatewaySnapshot(
+            accounts=self.accounts, positions=tuple(self.positions), managed_accounts=self.accounts
+        )
+
+
+@pytest.fixture
+def fake_gateway() -> FakeGateway:
+    return FakeGateway(
+        positions=[
+            position(),
+            position(con_id=76792991, symbol="TSLA", quantity="0.5", average_cost="242.1"),
+        ]
+    )
+
+
+@pytest.fixture
+def use_gateway(monkeypatch, fake_gateway):
+    """Make every entry point (API, command, admin) read from `fake_gateway`."""
+    monkeypatch.setattr("ibkr_sync.services.IbkrGateway", lambda: fake_gateway)
+    return fake_gateway
+
+
+@pytest.fixture
+def syncer(django_user_model):
+    user = django_user_model.objects.create_user("syncer", password="pw-syncer-123")
+    user.user_permissions.add(Permission.objects.get(codename="run_sync"))
+    return user
+
+
+@pytest.fixture
+def viewer(django_user_model):
+    return django_user_model.objects.create_user("viewer", password="pw-viewer-123")
+
+
+@pytest.fixture
+def api_client() -> APIClient:
+    return APIClient()

@@ -1,0 +1,278 @@
+"""The sync service against a real database, with a fake gateway at the adapter boundary."""
+
+import subprocess
+import sys
+import threading
+from decimal import Decimal
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+
+from ibkr_sync.exceptions import GatewayUnavailable, InvalidAccountId, SyncAlreadyRunning
+from ibkr_sync.models import SyncRun
+from ibkr_sync.services import sync_positions
+from portfolio.models import Account, Instrument, Position
+from tests.conftest import FakeGateway, position
+
+pytestmark = pytest.mark.django_db
+
+
+def run(gateway, account_id=None):
+    return sync_positions(account_id, trigger=SyncRun.Trigger.COMMAND, gateway=gateway)
+
+
+def test_first_sync_creates_accounts_instruments_and_positions(fake_gateway):
+    result = run(fake_gateway)
+
+    assert (result.processed, result.created, result.unchanged, result.closed) == (2, 2, 0, 0)
+    assert result.accounts == ["U1111111"]
+    account = Account.objects.get(external_id="U1111111")
+    assert account.broker == "ibkr"
+    assert not account.is_paper
+    assert account.last_synced_at
+    tsla = Position.objects.get(instrument__symbol="TSLA")
+    assert tsla.quantity == Decimal("0.5")
+    assert tsla.average_cost == Decimal("242.1")
+    assert tsla.cost_basis == Decimal("121.05")
+    assert tsla.closed_at is None
+    assert tsla.opened_at == tsla.last_synced_at
+    assert Instrument.objects.get(external_id="76792991").sec_type == "STK"
+    sync_run = SyncRun.objects.get(pk=result.sync_run_id)
+    assert sync_run.status == "success"
+    assert sync_run.created == 2
+    assert sync_run.finished_at
+
+
+def test_resync_with_nothing_changed_writes_no_position_rows(fake_gateway):
+    run(fake_gateway)
+    before = list(Position.objects.values_list("pk", "last_synced_at"))
+
+    with CaptureQueriesContext(connection) as queries:
+        result = run(fake_gateway)
+
+    assert (result.created, result.updated, result.unchanged, result.closed) == (0, 0, 2, 0)
+    assert list(Position.objects.values_list("pk", "last_synced_at")) == before
+    writes = [
+        q["sql"]
+        for q in queries
+        if "portfolio_position" in q["sql"].split(" WHERE")[0]
+        and q["sql"].lstrip().upper().startswith(("INSERT", "UPDATE", "DELETE"))
+    ]
+    assert writes == []
+
+
+def test_quantity_change_updates_only_that_row(fake_gateway):
+    run(fake_gateway)
+    fake_gateway.positions[1] = position(
+        con_id=76792991, symbol="TSLA", quantity="0.75", average_cost="240"
+    )
+
+    result = run(fake_gateway)
+
+    assert (result.updated, result.unchanged) == (1, 1)
+    tsla = Position.objects.get(instrument__symbol="TSLA")
+    assert (tsla.quantity, tsla.average_cost, tsla.cost_basis) == (
+        Decimal("0.75"),
+        Decimal("240"),
+        Decimal("180"),
+    )
+
+
+def test_position_no_longer_reported_is_closed_not_deleted_and_reopens(fake_gateway):
+    run(fake_gateway)
+    removed = fake_gateway.positions.pop(1)
+
+    result = run(fake_gateway)
+
+    assert (result.closed, result.unchanged) == (1, 1)
+    tsla = Position.objects.get(instrument__symbol="TSLA")
+    assert tsla.closed_at is not None
+    assert tsla.quantity == Decimal("0.5"), "quantity is kept as last seen"
+    assert Position.objects.open().count() == 1
+
+    assert run(fake_gateway).closed == 0, "closing is not repeated"
+
+    fake_gateway.positions.append(removed)
+    result = run(fake_gateway)
+    assert result.reopened == 1
+    tsla.refresh_from_db()
+    assert tsla.closed_at is None
+    assert Position.objects.count() == 2
+
+
+def test_accounts_the_gateway_does_not_report_are_never_touched(fake_gateway):
+    run(fake_gateway)
+    fake_gateway.accounts = ("U2222222",)
+    fake_gateway.positions = [position(account="U2222222", con_id=8314, symbol="IBM")]
+
+    result = run(fake_gateway)
+
+    assert result.closed == 0
+    assert Position.objects.filter(account__external_id="U1111111").open().count() == 2
+
+
+def test_account_filter_limits_reading_and_reconciliation():
+    gateway = FakeGateway(
+        accounts=("U1111111", "U2222222"),
+        positions=[position(), position(account="U2222222", con_id=8314, symbol="IBM")],
+    )
+    run(gateway)
+    gateway.positions = []  # both accounts now empty
+
+    result = run(gateway, "u2222222")
+
+    assert gateway.calls[-1] == "U2222222"
+    assert result.accounts == ["U2222222"]
+    assert result.closed == 1
+    assert Position.objects.get(account__external_id="U1111111").closed_at is None
+    assert Position.objects.get(account__external_id="U2222222").closed_at is not None
+    assert SyncRun.objects.get(pk=result.sync_run_id).account_filter == "U2222222"
+
+
+def test_an_account_with_no_positions_closes_what_it_held(fake_gateway):
+    run(fake_gateway)
+    fake_gateway.positions = []
+    assert run(fake_gateway).closed == 2
+
+
+def test_unmappable_record_is_counted_and_its_row_left_alone(fake_gateway):
+    run(fake_gateway)
+    fake_gateway.positions[1] = position(
+        con_id=76792991, symbol="TSLA", quantity="0.00000000001"
+    )  # finer than we can store
+    fake_gateway.positions.append(position(con_id=5, symbol="ODD", sec_type="NOPE"))
+
+    result = run(fake_gateway)
+
+    assert result.processed == 3
+    assert [e["con_id"] for e in result.errors] == [76792991, 5]
+    assert "more than 10 decimal places" in result.errors[0]["reason"]
+    assert "unsupported security type" in result.errors[1]["reason"]
+    tsla = Position.objects.get(instrument__symbol="TSLA")
+    assert tsla.closed_at is None
+    assert tsla.quantity == Decimal("0.5")
+    assert SyncRun.objects.get(pk=result.sync_run_id).errors == 2
+
+
+def test_paper_accounts_are_marked():
+    run(FakeGateway(accounts=("DU1234567",), positions=[position(account="DU1234567")]))
+    assert Account.objects.get().is_paper
+
+
+def test_instrument_changes_are_written(fake_gateway):
+    run(fake_gateway)
+    fake_gateway.positions[0] = position(exchange="NYSE", local_symbol="AAPL")
+    run(fake_gateway)
+    assert Instrument.objects.get(external_id="265598").exchange == "NYSE"
+
+
+def test_gateway_failure_records_a_failed_run_and_changes_nothing(fake_gateway):
+    run(fake_gateway)
+    fake_gateway.error = GatewayUnavailable("Cannot connect to the IB gateway at 127.0.0.1:1")
+
+    with pytest.raises(GatewayUnavailable):
+        run(fake_gateway)
+
+    failed = SyncRun.objects.latest()
+    assert failed.status == "failed"
+    assert failed.error_code == "gateway_unavailable"
+    assert "127.0.0.1:1" in failed.error_message
+    assert failed.finished_at
+    assert Position.objects.open().count() == 2
+
+
+def test_crash_midway_rolls_back_every_write(fake_gateway, monkeypatch):
+    run(fake_gateway)
+    fake_gateway.positions = [
+        position(quantity="99"),
+        position(con_id=42, symbol="NEW"),
+    ]  # one update, one create, one close
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("portfolio.models.Position.objects.bulk_update", explode)
+    with pytest.raises(RuntimeError):
+        run(fake_gateway)
+
+    assert Position.objects.count() == 2
+    assert Position.objects.get(instrument__symbol="AAPL").quantity == Decimal("10")
+    assert Position.objects.open().count() == 2
+    assert not Instrument.objects.filter(external_id="42").exists()
+    failed = SyncRun.objects.latest()
+    assert failed.status == "failed"
+    assert failed.error_code == "internal_error"
+    assert "disk full" in failed.error_message
+
+
+def test_invalid_account_id_is_rejected_before_anything_runs(fake_gateway):
+    with pytest.raises(InvalidAccountId):
+        run(fake_gateway, "not-an-account")
+    assert fake_gateway.calls == []
+    assert not SyncRun.objects.exists()
+
+
+def test_a_second_sync_is_refused_while_one_runs(fake_gateway):
+    SyncRun.objects.create(trigger="command", status="running", host="", pid=None)
+    with pytest.raises(SyncAlreadyRunning):
+        run(fake_gateway)
+    refused = SyncRun.objects.latest("id")
+    assert refused.status == "failed"
+    assert refused.error_code == "sync_already_running"
+    assert fake_gateway.calls == []
+
+
+def test_lock_of_a_crashed_process_on_this_host_is_released(fake_gateway):
+    import socket
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    crashed = SyncRun.objects.create(
+        trigger="command", status="running", host=socket.gethostname(), pid=int(dead.stdout)
+    )
+
+    result = run(fake_gateway)
+
+    crashed.refresh_from_db()
+    assert crashed.status == "failed"
+    assert crashed.error_code == "abandoned"
+    assert SyncRun.objects.get(pk=result.sync_run_id).status == "success"
+
+
+def test_stale_lock_from_another_host_is_released_after_the_timeout(fake_gateway, settings):
+    settings.IBKR_SYNC_STALE_AFTER = 60
+    old = SyncRun.objects.create(trigger="api", status="running", host="elsewhere", pid=1)
+    with pytest.raises(SyncAlreadyRunning):
+        run(fake_gateway)
+    SyncRun.objects.filter(pk=old.pk).update(
+        started_at=old.started_at - __import__("datetime").timedelta(seconds=61)
+    )
+    assert run(fake_gateway).created == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_syncs_one_runs_the_other_is_refused(fake_gateway):
+    fake_gateway.release = threading.Event()
+    outcome = {}
+
+    def first():
+        try:
+            outcome["first"] = run(fake_gateway)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    assert fake_gateway.entered.wait(10)
+    try:
+        with pytest.raises(SyncAlreadyRunning):
+            run(FakeGateway())
+    finally:
+        fake_gateway.release.set()
+        thread.join(10)
+    assert outcome["first"].created == 2
+    assert list(SyncRun.objects.order_by("id").values_list("status", flat=True)) == [
+        "success",
+        "failed",
+    ]
