@@ -11,6 +11,7 @@ import datetime as dt
 import logging
 import os
 import socket
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -57,18 +58,27 @@ class SyncResult:
     reopened: int
     closed: int
     errors: list[dict[str, Any]]
+    by_account: dict[str, dict[str, int]]
     started_at: dt.datetime
     finished_at: dt.datetime
 
 
+KINDS = ("processed", "created", "updated", "unchanged", "reopened", "closed", "errors")
+
+
 @dataclass
 class _Counts:
-    created: int = 0
-    updated: int = 0
-    unchanged: int = 0
-    reopened: int = 0
-    closed: int = 0
+    tally: Counter = field(default_factory=Counter)  # (account, kind) -> count
     errors: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, account: str, kind: str) -> None:
+        self.tally[account, kind] += 1
+
+    def total(self, kind: str) -> int:
+        return sum(n for (_, k), n in self.tally.items() if k == kind)
+
+    def by_account(self, accounts: Iterable[str]) -> dict[str, dict[str, int]]:
+        return {a: {kind: self.tally[a, kind] for kind in KINDS} for a in accounts}
 
 
 def sync_positions(
@@ -90,7 +100,7 @@ def sync_positions(
     try:
         snapshot = (gateway or IbkrGateway()).fetch_positions(account_id)
         with transaction.atomic():
-            accounts, processed, counts = _apply(snapshot, timezone.now())
+            accounts, counts = _apply(snapshot, timezone.now())
     except IbkrSyncError as exc:
         _fail_run(run, exc.code, str(exc))
         logger.info("IBKR sync #%s failed: %s", run.pk, exc)
@@ -100,30 +110,21 @@ def sync_positions(
         logger.exception("IBKR sync #%s failed unexpectedly", run.pk)
         raise
 
+    totals = {kind: counts.total(kind) for kind in KINDS}
+    for kind, value in totals.items():
+        setattr(run, kind, value)
     run.status = SyncRun.Status.SUCCESS
     run.accounts = accounts
-    run.processed = processed
-    run.created, run.updated, run.unchanged = counts.created, counts.updated, counts.unchanged
-    run.reopened, run.closed = counts.reopened, counts.closed
-    run.errors, run.error_details = len(counts.errors), counts.errors
+    run.error_details = counts.errors
     run.finished_at = timezone.now()
     run.save()
-    logger.info(
-        "IBKR sync #%s: %s positions in %s account(s): %s created, %s updated, "
-        "%s unchanged, %s reopened, %s closed, %s errors",
-        run.pk, processed, len(accounts), counts.created, counts.updated,
-        counts.unchanged, counts.reopened, counts.closed, len(counts.errors),
-    )  # fmt: skip
+    logger.info("IBKR sync #%s finished: %s", run.pk, totals)
     return SyncResult(
         sync_run_id=run.pk,
         accounts=accounts,
-        processed=processed,
-        created=counts.created,
-        updated=counts.updated,
-        unchanged=counts.unchanged,
-        reopened=counts.reopened,
-        closed=counts.closed,
+        **{kind: value for kind, value in totals.items() if kind != "errors"},
         errors=counts.errors,
+        by_account=counts.by_account(accounts),
         started_at=run.started_at,
         finished_at=run.finished_at,
     )
@@ -207,15 +208,17 @@ def _fail_run(run: SyncRun, code: str, message: str) -> None:
 # --- applying a snapshot ----------------------------------------------------------------
 
 
-def _apply(snapshot: GatewaySnapshot, now: dt.datetime) -> tuple[list[str], int, _Counts]:
+def _apply(snapshot: GatewaySnapshot, now: dt.datetime) -> tuple[list[str], _Counts]:
     counts = _Counts()
     mapped: dict[tuple[str, str], MappedPosition] = {}
     unmapped: set[tuple[str, str]] = set()
     for record in snapshot.positions:
+        counts.add(record.account, "processed")
         try:
             item = map_position(record)
         except MappingError as exc:
             unmapped.add((record.account, str(record.con_id)))
+            counts.add(record.account, "errors")
             counts.errors.append(
                 {
                     "account": record.account,
@@ -253,30 +256,29 @@ def _apply(snapshot: GatewaySnapshot, now: dt.datetime) -> tuple[list[str], int,
                     **item.position,
                 )
             )
-            counts.created += 1
+            counts.add(item.account_id, "created")
         elif row.closed_at is not None:
             _assign(row, item.position)
             row.closed_at, row.opened_at, row.last_synced_at = None, now, now
             to_update.append(row)
-            counts.reopened += 1
+            counts.add(item.account_id, "reopened")
         elif _assign(row, item.position):
             row.last_synced_at = now
             to_update.append(row)
-            counts.updated += 1
+            counts.add(item.account_id, "updated")
         else:
-            counts.unchanged += 1
+            counts.add(item.account_id, "unchanged")
 
-    gone = [
-        row.pk
-        for key, row in existing.items()
-        if row.closed_at is None and key not in mapped and key not in unmapped
-    ]
+    gone = []
+    for key, row in existing.items():
+        if row.closed_at is None and key not in mapped and key not in unmapped:
+            gone.append(row.pk)
+            counts.add(key[0], "closed")
     Position.objects.bulk_create(to_create, batch_size=BATCH_SIZE)
     Position.objects.bulk_update(to_update, _POSITION_STATE, batch_size=BATCH_SIZE)
     for chunk in _chunks(gone):
         Position.objects.filter(pk__in=chunk).update(closed_at=now, last_synced_at=now)
-    counts.closed = len(gone)
-    return account_ids, len(mapped) + len(unmapped), counts
+    return account_ids, counts
 
 
 _POSITION_STATE = (

@@ -276,3 +276,17 @@ def test_concurrent_syncs_one_runs_the_other_is_refused(fake_gateway):
         "success",
         "failed",
     ]
+
+
+def test_counts_are_also_given_per_account():
+    gateway = FakeGateway(
+        accounts=("U1111111", "U2222222", "U3333333"),
+        positions=[position(), position(account="U2222222", con_id=8314, symbol="IBM")],
+    )
+    result = run(gateway)
+    assert result.by_account["U1111111"]["created"] == 1
+    assert result.by_account["U2222222"] == {
+        "processed": 1, "created": 1, "updated": 0, "unchanged": 0, "reopened": 0,
+        "closed": 0, "errors": 0,
+    }  # fmt: skip
+    assert result.by_account["U3333333"]["processed"] == 0

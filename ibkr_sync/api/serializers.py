@@ -33,6 +33,9 @@ class SyncResultSerializer(serializers.Serializer):
     reopened = serializers.IntegerField()
     closed = serializers.IntegerField()
     errors = SyncErrorSerializer(many=True)
+    by_account = serializers.DictField(
+        child=serializers.DictField(child=serializers.IntegerField())
+    )
     started_at = serializers.DateTimeField()
     finished_at = serializers.DateTimeField()
 

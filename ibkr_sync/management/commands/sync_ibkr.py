@@ -73,8 +73,9 @@ class Command(BaseCommand):
         )
         if verbosity < 2:
             return
-        for account in result.accounts:
-            self.stdout.write(f"  account {account}")
+        for account, counts in result.by_account.items():
+            details = ", ".join(f"{n} {kind}" for kind, n in counts.items() if kind != "processed")
+            self.stdout.write(f"  {account}: {counts['processed']} positions: {details}")
         for error in result.errors:
             self.stdout.write(
                 f"  error: {error['account']} conId {error['con_id']} "
