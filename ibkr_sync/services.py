@@ -14,9 +14,10 @@ import socket
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from decimal import Context, Decimal
 from typing import Any, Protocol
 
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from portfolio.models import Account, Instrument, Position
@@ -262,7 +263,7 @@ def _apply(snapshot: GatewaySnapshot, now: dt.datetime) -> tuple[list[str], _Cou
             row.closed_at, row.opened_at, row.last_synced_at = None, now, now
             to_update.append(row)
             counts.add(item.account_id, "reopened")
-        elif _assign(row, item.position):
+        elif _assign(row, item.position, compare=("quantity", "average_cost")):
             row.last_synced_at = now
             to_update.append(row)
             counts.add(item.account_id, "updated")
@@ -291,14 +292,27 @@ _POSITION_STATE = (
 )
 
 
-def _assign(row: Any, values: dict[str, Any]) -> bool:
-    """Set changed values on a model instance; True if anything changed."""
-    changed = False
+def _assign(row: Any, values: dict[str, Any], compare: Iterable[str] | None = None) -> bool:
+    """Set `values` on a model instance if one of `compare` (default: all) differs from
+    what the database holds; True if so. Derived fields (cost basis) are left out of the
+    comparison, so rounding in them can never make an unchanged row look changed."""
+    names = values.keys() if compare is None else compare
+    if all(_as_stored(values[name]) == getattr(row, name) for name in names):
+        return False
     for name, value in values.items():
-        if getattr(row, name) != value:
-            setattr(row, name, value)
-            changed = True
-    return changed
+        setattr(row, name, value)
+    return True
+
+
+def _as_stored(value: Any) -> Any:
+    """The value as the database will give it back. SQLite keeps 15 significant digits
+    of a decimal column; compare at that precision there, exactly elsewhere."""
+    if isinstance(value, Decimal) and connection.vendor == "sqlite":
+        return _SQLITE_DECIMAL.create_decimal(value)
+    return value
+
+
+_SQLITE_DECIMAL = Context(prec=15)
 
 
 def _upsert_accounts(account_ids: Sequence[str], now: dt.datetime) -> dict[str, Account]:

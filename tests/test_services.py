@@ -290,3 +290,14 @@ def test_counts_are_also_given_per_account():
         "closed": 0, "errors": 0,
     }  # fmt: skip
     assert result.by_account["U3333333"]["processed"] == 0
+
+
+def test_resync_is_stable_for_values_with_many_digits():
+    """Neither a long cost basis nor a 16-digit average cost makes a row look changed
+    (SQLite keeps 15 significant digits of a decimal column)."""
+    gateway = FakeGateway(
+        positions=[position(quantity="0.12345678", average_cost="123456.1234567891")]
+    )
+    run(gateway)
+    result = run(gateway)
+    assert (result.unchanged, result.updated) == (1, 0)
