@@ -50,7 +50,9 @@ class IbkrSyncView(APIView):
     permission_classes = [IsAuthenticated, CanRunSync]
 
     def post(self, request: Request) -> Response:
-        params = SyncRequestSerializer(data=request.query_params)
+        # A plain dict, not the QueryDict: DRF treats a blank form/query value of an
+        # optional field as omitted, which would turn `?ibkr_account_id=` into "sync all".
+        params = SyncRequestSerializer(data=request.query_params.dict())
         if not params.is_valid():
             detail = " ".join(str(m) for messages in params.errors.values() for m in messages)
             return error_response(400, exceptions.InvalidAccountId.code, detail)

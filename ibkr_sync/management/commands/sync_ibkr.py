@@ -95,12 +95,14 @@ def _library_logs_on_stderr(verbosity: int):
     saved = []
     for name in _LIBRARY_LOGGERS:
         logger = logging.getLogger(name)
-        saved.append((logger, logger.level))
+        saved.append((logger, logger.level, logger.propagate))
         logger.addHandler(handler)
         logger.setLevel(level)
+        logger.propagate = False  # shown once, here, not again by the root handler
     try:
         yield
     finally:
-        for logger, old_level in saved:
+        for logger, old_level, old_propagate in saved:
             logger.removeHandler(handler)
             logger.setLevel(old_level)
+            logger.propagate = old_propagate

@@ -1,0 +1,60 @@
+"""The bundled IB Gateway simulator on a free port, and settings that point the app at it.
+
+Everything here drives the real IB client library (ib_insync, or ib_async when
+IBKR_CLIENT_LIBRARY says so) over TCP, through our gateway adapter.
+"""
+
+from decimal import Decimal
+
+import pytest
+
+from ibkr_sync.testing import GatewaySimulator, Portfolio, SimPosition
+
+ACCOUNT = "DU1111111"
+OTHER = "DU2222222"
+EMPTY = "DU3333333"
+
+
+def sim_position(account=ACCOUNT, con_id=265598, symbol="AAPL", quantity="10", **fields):
+    fields.setdefault("average_cost", Decimal("150.25"))
+    fields.setdefault("exchange", "NASDAQ")
+    return SimPosition(
+        account=account, con_id=con_id, symbol=symbol, quantity=Decimal(quantity), **fields
+    )
+
+
+def starting_portfolio() -> Portfolio:
+    return Portfolio(
+        accounts=[ACCOUNT, OTHER, EMPTY],
+        positions=[
+            sim_position(),
+            sim_position(con_id=76792991, symbol="TSLA", quantity="0.12345678",
+                         average_cost=Decimal("242.123456")),
+            sim_position(con_id=495512551, symbol="ES", sec_type="FUT", quantity="-2",
+                         average_cost=Decimal("251234.5"), multiplier="50",
+                         last_trade_date="20261218", local_symbol="ESZ6", exchange="CME"),
+            sim_position(account=OTHER, con_id=700001, symbol="SPY", sec_type="OPT",
+                         quantity="3", average_cost=Decimal("512.34"), multiplier="100",
+                         last_trade_date="20261218", strike=Decimal("600"), right="C",
+                         local_symbol="SPY   261218C00600000", trading_class="SPY",
+                         exchange="SMART"),
+        ],
+    )  # fmt: skip
+
+
+@pytest.fixture
+def simulator():
+    sim = GatewaySimulator(starting_portfolio())
+    with sim:
+        yield sim
+
+
+@pytest.fixture
+def ibkr(settings, simulator):
+    """Point the app at the simulator, with short timeouts so failure tests stay fast."""
+    settings.IBKR_HOST = "127.0.0.1"
+    settings.IBKR_PORT = simulator.port
+    settings.IBKR_CLIENT_ID = 17
+    settings.IBKR_CONNECT_TIMEOUT = 3
+    settings.IBKR_REQUEST_TIMEOUT = 3
+    return simulator
