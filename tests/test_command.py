@@ -1,0 +1,242 @@
+"""`manage.py sync_ibkr`: in-process with `call_command`, and as cron runs it (a subprocess)."""
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from io import StringIO
+from pathlib import Path
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from ibkr_sync.exceptions import (
+    ClientIdInUse,
+    GatewayError,
+    GatewayTimeout,
+    GatewayUnavailable,
+    IncompleteSnapshot,
+)
+from ibkr_sync.models import SyncRun
+from portfolio.models import Position
+from tests.conftest import position
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+SUMMARY = re.compile(
+    r"^IBKR sync #(?P<id>\d+): (?P<processed>\d+) positions in (?P<accounts>\d+) account\(s\): "
+    r"(?P<created>\d+) created, (?P<updated>\d+) updated, (?P<unchanged>\d+) unchanged, "
+    r"(?P<reopened>\d+) reopened, (?P<closed>\d+) closed, (?P<errors>\d+) errors$"
+)
+
+
+def sync_ibkr(*args: str, **options) -> tuple[str, str]:
+    out, err = StringIO(), StringIO()
+    call_command("sync_ibkr", *args, stdout=out, stderr=err, **options)
+    return out.getvalue(), err.getvalue()
+
+
+# --- in process, against the fake gateway ----------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_success_prints_one_summary_line_on_stdout_only(use_gateway):
+    out, err = sync_ibkr()
+
+    lines = out.splitlines()
+    assert len(lines) == 1, out
+    summary = SUMMARY.match(lines[0])
+    assert summary, lines[0]
+    assert summary.groupdict() == {
+        "id": summary["id"], "processed": "2", "accounts": "1", "created": "2", "updated": "0",
+        "unchanged": "0", "reopened": "0", "closed": "0", "errors": "0",
+    }  # fmt: skip
+    assert err == ""
+    run = SyncRun.objects.get(pk=int(summary["id"]))
+    assert (run.status, run.trigger, run.user) == ("success", "command", None)
+    assert Position.objects.open().count() == 2
+
+
+@pytest.mark.django_db
+def test_the_summary_reports_changes_since_the_last_run(use_gateway):
+    sync_ibkr()
+    use_gateway.positions.pop()
+    use_gateway.positions[0] = position(quantity="12")
+
+    out, _ = sync_ibkr()
+
+    summary = SUMMARY.match(out.strip())
+    assert (summary["updated"], summary["closed"], summary["unchanged"]) == ("1", "1", "0")
+
+
+@pytest.mark.django_db
+def test_verbosity_2_adds_a_line_per_account_and_per_error(use_gateway):
+    use_gateway.accounts = ("U1111111", "U2222222")
+    use_gateway.positions.append(position(account="U2222222", con_id=5, sec_type="NOPE"))
+
+    out, _ = sync_ibkr(verbosity=2)
+
+    lines = out.splitlines()
+    assert SUMMARY.match(lines[0])
+    assert lines[1:] == [
+        "  U1111111: 2 positions: 2 created, 0 updated, 0 unchanged, 0 reopened, 0 closed, "
+        "0 errors",
+        "  U2222222: 1 positions: 0 created, 0 updated, 0 unchanged, 0 reopened, 0 closed, "
+        "1 errors",
+        "  error: U2222222 conId 5 AAPL (NOPE): unsupported security type 'NOPE'",
+    ]
+
+
+@pytest.mark.django_db
+def test_verbosity_0_prints_nothing_but_still_syncs(use_gateway):
+    out, err = sync_ibkr(verbosity=0)
+
+    assert (out, err) == ("", "")
+    assert Position.objects.count() == 2
+
+
+@pytest.mark.django_db
+def test_account_option_limits_the_sync(use_gateway):
+    use_gateway.accounts = ("U1111111", "U2222222")
+
+    out, _ = sync_ibkr("--account", "u2222222")
+
+    assert use_gateway.calls == ["U2222222"]
+    assert SUMMARY.match(out.strip())["accounts"] == "1"
+    assert SyncRun.objects.get().account_filter == "U2222222"
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("error", "returncode"),
+    [
+        (GatewayUnavailable("Cannot connect to the IB gateway at gw:4002"), 3),
+        (GatewayTimeout("The IB gateway at gw:4002 did not connect within 10 s"), 4),
+        (ClientIdInUse("Client id 1 is already in use", ib_code=326), 7),
+        (IncompleteSnapshot("1 position message could not be read"), 8),
+        (GatewayError("Something odd from the gateway"), 8),
+    ],
+)
+def test_gateway_errors_exit_with_their_own_code_and_print_nothing(use_gateway, error, returncode):
+    use_gateway.error = error
+    out = StringIO()
+
+    with pytest.raises(CommandError) as raised:
+        call_command("sync_ibkr", stdout=out, stderr=StringIO())
+
+    assert raised.value.returncode == returncode
+    assert str(raised.value) == str(error)
+    assert out.getvalue() == ""
+    assert SyncRun.objects.get().error_code == error.code
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("account", "returncode"), [("bogus!", 2), ("U9999999", 6)], ids=["invalid", "unknown"]
+)
+def test_account_errors_exit_with_their_own_code(use_gateway, account, returncode):
+    out = StringIO()
+
+    with pytest.raises(CommandError) as raised:
+        call_command("sync_ibkr", "--account", account, stdout=out, stderr=StringIO())
+
+    assert raised.value.returncode == returncode
+    assert account in str(raised.value)
+    assert out.getvalue() == ""
+
+
+@pytest.mark.django_db
+def test_sync_already_running_exits_5(use_gateway):
+    SyncRun.objects.create(trigger="api", status="running", pid=None)
+    out = StringIO()
+
+    with pytest.raises(CommandError) as raised:
+        call_command("sync_ibkr", stdout=out, stderr=StringIO())
+
+    assert raised.value.returncode == 5
+    assert "running" in str(raised.value)
+    assert out.getvalue() == ""
+    assert use_gateway.calls == []
+
+
+@pytest.mark.django_db
+def test_unexpected_error_is_not_disguised_as_a_sync_error(use_gateway):
+    use_gateway.error = RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        sync_ibkr()
+
+    assert SyncRun.objects.get().error_code == "internal_error"
+
+
+# --- as a subprocess: real exit codes and stderr ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def command_env(tmp_path_factory) -> dict[str, str]:
+    """Environment for `manage.py` in a subprocess: its own migrated SQLite file."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("IBKR_", "DJANGO_")) and k not in {"DATABASE_URL", "DEBUG"}
+    }
+    db = tmp_path_factory.mktemp("command") / "db.sqlite3"
+    env.update(
+        DATABASE_URL=f"sqlite:///{db}",
+        IBKR_CONNECT_TIMEOUT="5",
+        PYTHONDONTWRITEBYTECODE="1",
+    )
+    manage("migrate", "--noinput", "-v", "0", env=env, check=True)
+    return env
+
+
+def manage(*args: str, env: dict[str, str], check: bool = False):
+    return subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=PROJECT_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=check,
+    )
+
+
+@pytest.fixture
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_gateway_not_listening_exits_3_with_one_clear_line(command_env, closed_port):
+    result = manage("sync_ibkr", env={**command_env, "IBKR_PORT": str(closed_port)})
+
+    assert result.returncode == 3
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("CommandError: Cannot connect to the IB gateway at ")
+    assert f"127.0.0.1:{closed_port}" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_invalid_account_exits_2(command_env):
+    result = manage("sync_ibkr", "--account", "bogus!", env=command_env)
+
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        "CommandError: 'bogus!' is not an IBKR account id: expected letters then digits, "
+        "e.g. U1234567."
+    ]
+
+
+def test_malformed_port_setting_stops_with_a_message_naming_it(command_env):
+    result = manage("sync_ibkr", env={**command_env, "IBKR_PORT": "abc"})
+
+    assert result.returncode != 0
+    assert result.stdout == ""
+    assert result.stderr.strip().splitlines()[-1] == (
+        "django.core.exceptions.ImproperlyConfigured: IBKR_PORT must be an integer, got 'abc'."
+    )
