@@ -2,6 +2,7 @@
 
 import asyncio
 import socket
+import sys
 import threading
 import time
 from decimal import Decimal
@@ -18,7 +19,7 @@ from ibkr_sync.exceptions import (
 )
 from ibkr_sync.gateway import IbkrGateway
 from ibkr_sync.testing import WireClient
-from tests.integration.conftest import ACCOUNT, EMPTY, OTHER
+from tests.integration.conftest import ACCOUNT, EMPTY, OTHER, sim_position
 
 pytestmark = pytest.mark.integration
 
@@ -156,3 +157,15 @@ def _eventually(predicate, timeout=2.0):
             return True
         time.sleep(0.02)
     return False
+
+
+def test_quantities_come_from_the_wire_text_not_a_float(ibkr):
+    # 21 significant digits: a float would give 12345678901.123457
+    ibkr.upsert_position(sim_position(con_id=42, symbol="BIG", quantity="12345678901.1234567891"))
+    snapshot = IbkrGateway().fetch_positions(ACCOUNT)
+    assert by_con_id(snapshot)[42].quantity == Decimal("12345678901.1234567891")
+
+
+def test_uses_the_configured_client_library(ibkr, settings):
+    IbkrGateway().fetch_positions()
+    assert settings.IBKR_CLIENT_LIBRARY in sys.modules
