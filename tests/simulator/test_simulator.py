@@ -172,7 +172,7 @@ def test_positions_are_sent_exactly(sim):
     assert rows[("DU1234567", 479624278)].quantity == "0.12345678"
     option = rows[("DU1234567", 530041890)]
     assert (option.sec_type, option.strike, option.right) == ("OPT", "200", "C")
-    assert (option.multiplier, option.last_trade_date) == ("100", "20250117")
+    assert (option.multiplier, option.last_trade_date) == ("100", "20270115")
     # the same contract held in two accounts is reported once per account
     assert rows[("DU7654321", 265598)].quantity == "10"
 
