@@ -237,11 +237,14 @@ def _apply(snapshot: GatewaySnapshot, now: dt.datetime) -> tuple[list[str], _Cou
     accounts = _upsert_accounts(account_ids, now)
     instruments = _upsert_instruments(mapped.values(), now)
 
-    existing: dict[tuple[str, str], Position] = {
-        (p.account.external_id, p.instrument.external_id): p
-        for p in Position.objects.filter(account__in=accounts.values())
-        .select_related("account", "instrument")
-        .only("account__external_id", "instrument__external_id", *_POSITION_STATE)
+    # Plain rows, not model instances: building 10,000s of instances costs more than
+    # the queries. Instances are made only for the rows that will be written.
+    external_id = {pk: ext for ext, pk in accounts.items()}
+    existing = {
+        (external_id[row["account_id"]], row.pop("instrument__external_id")): row
+        for row in Position.objects.filter(account_id__in=accounts.values()).values(
+            "pk", "account_id", "instrument__external_id", *_POSITION_STATE
+        )
     }
     to_create: list[Position] = []
     to_update: list[Position] = []
@@ -250,7 +253,7 @@ def _apply(snapshot: GatewaySnapshot, now: dt.datetime) -> tuple[list[str], _Cou
         if row is None:
             to_create.append(
                 Position(
-                    account=accounts[item.account_id],
+                    account_id=accounts[item.account_id],
                     instrument_id=instruments[item.instrument_id],
                     opened_at=now,
                     last_synced_at=now,
@@ -258,22 +261,22 @@ def _apply(snapshot: GatewaySnapshot, now: dt.datetime) -> tuple[list[str], _Cou
                 )
             )
             counts.add(item.account_id, "created")
-        elif row.closed_at is not None:
-            _assign(row, item.position)
-            row.closed_at, row.opened_at, row.last_synced_at = None, now, now
-            to_update.append(row)
+            continue
+        if row["closed_at"] is not None:
+            row.update(closed_at=None, opened_at=now)
             counts.add(item.account_id, "reopened")
-        elif _assign(row, item.position, compare=("quantity", "average_cost")):
-            row.last_synced_at = now
-            to_update.append(row)
+        elif _differs(row, item.position, ("quantity", "average_cost")):
             counts.add(item.account_id, "updated")
         else:
             counts.add(item.account_id, "unchanged")
+            continue
+        row.update(item.position, last_synced_at=now)
+        to_update.append(Position(**row))
 
     gone = []
     for key, row in existing.items():
-        if row.closed_at is None and key not in mapped and key not in unmapped:
-            gone.append(row.pk)
+        if row["closed_at"] is None and key not in mapped and key not in unmapped:
+            gone.append(row["pk"])
             counts.add(key[0], "closed")
     Position.objects.bulk_create(to_create, batch_size=BATCH_SIZE)
     Position.objects.bulk_update(to_update, _POSITION_STATE, batch_size=BATCH_SIZE)
@@ -292,67 +295,68 @@ _POSITION_STATE = (
 )
 
 
-def _assign(row: Any, values: dict[str, Any], compare: Iterable[str] | None = None) -> bool:
-    """Set `values` on a model instance if one of `compare` (default: all) differs from
-    what the database holds; True if so. Derived fields (cost basis) are left out of the
-    comparison, so rounding in them can never make an unchanged row look changed."""
-    names = values.keys() if compare is None else compare
-    if all(_as_stored(values[name]) == getattr(row, name) for name in names):
-        return False
-    for name, value in values.items():
-        setattr(row, name, value)
-    return True
+def _differs(stored: dict[str, Any], values: dict[str, Any], names: Iterable[str]) -> bool:
+    """Whether any of `names` in `values` differs from what the database holds.
+
+    Derived fields (cost basis) are left out by the caller, so rounding in them can
+    never make an unchanged row look changed. SQLite keeps 15 significant digits of a
+    decimal column: compare at that precision there, exactly elsewhere."""
+    if connection.vendor != "sqlite":
+        return any(values[name] != stored[name] for name in names)
+    return any(_sqlite_stored(values[name]) != stored[name] for name in names)
 
 
-def _as_stored(value: Any) -> Any:
-    """The value as the database will give it back. SQLite keeps 15 significant digits
-    of a decimal column; compare at that precision there, exactly elsewhere."""
-    if isinstance(value, Decimal) and connection.vendor == "sqlite":
-        return _SQLITE_DECIMAL.create_decimal(value)
-    return value
+def _sqlite_stored(value: Any) -> Any:
+    return _SQLITE_DECIMAL.create_decimal(value) if isinstance(value, Decimal) else value
 
 
 _SQLITE_DECIMAL = Context(prec=15)
 
 
-def _upsert_accounts(account_ids: Sequence[str], now: dt.datetime) -> dict[str, Account]:
-    accounts = {
-        a.external_id: a for a in Account.objects.filter(broker=BROKER, external_id__in=account_ids)
-    }
+def _upsert_accounts(account_ids: Sequence[str], now: dt.datetime) -> dict[str, int]:
+    """Create the accounts not seen before, stamp all as synced; return id -> pk."""
+    accounts = dict(
+        Account.objects.filter(broker=BROKER, external_id__in=account_ids).values_list(
+            "external_id", "pk"
+        )
+    )
     missing = [
         Account(broker=BROKER, external_id=a, is_paper=is_paper_account(a), last_synced_at=now)
         for a in account_ids
         if a not in accounts
     ]
-    for account in Account.objects.bulk_create(missing):
-        accounts[account.external_id] = account
-    Account.objects.filter(pk__in=[a.pk for a in accounts.values()]).update(last_synced_at=now)
+    accounts.update((a.external_id, a.pk) for a in Account.objects.bulk_create(missing))
+    Account.objects.filter(pk__in=accounts.values()).update(last_synced_at=now)
     return accounts
 
 
 def _upsert_instruments(items: Iterable[MappedPosition], now: dt.datetime) -> dict[str, int]:
     """Create or update the instruments of the mapped positions; return conId -> pk."""
     wanted = {item.instrument_id: item.instrument for item in items}
-    existing: dict[str, Instrument] = {}
-    for chunk in _chunks(list(wanted)):
-        for instrument in Instrument.objects.filter(broker=BROKER, external_id__in=chunk):
-            existing[instrument.external_id] = instrument
-    to_create = [
-        Instrument(broker=BROKER, external_id=conid, **fields)
-        for conid, fields in wanted.items()
-        if conid not in existing
-    ]
+    ids: dict[str, int] = {}
     to_update = []
-    for conid, instrument in existing.items():
-        if _assign(instrument, wanted[conid]):
-            instrument.updated_at = now
-            to_update.append(instrument)
+    for chunk in _chunks(list(wanted)):
+        rows = Instrument.objects.filter(broker=BROKER, external_id__in=chunk).values(
+            "pk", "external_id", *INSTRUMENT_FIELDS
+        )
+        for row in rows:
+            conid = row["external_id"]
+            ids[conid] = row["pk"]
+            if _differs(row, wanted[conid], INSTRUMENT_FIELDS):
+                row.update(wanted[conid], updated_at=now)
+                to_update.append(Instrument(broker=BROKER, **row))
     Instrument.objects.bulk_update(
         to_update, [*INSTRUMENT_FIELDS, "updated_at"], batch_size=BATCH_SIZE // 4
     )
-    created = Instrument.objects.bulk_create(to_create, batch_size=BATCH_SIZE // 4)
-    ids = {i.external_id: i.pk for i in existing.values()}
-    ids.update({i.external_id: i.pk for i in created})
+    created = Instrument.objects.bulk_create(
+        [
+            Instrument(broker=BROKER, external_id=conid, **fields)
+            for conid, fields in wanted.items()
+            if conid not in ids
+        ],
+        batch_size=BATCH_SIZE // 4,
+    )
+    ids.update((i.external_id, i.pk) for i in created)
     return ids
 
 
