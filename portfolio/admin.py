@@ -14,8 +14,7 @@ def plain(value: Decimal | None) -> str:
     """A Decimal without the column's trailing zeros: 0.5, not 0.5000000000."""
     if value is None:
         return "-"
-    text = f"{value.normalize():f}"
-    return text
+    return f"{value.normalize():f}"
 
 
 class SyncedModelAdmin(admin.ModelAdmin):
@@ -45,7 +44,12 @@ class InstrumentAdmin(SyncedModelAdmin):
     )  # fmt: skip
     list_filter = ("sec_type", "currency", "broker")
     search_fields = ("symbol", "local_symbol", "=external_id", "description")
-    readonly_fields = [f.name for f in Instrument._meta.fields]
+    fields = (
+        "broker", "external_id", "symbol", "sec_type", "description", "currency", "exchange",
+        "local_symbol", "trading_class", "multiplier_display", "expiry", "contract_month",
+        "strike_display", "right", "created_at", "updated_at",
+    )  # fmt: skip
+    readonly_fields = fields
 
     @admin.display(description="strike", ordering="strike")
     def strike_display(self, obj: Instrument) -> str:
@@ -82,7 +86,11 @@ class PositionAdmin(SyncedModelAdmin):
         OpenClosedFilter, "account", "instrument__sec_type", "instrument__currency",
     )  # fmt: skip
     search_fields = ("instrument__symbol", "instrument__local_symbol", "=instrument__external_id")
-    readonly_fields = [f.name for f in Position._meta.fields]
+    fields = (
+        "account", "instrument", "quantity_display", "average_cost_display",
+        "cost_basis_display", "opened_at", "last_synced_at", "closed_at",
+    )  # fmt: skip
+    readonly_fields = fields
     list_per_page = 100
 
     @admin.display(description="symbol", ordering="instrument__symbol")

@@ -100,3 +100,9 @@ def viewer(django_user_model):
 @pytest.fixture
 def api_client() -> APIClient:
     return APIClient()
+
+
+@pytest.fixture(autouse=True)
+def _fast_password_hashing(settings):
+    # The default hasher is deliberately slow; tests log users in many times.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

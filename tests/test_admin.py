@@ -23,11 +23,6 @@ SYNC_BUTTON = "Sync now from IBKR"
 POSITION_CHANGELIST_MAX_QUERIES = 7
 
 
-@pytest.fixture(autouse=True)
-def _fast_password_hashing(settings):
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
 def synced(gateway: FakeGateway) -> None:
     sync_positions(trigger=SyncRun.Trigger.COMMAND, gateway=gateway)
 
@@ -191,6 +186,17 @@ def test_position_change_page_has_no_inputs_for_synced_fields(admin_client, port
     for name in ("quantity", "average_cost", "cost_basis", "closed_at", "account"):
         assert f'name="{name}"' not in html
     assert "U1111111 (Interactive Brokers)" in html, "shown, as text"
+
+
+def test_change_pages_show_plain_decimals(admin_client, portfolio):
+    tsla = admin_client.get(change(portfolio["TSLA"])).text
+    assert "0.5" in tsla
+    assert "121.05" in tsla
+    assert "0.5000000000" not in tsla
+    option = admin_client.get(change(portfolio["SAP"].instrument)).text
+    assert "120" in option
+    assert "120.0000000000" not in option
+    assert "100.000000" not in option
 
 
 def test_posting_a_position_change_does_not_change_it(admin_client, portfolio):

@@ -40,11 +40,6 @@ def assert_error(response, http_status: int, code: str) -> dict:
     return body
 
 
-@pytest.fixture(autouse=True)
-def _fast_password_hashing(settings):
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
 @pytest.fixture
 def client(api_client, syncer) -> APIClient:
     api_client.force_authenticate(syncer)

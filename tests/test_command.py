@@ -235,8 +235,8 @@ def test_invalid_account_exits_2(command_env):
 def test_malformed_port_setting_stops_with_a_message_naming_it(command_env):
     result = manage("sync_ibkr", env={**command_env, "IBKR_PORT": "abc"})
 
-    assert result.returncode != 0
+    assert result.returncode == 78  # EX_CONFIG
     assert result.stdout == ""
-    assert result.stderr.strip().splitlines()[-1] == (
-        "django.core.exceptions.ImproperlyConfigured: IBKR_PORT must be an integer, got 'abc'."
-    )
+    assert result.stderr.strip().splitlines() == [
+        "Configuration error: IBKR_PORT must be an integer, got 'abc'."
+    ]
