@@ -12,7 +12,7 @@ Usage:
   python bench/sync_benchmark.py [--positions 10000] [--accounts 5] [--repeat 3]
   DATABASE_URL=postgres://postgres@127.0.0.1:5432/portfolio python bench/sync_benchmark.py
 
-It uses a throw-away database (a temporary SQLite file, or test_<name> on PostgreSQL).
+It uses a throw-away database (a temporary SQLite file, or bench_<name> on PostgreSQL).
 """
 
 from __future__ import annotations
@@ -56,6 +56,8 @@ def main() -> None:
     db = settings.DATABASES["default"]
     if db["ENGINE"].endswith("sqlite3"):
         db.setdefault("TEST", {})["NAME"] = str(Path(tempfile.mkdtemp()) / "bench.sqlite3")
+    else:  # not test_<name>: a test run may be using that one
+        db.setdefault("TEST", {})["NAME"] = f"bench_{db['NAME']}"
     connection.creation.create_test_db(verbosity=0, autoclobber=True)
 
     started = time.perf_counter()
