@@ -102,23 +102,25 @@ def sync_positions(
         snapshot = (gateway or IbkrGateway()).fetch_positions(account_id)
         with transaction.atomic():
             accounts, counts = _apply(snapshot, timezone.now())
+            # In the same transaction: the run is marked done exactly when its writes are.
+            totals = {kind: counts.total(kind) for kind in KINDS}
+            for kind, value in totals.items():
+                setattr(run, kind, value)
+            run.status = SyncRun.Status.SUCCESS
+            run.accounts = accounts
+            run.error_details = counts.errors
+            run.finished_at = timezone.now()
+            run.save()
     except IbkrSyncError as exc:
         _fail_run(run, exc.code, str(exc))
         logger.info("IBKR sync #%s failed: %s", run.pk, exc)
         raise
     except BaseException as exc:
-        _fail_run(run, "internal_error", f"{type(exc).__name__}: {exc}")
+        code = "internal_error" if isinstance(exc, Exception) else "interrupted"
+        _fail_run(run, code, f"{type(exc).__name__}: {exc}")
         logger.exception("IBKR sync #%s failed unexpectedly", run.pk)
         raise
 
-    totals = {kind: counts.total(kind) for kind in KINDS}
-    for kind, value in totals.items():
-        setattr(run, kind, value)
-    run.status = SyncRun.Status.SUCCESS
-    run.accounts = accounts
-    run.error_details = counts.errors
-    run.finished_at = timezone.now()
-    run.save()
     logger.info("IBKR sync #%s finished: %s", run.pk, totals)
     return SyncResult(
         sync_run_id=run.pk,
@@ -197,11 +199,13 @@ def _process_alive(pid: int | None) -> bool:
 
 def _fail_run(run: SyncRun, code: str, message: str) -> None:
     try:
-        run.status = SyncRun.Status.FAILED
-        run.error_code = code
-        run.error_message = message
-        run.finished_at = timezone.now()
-        run.save(update_fields=["status", "error_code", "error_message", "finished_at"])
+        # Only the failure: counts set on the instance by a rolled-back attempt are void.
+        SyncRun.objects.filter(pk=run.pk).update(
+            status=SyncRun.Status.FAILED,
+            error_code=code,
+            error_message=message,
+            finished_at=timezone.now(),
+        )
     except Exception:
         logger.exception("Could not record the failure of IBKR sync #%s", run.pk)
 

@@ -301,3 +301,20 @@ def test_resync_is_stable_for_values_with_many_digits():
     run(gateway)
     result = run(gateway)
     assert (result.unchanged, result.updated) == (1, 0)
+
+
+def test_run_is_marked_done_in_the_same_transaction_as_its_writes(fake_gateway, monkeypatch):
+    original_save = SyncRun.save
+
+    def save(self, *args, **kwargs):
+        if self.status == "success":
+            raise RuntimeError("connection lost at commit")
+        return original_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(SyncRun, "save", save)
+    with pytest.raises(RuntimeError):
+        run(fake_gateway)
+
+    assert not Position.objects.exists()
+    failed = SyncRun.objects.get()
+    assert (failed.status, failed.error_code, failed.created) == ("failed", "internal_error", 0)
