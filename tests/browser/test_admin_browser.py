@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import re
 import struct
+from collections.abc import Callable
 
 import pytest
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
-from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import WebDriverWait
 
 from ibkr_sync.models import SyncRun
@@ -30,16 +31,27 @@ def superuser(transactional_db, django_user_model, settings):
     return django_user_model.objects.create_superuser("root", "root@example.com", PASSWORD)
 
 
-def wait(browser: WebDriver):
-    return WebDriverWait(browser, WAIT, poll_frequency=0.05)
+def load_after(browser: WebDriver, action: Callable[[], object]) -> None:
+    """Do something that loads a new page, and wait until the new page is there.
+
+    The old page is tagged first; the new one has no tag. While the page changes,
+    chromedriver may answer with transient errors (a stale or detached node): the wait
+    retries those until the timeout.
+    """
+    browser.execute_script("window.leftByTest = true")
+    action()
+    WebDriverWait(
+        browser, WAIT, poll_frequency=0.05, ignored_exceptions=(WebDriverException,)
+    ).until(
+        lambda b: b.execute_script(
+            "return window.leftByTest === undefined && document.readyState === 'complete'"
+        ),
+        "the next page did not load",
+    )
 
 
 def click_and_load(browser: WebDriver, element: WebElement) -> None:
-    """Click something that loads a new page, and wait until the new page is there."""
-    old_page = browser.find_element(By.TAG_NAME, "html")
-    element.click()
-    wait(browser).until(EC.staleness_of(old_page))
-    wait(browser).until(lambda b: b.execute_script("return document.readyState") == "complete")
+    load_after(browser, element.click)
 
 
 def log_in(browser: WebDriver, live_server, username: str) -> None:
@@ -185,9 +197,7 @@ def test_sync_now_then_browse_positions(fresh_browser, live_server, superuser, i
 
     search = browser.find_element(By.ID, "searchbar")
     search.send_keys("TSLA")
-    old_page = browser.find_element(By.TAG_NAME, "html")
-    search.send_keys(Keys.ENTER)
-    wait(browser).until(EC.staleness_of(old_page))
+    load_after(browser, lambda: search.send_keys(Keys.ENTER))
     assert "q=TSLA" in browser.current_url and "status=open" in browser.current_url
     assert [(r["symbol"], r["quantity_display"]) for r in rows(browser)] == [("TSLA", "0.12345678")]
     assert browser.find_element(By.CSS_SELECTOR, "#changelist-search .quiet").text == (
