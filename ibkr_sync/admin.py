@@ -28,6 +28,16 @@ class SyncRunAdmin(admin.ModelAdmin):
     def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
         return False
 
+    def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
+        # The audit trail, and a running row is the sync lock: not deletable by hand.
+        return False
+
+    @admin.display(description="duration", ordering="finished_at")
+    def duration(self, obj: SyncRun) -> str:
+        if obj.duration is None:
+            return "-"
+        return f"{obj.duration.total_seconds():.2f} s"
+
     def get_urls(self):
         sync_now = self.admin_site.admin_view(self.sync_now_view)
         return [path("sync-now/", sync_now, name="ibkr_sync_syncrun_sync_now"), *super().get_urls()]

@@ -27,6 +27,13 @@ class SyncedModelAdmin(admin.ModelAdmin):
         return False
 
 
+class MirroredModelAdmin(SyncedModelAdmin):
+    """Rows with nothing a person may edit: shown "to view", without Save buttons."""
+
+    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+
 @admin.register(Account)
 class AccountAdmin(SyncedModelAdmin):
     list_display = ("external_id", "broker", "name", "base_currency", "is_paper", "last_synced_at")
@@ -37,12 +44,12 @@ class AccountAdmin(SyncedModelAdmin):
 
 
 @admin.register(Instrument)
-class InstrumentAdmin(SyncedModelAdmin):
+class InstrumentAdmin(MirroredModelAdmin):
     list_display = (
         "symbol", "local_symbol", "sec_type", "currency", "exchange", "expiry", "strike_display",
         "right", "multiplier_display", "external_id",
     )  # fmt: skip
-    list_filter = ("sec_type", "currency", "broker")
+    list_filter = (("sec_type", admin.AllValuesFieldListFilter), "currency", "broker")
     search_fields = ("symbol", "local_symbol", "=external_id", "description")
     fields = (
         "broker", "external_id", "symbol", "sec_type", "description", "currency", "exchange",
@@ -76,14 +83,15 @@ class OpenClosedFilter(admin.SimpleListFilter):
 
 
 @admin.register(Position)
-class PositionAdmin(SyncedModelAdmin):
+class PositionAdmin(MirroredModelAdmin):
     list_display = (
         "account", "symbol", "sec_type", "quantity_display", "average_cost_display",
         "cost_basis_display", "currency", "is_open", "last_synced_at",
     )  # fmt: skip
     list_select_related = ("account", "instrument")
     list_filter = (
-        OpenClosedFilter, "account", "instrument__sec_type", "instrument__currency",
+        OpenClosedFilter, "account", ("instrument__sec_type", admin.AllValuesFieldListFilter),
+        "instrument__currency",
     )  # fmt: skip
     search_fields = ("instrument__symbol", "instrument__local_symbol", "=instrument__external_id")
     fields = (

@@ -1,5 +1,6 @@
 """The Django admin over the synced portfolio and the SyncRun history, through the test client."""
 
+import re
 from decimal import Decimal
 
 import pytest
@@ -18,9 +19,10 @@ pytestmark = pytest.mark.django_db
 
 SYNC_NOW = "admin:ibkr_sync_syncrun_sync_now"
 SYNC_BUTTON = "Sync now from IBKR"
-# Session, user, the account filter's choices, the currency filter's choices, two counts
-# (filtered and total) and one page of rows with accounts and instruments joined in.
-POSITION_CHANGELIST_MAX_QUERIES = 7
+# Session, user, the account filter's choices, the sec type and currency filters' values,
+# two counts (filtered and total) and one page of rows with accounts and instruments
+# joined in.
+POSITION_CHANGELIST_MAX_QUERIES = 8
 
 
 def synced(gateway: FakeGateway) -> None:
@@ -125,8 +127,8 @@ def test_positions_changelist_shows_symbols_and_plain_decimals(admin_client, por
     [
         ("status=open", ["AAPL", "SAP"]),
         ("status=closed", ["TSLA"]),
-        ("instrument__sec_type__exact=OPT", ["SAP"]),
-        ("instrument__sec_type__exact=STK", ["AAPL", "TSLA"]),
+        ("instrument__sec_type=OPT", ["SAP"]),
+        ("instrument__sec_type=STK", ["AAPL", "TSLA"]),
         ("instrument__currency__exact=EUR", ["SAP"]),
         ("instrument__currency__exact=USD&status=open", ["AAPL"]),
         ("q=tsla", ["TSLA"]),
@@ -348,3 +350,27 @@ def test_sync_now_requires_a_csrf_token(admin_user, use_gateway):
 
     assert client.post(reverse(SYNC_NOW)).status_code == 403
     assert use_gateway.calls == []
+
+
+@pytest.mark.parametrize("model", [Instrument, Position])
+def test_mirrored_rows_are_offered_to_view_not_to_change(admin_client, portfolio, model):
+    obj = model.objects.first()
+    listing = admin_client.get(changelist(model)).text
+    assert "to view" in listing
+    page = admin_client.get(change(obj)).text
+    assert 'name="_save"' not in page
+
+
+def test_sync_runs_can_not_be_deleted_and_show_a_readable_duration(admin_client, portfolio):
+    sync_run = SyncRun.objects.first()
+    assert admin_client.post(change(sync_run).replace("/change/", "/delete/")).status_code == 403
+    listing = admin_client.get(changelist(SyncRun)).text
+    assert "Delete selected" not in listing
+    assert re.search(r"\d+\.\d\d s", listing)
+
+
+def test_sec_type_filter_offers_only_the_types_held(admin_client, portfolio):
+    page = admin_client.get(changelist(Position)).text
+    assert "?instrument__sec_type=OPT" in page
+    assert "?instrument__sec_type=STK" in page
+    assert "?instrument__sec_type=BOND" not in page
