@@ -6,6 +6,7 @@ from decimal import Decimal
 from urllib.parse import urlencode
 
 import pytest
+from django.urls import resolve
 from django.utils.dateparse import parse_datetime
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
@@ -302,3 +303,9 @@ def test_only_post_is_allowed(client, use_gateway, method):
     assert_error(response, 405, "method_not_allowed")
     assert "POST" in response["Allow"]
     assert use_gateway.calls == []
+
+
+def test_endpoint_opts_out_of_atomic_requests():
+    """With ATOMIC_REQUESTS on, a request-wide transaction would hide the SyncRun lock
+    from other processes and roll back the record of a failed sync."""
+    assert "default" in resolve("/portfolio/sync/ibkr").func._non_atomic_requests
