@@ -5,6 +5,18 @@ The edges map each class to one HTTP status (`api/views.py`) and one exit code
 on them, so the edges show them as they are.
 """
 
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def lookup(table: dict[type[Exception], T], error: Exception, default: T) -> T:
+    """The value for the most specific class of `error` in `table` (edges' code maps)."""
+    for cls in type(error).__mro__:
+        if cls in table:
+            return table[cls]
+    return default
+
 
 class IbkrSyncError(Exception):
     """Base class; `code` is the stable machine-readable name used in API errors."""

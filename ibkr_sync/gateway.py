@@ -314,12 +314,17 @@ class IbkrGateway:
         else:
             quantity = _float_decimal(position.position)
             average_cost = _float_decimal(position.avgCost)
+        if quantity is None:
+            # Never read as 0: a zero quantity means "closed".
+            text = raw[-2] if raw else position.position
+            state.malformed.append(f"{position.account},{contract.conId}: quantity {text!r}")
+            return
         state.positions[(position.account, contract.conId)] = GatewayPosition(
             account=position.account,
             con_id=contract.conId,
             symbol=contract.symbol,
             sec_type=contract.secType,
-            quantity=quantity if quantity is not None else Decimal(0),
+            quantity=quantity,
             average_cost=average_cost,
             currency=contract.currency,
             exchange=contract.exchange,

@@ -77,14 +77,16 @@ def is_paper_account(account_id: str) -> bool:
 
 def optional_decimal(value: Decimal | float | str | None) -> Decimal | None:
     """A gateway number as a Decimal, or None for IBKR's unset markers and empty text."""
-    if value is None:
-        return None
-    if isinstance(value, float):
-        value = repr(value)
-    try:
-        number = Decimal(str(value).strip()) if not isinstance(value, Decimal) else value
-    except InvalidOperation:
-        raise MappingError(f"{value!r} is not a number") from None
+    if isinstance(value, Decimal):
+        number = value
+    else:
+        text = repr(value) if isinstance(value, float) else str(value or "").strip()
+        if not text:
+            return None
+        try:
+            number = Decimal(text)
+        except InvalidOperation:
+            raise MappingError(f"{value!r} is not a number") from None
     if not number.is_finite() or abs(number) >= _UNSET_THRESHOLD:
         return None
     return number
@@ -109,12 +111,10 @@ def parse_expiry(text: str) -> tuple[dt.date | None, str]:
         raise MappingError(f"expiry {text!r} is not YYYYMM or YYYYMMDD")
     year, month, day = match.groups()
     try:
-        expiry = dt.date(int(year), int(month), int(day)) if day else None
-        if not day:
-            dt.date(int(year), int(month), 1)
+        parsed = dt.date(int(year), int(month), int(day or 1))
     except ValueError:
         raise MappingError(f"expiry {text!r} is not a valid date") from None
-    return expiry, f"{year}{month}"
+    return (parsed if day else None), f"{year}{month}"
 
 
 def _describe(record: GatewayPosition, strike: Decimal | None, right: str, mult: Any) -> str:
@@ -166,7 +166,7 @@ def map_position(record: GatewayPosition) -> MappedPosition:
     strike = optional_decimal(record.strike)
     if strike is not None:
         strike = None if strike == 0 else _quantize(strike, "strike", exact=False)
-    multiplier = optional_decimal(record.multiplier or None)
+    multiplier = optional_decimal(record.multiplier)
     if multiplier is not None:
         multiplier = None if multiplier == 0 else multiplier.quantize(_MULTIPLIER_QUANTUM)
     expiry, contract_month = parse_expiry(record.last_trade_date)

@@ -243,12 +243,12 @@ def _apply(snapshot: GatewaySnapshot, now: dt.datetime) -> tuple[list[str], _Cou
 
     # Plain rows, not model instances: building 10,000s of instances costs more than
     # the queries. Instances are made only for the rows that will be written.
-    external_id = {pk: ext for ext, pk in accounts.items()}
+    account_by_pk = {pk: account_id for account_id, pk in accounts.items()}
+    rows = Position.objects.filter(account_id__in=accounts.values()).values(
+        "pk", "account_id", "instrument__external_id", *_POSITION_STATE
+    )
     existing = {
-        (external_id[row["account_id"]], row.pop("instrument__external_id")): row
-        for row in Position.objects.filter(account_id__in=accounts.values()).values(
-            "pk", "account_id", "instrument__external_id", *_POSITION_STATE
-        )
+        (account_by_pk[row["account_id"]], row["instrument__external_id"]): row for row in rows
     }
     to_create: list[Position] = []
     to_update: list[Position] = []
@@ -275,7 +275,7 @@ def _apply(snapshot: GatewaySnapshot, now: dt.datetime) -> tuple[list[str], _Cou
             counts.add(item.account_id, "unchanged")
             continue
         row.update(item.position, last_synced_at=now)
-        to_update.append(Position(**row))
+        to_update.append(Position(pk=row["pk"], **{name: row[name] for name in _POSITION_STATE}))
 
     gone = []
     for key, row in existing.items():

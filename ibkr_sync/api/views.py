@@ -26,10 +26,7 @@ ERROR_STATUS = {
 
 
 def status_for(error: exceptions.IbkrSyncError) -> int:
-    for cls in type(error).__mro__:
-        if cls in ERROR_STATUS:
-            return ERROR_STATUS[cls]
-    return status.HTTP_500_INTERNAL_SERVER_ERROR
+    return exceptions.lookup(ERROR_STATUS, error, status.HTTP_500_INTERNAL_SERVER_ERROR)
 
 
 class CanRunSync(BasePermission):

@@ -29,10 +29,7 @@ _LIBRARY_LOGGERS = ("ibkr_sync", "ib_insync", "ib_async", "eventkit")
 
 
 def exit_code_for(error: exceptions.IbkrSyncError) -> int:
-    for cls in type(error).__mro__:
-        if cls in EXIT_CODES:
-            return EXIT_CODES[cls]
-    return 1
+    return exceptions.lookup(EXIT_CODES, error, 1)
 
 
 class Command(BaseCommand):
