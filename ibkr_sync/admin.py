@@ -63,11 +63,7 @@ class SyncRunAdmin(admin.ModelAdmin):
             level = messages.WARNING if result.errors else messages.SUCCESS
             self.message_user(
                 request,
-                f"Sync #{result.sync_run_id} finished: {result.processed} positions in "
-                f"{len(result.accounts)} account(s); {result.created} created, "
-                f"{result.updated} updated, {result.unchanged} unchanged, "
-                f"{result.reopened} reopened, {result.closed} closed, "
-                f"{len(result.errors)} errors.",
+                f"Sync #{result.sync_run_id} finished: {result.scope}; {result.outcome}.",
                 level,
             )
         return HttpResponseRedirect(reverse("admin:ibkr_sync_syncrun_changelist"))

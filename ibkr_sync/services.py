@@ -63,6 +63,17 @@ class SyncResult:
     started_at: dt.datetime
     finished_at: dt.datetime
 
+    @property
+    def scope(self) -> str:
+        return f"{self.processed} positions in {len(self.accounts)} account(s)"
+
+    @property
+    def outcome(self) -> str:
+        return (
+            f"{self.created} created, {self.updated} updated, {self.unchanged} unchanged, "
+            f"{self.reopened} reopened, {self.closed} closed, {len(self.errors)} errors"
+        )
+
 
 KINDS = ("processed", "created", "updated", "unchanged", "reopened", "closed", "errors")
 

@@ -60,13 +60,7 @@ class Command(BaseCommand):
             return
         style = self.style.WARNING if result.errors else self.style.SUCCESS
         self.stdout.write(
-            style(
-                f"IBKR sync #{result.sync_run_id}: {result.processed} positions in "
-                f"{len(result.accounts)} account(s): {result.created} created, "
-                f"{result.updated} updated, {result.unchanged} unchanged, "
-                f"{result.reopened} reopened, {result.closed} closed, "
-                f"{len(result.errors)} errors"
-            )
+            style(f"IBKR sync #{result.sync_run_id}: {result.scope}: {result.outcome}")
         )
         if verbosity < 2:
             return
