@@ -57,8 +57,13 @@ _MSG_POSITION_END = 62
 # IB error codes that end a read, decided here and nowhere else. Everything else the
 # gateway says during a read (farm status 2104/2106/2158, 1102 "connectivity restored",
 # ...) is informational and only logged.
+# 1100 and 2110 both mean TWS / Gateway has lost its link to IBKR's servers: what it
+# would report then may be stale or partial, so the read fails and nothing is written
+# (no position is closed because of an outage); the next sync after it recovers reads
+# a fresh snapshot.
 _CLIENT_ID_IN_USE = 326
-_GATEWAY_DOWN_CODES = frozenset({502, 504, 1100, 1300})
+_GATEWAY_DOWN_CODES = frozenset({502, 504, 1300})
+_SERVER_LINK_DOWN_CODES = frozenset({1100, 2110})
 _REQUEST_FAILED_CODES = frozenset({321, 322})
 
 _SETUP_CHECKLIST = (
@@ -170,6 +175,11 @@ class IbkrGateway:
         state = _ReadState(failure=asyncio.get_running_loop().create_future())
         ib.errorEvent += lambda *args: self._on_error(state, *args)
         ib.client.apiError += lambda message: self._on_api_error(state, message)
+        # The library reports a socket closed before the handshake finished only in its
+        # log; without this the read would wait for the connect timeout.
+        connection = getattr(ib.client, "conn", None)
+        if connection is not None and hasattr(connection, "disconnected"):
+            connection.disconnected += lambda message: self._on_socket_closed(state, message)
         ib.positionEvent += lambda position: self._on_position(state, position)
         self._guard_position_messages(ib, state)
         try:
@@ -287,6 +297,15 @@ class IbkrGateway:
                     ib_code=code,
                 )
             )
+        elif code in _SERVER_LINK_DOWN_CODES:
+            state.fail(
+                GatewayUnavailable(
+                    f"The IB gateway at {self.address} has lost its connection to IBKR's "
+                    f"servers (error {code}: {text}); nothing was changed. It reconnects by "
+                    "itself: try again in a few minutes.",
+                    ib_code=code,
+                )
+            )
         elif code in _REQUEST_FAILED_CODES:
             state.fail(
                 GatewayError(
@@ -303,6 +322,15 @@ class IbkrGateway:
             GatewayUnavailable(
                 f"The IB gateway at {self.address} closed the API connection ({message}). "
                 + _SETUP_CHECKLIST
+            )
+        )
+
+    def _on_socket_closed(self, state: _ReadState, message: str) -> None:
+        state.fail(
+            GatewayUnavailable(
+                f"The IB gateway at {self.address} closed the connection"
+                f"{f' ({message})' if message else ''} before the read finished; nothing "
+                "was changed. " + _SETUP_CHECKLIST
             )
         )
 

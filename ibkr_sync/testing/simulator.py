@@ -81,6 +81,8 @@ IB_ERROR_TEXTS = {
     1100: "Connectivity between IB and Trader Workstation has been lost.",
     1101: "Connectivity between IB and Trader Workstation has been restored - data lost.",
     1102: "Connectivity between IB and Trader Workstation has been restored - data maintained.",
+    2110: "Connectivity between Trader Workstation and server is broken. It will be restored "
+    "automatically.",
     2104: "Market data farm connection is OK:usfarm",
     2106: "HMDS data farm connection is OK:ushmds",
     2158: "Sec-def data farm connection is OK:secdefil",
@@ -106,6 +108,8 @@ class Faults:
       ib_insync's TCP connect succeeds, then the connection is reset before the
       handshake completes. For a truly *refused* port (ECONNREFUSED) stop the simulator
       (``stop()`` / ``stop_thread()``) and start it again later on the same port.
+    * ``drop_during_handshake``: read the client's version request, then close the
+      connection without answering (a gateway restarting, or a proxy in between).
     * ``drop_after_positions``: on reqPositions send this many rows, then close the
       connection (no positionEnd).
     * ``hang_positions``: never answer reqPositions (no rows, no positionEnd).
@@ -124,6 +128,7 @@ class Faults:
     """
 
     refuse_connections: bool = False
+    drop_during_handshake: bool = False
     drop_after_positions: int | None = None
     hang_positions: bool = False
     message_delay: float = 0.0
@@ -564,6 +569,10 @@ class GatewaySimulator:
                 MIN_SERVER_VERSION,
                 self.max_server_version,
             )
+            return False
+        if self._fault_snapshot().drop_during_handshake:
+            logger.info("Closing %s during the handshake (fault injection)", conn.peer)
+            conn.abort()
             return False
         conn.server_version = version
         conn_time = time.strftime("%Y%m%d %H:%M:%S UTC", time.gmtime())

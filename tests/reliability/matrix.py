@@ -1,0 +1,100 @@
+"""The gateway fault matrix: each fault, how to provoke it, and what every edge must say.
+
+Shared by the reliability tests (which assert it) and `bench/faults.py` (which measures
+it), so the published table and the tests describe the same faults.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from ibkr_sync import exceptions
+from ibkr_sync.testing import GatewaySimulator
+
+
+@dataclass(frozen=True)
+class GatewayFault:
+    name: str
+    phase: str
+    error: type[exceptions.IbkrSyncError]
+    http_status: int
+    exit_code: int
+    # Simulator fault settings (see `ibkr_sync.testing.Faults`).
+    faults: dict[str, Any] = field(default_factory=dict)
+    # Where the app connects: the simulator, a closed port, or a port that never answers.
+    target: str = "simulator"
+    # The configured timeout that bounds the wait; None: it fails at once.
+    waits_for: str | None = None
+
+    @property
+    def code(self) -> str:
+        return self.error.code
+
+
+U, T, C, E = (
+    exceptions.GatewayUnavailable,
+    exceptions.GatewayTimeout,
+    exceptions.ClientIdInUse,
+    exceptions.IncompleteSnapshot,
+)
+
+GATEWAY_FAULTS = [
+    GatewayFault("refused", "connect", U, 503, 3, target="closed_port"),
+    GatewayFault("reset on connect", "connect", U, 503, 3, {"refuse_connections": True}),
+    GatewayFault("no answer on connect", "connect", T, 504, 4, target="silent_port",
+                 waits_for="connect"),
+    GatewayFault("dropped in handshake", "handshake", U, 503, 3, {"drop_during_handshake": True}),
+    GatewayFault("326 client id in use", "handshake", C, 502, 7,
+                 {"error_on_connect": (326, "")}),
+    GatewayFault("502 cannot connect", "handshake", U, 503, 3, {"error_on_connect": (502, "")}),
+    GatewayFault("1100 link to IBKR lost", "handshake", U, 503, 3,
+                 {"error_on_connect": (1100, "")}),
+    GatewayFault("2110 link to IBKR broken", "handshake", U, 503, 3,
+                 {"error_on_connect": (2110, "")}),
+    GatewayFault("dropped in positions", "positions", U, 503, 3, {"drop_after_positions": 2}),
+    GatewayFault("hang in positions", "positions", T, 504, 4, {"hang_positions": True},
+                 waits_for="request"),
+    GatewayFault("malformed frame", "positions", E, 502, 8, {"malformed_position": True}),
+    GatewayFault("504 not connected", "positions", U, 503, 3,
+                 {"error_on_positions": (504, "")}),
+    GatewayFault("1100 in positions", "positions", U, 503, 3,
+                 {"error_on_positions": (1100, "")}),
+    GatewayFault("2110 in positions", "positions", U, 503, 3,
+                 {"error_on_positions": (2110, "")}),
+]  # fmt: skip
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (connecting to it is refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def silent_listener() -> Iterator[int]:
+    """A loopback port that accepts TCP connections and never says a word."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)
+        yield sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def provoke(fault: GatewayFault, simulator: GatewaySimulator) -> Iterator[int]:
+    """Arrange `fault`; yields the port the app must connect to. Cleared on exit."""
+    if fault.target == "closed_port":
+        yield free_port()
+    elif fault.target == "silent_port":
+        with silent_listener() as port:
+            yield port
+    else:
+        simulator.set_faults(**fault.faults)
+        try:
+            yield simulator.port
+        finally:
+            simulator.clear_faults()
