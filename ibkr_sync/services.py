@@ -11,13 +11,14 @@ import datetime as dt
 import logging
 import os
 import socket
+import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from decimal import Context, Decimal
 from typing import Any, Protocol
 
-from django.db import IntegrityError, connection, transaction
+from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.utils import timezone
 
 from portfolio.models import Account, Instrument, Position
@@ -109,6 +110,8 @@ def sync_positions(
     if account_id is not None:
         account_id = normalize_account_id(account_id)
     run = _start_run(trigger=trigger, user=user, account_id=account_id)
+    with _active_runs_lock:
+        _active_runs.add(run.pk)
     try:
         snapshot = (gateway or IbkrGateway()).fetch_positions(account_id)
         with transaction.atomic():
@@ -131,6 +134,9 @@ def sync_positions(
         _fail_run(run, code, f"{type(exc).__name__}: {exc}")
         logger.exception("IBKR sync #%s failed unexpectedly", run.pk)
         raise
+    finally:
+        with _active_runs_lock:
+            _active_runs.discard(run.pk)
 
     logger.info("IBKR sync #%s finished: %s", run.pk, totals)
     return SyncResult(
@@ -145,6 +151,13 @@ def sync_positions(
 
 
 # --- the lock ------------------------------------------------------------------------------
+
+# The runs this process has started and not yet finished. A `running` row of this host
+# and process that is not here belongs to a sync that ended without being able to record
+# it (the database went away at the end): its lock is released at once, not after
+# IBKR_SYNC_STALE_AFTER, which would block every sync from this server until then.
+_active_runs: set[int] = set()
+_active_runs_lock = threading.Lock()
 
 
 def _start_run(*, trigger: str, user: Any, account_id: str | None) -> SyncRun:
@@ -181,7 +194,9 @@ def _release_stale_lock() -> bool:
     if running is None:
         return True
     age = (timezone.now() - running.started_at).total_seconds()
-    crashed_here = running.host == socket.gethostname() and not _process_alive(running.pid)
+    crashed_here = running.host == socket.gethostname() and (
+        not _process_alive(running.pid) or _ended_in_this_process(running)
+    )
     if not crashed_here and age < float(conf.get("IBKR_SYNC_STALE_AFTER")):
         return False
     released = SyncRun.objects.filter(pk=running.pk, status=SyncRun.Status.RUNNING).update(
@@ -194,6 +209,11 @@ def _release_stale_lock() -> bool:
     if released:
         logger.warning("Released the lock of abandoned IBKR sync #%s", running.pk)
     return True
+
+
+def _ended_in_this_process(run: SyncRun) -> bool:
+    with _active_runs_lock:
+        return run.pid == os.getpid() and run.pk not in _active_runs
 
 
 def _process_alive(pid: int | None) -> bool:
@@ -209,16 +229,28 @@ def _process_alive(pid: int | None) -> bool:
 
 
 def _fail_run(run: SyncRun, code: str, message: str) -> None:
-    try:
-        # Only the failure: counts set on the instance by a rolled-back attempt are void.
-        SyncRun.objects.filter(pk=run.pk).update(
-            status=SyncRun.Status.FAILED,
-            error_code=code,
-            error_message=message,
-            finished_at=timezone.now(),
-        )
-    except Exception:
-        logger.exception("Could not record the failure of IBKR sync #%s", run.pk)
+    """Record the failure if the database allows; never raise over the sync's own error."""
+    for attempt in (1, 2):
+        try:
+            # Only the failure: counts set on the instance by a rolled-back attempt are void.
+            SyncRun.objects.filter(pk=run.pk).update(
+                status=SyncRun.Status.FAILED,
+                error_code=code,
+                error_message=message,
+                finished_at=timezone.now(),
+            )
+            return
+        except DatabaseError:
+            if attempt == 1 and not connection.in_atomic_block:
+                # The connection may have died with the sync (a database restart, a
+                # network cut): try once more on a fresh one.
+                connection.close()
+                continue
+            logger.exception("Could not record the failure of IBKR sync #%s", run.pk)
+            return
+        except Exception:
+            logger.exception("Could not record the failure of IBKR sync #%s", run.pk)
+            return
 
 
 # --- applying a snapshot ----------------------------------------------------------------
