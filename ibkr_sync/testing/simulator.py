@@ -113,6 +113,8 @@ class Faults:
     * ``drop_after_positions``: on reqPositions send this many rows, then close the
       connection (no positionEnd).
     * ``hang_positions``: never answer reqPositions (no rows, no positionEnd).
+    * ``hold_positions``: a ``threading.Event``; reqPositions is answered only once it is
+      set (a test holds a sync mid-read for exactly as long as it needs).
     * ``message_delay``: seconds to sleep before each outgoing message (including the
       handshake reply); messages are then written and drained one by one.
     * ``malformed_position``: the position row at ``malformed_index`` (default the first)
@@ -131,6 +133,7 @@ class Faults:
     drop_during_handshake: bool = False
     drop_after_positions: int | None = None
     hang_positions: bool = False
+    hold_positions: threading.Event | None = None
     message_delay: float = 0.0
     malformed_position: bool = False
     malformed_kind: Literal["quantity", "field_count"] = "quantity"
@@ -699,6 +702,9 @@ class GatewaySimulator:
         if faults.hang_positions:
             logger.info("Not answering reqPositions (fault injection)")
             return
+        if faults.hold_positions is not None:
+            while not faults.hold_positions.is_set() and not conn.closing:
+                await asyncio.sleep(0.01)
         rows = self._snapshot_rows()
         frames = [_position_frame(pos) for pos in rows]
         if faults.malformed_position:

@@ -64,29 +64,45 @@ def _wait_for(predicate, timeout: float = 10.0) -> bool:
 
 
 def test_twenty_simultaneous_triggers_and_a_command_run_exactly_one_sync(fresh, simulator):
-    # Each sync takes ~0.5 s (slow gateway), so every caller arrives while one runs.
-    simulator.set_faults(message_delay=0.04)
     refused_in = []
     for repeat in range(REPEATS):
         quantity = Decimal(repeat + 1)
         simulator.upsert_position(sim_position(quantity=str(quantity)))
         _wait_for(lambda: simulator.active_client_ids == [])
+        # The sync that gets the lock is held mid-read until every other caller has been
+        # answered, so they all overlap with it however the machine schedules them.
+        gate = threading.Event()
+        simulator.set_faults(hold_positions=gate)
         command = fresh.warm_sync()
-        start = threading.Barrier(CALLERS + 1)
+        start = threading.Barrier(CALLERS + 2)
         replies = [None] * CALLERS
+        finished = {}
+        refusals = threading.Semaphore(0)
 
-        def call(i, start=start, replies=replies):
+        def call(i, start=start, replies=replies, refusals=refusals):
             start.wait()
             replies[i] = fresh.post(timeout=60)
+            if replies[i].status == 409:
+                refusals.release()
+
+        def run_command(start=start, command=command, finished=finished, refusals=refusals):
+            start.wait()
+            fresh.go(command)
+            finished["out"], finished["err"] = command.communicate(timeout=90)
+            if command.returncode == 5:
+                refusals.release()
 
         threads = [threading.Thread(target=call, args=(i,)) for i in range(CALLERS)]
+        threads.append(threading.Thread(target=run_command))
         for thread in threads:
             thread.start()
         start.wait()
-        fresh.go(command)
+        for _ in range(CALLERS):  # every caller but the one holding the lock
+            assert refusals.acquire(timeout=60), "a caller was neither refused nor running"
+        gate.set()
         for thread in threads:
             thread.join(90)
-        out, err = command.communicate(timeout=90)
+        out, err = finished["out"], finished["err"]
 
         statuses = sorted(r.status for r in replies)
         ran = statuses.count(200) + (command.returncode == 0)
