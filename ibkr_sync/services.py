@@ -122,6 +122,7 @@ def sync_positions(
                 setattr(run, kind, value)
             run.status = SyncRun.Status.SUCCESS
             run.accounts = accounts
+            counts.errors = _storable(counts.errors)
             run.error_details = counts.errors
             run.finished_at = timezone.now()
             run.save()
@@ -148,6 +149,15 @@ def sync_positions(
         started_at=run.started_at,
         finished_at=run.finished_at,
     )
+
+
+def _storable(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The unmappable records' details as any JSON column takes them (PostgreSQL's jsonb
+    refuses a NUL character, which a hostile record may carry in its symbol)."""
+    return [
+        {k: v.replace("\x00", "\ufffd") if isinstance(v, str) else v for k, v in e.items()}
+        for e in errors
+    ]
 
 
 # --- the lock ------------------------------------------------------------------------------
