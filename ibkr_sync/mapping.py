@@ -10,10 +10,10 @@ from __future__ import annotations
 import datetime as dt
 import re
 from dataclasses import dataclass
-from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
+from decimal import ROUND_HALF_EVEN, Context, Decimal, InvalidOperation
 from typing import Any
 
-from portfolio.models import DECIMAL_QUANTUM, Broker, SecType
+from portfolio.models import DECIMAL_QUANTUM, Account, Broker, Instrument, SecType
 
 from .exceptions import InvalidAccountId
 from .gateway import GatewayPosition
@@ -25,6 +25,7 @@ _UNSET_THRESHOLD = Decimal("1e300")
 # Integer digits our columns hold (max_digits 30, decimal_places 10).
 _MAX_ABS = Decimal(10) ** 20
 _MULTIPLIER_QUANTUM = Decimal("0.000001")
+_WIDE = Context(prec=40)
 _SEC_TYPES = frozenset(SecType.values)
 _RIGHTS = {"C": "C", "CALL": "C", "P": "P", "PUT": "P", "": "", "0": "", "?": ""}
 _ACCOUNT_ID = re.compile(r"^[A-Z]{1,3}[0-9]{3,12}$")
@@ -95,7 +96,8 @@ def optional_decimal(value: Decimal | float | str | None) -> Decimal | None:
 def _quantize(value: Decimal, what: str, *, exact: bool) -> Decimal:
     if abs(value) >= _MAX_ABS:
         raise MappingError(f"{what} {value} is too large to store")
-    stored = value.quantize(DECIMAL_QUANTUM, rounding=ROUND_HALF_EVEN)
+    # Up to 20 integer and 10 decimal digits: more than the default 28-digit context.
+    stored = value.quantize(DECIMAL_QUANTUM, rounding=ROUND_HALF_EVEN, context=_WIDE)
     if exact and stored != value:
         raise MappingError(f"{what} {value} has more than 10 decimal places")
     return stored
@@ -135,6 +137,22 @@ def _describe(record: GatewayPosition, strike: Decimal | None, right: str, mult:
     return " ".join(parts)[:255]
 
 
+_TEXT_FIELDS = ("symbol", "currency", "exchange", "local_symbol", "trading_class")
+_ACCOUNT_ID_LENGTH = Account._meta.get_field("external_id").max_length
+
+
+def _max_length(name: str) -> int:
+    return Instrument._meta.get_field(name).max_length
+
+
+def _check_text(value: str, what: str, max_length: int) -> None:
+    """Text the columns can hold as it is: never silently cut, never a NUL byte."""
+    if len(value) > max_length:
+        raise MappingError(f"{what} is {len(value)} characters long (at most {max_length})")
+    if "\x00" in value:
+        raise MappingError(f"{what} contains a NUL character")
+
+
 def map_position(record: GatewayPosition) -> MappedPosition:
     """One gateway position -> field values for its Instrument and Position rows."""
     if not record.account:
@@ -172,6 +190,7 @@ def map_position(record: GatewayPosition) -> MappedPosition:
     expiry, contract_month = parse_expiry(record.last_trade_date)
     right = _RIGHTS[right_text]
 
+    _check_text(record.account, "account id", _ACCOUNT_ID_LENGTH)
     instrument = {
         "symbol": record.symbol.strip(),
         "sec_type": sec_type,
@@ -186,6 +205,8 @@ def map_position(record: GatewayPosition) -> MappedPosition:
         "right": right,
         "description": _describe(record, strike, right, multiplier),
     }
+    for name in _TEXT_FIELDS:
+        _check_text(instrument[name], name.replace("_", " "), _max_length(name))
     return MappedPosition(
         account_id=record.account,
         instrument_id=str(int(record.con_id)),
