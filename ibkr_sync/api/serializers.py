@@ -1,3 +1,4 @@
+from django.core.validators import ProhibitNullCharactersValidator
 from rest_framework import serializers
 
 from ..exceptions import InvalidAccountId
@@ -5,7 +6,26 @@ from ..mapping import normalize_account_id
 
 
 class SyncRequestSerializer(serializers.Serializer):
-    ibkr_account_id = serializers.CharField(required=False, allow_blank=False, max_length=32)
+    ibkr_account_id = serializers.CharField(
+        required=False,
+        allow_blank=False,
+        max_length=32,
+        error_messages={
+            "blank": "ibkr_account_id is empty: give an IBKR account id such as U1234567, "
+            "or leave the parameter out to sync every account.",
+            "max_length": "ibkr_account_id is longer than {max_length} characters: it is not "
+            "an IBKR account id (e.g. U1234567).",
+        },
+    )
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # A NUL character is refused below like any other malformed id, with the message
+        # that says what an account id looks like.
+        field = self.fields["ibkr_account_id"]
+        field.validators = [
+            v for v in field.validators if not isinstance(v, ProhibitNullCharactersValidator)
+        ]
 
     def validate_ibkr_account_id(self, value: str) -> str:
         try:

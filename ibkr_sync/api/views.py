@@ -49,6 +49,13 @@ class IbkrSyncView(APIView):
     def post(self, request: Request) -> Response:
         # A plain dict, not the QueryDict: DRF treats a blank form/query value of an
         # optional field as omitted, which would turn `?ibkr_account_id=` into "sync all".
+        if len(request.query_params.getlist("ibkr_account_id")) > 1:
+            return error_response(
+                400,
+                exceptions.InvalidAccountId.code,
+                "ibkr_account_id was given more than once; give one account id, or none "
+                "to sync every account.",
+            )
         params = SyncRequestSerializer(data=request.query_params.dict())
         if not params.is_valid():
             detail = " ".join(str(m) for messages in params.errors.values() for m in messages)
