@@ -84,7 +84,7 @@ class Deployment:
             IBKR_PORT=str(gateway_port),
             IBKR_CLIENT_ID="31",
             IBKR_CONNECT_TIMEOUT="2",
-            IBKR_REQUEST_TIMEOUT="5",
+            IBKR_REQUEST_TIMEOUT="60",  # a test may hold a sync mid-read
             PYTHONDONTWRITEBYTECODE="1",
         )
         self.server: subprocess.Popen | None = None
