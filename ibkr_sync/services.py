@@ -8,6 +8,7 @@ leaves every position as it was and marks the SyncRun failed with the reason.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import logging
 import os
 import socket
@@ -259,21 +260,13 @@ def _apply(snapshot: GatewaySnapshot, run: SyncRun, now: dt.datetime) -> tuple[l
         "pk", "account_id", "instrument__external_id", "quantity", "average_cost", "closed_at"
     )
     existing = {(account_by_pk[row[1]], row[2]): row for row in rows}
-    to_create: list[dict[str, Any]] = []
+    to_create: list[MappedPosition] = []
     to_change: dict[str, list[Position]] = {"updated": [], "reopened": []}
     changes: list[dict[str, Any]] = []
     for key, item in mapped.items():
         row = existing.get(key)
         if row is None:
-            to_create.append(
-                {
-                    "account_id": accounts[item.account_id],
-                    "instrument_id": instruments[item.instrument_id],
-                    "opened_at": now,
-                    "last_synced_at": now,
-                    **item.position,
-                }
-            )
+            to_create.append(item)
             counts.add(item.account_id, "created")
             continue
         pk, _, _, quantity, average_cost, closed_at = row
@@ -308,10 +301,20 @@ def _apply(snapshot: GatewaySnapshot, run: SyncRun, now: dt.datetime) -> tuple[l
                 _change(run, pk, PositionChange.Kind.CLOSED, (quantity, average_cost), None)
             )
 
-    created_pks = _insert(Position, to_create)
-    changes.extend(
-        _change(run, pk, PositionChange.Kind.CREATED, (None, None), values)
-        for pk, values in zip(created_pks, to_create, strict=True)
+    # New rows are made batch by batch as they are written: at 10,000s of positions,
+    # holding them all at once would double the sync's memory.
+    created_pks = _insert(
+        Position,
+        (
+            {
+                "account_id": accounts[item.account_id],
+                "instrument_id": instruments[item.instrument_id],
+                "opened_at": now,
+                "last_synced_at": now,
+                **item.position,
+            }
+            for item in to_create
+        ),
     )
     # Changed rows are written as upserts on (account, instrument): one INSERT ... ON
     # CONFLICT DO UPDATE per batch, which both databases run far faster than the
@@ -326,7 +329,16 @@ def _apply(snapshot: GatewaySnapshot, run: SyncRun, now: dt.datetime) -> tuple[l
         )
     for chunk in _chunks(gone):
         Position.objects.filter(pk__in=chunk).update(closed_at=now, last_synced_at=now)
-    _insert(PositionChange, changes)
+    _insert(
+        PositionChange,
+        itertools.chain(
+            changes,
+            (
+                _change(run, pk, PositionChange.Kind.CREATED, (None, None), item.position)
+                for pk, item in zip(created_pks, to_create, strict=True)
+            ),
+        ),
+    )
     return account_ids, counts
 
 
@@ -419,7 +431,7 @@ def _upsert_instruments(items: Iterable[MappedPosition], now: dt.datetime) -> di
     return ids
 
 
-def _insert(model: type[models.Model], rows: Sequence[dict[str, Any]]) -> list[int]:
+def _insert(model: type[models.Model], rows: Iterable[dict[str, Any]]) -> list[int]:
     """INSERT rows given as {field attname: value}; return their new primary keys, in order.
 
     The fast path for the 10,000s of rows of a first sync. `bulk_create` runs every
@@ -430,8 +442,6 @@ def _insert(model: type[models.Model], rows: Sequence[dict[str, Any]]) -> list[i
     model default. A batch is one multi-row INSERT ... RETURNING, the statement Django's
     own bulk_create issues on both databases (tests compare the two).
     """
-    if not rows:
-        return []
     meta = model._meta
     fields = [f for f in meta.concrete_fields if not f.primary_key]
     names = [f.attname for f in fields]
@@ -445,7 +455,7 @@ def _insert(model: type[models.Model], rows: Sequence[dict[str, Any]]) -> list[i
     tail = f" RETURNING {qn(meta.pk.column)}"
     pks: list[int] = []
     with connection.cursor() as cursor:
-        for chunk in _chunks(rows, min(BATCH_SIZE, _MAX_PARAMETERS // len(fields))):
+        for chunk in _batches(rows, min(BATCH_SIZE, _MAX_PARAMETERS // len(fields))):
             params = []
             for row in chunk:
                 for name in names:
@@ -471,6 +481,12 @@ class _DatetimePreparer:
         if value not in self.cache:
             self.cache[value] = self.field.get_db_prep_save(value, connection)
         return self.cache[value]
+
+
+def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
 
 
 def _chunks(items: Sequence[Any], size: int = BATCH_SIZE) -> Iterator[Sequence[Any]]:
