@@ -2,6 +2,7 @@ from rest_framework import serializers
 
 from ..exceptions import InvalidAccountId
 from ..mapping import normalize_account_id
+from ..models import SyncRun
 
 
 class SyncRequestSerializer(serializers.Serializer):
@@ -41,3 +42,52 @@ class SyncResultSerializer(serializers.Serializer):
 
     def get_status(self, _result) -> str:
         return "success"
+
+
+class SyncRunSerializer(serializers.ModelSerializer):
+    user = serializers.SerializerMethodField(help_text="Who started it; null for the command.")
+    duration_seconds = serializers.SerializerMethodField()
+
+    class Meta:
+        model = SyncRun
+        fields = [
+            "id",
+            "status",
+            "trigger",
+            "user",
+            "account_filter",
+            "accounts",
+            "processed",
+            "created",
+            "updated",
+            "unchanged",
+            "reopened",
+            "closed",
+            "errors",
+            "error_code",
+            "error_message",
+            "started_at",
+            "finished_at",
+            "duration_seconds",
+        ]
+        read_only_fields = fields
+
+    def get_user(self, run: SyncRun) -> str | None:
+        return None if run.user is None else run.user.get_username()
+
+    def get_duration_seconds(self, run: SyncRun) -> float | None:
+        duration = run.duration
+        return None if duration is None else round(duration.total_seconds(), 3)
+
+
+class SyncRunDetailSerializer(SyncRunSerializer):
+    error_details = SyncErrorSerializer(many=True, read_only=True)
+
+    class Meta(SyncRunSerializer.Meta):
+        fields = [*SyncRunSerializer.Meta.fields, "error_details", "host"]
+        read_only_fields = fields
+
+
+class SyncRunFilterSerializer(serializers.Serializer):
+    status = serializers.ChoiceField(required=False, choices=SyncRun.Status.values)
+    trigger = serializers.ChoiceField(required=False, choices=SyncRun.Trigger.values)
