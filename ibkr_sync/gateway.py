@@ -29,7 +29,7 @@ import asyncio
 import importlib
 import logging
 import threading
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any, TypeVar
@@ -142,8 +142,15 @@ class _ReadState:
 class IbkrGateway:
     """Reads managed accounts and positions from a running TWS / IB Gateway."""
 
-    def __init__(self, config: GatewayConfig | None = None) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig | None = None,
+        *,
+        progress: Callable[[str, int], None] | None = None,
+    ) -> None:
         self.config = config or GatewayConfig.from_settings()
+        # Told ("read", positions received so far) as they arrive, for a progress display.
+        self.progress = progress
 
     @property
     def address(self) -> str:
@@ -336,6 +343,8 @@ class IbkrGateway:
             strike=_float_decimal(contract.strike),
             right=contract.right,
         )
+        if self.progress is not None:
+            self.progress("read", len(state.positions))
 
     @staticmethod
     def _guard_position_messages(ib: Any, state: _ReadState) -> None:

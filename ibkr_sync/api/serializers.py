@@ -1,4 +1,7 @@
+from typing import Any
+
 from rest_framework import serializers
+from rest_framework.renderers import JSONRenderer
 
 from ..exceptions import InvalidAccountId
 from ..mapping import normalize_account_id
@@ -24,8 +27,15 @@ class SyncErrorSerializer(serializers.Serializer):
 
 
 class SyncResultSerializer(serializers.Serializer):
+    """A sync's result: the API's answer and `sync_ibkr --json`'s output, one shape."""
+
     status = serializers.SerializerMethodField()
-    sync_run_id = serializers.IntegerField()
+    sync_run_id = serializers.IntegerField(
+        allow_null=True, help_text="The SyncRun recording it; null for a dry run."
+    )
+    dry_run = serializers.BooleanField(
+        help_text="True: nothing was written; the counts say what a sync would change."
+    )
     accounts = serializers.ListField(child=serializers.CharField())
     processed = serializers.IntegerField()
     created = serializers.IntegerField()
@@ -42,6 +52,11 @@ class SyncResultSerializer(serializers.Serializer):
 
     def get_status(self, _result) -> str:
         return "success"
+
+
+def render_json(data: Any) -> str:
+    """JSON text exactly as the API renders it, for output outside a request."""
+    return JSONRenderer().render(data).decode()
 
 
 class SyncRunSerializer(serializers.ModelSerializer):
