@@ -174,6 +174,10 @@ IBKR_CLIENT_LIBRARY = _env_choice("IBKR_CLIENT_LIBRARY", "ib_insync", ("ib_insyn
 # A running sync whose process died keeps its lock at most this long (same-host crashes
 # are detected at once by process id).
 IBKR_SYNC_STALE_AFTER = _env_seconds("IBKR_SYNC_STALE_AFTER", 900)
+# GET /healthz answers 503 when the last successful sync is older than this (seconds;
+# 0 turns the age check off). Match it to the sync schedule, e.g. 259200 (3 days) for
+# syncs on weekdays only.
+IBKR_SYNC_MAX_AGE = _env_int("IBKR_SYNC_MAX_AGE", 86400, minimum=0)
 
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_LEVEL = _env_choice("LOG_LEVEL", "WARNING", _LEVELS)

@@ -50,6 +50,7 @@ def test_schema_documents_every_api_endpoint(schema):
         "/portfolio/sync/ibkr",
         "/portfolio/sync/runs",
         "/portfolio/sync/runs/{id}",
+        "/healthz",
     } <= routes
     assert routes <= set(schema["paths"])
 

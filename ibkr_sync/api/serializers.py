@@ -106,3 +106,30 @@ class SyncRunDetailSerializer(SyncRunSerializer):
 class SyncRunFilterSerializer(serializers.Serializer):
     status = serializers.ChoiceField(required=False, choices=SyncRun.Status.values)
     trigger = serializers.ChoiceField(required=False, choices=SyncRun.Trigger.values)
+
+
+class HealthCheckSerializer(serializers.Serializer):
+    status = serializers.ChoiceField(choices=["ok", "error", "unknown", "unreachable"])
+
+
+class LastSyncCheckSerializer(serializers.Serializer):
+    status = serializers.ChoiceField(
+        choices=["ok", "stale", "failed", "never", "unknown"],
+        help_text="failed: the latest sync failed; stale: the last success is older than "
+        "max_age_seconds; never: no successful sync yet.",
+    )
+    last_success_at = serializers.DateTimeField(required=False)
+    age_seconds = serializers.IntegerField(required=False)
+    max_age_seconds = serializers.IntegerField(required=False)
+    error_code = serializers.CharField(required=False, help_text="Why the latest sync failed.")
+
+
+class HealthChecksSerializer(serializers.Serializer):
+    database = HealthCheckSerializer()
+    last_sync = LastSyncCheckSerializer()
+    gateway = HealthCheckSerializer(required=False, help_text="Only with ?gateway=1.")
+
+
+class HealthSerializer(serializers.Serializer):
+    status = serializers.ChoiceField(choices=["ok", "unhealthy"])
+    checks = HealthChecksSerializer()

@@ -10,7 +10,7 @@ from django.utils.decorators import method_decorator
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import status
 from rest_framework.generics import ListAPIView, RetrieveAPIView
-from rest_framework.permissions import BasePermission, IsAuthenticated
+from rest_framework.permissions import AllowAny, BasePermission, IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -26,9 +26,11 @@ from portfolio.api.permissions import CanViewModel
 from portfolio.api.views import PAGE_PARAMS, error_responses
 
 from .. import exceptions
+from ..health import check_health
 from ..models import SyncRun
 from ..services import sync_positions
 from .serializers import (
+    HealthSerializer,
     SyncRequestSerializer,
     SyncResultSerializer,
     SyncRunDetailSerializer,
@@ -158,3 +160,37 @@ class SyncRunDetailView(ErrorEnvelopeMixin, RetrieveAPIView):
 
     def get_queryset(self) -> QuerySet[SyncRun]:
         return SyncRun.objects.select_related("user")
+
+
+# --- health ---------------------------------------------------------------------------------
+
+
+class HealthView(APIView):
+    """`GET /healthz` for load balancers and monitoring: no login, nothing sensitive."""
+
+    authentication_classes = []
+    permission_classes = [AllowAny]
+
+    @extend_schema(
+        tags=["operations"],
+        summary="Health check",
+        description="200 when the database answers and the last sync succeeded less than "
+        "IBKR_SYNC_MAX_AGE seconds ago; 503 otherwise. `?gateway=1` also tries a TCP "
+        "connection to TWS / IB Gateway (no API session). No authentication.",
+        parameters=[
+            OpenApiParameter(
+                "gateway", bool, description="Also check that the gateway's port accepts."
+            )
+        ],
+        responses={200: HealthSerializer, 503: HealthSerializer},
+        auth=[],
+    )
+    def get(self, request: Request) -> Response:
+        wanted = request.query_params.get("gateway", "").lower() in {"1", "true", "yes"}
+        healthy, report = check_health(gateway=wanted)
+        response = Response(
+            HealthSerializer(report).data,
+            status=status.HTTP_200_OK if healthy else status.HTTP_503_SERVICE_UNAVAILABLE,
+        )
+        response["Cache-Control"] = "no-store"
+        return response
