@@ -29,7 +29,7 @@ import asyncio
 import importlib
 import logging
 import threading
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any, TypeVar
@@ -141,8 +141,15 @@ class _ReadState:
 class IbkrGateway:
     """Reads managed accounts and positions from a running TWS / IB Gateway."""
 
-    def __init__(self, config: GatewayConfig | None = None) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig | None = None,
+        *,
+        progress: Callable[[str, int], None] | None = None,
+    ) -> None:
         self.config = config or GatewayConfig.from_settings()
+        # Told ("read", positions received so far) as they arrive, for a progress display.
+        self.progress = progress
 
     @property
     def address(self) -> str:
@@ -327,13 +334,18 @@ class IbkrGateway:
             except (ValueError, ArithmeticError) as exc:
                 state.malformed.append(f"{','.join(fields[2:6])}: {exc}")
             else:
-                state.positions[(position.account, position.con_id)] = position
+                self._received(state, position)
 
         handlers[_MSG_POSITION] = on_position
 
+    def _received(self, state: _ReadState, position: GatewayPosition) -> None:
+        state.positions[(position.account, position.con_id)] = position
+        if self.progress is not None:
+            self.progress("read", len(state.positions))
+
     def _on_position_event(self, state: _ReadState, position: Any) -> None:
         contract = position.contract
-        state.positions[(position.account, contract.conId)] = GatewayPosition(
+        received = GatewayPosition(
             account=position.account,
             con_id=contract.conId,
             symbol=contract.symbol,
@@ -350,6 +362,7 @@ class IbkrGateway:
             strike=_float_decimal(contract.strike),
             right=contract.right,
         )
+        self._received(state, received)
 
 
 def _position_from_wire(fields: list[str]) -> GatewayPosition:

@@ -12,8 +12,9 @@ import itertools
 import logging
 import os
 import socket
+import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from decimal import Context, Decimal
 from typing import Any, Protocol
@@ -51,7 +52,7 @@ class PositionSource(Protocol):
 
 @dataclass(frozen=True)
 class SyncResult:
-    sync_run_id: int
+    sync_run_id: int | None  # None for a dry run, which keeps no record
     accounts: list[str]
     processed: int
     created: int
@@ -63,6 +64,7 @@ class SyncResult:
     by_account: dict[str, dict[str, int]]
     started_at: dt.datetime
     finished_at: dt.datetime
+    dry_run: bool = False
 
     @property
     def scope(self) -> str:
@@ -74,6 +76,10 @@ class SyncResult:
             f"{self.created} created, {self.updated} updated, {self.unchanged} unchanged, "
             f"{self.reopened} reopened, {self.closed} closed, {len(self.errors)} errors"
         )
+
+
+#: Called with a phase ("read": positions received so far, "apply": positions to write).
+Progress = Callable[[str, int], None]
 
 
 KINDS = ("processed", "created", "updated", "unchanged", "reopened", "closed", "errors")
@@ -100,48 +106,88 @@ def sync_positions(
     trigger: str,
     user: Any = None,
     gateway: PositionSource | None = None,
+    dry_run: bool = False,
+    progress: Progress | None = None,
 ) -> SyncResult:
     """Bring the database in line with the gateway's positions (of one account, if given).
 
     Must not run inside a transaction: the SyncRun row (the lock and the audit record)
     has to be committed on its own so it is visible to other processes and survives a
     failed sync.
+
+    `dry_run` does everything a sync does, under the same lock, then rolls the writes
+    back and deletes its SyncRun row: the result says what a sync would change now.
     """
     if account_id is not None:
         account_id = normalize_account_id(account_id)
+    if dry_run and not _release_stale_lock():
+        # Checked first so that a refused dry run leaves no record either.
+        raise SyncAlreadyRunning(
+            "Another IBKR sync is running; this dry run was not started. "
+            "Try again when it finishes."
+        )
     run = _start_run(trigger=trigger, user=user, account_id=account_id)
+    clock = time.monotonic()
+    log = {"run": run.pk, "trigger": trigger, "account": account_id or "all", "dry_run": dry_run}
+    logger.info("IBKR sync started %s", _fields(log))
     try:
-        snapshot = (gateway or IbkrGateway()).fetch_positions(account_id)
+        if gateway is None:
+            gateway = IbkrGateway(progress=progress) if progress else IbkrGateway()
+        snapshot = gateway.fetch_positions(account_id)
+        if progress:
+            progress("apply", len(snapshot.positions))
         with transaction.atomic():
             accounts, counts = _apply(snapshot, run, timezone.now())
-            # In the same transaction: the run is marked done exactly when its writes are.
             totals = {kind: counts.total(kind) for kind in KINDS}
-            for kind, value in totals.items():
-                setattr(run, kind, value)
-            run.status = SyncRun.Status.SUCCESS
-            run.accounts = accounts
-            run.error_details = counts.errors
-            run.finished_at = timezone.now()
-            run.save()
+            if dry_run:
+                transaction.set_rollback(True)
+            else:
+                # In the same transaction: the run is marked done exactly when its writes are.
+                for kind, value in totals.items():
+                    setattr(run, kind, value)
+                run.status = SyncRun.Status.SUCCESS
+                run.accounts = accounts
+                run.error_details = counts.errors
+                run.finished_at = timezone.now()
+                run.save()
     except IbkrSyncError as exc:
-        _fail_run(run, exc.code, str(exc))
-        logger.info("IBKR sync #%s failed: %s", run.pk, exc)
+        if not dry_run:
+            _fail_run(run, exc.code, str(exc))
+        log.update(status="failed", code=exc.code, ib_code=getattr(exc, "ib_code", None))
+        logger.info(
+            "IBKR sync failed %s duration=%.3fs: %s", _fields(log), time.monotonic() - clock, exc
+        )
         raise
     except BaseException as exc:
         code = "internal_error" if isinstance(exc, Exception) else "interrupted"
-        _fail_run(run, code, f"{type(exc).__name__}: {exc}")
-        logger.exception("IBKR sync #%s failed unexpectedly", run.pk)
+        if not dry_run:
+            _fail_run(run, code, f"{type(exc).__name__}: {exc}")
+        log.update(status="failed", code=code)
+        logger.exception("IBKR sync failed unexpectedly %s", _fields(log))
         raise
+    finally:
+        if dry_run:
+            SyncRun.objects.filter(pk=run.pk).delete()
 
-    logger.info("IBKR sync #%s finished: %s", run.pk, totals)
+    log.update(status="success", accounts=",".join(accounts) or "none", **totals)
+    logger.info("IBKR sync finished %s duration=%.3fs", _fields(log), time.monotonic() - clock)
     return SyncResult(
-        sync_run_id=run.pk,
+        sync_run_id=None if dry_run else run.pk,
         accounts=accounts,
         **{kind: value for kind, value in totals.items() if kind != "errors"},
         errors=counts.errors,
         by_account=counts.by_account(accounts),
         started_at=run.started_at,
-        finished_at=run.finished_at,
+        finished_at=timezone.now() if dry_run else run.finished_at,
+        dry_run=dry_run,
+    )
+
+
+def _fields(values: dict[str, Any]) -> str:
+    """`key=value` pairs: one line per event that log search tools can split."""
+    return " ".join(
+        f"{key}={str(value).lower() if isinstance(value, bool) else value}"
+        for key, value in values.items()
     )
 
 
