@@ -4,6 +4,8 @@ from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest, HttpResponseNotAllowed, HttpResponseRedirect
 from django.urls import path, reverse
+from django.utils.html import format_html
+from django.utils.http import url_has_allowed_host_and_scheme
 
 from .exceptions import IbkrSyncError
 from .models import SyncRun
@@ -42,14 +44,9 @@ class SyncRunAdmin(admin.ModelAdmin):
         sync_now = self.admin_site.admin_view(self.sync_now_view)
         return [path("sync-now/", sync_now, name="ibkr_sync_syncrun_sync_now"), *super().get_urls()]
 
-    def changelist_view(self, request: HttpRequest, extra_context=None):
-        extra_context = {
-            **(extra_context or {}),
-            "can_run_sync": request.user.has_perm("ibkr_sync.run_sync"),
-        }
-        return super().changelist_view(request, extra_context)
-
     def sync_now_view(self, request: HttpRequest):
+        """Run a sync for the admin's "Sync now" form (on sync runs, positions, accounts)
+        and go back to the page it was on, with the outcome as a message."""
         if request.method != "POST":
             return HttpResponseNotAllowed(["POST"])
         if not request.user.has_perm("ibkr_sync.run_sync"):
@@ -61,9 +58,17 @@ class SyncRunAdmin(admin.ModelAdmin):
             self.message_user(request, f"Sync failed: {exc}", messages.ERROR)
         else:
             level = messages.WARNING if result.errors else messages.SUCCESS
-            self.message_user(
-                request,
-                f"Sync #{result.sync_run_id} finished: {result.scope}; {result.outcome}.",
-                level,
-            )
-        return HttpResponseRedirect(reverse("admin:ibkr_sync_syncrun_changelist"))
+            run_url = reverse("admin:ibkr_sync_syncrun_change", args=[result.sync_run_id])
+            link = format_html('<a href="{}">Sync #{}</a>', run_url, result.sync_run_id)
+            message = format_html("{} finished: {}; {}.", link, result.scope, result.outcome)
+            self.message_user(request, message, level)
+        return HttpResponseRedirect(self._back_to(request))
+
+    def _back_to(self, request: HttpRequest) -> str:
+        """The page the form was posted from, if it is one of ours; else the run history."""
+        target = request.POST.get("next", "")
+        if target and url_has_allowed_host_and_scheme(
+            target, allowed_hosts={request.get_host()}, require_https=request.is_secure()
+        ):
+            return target
+        return reverse("admin:ibkr_sync_syncrun_changelist")
