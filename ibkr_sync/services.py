@@ -34,7 +34,7 @@ from .mapping import (
     map_position,
     normalize_account_id,
 )
-from .models import SyncRun
+from .models import PositionChange, SyncRun
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def sync_positions(
     try:
         snapshot = (gateway or IbkrGateway()).fetch_positions(account_id)
         with transaction.atomic():
-            accounts, counts = _apply(snapshot, timezone.now())
+            accounts, counts = _apply(snapshot, run, timezone.now())
             # In the same transaction: the run is marked done exactly when its writes are.
             totals = {kind: counts.total(kind) for kind in KINDS}
             for kind, value in totals.items():
@@ -224,7 +224,7 @@ def _fail_run(run: SyncRun, code: str, message: str) -> None:
 # --- applying a snapshot ----------------------------------------------------------------
 
 
-def _apply(snapshot: GatewaySnapshot, now: dt.datetime) -> tuple[list[str], _Counts]:
+def _apply(snapshot: GatewaySnapshot, run: SyncRun, now: dt.datetime) -> tuple[list[str], _Counts]:
     counts = _Counts()
     mapped: dict[tuple[str, str], MappedPosition] = {}
     unmapped: set[tuple[str, str]] = set()
@@ -263,6 +263,7 @@ def _apply(snapshot: GatewaySnapshot, now: dt.datetime) -> tuple[list[str], _Cou
     }
     to_create: list[Position] = []
     to_update: list[Position] = []
+    changes: list[PositionChange] = []
     for key, item in mapped.items():
         row = existing.get(key)
         if row is None:
@@ -278,26 +279,62 @@ def _apply(snapshot: GatewaySnapshot, now: dt.datetime) -> tuple[list[str], _Cou
             counts.add(item.account_id, "created")
             continue
         if row["closed_at"] is not None:
+            kind = PositionChange.Kind.REOPENED
+            before = (None, None)
             row.update(closed_at=None, opened_at=now)
-            counts.add(item.account_id, "reopened")
         elif _differs(row, item.position, ("quantity", "average_cost")):
-            counts.add(item.account_id, "updated")
+            kind = PositionChange.Kind.UPDATED
+            before = (row["quantity"], row["average_cost"])
         else:
             counts.add(item.account_id, "unchanged")
             continue
+        counts.add(item.account_id, kind)
         row.update(item.position, last_synced_at=now)
         to_update.append(Position(pk=row["pk"], **{name: row[name] for name in _POSITION_STATE}))
+        changes.append(_change(run, row["pk"], kind, before, row))
 
     gone = []
     for key, row in existing.items():
         if row["closed_at"] is None and key not in mapped and key not in unmapped:
             gone.append(row["pk"])
             counts.add(key[0], "closed")
-    Position.objects.bulk_create(to_create, batch_size=BATCH_SIZE)
+            changes.append(
+                _change(
+                    run,
+                    row["pk"],
+                    PositionChange.Kind.CLOSED,
+                    (row["quantity"], row["average_cost"]),
+                    None,
+                )
+            )
+    created = Position.objects.bulk_create(to_create, batch_size=BATCH_SIZE)
+    changes.extend(
+        _change(run, position.pk, PositionChange.Kind.CREATED, (None, None), vars(position))
+        for position in created
+    )
     Position.objects.bulk_update(to_update, _POSITION_STATE, batch_size=BATCH_SIZE)
     for chunk in _chunks(gone):
         Position.objects.filter(pk__in=chunk).update(closed_at=now, last_synced_at=now)
+    PositionChange.objects.bulk_create(changes, batch_size=BATCH_SIZE)
     return account_ids, counts
+
+
+def _change(
+    run: SyncRun,
+    position_pk: int,
+    kind: str,
+    before: tuple[Decimal | None, Decimal | None],
+    after: dict[str, Any] | None,
+) -> PositionChange:
+    return PositionChange(
+        sync_run_id=run.pk,
+        position_id=position_pk,
+        kind=kind,
+        quantity_before=before[0],
+        average_cost_before=before[1],
+        quantity_after=None if after is None else after["quantity"],
+        average_cost_after=None if after is None else after["average_cost"],
+    )
 
 
 _POSITION_STATE = (
