@@ -2,22 +2,29 @@
 
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
+from django.core.paginator import Paginator
+from django.db.models import Count
 from django.http import HttpRequest, HttpResponseNotAllowed, HttpResponseRedirect
 from django.urls import path, reverse
 from django.utils.html import format_html
 from django.utils.http import url_has_allowed_host_and_scheme
 
 from .exceptions import IbkrSyncError
-from .models import SyncRun
+from .models import PositionChange, SyncRun
 from .services import sync_positions
+
+# Rows of a run's change list per page: a first sync of a large portfolio records one
+# change per position, tens of thousands of them.
+CHANGES_PER_PAGE = 100
 
 
 @admin.register(SyncRun)
 class SyncRunAdmin(admin.ModelAdmin):
     list_display = (
-        "id", "started_at", "status", "trigger", "user", "account_filter", "processed",
+        "id", "started_at", "status_badge", "trigger", "user", "account_filter", "processed",
         "created", "updated", "unchanged", "reopened", "closed", "errors", "duration",
     )  # fmt: skip
+    list_display_links = ("id", "started_at")
     list_filter = ("status", "trigger")
     list_select_related = ("user",)
     search_fields = ("=id", "account_filter", "error_message")
@@ -33,6 +40,47 @@ class SyncRunAdmin(admin.ModelAdmin):
     def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
         # The audit trail, and a running row is the sync lock: not deletable by hand.
         return False
+
+    @admin.display(description="status", ordering="status")
+    def status_badge(self, obj: SyncRun) -> str:
+        # A failed run says why on hover; its change page shows the whole message.
+        return format_html(
+            '<span class="ibkr-badge ibkr-badge-{}" title="{}">{}</span>',
+            obj.status, obj.error_message, obj.get_status_display(),
+        )  # fmt: skip
+
+    def change_view(self, request: HttpRequest, object_id, form_url="", extra_context=None):
+        extra_context = {**(extra_context or {}), **self._changes_context(request, object_id)}
+        return super().change_view(request, object_id, form_url, extra_context)
+
+    def _changes_context(self, request: HttpRequest, object_id) -> dict:
+        """One page of what the run changed, optionally of one kind: three queries (counts
+        by kind, the count for the paginator, and the page with positions, accounts and
+        instruments joined in) at any size."""
+        try:
+            run_id = int(object_id)
+        except ValueError:
+            return {}  # the admin answers for an unknown object
+        kinds = dict(PositionChange.Kind.choices)
+        kind = request.GET.get("kind", "")
+        changes = PositionChange.objects.filter(sync_run_id=run_id)
+        by_kind = dict(
+            changes.order_by().values_list("kind").annotate(n=Count("id")).values_list("kind", "n")
+        )
+        if kind in kinds:
+            changes = changes.filter(kind=kind)
+        else:
+            kind = ""
+        changes = changes.select_related("position__account", "position__instrument").order_by("id")
+        page = Paginator(changes, CHANGES_PER_PAGE).get_page(request.GET.get("page"))
+        return {
+            "changes": page,
+            "change_kind": kind,
+            "change_kinds": [
+                (value, label, by_kind.get(value, 0)) for value, label in kinds.items()
+            ],
+            "changes_total": sum(by_kind.values()),
+        }
 
     @admin.display(description="duration", ordering="finished_at")
     def duration(self, obj: SyncRun) -> str:

@@ -1,8 +1,11 @@
 """The admin's "Sync now" control, for any admin page that wants it (sync runs, positions,
 accounts). It renders nothing for users without `ibkr_sync.run_sync`."""
 
+from decimal import Decimal
+
 from django import template
 
+from portfolio import admin as portfolio_admin
 from portfolio.models import Account
 
 from ..mapping import BROKER
@@ -28,3 +31,9 @@ def sync_now_form(context) -> dict:
         "accounts": [(external_id, str(pk) == chosen) for pk, external_id in accounts],
         "next": request.get_full_path(),
     }
+
+
+@register.filter
+def plain(value: Decimal | None) -> str:
+    """A Decimal as the portfolio admin shows it: 0.5, not 0.5000000000; "-" for none."""
+    return portfolio_admin.plain(value)

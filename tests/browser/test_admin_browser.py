@@ -131,6 +131,23 @@ def test_sync_now_from_positions_then_filter_and_see_what_changed(page, superuse
     assert header_color not in ("", "rgba(0, 0, 0, 0)")
     screenshot(page, tmp_path / "positions.png")
 
+    # The history: both runs, with their badges; the second one's page lists its changes.
+    open_admin_page(page, "IBKR sync", "Sync runs")
+    badges = page.locator("#result_list td.field-status_badge .ibkr-badge")
+    expect(badges).to_have_text(["Success", "Success"])
+    assert badges.first.evaluate("e => getComputedStyle(e).backgroundColor") != "rgba(0, 0, 0, 0)"
+    second = SyncRun.objects.latest()
+    with page.expect_navigation():
+        page.get_by_role("link", name=str(second.pk), exact=True).click()
+    expect(page.locator("#content h1")).to_have_text("View sync run")
+    changes = page.locator("#sync-run-changes tbody tr")
+    expect(changes).to_have_count(2)
+    assert [row.locator("td").all_inner_texts() for row in changes.all()] == [
+        ["Updated", ACCOUNT, "AAPL", "STK", "10", "15", "150.25", "160.5"],
+        ["Closed", ACCOUNT, "ESZ6", "FUT", "-2", "-", "251234.5", "-"],
+    ]
+    screenshot(page, tmp_path / "sync-run.png")
+
 
 def test_sync_now_with_the_gateway_down(page, superuser, ibkr, settings):
     ibkr.stop_thread()
