@@ -4,12 +4,15 @@ overwrite an edit, so the admin does not pretend one is possible."""
 from decimal import Decimal
 
 from django.contrib import admin
+from django.core.exceptions import PermissionDenied
 from django.db.models import QuerySet
 from django.http import HttpRequest
-from django.urls import reverse
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
 from django.utils.html import format_html
 
 from .models import Account, Instrument, Position
+from .overview import cost_basis_overview, status_panels
 
 
 def plain(value: Decimal | None) -> str:
@@ -144,6 +147,23 @@ class PositionAdmin(MirroredModelAdmin):
     )  # fmt: skip
     readonly_fields = fields
     list_per_page = 100
+
+    def get_urls(self):
+        overview = self.admin_site.admin_view(self.overview_view)
+        return [path("overview/", overview, name="portfolio_overview"), *super().get_urls()]
+
+    def overview_view(self, request: HttpRequest) -> TemplateResponse:
+        """Net cost basis by account, currency and sec type (`portfolio.overview`)."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Portfolio overview",
+            "opts": self.opts,
+            "overview": cost_basis_overview(),
+            "status_panels": status_panels(request),
+        }
+        return TemplateResponse(request, "admin/portfolio/overview.html", context)
 
     @admin.display(description="symbol", ordering="instrument__symbol")
     def symbol(self, obj: Position) -> str:

@@ -12,7 +12,7 @@ import pytest
 from playwright.sync_api import Locator, Page, expect
 
 from ibkr_sync.models import SyncRun
-from tests.integration.conftest import ACCOUNT, sim_position
+from tests.integration.conftest import ACCOUNT, OTHER, sim_position
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration]
 
@@ -108,23 +108,27 @@ def test_sync_now_from_positions_then_filter_and_see_what_changed(page, superuse
         tsla["quantity_display"], tsla["average_cost_display"], tsla["cost_basis_display"]
     ) == ("0.12345678", "242.123456", "29.8917822402")  # fmt: skip
 
-    # At IBKR: the ES future is closed and 5 more AAPL are bought.
+    # At IBKR: the ES future is closed, 5 more AAPL are bought, and some BMW in euros.
     ibkr.remove_position(ACCOUNT, ES_CON_ID)
     ibkr.upsert_position(sim_position(quantity="15", average_cost=Decimal("160.5")))
+    ibkr.upsert_position(
+        sim_position(account=OTHER, con_id=14, symbol="BMW", currency="EUR", exchange="IBIS",
+                     quantity="40", average_cost=Decimal("98.76"))
+    )  # fmt: skip
     message = sync_now(page)
     expect(message).to_have_text(
         re.compile(
-            r"Sync #\d+ finished: 3 positions in 3 account\(s\); 0 created, 1 updated, "
+            r"Sync #\d+ finished: 4 positions in 3 account\(s\); 1 created, 1 updated, "
             r"2 unchanged, 0 reopened, 1 closed, 0 errors\."
         )
     )
     # Closed positions are hidden by default, one click away.
-    assert symbols(page) == ["AAPL", "SPY 261218C00600000", "TSLA"]
+    assert symbols(page) == ["AAPL", "BMW", "SPY 261218C00600000", "TSLA"]
     expect(page.locator("details[data-filter-title='status'] li.selected")).to_have_text("Open")
     choose_filter(page, "status", "Closed")
     assert symbols(page) == ["ESZ6"]
     choose_filter(page, "status", "All")
-    assert symbols(page) == ["AAPL", "ESZ6", "SPY 261218C00600000", "TSLA"]
+    assert symbols(page) == ["AAPL", "BMW", "ESZ6", "SPY 261218C00600000", "TSLA"]
 
     # The page really rendered, styled by the admin's CSS (served by the live server).
     header_color = page.locator("#header").evaluate("e => getComputedStyle(e).backgroundColor")
@@ -141,12 +145,30 @@ def test_sync_now_from_positions_then_filter_and_see_what_changed(page, superuse
         page.get_by_role("link", name=str(second.pk), exact=True).click()
     expect(page.locator("#content h1")).to_have_text("View sync run")
     changes = page.locator("#sync-run-changes tbody tr")
-    expect(changes).to_have_count(2)
+    expect(changes).to_have_count(3)
     assert [row.locator("td").all_inner_texts() for row in changes.all()] == [
         ["Updated", ACCOUNT, "AAPL", "STK", "10", "15", "150.25", "160.5"],
         ["Closed", ACCOUNT, "ESZ6", "FUT", "-2", "-", "251234.5", "-"],
+        ["Created", OTHER, "BMW", "STK", "-", "40", "-", "98.76"],
     ]
     screenshot(page, tmp_path / "sync-run.png")
+
+    # The overview, from the admin index: one total per currency, never added together.
+    page.goto("/admin/")
+    with page.expect_navigation():
+        page.get_by_role("link", name="Portfolio overview").click()
+    expect(page.locator("#content h1")).to_have_text("Portfolio overview")
+    totals = page.locator("#by-currency tbody tr")
+    assert [row.locator("th, td").all_inner_texts() for row in totals.all()] == [
+        ["EUR", "1", "3,950.40", "0"],
+        ["USD", "3", "3,974.41", "0"],  # 2407.5 + 29.8917822402 + 1537.02
+    ]
+    expect(page.locator("#by-currency svg[role=img]")).to_have_count(2)
+    expect(page.locator("#ibkr-sync-status")).to_contain_text(
+        f"Last successful IBKR sync: #{second.pk}"
+    )
+    expect(page.locator("#ibkr-sync-status .warning")).to_have_count(0)
+    screenshot(page, tmp_path / "overview.png")
 
 
 def test_sync_now_with_the_gateway_down(page, superuser, ibkr, settings):
@@ -162,3 +184,9 @@ def test_sync_now_with_the_gateway_down(page, superuser, ibkr, settings):
     expect(page).to_have_url(re.compile(r"/admin/portfolio/account/$"))
     run = SyncRun.objects.get()
     assert (run.status, run.trigger, run.error_code) == ("failed", "admin", "gateway_unavailable")
+
+    page.goto("/admin/portfolio/position/overview/")
+    warning = page.locator("#ibkr-sync-status .warning")
+    expect(warning).to_contain_text(f"The latest IBKR sync, #{run.pk}")
+    expect(warning).to_contain_text(f"failed: {run.error_message}")
+    expect(page.locator("#ibkr-sync-status")).to_contain_text("No successful IBKR sync yet.")
