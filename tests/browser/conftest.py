@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from django.db import connections
 from playwright.sync_api import Page, sync_playwright
 
 # The simulator and the settings pointing the app at it, shared with the integration tests.
@@ -71,3 +72,6 @@ def page(live_server, monkeypatch) -> Iterator[Page]:
             context.close()
         finally:
             browser.close()
+            # Django keeps connections per context, and code run while Playwright's loop
+            # runs gets its own: close them here, or they outlive the test database.
+            connections.close_all()

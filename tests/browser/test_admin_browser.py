@@ -155,6 +155,7 @@ def test_sync_now_from_positions_then_filter_and_see_what_changed(page, superuse
 
     # The overview, from the admin index: one total per currency, never added together.
     page.goto("/admin/")
+    screenshot(page, tmp_path / "index.png")
     with page.expect_navigation():
         page.get_by_role("link", name="Portfolio overview").click()
     expect(page.locator("#content h1")).to_have_text("Portfolio overview")
