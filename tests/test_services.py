@@ -9,6 +9,7 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
+from ibkr_sync import services
 from ibkr_sync.exceptions import GatewayUnavailable, InvalidAccountId, SyncAlreadyRunning
 from ibkr_sync.models import PositionChange, SyncRun
 from ibkr_sync.services import sync_positions
@@ -228,10 +229,14 @@ def test_crash_midway_rolls_back_every_write(fake_gateway, monkeypatch):
         position(con_id=42, symbol="NEW"),
     ]  # one update, one create, one close
 
-    def explode(*args, **kwargs):
-        raise RuntimeError("disk full")
+    insert = services._insert
 
-    monkeypatch.setattr("portfolio.models.Position.objects.bulk_update", explode)
+    def explode(model, rows):
+        if model is PositionChange:  # the last write of a sync: all before it rolls back
+            raise RuntimeError("disk full")
+        return insert(model, rows)
+
+    monkeypatch.setattr(services, "_insert", explode)
     with pytest.raises(RuntimeError):
         run(fake_gateway)
 
