@@ -3,6 +3,7 @@ IBKR, how long ago, and a warning when the latest sync failed."""
 
 from django.http import HttpRequest
 from django.template.loader import render_to_string
+from django.utils import timezone
 
 from .models import SyncRun
 
@@ -16,8 +17,11 @@ def sync_status_panel(request: HttpRequest) -> str:
         last_success = latest
     else:
         last_success = finished.filter(status=SyncRun.Status.SUCCESS).first()
+    just_now = last_success is not None and (
+        (timezone.now() - last_success.finished_at).total_seconds() < 60
+    )
     return render_to_string(
         "admin/ibkr_sync/overview_status.html",
-        {"latest": latest, "last_success": last_success},
+        {"latest": latest, "last_success": last_success, "just_now": just_now},
         request=request,
     )

@@ -217,6 +217,12 @@ def test_last_successful_sync_and_its_age(admin_client, portfolio):
     assert 'class="warning"' not in html
 
 
+def test_a_sync_that_just_finished(admin_client, portfolio):
+    html = overview(admin_client).text
+
+    assert '<span class="ibkr-sync-age">less than a minute ago</span>' in html
+
+
 def test_a_warning_when_the_latest_sync_failed(admin_client, portfolio, gateway):
     gateway.error = GatewayUnavailable("Cannot connect to the IB gateway at 127.0.0.1:4002")
     with pytest.raises(GatewayUnavailable):
