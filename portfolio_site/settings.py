@@ -88,7 +88,8 @@ ROOT_URLCONF = "portfolio_site.urls"
 TEMPLATES = [
     {
         "BACKEND": "django.template.backends.django.DjangoTemplates",
-        "DIRS": [],
+        # The site's own admin index (a link to the portfolio overview).
+        "DIRS": [BASE_DIR / "portfolio_site" / "templates"],
         "APP_DIRS": True,
         "OPTIONS": {
             "context_processors": [
