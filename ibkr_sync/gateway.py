@@ -32,6 +32,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
+from sys import intern
 from typing import Any, TypeVar
 
 from .conf import GatewayConfig
@@ -381,21 +382,22 @@ def _position_from_wire(fields: list[str]) -> GatewayPosition:
     if parsed_quantity is None:
         # Never read as 0: a zero quantity means "closed".
         raise ValueError(f"unreadable quantity {quantity!r}")
+    # Texts that repeat across positions (account, currency, ...) are kept once each.
     return GatewayPosition(
-        account=account,
+        account=intern(account),
         con_id=int(con_id or 0),
         symbol=symbol,
-        sec_type=sec_type,
+        sec_type=intern(sec_type),
         quantity=parsed_quantity,
         average_cost=_decimal(average_cost),
-        currency=currency,
-        exchange=exchange,
+        currency=intern(currency),
+        exchange=intern(exchange),
         local_symbol=local_symbol,
-        trading_class=trading_class,
-        multiplier=multiplier,
-        last_trade_date=last_trade_date,
+        trading_class=intern(trading_class),
+        multiplier=intern(multiplier),
+        last_trade_date=intern(last_trade_date),
         strike=_float_decimal(float(strike or 0)),
-        right=right,
+        right=intern(right),
     )
 
 

@@ -468,12 +468,18 @@ def _upsert_instruments(items: Iterable[MappedPosition], now: dt.datetime) -> di
         unique_fields=["broker", "external_id"],
         update_fields=[*INSTRUMENT_FIELDS, "updated_at"],
     )
-    new = [
-        {"broker": BROKER, "external_id": conid, "created_at": now, "updated_at": now, **fields}
-        for conid, fields in wanted.items()
-        if conid not in ids
-    ]
-    ids.update(zip((row["external_id"] for row in new), _insert(Instrument, new), strict=True))
+    new = [conid for conid in wanted if conid not in ids]
+    rows = (
+        {
+            "broker": BROKER,
+            "external_id": conid,
+            "created_at": now,
+            "updated_at": now,
+            **wanted[conid],
+        }
+        for conid in new
+    )
+    ids.update(zip(new, _insert(Instrument, rows), strict=True))
     return ids
 
 
@@ -485,8 +491,9 @@ def _insert(model: type[models.Model], rows: Iterable[dict[str, Any]]) -> list[i
     database does. The values here are already what the database adapters take (str,
     int, Decimal, date, None: the driver adapts them exactly as Django would), so only
     datetimes are prepared, once per distinct value. Fields a row leaves out get their
-    model default. A batch is one multi-row INSERT ... RETURNING, the statement Django's
-    own bulk_create issues on both databases (tests compare the two).
+    model default. A batch is one statement of the form Django's own bulk_create issues
+    (tests compare the two): on PostgreSQL INSERT ... SELECT * FROM UNNEST(one array per
+    column), elsewhere a multi-row INSERT ... VALUES; both RETURNING the new keys.
     """
     meta = model._meta
     fields = [f for f in meta.concrete_fields if not f.primary_key]
@@ -496,18 +503,30 @@ def _insert(model: type[models.Model], rows: Iterable[dict[str, Any]]) -> list[i
         f.attname: _DatetimePreparer(f) for f in fields if isinstance(f, models.DateTimeField)
     }
     qn = connection.ops.quote_name
-    head = f"INSERT INTO {qn(meta.db_table)} ({', '.join(qn(f.column) for f in fields)}) VALUES "
-    one_row = "(" + ", ".join(["%s"] * len(fields)) + ")"
+    head = f"INSERT INTO {qn(meta.db_table)} ({', '.join(qn(f.column) for f in fields)}) "
     tail = f" RETURNING {qn(meta.pk.column)}"
+    unnest = connection.vendor == "postgresql"
+    if unnest:
+        # Array types without their length/precision, as Django does: varchar[], numeric[].
+        arrays = ", ".join(f"%s::{f.db_type(connection).split('(')[0]}[]" for f in fields)
+        statement = f"{head}SELECT * FROM UNNEST({arrays}){tail}"
+    one_row = "(" + ", ".join(["%s"] * len(fields)) + ")"
     pks: list[int] = []
     with connection.cursor() as cursor:
         for chunk in _batches(rows, min(BATCH_SIZE, _MAX_PARAMETERS // len(fields))):
-            params = []
-            for row in chunk:
-                for name in names:
-                    value = row[name] if name in row else defaults[name]
-                    params.append(prepare[name](value) if name in prepare else value)
-            cursor.execute(head + ", ".join([one_row] * len(chunk)) + tail, params)
+            values = [
+                [
+                    prepare[name](value) if name in prepare else value
+                    for name in names
+                    for value in (row[name] if name in row else defaults[name],)
+                ]
+                for row in chunk
+            ]
+            if unnest:
+                cursor.execute(statement, [list(column) for column in zip(*values, strict=True)])
+            else:
+                sql = f"{head}VALUES {', '.join([one_row] * len(chunk))}{tail}"
+                cursor.execute(sql, [value for row in values for value in row])
             pks.extend(pk for (pk,) in cursor.fetchall())
     return pks
 
