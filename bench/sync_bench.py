@@ -376,6 +376,11 @@ def _fill(portfolio: Any) -> None:
         ),
         batch_size=500,
     )
+    from django.db import connection
+
+    if connection.vendor == "postgresql":  # as autovacuum soon would: planner statistics
+        with connection.cursor() as cursor:
+            cursor.execute("ANALYZE")
 
 
 WORKERS = {"raw": worker_raw, "sync": worker_sync, "changelist": worker_changelist}

@@ -147,6 +147,12 @@ class PositionAdmin(MirroredModelAdmin):
     )  # fmt: skip
     readonly_fields = fields
     list_per_page = 100
+    # Grouped by account (its key, so the (account, closed_at) index gives the order and
+    # a page deep in 100,000 rows sorts only the accounts before it), then by symbol.
+    # (account, instrument) is unique, so no extra tie-breaker is needed.
+    ordering = ("account_id", "instrument__symbol", "instrument_id")
+    # One COUNT per page, of the filtered rows only.
+    show_full_result_count = False
 
     def get_urls(self):
         overview = self.admin_site.admin_view(self.overview_view)
