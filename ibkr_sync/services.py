@@ -65,6 +65,8 @@ class SyncResult:
     started_at: dt.datetime
     finished_at: dt.datetime
     dry_run: bool = False
+    # A dry run only: what a sync would change, position by position.
+    changes: list[dict[str, Any]] | None = None
 
     @property
     def scope(self) -> str:
@@ -140,6 +142,7 @@ def sync_positions(
             accounts, counts = _apply(snapshot, run, timezone.now())
             totals = {kind: counts.total(kind) for kind in KINDS}
             if dry_run:
+                preview = _changes_of(run)
                 transaction.set_rollback(True)
             else:
                 # In the same transaction: the run is marked done exactly when its writes are.
@@ -180,7 +183,36 @@ def sync_positions(
         started_at=run.started_at,
         finished_at=timezone.now() if dry_run else run.finished_at,
         dry_run=dry_run,
+        changes=preview if dry_run else None,
     )
+
+
+def _changes_of(run: SyncRun) -> list[dict[str, Any]]:
+    """The position changes a run recorded, by account and symbol, as plain values."""
+    rows = (
+        PositionChange.objects.filter(sync_run=run)
+        .order_by("position__account__external_id", "position__instrument__symbol", "id")
+        .values_list(
+            "kind",
+            "position__account__external_id",
+            "position__instrument__external_id",
+            "position__instrument__symbol",
+            "position__instrument__local_symbol",
+            "quantity_before",
+            "quantity_after",
+        )
+    )
+    return [
+        {
+            "kind": kind,
+            "account": account,
+            "con_id": int(con_id),
+            "symbol": local_symbol or symbol,
+            "quantity_before": before,
+            "quantity_after": after,
+        }
+        for kind, account, con_id, symbol, local_symbol, before, after in rows
+    ]
 
 
 def _fields(values: dict[str, Any]) -> str:

@@ -100,10 +100,13 @@ def test_dry_run_reports_the_changes_and_writes_nothing(use_gateway):
 
     out, err = sync_ibkr("--dry-run")
 
-    assert out.strip() == (
+    assert out.splitlines() == [
         "IBKR sync dry run (nothing written): 2 positions in 2 account(s): 1 created, "
-        "1 updated, 0 unchanged, 0 reopened, 1 closed, 0 errors"
-    )
+        "1 updated, 0 unchanged, 0 reopened, 1 closed, 0 errors",
+        "  updated   U1111111   AAPL (265598): 10 -> 11",
+        "  closed    U1111111   TSLA (76792991): 0.5 -> closed",
+        "  created   U2222222   IBM (8314): new -> 10",
+    ]
     assert err == ""
     assert database_state() == before
 
@@ -113,6 +116,12 @@ def test_dry_run_json_has_no_sync_run(use_gateway):
 
     body = json.loads(out)
     assert (body["dry_run"], body["sync_run_id"], body["created"]) == (True, None, 2)
+    assert body["changes"] == [
+        {"kind": "created", "account": "U1111111", "con_id": 265598, "symbol": "AAPL",
+         "quantity_before": None, "quantity_after": "10"},
+        {"kind": "created", "account": "U1111111", "con_id": 76792991, "symbol": "TSLA",
+         "quantity_before": None, "quantity_after": "0.5"},
+    ]  # fmt: skip
     assert database_state() == {"accounts": [], "instruments": [], "positions": [], "runs": []}
 
 

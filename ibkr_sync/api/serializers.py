@@ -3,6 +3,8 @@ from typing import Any
 from rest_framework import serializers
 from rest_framework.renderers import JSONRenderer
 
+from portfolio.api.serializers import ExactDecimalField
+
 from ..exceptions import InvalidAccountId
 from ..mapping import normalize_account_id
 from ..models import SyncRun
@@ -24,6 +26,15 @@ class SyncErrorSerializer(serializers.Serializer):
     symbol = serializers.CharField(allow_blank=True)
     sec_type = serializers.CharField(allow_blank=True)
     reason = serializers.CharField()
+
+
+class PositionChangeSerializer(serializers.Serializer):
+    kind = serializers.ChoiceField(choices=["created", "updated", "reopened", "closed"])
+    account = serializers.CharField()
+    con_id = serializers.IntegerField()
+    symbol = serializers.CharField()
+    quantity_before = ExactDecimalField(max_digits=30, decimal_places=10, allow_null=True)
+    quantity_after = ExactDecimalField(max_digits=30, decimal_places=10, allow_null=True)
 
 
 class SyncResultSerializer(serializers.Serializer):
@@ -52,6 +63,12 @@ class SyncResultSerializer(serializers.Serializer):
 
     def get_status(self, _result) -> str:
         return "success"
+
+    def to_representation(self, result) -> dict[str, Any]:
+        data = super().to_representation(result)
+        if result.changes is not None:  # a dry run: what a sync would change
+            data["changes"] = PositionChangeSerializer(result.changes, many=True).data
+        return data
 
 
 def render_json(data: Any) -> str:

@@ -108,6 +108,8 @@ class Command(BaseCommand):
         else:
             title = f"IBKR sync #{result.sync_run_id}"
         self.stdout.write(style(f"{title}: {result.scope}: {result.outcome}"))
+        for change in result.changes or ():
+            self.stdout.write(_describe_change(change))
         if verbosity < 2:
             return
         for account, counts in result.by_account.items():
@@ -118,6 +120,18 @@ class Command(BaseCommand):
                 f"  error: {error['account']} conId {error['con_id']} "
                 f"{error['symbol']} ({error['sec_type']}): {error['reason']}"
             )
+
+
+def _describe_change(change: dict) -> str:
+    """One line of a dry run's changes: `  updated   U1234567  AAPL (265598): 10 -> 12`."""
+    before, after = (
+        "closed" if value is None else f"{value.normalize():f}"
+        for value in (change["quantity_before"], change["quantity_after"])
+    )
+    if change["kind"] == "created":
+        before = "new"
+    what = f"{change['symbol']} ({change['con_id']})"
+    return f"  {change['kind']:<9} {change['account']:<10} {what}: {before} -> {after}"
 
 
 class _TerminalProgress:
