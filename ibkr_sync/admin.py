@@ -2,20 +2,29 @@
 
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
+from django.core.paginator import Paginator
+from django.db.models import Count
 from django.http import HttpRequest, HttpResponseNotAllowed, HttpResponseRedirect
 from django.urls import path, reverse
+from django.utils.html import format_html
+from django.utils.http import url_has_allowed_host_and_scheme
 
 from .exceptions import IbkrSyncError
-from .models import SyncRun
+from .models import PositionChange, SyncRun
 from .services import sync_positions
+
+# Rows of a run's change list per page: a first sync of a large portfolio records one
+# change per position, tens of thousands of them.
+CHANGES_PER_PAGE = 100
 
 
 @admin.register(SyncRun)
 class SyncRunAdmin(admin.ModelAdmin):
     list_display = (
-        "id", "started_at", "status", "trigger", "user", "account_filter", "processed",
+        "id", "started_at", "status_badge", "trigger", "user", "account_filter", "processed",
         "created", "updated", "unchanged", "reopened", "closed", "errors", "duration",
     )  # fmt: skip
+    list_display_links = ("id", "started_at")
     list_filter = ("status", "trigger")
     list_select_related = ("user",)
     search_fields = ("=id", "account_filter", "error_message")
@@ -32,6 +41,47 @@ class SyncRunAdmin(admin.ModelAdmin):
         # The audit trail, and a running row is the sync lock: not deletable by hand.
         return False
 
+    @admin.display(description="status", ordering="status")
+    def status_badge(self, obj: SyncRun) -> str:
+        # A failed run says why on hover; its change page shows the whole message.
+        return format_html(
+            '<span class="ibkr-badge ibkr-badge-{}" title="{}">{}</span>',
+            obj.status, obj.error_message, obj.get_status_display(),
+        )  # fmt: skip
+
+    def change_view(self, request: HttpRequest, object_id, form_url="", extra_context=None):
+        extra_context = {**(extra_context or {}), **self._changes_context(request, object_id)}
+        return super().change_view(request, object_id, form_url, extra_context)
+
+    def _changes_context(self, request: HttpRequest, object_id) -> dict:
+        """One page of what the run changed, optionally of one kind: three queries (counts
+        by kind, the count for the paginator, and the page with positions, accounts and
+        instruments joined in) at any size."""
+        try:
+            run_id = int(object_id)
+        except ValueError:
+            return {}  # the admin answers for an unknown object
+        kinds = dict(PositionChange.Kind.choices)
+        kind = request.GET.get("kind", "")
+        changes = PositionChange.objects.filter(sync_run_id=run_id)
+        by_kind = dict(
+            changes.order_by().values_list("kind").annotate(n=Count("id")).values_list("kind", "n")
+        )
+        if kind in kinds:
+            changes = changes.filter(kind=kind)
+        else:
+            kind = ""
+        changes = changes.select_related("position__account", "position__instrument").order_by("id")
+        page = Paginator(changes, CHANGES_PER_PAGE).get_page(request.GET.get("page"))
+        return {
+            "changes": page,
+            "change_kind": kind,
+            "change_kinds": [
+                (value, label, by_kind.get(value, 0)) for value, label in kinds.items()
+            ],
+            "changes_total": sum(by_kind.values()),
+        }
+
     @admin.display(description="duration", ordering="finished_at")
     def duration(self, obj: SyncRun) -> str:
         if obj.duration is None:
@@ -42,14 +92,9 @@ class SyncRunAdmin(admin.ModelAdmin):
         sync_now = self.admin_site.admin_view(self.sync_now_view)
         return [path("sync-now/", sync_now, name="ibkr_sync_syncrun_sync_now"), *super().get_urls()]
 
-    def changelist_view(self, request: HttpRequest, extra_context=None):
-        extra_context = {
-            **(extra_context or {}),
-            "can_run_sync": request.user.has_perm("ibkr_sync.run_sync"),
-        }
-        return super().changelist_view(request, extra_context)
-
     def sync_now_view(self, request: HttpRequest):
+        """Run a sync for the admin's "Sync now" form (on sync runs, positions, accounts)
+        and go back to the page it was on, with the outcome as a message."""
         if request.method != "POST":
             return HttpResponseNotAllowed(["POST"])
         if not request.user.has_perm("ibkr_sync.run_sync"):
@@ -61,9 +106,17 @@ class SyncRunAdmin(admin.ModelAdmin):
             self.message_user(request, f"Sync failed: {exc}", messages.ERROR)
         else:
             level = messages.WARNING if result.errors else messages.SUCCESS
-            self.message_user(
-                request,
-                f"Sync #{result.sync_run_id} finished: {result.scope}; {result.outcome}.",
-                level,
-            )
-        return HttpResponseRedirect(reverse("admin:ibkr_sync_syncrun_changelist"))
+            run_url = reverse("admin:ibkr_sync_syncrun_change", args=[result.sync_run_id])
+            link = format_html('<a href="{}">Sync #{}</a>', run_url, result.sync_run_id)
+            message = format_html("{} finished: {}; {}.", link, result.scope, result.outcome)
+            self.message_user(request, message, level)
+        return HttpResponseRedirect(self._back_to(request))
+
+    def _back_to(self, request: HttpRequest) -> str:
+        """The page the form was posted from, if it is one of ours; else the run history."""
+        target = request.POST.get("next", "")
+        if target and url_has_allowed_host_and_scheme(
+            target, allowed_hosts={request.get_host()}, require_https=request.is_secure()
+        ):
+            return target
+        return reverse("admin:ibkr_sync_syncrun_changelist")

@@ -16,6 +16,8 @@ DEFAULTS = {
     "IBKR_REQUEST_TIMEOUT": 60.0,
     "IBKR_CLIENT_LIBRARY": "ib_insync",
     "IBKR_SYNC_STALE_AFTER": 900.0,
+    # /healthz reports the data stale this long after the last successful sync; 0: never.
+    "IBKR_SYNC_MAX_AGE": 86400,
 }
 
 

@@ -29,9 +29,10 @@ import asyncio
 import importlib
 import logging
 import threading
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
+from sys import intern
 from typing import Any, TypeVar
 
 from .conf import GatewayConfig
@@ -75,7 +76,7 @@ _SETUP_CHECKLIST = (
 _process_lock = threading.Lock()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class GatewayPosition:
     """One position row as the gateway reported it, before any mapping."""
 
@@ -96,7 +97,7 @@ class GatewayPosition:
     right: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class GatewaySnapshot:
     """Every open position of the accounts read, complete up to the end marker."""
 
@@ -125,7 +126,6 @@ class _ReadState:
     """What one read has seen so far; filled by library callbacks on the private loop."""
 
     failure: asyncio.Future | None = None
-    raw_fields: list[str] | None = None
     malformed: list[str] = field(default_factory=list)
     positions: dict[tuple[str, int], GatewayPosition] = field(default_factory=dict)
 
@@ -147,8 +147,15 @@ class _ReadState:
 class IbkrGateway:
     """Reads managed accounts and positions from a running TWS / IB Gateway."""
 
-    def __init__(self, config: GatewayConfig | None = None) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig | None = None,
+        *,
+        progress: Callable[[str, int], None] | None = None,
+    ) -> None:
         self.config = config or GatewayConfig.from_settings()
+        # Told ("read", positions received so far) as they arrive, for a progress display.
+        self.progress = progress
 
     @property
     def address(self) -> str:
@@ -180,8 +187,7 @@ class IbkrGateway:
         connection = getattr(ib.client, "conn", None)
         if connection is not None and hasattr(connection, "disconnected"):
             connection.disconnected += lambda message: self._on_socket_closed(state, message)
-        ib.positionEvent += lambda position: self._on_position(state, position)
-        self._guard_position_messages(ib, state)
+        self._decode_positions_ourselves(ib, state)
         try:
             ib.wrapper.clientId = cfg.client_id
             await self._race(
@@ -334,26 +340,47 @@ class IbkrGateway:
             )
         )
 
-    def _on_position(self, state: _ReadState, position: Any) -> None:
-        contract = position.contract
-        raw = state.raw_fields
-        if raw is not None and len(raw) >= 4 and raw[3] == str(contract.conId):
-            quantity, average_cost = _decimal(raw[-2]), _decimal(raw[-1])
-        else:
-            quantity = _float_decimal(position.position)
-            average_cost = _float_decimal(position.avgCost)
-        if quantity is None:
-            # Never read as 0: a zero quantity means "closed".
-            text = raw[-2] if raw else position.position
-            state.malformed.append(f"{position.account},{contract.conId}: quantity {text!r}")
+    def _decode_positions_ourselves(self, ib: Any, state: _ReadState) -> None:
+        """Read position messages straight off the wire, instead of through the library.
+
+        The library turns each message into floats and two Contract objects, logs it,
+        and keeps it twice; at 10,000s of positions that is most of a read's time and
+        memory, and its floats would round fractional quantities. Here each message
+        becomes one GatewayPosition with exact decimals. A message that cannot be read
+        is recorded: a read during which that happened is incomplete and must not close
+        positions. The end-of-positions message still goes to the library, which ends
+        its request. Should a library version not expose its decoder table, positions
+        are taken from its position events instead.
+        """
+        handlers = getattr(ib.client.decoder, "handlers", None)
+        if not isinstance(handlers, dict) or _MSG_POSITION not in handlers:
+            ib.positionEvent += lambda position: self._on_position_event(state, position)
             return
-        state.positions[(position.account, contract.conId)] = GatewayPosition(
+
+        def on_position(fields: list[str]) -> None:
+            try:
+                position = _position_from_wire(fields)
+            except (ValueError, ArithmeticError) as exc:
+                state.malformed.append(f"{','.join(fields[2:6])}: {exc}")
+            else:
+                self._received(state, position)
+
+        handlers[_MSG_POSITION] = on_position
+
+    def _received(self, state: _ReadState, position: GatewayPosition) -> None:
+        state.positions[(position.account, position.con_id)] = position
+        if self.progress is not None:
+            self.progress("read", len(state.positions))
+
+    def _on_position_event(self, state: _ReadState, position: Any) -> None:
+        contract = position.contract
+        received = GatewayPosition(
             account=position.account,
             con_id=contract.conId,
             symbol=contract.symbol,
             sec_type=contract.secType,
-            quantity=quantity,
-            average_cost=average_cost,
+            quantity=_float_decimal(position.position),
+            average_cost=_float_decimal(position.avgCost),
             currency=contract.currency,
             exchange=contract.exchange,
             primary_exchange=contract.primaryExchange,
@@ -364,33 +391,42 @@ class IbkrGateway:
             strike=_float_decimal(contract.strike),
             right=contract.right,
         )
+        self._received(state, received)
 
-    @staticmethod
-    def _guard_position_messages(ib: Any, state: _ReadState) -> None:
-        """Notice position messages the library fails to decode, and keep their raw text.
 
-        The library's decoder logs and drops a message it cannot parse; a read during
-        which that happened is incomplete, and must not close positions.
-        """
-        handlers = getattr(ib.client.decoder, "handlers", None)
-        if not isinstance(handlers, dict):
-            return
-        for msg_id in (_MSG_POSITION, _MSG_POSITION_END):
-            original = handlers.get(msg_id)
-            if original is None:
-                continue
+def _position_from_wire(fields: list[str]) -> GatewayPosition:
+    """A position message (id 61, version 3), in the layout the client library decodes.
 
-            def guarded(fields: list[str], _original: Any = original) -> None:
-                state.raw_fields = fields
-                try:
-                    _original(fields)
-                except Exception:
-                    state.malformed.append(",".join(fields[:6]))
-                    raise
-                finally:
-                    state.raw_fields = None
-
-            handlers[msg_id] = guarded
+    Quantity and average cost keep the wire's decimal text; the other fields are read
+    as the library reads them (an empty number is 0, the strike goes through a float).
+    """
+    if len(fields) != 16:
+        raise ValueError(f"{len(fields)} fields instead of 16")
+    (
+        _, _, account, con_id, symbol, sec_type, last_trade_date, strike, right, multiplier,
+        exchange, currency, local_symbol, trading_class, quantity, average_cost,
+    ) = fields  # fmt: skip
+    parsed_quantity = _decimal(quantity)
+    if parsed_quantity is None:
+        # Never read as 0: a zero quantity means "closed".
+        raise ValueError(f"unreadable quantity {quantity!r}")
+    # Texts that repeat across positions (account, currency, ...) are kept once each.
+    return GatewayPosition(
+        account=intern(account),
+        con_id=int(con_id or 0),
+        symbol=symbol,
+        sec_type=intern(sec_type),
+        quantity=parsed_quantity,
+        average_cost=_decimal(average_cost),
+        currency=intern(currency),
+        exchange=intern(exchange),
+        local_symbol=local_symbol,
+        trading_class=intern(trading_class),
+        multiplier=intern(multiplier),
+        last_trade_date=intern(last_trade_date),
+        strike=_float_decimal(float(strike or 0)),
+        right=intern(right),
+    )
 
 
 def _run_in_private_loop(make_coroutine: Any) -> Any:

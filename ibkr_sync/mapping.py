@@ -53,7 +53,7 @@ class MappingError(ValueError):
     """A record that cannot be stored faithfully; the message is the reason."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MappedPosition:
     account_id: str
     instrument_id: str

@@ -77,3 +77,39 @@ class SyncRun(models.Model):
         if self.finished_at is None:
             return None
         return self.finished_at - self.started_at
+
+
+class PositionChange(models.Model):
+    """What one sync changed in one position, written in the sync's own transaction.
+
+    Rows with nothing changed are not recorded: the audit trail of an hourly sync of an
+    unchanged portfolio is empty.
+    """
+
+    class Kind(models.TextChoices):
+        CREATED = "created", "Created"
+        UPDATED = "updated", "Updated"
+        REOPENED = "reopened", "Re-opened"
+        CLOSED = "closed", "Closed"
+
+    sync_run = models.ForeignKey(SyncRun, on_delete=models.CASCADE, related_name="changes")
+    position = models.ForeignKey("portfolio.Position", on_delete=models.CASCADE, related_name="+")
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    quantity_before = models.DecimalField(
+        max_digits=30, decimal_places=10, null=True, blank=True, help_text="Empty when created."
+    )
+    quantity_after = models.DecimalField(
+        max_digits=30, decimal_places=10, null=True, blank=True, help_text="Empty when closed."
+    )
+    average_cost_before = models.DecimalField(
+        max_digits=30, decimal_places=10, null=True, blank=True
+    )
+    average_cost_after = models.DecimalField(
+        max_digits=30, decimal_places=10, null=True, blank=True
+    )
+
+    class Meta:
+        ordering = ["sync_run", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.get_kind_display()} position #{self.position_id} in sync #{self.sync_run_id}"

@@ -65,12 +65,16 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "rest_framework.authtoken",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
     "portfolio",
     "ibkr_sync",
 ]
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Serves the collected static files (admin, API docs) from the app server itself.
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -84,7 +88,8 @@ ROOT_URLCONF = "portfolio_site.urls"
 TEMPLATES = [
     {
         "BACKEND": "django.template.backends.django.DjangoTemplates",
-        "DIRS": [],
+        # The site's own admin index (a link to the portfolio overview).
+        "DIRS": [BASE_DIR / "portfolio_site" / "templates"],
         "APP_DIRS": True,
         "OPTIONS": {
             "context_processors": [
@@ -125,6 +130,12 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = env.str("STATIC_ROOT", default=str(BASE_DIR / "static"))
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    # Compressed, not hashed: pages render whether or not `collectstatic` has run, so the
+    # demo, the tests and a fresh deploy never fail on a missing manifest entry.
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REST_FRAMEWORK = {
@@ -136,6 +147,27 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+}
+
+# OpenAPI schema at /api/schema/, Swagger UI at /api/docs/ and Redoc at /api/redoc/, with
+# their JavaScript and CSS served from this site (drf-spectacular-sidecar), not a CDN.
+SPECTACULAR_SETTINGS = {
+    "TITLE": "IBKR portfolio sync API",
+    "DESCRIPTION": "Read the portfolio (accounts, positions), sync it from Interactive "
+    "Brokers, and read the sync history. Token (`Authorization: Token ...`) or session "
+    "authentication. Every error is `{status: error, code, detail}`.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {
+        "SyncRunStatusEnum": "ibkr_sync.models.SyncRun.Status",
+        "PositionStatusEnum": ["open", "closed"],
+        "ErrorStatusEnum": ["error"],
+    },
 }
 
 # --- Interactive Brokers (TWS / IB Gateway) ---------------------------------------------
@@ -151,6 +183,10 @@ IBKR_CLIENT_LIBRARY = _env_choice("IBKR_CLIENT_LIBRARY", "ib_insync", ("ib_insyn
 # A running sync whose process died keeps its lock at most this long (same-host crashes
 # are detected at once by process id).
 IBKR_SYNC_STALE_AFTER = _env_seconds("IBKR_SYNC_STALE_AFTER", 900)
+# GET /healthz answers 503 when the last successful sync is older than this (seconds;
+# 0 turns the age check off). Match it to the sync schedule, e.g. 259200 (3 days) for
+# syncs on weekdays only.
+IBKR_SYNC_MAX_AGE = _env_int("IBKR_SYNC_MAX_AGE", 86400, minimum=0)
 
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_LEVEL = _env_choice("LOG_LEVEL", "WARNING", _LEVELS)

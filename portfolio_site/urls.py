@@ -1,7 +1,20 @@
 from django.contrib import admin
 from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
+
+from ibkr_sync.api.views import HealthView
 
 urlpatterns = [
     path("admin/", admin.site.urls),
+    path("portfolio/", include("portfolio.api.urls")),
     path("portfolio/", include("ibkr_sync.api.urls")),
+    path("healthz", HealthView.as_view(), name="healthz"),
+    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
+    path(
+        "api/redoc/",
+        # The stock template loads web fonts from a CDN; this one loads nothing remote.
+        SpectacularRedocView.as_view(url_name="schema", template_name="portfolio/api/redoc.html"),
+        name="redoc",
+    ),
 ]

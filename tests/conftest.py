@@ -81,7 +81,7 @@ def fake_gateway() -> FakeGateway:
 @pytest.fixture
 def use_gateway(monkeypatch, fake_gateway):
     """Make every entry point (API, command, admin) read from `fake_gateway`."""
-    monkeypatch.setattr("ibkr_sync.services.IbkrGateway", lambda: fake_gateway)
+    monkeypatch.setattr("ibkr_sync.services.IbkrGateway", lambda **_options: fake_gateway)
     return fake_gateway
 
 

@@ -20,9 +20,9 @@ pytestmark = pytest.mark.django_db
 SYNC_NOW = "admin:ibkr_sync_syncrun_sync_now"
 SYNC_BUTTON = "Sync now from IBKR"
 # Session, user, the account filter's choices, the sec type and currency filters' values,
-# two counts (filtered and total) and one page of rows with accounts and instruments
-# joined in.
-POSITION_CHANGELIST_MAX_QUERIES = 8
+# two counts (filtered and total), one page of rows with accounts and instruments joined
+# in, and the accounts offered by the "Sync now" form.
+POSITION_CHANGELIST_MAX_QUERIES = 9
 
 
 def synced(gateway: FakeGateway) -> None:
@@ -109,7 +109,7 @@ def test_synced_rows_can_not_be_deleted_by_hand(admin_client, portfolio, model):
 
 
 def test_positions_changelist_shows_symbols_and_plain_decimals(admin_client, portfolio):
-    response = admin_client.get(changelist(Position))
+    response = admin_client.get(f"{changelist(Position)}?status=all")
 
     assert sorted(listed(response)) == ["AAPL", "SAP", "TSLA"]
     html = response.text
@@ -125,15 +125,20 @@ def test_positions_changelist_shows_symbols_and_plain_decimals(admin_client, por
 @pytest.mark.parametrize(
     ("query", "symbols"),
     [
+        ("", ["AAPL", "SAP"]),  # open positions by default
         ("status=open", ["AAPL", "SAP"]),
         ("status=closed", ["TSLA"]),
+        ("status=all", ["AAPL", "SAP", "TSLA"]),
+        ("status=bogus", ["AAPL", "SAP"]),
         ("instrument__sec_type=OPT", ["SAP"]),
-        ("instrument__sec_type=STK", ["AAPL", "TSLA"]),
+        ("instrument__sec_type=STK", ["AAPL"]),
+        ("instrument__sec_type=STK&status=all", ["AAPL", "TSLA"]),
         ("instrument__currency__exact=EUR", ["SAP"]),
-        ("instrument__currency__exact=USD&status=open", ["AAPL"]),
-        ("q=tsla", ["TSLA"]),
-        ("q=76792991", ["TSLA"]),
-        ("q=7679", []),  # conId search is exact, not a substring match
+        ("instrument__currency__exact=USD&status=closed", ["TSLA"]),
+        ("q=tsla", []),
+        ("q=tsla&status=all", ["TSLA"]),
+        ("q=76792991&status=all", ["TSLA"]),
+        ("q=7679&status=all", []),  # conId search is exact, not a substring match
         ("q=C00120000", ["SAP"]),  # local symbol
     ],
 )
@@ -287,8 +292,8 @@ def test_sync_now_runs_a_sync_and_reports_it(admin_client, admin_user, use_gatew
     assert messages_of(response) == [
         (
             message_levels.SUCCESS,
-            f"Sync #{run.pk} finished: 2 positions in 1 account(s); 2 created, 0 updated, "
-            "0 unchanged, 0 reopened, 0 closed, 0 errors.",
+            f'<a href="{change(run)}">Sync #{run.pk}</a> finished: 2 positions in 1 account(s); '
+            "2 created, 0 updated, 0 unchanged, 0 reopened, 0 closed, 0 errors.",
         )
     ]
     assert Position.objects.count() == 2

@@ -66,10 +66,10 @@ def test_sync_returns_the_full_result_and_writes_the_positions(client, syncer, u
     assert response.status_code == 200
     body = response.json()
     assert set(body) == {
-        "status", "sync_run_id", "accounts", "processed", "created", "updated", "unchanged",
-        "reopened", "closed", "errors", "by_account", "started_at", "finished_at",
+        "status", "sync_run_id", "dry_run", "accounts", "processed", "created", "updated",
+        "unchanged", "reopened", "closed", "errors", "by_account", "started_at", "finished_at",
     }  # fmt: skip
-    assert body["status"] == "success"
+    assert (body["status"], body["dry_run"]) == ("success", False)
     assert body["accounts"] == ["U1111111"]
     assert {k: body[k] for k in COUNTS if k != "errors"} == {
         "processed": 3, "created": 2, "updated": 0, "unchanged": 0, "reopened": 0, "closed": 0,

@@ -240,3 +240,12 @@ def test_malformed_port_setting_stops_with_a_message_naming_it(command_env):
     assert result.stderr.strip().splitlines() == [
         "Configuration error: IBKR_PORT must be an integer, got 'abc'."
     ]
+
+
+def test_quiet_under_cron_prints_only_the_error_and_exits_3(command_env, closed_port):
+    result = manage("sync_ibkr", "--quiet", env={**command_env, "IBKR_PORT": str(closed_port)})
+
+    assert result.returncode == 3
+    assert result.stdout == ""
+    assert result.stderr.startswith("CommandError: Cannot connect to the IB gateway at ")
+    assert len(result.stderr.strip().splitlines()) == 1

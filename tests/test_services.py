@@ -9,8 +9,9 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
+from ibkr_sync import services
 from ibkr_sync.exceptions import GatewayUnavailable, InvalidAccountId, SyncAlreadyRunning
-from ibkr_sync.models import SyncRun
+from ibkr_sync.models import PositionChange, SyncRun
 from ibkr_sync.services import sync_positions
 from portfolio.models import Account, Instrument, Position
 from tests.conftest import FakeGateway, position
@@ -101,6 +102,45 @@ def test_position_no_longer_reported_is_closed_not_deleted_and_reopens(fake_gate
     assert Position.objects.count() == 2
 
 
+def changes_of(result):
+    return [
+        (c.kind, c.position.instrument.symbol, c.quantity_before, c.quantity_after)
+        for c in PositionChange.objects.filter(sync_run_id=result.sync_run_id)
+        .select_related("position__instrument")
+        .order_by("position__instrument__symbol")
+    ]
+
+
+def test_each_run_records_what_it_changed_in_each_position(fake_gateway):
+    first = run(fake_gateway)
+    assert changes_of(first) == [
+        ("created", "AAPL", None, Decimal("10")),
+        ("created", "TSLA", None, Decimal("0.5")),
+    ]
+    created = PositionChange.objects.get(
+        sync_run_id=first.sync_run_id, kind="created", position__instrument__symbol="TSLA"
+    )
+    assert (created.average_cost_before, created.average_cost_after) == (None, Decimal("242.1"))
+
+    assert changes_of(run(fake_gateway)) == [], "an unchanged re-sync records nothing"
+
+    removed = fake_gateway.positions.pop(1)
+    fake_gateway.positions[0] = position(quantity="12.5", average_cost="151")
+    second = run(fake_gateway)
+    assert changes_of(second) == [
+        ("updated", "AAPL", Decimal("10"), Decimal("12.5")),
+        ("closed", "TSLA", Decimal("0.5"), None),
+    ]
+    updated = PositionChange.objects.get(sync_run_id=second.sync_run_id, kind="updated")
+    assert (updated.average_cost_before, updated.average_cost_after) == (
+        Decimal("150.25"),
+        Decimal("151"),
+    )
+
+    fake_gateway.positions.append(removed)
+    assert changes_of(run(fake_gateway)) == [("reopened", "TSLA", None, Decimal("0.5"))]
+
+
 def test_accounts_the_gateway_does_not_report_are_never_touched(fake_gateway):
     run(fake_gateway)
     fake_gateway.accounts = ("U2222222",)
@@ -189,10 +229,14 @@ def test_crash_midway_rolls_back_every_write(fake_gateway, monkeypatch):
         position(con_id=42, symbol="NEW"),
     ]  # one update, one create, one close
 
-    def explode(*args, **kwargs):
-        raise RuntimeError("disk full")
+    insert = services._insert
 
-    monkeypatch.setattr("portfolio.models.Position.objects.bulk_update", explode)
+    def explode(model, rows):
+        if model is PositionChange:  # the last write of a sync: all before it rolls back
+            raise RuntimeError("disk full")
+        return insert(model, rows)
+
+    monkeypatch.setattr(services, "_insert", explode)
     with pytest.raises(RuntimeError):
         run(fake_gateway)
 
@@ -201,6 +245,7 @@ def test_crash_midway_rolls_back_every_write(fake_gateway, monkeypatch):
     assert Position.objects.open().count() == 2
     assert not Instrument.objects.filter(external_id="42").exists()
     failed = SyncRun.objects.latest()
+    assert not failed.changes.exists()
     assert failed.status == "failed"
     assert failed.error_code == "internal_error"
     assert "disk full" in failed.error_message

@@ -81,6 +81,8 @@ def copy_env(copy: Path, **values: str) -> dict[str, str]:
         ("IBKR_REQUEST_TIMEOUT", "soon", "IBKR_REQUEST_TIMEOUT must be a number of seconds"),
         ("IBKR_CLIENT_LIBRARY", "foo", "IBKR_CLIENT_LIBRARY must be one of ib_insync, ib_async"),
         ("IBKR_HOST", "  ", "IBKR_HOST must not be empty."),
+        ("IBKR_SYNC_MAX_AGE", "-1", "IBKR_SYNC_MAX_AGE must be >= 0, got -1."),
+        ("IBKR_SYNC_MAX_AGE", "a day", "IBKR_SYNC_MAX_AGE must be an integer, got 'a day'."),
     ],
 )
 def test_malformed_value_stops_start_up_naming_the_variable(name, value, message):
@@ -120,6 +122,7 @@ def test_defaults_when_nothing_is_set(project_copy):
         "IBKR_REQUEST_TIMEOUT": 60.0,
         "IBKR_CLIENT_LIBRARY": "ib_insync",
         "IBKR_SYNC_STALE_AFTER": 900.0,
+        "IBKR_SYNC_MAX_AGE": 86400,
         "IBKR_LIBRARY_LOG_LEVEL": "",
     }
 

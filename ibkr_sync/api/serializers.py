@@ -1,8 +1,14 @@
+from typing import Any
+
 from django.core.validators import ProhibitNullCharactersValidator
 from rest_framework import serializers
+from rest_framework.renderers import JSONRenderer
+
+from portfolio.api.serializers import ExactDecimalField
 
 from ..exceptions import InvalidAccountId
 from ..mapping import normalize_account_id
+from ..models import SyncRun
 
 
 class SyncRequestSerializer(serializers.Serializer):
@@ -42,9 +48,25 @@ class SyncErrorSerializer(serializers.Serializer):
     reason = serializers.CharField()
 
 
+class PositionChangeSerializer(serializers.Serializer):
+    kind = serializers.ChoiceField(choices=["created", "updated", "reopened", "closed"])
+    account = serializers.CharField()
+    con_id = serializers.IntegerField()
+    symbol = serializers.CharField()
+    quantity_before = ExactDecimalField(max_digits=30, decimal_places=10, allow_null=True)
+    quantity_after = ExactDecimalField(max_digits=30, decimal_places=10, allow_null=True)
+
+
 class SyncResultSerializer(serializers.Serializer):
+    """A sync's result: the API's answer and `sync_ibkr --json`'s output, one shape."""
+
     status = serializers.SerializerMethodField()
-    sync_run_id = serializers.IntegerField()
+    sync_run_id = serializers.IntegerField(
+        allow_null=True, help_text="The SyncRun recording it; null for a dry run."
+    )
+    dry_run = serializers.BooleanField(
+        help_text="True: nothing was written; the counts say what a sync would change."
+    )
     accounts = serializers.ListField(child=serializers.CharField())
     processed = serializers.IntegerField()
     created = serializers.IntegerField()
@@ -61,3 +83,90 @@ class SyncResultSerializer(serializers.Serializer):
 
     def get_status(self, _result) -> str:
         return "success"
+
+    def to_representation(self, result) -> dict[str, Any]:
+        data = super().to_representation(result)
+        if result.changes is not None:  # a dry run: what a sync would change
+            data["changes"] = PositionChangeSerializer(result.changes, many=True).data
+        return data
+
+
+def render_json(data: Any) -> str:
+    """JSON text exactly as the API renders it, for output outside a request."""
+    return JSONRenderer().render(data).decode()
+
+
+class SyncRunSerializer(serializers.ModelSerializer):
+    user = serializers.SerializerMethodField(help_text="Who started it; null for the command.")
+    duration_seconds = serializers.SerializerMethodField()
+
+    class Meta:
+        model = SyncRun
+        fields = [
+            "id",
+            "status",
+            "trigger",
+            "user",
+            "account_filter",
+            "accounts",
+            "processed",
+            "created",
+            "updated",
+            "unchanged",
+            "reopened",
+            "closed",
+            "errors",
+            "error_code",
+            "error_message",
+            "started_at",
+            "finished_at",
+            "duration_seconds",
+        ]
+        read_only_fields = fields
+
+    def get_user(self, run: SyncRun) -> str | None:
+        return None if run.user is None else run.user.get_username()
+
+    def get_duration_seconds(self, run: SyncRun) -> float | None:
+        duration = run.duration
+        return None if duration is None else round(duration.total_seconds(), 3)
+
+
+class SyncRunDetailSerializer(SyncRunSerializer):
+    error_details = SyncErrorSerializer(many=True, read_only=True)
+
+    class Meta(SyncRunSerializer.Meta):
+        fields = [*SyncRunSerializer.Meta.fields, "error_details", "host"]
+        read_only_fields = fields
+
+
+class SyncRunFilterSerializer(serializers.Serializer):
+    status = serializers.ChoiceField(required=False, choices=SyncRun.Status.values)
+    trigger = serializers.ChoiceField(required=False, choices=SyncRun.Trigger.values)
+
+
+class HealthCheckSerializer(serializers.Serializer):
+    status = serializers.ChoiceField(choices=["ok", "error", "unknown", "unreachable"])
+
+
+class LastSyncCheckSerializer(serializers.Serializer):
+    status = serializers.ChoiceField(
+        choices=["ok", "stale", "failed", "never", "unknown"],
+        help_text="failed: the latest sync failed; stale: the last success is older than "
+        "max_age_seconds; never: no successful sync yet.",
+    )
+    last_success_at = serializers.DateTimeField(required=False)
+    age_seconds = serializers.IntegerField(required=False)
+    max_age_seconds = serializers.IntegerField(required=False)
+    error_code = serializers.CharField(required=False, help_text="Why the latest sync failed.")
+
+
+class HealthChecksSerializer(serializers.Serializer):
+    database = HealthCheckSerializer()
+    last_sync = LastSyncCheckSerializer()
+    gateway = HealthCheckSerializer(required=False, help_text="Only with ?gateway=1.")
+
+
+class HealthSerializer(serializers.Serializer):
+    status = serializers.ChoiceField(choices=["ok", "unhealthy"])
+    checks = HealthChecksSerializer()

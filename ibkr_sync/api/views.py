@@ -1,18 +1,42 @@
-"""`POST /portfolio/sync/ibkr`: a thin edge over `services.sync_positions`."""
+"""The sync endpoint (`POST /portfolio/sync/ibkr`) and the sync history (read-only).
+
+Thin edges over `services.sync_positions` and the `SyncRun` table; the error shape and
+pagination are the portfolio API's, so every endpoint answers alike.
+"""
 
 from django.db import transaction
+from django.db.models import QuerySet
 from django.utils.decorators import method_decorator
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import status
-from rest_framework.exceptions import APIException
-from rest_framework.permissions import BasePermission, IsAuthenticated
+from rest_framework.generics import ListAPIView, RetrieveAPIView
+from rest_framework.permissions import AllowAny, BasePermission, IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from portfolio.api.errors import (
+    ErrorEnvelopeMixin,
+    ErrorSerializer,
+    error_response,
+    validated_query,
+)
+from portfolio.api.pagination import NewestFirstCursorPagination
+from portfolio.api.permissions import CanViewModel
+from portfolio.api.views import PAGE_PARAMS, error_responses
+
 from .. import exceptions
+from ..health import check_health
 from ..models import SyncRun
 from ..services import sync_positions
-from .serializers import SyncRequestSerializer, SyncResultSerializer
+from .serializers import (
+    HealthSerializer,
+    SyncRequestSerializer,
+    SyncResultSerializer,
+    SyncRunDetailSerializer,
+    SyncRunFilterSerializer,
+    SyncRunSerializer,
+)
 
 # One HTTP status per failure, decided here only. Anything else is our own bug: 500.
 ERROR_STATUS = {
@@ -36,16 +60,49 @@ class CanRunSync(BasePermission):
         return request.user.has_perm("ibkr_sync.run_sync")
 
 
-def error_response(http_status: int, code: str, detail: str) -> Response:
-    return Response({"status": "error", "code": code, "detail": detail}, status=http_status)
+def _sync_error(description: str) -> OpenApiResponse:
+    return OpenApiResponse(ErrorSerializer, description=description)
+
+
+# The schema of every answer of the sync endpoint; the codes are those of exceptions.py.
+SYNC_RESPONSES = {
+    200: OpenApiResponse(SyncResultSerializer, description="The sync ran; counts and errors."),
+    400: _sync_error("ibkr_account_id is not an IBKR account id (invalid_account_id)."),
+    401: _sync_error("No or invalid credentials (not_authenticated, authentication_failed)."),
+    403: _sync_error("Lacks ibkr_sync.run_sync (permission_denied), or no CSRF token."),
+    404: _sync_error("The gateway does not manage that account (unknown_account)."),
+    405: _sync_error("Anything but POST (method_not_allowed)."),
+    409: _sync_error("Another sync is running (sync_already_running)."),
+    502: _sync_error(
+        "The gateway refused the client id (client_id_in_use), sent something unreadable "
+        "(incomplete_snapshot) or rejected the request (gateway_error)."
+    ),
+    503: _sync_error("TWS / IB Gateway unreachable, refused, or dropped (gateway_unavailable)."),
+    504: _sync_error("No complete answer within the timeouts (gateway_timeout)."),
+}
 
 
 @method_decorator(transaction.non_atomic_requests, name="dispatch")
-class IbkrSyncView(APIView):
+class IbkrSyncView(ErrorEnvelopeMixin, APIView):
     """Sync positions from the IB gateway; `?ibkr_account_id=U1234567` limits it to one."""
 
     permission_classes = [IsAuthenticated, CanRunSync]
 
+    @extend_schema(
+        tags=["sync"],
+        summary="Sync positions from IBKR",
+        description="Reads every position from the running TWS / IB Gateway and brings the "
+        "database in line, all or nothing. Needs `ibkr_sync.run_sync`.",
+        parameters=[
+            OpenApiParameter(
+                "ibkr_account_id",
+                str,
+                description="Sync (read and reconcile) only this account, e.g. U1234567.",
+            )
+        ],
+        request=None,
+        responses=SYNC_RESPONSES,
+    )
     def post(self, request: Request) -> Response:
         # A plain dict, not the QueryDict: DRF treats a blank form/query value of an
         # optional field as omitted, which would turn `?ibkr_account_id=` into "sync all".
@@ -70,12 +127,77 @@ class IbkrSyncView(APIView):
             return error_response(status_for(exc), exc.code, str(exc))
         return Response(SyncResultSerializer(result).data, status=status.HTTP_200_OK)
 
-    def handle_exception(self, exc: Exception) -> Response:
-        # Keep one error shape for every failure: auth, permission, method, parsing.
-        response = super().handle_exception(exc)
-        if isinstance(exc, APIException) and response is not None:
-            codes = exc.get_codes()
-            code = codes if isinstance(codes, str) else exc.default_code
-            detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-            response.data = {"status": "error", "code": code, "detail": str(detail)}
+
+# --- sync history ---------------------------------------------------------------------------
+# Reading it needs `ibkr_sync.view_syncrun`, the permission that shows the history in the
+# admin: error messages name the gateway's address, which plain position readers need not see.
+
+
+@extend_schema(
+    tags=["sync"],
+    summary="List sync runs",
+    description="Every sync attempt, newest first, failed ones included. "
+    "Needs `ibkr_sync.view_syncrun`.",
+    parameters=[SyncRunFilterSerializer],
+    responses={200: SyncRunSerializer(many=True), **error_responses(400, 401, 403, 405)},
+)
+class SyncRunListView(ErrorEnvelopeMixin, ListAPIView):
+    permission_classes = [IsAuthenticated, CanViewModel]
+    pagination_class = NewestFirstCursorPagination
+    serializer_class = SyncRunSerializer
+
+    def get_queryset(self) -> QuerySet[SyncRun]:
+        return SyncRun.objects.select_related("user")
+
+    def filter_queryset(self, queryset: QuerySet[SyncRun]) -> QuerySet[SyncRun]:
+        filters = validated_query(self.request, SyncRunFilterSerializer, allowed=PAGE_PARAMS)
+        return queryset.filter(**filters)
+
+
+@extend_schema(
+    tags=["sync"],
+    summary="One sync run",
+    description="A sync attempt with the positions it could not store and why. "
+    "Needs `ibkr_sync.view_syncrun`.",
+    responses={200: SyncRunDetailSerializer, **error_responses(401, 403, 404, 405)},
+)
+class SyncRunDetailView(ErrorEnvelopeMixin, RetrieveAPIView):
+    permission_classes = [IsAuthenticated, CanViewModel]
+    serializer_class = SyncRunDetailSerializer
+
+    def get_queryset(self) -> QuerySet[SyncRun]:
+        return SyncRun.objects.select_related("user")
+
+
+# --- health ---------------------------------------------------------------------------------
+
+
+class HealthView(APIView):
+    """`GET /healthz` for load balancers and monitoring: no login, nothing sensitive."""
+
+    authentication_classes = []
+    permission_classes = [AllowAny]
+
+    @extend_schema(
+        tags=["operations"],
+        summary="Health check",
+        description="200 when the database answers and the last sync succeeded less than "
+        "IBKR_SYNC_MAX_AGE seconds ago; 503 otherwise. `?gateway=1` also tries a TCP "
+        "connection to TWS / IB Gateway (no API session). No authentication.",
+        parameters=[
+            OpenApiParameter(
+                "gateway", bool, description="Also check that the gateway's port accepts."
+            )
+        ],
+        responses={200: HealthSerializer, 503: HealthSerializer},
+        auth=[],
+    )
+    def get(self, request: Request) -> Response:
+        wanted = request.query_params.get("gateway", "").lower() in {"1", "true", "yes"}
+        healthy, report = check_health(gateway=wanted)
+        response = Response(
+            HealthSerializer(report).data,
+            status=status.HTTP_200_OK if healthy else status.HTTP_503_SERVICE_UNAVAILABLE,
+        )
+        response["Cache-Control"] = "no-store"
         return response

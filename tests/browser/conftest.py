@@ -1,28 +1,28 @@
-"""A real headless Chromium driven by Selenium against pytest-django's live_server.
+"""A real headless Chromium, driven by Playwright, against pytest-django's live_server.
 
-Chromium and chromedriver come from Debian (`apt-get install chromium chromium-driver`).
-Without them the browser tests skip, unless REQUIRE_BROWSER=1 (as in CI), where they
-fail instead. Selenium is given both paths, so Selenium Manager never downloads anything.
+Playwright is the Python package only: no browser download. It launches Debian's
+Chromium (`apt-get install chromium`). Without it the browser tests skip, unless
+REQUIRE_BROWSER=1 (as in CI), where they fail instead.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
+from django.db import connections
+from playwright.sync_api import Page, sync_playwright
 
 # The simulator and the settings pointing the app at it, shared with the integration tests.
 from tests.integration.conftest import ibkr, simulator  # noqa: F401
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
-NOT_INSTALLED = "Chromium/chromedriver not installed: apt-get install chromium chromium-driver"
+CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
+NOT_INSTALLED = "Chromium not installed: apt-get install chromium"
+WAIT_MS = 15_000  # a sync against the simulator takes well under a second
 
-CHROMIUM_FLAGS = (
-    "--headless=new",
+CHROMIUM_FLAGS = [
     "--no-sandbox",
     "--disable-gpu",
     "--disable-dev-shm-usage",
@@ -32,8 +32,7 @@ CHROMIUM_FLAGS = (
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
-    "--window-size=1400,1000",
-)
+]
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -42,37 +41,37 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
-@pytest.fixture(scope="session")
-def browser(live_server, tmp_path_factory: pytest.TempPathFactory):
-    """One headless Chromium for the session, with a fresh profile.
+@pytest.fixture
+def page(live_server, monkeypatch) -> Iterator[Page]:
+    """A fresh headless Chromium page, with its own profile, for one test.
 
-    It depends on live_server so that it quits first: Chromium keeps idle keep-alive
-    connections to the server, and the server threads serving them close the shared
-    in-memory SQLite connection when they end, which must happen before the live
+    It depends on live_server so that the browser quits first: Chromium keeps idle
+    keep-alive connections to the server, and the server threads serving them close the
+    shared in-memory SQLite connection when they end, which must happen before the live
     server stops sharing it across threads.
     """
-    missing = [str(path) for path in (CHROMIUM, CHROMEDRIVER) if not os.access(path, os.X_OK)]
-    if missing:
-        reason = f"{NOT_INSTALLED} (missing {', '.join(missing)})"
+    if not os.access(CHROMIUM, os.X_OK):
+        reason = f"{NOT_INSTALLED} (missing {CHROMIUM})"
         if os.environ.get("REQUIRE_BROWSER") == "1":
             pytest.fail(f"{reason}; REQUIRE_BROWSER=1 forbids skipping", pytrace=False)
         pytest.skip(reason)
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in CHROMIUM_FLAGS:
-        options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
-    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
-    driver.set_page_load_timeout(20)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-
-
-@pytest.fixture
-def fresh_browser(browser):
-    """The session's browser with no cookies left over from an earlier test."""
-    browser.execute_cdp_cmd("Network.clearBrowserCookies", {})
-    return browser
+    # Playwright's synchronous API runs an asyncio loop in this thread, which Django takes
+    # for an async context and refuses the ORM in: the test's own queries (arranging
+    # data, checking the database) are plain synchronous code, so allow them while the
+    # browser is open. The live server answers the browser in its own threads.
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
+        try:
+            context = browser.new_context(
+                viewport={"width": 1400, "height": 1000}, base_url=live_server.url
+            )
+            context.set_default_timeout(WAIT_MS)
+            yield context.new_page()
+            context.close()
+        finally:
+            browser.close()
+            # Django keeps connections per context, and code run while Playwright's loop
+            # runs gets its own: close them here, or they outlive the test database.
+            connections.close_all()

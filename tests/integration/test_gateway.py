@@ -169,3 +169,15 @@ def test_quantities_come_from_the_wire_text_not_a_float(ibkr):
 def test_uses_the_configured_client_library(ibkr, settings):
     IbkrGateway().fetch_positions()
     assert settings.IBKR_CLIENT_LIBRARY in sys.modules
+
+
+def test_the_library_decoding_fallback_reads_the_same_positions(ibkr, monkeypatch):
+    """Positions come off the wire through our decoder; a library version without a
+    decoder table falls back to its position events, with the same result."""
+    ours = IbkrGateway().fetch_positions()
+    monkeypatch.setattr("ibkr_sync.gateway._MSG_POSITION", -1)  # "no such handler"
+
+    library = IbkrGateway().fetch_positions()
+
+    assert by_con_id(library) == by_con_id(ours)
+    assert len(ours.positions) == 4

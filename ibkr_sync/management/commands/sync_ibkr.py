@@ -3,15 +3,23 @@
 Exit codes (stable, for monitoring): 0 success, 1 unexpected error, 2 bad arguments,
 3 gateway unavailable, 4 gateway timeout, 5 a sync is already running, 6 account not
 managed by the gateway, 7 client id in use, 8 other gateway error.
+
+`--json` prints the API's JSON (the same serializer), `--dry-run` reports what a sync
+would change and writes nothing, `--quiet` prints nothing unless it fails (cron mails
+only then). On a terminal, stderr shows progress while a large portfolio arrives.
 """
 
 import logging
 import sys
+import time
 from contextlib import contextmanager
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from portfolio.api.errors import error_body
+
 from ... import exceptions
+from ...api.serializers import SyncResultSerializer, render_json
 from ...models import SyncRun
 from ...services import SyncResult, sync_positions
 
@@ -46,22 +54,62 @@ class Command(BaseCommand):
             metavar="ACCOUNT_ID",
             help="Sync only this IBKR account (e.g. U1234567); default: every managed account.",
         )
+        parser.add_argument(
+            "--dry-run",
+            action="store_true",
+            help="Read the gateway and work out every change, then write nothing (no "
+            "position, no sync record) and report what a sync would change.",
+        )
+        output = parser.add_mutually_exclusive_group()
+        output.add_argument(
+            "--json",
+            action="store_true",
+            dest="as_json",
+            help="Print the result (or the error) as the REST API's JSON, on stdout.",
+        )
+        output.add_argument(
+            "--quiet",
+            action="store_true",
+            help="Print nothing on success; a failure is still printed on stderr.",
+        )
 
-    def handle(self, *args, account: str | None = None, verbosity: int = 1, **options) -> None:
+    def handle(
+        self,
+        *args,
+        account: str | None = None,
+        dry_run: bool = False,
+        as_json: bool = False,
+        quiet: bool = False,
+        verbosity: int = 1,
+        **options,
+    ) -> None:
+        quiet = quiet or verbosity < 1
         try:
-            with _library_logs_on_stderr(verbosity):
-                result = sync_positions(account, trigger=SyncRun.Trigger.COMMAND)
+            with (
+                _library_logs_on_stderr(verbosity),
+                _progress_on(self.stderr, enabled=not quiet) as progress,
+            ):
+                result = sync_positions(
+                    account, trigger=SyncRun.Trigger.COMMAND, dry_run=dry_run, progress=progress
+                )
         except exceptions.IbkrSyncError as exc:
+            if as_json:
+                self.stdout.write(render_json(error_body(exc.code, str(exc))))
             raise CommandError(str(exc), returncode=exit_code_for(exc)) from exc
-        self._report(result, verbosity)
+        if as_json:
+            self.stdout.write(render_json(SyncResultSerializer(result).data))
+        elif not quiet:
+            self._report(result, verbosity)
 
     def _report(self, result: SyncResult, verbosity: int) -> None:
-        if verbosity < 1:
-            return
         style = self.style.WARNING if result.errors else self.style.SUCCESS
-        self.stdout.write(
-            style(f"IBKR sync #{result.sync_run_id}: {result.scope}: {result.outcome}")
-        )
+        if result.dry_run:
+            title = "IBKR sync dry run (nothing written)"
+        else:
+            title = f"IBKR sync #{result.sync_run_id}"
+        self.stdout.write(style(f"{title}: {result.scope}: {result.outcome}"))
+        for change in result.changes or ():
+            self.stdout.write(_describe_change(change))
         if verbosity < 2:
             return
         for account, counts in result.by_account.items():
@@ -72,6 +120,73 @@ class Command(BaseCommand):
                 f"  error: {error['account']} conId {error['con_id']} "
                 f"{error['symbol']} ({error['sec_type']}): {error['reason']}"
             )
+
+
+def _describe_change(change: dict) -> str:
+    """One line of a dry run's changes: `  updated   U1234567  AAPL (265598): 10 -> 12`."""
+    before, after = (
+        "closed" if value is None else f"{value.normalize():f}"
+        for value in (change["quantity_before"], change["quantity_after"])
+    )
+    if change["kind"] == "created":
+        before = "new"
+    what = f"{change['symbol']} ({change['con_id']})"
+    return f"  {change['kind']:<9} {change['account']:<10} {what}: {before} -> {after}"
+
+
+class _TerminalProgress:
+    """One self-overwriting line on a terminal: positions received, then being written.
+
+    Appears only once a sync has taken a moment (small portfolios finish first) and is
+    redrawn a few times a second at most; `clear()` leaves the terminal as it was.
+    """
+
+    DELAY = 0.5
+    INTERVAL = 0.2
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+        self.started = time.monotonic()
+        self.drawn_at: float | None = None
+
+    def __call__(self, phase: str, count: int) -> None:
+        now = time.monotonic()
+        if now - self.started < self.DELAY:
+            return
+        if phase == "read" and self.drawn_at is not None and now - self.drawn_at < self.INTERVAL:
+            return
+        if phase == "read":
+            text = f"Reading positions from the IB gateway: {count:,} received"
+        else:
+            text = f"Writing {count:,} positions to the database..."
+        self._draw(f"\r\033[K{text}")
+        self.drawn_at = now
+
+    def _draw(self, text: str) -> None:
+        # Plain, not in the error colour Django gives stderr on a terminal.
+        self.stream.write(text, style_func=_plain, ending="")
+        self.stream.flush()
+
+    def clear(self) -> None:
+        if self.drawn_at is not None:
+            self._draw("\r\033[K")
+
+
+def _plain(text: str) -> str:
+    return text
+
+
+@contextmanager
+def _progress_on(stream, *, enabled: bool):
+    """A progress callback drawing on `stream` if it is a terminal, else None."""
+    if not (enabled and stream.isatty()):
+        yield None
+        return
+    progress = _TerminalProgress(stream)
+    try:
+        yield progress
+    finally:
+        progress.clear()
 
 
 @contextmanager

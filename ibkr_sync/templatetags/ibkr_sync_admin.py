@@ -1,0 +1,39 @@
+"""The admin's "Sync now" control, for any admin page that wants it (sync runs, positions,
+accounts). It renders nothing for users without `ibkr_sync.run_sync`."""
+
+from decimal import Decimal
+
+from django import template
+
+from portfolio import admin as portfolio_admin
+from portfolio.models import Account
+
+from ..mapping import BROKER
+
+register = template.Library()
+
+
+@register.inclusion_tag("admin/ibkr_sync/sync_now_form.html", takes_context=True)
+def sync_now_form(context) -> dict:
+    request = context["request"]
+    if not request.user.has_perm("ibkr_sync.run_sync"):
+        return {"can_run_sync": False}
+    accounts = list(
+        Account.objects.filter(broker=BROKER)
+        .order_by("external_id")
+        .values_list("pk", "external_id")
+    )
+    # On a changelist filtered to one account (its own filter, or a link from the
+    # account's page), offer to sync that account.
+    chosen = request.GET.get("account__id__exact", "")
+    return {
+        "can_run_sync": True,
+        "accounts": [(external_id, str(pk) == chosen) for pk, external_id in accounts],
+        "next": request.get_full_path(),
+    }
+
+
+@register.filter
+def plain(value: Decimal | None) -> str:
+    """A Decimal as the portfolio admin shows it: 0.5, not 0.5000000000; "-" for none."""
+    return portfolio_admin.plain(value)

@@ -1,0 +1,82 @@
+"""One error shape for every API answer that is not a success."""
+
+from typing import Any
+
+from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.http import Http404
+from rest_framework import exceptions, serializers, status
+from rest_framework.exceptions import APIException
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+
+class InvalidQuery(APIException):
+    """A query parameter (filter, page size, cursor) that cannot be used as given."""
+
+    status_code = status.HTTP_400_BAD_REQUEST
+    default_code = "invalid_query"
+    default_detail = "Invalid query parameter."
+
+
+def error_body(code: str, detail: str) -> dict[str, str]:
+    return {"status": "error", "code": code, "detail": detail}
+
+
+def error_response(http_status: int, code: str, detail: str) -> Response:
+    return Response(error_body(code, detail), status=http_status)
+
+
+def flatten(detail: Any) -> str:
+    """A validation error's nested messages as one sentence naming each parameter."""
+    if isinstance(detail, dict):
+        parts = []
+        for name, messages in detail.items():
+            text = flatten(messages)
+            parts.append(text if name == "non_field_errors" else f"{name}: {text}")
+        return " ".join(parts)
+    if isinstance(detail, list | tuple):
+        return " ".join(flatten(item) for item in detail)
+    return str(detail)
+
+
+class ErrorEnvelopeMixin:
+    """Answer authentication, permission, method, not-found and input errors in one shape."""
+
+    def handle_exception(self, exc: Exception) -> Response:
+        # Django's own exceptions, as DRF's exception handler converts them.
+        if isinstance(exc, Http404):
+            exc = exceptions.NotFound(*exc.args)
+        elif isinstance(exc, DjangoPermissionDenied):
+            exc = exceptions.PermissionDenied(*exc.args)
+        response = super().handle_exception(exc)
+        if isinstance(exc, APIException) and response is not None:
+            codes = exc.get_codes()
+            code = codes if isinstance(codes, str) else exc.default_code
+            response.data = error_body(code, flatten(exc.detail))
+        return response
+
+
+def validated_query(request: Request, serializer_class: type, *, allowed: tuple[str, ...] = ()):
+    """The query parameters, checked by `serializer_class`; unknown names are an error.
+
+    A misspelt filter (`?sectype=STK`) would otherwise be ignored and silently return
+    everything, which is worse than an error.
+    """
+    known = {*serializer_class().fields, *allowed}
+    unknown = sorted(set(request.query_params) - known)
+    if unknown:
+        raise InvalidQuery(
+            f"Unknown query parameter(s): {', '.join(unknown)}. Known: {', '.join(sorted(known))}."
+        )
+    params = serializer_class(data=request.query_params)
+    if not params.is_valid():
+        raise InvalidQuery(flatten(params.errors))
+    return params.validated_data
+
+
+class ErrorSerializer(serializers.Serializer):
+    """Documents the error shape in the OpenAPI schema."""
+
+    status = serializers.ChoiceField(choices=["error"])
+    code = serializers.CharField(help_text="Stable machine-readable reason, e.g. invalid_query.")
+    detail = serializers.CharField(help_text="What went wrong, for the person reading it.")

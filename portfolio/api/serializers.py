@@ -1,0 +1,155 @@
+import re
+from decimal import Decimal
+
+from django.db import models
+from rest_framework import serializers
+
+from ..models import Account, Instrument, Position, SecType
+
+
+class ExactDecimalField(serializers.DecimalField):
+    """A decimal as a string with the stored digits, never a float, no trailing zeros.
+
+    DRF's `normalize_output` rounds to 28 significant digits (the default context); the
+    columns hold up to 30, so trailing zeros are stripped here without any rounding.
+    """
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("coerce_to_string", True)
+        super().__init__(**kwargs)
+
+    def to_representation(self, value):
+        if value is None:
+            return None
+        value = Decimal(value)
+        if value == 0:
+            return "0"
+        sign, digits, exponent = value.as_tuple()
+        while exponent < 0 and digits and digits[-1] == 0:
+            digits, exponent = digits[:-1], exponent + 1
+        return f"{Decimal((sign, digits, exponent)):f}"
+
+
+class ExactDecimalModelSerializer(serializers.ModelSerializer):
+    serializer_field_mapping = {
+        **serializers.ModelSerializer.serializer_field_mapping,
+        models.DecimalField: ExactDecimalField,
+    }
+
+
+class AccountSerializer(serializers.ModelSerializer):
+    open_positions = serializers.IntegerField(read_only=True, help_text="Positions now open.")
+
+    class Meta:
+        model = Account
+        fields = [
+            "id",
+            "broker",
+            "external_id",
+            "name",
+            "base_currency",
+            "is_paper",
+            "last_synced_at",
+            "open_positions",
+        ]
+        read_only_fields = fields
+
+
+class InstrumentSerializer(ExactDecimalModelSerializer):
+    class Meta:
+        model = Instrument
+        fields = [
+            "id",
+            "broker",
+            "external_id",
+            "symbol",
+            "sec_type",
+            "currency",
+            "exchange",
+            "local_symbol",
+            "trading_class",
+            "multiplier",
+            "expiry",
+            "contract_month",
+            "strike",
+            "right",
+            "description",
+        ]
+        read_only_fields = fields
+
+
+class PositionSerializer(ExactDecimalModelSerializer):
+    account = serializers.CharField(
+        source="account.external_id", read_only=True, help_text="The broker's account id."
+    )
+    broker = serializers.CharField(source="account.broker", read_only=True)
+    instrument = InstrumentSerializer(read_only=True)
+    is_open = serializers.BooleanField(read_only=True)
+
+    class Meta:
+        model = Position
+        fields = [
+            "id",
+            "broker",
+            "account",
+            "instrument",
+            "quantity",
+            "average_cost",
+            "cost_basis",
+            "is_open",
+            "opened_at",
+            "last_synced_at",
+            "closed_at",
+        ]
+        read_only_fields = fields
+
+
+_CURRENCY = re.compile(r"^[A-Z]{3}$")
+
+
+class PositionFilterSerializer(serializers.Serializer):
+    """The filters of `GET /portfolio/positions`; all optional, combined with AND."""
+
+    account = serializers.CharField(
+        required=False, max_length=32, help_text="The broker's account id, e.g. U1234567."
+    )
+    sec_type = serializers.CharField(
+        required=False,
+        max_length=16,
+        help_text=f"Security type, one of {', '.join(SecType.values)} (any case).",
+    )
+    currency = serializers.CharField(
+        required=False, max_length=8, help_text="ISO currency code, e.g. USD (any case)."
+    )
+    status = serializers.ChoiceField(
+        required=False,
+        choices=["open", "closed"],
+        help_text="open: still held; closed: no longer reported. Omitted: both.",
+    )
+    symbol = serializers.CharField(
+        required=False,
+        max_length=64,
+        help_text="Case-insensitive part of the symbol or local symbol, e.g. aap.",
+    )
+
+    def validate_account(self, value: str) -> str:
+        return value.strip()
+
+    def validate_sec_type(self, value: str) -> str:
+        value = value.strip().upper()
+        if value not in SecType.values:
+            raise serializers.ValidationError(
+                f"{value!r} is not a security type; use one of {', '.join(SecType.values)}."
+            )
+        return value
+
+    def validate_currency(self, value: str) -> str:
+        value = value.strip().upper()
+        if not _CURRENCY.match(value):
+            raise serializers.ValidationError(
+                f"{value!r} is not a currency code; use three letters, e.g. USD."
+            )
+        return value
+
+    def validate_symbol(self, value: str) -> str:
+        return value.strip()

@@ -1,0 +1,86 @@
+"""`GET /portfolio/accounts` and `GET /portfolio/positions`: read-only, filtered, paginated."""
+
+from django.db.models import Count, Q, QuerySet
+from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework import serializers
+from rest_framework.generics import ListAPIView
+from rest_framework.permissions import IsAuthenticated
+
+from ..models import Account, Position
+from .errors import ErrorEnvelopeMixin, ErrorSerializer, validated_query
+from .pagination import StableCursorPagination
+from .permissions import CanViewModel
+from .serializers import AccountSerializer, PositionFilterSerializer, PositionSerializer
+
+PAGE_PARAMS = StableCursorPagination.query_params
+
+
+def error_responses(*statuses: int) -> dict[int, OpenApiResponse]:
+    """Schema entries for the error answers a read endpoint can give."""
+    reasons = {
+        400: "A query parameter is malformed or unknown (code invalid_query).",
+        401: "No or invalid credentials (code not_authenticated / authentication_failed).",
+        403: "The user lacks the permission named in detail (code permission_denied).",
+        404: "No such row (code not_found).",
+        405: "Only GET is allowed (code method_not_allowed).",
+    }
+    return {s: OpenApiResponse(ErrorSerializer, description=reasons[s]) for s in statuses}
+
+
+class ReadOnlyListView(ErrorEnvelopeMixin, ListAPIView):
+    permission_classes = [IsAuthenticated, CanViewModel]
+    pagination_class = StableCursorPagination
+
+
+@extend_schema(
+    tags=["portfolio"],
+    summary="List accounts",
+    description="Every account known to the portfolio, with its count of open positions. "
+    "Needs `portfolio.view_account`.",
+    responses={200: AccountSerializer(many=True), **error_responses(400, 401, 403, 405)},
+)
+class AccountListView(ReadOnlyListView):
+    serializer_class = AccountSerializer
+
+    def get_queryset(self) -> QuerySet[Account]:
+        return Account.objects.annotate(
+            open_positions=Count("positions", filter=Q(positions__closed_at__isnull=True))
+        )
+
+    def filter_queryset(self, queryset: QuerySet[Account]) -> QuerySet[Account]:
+        validated_query(self.request, serializers.Serializer, allowed=PAGE_PARAMS)
+        return queryset
+
+
+@extend_schema(
+    tags=["portfolio"],
+    summary="List positions",
+    description="Positions, oldest first, filtered by the query parameters (combined with "
+    "AND). Follow `next` for the following page. Needs `portfolio.view_position`.",
+    parameters=[PositionFilterSerializer],
+    responses={200: PositionSerializer(many=True), **error_responses(400, 401, 403, 405)},
+)
+class PositionListView(ReadOnlyListView):
+    serializer_class = PositionSerializer
+
+    def get_queryset(self) -> QuerySet[Position]:
+        return Position.objects.select_related("account", "instrument")
+
+    def filter_queryset(self, queryset: QuerySet[Position]) -> QuerySet[Position]:
+        filters = validated_query(self.request, PositionFilterSerializer, allowed=PAGE_PARAMS)
+        if "account" in filters:
+            queryset = queryset.filter(account__external_id=filters["account"])
+        if "sec_type" in filters:
+            queryset = queryset.filter(instrument__sec_type=filters["sec_type"])
+        if "currency" in filters:
+            queryset = queryset.filter(instrument__currency=filters["currency"])
+        if filters.get("status") == "open":
+            queryset = queryset.open()
+        elif filters.get("status") == "closed":
+            queryset = queryset.closed()
+        if filters.get("symbol"):
+            text = filters["symbol"]
+            queryset = queryset.filter(
+                Q(instrument__symbol__icontains=text) | Q(instrument__local_symbol__icontains=text)
+            )
+        return queryset

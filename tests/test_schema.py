@@ -1,0 +1,118 @@
+"""The OpenAPI schema: generated from the code, valid OpenAPI 3, covering every endpoint."""
+
+import re
+
+import pytest
+from django.urls import URLPattern, URLResolver, get_resolver
+from drf_spectacular.validation import validate_schema
+from rest_framework.test import APIClient
+
+SYNC_STATUSES = {"200", "400", "401", "403", "404", "405", "409", "502", "503", "504"}
+
+
+@pytest.fixture(scope="module")
+def schema(django_db_blocker) -> dict:
+    with django_db_blocker.unblock():
+        response = APIClient().get("/api/schema/", {"format": "json"})
+    assert response.status_code == 200, response.content
+    return response.json()
+
+
+def api_routes() -> set[str]:
+    """Every DRF endpoint the URLconf routes to, as OpenAPI paths (`{id}` for `<int:pk>`)."""
+    found = set()
+
+    def walk(patterns, prefix):
+        for entry in patterns:
+            route = prefix + str(entry.pattern)
+            if isinstance(entry, URLResolver):
+                walk(entry.url_patterns, route)
+            elif isinstance(entry, URLPattern) and hasattr(entry.callback, "cls"):
+                if route.startswith("api/"):
+                    continue  # the schema and the documentation pages themselves
+                found.add("/" + re.sub(r"<(?:\w+:)?pk>", "{id}", route))
+
+    walk(get_resolver().url_patterns, "")
+    return found
+
+
+def test_schema_is_valid_openapi_3(schema):
+    assert schema["openapi"].startswith("3.")
+    validate_schema(schema)  # raises on any violation of the OpenAPI 3 JSON schema
+
+
+def test_schema_documents_every_api_endpoint(schema):
+    routes = api_routes()
+
+    assert {
+        "/portfolio/accounts",
+        "/portfolio/positions",
+        "/portfolio/sync/ibkr",
+        "/portfolio/sync/runs",
+        "/portfolio/sync/runs/{id}",
+        "/healthz",
+    } <= routes
+    assert routes <= set(schema["paths"])
+
+
+def test_the_sync_endpoint_documents_every_answer_in_the_error_shape(schema):
+    responses = schema["paths"]["/portfolio/sync/ibkr"]["post"]["responses"]
+
+    assert set(responses) == SYNC_STATUSES
+    assert responses["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/SyncResult"
+    }
+    for status in SYNC_STATUSES - {"200"}:
+        body = responses[status]["content"]["application/json"]["schema"]
+        assert body == {"$ref": "#/components/schemas/Error"}, status
+        assert responses[status]["description"], status
+    for code in ("invalid_account_id", "unknown_account", "sync_already_running",
+                 "client_id_in_use", "incomplete_snapshot", "gateway_error",
+                 "gateway_unavailable", "gateway_timeout"):  # fmt: skip
+        assert any(code in r["description"] for r in responses.values()), code
+    error = schema["components"]["schemas"]["Error"]
+    assert set(error["required"]) == {"status", "code", "detail"}
+
+
+def test_decimals_are_documented_as_strings(schema):
+    position = schema["components"]["schemas"]["Position"]["properties"]
+
+    for name in ("quantity", "average_cost", "cost_basis"):
+        assert (position[name]["type"], position[name]["format"]) == ("string", "decimal")
+
+
+def test_position_filters_and_pagination_are_documented(schema):
+    operation = schema["paths"]["/portfolio/positions"]["get"]
+    params = {p["name"] for p in operation["parameters"]}
+
+    assert {"account", "sec_type", "currency", "status", "symbol", "cursor", "page_size"} <= params
+    assert {"200", "400", "401", "403"} <= set(operation["responses"])
+
+
+def test_operations_name_their_authentication(schema):
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            if path == "/healthz":
+                continue
+            schemes = {name for entry in operation["security"] for name in entry}
+            assert {"tokenAuth", "cookieAuth"} <= schemes, (method, path)
+            assert "401" in operation["responses"], (method, path)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("url", "assets"),
+    [
+        ("/api/docs/", ["swagger-ui-dist/swagger-ui-bundle.js", "swagger-ui-dist/swagger-ui.css"]),
+        ("/api/redoc/", ["redoc/bundles/redoc.standalone.js"]),
+    ],
+)
+def test_documentation_pages_use_local_assets_only(client, url, assets):
+    response = client.get(url)
+
+    assert response.status_code == 200
+    page = response.content.decode()
+    for asset in assets:
+        assert f"/static/drf_spectacular_sidecar/{asset}" in page
+    external = re.findall(r"""(?:src|href)=["'](https?:)?//""", page)
+    assert external == [], "the documentation page loads something from another site"

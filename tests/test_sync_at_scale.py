@@ -1,0 +1,200 @@
+"""The set-based sync at scale: queries bounded by batches, not rows; exact bulk writes.
+
+Not timed: speed is measured by `bench/sync_bench.py`. These tests pin down what makes
+it fast, so a change that reintroduces per-row queries fails here.
+"""
+
+import dataclasses
+import datetime as dt
+import math
+from decimal import Decimal
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from ibkr_sync import services
+from ibkr_sync.gateway import GatewayPosition
+from ibkr_sync.models import PositionChange, SyncRun
+from ibkr_sync.services import BATCH_SIZE, sync_positions
+from ibkr_sync.testing import generate_portfolio
+from portfolio.models import Instrument, Position
+from tests.conftest import FakeGateway
+
+pytestmark = pytest.mark.django_db
+
+
+def generated_gateway(n: int, accounts: int = 3) -> FakeGateway:
+    portfolio = generate_portfolio(n, accounts=accounts, seed=7)
+    return FakeGateway(
+        accounts=portfolio.accounts,
+        positions=[
+            GatewayPosition(
+                account=p.account, con_id=p.con_id, symbol=p.symbol, sec_type=p.sec_type,
+                quantity=p.quantity, average_cost=p.average_cost, currency=p.currency,
+                exchange=p.exchange, local_symbol=p.local_symbol,
+                trading_class=p.trading_class, multiplier=p.multiplier,
+                last_trade_date=p.last_trade_date, strike=p.strike, right=p.right,
+            )
+            for p in portfolio.positions
+        ],
+    )  # fmt: skip
+
+
+def sync(gateway):
+    return sync_positions(trigger=SyncRun.Trigger.COMMAND, gateway=gateway)
+
+
+def mutate(gateway: FakeGateway) -> tuple[int, int]:
+    """Change 10% of quantities, drop 5% of positions, as the benchmark does."""
+    rows = gateway.positions
+    changed = set(range(0, len(rows), 10))
+    closed = set(range(5, len(rows), 20))
+    gateway.positions = [
+        dataclasses.replace(row, quantity=row.quantity + Decimal("0.5")) if i in changed else row
+        for i, row in enumerate(rows)
+        if i not in closed
+    ]
+    return len(changed), len(closed)
+
+
+def queries_of(step) -> tuple[int, list[str]]:
+    with CaptureQueriesContext(connection) as captured:
+        step()
+    writes = [
+        q["sql"]
+        for q in captured
+        if q["sql"].lstrip()[:6].upper() in ("INSERT", "UPDATE", "DELETE")
+        and q["sql"].split(" WHERE")[0].split(" SET")[0].split(" (")[0].split('"')[1]
+        in ("portfolio_position", "portfolio_instrument")
+    ]
+    return len(captured), writes
+
+
+def query_bound(n: int) -> int:
+    """A constant, plus per batch of BATCH_SIZE rows at most an instrument read, an
+    instrument insert, a position insert and a change insert (first sync)."""
+    return 20 + 4 * math.ceil(n / BATCH_SIZE)
+
+
+@pytest.mark.parametrize("step", ["first", "unchanged", "changed"])
+def test_queries_grow_with_batches_not_with_rows(step, django_assert_max_num_queries):
+    counts = {}
+    for n in (1000, 5000):
+        PositionChange.objects.all().delete()
+        Position.objects.all().delete()
+        Instrument.objects.all().delete()
+        gateway = generated_gateway(n)
+        if step != "first":
+            sync(gateway)
+        if step == "changed":
+            mutate(gateway)
+        with django_assert_max_num_queries(query_bound(n)) as captured:
+            sync(gateway)
+        counts[n] = len(captured)
+
+    assert counts[5000] - counts[1000] <= query_bound(5000) - query_bound(1000), counts
+
+
+def test_unchanged_resync_writes_no_position_or_instrument_row():
+    gateway = generated_gateway(2000)
+    sync(gateway)
+
+    _, writes = queries_of(lambda: sync(gateway))
+
+    assert writes == []
+
+
+def test_changed_resync_writes_only_the_changed_rows():
+    gateway = generated_gateway(2000)
+    sync(gateway)
+    changed, closed = mutate(gateway)
+
+    result = sync(gateway)
+
+    assert (result.updated, result.closed, result.unchanged) == (
+        changed,
+        closed,
+        2000 - changed - closed,
+    )
+    run = SyncRun.objects.get(pk=result.sync_run_id)
+    assert run.changes.filter(kind="updated").count() == changed
+    assert run.changes.filter(kind="closed").count() == closed
+    assert Position.objects.open().count() == 2000 - closed
+    # Every changed position holds the new quantity, exactly.
+    for row in gateway.positions[:50]:
+        stored = Position.objects.get(
+            instrument__external_id=str(row.con_id), account__external_id=row.account
+        )
+        assert stored.quantity == row.quantity
+        assert stored.closed_at is None
+
+
+def test_fast_insert_stores_exactly_what_bulk_create_stores():
+    now = timezone.now()
+    fields = {
+        "broker": "ibkr", "symbol": "ES", "sec_type": "FOP", "currency": "USD",
+        "exchange": "CME", "local_symbol": "ESZ6 C5000", "trading_class": "ES",
+        "multiplier": Decimal("50"), "expiry": dt.date(2026, 12, 18),
+        "contract_month": "202612", "strike": Decimal("5000.25"), "right": "C",
+        "created_at": now, "updated_at": now,
+    }  # fmt: skip
+    (fast_pk,) = services._insert(Instrument, [{"external_id": "1", **fields}])
+    orm = Instrument.objects.bulk_create([Instrument(external_id="2", **fields)])[0]
+    Instrument.objects.filter(pk=orm.pk).update(created_at=now, updated_at=now)
+
+    def stored(pk):
+        row = Instrument.objects.filter(pk=pk).values().get()
+        del row["id"], row["external_id"]
+        return row
+
+    assert stored(fast_pk) == stored(orm.pk)
+    assert stored(fast_pk)["description"] == "", "left-out fields get the model default"
+
+    quantity = Decimal("-1234567.1234567891")
+    rows = [
+        {"account_id": a, "instrument_id": fast_pk, "quantity": quantity, "average_cost": None,
+         "cost_basis": None, "opened_at": now, "last_synced_at": now}
+        for a in _accounts(2)
+    ]  # fmt: skip
+    fast = services._insert(Position, rows[:1])[0]
+    orm = Position.objects.bulk_create([Position(**rows[1])])[0].pk
+    a, b = (Position.objects.filter(pk=pk).values().get() for pk in (fast, orm))
+    for row in (a, b):
+        del row["id"], row["account_id"]
+    assert a == b
+    expected = quantity if connection.vendor != "sqlite" else Decimal("-1234567.12345679")
+    assert a["quantity"] == expected
+
+
+def test_fast_insert_returns_keys_in_row_order_across_batches():
+    now = timezone.now()
+    rows = [
+        {"broker": "ibkr", "external_id": str(i), "symbol": f"S{i}", "sec_type": "STK",
+         "created_at": now, "updated_at": now}
+        for i in range(BATCH_SIZE * 2 + 7)
+    ]  # fmt: skip
+    pks = services._insert(Instrument, rows)
+
+    assert dict(Instrument.objects.values_list("pk", "external_id")) == {
+        pk: row["external_id"] for pk, row in zip(pks, rows, strict=True)
+    }
+    assert services._insert(Instrument, []) == []
+
+
+def _accounts(n):
+    from portfolio.models import Account
+
+    return [
+        Account.objects.create(broker="ibkr", external_id=f"U{9000000 + i}").pk for i in range(n)
+    ]
+
+
+def test_change_rows_of_a_first_sync_point_at_the_created_positions():
+    result = sync(generated_gateway(1200))
+
+    changes = PositionChange.objects.filter(sync_run_id=result.sync_run_id)
+    assert changes.count() == 1200
+    pairs = set(changes.values_list("position_id", "quantity_after"))
+    assert pairs == set(Position.objects.values_list("pk", "quantity"))
