@@ -16,7 +16,7 @@ venv: $(STAMP)
 
 ## Run the product end to end on SQLite against the bundled IB Gateway simulator.
 demo: $(STAMP)
-	$(PY) manage.py ibkr_demo $(DEMO_ARGS)
+	DEBUG=true $(PY) manage.py ibkr_demo $(DEMO_ARGS)
 
 ## Run the test suite (DATABASE_URL picks the database; SQLite by default).
 test: $(STAMP)

@@ -129,7 +129,13 @@ def worker_raw(args: argparse.Namespace) -> dict[str, Any]:
 
 def setup_django(database: str) -> None:
     """Production-like settings: DEBUG off (no query log), the given database."""
-    os.environ.update(DATABASE_URL=database, DEBUG="false", SECRET_KEY="benchmark-only")
+    os.environ.update(
+        DATABASE_URL=database,
+        DEBUG="false",
+        SECRET_KEY="benchmark-only",
+        ALLOWED_HOSTS="testserver",
+        SECURE_SSL_REDIRECT="false",
+    )
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portfolio_site.settings")
     import django
 

@@ -32,6 +32,12 @@ class SyncAlreadyRunning(IbkrSyncError):
     code = "sync_already_running"
 
 
+class DatabaseUnavailable(IbkrSyncError):
+    """The database did not answer (down, unreachable, or locked for too long)."""
+
+    code = "database_unavailable"
+
+
 class GatewayError(IbkrSyncError):
     """The gateway answered, but not with a usable snapshot."""
 

@@ -145,6 +145,11 @@ def _max_length(name: str) -> int:
     return Instrument._meta.get_field(name).max_length
 
 
+def is_storable_account_id(value: str) -> bool:
+    """Whether an account id as the gateway sent it fits the Account table as it is."""
+    return bool(value) and len(value) <= _ACCOUNT_ID_LENGTH and "\x00" not in value
+
+
 def _check_text(value: str, what: str, max_length: int) -> None:
     """Text the columns can hold as it is: never silently cut, never a NUL byte."""
     if len(value) > max_length:

@@ -20,13 +20,21 @@ from dataclasses import dataclass, field
 from decimal import Context, Decimal
 from typing import Any, Protocol
 
-from django.db import DatabaseError, IntegrityError, connection, models, transaction
+from django.db import (
+    DatabaseError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    connection,
+    models,
+    transaction,
+)
 from django.utils import timezone
 
 from portfolio.models import Account, Instrument, Position
 
 from . import conf
-from .exceptions import IbkrSyncError, SyncAlreadyRunning
+from .exceptions import DatabaseUnavailable, IbkrSyncError, SyncAlreadyRunning
 from .gateway import GatewaySnapshot, IbkrGateway
 from .mapping import (
     BROKER,
@@ -34,6 +42,7 @@ from .mapping import (
     MappedPosition,
     MappingError,
     is_paper_account,
+    is_storable_account_id,
     map_position,
     normalize_account_id,
 )
@@ -121,6 +130,27 @@ def sync_positions(
     `dry_run` does everything a sync does, under the same lock, then rolls the writes
     back and deletes its SyncRun row: the result says what a sync would change now.
     """
+    try:
+        return _sync_positions(account_id, trigger, user, gateway, dry_run, progress)
+    except _DATABASE_DOWN as exc:
+        raise DatabaseUnavailable(
+            "The database did not answer, so nothing was changed: check DATABASE_URL and "
+            "that the database server is running, then sync again."
+        ) from exc
+
+
+# Errors of a database that is down, unreachable or locked (not of a query that is wrong).
+_DATABASE_DOWN = (OperationalError, InterfaceError)
+
+
+def _sync_positions(
+    account_id: str | None,
+    trigger: str,
+    user: Any,
+    gateway: PositionSource | None,
+    dry_run: bool,
+    progress: Progress | None,
+) -> SyncResult:
     if account_id is not None:
         account_id = normalize_account_id(account_id)
     if dry_run and not _release_stale_lock():
@@ -166,7 +196,10 @@ def sync_positions(
         )
         raise
     except BaseException as exc:
-        code = "internal_error" if isinstance(exc, Exception) else "interrupted"
+        if isinstance(exc, _DATABASE_DOWN):
+            code = DatabaseUnavailable.code
+        else:
+            code = "internal_error" if isinstance(exc, Exception) else "interrupted"
         if not dry_run:
             _fail_run(run, code, f"{type(exc).__name__}: {exc}")
         log.update(status="failed", code=code)
@@ -367,8 +400,10 @@ def _apply(snapshot: GatewaySnapshot, run: SyncRun, now: dt.datetime) -> tuple[l
             continue
         mapped[(item.account_id, item.instrument_id)] = item
 
+    # The accounts to reconcile: an account id that could not even be stored (too long,
+    # a NUL) belongs to records already counted as errors, and creates no Account.
     reported = {*snapshot.accounts, *(a for a, _ in mapped), *(a for a, _ in unmapped)}
-    account_ids = sorted(a for a in reported if a)
+    account_ids = sorted(a for a in reported if is_storable_account_id(a))
     accounts = _upsert_accounts(account_ids, now)
     instruments = _upsert_instruments(mapped.values(), now)
 

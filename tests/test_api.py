@@ -223,11 +223,33 @@ def test_unexpected_error_is_a_500_and_recorded_as_internal_error(client, use_ga
     assert failed.finished_at is not None
 
 
-def test_unexpected_error_is_raised_not_swallowed_as_a_gateway_error(client, use_gateway):
+def test_unexpected_error_is_a_json_500_logged_with_its_traceback(client, use_gateway, caplog):
     use_gateway.error = KeyError("surprise")
 
-    with pytest.raises(KeyError, match="surprise"):
-        client.post(URL)
+    response = client.post(URL)
+
+    assert_error(response, 500, "internal_error")
+    assert "surprise" not in response.content.decode(), "no internals in the answer"
+    (record,) = [r for r in caplog.records if r.name == "django.request"]
+    assert record.exc_info[0] is KeyError
+    run = SyncRun.objects.get()
+    assert (run.status, run.error_code) == ("failed", "internal_error")
+
+
+def test_database_that_does_not_answer_is_503(client, use_gateway, monkeypatch):
+    from django.db import OperationalError
+
+    def down(*args, **kwargs):
+        raise OperationalError("connection refused")
+
+    monkeypatch.setattr("ibkr_sync.services._apply", down)
+
+    response = client.post(URL)
+
+    assert_error(response, 503, "database_unavailable")
+    assert "DATABASE_URL" in response.json()["detail"]
+    run = SyncRun.objects.get()
+    assert (run.status, run.error_code) == ("failed", "database_unavailable")
 
 
 # --- authentication and permissions --------------------------------------------------------

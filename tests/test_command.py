@@ -183,6 +183,7 @@ def command_env(tmp_path_factory) -> dict[str, str]:
     db = tmp_path_factory.mktemp("command") / "db.sqlite3"
     env.update(
         DATABASE_URL=f"sqlite:///{db}",
+        DEBUG="true",  # as on a developer's machine; production settings are tested apart
         IBKR_CONNECT_TIMEOUT="5",
         PYTHONDONTWRITEBYTECODE="1",
     )

@@ -34,6 +34,8 @@ def production_env(tmp_path: Path, **values: str) -> dict[str, str]:
         DEBUG="False",
         SECRET_KEY="deploy-test-" + "k" * 50,
         ALLOWED_HOSTS="127.0.0.1",
+        # Plain HTTP on loopback, as behind the TLS-terminating reverse proxy.
+        SECURE_SSL_REDIRECT="false",
         STATIC_ROOT=str(tmp_path / "static"),
         DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite3'}",
         PYTHONDONTWRITEBYTECODE="1",

@@ -195,6 +195,20 @@ def test_unmappable_record_is_counted_and_its_row_left_alone(fake_gateway):
     assert SyncRun.objects.get(pk=result.sync_run_id).errors == 2
 
 
+def test_a_record_with_an_unstorable_account_id_is_an_error_not_a_crash():
+    garbage = "U" + "9" * 100
+    gateway = FakeGateway(
+        accounts=("U1111111", garbage, "U2\x003"),
+        positions=[position(), position(account=garbage, con_id=42), position(account="U2\x003")],
+    )
+
+    result = run(gateway)
+
+    assert (result.created, len(result.errors)) == (1, 2)
+    assert result.accounts == ["U1111111"]
+    assert list(Account.objects.values_list("external_id", flat=True)) == ["U1111111"]
+
+
 def test_paper_accounts_are_marked():
     run(FakeGateway(accounts=("DU1234567",), positions=[position(account="DU1234567")]))
     assert Account.objects.get().is_paper

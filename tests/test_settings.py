@@ -6,6 +6,7 @@ exactly the environment it is about.
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,9 @@ PROJECT_DIR = Path(__file__).resolve().parent.parent
 SETTINGS_FILE = PROJECT_DIR / "portfolio_site" / "settings.py"
 SETTINGS_VARS = (
     "SECRET_KEY", "DEBUG", "ALLOWED_HOSTS", "CSRF_TRUSTED_ORIGINS", "DATABASE_URL", "TIME_ZONE",
-    "STATIC_ROOT", "LOG_LEVEL",
+    "STATIC_ROOT", "LOG_LEVEL", "SECURE_SSL_REDIRECT", "SESSION_COOKIE_SECURE",
+    "CSRF_COOKIE_SECURE", "SECURE_HSTS_SECONDS", "SECURE_HSTS_INCLUDE_SUBDOMAINS",
+    "SECURE_HSTS_PRELOAD", "SECURE_PROXY_SSL",
 )  # fmt: skip
 PRINT_IBKR_SETTINGS = (
     "import json, django; django.setup(); from django.conf import settings as s; "
@@ -29,13 +32,16 @@ PRINT_IBKR_SETTINGS = (
 
 
 def clean_env(**values: str) -> dict[str, str]:
-    """This process's environment without any setting the settings module reads."""
+    """This process's environment without any setting the settings module reads, as on a
+    developer's machine (DEBUG=true) unless `values` say otherwise (DEBUG=None: unset)."""
     env = {
         k: v for k, v in os.environ.items() if not k.startswith("IBKR_") and k not in SETTINGS_VARS
     }
-    env.update(DJANGO_SETTINGS_MODULE="portfolio_site.settings", PYTHONDONTWRITEBYTECODE="1")
+    env.update(
+        DJANGO_SETTINGS_MODULE="portfolio_site.settings", PYTHONDONTWRITEBYTECODE="1", DEBUG="true"
+    )
     env.update(values)
-    return env
+    return {k: v for k, v in env.items() if v is not None}
 
 
 def run_python(code: str, env: dict[str, str], cwd: Path = PROJECT_DIR):
@@ -83,6 +89,10 @@ def copy_env(copy: Path, **values: str) -> dict[str, str]:
         ("IBKR_HOST", "  ", "IBKR_HOST must not be empty."),
         ("IBKR_SYNC_MAX_AGE", "-1", "IBKR_SYNC_MAX_AGE must be >= 0, got -1."),
         ("IBKR_SYNC_MAX_AGE", "a day", "IBKR_SYNC_MAX_AGE must be an integer, got 'a day'."),
+        ("DEBUG", "maybe", "DEBUG must be true or false, got 'maybe'."),
+        ("SECURE_SSL_REDIRECT", "2", "SECURE_SSL_REDIRECT must be true or false, got '2'."),
+        ("SECURE_HSTS_SECONDS", "1y", "SECURE_HSTS_SECONDS must be an integer, got '1y'."),
+        ("SECURE_PROXY_SSL", "https", "SECURE_PROXY_SSL must be true or false, got 'https'."),
     ],
 )
 def test_malformed_value_stops_start_up_naming_the_variable(name, value, message):
@@ -94,21 +104,104 @@ def test_malformed_value_stops_start_up_naming_the_variable(name, value, message
     assert message in last_line
 
 
-def test_production_without_secret_key_stops_start_up():
-    result = run_python("import django; django.setup()", clean_env(DEBUG="False"))
+PRINT_SECURITY = (
+    "import json, django; django.setup(); from django.conf import settings as s; "
+    "print(json.dumps({n: getattr(s, n, None) for n in ('DEBUG', 'ALLOWED_HOSTS', "
+    "'SECURE_SSL_REDIRECT', 'SESSION_COOKIE_SECURE', 'CSRF_COOKIE_SECURE', "
+    "'SECURE_HSTS_SECONDS', 'SECURE_PROXY_SSL_HEADER')}))"
+)
+PRODUCTION = {"DEBUG": None, "SECRET_KEY": "k" * 50, "ALLOWED_HOSTS": "portfolio.example.com"}
+
+
+def test_debug_is_off_unless_asked_for_so_a_secret_key_is_required():
+    result = run_python("import django; django.setup()", clean_env(DEBUG=None))
 
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == (
-        "django.core.exceptions.ImproperlyConfigured: SECRET_KEY must be set when DEBUG is off."
+        "django.core.exceptions.ImproperlyConfigured: SECRET_KEY must be set when DEBUG is off "
+        "(a long random string). For local development set DEBUG=true instead, e.g. "
+        "`cp .env.example .env`."
     )
 
 
-def test_production_with_a_secret_key_starts():
-    code = "import django; django.setup(); from django.conf import settings as s; print(s.DEBUG)"
-    result = run_python(code, clean_env(DEBUG="False", SECRET_KEY="x" * 50))
+def test_production_requires_allowed_hosts():
+    result = run_python(
+        "import django; django.setup()", clean_env(**{**PRODUCTION, "ALLOWED_HOSTS": ""})
+    )
+
+    assert result.returncode != 0
+    assert "ALLOWED_HOSTS must be set when DEBUG is off" in result.stderr.strip().splitlines()[-1]
+
+
+def test_production_turns_https_and_secure_cookies_on():
+    result = run_python(PRINT_SECURITY, clean_env(**PRODUCTION))
 
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "False"
+    assert json.loads(result.stdout) == {
+        "DEBUG": False,
+        "ALLOWED_HOSTS": ["portfolio.example.com"],
+        "SECURE_SSL_REDIRECT": True,
+        "SESSION_COOKIE_SECURE": True,
+        "CSRF_COOKIE_SECURE": True,
+        "SECURE_HSTS_SECONDS": 31536000,
+        "SECURE_PROXY_SSL_HEADER": None,
+    }
+
+
+def test_development_keeps_plain_http_and_local_hosts():
+    result = run_python(PRINT_SECURITY, clean_env())
+
+    assert result.returncode == 0, result.stderr
+    values = json.loads(result.stdout)
+    assert values["DEBUG"] is True
+    assert values["ALLOWED_HOSTS"] == ["localhost", "127.0.0.1", "[::1]"]
+    assert (values["SECURE_SSL_REDIRECT"], values["SESSION_COOKIE_SECURE"]) == (False, False)
+    assert values["SECURE_HSTS_SECONDS"] == 0
+
+
+def readme_production_env() -> dict[str, str]:
+    """The `.env` the README's production section shows, with its placeholders filled."""
+    readme = (PROJECT_DIR / "README.md").read_text(encoding="utf-8")
+    block = readme.split("and in `/srv/portfolio/.env`:", 1)[1].split("```sh", 1)[1]
+    lines = block.split("```", 1)[0].strip().splitlines()
+    values = dict(
+        line.strip().split("=", 1) for line in lines if line.strip() and "=" in line
+        and not line.strip().startswith("#")
+    )  # fmt: skip
+    assert "SECRET_KEY" in values and "ALLOWED_HOSTS" in values, values
+    values["SECRET_KEY"] = "kT3" + "x9Zq-" * 12  # what `secrets.token_urlsafe(50)` gives
+    values["DATABASE_URL"] = "sqlite:///unused.sqlite3"  # `check` does not connect
+    return values
+
+
+def test_check_deploy_passes_with_the_production_settings_of_the_readme():
+    env = clean_env(DEBUG=None, **readme_production_env())
+    result = subprocess.run(
+        [sys.executable, "manage.py", "check", "--deploy"],
+        cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    # Only the two opt-ins the README leaves to the operator may be mentioned: HSTS for
+    # every subdomain, and the browsers' HSTS preload list.
+    warnings = set(re.findall(r"\((\w+\.[EW]\d+)\)", result.stderr))
+    assert warnings <= {"security.W005", "security.W021"}, result.stderr
+
+
+def test_check_deploy_is_clean_with_the_hsts_opt_ins():
+    env = clean_env(
+        DEBUG=None,
+        SECURE_HSTS_INCLUDE_SUBDOMAINS="true",
+        SECURE_HSTS_PRELOAD="true",
+        **readme_production_env(),
+    )
+    result = subprocess.run(
+        [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
+        cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert "System check identified no issues" in result.stdout
 
 
 def test_defaults_when_nothing_is_set(project_copy):

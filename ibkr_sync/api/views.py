@@ -41,6 +41,7 @@ from .serializers import (
 # One HTTP status per failure, decided here only. Anything else is our own bug: 500.
 ERROR_STATUS = {
     exceptions.InvalidAccountId: status.HTTP_400_BAD_REQUEST,
+    exceptions.DatabaseUnavailable: status.HTTP_503_SERVICE_UNAVAILABLE,
     exceptions.UnknownAccount: status.HTTP_404_NOT_FOUND,
     exceptions.SyncAlreadyRunning: status.HTTP_409_CONFLICT,
     exceptions.GatewayTimeout: status.HTTP_504_GATEWAY_TIMEOUT,
@@ -77,7 +78,11 @@ SYNC_RESPONSES = {
         "The gateway refused the client id (client_id_in_use), sent something unreadable "
         "(incomplete_snapshot) or rejected the request (gateway_error)."
     ),
-    503: _sync_error("TWS / IB Gateway unreachable, refused, or dropped (gateway_unavailable)."),
+    500: _sync_error("An unexpected error of the server; nothing was changed (internal_error)."),
+    503: _sync_error(
+        "TWS / IB Gateway unreachable, refused, or dropped (gateway_unavailable), or the "
+        "database did not answer (database_unavailable)."
+    ),
     504: _sync_error("No complete answer within the timeouts (gateway_timeout)."),
 }
 

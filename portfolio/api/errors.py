@@ -1,5 +1,6 @@
 """One error shape for every API answer that is not a success."""
 
+import logging
 from typing import Any
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
@@ -8,6 +9,8 @@ from rest_framework import exceptions, serializers, status
 from rest_framework.exceptions import APIException
 from rest_framework.request import Request
 from rest_framework.response import Response
+
+logger = logging.getLogger("django.request")
 
 
 class InvalidQuery(APIException):
@@ -40,7 +43,8 @@ def flatten(detail: Any) -> str:
 
 
 class ErrorEnvelopeMixin:
-    """Answer authentication, permission, method, not-found and input errors in one shape."""
+    """Answer every error in one shape: authentication, permission, method, not found,
+    input, and (as a 500 that gives nothing away) the server's own unexpected errors."""
 
     def handle_exception(self, exc: Exception) -> Response:
         # Django's own exceptions, as DRF's exception handler converts them.
@@ -48,6 +52,23 @@ class ErrorEnvelopeMixin:
             exc = exceptions.NotFound(*exc.args)
         elif isinstance(exc, DjangoPermissionDenied):
             exc = exceptions.PermissionDenied(*exc.args)
+        elif not isinstance(exc, APIException):
+            # Logged with its traceback as Django logs a failed request; the caller gets
+            # JSON like every other answer, without internals.
+            logger.error(
+                "Internal Server Error: %s",
+                self.request.path,
+                exc_info=exc,
+                extra={"status_code": 500, "request": self.request},
+            )
+            response = error_response(
+                status.HTTP_500_INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "The server failed on an unexpected error; nothing was changed. "
+                "The error is logged for its administrator.",
+            )
+            response._has_been_logged = True  # once, with the traceback, not twice
+            return response
         response = super().handle_exception(exc)
         if isinstance(exc, APIException) and response is not None:
             codes = exc.get_codes()

@@ -80,6 +80,8 @@ class Deployment:
             DEBUG="false",
             SECRET_KEY=secrets.token_urlsafe(50),
             ALLOWED_HOSTS="127.0.0.1",
+            # Plain HTTP on loopback, as behind the TLS-terminating reverse proxy.
+            SECURE_SSL_REDIRECT="false",
             IBKR_HOST="127.0.0.1",
             IBKR_PORT=str(gateway_port),
             IBKR_CLIENT_ID="31",

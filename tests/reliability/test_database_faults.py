@@ -13,6 +13,7 @@ import sqlite3
 import pytest
 from django.db import DatabaseError, IntegrityError, connection
 
+from ibkr_sync.exceptions import DatabaseUnavailable
 from ibkr_sync.models import SyncRun
 from ibkr_sync.services import sync_positions
 from portfolio.models import Position
@@ -163,22 +164,26 @@ def test_database_lost_at_the_write_step_then_the_next_sync_succeeds(lasting):
     outage = DatabaseOutage(lasting=lasting)
 
     try:
-        with outage.ending_before_the_failure_is_recorded(), pytest.raises(DatabaseError):
+        with (
+            outage.ending_before_the_failure_is_recorded(),
+            pytest.raises(DatabaseUnavailable) as raised,
+        ):
             sync(BreakingGateway(changed, breaker=outage))
     finally:
         outage.end()
 
+    assert isinstance(raised.value.__cause__, DatabaseError)
     assert database_state() == before
     failed = SyncRun.objects.first()
     if lasting:  # it could not be recorded: the lock row is left behind, running
         assert failed.status == SyncRun.Status.RUNNING
     else:  # recorded on a fresh connection
-        assert (failed.status, failed.error_code) == (SyncRun.Status.FAILED, "internal_error")
+        assert (failed.status, failed.error_code) == (SyncRun.Status.FAILED, "database_unavailable")
 
     result = sync(FakeGateway(changed))  # no manual clean-up
     assert (result.created, result.updated, result.closed) == (1, 1, 1)
     failed.refresh_from_db()
     assert failed.status == SyncRun.Status.FAILED
-    assert failed.error_code == ("abandoned" if lasting else "internal_error")
+    assert failed.error_code == ("abandoned" if lasting else "database_unavailable")
     assert not SyncRun.objects.filter(status=SyncRun.Status.RUNNING).exists()
     assert Position.objects.filter(closed_at__isnull=True).count() == 2

@@ -43,7 +43,9 @@ odd_decimal = st.one_of(
 )
 records = st.builds(
     GatewayPosition,
-    account=st.one_of(st.sampled_from(ACCOUNTS), st.sampled_from(["", "DU2222222 "])),
+    account=st.one_of(
+        st.sampled_from(ACCOUNTS), st.sampled_from(["", "DU2222222 ", "U1\x002"]), odd_text
+    ),
     con_id=st.one_of(st.sampled_from(HELD_CON_IDS), st.integers(-3, 10**15)),
     symbol=odd_text,
     sec_type=st.one_of(st.sampled_from(SecType.values), odd_text),

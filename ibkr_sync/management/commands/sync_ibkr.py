@@ -2,7 +2,7 @@
 
 Exit codes (stable, for monitoring): 0 success, 1 unexpected error, 2 bad arguments,
 3 gateway unavailable, 4 gateway timeout, 5 a sync is already running, 6 account not
-managed by the gateway, 7 client id in use, 8 other gateway error.
+managed by the gateway, 7 client id in use, 8 other gateway error, 9 database unavailable.
 
 `--json` prints the API's JSON (the same serializer), `--dry-run` reports what a sync
 would change and writes nothing, `--quiet` prints nothing unless it fails (cron mails
@@ -31,6 +31,7 @@ EXIT_CODES = {
     exceptions.UnknownAccount: 6,
     exceptions.ClientIdInUse: 7,
     exceptions.GatewayError: 8,
+    exceptions.DatabaseUnavailable: 9,
 }
 
 _LIBRARY_LOGGERS = ("ibkr_sync", "ib_insync", "ib_async", "eventkit")
