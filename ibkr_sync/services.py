@@ -160,8 +160,6 @@ def _sync_positions(
             "Try again when it finishes."
         )
     run = _start_run(trigger=trigger, user=user, account_id=account_id)
-    with _active_runs_lock:
-        _active_runs.add(run.pk)
     clock = time.monotonic()
     log = {"run": run.pk, "trigger": trigger, "account": account_id or "all", "dry_run": dry_run}
     logger.info("IBKR sync started %s", _fields(log))
@@ -186,7 +184,7 @@ def _sync_positions(
                 counts.errors = _storable(counts.errors)
                 run.error_details = counts.errors
                 run.finished_at = timezone.now()
-                run.save()
+                _finish_holding_the_lock(run)
     except IbkrSyncError as exc:
         if not dry_run:
             _fail_run(run, exc.code, str(exc))
@@ -224,6 +222,22 @@ def _sync_positions(
         dry_run=dry_run,
         changes=preview if dry_run else None,
     )
+
+
+def _finish_holding_the_lock(run: SyncRun) -> None:
+    """Save the finished run, if it still holds the lock; otherwise undo the whole sync.
+
+    A sync paused for longer than IBKR_SYNC_STALE_AFTER (a suspended machine, say) can
+    find its lock released and taken by a later sync: its writes must not land as well.
+    """
+    # Row-locked until the commit, so the lock cannot be released between check and save.
+    holding = SyncRun.objects.select_for_update().filter(pk=run.pk, status=SyncRun.Status.RUNNING)
+    if not holding.exists():
+        raise SyncAlreadyRunning(
+            "This sync's lock was released while it ran (it looked abandoned) and another "
+            "sync may have run meanwhile, so its changes were rolled back. Sync again."
+        )
+    run.save()
 
 
 def _changes_of(run: SyncRun) -> list[dict[str, Any]]:
@@ -291,8 +305,12 @@ def _start_run(*, trigger: str, user: Any, account_id: str | None) -> SyncRun:
     }
     for _attempt in range(2):
         try:
-            with transaction.atomic():
-                return SyncRun.objects.create(status=SyncRun.Status.RUNNING, **fields)
+            # Registered as this process's in the same step: another thread of this
+            # process must never see the row without it and take it for abandoned.
+            with _active_runs_lock, transaction.atomic():
+                run = SyncRun.objects.create(status=SyncRun.Status.RUNNING, **fields)
+                _active_runs.add(run.pk)
+                return run
         except IntegrityError:
             if not _release_stale_lock():
                 break

@@ -299,6 +299,32 @@ def test_lock_of_a_crashed_process_on_this_host_is_released(fake_gateway):
     assert SyncRun.objects.get(pk=result.sync_run_id).status == "success"
 
 
+def test_a_run_of_this_process_is_never_taken_for_abandoned_while_it_runs(fake_gateway):
+    from ibkr_sync.services import _active_runs, _release_stale_lock, _start_run
+
+    run_ = _start_run(trigger="api", user=None, account_id=None)
+    try:
+        assert _release_stale_lock() is False, "registered as running in this process"
+        assert SyncRun.objects.get(pk=run_.pk).status == "running"
+    finally:
+        _active_runs.discard(run_.pk)
+
+
+def test_a_sync_whose_lock_was_taken_away_meanwhile_writes_nothing(fake_gateway):
+    class LockStolenDuringRead(FakeGateway):
+        def fetch_positions(self, account_id=None):
+            # As another process does after IBKR_SYNC_STALE_AFTER of silence.
+            SyncRun.objects.filter(status="running").update(status="failed", error_code="abandoned")
+            return super().fetch_positions(account_id)
+
+    with pytest.raises(SyncAlreadyRunning, match="lock was released while it ran"):
+        run(LockStolenDuringRead(positions=fake_gateway.positions))
+
+    assert not Position.objects.exists()
+    assert not Account.objects.exists()
+    assert SyncRun.objects.get().status == "failed"
+
+
 def test_stale_lock_from_another_host_is_released_after_the_timeout(fake_gateway, settings):
     settings.IBKR_SYNC_STALE_AFTER = 60
     old = SyncRun.objects.create(trigger="api", status="running", host="elsewhere", pid=1)
