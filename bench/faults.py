@@ -28,6 +28,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portfolio_site.settings")
+# Production-like settings (DEBUG off), with what they then require.
+for name, value in {
+    "DEBUG": "false",
+    "SECRET_KEY": "benchmark-only",
+    "ALLOWED_HOSTS": "testserver",
+}.items():
+    os.environ.setdefault(name, value)
 
 
 def main() -> None:
