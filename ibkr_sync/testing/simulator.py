@@ -957,12 +957,9 @@ def _dec(value: Decimal) -> str:
     return format(value, "f")
 
 
-def _position_fields(pos: SimPosition) -> list[str]:
-    """Position message (61, version 3) exactly as ib_insync's ``Decoder.position`` reads it."""
+def _contract_fields(pos: SimPosition) -> list[str]:
+    """The contract as position and portfolio messages carry it (conId ... tradingClass)."""
     return [
-        "61",
-        "3",
-        pos.account,
         str(pos.con_id),
         pos.symbol,
         pos.sec_type,
@@ -974,6 +971,16 @@ def _position_fields(pos: SimPosition) -> list[str]:
         pos.currency,
         pos.local_symbol,
         pos.trading_class,
+    ]
+
+
+def _position_fields(pos: SimPosition) -> list[str]:
+    """Position message (61, version 3) exactly as ib_insync's ``Decoder.position`` reads it."""
+    return [
+        "61",
+        "3",
+        pos.account,
+        *_contract_fields(pos),
         _dec(pos.quantity),
         _dec(pos.average_cost),
     ]
@@ -1026,17 +1033,7 @@ def _portfolio_frame(pos: SimPosition) -> bytes:
         [
             "7",
             "8",
-            str(pos.con_id),
-            pos.symbol,
-            pos.sec_type,
-            pos.last_trade_date,
-            _dec(pos.strike),
-            pos.right,
-            pos.multiplier,
-            pos.exchange,
-            pos.currency,
-            pos.local_symbol,
-            pos.trading_class,
+            *_contract_fields(pos),
             _dec(pos.quantity),
             _dec(price),
             _money(value),
