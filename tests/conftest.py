@@ -106,3 +106,24 @@ def api_client() -> APIClient:
 def _fast_password_hashing(settings):
     # The default hasher is deliberately slow; tests log users in many times.
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture
+def simulator():
+    """The bundled IB Gateway simulator on a free port, serving the starting portfolio."""
+    from ibkr_sync.testing import GatewaySimulator
+    from tests.integration.conftest import starting_portfolio
+
+    with GatewaySimulator(starting_portfolio()) as sim:
+        yield sim
+
+
+@pytest.fixture
+def ibkr(settings, simulator):
+    """Point the app at the simulator, with short timeouts so failure tests stay fast."""
+    settings.IBKR_HOST = "127.0.0.1"
+    settings.IBKR_PORT = simulator.port
+    settings.IBKR_CLIENT_ID = 17
+    settings.IBKR_CONNECT_TIMEOUT = 3
+    settings.IBKR_REQUEST_TIMEOUT = 3
+    return simulator

@@ -15,9 +15,6 @@ import pytest
 from django.db import connections
 from playwright.sync_api import Page, sync_playwright
 
-# The simulator and the settings pointing the app at it, shared with the integration tests.
-from tests.integration.conftest import ibkr, simulator  # noqa: F401
-
 CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
 NOT_INSTALLED = "Chromium not installed: apt-get install chromium"
 WAIT_MS = 15_000  # a sync against the simulator takes well under a second

@@ -1,14 +1,13 @@
-"""The bundled IB Gateway simulator on a free port, and settings that point the app at it.
+"""The portfolio the bundled IB Gateway simulator starts with in the tests.
 
-Everything here drives the real IB client library (ib_insync, or ib_async when
-IBKR_CLIENT_LIBRARY says so) over TCP, through our gateway adapter.
+The `simulator` and `ibkr` fixtures (tests/conftest.py) serve it; everything here drives
+the real IB client library (ib_insync, or ib_async when IBKR_CLIENT_LIBRARY says so)
+over TCP, through our gateway adapter.
 """
 
 from decimal import Decimal
 
-import pytest
-
-from ibkr_sync.testing import GatewaySimulator, Portfolio, SimPosition
+from ibkr_sync.testing import Portfolio, SimPosition
 
 ACCOUNT = "DU1111111"
 OTHER = "DU2222222"
@@ -40,21 +39,3 @@ def starting_portfolio() -> Portfolio:
                          exchange="SMART"),
         ],
     )  # fmt: skip
-
-
-@pytest.fixture
-def simulator():
-    sim = GatewaySimulator(starting_portfolio())
-    with sim:
-        yield sim
-
-
-@pytest.fixture
-def ibkr(settings, simulator):
-    """Point the app at the simulator, with short timeouts so failure tests stay fast."""
-    settings.IBKR_HOST = "127.0.0.1"
-    settings.IBKR_PORT = simulator.port
-    settings.IBKR_CLIENT_ID = 17
-    settings.IBKR_CONNECT_TIMEOUT = 3
-    settings.IBKR_REQUEST_TIMEOUT = 3
-    return simulator

@@ -10,19 +10,9 @@ from __future__ import annotations
 import pytest
 
 from portfolio.models import Instrument, Position
-from tests.integration.conftest import starting_portfolio
 
 CONNECT_TIMEOUT = 1.0
 REQUEST_TIMEOUT = 1.0
-
-
-@pytest.fixture
-def simulator():
-    from ibkr_sync.testing import GatewaySimulator
-
-    sim = GatewaySimulator(starting_portfolio())
-    with sim:
-        yield sim
 
 
 @pytest.fixture
