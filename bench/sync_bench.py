@@ -328,7 +328,6 @@ def _fill(portfolio: Any) -> None:
     """Load a generated portfolio straight into the tables (setup, not measured)."""
     from django.utils import timezone
 
-    from ibkr_sync.gateway import GatewayPosition
     from ibkr_sync.mapping import BROKER, map_position
     from portfolio.models import Account, Instrument, Position
 
@@ -339,26 +338,7 @@ def _fill(portfolio: Any) -> None:
             Account(broker=BROKER, external_id=a, last_synced_at=now) for a in portfolio.accounts
         )
     }
-    mapped = [
-        map_position(
-            GatewayPosition(
-                account=p.account,
-                con_id=p.con_id,
-                symbol=p.symbol,
-                sec_type=p.sec_type,
-                quantity=p.quantity,
-                average_cost=p.average_cost,
-                currency=p.currency,
-                exchange=p.exchange,
-                local_symbol=p.local_symbol,
-                multiplier=p.multiplier,
-                last_trade_date=p.last_trade_date,
-                strike=p.strike,
-                right=p.right,
-            )
-        )
-        for p in portfolio.positions
-    ]
+    mapped = [map_position(p.as_gateway_position()) for p in portfolio.positions]
     instruments = {
         i.external_id: i.pk
         for i in Instrument.objects.bulk_create(

@@ -15,7 +15,6 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from ibkr_sync import services
-from ibkr_sync.gateway import GatewayPosition
 from ibkr_sync.models import PositionChange, SyncRun
 from ibkr_sync.services import BATCH_SIZE, sync_positions
 from ibkr_sync.testing import generate_portfolio
@@ -29,16 +28,7 @@ def generated_gateway(n: int, accounts: int = 3) -> FakeGateway:
     portfolio = generate_portfolio(n, accounts=accounts, seed=7)
     return FakeGateway(
         accounts=portfolio.accounts,
-        positions=[
-            GatewayPosition(
-                account=p.account, con_id=p.con_id, symbol=p.symbol, sec_type=p.sec_type,
-                quantity=p.quantity, average_cost=p.average_cost, currency=p.currency,
-                exchange=p.exchange, local_symbol=p.local_symbol,
-                trading_class=p.trading_class, multiplier=p.multiplier,
-                last_trade_date=p.last_trade_date, strike=p.strike, right=p.right,
-            )
-            for p in portfolio.positions
-        ],
+        positions=[p.as_gateway_position() for p in portfolio.positions],
     )  # fmt: skip
 
 

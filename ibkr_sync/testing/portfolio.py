@@ -157,6 +157,16 @@ class SimPosition:
         """A copy with another quantity (e.g. 0 for a position closed during the session)."""
         return _replace(self, quantity=_to_decimal("quantity", quantity))
 
+    def as_gateway_position(self) -> Any:
+        """This position as the app's gateway adapter hands it on (a `GatewayPosition`),
+        for feeding the sync directly, without the wire, in tests and benchmarks."""
+        from ..gateway import GatewayPosition
+
+        fields = GatewayPosition.__dataclass_fields__
+        return GatewayPosition(
+            **{name: getattr(self, name) for name in fields if hasattr(self, name)}
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict; decimals as strings so saving never loses digits."""
         data = asdict(self)
