@@ -9,7 +9,7 @@ from django.db.models import QuerySet
 from django.utils.decorators import method_decorator
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import status
-from rest_framework.generics import ListAPIView, RetrieveAPIView
+from rest_framework.generics import RetrieveAPIView
 from rest_framework.permissions import AllowAny, BasePermission, IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -23,7 +23,7 @@ from portfolio.api.errors import (
 )
 from portfolio.api.pagination import NewestFirstCursorPagination
 from portfolio.api.permissions import CanViewModel
-from portfolio.api.views import PAGE_PARAMS, error_responses
+from portfolio.api.views import PAGE_PARAMS, ReadOnlyListView, error_responses
 
 from .. import exceptions
 from ..health import check_health
@@ -146,8 +146,7 @@ class IbkrSyncView(ErrorEnvelopeMixin, APIView):
     parameters=[SyncRunFilterSerializer],
     responses={200: SyncRunSerializer(many=True), **error_responses(400, 401, 403, 405)},
 )
-class SyncRunListView(ErrorEnvelopeMixin, ListAPIView):
-    permission_classes = [IsAuthenticated, CanViewModel]
+class SyncRunListView(ReadOnlyListView):
     pagination_class = NewestFirstCursorPagination
     serializer_class = SyncRunSerializer
 
