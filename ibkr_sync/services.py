@@ -153,13 +153,7 @@ def _sync_positions(
 ) -> SyncResult:
     if account_id is not None:
         account_id = normalize_account_id(account_id)
-    if dry_run and not _release_stale_lock():
-        # Checked first so that a refused dry run leaves no record either.
-        raise SyncAlreadyRunning(
-            "Another IBKR sync is running; this dry run was not started. "
-            "Try again when it finishes."
-        )
-    run = _start_run(trigger=trigger, user=user, account_id=account_id)
+    run = _start_run(trigger=trigger, user=user, account_id=account_id, dry_run=dry_run)
     clock = time.monotonic()
     log = {"run": run.pk, "trigger": trigger, "account": account_id or "all", "dry_run": dry_run}
     logger.info("IBKR sync started %s", _fields(log))
@@ -295,7 +289,9 @@ _active_runs: set[int] = set()
 _active_runs_lock = threading.Lock()
 
 
-def _start_run(*, trigger: str, user: Any, account_id: str | None) -> SyncRun:
+def _start_run(*, trigger: str, user: Any, account_id: str | None, dry_run: bool) -> SyncRun:
+    """Take the lock: a `running` row. A sync refused it is recorded as failed; a dry run,
+    which leaves no record, is not."""
     fields = {
         "trigger": trigger,
         "user": user if getattr(user, "is_authenticated", False) else None,
@@ -315,8 +311,11 @@ def _start_run(*, trigger: str, user: Any, account_id: str | None) -> SyncRun:
             if not _release_stale_lock():
                 break
     error = SyncAlreadyRunning(
-        "Another IBKR sync is running; this one was not started. Try again when it finishes."
+        f"Another IBKR sync is running; this {'dry run' if dry_run else 'one'} was not "
+        "started. Try again when it finishes."
     )
+    if dry_run:
+        raise error
     SyncRun.objects.create(
         status=SyncRun.Status.FAILED,
         error_code=error.code,

@@ -302,7 +302,7 @@ def test_lock_of_a_crashed_process_on_this_host_is_released(fake_gateway):
 def test_a_run_of_this_process_is_never_taken_for_abandoned_while_it_runs(fake_gateway):
     from ibkr_sync.services import _active_runs, _release_stale_lock, _start_run
 
-    run_ = _start_run(trigger="api", user=None, account_id=None)
+    run_ = _start_run(trigger="api", user=None, account_id=None, dry_run=False)
     try:
         assert _release_stale_lock() is False, "registered as running in this process"
         assert SyncRun.objects.get(pk=run_.pk).status == "running"
