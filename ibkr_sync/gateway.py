@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import socket
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -160,6 +161,18 @@ class IbkrGateway:
     @property
     def address(self) -> str:
         return f"{self.config.host}:{self.config.port}"
+
+    def port_is_open(self, timeout: float = 2.0) -> bool:
+        """Whether the gateway's API port accepts a TCP connection. A plain connect, no API
+        handshake: it takes no client id and disturbs no running sync."""
+        try:
+            with socket.create_connection(
+                (self.config.host, self.config.port),
+                timeout=min(timeout, self.config.connect_timeout),
+            ):
+                return True
+        except OSError:
+            return False
 
     def fetch_positions(self, account_id: str | None = None) -> GatewaySnapshot:
         """Connect read-only, read every position (of one account, if given), disconnect."""

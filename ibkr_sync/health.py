@@ -6,13 +6,13 @@ and the error code of a failed sync, never a host name, an account id or an erro
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 from django.db import DatabaseError, connection
 from django.utils import timezone
 
 from . import conf
+from .gateway import IbkrGateway
 from .models import SyncRun
 
 # A sync refused because another one was running says nothing about the data's age.
@@ -67,13 +67,4 @@ def _last_sync() -> dict[str, Any]:
 
 
 def _gateway() -> dict[str, Any]:
-    """A plain TCP connect: no API handshake, so no client id is taken."""
-    config = conf.GatewayConfig.from_settings()
-    try:
-        with socket.create_connection(
-            (config.host, config.port), timeout=min(2.0, config.connect_timeout)
-        ):
-            pass
-    except OSError:
-        return {"status": "unreachable"}
-    return {"status": "ok"}
+    return {"status": "ok" if IbkrGateway().port_is_open() else "unreachable"}
