@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Context, Decimal, InvalidOperation
 from typing import Any
 
+from portfolio.decimals import plain
 from portfolio.models import DECIMAL_QUANTUM, Account, Broker, Instrument, SecType
 
 from .exceptions import InvalidAccountId
@@ -127,13 +128,13 @@ def _describe(record: GatewayPosition, strike: Decimal | None, right: str, mult:
         if record.last_trade_date:
             parts.append(record.last_trade_date.split()[0])
         if strike is not None:
-            parts.append(f"{strike.normalize():f}")
+            parts.append(plain(strike))
         if right:
             parts.append(right)
     elif record.sec_type in {"FUT"} and record.last_trade_date and not record.local_symbol:
         parts.append(record.last_trade_date.split()[0])
     if mult is not None and mult != 1:
-        parts.append(f"x{mult.normalize():f}")
+        parts.append(f"x{plain(mult)}")
     return " ".join(parts)[:255]
 
 

@@ -11,15 +11,14 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html
 
+from . import decimals
 from .models import Account, Instrument, Position
 from .overview import cost_basis_overview, status_panels
 
 
 def plain(value: Decimal | None) -> str:
     """A Decimal without the column's trailing zeros: 0.5, not 0.5000000000."""
-    if value is None:
-        return "-"
-    return f"{value.normalize():f}"
+    return "-" if value is None else decimals.plain(value)
 
 
 class SyncedModelAdmin(admin.ModelAdmin):

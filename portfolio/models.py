@@ -9,6 +9,8 @@ from decimal import Decimal
 
 from django.db import models
 
+from .decimals import plain
+
 # Wide enough for fractional shares and crypto (10 places) and for large notional values.
 QUANTITY_DIGITS = {"max_digits": 30, "decimal_places": 10}
 MONEY_DIGITS = {"max_digits": 30, "decimal_places": 10}
@@ -154,7 +156,7 @@ class Position(models.Model):
         indexes = [models.Index(fields=["account", "closed_at"], name="portfolio_position_open")]
 
     def __str__(self) -> str:
-        return f"{self.account.external_id}: {self.quantity.normalize():f} {self.instrument}"
+        return f"{self.account.external_id}: {plain(self.quantity)} {self.instrument}"
 
     @property
     def is_open(self) -> bool:

@@ -16,6 +16,7 @@ from decimal import ROUND_HALF_EVEN, Decimal
 from django.db.models import Count, Q, Sum
 from django.http import HttpRequest
 
+from .decimals import plain
 from .models import Position
 
 StatusPanel = Callable[[HttpRequest], str]
@@ -49,7 +50,7 @@ class Subtotal:
 
     @property
     def exact(self) -> str:
-        return f"{self.cost_basis.normalize():f}"
+        return plain(self.cost_basis)
 
     def add(self, positions: int, cost_basis: Decimal | None, without: int) -> None:
         self.positions += positions

@@ -4,6 +4,7 @@ from decimal import Decimal
 from django.db import models
 from rest_framework import serializers
 
+from ..decimals import plain
 from ..models import Account, Instrument, Position, SecType
 
 
@@ -19,15 +20,7 @@ class ExactDecimalField(serializers.DecimalField):
         super().__init__(**kwargs)
 
     def to_representation(self, value):
-        if value is None:
-            return None
-        value = Decimal(value)
-        if value == 0:
-            return "0"
-        sign, digits, exponent = value.as_tuple()
-        while exponent < 0 and digits and digits[-1] == 0:
-            digits, exponent = digits[:-1], exponent + 1
-        return f"{Decimal((sign, digits, exponent)):f}"
+        return None if value is None else plain(Decimal(value))
 
 
 class ExactDecimalModelSerializer(serializers.ModelSerializer):

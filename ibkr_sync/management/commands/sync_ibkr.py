@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from portfolio.api.errors import error_body
+from portfolio.decimals import plain
 
 from ... import exceptions
 from ...api.serializers import SyncResultSerializer, render_json
@@ -126,7 +127,7 @@ class Command(BaseCommand):
 def _describe_change(change: dict) -> str:
     """One line of a dry run's changes: `  updated   U1234567  AAPL (265598): 10 -> 12`."""
     before, after = (
-        "closed" if value is None else f"{value.normalize():f}"
+        "closed" if value is None else plain(value)
         for value in (change["quantity_before"], change["quantity_after"])
     )
     if change["kind"] == "created":
