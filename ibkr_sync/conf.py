@@ -15,6 +15,9 @@ DEFAULTS = {
     "IBKR_CONNECT_TIMEOUT": 10.0,
     "IBKR_REQUEST_TIMEOUT": 60.0,
     "IBKR_CLIENT_LIBRARY": "ib_insync",
+    # A running sync renews its lock every third of this; silent this long, it is released.
+    "IBKR_SYNC_LOCK_TIMEOUT": 30.0,
+    # The longest a sync may hold the lock: after this its heartbeat stops.
     "IBKR_SYNC_STALE_AFTER": 900.0,
     # /healthz reports the data stale this long after the last successful sync; 0: never.
     "IBKR_SYNC_MAX_AGE": 86400,

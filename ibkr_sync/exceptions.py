@@ -70,3 +70,9 @@ class IncompleteSnapshot(GatewayError):
     """The gateway sent something we could not read; the snapshot cannot be trusted."""
 
     code = "incomplete_snapshot"
+
+
+class NoManagedAccounts(GatewayError):
+    """The gateway answered the handshake but manages no account (not logged in yet)."""
+
+    code = "no_managed_accounts"

@@ -18,7 +18,11 @@ Why it is shaped this way:
   incomplete; a snapshot here is complete or it is an error, never a short portfolio
   that would close positions that are still held.
 - Quantities and average costs are taken from the wire text, not from the library's
-  floats, so fractional shares arrive exactly as the gateway sent them.
+  floats, so fractional shares arrive exactly as the gateway sent them, read with the TWS
+  wire grammar (`protocol.py`): IBKR's "no value" markers never become numbers.
+- Every frame of the session goes through one guard: a frame the client library cannot
+  decode, or one in a layout we do not expect, makes the read incomplete. The library
+  would only log it, and a position we could not read must never be closed as gone.
 - One read at a time per process: a dropped IB connection cancels blocking calls of
   every other IB instance in the process.
 """
@@ -32,7 +36,7 @@ import socket
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from sys import intern
 from typing import Any, TypeVar
 
@@ -44,17 +48,32 @@ from .exceptions import (
     GatewayUnavailable,
     IbkrSyncError,
     IncompleteSnapshot,
+    NoManagedAccounts,
     SyncAlreadyRunning,
     UnknownAccount,
+)
+from .protocol import (
+    POSITION_FIELDS,
+    POSITION_MESSAGE_ID,
+    POSITION_VERSION,
+    UNSET,
+    WireValueError,
+    parse_decimal,
+    parse_integer,
 )
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Message ids of the TWS protocol that carry the positions we read.
-_MSG_POSITION = 61
+# Message ids of the TWS protocol that we read ourselves or look at.
+_MSG_ERROR = 4
+_MSG_MANAGED_ACCOUNTS = 15
+_MSG_POSITION = POSITION_MESSAGE_ID
 _MSG_POSITION_END = 62
+# The exact field counts of the messages that start and end a read besides the positions
+# (which `_position_from_wire` checks): the library would take a short one as it is.
+_FIELD_COUNTS = {_MSG_MANAGED_ACCOUNTS: 3, 9: 3, _MSG_POSITION_END: 2}
 
 # IB error codes that end a read, decided here and nowhere else. Everything else the
 # gateway says during a read (farm status 2104/2106/2158, 1102 "connectivity restored",
@@ -79,7 +98,11 @@ _process_lock = threading.Lock()
 
 @dataclass(frozen=True, slots=True)
 class GatewayPosition:
-    """One position row as the gateway reported it, before any mapping."""
+    """One position row as the gateway reported it, before any mapping.
+
+    `average_cost` is None when IBKR reported none (one of its "no value" markers); a
+    quantity is always a number, since a read with an unset quantity is incomplete.
+    """
 
     account: str
     con_id: int
@@ -108,18 +131,13 @@ class GatewaySnapshot:
     server_version: int | None = None
 
 
-def _decimal(text: Any) -> Decimal | None:
-    if text is None:
-        return None
-    try:
-        return Decimal(str(text).strip() or "0")
-    except InvalidOperation:
-        return None
-
-
 def _float_decimal(value: float | None) -> Decimal | None:
-    # repr() is the shortest text that round-trips, i.e. the decimal the wire carried.
-    return None if value is None else Decimal(repr(float(value)))
+    """A library float as the decimal the wire carried (repr() is the shortest text that
+    round-trips), or None for IBKR's "no value" markers."""
+    if value is None:
+        return None
+    number = parse_decimal(repr(float(value)))
+    return None if number is UNSET else number
 
 
 @dataclass
@@ -127,7 +145,8 @@ class _ReadState:
     """What one read has seen so far; filled by library callbacks on the private loop."""
 
     failure: asyncio.Future | None = None
-    malformed: list[str] = field(default_factory=list)
+    # Frames that could not be read: any of them makes the read incomplete.
+    unreadable: list[str] = field(default_factory=list)
     positions: dict[tuple[str, int], GatewayPosition] = field(default_factory=dict)
 
     def fail(self, error: IbkrSyncError) -> None:
@@ -201,6 +220,7 @@ class IbkrGateway:
         if connection is not None and hasattr(connection, "disconnected"):
             connection.disconnected += lambda message: self._on_socket_closed(state, message)
         self._decode_positions_ourselves(ib, state)
+        self._guard_decoding(ib, state)
         try:
             ib.wrapper.clientId = cfg.client_id
             await self._race(
@@ -216,11 +236,11 @@ class IbkrGateway:
                     f"(it manages: {', '.join(managed) or 'none'})."
                 )
             await self._race(ib.reqPositionsAsync(), state, cfg.request_timeout, "send positions")
-            if state.malformed:
+            if state.unreadable:
                 raise IncompleteSnapshot(
-                    f"The IB gateway at {self.address} sent {len(state.malformed)} position "
-                    "message(s) that could not be read; nothing was changed. "
-                    f"First: {state.malformed[0]}"
+                    f"The IB gateway at {self.address} sent {len(state.unreadable)} "
+                    "message(s) that could not be read, so the positions it reported may "
+                    f"be incomplete; nothing was changed. First: {state.unreadable[0]}"
                 )
             accounts = (account_id,) if account_id is not None else managed
             positions = tuple(
@@ -374,11 +394,78 @@ class IbkrGateway:
             try:
                 position = _position_from_wire(fields)
             except (ValueError, ArithmeticError) as exc:
-                state.malformed.append(f"{','.join(fields[2:6])}: {exc}")
+                _unreadable(state, fields, exc)
             else:
                 self._received(state, position)
 
         handlers[_MSG_POSITION] = on_position
+
+    def _guard_decoding(self, ib: Any, state: _ReadState) -> None:
+        """Every frame of the session is decoded under our eye, not only positions.
+
+        The library's own dispatch logs a frame it cannot decode (a message id that is not
+        a number, too few fields for its layout) and carries on, and its generated
+        handlers do the same one level down. Here both are caught: such a frame is
+        recorded as unreadable. An error frame we cannot decode is still looked at for
+        its code, so a "lost connection to IBKR" (1100) in an odd layout still stops the
+        read with its own reason. A message id the library does not know is a newer
+        server's message and stays harmless.
+        """
+        decoder = ib.client.decoder
+        handlers = getattr(decoder, "handlers", None)
+        decoder.logger = _DecoderLog(decoder.logger, lambda text: state.unreadable.append(text))
+        if not isinstance(handlers, dict):
+            return
+
+        def interpret(fields: list[str]) -> None:
+            try:
+                msg_id = parse_integer(fields[0]) if fields else UNSET
+                if msg_id is UNSET:
+                    raise WireValueError("no message id")
+            except WireValueError as exc:
+                _unreadable(state, fields, exc)
+                return
+            handler = handlers.get(msg_id)
+            if handler is None:
+                logger.debug("Ignoring message %s, unknown to the client library", msg_id)
+                return
+            expected = _FIELD_COUNTS.get(msg_id)
+            if expected is not None and len(fields) != expected:
+                _unreadable(state, fields, f"{len(fields)} fields instead of {expected}")
+                return
+            if msg_id == _MSG_MANAGED_ACCOUNTS:
+                self._check_managed_accounts(state, fields)
+            seen = len(state.unreadable)
+            try:
+                handler(fields)
+            except Exception as exc:
+                _unreadable(state, fields, exc)
+            if msg_id == _MSG_ERROR and len(state.unreadable) > seen:
+                self._undecodable_error(state, fields)
+
+        decoder.interpret = interpret
+
+    def _check_managed_accounts(self, state: _ReadState, fields: list[str]) -> None:
+        # The library waits for a non-empty list before it calls the session started, so
+        # without this an empty one would surface as a connect timeout.
+        if len(fields) >= 3 and not [a for a in fields[2].split(",") if a.strip()]:
+            state.fail(
+                NoManagedAccounts(
+                    f"The IB gateway at {self.address} reports no managed accounts, so there "
+                    "is nothing to read; nothing was changed. Check that TWS / IB Gateway has "
+                    "finished logging in to an account (not only started), then sync again."
+                )
+            )
+
+    def _undecodable_error(self, state: _ReadState, fields: list[str]) -> None:
+        """An error frame the library could not decode: act on its code if it has one."""
+        try:
+            code = parse_integer(fields[3])
+        except (IndexError, WireValueError):
+            return
+        if code is not UNSET:
+            text = fields[4] if len(fields) > 4 else ""
+            self._on_error(state, -1, code, text)
 
     def _received(self, state: _ReadState, position: GatewayPosition) -> None:
         state.positions[(position.account, position.con_id)] = position
@@ -387,12 +474,16 @@ class IbkrGateway:
 
     def _on_position_event(self, state: _ReadState, position: Any) -> None:
         contract = position.contract
+        quantity = _float_decimal(position.position)
+        if quantity is None or not position.account or not contract.conId:
+            state.unreadable.append(f"a position of contract {contract.conId!r}: unset fields")
+            return
         received = GatewayPosition(
             account=position.account,
             con_id=contract.conId,
             symbol=contract.symbol,
             sec_type=contract.secType,
-            quantity=_float_decimal(position.position),
+            quantity=quantity,
             average_cost=_float_decimal(position.avgCost),
             currency=contract.currency,
             exchange=contract.exchange,
@@ -410,36 +501,73 @@ class IbkrGateway:
 def _position_from_wire(fields: list[str]) -> GatewayPosition:
     """A position message (id 61, version 3), in the layout the client library decodes.
 
-    Quantity and average cost keep the wire's decimal text; the other fields are read
-    as the library reads them (an empty number is 0, the strike goes through a float).
+    Numbers are read with the TWS wire grammar, exactly. What makes the whole read
+    incomplete (a ValueError here): another layout or version, a record that names no
+    account or no valid contract id (we could not tell which stored position it is, so
+    none could safely be closed), and an unset or unreadable quantity (never read as 0,
+    which means "closed") or an unreadable average cost or strike. An unset average cost
+    is None; an unset strike is None as well.
     """
-    if len(fields) != 16:
-        raise ValueError(f"{len(fields)} fields instead of 16")
+    if len(fields) != len(POSITION_FIELDS):
+        raise ValueError(f"{len(fields)} fields instead of {len(POSITION_FIELDS)}")
     (
-        _, _, account, con_id, symbol, sec_type, last_trade_date, strike, right, multiplier,
-        exchange, currency, local_symbol, trading_class, quantity, average_cost,
+        _, version, account, con_id, symbol, sec_type, last_trade_date, strike, right,
+        multiplier, exchange, currency, local_symbol, trading_class, quantity, average_cost,
     ) = fields  # fmt: skip
-    parsed_quantity = _decimal(quantity)
-    if parsed_quantity is None:
-        # Never read as 0: a zero quantity means "closed".
-        raise ValueError(f"unreadable quantity {quantity!r}")
+    if version != POSITION_VERSION:
+        raise ValueError(f"position message version {version!r} instead of {POSITION_VERSION}")
+    if not account:
+        raise ValueError("no account id")
+    parsed_con_id = parse_integer(con_id)
+    if parsed_con_id is UNSET or parsed_con_id <= 0:
+        raise ValueError(f"contract id {con_id!r} is not a contract id")
+    parsed_quantity = parse_decimal(quantity)
+    if parsed_quantity is UNSET:
+        raise ValueError(f"the quantity of contract {parsed_con_id} is unset ({quantity!r})")
+    parsed_cost = parse_decimal(average_cost)
+    parsed_strike = parse_decimal(strike)
     # Texts that repeat across positions (account, currency, ...) are kept once each.
     return GatewayPosition(
         account=intern(account),
-        con_id=int(con_id or 0),
+        con_id=parsed_con_id,
         symbol=symbol,
         sec_type=intern(sec_type),
         quantity=parsed_quantity,
-        average_cost=_decimal(average_cost),
+        average_cost=None if parsed_cost is UNSET else parsed_cost,
         currency=intern(currency),
         exchange=intern(exchange),
         local_symbol=local_symbol,
         trading_class=intern(trading_class),
         multiplier=intern(multiplier),
         last_trade_date=intern(last_trade_date),
-        strike=_float_decimal(float(strike or 0)),
+        strike=None if parsed_strike is UNSET else parsed_strike,
         right=intern(right),
     )
+
+
+def _unreadable(state: _ReadState, fields: list[str], reason: object) -> None:
+    """Record a frame that could not be read, named by its first fields (never a secret:
+    message id, version, account, contract id)."""
+    head = ",".join(repr(f)[1:-1][:40] for f in fields[:4])
+    state.unreadable.append(f"[{head}]: {reason}")
+
+
+class _DecoderLog:
+    """Stands in for the client library decoder's logger: an exception it logs is a frame
+    it could not decode (its handlers catch their own errors and only log them)."""
+
+    def __init__(self, logger: logging.Logger, on_failure: Callable[[str], None]) -> None:
+        self._logger = logger
+        self._on_failure = on_failure
+
+    def exception(self, message: str, *args: Any, **kwargs: Any) -> None:
+        self._on_failure(str(message).split(":", 1)[0] + " failed in the client library")
+        self._logger.warning(message, *args, exc_info=True)
+
+    error = exception
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._logger, name)
 
 
 def _run_in_private_loop(make_coroutine: Any) -> Any:

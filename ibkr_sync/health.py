@@ -1,4 +1,5 @@
-"""What `GET /healthz` checks: the database, the age of the last sync, the gateway's port.
+"""What `GET /healthz` checks: the database, the age of the last sync, the sync lock, and
+(when asked) the gateway's port.
 
 Answers are coarse on purpose (the endpoint needs no login): a status per check, ages
 and the error code of a failed sync, never a host name, an account id or an error text.
@@ -11,21 +12,21 @@ from typing import Any
 from django.db import DatabaseError, connection
 from django.utils import timezone
 
-from . import conf
+from . import conf, selectors
 from .gateway import IbkrGateway
 from .models import SyncRun
-
-# A sync refused because another one was running says nothing about the data's age.
-_NOT_A_FAILURE = ("sync_already_running",)
+from .services import lock_abandoned
 
 
 def check_health(*, gateway: bool = False) -> tuple[bool, dict[str, Any]]:
     """(healthy, report) for monitoring; with `gateway`, also try the gateway's port."""
     checks: dict[str, Any] = {"database": _database()}
     checks["last_sync"] = {"status": "unknown"}
+    checks["sync_lock"] = {"status": "unknown"}
     if checks["database"]["status"] == "ok":
         try:
             checks["last_sync"] = _last_sync()
+            checks["sync_lock"] = _sync_lock()
         except DatabaseError:  # e.g. tables not migrated yet
             checks["database"] = {"status": "error"}
     if gateway:
@@ -47,11 +48,10 @@ def _database() -> dict[str, Any]:
 def _last_sync() -> dict[str, Any]:
     max_age = float(conf.get("IBKR_SYNC_MAX_AGE"))
     report: dict[str, Any] = {"max_age_seconds": int(max_age)}
-    finished = SyncRun.objects.exclude(status=SyncRun.Status.RUNNING).exclude(
-        error_code__in=_NOT_A_FAILURE
-    )
-    last = finished.order_by("-started_at", "-id").first()
-    success = finished.filter(status=SyncRun.Status.SUCCESS).order_by("-started_at", "-id").first()
+    last = selectors.last_counting_run("status", "error_code", "started_at", "finished_at")
+    success = last if last is not None and last.status == SyncRun.Status.SUCCESS else None
+    if success is None:
+        success = selectors.last_successful_run("started_at", "finished_at")
     if success is not None:
         age = (timezone.now() - success.finished_at).total_seconds()
         report.update(last_success_at=success.finished_at, age_seconds=int(age))
@@ -64,6 +64,31 @@ def _last_sync() -> dict[str, Any]:
     else:
         report.update(status="ok")
     return report
+
+
+def lock_hold_limit() -> float:
+    """The longest a healthy sync holds the lock: it connects, reads, and writes."""
+    return (
+        float(conf.get("IBKR_CONNECT_TIMEOUT"))
+        + float(conf.get("IBKR_REQUEST_TIMEOUT"))
+        + float(conf.get("IBKR_SYNC_LOCK_TIMEOUT"))
+    )
+
+
+def _sync_lock() -> dict[str, Any]:
+    """Free, or held briefly, is "ok". Held for longer than a sync can take (connect, read and
+    write timeouts): "stuck" while its holder still renews it, "abandoned" once it stopped
+    (the next sync releases it). Either way syncs are not happening, which a monitor must
+    hear about."""
+    running = selectors.running_run()
+    if running is None:
+        return {"status": "ok"}
+    now = timezone.now()
+    held = (now - running.started_at).total_seconds()
+    report: dict[str, Any] = {"held_seconds": int(held), "limit_seconds": int(lock_hold_limit())}
+    if held <= lock_hold_limit():
+        return {"status": "ok", **report}
+    return {"status": "abandoned" if lock_abandoned(running, now) else "stuck", **report}
 
 
 def _gateway() -> dict[str, Any]:

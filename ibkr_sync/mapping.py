@@ -3,6 +3,13 @@
 Validation comes first and fails with `MappingError(reason)`: the service counts such a
 record in `errors` and leaves its stored row alone. Values are converted with `Decimal`
 and tested with `is not None` (0 is a real quantity), never by truthiness.
+
+Every value is checked against the column it goes to before anything is written, by one
+mechanism (`fit`) that reads the bounds off the model fields themselves: a CharField's
+length, a DecimalField's digits and places (and what SQLite can hand back), an integer
+column's range, a field's choices. A value that does not fit is the record's error; it
+never reaches the database, where it would fail the whole sync (PostgreSQL) or be stored
+in a form that cannot be read back (SQLite).
 """
 
 from __future__ import annotations
@@ -11,26 +18,24 @@ import datetime as dt
 import re
 from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Context, Decimal, InvalidOperation
+from functools import cache
 from typing import Any
 
+from django.db import connection, models
+
 from portfolio.decimals import plain
-from portfolio.models import DECIMAL_QUANTUM, Account, Broker, Instrument, SecType
+from portfolio.models import Account, Broker, Instrument, Position, SecType
 
 from .exceptions import InvalidAccountId
 from .gateway import GatewayPosition
+from .protocol import UNSET, WireValueError, parse_decimal
 
 BROKER = Broker.IBKR
 
-# IBKR marks "no value" with Double.MAX_VALUE (1.7976931348623157E308) or NaN.
-_UNSET_THRESHOLD = Decimal("1e300")
-# Integer digits our columns hold (max_digits 30, decimal_places 10).
-_MAX_ABS = Decimal(10) ** 20
-_MULTIPLIER_QUANTUM = Decimal("0.000001")
-_WIDE = Context(prec=40)
 _SEC_TYPES = frozenset(SecType.values)
 _RIGHTS = {"C": "C", "CALL": "C", "P": "P", "PUT": "P", "": "", "0": "", "?": ""}
 _ACCOUNT_ID = re.compile(r"^[A-Z]{1,3}[0-9]{3,12}$")
-_EXPIRY = re.compile(r"^(\d{4})(\d{2})(\d{2})?(?:[ \-].*)?$")
+_EXPIRY = re.compile(r"^([0-9]{4})([0-9]{2})([0-9]{2})?(?:[ \-].*)?$", re.DOTALL)
 
 # The fields of `Instrument` / `Position` that a sync owns; compared to detect changes.
 INSTRUMENT_FIELDS = (
@@ -78,30 +83,142 @@ def is_paper_account(account_id: str) -> bool:
 
 
 def optional_decimal(value: Decimal | float | str | None) -> Decimal | None:
-    """A gateway number as a Decimal, or None for IBKR's unset markers and empty text."""
-    if isinstance(value, Decimal):
-        number = value
-    else:
-        text = repr(value) if isinstance(value, float) else str(value or "").strip()
-        if not text:
-            return None
-        try:
-            number = Decimal(text)
-        except InvalidOperation:
-            raise MappingError(f"{value!r} is not a number") from None
-    if not number.is_finite() or abs(number) >= _UNSET_THRESHOLD:
+    """A gateway number as a Decimal, or None for IBKR's "no value" markers.
+
+    Text is read with the TWS wire grammar (`protocol.parse_decimal`), a float as the
+    shortest decimal that round-trips; a Decimal is taken as it is, unless it is one of
+    the markers (NaN, UNSET_DOUBLE, ...).
+    """
+    if value is None:
         return None
-    return number
+    if isinstance(value, Decimal):
+        text = format(value, "f") if value.is_finite() else str(value)
+        if value.is_nan():
+            return None
+    else:
+        text = repr(value) if isinstance(value, float) else str(value)
+    try:
+        number = parse_decimal(text)
+    except WireValueError as exc:
+        raise MappingError(str(exc)) from None
+    if number is UNSET:
+        return None
+    return value if isinstance(value, Decimal) else number
 
 
-def _quantize(value: Decimal, what: str, *, exact: bool) -> Decimal:
-    if abs(value) >= _MAX_ABS:
-        raise MappingError(f"{what} {value} is too large to store")
-    # Up to 20 integer and 10 decimal digits: more than the default 28-digit context.
-    stored = value.quantize(DECIMAL_QUANTUM, rounding=ROUND_HALF_EVEN, context=_WIDE)
+# --- column bounds --------------------------------------------------------------------------
+
+# SQLite keeps 15 significant digits of a decimal and Django quantizes what it reads back
+# within the column's digits: a value that rounds up past them cannot be read.
+_SQLITE_DIGITS = Context(prec=15)
+
+
+@dataclass(frozen=True, slots=True)
+class _DecimalBounds:
+    places: int
+    quantum: Decimal
+    limit: Decimal  # every stored value is below this in magnitude
+    context: Context
+
+
+@cache
+def _decimal_bounds(max_digits: int, decimal_places: int) -> _DecimalBounds:
+    return _DecimalBounds(
+        places=decimal_places,
+        quantum=Decimal(1).scaleb(-decimal_places),
+        limit=Decimal(10) ** (max_digits - decimal_places),
+        context=Context(prec=max_digits + 2),
+    )
+
+
+def _label(field: models.Field) -> str:
+    return str(field.verbose_name)
+
+
+def fit(model: type[models.Model], values: dict[str, Any], *, exact: tuple[str, ...] = ()):
+    """`values` as `model`'s columns store them, or MappingError naming the one that does not
+    fit. Decimals are rounded half-even to their column's places, except the fields named
+    in `exact` (a quantity is never rounded: more places than the column has is an error)."""
+    return {
+        name: fit_value(model._meta.get_field(name), value, exact=name in exact)
+        for name, value in values.items()
+    }
+
+
+def fit_value(field: models.Field, value: Any, *, exact: bool = False) -> Any:
+    """One value checked against the bounds of `field`'s column (see `fit`)."""
+    what = _label(field)
+    if value is None:
+        if not field.null:
+            raise MappingError(f"{what} is missing")
+        return None
+    if isinstance(field, models.DecimalField):
+        value = _fit_decimal(field, value, what, exact)
+    elif isinstance(field, models.CharField):
+        _fit_text(field, value, what)
+    elif isinstance(field, models.IntegerField):
+        low, high = connection.ops.integer_field_range(field.get_internal_type())
+        if not isinstance(value, int) or not (
+            (low is None or value >= low) and (high is None or value <= high)
+        ):
+            raise MappingError(f"{what} {_short(value)} is out of range")
+    allowed = {key for key, _ in field.flatchoices} if field.choices else None
+    if allowed is not None and value not in allowed and not (value == "" and field.blank):
+        raise MappingError(f"{what} {_short(value)} is not one of the known values")
+    return value
+
+
+def _fit_decimal(field: models.DecimalField, value: Any, what: str, exact: bool) -> Decimal:
+    if not isinstance(value, Decimal) or not value.is_finite():
+        raise MappingError(f"{what} {_short(value)} is not a finite number")
+    bounds = _decimal_bounds(field.max_digits, field.decimal_places)
+    too_large = MappingError(
+        f"{what} {_short(value)} is too large to store (the column holds "
+        f"{field.max_digits - field.decimal_places} digits before the decimal point)"
+    )
+    if value.adjusted() >= field.max_digits - field.decimal_places:
+        raise too_large
+    try:
+        stored = value.quantize(bounds.quantum, rounding=ROUND_HALF_EVEN, context=bounds.context)
+    except InvalidOperation:
+        raise too_large from None
+    if abs(stored) >= bounds.limit:
+        raise too_large
+    if connection.vendor == "sqlite" and abs(_SQLITE_DIGITS.create_decimal(stored)) >= bounds.limit:
+        raise too_large
     if exact and stored != value:
-        raise MappingError(f"{what} {value} has more than 10 decimal places")
-    return stored
+        raise MappingError(f"{what} {_short(value)} has more than {bounds.places} decimal places")
+    return stored if stored else abs(stored)  # no negative zero
+
+
+def _fit_text(field: models.CharField, value: Any, what: str) -> None:
+    """Text the column holds as it is: never silently cut, never a NUL or lone surrogate."""
+    if not isinstance(value, str):
+        raise MappingError(f"{what} is not text")
+    if field.max_length is not None and len(value) > field.max_length:
+        raise MappingError(f"{what} is {len(value)} characters long (at most {field.max_length})")
+    if "\x00" in value:
+        raise MappingError(f"{what} contains a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise MappingError(f"{what} is not valid text") from None
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    if isinstance(value, Decimal) and value.is_finite():
+        text = format(value, "E") if abs(value.adjusted()) > limit else plain(value)
+    elif isinstance(value, int) and value.bit_length() > 128:
+        text = format(Decimal(value), ".6E")
+    else:
+        text = str(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def contract_id_text(con_id: int) -> str:
+    """The conId as the Instrument's external_id (a conId of any length, without int's
+    4300-digit limit on str())."""
+    return format(Decimal(con_id), "f")
 
 
 def parse_expiry(text: str) -> tuple[dt.date | None, str]:
@@ -120,106 +237,101 @@ def parse_expiry(text: str) -> tuple[dt.date | None, str]:
     return (parsed if day else None), f"{year}{month}"
 
 
-def _describe(record: GatewayPosition, strike: Decimal | None, right: str, mult: Any) -> str:
-    parts = [record.local_symbol or record.symbol]
-    if record.sec_type in {"OPT", "FOP", "WAR"}:
+def _describe(
+    record: GatewayPosition, sec_type: str, strike: Decimal | None, right: str, mult: Any
+) -> str:
+    """A readable one-line name, by the validated (upper-cased) security type."""
+    parts = [(record.local_symbol or record.symbol).strip()]
+    if sec_type in {"OPT", "FOP", "WAR"}:
         if record.local_symbol:
-            parts = [record.symbol]
-        if record.last_trade_date:
-            parts.append(record.last_trade_date.split()[0])
+            parts = [record.symbol.strip()]
+        parts += record.last_trade_date.split()[:1]
         if strike is not None:
             parts.append(plain(strike))
         if right:
             parts.append(right)
-    elif record.sec_type in {"FUT"} and record.last_trade_date and not record.local_symbol:
-        parts.append(record.last_trade_date.split()[0])
+    elif sec_type == "FUT" and not record.local_symbol:
+        parts += record.last_trade_date.split()[:1]
     if mult is not None and mult != 1:
         parts.append(f"x{plain(mult)}")
-    return " ".join(parts)[:255]
-
-
-_TEXT_FIELDS = ("symbol", "currency", "exchange", "local_symbol", "trading_class")
-_ACCOUNT_ID_LENGTH = Account._meta.get_field("external_id").max_length
-
-
-def _max_length(name: str) -> int:
-    return Instrument._meta.get_field(name).max_length
+    return " ".join(parts)[: Instrument._meta.get_field("description").max_length]
 
 
 def is_storable_account_id(value: str) -> bool:
     """Whether an account id as the gateway sent it fits the Account table as it is."""
-    return bool(value) and len(value) <= _ACCOUNT_ID_LENGTH and "\x00" not in value
-
-
-def _check_text(value: str, what: str, max_length: int) -> None:
-    """Text the columns can hold as it is: never silently cut, never a NUL byte."""
-    if len(value) > max_length:
-        raise MappingError(f"{what} is {len(value)} characters long (at most {max_length})")
-    if "\x00" in value:
-        raise MappingError(f"{what} contains a NUL character")
+    if not value:
+        return False
+    try:
+        fit_value(Account._meta.get_field("external_id"), value)
+    except MappingError:
+        return False
+    return True
 
 
 def map_position(record: GatewayPosition) -> MappedPosition:
-    """One gateway position -> field values for its Instrument and Position rows."""
+    """One gateway position -> field values for its Instrument and Position rows, each
+    checked against its column (`fit`)."""
     if not record.account:
         raise MappingError("no account id")
     if record.con_id is None or int(record.con_id) <= 0:
-        raise MappingError(f"invalid contract id {record.con_id!r}")
+        raise MappingError(f"invalid contract id {_short(record.con_id)}")
     if not (record.symbol or "").strip():
-        raise MappingError(f"contract {record.con_id} has no symbol")
+        raise MappingError(f"contract {_short(record.con_id)} has no symbol")
     sec_type = (record.sec_type or "").strip().upper()
     if sec_type not in _SEC_TYPES:
-        raise MappingError(f"unsupported security type {record.sec_type!r}")
+        raise MappingError(f"unsupported security type {_short(record.sec_type)!r}")
     right_text = (record.right or "").strip().upper()
     if right_text not in _RIGHTS:
-        raise MappingError(f"unknown option right {record.right!r}")
+        raise MappingError(f"unknown option right {_short(record.right)!r}")
 
     quantity = optional_decimal(record.quantity)
     if quantity is None:
         raise MappingError("quantity is missing")
-    quantity = _quantize(quantity, "quantity", exact=True)
     average_cost = optional_decimal(record.average_cost)
-    if average_cost is not None:
-        average_cost = _quantize(average_cost, "average cost", exact=False)
-    cost_basis = (
-        _quantize(quantity * average_cost, "cost basis", exact=False)
-        if average_cost is not None
-        else None
-    )
+    position = fit(Position, {"quantity": quantity, "average_cost": average_cost},
+                   exact=("quantity",))  # fmt: skip
+    cost_basis = None
+    if position["average_cost"] is not None:
+        # From the values as stored, so that it is exactly quantity x stored average cost.
+        cost_basis = position["quantity"] * position["average_cost"]
+    position.update(fit(Position, {"cost_basis": cost_basis}))
 
     strike = optional_decimal(record.strike)
-    if strike is not None:
-        strike = None if strike == 0 else _quantize(strike, "strike", exact=False)
     multiplier = optional_decimal(record.multiplier)
-    if multiplier is not None:
-        multiplier = None if multiplier == 0 else multiplier.quantize(_MULTIPLIER_QUANTUM)
     expiry, contract_month = parse_expiry(record.last_trade_date)
     right = _RIGHTS[right_text]
-
-    _check_text(record.account, "account id", _ACCOUNT_ID_LENGTH)
-    instrument = {
-        "symbol": record.symbol.strip(),
-        "sec_type": sec_type,
-        "currency": (record.currency or "").strip().upper(),
-        "exchange": (record.exchange or record.primary_exchange or "").strip(),
-        "local_symbol": (record.local_symbol or "").strip(),
-        "trading_class": (record.trading_class or "").strip(),
-        "multiplier": multiplier,
-        "expiry": expiry,
-        "contract_month": contract_month,
-        "strike": strike,
-        "right": right,
-        "description": _describe(record, strike, right, multiplier),
-    }
-    for name in _TEXT_FIELDS:
-        _check_text(instrument[name], name.replace("_", " "), _max_length(name))
+    numbers = fit(
+        Instrument,
+        {
+            "strike": None if strike == 0 else strike,
+            "multiplier": None if multiplier == 0 else multiplier,
+        },
+    )
+    fit_value(Account._meta.get_field("external_id"), record.account)
+    instrument = fit(
+        Instrument,
+        {
+            "external_id": contract_id_text(int(record.con_id)),
+            "symbol": record.symbol.strip(),
+            "sec_type": sec_type,
+            "currency": (record.currency or "").strip().upper(),
+            "exchange": (record.exchange or record.primary_exchange or "").strip(),
+            "local_symbol": (record.local_symbol or "").strip(),
+            "trading_class": (record.trading_class or "").strip(),
+            **numbers,
+            "expiry": expiry,
+            "contract_month": contract_month,
+            "right": right,
+        },
+    )
+    instrument_id = instrument.pop("external_id")
+    instrument["description"] = _describe(
+        record, sec_type, numbers["strike"], right, numbers["multiplier"]
+    )
+    instrument.update(fit(Instrument, {"description": instrument["description"]}))
     return MappedPosition(
         account_id=record.account,
-        instrument_id=str(int(record.con_id)),
+        instrument_id=instrument_id,
         instrument=instrument,
-        position={
-            "quantity": quantity,
-            "average_cost": average_cost,
-            "cost_basis": cost_basis,
-        },
+        position=position,
     )

@@ -54,6 +54,20 @@ class SyncRun(models.Model):
     pid = models.PositiveIntegerField(
         null=True, blank=True, editable=False, help_text="Process id that ran the sync."
     )
+    owner = models.CharField(
+        max_length=255,
+        blank=True,
+        editable=False,
+        help_text="The process holding the lock (machine, pid, start time): tells a live "
+        "holder from a pid reused or shared across containers.",
+    )
+    heartbeat_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        editable=False,
+        help_text="Renewed while the sync runs; a running sync silent for longer than "
+        "IBKR_SYNC_LOCK_TIMEOUT holds the lock no more.",
+    )
     started_at = models.DateTimeField(auto_now_add=True, db_index=True)
     finished_at = models.DateTimeField(null=True, blank=True)
 

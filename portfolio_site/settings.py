@@ -222,8 +222,10 @@ IBKR_CLIENT_ID = _env_int("IBKR_CLIENT_ID", 1, minimum=0, maximum=2**31 - 1)
 IBKR_CONNECT_TIMEOUT = _env_seconds("IBKR_CONNECT_TIMEOUT", 10)
 IBKR_REQUEST_TIMEOUT = _env_seconds("IBKR_REQUEST_TIMEOUT", 60)
 IBKR_CLIENT_LIBRARY = _env_choice("IBKR_CLIENT_LIBRARY", "ib_insync", ("ib_insync", "ib_async"))
-# A running sync whose process died keeps its lock at most this long (same-host crashes
-# are detected at once by process id).
+# A running sync renews its lock (a heartbeat) every third of IBKR_SYNC_LOCK_TIMEOUT; a
+# lock not renewed for that long is released by the next sync (a crash on the same
+# machine at once). IBKR_SYNC_STALE_AFTER: the longest one sync may hold the lock.
+IBKR_SYNC_LOCK_TIMEOUT = _env_seconds("IBKR_SYNC_LOCK_TIMEOUT", 30)
 IBKR_SYNC_STALE_AFTER = _env_seconds("IBKR_SYNC_STALE_AFTER", 900)
 # GET /healthz answers 503 when the last successful sync is older than this (seconds;
 # 0 turns the age check off). Match it to the sync schedule, e.g. 259200 (3 days) for

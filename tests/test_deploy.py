@@ -151,6 +151,7 @@ def test_gunicorn_serves_the_site_static_files_and_health(deployed, serve):
     assert json.loads(body)["checks"] == {
         "database": {"status": "ok"},
         "last_sync": {"status": "never", "max_age_seconds": 86400},
+        "sync_lock": {"status": "ok"},
     }
 
     status, _, body = site.get("/portfolio/positions")

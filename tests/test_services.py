@@ -1,7 +1,5 @@
 """The sync service against a real database, with a fake gateway at the adapter boundary."""
 
-import subprocess
-import sys
 import threading
 from decimal import Decimal
 
@@ -282,34 +280,6 @@ def test_a_second_sync_is_refused_while_one_runs(fake_gateway):
     assert fake_gateway.calls == []
 
 
-def test_lock_of_a_crashed_process_on_this_host_is_released(fake_gateway):
-    import socket
-
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)  # fmt: skip
-    crashed = SyncRun.objects.create(
-        trigger="command", status="running", host=socket.gethostname(), pid=int(dead.stdout)
-    )
-
-    result = run(fake_gateway)
-
-    crashed.refresh_from_db()
-    assert crashed.status == "failed"
-    assert crashed.error_code == "abandoned"
-    assert SyncRun.objects.get(pk=result.sync_run_id).status == "success"
-
-
-def test_a_run_of_this_process_is_never_taken_for_abandoned_while_it_runs(fake_gateway):
-    from ibkr_sync.services import _active_runs, _release_stale_lock, _start_run
-
-    run_ = _start_run(trigger="api", user=None, account_id=None, dry_run=False)
-    try:
-        assert _release_stale_lock() is False, "registered as running in this process"
-        assert SyncRun.objects.get(pk=run_.pk).status == "running"
-    finally:
-        _active_runs.discard(run_.pk)
-
-
 def test_a_sync_whose_lock_was_taken_away_meanwhile_writes_nothing(fake_gateway):
     class LockStolenDuringRead(FakeGateway):
         def fetch_positions(self, account_id=None):
@@ -323,17 +293,6 @@ def test_a_sync_whose_lock_was_taken_away_meanwhile_writes_nothing(fake_gateway)
     assert not Position.objects.exists()
     assert not Account.objects.exists()
     assert SyncRun.objects.get().status == "failed"
-
-
-def test_stale_lock_from_another_host_is_released_after_the_timeout(fake_gateway, settings):
-    settings.IBKR_SYNC_STALE_AFTER = 60
-    old = SyncRun.objects.create(trigger="api", status="running", host="elsewhere", pid=1)
-    with pytest.raises(SyncAlreadyRunning):
-        run(fake_gateway)
-    SyncRun.objects.filter(pk=old.pk).update(
-        started_at=old.started_at - __import__("datetime").timedelta(seconds=61)
-    )
-    assert run(fake_gateway).created == 2
 
 
 @pytest.mark.django_db(transaction=True)

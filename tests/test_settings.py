@@ -214,6 +214,7 @@ def test_defaults_when_nothing_is_set(project_copy):
         "IBKR_CONNECT_TIMEOUT": 10.0,
         "IBKR_REQUEST_TIMEOUT": 60.0,
         "IBKR_CLIENT_LIBRARY": "ib_insync",
+        "IBKR_SYNC_LOCK_TIMEOUT": 30.0,
         "IBKR_SYNC_STALE_AFTER": 900.0,
         "IBKR_SYNC_MAX_AGE": 86400,
         "IBKR_LIBRARY_LOG_LEVEL": "",

@@ -161,9 +161,24 @@ class LastSyncCheckSerializer(serializers.Serializer):
     error_code = serializers.CharField(required=False, help_text="Why the latest sync failed.")
 
 
+class SyncLockCheckSerializer(serializers.Serializer):
+    status = serializers.ChoiceField(
+        choices=["ok", "stuck", "abandoned", "unknown"],
+        help_text="ok: free, or held by a sync for no longer than a sync can take. stuck: "
+        "held longer, by a sync that still renews it. abandoned: held longer, renewed no "
+        "more (the next sync releases it).",
+    )
+    held_seconds = serializers.IntegerField(required=False)
+    limit_seconds = serializers.IntegerField(
+        required=False,
+        help_text="IBKR_CONNECT_TIMEOUT + IBKR_REQUEST_TIMEOUT + IBKR_SYNC_LOCK_TIMEOUT.",
+    )
+
+
 class HealthChecksSerializer(serializers.Serializer):
     database = HealthCheckSerializer()
     last_sync = LastSyncCheckSerializer()
+    sync_lock = SyncLockCheckSerializer()
     gateway = HealthCheckSerializer(required=False, help_text="Only with ?gateway=1.")
 
 

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 
+from ..protocol import POSITION_FIELDS, POSITION_MESSAGE_ID, POSITION_VERSION
 from .portfolio import Portfolio, SimPosition
 from .wire import (
     API_PREFIX,
@@ -117,6 +118,13 @@ class Faults:
       set (a test holds a sync mid-read for exactly as long as it needs).
     * ``message_delay``: seconds to sleep before each outgoing message (including the
       handshake reply); messages are then written and drained one by one.
+    * ``position_edits``: ``{field: text}`` written over the wire fields of the position
+      row at ``malformed_index`` (names of ``protocol.POSITION_FIELDS``: ``"quantity"``,
+      ``"average_cost"``, ``"con_id"``, ``"msg_id"``, ...), exactly as given: unset
+      markers, texts outside the wire grammar, a broken message id.
+    * ``extra_frames``: raw frames (lists of text fields, message id first) sent among the
+      position rows, before positionEnd: an error in another layout, a message id the
+      client does not know, a frame it cannot decode.
     * ``malformed_position``: the position row at ``malformed_index`` (default the first)
       is replaced by a broken frame: ``malformed_kind="quantity"`` sends a non-numeric
       quantity, ``"field_count"`` omits the last field. The other rows and positionEnd
@@ -138,6 +146,8 @@ class Faults:
     malformed_position: bool = False
     malformed_kind: Literal["quantity", "field_count"] = "quantity"
     malformed_index: int = 0
+    position_edits: dict[str, str] | None = None
+    extra_frames: list[list[str]] | None = None
     error_on_connect: tuple[int, str] | None = None
     error_on_positions: tuple[int, str] | None = None
 
@@ -707,10 +717,16 @@ class GatewaySimulator:
                 await asyncio.sleep(0.01)
         rows = self._snapshot_rows()
         frames = [_position_frame(pos) for pos in rows]
+        index = min(max(faults.malformed_index, 0), max(len(rows) - 1, 0))
+        if faults.position_edits and rows:
+            fields = _position_fields(rows[index])
+            for name, text in faults.position_edits.items():
+                fields[POSITION_FIELDS.index(name)] = text
+            frames[index] = _text_frame(fields)
         if faults.malformed_position:
-            index = min(max(faults.malformed_index, 0), max(len(rows) - 1, 0))
             bad = rows[index] if rows else None
             frames[index : index + 1] = [_malformed_position_frame(bad, faults.malformed_kind)]
+        frames += [_text_frame(list(extra)) for extra in faults.extra_frames or ()]
         if faults.drop_after_positions is not None:
             count = max(faults.drop_after_positions, 0)
             logger.info("Dropping connection after %d position rows (fault injection)", count)
@@ -974,11 +990,14 @@ def _contract_fields(pos: SimPosition) -> list[str]:
     ]
 
 
+_POSITION_ID = str(POSITION_MESSAGE_ID)
+
+
 def _position_fields(pos: SimPosition) -> list[str]:
     """Position message (61, version 3) exactly as ib_insync's ``Decoder.position`` reads it."""
     return [
-        "61",
-        "3",
+        _POSITION_ID,
+        POSITION_VERSION,
         pos.account,
         *_contract_fields(pos),
         _dec(pos.quantity),

@@ -1,0 +1,126 @@
+"""The TWS API's rules for the values we read off the wire: numbers and "no value".
+
+Pure and standard-library only, so the gateway (which reads) and the simulator (which
+writes) share one statement of them.
+
+Numbers. TWS writes integers as plain decimal digits and decimals / doubles as Java and
+the official clients print them: an optional minus sign, ASCII digits with an optional
+fraction, an optional exponent (`1.5E-7`, `1e-05`, `1E+3`). Python's `Decimal()` and
+`int()` accept much more (`+12`, ` 12 `, `1_000`, Arabic-Indic digits, `sNaN`); none of
+that is a TWS number, so none of it is read as one.
+
+No value. The TWS API marks a value it does not have with a sentinel, not an empty
+field: UNSET_INTEGER (2147483647), UNSET_LONG (9223372036854775807, and its negative
+counterpart on some paths), UNSET_DOUBLE (Double.MAX_VALUE, 1.7976931348623157E308),
+UNSET_DECIMAL (the empty text, or 2**127 - 1 in the Python client) and NaN. Each of them
+means "no value", never the number it happens to be: `parse_decimal` answers `UNSET`
+for all of them, whatever the spelling (`1.7976931348623157e+308` is the same double).
+"""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal
+from enum import Enum
+from typing import Final
+
+#: The contract as position and portfolio messages carry it, in wire order.
+CONTRACT_FIELDS: Final = (
+    "con_id",
+    "symbol",
+    "sec_type",
+    "last_trade_date",
+    "strike",
+    "right",
+    "multiplier",
+    "exchange",
+    "currency",
+    "local_symbol",
+    "trading_class",
+)
+#: The position message (id 61, version 3), field by field, as the client decodes it.
+POSITION_MESSAGE_ID: Final = 61
+POSITION_VERSION: Final = "3"
+POSITION_FIELDS: Final = (
+    "msg_id",
+    "version",
+    "account",
+    *CONTRACT_FIELDS,
+    "quantity",
+    "average_cost",
+)
+
+
+class _Unset(Enum):
+    UNSET = "unset"
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+#: What a field that carries one of IBKR's "no value" markers parses to.
+UNSET: Final = _Unset.UNSET
+
+UNSET_INTEGER: Final = 2**31 - 1
+UNSET_LONG: Final = 2**63 - 1
+UNSET_DOUBLE: Final = Decimal("1.7976931348623157E308")
+UNSET_DECIMAL: Final = Decimal(2**127 - 1)
+
+_UNSET_VALUES: Final = frozenset(
+    {Decimal(UNSET_INTEGER), Decimal(UNSET_LONG), -Decimal(UNSET_LONG) - 1, UNSET_DECIMAL}
+)
+_DECIMAL: Final = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
+_INTEGER: Final = re.compile(r"-?[0-9]+")
+_NAN: Final = frozenset({"NaN", "nan"})
+_INFINITY: Final = {"Infinity": "Infinity", "inf": "Infinity"}
+
+
+class WireValueError(ValueError):
+    """A field that is not a number in the TWS wire grammar (nor a "no value" marker)."""
+
+
+def parse_decimal(text: str) -> Decimal | _Unset:
+    """A decimal or double field: its exact value, or UNSET for IBKR's "no value".
+
+    Infinity (`Infinity`, as Java prints it) is a number here: whether it can be stored is
+    the columns' concern, not the grammar's.
+    """
+    if not isinstance(text, str):
+        raise WireValueError(f"{text!r} is not wire text")
+    if text == "" or text in _NAN:
+        return UNSET
+    sign, body = ("-", text[1:]) if text.startswith("-") else ("", text)
+    if body in _INFINITY:
+        return Decimal(sign + _INFINITY[body])
+    if _DECIMAL.fullmatch(text) is None:
+        raise WireValueError(f"{_shown(text)} is not a number")
+    value = Decimal(text)
+    # Nothing beyond Double.MAX_VALUE is a double: its full expansion is the same marker.
+    if value in _UNSET_VALUES or abs(value) >= UNSET_DOUBLE:
+        return UNSET
+    return value
+
+
+def parse_integer(text: str) -> int | _Unset:
+    """An integer field: its value, or UNSET for the empty text and the integer markers."""
+    if not isinstance(text, str):
+        raise WireValueError(f"{text!r} is not wire text")
+    if text == "":
+        return UNSET
+    if _INTEGER.fullmatch(text) is None:
+        raise WireValueError(f"{_shown(text)} is not a whole number")
+    # Through Decimal: int() refuses texts of more than 4300 digits, and such a field is
+    # a value that does not fit its column, not a frame that cannot be read.
+    value = int(Decimal(text))
+    if value in (UNSET_INTEGER, UNSET_LONG, -UNSET_LONG - 1):
+        return UNSET
+    return value
+
+
+def is_unset(value: object) -> bool:
+    return value is UNSET
+
+
+def _shown(text: str, limit: int = 40) -> str:
+    """The offending text for an error message: quoted, cut, never a raw control byte."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")

@@ -1,0 +1,39 @@
+"""Read-side questions about the sync history, answered once for every page that asks.
+
+`/healthz`, the admin overview and the API all need "the last sync that counts": a
+finished sync, success or failure, but not an attempt refused because another sync was
+running (that says nothing about the data) and not one still running.
+"""
+
+from __future__ import annotations
+
+from django.db.models import QuerySet
+
+from .models import SyncRun
+
+# A sync refused because another one was running says nothing about the data's age.
+NOT_A_FAILURE = ("sync_already_running",)
+
+
+def counting_runs() -> QuerySet[SyncRun]:
+    """Finished syncs that tell how the data stands, newest first."""
+    return (
+        SyncRun.objects.exclude(status=SyncRun.Status.RUNNING)
+        .exclude(error_code__in=NOT_A_FAILURE)
+        .order_by("-started_at", "-id")
+    )
+
+
+def last_counting_run(*fields: str) -> SyncRun | None:
+    runs = counting_runs()
+    return (runs.only(*fields) if fields else runs).first()
+
+
+def last_successful_run(*fields: str) -> SyncRun | None:
+    runs = counting_runs().filter(status=SyncRun.Status.SUCCESS)
+    return (runs.only(*fields) if fields else runs).first()
+
+
+def running_run() -> SyncRun | None:
+    """The sync holding the lock, if any (at most one row is running)."""
+    return SyncRun.objects.filter(status=SyncRun.Status.RUNNING).first()
