@@ -15,7 +15,7 @@ import threading
 import time
 
 import pytest
-from django.db import OperationalError
+from django.db import OperationalError, connection
 from django.utils import timezone
 
 from ibkr_sync import services
@@ -155,7 +155,13 @@ def test_the_heartbeat_is_renewed_while_a_sync_works_and_stops_when_it_ends(sett
     settings.IBKR_SYNC_LOCK_TIMEOUT = 0.6  # a beat every 0.2 s
     gateway = FakeGateway([position()])
     gateway.release = threading.Event()
-    worker = threading.Thread(target=run, args=(gateway,))
+    def sync_in_a_thread():
+        try:
+            run(gateway)
+        finally:
+            connection.close()  # the thread's own connection
+
+    worker = threading.Thread(target=sync_in_a_thread)
     worker.start()
     try:
         assert gateway.entered.wait(10)
