@@ -28,7 +28,7 @@ from portfolio.models import Account, Broker, Instrument, Position, SecType
 
 from .exceptions import InvalidAccountId
 from .gateway import GatewayPosition
-from .protocol import UNSET, WireValueError, parse_decimal
+from .protocol import UNSET, WireValueError, is_unset_value, parse_decimal
 
 BROKER = Broker.IBKR
 
@@ -86,24 +86,18 @@ def optional_decimal(value: Decimal | float | str | None) -> Decimal | None:
     """A gateway number as a Decimal, or None for IBKR's "no value" markers.
 
     Text is read with the TWS wire grammar (`protocol.parse_decimal`), a float as the
-    shortest decimal that round-trips; a Decimal is taken as it is, unless it is one of
-    the markers (NaN, UNSET_DOUBLE, ...).
+    shortest decimal that round-trips; a Decimal (the gateway has read it already) is
+    taken as it is, unless it is one of the markers (NaN, UNSET_DOUBLE, ...).
     """
     if value is None:
         return None
     if isinstance(value, Decimal):
-        text = format(value, "f") if value.is_finite() else str(value)
-        if value.is_nan():
-            return None
-    else:
-        text = repr(value) if isinstance(value, float) else str(value)
+        return None if is_unset_value(value) else value
     try:
-        number = parse_decimal(text)
+        number = parse_decimal(repr(value) if isinstance(value, float) else str(value))
     except WireValueError as exc:
         raise MappingError(str(exc)) from None
-    if number is UNSET:
-        return None
-    return value if isinstance(value, Decimal) else number
+    return None if number is UNSET else number
 
 
 # --- column bounds --------------------------------------------------------------------------
@@ -114,95 +108,158 @@ _SQLITE_DIGITS = Context(prec=15)
 
 
 @dataclass(frozen=True, slots=True)
-class _DecimalBounds:
-    places: int
-    quantum: Decimal
-    limit: Decimal  # every stored value is below this in magnitude
-    context: Context
+class _Column:
+    """What one column holds, read off its model field once."""
+
+    label: str
+    null: bool
+    decimal: bool = False
+    text: bool = False
+    integer: bool = False
+    whole: int = 0  # digits before the decimal point
+    places: int = 0
+    quantum: Decimal | None = None
+    limit: Decimal | None = None  # every stored decimal is below this in magnitude
+    context: Context | None = None
+    max_length: int | None = None
+    low: int | None = None
+    high: int | None = None
+    choices: frozenset | None = None
+    blank: bool = False
 
 
 @cache
-def _decimal_bounds(max_digits: int, decimal_places: int) -> _DecimalBounds:
-    return _DecimalBounds(
-        places=decimal_places,
-        quantum=Decimal(1).scaleb(-decimal_places),
-        limit=Decimal(10) ** (max_digits - decimal_places),
-        context=Context(prec=max_digits + 2),
-    )
+def _column(field: models.Field, vendor: str) -> _Column:
+    common = {
+        "label": str(field.verbose_name),
+        "null": field.null,
+        "blank": field.blank,
+        "choices": frozenset(key for key, _ in field.flatchoices) if field.choices else None,
+    }
+    if isinstance(field, models.DecimalField):
+        whole = field.max_digits - field.decimal_places
+        return _Column(
+            decimal=True,
+            whole=whole,
+            places=field.decimal_places,
+            quantum=Decimal(1).scaleb(-field.decimal_places),
+            limit=Decimal(10) ** whole,
+            context=Context(prec=field.max_digits + 2),
+            **common,
+        )
+    if isinstance(field, models.CharField):
+        return _Column(text=True, max_length=field.max_length, **common)
+    if isinstance(field, models.IntegerField):
+        low, high = connection.ops.integer_field_range(field.get_internal_type())
+        return _Column(integer=True, low=low, high=high, **common)
+    return _Column(**common)
 
 
-def _label(field: models.Field) -> str:
-    return str(field.verbose_name)
+@cache
+def _vendor() -> str:
+    return connection.vendor
+
+
+_columns: dict[type[models.Model], dict[str, _Column]] = {}
+
+
+def _columns_of(model: type[models.Model]) -> dict[str, _Column]:
+    """The model's columns by field name, read once (the sync maps 10,000s of records)."""
+    columns = _columns.get(model)
+    if columns is None:
+        columns = {f.name: _column(f, _vendor()) for f in model._meta.concrete_fields}
+        _columns[model] = columns
+    return columns
 
 
 def fit(model: type[models.Model], values: dict[str, Any], *, exact: tuple[str, ...] = ()):
     """`values` as `model`'s columns store them, or MappingError naming the one that does not
     fit. Decimals are rounded half-even to their column's places, except the fields named
     in `exact` (a quantity is never rounded: more places than the column has is an error)."""
+    columns, vendor = _columns_of(model), _vendor()
     return {
-        name: fit_value(model._meta.get_field(name), value, exact=name in exact)
-        for name, value in values.items()
+        name: _fit(columns[name], value, name in exact, vendor) for name, value in values.items()
     }
 
 
 def fit_value(field: models.Field, value: Any, *, exact: bool = False) -> Any:
     """One value checked against the bounds of `field`'s column (see `fit`)."""
-    what = _label(field)
+    vendor = _vendor()
+    return _fit(_column(field, vendor), value, exact, vendor)
+
+
+def _fit(column: _Column, value: Any, exact: bool, vendor: str) -> Any:
     if value is None:
-        if not field.null:
-            raise MappingError(f"{what} is missing")
+        if not column.null:
+            raise MappingError(f"{column.label} is missing")
         return None
-    if isinstance(field, models.DecimalField):
-        value = _fit_decimal(field, value, what, exact)
-    elif isinstance(field, models.CharField):
-        _fit_text(field, value, what)
-    elif isinstance(field, models.IntegerField):
-        low, high = connection.ops.integer_field_range(field.get_internal_type())
-        if not isinstance(value, int) or not (
-            (low is None or value >= low) and (high is None or value <= high)
+    if column.decimal:
+        value = _fit_decimal(column, value, exact, vendor)
+    elif column.text:
+        if not (
+            type(value) is str
+            and len(value) <= column.max_length
+            and value.isascii()
+            and "\x00" not in value
         ):
-            raise MappingError(f"{what} {_short(value)} is out of range")
-    allowed = {key for key, _ in field.flatchoices} if field.choices else None
-    if allowed is not None and value not in allowed and not (value == "" and field.blank):
-        raise MappingError(f"{what} {_short(value)} is not one of the known values")
+            _fit_text(column, value)
+    elif column.integer and not (
+        isinstance(value, int)
+        and (column.low is None or value >= column.low)
+        and (column.high is None or value <= column.high)
+    ):
+        raise MappingError(f"{column.label} {_short(value)} is out of range")
+    if (
+        column.choices is not None
+        and value not in column.choices
+        and not (value == "" and column.blank)
+    ):
+        raise MappingError(f"{column.label} {_short(value)} is not one of the known values")
     return value
 
 
-def _fit_decimal(field: models.DecimalField, value: Any, what: str, exact: bool) -> Decimal:
+def _fit_decimal(column: _Column, value: Any, exact: bool, vendor: str) -> Decimal:
     if not isinstance(value, Decimal) or not value.is_finite():
-        raise MappingError(f"{what} {_short(value)} is not a finite number")
-    bounds = _decimal_bounds(field.max_digits, field.decimal_places)
-    too_large = MappingError(
-        f"{what} {_short(value)} is too large to store (the column holds "
-        f"{field.max_digits - field.decimal_places} digits before the decimal point)"
-    )
-    if value.adjusted() >= field.max_digits - field.decimal_places:
-        raise too_large
+        raise MappingError(f"{column.label} {_short(value)} is not a finite number")
+    if value and value.adjusted() >= column.whole:
+        raise _too_large(column, value)
     try:
-        stored = value.quantize(bounds.quantum, rounding=ROUND_HALF_EVEN, context=bounds.context)
+        stored = value.quantize(column.quantum, rounding=ROUND_HALF_EVEN, context=column.context)
     except InvalidOperation:
-        raise too_large from None
-    if abs(stored) >= bounds.limit:
-        raise too_large
-    if connection.vendor == "sqlite" and abs(_SQLITE_DIGITS.create_decimal(stored)) >= bounds.limit:
-        raise too_large
+        raise _too_large(column, value) from None
+    if stored and stored.adjusted() >= column.whole - 1:  # rounding may reach the limit
+        shown = _SQLITE_DIGITS.create_decimal(stored) if vendor == "sqlite" else stored
+        if abs(stored) >= column.limit or abs(shown) >= column.limit:
+            raise _too_large(column, value)
     if exact and stored != value:
-        raise MappingError(f"{what} {_short(value)} has more than {bounds.places} decimal places")
+        raise MappingError(
+            f"{column.label} {_short(value)} has more than {column.places} decimal places"
+        )
     return stored if stored else abs(stored)  # no negative zero
 
 
-def _fit_text(field: models.CharField, value: Any, what: str) -> None:
+def _too_large(column: _Column, value: Decimal) -> MappingError:
+    return MappingError(
+        f"{column.label} {_short(value)} is too large to store (the column holds "
+        f"{column.whole} digits before the decimal point)"
+    )
+
+
+def _fit_text(column: _Column, value: Any) -> None:
     """Text the column holds as it is: never silently cut, never a NUL or lone surrogate."""
     if not isinstance(value, str):
-        raise MappingError(f"{what} is not text")
-    if field.max_length is not None and len(value) > field.max_length:
-        raise MappingError(f"{what} is {len(value)} characters long (at most {field.max_length})")
+        raise MappingError(f"{column.label} is not text")
+    if column.max_length is not None and len(value) > column.max_length:
+        raise MappingError(
+            f"{column.label} is {len(value)} characters long (at most {column.max_length})"
+        )
     if "\x00" in value:
-        raise MappingError(f"{what} contains a NUL character")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise MappingError(f"{what} is not valid text") from None
+        raise MappingError(f"{column.label} contains a NUL character")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise MappingError(f"{column.label} is not valid text") from None
 
 
 def _short(value: Any, limit: int = 40) -> str:
@@ -262,7 +319,7 @@ def is_storable_account_id(value: str) -> bool:
     if not value:
         return False
     try:
-        fit_value(Account._meta.get_field("external_id"), value)
+        fit(Account, {"external_id": value})
     except MappingError:
         return False
     return True
@@ -287,48 +344,41 @@ def map_position(record: GatewayPosition) -> MappedPosition:
     quantity = optional_decimal(record.quantity)
     if quantity is None:
         raise MappingError("quantity is missing")
-    average_cost = optional_decimal(record.average_cost)
-    position = fit(Position, {"quantity": quantity, "average_cost": average_cost},
-                   exact=("quantity",))  # fmt: skip
-    cost_basis = None
-    if position["average_cost"] is not None:
-        # From the values as stored, so that it is exactly quantity x stored average cost.
-        cost_basis = position["quantity"] * position["average_cost"]
-    position.update(fit(Position, {"cost_basis": cost_basis}))
+    vendor, held, contract = _vendor(), _columns_of(Position), _columns_of(Instrument)
+    quantity = _fit(held["quantity"], quantity, True, vendor)
+    average_cost = _fit(held["average_cost"], optional_decimal(record.average_cost), False, vendor)
+    # From the values as stored, so that it is exactly quantity x stored average cost.
+    cost_basis = None if average_cost is None else quantity * average_cost
+    position = {
+        "quantity": quantity,
+        "average_cost": average_cost,
+        "cost_basis": _fit(held["cost_basis"], cost_basis, False, vendor),
+    }
 
     strike = optional_decimal(record.strike)
+    strike = _fit(contract["strike"], None if strike == 0 else strike, False, vendor)
     multiplier = optional_decimal(record.multiplier)
+    multiplier = _fit(
+        contract["multiplier"], None if multiplier == 0 else multiplier, False, vendor
+    )
     expiry, contract_month = parse_expiry(record.last_trade_date)
     right = _RIGHTS[right_text]
-    numbers = fit(
-        Instrument,
-        {
-            "strike": None if strike == 0 else strike,
-            "multiplier": None if multiplier == 0 else multiplier,
-        },
-    )
-    fit_value(Account._meta.get_field("external_id"), record.account)
-    instrument = fit(
-        Instrument,
-        {
-            "external_id": contract_id_text(int(record.con_id)),
-            "symbol": record.symbol.strip(),
-            "sec_type": sec_type,
-            "currency": (record.currency or "").strip().upper(),
-            "exchange": (record.exchange or record.primary_exchange or "").strip(),
-            "local_symbol": (record.local_symbol or "").strip(),
-            "trading_class": (record.trading_class or "").strip(),
-            **numbers,
-            "expiry": expiry,
-            "contract_month": contract_month,
-            "right": right,
-        },
-    )
-    instrument_id = instrument.pop("external_id")
-    instrument["description"] = _describe(
-        record, sec_type, numbers["strike"], right, numbers["multiplier"]
-    )
-    instrument.update(fit(Instrument, {"description": instrument["description"]}))
+    _fit(_columns_of(Account)["external_id"], record.account, False, vendor)
+    instrument_id = _fit(contract["external_id"], contract_id_text(record.con_id), False, vendor)
+    instrument = {
+        "symbol": record.symbol.strip(),
+        "sec_type": sec_type,
+        "currency": (record.currency or "").strip().upper(),
+        "exchange": (record.exchange or record.primary_exchange or "").strip(),
+        "local_symbol": (record.local_symbol or "").strip(),
+        "trading_class": (record.trading_class or "").strip(),
+        "right": right,
+        "contract_month": contract_month,
+        "description": _describe(record, sec_type, strike, right, multiplier),
+    }
+    for name, value in instrument.items():
+        _fit(contract[name], value, False, vendor)
+    instrument.update(strike=strike, multiplier=multiplier, expiry=expiry)
     return MappedPosition(
         account_id=record.account,
         instrument_id=instrument_id,

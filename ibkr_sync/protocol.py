@@ -65,6 +65,7 @@ UNSET_INTEGER: Final = 2**31 - 1
 UNSET_LONG: Final = 2**63 - 1
 UNSET_DOUBLE: Final = Decimal("1.7976931348623157E308")
 UNSET_DECIMAL: Final = Decimal(2**127 - 1)
+# Nothing beyond Double.MAX_VALUE is a double: its full expansion is the same marker.
 
 _UNSET_VALUES: Final = frozenset(
     {Decimal(UNSET_INTEGER), Decimal(UNSET_LONG), -Decimal(UNSET_LONG) - 1, UNSET_DECIMAL}
@@ -95,10 +96,7 @@ def parse_decimal(text: str) -> Decimal | _Unset:
     if _DECIMAL.fullmatch(text) is None:
         raise WireValueError(f"{_shown(text)} is not a number")
     value = Decimal(text)
-    # Nothing beyond Double.MAX_VALUE is a double: its full expansion is the same marker.
-    if value in _UNSET_VALUES or abs(value) >= UNSET_DOUBLE:
-        return UNSET
-    return value
+    return UNSET if is_unset_value(value) else value
 
 
 def parse_integer(text: str) -> int | _Unset:
@@ -117,8 +115,11 @@ def parse_integer(text: str) -> int | _Unset:
     return value
 
 
-def is_unset(value: object) -> bool:
-    return value is UNSET
+def is_unset_value(value: Decimal) -> bool:
+    """Whether a number already read is one of the "no value" markers (or NaN)."""
+    if not value.is_finite():
+        return value.is_nan()
+    return value in _UNSET_VALUES or abs(value) >= UNSET_DOUBLE
 
 
 def _shown(text: str, limit: int = 40) -> str:

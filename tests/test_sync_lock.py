@@ -155,6 +155,7 @@ def test_the_heartbeat_is_renewed_while_a_sync_works_and_stops_when_it_ends(sett
     settings.IBKR_SYNC_LOCK_TIMEOUT = 0.6  # a beat every 0.2 s
     gateway = FakeGateway([position()])
     gateway.release = threading.Event()
+
     def sync_in_a_thread():
         try:
             run(gateway)

@@ -129,6 +129,8 @@ class Faults:
       is replaced by a broken frame: ``malformed_kind="quantity"`` sends a non-numeric
       quantity, ``"field_count"`` omits the last field. The other rows and positionEnd
       are sent normally.
+    * ``no_managed_accounts``: managedAccounts carries an empty list (a gateway that has
+      not finished logging in).
     * ``error_on_connect``: ``(code, message)`` sent as IB error (reqId -1) right after
       nextValidId/managedAccounts; the session stays up. Code 326 instead behaves like a
       duplicate client id: error 326 *instead of* the API start, then the connection is
@@ -146,6 +148,7 @@ class Faults:
     malformed_position: bool = False
     malformed_kind: Literal["quantity", "field_count"] = "quantity"
     malformed_index: int = 0
+    no_managed_accounts: bool = False
     position_edits: dict[str, str] | None = None
     extra_frames: list[list[str]] | None = None
     error_on_connect: tuple[int, str] | None = None
@@ -681,7 +684,11 @@ class GatewaySimulator:
         self._client_ids[client_id] = conn
         frames = [
             make_message(ServerMsg.NEXT_VALID_ID, 1, self._next_valid_id),
-            make_message(ServerMsg.MANAGED_ACCTS, 1, ",".join(self.accounts)),
+            make_message(
+                ServerMsg.MANAGED_ACCTS,
+                1,
+                "" if faults.no_managed_accounts else ",".join(self.accounts),
+            ),
         ]
         if self.farm_status_messages:
             frames += [self._error_frame(conn, -1, code, "") for code in (2104, 2106, 2158)]

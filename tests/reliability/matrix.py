@@ -35,11 +35,12 @@ class GatewayFault:
         return self.error.code
 
 
-U, T, C, E = (
+U, T, C, E, N = (
     exceptions.GatewayUnavailable,
     exceptions.GatewayTimeout,
     exceptions.ClientIdInUse,
     exceptions.IncompleteSnapshot,
+    exceptions.NoManagedAccounts,
 )
 
 GATEWAY_FAULTS = [
@@ -58,7 +59,24 @@ GATEWAY_FAULTS = [
     GatewayFault("dropped in positions", "positions", U, 503, 3, {"drop_after_positions": 2}),
     GatewayFault("hang in positions", "positions", T, 504, 4, {"hang_positions": True},
                  waits_for="request"),
+    GatewayFault("no managed accounts", "handshake", N, 502, 8, {"no_managed_accounts": True}),
     GatewayFault("malformed frame", "positions", E, 502, 8, {"malformed_position": True}),
+    GatewayFault("unset quantity (empty)", "positions", E, 502, 8,
+                 {"position_edits": {"quantity": ""}}),
+    GatewayFault("unset quantity (UNSET_INTEGER)", "positions", E, 502, 8,
+                 {"position_edits": {"quantity": "2147483647"}}),
+    GatewayFault("quantity outside the wire grammar", "positions", E, 502, 8,
+                 {"position_edits": {"quantity": "1_000"}}),
+    GatewayFault("unreadable average cost", "positions", E, 502, 8,
+                 {"position_edits": {"average_cost": "abc"}}),
+    GatewayFault("unset contract id", "positions", E, 502, 8,
+                 {"position_edits": {"con_id": ""}}),
+    GatewayFault("undecodable message id", "positions", E, 502, 8,
+                 {"position_edits": {"msg_id": "6l"}}),
+    GatewayFault("frame the library cannot decode", "positions", E, 502, 8,
+                 {"extra_frames": [["9", "1"]]}),
+    GatewayFault("1100 in a layout the library rejects", "positions", U, 503, 3,
+                 {"extra_frames": [["4", "2", "-1", "1100", "Connectivity lost"]]}),
     GatewayFault("504 not connected", "positions", U, 503, 3,
                  {"error_on_positions": (504, "")}),
     GatewayFault("1100 in positions", "positions", U, 503, 3,
