@@ -23,11 +23,11 @@ from typing import Any
 
 from django.db import connection, models
 
-from portfolio.decimals import plain
-from portfolio.models import Account, Broker, Instrument, Position, SecType
-
+from . import conf
+from .decimals import plain
 from .exceptions import InvalidAccountId
 from .gateway import GatewayPosition
+from .models import Broker, SecType
 from .protocol import UNSET, WireValueError, is_unset_value, parse_decimal
 
 BROKER = Broker.IBKR
@@ -311,7 +311,7 @@ def _describe(
         parts += record.last_trade_date.split()[:1]
     if mult is not None and mult != 1:
         parts.append(f"x{plain(mult)}")
-    return " ".join(parts)[: Instrument._meta.get_field("description").max_length]
+    return " ".join(parts)[: conf.instrument_model()._meta.get_field("description").max_length]
 
 
 def is_storable_account_id(value: str) -> bool:
@@ -319,7 +319,7 @@ def is_storable_account_id(value: str) -> bool:
     if not value:
         return False
     try:
-        fit(Account, {"external_id": value})
+        fit(conf.account_model(), {"external_id": value})
     except MappingError:
         return False
     return True
@@ -344,7 +344,8 @@ def map_position(record: GatewayPosition) -> MappedPosition:
     quantity = optional_decimal(record.quantity)
     if quantity is None:
         raise MappingError("quantity is missing")
-    vendor, held, contract = _vendor(), _columns_of(Position), _columns_of(Instrument)
+    vendor = _vendor()
+    held, contract = _columns_of(conf.position_model()), _columns_of(conf.instrument_model())
     quantity = _fit(held["quantity"], quantity, True, vendor)
     average_cost = _fit(held["average_cost"], optional_decimal(record.average_cost), False, vendor)
     # From the values as stored, so that it is exactly quantity x stored average cost.
@@ -363,7 +364,7 @@ def map_position(record: GatewayPosition) -> MappedPosition:
     )
     expiry, contract_month = parse_expiry(record.last_trade_date)
     right = _RIGHTS[right_text]
-    _fit(_columns_of(Account)["external_id"], record.account, False, vendor)
+    _fit(_columns_of(conf.account_model())["external_id"], record.account, False, vendor)
     instrument_id = _fit(contract["external_id"], contract_id_text(record.con_id), False, vendor)
     instrument = {
         "symbol": record.symbol.strip(),

@@ -1,8 +1,191 @@
-"""The audit trail of syncs, which doubles as the cross-process sync lock."""
+"""What the sync writes: the abstract bases of the portfolio models, and the sync's own
+audit trail (SyncRun, which doubles as the cross-process sync lock, and PositionChange).
+
+The sync writes into whichever concrete models the settings name, as Django's auth does
+with AUTH_USER_MODEL: IBKR_SYNC_ACCOUNT_MODEL, IBKR_SYNC_INSTRUMENT_MODEL and
+IBKR_SYNC_POSITION_MODEL ("app_label.ModelName"; defaults: the `portfolio` app's). A host
+project subclasses the abstract bases below in an app of its own, may add fields of its
+own (nullable or with a default: the sync never sets them), and names its models in the
+settings; `portfolio` is built the same way. Every field and constraint the sync reads
+or writes is here, so a subclass cannot miss one.
+"""
+
+from decimal import Decimal
 
 from django.conf import settings
 from django.db import models
 from django.db.models import Q
+
+from .conf import model_setting
+from .decimals import plain
+
+# Wide enough for fractional shares and crypto (10 places) and for large notional values.
+QUANTITY_DIGITS = {"max_digits": 30, "decimal_places": 10}
+MONEY_DIGITS = {"max_digits": 30, "decimal_places": 10}
+DECIMAL_PLACES = 10
+DECIMAL_QUANTUM = Decimal(1).scaleb(-DECIMAL_PLACES)
+
+
+class Broker(models.TextChoices):
+    IBKR = "ibkr", "Interactive Brokers"
+
+
+class SecType(models.TextChoices):
+    STOCK = "STK", "Stock"
+    OPTION = "OPT", "Option"
+    FUTURE_OPTION = "FOP", "Futures option"
+    FUTURE = "FUT", "Future"
+    FOREX = "CASH", "Forex"
+    BOND = "BOND", "Bond"
+    CFD = "CFD", "CFD"
+    WARRANT = "WAR", "Warrant"
+    FUND = "FUND", "Mutual fund"
+    CRYPTO = "CRYPTO", "Crypto"
+    INDEX = "IND", "Index"
+    COMBO = "BAG", "Combo"
+    COMMODITY = "CMDTY", "Commodity"
+    STRUCTURED = "IOPT", "Structured product"
+    CONTINUOUS_FUTURE = "CONTFUT", "Continuous future"
+    BILL = "BILL", "Bill"
+    NEWS = "NEWS", "News"
+
+
+class OptionRight(models.TextChoices):
+    CALL = "C", "Call"
+    PUT = "P", "Put"
+
+
+class AbstractAccount(models.Model):
+    """A broker account (IBKR: U1234567, DU... for paper trading)."""
+
+    broker = models.CharField(max_length=16, choices=Broker.choices)
+    external_id = models.CharField(
+        max_length=32, help_text="The broker's account id, e.g. U1234567 (IBKR)."
+    )
+    name = models.CharField(max_length=200, blank=True)
+    base_currency = models.CharField(max_length=8, blank=True)
+    is_paper = models.BooleanField(default=False, help_text="A paper-trading (simulated) account.")
+    last_synced_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        abstract = True
+        ordering = ["broker", "external_id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["broker", "external_id"], name="%(app_label)s_%(class)s_unique_external_id"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.external_id} ({self.get_broker_display()})"
+
+
+class AbstractInstrument(models.Model):
+    """One row per broker contract (IBKR: per conId)."""
+
+    broker = models.CharField(max_length=16, choices=Broker.choices)
+    external_id = models.CharField(
+        max_length=64, help_text="The broker's contract id (IBKR conId, as text)."
+    )
+    symbol = models.CharField(max_length=64)
+    sec_type = models.CharField(max_length=16, choices=SecType.choices)
+    currency = models.CharField(max_length=8, blank=True)
+    exchange = models.CharField(max_length=32, blank=True)
+    local_symbol = models.CharField(max_length=64, blank=True)
+    trading_class = models.CharField(max_length=64, blank=True)
+    multiplier = models.DecimalField(
+        null=True,
+        blank=True,
+        max_digits=20,
+        decimal_places=6,
+        help_text="Contract multiplier (e.g. 100 for US equity options); empty if none.",
+    )
+    expiry = models.DateField(
+        null=True, blank=True, help_text="Last trading day, when the broker gives a full date."
+    )
+    contract_month = models.CharField(
+        max_length=6, blank=True, help_text="YYYYMM of a derivative's expiry or contract month."
+    )
+    strike = models.DecimalField(null=True, blank=True, **MONEY_DIGITS)
+    right = models.CharField(max_length=1, blank=True, choices=OptionRight.choices)
+    description = models.CharField(max_length=255, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        abstract = True
+        ordering = ["symbol", "sec_type", "external_id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["broker", "external_id"], name="%(app_label)s_%(class)s_unique_external_id"
+            )
+        ]
+
+    def __str__(self) -> str:
+        label = self.local_symbol or self.symbol
+        return f"{label} ({self.sec_type})"
+
+
+class PositionQuerySet(models.QuerySet):
+    def open(self) -> "PositionQuerySet":
+        return self.filter(closed_at__isnull=True)
+
+    def closed(self) -> "PositionQuerySet":
+        return self.filter(closed_at__isnull=False)
+
+
+class AbstractPosition(models.Model):
+    """What one account holds of one instrument; closed, never deleted, when it goes."""
+
+    account = models.ForeignKey(
+        model_setting("IBKR_SYNC_ACCOUNT_MODEL"), on_delete=models.PROTECT, related_name="positions"
+    )
+    instrument = models.ForeignKey(
+        model_setting("IBKR_SYNC_INSTRUMENT_MODEL"),
+        on_delete=models.PROTECT,
+        related_name="positions",
+    )
+    quantity = models.DecimalField(
+        help_text="Signed; negative is short. Kept as last seen when the position closes.",
+        **QUANTITY_DIGITS,
+    )
+    average_cost = models.DecimalField(
+        null=True,
+        blank=True,
+        help_text="As the broker reports it: per share for stocks, per contract "
+        "(multiplier included) for derivatives.",
+        **MONEY_DIGITS,
+    )
+    cost_basis = models.DecimalField(
+        null=True, blank=True, help_text="quantity x average cost.", **MONEY_DIGITS
+    )
+    opened_at = models.DateTimeField(help_text="When a sync first saw this position open.")
+    last_synced_at = models.DateTimeField(help_text="When a sync last wrote this row.")
+    closed_at = models.DateTimeField(
+        null=True, blank=True, help_text="Set when the broker stopped reporting it; empty if open."
+    )
+
+    objects = PositionQuerySet.as_manager()
+
+    class Meta:
+        abstract = True
+        ordering = ["account", "instrument"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["account", "instrument"], name="%(app_label)s_%(class)s_unique_instrument"
+            )
+        ]
+        indexes = [
+            models.Index(fields=["account", "closed_at"], name="%(app_label)s_%(class)s_open")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.account.external_id}: {plain(self.quantity)} {self.instrument}"
+
+    @property
+    def is_open(self) -> bool:
+        return self.closed_at is None
 
 
 class SyncRun(models.Model):
@@ -107,7 +290,9 @@ class PositionChange(models.Model):
         CLOSED = "closed", "Closed"
 
     sync_run = models.ForeignKey(SyncRun, on_delete=models.CASCADE, related_name="changes")
-    position = models.ForeignKey("portfolio.Position", on_delete=models.CASCADE, related_name="+")
+    position = models.ForeignKey(
+        model_setting("IBKR_SYNC_POSITION_MODEL"), on_delete=models.CASCADE, related_name="+"
+    )
     kind = models.CharField(max_length=16, choices=Kind.choices)
     quantity_before = models.DecimalField(
         max_digits=30, decimal_places=10, null=True, blank=True, help_text="Empty when created."

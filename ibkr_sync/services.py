@@ -32,8 +32,6 @@ from django.db import (
 )
 from django.utils import timezone
 
-from portfolio.models import Account, Instrument, Position
-
 from . import conf
 from .exceptions import DatabaseUnavailable, IbkrSyncError, SyncAlreadyRunning
 from .gateway import GatewaySnapshot, IbkrGateway
@@ -519,6 +517,7 @@ def _fail_run(run: SyncRun, code: str, message: str) -> None:
 
 
 def _apply(snapshot: GatewaySnapshot, run: SyncRun, now: dt.datetime) -> tuple[list[str], _Counts]:
+    Position = conf.position_model()
     counts = _Counts()
     mapped: dict[tuple[str, str], MappedPosition] = {}
     unmapped: set[tuple[str, str]] = set()
@@ -682,6 +681,7 @@ _SQLITE_DECIMAL = Context(prec=15)
 
 def _upsert_accounts(account_ids: Sequence[str], now: dt.datetime) -> dict[str, int]:
     """Create the accounts not seen before, stamp all as synced; return id -> pk."""
+    Account = conf.account_model()
     accounts = dict(
         Account.objects.filter(broker=BROKER, external_id__in=account_ids).values_list(
             "external_id", "pk"
@@ -699,6 +699,7 @@ def _upsert_accounts(account_ids: Sequence[str], now: dt.datetime) -> dict[str, 
 
 def _upsert_instruments(items: Iterable[MappedPosition], now: dt.datetime) -> dict[str, int]:
     """Create or update the instruments of the mapped positions; return conId -> pk."""
+    Instrument = conf.instrument_model()
     wanted = {item.instrument_id: item.instrument for item in items}
     ids: dict[str, int] = {}
     changed = []

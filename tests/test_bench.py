@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.reliability.matrix import GATEWAY_FAULTS
+
 ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.integration
@@ -57,5 +59,5 @@ def test_fault_bench_handles_every_fault_cleanly():
         if line.startswith("| ") and "---" not in line
     ]
     faults = rows[1:]
-    assert len(faults) == 14
+    assert len(faults) == len(GATEWAY_FAULTS)
     assert all(row[3] == "1" and row[4] == "0" for row in faults), out

@@ -1,13 +1,24 @@
-"""`portfolio` is the broker-agnostic domain: it imports nothing from `ibkr_sync`, and its
-templates name none of its URLs. IBKR's parts of the admin (the "Sync now" control, the
-sync status on the overview) come from `ibkr_sync`."""
+"""The reuse boundary: `ibkr_sync` writes into whichever models the settings name and
+needs nothing of `portfolio`; `portfolio` (the default domain app) is built on what
+`ibkr_sync` offers every host (the abstract model bases, the decimal formatter), and its
+templates name none of the sync app's URLs."""
 
 import ast
 from pathlib import Path
 
+import ibkr_sync
 import portfolio
 
 PORTFOLIO = Path(portfolio.__file__).parent
+IBKR_SYNC = Path(ibkr_sync.__file__).parent
+
+# What a host's own portfolio app may use of ibkr_sync, as `portfolio` does.
+OFFERED_TO_HOSTS = {"ibkr_sync.models", "ibkr_sync.decimals"}
+# The sync's core: the one-way flow gateway -> mapping -> services, and what they use.
+CORE = (
+    "conf", "decimals", "exceptions", "gateway", "health", "mapping", "models", "overview",
+    "protocol", "selectors", "services",
+)  # fmt: skip
 
 
 def imported_modules(source: str) -> set[str]:
@@ -20,12 +31,26 @@ def imported_modules(source: str) -> set[str]:
     return modules
 
 
-def test_portfolio_imports_nothing_from_ibkr_sync():
+def test_portfolio_uses_only_what_ibkr_sync_offers_every_host():
     sources = sorted(PORTFOLIO.rglob("*.py"))
     assert len(sources) > 3
     for path in sources:
         for module in imported_modules(path.read_text()):
-            assert module.split(".")[0] != "ibkr_sync", f"{path.name} imports {module}"
+            if module.split(".")[0] == "ibkr_sync":
+                assert module in OFFERED_TO_HOSTS, f"{path.name} imports {module}"
+
+
+def test_the_sync_core_needs_nothing_of_portfolio():
+    for name in CORE:
+        path = IBKR_SYNC / f"{name}.py"
+        for module in imported_modules(path.read_text()):
+            assert module.split(".")[0] != "portfolio", f"{path.name} imports {module}"
+
+
+def test_ibkr_sync_migrations_reach_the_models_through_the_settings():
+    for path in sorted((IBKR_SYNC / "migrations").glob("0*.py")):
+        text = path.read_text()
+        assert "'portfolio." not in text and '"portfolio.' not in text, path.name
 
 
 def test_portfolio_templates_do_not_use_ibkr_sync():

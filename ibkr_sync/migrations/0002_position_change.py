@@ -3,12 +3,18 @@
 import django.db.models.deletion
 from django.db import migrations, models
 
+from ibkr_sync.conf import model_setting
+
+# The position model the sync writes (IBKR_SYNC_POSITION_MODEL), as AUTH_USER_MODEL is
+# referenced: its app's first migration must create it.
+POSITION_MODEL = model_setting("IBKR_SYNC_POSITION_MODEL")
+
 
 class Migration(migrations.Migration):
 
     dependencies = [
         ('ibkr_sync', '0001_initial'),
-        ('portfolio', '0001_initial'),
+        migrations.swappable_dependency(POSITION_MODEL),
     ]
 
     operations = [
@@ -21,7 +27,7 @@ class Migration(migrations.Migration):
                 ('quantity_after', models.DecimalField(blank=True, decimal_places=10, help_text='Empty when closed.', max_digits=30, null=True)),
                 ('average_cost_before', models.DecimalField(blank=True, decimal_places=10, max_digits=30, null=True)),
                 ('average_cost_after', models.DecimalField(blank=True, decimal_places=10, max_digits=30, null=True)),
-                ('position', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='+', to='portfolio.position')),
+                ('position', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='+', to=POSITION_MODEL)),
                 ('sync_run', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='changes', to='ibkr_sync.syncrun')),
             ],
             options={
