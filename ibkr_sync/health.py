@@ -14,8 +14,8 @@ from django.utils import timezone
 
 from . import conf, selectors
 from .gateway import IbkrGateway
+from .lock import abandoned_reason
 from .models import SyncRun
-from .services import lock_abandoned
 
 
 def check_health(*, gateway: bool = False) -> tuple[bool, dict[str, Any]]:
@@ -88,7 +88,7 @@ def _sync_lock() -> dict[str, Any]:
     report: dict[str, Any] = {"held_seconds": int(held), "limit_seconds": int(lock_hold_limit())}
     if held <= lock_hold_limit():
         return {"status": "ok", **report}
-    return {"status": "abandoned" if lock_abandoned(running, now) else "stuck", **report}
+    return {"status": "abandoned" if abandoned_reason(running, now) else "stuck", **report}
 
 
 def _gateway() -> dict[str, Any]:

@@ -1,57 +1,37 @@
-"""The sync: the one place that writes positions.
+"""The sync: the one entry point that writes positions, for the API, command and admin.
 
-Order of work: take the lock (a `running` SyncRun row), read the gateway (network,
-outside any transaction), map, then apply everything in one transaction. Any failure
-leaves every position as it was and marks the SyncRun failed with the reason.
+Order of work: take the lock (`lock.py`: a `running` SyncRun row, renewed by a heartbeat
+while the sync works), read the gateway (network, outside any transaction), then map and
+apply everything in one transaction (`writer.py`). Any failure leaves every position as
+it was and marks the SyncRun failed with the reason.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import itertools
 import logging
-import os
-import socket
-import threading
 import time
-import uuid
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from decimal import Context, Decimal
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from django.db import (
     DatabaseError,
-    IntegrityError,
     InterfaceError,
     OperationalError,
     connection,
-    models,
     transaction,
 )
 from django.utils import timezone
 
-from . import conf
-from .exceptions import DatabaseUnavailable, IbkrSyncError, SyncAlreadyRunning
+from . import lock
+from .exceptions import DatabaseUnavailable, IbkrSyncError
 from .gateway import GatewaySnapshot, IbkrGateway
-from .mapping import (
-    BROKER,
-    INSTRUMENT_FIELDS,
-    MappedPosition,
-    MappingError,
-    contract_id_text,
-    is_paper_account,
-    is_storable_account_id,
-    map_position,
-    normalize_account_id,
-)
+from .mapping import normalize_account_id
 from .models import PositionChange, SyncRun
+from .writer import KINDS, apply_snapshot
 
 logger = logging.getLogger(__name__)
-
-# Rows per statement: below SQLite's bound-parameter limit for the widest statement.
-BATCH_SIZE = 500
 
 
 class PositionSource(Protocol):
@@ -92,24 +72,6 @@ class SyncResult:
 
 #: Called with a phase ("read": positions received so far, "apply": positions to write).
 Progress = Callable[[str, int], None]
-
-
-KINDS = ("processed", "created", "updated", "unchanged", "reopened", "closed", "errors")
-
-
-@dataclass
-class _Counts:
-    tally: Counter = field(default_factory=Counter)  # (account, kind) -> count
-    errors: list[dict[str, Any]] = field(default_factory=list)
-
-    def add(self, account: str, kind: str) -> None:
-        self.tally[account, kind] += 1
-
-    def total(self, kind: str) -> int:
-        return sum(n for (_, k), n in self.tally.items() if k == kind)
-
-    def by_account(self, accounts: Iterable[str]) -> dict[str, dict[str, int]]:
-        return {a: {kind: self.tally[a, kind] for kind in KINDS} for a in accounts}
 
 
 def sync_positions(
@@ -153,8 +115,8 @@ def _sync_positions(
 ) -> SyncResult:
     if account_id is not None:
         account_id = normalize_account_id(account_id)
-    run = _start_run(trigger=trigger, user=user, account_id=account_id, dry_run=dry_run)
-    heartbeat = _Heartbeat(run.pk)
+    run = lock.acquire(trigger=trigger, user=user, account_id=account_id, dry_run=dry_run)
+    heartbeat = lock.Heartbeat(run.pk)
     clock = time.monotonic()
     log = {"run": run.pk, "trigger": trigger, "account": account_id or "all", "dry_run": dry_run}
     logger.info("IBKR sync started %s", _fields(log))
@@ -165,7 +127,7 @@ def _sync_positions(
         if progress:
             progress("apply", len(snapshot.positions))
         with transaction.atomic():
-            accounts, counts = _apply(snapshot, run, timezone.now())
+            accounts, counts = apply_snapshot(snapshot, run, timezone.now())
             totals = {kind: counts.total(kind) for kind in KINDS}
             if dry_run:
                 preview = _changes_of(run)
@@ -179,7 +141,7 @@ def _sync_positions(
                 counts.errors = _storable(counts.errors)
                 run.error_details = counts.errors
                 run.finished_at = timezone.now()
-                _finish_holding_the_lock(run)
+                lock.finish_holding(run)
     except IbkrSyncError as exc:
         if not dry_run:
             _fail_run(run, exc.code, str(exc))
@@ -202,8 +164,7 @@ def _sync_positions(
         # The lock is held exactly as long as this sync works: however it ended (even if
         # the database refused to record it), it is renewed no more from here on.
         heartbeat.stop()
-        with _active_runs_lock:
-            _active_runs.discard(run.pk)
+        lock.forget(run.pk)
         if dry_run:
             SyncRun.objects.filter(pk=run.pk).delete()
 
@@ -220,23 +181,6 @@ def _sync_positions(
         dry_run=dry_run,
         changes=preview if dry_run else None,
     )
-
-
-def _finish_holding_the_lock(run: SyncRun) -> None:
-    """Save the finished run, if it still holds the lock; otherwise undo the whole sync.
-
-    A sync whose heartbeat stopped for longer than IBKR_SYNC_LOCK_TIMEOUT (a suspended
-    machine, a stalled process) can find its lock released and taken by a later sync: its
-    writes must not land as well.
-    """
-    # Row-locked until the commit, so the lock cannot be released between check and save.
-    holding = SyncRun.objects.select_for_update().filter(pk=run.pk, status=SyncRun.Status.RUNNING)
-    if not holding.exists():
-        raise SyncAlreadyRunning(
-            "This sync's lock was released while it ran (it looked abandoned) and another "
-            "sync may have run meanwhile, so its changes were rolled back. Sync again."
-        )
-    run.save()
 
 
 def _changes_of(run: SyncRun) -> list[dict[str, Any]]:
@@ -284,210 +228,6 @@ def _storable(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-# --- the lock ------------------------------------------------------------------------------
-#
-# The lock is the one `running` SyncRun row (a partial unique constraint), and it is held
-# exactly as long as its holder works on it: a running sync renews the row's heartbeat
-# every IBKR_SYNC_LOCK_TIMEOUT / 3 seconds from a thread of its own, and stops when the
-# sync ends, however it ends. A row whose heartbeat is older than IBKR_SYNC_LOCK_TIMEOUT
-# belongs to no working sync (the process died, froze, or outlived a sync whose end it
-# could not record) and the next sync from any process on any host releases it. Why a
-# heartbeat rather than PostgreSQL's advisory locks: it works the same on SQLite, and a
-# pooled or proxied connection (pgbouncer) cannot keep a session lock anyway.
-#
-# Two cases are released at once instead of after the timeout: a row of this very process
-# that is not among its running syncs, and a row of a process of this machine (same host
-# name, boot and pid namespace) that no longer exists, told apart from a reused pid by
-# its start time. Host name and pid alone are not an identity: containers share both.
-
-# The runs this process has started and not yet finished.
-_active_runs: set[int] = set()
-_active_runs_lock = threading.Lock()
-
-
-def _start_run(*, trigger: str, user: Any, account_id: str | None, dry_run: bool) -> SyncRun:
-    """Take the lock: a `running` row. A sync refused it is recorded as failed; a dry run,
-    which leaves no record, is not."""
-    fields = {
-        "trigger": trigger,
-        "user": user if getattr(user, "is_authenticated", False) else None,
-        "account_filter": account_id or "",
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "owner": process_identity().token,
-    }
-    for _attempt in range(2):
-        try:
-            # Registered as this process's in the same step: another thread of this
-            # process must never see the row without it and take it for abandoned.
-            with _active_runs_lock, transaction.atomic():
-                run = SyncRun.objects.create(
-                    status=SyncRun.Status.RUNNING, heartbeat_at=timezone.now(), **fields
-                )
-                _active_runs.add(run.pk)
-                return run
-        except IntegrityError:
-            if not _release_abandoned_lock():
-                break
-    error = SyncAlreadyRunning(
-        f"Another IBKR sync is running; this {'dry run' if dry_run else 'one'} was not "
-        "started. Try again when it finishes."
-    )
-    if dry_run:
-        raise error
-    refused = SyncRun.objects.create(
-        status=SyncRun.Status.FAILED, error_code=error.code, error_message=str(error), **fields
-    )
-    # Finished when it started (auto_now_add stamps started_at as the row is saved).
-    SyncRun.objects.filter(pk=refused.pk).update(finished_at=models.F("started_at"))
-    raise error
-
-
-def _release_abandoned_lock() -> bool:
-    """Fail the `running` row if no sync works on it any more; True if the lock is free."""
-    running = SyncRun.objects.filter(status=SyncRun.Status.RUNNING).first()
-    if running is None:
-        return True
-    reason = lock_abandoned(running)
-    if reason is None:
-        return False
-    released = SyncRun.objects.filter(pk=running.pk, status=SyncRun.Status.RUNNING).update(
-        status=SyncRun.Status.FAILED,
-        error_code="abandoned",
-        error_message=f"This sync stopped working on its lock before it finished ({reason}); "
-        "the lock was released by a later sync.",
-        finished_at=timezone.now(),
-    )
-    if released:
-        logger.warning("Released the lock of abandoned IBKR sync #%s: %s", running.pk, reason)
-    return True
-
-
-def lock_abandoned(run: SyncRun, now: dt.datetime | None = None) -> str | None:
-    """Why the `running` row `run` holds the lock for no working sync, or None if one
-    still works on it."""
-    me = process_identity()
-    if run.owner == me.token:
-        with _active_runs_lock:
-            return None if run.pk in _active_runs else "its process is no longer running it"
-    beat = run.heartbeat_at or run.started_at
-    silent = ((now or timezone.now()) - beat).total_seconds()
-    if silent > float(conf.get("IBKR_SYNC_LOCK_TIMEOUT")):
-        return f"no heartbeat for {silent:.0f} s"
-    owner = _ProcessIdentity.parse(run.owner)
-    on_this_machine = owner is not None and owner.machine and owner.machine == me.machine
-    if on_this_machine and _start_time(owner.pid) != owner.started:
-        return "its process has ended"
-    return None
-
-
-@dataclass(frozen=True)
-class _ProcessIdentity:
-    """Who holds a lock: `machine` names where `pid` means one process (host name, boot id
-    and pid namespace; empty where the system does not tell), `started` tells a reused pid
-    apart, `nonce` makes the token unique to this process even so."""
-
-    machine: str
-    pid: int
-    started: str
-    nonce: str
-
-    @property
-    def token(self) -> str:
-        return f"{self.machine}|{self.pid}|{self.started}|{self.nonce}"
-
-    @classmethod
-    def parse(cls, token: str) -> _ProcessIdentity | None:
-        parts = (token or "").split("|")
-        if len(parts) != 4 or not parts[1].isdigit():
-            return None
-        return cls(parts[0], int(parts[1]), parts[2], parts[3])
-
-
-_identity: _ProcessIdentity | None = None
-
-
-def process_identity() -> _ProcessIdentity:
-    """This process's identity; made anew after a fork (a pre-forking server's workers)."""
-    global _identity
-    if _identity is None or _identity.pid != os.getpid():
-        pid = os.getpid()
-        started = _start_time(pid) or ""
-        boot, namespace = _read("/proc/sys/kernel/random/boot_id"), _pid_namespace()
-        machine = f"{socket.gethostname()};{boot};{namespace}" if boot and namespace else ""
-        _identity = _ProcessIdentity(machine, pid, started, uuid.uuid4().hex[:12])
-    return _identity
-
-
-def _start_time(pid: int) -> str | None:
-    """The kernel's start time of process `pid` (field 22 of /proc/PID/stat), or None if
-    there is no such process (or no /proc)."""
-    stat = _read(f"/proc/{pid}/stat")
-    if stat is None:
-        return None
-    # The command name (field 2) is in parentheses and may hold spaces.
-    fields = stat.rsplit(")", 1)[-1].split()
-    return fields[19] if len(fields) > 19 else None
-
-
-def _pid_namespace() -> str:
-    try:
-        return str(os.stat("/proc/self/ns/pid").st_ino)
-    except OSError:
-        return ""
-
-
-def _read(path: str) -> str | None:
-    try:
-        with open(path) as handle:
-            return handle.read().strip()
-    except OSError:
-        return None
-
-
-class _Heartbeat:
-    """Renews a running sync's lock from a thread of its own until stopped, or until the
-    sync has run for IBKR_SYNC_STALE_AFTER (a sync that long is stuck: its lock lapses)."""
-
-    def __init__(self, run_pk: int) -> None:
-        self.run_pk = run_pk
-        self.interval = float(conf.get("IBKR_SYNC_LOCK_TIMEOUT")) / 3
-        self.deadline = time.monotonic() + float(conf.get("IBKR_SYNC_STALE_AFTER"))
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, name=f"ibkr-sync-heartbeat-{run_pk}", daemon=True
-        )
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        # A beat blocked on a busy database finishes by itself; the sync does not wait.
-        self._thread.join(timeout=1)
-
-    def _run(self) -> None:
-        try:
-            while not self._stop.wait(self.interval):
-                if time.monotonic() > self.deadline:
-                    logger.warning(
-                        "IBKR sync #%s has run for longer than IBKR_SYNC_STALE_AFTER; its lock "
-                        "is no longer renewed",
-                        self.run_pk,
-                    )
-                    return
-                self.beat()
-        finally:
-            connection.close()  # this thread's own connection
-
-    def beat(self) -> None:
-        try:
-            SyncRun.objects.filter(pk=self.run_pk, status=SyncRun.Status.RUNNING).update(
-                heartbeat_at=timezone.now()
-            )
-        except DatabaseError:
-            # The sync itself meets the same database; a missed beat only shortens the lock.
-            logger.info("Could not renew the lock of IBKR sync #%s", self.run_pk, exc_info=True)
-
-
 def _fail_run(run: SyncRun, code: str, message: str) -> None:
     """Record the failure if the database allows; never raise over the sync's own error."""
     for attempt in (1, 2):
@@ -511,301 +251,3 @@ def _fail_run(run: SyncRun, code: str, message: str) -> None:
         except Exception:
             logger.exception("Could not record the failure of IBKR sync #%s", run.pk)
             return
-
-
-# --- applying a snapshot ----------------------------------------------------------------
-
-
-def _apply(snapshot: GatewaySnapshot, run: SyncRun, now: dt.datetime) -> tuple[list[str], _Counts]:
-    Position = conf.position_model()
-    counts = _Counts()
-    mapped: dict[tuple[str, str], MappedPosition] = {}
-    unmapped: set[tuple[str, str]] = set()
-    for record in snapshot.positions:
-        counts.add(record.account, "processed")
-        try:
-            item = map_position(record)
-        except MappingError as exc:
-            # Its stored row, if any, is left exactly as it was (not closed).
-            unmapped.add((record.account, contract_id_text(record.con_id)))
-            counts.add(record.account, "errors")
-            counts.errors.append(
-                {
-                    "account": record.account,
-                    # A conId too long for any integer column: its reason says so.
-                    "con_id": record.con_id if abs(record.con_id) < 2**63 else None,
-                    "symbol": record.symbol,
-                    "sec_type": record.sec_type,
-                    "reason": str(exc),
-                }
-            )
-            continue
-        mapped[(item.account_id, item.instrument_id)] = item
-
-    # The accounts to reconcile: an account id that could not even be stored (too long,
-    # a NUL) belongs to records already counted as errors, and creates no Account.
-    reported = {*snapshot.accounts, *(a for a, _ in mapped), *(a for a, _ in unmapped)}
-    account_ids = sorted(a for a in reported if is_storable_account_id(a))
-    accounts = _upsert_accounts(account_ids, now)
-    instruments = _upsert_instruments(mapped.values(), now)
-
-    # Plain rows, not model instances: building 10,000s of instances costs more than
-    # the queries. Instances are made only for the rows that will be written.
-    account_by_pk = {pk: account_id for account_id, pk in accounts.items()}
-    rows = Position.objects.filter(account_id__in=accounts.values()).values_list(
-        "pk", "account_id", "instrument__external_id", "quantity", "average_cost", "closed_at"
-    )
-    existing = {(account_by_pk[row[1]], row[2]): row for row in rows}
-    to_create: list[MappedPosition] = []
-    to_change: dict[str, list[Position]] = {"updated": [], "reopened": []}
-    changes: list[dict[str, Any]] = []
-    for key, item in mapped.items():
-        row = existing.get(key)
-        if row is None:
-            to_create.append(item)
-            counts.add(item.account_id, "created")
-            continue
-        pk, _, _, quantity, average_cost, closed_at = row
-        if closed_at is not None:
-            kind, before = PositionChange.Kind.REOPENED, (None, None)
-        elif _differs(
-            (quantity, average_cost), (item.position["quantity"], item.position["average_cost"])
-        ):
-            kind, before = PositionChange.Kind.UPDATED, (quantity, average_cost)
-        else:
-            counts.add(item.account_id, "unchanged")
-            continue
-        counts.add(item.account_id, kind)
-        to_change[kind].append(
-            Position(
-                account_id=accounts[item.account_id],
-                instrument_id=instruments[item.instrument_id],
-                opened_at=now,
-                last_synced_at=now,
-                closed_at=None,
-                **item.position,
-            )
-        )
-        changes.append(_change(run, pk, kind, before, item.position))
-
-    gone = []
-    for key, (pk, _, _, quantity, average_cost, closed_at) in existing.items():
-        if closed_at is None and key not in mapped and key not in unmapped:
-            gone.append(pk)
-            counts.add(key[0], "closed")
-            changes.append(
-                _change(run, pk, PositionChange.Kind.CLOSED, (quantity, average_cost), None)
-            )
-
-    # New rows are made batch by batch as they are written: at 10,000s of positions,
-    # holding them all at once would double the sync's memory.
-    created_pks = _insert(
-        Position,
-        (
-            {
-                "account_id": accounts[item.account_id],
-                "instrument_id": instruments[item.instrument_id],
-                "opened_at": now,
-                "last_synced_at": now,
-                **item.position,
-            }
-            for item in to_create
-        ),
-    )
-    # Changed rows are written as upserts on (account, instrument): one INSERT ... ON
-    # CONFLICT DO UPDATE per batch, which both databases run far faster than the
-    # CASE WHEN statements of bulk_update. A re-opened row also gets a new opened_at.
-    for kind, fields in _CHANGED_FIELDS.items():
-        Position.objects.bulk_create(
-            to_change[kind],
-            batch_size=BATCH_SIZE,
-            update_conflicts=True,
-            unique_fields=["account", "instrument"],
-            update_fields=fields,
-        )
-    for chunk in _chunks(gone):
-        Position.objects.filter(pk__in=chunk).update(closed_at=now, last_synced_at=now)
-    _insert(
-        PositionChange,
-        itertools.chain(
-            changes,
-            (
-                _change(run, pk, PositionChange.Kind.CREATED, (None, None), item.position)
-                for pk, item in zip(created_pks, to_create, strict=True)
-            ),
-        ),
-    )
-    return account_ids, counts
-
-
-_UPDATED = ("quantity", "average_cost", "cost_basis", "last_synced_at")
-_CHANGED_FIELDS = {"updated": _UPDATED, "reopened": (*_UPDATED, "opened_at", "closed_at")}
-
-
-def _change(
-    run: SyncRun,
-    position_pk: int,
-    kind: str,
-    before: tuple[Decimal | None, Decimal | None],
-    after: dict[str, Any] | None,
-) -> dict[str, Any]:
-    """A PositionChange row, as the field values `_insert` takes."""
-    return {
-        "sync_run_id": run.pk,
-        "position_id": position_pk,
-        "kind": kind,
-        "quantity_before": before[0],
-        "average_cost_before": before[1],
-        "quantity_after": None if after is None else after["quantity"],
-        "average_cost_after": None if after is None else after["average_cost"],
-    }
-
-
-def _differs(stored: Sequence[Any], values: Sequence[Any]) -> bool:
-    """Whether `values` differ from what the database holds (`stored`, in the same order).
-
-    Callers leave derived fields (cost basis) out, so rounding in them can never make an
-    unchanged row look changed. SQLite keeps 15 significant digits of a decimal column:
-    compare at that precision there, exactly elsewhere."""
-    if connection.vendor == "sqlite":
-        values = [_sqlite_stored(value) for value in values]
-    return any(value != held for value, held in zip(values, stored, strict=True))
-
-
-def _sqlite_stored(value: Any) -> Any:
-    return _SQLITE_DECIMAL.create_decimal(value) if isinstance(value, Decimal) else value
-
-
-_SQLITE_DECIMAL = Context(prec=15)
-
-
-def _upsert_accounts(account_ids: Sequence[str], now: dt.datetime) -> dict[str, int]:
-    """Create the accounts not seen before, stamp all as synced; return id -> pk."""
-    Account = conf.account_model()
-    accounts = dict(
-        Account.objects.filter(broker=BROKER, external_id__in=account_ids).values_list(
-            "external_id", "pk"
-        )
-    )
-    missing = [
-        Account(broker=BROKER, external_id=a, is_paper=is_paper_account(a), last_synced_at=now)
-        for a in account_ids
-        if a not in accounts
-    ]
-    accounts.update((a.external_id, a.pk) for a in Account.objects.bulk_create(missing))
-    Account.objects.filter(pk__in=accounts.values()).update(last_synced_at=now)
-    return accounts
-
-
-def _upsert_instruments(items: Iterable[MappedPosition], now: dt.datetime) -> dict[str, int]:
-    """Create or update the instruments of the mapped positions; return conId -> pk."""
-    Instrument = conf.instrument_model()
-    wanted = {item.instrument_id: item.instrument for item in items}
-    ids: dict[str, int] = {}
-    changed = []
-    for chunk in _chunks(list(wanted)):
-        rows = Instrument.objects.filter(broker=BROKER, external_id__in=chunk).values_list(
-            "pk", "external_id", *INSTRUMENT_FIELDS
-        )
-        for pk, conid, *stored in rows:
-            ids[conid] = pk
-            fields = wanted[conid]
-            if _differs(stored, [fields[name] for name in INSTRUMENT_FIELDS]):
-                changed.append(Instrument(broker=BROKER, external_id=conid, **fields))
-    # Upserts on (broker, external_id), as for positions: cheaper than bulk_update.
-    Instrument.objects.bulk_create(
-        changed,
-        batch_size=BATCH_SIZE // 4,
-        update_conflicts=True,
-        unique_fields=["broker", "external_id"],
-        update_fields=[*INSTRUMENT_FIELDS, "updated_at"],
-    )
-    new = [conid for conid in wanted if conid not in ids]
-    rows = (
-        {
-            "broker": BROKER,
-            "external_id": conid,
-            "created_at": now,
-            "updated_at": now,
-            **wanted[conid],
-        }
-        for conid in new
-    )
-    ids.update(zip(new, _insert(Instrument, rows), strict=True))
-    return ids
-
-
-def _insert(model: type[models.Model], rows: Iterable[dict[str, Any]]) -> list[int]:
-    """INSERT rows given as {field attname: value}; return their new primary keys, in order.
-
-    The fast path for the 10,000s of rows of a first sync. `bulk_create` runs every
-    value of every object through the generic field API, which then costs more than the
-    database does. The values here are already what the database adapters take (str,
-    int, Decimal, date, None: the driver adapts them exactly as Django would), so only
-    datetimes are prepared, once per distinct value. Fields a row leaves out get their
-    model default. A batch is one statement of the form Django's own bulk_create issues
-    (tests compare the two): on PostgreSQL INSERT ... SELECT * FROM UNNEST(one array per
-    column), elsewhere a multi-row INSERT ... VALUES; both RETURNING the new keys.
-    """
-    meta = model._meta
-    fields = [f for f in meta.concrete_fields if not f.primary_key]
-    names = [f.attname for f in fields]
-    defaults = {f.attname: f.get_default() for f in fields}
-    prepare = {
-        f.attname: _DatetimePreparer(f) for f in fields if isinstance(f, models.DateTimeField)
-    }
-    qn = connection.ops.quote_name
-    head = f"INSERT INTO {qn(meta.db_table)} ({', '.join(qn(f.column) for f in fields)}) "
-    tail = f" RETURNING {qn(meta.pk.column)}"
-    unnest = connection.vendor == "postgresql"
-    if unnest:
-        # Array types without their length/precision, as Django does: varchar[], numeric[].
-        arrays = ", ".join(f"%s::{f.db_type(connection).split('(')[0]}[]" for f in fields)
-        statement = f"{head}SELECT * FROM UNNEST({arrays}){tail}"
-    one_row = "(" + ", ".join(["%s"] * len(fields)) + ")"
-    pks: list[int] = []
-    with connection.cursor() as cursor:
-        for chunk in _batches(rows, min(BATCH_SIZE, _MAX_PARAMETERS // len(fields))):
-            values = [
-                [
-                    prepare[name](value) if name in prepare else value
-                    for name in names
-                    for value in (row[name] if name in row else defaults[name],)
-                ]
-                for row in chunk
-            ]
-            if unnest:
-                cursor.execute(statement, [list(column) for column in zip(*values, strict=True)])
-            else:
-                sql = f"{head}VALUES {', '.join([one_row] * len(chunk))}{tail}"
-                cursor.execute(sql, [value for row in values for value in row])
-            pks.extend(pk for (pk,) in cursor.fetchall())
-    return pks
-
-
-# Below SQLite's default limit of bound parameters per statement (32766 since 3.32).
-_MAX_PARAMETERS = 30_000
-
-
-class _DatetimePreparer:
-    """A DateTimeField's database form of a value, computed once per distinct value."""
-
-    def __init__(self, field: models.Field) -> None:
-        self.field = field
-        self.cache: dict[Any, Any] = {}
-
-    def __call__(self, value: Any) -> Any:
-        if value not in self.cache:
-            self.cache[value] = self.field.get_db_prep_save(value, connection)
-        return self.cache[value]
-
-
-def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    iterator = iter(items)
-    while batch := list(itertools.islice(iterator, size)):
-        yield batch
-
-
-def _chunks(items: Sequence[Any], size: int = BATCH_SIZE) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]

@@ -242,7 +242,7 @@ def test_database_that_does_not_answer_is_503(client, use_gateway, monkeypatch):
     def down(*args, **kwargs):
         raise OperationalError("connection refused")
 
-    monkeypatch.setattr("ibkr_sync.services._apply", down)
+    monkeypatch.setattr("ibkr_sync.services.apply_snapshot", down)
 
     response = client.post(URL)
 

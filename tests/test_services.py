@@ -7,7 +7,7 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from ibkr_sync import services
+from ibkr_sync import writer
 from ibkr_sync.exceptions import GatewayUnavailable, InvalidAccountId, SyncAlreadyRunning
 from ibkr_sync.models import PositionChange, SyncRun
 from ibkr_sync.services import sync_positions
@@ -241,14 +241,14 @@ def test_crash_midway_rolls_back_every_write(fake_gateway, monkeypatch):
         position(con_id=42, symbol="NEW"),
     ]  # one update, one create, one close
 
-    insert = services._insert
+    insert = writer.insert_rows
 
     def explode(model, rows):
         if model is PositionChange:  # the last write of a sync: all before it rolls back
             raise RuntimeError("disk full")
         return insert(model, rows)
 
-    monkeypatch.setattr(services, "_insert", explode)
+    monkeypatch.setattr(writer, "insert_rows", explode)
     with pytest.raises(RuntimeError):
         run(fake_gateway)
 

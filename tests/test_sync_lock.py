@@ -18,11 +18,12 @@ import pytest
 from django.db import OperationalError, connection
 from django.utils import timezone
 
-from ibkr_sync import services
+from ibkr_sync import lock, services
 from ibkr_sync.exceptions import DatabaseUnavailable, SyncAlreadyRunning
 from ibkr_sync.health import check_health
+from ibkr_sync.lock import _ProcessIdentity, process_identity
 from ibkr_sync.models import SyncRun
-from ibkr_sync.services import _ProcessIdentity, process_identity, sync_positions
+from ibkr_sync.services import sync_positions
 from tests.conftest import FakeGateway, position
 
 pytestmark = pytest.mark.django_db
@@ -84,7 +85,7 @@ def test_a_live_idle_process_holds_no_lock_once_its_heartbeat_stopped(settings, 
     """The review's wedge: a web server whose sync could not record its failure is alive
     for hours; its row must not block every other process for IBKR_SYNC_STALE_AFTER."""
     settings.IBKR_SYNC_LOCK_TIMEOUT = 30
-    started = services._start_time(sleeper.pid)
+    started = lock._start_time(sleeper.pid)
     held = held_by(other_process_token(sleeper.pid, started), silent_for=5)
     with pytest.raises(SyncAlreadyRunning):
         run()  # alive and renewed recently: it may be working
@@ -127,17 +128,17 @@ def test_same_host_name_and_pid_in_another_container_is_not_taken_for_this_proce
 
 def test_a_run_of_this_process_is_never_taken_for_abandoned_while_it_runs(settings):
     settings.IBKR_SYNC_LOCK_TIMEOUT = 1
-    row = services._start_run(trigger="api", user=None, account_id=None, dry_run=False)
+    row = lock.acquire(trigger="api", user=None, account_id=None, dry_run=False)
     try:
         SyncRun.objects.filter(pk=row.pk).update(
             heartbeat_at=timezone.now() - dt.timedelta(seconds=60)
         )
-        assert services._release_abandoned_lock() is False, "running in this process"
+        assert lock.release_abandoned() is False, "running in this process"
         assert SyncRun.objects.get(pk=row.pk).status == "running"
     finally:
-        services._active_runs.discard(row.pk)
+        lock._active_runs.discard(row.pk)
     # Once this process no longer runs it, its row is released at once.
-    assert services._release_abandoned_lock() is True
+    assert lock.release_abandoned() is True
     assert SyncRun.objects.get(pk=row.pk).error_code == "abandoned"
 
 
@@ -174,7 +175,7 @@ def test_the_heartbeat_is_renewed_while_a_sync_works_and_stops_when_it_ends(sett
             time.sleep(0.05)
         # Renewed for as long as the read takes, so nobody may take the lock meanwhile.
         time.sleep(1)
-        assert services.lock_abandoned(SyncRun.objects.get(pk=row.pk)) is None
+        assert lock.abandoned_reason(SyncRun.objects.get(pk=row.pk)) is None
     finally:
         gateway.release.set()
         worker.join(10)
@@ -202,7 +203,7 @@ def test_after_an_unrecordable_failure_the_next_sync_succeeds_within_the_lock_ti
 
     # As another process of this machine sees it (a new identity): the holder's pid is
     # alive, so only its heartbeat can tell that it no longer works on the lock.
-    monkeypatch.setattr(services, "_identity", None)
+    monkeypatch.setattr(lock, "_identity", None)
     assert process_identity().token != left.owner
     with pytest.raises(SyncAlreadyRunning):
         run()

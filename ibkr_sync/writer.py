@@ -1,0 +1,351 @@
+"""The set-based writer: one gateway snapshot applied to the configured models.
+
+Runs inside the sync's transaction (the service owns it). Reads existing rows as plain
+tuples in a fixed number of queries, inserts new rows batch by batch (one multi-row
+INSERT ... RETURNING per batch; UNNEST arrays on PostgreSQL), upserts changed rows,
+closes the rows no longer reported with one UPDATE per batch, writes nothing for rows
+that did not change, and records every change as a PositionChange of the run.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from decimal import Context, Decimal
+from typing import Any
+
+from django.db import connection, models
+
+from . import conf
+from .gateway import GatewaySnapshot
+from .mapping import (
+    BROKER,
+    INSTRUMENT_FIELDS,
+    MappedPosition,
+    MappingError,
+    contract_id_text,
+    is_paper_account,
+    is_storable_account_id,
+    map_position,
+)
+from .models import PositionChange, SyncRun
+
+# Rows per statement: below SQLite's bound-parameter limit for the widest statement.
+BATCH_SIZE = 500
+
+KINDS = ("processed", "created", "updated", "unchanged", "reopened", "closed", "errors")
+
+
+@dataclass
+class Counts:
+    tally: Counter = field(default_factory=Counter)  # (account, kind) -> count
+    errors: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, account: str, kind: str) -> None:
+        self.tally[account, kind] += 1
+
+    def total(self, kind: str) -> int:
+        return sum(n for (_, k), n in self.tally.items() if k == kind)
+
+    def by_account(self, accounts: Iterable[str]) -> dict[str, dict[str, int]]:
+        return {a: {kind: self.tally[a, kind] for kind in KINDS} for a in accounts}
+
+
+def apply_snapshot(
+    snapshot: GatewaySnapshot, run: SyncRun, now: dt.datetime
+) -> tuple[list[str], Counts]:
+    Position = conf.position_model()
+    counts = Counts()
+    mapped: dict[tuple[str, str], MappedPosition] = {}
+    unmapped: set[tuple[str, str]] = set()
+    for record in snapshot.positions:
+        counts.add(record.account, "processed")
+        try:
+            item = map_position(record)
+        except MappingError as exc:
+            # Its stored row, if any, is left exactly as it was (not closed).
+            unmapped.add((record.account, contract_id_text(record.con_id)))
+            counts.add(record.account, "errors")
+            counts.errors.append(
+                {
+                    "account": record.account,
+                    # A conId too long for any integer column: its reason says so.
+                    "con_id": record.con_id if abs(record.con_id) < 2**63 else None,
+                    "symbol": record.symbol,
+                    "sec_type": record.sec_type,
+                    "reason": str(exc),
+                }
+            )
+            continue
+        mapped[(item.account_id, item.instrument_id)] = item
+
+    # The accounts to reconcile: an account id that could not even be stored (too long,
+    # a NUL) belongs to records already counted as errors, and creates no Account.
+    reported = {*snapshot.accounts, *(a for a, _ in mapped), *(a for a, _ in unmapped)}
+    account_ids = sorted(a for a in reported if is_storable_account_id(a))
+    accounts = _upsert_accounts(account_ids, now)
+    instruments = _upsert_instruments(mapped.values(), now)
+
+    # Plain rows, not model instances: building 10,000s of instances costs more than
+    # the queries. Instances are made only for the rows that will be written.
+    account_by_pk = {pk: account_id for account_id, pk in accounts.items()}
+    rows = Position.objects.filter(account_id__in=accounts.values()).values_list(
+        "pk", "account_id", "instrument__external_id", "quantity", "average_cost", "closed_at"
+    )
+    existing = {(account_by_pk[row[1]], row[2]): row for row in rows}
+    to_create: list[MappedPosition] = []
+    to_change: dict[str, list[Position]] = {"updated": [], "reopened": []}
+    changes: list[dict[str, Any]] = []
+    for key, item in mapped.items():
+        row = existing.get(key)
+        if row is None:
+            to_create.append(item)
+            counts.add(item.account_id, "created")
+            continue
+        pk, _, _, quantity, average_cost, closed_at = row
+        if closed_at is not None:
+            kind, before = PositionChange.Kind.REOPENED, (None, None)
+        elif _differs(
+            (quantity, average_cost), (item.position["quantity"], item.position["average_cost"])
+        ):
+            kind, before = PositionChange.Kind.UPDATED, (quantity, average_cost)
+        else:
+            counts.add(item.account_id, "unchanged")
+            continue
+        counts.add(item.account_id, kind)
+        to_change[kind].append(
+            Position(
+                account_id=accounts[item.account_id],
+                instrument_id=instruments[item.instrument_id],
+                opened_at=now,
+                last_synced_at=now,
+                closed_at=None,
+                **item.position,
+            )
+        )
+        changes.append(_change(run, pk, kind, before, item.position))
+
+    gone = []
+    for key, (pk, _, _, quantity, average_cost, closed_at) in existing.items():
+        if closed_at is None and key not in mapped and key not in unmapped:
+            gone.append(pk)
+            counts.add(key[0], "closed")
+            changes.append(
+                _change(run, pk, PositionChange.Kind.CLOSED, (quantity, average_cost), None)
+            )
+
+    # New rows are made batch by batch as they are written: at 10,000s of positions,
+    # holding them all at once would double the sync's memory.
+    created_pks = insert_rows(
+        Position,
+        (
+            {
+                "account_id": accounts[item.account_id],
+                "instrument_id": instruments[item.instrument_id],
+                "opened_at": now,
+                "last_synced_at": now,
+                **item.position,
+            }
+            for item in to_create
+        ),
+    )
+    # Changed rows are written as upserts on (account, instrument): one INSERT ... ON
+    # CONFLICT DO UPDATE per batch, which both databases run far faster than the
+    # CASE WHEN statements of bulk_update. A re-opened row also gets a new opened_at.
+    for kind, fields in _CHANGED_FIELDS.items():
+        Position.objects.bulk_create(
+            to_change[kind],
+            batch_size=BATCH_SIZE,
+            update_conflicts=True,
+            unique_fields=["account", "instrument"],
+            update_fields=fields,
+        )
+    for chunk in _chunks(gone):
+        Position.objects.filter(pk__in=chunk).update(closed_at=now, last_synced_at=now)
+    insert_rows(
+        PositionChange,
+        itertools.chain(
+            changes,
+            (
+                _change(run, pk, PositionChange.Kind.CREATED, (None, None), item.position)
+                for pk, item in zip(created_pks, to_create, strict=True)
+            ),
+        ),
+    )
+    return account_ids, counts
+
+
+_UPDATED = ("quantity", "average_cost", "cost_basis", "last_synced_at")
+_CHANGED_FIELDS = {"updated": _UPDATED, "reopened": (*_UPDATED, "opened_at", "closed_at")}
+
+
+def _change(
+    run: SyncRun,
+    position_pk: int,
+    kind: str,
+    before: tuple[Decimal | None, Decimal | None],
+    after: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """A PositionChange row, as the field values `_insert` takes."""
+    return {
+        "sync_run_id": run.pk,
+        "position_id": position_pk,
+        "kind": kind,
+        "quantity_before": before[0],
+        "average_cost_before": before[1],
+        "quantity_after": None if after is None else after["quantity"],
+        "average_cost_after": None if after is None else after["average_cost"],
+    }
+
+
+def _differs(stored: Sequence[Any], values: Sequence[Any]) -> bool:
+    """Whether `values` differ from what the database holds (`stored`, in the same order).
+
+    Callers leave derived fields (cost basis) out, so rounding in them can never make an
+    unchanged row look changed. SQLite keeps 15 significant digits of a decimal column:
+    compare at that precision there, exactly elsewhere."""
+    if connection.vendor == "sqlite":
+        values = [_sqlite_stored(value) for value in values]
+    return any(value != held for value, held in zip(values, stored, strict=True))
+
+
+def _sqlite_stored(value: Any) -> Any:
+    return _SQLITE_DECIMAL.create_decimal(value) if isinstance(value, Decimal) else value
+
+
+_SQLITE_DECIMAL = Context(prec=15)
+
+
+def _upsert_accounts(account_ids: Sequence[str], now: dt.datetime) -> dict[str, int]:
+    """Create the accounts not seen before, stamp all as synced; return id -> pk."""
+    Account = conf.account_model()
+    accounts = dict(
+        Account.objects.filter(broker=BROKER, external_id__in=account_ids).values_list(
+            "external_id", "pk"
+        )
+    )
+    missing = [
+        Account(broker=BROKER, external_id=a, is_paper=is_paper_account(a), last_synced_at=now)
+        for a in account_ids
+        if a not in accounts
+    ]
+    accounts.update((a.external_id, a.pk) for a in Account.objects.bulk_create(missing))
+    Account.objects.filter(pk__in=accounts.values()).update(last_synced_at=now)
+    return accounts
+
+
+def _upsert_instruments(items: Iterable[MappedPosition], now: dt.datetime) -> dict[str, int]:
+    """Create or update the instruments of the mapped positions; return conId -> pk."""
+    Instrument = conf.instrument_model()
+    wanted = {item.instrument_id: item.instrument for item in items}
+    ids: dict[str, int] = {}
+    changed = []
+    for chunk in _chunks(list(wanted)):
+        rows = Instrument.objects.filter(broker=BROKER, external_id__in=chunk).values_list(
+            "pk", "external_id", *INSTRUMENT_FIELDS
+        )
+        for pk, conid, *stored in rows:
+            ids[conid] = pk
+            fields = wanted[conid]
+            if _differs(stored, [fields[name] for name in INSTRUMENT_FIELDS]):
+                changed.append(Instrument(broker=BROKER, external_id=conid, **fields))
+    # Upserts on (broker, external_id), as for positions: cheaper than bulk_update.
+    Instrument.objects.bulk_create(
+        changed,
+        batch_size=BATCH_SIZE // 4,
+        update_conflicts=True,
+        unique_fields=["broker", "external_id"],
+        update_fields=[*INSTRUMENT_FIELDS, "updated_at"],
+    )
+    new = [conid for conid in wanted if conid not in ids]
+    rows = (
+        {
+            "broker": BROKER,
+            "external_id": conid,
+            "created_at": now,
+            "updated_at": now,
+            **wanted[conid],
+        }
+        for conid in new
+    )
+    ids.update(zip(new, insert_rows(Instrument, rows), strict=True))
+    return ids
+
+
+def insert_rows(model: type[models.Model], rows: Iterable[dict[str, Any]]) -> list[int]:
+    """INSERT rows given as {field attname: value}; return their new primary keys, in order.
+
+    The fast path for the 10,000s of rows of a first sync. `bulk_create` runs every
+    value of every object through the generic field API, which then costs more than the
+    database does. The values here are already what the database adapters take (str,
+    int, Decimal, date, None: the driver adapts them exactly as Django would), so only
+    datetimes are prepared, once per distinct value. Fields a row leaves out get their
+    model default. A batch is one statement of the form Django's own bulk_create issues
+    (tests compare the two): on PostgreSQL INSERT ... SELECT * FROM UNNEST(one array per
+    column), elsewhere a multi-row INSERT ... VALUES; both RETURNING the new keys.
+    """
+    meta = model._meta
+    fields = [f for f in meta.concrete_fields if not f.primary_key]
+    names = [f.attname for f in fields]
+    defaults = {f.attname: f.get_default() for f in fields}
+    prepare = {
+        f.attname: _DatetimePreparer(f) for f in fields if isinstance(f, models.DateTimeField)
+    }
+    qn = connection.ops.quote_name
+    head = f"INSERT INTO {qn(meta.db_table)} ({', '.join(qn(f.column) for f in fields)}) "
+    tail = f" RETURNING {qn(meta.pk.column)}"
+    unnest = connection.vendor == "postgresql"
+    if unnest:
+        # Array types without their length/precision, as Django does: varchar[], numeric[].
+        arrays = ", ".join(f"%s::{f.db_type(connection).split('(')[0]}[]" for f in fields)
+        statement = f"{head}SELECT * FROM UNNEST({arrays}){tail}"
+    one_row = "(" + ", ".join(["%s"] * len(fields)) + ")"
+    pks: list[int] = []
+    with connection.cursor() as cursor:
+        for chunk in _batches(rows, min(BATCH_SIZE, _MAX_PARAMETERS // len(fields))):
+            values = [
+                [
+                    prepare[name](value) if name in prepare else value
+                    for name in names
+                    for value in (row[name] if name in row else defaults[name],)
+                ]
+                for row in chunk
+            ]
+            if unnest:
+                cursor.execute(statement, [list(column) for column in zip(*values, strict=True)])
+            else:
+                sql = f"{head}VALUES {', '.join([one_row] * len(chunk))}{tail}"
+                cursor.execute(sql, [value for row in values for value in row])
+            pks.extend(pk for (pk,) in cursor.fetchall())
+    return pks
+
+
+# Below SQLite's default limit of bound parameters per statement (32766 since 3.32).
+_MAX_PARAMETERS = 30_000
+
+
+class _DatetimePreparer:
+    """A DateTimeField's database form of a value, computed once per distinct value."""
+
+    def __init__(self, field: models.Field) -> None:
+        self.field = field
+        self.cache: dict[Any, Any] = {}
+
+    def __call__(self, value: Any) -> Any:
+        if value not in self.cache:
+            self.cache[value] = self.field.get_db_prep_save(value, connection)
+        return self.cache[value]
+
+
+def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
+
+
+def _chunks(items: Sequence[Any], size: int = BATCH_SIZE) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
