@@ -1,5 +1,6 @@
 """`manage.py ibkr_demo` (`make demo`) as a new user runs it: in a SQLite file of its own,
-whatever DATABASE_URL names."""
+whatever DATABASE_URL names, and stopping at once, saying why, when a port it needs is
+taken (by a demo already running, say)."""
 
 import os
 import queue
@@ -152,3 +153,39 @@ def test_the_demo_runs_in_its_own_database_whatever_database_url_names(
             ("demo", 1)
         ]
         assert db.execute("SELECT count(*) FROM portfolio_position").fetchone()[0] > 0
+
+
+@pytest.mark.parametrize("taken", [("gateway",), ("web",), ("gateway", "web")])
+def test_a_port_in_use_stops_the_demo_at_once_saying_which(tmp_path, taken):
+    ports = {"gateway": free_port(), "web": free_port()}
+    holders = []
+    for name in taken:
+        holder = socket.socket()
+        holder.bind(("127.0.0.1", ports[name]))
+        holder.listen()
+        holders.append(holder)
+    demo_file = tmp_path / "demo.sqlite3"
+    try:
+        result = manage(
+            "ibkr_demo", "--gateway-port", str(ports["gateway"]),
+            "--addr", f"127.0.0.1:{ports['web']}", "--database", str(demo_file),
+            env=demo_env(), check=False,
+        )  # fmt: skip
+    finally:
+        for holder in holders:
+            holder.close()
+
+    named = {
+        "gateway": f"{ports['gateway']} (for the IB Gateway simulator, --gateway-port)",
+        "web": f"{ports['web']} (for the web server, --addr)",
+    }
+    which = " and ".join(named[name] for name in taken)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"CommandError: {'Port' if len(taken) == 1 else 'Ports'} {which} "
+        f"{'is' if len(taken) == 1 else 'are'} already in use, perhaps by a demo that is "
+        'running: stop it, or choose free ports, e.g. make demo DEMO_ARGS="--gateway-port '
+        '4012 --addr 127.0.0.1:8012".'
+    ]
+    assert not demo_file.exists(), "nothing is done before the ports are checked"

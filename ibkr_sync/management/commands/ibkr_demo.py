@@ -1,15 +1,16 @@
 """`manage.py ibkr_demo`: the whole product on one machine, with no IBKR account.
 
-In a SQLite file of its own (`demo.sqlite3` in the project; never the database
-DATABASE_URL names), migrates, creates a demo admin login, starts the bundled IB Gateway
-simulator with a sample portfolio, runs a first sync through the real IB client, and
-serves the site so the admin and the REST endpoint can be tried at once. Ctrl-C stops
-everything it started.
+Checks that its two ports are free, then, in a SQLite file of its own (`demo.sqlite3` in
+the project; never the database DATABASE_URL names), migrates, creates a demo admin
+login, starts the bundled IB Gateway simulator with a sample portfolio, runs a first
+sync through the real IB client, and serves the site so the admin and the REST endpoint
+can be tried at once. Ctrl-C stops everything it started.
 """
 
 import contextlib
 import errno
 import os
+import re
 import socket
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.commands.runserver import naiveip_re
 from django.db import DEFAULT_DB_ALIAS, connections
 from rest_framework.authtoken.models import Token
 
@@ -40,8 +42,7 @@ class Command(BaseCommand):
             "--gateway-port",
             type=int,
             default=IB_GATEWAY_PAPER_PORT,
-            help="Simulator port (default 4002, IB Gateway's paper port; any free port "
-            "is used if it is taken).",
+            help="Simulator port (default 4002, IB Gateway's paper port; 0: any free port).",
         )
         parser.add_argument("--positions", help="Portfolio JSON file (default: the sample).")
         parser.add_argument(
@@ -60,6 +61,13 @@ class Command(BaseCommand):
         database: str | None,
         **options,
     ):
+        host, port = _host_and_port(addr)
+        _check_ports_free(
+            [
+                (gateway_port, "127.0.0.1", "for the IB Gateway simulator, --gateway-port"),
+                (port, host, "for the web server, --addr"),
+            ]
+        )
         try:
             portfolio = load_portfolio(positions) if positions else load_sample_portfolio()
         except PortfolioError as exc:
@@ -109,9 +117,6 @@ class Command(BaseCommand):
         return Token.objects.get_or_create(user=user)[0].key
 
     def _start_simulator(self, portfolio, port: int) -> GatewaySimulator:
-        if not _port_free(port):
-            self.stderr.write(f"Port {port} is taken; the simulator uses a free port instead.")
-            port = 0
         simulator = GatewaySimulator(portfolio, host="127.0.0.1", port=port)
         simulator.start_in_thread()
         return simulator
@@ -143,15 +148,41 @@ def _use_sqlite_file(path: Path) -> None:
     )[DEFAULT_DB_ALIAS]
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as probe:
+def _host_and_port(addr: str) -> tuple[str, int]:
+    """`--addr` read as runserver reads it: `port`, `host:port` or `[ipv6]:port`."""
+    match = re.match(naiveip_re, addr)
+    if match is None:
+        raise CommandError(f"--addr {addr!r} is not a port number or a host:port pair.")
+    host = (match["addr"] or "127.0.0.1").strip("[]")
+    return host, int(match["port"])
+
+
+def _check_ports_free(ports: list[tuple[int, str, str]]) -> None:
+    """Stop before doing anything if a port the demo needs is taken (by a demo running
+    already, say): one line naming each, and the option that picks another. Port 0 is
+    any free port."""
+    taken = [f"{port} ({what})" for port, host, what in ports if port and _port_taken(host, port)]
+    if taken:
+        raise CommandError(
+            f"{'Port' if len(taken) == 1 else 'Ports'} {' and '.join(taken)} "
+            f"{'is' if len(taken) == 1 else 'are'} already in use, "
+            "perhaps by a demo that is running: stop it, or choose free ports, e.g. "
+            'make demo DEMO_ARGS="--gateway-port 4012 --addr 127.0.0.1:8012".'
+        )
+
+
+def _port_taken(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
+        # As the servers bind: a port a demo just stopped left in TIME_WAIT is free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            probe.bind(("127.0.0.1", port))
+            probe.bind((host, port))
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                return False
-            raise
-    return True
+                return True
+            raise CommandError(f"Cannot serve on {host}:{port}: {exc.strerror}.") from None
+    return False
 
 
 def _shown(path: Path) -> str:
