@@ -118,11 +118,34 @@ def test_dry_run_json_has_no_sync_run(use_gateway):
     assert (body["dry_run"], body["sync_run_id"], body["created"]) == (True, None, 2)
     assert body["changes"] == [
         {"kind": "created", "account": "U1111111", "con_id": 265598, "symbol": "AAPL",
-         "quantity_before": None, "quantity_after": "10"},
+         "quantity_before": None, "quantity_after": "10",
+         "average_cost_before": None, "average_cost_after": "150.25"},
         {"kind": "created", "account": "U1111111", "con_id": 76792991, "symbol": "TSLA",
-         "quantity_before": None, "quantity_after": "0.5"},
+         "quantity_before": None, "quantity_after": "0.5",
+         "average_cost_before": None, "average_cost_after": "242.1"},
     ]  # fmt: skip
     assert database_state() == {"accounts": [], "instruments": [], "positions": [], "runs": []}
+
+
+def test_dry_run_shows_a_change_of_average_cost_alone(use_gateway):
+    sync_ibkr()
+    use_gateway.positions = [
+        position(average_cost="151"),
+        position(con_id=76792991, symbol="TSLA", quantity="0.5", average_cost=None),
+    ]
+
+    text, _ = sync_ibkr("--dry-run")
+    body = json.loads(sync_ibkr("--dry-run", "--json")[0])
+
+    assert text.splitlines()[1:] == [
+        "  updated   U1111111   AAPL (265598): 10 -> 10, average cost 150.25 -> 151",
+        "  updated   U1111111   TSLA (76792991): 0.5 -> 0.5, average cost 242.1 -> none",
+    ]
+    assert [
+        (c["symbol"], c["quantity_before"], c["quantity_after"],
+         c["average_cost_before"], c["average_cost_after"])
+        for c in body["changes"]
+    ] == [("AAPL", "10", "10", "150.25", "151"), ("TSLA", "0.5", "0.5", "242.1", None)]  # fmt: skip
 
 
 def test_a_failed_dry_run_leaves_no_record_and_keeps_the_exit_code(use_gateway):

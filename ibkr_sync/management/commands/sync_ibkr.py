@@ -125,7 +125,8 @@ class Command(BaseCommand):
 
 
 def _describe_change(change: dict) -> str:
-    """One line of a dry run's changes: `  updated   U1234567  AAPL (265598): 10 -> 12`."""
+    """One line of a dry run's changes: `  updated   U1234567  AAPL (265598): 10 -> 12`,
+    and `, average cost 150.25 -> 151` when an open position's average cost changes too."""
     before, after = (
         "closed" if value is None else plain(value)
         for value in (change["quantity_before"], change["quantity_after"])
@@ -133,7 +134,12 @@ def _describe_change(change: dict) -> str:
     if change["kind"] == "created":
         before = "new"
     what = f"{change['symbol']} ({change['con_id']})"
-    return f"  {change['kind']:<9} {change['account']:<10} {what}: {before} -> {after}"
+    line = f"  {change['kind']:<9} {change['account']:<10} {what}: {before} -> {after}"
+    costs = (change["average_cost_before"], change["average_cost_after"])
+    if change["kind"] == "updated" and costs[0] != costs[1]:
+        cost_before, cost_after = ("none" if value is None else plain(value) for value in costs)
+        line += f", average cost {cost_before} -> {cost_after}"
+    return line
 
 
 class _TerminalProgress:
