@@ -2,10 +2,12 @@
 
 import json
 import logging
+import threading
 from io import StringIO
 
 import pytest
 from django.core.management import CommandError, call_command
+from django.db import connection
 from rest_framework.test import APIClient
 
 from ibkr_sync.exceptions import ClientIdInUse, GatewayUnavailable
@@ -208,6 +210,38 @@ def test_no_progress_when_stderr_is_not_a_terminal_or_quiet(use_gateway, monkeyp
 
     assert sync_ibkr()[1] == ""
     assert sync_ibkr("--quiet", stderr=Terminal()) == ("", "")
+
+
+class WatchedTerminal(Terminal):
+    """A terminal that says when a line was drawn on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drawn = threading.Event()
+
+    def write(self, text: str) -> int:
+        written = super().write(text)
+        if text.replace("\r\033[K", ""):
+            self.drawn.set()
+        return written
+
+
+def test_a_long_write_shows_the_progress_line_once_the_delay_has_passed(use_gateway):
+    """The write reports only its start, before the delay is up: it still gets its line."""
+    terminal = WatchedTerminal()
+
+    def slow_write(execute, sql, params, many, context):
+        # Writing the portfolio lasts until the line is drawn (at most 3 s).
+        if sql.lstrip().upper().startswith(("INSERT", "UPDATE")) and '"portfolio_' in sql:
+            terminal.drawn.wait(3)
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(slow_write):
+        out, err = sync_ibkr(stderr=terminal)
+
+    assert terminal.drawn.is_set()
+    assert err == "\r\033[KWriting 2 positions to the database...\r\033[K"
+    assert out.startswith("IBKR sync #")
 
 
 def test_a_quick_sync_draws_nothing_even_on_a_terminal(use_gateway):
