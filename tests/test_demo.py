@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from ibkr_sync.management.commands import ibkr_demo
+
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
 pytestmark = [pytest.mark.integration, pytest.mark.processes]
@@ -122,6 +124,28 @@ class Demo:
             self.process.stdout.close()
 
 
+def run_printed_sync_command(output: list[str], env: dict[str, str]):
+    """The `sync_ibkr` line the demo prints, run as a user pastes it into a terminal."""
+    line = next(line for line in output if line.startswith("  Sync command (another terminal): "))
+    words = line.split(": ", 1)[1].split()
+    assignments = dict(word.split("=", 1) for word in words if "=" in word)
+    command = [word for word in words if "=" not in word]
+    return subprocess.run(
+        command, cwd=PROJECT_DIR, env={**env, **assignments},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_the_readme_syncs_the_running_demo_as_the_demo_says():
+    readme = (PROJECT_DIR / "README.md").read_text(encoding="utf-8")
+    block = readme.split("To sync the running demo from the command line", 1)[1]
+    command = block.split("```sh", 1)[1].split("```", 1)[0]
+
+    assert f"DATABASE_URL=sqlite:///{ibkr_demo.DEMO_DATABASE} " in command
+    assert f"IBKR_HOST=127.0.0.1 IBKR_PORT={ibkr_demo.IB_GATEWAY_PAPER_PORT} " in command
+    assert "manage.py sync_ibkr" in command
+
+
 @pytest.mark.parametrize("named_in", ["environment", "dotenv"])
 def test_the_demo_runs_in_its_own_database_whatever_database_url_names(
     site_database, tmp_path, named_in
@@ -142,10 +166,13 @@ def test_the_demo_runs_in_its_own_database_whatever_database_url_names(
         demo.wait_for("The demo is up")
         demo.wait_for("Database:")
         assert demo.serving(f"http://{web}/admin/login/") == 200
+        synced = run_printed_sync_command(demo.output, env)
     finally:
         stopped = demo.stop()
 
     assert stopped == 0, "\n".join(demo.output)
+    assert synced.returncode == 0, synced.stderr
+    assert synced.stdout.startswith("IBKR sync #2: 25 positions in 3 account(s): 0 created")
     assert files(site) == before, "the site's database was touched"
     assert f"  Database:  {demo_file} (the demo's own)" in demo.output
     with sqlite3.connect(demo_file) as db:
