@@ -184,7 +184,9 @@ def _sync_positions(
 
 
 def _changes_of(run: SyncRun) -> list[dict[str, Any]]:
-    """The position changes a run recorded, by account and symbol, as plain values."""
+    """The position changes a run recorded, by account and symbol, as plain values: the
+    quantity and the average cost, before and after."""
+    fields = ("quantity_before", "quantity_after", "average_cost_before", "average_cost_after")
     rows = (
         PositionChange.objects.filter(sync_run=run)
         .order_by("position__account__external_id", "position__instrument__symbol", "id")
@@ -194,8 +196,7 @@ def _changes_of(run: SyncRun) -> list[dict[str, Any]]:
             "position__instrument__external_id",
             "position__instrument__symbol",
             "position__instrument__local_symbol",
-            "quantity_before",
-            "quantity_after",
+            *fields,
         )
     )
     return [
@@ -204,10 +205,9 @@ def _changes_of(run: SyncRun) -> list[dict[str, Any]]:
             "account": account,
             "con_id": int(con_id),
             "symbol": local_symbol or symbol,
-            "quantity_before": before,
-            "quantity_after": after,
+            **dict(zip(fields, row, strict=True)),
         }
-        for kind, account, con_id, symbol, local_symbol, before, after in rows
+        for kind, account, con_id, symbol, local_symbol, *row in rows
     ]
 
 

@@ -6,6 +6,7 @@ stops start-up with an error that names the variable, rather than surfacing late
 confusing connection failure.
 """
 
+import os
 from pathlib import Path
 
 import environ
@@ -14,7 +15,17 @@ from django.core.exceptions import ImproperlyConfigured
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 env = environ.Env()
-environ.Env.read_env(BASE_DIR / ".env")
+
+# The dotenv file: `.env` in the project, or the file ENV_FILE names; ENV_FILE set but
+# empty reads none (the test suite runs so, and so does every process it starts, whatever
+# a developer's `.env` holds). Values in the real environment win over the file's.
+_env_file = os.environ.get("ENV_FILE")
+if _env_file is None:
+    environ.Env.read_env(BASE_DIR / ".env")  # if there is one
+elif _env_file.strip():
+    if not Path(_env_file).is_file():
+        raise ImproperlyConfigured(f"ENV_FILE names no file: {_env_file!r}.")
+    environ.Env.read_env(_env_file)
 
 
 def _env_int(name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:

@@ -4,7 +4,11 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, Spec
 
 from ibkr_sync.api.views import HealthView
 
+from .views import home
+
 urlpatterns = [
+    # Also where the admin's "View site" link (its `site_url`, "/") leads.
+    path("", home, name="home"),
     path("admin/", admin.site.urls),
     path("portfolio/", include("portfolio.api.urls")),
     path("portfolio/", include("ibkr_sync.api.urls")),

@@ -379,3 +379,27 @@ def test_sec_type_filter_offers_only_the_types_held(admin_client, portfolio):
     assert "?instrument__sec_type=OPT" in page
     assert "?instrument__sec_type=STK" in page
     assert "?instrument__sec_type=BOND" not in page
+
+
+def test_view_site_leads_to_the_portfolio_overview(admin_client):
+    index = admin_client.get(reverse("admin:index")).text
+    view_site = re.search(r'<a href="([^"]*)">View site</a>', index).group(1)
+
+    response = admin_client.get(view_site, follow=True)
+
+    assert response.redirect_chain == [(reverse("admin:portfolio_overview"), 302)]
+    assert response.status_code == 200
+    assert response.context["title"] == "Portfolio overview"
+
+
+def test_the_site_root_leads_everyone_else_to_the_admin(django_user_model, client):
+    staff = django_user_model.objects.create_user("staff", password="pw-123456", is_staff=True)
+    staff.user_permissions.add(Permission.objects.get(codename="view_syncrun"))
+
+    anonymous = client.get("/", follow=True)
+    without_positions = client_for(staff).get("/", follow=True)
+
+    assert anonymous.redirect_chain[0] == (reverse("admin:index"), 302)
+    assert anonymous.redirect_chain[-1][0].startswith(reverse("admin:login"))
+    assert without_positions.redirect_chain == [(reverse("admin:index"), 302)]
+    assert without_positions.status_code == 200

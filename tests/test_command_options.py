@@ -2,10 +2,12 @@
 
 import json
 import logging
+import threading
 from io import StringIO
 
 import pytest
 from django.core.management import CommandError, call_command
+from django.db import connection
 from rest_framework.test import APIClient
 
 from ibkr_sync.exceptions import ClientIdInUse, GatewayUnavailable
@@ -118,11 +120,34 @@ def test_dry_run_json_has_no_sync_run(use_gateway):
     assert (body["dry_run"], body["sync_run_id"], body["created"]) == (True, None, 2)
     assert body["changes"] == [
         {"kind": "created", "account": "U1111111", "con_id": 265598, "symbol": "AAPL",
-         "quantity_before": None, "quantity_after": "10"},
+         "quantity_before": None, "quantity_after": "10",
+         "average_cost_before": None, "average_cost_after": "150.25"},
         {"kind": "created", "account": "U1111111", "con_id": 76792991, "symbol": "TSLA",
-         "quantity_before": None, "quantity_after": "0.5"},
+         "quantity_before": None, "quantity_after": "0.5",
+         "average_cost_before": None, "average_cost_after": "242.1"},
     ]  # fmt: skip
     assert database_state() == {"accounts": [], "instruments": [], "positions": [], "runs": []}
+
+
+def test_dry_run_shows_a_change_of_average_cost_alone(use_gateway):
+    sync_ibkr()
+    use_gateway.positions = [
+        position(average_cost="151"),
+        position(con_id=76792991, symbol="TSLA", quantity="0.5", average_cost=None),
+    ]
+
+    text, _ = sync_ibkr("--dry-run")
+    body = json.loads(sync_ibkr("--dry-run", "--json")[0])
+
+    assert text.splitlines()[1:] == [
+        "  updated   U1111111   AAPL (265598): 10 -> 10, average cost 150.25 -> 151",
+        "  updated   U1111111   TSLA (76792991): 0.5 -> 0.5, average cost 242.1 -> none",
+    ]
+    assert [
+        (c["symbol"], c["quantity_before"], c["quantity_after"],
+         c["average_cost_before"], c["average_cost_after"])
+        for c in body["changes"]
+    ] == [("AAPL", "10", "10", "150.25", "151"), ("TSLA", "0.5", "0.5", "242.1", None)]  # fmt: skip
 
 
 def test_a_failed_dry_run_leaves_no_record_and_keeps_the_exit_code(use_gateway):
@@ -185,6 +210,38 @@ def test_no_progress_when_stderr_is_not_a_terminal_or_quiet(use_gateway, monkeyp
 
     assert sync_ibkr()[1] == ""
     assert sync_ibkr("--quiet", stderr=Terminal()) == ("", "")
+
+
+class WatchedTerminal(Terminal):
+    """A terminal that says when a line was drawn on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drawn = threading.Event()
+
+    def write(self, text: str) -> int:
+        written = super().write(text)
+        if text.replace("\r\033[K", ""):
+            self.drawn.set()
+        return written
+
+
+def test_a_long_write_shows_the_progress_line_once_the_delay_has_passed(use_gateway):
+    """The write reports only its start, before the delay is up: it still gets its line."""
+    terminal = WatchedTerminal()
+
+    def slow_write(execute, sql, params, many, context):
+        # Writing the portfolio lasts until the line is drawn (at most 3 s).
+        if sql.lstrip().upper().startswith(("INSERT", "UPDATE")) and '"portfolio_' in sql:
+            terminal.drawn.wait(3)
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(slow_write):
+        out, err = sync_ibkr(stderr=terminal)
+
+    assert terminal.drawn.is_set()
+    assert err == "\r\033[KWriting 2 positions to the database...\r\033[K"
+    assert out.startswith("IBKR sync #")
 
 
 def test_a_quick_sync_draws_nothing_even_on_a_terminal(use_gateway):

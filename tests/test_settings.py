@@ -1,7 +1,8 @@
 """The settings module read from the environment (and `.env`), in fresh interpreters.
 
 Settings are evaluated once per process, so each case starts Python in a subprocess with
-exactly the environment it is about.
+exactly the environment it is about: no `.env` is read (ENV_FILE empty) unless a case
+puts one in a scratch copy of the project.
 """
 
 import json
@@ -23,7 +24,7 @@ SETTINGS_VARS = (
     "SECRET_KEY", "DEBUG", "ALLOWED_HOSTS", "CSRF_TRUSTED_ORIGINS", "DATABASE_URL", "TIME_ZONE",
     "STATIC_ROOT", "LOG_LEVEL", "SECURE_SSL_REDIRECT", "SESSION_COOKIE_SECURE",
     "CSRF_COOKIE_SECURE", "SECURE_HSTS_SECONDS", "SECURE_HSTS_INCLUDE_SUBDOMAINS",
-    "SECURE_HSTS_PRELOAD", "SECURE_PROXY_SSL",
+    "SECURE_HSTS_PRELOAD", "SECURE_PROXY_SSL", "ENV_FILE",
 )  # fmt: skip
 PRINT_IBKR_SETTINGS = (
     "import json, django; django.setup(); from django.conf import settings as s; "
@@ -33,12 +34,16 @@ PRINT_IBKR_SETTINGS = (
 
 def clean_env(**values: str) -> dict[str, str]:
     """This process's environment without any setting the settings module reads, as on a
-    developer's machine (DEBUG=true) unless `values` say otherwise (DEBUG=None: unset)."""
+    developer's machine (DEBUG=true) but with no `.env`, unless `values` say otherwise
+    (DEBUG=None: unset; ENV_FILE=None: the `.env` beside the settings)."""
     env = {
         k: v for k, v in os.environ.items() if not k.startswith("IBKR_") and k not in SETTINGS_VARS
     }
     env.update(
-        DJANGO_SETTINGS_MODULE="portfolio_site.settings", PYTHONDONTWRITEBYTECODE="1", DEBUG="true"
+        DJANGO_SETTINGS_MODULE="portfolio_site.settings",
+        PYTHONDONTWRITEBYTECODE="1",
+        DEBUG="true",
+        ENV_FILE="",
     )
     env.update(values)
     return {k: v for k, v in env.items() if v is not None}
@@ -72,6 +77,8 @@ def project_copy(tmp_path) -> Path:
 
 
 def copy_env(copy: Path, **values: str) -> dict[str, str]:
+    """The environment for the copy, reading the `.env` beside its settings, if any."""
+    values.setdefault("ENV_FILE", None)
     return clean_env(PYTHONPATH=os.pathsep.join([str(copy), str(PROJECT_DIR)]), **values)
 
 
@@ -261,6 +268,47 @@ def test_malformed_value_in_dotenv_is_reported_too(project_copy):
 
     assert result.returncode != 0
     assert "IBKR_PORT must be an integer, got 'seven'." in result.stderr
+
+
+def test_env_file_names_another_dotenv_or_none(project_copy, tmp_path_factory):
+    (project_copy / ".env").write_text("IBKR_PORT=4001\n", encoding="utf-8")
+    other = tmp_path_factory.mktemp("elsewhere") / "gateway.env"
+    other.write_text("IBKR_PORT=4002\n", encoding="utf-8")
+
+    beside = ibkr_settings(copy_env(project_copy), project_copy)
+    named = ibkr_settings(copy_env(project_copy, ENV_FILE=str(other)), project_copy)
+    none = ibkr_settings(copy_env(project_copy, ENV_FILE=""), project_copy)
+    missing = run_python(
+        "import django; django.setup()",
+        copy_env(project_copy, ENV_FILE=str(other) + ".missing"),
+        project_copy,
+    )
+
+    assert (beside["IBKR_PORT"], named["IBKR_PORT"], none["IBKR_PORT"]) == (4001, 4002, 7497)
+    assert missing.returncode != 0
+    assert missing.stderr.strip().splitlines()[-1] == (
+        f"django.core.exceptions.ImproperlyConfigured: ENV_FILE names no file: '{other}.missing'."
+    )
+
+
+def test_no_test_reads_a_dotenv_nor_does_any_process_it_starts(project_copy, settings):
+    """A developer's `.env`, here a hostile one beside the settings, changes nothing for the
+    test run: its environment says ENV_FILE is empty (pyproject.toml), and every process a
+    test starts inherits that environment, as each helper here and in the other tests does."""
+    (project_copy / ".env").write_text(
+        "DEBUG=False\nIBKR_HOST=gateway.elsewhere\nIBKR_PORT=1\n"
+        "DATABASE_URL=sqlite:////nonexistent/elsewhere.sqlite3\n",
+        encoding="utf-8",
+    )
+    inherited = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(project_copy), str(PROJECT_DIR)]),
+    }
+
+    values = ibkr_settings(inherited, project_copy)
+
+    assert os.environ["ENV_FILE"] == ""
+    assert (values["IBKR_HOST"], values["IBKR_PORT"]) == (settings.IBKR_HOST, settings.IBKR_PORT)
 
 
 def test_gateway_config_reads_settings_when_used():

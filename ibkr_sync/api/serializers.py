@@ -55,6 +55,8 @@ class PositionChangeSerializer(serializers.Serializer):
     symbol = serializers.CharField()
     quantity_before = ExactDecimalField(max_digits=30, decimal_places=10, allow_null=True)
     quantity_after = ExactDecimalField(max_digits=30, decimal_places=10, allow_null=True)
+    average_cost_before = ExactDecimalField(max_digits=30, decimal_places=10, allow_null=True)
+    average_cost_after = ExactDecimalField(max_digits=30, decimal_places=10, allow_null=True)
 
 
 class SyncResultSerializer(serializers.Serializer):

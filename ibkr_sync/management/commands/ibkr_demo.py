@@ -1,24 +1,33 @@
 """`manage.py ibkr_demo`: the whole product on one machine, with no IBKR account.
 
-Migrates the database, creates a demo admin login, starts the bundled IB Gateway
-simulator with a sample portfolio, runs a first sync through the real IB client, then
-serves the site so the admin and the REST endpoint can be tried at once. Ctrl-C stops
-everything it started.
+Checks that its two ports are free, then, in a SQLite file of its own (`demo.sqlite3` in
+the project; never the database DATABASE_URL names), migrates, creates a demo admin
+login, starts the bundled IB Gateway simulator with a sample portfolio, runs a first
+sync through the real IB client, and serves the site so the admin and the REST endpoint
+can be tried at once. Ctrl-C stops everything it started.
 """
 
+import contextlib
 import errno
+import os
+import re
 import socket
+import sys
+from pathlib import Path
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.commands.runserver import naiveip_re
+from django.db import DEFAULT_DB_ALIAS, connections
 from rest_framework.authtoken.models import Token
 
 from ...testing import GatewaySimulator, PortfolioError, load_portfolio, load_sample_portfolio
 
 DEMO_USER = "demo"
 DEMO_PASSWORD = "demo-portfolio"
+DEMO_DATABASE = "demo.sqlite3"
 IB_GATEWAY_PAPER_PORT = 4002
 
 
@@ -26,22 +35,46 @@ class Command(BaseCommand):
     help = "Run the product end to end against the bundled IB Gateway simulator."
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("--addr", default="127.0.0.1:8000", help="Where to serve the site.")
+        parser.add_argument(
+            "--addr", default="127.0.0.1:8000", help="Where to serve the site (host:port)."
+        )
         parser.add_argument(
             "--gateway-port",
             type=int,
             default=IB_GATEWAY_PAPER_PORT,
-            help="Simulator port (default 4002, IB Gateway's paper port; any free port "
-            "is used if it is taken).",
+            help="Simulator port (default 4002, IB Gateway's paper port; 0: any free port).",
         )
         parser.add_argument("--positions", help="Portfolio JSON file (default: the sample).")
+        parser.add_argument(
+            "--database",
+            metavar="FILE",
+            help=f"The demo's own SQLite file (default: {DEMO_DATABASE} in the project). "
+            "DATABASE_URL is never used: the demo touches no other database.",
+        )
 
-    def handle(self, *args, addr: str, gateway_port: int, positions: str | None, **options):
+    def handle(
+        self,
+        *args,
+        addr: str,
+        gateway_port: int,
+        positions: str | None,
+        database: str | None,
+        **options,
+    ):
+        host, port = _host_and_port(addr)
+        _check_ports_free(
+            [
+                (gateway_port, "127.0.0.1", "for the IB Gateway simulator, --gateway-port"),
+                (port, host, "for the web server, --addr"),
+            ]
+        )
         try:
             portfolio = load_portfolio(positions) if positions else load_sample_portfolio()
         except PortfolioError as exc:
             raise CommandError(str(exc)) from exc
 
+        database_file = Path(database) if database else _project_dir() / DEMO_DATABASE
+        _use_sqlite_file(database_file)
         call_command("migrate", verbosity=0, interactive=False)
         token = self._demo_login()
         simulator = self._start_simulator(portfolio, gateway_port)
@@ -55,12 +88,19 @@ class Command(BaseCommand):
             )
             call_command("sync_ibkr", stdout=self.stdout, stderr=self.stderr)
             url = f"http://{addr}"
+            sync_command = (
+                f"DEBUG=true DATABASE_URL=sqlite:///{_shown(database_file)} "
+                f"IBKR_HOST={simulator.host} IBKR_PORT={simulator.port} "
+                f"{_shown(Path(sys.executable))} manage.py sync_ibkr"
+            )
             self.stdout.write(
                 self.style.SUCCESS("\nThe demo is up. Press Ctrl-C to stop it.\n")
-                + f"  Admin:    {url}/admin/  (user {DEMO_USER!r}, password {DEMO_PASSWORD!r})\n"
+                + f"  Admin:     {url}/admin/  (user {DEMO_USER!r}, password {DEMO_PASSWORD!r})\n"
                 f"  Positions: {url}/admin/portfolio/position/\n"
-                f"  Sync API: curl -X POST -H 'Authorization: Token {token}' "
+                f"  Sync API:  curl -X POST -H 'Authorization: Token {token}' "
                 f"{url}/portfolio/sync/ibkr\n"
+                f"  Sync command (another terminal): {sync_command}\n"
+                f"  Database:  {_shown(database_file)} (the demo's own)\n"
             )
             call_command("runserver", addr, use_reloader=False, use_threading=True)
         finally:
@@ -77,20 +117,75 @@ class Command(BaseCommand):
         return Token.objects.get_or_create(user=user)[0].key
 
     def _start_simulator(self, portfolio, port: int) -> GatewaySimulator:
-        if not _port_free(port):
-            self.stderr.write(f"Port {port} is taken; the simulator uses a free port instead.")
-            port = 0
         simulator = GatewaySimulator(portfolio, host="127.0.0.1", port=port)
         simulator.start_in_thread()
         return simulator
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as probe:
+def _project_dir() -> Path:
+    return Path(getattr(settings, "BASE_DIR", Path.cwd()))
+
+
+def _use_sqlite_file(path: Path) -> None:
+    """Make the SQLite file `path` this process's default database, in place of the one
+    the settings name (DATABASE_URL, `.env`), before anything has connected to that."""
+    connections.close_all()
+    with contextlib.suppress(AttributeError):  # AttributeError: never connected
+        del connections[DEFAULT_DB_ALIAS]
+    demo = {
+        "ENGINE": "django.db.backends.sqlite3",
+        "NAME": str(path.resolve()),
+        # As the project's settings open SQLite: the admin reads while a sync writes.
+        "OPTIONS": {
+            "timeout": 20,
+            "transaction_mode": "IMMEDIATE",
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        },
+    }
+    # `connections.settings` is settings.DATABASES: both now name the demo's file.
+    connections.settings[DEFAULT_DB_ALIAS] = connections.configure_settings(
+        {DEFAULT_DB_ALIAS: demo}
+    )[DEFAULT_DB_ALIAS]
+
+
+def _host_and_port(addr: str) -> tuple[str, int]:
+    """`--addr` read as runserver reads it: `port`, `host:port` or `[ipv6]:port`."""
+    match = re.match(naiveip_re, addr)
+    if match is None:
+        raise CommandError(f"--addr {addr!r} is not a port number or a host:port pair.")
+    host = (match["addr"] or "127.0.0.1").strip("[]")
+    return host, int(match["port"])
+
+
+def _check_ports_free(ports: list[tuple[int, str, str]]) -> None:
+    """Stop before doing anything if a port the demo needs is taken (by a demo running
+    already, say): one line naming each, and the option that picks another. Port 0 is
+    any free port."""
+    taken = [f"{port} ({what})" for port, host, what in ports if port and _port_taken(host, port)]
+    if taken:
+        raise CommandError(
+            f"{'Port' if len(taken) == 1 else 'Ports'} {' and '.join(taken)} "
+            f"{'is' if len(taken) == 1 else 'are'} already in use, "
+            "perhaps by a demo that is running: stop it, or choose free ports, e.g. "
+            'make demo DEMO_ARGS="--gateway-port 4012 --addr 127.0.0.1:8012".'
+        )
+
+
+def _port_taken(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
+        # As the servers bind: a port a demo just stopped left in TIME_WAIT is free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            probe.bind(("127.0.0.1", port))
+            probe.bind((host, port))
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                return False
-            raise
-    return True
+                return True
+            raise CommandError(f"Cannot serve on {host}:{port}: {exc.strerror}.") from None
+    return False
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the working directory if it is inside it (as a user types it)."""
+    relative = os.path.relpath(path)
+    return path.as_posix() if relative.startswith("..") else relative

@@ -11,6 +11,7 @@ only then). On a terminal, stderr shows progress while a large portfolio arrives
 
 import logging
 import sys
+import threading
 import time
 from contextlib import contextmanager
 
@@ -125,7 +126,8 @@ class Command(BaseCommand):
 
 
 def _describe_change(change: dict) -> str:
-    """One line of a dry run's changes: `  updated   U1234567  AAPL (265598): 10 -> 12`."""
+    """One line of a dry run's changes: `  updated   U1234567  AAPL (265598): 10 -> 12`,
+    and `, average cost 150.25 -> 151` when an open position's average cost changes too."""
     before, after = (
         "closed" if value is None else plain(value)
         for value in (change["quantity_before"], change["quantity_after"])
@@ -133,14 +135,21 @@ def _describe_change(change: dict) -> str:
     if change["kind"] == "created":
         before = "new"
     what = f"{change['symbol']} ({change['con_id']})"
-    return f"  {change['kind']:<9} {change['account']:<10} {what}: {before} -> {after}"
+    line = f"  {change['kind']:<9} {change['account']:<10} {what}: {before} -> {after}"
+    costs = (change["average_cost_before"], change["average_cost_after"])
+    if change["kind"] == "updated" and costs[0] != costs[1]:
+        cost_before, cost_after = ("none" if value is None else plain(value) for value in costs)
+        line += f", average cost {cost_before} -> {cost_after}"
+    return line
 
 
 class _TerminalProgress:
     """One self-overwriting line on a terminal: positions received, then being written.
 
     Appears only once a sync has taken a moment (small portfolios finish first) and is
-    redrawn a few times a second at most; `clear()` leaves the terminal as it was.
+    redrawn a few times a second at most; `clear()` leaves the terminal as it was. A phase
+    reported too early to be drawn is drawn by a timer when its moment comes: the write
+    reports only its start, however long it lasts.
     """
 
     DELAY = 0.5
@@ -150,19 +159,41 @@ class _TerminalProgress:
         self.stream = stream
         self.started = time.monotonic()
         self.drawn_at: float | None = None
+        self.pending: str | None = None  # the latest text, not drawn yet
+        self.timer: threading.Timer | None = None
+        self.closed = False
+        # The timer draws from its own thread.
+        self.lock = threading.Lock()
 
     def __call__(self, phase: str, count: int) -> None:
-        now = time.monotonic()
-        if now - self.started < self.DELAY:
-            return
-        if phase == "read" and self.drawn_at is not None and now - self.drawn_at < self.INTERVAL:
-            return
         if phase == "read":
             text = f"Reading positions from the IB gateway: {count:,} received"
         else:
             text = f"Writing {count:,} positions to the database..."
-        self._draw(f"\r\033[K{text}")
-        self.drawn_at = now
+        with self.lock:
+            if self.closed:
+                return
+            self.pending = text
+            now = time.monotonic()
+            due = self.started + self.DELAY
+            if phase == "read" and self.drawn_at is not None:
+                due = max(due, self.drawn_at + self.INTERVAL)
+            if now >= due:
+                self._draw_pending(now)
+            elif self.timer is None:
+                self.timer = threading.Timer(due - now, self._when_due)
+                self.timer.daemon = True
+                self.timer.start()
+
+    def _when_due(self) -> None:
+        with self.lock:
+            self.timer = None
+            if not self.closed and self.pending is not None:
+                self._draw_pending(time.monotonic())
+
+    def _draw_pending(self, now: float) -> None:
+        self._draw(f"\r\033[K{self.pending}")
+        self.pending, self.drawn_at = None, now
 
     def _draw(self, text: str) -> None:
         # Plain, not in the error colour Django gives stderr on a terminal.
@@ -170,8 +201,12 @@ class _TerminalProgress:
         self.stream.flush()
 
     def clear(self) -> None:
-        if self.drawn_at is not None:
-            self._draw("\r\033[K")
+        with self.lock:
+            self.closed = True
+            if self.timer is not None:
+                self.timer.cancel()
+            if self.drawn_at is not None:
+                self._draw("\r\033[K")
 
 
 def _plain(text: str) -> str:

@@ -1,0 +1,218 @@
+"""`manage.py ibkr_demo` (`make demo`) as a new user runs it: in a SQLite file of its own,
+whatever DATABASE_URL names, and stopping at once, saying why, when a port it needs is
+taken (by a demo already running, say)."""
+
+import os
+import queue
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from ibkr_sync.management.commands import ibkr_demo
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+pytestmark = [pytest.mark.integration, pytest.mark.processes]
+
+
+def demo_env(**values: str) -> dict[str, str]:
+    """As `make demo` runs it (DEBUG=true), with no gateway or database settings of ours."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IBKR_") and k != "DATABASE_URL"}
+    env.update(DEBUG="true", PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
+    env.update(values)
+    return env
+
+
+def manage(*args: str, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=120, check=check,
+    )  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def files(directory: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(directory.iterdir())}
+
+
+@pytest.fixture
+def site_database(tmp_path) -> tuple[Path, str]:
+    """Another SQLite database, migrated, holding a user called `demo` of its own."""
+    directory = tmp_path / "site"
+    directory.mkdir()
+    url = f"sqlite:///{directory / 'db.sqlite3'}"
+    env = demo_env(DATABASE_URL=url)
+    manage("migrate", "--noinput", "-v", "0", env=env)
+    manage(
+        "shell",
+        "-c",
+        "from django.contrib.auth.models import User; "
+        "User.objects.create_user('demo', password='not-the-demo-password')",
+        env=env,
+    )
+    return directory, url
+
+
+class Demo:
+    """`manage.py ibkr_demo` in a process of its own, until it says it is up."""
+
+    def __init__(self, *args: str, env: dict[str, str]) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "manage.py", "ibkr_demo", *args],
+            cwd=PROJECT_DIR, env=env, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.output: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def wait_for(self, text: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=deadline - time.monotonic())
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            self.output.append(line)
+            if text in line:
+                return
+        raise AssertionError(f"{text!r} never came:\n" + "\n".join(self.output))
+
+    def serving(self, url: str, timeout: float = 60) -> int:
+        """The status of GET `url` once the web server answers."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    return response.status
+            except OSError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise
+                time.sleep(0.2)
+
+    def stop(self) -> int:
+        """Ctrl-C, as a user stops it."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+        try:
+            return self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
+        finally:
+            self.process.stdout.close()
+
+
+def run_printed_sync_command(output: list[str], env: dict[str, str]):
+    """The `sync_ibkr` line the demo prints, run as a user pastes it into a terminal."""
+    line = next(line for line in output if line.startswith("  Sync command (another terminal): "))
+    words = line.split(": ", 1)[1].split()
+    assignments = dict(word.split("=", 1) for word in words if "=" in word)
+    command = [word for word in words if "=" not in word]
+    return subprocess.run(
+        command, cwd=PROJECT_DIR, env={**env, **assignments},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_the_readme_syncs_the_running_demo_as_the_demo_says():
+    readme = (PROJECT_DIR / "README.md").read_text(encoding="utf-8")
+    block = readme.split("To sync the running demo from the command line", 1)[1]
+    command = block.split("```sh", 1)[1].split("```", 1)[0]
+
+    assert f"DATABASE_URL=sqlite:///{ibkr_demo.DEMO_DATABASE} " in command
+    assert f"IBKR_HOST=127.0.0.1 IBKR_PORT={ibkr_demo.IB_GATEWAY_PAPER_PORT} " in command
+    assert "manage.py sync_ibkr" in command
+
+
+@pytest.mark.parametrize("named_in", ["environment", "dotenv"])
+def test_the_demo_runs_in_its_own_database_whatever_database_url_names(
+    site_database, tmp_path, named_in
+):
+    site, site_url = site_database
+    if named_in == "environment":
+        env = demo_env(DATABASE_URL=site_url)
+    else:
+        dotenv = tmp_path / "developer.env"
+        dotenv.write_text(f"DATABASE_URL={site_url}\n", encoding="utf-8")
+        env = demo_env(ENV_FILE=str(dotenv))
+    before = files(site)
+    demo_file = tmp_path / "demo" / "demo.sqlite3"
+    demo_file.parent.mkdir()
+    web = f"127.0.0.1:{free_port()}"
+    demo = Demo("--addr", web, "--gateway-port", "0", "--database", str(demo_file), env=env)
+    try:
+        demo.wait_for("The demo is up")
+        demo.wait_for("Database:")
+        assert demo.serving(f"http://{web}/admin/login/") == 200
+        synced = run_printed_sync_command(demo.output, env)
+    finally:
+        stopped = demo.stop()
+
+    assert stopped == 0, "\n".join(demo.output)
+    assert synced.returncode == 0, synced.stderr
+    assert synced.stdout.startswith("IBKR sync #2: 25 positions in 3 account(s): 0 created")
+    assert files(site) == before, "the site's database was touched"
+    assert f"  Database:  {demo_file} (the demo's own)" in demo.output
+    with sqlite3.connect(demo_file) as db:
+        assert db.execute("SELECT username, is_superuser FROM auth_user").fetchall() == [
+            ("demo", 1)
+        ]
+        assert db.execute("SELECT count(*) FROM portfolio_position").fetchone()[0] > 0
+
+
+@pytest.mark.parametrize("taken", [("gateway",), ("web",), ("gateway", "web")])
+def test_a_port_in_use_stops_the_demo_at_once_saying_which(tmp_path, taken):
+    ports = {"gateway": free_port(), "web": free_port()}
+    holders = []
+    for name in taken:
+        holder = socket.socket()
+        holder.bind(("127.0.0.1", ports[name]))
+        holder.listen()
+        holders.append(holder)
+    demo_file = tmp_path / "demo.sqlite3"
+    try:
+        result = manage(
+            "ibkr_demo", "--gateway-port", str(ports["gateway"]),
+            "--addr", f"127.0.0.1:{ports['web']}", "--database", str(demo_file),
+            env=demo_env(), check=False,
+        )  # fmt: skip
+    finally:
+        for holder in holders:
+            holder.close()
+
+    named = {
+        "gateway": f"{ports['gateway']} (for the IB Gateway simulator, --gateway-port)",
+        "web": f"{ports['web']} (for the web server, --addr)",
+    }
+    which = " and ".join(named[name] for name in taken)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"CommandError: {'Port' if len(taken) == 1 else 'Ports'} {which} "
+        f"{'is' if len(taken) == 1 else 'are'} already in use, perhaps by a demo that is "
+        'running: stop it, or choose free ports, e.g. make demo DEMO_ARGS="--gateway-port '
+        '4012 --addr 127.0.0.1:8012".'
+    ]
+    assert not demo_file.exists(), "nothing is done before the ports are checked"
