@@ -241,7 +241,6 @@ def test_a_warning_when_the_latest_sync_failed(admin_client, portfolio, gateway)
     )
 
 
-@pytest.mark.xfail(strict=True, reason="needs the shared last-sync selector")
 def test_a_sync_refused_because_another_ran_is_no_failure(admin_client, portfolio, gateway):
     """As for GET /healthz: a refused concurrent attempt says nothing about the data."""
     running = SyncRun.objects.create(trigger="command", status=SyncRun.Status.RUNNING)
