@@ -19,6 +19,9 @@ DEFAULTS = {
     "IBKR_CONNECT_TIMEOUT": 10.0,
     "IBKR_REQUEST_TIMEOUT": 60.0,
     "IBKR_CLIENT_LIBRARY": "ib_insync",
+    # The gateway adapter the sync reads from: a class taking (progress=...) and offering
+    # fetch_positions(account_id) -> GatewaySnapshot (a host's fake, another transport).
+    "IBKR_SYNC_GATEWAY_CLASS": "ibkr_sync.gateway.IbkrGateway",
     # A running sync renews its lock every third of this; silent this long, it is released.
     "IBKR_SYNC_LOCK_TIMEOUT": 30.0,
     # The longest a sync may hold the lock: after this its heartbeat stops.

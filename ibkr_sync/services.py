@@ -23,10 +23,11 @@ from django.db import (
     transaction,
 )
 from django.utils import timezone
+from django.utils.module_loading import import_string
 
-from . import lock
+from . import conf, lock, signals
 from .exceptions import DatabaseUnavailable, IbkrSyncError
-from .gateway import GatewaySnapshot, IbkrGateway
+from .gateway import GatewaySnapshot
 from .mapping import normalize_account_id
 from .models import PositionChange, SyncRun
 from .writer import KINDS, apply_snapshot
@@ -122,7 +123,8 @@ def _sync_positions(
     logger.info("IBKR sync started %s", _fields(log))
     try:
         if gateway is None:
-            gateway = IbkrGateway(progress=progress) if progress else IbkrGateway()
+            gateway_class = import_string(conf.get("IBKR_SYNC_GATEWAY_CLASS"))
+            gateway = gateway_class(progress=progress) if progress else gateway_class()
         snapshot = gateway.fetch_positions(account_id)
         if progress:
             progress("apply", len(snapshot.positions))
@@ -170,7 +172,7 @@ def _sync_positions(
 
     log.update(status="success", accounts=",".join(accounts) or "none", **totals)
     logger.info("IBKR sync finished %s duration=%.3fs", _fields(log), time.monotonic() - clock)
-    return SyncResult(
+    result = SyncResult(
         sync_run_id=None if dry_run else run.pk,
         accounts=accounts,
         **{kind: value for kind, value in totals.items() if kind != "errors"},
@@ -181,6 +183,19 @@ def _sync_positions(
         dry_run=dry_run,
         changes=preview if dry_run else None,
     )
+    if not dry_run:
+        # Committed already, unless a caller holds an outer transaction: then at its commit.
+        transaction.on_commit(lambda: _announce(run, result))
+    return result
+
+
+def _announce(run: SyncRun, result: SyncResult) -> None:
+    """Send the host's signals. A receiver's error changes nothing: `send_robust` logs it
+    (logger `django.dispatch`, with its traceback) and goes on to the next receiver."""
+    signals.sync_finished.send_robust(SyncRun, sync_run=run, result=result)
+    changed = result.created + result.updated + result.reopened + result.closed
+    if changed and signals.positions_changed.has_listeners(SyncRun):
+        signals.positions_changed.send_robust(SyncRun, sync_run=run, changes=_changes_of(run))
 
 
 def _changes_of(run: SyncRun) -> list[dict[str, Any]]:

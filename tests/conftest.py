@@ -78,11 +78,22 @@ def fake_gateway() -> FakeGateway:
     )
 
 
+_current_fake: list[FakeGateway] = []
+
+
+def current_fake_gateway(**_options: Any) -> FakeGateway:
+    """IBKR_SYNC_GATEWAY_CLASS for the tests: the fake gateway of the running test."""
+    return _current_fake[-1]
+
+
 @pytest.fixture
-def use_gateway(monkeypatch, fake_gateway):
-    """Make every entry point (API, command, admin) read from `fake_gateway`."""
-    monkeypatch.setattr("ibkr_sync.services.IbkrGateway", lambda **_options: fake_gateway)
-    return fake_gateway
+def use_gateway(settings, fake_gateway):
+    """Make every entry point (API, command, admin) read from `fake_gateway`, through the
+    setting a host's own tests use (IBKR_SYNC_GATEWAY_CLASS)."""
+    _current_fake.append(fake_gateway)
+    settings.IBKR_SYNC_GATEWAY_CLASS = "tests.conftest.current_fake_gateway"
+    yield fake_gateway
+    _current_fake.remove(fake_gateway)
 
 
 @pytest.fixture
