@@ -10,6 +10,8 @@ from rest_framework.exceptions import APIException
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from ..database import DATABASE_UNAVAILABLE, is_unavailable, unavailable_message
+
 logger = logging.getLogger("django.request")
 
 
@@ -44,9 +46,13 @@ def flatten(detail: Any) -> str:
 
 class ErrorEnvelopeMixin:
     """Answer every error in one shape: authentication, permission, method, not found,
-    input, and (as a 500 that gives nothing away) the server's own unexpected errors."""
+    input, a database that is unavailable (503, wherever in the request it fails: the
+    token or session lookup, the permission check, the query), and (as a 500 that gives
+    nothing away) the server's own unexpected errors."""
 
     def handle_exception(self, exc: Exception) -> Response:
+        if is_unavailable(exc):
+            return self._database_unavailable(exc)
         # Django's own exceptions, as DRF's exception handler converts them.
         if isinstance(exc, Http404):
             exc = exceptions.NotFound(*exc.args)
@@ -74,6 +80,23 @@ class ErrorEnvelopeMixin:
             codes = exc.get_codes()
             code = codes if isinstance(codes, str) else exc.default_code
             response.data = error_body(code, flatten(exc.detail))
+        return response
+
+    def _database_unavailable(self, exc: Exception) -> Response:
+        # Not a bug: one line for the operator with the driver's reason, no traceback.
+        logger.error(
+            "Service Unavailable: %s: database unavailable: %s: %s",
+            self.request.path,
+            type(exc).__name__,
+            str(exc).strip().replace("\n", " "),
+            extra={"status_code": 503, "request": self.request},
+        )
+        response = error_response(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            DATABASE_UNAVAILABLE,
+            unavailable_message(exc, outcome="the request was not carried out"),
+        )
+        response._has_been_logged = True
         return response
 
 
