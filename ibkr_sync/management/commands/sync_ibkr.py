@@ -88,7 +88,7 @@ class Command(BaseCommand):
         quiet = quiet or verbosity < 1
         try:
             with (
-                _library_logs_on_stderr(verbosity),
+                _sync_log_on(self.stderr, verbosity),
                 _progress_on(self.stderr, enabled=not quiet) as progress,
             ):
                 result = sync_positions(
@@ -191,26 +191,71 @@ def _progress_on(stream, *, enabled: bool):
         progress.clear()
 
 
+class _PlainLines:
+    """The command's stderr as a stream for a log handler: text as it is, uncoloured."""
+
+    def __init__(self, out) -> None:
+        self.out = out
+
+    def write(self, text: str) -> None:
+        self.out.write(text, style_func=_plain, ending="")
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+def _is_sync_record(record: logging.LogRecord) -> bool:
+    return any(record.name == n or record.name.startswith(n + ".") for n in _LIBRARY_LOGGERS)
+
+
+def _console_handlers() -> list[logging.Handler]:
+    """The configured handlers that write to this process's own stdout or stderr."""
+    consoles = {id(s) for s in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)}
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    found: dict[int, logging.Handler] = {}
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", ()):
+            if (
+                isinstance(handler, logging.StreamHandler)
+                and not isinstance(handler, logging.FileHandler)
+                and id(getattr(handler, "stream", None)) in consoles
+            ):
+                found[id(handler)] = handler
+    return list(found.values())
+
+
 @contextmanager
-def _library_logs_on_stderr(verbosity: int):
-    """At -v 2 and up, show the sync's and the IB library's log on stderr."""
-    if verbosity < 2:
-        yield
-        return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    level = logging.DEBUG if verbosity >= 3 else logging.INFO
+def _sync_log_on(stderr, verbosity: int):
+    """The sync's and the IB library's log is the command's to show, on its own stderr.
+
+    At -v 2 and up it is shown there (INFO, or DEBUG at -v 3). Otherwise it stays off the
+    console: the command reports every outcome itself (the summary, or one line and the
+    exit code), which the log would repeat, with a traceback for a database that did not
+    answer, and with a line per sync under LOG_LEVEL=INFO that cron would mail. Handlers
+    that write elsewhere (a file, syslog) still get every record.
+    """
+    consoles = _console_handlers()
+    for handler in consoles:
+        handler.addFilter(_not_the_syncs)
     saved = []
-    for name in _LIBRARY_LOGGERS:
-        logger = logging.getLogger(name)
-        saved.append((logger, logger.level, logger.propagate))
-        logger.addHandler(handler)
-        logger.setLevel(level)
-        logger.propagate = False  # shown once, here, not again by the root handler
+    if verbosity >= 2:
+        shown = logging.StreamHandler(_PlainLines(stderr))
+        shown.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        level = logging.DEBUG if verbosity >= 3 else logging.INFO
+        for name in _LIBRARY_LOGGERS:
+            logger = logging.getLogger(name)
+            saved.append((logger, logger.level))
+            logger.addHandler(shown)
+            logger.setLevel(level)
     try:
         yield
     finally:
-        for logger, old_level, old_propagate in saved:
-            logger.removeHandler(handler)
+        for logger, old_level in saved:
+            logger.removeHandler(shown)
             logger.setLevel(old_level)
-            logger.propagate = old_propagate
+        for handler in consoles:
+            handler.removeFilter(_not_the_syncs)
+
+
+def _not_the_syncs(record: logging.LogRecord) -> bool:
+    return not _is_sync_record(record)
