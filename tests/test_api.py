@@ -155,6 +155,77 @@ def test_account_the_gateway_does_not_manage_is_404(client, use_gateway):
     assert SyncRun.objects.get().error_code == "unknown_account"
 
 
+@pytest.mark.parametrize(
+    ("query", "named"),
+    [
+        ("ibkr_acount_id=U1111111", "ibkr_acount_id"),  # misspelt
+        ("ibkr_account_id[]=U1111111", "'ibkr_account_id[]'"),
+        ("IBKR_ACCOUNT_ID=U1111111", "IBKR_ACCOUNT_ID"),
+        ("account=U1111111", "account"),
+        ("dry_run=1", "dry_run"),
+        ("ibkr_account_id=U1111111&force=1", "force"),
+        ("=U1111111", "''"),
+        ("ibkr_account_id%20=U1111111", "'ibkr_account_id '"),
+    ],
+)
+def test_an_unknown_query_parameter_is_400_naming_it_and_syncs_nothing(
+    client, use_gateway, query, named
+):
+    body = assert_error(client.post(f"{URL}?{query}"), 400, "invalid_query")
+
+    assert f"Unknown query parameter(s): {named}." in body["detail"]
+    assert "Known: ibkr_account_id." in body["detail"]
+    assert use_gateway.calls == []
+    assert not SyncRun.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "named"),
+    [
+        ({"ibkr_account_id": "U1111111"}, None, "ibkr_account_id"),  # multipart form
+        ("ibkr_account_id=U1111111", "application/x-www-form-urlencoded", "ibkr_account_id"),
+        ('{"ibkr_account_id": "U1111111"}', "application/json", "ibkr_account_id"),
+        ('{"account": "U1", "dry_run": true}', "application/json", "account, dry_run"),
+        ("{}", "application/json", None),
+        ("[1, 2]", "application/json", None),
+        ("not json", "application/json", None),
+        ("U1111111", "text/plain", None),
+        (b"\x00\xff", "application/octet-stream", None),
+    ],
+)
+def test_a_request_body_is_400_naming_its_fields_and_syncs_nothing(
+    client, use_gateway, body, content_type, named
+):
+    kwargs = {"content_type": content_type} if content_type else {}
+
+    for url in (URL, f"{URL}?ibkr_account_id=U1111111"):
+        response = client.post(url, body, **kwargs)
+
+        detail = assert_error(response, 400, "invalid_query")["detail"]
+        assert "takes no request body" in detail
+        assert "query string" in detail
+        if named:
+            assert f"a request body with {named}:" in detail
+    assert use_gateway.calls == []
+    assert not SyncRun.objects.exists()
+
+
+def test_an_empty_body_is_no_body(client, use_gateway):
+    assert client.post(URL, "", content_type="application/json").status_code == 200
+
+
+def test_a_repeated_account_id_is_400_and_starts_nothing(client, use_gateway):
+    response = client.post(f"{URL}?ibkr_account_id=U1111111&ibkr_account_id=U1111111")
+
+    body = assert_error(response, 400, "invalid_account_id")
+    assert body["detail"] == (
+        "ibkr_account_id was given more than once; give one account id, or none to sync "
+        "every account."
+    )
+    assert use_gateway.calls == []
+    assert not SyncRun.objects.exists()
+
+
 # --- gateway failures ----------------------------------------------------------------------
 
 

@@ -12,6 +12,13 @@ from ..models import SyncRun
 
 
 class SyncRequestSerializer(serializers.Serializer):
+    """The sync endpoint's query: at most one `ibkr_account_id`, never blank."""
+
+    REPEATED = (
+        "ibkr_account_id was given more than once; give one account id, or none to sync "
+        "every account."
+    )
+
     ibkr_account_id = serializers.CharField(
         required=False,
         allow_blank=False,
@@ -32,6 +39,15 @@ class SyncRequestSerializer(serializers.Serializer):
         field.validators = [
             v for v in field.validators if not isinstance(v, ProhibitNullCharactersValidator)
         ]
+
+    def to_internal_value(self, data):
+        if hasattr(data, "getlist"):  # a QueryDict: the query string as it came
+            if len(data.getlist("ibkr_account_id")) > 1:
+                raise serializers.ValidationError({"ibkr_account_id": [self.REPEATED]})
+            # A plain dict: DRF treats a blank form/query value of an optional field as
+            # omitted, which would turn `?ibkr_account_id=` into "sync every account".
+            data = data.dict()
+        return super().to_internal_value(data)
 
     def validate_ibkr_account_id(self, value: str) -> str:
         try:

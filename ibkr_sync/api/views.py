@@ -18,7 +18,9 @@ from rest_framework.views import APIView
 from portfolio.api.errors import (
     ErrorEnvelopeMixin,
     ErrorSerializer,
+    InvalidQuery,
     error_response,
+    refuse_request_body,
     validated_query,
 )
 from portfolio.api.pagination import NewestFirstCursorPagination
@@ -54,6 +56,12 @@ def status_for(error: exceptions.IbkrSyncError) -> int:
     return exceptions.lookup(ERROR_STATUS, error, status.HTTP_500_INTERNAL_SERVER_ERROR)
 
 
+class InvalidAccountIdQuery(InvalidQuery):
+    """`ibkr_account_id` given, but not as one IBKR account id: the service's own code."""
+
+    default_code = exceptions.InvalidAccountId.code
+
+
 class CanRunSync(BasePermission):
     message = "You do not have permission to run an IBKR sync (ibkr_sync.run_sync)."
 
@@ -68,7 +76,10 @@ def _sync_error(description: str) -> OpenApiResponse:
 # The schema of every answer of the sync endpoint; the codes are those of exceptions.py.
 SYNC_RESPONSES = {
     200: OpenApiResponse(SyncResultSerializer, description="The sync ran; counts and errors."),
-    400: _sync_error("ibkr_account_id is not an IBKR account id (invalid_account_id)."),
+    400: _sync_error(
+        "ibkr_account_id is not one IBKR account id (invalid_account_id), or the request has "
+        "an unknown query parameter or a body (invalid_query); nothing was started."
+    ),
     401: _sync_error("No or invalid credentials (not_authenticated, authentication_failed)."),
     403: _sync_error("Lacks ibkr_sync.run_sync (permission_denied), or no CSRF token."),
     404: _sync_error("The gateway does not manage that account (unknown_account)."),
@@ -109,22 +120,13 @@ class IbkrSyncView(ErrorEnvelopeMixin, APIView):
         responses=SYNC_RESPONSES,
     )
     def post(self, request: Request) -> Response:
-        # A plain dict, not the QueryDict: DRF treats a blank form/query value of an
-        # optional field as omitted, which would turn `?ibkr_account_id=` into "sync all".
-        if len(request.query_params.getlist("ibkr_account_id")) > 1:
-            return error_response(
-                400,
-                exceptions.InvalidAccountId.code,
-                "ibkr_account_id was given more than once; give one account id, or none "
-                "to sync every account.",
-            )
-        params = SyncRequestSerializer(data=request.query_params.dict())
-        if not params.is_valid():
-            detail = " ".join(str(m) for messages in params.errors.values() for m in messages)
-            return error_response(400, exceptions.InvalidAccountId.code, detail)
+        # As strict as the read API: a misspelt or misplaced parameter would otherwise
+        # be ignored and sync every account. Nothing starts until the request is right.
+        refuse_request_body(request, hint="e.g. POST /portfolio/sync/ibkr?ibkr_account_id=U1234567")
+        params = validated_query(request, SyncRequestSerializer, invalid=InvalidAccountIdQuery)
         try:
             result = sync_positions(
-                params.validated_data.get("ibkr_account_id"),
+                params.get("ibkr_account_id"),
                 trigger=SyncRun.Trigger.API,
                 user=request.user,
             )
