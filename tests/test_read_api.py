@@ -448,3 +448,69 @@ def test_a_well_formed_cursor_written_by_hand_still_works(client, book, runs, ur
     for position in (str(first), f" {first} ", "-5", "0"):
         response = client.get(url, {"cursor": cursor(f"o=0&r=0&p={position}")})
         assert response.status_code == 200, (position, response.content)
+
+
+# --- unknown paths under /portfolio/ ---------------------------------------------------------
+
+ENDPOINTS = (
+    "/portfolio/accounts, /portfolio/positions, /portfolio/sync/ibkr, /portfolio/sync/runs, "
+    "/portfolio/sync/runs/<id>"
+)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "meant"),
+    [
+        ("post", "/portfolio/sync/ibkr/", "/portfolio/sync/ibkr"),
+        ("get", "/portfolio/positions/", "/portfolio/positions"),
+        ("get", "/portfolio/accounts//", "/portfolio/accounts"),
+        ("get", "/portfolio/sync/runs/7/", "/portfolio/sync/runs/7"),
+        ("delete", "/portfolio/sync/runs/", "/portfolio/sync/runs"),
+    ],
+)
+def test_a_trailing_slash_is_a_json_404_naming_the_path_without_it(
+    api_client, use_gateway, method, path, meant
+):
+    response = getattr(api_client, method)(path)
+
+    body = assert_error(response, 404, "not_found")
+    assert response["Content-Type"] == "application/json"
+    assert f"Did you mean {meant}? The API's paths have no trailing slash." in body["detail"]
+    assert ENDPOINTS in body["detail"]
+    assert use_gateway.calls == []
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "meant"),
+    [
+        ("get", "/portfolio/position", "/portfolio/positions"),
+        ("post", "/portfolio/sync/ibrk", "/portfolio/sync/ibkr"),
+        ("get", "/portfolio/sync/runs/abc", "/portfolio/sync/runs/<id>"),
+        ("get", "/portfolio/", None),
+        ("post", "/portfolio", None),
+        ("put", "/portfolio/nothing/here", None),
+        ("options", "/portfolio/x", None),
+    ],
+)
+def test_any_other_unknown_path_under_portfolio_is_a_json_404_listing_the_endpoints(
+    client, method, path, meant
+):
+    response = getattr(client, method)(path)
+
+    body = assert_error(response, 404, "not_found")
+    assert f"No API endpoint at {method.upper()} {path}." in body["detail"]
+    assert ENDPOINTS in body["detail"]
+    if meant:
+        assert f"Did you mean {meant}?" in body["detail"]
+    else:
+        assert "Did you mean" not in body["detail"]
+
+
+def test_a_known_path_with_an_unknown_row_is_still_the_views_own_404(client):
+    body = assert_error(client.get("/portfolio/sync/runs/999999"), 404, "not_found")
+    assert "No API endpoint" not in body["detail"]
+
+
+def test_paths_outside_the_api_keep_djangos_pages(admin_client):
+    assert admin_client.get("/admin/nothing/").status_code == 404
+    assert admin_client.get("/admin").status_code == 301  # APPEND_SLASH, as before
