@@ -6,6 +6,7 @@ stops start-up with an error that names the variable, rather than surfacing late
 confusing connection failure.
 """
 
+import re
 from pathlib import Path
 
 import environ
@@ -45,6 +46,25 @@ def _env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ImproperlyConfigured(f"{name} must be one of {', '.join(choices)}; got {value!r}.")
     return value
+
+
+_RATE = re.compile(r"(\d+)\s*/\s*(s|sec|second|m|min|minute|h|hour|d|day)", re.IGNORECASE)
+_NO_LIMIT = ("", "none", "off")
+
+
+def _env_rate(name: str, default: str) -> str | None:
+    """A request rate such as `6/minute` (per second, minute, hour or day), or None for no
+    limit (empty, `none` or `off`)."""
+    raw = env.str(name, default=default).strip()
+    if raw.lower() in _NO_LIMIT:
+        return None
+    match = _RATE.fullmatch(raw)
+    if not match or int(match[1]) < 1:
+        raise ImproperlyConfigured(
+            f"{name} must be a rate such as 6/minute (a number of requests per second, "
+            f"minute, hour or day), or none for no limit; got {raw!r}."
+        )
+    return f"{int(match[1])}/{match[2].lower()}"
 
 
 def _env_bool(name: str, default: bool) -> bool:
@@ -229,6 +249,8 @@ IBKR_SYNC_STALE_AFTER = _env_seconds("IBKR_SYNC_STALE_AFTER", 900)
 # 0 turns the age check off). Match it to the sync schedule, e.g. 259200 (3 days) for
 # syncs on weekdays only.
 IBKR_SYNC_MAX_AGE = _env_int("IBKR_SYNC_MAX_AGE", 86400, minimum=0)
+# POST /portfolio/sync/ibkr per user (e.g. 6/minute; none: no limit): 429 beyond it.
+IBKR_SYNC_THROTTLE_RATE = _env_rate("IBKR_SYNC_THROTTLE_RATE", "6/minute")
 
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_LEVEL = _env_choice("LOG_LEVEL", "WARNING", _LEVELS)

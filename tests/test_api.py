@@ -6,6 +6,7 @@ from decimal import Decimal
 from urllib.parse import urlencode
 
 import pytest
+from django.contrib.auth.models import Permission
 from django.urls import resolve
 from django.utils.dateparse import parse_datetime
 from rest_framework.authtoken.models import Token
@@ -321,6 +322,72 @@ def test_database_that_does_not_answer_is_503(client, use_gateway, monkeypatch):
     assert "DATABASE_URL" in response.json()["detail"]
     run = SyncRun.objects.get()
     assert (run.status, run.error_code) == ("failed", "database_unavailable")
+
+
+# --- throttling ----------------------------------------------------------------------------
+
+
+def test_syncs_beyond_the_rate_are_429_with_retry_after(client, use_gateway, settings):
+    settings.IBKR_SYNC_THROTTLE_RATE = "2/minute"
+    assert [client.post(URL).status_code for _ in range(2)] == [200, 200]
+
+    response = client.post(URL)
+
+    body = assert_error(response, 429, "throttled")
+    assert body["detail"].startswith(
+        "Too many syncs: at most 2/minute per user (IBKR_SYNC_THROTTLE_RATE). "
+        "Expected available in "
+    )
+    assert 1 <= int(response["Retry-After"]) <= 60
+    assert len(use_gateway.calls) == 2, "the refused one never reached the gateway"
+    assert SyncRun.objects.count() == 2
+
+
+def test_the_default_is_six_syncs_a_minute(client, use_gateway, settings):
+    del settings.IBKR_SYNC_THROTTLE_RATE  # the app's own default applies
+
+    statuses = [client.post(URL).status_code for _ in range(7)]
+
+    assert statuses == [200] * 6 + [429]
+
+
+def test_the_limit_is_per_user(api_client, syncer, admin_user, use_gateway, settings):
+    settings.IBKR_SYNC_THROTTLE_RATE = "1/minute"
+    api_client.force_authenticate(syncer)
+    assert [api_client.post(URL).status_code for _ in range(2)] == [200, 429]
+
+    api_client.force_authenticate(admin_user)
+
+    assert api_client.post(URL).status_code == 200
+
+
+def test_refused_callers_are_answered_for_what_they_are_and_not_counted(
+    api_client, syncer, viewer, use_gateway, settings
+):
+    settings.IBKR_SYNC_THROTTLE_RATE = "1/minute"
+    assert {api_client.post(URL).status_code for _ in range(3)} == {401}
+    api_client.force_authenticate(viewer)
+    assert {api_client.post(URL).status_code for _ in range(3)} == {403}
+
+    api_client.force_authenticate(syncer)
+
+    assert api_client.post(URL).status_code == 200
+
+
+@pytest.mark.parametrize("rate", [None, "none", "", "off"])
+def test_no_limit_when_the_rate_is_none(client, use_gateway, settings, rate):
+    settings.IBKR_SYNC_THROTTLE_RATE = rate
+
+    assert {client.post(URL).status_code for _ in range(10)} == {200}
+
+
+def test_reading_is_not_throttled(client, settings):
+    settings.IBKR_SYNC_THROTTLE_RATE = "1/minute"
+    client.handler._force_user.user_permissions.add(
+        *Permission.objects.filter(codename="view_syncrun")
+    )
+
+    assert {client.get("/portfolio/sync/runs").status_code for _ in range(5)} == {200}
 
 
 # --- authentication and permissions --------------------------------------------------------

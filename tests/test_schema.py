@@ -9,7 +9,9 @@ from rest_framework.test import APIClient
 
 from portfolio.api.views import NotFoundView
 
-SYNC_STATUSES = {"200", "400", "401", "403", "404", "405", "409", "500", "502", "503", "504"}
+SYNC_STATUSES = {
+    "200", "400", "401", "403", "404", "405", "409", "429", "500", "502", "503", "504",
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +73,9 @@ def test_the_sync_endpoint_documents_every_answer_in_the_error_shape(schema):
     for code in ("invalid_account_id", "unknown_account", "sync_already_running",
                  "client_id_in_use", "incomplete_snapshot", "gateway_error",
                  "gateway_unavailable", "gateway_timeout", "database_unavailable",
-                 "internal_error"):  # fmt: skip
+                 "internal_error", "invalid_query", "throttled"):  # fmt: skip
         assert any(code in r["description"] for r in responses.values()), code
+    assert "Retry-After" in responses["429"]["headers"]
     error = schema["components"]["schemas"]["Error"]
     assert set(error["required"]) == {"status", "code", "detail"}
 

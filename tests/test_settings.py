@@ -89,6 +89,16 @@ def copy_env(copy: Path, **values: str) -> dict[str, str]:
         ("IBKR_HOST", "  ", "IBKR_HOST must not be empty."),
         ("IBKR_SYNC_MAX_AGE", "-1", "IBKR_SYNC_MAX_AGE must be >= 0, got -1."),
         ("IBKR_SYNC_MAX_AGE", "a day", "IBKR_SYNC_MAX_AGE must be an integer, got 'a day'."),
+        (
+            "IBKR_SYNC_THROTTLE_RATE",
+            "fast",
+            "IBKR_SYNC_THROTTLE_RATE must be a rate such as "
+            "6/minute (a number of requests per second, minute, hour or day), or none for no "
+            "limit; got 'fast'.",
+        ),
+        ("IBKR_SYNC_THROTTLE_RATE", "0/minute", "IBKR_SYNC_THROTTLE_RATE must be a rate"),
+        ("IBKR_SYNC_THROTTLE_RATE", "6/fortnight", "IBKR_SYNC_THROTTLE_RATE must be a rate"),
+        ("IBKR_SYNC_THROTTLE_RATE", "6", "IBKR_SYNC_THROTTLE_RATE must be a rate"),
         ("DEBUG", "maybe", "DEBUG must be true or false, got 'maybe'."),
         ("SECURE_SSL_REDIRECT", "2", "SECURE_SSL_REDIRECT must be true or false, got '2'."),
         ("SECURE_HSTS_SECONDS", "1y", "SECURE_HSTS_SECONDS must be an integer, got '1y'."),
@@ -216,8 +226,19 @@ def test_defaults_when_nothing_is_set(project_copy):
         "IBKR_CLIENT_LIBRARY": "ib_insync",
         "IBKR_SYNC_STALE_AFTER": 900.0,
         "IBKR_SYNC_MAX_AGE": 86400,
+        "IBKR_SYNC_THROTTLE_RATE": "6/minute",
         "IBKR_LIBRARY_LOG_LEVEL": "",
     }
+
+
+@pytest.mark.parametrize(
+    ("value", "parsed"),
+    [("10/Hour", "10/hour"), (" 3 / s ", "3/s"), ("none", None), ("OFF", None), ("", None)],
+)
+def test_the_sync_throttle_rate_is_parsed_and_can_be_turned_off(value, parsed):
+    values = ibkr_settings(clean_env(IBKR_SYNC_THROTTLE_RATE=value))
+
+    assert values["IBKR_SYNC_THROTTLE_RATE"] == parsed
 
 
 def test_environment_values_are_parsed():

@@ -8,11 +8,13 @@ from django.db import transaction
 from django.db.models import QuerySet
 from django.utils.decorators import method_decorator
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework import exceptions as api_exceptions
 from rest_framework import status
 from rest_framework.generics import RetrieveAPIView
 from rest_framework.permissions import AllowAny, BasePermission, IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.throttling import UserRateThrottle
 from rest_framework.views import APIView
 
 from portfolio.api.errors import (
@@ -27,7 +29,7 @@ from portfolio.api.pagination import NewestFirstCursorPagination
 from portfolio.api.permissions import CanViewModel
 from portfolio.api.views import PAGE_PARAMS, ReadOnlyListView, error_responses
 
-from .. import exceptions
+from .. import conf, exceptions
 from ..health import check_health
 from ..models import SyncRun
 from ..services import sync_positions
@@ -69,6 +71,23 @@ class CanRunSync(BasePermission):
         return request.user.has_perm("ibkr_sync.run_sync")
 
 
+class SyncRateThrottle(UserRateThrottle):
+    """At most IBKR_SYNC_THROTTLE_RATE syncs per user (e.g. 6/minute; none: no limit).
+
+    Counted in the default cache: per server process with Django's default in-memory
+    cache, across processes with a shared one (CACHES). Checked after authentication and
+    permission, so only callers who may sync are counted.
+    """
+
+    scope = "ibkr_sync"
+
+    def get_rate(self) -> str | None:
+        rate = conf.get("IBKR_SYNC_THROTTLE_RATE")
+        if rate is None or str(rate).strip().lower() in ("", "none", "off"):
+            return None
+        return str(rate).strip()
+
+
 def _sync_error(description: str) -> OpenApiResponse:
     return OpenApiResponse(ErrorSerializer, description=description)
 
@@ -85,6 +104,10 @@ SYNC_RESPONSES = {
     404: _sync_error("The gateway does not manage that account (unknown_account)."),
     405: _sync_error("Anything but POST (method_not_allowed)."),
     409: _sync_error("Another sync is running (sync_already_running)."),
+    429: _sync_error(
+        "Too many syncs by this user: more than IBKR_SYNC_THROTTLE_RATE (throttled). The "
+        "Retry-After header says in how many seconds to try again."
+    ),
     502: _sync_error(
         "The gateway refused the client id (client_id_in_use), sent something unreadable "
         "(incomplete_snapshot) or rejected the request (gateway_error)."
@@ -103,6 +126,14 @@ class IbkrSyncView(ErrorEnvelopeMixin, APIView):
     """Sync positions from the IB gateway; `?ibkr_account_id=U1234567` limits it to one."""
 
     permission_classes = [IsAuthenticated, CanRunSync]
+    throttle_classes = [SyncRateThrottle]
+
+    def throttled(self, request: Request, wait: float | None) -> None:
+        raise api_exceptions.Throttled(
+            wait,
+            detail=f"Too many syncs: at most {SyncRateThrottle().rate} per user "
+            "(IBKR_SYNC_THROTTLE_RATE).",
+        )
 
     @extend_schema(
         tags=["sync"],
@@ -114,7 +145,14 @@ class IbkrSyncView(ErrorEnvelopeMixin, APIView):
                 "ibkr_account_id",
                 str,
                 description="Sync (read and reconcile) only this account, e.g. U1234567.",
-            )
+            ),
+            OpenApiParameter(
+                "Retry-After",
+                int,
+                location=OpenApiParameter.HEADER,
+                response=[429],
+                description="Seconds until this user's next sync is accepted.",
+            ),
         ],
         request=None,
         responses=SYNC_RESPONSES,
