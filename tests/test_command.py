@@ -367,3 +367,28 @@ def test_database_server_gone_mid_sync_is_exit_9_with_one_line(postgresql_env, s
         "DATABASE_URL and that the database server is running and accepts connections, "
         "then sync again."
     ]
+
+
+# --- exit codes: one table, the help text and the README ----------------------------------------
+
+
+def readme_exit_codes() -> list[tuple[int, str]]:
+    readme = (PROJECT_DIR / "README.md").read_text(encoding="utf-8")
+    table = readme.split("Exit codes:\n\n| Exit | Meaning |\n|---|---|\n", 1)[1].split("\n\n")[0]
+    rows = [line.strip("|").split("|") for line in table.splitlines()]
+    return [(int(code), meaning.strip()) for code, meaning in rows]
+
+
+def test_the_readme_the_help_and_the_table_list_the_same_exit_codes():
+    import manage
+    from ibkr_sync.management.commands.sync_ibkr import EXIT_CODES, EXITS, Command
+
+    table = [(code, meaning) for code, _, meaning in EXITS]
+    help_text = " ".join(Command().create_parser("manage.py", "sync_ibkr").format_help().split())
+
+    assert readme_exit_codes() == table
+    for code, meaning in table:
+        assert f" {code} {meaning}" in help_text, code
+    assert sorted(set(EXIT_CODES.values())) == [c for c, e, _ in EXITS if e is not None]
+    assert manage.EXIT_CONFIG_ERROR in dict(table)
+    assert {0, 1, 2, 9, 78} <= dict(table).keys()

@@ -1,8 +1,7 @@
 """`manage.py sync_ibkr`: sync from cron. Summary on stdout, one clear error on stderr.
 
-Exit codes (stable, for monitoring): 0 success, 1 unexpected error, 2 bad arguments,
-3 gateway unavailable, 4 gateway timeout, 5 a sync is already running, 6 account not
-managed by the gateway, 7 client id in use, 8 other gateway error, 9 database unavailable.
+Exit codes are stable, for monitoring: `EXITS` lists them all, and the help text and the
+README's table are written from it.
 
 `--json` prints the API's JSON (the same serializer), `--dry-run` reports what a sync
 would change and writes nothing, `--quiet` prints nothing unless it fails (cron mails
@@ -24,16 +23,27 @@ from ...api.serializers import SyncResultSerializer, render_json
 from ...models import SyncRun
 from ...services import SyncResult, sync_positions
 
-EXIT_CODES = {
-    exceptions.InvalidAccountId: 2,
-    exceptions.GatewayUnavailable: 3,
-    exceptions.GatewayTimeout: 4,
-    exceptions.SyncAlreadyRunning: 5,
-    exceptions.UnknownAccount: 6,
-    exceptions.ClientIdInUse: 7,
-    exceptions.GatewayError: 8,
-    exceptions.DatabaseUnavailable: 9,
-}
+# Every exit code: what it means, and the error it stands for, if one. 78 is manage.py's
+# (a malformed setting stops it before any command runs); argparse exits 2 on bad options.
+EXITS: tuple[tuple[int, type[exceptions.IbkrSyncError] | None, str], ...] = (
+    (0, None, "success"),
+    (1, None, "unexpected error (a bug: the traceback is printed)"),
+    (2, exceptions.InvalidAccountId, "bad arguments (e.g. a malformed account id)"),
+    (3, exceptions.GatewayUnavailable, "gateway unavailable"),
+    (4, exceptions.GatewayTimeout, "gateway timeout"),
+    (5, exceptions.SyncAlreadyRunning, "another sync is running"),
+    (6, exceptions.UnknownAccount, "account not managed by the gateway"),
+    (7, exceptions.ClientIdInUse, "client id in use"),
+    (8, exceptions.GatewayError, "other gateway error (e.g. an unreadable message)"),
+    (
+        9,
+        exceptions.DatabaseUnavailable,
+        "the database is unavailable (down, out of disk space, read-only, locked, not "
+        "migrated: the message says which)",
+    ),
+    (78, None, "configuration error (a malformed setting, named in the message)"),
+)
+EXIT_CODES = {error: code for code, error, _ in EXITS if error is not None}
 
 _LIBRARY_LOGGERS = ("ibkr_sync", "ib_insync", "ib_async", "eventkit")
 
@@ -45,9 +55,9 @@ def exit_code_for(error: exceptions.IbkrSyncError) -> int:
 class Command(BaseCommand):
     help = (
         "Sync positions from the running TWS / IB Gateway (IBKR_HOST, IBKR_PORT, "
-        "IBKR_CLIENT_ID) into the database. Exit codes: 0 ok, 2 bad arguments, 3 gateway "
-        "unavailable, 4 timeout, 5 already running, 6 unknown account, 7 client id in use, "
-        "8 other gateway error."
+        "IBKR_CLIENT_ID) into the database. Exit codes: "
+        + "; ".join(f"{code} {meaning}" for code, _, meaning in EXITS)
+        + "."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
