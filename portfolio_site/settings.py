@@ -267,14 +267,24 @@ LOGGING = {
     },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
+        # Django's own records (a failed request is one line of django.request) reach the
+        # console once, through the root handler: without this, Django's default console
+        # handler prints each of them a second time when DEBUG is on.
+        "django": {
+            "handlers": [],
+            "level": LOG_LEVEL if LOG_LEVEL in ("WARNING", "ERROR", "CRITICAL") else "INFO",
+            "propagate": True,
+        },
         # The IB client libraries log their own tracebacks for conditions we translate
         # into one clear error; keep them out of the console unless asked for
         # (`sync_ibkr -v 2`, or IBKR_LIBRARY_LOG_LEVEL).
-        name: {
-            "handlers": ["console"] if IBKR_LIBRARY_LOG_LEVEL else ["null"],
-            "level": IBKR_LIBRARY_LOG_LEVEL or "INFO",
-            "propagate": False,
-        }
-        for name in ("ib_insync", "ib_async", "eventkit")
+        **{
+            name: {
+                "handlers": ["console"] if IBKR_LIBRARY_LOG_LEVEL else ["null"],
+                "level": IBKR_LIBRARY_LOG_LEVEL or "INFO",
+                "propagate": False,
+            }
+            for name in ("ib_insync", "ib_async", "eventkit")
+        },
     },
 }

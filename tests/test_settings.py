@@ -312,3 +312,35 @@ def test_gateway_config_defaults_apply_when_a_setting_is_absent(settings):
     config = GatewayConfig.from_settings()
 
     assert (config.client_id, config.port) == (1, 7497)
+
+
+LOG_REQUESTS = (
+    "import django; django.setup(); from django.test import Client; c = Client(); "
+    "[c.get('/portfolio/positions') for _ in range(2)]; c.post('/portfolio/sync/ibkr/'); "
+    "c.put('/portfolio/accounts'); [c.get('/healthz') for _ in range(3)]"
+)
+
+
+@pytest.mark.parametrize("debug", ["true", "false"])
+def test_each_failed_request_is_one_line_on_the_console_and_health_is_no_error(tmp_path, debug):
+    env = clean_env(
+        DEBUG=debug,
+        SECRET_KEY="k" * 50,
+        ALLOWED_HOSTS="testserver",
+        SECURE_SSL_REDIRECT="false",
+        DATABASE_URL=f"sqlite:///{tmp_path / 'empty.sqlite3'}",  # not migrated: unhealthy
+        STATIC_ROOT=str(tmp_path),
+    )
+
+    result = run_python(LOG_REQUESTS, env)
+
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.strip().splitlines()
+    messages = [line.split(" ", 2)[2] for line in lines]  # without the time stamp
+    assert messages == [
+        "WARNING django.request: Unauthorized: /portfolio/positions",
+        "WARNING django.request: Unauthorized: /portfolio/positions",
+        "WARNING django.request: Not Found: /portfolio/sync/ibkr/",
+        "WARNING django.request: Unauthorized: /portfolio/accounts",
+        "WARNING ibkr_sync.health: Health check unhealthy: database=error, last_sync=unknown",
+    ], result.stderr

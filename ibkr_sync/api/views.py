@@ -4,6 +4,9 @@ Thin edges over `services.sync_positions` and the `SyncRun` table; the error sha
 pagination are the portfolio API's, so every endpoint answers alike.
 """
 
+import logging
+import threading
+
 from django.db import transaction
 from django.db.models import QuerySet
 from django.utils.decorators import method_decorator
@@ -215,6 +218,29 @@ class SyncRunDetailView(ErrorEnvelopeMixin, RetrieveAPIView):
 
 # --- health ---------------------------------------------------------------------------------
 
+health_logger = logging.getLogger("ibkr_sync.health")
+# This process's last answer per kind of probe (with or without ?gateway=1): a monitor
+# asks every few seconds, and the log says when the answer changes, not every time.
+_last_health: dict[bool, bool] = {}
+_last_health_lock = threading.Lock()
+
+
+def _log_health(gateway: bool, healthy: bool, report: dict) -> None:
+    with _last_health_lock:
+        previous = _last_health.get(gateway)
+        _last_health[gateway] = healthy
+    if healthy:
+        if previous is False:
+            health_logger.info("Health check healthy again")
+        return
+    failing = ", ".join(
+        f"{name}={check['status']}"
+        for name, check in report["checks"].items()
+        if check["status"] != "ok"
+    )
+    level = logging.INFO if previous is False else logging.WARNING  # once when it turns
+    health_logger.log(level, "Health check unhealthy: %s", failing)
+
 
 class HealthView(APIView):
     """`GET /healthz` for load balancers and monitoring: no login, nothing sensitive."""
@@ -244,4 +270,8 @@ class HealthView(APIView):
             status=status.HTTP_200_OK if healthy else status.HTTP_503_SERVICE_UNAVAILABLE,
         )
         response["Cache-Control"] = "no-store"
+        # A 503 here is an answer, not a failure of the server: logged by _log_health (a
+        # warning when it turns unhealthy), not as an ERROR on every probe by Django.
+        _log_health(wanted, healthy, report)
+        response._has_been_logged = True
         return response
