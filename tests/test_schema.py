@@ -122,3 +122,29 @@ def test_documentation_pages_use_local_assets_only(client, url, assets):
         assert f"/static/drf_spectacular_sidecar/{asset}" in page
     external = re.findall(r"""(?:src|href)=["'](https?:)?//""", page)
     assert external == [], "the documentation page loads something from another site"
+
+
+def test_a_sync_result_says_success_as_a_documented_enum(schema):
+    result = schema["components"]["schemas"]["SyncResult"]
+    status = result["properties"]["status"]
+    ref = status["allOf"][0]["$ref"] if "allOf" in status else status["$ref"]
+
+    assert schema["components"]["schemas"][ref.rsplit("/", 1)[1]]["enum"] == ["success"]
+    assert "status" in result["required"]
+
+
+def test_every_choice_field_of_the_api_is_an_enum_in_the_schema(schema):
+    """No hand-written `status` / `kind` method field: each is an enum of its values."""
+    for name, component in schema["components"]["schemas"].items():
+        for field, spec in component.get("properties", {}).items():
+            if field in {"status", "kind", "trigger"}:
+                assert "allOf" in spec or "$ref" in spec or "enum" in spec, (name, field)
+
+
+def test_the_dry_run_change_kinds_are_the_models():
+    from ibkr_sync.api.serializers import PositionChangeSerializer
+    from ibkr_sync.models import PositionChange
+
+    kind = PositionChangeSerializer().fields["kind"]
+
+    assert list(kind.choices) == list(PositionChange.Kind.values)

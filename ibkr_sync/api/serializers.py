@@ -8,7 +8,7 @@ from portfolio.api.serializers import ExactDecimalField
 
 from ..exceptions import InvalidAccountId
 from ..mapping import normalize_account_id
-from ..models import SyncRun
+from ..models import PositionChange, SyncRun
 
 
 class SyncRequestSerializer(serializers.Serializer):
@@ -65,7 +65,7 @@ class SyncErrorSerializer(serializers.Serializer):
 
 
 class PositionChangeSerializer(serializers.Serializer):
-    kind = serializers.ChoiceField(choices=["created", "updated", "reopened", "closed"])
+    kind = serializers.ChoiceField(choices=PositionChange.Kind.choices)
     account = serializers.CharField()
     con_id = serializers.IntegerField()
     symbol = serializers.CharField()
@@ -73,10 +73,23 @@ class PositionChangeSerializer(serializers.Serializer):
     quantity_after = ExactDecimalField(max_digits=30, decimal_places=10, allow_null=True)
 
 
+class ConstantField(serializers.ChoiceField):
+    """A read-only field that always says `value`: documented as a one-value enum."""
+
+    def __init__(self, value: str, **kwargs) -> None:
+        self.value = value
+        super().__init__(choices=[value], read_only=True, **kwargs)
+
+    def get_attribute(self, instance) -> str:
+        return self.value
+
+
 class SyncResultSerializer(serializers.Serializer):
     """A sync's result: the API's answer and `sync_ibkr --json`'s output, one shape."""
 
-    status = serializers.SerializerMethodField()
+    status = ConstantField(
+        "success", help_text="Always success: a failure answers the error shape instead."
+    )
     sync_run_id = serializers.IntegerField(
         allow_null=True, help_text="The SyncRun recording it; null for a dry run."
     )
@@ -96,9 +109,6 @@ class SyncResultSerializer(serializers.Serializer):
     )
     started_at = serializers.DateTimeField()
     finished_at = serializers.DateTimeField()
-
-    def get_status(self, _result) -> str:
-        return "success"
 
     def to_representation(self, result) -> dict[str, Any]:
         data = super().to_representation(result)
