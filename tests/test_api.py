@@ -211,8 +211,10 @@ def test_a_request_body_is_400_naming_its_fields_and_syncs_nothing(
     assert not SyncRun.objects.exists()
 
 
-def test_an_empty_body_is_no_body(client, use_gateway):
+def test_an_empty_body_or_an_empty_form_is_no_body(client, use_gateway):
     assert client.post(URL, "", content_type="application/json").status_code == 200
+    assert client.post(URL, {}, format="multipart").status_code == 200
+    assert client.post(URL, {}).status_code == 200  # a closing multipart boundary only
 
 
 def test_a_repeated_account_id_is_400_and_starts_nothing(client, use_gateway):

@@ -6,7 +6,7 @@ from typing import Any
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.core.exceptions import SuspiciousOperation
-from django.http import Http404
+from django.http import Http404, QueryDict
 from rest_framework import exceptions, serializers, status
 from rest_framework.exceptions import APIException
 from rest_framework.request import Request
@@ -136,13 +136,16 @@ def validated_query(
 def refuse_request_body(request: Request, *, hint: str = "") -> None:
     """For an endpoint whose parameters are all in the query string: any request body is
     an error, naming the fields it holds (a form's, a JSON object's keys), since whatever
-    was put there would otherwise be silently ignored."""
+    was put there would otherwise be silently ignored. An empty form (no field, no file:
+    what an HTML form without inputs and Django's test client send) is no body."""
     if not _has_body(request):
         return
     try:
         data = request.data
     except (APIException, SuspiciousOperation):  # unparseable, unsupported, too big
         data = None
+    if isinstance(data, QueryDict) and not data and not request.FILES:
+        return
     names = list(data)[:10] if isinstance(data, Mapping) and data else []
     got = f"a request body with {_names(str(n)[:40] for n in names)}" if names else "a request body"
     raise InvalidQuery(
