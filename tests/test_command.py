@@ -236,6 +236,23 @@ def test_invalid_account_exits_2(command_env):
     ]
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        (["--json", "--quiet"], "argument --quiet: not allowed with argument --json"),
+        (["--account"], "argument --account: expected one argument"),
+        (["-v", "7"], "argument -v/--verbosity: invalid choice: 7 (choose from 0, 1, 2, 3)"),
+    ],
+)
+def test_bad_options_exit_2_with_one_line(command_env, args, message):
+    result = manage("sync_ibkr", *args, env=command_env)
+
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [f"manage.py sync_ibkr: error: {message} (see --help)"]
+
+
 def test_malformed_port_setting_stops_with_a_message_naming_it(command_env):
     result = manage("sync_ibkr", env={**command_env, "IBKR_PORT": "abc"})
 

@@ -60,6 +60,16 @@ class Command(BaseCommand):
         + "."
     )
 
+    def create_parser(self, prog_name: str, subcommand: str, **kwargs) -> CommandParser:
+        parser = super().create_parser(prog_name, subcommand, **kwargs)
+        if parser.called_from_command_line:
+            # Bad options are one line and exit 2 too, not argparse's usage block first.
+            def error(message: str) -> None:
+                parser.exit(2, f"{parser.prog}: error: {message} (see --help)\n")
+
+            parser.error = error
+        return parser
+
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
             "--account",
