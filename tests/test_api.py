@@ -1,6 +1,7 @@
 """`POST /portfolio/sync/ibkr` through DRF's test client, against a real database."""
 
 import datetime as dt
+import io
 import socket
 from decimal import Decimal
 from urllib.parse import urlencode
@@ -184,6 +185,7 @@ def test_an_unknown_query_parameter_is_400_naming_it_and_syncs_nothing(
     ("body", "content_type", "named"),
     [
         ({"ibkr_account_id": "U1111111"}, None, "ibkr_account_id"),  # multipart form
+        ({"upload": io.BytesIO(b"U1111111")}, None, "upload"),  # a file only
         ("ibkr_account_id=U1111111", "application/x-www-form-urlencoded", "ibkr_account_id"),
         ('{"ibkr_account_id": "U1111111"}', "application/json", "ibkr_account_id"),
         ('{"account": "U1", "dry_run": true}', "application/json", "account, dry_run"),

@@ -144,9 +144,9 @@ def refuse_request_body(request: Request, *, hint: str = "") -> None:
         data = request.data
     except (APIException, SuspiciousOperation):  # unparseable, unsupported, too big
         data = None
-    if isinstance(data, QueryDict) and not data and not request.FILES:
+    if isinstance(data, QueryDict) and not data:  # DRF's form data holds its files too
         return
-    names = list(data)[:10] if isinstance(data, Mapping) and data else []
+    names = list(data)[:10] if isinstance(data, Mapping) else []
     got = f"a request body with {_names(str(n)[:40] for n in names)}" if names else "a request body"
     raise InvalidQuery(
         f"This endpoint takes no request body, got {got}: its parameters go in the query "
