@@ -466,6 +466,7 @@ ENDPOINTS = (
         ("get", "/portfolio/accounts//", "/portfolio/accounts"),
         ("get", "/portfolio/sync/runs/7/", "/portfolio/sync/runs/7"),
         ("delete", "/portfolio/sync/runs/", "/portfolio/sync/runs"),
+        ("get", "/healthz/", "/healthz"),
     ],
 )
 def test_a_trailing_slash_is_a_json_404_naming_the_path_without_it(
