@@ -3,6 +3,7 @@
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
+from django.db import transaction
 from django.db.models import Count
 from django.http import HttpRequest, HttpResponseNotAllowed, HttpResponseRedirect
 from django.urls import path, reverse
@@ -89,7 +90,10 @@ class SyncRunAdmin(admin.ModelAdmin):
         return f"{obj.duration.total_seconds():.2f} s"
 
     def get_urls(self):
-        sync_now = self.admin_site.admin_view(self.sync_now_view)
+        # Never inside a request-wide transaction (ATOMIC_REQUESTS), as for the API's view:
+        # the lock row must be committed for other processes to see it, and a failed
+        # sync's record must survive.
+        sync_now = transaction.non_atomic_requests(self.admin_site.admin_view(self.sync_now_view))
         return [path("sync-now/", sync_now, name="ibkr_sync_syncrun_sync_now"), *super().get_urls()]
 
     def sync_now_view(self, request: HttpRequest):

@@ -28,6 +28,8 @@ DEFAULTS = {
     "IBKR_SYNC_STALE_AFTER": 900.0,
     # /healthz reports the data stale this long after the last successful sync; 0: never.
     "IBKR_SYNC_MAX_AGE": 86400,
+    # POST /portfolio/sync/ibkr per user, as DRF writes rates; None (or "none"): no limit.
+    "IBKR_SYNC_THROTTLE_RATE": "6/minute",
 }
 
 

@@ -33,7 +33,8 @@ class SyncAlreadyRunning(IbkrSyncError):
 
 
 class DatabaseUnavailable(IbkrSyncError):
-    """The database did not answer (down, unreachable, or locked for too long)."""
+    """The database is unavailable: down, unreachable, out of storage or read-only, locked
+    for too long, or not migrated (`portfolio.database` says which, in the message)."""
 
     code = "database_unavailable"
 

@@ -95,10 +95,14 @@ def sync_positions(
     """
     try:
         return _sync_positions(account_id, trigger, user, gateway, dry_run, progress)
-    except _DATABASE_DOWN as exc:
+    except (DatabaseError, InterfaceError) as exc:
+        from portfolio.database import is_unavailable, unavailable_message
+
+        if not is_unavailable(exc):
+            raise
+        # Down, unreachable, out of storage, read-only, locked, not migrated: say which.
         raise DatabaseUnavailable(
-            "The database did not answer, so nothing was changed: check DATABASE_URL and "
-            "that the database server is running, then sync again."
+            unavailable_message(exc, outcome="nothing was changed", retry="sync again")
         ) from exc
 
 

@@ -7,6 +7,7 @@ confusing connection failure.
 """
 
 import os
+import re
 from pathlib import Path
 
 import environ
@@ -56,6 +57,25 @@ def _env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ImproperlyConfigured(f"{name} must be one of {', '.join(choices)}; got {value!r}.")
     return value
+
+
+_RATE = re.compile(r"(\d+)\s*/\s*(s|sec|second|m|min|minute|h|hour|d|day)", re.IGNORECASE)
+_NO_LIMIT = ("", "none", "off")
+
+
+def _env_rate(name: str, default: str) -> str | None:
+    """A request rate such as `6/minute` (per second, minute, hour or day), or None for no
+    limit (empty, `none` or `off`)."""
+    raw = env.str(name, default=default).strip()
+    if raw.lower() in _NO_LIMIT:
+        return None
+    match = _RATE.fullmatch(raw)
+    if not match or int(match[1]) < 1:
+        raise ImproperlyConfigured(
+            f"{name} must be a rate such as 6/minute (a number of requests per second, "
+            f"minute, hour or day), or none for no limit; got {raw!r}."
+        )
+    return f"{int(match[1])}/{match[2].lower()}"
 
 
 def _env_bool(name: str, default: bool) -> bool:
@@ -242,6 +262,8 @@ IBKR_SYNC_STALE_AFTER = _env_seconds("IBKR_SYNC_STALE_AFTER", 900)
 # 0 turns the age check off). Match it to the sync schedule, e.g. 259200 (3 days) for
 # syncs on weekdays only.
 IBKR_SYNC_MAX_AGE = _env_int("IBKR_SYNC_MAX_AGE", 86400, minimum=0)
+# POST /portfolio/sync/ibkr per user (e.g. 6/minute; none: no limit): 429 beyond it.
+IBKR_SYNC_THROTTLE_RATE = _env_rate("IBKR_SYNC_THROTTLE_RATE", "6/minute")
 
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_LEVEL = _env_choice("LOG_LEVEL", "WARNING", _LEVELS)
@@ -258,14 +280,24 @@ LOGGING = {
     },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
+        # Django's own records (a failed request is one line of django.request) reach the
+        # console once, through the root handler: without this, Django's default console
+        # handler prints each of them a second time when DEBUG is on.
+        "django": {
+            "handlers": [],
+            "level": LOG_LEVEL if LOG_LEVEL in ("WARNING", "ERROR", "CRITICAL") else "INFO",
+            "propagate": True,
+        },
         # The IB client libraries log their own tracebacks for conditions we translate
         # into one clear error; keep them out of the console unless asked for
         # (`sync_ibkr -v 2`, or IBKR_LIBRARY_LOG_LEVEL).
-        name: {
-            "handlers": ["console"] if IBKR_LIBRARY_LOG_LEVEL else ["null"],
-            "level": IBKR_LIBRARY_LOG_LEVEL or "INFO",
-            "propagate": False,
-        }
-        for name in ("ib_insync", "ib_async", "eventkit")
+        **{
+            name: {
+                "handlers": ["console"] if IBKR_LIBRARY_LOG_LEVEL else ["null"],
+                "level": IBKR_LIBRARY_LOG_LEVEL or "INFO",
+                "propagate": False,
+            }
+            for name in ("ib_insync", "ib_async", "eventkit")
+        },
     },
 }

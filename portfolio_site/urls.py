@@ -1,8 +1,9 @@
 from django.contrib import admin
-from django.urls import include, path
+from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
 from ibkr_sync.api.views import HealthView
+from portfolio.api.views import NotFoundView
 
 from .views import home
 
@@ -12,6 +13,10 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("portfolio/", include("portfolio.api.urls")),
     path("portfolio/", include("ibkr_sync.api.urls")),
+    # Anything else under /portfolio/ (a trailing slash, a typo), and /healthz/: a JSON 404
+    # naming the right path. After the API's own paths; it also keeps APPEND_SLASH from
+    # redirecting.
+    re_path(r"^(?:portfolio(?:/.*)?|healthz/.*)$", NotFoundView.as_view(), name="api-not-found"),
     path("healthz", HealthView.as_view(), name="healthz"),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),

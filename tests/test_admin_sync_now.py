@@ -6,8 +6,9 @@ import re
 import pytest
 from django.contrib.auth.models import Permission
 from django.contrib.messages import constants as message_levels
+from django.db import connection
 from django.test import Client
-from django.urls import reverse
+from django.urls import resolve, reverse
 
 from ibkr_sync.exceptions import GatewayUnavailable
 from ibkr_sync.models import SyncRun
@@ -222,3 +223,53 @@ def test_instrument_pages_link_to_the_instruments_positions(admin_client, portfo
     url = f"{changelist(Position)}?instrument__id__exact={tsla.pk}"
     assert listed(admin_client.get(url)) == []
     assert listed(admin_client.get(url + "&status=closed")) == ["TSLA"]
+
+
+# --- never inside a request-wide transaction ---------------------------------------------------
+
+
+def test_sync_now_opts_out_of_atomic_requests():
+    """As the API's view: with ATOMIC_REQUESTS on, a request-wide transaction would hide
+    the SyncRun lock from other processes and roll back the record of a failed sync."""
+    assert "default" in resolve(SYNC_NOW).func._non_atomic_requests
+
+
+@pytest.fixture
+def atomic_requests():
+    settings_dict = connection.settings_dict
+    saved = settings_dict["ATOMIC_REQUESTS"]
+    settings_dict["ATOMIC_REQUESTS"] = True
+    yield
+    settings_dict["ATOMIC_REQUESTS"] = saved
+
+
+class TransactionProbe(FakeGateway):
+    """Notes, as the sync reads the gateway, whether a transaction is open around it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.in_transaction: list[bool] = []
+
+    def fetch_positions(self, account_id=None):
+        self.in_transaction.append(connection.in_atomic_block)
+        return super().fetch_positions(account_id)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("entry", ["admin", "api"])
+def test_with_atomic_requests_on_the_sync_runs_outside_any_transaction(
+    admin_user, monkeypatch, atomic_requests, entry
+):
+    probe = TransactionProbe(positions=[position()])
+    monkeypatch.setattr("ibkr_sync.services.IbkrGateway", lambda **_options: probe)
+    client = Client()
+    client.force_login(admin_user)
+
+    if entry == "admin":
+        response = client.post(SYNC_NOW, {"next": changelist(Position)})
+        assert response.status_code == 302
+    else:
+        assert client.post("/portfolio/sync/ibkr").status_code == 200
+
+    assert probe.in_transaction == [False], "the lock row was committed before the read"
+    assert SyncRun.objects.get().status == SyncRun.Status.SUCCESS

@@ -1,11 +1,13 @@
 """`POST /portfolio/sync/ibkr` through DRF's test client, against a real database."""
 
 import datetime as dt
+import io
 import socket
 from decimal import Decimal
 from urllib.parse import urlencode
 
 import pytest
+from django.contrib.auth.models import Permission
 from django.urls import resolve
 from django.utils.dateparse import parse_datetime
 from rest_framework.authtoken.models import Token
@@ -155,6 +157,80 @@ def test_account_the_gateway_does_not_manage_is_404(client, use_gateway):
     assert SyncRun.objects.get().error_code == "unknown_account"
 
 
+@pytest.mark.parametrize(
+    ("query", "named"),
+    [
+        ("ibkr_acount_id=U1111111", "ibkr_acount_id"),  # misspelt
+        ("ibkr_account_id[]=U1111111", "'ibkr_account_id[]'"),
+        ("IBKR_ACCOUNT_ID=U1111111", "IBKR_ACCOUNT_ID"),
+        ("account=U1111111", "account"),
+        ("dry_run=1", "dry_run"),
+        ("ibkr_account_id=U1111111&force=1", "force"),
+        ("=U1111111", "''"),
+        ("ibkr_account_id%20=U1111111", "'ibkr_account_id '"),
+    ],
+)
+def test_an_unknown_query_parameter_is_400_naming_it_and_syncs_nothing(
+    client, use_gateway, query, named
+):
+    body = assert_error(client.post(f"{URL}?{query}"), 400, "invalid_query")
+
+    assert f"Unknown query parameter(s): {named}." in body["detail"]
+    assert "Known: ibkr_account_id." in body["detail"]
+    assert use_gateway.calls == []
+    assert not SyncRun.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "named"),
+    [
+        ({"ibkr_account_id": "U1111111"}, None, "ibkr_account_id"),  # multipart form
+        ({"upload": io.BytesIO(b"U1111111")}, None, "upload"),  # a file only
+        ("ibkr_account_id=U1111111", "application/x-www-form-urlencoded", "ibkr_account_id"),
+        ('{"ibkr_account_id": "U1111111"}', "application/json", "ibkr_account_id"),
+        ('{"account": "U1", "dry_run": true}', "application/json", "account, dry_run"),
+        ("{}", "application/json", None),
+        ("[1, 2]", "application/json", None),
+        ("not json", "application/json", None),
+        ("U1111111", "text/plain", None),
+        (b"\x00\xff", "application/octet-stream", None),
+    ],
+)
+def test_a_request_body_is_400_naming_its_fields_and_syncs_nothing(
+    client, use_gateway, body, content_type, named
+):
+    kwargs = {"content_type": content_type} if content_type else {}
+
+    for url in (URL, f"{URL}?ibkr_account_id=U1111111"):
+        response = client.post(url, body, **kwargs)
+
+        detail = assert_error(response, 400, "invalid_query")["detail"]
+        assert "takes no request body" in detail
+        assert "query string" in detail
+        if named:
+            assert f"a request body with {named}:" in detail
+    assert use_gateway.calls == []
+    assert not SyncRun.objects.exists()
+
+
+def test_an_empty_body_or_an_empty_form_is_no_body(client, use_gateway):
+    assert client.post(URL, "", content_type="application/json").status_code == 200
+    assert client.post(URL, {}, format="multipart").status_code == 200
+    assert client.post(URL, {}).status_code == 200  # a closing multipart boundary only
+
+
+def test_a_repeated_account_id_is_400_and_starts_nothing(client, use_gateway):
+    response = client.post(f"{URL}?ibkr_account_id=U1111111&ibkr_account_id=U1111111")
+
+    body = assert_error(response, 400, "invalid_account_id")
+    assert body["detail"] == (
+        "ibkr_account_id was given more than once; give one account id, or none to sync "
+        "every account."
+    )
+    assert use_gateway.calls == []
+    assert not SyncRun.objects.exists()
+
+
 # --- gateway failures ----------------------------------------------------------------------
 
 
@@ -250,6 +326,72 @@ def test_database_that_does_not_answer_is_503(client, use_gateway, monkeypatch):
     assert "DATABASE_URL" in response.json()["detail"]
     run = SyncRun.objects.get()
     assert (run.status, run.error_code) == ("failed", "database_unavailable")
+
+
+# --- throttling ----------------------------------------------------------------------------
+
+
+def test_syncs_beyond_the_rate_are_429_with_retry_after(client, use_gateway, settings):
+    settings.IBKR_SYNC_THROTTLE_RATE = "2/minute"
+    assert [client.post(URL).status_code for _ in range(2)] == [200, 200]
+
+    response = client.post(URL)
+
+    body = assert_error(response, 429, "throttled")
+    assert body["detail"].startswith(
+        "Too many syncs: at most 2/minute per user (IBKR_SYNC_THROTTLE_RATE). "
+        "Expected available in "
+    )
+    assert 1 <= int(response["Retry-After"]) <= 60
+    assert len(use_gateway.calls) == 2, "the refused one never reached the gateway"
+    assert SyncRun.objects.count() == 2
+
+
+def test_the_default_is_six_syncs_a_minute(client, use_gateway, settings):
+    del settings.IBKR_SYNC_THROTTLE_RATE  # the app's own default applies
+
+    statuses = [client.post(URL).status_code for _ in range(7)]
+
+    assert statuses == [200] * 6 + [429]
+
+
+def test_the_limit_is_per_user(api_client, syncer, admin_user, use_gateway, settings):
+    settings.IBKR_SYNC_THROTTLE_RATE = "1/minute"
+    api_client.force_authenticate(syncer)
+    assert [api_client.post(URL).status_code for _ in range(2)] == [200, 429]
+
+    api_client.force_authenticate(admin_user)
+
+    assert api_client.post(URL).status_code == 200
+
+
+def test_refused_callers_are_answered_for_what_they_are_and_not_counted(
+    api_client, syncer, viewer, use_gateway, settings
+):
+    settings.IBKR_SYNC_THROTTLE_RATE = "1/minute"
+    assert {api_client.post(URL).status_code for _ in range(3)} == {401}
+    api_client.force_authenticate(viewer)
+    assert {api_client.post(URL).status_code for _ in range(3)} == {403}
+
+    api_client.force_authenticate(syncer)
+
+    assert api_client.post(URL).status_code == 200
+
+
+@pytest.mark.parametrize("rate", [None, "none", "", "off"])
+def test_no_limit_when_the_rate_is_none(client, use_gateway, settings, rate):
+    settings.IBKR_SYNC_THROTTLE_RATE = rate
+
+    assert {client.post(URL).status_code for _ in range(10)} == {200}
+
+
+def test_reading_is_not_throttled(client, settings):
+    settings.IBKR_SYNC_THROTTLE_RATE = "1/minute"
+    client.handler._force_user.user_permissions.add(
+        *Permission.objects.filter(codename="view_syncrun")
+    )
+
+    assert {client.get("/portfolio/sync/runs").status_code for _ in range(5)} == {200}
 
 
 # --- authentication and permissions --------------------------------------------------------

@@ -2,9 +2,12 @@
 
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import threading
+import time
 from io import StringIO
 from pathlib import Path
 
@@ -233,6 +236,23 @@ def test_invalid_account_exits_2(command_env):
     ]
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        (["--json", "--quiet"], "argument --quiet: not allowed with argument --json"),
+        (["--account"], "argument --account: expected one argument"),
+        (["-v", "7"], "argument -v/--verbosity: invalid choice: 7 (choose from 0, 1, 2, 3)"),
+    ],
+)
+def test_bad_options_exit_2_with_one_line(command_env, args, message):
+    result = manage("sync_ibkr", *args, env=command_env)
+
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [f"manage.py sync_ibkr: error: {message} (see --help)"]
+
+
 def test_malformed_port_setting_stops_with_a_message_naming_it(command_env):
     result = manage("sync_ibkr", env={**command_env, "IBKR_PORT": "abc"})
 
@@ -250,3 +270,142 @@ def test_quiet_under_cron_prints_only_the_error_and_exits_3(command_env, closed_
     assert result.stdout == ""
     assert result.stderr.startswith("CommandError: Cannot connect to the IB gateway at ")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+# --- one line on stderr, whatever fails, whatever the log level -----------------------------
+
+
+def test_log_level_info_under_cron_prints_only_the_error(command_env, closed_port):
+    """LOG_LEVEL=INFO (the README's production setting) does not add the sync's log lines
+    to what cron mails: those are for `-v 2`."""
+    env = {**command_env, "IBKR_PORT": str(closed_port), "LOG_LEVEL": "INFO"}
+
+    result = manage("sync_ibkr", "--quiet", env=env)
+
+    assert result.returncode == 3
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_log_level_info_quiet_success_prints_nothing(command_env, simulator):
+    env = {**command_env, "IBKR_PORT": str(simulator.port), "LOG_LEVEL": "INFO"}
+
+    result = manage("sync_ibkr", "--quiet", env=env)
+
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+def _wait_for(predicate, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def sync_losing_the_database(env, simulator, lose):
+    """`manage.py sync_ibkr` in its own process, its database lost while it reads."""
+    gate = threading.Event()
+    simulator.set_faults(hold_positions=gate)
+    process = subprocess.Popen(
+        [sys.executable, "manage.py", "sync_ibkr"],
+        cwd=PROJECT_DIR,
+        env={**env, "IBKR_PORT": str(simulator.port)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_for(lambda: simulator.active_client_ids != [])
+        lose()
+    finally:
+        gate.set()
+        out, err = process.communicate(timeout=60)
+    return process.returncode, out, err
+
+
+def test_database_file_damaged_mid_sync_is_exit_9_with_one_line(command_env, simulator, tmp_path):
+    source = Path(command_env["DATABASE_URL"].removeprefix("sqlite:///"))
+    copy = tmp_path / "db.sqlite3"
+    shutil.copy(source, copy)
+    env = {**command_env, "DATABASE_URL": f"sqlite:///{copy}"}
+
+    returncode, out, err = sync_losing_the_database(env, simulator, lambda: os.truncate(copy, 0))
+
+    assert (returncode, out) == (9, "")
+    assert err.strip().splitlines() == [
+        "CommandError: The database could not use its storage (the database file is "
+        "damaged), so nothing was changed: check the disk the database is on (free space, "
+        "write permission, a read-only mount or server, hardware errors), then sync again."
+    ]
+
+
+@pytest.fixture
+def postgresql_env(command_env):
+    """`command_env` on a throw-away PostgreSQL database, when the tests run on one."""
+    url = os.environ.get("DATABASE_URL", "")
+    if not url.startswith(("postgres://", "postgresql://")):
+        pytest.skip("needs DATABASE_URL=postgres://...")
+    import environ
+    import psycopg
+
+    config = environ.Env.db_url_config(url)
+    server = {
+        "host": config.get("HOST") or "127.0.0.1",
+        "port": int(config.get("PORT") or 5432),
+        "user": config.get("USER") or "postgres",
+        "password": config.get("PASSWORD") or None,
+    }
+    name = f"{config['NAME']}_command"
+
+    def admin(sql: str):
+        with psycopg.connect(dbname="postgres", autocommit=True, **server) as conn:
+            return conn.execute(sql, [name] if "%s" in sql else None)
+
+    admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin(f'CREATE DATABASE "{name}"')
+    env = {**command_env, "DATABASE_URL": url.rsplit("/", 1)[0] + f"/{name}"}
+    manage("migrate", "--noinput", "-v", "0", env=env, check=True)
+
+    def server_gone():
+        admin(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        admin("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s")
+
+    yield env, server_gone
+    admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_database_server_gone_mid_sync_is_exit_9_with_one_line(postgresql_env, simulator):
+    env, server_gone = postgresql_env
+
+    returncode, out, err = sync_losing_the_database(env, simulator, server_gone)
+
+    assert (returncode, out) == (9, "")
+    assert err.strip().splitlines() == [
+        "CommandError: The database did not answer, so nothing was changed: check "
+        "DATABASE_URL and that the database server is running and accepts connections, "
+        "then sync again."
+    ]
+
+
+# --- exit codes: one table, the help text and the README ----------------------------------------
+
+
+def readme_exit_codes() -> list[tuple[int, str]]:
+    readme = (PROJECT_DIR / "README.md").read_text(encoding="utf-8")
+    table = readme.split("Exit codes:\n\n| Exit | Meaning |\n|---|---|\n", 1)[1].split("\n\n")[0]
+    rows = [line.strip("|").split("|") for line in table.splitlines()]
+    return [(int(code), meaning.strip()) for code, meaning in rows]
+
+
+def test_the_readme_the_help_and_the_table_list_the_same_exit_codes():
+    import manage
+    from ibkr_sync.management.commands.sync_ibkr import EXIT_CODES, EXITS, Command
+
+    table = [(code, meaning) for code, _, meaning in EXITS]
+    help_text = " ".join(Command().create_parser("manage.py", "sync_ibkr").format_help().split())
+
+    assert readme_exit_codes() == table
+    for code, meaning in table:
+        assert f" {code} {meaning}" in help_text, code
+    assert sorted(set(EXIT_CODES.values())) == [c for c, e, _ in EXITS if e is not None]
+    assert manage.EXIT_CONFIG_ERROR in dict(table)
+    assert {0, 1, 2, 9, 78} <= dict(table).keys()

@@ -286,3 +286,39 @@ def test_a_failure_is_logged_with_the_gateway_error_code(use_gateway, caplog):
     assert "status=failed code=client_id_in_use ib_code=326 duration=" in message
     assert message.endswith(": client id 1 is in use")
     assert "account=all" in message
+
+
+def test_verbosity_2_shows_the_sync_log_on_the_commands_own_stderr(use_gateway):
+    logger = logging.getLogger("ibkr_sync")
+    before = (list(logger.handlers), logger.level)
+
+    out, err = sync_ibkr(verbosity=2)
+
+    lines = err.splitlines()
+    assert len(lines) == 2, err
+    assert "INFO ibkr_sync.services: IBKR sync started run=" in lines[0]
+    assert "INFO ibkr_sync.services: IBKR sync finished run=" in lines[1]
+    assert out.startswith("IBKR sync #")
+    assert (list(logger.handlers), logger.level) == before, "put back as it was"
+
+
+def test_verbosity_2_shows_the_failure_as_logged_then_the_error(use_gateway):
+    use_gateway.error = ClientIdInUse("client id 1 is in use", ib_code=326)
+    err = StringIO()
+
+    with pytest.raises(CommandError):
+        call_command("sync_ibkr", verbosity=2, stdout=StringIO(), stderr=err)
+
+    assert "IBKR sync failed run=" in err.getvalue()
+    assert "code=client_id_in_use" in err.getvalue()
+
+
+def test_below_verbosity_2_the_log_stays_off_the_commands_stderr(use_gateway, caplog):
+    caplog.set_level(logging.INFO, logger="ibkr_sync")
+
+    _, err = sync_ibkr()
+
+    assert err == ""
+    assert any("IBKR sync finished" in r.getMessage() for r in caplog.records), (
+        "log handlers other than the console still get the records"
+    )

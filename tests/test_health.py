@@ -1,6 +1,7 @@
 """`GET /healthz`: database, age and outcome of the last sync, optionally the gateway port."""
 
 import datetime as dt
+import logging
 import socket
 
 import pytest
@@ -155,3 +156,55 @@ def test_needs_no_login_and_ignores_bad_credentials(client):
 
 def test_only_get(client):
     assert client.post(URL).status_code == 405
+
+
+# --- logging: a monitor probes every few seconds ---------------------------------------------
+
+
+@pytest.fixture
+def health_log(caplog, monkeypatch):
+    monkeypatch.setattr("ibkr_sync.api.views._last_health", {})  # as a fresh process
+    caplog.set_level(logging.INFO)
+
+    def records():
+        found = [(r.name, r.levelname, r.getMessage()) for r in caplog.records]
+        caplog.clear()
+        return found
+
+    return records
+
+
+def test_unhealthy_is_one_warning_when_it_turns_then_info_and_never_an_error(client, health_log):
+    assert get(client)[0] == 503
+    assert health_log() == [
+        ("ibkr_sync.health", "WARNING", "Health check unhealthy: last_sync=never")
+    ]
+
+    for _ in range(3):
+        assert get(client)[0] == 503
+        assert health_log() == [
+            ("ibkr_sync.health", "INFO", "Health check unhealthy: last_sync=never")
+        ]
+
+    run()
+    assert get(client)[0] == 200
+    assert health_log() == [("ibkr_sync.health", "INFO", "Health check healthy again")]
+    assert get(client)[0] == 200
+    assert health_log() == []
+
+    run("failed", ago=dt.timedelta(seconds=1), error_code="gateway_timeout")
+    assert get(client)[0] == 503
+    assert health_log() == [
+        ("ibkr_sync.health", "WARNING", "Health check unhealthy: last_sync=failed")
+    ]
+
+
+def test_the_gateway_probe_has_its_own_state(client, settings, closed_port, health_log):
+    run()
+    settings.IBKR_HOST, settings.IBKR_PORT = "127.0.0.1", closed_port
+
+    for _ in range(2):
+        assert get(client)[0] == 200
+        assert get(client, "?gateway=1")[0] == 503
+
+    assert [level for _, level, _ in health_log()] == ["WARNING", "INFO"]

@@ -1,8 +1,10 @@
 """`GET /portfolio/accounts`, `/portfolio/positions` and `/portfolio/sync/runs[/<id>]`."""
 
+import base64
 import datetime as dt
+import logging
 from decimal import Decimal
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import pytest
 from django.contrib.auth.models import Permission
@@ -392,3 +394,124 @@ def test_session_authentication(reader, book):
 @pytest.mark.parametrize("method", ["post", "put", "patch", "delete"])
 def test_read_endpoints_are_read_only(client, url, method):
     assert_error(getattr(client, method)(url), 405, "method_not_allowed")
+
+
+# --- tampered cursors ----------------------------------------------------------------------
+
+
+def cursor(querystring: str | bytes) -> str:
+    """A cursor as DRF encodes one: base64 of a querystring such as `o=0&r=0&p=123`."""
+    raw = querystring if isinstance(querystring, bytes) else querystring.encode()
+    return base64.b64encode(raw).decode("ascii")
+
+
+TAMPERED_CURSORS = {
+    "p letters": cursor("o=0&r=0&p=abc"),
+    "p fraction": cursor("p=1.5"),
+    "p nan": cursor("p=nan"),
+    "p inf": cursor("p=inf"),
+    "p exponent": cursor("p=1e3"),
+    "p empty": cursor("o=0&r=0&p="),
+    "p nul": cursor("p=1%00"),
+    "p raw nul": cursor("p=1\x00"),
+    "p sql": cursor("p=" + quote("1; DROP TABLE portfolio_position; --")),
+    "p sql quote": cursor("p=" + quote("1' OR '1'='1")),
+    "p beyond bigint": cursor(f"p={2**63}"),
+    "p 40 digits": cursor("p=" + "9" * 40),
+    "p hex": cursor("p=0x10"),
+    "o letters": cursor("o=abc&r=0&p=1"),
+    "o negative": cursor("o=-1&p=1"),
+    "o fraction": cursor("o=1.5"),
+    "r letters": cursor("o=0&r=yes&p=1"),
+    "r empty": cursor("r=&p=1"),
+    "not base64": "!!!not-base64!!!",
+    "binary": cursor(b"\xff\xfe\x00p=1"),
+    "non-ascii": "p=\u00e9",
+}
+PAGED_URLS = ["/portfolio/positions", "/portfolio/accounts", "/portfolio/sync/runs"]
+
+
+@pytest.mark.parametrize("name", list(TAMPERED_CURSORS))
+@pytest.mark.parametrize("url", PAGED_URLS)
+def test_a_tampered_cursor_is_400_never_a_500(client, book, runs, caplog, url, name):
+    response = client.get(url, {"cursor": TAMPERED_CURSORS[name]})
+
+    body = assert_error(response, 400, "invalid_query")
+    assert "cursor" in body["detail"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+@pytest.mark.parametrize("url", PAGED_URLS)
+def test_a_well_formed_cursor_written_by_hand_still_works(client, book, runs, url):
+    first = client.get(url, {"page_size": 1}).json()["results"][0]["id"]
+
+    for position in (str(first), f" {first} ", "-5", "0"):
+        response = client.get(url, {"cursor": cursor(f"o=0&r=0&p={position}")})
+        assert response.status_code == 200, (position, response.content)
+
+
+# --- unknown paths under /portfolio/ ---------------------------------------------------------
+
+ENDPOINTS = (
+    "/portfolio/accounts, /portfolio/positions, /portfolio/sync/ibkr, /portfolio/sync/runs, "
+    "/portfolio/sync/runs/<id>"
+)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "meant"),
+    [
+        ("post", "/portfolio/sync/ibkr/", "/portfolio/sync/ibkr"),
+        ("get", "/portfolio/positions/", "/portfolio/positions"),
+        ("get", "/portfolio/accounts//", "/portfolio/accounts"),
+        ("get", "/portfolio/sync/runs/7/", "/portfolio/sync/runs/7"),
+        ("delete", "/portfolio/sync/runs/", "/portfolio/sync/runs"),
+        ("get", "/healthz/", "/healthz"),
+    ],
+)
+def test_a_trailing_slash_is_a_json_404_naming_the_path_without_it(
+    api_client, use_gateway, method, path, meant
+):
+    response = getattr(api_client, method)(path)
+
+    body = assert_error(response, 404, "not_found")
+    assert response["Content-Type"] == "application/json"
+    assert f"Did you mean {meant}? The API's paths have no trailing slash." in body["detail"]
+    assert ENDPOINTS in body["detail"]
+    assert use_gateway.calls == []
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "meant"),
+    [
+        ("get", "/portfolio/position", "/portfolio/positions"),
+        ("post", "/portfolio/sync/ibrk", "/portfolio/sync/ibkr"),
+        ("get", "/portfolio/sync/runs/abc", "/portfolio/sync/runs/<id>"),
+        ("get", "/portfolio/", None),
+        ("post", "/portfolio", None),
+        ("put", "/portfolio/nothing/here", None),
+        ("options", "/portfolio/x", None),
+    ],
+)
+def test_any_other_unknown_path_under_portfolio_is_a_json_404_listing_the_endpoints(
+    client, method, path, meant
+):
+    response = getattr(client, method)(path)
+
+    body = assert_error(response, 404, "not_found")
+    assert f"No API endpoint at {method.upper()} {path}." in body["detail"]
+    assert ENDPOINTS in body["detail"]
+    if meant:
+        assert f"Did you mean {meant}?" in body["detail"]
+    else:
+        assert "Did you mean" not in body["detail"]
+
+
+def test_a_known_path_with_an_unknown_row_is_still_the_views_own_404(client):
+    body = assert_error(client.get("/portfolio/sync/runs/999999"), 404, "not_found")
+    assert "No API endpoint" not in body["detail"]
+
+
+def test_paths_outside_the_api_keep_djangos_pages(admin_client):
+    assert admin_client.get("/admin/nothing/").status_code == 404
+    assert admin_client.get("/admin").status_code == 301  # APPEND_SLASH, as before

@@ -7,7 +7,11 @@ from django.urls import URLPattern, URLResolver, get_resolver
 from drf_spectacular.validation import validate_schema
 from rest_framework.test import APIClient
 
-SYNC_STATUSES = {"200", "400", "401", "403", "404", "405", "409", "500", "502", "503", "504"}
+from portfolio.api.views import NotFoundView
+
+SYNC_STATUSES = {
+    "200", "400", "401", "403", "404", "405", "409", "429", "500", "502", "503", "504",
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +32,8 @@ def api_routes() -> set[str]:
             if isinstance(entry, URLResolver):
                 walk(entry.url_patterns, route)
             elif isinstance(entry, URLPattern) and hasattr(entry.callback, "cls"):
-                if route.startswith("api/"):
-                    continue  # the schema and the documentation pages themselves
+                if route.startswith("api/") or entry.callback.cls is NotFoundView:
+                    continue  # the schema, its documentation pages, the JSON 404
                 found.add("/" + re.sub(r"<(?:\w+:)?pk>", "{id}", route))
 
     walk(get_resolver().url_patterns, "")
@@ -69,8 +73,9 @@ def test_the_sync_endpoint_documents_every_answer_in_the_error_shape(schema):
     for code in ("invalid_account_id", "unknown_account", "sync_already_running",
                  "client_id_in_use", "incomplete_snapshot", "gateway_error",
                  "gateway_unavailable", "gateway_timeout", "database_unavailable",
-                 "internal_error"):  # fmt: skip
+                 "internal_error", "invalid_query", "throttled"):  # fmt: skip
         assert any(code in r["description"] for r in responses.values()), code
+    assert "Retry-After" in responses["429"]["headers"]
     error = schema["components"]["schemas"]["Error"]
     assert set(error["required"]) == {"status", "code", "detail"}
 
@@ -117,3 +122,29 @@ def test_documentation_pages_use_local_assets_only(client, url, assets):
         assert f"/static/drf_spectacular_sidecar/{asset}" in page
     external = re.findall(r"""(?:src|href)=["'](https?:)?//""", page)
     assert external == [], "the documentation page loads something from another site"
+
+
+def test_a_sync_result_says_success_as_a_documented_enum(schema):
+    result = schema["components"]["schemas"]["SyncResult"]
+    status = result["properties"]["status"]
+    ref = status["allOf"][0]["$ref"] if "allOf" in status else status["$ref"]
+
+    assert schema["components"]["schemas"][ref.rsplit("/", 1)[1]]["enum"] == ["success"]
+    assert "status" in result["required"]
+
+
+def test_every_choice_field_of_the_api_is_an_enum_in_the_schema(schema):
+    """No hand-written `status` / `kind` method field: each is an enum of its values."""
+    for name, component in schema["components"]["schemas"].items():
+        for field, spec in component.get("properties", {}).items():
+            if field in {"status", "kind", "trigger"}:
+                assert "allOf" in spec or "$ref" in spec or "enum" in spec, (name, field)
+
+
+def test_the_dry_run_change_kinds_are_the_models():
+    from ibkr_sync.api.serializers import PositionChangeSerializer
+    from ibkr_sync.models import PositionChange
+
+    kind = PositionChangeSerializer().fields["kind"]
+
+    assert list(kind.choices) == list(PositionChange.Kind.values)

@@ -96,6 +96,16 @@ def copy_env(copy: Path, **values: str) -> dict[str, str]:
         ("IBKR_HOST", "  ", "IBKR_HOST must not be empty."),
         ("IBKR_SYNC_MAX_AGE", "-1", "IBKR_SYNC_MAX_AGE must be >= 0, got -1."),
         ("IBKR_SYNC_MAX_AGE", "a day", "IBKR_SYNC_MAX_AGE must be an integer, got 'a day'."),
+        (
+            "IBKR_SYNC_THROTTLE_RATE",
+            "fast",
+            "IBKR_SYNC_THROTTLE_RATE must be a rate such as "
+            "6/minute (a number of requests per second, minute, hour or day), or none for no "
+            "limit; got 'fast'.",
+        ),
+        ("IBKR_SYNC_THROTTLE_RATE", "0/minute", "IBKR_SYNC_THROTTLE_RATE must be a rate"),
+        ("IBKR_SYNC_THROTTLE_RATE", "6/fortnight", "IBKR_SYNC_THROTTLE_RATE must be a rate"),
+        ("IBKR_SYNC_THROTTLE_RATE", "6", "IBKR_SYNC_THROTTLE_RATE must be a rate"),
         ("DEBUG", "maybe", "DEBUG must be true or false, got 'maybe'."),
         ("SECURE_SSL_REDIRECT", "2", "SECURE_SSL_REDIRECT must be true or false, got '2'."),
         ("SECURE_HSTS_SECONDS", "1y", "SECURE_HSTS_SECONDS must be an integer, got '1y'."),
@@ -224,8 +234,19 @@ def test_defaults_when_nothing_is_set(project_copy):
         "IBKR_SYNC_LOCK_TIMEOUT": 30.0,
         "IBKR_SYNC_STALE_AFTER": 900.0,
         "IBKR_SYNC_MAX_AGE": 86400,
+        "IBKR_SYNC_THROTTLE_RATE": "6/minute",
         "IBKR_LIBRARY_LOG_LEVEL": "",
     }
+
+
+@pytest.mark.parametrize(
+    ("value", "parsed"),
+    [("10/Hour", "10/hour"), (" 3 / s ", "3/s"), ("none", None), ("OFF", None), ("", None)],
+)
+def test_the_sync_throttle_rate_is_parsed_and_can_be_turned_off(value, parsed):
+    values = ibkr_settings(clean_env(IBKR_SYNC_THROTTLE_RATE=value))
+
+    assert values["IBKR_SYNC_THROTTLE_RATE"] == parsed
 
 
 def test_environment_values_are_parsed():
@@ -340,3 +361,35 @@ def test_gateway_config_defaults_apply_when_a_setting_is_absent(settings):
     config = GatewayConfig.from_settings()
 
     assert (config.client_id, config.port) == (1, 7497)
+
+
+LOG_REQUESTS = (
+    "import django; django.setup(); from django.test import Client; c = Client(); "
+    "[c.get('/portfolio/positions') for _ in range(2)]; c.post('/portfolio/sync/ibkr/'); "
+    "c.put('/portfolio/accounts'); [c.get('/healthz') for _ in range(3)]"
+)
+
+
+@pytest.mark.parametrize("debug", ["true", "false"])
+def test_each_failed_request_is_one_line_on_the_console_and_health_is_no_error(tmp_path, debug):
+    env = clean_env(
+        DEBUG=debug,
+        SECRET_KEY="k" * 50,
+        ALLOWED_HOSTS="testserver",
+        SECURE_SSL_REDIRECT="false",
+        DATABASE_URL=f"sqlite:///{tmp_path / 'empty.sqlite3'}",  # not migrated: unhealthy
+        STATIC_ROOT=str(tmp_path),
+    )
+
+    result = run_python(LOG_REQUESTS, env)
+
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.strip().splitlines()
+    messages = [line.split(" ", 2)[2] for line in lines]  # without the time stamp
+    assert messages == [
+        "WARNING django.request: Unauthorized: /portfolio/positions",
+        "WARNING django.request: Unauthorized: /portfolio/positions",
+        "WARNING django.request: Not Found: /portfolio/sync/ibkr/",
+        "WARNING django.request: Unauthorized: /portfolio/accounts",
+        "WARNING ibkr_sync.health: Health check unhealthy: database=error, last_sync=unknown",
+    ], result.stderr

@@ -8,10 +8,17 @@ from portfolio.api.serializers import ExactDecimalField
 
 from ..exceptions import InvalidAccountId
 from ..mapping import normalize_account_id
-from ..models import SyncRun
+from ..models import PositionChange, SyncRun
 
 
 class SyncRequestSerializer(serializers.Serializer):
+    """The sync endpoint's query: at most one `ibkr_account_id`, never blank."""
+
+    REPEATED = (
+        "ibkr_account_id was given more than once; give one account id, or none to sync "
+        "every account."
+    )
+
     ibkr_account_id = serializers.CharField(
         required=False,
         allow_blank=False,
@@ -33,6 +40,15 @@ class SyncRequestSerializer(serializers.Serializer):
             v for v in field.validators if not isinstance(v, ProhibitNullCharactersValidator)
         ]
 
+    def to_internal_value(self, data):
+        if hasattr(data, "getlist"):  # a QueryDict: the query string as it came
+            if len(data.getlist("ibkr_account_id")) > 1:
+                raise serializers.ValidationError({"ibkr_account_id": [self.REPEATED]})
+            # A plain dict: DRF treats a blank form/query value of an optional field as
+            # omitted, which would turn `?ibkr_account_id=` into "sync every account".
+            data = data.dict()
+        return super().to_internal_value(data)
+
     def validate_ibkr_account_id(self, value: str) -> str:
         try:
             return normalize_account_id(value)
@@ -49,7 +65,7 @@ class SyncErrorSerializer(serializers.Serializer):
 
 
 class PositionChangeSerializer(serializers.Serializer):
-    kind = serializers.ChoiceField(choices=["created", "updated", "reopened", "closed"])
+    kind = serializers.ChoiceField(choices=PositionChange.Kind.choices)
     account = serializers.CharField()
     con_id = serializers.IntegerField()
     symbol = serializers.CharField()
@@ -59,10 +75,23 @@ class PositionChangeSerializer(serializers.Serializer):
     average_cost_after = ExactDecimalField(max_digits=30, decimal_places=10, allow_null=True)
 
 
+class ConstantField(serializers.ChoiceField):
+    """A read-only field that always says `value`: documented as a one-value enum."""
+
+    def __init__(self, value: str, **kwargs) -> None:
+        self.value = value
+        super().__init__(choices=[value], read_only=True, **kwargs)
+
+    def get_attribute(self, instance) -> str:
+        return self.value
+
+
 class SyncResultSerializer(serializers.Serializer):
     """A sync's result: the API's answer and `sync_ibkr --json`'s output, one shape."""
 
-    status = serializers.SerializerMethodField()
+    status = ConstantField(
+        "success", help_text="Always success: a failure answers the error shape instead."
+    )
     sync_run_id = serializers.IntegerField(
         allow_null=True, help_text="The SyncRun recording it; null for a dry run."
     )
@@ -82,9 +111,6 @@ class SyncResultSerializer(serializers.Serializer):
     )
     started_at = serializers.DateTimeField()
     finished_at = serializers.DateTimeField()
-
-    def get_status(self, _result) -> str:
-        return "success"
 
     def to_representation(self, result) -> dict[str, Any]:
         data = super().to_representation(result)

@@ -4,28 +4,35 @@ Thin edges over `services.sync_positions` and the `SyncRun` table; the error sha
 pagination are the portfolio API's, so every endpoint answers alike.
 """
 
+import logging
+import threading
+
 from django.db import transaction
 from django.db.models import QuerySet
 from django.utils.decorators import method_decorator
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework import exceptions as api_exceptions
 from rest_framework import status
 from rest_framework.generics import RetrieveAPIView
 from rest_framework.permissions import AllowAny, BasePermission, IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.throttling import UserRateThrottle
 from rest_framework.views import APIView
 
 from portfolio.api.errors import (
     ErrorEnvelopeMixin,
     ErrorSerializer,
+    InvalidQuery,
     error_response,
+    refuse_request_body,
     validated_query,
 )
 from portfolio.api.pagination import NewestFirstCursorPagination
 from portfolio.api.permissions import CanViewModel
 from portfolio.api.views import PAGE_PARAMS, ReadOnlyListView, error_responses
 
-from .. import exceptions
+from .. import conf, exceptions
 from ..health import check_health
 from ..models import SyncRun
 from ..services import sync_positions
@@ -54,11 +61,34 @@ def status_for(error: exceptions.IbkrSyncError) -> int:
     return exceptions.lookup(ERROR_STATUS, error, status.HTTP_500_INTERNAL_SERVER_ERROR)
 
 
+class InvalidAccountIdQuery(InvalidQuery):
+    """`ibkr_account_id` given, but not as one IBKR account id: the service's own code."""
+
+    default_code = exceptions.InvalidAccountId.code
+
+
 class CanRunSync(BasePermission):
     message = "You do not have permission to run an IBKR sync (ibkr_sync.run_sync)."
 
     def has_permission(self, request: Request, view: APIView) -> bool:
         return request.user.has_perm("ibkr_sync.run_sync")
+
+
+class SyncRateThrottle(UserRateThrottle):
+    """At most IBKR_SYNC_THROTTLE_RATE syncs per user (e.g. 6/minute; none: no limit).
+
+    Counted in the default cache: per server process with Django's default in-memory
+    cache, across processes with a shared one (CACHES). Checked after authentication and
+    permission, so only callers who may sync are counted.
+    """
+
+    scope = "ibkr_sync"
+
+    def get_rate(self) -> str | None:
+        rate = conf.get("IBKR_SYNC_THROTTLE_RATE")
+        if rate is None or str(rate).strip().lower() in ("", "none", "off"):
+            return None
+        return str(rate).strip()
 
 
 def _sync_error(description: str) -> OpenApiResponse:
@@ -68,12 +98,19 @@ def _sync_error(description: str) -> OpenApiResponse:
 # The schema of every answer of the sync endpoint; the codes are those of exceptions.py.
 SYNC_RESPONSES = {
     200: OpenApiResponse(SyncResultSerializer, description="The sync ran; counts and errors."),
-    400: _sync_error("ibkr_account_id is not an IBKR account id (invalid_account_id)."),
+    400: _sync_error(
+        "ibkr_account_id is not one IBKR account id (invalid_account_id), or the request has "
+        "an unknown query parameter or a body (invalid_query); nothing was started."
+    ),
     401: _sync_error("No or invalid credentials (not_authenticated, authentication_failed)."),
     403: _sync_error("Lacks ibkr_sync.run_sync (permission_denied), or no CSRF token."),
     404: _sync_error("The gateway does not manage that account (unknown_account)."),
     405: _sync_error("Anything but POST (method_not_allowed)."),
     409: _sync_error("Another sync is running (sync_already_running)."),
+    429: _sync_error(
+        "Too many syncs by this user: more than IBKR_SYNC_THROTTLE_RATE (throttled). The "
+        "Retry-After header says in how many seconds to try again."
+    ),
     502: _sync_error(
         "The gateway refused the client id (client_id_in_use), sent something unreadable "
         "(incomplete_snapshot) or rejected the request (gateway_error)."
@@ -92,6 +129,14 @@ class IbkrSyncView(ErrorEnvelopeMixin, APIView):
     """Sync positions from the IB gateway; `?ibkr_account_id=U1234567` limits it to one."""
 
     permission_classes = [IsAuthenticated, CanRunSync]
+    throttle_classes = [SyncRateThrottle]
+
+    def throttled(self, request: Request, wait: float | None) -> None:
+        raise api_exceptions.Throttled(
+            wait,
+            detail=f"Too many syncs: at most {SyncRateThrottle().rate} per user "
+            "(IBKR_SYNC_THROTTLE_RATE).",
+        )
 
     @extend_schema(
         tags=["sync"],
@@ -103,28 +148,26 @@ class IbkrSyncView(ErrorEnvelopeMixin, APIView):
                 "ibkr_account_id",
                 str,
                 description="Sync (read and reconcile) only this account, e.g. U1234567.",
-            )
+            ),
+            OpenApiParameter(
+                "Retry-After",
+                int,
+                location=OpenApiParameter.HEADER,
+                response=[429],
+                description="Seconds until this user's next sync is accepted.",
+            ),
         ],
         request=None,
         responses=SYNC_RESPONSES,
     )
     def post(self, request: Request) -> Response:
-        # A plain dict, not the QueryDict: DRF treats a blank form/query value of an
-        # optional field as omitted, which would turn `?ibkr_account_id=` into "sync all".
-        if len(request.query_params.getlist("ibkr_account_id")) > 1:
-            return error_response(
-                400,
-                exceptions.InvalidAccountId.code,
-                "ibkr_account_id was given more than once; give one account id, or none "
-                "to sync every account.",
-            )
-        params = SyncRequestSerializer(data=request.query_params.dict())
-        if not params.is_valid():
-            detail = " ".join(str(m) for messages in params.errors.values() for m in messages)
-            return error_response(400, exceptions.InvalidAccountId.code, detail)
+        # As strict as the read API: a misspelt or misplaced parameter would otherwise
+        # be ignored and sync every account. Nothing starts until the request is right.
+        refuse_request_body(request, hint="e.g. POST /portfolio/sync/ibkr?ibkr_account_id=U1234567")
+        params = validated_query(request, SyncRequestSerializer, invalid=InvalidAccountIdQuery)
         try:
             result = sync_positions(
-                params.validated_data.get("ibkr_account_id"),
+                params.get("ibkr_account_id"),
                 trigger=SyncRun.Trigger.API,
                 user=request.user,
             )
@@ -175,6 +218,29 @@ class SyncRunDetailView(ErrorEnvelopeMixin, RetrieveAPIView):
 
 # --- health ---------------------------------------------------------------------------------
 
+health_logger = logging.getLogger("ibkr_sync.health")
+# This process's last answer per kind of probe (with or without ?gateway=1): a monitor
+# asks every few seconds, and the log says when the answer changes, not every time.
+_last_health: dict[bool, bool] = {}
+_last_health_lock = threading.Lock()
+
+
+def _log_health(gateway: bool, healthy: bool, report: dict) -> None:
+    with _last_health_lock:
+        previous = _last_health.get(gateway)
+        _last_health[gateway] = healthy
+    if healthy:
+        if previous is False:
+            health_logger.info("Health check healthy again")
+        return
+    failing = ", ".join(
+        f"{name}={check['status']}"
+        for name, check in report["checks"].items()
+        if check["status"] != "ok"
+    )
+    level = logging.INFO if previous is False else logging.WARNING  # once when it turns
+    health_logger.log(level, "Health check unhealthy: %s", failing)
+
 
 class HealthView(APIView):
     """`GET /healthz` for load balancers and monitoring: no login, nothing sensitive."""
@@ -204,4 +270,8 @@ class HealthView(APIView):
             status=status.HTTP_200_OK if healthy else status.HTTP_503_SERVICE_UNAVAILABLE,
         )
         response["Cache-Control"] = "no-store"
+        # A 503 here is an answer, not a failure of the server: logged by _log_health (a
+        # warning when it turns unhealthy), not as an ERROR on every probe by Django.
+        _log_health(wanted, healthy, report)
+        response._has_been_logged = True
         return response

@@ -1,14 +1,18 @@
 """One error shape for every API answer that is not a success."""
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
-from django.http import Http404
+from django.core.exceptions import SuspiciousOperation
+from django.http import Http404, QueryDict
 from rest_framework import exceptions, serializers, status
 from rest_framework.exceptions import APIException
 from rest_framework.request import Request
 from rest_framework.response import Response
+
+from ..database import DATABASE_UNAVAILABLE, is_unavailable, unavailable_message
 
 logger = logging.getLogger("django.request")
 
@@ -35,7 +39,8 @@ def flatten(detail: Any) -> str:
         parts = []
         for name, messages in detail.items():
             text = flatten(messages)
-            parts.append(text if name == "non_field_errors" else f"{name}: {text}")
+            named = name == "non_field_errors" or text.startswith(f"{name} ")
+            parts.append(text if named else f"{name}: {text}")
         return " ".join(parts)
     if isinstance(detail, list | tuple):
         return " ".join(flatten(item) for item in detail)
@@ -44,9 +49,13 @@ def flatten(detail: Any) -> str:
 
 class ErrorEnvelopeMixin:
     """Answer every error in one shape: authentication, permission, method, not found,
-    input, and (as a 500 that gives nothing away) the server's own unexpected errors."""
+    input, a database that is unavailable (503, wherever in the request it fails: the
+    token or session lookup, the permission check, the query), and (as a 500 that gives
+    nothing away) the server's own unexpected errors."""
 
     def handle_exception(self, exc: Exception) -> Response:
+        if is_unavailable(exc):
+            return self._database_unavailable(exc)
         # Django's own exceptions, as DRF's exception handler converts them.
         if isinstance(exc, Http404):
             exc = exceptions.NotFound(*exc.args)
@@ -76,23 +85,83 @@ class ErrorEnvelopeMixin:
             response.data = error_body(code, flatten(exc.detail))
         return response
 
+    def _database_unavailable(self, exc: Exception) -> Response:
+        # Not a bug: one line for the operator with the driver's reason, no traceback.
+        logger.error(
+            "Service Unavailable: %s: database unavailable: %s: %s",
+            self.request.path,
+            type(exc).__name__,
+            str(exc).strip().replace("\n", " "),
+            extra={"status_code": 503, "request": self.request},
+        )
+        response = error_response(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            DATABASE_UNAVAILABLE,
+            unavailable_message(exc, outcome="the request was not carried out"),
+        )
+        response._has_been_logged = True
+        return response
 
-def validated_query(request: Request, serializer_class: type, *, allowed: tuple[str, ...] = ()):
+
+def _names(names) -> str:
+    return ", ".join(name if name.isidentifier() else repr(name) for name in sorted(names))
+
+
+def validated_query(
+    request: Request,
+    serializer_class: type,
+    *,
+    allowed: tuple[str, ...] = (),
+    invalid: type[APIException] = InvalidQuery,
+):
     """The query parameters, checked by `serializer_class`; unknown names are an error.
 
     A misspelt filter (`?sectype=STK`) would otherwise be ignored and silently return
-    everything, which is worse than an error.
+    everything, which is worse than an error. An unknown name is `InvalidQuery`; a value
+    the serializer refuses raises `invalid` (InvalidQuery unless the endpoint has a code
+    of its own for it).
     """
     known = {*serializer_class().fields, *allowed}
-    unknown = sorted(set(request.query_params) - known)
+    unknown = set(request.query_params) - known
     if unknown:
         raise InvalidQuery(
-            f"Unknown query parameter(s): {', '.join(unknown)}. Known: {', '.join(sorted(known))}."
+            f"Unknown query parameter(s): {_names(unknown)}. Known: {_names(known)}."
         )
     params = serializer_class(data=request.query_params)
     if not params.is_valid():
-        raise InvalidQuery(flatten(params.errors))
+        raise invalid(flatten(params.errors))
     return params.validated_data
+
+
+def refuse_request_body(request: Request, *, hint: str = "") -> None:
+    """For an endpoint whose parameters are all in the query string: any request body is
+    an error, naming the fields it holds (a form's, a JSON object's keys), since whatever
+    was put there would otherwise be silently ignored. An empty form (no field, no file:
+    what an HTML form without inputs and Django's test client send) is no body."""
+    if not _has_body(request):
+        return
+    try:
+        data = request.data
+    except (APIException, SuspiciousOperation):  # unparseable, unsupported, too big
+        data = None
+    if isinstance(data, QueryDict) and not data:  # DRF's form data holds its files too
+        return
+    names = list(data)[:10] if isinstance(data, Mapping) else []
+    got = f"a request body with {_names(str(n)[:40] for n in names)}" if names else "a request body"
+    raise InvalidQuery(
+        f"This endpoint takes no request body, got {got}: its parameters go in the query "
+        f"string.{' ' + hint if hint else ''}"
+    )
+
+
+def _has_body(request: Request) -> bool:
+    meta = request.META
+    if "chunked" in meta.get("HTTP_TRANSFER_ENCODING", "").lower():
+        return True
+    try:
+        return int(meta.get("CONTENT_LENGTH") or 0) > 0
+    except ValueError:
+        return True  # something was sent, with a length that is not one
 
 
 class ErrorSerializer(serializers.Serializer):

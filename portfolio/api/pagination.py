@@ -7,6 +7,7 @@ id N": each page is one index range scan on the primary key, and rows never move
 The price: no total count and no jumping to page 50; clients follow `next`.
 """
 
+from django.core.exceptions import ValidationError
 from rest_framework.exceptions import NotFound
 from rest_framework.pagination import CursorPagination
 
@@ -36,13 +37,35 @@ class StableCursorPagination(CursorPagination):
             )
         return size
 
+    def paginate_queryset(self, queryset, request, view=None):
+        self._model = queryset.model
+        return super().paginate_queryset(queryset, request, view)
+
     def decode_cursor(self, request):
+        """The cursor, checked through and through: its offset and direction (DRF checks
+        those), and its position, which must be a value of the ordering field (an id).
+
+        DRF passes the position to the query as it is, so an edited cursor (`p=abc`,
+        `p=1.5`, a NUL, SQL text, a number out of the column's range) would fail there as
+        an unexpected error; here it is the caller's 400 like any other bad parameter.
+        """
         try:
-            return super().decode_cursor(request)
-        except NotFound:
+            cursor = super().decode_cursor(request)
+            if cursor is not None and cursor.position is not None:
+                cursor = cursor._replace(position=self._position(cursor.position))
+        except (NotFound, ValidationError, ValueError, TypeError, OverflowError):
             raise InvalidQuery(
                 "cursor is not valid: use the `next` or `previous` link of a page as it is."
             ) from None
+        return cursor
+
+    def _position(self, raw: str) -> str:
+        field = self._model._meta.get_field(self.ordering[0].lstrip("-"))
+        value = field.to_python(raw)
+        if value is None:
+            raise ValidationError("no position")
+        field.run_validators(value)  # e.g. the column's integer range
+        return str(value)  # as DRF writes positions, so it compares them alike
 
 
 class NewestFirstCursorPagination(StableCursorPagination):

@@ -1,10 +1,17 @@
-"""`GET /portfolio/accounts` and `GET /portfolio/positions`: read-only, filtered, paginated."""
+"""`GET /portfolio/accounts` and `GET /portfolio/positions`: read-only, filtered, paginated;
+and the JSON 404 for every other path under `/portfolio/`."""
+
+import difflib
+import re
 
 from django.db.models import Count, Q, QuerySet
+from django.urls import Resolver404, URLPattern, URLResolver, get_resolver, resolve
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import serializers
+from rest_framework.exceptions import NotFound
 from rest_framework.generics import ListAPIView
-from rest_framework.permissions import IsAuthenticated
+from rest_framework.permissions import AllowAny, IsAuthenticated
+from rest_framework.views import APIView
 
 from ..models import Account, Position
 from .errors import ErrorEnvelopeMixin, ErrorSerializer, validated_query
@@ -84,3 +91,73 @@ class PositionListView(ReadOnlyListView):
                 Q(instrument__symbol__icontains=text) | Q(instrument__local_symbol__icontains=text)
             )
         return queryset
+
+
+# --- unknown paths ----------------------------------------------------------------------------
+
+
+@extend_schema(exclude=True)
+class NotFoundView(ErrorEnvelopeMixin, APIView):
+    """Any other path under `/portfolio/`, whatever the method: a 404 in the error shape
+    naming the path that was probably meant (`/portfolio/sync/ibkr/` -> the same without
+    the trailing slash), instead of Django's HTML page, which an API client cannot read.
+    It needs no login: it reveals nothing the schema does not."""
+
+    authentication_classes = []
+    permission_classes = [AllowAny]
+
+    def http_method_not_allowed(self, request, *args, **kwargs):
+        raise NotFound(not_found_detail(request.method, request.path))
+
+    options = http_method_not_allowed
+
+
+def not_found_detail(method: str, path: str) -> str:
+    endpoints = api_paths()
+    return (
+        f"No API endpoint at {method} {path}.{_hint(path, endpoints)} The endpoints: "
+        f"{', '.join(endpoints)} (documented at /api/docs/)."
+    )
+
+
+def _hint(path: str, endpoints: list[str]) -> str:
+    stripped = path.rstrip("/")
+    if stripped != path and _is_endpoint(stripped):
+        return f" Did you mean {stripped}? The API's paths have no trailing slash."
+    for endpoint in endpoints:  # the right shape, the wrong kind of id
+        if "<id>" in endpoint and re.fullmatch(
+            re.escape(endpoint).replace(re.escape("<id>"), "[^/]+"), path
+        ):
+            return f" Did you mean {endpoint}? <id> is a whole number."
+    prefix = "/portfolio/"
+    tails = {endpoint.removeprefix(prefix): endpoint for endpoint in endpoints}
+    close = difflib.get_close_matches(path.removeprefix(prefix), tails, n=1, cutoff=0.75)
+    return f" Did you mean {tails[close[0]]}?" if close else ""
+
+
+def _is_endpoint(path: str) -> bool:
+    try:
+        match = resolve(path)
+    except Resolver404:
+        return False
+    return getattr(match.func, "cls", None) is not NotFoundView
+
+
+def api_paths() -> list[str]:
+    """The API's paths under /portfolio/ as a client writes them (`.../runs/<id>`)."""
+    found = []
+
+    def walk(patterns, prefix: str) -> None:
+        for entry in patterns:
+            route = prefix + str(entry.pattern)
+            if isinstance(entry, URLResolver):
+                walk(entry.url_patterns, route)
+            elif (
+                isinstance(entry, URLPattern)
+                and route.startswith("portfolio/")
+                and getattr(entry.callback, "cls", None) is not NotFoundView
+            ):
+                found.append("/" + re.sub(r"<(?:\w+:)?pk>", "<id>", route))
+
+    walk(get_resolver().url_patterns, "")
+    return sorted(found)

@@ -87,6 +87,8 @@ class Deployment:
             IBKR_CLIENT_ID="31",
             IBKR_CONNECT_TIMEOUT="2",
             IBKR_REQUEST_TIMEOUT="60",  # a test may hold a sync mid-read
+            # The concurrency tests send 20 syncs at once with one token: no rate limit.
+            IBKR_SYNC_THROTTLE_RATE="none",
             PYTHONDONTWRITEBYTECODE="1",
         )
         self.server: subprocess.Popen | None = None

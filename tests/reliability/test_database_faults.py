@@ -187,3 +187,150 @@ def test_database_lost_at_the_write_step_then_the_next_sync_succeeds(lasting):
     assert failed.error_code == ("abandoned" if lasting else "database_unavailable")
     assert not SyncRun.objects.filter(status=SyncRun.Status.RUNNING).exists()
     assert Position.objects.filter(closed_at__isnull=True).count() == 2
+
+
+# --- the API while the database is unavailable -----------------------------------------------
+
+
+@contextlib.contextmanager
+def database_down(tmp_path):
+    """From here on, the default database cannot be reached at all: PostgreSQL refuses the
+    connection (nothing listens on its port), SQLite cannot open its file (its directory
+    does not exist). Django's open connection is set aside (an in-memory SQLite database
+    lives only as long as it) and given back afterwards."""
+    params = connection.settings_dict
+    key = "PORT" if connection.vendor == "postgresql" else "NAME"
+    saved, live = params[key], connection.connection
+    params[key] = free_port() if key == "PORT" else str(tmp_path / "gone" / "db.sqlite3")
+    connection.connection = None
+    try:
+        yield
+    finally:
+        connection.close()
+        params[key] = saved
+        connection.connection = live
+        connection.errors_occurred = False
+
+
+@pytest.fixture
+def reader(django_user_model):
+    user = django_user_model.objects.create_superuser("boss", password="pw-boss-123")
+    run = SyncRun.objects.create(trigger="command", status="success")
+    return user, run
+
+
+def client_for(user, auth: str):
+    from rest_framework.authtoken.models import Token
+    from rest_framework.test import APIClient
+
+    client = APIClient()
+    if auth == "token":
+        client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
+    else:
+        assert client.login(username=user.username, password="pw-boss-123")
+    return client
+
+
+API_REQUESTS = [
+    ("get", "/portfolio/positions"),
+    ("get", "/portfolio/accounts"),
+    ("get", "/portfolio/sync/runs"),
+    ("get", "/portfolio/sync/runs/{run}"),
+    ("post", "/portfolio/sync/ibkr"),
+]
+
+
+@pytest.mark.parametrize("auth", ["token", "session"])
+@pytest.mark.parametrize(("method", "url"), API_REQUESTS)
+def test_every_endpoint_answers_503_while_the_database_is_down(
+    reader, use_gateway, tmp_path, caplog, method, url, auth
+):
+    user, run = reader
+    client = client_for(user, auth)
+    url = url.format(run=run.pk)
+
+    with database_down(tmp_path):
+        response = getattr(client, method)(url)
+
+    assert response.status_code == 503, response.content
+    body = response.json()
+    assert (body["status"], body["code"]) == ("error", "database_unavailable")
+    assert "DATABASE_URL" in body["detail"]
+    assert use_gateway.calls == [], "nothing was synced"
+    logged = [r for r in caplog.records if r.name == "django.request"]
+    assert len(logged) == 1, [r.getMessage() for r in logged]
+    assert logged[0].levelname == "ERROR"
+    assert logged[0].exc_info is None, "a database outage is not a bug: no traceback"
+    assert url in logged[0].getMessage()
+    # The database back, the same request is answered.
+    assert getattr(client, method)(url).status_code == 200
+
+
+def test_a_lost_connection_mid_request_is_503_too(reader, monkeypatch):
+    """InterfaceError (the driver's connection object is already closed) is the other
+    error of a database that does not answer."""
+    from django.db import InterfaceError
+
+    user, _ = reader
+    client = client_for(user, "token")
+
+    def closed(execute, sql, params, many, context):
+        if "portfolio_position" in sql:
+            raise InterfaceError("connection already closed")
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(closed):
+        response = client.get("/portfolio/positions")
+
+    assert response.status_code == 503
+    assert response.json()["code"] == "database_unavailable"
+
+
+@contextlib.contextmanager
+def read_only_database():
+    """The database takes reads and refuses every write (SQLite's query_only; PostgreSQL's
+    read-only transactions, as on a standby server)."""
+    on, off = (
+        ("PRAGMA query_only = ON", "PRAGMA query_only = OFF")
+        if connection.vendor == "sqlite"
+        else ("SET default_transaction_read_only = on", "SET default_transaction_read_only = off")
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(on)
+    try:
+        yield
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute(off)
+
+
+def test_a_read_only_database_is_503_saying_so_not_check_the_server(reader, use_gateway):
+    from rest_framework.test import APIClient
+
+    client = APIClient()
+    client.force_authenticate(reader[0])
+
+    with read_only_database():
+        response = client.post("/portfolio/sync/ibkr")
+
+    assert response.status_code == 503, response.content
+    body = response.json()
+    assert body["code"] == "database_unavailable"
+    assert "read-only" in body["detail"]
+    assert "storage" in body["detail"]
+    assert "server is running" not in body["detail"]
+    assert use_gateway.calls == []
+
+
+def test_the_command_exits_9_naming_a_read_only_database(use_gateway):
+    from io import StringIO
+
+    from django.core.management import CommandError, call_command
+
+    with read_only_database(), pytest.raises(CommandError) as raised:
+        call_command("sync_ibkr", stdout=StringIO(), stderr=StringIO())
+
+    assert raised.value.returncode == 9
+    assert "read-only" in str(raised.value)
+    assert "server is running" not in str(raised.value)
+    assert use_gateway.calls == []

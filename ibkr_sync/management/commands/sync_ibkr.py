@@ -1,8 +1,7 @@
 """`manage.py sync_ibkr`: sync from cron. Summary on stdout, one clear error on stderr.
 
-Exit codes (stable, for monitoring): 0 success, 1 unexpected error, 2 bad arguments,
-3 gateway unavailable, 4 gateway timeout, 5 a sync is already running, 6 account not
-managed by the gateway, 7 client id in use, 8 other gateway error, 9 database unavailable.
+Exit codes are stable, for monitoring: `EXITS` lists them all, and the help text and the
+README's table are written from it.
 
 `--json` prints the API's JSON (the same serializer), `--dry-run` reports what a sync
 would change and writes nothing, `--quiet` prints nothing unless it fails (cron mails
@@ -25,16 +24,27 @@ from ...api.serializers import SyncResultSerializer, render_json
 from ...models import SyncRun
 from ...services import SyncResult, sync_positions
 
-EXIT_CODES = {
-    exceptions.InvalidAccountId: 2,
-    exceptions.GatewayUnavailable: 3,
-    exceptions.GatewayTimeout: 4,
-    exceptions.SyncAlreadyRunning: 5,
-    exceptions.UnknownAccount: 6,
-    exceptions.ClientIdInUse: 7,
-    exceptions.GatewayError: 8,
-    exceptions.DatabaseUnavailable: 9,
-}
+# Every exit code: what it means, and the error it stands for, if one. 78 is manage.py's
+# (a malformed setting stops it before any command runs); argparse exits 2 on bad options.
+EXITS: tuple[tuple[int, type[exceptions.IbkrSyncError] | None, str], ...] = (
+    (0, None, "success"),
+    (1, None, "unexpected error (a bug: the traceback is printed)"),
+    (2, exceptions.InvalidAccountId, "bad arguments (e.g. a malformed account id)"),
+    (3, exceptions.GatewayUnavailable, "gateway unavailable"),
+    (4, exceptions.GatewayTimeout, "gateway timeout"),
+    (5, exceptions.SyncAlreadyRunning, "another sync is running"),
+    (6, exceptions.UnknownAccount, "account not managed by the gateway"),
+    (7, exceptions.ClientIdInUse, "client id in use"),
+    (8, exceptions.GatewayError, "other gateway error (e.g. an unreadable message)"),
+    (
+        9,
+        exceptions.DatabaseUnavailable,
+        "the database is unavailable (down, out of disk space, read-only, locked, not "
+        "migrated: the message says which)",
+    ),
+    (78, None, "configuration error (a malformed setting, named in the message)"),
+)
+EXIT_CODES = {error: code for code, error, _ in EXITS if error is not None}
 
 _LIBRARY_LOGGERS = ("ibkr_sync", "ib_insync", "ib_async", "eventkit")
 
@@ -46,10 +56,20 @@ def exit_code_for(error: exceptions.IbkrSyncError) -> int:
 class Command(BaseCommand):
     help = (
         "Sync positions from the running TWS / IB Gateway (IBKR_HOST, IBKR_PORT, "
-        "IBKR_CLIENT_ID) into the database. Exit codes: 0 ok, 2 bad arguments, 3 gateway "
-        "unavailable, 4 timeout, 5 already running, 6 unknown account, 7 client id in use, "
-        "8 other gateway error."
+        "IBKR_CLIENT_ID) into the database. Exit codes: "
+        + "; ".join(f"{code} {meaning}" for code, _, meaning in EXITS)
+        + "."
     )
+
+    def create_parser(self, prog_name: str, subcommand: str, **kwargs) -> CommandParser:
+        parser = super().create_parser(prog_name, subcommand, **kwargs)
+        if parser.called_from_command_line:
+            # Bad options are one line and exit 2 too, not argparse's usage block first.
+            def error(message: str) -> None:
+                parser.exit(2, f"{parser.prog}: error: {message} (see --help)\n")
+
+            parser.error = error
+        return parser
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
@@ -89,7 +109,7 @@ class Command(BaseCommand):
         quiet = quiet or verbosity < 1
         try:
             with (
-                _library_logs_on_stderr(verbosity),
+                _sync_log_on(self.stderr, verbosity),
                 _progress_on(self.stderr, enabled=not quiet) as progress,
             ):
                 result = sync_positions(
@@ -226,26 +246,71 @@ def _progress_on(stream, *, enabled: bool):
         progress.clear()
 
 
+class _PlainLines:
+    """The command's stderr as a stream for a log handler: text as it is, uncoloured."""
+
+    def __init__(self, out) -> None:
+        self.out = out
+
+    def write(self, text: str) -> None:
+        self.out.write(text, style_func=_plain, ending="")
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+def _is_sync_record(record: logging.LogRecord) -> bool:
+    return any(record.name == n or record.name.startswith(n + ".") for n in _LIBRARY_LOGGERS)
+
+
+def _console_handlers() -> list[logging.Handler]:
+    """The configured handlers that write to this process's own stdout or stderr."""
+    consoles = {id(s) for s in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)}
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    found: dict[int, logging.Handler] = {}
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", ()):
+            if (
+                isinstance(handler, logging.StreamHandler)
+                and not isinstance(handler, logging.FileHandler)
+                and id(getattr(handler, "stream", None)) in consoles
+            ):
+                found[id(handler)] = handler
+    return list(found.values())
+
+
 @contextmanager
-def _library_logs_on_stderr(verbosity: int):
-    """At -v 2 and up, show the sync's and the IB library's log on stderr."""
-    if verbosity < 2:
-        yield
-        return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    level = logging.DEBUG if verbosity >= 3 else logging.INFO
+def _sync_log_on(stderr, verbosity: int):
+    """The sync's and the IB library's log is the command's to show, on its own stderr.
+
+    At -v 2 and up it is shown there (INFO, or DEBUG at -v 3). Otherwise it stays off the
+    console: the command reports every outcome itself (the summary, or one line and the
+    exit code), which the log would repeat, with a traceback for a database that did not
+    answer, and with a line per sync under LOG_LEVEL=INFO that cron would mail. Handlers
+    that write elsewhere (a file, syslog) still get every record.
+    """
+    consoles = _console_handlers()
+    for handler in consoles:
+        handler.addFilter(_not_the_syncs)
     saved = []
-    for name in _LIBRARY_LOGGERS:
-        logger = logging.getLogger(name)
-        saved.append((logger, logger.level, logger.propagate))
-        logger.addHandler(handler)
-        logger.setLevel(level)
-        logger.propagate = False  # shown once, here, not again by the root handler
+    if verbosity >= 2:
+        shown = logging.StreamHandler(_PlainLines(stderr))
+        shown.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        level = logging.DEBUG if verbosity >= 3 else logging.INFO
+        for name in _LIBRARY_LOGGERS:
+            logger = logging.getLogger(name)
+            saved.append((logger, logger.level))
+            logger.addHandler(shown)
+            logger.setLevel(level)
     try:
         yield
     finally:
-        for logger, old_level, old_propagate in saved:
-            logger.removeHandler(handler)
+        for logger, old_level in saved:
+            logger.removeHandler(shown)
             logger.setLevel(old_level)
-            logger.propagate = old_propagate
+        for handler in consoles:
+            handler.removeFilter(_not_the_syncs)
+
+
+def _not_the_syncs(record: logging.LogRecord) -> bool:
+    return not _is_sync_record(record)
