@@ -34,7 +34,7 @@ class SyncAlreadyRunning(IbkrSyncError):
 
 class DatabaseUnavailable(IbkrSyncError):
     """The database is unavailable: down, unreachable, out of storage or read-only, locked
-    for too long, or not migrated (`portfolio.database` says which, in the message)."""
+    for too long, or not migrated (`ibkr_sync.database` says which, in the message)."""
 
     code = "database_unavailable"
 

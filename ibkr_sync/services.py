@@ -18,7 +18,6 @@ from typing import Any, Protocol
 from django.db import (
     DatabaseError,
     InterfaceError,
-    OperationalError,
     connection,
     transaction,
 )
@@ -26,6 +25,7 @@ from django.utils import timezone
 from django.utils.module_loading import import_string
 
 from . import conf, lock, signals
+from .database import is_unavailable, unavailable_message
 from .exceptions import DatabaseUnavailable, IbkrSyncError
 from .gateway import GatewaySnapshot
 from .mapping import normalize_account_id
@@ -96,18 +96,12 @@ def sync_positions(
     try:
         return _sync_positions(account_id, trigger, user, gateway, dry_run, progress)
     except (DatabaseError, InterfaceError) as exc:
-        from portfolio.database import is_unavailable, unavailable_message
-
         if not is_unavailable(exc):
             raise
         # Down, unreachable, out of storage, read-only, locked, not migrated: say which.
         raise DatabaseUnavailable(
             unavailable_message(exc, outcome="nothing was changed", retry="sync again")
         ) from exc
-
-
-# Errors of a database that is down, unreachable or locked (not of a query that is wrong).
-_DATABASE_DOWN = (OperationalError, InterfaceError)
 
 
 def _sync_positions(
@@ -157,14 +151,18 @@ def _sync_positions(
         )
         raise
     except BaseException as exc:
-        if isinstance(exc, _DATABASE_DOWN):
+        unavailable = isinstance(exc, Exception) and is_unavailable(exc)
+        if unavailable:
             code = DatabaseUnavailable.code
         else:
             code = "internal_error" if isinstance(exc, Exception) else "interrupted"
         if not dry_run:
             _fail_run(run, code, f"{type(exc).__name__}: {exc}")
         log.update(status="failed", code=code)
-        logger.exception("IBKR sync failed unexpectedly %s", _fields(log))
+        if unavailable:  # not a bug: no traceback (the edges say what to check)
+            logger.warning("IBKR sync failed %s: %s", _fields(log), exc)
+        else:
+            logger.exception("IBKR sync failed unexpectedly %s", _fields(log))
         raise
     finally:
         # The lock is held exactly as long as this sync works: however it ended (even if

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -86,14 +88,23 @@ def current_fake_gateway(**_options: Any) -> FakeGateway:
     return _current_fake[-1]
 
 
+@contextlib.contextmanager
+def reading_from(gateway: Any, settings: Any) -> Iterator[Any]:
+    """Every entry point (API, command, admin) reads from `gateway` meanwhile, through the
+    setting a host's own tests use (IBKR_SYNC_GATEWAY_CLASS)."""
+    _current_fake.append(gateway)
+    settings.IBKR_SYNC_GATEWAY_CLASS = "tests.conftest.current_fake_gateway"
+    try:
+        yield gateway
+    finally:
+        _current_fake.remove(gateway)
+
+
 @pytest.fixture
 def use_gateway(settings, fake_gateway):
-    """Make every entry point (API, command, admin) read from `fake_gateway`, through the
-    setting a host's own tests use (IBKR_SYNC_GATEWAY_CLASS)."""
-    _current_fake.append(fake_gateway)
-    settings.IBKR_SYNC_GATEWAY_CLASS = "tests.conftest.current_fake_gateway"
-    yield fake_gateway
-    _current_fake.remove(fake_gateway)
+    """Make every entry point (API, command, admin) read from `fake_gateway`."""
+    with reading_from(fake_gateway, settings):
+        yield fake_gateway
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from django.urls import resolve, reverse
 from ibkr_sync.exceptions import GatewayUnavailable
 from ibkr_sync.models import SyncRun
 from portfolio.models import Account, Instrument, Position
-from tests.conftest import FakeGateway, position
+from tests.conftest import FakeGateway, position, reading_from
 from tests.test_admin import change, changelist, client_for, listed, messages_of, synced
 
 pytestmark = pytest.mark.django_db
@@ -258,18 +258,18 @@ class TransactionProbe(FakeGateway):
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("entry", ["admin", "api"])
 def test_with_atomic_requests_on_the_sync_runs_outside_any_transaction(
-    admin_user, monkeypatch, atomic_requests, entry
+    admin_user, settings, atomic_requests, entry
 ):
     probe = TransactionProbe(positions=[position()])
-    monkeypatch.setattr("ibkr_sync.services.IbkrGateway", lambda **_options: probe)
     client = Client()
     client.force_login(admin_user)
 
-    if entry == "admin":
-        response = client.post(SYNC_NOW, {"next": changelist(Position)})
-        assert response.status_code == 302
-    else:
-        assert client.post("/portfolio/sync/ibkr").status_code == 200
+    with reading_from(probe, settings):
+        if entry == "admin":
+            response = client.post(SYNC_NOW, {"next": changelist(Position)})
+            assert response.status_code == 302
+        else:
+            assert client.post("/portfolio/sync/ibkr").status_code == 200
 
     assert probe.in_transaction == [False], "the lock row was committed before the read"
     assert SyncRun.objects.get().status == SyncRun.Status.SUCCESS

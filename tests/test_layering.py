@@ -13,11 +13,11 @@ PORTFOLIO = Path(portfolio.__file__).parent
 IBKR_SYNC = Path(ibkr_sync.__file__).parent
 
 # What a host's own portfolio app may use of ibkr_sync, as `portfolio` does.
-OFFERED_TO_HOSTS = {"ibkr_sync.models", "ibkr_sync.decimals"}
+OFFERED_TO_HOSTS = {"ibkr_sync.models", "ibkr_sync.decimals", "ibkr_sync.database"}
 # The sync's core: the one-way flow gateway -> mapping -> services, and what they use.
 CORE = (
-    "conf", "decimals", "exceptions", "gateway", "health", "mapping", "models", "overview",
-    "protocol", "selectors", "services",
+    "conf", "database", "decimals", "exceptions", "gateway", "health", "lock", "mapping",
+    "models", "overview", "protocol", "selectors", "services", "signals", "writer",
 )  # fmt: skip
 
 

@@ -1,4 +1,4 @@
-"""`portfolio.database`: which database errors mean "unavailable", and what each says.
+"""`ibkr_sync.database`: which database errors mean "unavailable", and what each says.
 
 The errors are the drivers' own, provoked for real on scratch SQLite databases where
 SQLite can be made to fail that way, and as PostgreSQL reports them (its SQLSTATE), then
@@ -15,8 +15,8 @@ import pytest
 from django.db import DatabaseError, Error
 from django.db.utils import DatabaseErrorWrapper
 
+from ibkr_sync.database import DATABASE_UNAVAILABLE, is_unavailable, unavailable_message
 from ibkr_sync.exceptions import DatabaseUnavailable
-from portfolio.database import DATABASE_UNAVAILABLE, is_unavailable, unavailable_message
 
 
 def as_django(error: Exception, driver) -> Error:
