@@ -14,6 +14,18 @@ from .exceptions import IbkrSyncError
 from .models import PositionChange, SyncRun
 from .services import sync_positions
 
+
+class SyncNowMixin:
+    """Mix into a ModelAdmin to show the "Sync now" control on its changelist (only to
+    users with `ibkr_sync.run_sync`); on a list filtered to one account, it offers that
+    account. For the portfolio app's lists, or a host's own:
+
+        class PositionAdmin(SyncNowMixin, admin.ModelAdmin): ...
+    """
+
+    change_list_template = "admin/ibkr_sync/change_list_with_sync_now.html"
+
+
 # Rows of a run's change list per page: a first sync of a large portfolio records one
 # change per position, tens of thousands of them.
 CHANGES_PER_PAGE = 100

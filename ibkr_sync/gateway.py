@@ -417,7 +417,14 @@ class IbkrGateway:
         if not isinstance(handlers, dict):
             return
 
+        read_position = handlers.get(_MSG_POSITION)
+        position_id = str(_MSG_POSITION)
+
         def interpret(fields: list[str]) -> None:
+            # Thousands a read: straight to our position decoder.
+            if read_position is not None and fields and fields[0] == position_id:
+                read_position(fields)
+                return
             try:
                 msg_id = parse_integer(fields[0]) if fields else UNSET
                 if msg_id is UNSET:

@@ -92,7 +92,9 @@ def optional_decimal(value: Decimal | float | str | None) -> Decimal | None:
     if value is None:
         return None
     if isinstance(value, Decimal):
-        return None if is_unset_value(value) else value
+        # Every marker is at least 2**31 - 1 in magnitude (NaN aside).
+        unset = value.is_nan() or (value.adjusted() >= 9 and is_unset_value(value))
+        return None if unset else value
     try:
         number = parse_decimal(repr(value) if isinstance(value, float) else str(value))
     except WireValueError as exc:
@@ -311,7 +313,7 @@ def _describe(
         parts += record.last_trade_date.split()[:1]
     if mult is not None and mult != 1:
         parts.append(f"x{plain(mult)}")
-    return " ".join(parts)[: conf.instrument_model()._meta.get_field("description").max_length]
+    return " ".join(parts)
 
 
 def is_storable_account_id(value: str) -> bool:
@@ -375,10 +377,22 @@ def map_position(record: GatewayPosition) -> MappedPosition:
         "trading_class": (record.trading_class or "").strip(),
         "right": right,
         "contract_month": contract_month,
-        "description": _describe(record, sec_type, strike, right, multiplier),
+        # Derived, so cut to its column rather than refused.
+        "description": _describe(record, sec_type, strike, right, multiplier)[
+            : contract["description"].max_length
+        ],
     }
     for name, value in instrument.items():
-        _fit(contract[name], value, False, vendor)
+        column = contract[name]
+        # Most texts are short ASCII within their column: checked here without a call.
+        if not (
+            type(value) is str
+            and len(value) <= column.max_length
+            and value.isascii()
+            and "\x00" not in value
+            and (column.choices is None or value in column.choices or (not value and column.blank))
+        ):
+            _fit(column, value, False, vendor)
     instrument.update(strike=strike, multiplier=multiplier, expiry=expiry)
     return MappedPosition(
         account_id=record.account,

@@ -70,8 +70,11 @@ UNSET_DECIMAL: Final = Decimal(2**127 - 1)
 _UNSET_VALUES: Final = frozenset(
     {Decimal(UNSET_INTEGER), Decimal(UNSET_LONG), -Decimal(UNSET_LONG) - 1, UNSET_DECIMAL}
 )
-_DECIMAL: Final = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
-_INTEGER: Final = re.compile(r"-?[0-9]+")
+_UNSET_INTEGERS: Final = frozenset({UNSET_INTEGER, UNSET_LONG, -UNSET_LONG - 1})
+_DECIMAL_MATCH: Final = re.compile(
+    r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?"
+).fullmatch
+_INTEGER_MATCH: Final = re.compile(r"-?[0-9]+").fullmatch
 _NAN: Final = frozenset({"NaN", "nan"})
 _INFINITY: Final = {"Infinity": "Infinity", "inf": "Infinity"}
 
@@ -86,33 +89,32 @@ def parse_decimal(text: str) -> Decimal | _Unset:
     Infinity (`Infinity`, as Java prints it) is a number here: whether it can be stored is
     the columns' concern, not the grammar's.
     """
-    if not isinstance(text, str):
+    if type(text) is not str:
         raise WireValueError(f"{text!r} is not wire text")
+    if _DECIMAL_MATCH(text) is not None:
+        value = Decimal(text)
+        # Every marker is at least 2**31 - 1 in magnitude: only such values need a look.
+        return UNSET if value.adjusted() >= 9 and is_unset_value(value) else value
     if text == "" or text in _NAN:
         return UNSET
     sign, body = ("-", text[1:]) if text.startswith("-") else ("", text)
     if body in _INFINITY:
         return Decimal(sign + _INFINITY[body])
-    if _DECIMAL.fullmatch(text) is None:
-        raise WireValueError(f"{_shown(text)} is not a number")
-    value = Decimal(text)
-    return UNSET if is_unset_value(value) else value
+    raise WireValueError(f"{_shown(text)} is not a number")
 
 
 def parse_integer(text: str) -> int | _Unset:
     """An integer field: its value, or UNSET for the empty text and the integer markers."""
-    if not isinstance(text, str):
+    if type(text) is not str:
         raise WireValueError(f"{text!r} is not wire text")
-    if text == "":
-        return UNSET
-    if _INTEGER.fullmatch(text) is None:
+    if _INTEGER_MATCH(text) is None:
+        if text == "":
+            return UNSET
         raise WireValueError(f"{_shown(text)} is not a whole number")
-    # Through Decimal: int() refuses texts of more than 4300 digits, and such a field is
-    # a value that does not fit its column, not a frame that cannot be read.
-    value = int(Decimal(text))
-    if value in (UNSET_INTEGER, UNSET_LONG, -UNSET_LONG - 1):
-        return UNSET
-    return value
+    # Through Decimal past 18 digits: int() refuses texts of more than 4300 digits, and
+    # such a field is a value that does not fit its column, not a frame that cannot be read.
+    value = int(text) if len(text) <= 18 else int(Decimal(text))
+    return UNSET if value in _UNSET_INTEGERS else value
 
 
 def is_unset_value(value: Decimal) -> bool:

@@ -11,6 +11,8 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html
 
+from ibkr_sync.admin import SyncNowMixin
+
 from . import decimals
 from .models import Account, Instrument, Position
 from .overview import cost_basis_overview, status_panels
@@ -45,7 +47,7 @@ def positions_link(lookup: str, pk: int) -> str:
 
 
 @admin.register(Account)
-class AccountAdmin(SyncedModelAdmin):
+class AccountAdmin(SyncNowMixin, SyncedModelAdmin):
     list_display = (
         "external_id", "broker", "name", "base_currency", "is_paper", "last_synced_at",
         "positions",
@@ -129,7 +131,7 @@ class OpenClosedFilter(admin.SimpleListFilter):
 
 
 @admin.register(Position)
-class PositionAdmin(MirroredModelAdmin):
+class PositionAdmin(SyncNowMixin, MirroredModelAdmin):
     list_display = (
         "account", "symbol", "sec_type", "quantity_display", "average_cost_display",
         "cost_basis_display", "currency", "is_open", "last_synced_at",

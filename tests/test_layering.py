@@ -13,7 +13,16 @@ PORTFOLIO = Path(portfolio.__file__).parent
 IBKR_SYNC = Path(ibkr_sync.__file__).parent
 
 # What a host's own portfolio app may use of ibkr_sync, as `portfolio` does.
-OFFERED_TO_HOSTS = {"ibkr_sync.models", "ibkr_sync.decimals", "ibkr_sync.database"}
+OFFERED_TO_HOSTS = {
+    "ibkr_sync.admin",  # SyncNowMixin
+    "ibkr_sync.api.base",
+    "ibkr_sync.api.errors",
+    "ibkr_sync.api.fields",
+    "ibkr_sync.database",
+    "ibkr_sync.decimals",
+    "ibkr_sync.models",
+    "ibkr_sync.overview",  # the sync status panel
+}
 # The sync's core: the one-way flow gateway -> mapping -> services, and what they use.
 CORE = (
     "conf", "database", "decimals", "exceptions", "gateway", "health", "lock", "mapping",
@@ -40,11 +49,20 @@ def test_portfolio_uses_only_what_ibkr_sync_offers_every_host():
                 assert module in OFFERED_TO_HOSTS, f"{path.name} imports {module}"
 
 
-def test_the_sync_core_needs_nothing_of_portfolio():
-    for name in CORE:
-        path = IBKR_SYNC / f"{name}.py"
+def test_ibkr_sync_needs_nothing_of_portfolio():
+    sources = sorted(IBKR_SYNC.rglob("*.py"))
+    assert {f"{name}.py" for name in CORE} <= {path.name for path in sources}
+    for path in sources:
         for module in imported_modules(path.read_text()):
-            assert module.split(".")[0] != "portfolio", f"{path.name} imports {module}"
+            assert module.split(".")[0] != "portfolio", f"{path} imports {module}"
+
+
+def test_ibkr_sync_overrides_no_other_apps_templates():
+    templates = sorted((IBKR_SYNC / "templates").rglob("*.html"))
+    assert templates
+    for path in templates:
+        parts = path.relative_to(IBKR_SYNC / "templates").parts
+        assert parts[:2] == ("admin", "ibkr_sync") or parts[0] == "ibkr_sync", path
 
 
 def test_ibkr_sync_migrations_reach_the_models_through_the_settings():

@@ -391,5 +391,6 @@ def test_each_failed_request_is_one_line_on_the_console_and_health_is_no_error(t
         "WARNING django.request: Unauthorized: /portfolio/positions",
         "WARNING django.request: Not Found: /portfolio/sync/ibkr/",
         "WARNING django.request: Unauthorized: /portfolio/accounts",
-        "WARNING ibkr_sync.health: Health check unhealthy: database=error, last_sync=unknown, sync_lock=unknown",
+        "WARNING ibkr_sync.health: Health check unhealthy: "
+        "database=error, last_sync=unknown, sync_lock=unknown",
     ], result.stderr

@@ -4,11 +4,10 @@ from django.core.validators import ProhibitNullCharactersValidator
 from rest_framework import serializers
 from rest_framework.renderers import JSONRenderer
 
-from portfolio.api.serializers import ExactDecimalField
-
 from ..exceptions import InvalidAccountId
 from ..mapping import normalize_account_id
 from ..models import PositionChange, SyncRun
+from .fields import ExactDecimalField
 
 
 class SyncRequestSerializer(serializers.Serializer):

@@ -20,7 +20,12 @@ from rest_framework.response import Response
 from rest_framework.throttling import UserRateThrottle
 from rest_framework.views import APIView
 
-from portfolio.api.errors import (
+from .. import conf, exceptions
+from ..health import check_health
+from ..models import SyncRun
+from ..services import sync_positions
+from .base import PAGE_PARAMS, ReadOnlyListView, error_responses
+from .errors import (
     ErrorEnvelopeMixin,
     ErrorSerializer,
     InvalidQuery,
@@ -28,14 +33,8 @@ from portfolio.api.errors import (
     refuse_request_body,
     validated_query,
 )
-from portfolio.api.pagination import NewestFirstCursorPagination
-from portfolio.api.permissions import CanViewModel
-from portfolio.api.views import PAGE_PARAMS, ReadOnlyListView, error_responses
-
-from .. import conf, exceptions
-from ..health import check_health
-from ..models import SyncRun
-from ..services import sync_positions
+from .pagination import NewestFirstCursorPagination
+from .permissions import CanViewModel
 from .serializers import (
     HealthSerializer,
     SyncRequestSerializer,

@@ -5,9 +5,8 @@ from decimal import Decimal
 
 from django import template
 
-from portfolio import admin as portfolio_admin
-from portfolio.models import Account
-
+from .. import conf
+from ..decimals import plain as plain_decimal
 from ..mapping import BROKER
 
 register = template.Library()
@@ -19,7 +18,8 @@ def sync_now_form(context) -> dict:
     if not request.user.has_perm("ibkr_sync.run_sync"):
         return {"can_run_sync": False}
     accounts = list(
-        Account.objects.filter(broker=BROKER)
+        conf.account_model()
+        .objects.filter(broker=BROKER)
         .order_by("external_id")
         .values_list("pk", "external_id")
     )
@@ -35,5 +35,5 @@ def sync_now_form(context) -> dict:
 
 @register.filter
 def plain(value: Decimal | None) -> str:
-    """A Decimal as the portfolio admin shows it: 0.5, not 0.5000000000; "-" for none."""
-    return portfolio_admin.plain(value)
+    """A Decimal as the admin shows it: 0.5, not 0.5000000000; "-" for none."""
+    return "-" if value is None else plain_decimal(value)

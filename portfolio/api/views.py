@@ -6,37 +6,17 @@ import re
 
 from django.db.models import Count, Q, QuerySet
 from django.urls import Resolver404, URLPattern, URLResolver, get_resolver, resolve
-from drf_spectacular.utils import OpenApiResponse, extend_schema
+from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
 from rest_framework.exceptions import NotFound
-from rest_framework.generics import ListAPIView
-from rest_framework.permissions import AllowAny, IsAuthenticated
+from rest_framework.permissions import AllowAny
 from rest_framework.views import APIView
 
+from ibkr_sync.api.base import PAGE_PARAMS, ReadOnlyListView, error_responses
+from ibkr_sync.api.errors import ErrorEnvelopeMixin, validated_query
+
 from ..models import Account, Position
-from .errors import ErrorEnvelopeMixin, ErrorSerializer, validated_query
-from .pagination import StableCursorPagination
-from .permissions import CanViewModel
 from .serializers import AccountSerializer, PositionFilterSerializer, PositionSerializer
-
-PAGE_PARAMS = StableCursorPagination.query_params
-
-
-def error_responses(*statuses: int) -> dict[int, OpenApiResponse]:
-    """Schema entries for the error answers a read endpoint can give."""
-    reasons = {
-        400: "A query parameter is malformed or unknown (code invalid_query).",
-        401: "No or invalid credentials (code not_authenticated / authentication_failed).",
-        403: "The user lacks the permission named in detail (code permission_denied).",
-        404: "No such row (code not_found).",
-        405: "Only GET is allowed (code method_not_allowed).",
-    }
-    return {s: OpenApiResponse(ErrorSerializer, description=reasons[s]) for s in statuses}
-
-
-class ReadOnlyListView(ErrorEnvelopeMixin, ListAPIView):
-    permission_classes = [IsAuthenticated, CanViewModel]
-    pagination_class = StableCursorPagination
 
 
 @extend_schema(

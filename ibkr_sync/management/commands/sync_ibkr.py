@@ -16,11 +16,10 @@ from contextlib import contextmanager
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from portfolio.api.errors import error_body
-from portfolio.decimals import plain
-
 from ... import exceptions
+from ...api.errors import error_body
 from ...api.serializers import SyncResultSerializer, render_json
+from ...decimals import plain
 from ...models import SyncRun
 from ...services import SyncResult, sync_positions
 

@@ -12,7 +12,7 @@ from rest_framework.exceptions import APIException
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from ibkr_sync.database import DATABASE_UNAVAILABLE, is_unavailable, unavailable_message
+from ..database import DATABASE_UNAVAILABLE, is_unavailable, unavailable_message
 
 logger = logging.getLogger("django.request")
 

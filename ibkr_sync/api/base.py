@@ -1,0 +1,30 @@
+"""What every read endpoint of the app, and of a host's portfolio app, is built from: the
+error answers of the schema, and a read-only list view with the error shape, the view
+permission of its model and cursor pagination."""
+
+from drf_spectacular.utils import OpenApiResponse
+from rest_framework.generics import ListAPIView
+from rest_framework.permissions import IsAuthenticated
+
+from .errors import ErrorEnvelopeMixin, ErrorSerializer
+from .pagination import StableCursorPagination
+from .permissions import CanViewModel
+
+PAGE_PARAMS = StableCursorPagination.query_params
+
+
+def error_responses(*statuses: int) -> dict[int, OpenApiResponse]:
+    """Schema entries for the error answers a read endpoint can give."""
+    reasons = {
+        400: "A query parameter is malformed or unknown (code invalid_query).",
+        401: "No or invalid credentials (code not_authenticated / authentication_failed).",
+        403: "The user lacks the permission named in detail (code permission_denied).",
+        404: "No such row (code not_found).",
+        405: "Only GET is allowed (code method_not_allowed).",
+    }
+    return {s: OpenApiResponse(ErrorSerializer, description=reasons[s]) for s in statuses}
+
+
+class ReadOnlyListView(ErrorEnvelopeMixin, ListAPIView):
+    permission_classes = [IsAuthenticated, CanViewModel]
+    pagination_class = StableCursorPagination
