@@ -5,3 +5,6 @@ class IbkrSyncConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
     name = "ibkr_sync"
     verbose_name = "IBKR sync"
+
+    def ready(self) -> None:
+        from . import checks  # noqa: F401  (registers the system checks)

@@ -1,7 +1,7 @@
-"""The app's settings with their defaults, read when used (so `override_settings` works).
-
-The project's settings module parses and validates the environment; this module is what
-the app itself reads, so `ibkr_sync` also works in a project that sets plain values.
+"""The app's settings as it reads them, when used (so `override_settings` works): the
+host's settings, else the environment, else the default (`environment.SETTINGS`, the one
+place defaults are written); `checks.py` validates them at start-up. Also the models the
+sync writes (IBKR_SYNC_*_MODEL), looked up once and forgotten when a setting changes.
 """
 
 from dataclasses import dataclass
@@ -12,29 +12,19 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
 from django.db import models
 
-DEFAULTS = {
-    "IBKR_HOST": "127.0.0.1",
-    "IBKR_PORT": 7497,
-    "IBKR_CLIENT_ID": 1,
-    "IBKR_CONNECT_TIMEOUT": 10.0,
-    "IBKR_REQUEST_TIMEOUT": 60.0,
-    "IBKR_CLIENT_LIBRARY": "ib_insync",
-    # The gateway adapter the sync reads from: a class taking (progress=...) and offering
-    # fetch_positions(account_id) -> GatewaySnapshot (a host's fake, another transport).
-    "IBKR_SYNC_GATEWAY_CLASS": "ibkr_sync.gateway.IbkrGateway",
-    # A running sync renews its lock every third of this; silent this long, it is released.
-    "IBKR_SYNC_LOCK_TIMEOUT": 30.0,
-    # The longest a sync may hold the lock: after this its heartbeat stops.
-    "IBKR_SYNC_STALE_AFTER": 900.0,
-    # /healthz reports the data stale this long after the last successful sync; 0: never.
-    "IBKR_SYNC_MAX_AGE": 86400,
-    # POST /portfolio/sync/ibkr per user, as DRF writes rates; None (or "none"): no limit.
-    "IBKR_SYNC_THROTTLE_RATE": "6/minute",
-}
+from . import environment
+
+#: The defaults, written once in `environment.SETTINGS`.
+DEFAULTS = {name: setting.default for name, setting in environment.SETTINGS.items()}
 
 
 def get(name: str):
-    return getattr(settings, name, DEFAULTS[name])
+    """A setting of the app: the host's settings win; what they leave out is read from the
+    environment (IBKR_PORT=4002 manage.py sync_ibkr), else its default. Read when used,
+    so `override_settings` and a changed environment take effect."""
+    if hasattr(settings, name):
+        return getattr(settings, name)
+    return environment.from_environment(name)
 
 
 @dataclass(frozen=True)

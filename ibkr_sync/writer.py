@@ -290,7 +290,14 @@ def insert_rows(model: type[models.Model], rows: Iterable[dict[str, Any]]) -> li
     meta = model._meta
     fields = [f for f in meta.concrete_fields if not f.primary_key]
     names = [f.attname for f in fields]
-    defaults = {f.attname: f.get_default() for f in fields}
+    # Fields a row leaves out (a host's own fields, say) get their default, in the
+    # database's form; a callable one (uuid4, now) anew for every row, as Model() would.
+    per_row = {f.attname: f for f in fields if f.has_default() and callable(f.default)}
+    defaults = {
+        f.attname: f.get_db_prep_save(f.get_default(), connection)
+        for f in fields
+        if f.attname not in per_row
+    }
     prepare = {
         f.attname: _DatetimePreparer(f) for f in fields if isinstance(f, models.DateTimeField)
     }
@@ -304,13 +311,21 @@ def insert_rows(model: type[models.Model], rows: Iterable[dict[str, Any]]) -> li
         statement = f"{head}SELECT * FROM UNNEST({arrays}){tail}"
     one_row = "(" + ", ".join(["%s"] * len(fields)) + ")"
     pks: list[int] = []
+
+    def _missing(name: str) -> Any:
+        if name in per_row:
+            field = per_row[name]
+            return field.get_db_prep_save(field.get_default(), connection)
+        return defaults[name]
+
     with connection.cursor() as cursor:
         for chunk in _batches(rows, min(BATCH_SIZE, _MAX_PARAMETERS // len(fields))):
             values = [
                 [
-                    prepare[name](value) if name in prepare else value
+                    (prepare[name](row[name]) if name in prepare else row[name])
+                    if name in row
+                    else _missing(name)
                     for name in names
-                    for value in (row[name] if name in row else defaults[name],)
                 ]
                 for row in chunk
             ]

@@ -7,11 +7,12 @@ confusing connection failure.
 """
 
 import os
-import re
 from pathlib import Path
 
 import environ
 from django.core.exceptions import ImproperlyConfigured
+
+from ibkr_sync.environment import read_environment
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -41,41 +42,11 @@ def _env_int(name: str, default: int, *, minimum: int, maximum: int | None = Non
     return value
 
 
-def _env_seconds(name: str, default: float) -> float:
-    raw = env.str(name, default=str(default)).strip()
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ImproperlyConfigured(f"{name} must be a number of seconds, got {raw!r}.") from None
-    if not 0 < value <= 3600:
-        raise ImproperlyConfigured(f"{name} must be more than 0 and at most 3600 seconds.")
-    return value
-
-
 def _env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
     value = env.str(name, default=default).strip()
     if value not in choices:
         raise ImproperlyConfigured(f"{name} must be one of {', '.join(choices)}; got {value!r}.")
     return value
-
-
-_RATE = re.compile(r"(\d+)\s*/\s*(s|sec|second|m|min|minute|h|hour|d|day)", re.IGNORECASE)
-_NO_LIMIT = ("", "none", "off")
-
-
-def _env_rate(name: str, default: str) -> str | None:
-    """A request rate such as `6/minute` (per second, minute, hour or day), or None for no
-    limit (empty, `none` or `off`)."""
-    raw = env.str(name, default=default).strip()
-    if raw.lower() in _NO_LIMIT:
-        return None
-    match = _RATE.fullmatch(raw)
-    if not match or int(match[1]) < 1:
-        raise ImproperlyConfigured(
-            f"{name} must be a rate such as 6/minute (a number of requests per second, "
-            f"minute, hour or day), or none for no limit; got {raw!r}."
-        )
-    return f"{int(match[1])}/{match[2].lower()}"
 
 
 def _env_bool(name: str, default: bool) -> bool:
@@ -245,25 +216,10 @@ SPECTACULAR_SETTINGS = {
 
 # --- Interactive Brokers (TWS / IB Gateway) ---------------------------------------------
 # Ports: TWS live 7496, TWS paper 7497, IB Gateway live 4001, IB Gateway paper 4002.
-IBKR_HOST = env.str("IBKR_HOST", default="127.0.0.1").strip()
-if not IBKR_HOST:
-    raise ImproperlyConfigured("IBKR_HOST must not be empty.")
-IBKR_PORT = _env_int("IBKR_PORT", 7497, minimum=1, maximum=65535)
-IBKR_CLIENT_ID = _env_int("IBKR_CLIENT_ID", 1, minimum=0, maximum=2**31 - 1)
-IBKR_CONNECT_TIMEOUT = _env_seconds("IBKR_CONNECT_TIMEOUT", 10)
-IBKR_REQUEST_TIMEOUT = _env_seconds("IBKR_REQUEST_TIMEOUT", 60)
-IBKR_CLIENT_LIBRARY = _env_choice("IBKR_CLIENT_LIBRARY", "ib_insync", ("ib_insync", "ib_async"))
-# A running sync renews its lock (a heartbeat) every third of IBKR_SYNC_LOCK_TIMEOUT; a
-# lock not renewed for that long is released by the next sync (a crash on the same
-# machine at once). IBKR_SYNC_STALE_AFTER: the longest one sync may hold the lock.
-IBKR_SYNC_LOCK_TIMEOUT = _env_seconds("IBKR_SYNC_LOCK_TIMEOUT", 30)
-IBKR_SYNC_STALE_AFTER = _env_seconds("IBKR_SYNC_STALE_AFTER", 900)
-# GET /healthz answers 503 when the last successful sync is older than this (seconds;
-# 0 turns the age check off). Match it to the sync schedule, e.g. 259200 (3 days) for
-# syncs on weekdays only.
-IBKR_SYNC_MAX_AGE = _env_int("IBKR_SYNC_MAX_AGE", 86400, minimum=0)
-# POST /portfolio/sync/ibkr per user (e.g. 6/minute; none: no limit): 429 beyond it.
-IBKR_SYNC_THROTTLE_RATE = _env_rate("IBKR_SYNC_THROTTLE_RATE", "6/minute")
+# Every IBKR_* setting of the sync app (host, port, client id, timeouts, lock, health,
+# throttle), read from the environment with the app's own defaults and rules
+# (ibkr_sync/environment.py): a malformed value stops start-up, naming the variable.
+globals().update(read_environment())
 
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_LEVEL = _env_choice("LOG_LEVEL", "WARNING", _LEVELS)

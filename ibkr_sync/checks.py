@@ -1,0 +1,140 @@
+"""System checks of the app's settings (`manage.py check`, and before every command).
+
+Each setting is checked as the app will read it (the host's settings, else the
+environment, else the default), so a typo shows at start-up with the variable's name,
+not in the middle of the night as a failed sync.
+
+- ibkr_sync.E001: IBKR_PORT is not a port (1..65535).
+- ibkr_sync.E002: a timeout (IBKR_CONNECT_TIMEOUT, IBKR_REQUEST_TIMEOUT,
+  IBKR_SYNC_LOCK_TIMEOUT, IBKR_SYNC_STALE_AFTER) is not a positive number of seconds.
+- ibkr_sync.E003: IBKR_CLIENT_LIBRARY names no known client library.
+- ibkr_sync.E004: an IBKR_SYNC_*_MODEL setting names no installed model, or one that
+  lacks a field the sync writes (build it on the matching abstract base), or that has a
+  required field of its own the sync cannot fill (give it null=True or a default).
+- ibkr_sync.E005: another IBKR_* setting is malformed (host, client id, health age,
+  throttle rate).
+- ibkr_sync.E006: IBKR_SYNC_GATEWAY_CLASS cannot be imported.
+- ibkr_sync.W001: the configured client library is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from django.core.checks import Error, Warning, register
+from django.core.exceptions import ImproperlyConfigured
+from django.db import models
+from django.utils.module_loading import import_string
+
+from . import conf, environment
+from .models import AbstractAccount, AbstractInstrument, AbstractPosition
+
+_IDS = {
+    "IBKR_PORT": "ibkr_sync.E001",
+    "IBKR_CONNECT_TIMEOUT": "ibkr_sync.E002",
+    "IBKR_REQUEST_TIMEOUT": "ibkr_sync.E002",
+    "IBKR_SYNC_LOCK_TIMEOUT": "ibkr_sync.E002",
+    "IBKR_SYNC_STALE_AFTER": "ibkr_sync.E002",
+    "IBKR_CLIENT_LIBRARY": "ibkr_sync.E003",
+}
+_BASES = {
+    "IBKR_SYNC_ACCOUNT_MODEL": AbstractAccount,
+    "IBKR_SYNC_INSTRUMENT_MODEL": AbstractInstrument,
+    "IBKR_SYNC_POSITION_MODEL": AbstractPosition,
+}
+
+
+@register()
+def check_settings(app_configs=None, **kwargs) -> list:
+    errors = []
+    for name in environment.SETTINGS:
+        try:
+            environment.parse(name, conf.get(name))
+        except ImproperlyConfigured as exc:
+            errors.append(Error(str(exc), hint=_hint(name), id=_IDS.get(name, "ibkr_sync.E005")))
+    errors += _check_gateway_class()
+    errors += _check_client_library()
+    return errors
+
+
+def _hint(name: str) -> str:
+    return f"Set {name} in the settings or the environment, or leave it out for the default."
+
+
+def _check_gateway_class() -> list:
+    path = conf.get("IBKR_SYNC_GATEWAY_CLASS")
+    try:
+        import_string(path)
+    except ImportError as exc:
+        return [
+            Error(
+                f"IBKR_SYNC_GATEWAY_CLASS {path!r} cannot be imported ({exc}).",
+                hint="Name a class by its import path, or leave the setting out.",
+                id="ibkr_sync.E006",
+            )
+        ]
+    return []
+
+
+def _check_client_library() -> list:
+    library = conf.get("IBKR_CLIENT_LIBRARY")
+    if library in environment.CLIENT_LIBRARIES and importlib.util.find_spec(library) is None:
+        return [
+            Warning(
+                f"IBKR_CLIENT_LIBRARY is {library!r}, which is not installed: syncs will fail.",
+                hint=f"pip install {library.replace('_', '-')}"
+                + (" (or django-ibkr-sync[ib_async])" if library == "ib_async" else ""),
+                id="ibkr_sync.W001",
+            )
+        ]
+    return []
+
+
+@register()
+def check_models(app_configs=None, **kwargs) -> list:
+    """Each configured model exists and carries every field its abstract base has."""
+    errors = []
+    for name, base in _BASES.items():
+        try:
+            model = conf._lookup_model(name)
+        except ImproperlyConfigured as exc:
+            errors.append(Error(str(exc), id="ibkr_sync.E004"))
+            continue
+        have = {f.name: f for f in model._meta.get_fields()}
+        ours = {f.name for f in base._meta.get_fields()}
+        for extra in model._meta.concrete_fields:
+            if extra.name not in ours and not _fillable(extra):
+                errors.append(
+                    Error(
+                        f"{model._meta.label}.{extra.name} is required (not null, no "
+                        "default), so the sync cannot create rows of the model.",
+                        hint="Give the field null=True or a default.",
+                        obj=model,
+                        id="ibkr_sync.E004",
+                    )
+                )
+        for field in base._meta.get_fields():
+            mine = have.get(field.name)
+            if mine is None or mine.get_internal_type() != field.get_internal_type():
+                errors.append(
+                    Error(
+                        f"{name} names {model._meta.label}, which lacks the field "
+                        f"{field.name!r} ({field.get_internal_type()}) that the sync writes.",
+                        hint=f"Build {model.__name__} on ibkr_sync.models.{base.__name__}.",
+                        obj=model,
+                        id="ibkr_sync.E004",
+                    )
+                )
+    return errors
+
+
+def _fillable(field) -> bool:
+    """Whether a field of a host's own the sync never sets gets a value anyway."""
+    return (
+        field.primary_key
+        or field.null
+        or field.has_default()
+        or getattr(field, "auto_now", False)
+        or getattr(field, "auto_now_add", False)
+        or field.db_default is not models.NOT_PROVIDED
+    )

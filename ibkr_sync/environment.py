@@ -1,0 +1,142 @@
+"""The app's settings: their defaults, written once, and how each is read from text.
+
+A host project may set any of them in its settings module; the app reads what the
+settings do not set from the environment (`IBKR_HOST=... manage.py sync_ibkr`, as the
+user's documentation promises), and falls back to the default. A malformed value is an
+error that names the variable, both when a project reads the environment into its
+settings at start-up (`read_environment`, as this project's settings do) and in the
+app's system checks (`ibkr_sync.checks`).
+
+Standard library and Django's exception only: a settings module can import it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from django.core.exceptions import ImproperlyConfigured
+
+CLIENT_LIBRARIES = ("ib_insync", "ib_async")
+
+
+def _integer(minimum: int, maximum: int | None = None) -> Callable[[str, Any], int]:
+    def parse(name: str, raw: Any) -> int:
+        try:
+            value = int(str(raw).strip())
+        except ValueError:
+            raise ImproperlyConfigured(f"{name} must be an integer, got {raw!r}.") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bounds = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+            raise ImproperlyConfigured(f"{name} must be {bounds}, got {value}.")
+        return value
+
+    return parse
+
+
+def _seconds(name: str, raw: Any) -> float:
+    try:
+        value = float(str(raw).strip())
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be a number of seconds, got {raw!r}.") from None
+    if not 0 < value <= 3600:
+        raise ImproperlyConfigured(f"{name} must be more than 0 and at most 3600 seconds.")
+    return value
+
+
+def _choice(*choices: str) -> Callable[[str, Any], str]:
+    def parse(name: str, raw: Any) -> str:
+        value = str(raw).strip()
+        if value not in choices:
+            raise ImproperlyConfigured(
+                f"{name} must be one of {', '.join(choices)}; got {value!r}."
+            )
+        return value
+
+    return parse
+
+
+def _host(name: str, raw: Any) -> str:
+    value = str(raw).strip()
+    if not value:
+        raise ImproperlyConfigured(f"{name} must not be empty.")
+    return value
+
+
+_RATE = re.compile(r"(\d+)\s*/\s*(s|sec|second|m|min|minute|h|hour|d|day)", re.IGNORECASE)
+_NO_LIMIT = ("", "none", "off")
+
+
+def _rate(name: str, raw: Any) -> str | None:
+    """A request rate such as `6/minute` (per second, minute, hour or day), or None for no
+    limit (empty, `none` or `off`)."""
+    if raw is None:
+        return None
+    text = str(raw).strip()
+    if text.lower() in _NO_LIMIT:
+        return None
+    match = _RATE.fullmatch(text)
+    if not match or int(match[1]) < 1:
+        raise ImproperlyConfigured(
+            f"{name} must be a rate such as 6/minute (a number of requests per second, "
+            f"minute, hour or day), or none for no limit; got {text!r}."
+        )
+    return f"{int(match[1])}/{match[2].lower()}"
+
+
+def _text(name: str, raw: Any) -> str:
+    return str(raw).strip()
+
+
+@dataclass(frozen=True)
+class Setting:
+    default: Any
+    parse: Callable[[str, Any], Any]
+    doc: str
+
+
+#: Every setting of the app, with its default: the one place they are written.
+SETTINGS: dict[str, Setting] = {
+    "IBKR_HOST": Setting("127.0.0.1", _host, "Host of TWS / IB Gateway."),
+    "IBKR_PORT": Setting(7497, _integer(1, 65535), "Its API port (TWS paper: 7497)."),
+    "IBKR_CLIENT_ID": Setting(1, _integer(0, 2**31 - 1), "A client id no other tool uses."),
+    "IBKR_CONNECT_TIMEOUT": Setting(10.0, _seconds, "Seconds to wait for the handshake."),
+    "IBKR_REQUEST_TIMEOUT": Setting(60.0, _seconds, "Seconds to wait for the positions."),
+    "IBKR_CLIENT_LIBRARY": Setting("ib_insync", _choice(*CLIENT_LIBRARIES), "The IB client."),
+    "IBKR_SYNC_LOCK_TIMEOUT": Setting(
+        30.0, _seconds, "A lock not renewed for this long is released by the next sync."
+    ),
+    "IBKR_SYNC_STALE_AFTER": Setting(900.0, _seconds, "The longest one sync holds the lock."),
+    "IBKR_SYNC_MAX_AGE": Setting(
+        86400, _integer(0), "/healthz: the last success may be this old (0: no limit)."
+    ),
+    "IBKR_SYNC_THROTTLE_RATE": Setting(
+        "6/minute", _rate, "Syncs per user through the API (none: no limit)."
+    ),
+    "IBKR_SYNC_GATEWAY_CLASS": Setting(
+        "ibkr_sync.gateway.IbkrGateway", _text, "The gateway adapter the sync reads from."
+    ),
+}
+
+
+def parse(name: str, raw: Any) -> Any:
+    """`raw` (environment text, or a settings value) as setting `name` holds it, or
+    ImproperlyConfigured naming the variable."""
+    setting = SETTINGS[name]
+    if raw is None:
+        raw = setting.default
+    return setting.parse(name, raw)
+
+
+def from_environment(name: str, environ: Mapping[str, str] | None = None) -> Any:
+    """Setting `name` as the environment gives it (its default when unset)."""
+    return parse(name, (os.environ if environ is None else environ).get(name))
+
+
+def read_environment(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Every setting from the environment, for a project's settings module to take in
+    (`globals().update(read_environment())`): it stops start-up on a malformed value."""
+    return {name: from_environment(name, environ) for name in SETTINGS}
