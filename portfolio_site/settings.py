@@ -113,6 +113,7 @@ INSTALLED_APPS = [
     "drf_spectacular_sidecar",
     "portfolio",
     "ibkr_sync",
+    "portfolio_site.demo",  # manage.py ibkr_demo: this project's, not the apps'
 ]
 
 MIDDLEWARE = [

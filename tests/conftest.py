@@ -14,6 +14,10 @@ from rest_framework.test import APIClient
 
 from ibkr_sync.gateway import GatewayPosition, GatewaySnapshot
 
+# What a host's tests get from the installed distribution (entry point pytest11); this
+# source tree is not installed, so it is named here.
+pytest_plugins = ["ibkr_sync.testing.pytest_plugin"]
+
 
 def position(
     account: str = "U1111111",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from ibkr_sync.management.commands import ibkr_demo
+from portfolio_site.demo.management.commands import ibkr_demo
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 

@@ -23,7 +23,12 @@ from django.core.management.commands.runserver import naiveip_re
 from django.db import DEFAULT_DB_ALIAS, connections
 from rest_framework.authtoken.models import Token
 
-from ...testing import GatewaySimulator, PortfolioError, load_portfolio, load_sample_portfolio
+from ibkr_sync.testing import (
+    GatewaySimulator,
+    PortfolioError,
+    load_portfolio,
+    load_sample_portfolio,
+)
 
 DEMO_USER = "demo"
 DEMO_PASSWORD = "demo-portfolio"
