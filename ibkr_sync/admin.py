@@ -6,13 +6,24 @@ from django.core.paginator import Paginator
 from django.db import transaction
 from django.db.models import Count
 from django.http import HttpRequest, HttpResponseNotAllowed, HttpResponseRedirect
-from django.urls import path, reverse
+from django.urls import NoReverseMatch, path, reverse
 from django.utils.html import format_html
 from django.utils.http import url_has_allowed_host_and_scheme
 
+from . import conf
 from .exceptions import IbkrSyncError
 from .models import PositionChange, SyncRun
 from .services import sync_positions
+
+
+def _admin_url_name(model, view: str) -> str | None:
+    """The admin's URL name for `model`'s `view` page, or None if it has no admin."""
+    name = f"admin:{model._meta.app_label}_{model._meta.model_name}_{view}"
+    try:
+        reverse(name, args=[0]) if view == "change" else reverse(name)
+    except NoReverseMatch:
+        return None
+    return name
 
 
 class SyncNowMixin:
@@ -93,6 +104,8 @@ class SyncRunAdmin(admin.ModelAdmin):
                 (value, label, by_kind.get(value, 0)) for value, label in kinds.items()
             ],
             "changes_total": sum(by_kind.values()),
+            # The configured position model's admin page, if the host registered one.
+            "position_url_name": _admin_url_name(conf.position_model(), "change"),
         }
 
     @admin.display(description="duration", ordering="finished_at")

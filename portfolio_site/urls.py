@@ -12,7 +12,7 @@ urlpatterns = [
     path("", home, name="home"),
     path("admin/", admin.site.urls),
     path("portfolio/", include("portfolio.api.urls")),
-    path("portfolio/", include("ibkr_sync.api.urls")),
+    path("portfolio/", include("ibkr_sync.urls")),
     # Anything else under /portfolio/ (a trailing slash, a typo), and /healthz/: a JSON 404
     # naming the right path. After the API's own paths; it also keeps APPEND_SLASH from
     # redirecting.

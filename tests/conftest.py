@@ -15,8 +15,8 @@ from rest_framework.test import APIClient
 from ibkr_sync.gateway import GatewayPosition, GatewaySnapshot
 
 # What a host's tests get from the installed distribution (entry point pytest11); this
-# source tree is not installed, so it is named here.
-pytest_plugins = ["ibkr_sync.testing.pytest_plugin"]
+# source tree is not installed, so its fixtures are taken in here.
+from ibkr_sync.testing.pytest_plugin import ibkr_portfolio, ibkr_simulator  # noqa: F401
 
 
 def position(
