@@ -8,7 +8,10 @@ from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.core.exceptions import SuspiciousOperation
 from django.http import Http404, QueryDict
 from rest_framework import exceptions, serializers, status
+from rest_framework.authentication import SessionAuthentication, TokenAuthentication
 from rest_framework.exceptions import APIException
+from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
+from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 
@@ -51,7 +54,16 @@ class ErrorEnvelopeMixin:
     """Answer every error in one shape: authentication, permission, method, not found,
     input, a database that is unavailable (503, wherever in the request it fails: the
     token or session lookup, the permission check, the query), and (as a 500 that gives
-    nothing away) the server's own unexpected errors."""
+    nothing away) the server's own unexpected errors.
+
+    It also carries the API's own policy, so that it holds in a host project whatever
+    that project's REST_FRAMEWORK setting says (and changes none of the host's views):
+    token then session authentication (an anonymous caller gets 401 with
+    `WWW-Authenticate: Token`), JSON answers only, and no request bodies parsed."""
+
+    authentication_classes = [TokenAuthentication, SessionAuthentication]
+    renderer_classes = [JSONRenderer]
+    parser_classes = [JSONParser, FormParser, MultiPartParser]
 
     def handle_exception(self, exc: Exception) -> Response:
         if is_unavailable(exc):

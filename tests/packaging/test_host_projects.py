@@ -219,7 +219,13 @@ admin = get_user_model().objects.create_superuser("host-admin", password="pw-hos
 client = Client()
 client.force_login(admin)
 out = {}
-response = client.post("/portfolio/sync/ibkr")
+# The app's API policy holds without anything in the host's REST_FRAMEWORK setting.
+from rest_framework.authtoken.models import Token
+anonymous = Client().post("/portfolio/sync/ibkr")
+out["anonymous"] = [anonymous.status_code, anonymous.json()["code"],
+                    anonymous.headers.get("WWW-Authenticate")]
+token = Token.objects.create(user=admin).key
+response = Client().post("/portfolio/sync/ibkr", HTTP_AUTHORIZATION=f"Token {token}")
 out["post"] = [response.status_code, response.json()]
 position_model = conf.position_model()
 out["position_model"] = position_model._meta.label
@@ -338,6 +344,7 @@ def test_the_wheel_works_in_a_freshly_generated_project(venv, tmp_path, kind, da
         simulator.terminate()
         simulator.wait(10)
 
+    assert out["anonymous"] == [401, "not_authenticated", "Token"]
     status, body = out["post"]
     assert status == 200 and body["status"] == "success", body
     assert body["unchanged"] == first["created"], "the second sync changed nothing"
