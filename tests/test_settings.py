@@ -73,6 +73,9 @@ def project_copy(tmp_path) -> Path:
     package.mkdir()
     (package / "__init__.py").write_text("")
     shutil.copy(SETTINGS_FILE, package / "settings.py")
+    # The project's own app (the demo command) comes along: it is inside the package.
+    shutil.copytree(SETTINGS_FILE.parent / "demo", package / "demo",
+                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
     return tmp_path
 
 
