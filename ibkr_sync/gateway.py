@@ -518,9 +518,23 @@ def _position_from_wire(fields: list[str]) -> GatewayPosition:
     if len(fields) != len(POSITION_FIELDS):
         raise ValueError(f"{len(fields)} fields instead of {len(POSITION_FIELDS)}")
     (
-        _, version, account, con_id, symbol, sec_type, last_trade_date, strike, right,
-        multiplier, exchange, currency, local_symbol, trading_class, quantity, average_cost,
-    ) = fields  # fmt: skip
+        _,
+        version,
+        account,
+        con_id,
+        symbol,
+        sec_type,
+        last_trade_date,
+        strike,
+        right,
+        multiplier,
+        exchange,
+        currency,
+        local_symbol,
+        trading_class,
+        quantity,
+        average_cost,
+    ) = fields  # fmt: skip  (the order of protocol.POSITION_FIELDS; a test holds them equal)
     if version != POSITION_VERSION:
         raise ValueError(f"position message version {version!r} instead of {POSITION_VERSION}")
     if not account:

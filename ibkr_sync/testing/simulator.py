@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 
-from ..protocol import POSITION_FIELDS, POSITION_MESSAGE_ID, POSITION_VERSION
+from ..protocol import CONTRACT_FIELDS, POSITION_FIELDS, POSITION_MESSAGE_ID, POSITION_VERSION
 from .portfolio import Portfolio, SimPosition
 from .wire import (
     API_PREFIX,
@@ -981,20 +981,13 @@ def _dec(value: Decimal) -> str:
 
 
 def _contract_fields(pos: SimPosition) -> list[str]:
-    """The contract as position and portfolio messages carry it (conId ... tradingClass)."""
-    return [
-        str(pos.con_id),
-        pos.symbol,
-        pos.sec_type,
-        pos.last_trade_date,
-        _dec(pos.strike),
-        pos.right,
-        pos.multiplier,
-        pos.exchange,
-        pos.currency,
-        pos.local_symbol,
-        pos.trading_class,
-    ]
+    """The contract as position and portfolio messages carry it, in the order of
+    `protocol.CONTRACT_FIELDS` (the layout the gateway reads by)."""
+    return [_wire_text(getattr(pos, name)) for name in CONTRACT_FIELDS]
+
+
+def _wire_text(value: object) -> str:
+    return _dec(value) if isinstance(value, Decimal) else str(value)
 
 
 _POSITION_ID = str(POSITION_MESSAGE_ID)

@@ -170,3 +170,29 @@ def test_account_ids_are_normalized(raw, normalized):
 def test_bad_account_ids_are_rejected(raw):
     with pytest.raises(InvalidAccountId, match="not an IBKR account id"):
         normalize_account_id(raw)
+
+
+def test_the_gateway_reads_positions_in_the_protocols_layout():
+    """The position layout is written once (protocol.POSITION_FIELDS): the gateway's
+    unpacking names its fields in that order, and the simulator writes by it."""
+    import ast
+    import inspect
+
+    from ibkr_sync import gateway, protocol
+
+    tree = ast.parse(inspect.getsource(gateway._position_from_wire))
+    (unpacking,) = [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Tuple)
+    ]
+    names = [element.id for element in unpacking.targets[0].elts]
+    assert names[2:] == list(protocol.POSITION_FIELDS[2:])
+
+    fields = [f"<{name}>" for name in protocol.POSITION_FIELDS]
+    fields[:2] = [str(protocol.POSITION_MESSAGE_ID), protocol.POSITION_VERSION]
+    fields[protocol.POSITION_FIELDS.index("con_id")] = "7"
+    for name in ("strike", "quantity", "average_cost"):
+        fields[protocol.POSITION_FIELDS.index(name)] = "1"
+    read = gateway._position_from_wire(fields)
+    assert (read.account, read.symbol, read.currency) == ("<account>", "<symbol>", "<currency>")
