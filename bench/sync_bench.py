@@ -17,6 +17,7 @@ read, queries issued, rows written and the process's peak RSS.
     python bench/sync_bench.py                                # the full matrix
     python bench/sync_bench.py --positions 10000 --accounts 1 --databases sqlite
     python bench/sync_bench.py --changelist 100000            # admin at scale
+    python bench/sync_bench.py --models default,swapped       # also into a host's own models
 
 PostgreSQL is reached with --postgres-url (default: postgres://postgres@127.0.0.1:5432/
 portfolio); the benchmark creates and drops its own database `bench_<name>` there, and
@@ -127,7 +128,12 @@ def worker_raw(args: argparse.Namespace) -> dict[str, Any]:
     return {"seconds": min(times), "rss": peak_rss_mib()}
 
 
-def setup_django(database: str) -> None:
+#: --models: the project's own models, or a host's (bench/swapped_host) named in the
+#: IBKR_SYNC_*_MODEL settings, with our portfolio app left out.
+SETTINGS_MODULES = {"default": "portfolio_site.settings", "swapped": "bench.swapped_settings"}
+
+
+def setup_django(database: str, models: str = "default") -> None:
     """Production-like settings: DEBUG off (no query log), the given database."""
     os.environ.update(
         DATABASE_URL=database,
@@ -136,14 +142,14 @@ def setup_django(database: str) -> None:
         ALLOWED_HOSTS="testserver",
         SECURE_SSL_REDIRECT="false",
     )
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portfolio_site.settings")
+    os.environ["DJANGO_SETTINGS_MODULE"] = SETTINGS_MODULES[models]
     import django
 
     django.setup()
 
 
 def worker_sync(args: argparse.Namespace) -> dict[str, Any]:
-    setup_django(args.database)
+    setup_django(args.database, args.models)
     from django.conf import settings
     from django.db import connection
 
@@ -216,11 +222,17 @@ def _counting(tally: Counter) -> Any:
                 rows = values.split(" RETURNING")[0].count("(")
             table = sql.split('"')[1] if '"' in sql else "?"
             tally["written"] += max(rows, 0)
-            if table in ("portfolio_position", "portfolio_instrument"):
+            if table in _mirrored_tables():
                 tally["positions+instruments"] += max(rows, 0)
         return result
 
     return wrapper
+
+
+def _mirrored_tables() -> tuple[str, str]:
+    from ibkr_sync import conf
+
+    return (conf.position_model()._meta.db_table, conf.instrument_model()._meta.db_table)
 
 
 def naive_sync(snapshot: Any) -> dict[str, int]:
@@ -412,6 +424,11 @@ def main() -> None:
         metavar="N",
         help="instead: the admin positions changelist with N positions",
     )
+    parser.add_argument(
+        "--models",
+        default="default",
+        help="comma-separated: default (the portfolio app's), swapped (a host's own models)",
+    )
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--implementation", default="product", help=argparse.SUPPRESS)
     parser.add_argument("--database", help=argparse.SUPPRESS)
@@ -460,8 +477,9 @@ def main() -> None:
                 f"{raw['rss']:.0f}",
             )
             for db_name, url in dbs.items():
-                impls = ["product"] + (["naive"] if n <= args.naive_max else [])
-                for impl in impls:
+                impls = [("product", m) for m in args.models.split(",")]
+                impls += [("naive", "default")] if n <= args.naive_max else []
+                for impl, models in impls:
                     out = run_worker(
                         "sync",
                         positions=n,
@@ -469,13 +487,15 @@ def main() -> None:
                         repeat=args.repeat,
                         database=url,
                         implementation=impl,
+                        models=models,
                     )
+                    label = impl if models == "default" else f"{impl} ({models} models)"
                     for step, m in out["steps"].items():
                         row(
                             n,
                             k,
                             db_name,
-                            impl,
+                            label,
                             step,
                             f"{m['seconds']:.3f}",
                             f"{m['seconds'] / raw['seconds']:.2f}",
