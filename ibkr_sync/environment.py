@@ -23,18 +23,30 @@ from django.core.exceptions import ImproperlyConfigured
 CLIENT_LIBRARIES = ("ib_insync", "ib_async")
 
 
-def _integer(minimum: int, maximum: int | None = None) -> Callable[[str, Any], int]:
-    def parse(name: str, raw: Any) -> int:
-        try:
-            value = int(str(raw).strip())
-        except ValueError:
-            raise ImproperlyConfigured(f"{name} must be an integer, got {raw!r}.") from None
-        if value < minimum or (maximum is not None and value > maximum):
-            bounds = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
-            raise ImproperlyConfigured(f"{name} must be {bounds}, got {value}.")
-        return value
+def integer(name: str, raw: Any, minimum: int, maximum: int | None = None) -> int:
+    """`raw` as a whole number within the bounds, or ImproperlyConfigured naming `name`
+    (also for the project's own settings that are not the app's)."""
+    text = str(raw).strip()
+    try:
+        value = int(text)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be an integer, got {text!r}.") from None
+    if value < minimum or (maximum is not None and value > maximum):
+        bounds = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+        raise ImproperlyConfigured(f"{name} must be {bounds}, got {value}.")
+    return value
 
-    return parse
+
+def choice(name: str, raw: Any, choices: tuple[str, ...]) -> str:
+    """`raw` as one of `choices`, or ImproperlyConfigured naming `name`."""
+    value = str(raw).strip()
+    if value not in choices:
+        raise ImproperlyConfigured(f"{name} must be one of {', '.join(choices)}; got {value!r}.")
+    return value
+
+
+def _integer(minimum: int, maximum: int | None = None) -> Callable[[str, Any], int]:
+    return lambda name, raw: integer(name, raw, minimum, maximum)
 
 
 def _seconds(name: str, raw: Any) -> float:
@@ -48,15 +60,7 @@ def _seconds(name: str, raw: Any) -> float:
 
 
 def _choice(*choices: str) -> Callable[[str, Any], str]:
-    def parse(name: str, raw: Any) -> str:
-        value = str(raw).strip()
-        if value not in choices:
-            raise ImproperlyConfigured(
-                f"{name} must be one of {', '.join(choices)}; got {value!r}."
-            )
-        return value
-
-    return parse
+    return lambda name, raw: choice(name, raw, choices)
 
 
 def _host(name: str, raw: Any) -> str:

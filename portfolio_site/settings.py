@@ -12,7 +12,7 @@ from pathlib import Path
 import environ
 from django.core.exceptions import ImproperlyConfigured
 
-from ibkr_sync.environment import read_environment
+from ibkr_sync import environment
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -31,22 +31,11 @@ elif _env_file.strip():
 
 
 def _env_int(name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
-    raw = env.str(name, default=str(default)).strip()
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ImproperlyConfigured(f"{name} must be an integer, got {raw!r}.") from None
-    if value < minimum or (maximum is not None and value > maximum):
-        bounds = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
-        raise ImproperlyConfigured(f"{name} must be {bounds}, got {value}.")
-    return value
+    return environment.integer(name, env.str(name, default=str(default)), minimum, maximum)
 
 
 def _env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
-    value = env.str(name, default=default).strip()
-    if value not in choices:
-        raise ImproperlyConfigured(f"{name} must be one of {', '.join(choices)}; got {value!r}.")
-    return value
+    return environment.choice(name, env.str(name, default=default), choices)
 
 
 def _env_bool(name: str, default: bool) -> bool:
@@ -220,7 +209,7 @@ SPECTACULAR_SETTINGS = {
 # Every IBKR_* setting of the sync app (host, port, client id, timeouts, lock, health,
 # throttle), read from the environment with the app's own defaults and rules
 # (ibkr_sync/environment.py): a malformed value stops start-up, naming the variable.
-globals().update(read_environment())
+globals().update(environment.read_environment())
 
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_LEVEL = _env_choice("LOG_LEVEL", "WARNING", _LEVELS)
