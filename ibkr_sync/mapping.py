@@ -92,9 +92,7 @@ def optional_decimal(value: Decimal | float | str | None) -> Decimal | None:
     if value is None:
         return None
     if isinstance(value, Decimal):
-        # Every marker is at least 2**31 - 1 in magnitude (NaN aside).
-        unset = value.is_nan() or (value.adjusted() >= 9 and is_unset_value(value))
-        return None if unset else value
+        return None if is_unset_value(value) else value
     try:
         number = parse_decimal(repr(value) if isinstance(value, float) else str(value))
     except WireValueError as exc:
@@ -130,8 +128,7 @@ class _Column:
     blank: bool = False
 
 
-@cache
-def _column(field: models.Field, vendor: str) -> _Column:
+def _column(field: models.Field) -> _Column:
     common = {
         "label": str(field.verbose_name),
         "null": field.null,
@@ -169,7 +166,7 @@ def _columns_of(model: type[models.Model]) -> dict[str, _Column]:
     """The model's columns by field name, read once (the sync maps 10,000s of records)."""
     columns = _columns.get(model)
     if columns is None:
-        columns = {f.name: _column(f, _vendor()) for f in model._meta.concrete_fields}
+        columns = {f.name: _column(f) for f in model._meta.concrete_fields}
         _columns[model] = columns
     return columns
 
@@ -182,12 +179,6 @@ def fit(model: type[models.Model], values: dict[str, Any], *, exact: tuple[str, 
     return {
         name: _fit(columns[name], value, name in exact, vendor) for name, value in values.items()
     }
-
-
-def fit_value(field: models.Field, value: Any, *, exact: bool = False) -> Any:
-    """One value checked against the bounds of `field`'s column (see `fit`)."""
-    vendor = _vendor()
-    return _fit(_column(field, vendor), value, exact, vendor)
 
 
 def _fit(column: _Column, value: Any, exact: bool, vendor: str) -> Any:
@@ -383,16 +374,7 @@ def map_position(record: GatewayPosition) -> MappedPosition:
         ],
     }
     for name, value in instrument.items():
-        column = contract[name]
-        # Most texts are short ASCII within their column: checked here without a call.
-        if not (
-            type(value) is str
-            and len(value) <= column.max_length
-            and value.isascii()
-            and "\x00" not in value
-            and (column.choices is None or value in column.choices or (not value and column.blank))
-        ):
-            _fit(column, value, False, vendor)
+        _fit(contract[name], value, False, vendor)
     instrument.update(strike=strike, multiplier=multiplier, expiry=expiry)
     return MappedPosition(
         account_id=record.account,

@@ -93,8 +93,7 @@ def parse_decimal(text: str) -> Decimal | _Unset:
         raise WireValueError(f"{text!r} is not wire text")
     if _DECIMAL_MATCH(text) is not None:
         value = Decimal(text)
-        # Every marker is at least 2**31 - 1 in magnitude: only such values need a look.
-        return UNSET if value.adjusted() >= 9 and is_unset_value(value) else value
+        return UNSET if is_unset_value(value) else value
     if text == "" or text in _NAN:
         return UNSET
     sign, body = ("-", text[1:]) if text.startswith("-") else ("", text)
@@ -121,7 +120,8 @@ def is_unset_value(value: Decimal) -> bool:
     """Whether a number already read is one of the "no value" markers (or NaN)."""
     if not value.is_finite():
         return value.is_nan()
-    return value in _UNSET_VALUES or abs(value) >= UNSET_DOUBLE
+    # Every marker is at least 2**31 - 1 in magnitude: only such values need a look.
+    return value.adjusted() >= 9 and (value in _UNSET_VALUES or abs(value) >= UNSET_DOUBLE)
 
 
 def _shown(text: str, limit: int = 40) -> str:
