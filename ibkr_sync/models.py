@@ -294,18 +294,15 @@ class PositionChange(models.Model):
         model_setting("IBKR_SYNC_POSITION_MODEL"), on_delete=models.CASCADE, related_name="+"
     )
     kind = models.CharField(max_length=16, choices=Kind.choices)
+    # The digits of the position's own columns: whatever a position holds, its change does.
     quantity_before = models.DecimalField(
-        max_digits=30, decimal_places=10, null=True, blank=True, help_text="Empty when created."
+        null=True, blank=True, help_text="Empty when created.", **QUANTITY_DIGITS
     )
     quantity_after = models.DecimalField(
-        max_digits=30, decimal_places=10, null=True, blank=True, help_text="Empty when closed."
+        null=True, blank=True, help_text="Empty when closed.", **QUANTITY_DIGITS
     )
-    average_cost_before = models.DecimalField(
-        max_digits=30, decimal_places=10, null=True, blank=True
-    )
-    average_cost_after = models.DecimalField(
-        max_digits=30, decimal_places=10, null=True, blank=True
-    )
+    average_cost_before = models.DecimalField(null=True, blank=True, **MONEY_DIGITS)
+    average_cost_after = models.DecimalField(null=True, blank=True, **MONEY_DIGITS)
 
     class Meta:
         ordering = ["sync_run", "id"]
