@@ -48,10 +48,7 @@ def _database() -> dict[str, Any]:
 def _last_sync() -> dict[str, Any]:
     max_age = float(conf.get("IBKR_SYNC_MAX_AGE"))
     report: dict[str, Any] = {"max_age_seconds": int(max_age)}
-    last = selectors.last_counting_run("status", "error_code", "started_at", "finished_at")
-    success = last if last is not None and last.status == SyncRun.Status.SUCCESS else None
-    if success is None:
-        success = selectors.last_successful_run("started_at", "finished_at")
+    last, success = selectors.last_runs("status", "error_code", "started_at", "finished_at")
     if success is not None:
         age = (timezone.now() - success.finished_at).total_seconds()
         report.update(last_success_at=success.finished_at, age_seconds=int(age))

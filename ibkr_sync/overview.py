@@ -6,18 +6,13 @@ from django.template.loader import render_to_string
 from django.utils import timezone
 
 from . import selectors
-from .models import SyncRun
 
 
 def sync_status_panel(request: HttpRequest) -> str:
     """Two small queries on an indexed column, whatever the length of the history. A sync
     refused because another was running is not "the latest sync" (as for /healthz)."""
     fields = ("pk", "status", "started_at", "finished_at", "error_message")
-    latest = selectors.last_counting_run(*fields)
-    if latest is not None and latest.status == SyncRun.Status.SUCCESS:
-        last_success = latest
-    else:
-        last_success = selectors.last_successful_run(*fields)
+    latest, last_success = selectors.last_runs(*fields)
     just_now = last_success is not None and (
         (timezone.now() - last_success.finished_at).total_seconds() < 60
     )

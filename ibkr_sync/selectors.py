@@ -34,6 +34,15 @@ def last_successful_run(*fields: str) -> SyncRun | None:
     return (runs.only(*fields) if fields else runs).first()
 
 
+def last_runs(*fields: str) -> tuple[SyncRun | None, SyncRun | None]:
+    """(the last sync that counts, the last successful one): one query when the last one
+    succeeded, two otherwise."""
+    last = last_counting_run(*fields)
+    if last is not None and last.status == SyncRun.Status.SUCCESS:
+        return last, last
+    return last, last_successful_run(*fields)
+
+
 def running_run() -> SyncRun | None:
     """The sync holding the lock, if any (at most one row is running)."""
     return SyncRun.objects.filter(status=SyncRun.Status.RUNNING).first()
