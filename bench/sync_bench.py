@@ -211,6 +211,8 @@ def measure(connection: Any, step: Any, repeat: int) -> dict[str, Any]:
 
 
 def _counting(tally: Counter) -> Any:
+    mirrored = _mirrored_tables()
+
     def wrapper(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
         result = execute(sql, params, many, context)
         tally["queries"] += 1
@@ -222,7 +224,7 @@ def _counting(tally: Counter) -> Any:
                 rows = values.split(" RETURNING")[0].count("(")
             table = sql.split('"')[1] if '"' in sql else "?"
             tally["written"] += max(rows, 0)
-            if table in _mirrored_tables():
+            if table in mirrored:
                 tally["positions+instruments"] += max(rows, 0)
         return result
 

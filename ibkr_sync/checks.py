@@ -96,7 +96,7 @@ def check_models(app_configs=None, **kwargs) -> list:
     errors = []
     for name, base in _BASES.items():
         try:
-            model = conf._lookup_model(name)
+            model = conf.lookup_model(name)
         except ImproperlyConfigured as exc:
             errors.append(Error(str(exc), id="ibkr_sync.E004"))
             continue

@@ -68,11 +68,12 @@ def _model(name: str) -> type[models.Model]:
     # Looked up once per setting (the mapping asks for every record); `reload` forgets.
     model = _models.get(name)
     if model is None:
-        model = _models[name] = _lookup_model(name)
+        model = _models[name] = lookup_model(name)
     return model
 
 
-def _lookup_model(name: str) -> type[models.Model]:
+def lookup_model(name: str) -> type[models.Model]:
+    """The model setting `name` names now (not cached: what the system checks examine)."""
     value = model_setting(name)
     try:
         return apps.get_model(value, require_ready=False)

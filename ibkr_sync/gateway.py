@@ -68,12 +68,13 @@ T = TypeVar("T")
 
 # Message ids of the TWS protocol that we read ourselves or look at.
 _MSG_ERROR = 4
+_MSG_NEXT_VALID_ID = 9
 _MSG_MANAGED_ACCOUNTS = 15
 _MSG_POSITION = POSITION_MESSAGE_ID
 _MSG_POSITION_END = 62
 # The exact field counts of the messages that start and end a read besides the positions
 # (which `_position_from_wire` checks): the library would take a short one as it is.
-_FIELD_COUNTS = {_MSG_MANAGED_ACCOUNTS: 3, 9: 3, _MSG_POSITION_END: 2}
+_FIELD_COUNTS = {_MSG_MANAGED_ACCOUNTS: 3, _MSG_NEXT_VALID_ID: 3, _MSG_POSITION_END: 2}
 
 # IB error codes that end a read, decided here and nowhere else. Everything else the
 # gateway says during a read (farm status 2104/2106/2158, 1102 "connectivity restored",
@@ -454,8 +455,9 @@ class IbkrGateway:
 
     def _check_managed_accounts(self, state: _ReadState, fields: list[str]) -> None:
         # The library waits for a non-empty list before it calls the session started, so
-        # without this an empty one would surface as a connect timeout.
-        if len(fields) >= 3 and not [a for a in fields[2].split(",") if a.strip()]:
+        # without this an empty one would surface as a connect timeout. (Its layout, three
+        # fields, was checked before.)
+        if not [account for account in fields[2].split(",") if account.strip()]:
             state.fail(
                 NoManagedAccounts(
                     f"The IB gateway at {self.address} reports no managed accounts, so there "
