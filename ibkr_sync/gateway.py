@@ -147,7 +147,15 @@ class _ReadState:
 
     failure: asyncio.Future | None = None
     # Frames that could not be read: any of them makes the read incomplete.
-    unreadable: list[str] = field(default_factory=list)
+    unreadable: int = 0
+    # The first few, for the error message: a hostile peer's flood costs a count, no memory.
+    unreadable_examples: list[str] = field(default_factory=list)
+
+    def note_unreadable(self, description: str) -> None:
+        self.unreadable += 1
+        if len(self.unreadable_examples) < 3:
+            self.unreadable_examples.append(description)
+
     positions: dict[tuple[str, int], GatewayPosition] = field(default_factory=dict)
 
     def fail(self, error: IbkrSyncError) -> None:
@@ -239,9 +247,9 @@ class IbkrGateway:
             await self._race(ib.reqPositionsAsync(), state, cfg.request_timeout, "send positions")
             if state.unreadable:
                 raise IncompleteSnapshot(
-                    f"The IB gateway at {self.address} sent {len(state.unreadable)} "
+                    f"The IB gateway at {self.address} sent {state.unreadable} "
                     "message(s) that could not be read, so the positions it reported may "
-                    f"be incomplete; nothing was changed. First: {state.unreadable[0]}"
+                    f"be incomplete; nothing was changed. First: {state.unreadable_examples[0]}"
                 )
             accounts = (account_id,) if account_id is not None else managed
             positions = tuple(
@@ -414,7 +422,7 @@ class IbkrGateway:
         """
         decoder = ib.client.decoder
         handlers = getattr(decoder, "handlers", None)
-        decoder.logger = _DecoderLog(decoder.logger, lambda text: state.unreadable.append(text))
+        decoder.logger = _DecoderLog(decoder.logger, state.note_unreadable)
         if not isinstance(handlers, dict):
             return
 
@@ -443,12 +451,12 @@ class IbkrGateway:
                 return
             if msg_id == _MSG_MANAGED_ACCOUNTS:
                 self._check_managed_accounts(state, fields)
-            seen = len(state.unreadable)
+            seen = state.unreadable
             try:
                 handler(fields)
             except Exception as exc:
                 _unreadable(state, fields, exc)
-            if msg_id == _MSG_ERROR and len(state.unreadable) > seen:
+            if msg_id == _MSG_ERROR and state.unreadable > seen:
                 self._undecodable_error(state, fields)
 
         decoder.interpret = interpret
@@ -485,7 +493,7 @@ class IbkrGateway:
         contract = position.contract
         quantity = _float_decimal(position.position)
         if quantity is None or not position.account or not contract.conId:
-            state.unreadable.append(f"a position of contract {contract.conId!r}: unset fields")
+            state.note_unreadable(f"a position of contract {contract.conId!r}: unset fields")
             return
         received = GatewayPosition(
             account=position.account,
@@ -572,7 +580,7 @@ def _unreadable(state: _ReadState, fields: list[str], reason: object) -> None:
     """Record a frame that could not be read, named by its first fields (never a secret:
     message id, version, account, contract id)."""
     head = ",".join(repr(f)[1:-1][:40] for f in fields[:4])
-    state.unreadable.append(f"[{head}]: {reason}")
+    state.note_unreadable(f"[{head}]: {reason}")
 
 
 class _DecoderLog:

@@ -230,3 +230,17 @@ def test_the_unset_markers_are_the_protocol_modules():
     for text in NOT_WIRE_NUMBERS:
         with pytest.raises(protocol.WireValueError):
             protocol.parse_decimal(text)
+
+
+def test_a_flood_of_unreadable_frames_is_counted_not_kept(ibkr, stored, sync_client):
+    """A hostile peer sending frame after broken frame costs the read a count: the error
+    names how many and shows the first, and nothing is changed."""
+    ibkr.set_faults(extra_frames=[["6l", str(n)] for n in range(20_000)])
+
+    response = sync_client.post(URL)
+
+    assert response.status_code == 502
+    detail = response.json()["detail"]
+    assert "sent 20000 message(s) that could not be read" in detail
+    assert "['6l',0" in detail or "[6l,0" in detail
+    assert database_state() == stored
