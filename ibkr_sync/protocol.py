@@ -92,7 +92,10 @@ def parse_decimal(text: str) -> Decimal | _Unset:
     if type(text) is not str:
         raise WireValueError(f"{text!r} is not wire text")
     if _DECIMAL_MATCH(text) is not None:
-        value = Decimal(text)
+        try:
+            value = Decimal(text)
+        except ArithmeticError:  # an exponent past what any decimal holds (~1e10**18)
+            raise WireValueError(f"{_shown(text)} is out of any number's range") from None
         return UNSET if is_unset_value(value) else value
     if text == "" or text in _NAN:
         return UNSET
@@ -121,7 +124,8 @@ def is_unset_value(value: Decimal) -> bool:
     if not value.is_finite():
         return value.is_nan()
     # Every marker is at least 2**31 - 1 in magnitude: only such values need a look.
-    return value.adjusted() >= 9 and (value in _UNSET_VALUES or abs(value) >= UNSET_DOUBLE)
+    # copy_abs, not abs(): exact, so no exponent can overflow the context here.
+    return value.adjusted() >= 9 and (value in _UNSET_VALUES or value.copy_abs() >= UNSET_DOUBLE)
 
 
 def _shown(text: str, limit: int = 40) -> str:

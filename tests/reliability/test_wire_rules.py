@@ -42,6 +42,7 @@ UNSET_MARKERS = [
     "170141183460469231731687303715884105727",
     "NaN",
     "nan",
+    "1e999999999999999999",  # beyond Double.MAX_VALUE: no double at all
 ]
 # Python's Decimal() and int() take all of these; the TWS wire grammar takes none.
 NOT_WIRE_NUMBERS = [
@@ -59,6 +60,7 @@ NOT_WIRE_NUMBERS = [
     "1.2.3",
     "12\x00",
     "Infinityx",
+    "1E99999999999999999999999",  # an exponent no decimal holds
 ]
 
 INCOMPLETE = [

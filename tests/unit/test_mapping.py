@@ -134,6 +134,7 @@ def test_zero_quantity_is_a_real_value():
         (position(average_cost="Infinity"), "not a finite number"),
         (position(multiplier="1e15"), "too large"),
         (position(multiplier="1e25"), "too large"),
+        (position(multiplier="1E99999999999999999999999"), "out of any number's range"),
     ],
 )
 def test_unmappable_records_fail_with_a_reason(record, reason):
