@@ -8,4 +8,6 @@ INSTALLED_APPS = [app for app in INSTALLED_APPS if app != "portfolio"] + ["bench
 IBKR_SYNC_ACCOUNT_MODEL = "swapped_host.HostAccount"
 IBKR_SYNC_INSTRUMENT_MODEL = "swapped_host.HostInstrument"
 IBKR_SYNC_POSITION_MODEL = "swapped_host.HostPosition"
+IBKR_SYNC_CASH_BALANCE_MODEL = "swapped_host.HostCash"
+IBKR_SYNC_ACCOUNT_SNAPSHOT_MODEL = "swapped_host.HostSnapshot"
 ROOT_URLCONF = "bench.swapped_urls"

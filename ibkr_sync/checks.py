@@ -27,7 +27,13 @@ from django.db import models
 from django.utils.module_loading import import_string
 
 from . import conf, environment
-from .models import AbstractAccount, AbstractInstrument, AbstractPosition
+from .models import (
+    AbstractAccount,
+    AbstractAccountSnapshot,
+    AbstractCashBalance,
+    AbstractInstrument,
+    AbstractPosition,
+)
 
 _IDS = {
     "IBKR_PORT": "ibkr_sync.E001",
@@ -41,6 +47,8 @@ _BASES = {
     "IBKR_SYNC_ACCOUNT_MODEL": AbstractAccount,
     "IBKR_SYNC_INSTRUMENT_MODEL": AbstractInstrument,
     "IBKR_SYNC_POSITION_MODEL": AbstractPosition,
+    "IBKR_SYNC_CASH_BALANCE_MODEL": AbstractCashBalance,
+    "IBKR_SYNC_ACCOUNT_SNAPSHOT_MODEL": AbstractAccountSnapshot,
 }
 
 

@@ -53,6 +53,8 @@ MODEL_SETTINGS = {
     "IBKR_SYNC_ACCOUNT_MODEL": "portfolio.Account",
     "IBKR_SYNC_INSTRUMENT_MODEL": "portfolio.Instrument",
     "IBKR_SYNC_POSITION_MODEL": "portfolio.Position",
+    "IBKR_SYNC_CASH_BALANCE_MODEL": "portfolio.CashBalance",
+    "IBKR_SYNC_ACCOUNT_SNAPSHOT_MODEL": "portfolio.AccountSnapshot",
 }
 
 
@@ -101,6 +103,16 @@ def instrument_model() -> type[models.Model]:
 def position_model() -> type[models.Model]:
     """The position model the sync writes (IBKR_SYNC_POSITION_MODEL)."""
     return _model("IBKR_SYNC_POSITION_MODEL")
+
+
+def cash_balance_model() -> type[models.Model]:
+    """The cash balance model the sync writes (IBKR_SYNC_CASH_BALANCE_MODEL)."""
+    return _model("IBKR_SYNC_CASH_BALANCE_MODEL")
+
+
+def account_snapshot_model() -> type[models.Model]:
+    """The account snapshot model the sync writes (IBKR_SYNC_ACCOUNT_SNAPSHOT_MODEL)."""
+    return _model("IBKR_SYNC_ACCOUNT_SNAPSHOT_MODEL")
 
 
 def reload(*, setting: str, **kwargs) -> None:

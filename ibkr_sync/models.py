@@ -2,8 +2,9 @@
 audit trail (SyncRun, which doubles as the cross-process sync lock, and PositionChange).
 
 The sync writes into whichever concrete models the settings name, as Django's auth does
-with AUTH_USER_MODEL: IBKR_SYNC_ACCOUNT_MODEL, IBKR_SYNC_INSTRUMENT_MODEL and
-IBKR_SYNC_POSITION_MODEL ("app_label.ModelName"; defaults: the `portfolio` app's). A host
+with AUTH_USER_MODEL: IBKR_SYNC_ACCOUNT_MODEL, IBKR_SYNC_INSTRUMENT_MODEL,
+IBKR_SYNC_POSITION_MODEL, IBKR_SYNC_CASH_BALANCE_MODEL and
+IBKR_SYNC_ACCOUNT_SNAPSHOT_MODEL ("app_label.ModelName"; defaults: the `portfolio` app's). A host
 project subclasses the abstract bases below in an app of its own, may add fields of its
 own (nullable or with a default: the sync never sets them), and names its models in the
 settings; `portfolio` is built the same way. Every field and constraint the sync reads
@@ -165,6 +166,26 @@ class AbstractPosition(models.Model):
     closed_at = models.DateTimeField(
         null=True, blank=True, help_text="Set when the broker stopped reporting it; empty if open."
     )
+    # As IBKR reports them (its portfolio values): empty where it reported no value, never
+    # zero for "unknown". A host taking prices from elsewhere keeps them in fields of its own.
+    market_price = models.DecimalField(
+        null=True, blank=True, help_text="Per unit, as IBKR reports it.", **MONEY_DIGITS
+    )
+    market_value = models.DecimalField(
+        null=True,
+        blank=True,
+        help_text="In the instrument's currency, as IBKR reports it.",
+        **MONEY_DIGITS,
+    )
+    unrealized_pnl = models.DecimalField(
+        "unrealized P&L", null=True, blank=True, help_text="As IBKR reports it.", **MONEY_DIGITS
+    )
+    realized_pnl = models.DecimalField(
+        "realized P&L", null=True, blank=True, help_text="As IBKR reports it.", **MONEY_DIGITS
+    )
+    valued_at = models.DateTimeField(
+        null=True, blank=True, help_text="When a sync last read IBKR's values of this position."
+    )
 
     objects = PositionQuerySet.as_manager()
 
@@ -186,6 +207,98 @@ class AbstractPosition(models.Model):
     @property
     def is_open(self) -> bool:
         return self.closed_at is None
+
+
+class AbstractCashBalance(models.Model):
+    """The cash an account holds in one currency, as IBKR last reported it (kept current:
+    a currency IBKR no longer reports for an account whose values were read goes)."""
+
+    account = models.ForeignKey(
+        model_setting("IBKR_SYNC_ACCOUNT_MODEL"),
+        on_delete=models.CASCADE,
+        related_name="cash_balances",
+    )
+    currency = models.CharField(max_length=8)
+    amount = models.DecimalField(help_text="Signed; negative is a debit (a loan).", **MONEY_DIGITS)
+    exchange_rate = models.DecimalField(
+        null=True,
+        blank=True,
+        help_text="To the account's base currency, as IBKR reports it; empty if none.",
+        **MONEY_DIGITS,
+    )
+    synced_at = models.DateTimeField(help_text="When a sync last read it.")
+
+    class Meta:
+        abstract = True
+        ordering = ["account", "currency"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["account", "currency"], name="%(app_label)s_%(class)s_unique_currency"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.account.external_id}: {plain(self.amount)} {self.currency}"
+
+    @property
+    def base_amount(self) -> Decimal | None:
+        """The amount in the account's base currency, at IBKR's own exchange rate."""
+        if self.exchange_rate is None:
+            return None
+        return self.amount * self.exchange_rate
+
+
+class AbstractAccountSnapshot(models.Model):
+    """An account's values in its base currency, as IBKR reported them at one sync: one
+    row per account per sync that read its values completely. The history."""
+
+    account = models.ForeignKey(
+        model_setting("IBKR_SYNC_ACCOUNT_MODEL"),
+        on_delete=models.CASCADE,
+        related_name="snapshots",
+    )
+    sync_run = models.ForeignKey(
+        "ibkr_sync.SyncRun",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        help_text="The sync that read these values.",
+    )
+    taken_at = models.DateTimeField()
+    currency = models.CharField(
+        max_length=8, blank=True, help_text="The account's base currency, as IBKR reports it."
+    )
+    net_liquidation = models.DecimalField(null=True, blank=True, **MONEY_DIGITS)
+    total_cash_value = models.DecimalField(null=True, blank=True, **MONEY_DIGITS)
+    gross_position_value = models.DecimalField(null=True, blank=True, **MONEY_DIGITS)
+    unrealized_pnl = models.DecimalField("unrealized P&L", null=True, blank=True, **MONEY_DIGITS)
+    realized_pnl = models.DecimalField("realized P&L", null=True, blank=True, **MONEY_DIGITS)
+    available_funds = models.DecimalField(null=True, blank=True, **MONEY_DIGITS)
+    buying_power = models.DecimalField(null=True, blank=True, **MONEY_DIGITS)
+
+    class Meta:
+        abstract = True
+        ordering = ["account", "-taken_at"]
+        get_latest_by = "taken_at"
+        indexes = [
+            models.Index(fields=["account", "taken_at"], name="%(app_label)s_%(class)s_hist")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.account.external_id} at {self.taken_at:%Y-%m-%d %H:%M}"
+
+
+#: The AccountSnapshot fields a sync fills from IBKR's account values, by IBKR's tag.
+SNAPSHOT_TAGS = {
+    "net_liquidation": "NetLiquidation",
+    "total_cash_value": "TotalCashValue",
+    "gross_position_value": "GrossPositionValue",
+    "unrealized_pnl": "UnrealizedPnL",
+    "realized_pnl": "RealizedPnL",
+    "available_funds": "AvailableFunds",
+    "buying_power": "BuyingPower",
+}
 
 
 class SyncRun(models.Model):
@@ -228,6 +341,12 @@ class SyncRun(models.Model):
     errors = models.PositiveIntegerField(default=0)
     error_details = models.JSONField(
         default=list, blank=True, help_text="Records that could not be mapped, with reasons."
+    )
+    account_values = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="Per account: whether its values (cash, net liquidation, P&L, market "
+        "values) were read ('read') or not ('missing', with the reason).",
     )
     error_code = models.CharField(max_length=64, blank=True)
     error_message = models.TextField(blank=True)

@@ -1,4 +1,5 @@
-"""Broker-agnostic portfolio domain: accounts, instruments and the positions linking them.
+"""Broker-agnostic portfolio domain: accounts, instruments and the positions linking them,
+with each account's cash per currency and the history of its values.
 
 Rows mirror what a broker reports; they are written by a broker app's sync service
 (e.g. `ibkr_sync.services`), never edited by hand, and never deleted when a position
@@ -14,6 +15,8 @@ from ibkr_sync.models import (
     MONEY_DIGITS,
     QUANTITY_DIGITS,
     AbstractAccount,
+    AbstractAccountSnapshot,
+    AbstractCashBalance,
     AbstractInstrument,
     AbstractPosition,
     Broker,
@@ -28,7 +31,9 @@ __all__ = [
     "MONEY_DIGITS",
     "QUANTITY_DIGITS",
     "Account",
+    "AccountSnapshot",
     "Broker",
+    "CashBalance",
     "Instrument",
     "OptionRight",
     "Position",
@@ -49,4 +54,14 @@ class Instrument(AbstractInstrument):
 
 class Position(AbstractPosition):
     class Meta(AbstractPosition.Meta):
+        pass
+
+
+class CashBalance(AbstractCashBalance):
+    class Meta(AbstractCashBalance.Meta):
+        pass
+
+
+class AccountSnapshot(AbstractAccountSnapshot):
+    class Meta(AbstractAccountSnapshot.Meta):
         pass

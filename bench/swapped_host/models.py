@@ -4,7 +4,13 @@ them to show that swapped models cost what the default ones do."""
 
 from django.db import models
 
-from ibkr_sync.models import AbstractAccount, AbstractInstrument, AbstractPosition
+from ibkr_sync.models import (
+    AbstractAccount,
+    AbstractAccountSnapshot,
+    AbstractCashBalance,
+    AbstractInstrument,
+    AbstractPosition,
+)
 
 
 class HostAccount(AbstractAccount):
@@ -17,3 +23,11 @@ class HostInstrument(AbstractInstrument):
 
 class HostPosition(AbstractPosition):
     notes = models.TextField(blank=True, default="")
+
+
+class HostCash(AbstractCashBalance):
+    pass
+
+
+class HostSnapshot(AbstractAccountSnapshot):
+    pass

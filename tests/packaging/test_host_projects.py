@@ -136,7 +136,13 @@ urlpatterns += [path("portfolio/", include("portfolio.api.urls"))]
 OWN_MODELS = '''
 from django.db import models
 
-from ibkr_sync.models import AbstractAccount, AbstractInstrument, AbstractPosition
+from ibkr_sync.models import (
+    AbstractAccount,
+    AbstractAccountSnapshot,
+    AbstractCashBalance,
+    AbstractInstrument,
+    AbstractPosition,
+)
 
 
 class BrokerAccount(AbstractAccount):
@@ -149,6 +155,14 @@ class Security(AbstractInstrument):
 
 class Holding(AbstractPosition):
     notes = models.TextField(null=True, blank=True)
+
+
+class Cash(AbstractCashBalance):
+    pass
+
+
+class ValueHistory(AbstractAccountSnapshot):
+    pass
 
 
 class HeardChange(models.Model):
@@ -201,6 +215,8 @@ OWN_SETTINGS = """
 IBKR_SYNC_ACCOUNT_MODEL = "portfolio.BrokerAccount"
 IBKR_SYNC_INSTRUMENT_MODEL = "portfolio.Security"
 IBKR_SYNC_POSITION_MODEL = "portfolio.Holding"
+IBKR_SYNC_CASH_BALANCE_MODEL = "portfolio.Cash"
+IBKR_SYNC_ACCOUNT_SNAPSHOT_MODEL = "portfolio.ValueHistory"
 """
 
 # Run inside the host, with its settings: the POST, the admin pages, what was stored.
