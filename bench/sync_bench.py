@@ -9,6 +9,12 @@ measurement runs in a fresh Python process (so its peak memory is its own):
   first      a sync into an empty database (every account, instrument, position created)
   unchanged  the same sync again (best of --repeat; nothing may be written)
   changed    a sync after 10% of quantities changed and 5% of positions closed
+  with values  the product's sync as it runs by default: positions and, in the same
+             connection, every account's values (cash, net liquidation, P&L, each
+             position's market value), after every price moved (best of --repeat)
+
+The first three steps read positions only (IBKR_READ_VALUES=false), as the naive baseline
+does; "with values" is measured beside them in the same run, against the same raw read.
 
 for the product's set-based sync and, as the baseline, a naive per-row
 `update_or_create` sync kept only here. Each row shows seconds, the ratio to the raw
@@ -71,6 +77,9 @@ def _simulator_process(conn: Any, positions: int, accounts: int) -> None:
                 + [p for p in rows if p.key in untouched]
             )
             conn.send((len(changed), len(closed)))
+        elif command == "move prices":
+            simulator.move_prices("1.01")
+            conn.send("moved")
         elif command == "stop":
             simulator.stop_thread()
             conn.send("stopped")
@@ -92,6 +101,10 @@ class Simulator:
     def mutate(self) -> tuple[int, int]:
         self.conn.send("mutate")
         return self.conn.recv()
+
+    def move_prices(self) -> None:
+        self.conn.send("move prices")
+        self.conn.recv()
 
     def stop(self) -> None:
         self.conn.send("stop")
@@ -165,6 +178,8 @@ def worker_sync(args: argparse.Namespace) -> dict[str, Any]:
     simulator = Simulator(args.positions, args.accounts)
     settings.IBKR_HOST, settings.IBKR_PORT = "127.0.0.1", simulator.port
     settings.IBKR_REQUEST_TIMEOUT = 600
+    settings.IBKR_VALUES_TIMEOUT = 600
+    settings.IBKR_READ_VALUES = False
     if args.implementation == "naive":
         from ibkr_sync.gateway import IbkrGateway
 
@@ -186,16 +201,33 @@ def worker_sync(args: argparse.Namespace) -> dict[str, Any]:
         steps["changed"] = measure(connection, sync, repeat=1)
         counts = steps["changed"]["counts"]
         assert (counts["updated"], counts["closed"]) == (changed, closed), counts
+        if args.implementation != "naive":
+            settings.IBKR_READ_VALUES = True
+
+            def with_values() -> dict[str, int]:
+                result = sync_positions(trigger=SyncRun.Trigger.COMMAND)
+                missing = [a for a, v in result.account_values.items() if v["status"] != "read"]
+                assert not missing, result.account_values
+                valued = sum(v["positions_valued"] for v in result.account_values.values())
+                assert valued == args.positions - closed, valued
+                return {"unchanged": result.unchanged, "valued": valued}
+
+            steps["with values"] = measure(
+                connection, with_values, repeat=args.repeat, before=simulator.move_prices
+            )
     finally:
         simulator.stop()
         connection.creation.destroy_test_db(db["NAME"], verbosity=0)
     return {"steps": steps, "rss": peak_rss_mib()}
 
 
-def measure(connection: Any, step: Any, repeat: int) -> dict[str, Any]:
-    """Best time of `repeat` runs, with the queries and rows written of the last."""
+def measure(connection: Any, step: Any, repeat: int, before: Any = None) -> dict[str, Any]:
+    """Best time of `repeat` runs, with the queries and rows written of the last; `before`
+    (not timed) prepares each run."""
     best = float("inf")
     for _ in range(repeat):
+        if before is not None:
+            before()
         tally: Counter = Counter()
         with connection.execute_wrapper(_counting(tally)):
             started = time.perf_counter()
@@ -217,6 +249,8 @@ def _counting(tally: Counter) -> Any:
         result = execute(sql, params, many, context)
         tally["queries"] += 1
         statement = sql.lstrip()[:6].upper()
+        if statement.startswith("WITH"):  # WITH v AS (VALUES ...) UPDATE ...
+            statement = "UPDATE" if " UPDATE " in sql else statement
         if statement in ("INSERT", "UPDATE", "DELETE"):
             rows = context["cursor"].rowcount
             if rows <= 0 and statement == "INSERT":  # SQLite with RETURNING: count the rows

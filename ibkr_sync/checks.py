@@ -6,7 +6,8 @@ not in the middle of the night as a failed sync.
 
 - ibkr_sync.E001: IBKR_PORT is not a port (1..65535).
 - ibkr_sync.E002: a timeout (IBKR_CONNECT_TIMEOUT, IBKR_REQUEST_TIMEOUT,
-  IBKR_SYNC_LOCK_TIMEOUT, IBKR_SYNC_STALE_AFTER) is not a positive number of seconds.
+  IBKR_VALUES_TIMEOUT, IBKR_SYNC_LOCK_TIMEOUT, IBKR_SYNC_STALE_AFTER) is not a positive
+  number of seconds.
 - ibkr_sync.E003: IBKR_CLIENT_LIBRARY names no known client library.
 - ibkr_sync.E004: an IBKR_SYNC_*_MODEL setting names no installed model, or one that
   lacks a field the sync writes (build it on the matching abstract base), or that has a
@@ -39,6 +40,7 @@ _IDS = {
     "IBKR_PORT": "ibkr_sync.E001",
     "IBKR_CONNECT_TIMEOUT": "ibkr_sync.E002",
     "IBKR_REQUEST_TIMEOUT": "ibkr_sync.E002",
+    "IBKR_VALUES_TIMEOUT": "ibkr_sync.E002",
     "IBKR_SYNC_LOCK_TIMEOUT": "ibkr_sync.E002",
     "IBKR_SYNC_STALE_AFTER": "ibkr_sync.E002",
     "IBKR_CLIENT_LIBRARY": "ibkr_sync.E003",

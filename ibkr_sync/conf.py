@@ -35,6 +35,8 @@ class GatewayConfig:
     connect_timeout: float
     request_timeout: float
     library: str
+    read_values: bool = True
+    values_timeout: float = 30.0
 
     @classmethod
     def from_settings(cls) -> "GatewayConfig":
@@ -45,6 +47,8 @@ class GatewayConfig:
             connect_timeout=float(get("IBKR_CONNECT_TIMEOUT")),
             request_timeout=float(get("IBKR_REQUEST_TIMEOUT")),
             library=get("IBKR_CLIENT_LIBRARY"),
+            read_values=environment.parse("IBKR_READ_VALUES", get("IBKR_READ_VALUES")),
+            values_timeout=float(get("IBKR_VALUES_TIMEOUT")),
         )
 
 

@@ -91,6 +91,19 @@ def _rate(name: str, raw: Any) -> str | None:
     return f"{int(match[1])}/{match[2].lower()}"
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _boolean(name: str, raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise ImproperlyConfigured(f"{name} must be true or false, got {raw!r}.")
+
+
 def _text(name: str, raw: Any) -> str:
     return str(raw).strip()
 
@@ -109,6 +122,10 @@ SETTINGS: dict[str, Setting] = {
     "IBKR_CLIENT_ID": Setting(1, _integer(0, 2**31 - 1), "A client id no other tool uses."),
     "IBKR_CONNECT_TIMEOUT": Setting(10.0, _seconds, "Seconds to wait for the handshake."),
     "IBKR_REQUEST_TIMEOUT": Setting(60.0, _seconds, "Seconds to wait for the positions."),
+    "IBKR_READ_VALUES": Setting(
+        True, _boolean, "Also read cash, account values and market values (true/false)."
+    ),
+    "IBKR_VALUES_TIMEOUT": Setting(30.0, _seconds, "Seconds to wait for one account's values."),
     "IBKR_CLIENT_LIBRARY": Setting("ib_insync", _choice(*CLIENT_LIBRARIES), "The IB client."),
     "IBKR_SYNC_LOCK_TIMEOUT": Setting(
         30.0, _seconds, "A lock not renewed for this long is released by the next sync."

@@ -25,11 +25,23 @@ Why it is shaped this way:
   would only log it, and a position we could not read must never be closed as gone.
 - One read at a time per process: a dropped IB connection cancels blocking calls of
   every other IB instance in the process.
+- After the positions, in the same connection, each account's values (`_read_values`):
+  one account-updates subscription at a time (`reqAccountUpdates`, which TWS serves for
+  one account at a time), read up to its download-end marker, then cancelled. It is the
+  one request that gives both the account's values (cash and exchange rate per currency,
+  net liquidation, P&L) and every position's market value, for any number of accounts
+  and for linked and advisor accounts alike (`reqAccountSummary` has no position values
+  and refuses group "All" to an advisor with more than 50 sub-accounts; `reqPnLSingle`
+  would be one subscription per position). The messages are read off the wire, exactly,
+  like the positions. An account whose values time out, are refused (2100, 2101), are
+  not ready or come in a frame that cannot be read is reported missing with the reason:
+  it never fails the positions, which were complete before the first value was asked for.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import logging
 import socket
@@ -53,6 +65,14 @@ from .exceptions import (
     UnknownAccount,
 )
 from .protocol import (
+    ACCOUNT_DOWNLOAD_END_MESSAGE_ID,
+    ACCOUNT_VALUE_FIELDS,
+    ACCOUNT_VALUE_MESSAGE_ID,
+    ACCOUNT_VALUE_TAGS,
+    ACCOUNT_VALUE_VERSION,
+    PORTFOLIO_FIELDS,
+    PORTFOLIO_MESSAGE_ID,
+    PORTFOLIO_VERSION,
     POSITION_FIELDS,
     POSITION_MESSAGE_ID,
     POSITION_VERSION,
@@ -87,6 +107,14 @@ _CLIENT_ID_IN_USE = 326
 _GATEWAY_DOWN_CODES = frozenset({502, 504, 1300})
 _SERVER_LINK_DOWN_CODES = frozenset({1100, 2110})
 _REQUEST_FAILED_CODES = frozenset({321, 322})
+# The account-updates subscription was taken over (2100: TWS serves one account at a
+# time) or refused because another client holds one for a different account (2101): the
+# values of the account being read are then incomplete, its positions are not affected.
+# An account has a few dozen such values (a handful per currency it holds): far more is
+# not an account's values, and would only cost memory.
+_MAX_VALUES = 2000
+_ACCOUNT_DATA_UNSUBSCRIBED = 2100
+_ACCOUNT_DATA_REFUSED = 2101
 
 _SETUP_CHECKLIST = (
     "Check that TWS or IB Gateway is running and logged in, that 'Enable ActiveX and "
@@ -123,13 +151,48 @@ class GatewayPosition:
 
 
 @dataclass(frozen=True, slots=True)
+class GatewayPositionValue:
+    """IBKR's values of one position (a portfolio message), None where it sent "no value".
+
+    `quantity` is the position's quantity as the same message states it: the values
+    belong to that quantity, which may differ from the position read moments before if a
+    trade happened in between.
+    """
+
+    con_id: int
+    quantity: Decimal
+    market_price: Decimal | None
+    market_value: Decimal | None
+    unrealized_pnl: Decimal | None
+    realized_pnl: Decimal | None
+
+
+@dataclass(frozen=True)
+class GatewayAccountValues:
+    """One account's values, complete up to the end of its first download.
+
+    `values` holds the tags a sync reads (`protocol.ACCOUNT_VALUE_TAGS`) by (tag,
+    currency), None where IBKR sent "no value"; `positions` the position values by conId.
+    """
+
+    account: str
+    values: dict[tuple[str, str], Decimal | None]
+    positions: dict[int, GatewayPositionValue]
+
+
+@dataclass(frozen=True)
 class GatewaySnapshot:
-    """Every open position of the accounts read, complete up to the end marker."""
+    """Every open position of the accounts read, complete up to the end marker; and, when
+    asked for, each account's values, or why they could not be read."""
 
     accounts: tuple[str, ...]
     positions: tuple[GatewayPosition, ...]
     managed_accounts: tuple[str, ...] = ()
     server_version: int | None = None
+    # Whether values were asked for; then every account read is in exactly one of these.
+    values_read: bool = False
+    account_values: dict[str, GatewayAccountValues] = field(default_factory=dict)
+    values_missing: dict[str, str] = field(default_factory=dict)
 
 
 def _float_decimal(value: float | None) -> Decimal | None:
@@ -157,6 +220,8 @@ class _ReadState:
             self.unreadable_examples.append(description)
 
     positions: dict[tuple[str, int], GatewayPosition] = field(default_factory=dict)
+    # The account whose values are being read, while they are.
+    values: _AccountRead | None = None
 
     def fail(self, error: IbkrSyncError) -> None:
         # The first failure wins: a 326 is followed by the socket closing, and the
@@ -171,6 +236,24 @@ class _ReadState:
             return None
         error = self.failure.result()
         return error if getattr(error, "ib_code", None) is not None else None
+
+
+@dataclass
+class _AccountRead:
+    """One account's values as they arrive; `done` is set at its download end or at the
+    first problem (which then is the reason its values are missing)."""
+
+    account: str
+    done: asyncio.Future
+    values: dict[tuple[str, str], Decimal | None] = field(default_factory=dict)
+    positions: dict[int, GatewayPositionValue] = field(default_factory=dict)
+    problem: str | None = None
+
+    def spoil(self, reason: str) -> None:
+        if self.problem is None:
+            self.problem = reason
+        if not self.done.done():
+            self.done.set_result(None)
 
 
 class IbkrGateway:
@@ -229,6 +312,7 @@ class IbkrGateway:
         if connection is not None and hasattr(connection, "disconnected"):
             connection.disconnected += lambda message: self._on_socket_closed(state, message)
         self._decode_positions_ourselves(ib, state)
+        self._decode_values_ourselves(ib, state)
         self._guard_decoding(ib, state)
         try:
             ib.wrapper.clientId = cfg.client_id
@@ -257,14 +341,92 @@ class IbkrGateway:
                 for p in state.positions.values()
                 if p.quantity != 0 and (account_id is None or p.account == account_id)
             )
+            server_version = ib.client.serverVersion()
+            if not cfg.read_values:
+                return GatewaySnapshot(accounts, positions, managed, server_version)
+            values, missing = await self._read_values(ib, state, accounts)
             return GatewaySnapshot(
-                accounts=accounts,
-                positions=positions,
-                managed_accounts=managed,
-                server_version=ib.client.serverVersion(),
+                accounts,
+                positions,
+                managed,
+                server_version,
+                values_read=True,
+                account_values=values,
+                values_missing=missing,
             )
         finally:
             await self._disconnect(ib)
+
+    async def _read_values(
+        self, ib: Any, state: _ReadState, accounts: tuple[str, ...]
+    ) -> tuple[dict[str, GatewayAccountValues], dict[str, str]]:
+        """Each account's values in turn; an account that cannot be read is missing, with
+        the reason, and the others are read all the same. Once the session itself has
+        failed (the connection lost, say), the accounts not read yet are missing too."""
+        values: dict[str, GatewayAccountValues] = {}
+        missing: dict[str, str] = {}
+        with contextlib.suppress(ConnectionError):
+            ib.client.cancelPositions()  # the positions are read: no updates of them now
+        # All accounts' values together get at most IBKR_REQUEST_TIMEOUT, so that a sync
+        # holds the lock for a bounded time however many accounts time out.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.request_timeout
+        for account in accounts:
+            left = deadline - loop.time()
+            if state.failure.done():
+                missing[account] = (
+                    "not read: the session with the IB gateway ended before its values "
+                    f"were asked for ({state.failure.result()})"
+                )
+                continue
+            if left <= 0:
+                missing[account] = (
+                    "not read: the values of the accounts before it took IBKR_REQUEST_TIMEOUT "
+                    f"({self.config.request_timeout:g} s) in all"
+                )
+                continue
+            outcome = await self._read_account_values(ib, state, account, left)
+            if isinstance(outcome, str):
+                missing[account] = outcome
+                logger.warning("The values of account %s were not read: %s", account, outcome)
+            else:
+                values[account] = outcome
+        return values, missing
+
+    async def _read_account_values(
+        self, ib: Any, state: _ReadState, account: str, left: float
+    ) -> GatewayAccountValues | str:
+        timeout = min(self.config.values_timeout, left)
+        read = _AccountRead(account, asyncio.get_running_loop().create_future())
+        unreadable = state.unreadable
+        state.values = read
+        try:
+            ib.client.reqAccountUpdates(True, account)
+            done, _ = await asyncio.wait(
+                {read.done, state.failure}, timeout=timeout, return_when="FIRST_COMPLETED"
+            )
+        except ConnectionError as exc:
+            return f"not read: the connection to the IB gateway was lost ({exc})"
+        finally:
+            state.values = None
+            # TWS serves one account's updates at a time: let go before the next one.
+            with contextlib.suppress(ConnectionError):
+                ib.client.reqAccountUpdates(False, account)
+        if read.problem is not None:
+            return read.problem
+        if read.done not in done:
+            if state.failure.done():
+                return f"not read: {state.failure.result()}"
+            return (
+                f"IBKR did not send the account's values within {timeout:.3g} s "
+                "(IBKR_VALUES_TIMEOUT); its stored values were kept"
+            )
+        if state.unreadable > unreadable:
+            return (
+                "a message that could not be read arrived with the account's values "
+                f"({state.unreadable_examples[-1]}); its stored values were kept"
+            )
+        return GatewayAccountValues(account, read.values, read.positions)
 
     async def _race(
         self, awaitable: Awaitable[T], state: _ReadState, timeout: float, what: str
@@ -354,6 +516,25 @@ class IbkrGateway:
                     ib_code=code,
                 )
             )
+        elif code in (_ACCOUNT_DATA_UNSUBSCRIBED, _ACCOUNT_DATA_REFUSED):
+            read = state.values
+            logger.warning("IB gateway message %s (reqId %s): %s", code, req_id, text)
+            # TWS answers in order: a 2100 before any of this account's values ends the
+            # subscription just cancelled (some versions confirm a cancel so), not this one.
+            taken_over = read is not None and bool(read.values or read.positions)
+            if read is not None and (code == _ACCOUNT_DATA_REFUSED or taken_over):
+                taken = code == _ACCOUNT_DATA_UNSUBSCRIBED
+                read.spoil(
+                    f"IBKR {'ended' if taken else 'refused'} the subscription to the "
+                    f"account's values ({'warning' if taken else 'error'} {code}: {text}). "
+                    "TWS serves one account's values at a time to all its API clients: "
+                    + (
+                        "another request took it over"
+                        if taken
+                        else "another client holds it for a different account"
+                    )
+                    + "; its stored values were kept"
+                )
         elif code in _REQUEST_FAILED_CODES:
             state.fail(
                 GatewayError(
@@ -408,6 +589,92 @@ class IbkrGateway:
                 self._received(state, position)
 
         handlers[_MSG_POSITION] = on_position
+
+    def _decode_values_ourselves(self, ib: Any, state: _ReadState) -> None:
+        """Read account values, portfolio rows and the download-end marker off the wire.
+
+        The library turns them into floats (and keeps them per account in a way that is
+        empty for linked accounts); here they are read exactly, for the account being
+        read only. A frame of another layout, or a value outside the wire grammar, spoils
+        that account's values (never the positions, never another account's values).
+        Frames arriving when no account is being read (a late update) are passed over.
+        """
+        handlers = getattr(ib.client.decoder, "handlers", None)
+        if not isinstance(handlers, dict):
+            return
+
+        def on_account_value(fields: list[str]) -> None:
+            read = state.values
+            if read is None:
+                return
+            if len(fields) != len(ACCOUNT_VALUE_FIELDS) or fields[1] != ACCOUNT_VALUE_VERSION:
+                read.spoil(_values_layout("an account value", fields, len(ACCOUNT_VALUE_FIELDS)))
+                return
+            _, _, tag, text, currency, account = fields
+            if account != read.account:
+                return
+            if tag == "AccountReady":
+                if text.strip().lower() == "false":
+                    read.spoil(
+                        "IBKR reported the account's values as not ready (AccountReady "
+                        "false: it is resetting them); its stored values were kept"
+                    )
+                return
+            if tag not in ACCOUNT_VALUE_TAGS:
+                return
+            try:
+                value = parse_decimal(text)
+            except WireValueError as exc:
+                read.spoil(
+                    f"its {tag} ({currency or 'no currency'}) is unreadable: {exc}; its "
+                    "stored values were kept"
+                )
+                return
+            key = (intern(tag), intern(currency))
+            if key not in read.values and len(read.values) >= _MAX_VALUES:
+                read.spoil(f"more than {_MAX_VALUES} distinct values; its stored values were kept")
+                return
+            read.values[key] = None if value is UNSET else value
+
+        def on_portfolio(fields: list[str]) -> None:
+            read = state.values
+            if read is None:
+                return
+            if len(fields) != len(PORTFOLIO_FIELDS) or fields[1] != PORTFOLIO_VERSION:
+                read.spoil(_values_layout("a portfolio", fields, len(PORTFOLIO_FIELDS)))
+                return
+            if fields[-1] != read.account:
+                return
+            try:
+                value = _position_value_from_wire(fields)
+            except WireValueError as exc:
+                read.spoil(
+                    f"the portfolio row of contract {_shown_field(fields[2])} {exc}; "
+                    "its stored values were kept"
+                )
+                return
+            # Only the positions read: a flood of rows for others costs no memory.
+            if (read.account, value.con_id) in state.positions:
+                read.positions[value.con_id] = value
+
+        def on_download_end(fields: list[str]) -> None:
+            read = state.values
+            if read is None:
+                return
+            if len(fields) != 3:
+                read.spoil(_values_layout("an account download end", fields, 3))
+            elif fields[2] == read.account and not read.done.done():
+                if read.values:
+                    read.done.set_result(None)
+                else:  # complete, but empty: no reason to believe the account holds no cash
+                    read.spoil(
+                        "IBKR ended the account's values without sending any of those a "
+                        "sync reads; its stored values were kept"
+                    )
+
+        handlers[ACCOUNT_VALUE_MESSAGE_ID] = on_account_value
+        handlers[PORTFOLIO_MESSAGE_ID] = on_portfolio
+        handlers[ACCOUNT_DOWNLOAD_END_MESSAGE_ID] = on_download_end
 
     def _guard_decoding(self, ib: Any, state: _ReadState) -> None:
         """Every frame of the session is decoded under our eye, not only positions.
@@ -574,6 +841,43 @@ def _position_from_wire(fields: list[str]) -> GatewayPosition:
         strike=None if parsed_strike is UNSET else parsed_strike,
         right=intern(right),
     )
+
+
+_PORTFOLIO_VALUES = slice(
+    PORTFOLIO_FIELDS.index("market_price"), PORTFOLIO_FIELDS.index("realized_pnl") + 1
+)
+_PORTFOLIO_CON_ID = PORTFOLIO_FIELDS.index("con_id")
+_PORTFOLIO_QUANTITY = PORTFOLIO_FIELDS.index("quantity")
+
+
+def _position_value_from_wire(fields: list[str]) -> GatewayPositionValue:
+    """A portfolio message (layout checked) -> its values; WireValueError if unreadable."""
+    try:
+        con_id = parse_integer(fields[_PORTFOLIO_CON_ID])
+        quantity = parse_decimal(fields[_PORTFOLIO_QUANTITY])
+        numbers = [parse_decimal(text) for text in fields[_PORTFOLIO_VALUES]]
+    except WireValueError as exc:
+        raise WireValueError(f"has an unreadable number ({exc})") from None
+    if con_id is UNSET or con_id <= 0:
+        raise WireValueError("has no valid contract id")
+    if quantity is UNSET:
+        raise WireValueError("has no quantity")
+    price, value, _average_cost, unrealized, realized = (
+        None if number is UNSET else number for number in numbers
+    )
+    return GatewayPositionValue(con_id, quantity, price, value, unrealized, realized)
+
+
+def _values_layout(what: str, fields: list[str], expected: int) -> str:
+    version = fields[1] if len(fields) > 1 else ""
+    return (
+        f"{what} message came in a layout this sync does not read ({len(fields)} fields, "
+        f"version {_shown_field(version)}; expected {expected}); its stored values were kept"
+    )
+
+
+def _shown_field(text: str) -> str:
+    return repr(text[:40] + ("..." if len(text) > 40 else ""))
 
 
 def _unreadable(state: _ReadState, fields: list[str], reason: object) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 from django.db import DatabaseError, connection
 from django.utils import timezone
 
-from . import conf, selectors
+from . import conf, environment, selectors
 from .gateway import IbkrGateway
 from .lock import abandoned_reason
 from .models import SyncRun
@@ -64,10 +64,12 @@ def _last_sync() -> dict[str, Any]:
 
 
 def lock_hold_limit() -> float:
-    """The longest a healthy sync holds the lock: it connects, reads, and writes."""
+    """The longest a healthy sync holds the lock: it connects, reads the positions (and the
+    values, which are given at most IBKR_REQUEST_TIMEOUT in all), and writes."""
+    reads = 2 if environment.parse("IBKR_READ_VALUES", conf.get("IBKR_READ_VALUES")) else 1
     return (
         float(conf.get("IBKR_CONNECT_TIMEOUT"))
-        + float(conf.get("IBKR_REQUEST_TIMEOUT"))
+        + reads * float(conf.get("IBKR_REQUEST_TIMEOUT"))
         + float(conf.get("IBKR_SYNC_LOCK_TIMEOUT"))
     )
 

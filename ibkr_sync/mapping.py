@@ -26,9 +26,9 @@ from django.db import connection, models
 from . import conf
 from .decimals import plain
 from .exceptions import InvalidAccountId
-from .gateway import GatewayPosition
+from .gateway import GatewayAccountValues, GatewayPosition
 from .models import Broker, SecType
-from .protocol import UNSET, WireValueError, is_unset_value, parse_decimal
+from .protocol import BASE_CURRENCY, UNSET, WireValueError, is_unset_value, parse_decimal
 
 BROKER = Broker.IBKR
 
@@ -53,6 +53,19 @@ INSTRUMENT_FIELDS = (
     "description",
 )
 POSITION_FIELDS = ("quantity", "average_cost", "cost_basis")
+#: The Position fields a sync fills from IBKR's portfolio values (and `valued_at`).
+POSITION_VALUE_FIELDS = ("market_price", "market_value", "unrealized_pnl", "realized_pnl")
+#: The AccountSnapshot fields a sync fills from IBKR's account values, by IBKR's tag: the
+#: account's totals in its base currency.
+SNAPSHOT_TAGS = {
+    "net_liquidation": "NetLiquidation",
+    "total_cash_value": "TotalCashValue",
+    "gross_position_value": "GrossPositionValue",
+    "unrealized_pnl": "UnrealizedPnL",
+    "realized_pnl": "RealizedPnL",
+    "available_funds": "AvailableFunds",
+    "buying_power": "BuyingPower",
+}
 
 
 class MappingError(ValueError):
@@ -65,6 +78,28 @@ class MappedPosition:
     instrument_id: str
     instrument: dict[str, Any]
     position: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class MappedValues:
+    """One account's values as its columns store them.
+
+    `cash` has a row per currency IBKR reported a cash balance for; `kept_currencies` are
+    currencies whose stored row must be left as it is (IBKR sent no value for it, or one
+    that cannot be stored), so it is neither updated nor removed. `positions` has the
+    value fields by instrument (conId text) for every position whose values belong to
+    the quantity synced; `stale` counts those whose portfolio row stated another
+    quantity (a trade between the two reads), left as they were.
+    """
+
+    account_id: str
+    base_currency: str
+    snapshot: dict[str, Any]
+    cash: dict[str, dict[str, Any]]
+    kept_currencies: frozenset[str]
+    positions: dict[str, dict[str, Any]]
+    stale: int
+    errors: list[dict[str, Any]]
 
 
 def normalize_account_id(value: str) -> str:
@@ -382,3 +417,130 @@ def map_position(record: GatewayPosition) -> MappedPosition:
         instrument=instrument,
         position=position,
     )
+
+
+def map_account_values(
+    values: GatewayAccountValues, held: dict[int, tuple[Decimal, str, str, str]]
+) -> MappedValues:
+    """An account's values -> AccountSnapshot, CashBalance and Position value fields.
+
+    `held` is the account's positions being synced, by conId: (quantity, symbol, sec
+    type, instrument id). A value that does not fit its column is an error entry and
+    stored as nothing (never as zero): the snapshot's field is empty, the currency's
+    cash row and the position's values are left as they were.
+
+    The totals are in the base currency: the currency IBKR gives NetLiquidation in (or
+    TotalCashValue). Per-currency tags carry their total in the base currency under the
+    currency "BASE" (P&L), which is preferred to the base currency's own row (the P&L of
+    positions in that currency only).
+    """
+    account = values.account
+    reported = values.values
+    errors: list[dict[str, Any]] = []
+    base = _base_currency(reported)
+    snapshot_model = conf.account_snapshot_model()
+    columns, vendor = _columns_of(snapshot_model), _vendor()
+
+    def stored(column: _Column, value: Any, label: str, con_id: Any = None, **where) -> Any:
+        try:
+            fitted = _fit(column, value, False, vendor)
+            if value and not fitted:  # a rate of 1E-12 is not a rate of 0
+                raise MappingError(
+                    f"{_short(value)} rounds to 0 at the column's {column.places} decimal places"
+                )
+            return fitted
+        except MappingError as exc:
+            errors.append(
+                {
+                    "account": account,
+                    "con_id": con_id,
+                    "symbol": where.get("symbol", label),
+                    "sec_type": where.get("sec_type", ""),
+                    "reason": f"{label}: {exc}",
+                }
+            )
+            raise
+
+    snapshot: dict[str, Any] = {"currency": base}
+    with_base = (BASE_CURRENCY, base) if base else (BASE_CURRENCY,)
+    for name, tag in SNAPSHOT_TAGS.items():
+        value = next((reported[tag, c] for c in with_base if (tag, c) in reported), None)
+        try:
+            snapshot[name] = stored(columns[name], value, f"{tag} ({base or 'base'})")
+        except MappingError:
+            snapshot[name] = None
+    if not _fits_quietly(columns["currency"], base, vendor):
+        snapshot["currency"] = ""
+
+    cash_columns = _columns_of(conf.cash_balance_model())
+    cash: dict[str, dict[str, Any]] = {}
+    kept: set[str] = set()
+    for (tag, currency), amount in reported.items():
+        if tag != "CashBalance" or currency == BASE_CURRENCY:
+            continue
+        if amount is None or not _fits_quietly(cash_columns["currency"], currency, vendor):
+            kept.add(currency)
+            continue
+        try:
+            cash[currency] = {
+                "amount": stored(cash_columns["amount"], amount, f"CashBalance ({currency})"),
+                "exchange_rate": stored(
+                    cash_columns["exchange_rate"],
+                    reported.get(("ExchangeRate", currency)),
+                    f"ExchangeRate ({currency})",
+                ),
+            }
+        except MappingError:
+            kept.add(currency)
+
+    position_columns = _columns_of(conf.position_model())
+    positions: dict[str, dict[str, Any]] = {}
+    stale = 0
+    for con_id, value in values.positions.items():
+        position = held.get(con_id)
+        if position is None:
+            continue  # a position not synced (closed, or not mappable): nothing to value
+        quantity, symbol, sec_type, instrument_id = position
+        if value.quantity != quantity:
+            stale += 1
+            continue
+        try:
+            positions[instrument_id] = {
+                name: stored(
+                    position_columns[name],
+                    getattr(value, name),
+                    str(position_columns[name].label),
+                    con_id,
+                    symbol=symbol,
+                    sec_type=sec_type,
+                )
+                for name in POSITION_VALUE_FIELDS
+            }
+        except MappingError:
+            continue
+    return MappedValues(
+        account_id=account,
+        base_currency=snapshot["currency"],
+        snapshot=snapshot,
+        cash=cash,
+        kept_currencies=frozenset(kept),
+        positions=positions,
+        stale=stale,
+        errors=errors,
+    )
+
+
+def _base_currency(reported: dict[tuple[str, str], Decimal | None]) -> str:
+    for tag in ("NetLiquidation", "TotalCashValue"):
+        for t, currency in reported:
+            if t == tag and currency and currency != BASE_CURRENCY:
+                return currency
+    return ""
+
+
+def _fits_quietly(column: _Column, value: Any, vendor: str) -> bool:
+    try:
+        _fit(column, value, False, vendor)
+    except MappingError:
+        return False
+    return True

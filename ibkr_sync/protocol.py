@@ -49,6 +49,46 @@ POSITION_FIELDS: Final = (
     "quantity",
     "average_cost",
 )
+#: The portfolio message (id 7, version 8) that an account-updates subscription sends, one
+#: per position: the contract (primary exchange where the position message has the
+#: exchange), then IBKR's values of the position and the account it belongs to.
+PORTFOLIO_MESSAGE_ID: Final = 7
+PORTFOLIO_VERSION: Final = "8"
+PORTFOLIO_FIELDS: Final = (
+    "msg_id",
+    "version",
+    *CONTRACT_FIELDS,
+    "quantity",
+    "market_price",
+    "market_value",
+    "average_cost",
+    "unrealized_pnl",
+    "realized_pnl",
+    "account",
+)
+#: An account value (id 6, version 2): tag, value, currency, account. A subscription's
+#: first download of them ends with accountDownloadEnd (id 54, version 1, account).
+ACCOUNT_VALUE_MESSAGE_ID: Final = 6
+ACCOUNT_VALUE_VERSION: Final = "2"
+ACCOUNT_VALUE_FIELDS: Final = ("msg_id", "version", "tag", "value", "currency", "account")
+ACCOUNT_DOWNLOAD_END_MESSAGE_ID: Final = 54
+#: The currency IBKR gives a per-currency value's total in the account's base currency.
+BASE_CURRENCY: Final = "BASE"
+#: The account values a sync reads (every other tag is passed over unread): the account's
+#: totals in its base currency, and per currency its cash and IBKR's exchange rate.
+ACCOUNT_VALUE_TAGS: Final = frozenset(
+    {
+        "NetLiquidation",
+        "TotalCashValue",
+        "GrossPositionValue",
+        "UnrealizedPnL",
+        "RealizedPnL",
+        "AvailableFunds",
+        "BuyingPower",
+        "CashBalance",
+        "ExchangeRate",
+    }
+)
 
 
 class _Unset(Enum):

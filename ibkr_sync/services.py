@@ -58,6 +58,9 @@ class SyncResult:
     dry_run: bool = False
     # A dry run only: what a sync would change, position by position.
     changes: list[dict[str, Any]] | None = None
+    # Per account, when values were asked for: {"status": "read", ...} or
+    # {"status": "missing", "reason": ...} (its stored values were kept).
+    account_values: dict[str, dict[str, Any]] | None = None
 
     @property
     def scope(self) -> str:
@@ -140,6 +143,7 @@ def _sync_positions(
                 run.accounts = accounts
                 counts.errors = _storable(counts.errors)
                 run.error_details = counts.errors
+                run.account_values = counts.values
                 run.finished_at = timezone.now()
                 lock.finish_holding(run)
     except IbkrSyncError as exc:
@@ -173,6 +177,9 @@ def _sync_positions(
             SyncRun.objects.filter(pk=run.pk).delete()
 
     log.update(status="success", accounts=",".join(accounts) or "none", **totals)
+    if snapshot.values_read:
+        missing = sorted(a for a, v in counts.values.items() if v["status"] == "missing")
+        log.update(values_missing=",".join(missing) or "none")
     logger.info("IBKR sync finished %s duration=%.3fs", _fields(log), time.monotonic() - clock)
     result = SyncResult(
         sync_run_id=None if dry_run else run.pk,
@@ -184,6 +191,7 @@ def _sync_positions(
         finished_at=timezone.now() if dry_run else run.finished_at,
         dry_run=dry_run,
         changes=preview if dry_run else None,
+        account_values=counts.values if snapshot.values_read else None,
     )
     if not dry_run:
         # Committed already, unless a caller holds an outer transaction: then at its commit.

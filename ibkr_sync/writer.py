@@ -5,6 +5,12 @@ tuples in a fixed number of queries, inserts new rows batch by batch (one multi-
 INSERT ... RETURNING per batch; UNNEST arrays on PostgreSQL), upserts changed rows,
 closes the rows no longer reported with one UPDATE per batch, writes nothing for rows
 that did not change, and records every change as a PositionChange of the run.
+
+Then the values of the accounts whose values were read (`_apply_values`): each valued
+position's market price, value and P&L (one UPDATE ... FROM per batch: they change at
+every sync, and they are not position changes), the cash balances per currency (upserted;
+a currency no longer reported goes) and one AccountSnapshot per account. An account
+whose values are missing keeps what it had; the run records why (`SyncRun.account_values`).
 """
 
 from __future__ import annotations
@@ -24,11 +30,14 @@ from .gateway import GatewaySnapshot
 from .mapping import (
     BROKER,
     INSTRUMENT_FIELDS,
+    POSITION_VALUE_FIELDS,
     MappedPosition,
+    MappedValues,
     MappingError,
     contract_id_text,
     is_paper_account,
     is_storable_account_id,
+    map_account_values,
     map_position,
 )
 from .models import PositionChange, SyncRun
@@ -43,6 +52,9 @@ KINDS = ("processed", "created", "updated", "unchanged", "reopened", "closed", "
 class Counts:
     tally: Counter = field(default_factory=Counter)  # (account, kind) -> count
     errors: list[dict[str, Any]] = field(default_factory=list)
+    # Per account whose values were asked for: {"status": "read", ...} or
+    # {"status": "missing", "reason": ...}; empty when values were not asked for.
+    values: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def add(self, account: str, kind: str) -> None:
         self.tally[account, kind] += 1
@@ -175,7 +187,175 @@ def apply_snapshot(
             ),
         ),
     )
+    if snapshot.values_read:
+        position_pks = {key: row[0] for key, row in existing.items() if key in mapped}
+        position_pks.update(
+            ((item.account_id, item.instrument_id), pk)
+            for pk, item in zip(created_pks, to_create, strict=True)
+        )
+        _apply_values(snapshot, run, now, accounts, mapped, position_pks, counts)
     return account_ids, counts
+
+
+def _apply_values(
+    snapshot: GatewaySnapshot,
+    run: SyncRun,
+    now: dt.datetime,
+    accounts: dict[str, int],
+    mapped: dict[tuple[str, str], MappedPosition],
+    position_pks: dict[tuple[str, str], int],
+    counts: Counts,
+) -> None:
+    """Store the values of every account whose values were read; record for each account
+    synced whether they were read or why not. A fixed number of statements per batch of
+    rows, whatever the number of accounts."""
+    held: dict[str, dict[int, tuple[Decimal, str, str, str]]] = {a: {} for a in accounts}
+    for (account_id, instrument_id), item in mapped.items():
+        held[account_id][int(instrument_id)] = (
+            item.position["quantity"],
+            item.instrument["symbol"],
+            item.instrument["sec_type"],
+            instrument_id,
+        )
+    read: list[MappedValues] = []
+    for account_id in accounts:
+        values = snapshot.account_values.get(account_id)
+        if values is None:
+            reason = snapshot.values_missing.get(account_id, "not read")
+            counts.values[account_id] = {"status": "missing", "reason": reason}
+            continue
+        item = map_account_values(values, held[account_id])
+        read.append(item)
+        for error in item.errors:
+            counts.add(account_id, "errors")
+            counts.errors.append(error)
+        counts.values[account_id] = {
+            "status": "read",
+            "base_currency": item.base_currency,
+            "positions_valued": len(item.positions),
+            "positions_stale": item.stale,
+            "cash_currencies": sorted(item.cash),
+        }
+    if not read:
+        return
+
+    Position = conf.position_model()
+    update_rows(
+        Position,
+        POSITION_VALUE_FIELDS,
+        [
+            (position_pks[item.account_id, instrument_id], *(v[f] for f in POSITION_VALUE_FIELDS))
+            for item in read
+            for instrument_id, v in item.positions.items()
+        ],
+        valued_at=now,
+    )
+
+    Cash = conf.cash_balance_model()
+    read_pks = [accounts[item.account_id] for item in read]
+    keep = {
+        (accounts[item.account_id], currency)
+        for item in read
+        for currency in (*item.cash, *item.kept_currencies)
+    }
+    gone = [
+        pk
+        for pk, account_pk, currency in Cash.objects.filter(account_id__in=read_pks).values_list(
+            "pk", "account_id", "currency"
+        )
+        if (account_pk, currency) not in keep
+    ]
+    for chunk in _chunks(gone):
+        Cash.objects.filter(pk__in=chunk).delete()
+    Cash.objects.bulk_create(
+        [
+            Cash(account_id=accounts[item.account_id], currency=currency, synced_at=now, **row)
+            for item in read
+            for currency, row in item.cash.items()
+        ],
+        batch_size=BATCH_SIZE,
+        update_conflicts=True,
+        unique_fields=["account", "currency"],
+        update_fields=["amount", "exchange_rate", "synced_at"],
+    )
+
+    insert_rows(
+        conf.account_snapshot_model(),
+        (
+            {
+                "account_id": accounts[item.account_id],
+                "sync_run_id": run.pk,
+                "taken_at": now,
+                **item.snapshot,
+            }
+            for item in read
+        ),
+    )
+    # The base currency IBKR reports is the account's: one UPDATE per currency.
+    Account = conf.account_model()
+    by_currency: dict[str, list[int]] = {}
+    for item in read:
+        if item.base_currency:
+            by_currency.setdefault(item.base_currency, []).append(accounts[item.account_id])
+    for currency, pks in by_currency.items():
+        Account.objects.filter(pk__in=pks).exclude(base_currency=currency).update(
+            base_currency=currency
+        )
+
+
+def update_rows(
+    model: type[models.Model],
+    fields: Sequence[str],
+    rows: Sequence[tuple[Any, ...]],
+    **constants: Any,
+) -> None:
+    """UPDATE existing rows given as (pk, *values of `fields`), setting `constants` on each
+    too: one statement per batch (UPDATE ... FROM UNNEST on PostgreSQL, UPDATE ... FROM a
+    VALUES list on SQLite), where bulk_update's CASE WHEN per field grows with the rows."""
+    if not rows:
+        return
+    meta = model._meta
+    columns = [meta.get_field(name) for name in fields]
+    preset = [(meta.get_field(name), value) for name, value in constants.items()]
+    qn = connection.ops.quote_name
+    table, pk = qn(meta.db_table), qn(meta.pk.column)
+    names = ["pk", *(f"v{i}" for i in range(len(columns)))]
+    assignments = [f"{qn(f.column)} = v.{name}" for f, name in zip(columns, names[1:], strict=True)]
+    assignments += [f"{qn(f.column)} = %s" for f, _ in preset]
+    preset_params = [f.get_db_prep_save(value, connection) for f, value in preset]
+    vendor = connection.vendor
+    if vendor == "sqlite" and connection.Database.sqlite_version_info < (3, 33):
+        vendor = "other"  # no UPDATE ... FROM before SQLite 3.33
+    if vendor not in ("postgresql", "sqlite"):
+        model.objects.bulk_update(
+            [
+                model(pk=row[0], **dict(zip(fields, row[1:], strict=True)), **constants)
+                for row in rows
+            ],
+            [*fields, *constants],
+            batch_size=BATCH_SIZE,
+        )
+        return
+    with connection.cursor() as cursor:
+        for chunk in _chunks(rows, min(BATCH_SIZE, _MAX_PARAMETERS // len(names))):
+            if vendor == "postgresql":
+                types = [meta.pk.rel_db_type(connection)]
+                types += [f.db_type(connection).split("(")[0] for f in columns]
+                arrays = ", ".join(f"%s::{t}[]" for t in types)
+                sql = (
+                    f"UPDATE {table} SET {', '.join(assignments)} FROM UNNEST({arrays}) "
+                    f"AS v({', '.join(names)}) WHERE {table}.{pk} = v.pk"
+                )
+                params = [list(column) for column in zip(*chunk, strict=True)]
+                cursor.execute(sql, [*preset_params, *params])
+            else:
+                one_row = "(" + ", ".join(["%s"] * len(names)) + ")"
+                sql = (
+                    f"WITH v({', '.join(names)}) AS (VALUES {', '.join([one_row] * len(chunk))}) "
+                    f"UPDATE {table} SET {', '.join(assignments)} FROM v "
+                    f"WHERE {table}.{pk} = v.pk"
+                )
+                cursor.execute(sql, [*(value for row in chunk for value in row), *preset_params])
 
 
 _UPDATED = ("quantity", "average_cost", "cost_basis", "last_synced_at")

@@ -69,7 +69,8 @@ def test_sync_returns_the_full_result_and_writes_the_positions(client, syncer, u
     body = response.json()
     assert set(body) == {
         "status", "sync_run_id", "dry_run", "accounts", "processed", "created", "updated",
-        "unchanged", "reopened", "closed", "errors", "by_account", "started_at", "finished_at",
+        "unchanged", "reopened", "closed", "errors", "by_account", "account_values",
+        "started_at", "finished_at",
     }  # fmt: skip
     assert (body["status"], body["dry_run"]) == ("success", False)
     assert body["accounts"] == ["U1111111"]

@@ -215,7 +215,8 @@ def test_after_an_unrecordable_failure_the_next_sync_succeeds_within_the_lock_ti
 
 def test_health_reports_a_lock_held_past_what_a_sync_can_take(settings):
     settings.IBKR_CONNECT_TIMEOUT, settings.IBKR_REQUEST_TIMEOUT = 10, 60
-    settings.IBKR_SYNC_LOCK_TIMEOUT = 30  # a sync takes at most 100 s
+    settings.IBKR_SYNC_LOCK_TIMEOUT = 30  # a sync takes at most 100 s without values
+    settings.IBKR_READ_VALUES = False
     run()
     healthy, report = check_health()
     assert healthy and report["checks"]["sync_lock"] == {"status": "ok"}
@@ -230,6 +231,12 @@ def test_health_reports_a_lock_held_past_what_a_sync_can_take(settings):
     assert not healthy
     assert report["checks"]["sync_lock"]["status"] == "stuck"
     assert report["checks"]["sync_lock"]["limit_seconds"] == 100
+    # The values get IBKR_REQUEST_TIMEOUT more in all: 160 s.
+    settings.IBKR_READ_VALUES = True
+    assert check_health()[1]["checks"]["sync_lock"]["status"] == "ok"
+    SyncRun.objects.filter(pk=held.pk).update(started_at=timezone.now() - dt.timedelta(seconds=161))
+    assert check_health()[1]["checks"]["sync_lock"]["limit_seconds"] == 160
+    settings.IBKR_READ_VALUES = False
 
     SyncRun.objects.filter(pk=held.pk).update(
         heartbeat_at=timezone.now() - dt.timedelta(seconds=40)

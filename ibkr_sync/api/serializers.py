@@ -74,6 +74,20 @@ class PositionChangeSerializer(serializers.Serializer):
     average_cost_after = ExactDecimalField(max_digits=30, decimal_places=10, allow_null=True)
 
 
+class AccountValuesSerializer(serializers.Serializer):
+    status = serializers.ChoiceField(choices=["read", "missing"])
+    reason = serializers.CharField(required=False, help_text="Missing: why.")
+    base_currency = serializers.CharField(required=False, allow_blank=True)
+    positions_valued = serializers.IntegerField(
+        required=False, help_text="Positions whose market value and P&L were stored."
+    )
+    positions_stale = serializers.IntegerField(
+        required=False,
+        help_text="Positions traded between the two reads: their values were kept.",
+    )
+    cash_currencies = serializers.ListField(child=serializers.CharField(), required=False)
+
+
 class ConstantField(serializers.ChoiceField):
     """A read-only field that always says `value`: documented as a one-value enum."""
 
@@ -107,6 +121,13 @@ class SyncResultSerializer(serializers.Serializer):
     errors = SyncErrorSerializer(many=True)
     by_account = serializers.DictField(
         child=serializers.DictField(child=serializers.IntegerField())
+    )
+    account_values = serializers.DictField(
+        child=AccountValuesSerializer(),
+        allow_null=True,
+        help_text="Per account: whether its values (cash, net liquidation, P&L, market "
+        "values) were read, or why not (its stored values were kept); null when the sync "
+        "does not read values (IBKR_READ_VALUES=false).",
     )
     started_at = serializers.DateTimeField()
     finished_at = serializers.DateTimeField()
@@ -161,9 +182,10 @@ class SyncRunSerializer(serializers.ModelSerializer):
 
 class SyncRunDetailSerializer(SyncRunSerializer):
     error_details = SyncErrorSerializer(many=True, read_only=True)
+    account_values = serializers.DictField(child=AccountValuesSerializer(), read_only=True)
 
     class Meta(SyncRunSerializer.Meta):
-        fields = [*SyncRunSerializer.Meta.fields, "error_details", "host"]
+        fields = [*SyncRunSerializer.Meta.fields, "error_details", "account_values", "host"]
         read_only_fields = fields
 
 

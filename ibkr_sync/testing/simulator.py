@@ -15,8 +15,16 @@ What is simulated (see ``GatewaySimulator._handlers`` for the full list):
   account summary and positions multi;
 * portfolio changes from another thread, with closed positions reported as quantity 0
   and live position updates to clients that subscribed with reqPositions;
+* each account's values for an account-updates subscription (reqAccountUpdates): cash
+  and IBKR's exchange rate per currency, the totals in the account's base currency and
+  a portfolio row per position, all consistent with its positions and prices; one
+  subscription at a time across clients, as TWS serves them (2100 when a client's own
+  new subscription replaces its old one, 2101 when another client holds one for a
+  different account); prices that move between syncs on demand (``set_market_price``,
+  ``move_prices``);
 * fault injection via ``Faults`` (refused connections, dropped connections, hangs,
-  delays, malformed frames, IB errors).
+  delays, malformed frames, IB errors, and per account: values that never end, refused
+  subscriptions, unset markers and malformed value frames).
 
 Version: the simulator picks the highest server version both sides support (up to
 ``MAX_SERVER_VERSION`` = 178, i.e. 176 for ib_insync 0.9.86 and 178 for ib_async 2.1) and
@@ -31,6 +39,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import logging
+import random
 import re
 import socket
 import struct
@@ -42,7 +51,15 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 
-from ..protocol import CONTRACT_FIELDS, POSITION_FIELDS, POSITION_MESSAGE_ID, POSITION_VERSION
+from ..protocol import (
+    CONTRACT_FIELDS,
+    PORTFOLIO_FIELDS,
+    PORTFOLIO_MESSAGE_ID,
+    PORTFOLIO_VERSION,
+    POSITION_FIELDS,
+    POSITION_MESSAGE_ID,
+    POSITION_VERSION,
+)
 from .portfolio import Portfolio, SimPosition
 from .wire import (
     API_PREFIX,
@@ -93,6 +110,17 @@ _LENGTH = struct.Struct(">I")
 _VERSION_RE = re.compile(r"^v(\d+)(?:\.\.(\d+))?(?:\s.*)?$", re.DOTALL)
 _CENT = Decimal("0.01")
 _PRICE_STEP = Decimal("0.00000001")
+#: IBKR's exchange rates to the base currency (USD) the simulator sends unless told others.
+DEFAULT_EXCHANGE_RATES = {
+    "USD": Decimal(1),
+    "EUR": Decimal("1.0845"),
+    "GBP": Decimal("1.2671"),
+    "CHF": Decimal("1.1312"),
+    "CAD": Decimal("0.7325"),
+    "JPY": Decimal("0.0067245"),
+    "HKD": Decimal("0.12817"),
+    "AUD": Decimal("0.6571"),
+}
 #: The handshake frame is a few bytes; anything larger is not a TWS API client.
 _MAX_HANDSHAKE = 4096
 _MAX_REQUEST = 1 << 20
@@ -137,6 +165,22 @@ class Faults:
       closed. An empty message uses TWS's text for known codes.
     * ``error_on_positions``: ``(code, message)`` sent as IB error (reqId -1) in answer
       to reqPositions, with no rows and no positionEnd (like TWS failing the request).
+
+    Per account, for its account-updates subscription (reqAccountUpdates):
+
+    * ``values_hang``: accounts whose values are sent without the download-end marker.
+    * ``values_error``: ``{account: (code, message)}`` sent (reqId -1) instead of its
+      values (2101: another client holds the subscription; 2100: it was taken over).
+    * ``values_not_ready``: accounts whose AccountReady value is ``false``.
+    * ``values_empty``: accounts whose download ends at once, with no value.
+    * ``values_taken_over``: accounts whose subscription another request takes over
+      midway: warning 2100 after the first values, and no download end.
+    * ``drop_during_values``: accounts whose subscription closes the connection instead.
+    * ``value_edits``: ``{account: {"Tag" or "Tag:CCY": text}}`` written over the value
+      texts sent (unset markers, texts outside the wire grammar).
+    * ``portfolio_edits``: ``{account: {field: text}}`` written over the fields
+      (names of ``protocol.PORTFOLIO_FIELDS``) of the account's first portfolio row.
+    * ``value_frames``: ``{account: [fields, ...]}`` raw frames sent among its values.
     """
 
     refuse_connections: bool = False
@@ -153,6 +197,15 @@ class Faults:
     extra_frames: list[list[str]] | None = None
     error_on_connect: tuple[int, str] | None = None
     error_on_positions: tuple[int, str] | None = None
+    values_hang: frozenset[str] | set[str] = frozenset()
+    values_error: dict[str, tuple[int, str]] | None = None
+    values_not_ready: frozenset[str] | set[str] = frozenset()
+    values_empty: frozenset[str] | set[str] = frozenset()
+    values_taken_over: frozenset[str] | set[str] = frozenset()
+    drop_during_values: frozenset[str] | set[str] = frozenset()
+    value_edits: dict[str, dict[str, str]] | None = None
+    portfolio_edits: dict[str, dict[str, str]] | None = None
+    value_frames: dict[str, list[list[str]]] | None = None
 
 
 class _Connection:
@@ -203,6 +256,9 @@ class GatewaySimulator:
         next_valid_id: int = 1,
         cash_balance: Decimal | int | str = Decimal("100000.00"),
         farm_status_messages: bool = False,
+        base_currency: str = "USD",
+        exchange_rates: dict[str, Decimal | str] | None = None,
+        price_drift: Decimal | str | None = None,
     ) -> None:
         """Create a simulator; nothing listens until ``start``.
 
@@ -213,6 +269,11 @@ class GatewaySimulator:
         clients that called reqPositions (until cancelPositions), as TWS does.
         ``farm_status_messages`` sends the 2104/2106/2158 notices real gateways send on
         connect (ib_insync logs them as "Warning"); off by default to keep logs quiet.
+        ``cash_balance`` is every account's cash in ``base_currency`` until ``set_cash``
+        says otherwise; ``exchange_rates`` are IBKR's rates of other currencies to it.
+        ``price_drift`` (e.g. ``"0.01"``) moves each price of an account by up to that
+        fraction, at random, whenever its values are asked for: a market that moves
+        between syncs (the demo's).
         """
         if portfolio is None:
             portfolio = Portfolio(accounts=["DU0000001"])
@@ -227,6 +288,17 @@ class GatewaySimulator:
         self.max_server_version = max_server_version
         self.farm_status_messages = farm_status_messages
         self.cash_balance = Decimal(str(cash_balance))
+        self.base_currency = base_currency
+        self._rates: dict[str, Decimal] = {**DEFAULT_EXCHANGE_RATES}
+        self._rates.update({c: Decimal(str(r)) for c, r in (exchange_rates or {}).items()})
+        self._cash: dict[str, dict[str, Decimal]] = {}
+        # The one account-updates subscription TWS serves: (connection, account).
+        self._account_subscription: tuple[_Connection, str] | None = None
+        # Answer a cancelled account-updates subscription with warning 2100, as some TWS
+        # versions do.
+        self.confirm_unsubscribe = False
+        self.price_drift = None if price_drift is None else Decimal(str(price_drift))
+        self._random = random.Random(1)
         self._lock = threading.RLock()
         self._faults = faults or Faults()
         self._accounts: list[str] = list(portfolio.accounts)
@@ -451,6 +523,42 @@ class GatewaySimulator:
             self._closed[pos.key] = zero
         self._push([zero])
         return True
+
+    def set_cash(self, account: str, balances: dict[str, Decimal | int | str]) -> None:
+        """An account's cash per currency (replacing what it had), e.g. {"USD": "-1200.50",
+        "EUR": "5000"}: each is a CashBalance of its currency in the account's values."""
+        with self._lock:
+            self._cash[account] = {c: Decimal(str(a)) for c, a in balances.items()}
+
+    def set_exchange_rate(self, currency: str, rate: Decimal | str) -> None:
+        """IBKR's exchange rate of `currency` to the base currency, as the values send it."""
+        with self._lock:
+            self._rates[currency] = Decimal(str(rate))
+
+    def set_market_price(self, account: str, con_id: int, price: Decimal | str) -> None:
+        """Move one position's market price (its portfolio row and the account's values
+        follow); the position itself, quantity and average cost, does not change."""
+        with self._lock:
+            pos = self._positions[(account, int(con_id))]
+            self._positions[pos.key] = dataclasses.replace(pos, market_price=Decimal(str(price)))
+
+    def move_prices(self, factor: Decimal | str) -> None:
+        """Multiply every position's market price by `factor` (a market move between
+        syncs): only values change, no position."""
+        factor = Decimal(str(factor))
+        with self._lock:
+            for key, pos in self._positions.items():
+                price = (pos.price * factor).quantize(_PRICE_STEP)
+                self._positions[key] = dataclasses.replace(pos, market_price=price)
+
+    def _drift_prices(self, account: str) -> None:
+        drift = float(self.price_drift)
+        with self._lock:
+            for key, pos in self._positions.items():
+                if pos.account == account:
+                    factor = Decimal(repr(1 + self._random.uniform(-drift, drift)))
+                    price = (pos.price * factor).quantize(_PRICE_STEP)
+                    self._positions[key] = dataclasses.replace(pos, market_price=price)
 
     # -- faults (thread-safe) -----------------------------------------------------------
 
@@ -768,51 +876,140 @@ class GatewaySimulator:
         return [requested] if requested in accounts else []
 
     def _account_values(self, account: str) -> list[tuple[str, str, str]]:
-        """(tag, value, currency) rows; numbers derive from positions so they look sane."""
+        """(tag, value, currency) rows as TWS sends them for one account: per currency its
+        cash, IBKR's exchange rate and P&L, and the totals in the base currency (also as
+        currency BASE), all from the account's cash and positions at their prices, rounded
+        to cents per position as the portfolio rows are, so that they add up exactly."""
+        base = self.base_currency
         with self._lock:
             positions = [p for p in self._positions.values() if p.account == account]
-        market_value = Decimal(0)
-        gross = Decimal(0)
+            cash = dict(self._cash.get(account) or {base: self.cash_balance})
+            rates = dict(self._rates)
+        rates[base] = Decimal(1)
+        value: dict[str, Decimal] = {}
+        gross: dict[str, Decimal] = {}
+        unrealized: dict[str, Decimal] = {}
         for pos in positions:
-            value = _market_value(pos)
-            market_value += value
-            gross += abs(value)
-        cash = self.cash_balance
-        net = cash + market_value
-        values = [
+            market = _money_value(_market_value(pos))
+            value[pos.currency] = value.get(pos.currency, Decimal(0)) + market
+            gross[pos.currency] = gross.get(pos.currency, Decimal(0)) + abs(market)
+            pnl = _money_value(_market_value(pos) - pos.quantity * pos.average_cost)
+            unrealized[pos.currency] = unrealized.get(pos.currency, Decimal(0)) + pnl
+        currencies = sorted({*cash, *value})
+
+        def in_base(amounts: dict[str, Decimal]) -> Decimal:
+            total = sum((a * rates.get(c, Decimal(1)) for c, a in amounts.items()), Decimal(0))
+            return _money_value(total)
+
+        cash_base, value_base = in_base(cash), in_base(value)
+        net = cash_base + value_base
+        rows = [
             ("AccountCode", account, ""),
             ("AccountType", "INDIVIDUAL", ""),
             ("AccountReady", "true", ""),
-            ("Currency", "USD", "USD"),
-            ("TotalCashValue", _money(cash), "USD"),
-            ("CashBalance", _money(cash), "USD"),
-            ("GrossPositionValue", _money(gross), "USD"),
-            ("NetLiquidation", _money(net), "USD"),
-            ("EquityWithLoanValue", _money(net), "USD"),
-            ("AvailableFunds", _money(net), "USD"),
-            ("ExcessLiquidity", _money(net), "USD"),
-            ("BuyingPower", _money(net * 4), "USD"),
         ]
-        return values
+        for c in currencies:
+            held = cash.get(c, Decimal(0))
+            rows += [
+                ("Currency", c, c),
+                ("CashBalance", _money(held), c),
+                ("TotalCashBalance", _money(held), c),
+                ("ExchangeRate", _dec(rates.get(c, Decimal(1))), c),
+                ("NetLiquidationByCurrency", _money(held + value.get(c, Decimal(0))), c),
+                ("StockMarketValue", _money(value.get(c, Decimal(0))), c),
+                ("UnrealizedPnL", _money(unrealized.get(c, Decimal(0))), c),
+                ("RealizedPnL", "0.00", c),
+            ]
+        rows += [
+            ("Currency", "BASE", "BASE"),
+            ("CashBalance", _money(cash_base), "BASE"),
+            ("TotalCashBalance", _money(cash_base), "BASE"),
+            ("ExchangeRate", "1.00", "BASE"),
+            ("NetLiquidationByCurrency", _money(net), "BASE"),
+            ("UnrealizedPnL", _money(in_base(unrealized)), "BASE"),
+            ("RealizedPnL", "0.00", "BASE"),
+            ("TotalCashValue", _money(cash_base), base),
+            ("GrossPositionValue", _money(in_base(gross)), base),
+            ("NetLiquidation", _money(net), base),
+            ("NetLiquidation-S", _money(net), base),
+            ("EquityWithLoanValue", _money(net), base),
+            ("AvailableFunds", _money(net), base),
+            ("ExcessLiquidity", _money(net), base),
+            ("BuyingPower", _money(net * 4), base),
+        ]
+        return rows
 
     async def _req_account_updates(self, conn: _Connection, fields: list[str]) -> None:
-        """reqAccountUpdates (6, v2, subscribe, acct) -> values, portfolio, time, end (54)."""
-        subscribe = len(fields) > 2 and fields[2] == "1"
-        if not subscribe:
-            return
+        """reqAccountUpdates (6, v2, subscribe, acct) -> values (6), portfolio rows (7),
+        time (8), accountDownloadEnd (54). TWS serves one account at a time: a client's
+        new subscription replaces its old one (2100), and one held by another client for
+        a different account refuses it (2101)."""
+        faults = self._fault_snapshot()
+        subscribe = len(fields) > 2 and fields[2] in ("1", "True", "true")
         requested = fields[3] if len(fields) > 3 else ""
+        holder = self._account_subscription
+        if holder is not None and holder[0].closing:
+            holder = self._account_subscription = None
+        if not subscribe:
+            if holder is not None and holder[0] is conn:
+                self._account_subscription = None
+                if self.confirm_unsubscribe:
+                    message = "API client has been unsubscribed from account data."
+                    await self._send(conn, [self._error_frame(conn, -1, 2100, message)])
+            return
         accounts = self._accounts_for(requested)
         account = accounts[0] if accounts else requested
-        frames = [
-            make_message(ServerMsg.ACCT_VALUE, 2, tag, value, currency, account)
-            for tag, value, currency in (self._account_values(account) if accounts else [])
+        if self.price_drift:
+            self._drift_prices(account)
+        frames: list[bytes] = []
+        if holder is not None and holder[0] is not conn and holder[1] != account:
+            message = "Unable to subscribe to account as the following clients are subscribed"
+            message += f" to a different account: {holder[0].client_id}"
+            await self._send(conn, [self._error_frame(conn, -1, 2101, message)])
+            return
+        if holder is not None and holder[0] is conn and holder[1] != account:
+            message = "New account data requested from TWS.  API client has been unsubscribed "
+            frames.append(self._error_frame(conn, -1, 2100, message + "from account data."))
+        self._account_subscription = (conn, account)
+        if account in faults.drop_during_values:
+            logger.info("Dropping the connection instead of %s's values (fault)", account)
+            await self._close_after(conn, frames, faults.message_delay)
+        if account in faults.values_empty:
+            frames.append(make_message(ServerMsg.ACCT_DOWNLOAD_END, 1, account))
+            await self._send(conn, frames)
+            return
+        error = (faults.values_error or {}).get(account)
+        if error is not None:
+            frames.append(self._error_frame(conn, -1, error[0], error[1]))
+            await self._send(conn, frames)
+            return
+        edits = (faults.value_edits or {}).get(account, {})
+        for tag, value, currency in self._account_values(account) if accounts else []:
+            if tag == "AccountReady" and account in faults.values_not_ready:
+                value = "false"
+            value = edits.get(f"{tag}:{currency}", edits.get(tag, value))
+            frames.append(make_message(ServerMsg.ACCT_VALUE, 2, tag, value, currency, account))
+        frames += [
+            _text_frame(list(extra)) for extra in (faults.value_frames or {}).get(account, ())
         ]
         with self._lock:
             positions = [p for p in self._positions.values() if p.account == account and p.quantity]
-        frames += [_portfolio_frame(pos) for pos in positions]
+        rows = [_portfolio_fields(pos) for pos in positions]
+        portfolio_edits = (faults.portfolio_edits or {}).get(account)
+        if portfolio_edits and rows:
+            for name, text in portfolio_edits.items():
+                rows[0][PORTFOLIO_FIELDS.index(name)] = text
+        if account in faults.values_taken_over:
+            message = "New account data requested from TWS.  API client has been unsubscribed "
+            frames.append(self._error_frame(conn, -1, 2100, message + "from account data."))
+            self._account_subscription = None
+            await self._send(conn, frames, faults.message_delay)
+            return
+        frames += [_text_frame(row) for row in rows]
         frames.append(make_message(ServerMsg.ACCT_UPDATE_TIME, 1, time.strftime("%H:%M")))
-        frames.append(make_message(ServerMsg.ACCT_DOWNLOAD_END, 1, account))
-        await self._send(conn, frames)
+        if account not in faults.values_hang:
+            frames.append(make_message(ServerMsg.ACCT_DOWNLOAD_END, 1, account))
+        await self._send(conn, frames, faults.message_delay)
 
     async def _req_account_updates_multi(self, conn: _Connection, fields: list[str]) -> None:
         """reqAccountUpdatesMulti (76, v1, reqId, acct, model, ledger) -> 73 rows + end 74."""
@@ -1040,25 +1237,35 @@ def _money(value: Decimal) -> str:
         return _dec(value)
 
 
+def _money_value(value: Decimal) -> Decimal:
+    try:
+        return value.quantize(_CENT)
+    except InvalidOperation:
+        return value
+
+
 def _portfolio_frame(pos: SimPosition) -> bytes:
-    """updatePortfolio (7, version 8): the 20 fields ``Decoder.updatePortfolio`` unpacks."""
+    return _text_frame(_portfolio_fields(pos))
+
+
+def _portfolio_fields(pos: SimPosition) -> list[str]:
+    """updatePortfolio (7, version 8): the 20 fields ``Decoder.updatePortfolio`` unpacks,
+    in the order of ``protocol.PORTFOLIO_FIELDS``."""
     try:
         price = pos.price.quantize(_PRICE_STEP)
     except (InvalidOperation, ZeroDivisionError):
         price = Decimal(0)
     value = _market_value(pos)
     cost = pos.quantity * pos.average_cost
-    return _text_frame(
-        [
-            "7",
-            "8",
-            *_contract_fields(pos),
-            _dec(pos.quantity),
-            _dec(price),
-            _money(value),
-            _dec(pos.average_cost),
-            _money(value - cost),
-            "0",
-            pos.account,
-        ]
-    )
+    return [
+        str(PORTFOLIO_MESSAGE_ID),
+        PORTFOLIO_VERSION,
+        *_contract_fields(pos),
+        _dec(pos.quantity),
+        _dec(price),
+        _money(value),
+        _dec(pos.average_cost),
+        _money(value - cost),
+        "0",
+        pos.account,
+    ]

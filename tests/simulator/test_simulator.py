@@ -603,3 +603,81 @@ def test_json_file_written_by_hand_matches_sample_schema():
     raw = json.loads((REPO_ROOT / "ibkr_sync/testing/sample_portfolio.json").read_text())
     assert set(raw) == {"accounts", "positions"}
     assert len(raw["positions"]) == 25
+
+
+# -- account values ---------------------------------------------------------------------------
+
+
+def _download(client: WireClient, account: str) -> tuple[dict, list]:
+    client.send(ClientMsg.REQ_ACCT_DATA, 2, True, account)
+    messages = client.recv_until(ServerMsg.ACCT_DOWNLOAD_END)
+    texts = ("AccountCode", "AccountType", "AccountReady", "Currency")
+    values = {
+        (m[2], m[4]): Decimal(m[3])
+        for m in messages
+        if m.msg_id == ServerMsg.ACCT_VALUE and m[2] not in texts
+    }
+    rows = [m for m in messages if m.msg_id == ServerMsg.PORTFOLIO_VALUE]
+    client.send(ClientMsg.REQ_ACCT_DATA, 2, False, account)
+    return values, rows
+
+
+def test_account_values_add_up_with_ibkrs_exchange_rates(sim):
+    account = "DU1234567"
+    sim.set_cash(account, {"USD": "-100.5", "EUR": "2000", "JPY": "150000"})
+    with connect(sim) as client:
+        values, rows = _download(client, account)
+    currencies = {c for (tag, c) in values if tag == "CashBalance" and c != "BASE"}
+    assert currencies >= {"USD", "EUR", "JPY"}
+    cash_base = sum(values["CashBalance", c] * values["ExchangeRate", c] for c in currencies)
+    assert values["TotalCashValue", "USD"] == cash_base.quantize(Decimal("0.01"))
+    by_currency = {}
+    for row in rows:  # market value per row, in the position's currency
+        by_currency[row[10]] = by_currency.get(row[10], 0) + Decimal(row[15])
+    value_base = sum(v * values["ExchangeRate", c] for c, v in by_currency.items())
+    assert values["NetLiquidation", "USD"] == (
+        values["TotalCashValue", "USD"] + value_base.quantize(Decimal("0.01"))
+    )
+    assert values["ExchangeRate", "BASE"] == 1
+
+
+def test_prices_move_on_demand_and_only_the_values_change(sim):
+    account = "DU1234567"
+    with connect(sim) as client:
+        before = {row[2]: row for row in _download(client, account)[1]}
+        sim.move_prices("1.5")
+        after = {row[2]: row for row in _download(client, account)[1]}
+        client.send(ClientMsg.REQ_POSITIONS, 1)
+        positions = client.recv_until(ServerMsg.POSITION_END)
+    con_id = next(iter(before))
+    assert Decimal(after[con_id][14]) == (Decimal(before[con_id][14]) * Decimal("1.5")).quantize(
+        Decimal("0.00000001")
+    )
+    assert after[con_id][13] == before[con_id][13]  # quantity
+    assert after[con_id][16] == before[con_id][16]  # average cost
+    assert len([m for m in positions if m.msg_id == ServerMsg.POSITION_DATA]) == len(SAMPLE)
+
+
+def test_one_account_subscription_at_a_time_across_clients(sim):
+    with connect(sim, 1) as first, connect(sim, 2) as second:
+        first.send(ClientMsg.REQ_ACCT_DATA, 2, True, "DU1234567")
+        first.recv_until(ServerMsg.ACCT_DOWNLOAD_END)
+        second.send(ClientMsg.REQ_ACCT_DATA, 2, True, "DU7654321")
+        refused = second.recv_until(ServerMsg.ERROR)[-1]
+        assert parse_error_message(refused, second.server_version).code == 2101
+        # The same client switching accounts is told its old subscription ended.
+        first.send(ClientMsg.REQ_ACCT_DATA, 2, True, "DU7654321")
+        replaced = first.recv_until(ServerMsg.ERROR)[-1]
+        assert parse_error_message(replaced, first.server_version).code == 2100
+        first.send(ClientMsg.REQ_ACCT_DATA, 2, False, "DU7654321")
+        second.send(ClientMsg.REQ_ACCT_DATA, 2, True, "DU7654321")
+        assert second.recv_until(ServerMsg.ACCT_DOWNLOAD_END)[-1][2] == "DU7654321"
+
+
+def test_prices_drift_between_syncs_when_asked_to():
+    drifting = GatewaySimulator(load_sample_portfolio(), price_drift="0.02")
+    with drifting, connect(drifting) as client:
+        first = {row[2]: Decimal(row[14]) for row in _download(client, "DU1234567")[1]}
+        second = {row[2]: Decimal(row[14]) for row in _download(client, "DU1234567")[1]}
+    assert first.keys() == second.keys() and first != second
+    assert all(abs(second[k] / first[k] - 1) <= Decimal("0.0201") for k in first if first[k])

@@ -124,7 +124,9 @@ class Command(BaseCommand):
             self._report(result, verbosity)
 
     def _report(self, result: SyncResult, verbosity: int) -> None:
-        style = self.style.WARNING if result.errors else self.style.SUCCESS
+        values = result.account_values or {}
+        missing = [a for a, v in values.items() if v["status"] == "missing"]
+        style = self.style.WARNING if result.errors or missing else self.style.SUCCESS
         if result.dry_run:
             title = "IBKR sync dry run (nothing written)"
         else:
@@ -132,16 +134,37 @@ class Command(BaseCommand):
         self.stdout.write(style(f"{title}: {result.scope}: {result.outcome}"))
         for change in result.changes or ():
             self.stdout.write(_describe_change(change))
+        if missing and verbosity < 2:
+            self.stdout.write(
+                self.style.WARNING(
+                    f"Values not read for {len(missing)} account(s), their stored values "
+                    f"kept: {', '.join(missing)} (-v 2 says why)"
+                )
+            )
         if verbosity < 2:
             return
         for account, counts in result.by_account.items():
             details = ", ".join(f"{n} {kind}" for kind, n in counts.items() if kind != "processed")
             self.stdout.write(f"  {account}: {counts['processed']} positions: {details}")
+            if account in values:
+                self.stdout.write(f"    values: {_describe_values(values[account])}")
         for error in result.errors:
             self.stdout.write(
                 f"  error: {error['account']} conId {error['con_id']} "
                 f"{error['symbol']} ({error['sec_type']}): {error['reason']}"
             )
+
+
+def _describe_values(outcome: dict) -> str:
+    """`read (base USD): 12 positions valued, cash in EUR, USD` or `missing: <reason>`."""
+    if outcome["status"] == "missing":
+        return f"missing: {outcome['reason']}"
+    text = f"read (base {outcome['base_currency'] or 'unknown'}): "
+    text += f"{outcome['positions_valued']} positions valued"
+    if outcome["positions_stale"]:
+        text += f", {outcome['positions_stale']} kept (traded while read)"
+    currencies = ", ".join(outcome["cash_currencies"])
+    return text + (f", cash in {currencies}" if currencies else ", no cash reported")
 
 
 def _describe_change(change: dict) -> str:

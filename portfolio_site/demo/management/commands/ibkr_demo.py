@@ -122,7 +122,8 @@ class Command(BaseCommand):
         return Token.objects.get_or_create(user=user)[0].key
 
     def _start_simulator(self, portfolio, port: int) -> GatewaySimulator:
-        simulator = GatewaySimulator(portfolio, host="127.0.0.1", port=port)
+        # Prices move a little at every sync, so that values and their history change.
+        simulator = GatewaySimulator(portfolio, host="127.0.0.1", port=port, price_drift="0.01")
         simulator.start_in_thread()
         return simulator
 

@@ -1,0 +1,116 @@
+"""An account's values -> its snapshot, cash rows and position values: pure, no I/O."""
+
+from decimal import Decimal
+
+from ibkr_sync.gateway import GatewayAccountValues, GatewayPositionValue
+from ibkr_sync.mapping import map_account_values
+
+D = Decimal
+
+
+def values(reported, positions=()):
+    return GatewayAccountValues("U1", dict(reported), {p.con_id: p for p in positions})
+
+
+def priced(con_id, quantity="10", price="1.5", value="15", unrealized="5", realized=None):
+    return GatewayPositionValue(
+        con_id,
+        D(quantity),
+        D(price),
+        D(value),
+        D(unrealized),
+        None if realized is None else D(realized),
+    )
+
+
+def test_the_base_currency_is_net_liquidations_and_pnl_is_the_base_total():
+    mapped = map_account_values(
+        values(
+            {
+                ("NetLiquidation", "EUR"): D("1000.5"),
+                ("UnrealizedPnL", "EUR"): D("7"),  # EUR positions only
+                ("UnrealizedPnL", "BASE"): D("12.25"),  # every currency, in EUR
+                ("RealizedPnL", "EUR"): D("-3"),  # no BASE row: the base currency's
+            }
+        ),
+        {},
+    )
+
+    assert mapped.base_currency == "EUR"
+    assert mapped.snapshot["net_liquidation"] == D("1000.5")
+    assert mapped.snapshot["unrealized_pnl"] == D("12.25")
+    assert mapped.snapshot["realized_pnl"] == D(-3)
+    # Tags IBKR did not send are unknown, never zero.
+    assert mapped.snapshot["buying_power"] is None
+    assert mapped.snapshot["total_cash_value"] is None
+
+
+def test_cash_per_currency_with_its_rate_and_base_is_not_a_currency():
+    mapped = map_account_values(
+        values(
+            {
+                ("TotalCashValue", "USD"): D("10"),
+                ("CashBalance", "USD"): D("-1200.50"),
+                ("CashBalance", "JPY"): D("1000000"),
+                ("ExchangeRate", "JPY"): D("0.0067245"),
+                ("CashBalance", "CHF"): None,  # IBKR's "no value"
+                ("CashBalance", "BASE"): D("5524"),
+            }
+        ),
+        {},
+    )
+
+    assert mapped.base_currency == "USD"
+    assert mapped.cash == {
+        "USD": {"amount": D("-1200.50"), "exchange_rate": None},
+        "JPY": {"amount": D("1000000"), "exchange_rate": D("0.0067245")},
+    }
+    assert mapped.kept_currencies == {"CHF"}
+    assert mapped.errors == []
+
+
+def test_position_values_only_for_the_quantity_synced():
+    held = {1: (D(10), "AAPL", "STK", "1"), 2: (D("0.5"), "BTC", "CRYPTO", "2")}
+    mapped = map_account_values(
+        values(
+            {("NetLiquidation", "USD"): D(1)},
+            [priced(1, realized="0"), priced(2, quantity="0.6"), priced(3)],
+        ),
+        held,
+    )
+
+    assert mapped.positions == {
+        "1": {
+            "market_price": D("1.5"),
+            "market_value": D(15),
+            "unrealized_pnl": D(5),
+            "realized_pnl": D(0),
+        }
+    }
+    assert mapped.stale == 1  # BTC: the row was for another quantity; 3 is not synced
+
+
+def test_values_that_do_not_fit_are_errors_not_zeros():
+    held = {1: (D(10), "AAPL", "STK", "1")}
+    mapped = map_account_values(
+        values(
+            {
+                ("NetLiquidation", "USD"): D("1E+25"),
+                ("TotalCashValue", "USD"): D("5"),
+                ("CashBalance", "EUR"): D("1"),
+                ("ExchangeRate", "EUR"): D("1E-11"),
+            },
+            [priced(1, value="-9E+40")],
+        ),
+        held,
+    )
+
+    assert mapped.snapshot["net_liquidation"] is None
+    assert mapped.snapshot["total_cash_value"] == D(5)
+    assert mapped.cash == {} and mapped.kept_currencies == {"EUR"}
+    assert mapped.positions == {}
+    reasons = sorted(error["reason"] for error in mapped.errors)
+    assert reasons[0].startswith("ExchangeRate (EUR): 0.00000000001 rounds to 0")
+    assert reasons[1].startswith("NetLiquidation (USD): ") and "too large" in reasons[1]
+    assert reasons[2].startswith("market value: ") and "too large" in reasons[2]
+    assert [e["symbol"] for e in mapped.errors if e["con_id"] == 1] == ["AAPL"]
