@@ -83,8 +83,13 @@ def test_the_sync_endpoint_documents_every_answer_in_the_error_shape(schema):
 def test_decimals_are_documented_as_strings(schema):
     position = schema["components"]["schemas"]["Position"]["properties"]
 
-    for name in ("quantity", "average_cost", "cost_basis"):
+    for name in (
+        "quantity", "average_cost", "cost_basis", "market_price", "market_value",
+        "unrealized_pnl", "realized_pnl",
+    ):  # fmt: skip
         assert (position[name]["type"], position[name]["format"]) == ("string", "decimal")
+    assert position["market_value"]["nullable"] is True
+    assert position["valued_at"]["format"] == "date-time"
 
 
 def test_position_filters_and_pagination_are_documented(schema):

@@ -70,6 +70,11 @@ class PositionSerializer(ExactDecimalModelSerializer):
             "opened_at",
             "last_synced_at",
             "closed_at",
+            "market_price",
+            "market_value",
+            "unrealized_pnl",
+            "realized_pnl",
+            "valued_at",
         ]
         read_only_fields = fields
 
