@@ -476,8 +476,8 @@ def test_a_well_formed_cursor_written_by_hand_still_works(client, book, runs, ur
 # --- unknown paths under /portfolio/ ---------------------------------------------------------
 
 ENDPOINTS = (
-    "/portfolio/accounts, /portfolio/positions, /portfolio/sync/ibkr, /portfolio/sync/runs, "
-    "/portfolio/sync/runs/<id>"
+    "/portfolio/accounts, /portfolio/cash, /portfolio/positions, /portfolio/sync/ibkr, "
+    "/portfolio/sync/runs, /portfolio/sync/runs/<id>"
 )
 
 

@@ -51,6 +51,7 @@ def test_schema_documents_every_api_endpoint(schema):
     assert {
         "/portfolio/accounts",
         "/portfolio/positions",
+        "/portfolio/cash",
         "/portfolio/sync/ibkr",
         "/portfolio/sync/runs",
         "/portfolio/sync/runs/{id}",
@@ -153,3 +154,17 @@ def test_the_dry_run_change_kinds_are_the_models():
     kind = PositionChangeSerializer().fields["kind"]
 
     assert list(kind.choices) == list(PositionChange.Kind.values)
+
+
+def test_cash_balances_are_documented_with_their_filters_and_exact_decimals(schema):
+    operation = schema["paths"]["/portfolio/cash"]["get"]
+    cash = schema["components"]["schemas"]["CashBalance"]["properties"]
+
+    assert {"account", "currency", "cursor", "page_size"} <= {
+        p["name"] for p in operation["parameters"]
+    }
+    assert {"200", "400", "401", "403", "405"} <= set(operation["responses"])
+    for name in ("amount", "exchange_rate", "base_amount"):
+        assert (cash[name]["type"], cash[name]["format"]) == ("string", "decimal"), name
+    assert cash["base_amount"]["nullable"] is True
+    assert "null" in cash["base_amount"]["description"]

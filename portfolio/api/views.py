@@ -1,5 +1,5 @@
-"""`GET /portfolio/accounts` and `GET /portfolio/positions`: read-only, filtered, paginated;
-and the JSON 404 for every other path under `/portfolio/`."""
+"""`GET /portfolio/accounts`, `/portfolio/positions` and `/portfolio/cash`: read-only,
+filtered, paginated; and the JSON 404 for every other path under `/portfolio/`."""
 
 import difflib
 import re
@@ -15,8 +15,14 @@ from rest_framework.views import APIView
 from ibkr_sync.api.base import PAGE_PARAMS, ReadOnlyListView, error_responses
 from ibkr_sync.api.errors import ErrorEnvelopeMixin, validated_query
 
-from ..models import Account, Position
-from .serializers import AccountSerializer, PositionFilterSerializer, PositionSerializer
+from ..models import Account, CashBalance, Position
+from .serializers import (
+    AccountSerializer,
+    CashBalanceSerializer,
+    CashFilterSerializer,
+    PositionFilterSerializer,
+    PositionSerializer,
+)
 
 
 @extend_schema(
@@ -70,6 +76,31 @@ class PositionListView(ReadOnlyListView):
             queryset = queryset.filter(
                 Q(instrument__symbol__icontains=text) | Q(instrument__local_symbol__icontains=text)
             )
+        return queryset
+
+
+@extend_schema(
+    tags=["portfolio"],
+    summary="List cash balances",
+    description="The cash each account holds in each currency, as the last sync that read "
+    "the account's values found it (one row per account and currency), with the amount in "
+    "the account's base currency at IBKR's own exchange rate. Oldest row first, filtered "
+    "by the query parameters (combined with AND). Needs `portfolio.view_cashbalance`.",
+    parameters=[CashFilterSerializer],
+    responses={200: CashBalanceSerializer(many=True), **error_responses(400, 401, 403, 405)},
+)
+class CashBalanceListView(ReadOnlyListView):
+    serializer_class = CashBalanceSerializer
+
+    def get_queryset(self) -> QuerySet[CashBalance]:
+        return CashBalance.objects.select_related("account")
+
+    def filter_queryset(self, queryset: QuerySet[CashBalance]) -> QuerySet[CashBalance]:
+        filters = validated_query(self.request, CashFilterSerializer, allowed=PAGE_PARAMS)
+        if "account" in filters:
+            queryset = queryset.filter(account__external_id=filters["account"])
+        if "currency" in filters:
+            queryset = queryset.filter(currency=filters["currency"])
         return queryset
 
 
