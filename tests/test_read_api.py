@@ -476,8 +476,9 @@ def test_a_well_formed_cursor_written_by_hand_still_works(client, book, runs, ur
 # --- unknown paths under /portfolio/ ---------------------------------------------------------
 
 ENDPOINTS = (
-    "/portfolio/accounts, /portfolio/cash, /portfolio/positions, /portfolio/sync/ibkr, "
-    "/portfolio/sync/runs, /portfolio/sync/runs/<id>"
+    "/portfolio/accounts, /portfolio/accounts/<external_id>/history, /portfolio/cash, "
+    "/portfolio/positions, /portfolio/sync/ibkr, /portfolio/sync/runs, "
+    "/portfolio/sync/runs/<id>"
 )
 
 

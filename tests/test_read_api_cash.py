@@ -1,6 +1,7 @@
 """`GET /portfolio/cash`: each account's cash per currency, with its base-currency amount."""
 
 import datetime as dt
+import logging
 from decimal import Context, Decimal
 from urllib.parse import urlencode
 
@@ -9,7 +10,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from portfolio.models import CashBalance
-from tests.test_read_api import NOW, account, assert_error, reader_with
+from tests.test_read_api import NOW, TAMPERED_CURSORS, account, assert_error, reader_with
 
 pytestmark = pytest.mark.django_db
 
@@ -191,3 +192,12 @@ def test_synced_at_is_the_sync_that_read_it(client):
     assert client.get("/portfolio/cash").json()["results"][0]["synced_at"] == (
         "2026-11-26T10:30:00.000250Z"
     )
+
+
+@pytest.mark.parametrize("name", list(TAMPERED_CURSORS))
+def test_a_tampered_cash_cursor_is_400_never_a_500(client, balances, caplog, name):
+    response = client.get("/portfolio/cash", {"cursor": TAMPERED_CURSORS[name]})
+
+    body = assert_error(response, 400, "invalid_query")
+    assert "cursor" in body["detail"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]

@@ -23,7 +23,8 @@ def schema(django_db_blocker) -> dict:
 
 
 def api_routes() -> set[str]:
-    """Every DRF endpoint the URLconf routes to, as OpenAPI paths (`{id}` for `<int:pk>`)."""
+    """Every DRF endpoint the URLconf routes to, as OpenAPI paths (`{id}` for `<int:pk>`,
+    `{external_id}` for `<str:external_id>`)."""
     found = set()
 
     def walk(patterns, prefix):
@@ -34,7 +35,8 @@ def api_routes() -> set[str]:
             elif isinstance(entry, URLPattern) and hasattr(entry.callback, "cls"):
                 if route.startswith("api/") or entry.callback.cls is NotFoundView:
                     continue  # the schema, its documentation pages, the JSON 404
-                found.add("/" + re.sub(r"<(?:\w+:)?pk>", "{id}", route))
+                route = re.sub(r"<(?:\w+:)?pk>", "{id}", route)
+                found.add("/" + re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", route))
 
     walk(get_resolver().url_patterns, "")
     return found
@@ -50,6 +52,7 @@ def test_schema_documents_every_api_endpoint(schema):
 
     assert {
         "/portfolio/accounts",
+        "/portfolio/accounts/{external_id}/history",
         "/portfolio/positions",
         "/portfolio/cash",
         "/portfolio/sync/ibkr",
@@ -168,3 +171,21 @@ def test_cash_balances_are_documented_with_their_filters_and_exact_decimals(sche
         assert (cash[name]["type"], cash[name]["format"]) == ("string", "decimal"), name
     assert cash["base_amount"]["nullable"] is True
     assert "null" in cash["base_amount"]["description"]
+
+
+def test_the_account_history_is_documented_with_its_bounds_and_404(schema):
+    operation = schema["paths"]["/portfolio/accounts/{external_id}/history"]["get"]
+    params = {(p["in"], p["name"]): p for p in operation["parameters"]}
+    snapshot = schema["components"]["schemas"]["AccountSnapshot"]["properties"]
+
+    assert {("path", "external_id"), ("query", "from"), ("query", "to")} <= set(params)
+    assert {("query", "cursor"), ("query", "page_size")} <= set(params)
+    assert "whole day" in params[("query", "to")]["description"]
+    assert {"200", "400", "401", "403", "404", "405"} <= set(operation["responses"])
+    body = operation["responses"]["200"]["content"]["application/json"]["schema"]
+    page = schema["components"]["schemas"][body["$ref"].rsplit("/", 1)[1]]
+    assert page["properties"]["results"]["items"] == {
+        "$ref": "#/components/schemas/AccountSnapshot"
+    }
+    for name in ("net_liquidation", "total_cash_value", "buying_power", "unrealized_pnl"):
+        assert (snapshot[name]["type"], snapshot[name]["format"]) == ("string", "decimal")

@@ -1,10 +1,18 @@
-import re
+"""The read API's serializers: what each endpoint answers, and the query parameters it
+takes (checked: a bad value is a 400 naming the parameter)."""
 
+import datetime as dt
+import re
+from dataclasses import dataclass
+
+from django.utils import timezone
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
+from rest_framework.fields import empty
 
 from ibkr_sync.api.fields import ExactDecimalField, ExactDecimalModelSerializer
 
-from ..models import Account, CashBalance, Instrument, Position, SecType
+from ..models import Account, AccountSnapshot, CashBalance, Instrument, Position, SecType
 
 
 class AccountSerializer(serializers.ModelSerializer):
@@ -192,3 +200,177 @@ class CashFilterSerializer(serializers.Serializer):
 
     def validate_currency(self, value: str) -> str:
         return _currency(value)
+
+
+# --- points in time in the query string ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Moment:
+    """A point in time as the caller wrote it: `start`, aware; for a plain date, the whole
+    day, up to `end` (the next day's start, excluded; None past 9999-12-31)."""
+
+    start: dt.datetime
+    end: dt.datetime | None
+    is_date: bool
+
+
+_ISO_EXAMPLES = "e.g. 2026-11-20T09:30:00Z, 2026-11-20T10:30:00+01:00"
+
+
+class MomentField(serializers.CharField):
+    """An ISO 8601 date-time in the query string; with `dates`, a plain date too.
+
+    A date-time with an offset (`Z`, `+01:00`) is that instant. One without an offset, and
+    a plain date, are read in the server's time zone (the TIME_ZONE setting), as Django
+    reads naive times: a date is that whole day there, from its midnight to the next.
+    The value is a `Moment`, in UTC.
+    """
+
+    def __init__(self, *, dates: bool, **kwargs) -> None:
+        kwargs.setdefault("max_length", 64)
+        super().__init__(**kwargs)
+        self.dates = dates
+
+    def run_validation(self, data=empty) -> Moment:
+        text = super().run_validation(data)  # a string: length, NUL characters
+        try:
+            return self.parse(text)
+        except OverflowError:
+            raise serializers.ValidationError(
+                f"{text!r} is out of range: in UTC it is before year 1 or after year 9999."
+            ) from None
+
+    def parse(self, text: str) -> Moment:
+        zone = timezone.get_current_timezone()
+        try:
+            day = dt.date.fromisoformat(text)
+        except ValueError:
+            day = None
+        if day is not None:
+            if not self.dates:
+                raise serializers.ValidationError(
+                    f"{text!r} is a date; give a date-time, {_ISO_EXAMPLES}."
+                )
+            start = dt.datetime.combine(day, dt.time.min, tzinfo=zone)
+            try:
+                end = dt.datetime.combine(day + dt.timedelta(days=1), dt.time.min, tzinfo=zone)
+            except OverflowError:  # 9999-12-31: to the end of time
+                end = None
+            return Moment(start.astimezone(dt.UTC), end and end.astimezone(dt.UTC), True)
+        try:
+            moment = dt.datetime.fromisoformat(text)
+        except ValueError:
+            hint = (
+                " A + in a query string means a space: write the offset's + as %2B."
+                if " " in text
+                else ""
+            )
+            kinds = "a date or date-time" if self.dates else "a date-time"
+            raise serializers.ValidationError(
+                f"{text!r} is not {kinds} in ISO 8601, "
+                f"{'e.g. 2026-11-20, ' if self.dates else ''}{_ISO_EXAMPLES}.{hint}"
+            ) from None
+        if timezone.is_naive(moment):
+            moment = moment.replace(tzinfo=zone)
+        moment = moment.astimezone(dt.UTC)
+        return Moment(moment, moment, False)
+
+
+@extend_schema_field(
+    {
+        "type": "string",
+        "example": "2026-11-20",
+        "description": "ISO 8601 date or date-time.",
+    }
+)
+class DateOrDateTimeField(MomentField):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(dates=True, **kwargs)
+
+
+@extend_schema_field({"type": "string", "format": "date-time"})
+class DateTimeQueryField(MomentField):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(dates=False, **kwargs)
+
+
+# --- an account's history -----------------------------------------------------------------
+
+
+class AccountSnapshotSerializer(ExactDecimalModelSerializer):
+    account = serializers.CharField(
+        source="account.external_id", read_only=True, help_text="The broker's account id."
+    )
+    broker = serializers.CharField(source="account.broker", read_only=True)
+
+    class Meta:
+        model = AccountSnapshot
+        fields = [
+            "id",
+            "broker",
+            "account",
+            "taken_at",
+            "currency",
+            "net_liquidation",
+            "total_cash_value",
+            "gross_position_value",
+            "unrealized_pnl",
+            "realized_pnl",
+            "available_funds",
+            "buying_power",
+            "sync_run",
+        ]
+        read_only_fields = fields
+        extra_kwargs = {
+            "taken_at": {"help_text": "When the sync read these values."},
+            **{
+                name: {"help_text": f"IBKR's {tag}, in the base currency; null if none."}
+                for name, tag in {
+                    "net_liquidation": "NetLiquidation",
+                    "total_cash_value": "TotalCashValue",
+                    "gross_position_value": "GrossPositionValue",
+                    "unrealized_pnl": "UnrealizedPnL",
+                    "realized_pnl": "RealizedPnL",
+                    "available_funds": "AvailableFunds",
+                    "buying_power": "BuyingPower",
+                }.items()
+            },
+        }
+
+
+class HistoryFilterSerializer(serializers.Serializer):
+    """The query of `GET /portfolio/accounts/<external_id>/history`: `from` and `to`,
+    both optional, both included. A date-time without an offset, and a date, are read
+    in the server's time zone; a date `from` starts at that day's midnight, a date `to`
+    includes that whole day."""
+
+    def get_fields(self) -> dict[str, serializers.Field]:
+        # `from` is a Python keyword: the fields are named here, not as attributes.
+        return {
+            "from": DateOrDateTimeField(
+                required=False,
+                help_text="The first time included (ISO 8601 date or date-time); "
+                "omitted: from the first snapshot.",
+            ),
+            "to": DateOrDateTimeField(
+                required=False,
+                help_text="The last time included (ISO 8601 date or date-time; a date "
+                "includes that whole day); omitted: up to the last snapshot.",
+            ),
+        }
+
+    def validate(self, attrs: dict) -> dict:
+        start, end = attrs.get("from"), attrs.get("to")
+        if start is not None and end is not None:
+            after = (
+                end.end is not None and start.start >= end.end
+                if end.is_date
+                else start.start > end.start
+            )
+            if after:
+                raise serializers.ValidationError(
+                    f"from ({self.initial_data['from']}) is after to "
+                    f"({self.initial_data['to']}): nothing can be between them."
+                )
+        return attrs

@@ -1,25 +1,33 @@
-"""`GET /portfolio/accounts`, `/portfolio/positions` and `/portfolio/cash`: read-only,
-filtered, paginated; and the JSON 404 for every other path under `/portfolio/`."""
+"""`GET /portfolio/accounts`, `/portfolio/accounts/<external_id>/history`,
+`/portfolio/positions` and `/portfolio/cash`: read-only, filtered, paginated; and the JSON
+404 for every other path under `/portfolio/`."""
 
 import difflib
 import re
 
 from django.db.models import Count, Q, QuerySet
 from django.urls import Resolver404, URLPattern, URLResolver, get_resolver, resolve
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers
 from rest_framework.exceptions import NotFound
 from rest_framework.permissions import AllowAny
 from rest_framework.views import APIView
 
-from ibkr_sync.api.base import PAGE_PARAMS, ReadOnlyListView, error_responses
+from ibkr_sync.api.base import (
+    PAGE_PARAMS,
+    OldestFirstCursorPagination,
+    ReadOnlyListView,
+    error_responses,
+)
 from ibkr_sync.api.errors import ErrorEnvelopeMixin, validated_query
 
-from ..models import Account, CashBalance, Position
+from ..models import Account, AccountSnapshot, CashBalance, Position
 from .serializers import (
     AccountSerializer,
+    AccountSnapshotSerializer,
     CashBalanceSerializer,
     CashFilterSerializer,
+    HistoryFilterSerializer,
     PositionFilterSerializer,
     PositionSerializer,
 )
@@ -43,6 +51,61 @@ class AccountListView(ReadOnlyListView):
     def filter_queryset(self, queryset: QuerySet[Account]) -> QuerySet[Account]:
         validated_query(self.request, serializers.Serializer, allowed=PAGE_PARAMS)
         return queryset
+
+
+@extend_schema(
+    tags=["portfolio"],
+    summary="An account's history",
+    description="The account's values (net liquidation, cash, position value, P&L, funds, "
+    "buying power, in its base currency) as each sync that read them found them, oldest "
+    "first, between `from` and `to` (both included, both optional). A date-time without "
+    "an offset, and a plain date, are read in the server's time zone; a date `to` "
+    "includes that whole day. Needs `portfolio.view_accountsnapshot`.",
+    parameters=[
+        OpenApiParameter(
+            "external_id",
+            str,
+            location=OpenApiParameter.PATH,
+            description="The broker's account id, e.g. U1234567.",
+        ),
+        HistoryFilterSerializer,
+    ],
+    responses={
+        200: AccountSnapshotSerializer(many=True),
+        **error_responses(400, 401, 403, 404, 405),
+    },
+)
+class AccountHistoryView(ReadOnlyListView):
+    serializer_class = AccountSnapshotSerializer
+    pagination_class = OldestFirstCursorPagination
+
+    def get_queryset(self) -> QuerySet[AccountSnapshot]:
+        return AccountSnapshot.objects.select_related("account")
+
+    def filter_queryset(self, queryset: QuerySet[AccountSnapshot]) -> QuerySet[AccountSnapshot]:
+        external_id = self.kwargs["external_id"]
+        if not _is_account(external_id):
+            raise NotFound(
+                f"No account {external_id!r}: GET /portfolio/accounts lists the accounts."
+            )
+        bounds = validated_query(self.request, HistoryFilterSerializer, allowed=PAGE_PARAMS)
+        queryset = queryset.filter(account__external_id=external_id)
+        if "from" in bounds:
+            queryset = queryset.filter(taken_at__gte=bounds["from"].start)
+        if "to" in bounds:
+            to = bounds["to"]
+            if not to.is_date:
+                queryset = queryset.filter(taken_at__lte=to.start)
+            elif to.end is not None:
+                queryset = queryset.filter(taken_at__lt=to.end)
+        return queryset
+
+
+def _is_account(external_id: str) -> bool:
+    field = Account._meta.get_field("external_id")
+    if len(external_id) > field.max_length or "\x00" in external_id:
+        return False  # no account has it; PostgreSQL would refuse the NUL in the query
+    return Account.objects.filter(external_id=external_id).exists()
 
 
 @extend_schema(
@@ -155,7 +218,8 @@ def _is_endpoint(path: str) -> bool:
 
 
 def api_paths() -> list[str]:
-    """The API's paths under /portfolio/ as a client writes them (`.../runs/<id>`)."""
+    """The API's paths under /portfolio/ as a client writes them (`.../runs/<id>`,
+    `.../accounts/<external_id>/history`)."""
     found = []
 
     def walk(patterns, prefix: str) -> None:
@@ -168,7 +232,11 @@ def api_paths() -> list[str]:
                 and route.startswith("portfolio/")
                 and getattr(entry.callback, "cls", None) is not NotFoundView
             ):
-                found.append("/" + re.sub(r"<(?:\w+:)?pk>", "<id>", route))
+                found.append("/" + re.sub(r"<(?:\w+:)?(\w+)>", _placeholder, route))
 
     walk(get_resolver().url_patterns, "")
     return sorted(found)
+
+
+def _placeholder(match: re.Match) -> str:
+    return "<id>" if match[1] == "pk" else f"<{match[1]}>"
