@@ -100,8 +100,35 @@ def test_position_filters_and_pagination_are_documented(schema):
     operation = schema["paths"]["/portfolio/positions"]["get"]
     params = {p["name"] for p in operation["parameters"]}
 
-    assert {"account", "sec_type", "currency", "status", "symbol", "cursor", "page_size"} <= params
+    assert {
+        "account", "sec_type", "currency", "status", "symbol", "as_of", "cursor", "page_size",
+    } <= params  # fmt: skip
     assert {"200", "400", "401", "403"} <= set(operation["responses"])
+
+
+def test_positions_as_of_are_documented_as_their_own_page(schema):
+    """One path, two answers: the positions now, or those held at as_of, rebuilt."""
+    operation = schema["paths"]["/portfolio/positions"]["get"]
+    components = schema["components"]["schemas"]
+    as_of = next(p for p in operation["parameters"] if p["name"] == "as_of")
+    body = operation["responses"]["200"]["content"]["application/json"]["schema"]
+    pages = components[body["$ref"].rsplit("/", 1)[1]]["oneOf"]
+
+    assert as_of["schema"]["format"] == "date-time"
+    assert "change log" in as_of["description"]
+    assert pages == [
+        {"$ref": "#/components/schemas/PaginatedPositionList"},
+        {"$ref": "#/components/schemas/PaginatedPositionAsOfList"},
+    ]
+    now = components["PaginatedPositionList"]["properties"]
+    then = components["PaginatedPositionAsOfList"]["properties"]
+    assert now["results"]["items"] == {"$ref": "#/components/schemas/Position"}
+    assert then["results"]["items"] == {"$ref": "#/components/schemas/PositionAsOf"}
+    assert (then["as_of"]["format"], then["complete"]["type"]) == ("date-time", "boolean")
+    rebuilt = components["PositionAsOf"]["properties"]
+    assert {"quantity", "average_cost", "cost_basis", "since"} <= set(rebuilt)
+    assert not {"market_value", "market_price", "unrealized_pnl", "is_open"} & set(rebuilt)
+    assert rebuilt["cost_basis"]["format"] == "decimal"
 
 
 def test_operations_name_their_authentication(schema):

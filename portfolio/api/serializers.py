@@ -6,13 +6,23 @@ import re
 from dataclasses import dataclass
 
 from django.utils import timezone
-from drf_spectacular.utils import extend_schema_field
+from drf_spectacular.utils import extend_schema_field, extend_schema_serializer
 from rest_framework import serializers
 from rest_framework.fields import empty
 
 from ibkr_sync.api.fields import ExactDecimalField, ExactDecimalModelSerializer
 
-from ..models import Account, AccountSnapshot, CashBalance, Instrument, Position, SecType
+from ..models import (
+    MONEY_DIGITS,
+    QUANTITY_DIGITS,
+    Account,
+    AccountSnapshot,
+    CashBalance,
+    Instrument,
+    Position,
+    SecType,
+)
+from .holdings import holding
 
 
 class AccountSerializer(serializers.ModelSerializer):
@@ -87,6 +97,90 @@ class PositionSerializer(ExactDecimalModelSerializer):
         read_only_fields = fields
 
 
+class PositionAsOfSerializer(ExactDecimalModelSerializer):
+    """A position as it was held at a past moment: rebuilt from the change log, so only
+    what the log records (no market values, which it does not)."""
+
+    account = serializers.CharField(
+        source="account.external_id", read_only=True, help_text="The broker's account id."
+    )
+    broker = serializers.CharField(source="account.broker", read_only=True)
+    instrument = InstrumentSerializer(read_only=True)
+    quantity = ExactDecimalField(
+        source="holding.quantity",
+        read_only=True,
+        help_text="Signed; negative is short. As held at as_of.",
+        **QUANTITY_DIGITS,
+    )
+    average_cost = ExactDecimalField(
+        source="holding.average_cost",
+        read_only=True,
+        allow_null=True,
+        help_text="As the broker reported it then; null if it reported none.",
+        **MONEY_DIGITS,
+    )
+    cost_basis = ExactDecimalField(
+        source="holding.cost_basis",
+        read_only=True,
+        allow_null=True,
+        help_text="quantity x average cost, to 10 decimal places as a sync stores it.",
+        **MONEY_DIGITS,
+    )
+    since = serializers.DateTimeField(
+        source="holding.since",
+        read_only=True,
+        allow_null=True,
+        help_text="When this quantity and cost took effect: the finish of the sync that "
+        "recorded them. Null for a position older than the change log that had not "
+        "changed by as_of.",
+    )
+
+    class Meta:
+        model = Position
+        fields = [
+            "id",
+            "broker",
+            "account",
+            "instrument",
+            "quantity",
+            "average_cost",
+            "cost_basis",
+            "since",
+        ]
+        read_only_fields = fields
+
+    def to_representation(self, position: Position) -> dict:
+        position.holding = holding(position)
+        return super().to_representation(position)
+
+
+class _Page(serializers.Serializer):
+    next = serializers.URLField(
+        allow_null=True, help_text="The next page; null on the last. Follow it as it is."
+    )
+    previous = serializers.URLField(allow_null=True, help_text="The previous page, if any.")
+
+
+@extend_schema_serializer(component_name="PaginatedPositionList")
+class PositionPageSerializer(_Page):
+    """The positions as they are now (documents `GET /portfolio/positions`)."""
+
+    results = PositionSerializer(many=True)
+
+
+@extend_schema_serializer(component_name="PaginatedPositionAsOfList")
+class PositionAsOfPageSerializer(_Page):
+    """The positions held at `as_of` (documents `GET /portfolio/positions?as_of=`)."""
+
+    as_of = serializers.DateTimeField(help_text="The moment answered, as read.")
+    complete = serializers.BooleanField(
+        help_text="False when as_of is before the change log begins and some positions "
+        "(of those the filters select) are older than the log: what they held then "
+        "cannot be told, and they are not listed. True otherwise."
+    )
+    results = PositionAsOfSerializer(many=True)
+
+
 class CashBalanceSerializer(ExactDecimalModelSerializer):
     account = serializers.CharField(
         source="account.external_id", read_only=True, help_text="The broker's account id."
@@ -128,78 +222,6 @@ class CashBalanceSerializer(ExactDecimalModelSerializer):
             },
             "synced_at": {"help_text": "When a sync last read this balance."},
         }
-
-
-_CURRENCY = re.compile(r"^[A-Z]{3}$")
-
-
-def _currency(value: str) -> str:
-    value = value.strip().upper()
-    if not _CURRENCY.match(value):
-        raise serializers.ValidationError(
-            f"{value!r} is not a currency code; use three letters, e.g. USD."
-        )
-    return value
-
-
-class PositionFilterSerializer(serializers.Serializer):
-    """The filters of `GET /portfolio/positions`; all optional, combined with AND."""
-
-    account = serializers.CharField(
-        required=False, max_length=32, help_text="The broker's account id, e.g. U1234567."
-    )
-    sec_type = serializers.CharField(
-        required=False,
-        max_length=16,
-        help_text=f"Security type, one of {', '.join(SecType.values)} (any case).",
-    )
-    currency = serializers.CharField(
-        required=False, max_length=8, help_text="ISO currency code, e.g. USD (any case)."
-    )
-    status = serializers.ChoiceField(
-        required=False,
-        choices=["open", "closed"],
-        help_text="open: still held; closed: no longer reported. Omitted: both.",
-    )
-    symbol = serializers.CharField(
-        required=False,
-        max_length=64,
-        help_text="Case-insensitive part of the symbol or local symbol, e.g. aap.",
-    )
-
-    def validate_account(self, value: str) -> str:
-        return value.strip()
-
-    def validate_sec_type(self, value: str) -> str:
-        value = value.strip().upper()
-        if value not in SecType.values:
-            raise serializers.ValidationError(
-                f"{value!r} is not a security type; use one of {', '.join(SecType.values)}."
-            )
-        return value
-
-    def validate_currency(self, value: str) -> str:
-        return _currency(value)
-
-    def validate_symbol(self, value: str) -> str:
-        return value.strip()
-
-
-class CashFilterSerializer(serializers.Serializer):
-    """The filters of `GET /portfolio/cash`; all optional, combined with AND."""
-
-    account = serializers.CharField(
-        required=False, max_length=32, help_text="The broker's account id, e.g. U1234567."
-    )
-    currency = serializers.CharField(
-        required=False, max_length=8, help_text="ISO currency code, e.g. EUR (any case)."
-    )
-
-    def validate_account(self, value: str) -> str:
-        return value.strip()
-
-    def validate_currency(self, value: str) -> str:
-        return _currency(value)
 
 
 # --- points in time in the query string ---------------------------------------------------
@@ -293,6 +315,103 @@ class DateOrDateTimeField(MomentField):
 class DateTimeQueryField(MomentField):
     def __init__(self, **kwargs) -> None:
         super().__init__(dates=False, **kwargs)
+
+
+# --- filters ------------------------------------------------------------------------------
+
+
+_CURRENCY = re.compile(r"^[A-Z]{3}$")
+
+
+def _currency(value: str) -> str:
+    value = value.strip().upper()
+    if not _CURRENCY.match(value):
+        raise serializers.ValidationError(
+            f"{value!r} is not a currency code; use three letters, e.g. USD."
+        )
+    return value
+
+
+class PositionFilterSerializer(serializers.Serializer):
+    """The filters of `GET /portfolio/positions`; all optional, combined with AND."""
+
+    account = serializers.CharField(
+        required=False, max_length=32, help_text="The broker's account id, e.g. U1234567."
+    )
+    sec_type = serializers.CharField(
+        required=False,
+        max_length=16,
+        help_text=f"Security type, one of {', '.join(SecType.values)} (any case).",
+    )
+    currency = serializers.CharField(
+        required=False, max_length=8, help_text="ISO currency code, e.g. USD (any case)."
+    )
+    status = serializers.ChoiceField(
+        required=False,
+        choices=["open", "closed"],
+        help_text="open: still held; closed: no longer reported. Omitted: both.",
+    )
+    symbol = serializers.CharField(
+        required=False,
+        max_length=64,
+        help_text="Case-insensitive part of the symbol or local symbol, e.g. aap.",
+    )
+    as_of = DateTimeQueryField(
+        required=False,
+        help_text="A past moment (ISO 8601 date-time; without an offset, in the server's "
+        "time zone): the positions held then, rebuilt from the sync's change log, with "
+        "the quantity and average cost they had. Not with status.",
+    )
+
+    def validate_account(self, value: str) -> str:
+        return value.strip()
+
+    def validate_as_of(self, value: Moment) -> Moment:
+        now = timezone.now()
+        if value.start > now:
+            raise serializers.ValidationError(
+                f"{self.initial_data['as_of']!r} is in the future (it is now "
+                f"{now:%Y-%m-%dT%H:%M:%SZ}): the change log tells only the past."
+            )
+        return value
+
+    def validate(self, attrs: dict) -> dict:
+        if "as_of" in attrs and "status" in attrs:
+            raise serializers.ValidationError(
+                "status cannot be combined with as_of: as_of lists what was held then."
+            )
+        return attrs
+
+    def validate_sec_type(self, value: str) -> str:
+        value = value.strip().upper()
+        if value not in SecType.values:
+            raise serializers.ValidationError(
+                f"{value!r} is not a security type; use one of {', '.join(SecType.values)}."
+            )
+        return value
+
+    def validate_currency(self, value: str) -> str:
+        return _currency(value)
+
+    def validate_symbol(self, value: str) -> str:
+        return value.strip()
+
+
+class CashFilterSerializer(serializers.Serializer):
+    """The filters of `GET /portfolio/cash`; all optional, combined with AND."""
+
+    account = serializers.CharField(
+        required=False, max_length=32, help_text="The broker's account id, e.g. U1234567."
+    )
+    currency = serializers.CharField(
+        required=False, max_length=8, help_text="ISO currency code, e.g. EUR (any case)."
+    )
+
+    def validate_account(self, value: str) -> str:
+        return value.strip()
+
+    def validate_currency(self, value: str) -> str:
+        return _currency(value)
 
 
 # --- an account's history -----------------------------------------------------------------

@@ -2,15 +2,22 @@
 `/portfolio/positions` and `/portfolio/cash`: read-only, filtered, paginated; and the JSON
 404 for every other path under `/portfolio/`."""
 
+import datetime as dt
 import difflib
 import re
 
 from django.db.models import Count, Q, QuerySet
 from django.urls import Resolver404, URLPattern, URLResolver, get_resolver, resolve
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import (
+    OpenApiParameter,
+    OpenApiResponse,
+    PolymorphicProxySerializer,
+    extend_schema,
+)
 from rest_framework import serializers
 from rest_framework.exceptions import NotFound
 from rest_framework.permissions import AllowAny
+from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from ibkr_sync.api.base import (
@@ -22,13 +29,17 @@ from ibkr_sync.api.base import (
 from ibkr_sync.api.errors import ErrorEnvelopeMixin, validated_query
 
 from ..models import Account, AccountSnapshot, CashBalance, Position
+from .holdings import held_at, is_complete, log_start
 from .serializers import (
     AccountSerializer,
     AccountSnapshotSerializer,
     CashBalanceSerializer,
     CashFilterSerializer,
     HistoryFilterSerializer,
+    PositionAsOfPageSerializer,
+    PositionAsOfSerializer,
     PositionFilterSerializer,
+    PositionPageSerializer,
     PositionSerializer,
 )
 
@@ -112,12 +123,35 @@ def _is_account(external_id: str) -> bool:
     tags=["portfolio"],
     summary="List positions",
     description="Positions, oldest first, filtered by the query parameters (combined with "
-    "AND). Follow `next` for the following page. Needs `portfolio.view_position`.",
+    "AND). Follow `next` for the following page. Needs `portfolio.view_position`.\n\n"
+    "With `as_of`, the positions held at that past moment instead, rebuilt from the "
+    "sync's change log: each with the quantity and average cost it had then and `since` "
+    "(when they took effect), without today's market values; the page says `as_of` (the "
+    "moment read) and `complete` (false when the moment is before the log begins and "
+    "some positions are older than it, so what they held is unknown and they are not "
+    "listed). A change takes effect when its sync finished.",
     parameters=[PositionFilterSerializer],
-    responses={200: PositionSerializer(many=True), **error_responses(400, 401, 403, 405)},
+    responses={
+        200: OpenApiResponse(
+            PolymorphicProxySerializer(
+                component_name="PositionPage",
+                serializers=[PositionPageSerializer, PositionAsOfPageSerializer],
+                resource_type_field_name=None,
+                many=False,
+            ),
+            description="The positions now (PaginatedPositionList), or with as_of those "
+            "held then (PaginatedPositionAsOfList).",
+        ),
+        **error_responses(400, 401, 403, 405),
+    },
 )
 class PositionListView(ReadOnlyListView):
     serializer_class = PositionSerializer
+    as_of: dt.datetime | None = None  # set by a request with ?as_of=
+    complete = True
+
+    def get_serializer_class(self) -> type[serializers.Serializer]:
+        return PositionSerializer if self.as_of is None else PositionAsOfSerializer
 
     def get_queryset(self) -> QuerySet[Position]:
         return Position.objects.select_related("account", "instrument")
@@ -139,7 +173,18 @@ class PositionListView(ReadOnlyListView):
             queryset = queryset.filter(
                 Q(instrument__symbol__icontains=text) | Q(instrument__local_symbol__icontains=text)
             )
+        if "as_of" in filters:
+            when, start = filters["as_of"].start, log_start()
+            self.as_of, self.complete = when, is_complete(queryset, when, start)
+            queryset = held_at(queryset, when, start)
         return queryset
+
+    def get_paginated_response(self, data) -> Response:
+        response = super().get_paginated_response(data)
+        if self.as_of is not None:
+            moment = serializers.DateTimeField().to_representation(self.as_of)
+            response.data = {"as_of": moment, "complete": self.complete, **response.data}
+        return response
 
 
 @extend_schema(
