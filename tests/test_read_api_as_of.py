@@ -431,3 +431,11 @@ def test_as_of_needs_the_position_view_permission(api_client, django_user_model,
 
 def test_as_of_anonymous_is_401(api_client, timeline):
     assert_error(as_of(api_client, at(2)), 401, "not_authenticated")
+
+
+def test_every_kind_of_change_is_read():
+    """A kind the sync might record one day must be placed here, not ignored."""
+    from portfolio.api.holdings import HELD_AFTER, HELD_BEFORE
+
+    assert set(PositionChange.Kind.values) == {*HELD_AFTER, *HELD_BEFORE}
+    assert set(HELD_AFTER) - set(HELD_BEFORE) == {"created", "reopened"}

@@ -311,3 +311,22 @@ def test_a_trailing_slash_names_the_path_without_it(client, history):
 
     assert f"Did you mean {URL}?" in body["detail"]
     assert "/portfolio/accounts/<external_id>/history" in body["detail"]
+
+
+def test_previous_links_lead_back_through_the_same_pages(client, history):
+    first = client.get(URL, {"page_size": 2}).json()
+    second = client.get(first["next"]).json()
+    third = client.get(second["next"]).json()
+
+    assert times(client.get(third["previous"])) == [r["taken_at"] for r in second["results"]]
+    assert times(client.get(second["previous"])) == [r["taken_at"] for r in first["results"]]
+
+
+@pytest.mark.parametrize("offset", ["99999999999999999999", str(2**63), "1000000"])
+def test_a_huge_cursor_offset_is_never_a_500(client, history, offset):
+    querystring = urlencode({"o": offset, "r": 0, "p": "2026-11-19 08:00:00+00:00"})
+    response = client.get(URL, {"cursor": base64.b64encode(querystring.encode()).decode()})
+
+    # DRF caps a cursor's offset (at 1000): past the rows there are, an empty page.
+    assert response.status_code == 200, response.content
+    assert response.json()["results"] == []
