@@ -1,6 +1,7 @@
-"""Decimals as people read them: 0.5, not 0.5000000000 (the column's scale)."""
+"""Decimals as people read them: 0.5, not 0.5000000000 (the column's scale); and products
+with every digit."""
 
-from decimal import Decimal
+from decimal import MAX_EMAX, MIN_EMIN, Context, Decimal, Inexact
 
 
 def plain(value: Decimal) -> str:
@@ -15,3 +16,14 @@ def plain(value: Decimal) -> str:
     while exponent < 0 and digits and digits[-1] == 0:
         digits, exponent = digits[:-1], exponent + 1
     return f"{Decimal((sign, digits, exponent)):f}"
+
+
+def product(a: Decimal, b: Decimal) -> Decimal:
+    """`a` x `b` with every digit of the result.
+
+    `a * b` rounds to the default context's 28 significant digits, and two columns of 30
+    digits multiply to up to 60: the context here holds them all (and says so if not).
+    """
+    digits = len(a.as_tuple().digits) + len(b.as_tuple().digits)
+    exact = Context(prec=digits, Emax=MAX_EMAX, Emin=MIN_EMIN, traps=[Inexact])
+    return exact.multiply(a, b)

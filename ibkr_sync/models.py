@@ -18,7 +18,7 @@ from django.db import models
 from django.db.models import Q
 
 from .conf import model_setting
-from .decimals import plain
+from .decimals import plain, product
 
 # Wide enough for fractional shares and crypto (10 places) and for large notional values.
 QUANTITY_DIGITS = {"max_digits": 30, "decimal_places": 10}
@@ -242,10 +242,11 @@ class AbstractCashBalance(models.Model):
 
     @property
     def base_amount(self) -> Decimal | None:
-        """The amount in the account's base currency, at IBKR's own exchange rate."""
+        """The amount in the account's base currency, at IBKR's own exchange rate, with
+        every digit of the product; None when IBKR reported no rate (never a guess)."""
         if self.exchange_rate is None:
             return None
-        return self.amount * self.exchange_rate
+        return product(self.amount, self.exchange_rate)
 
 
 class AbstractAccountSnapshot(models.Model):

@@ -145,6 +145,29 @@ def test_large_decimals_keep_every_digit(client):
     assert Decimal(position["quantity"]) == Position.objects.get().quantity
 
 
+def test_positions_carry_ibkrs_values_exactly_and_null_where_it_reported_none(client, book):
+    valued_at = NOW + dt.timedelta(minutes=5)
+    Position.objects.filter(pk=book["aapl"].pk).update(
+        market_price=Decimal("189.1234567891"),
+        market_value=Decimal("1891.234567891"),
+        unrealized_pnl=Decimal("-388.7654321"),
+        realized_pnl=Decimal("0"),
+        valued_at=valued_at,
+    )
+
+    by_symbol = {
+        p["instrument"]["symbol"]: p for p in client.get("/portfolio/positions").json()["results"]
+    }
+
+    values = ("market_price", "market_value", "unrealized_pnl", "realized_pnl", "valued_at")
+    assert [by_symbol["AAPL"][name] for name in values] == [
+        "189.1234567891", "1891.234567891", "-388.7654321", "0",
+        valued_at.isoformat().replace("+00:00", "Z"),
+    ]  # fmt: skip
+    # Never read from IBKR (or IBKR reported no value): null, never a made-up zero.
+    assert [by_symbol["TSLA"][name] for name in values] == [None] * 5
+
+
 @pytest.mark.parametrize(
     ("query", "expected"),
     [
@@ -453,7 +476,8 @@ def test_a_well_formed_cursor_written_by_hand_still_works(client, book, runs, ur
 # --- unknown paths under /portfolio/ ---------------------------------------------------------
 
 ENDPOINTS = (
-    "/portfolio/accounts, /portfolio/positions, /portfolio/sync/ibkr, /portfolio/sync/runs, "
+    "/portfolio/accounts, /portfolio/accounts/<external_id>/history, /portfolio/cash, "
+    "/portfolio/positions, /portfolio/sync/ibkr, /portfolio/sync/runs, "
     "/portfolio/sync/runs/<id>"
 )
 

@@ -23,7 +23,8 @@ def schema(django_db_blocker) -> dict:
 
 
 def api_routes() -> set[str]:
-    """Every DRF endpoint the URLconf routes to, as OpenAPI paths (`{id}` for `<int:pk>`)."""
+    """Every DRF endpoint the URLconf routes to, as OpenAPI paths (`{id}` for `<int:pk>`,
+    `{external_id}` for `<str:external_id>`)."""
     found = set()
 
     def walk(patterns, prefix):
@@ -34,7 +35,8 @@ def api_routes() -> set[str]:
             elif isinstance(entry, URLPattern) and hasattr(entry.callback, "cls"):
                 if route.startswith("api/") or entry.callback.cls is NotFoundView:
                     continue  # the schema, its documentation pages, the JSON 404
-                found.add("/" + re.sub(r"<(?:\w+:)?pk>", "{id}", route))
+                route = re.sub(r"<(?:\w+:)?pk>", "{id}", route)
+                found.add("/" + re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", route))
 
     walk(get_resolver().url_patterns, "")
     return found
@@ -50,7 +52,9 @@ def test_schema_documents_every_api_endpoint(schema):
 
     assert {
         "/portfolio/accounts",
+        "/portfolio/accounts/{external_id}/history",
         "/portfolio/positions",
+        "/portfolio/cash",
         "/portfolio/sync/ibkr",
         "/portfolio/sync/runs",
         "/portfolio/sync/runs/{id}",
@@ -83,16 +87,48 @@ def test_the_sync_endpoint_documents_every_answer_in_the_error_shape(schema):
 def test_decimals_are_documented_as_strings(schema):
     position = schema["components"]["schemas"]["Position"]["properties"]
 
-    for name in ("quantity", "average_cost", "cost_basis"):
+    for name in (
+        "quantity", "average_cost", "cost_basis", "market_price", "market_value",
+        "unrealized_pnl", "realized_pnl",
+    ):  # fmt: skip
         assert (position[name]["type"], position[name]["format"]) == ("string", "decimal")
+    assert position["market_value"]["nullable"] is True
+    assert position["valued_at"]["format"] == "date-time"
 
 
 def test_position_filters_and_pagination_are_documented(schema):
     operation = schema["paths"]["/portfolio/positions"]["get"]
     params = {p["name"] for p in operation["parameters"]}
 
-    assert {"account", "sec_type", "currency", "status", "symbol", "cursor", "page_size"} <= params
+    assert {
+        "account", "sec_type", "currency", "status", "symbol", "as_of", "cursor", "page_size",
+    } <= params  # fmt: skip
     assert {"200", "400", "401", "403"} <= set(operation["responses"])
+
+
+def test_positions_as_of_are_documented_as_their_own_page(schema):
+    """One path, two answers: the positions now, or those held at as_of, rebuilt."""
+    operation = schema["paths"]["/portfolio/positions"]["get"]
+    components = schema["components"]["schemas"]
+    as_of = next(p for p in operation["parameters"] if p["name"] == "as_of")
+    body = operation["responses"]["200"]["content"]["application/json"]["schema"]
+    pages = components[body["$ref"].rsplit("/", 1)[1]]["oneOf"]
+
+    assert as_of["schema"]["format"] == "date-time"
+    assert "change log" in as_of["description"]
+    assert pages == [
+        {"$ref": "#/components/schemas/PaginatedPositionList"},
+        {"$ref": "#/components/schemas/PaginatedPositionAsOfList"},
+    ]
+    now = components["PaginatedPositionList"]["properties"]
+    then = components["PaginatedPositionAsOfList"]["properties"]
+    assert now["results"]["items"] == {"$ref": "#/components/schemas/Position"}
+    assert then["results"]["items"] == {"$ref": "#/components/schemas/PositionAsOf"}
+    assert (then["as_of"]["format"], then["complete"]["type"]) == ("date-time", "boolean")
+    rebuilt = components["PositionAsOf"]["properties"]
+    assert {"quantity", "average_cost", "cost_basis", "since"} <= set(rebuilt)
+    assert not {"market_value", "market_price", "unrealized_pnl", "is_open"} & set(rebuilt)
+    assert rebuilt["cost_basis"]["format"] == "decimal"
 
 
 def test_operations_name_their_authentication(schema):
@@ -148,3 +184,35 @@ def test_the_dry_run_change_kinds_are_the_models():
     kind = PositionChangeSerializer().fields["kind"]
 
     assert list(kind.choices) == list(PositionChange.Kind.values)
+
+
+def test_cash_balances_are_documented_with_their_filters_and_exact_decimals(schema):
+    operation = schema["paths"]["/portfolio/cash"]["get"]
+    cash = schema["components"]["schemas"]["CashBalance"]["properties"]
+
+    assert {"account", "currency", "cursor", "page_size"} <= {
+        p["name"] for p in operation["parameters"]
+    }
+    assert {"200", "400", "401", "403", "405"} <= set(operation["responses"])
+    for name in ("amount", "exchange_rate", "base_amount"):
+        assert (cash[name]["type"], cash[name]["format"]) == ("string", "decimal"), name
+    assert cash["base_amount"]["nullable"] is True
+    assert "null" in cash["base_amount"]["description"]
+
+
+def test_the_account_history_is_documented_with_its_bounds_and_404(schema):
+    operation = schema["paths"]["/portfolio/accounts/{external_id}/history"]["get"]
+    params = {(p["in"], p["name"]): p for p in operation["parameters"]}
+    snapshot = schema["components"]["schemas"]["AccountSnapshot"]["properties"]
+
+    assert {("path", "external_id"), ("query", "from"), ("query", "to")} <= set(params)
+    assert {("query", "cursor"), ("query", "page_size")} <= set(params)
+    assert "whole day" in params[("query", "to")]["description"]
+    assert {"200", "400", "401", "403", "404", "405"} <= set(operation["responses"])
+    body = operation["responses"]["200"]["content"]["application/json"]["schema"]
+    page = schema["components"]["schemas"][body["$ref"].rsplit("/", 1)[1]]
+    assert page["properties"]["results"]["items"] == {
+        "$ref": "#/components/schemas/AccountSnapshot"
+    }
+    for name in ("net_liquidation", "total_cash_value", "buying_power", "unrealized_pnl"):
+        assert (snapshot[name]["type"], snapshot[name]["format"]) == ("string", "decimal")

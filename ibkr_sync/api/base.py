@@ -1,14 +1,22 @@
 """What every read endpoint of the app, and of a host's portfolio app, is built from: the
 error answers of the schema, and a read-only list view with the error shape, the view
-permission of its model and cursor pagination."""
+permission of its model and cursor pagination (by id; oldest first by time for a
+history)."""
 
 from drf_spectacular.utils import OpenApiResponse
 from rest_framework.generics import ListAPIView
 from rest_framework.permissions import IsAuthenticated
 
 from .errors import ErrorEnvelopeMixin, ErrorSerializer
-from .pagination import StableCursorPagination
+from .pagination import OldestFirstCursorPagination, StableCursorPagination
 from .permissions import CanViewModel
+
+__all__ = [
+    "PAGE_PARAMS",
+    "OldestFirstCursorPagination",
+    "ReadOnlyListView",
+    "error_responses",
+]
 
 PAGE_PARAMS = StableCursorPagination.query_params
 

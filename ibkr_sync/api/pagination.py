@@ -7,7 +7,10 @@ id N": each page is one index range scan on the primary key, and rows never move
 The price: no total count and no jumping to page 50; clients follow `next`.
 """
 
+import datetime as dt
+
 from django.core.exceptions import ValidationError
+from django.utils import timezone
 from rest_framework.exceptions import NotFound
 from rest_framework.pagination import CursorPagination
 
@@ -65,8 +68,23 @@ class StableCursorPagination(CursorPagination):
         if value is None:
             raise ValidationError("no position")
         field.run_validators(value)  # e.g. the column's integer range
+        if isinstance(value, dt.datetime):
+            # DRF writes a timestamp as the database gave it (aware, UTC); a naive one,
+            # or one whose offset puts it beyond year 1 or 9999, was not written by it.
+            if timezone.is_naive(value):
+                raise ValidationError("naive time")
+            value = value.astimezone(dt.UTC)
         return str(value)  # as DRF writes positions, so it compares them alike
 
 
 class NewestFirstCursorPagination(StableCursorPagination):
     ordering = "-id"
+
+
+class OldestFirstCursorPagination(StableCursorPagination):
+    """Oldest first by the rows' timestamp (`taken_at`; a subclass names another field),
+    ties in id order: for histories, whose rows need not have been written in the order
+    of their time (a host may backfill). The cursor holds the timestamp; rows sharing one
+    are told apart by DRF's offset within it."""
+
+    ordering = ("taken_at", "id")

@@ -1,10 +1,28 @@
+"""The read API's serializers: what each endpoint answers, and the query parameters it
+takes (checked: a bad value is a 400 naming the parameter)."""
+
+import datetime as dt
 import re
+from dataclasses import dataclass
 
+from django.utils import timezone
+from drf_spectacular.utils import extend_schema_field, extend_schema_serializer
 from rest_framework import serializers
+from rest_framework.fields import empty
 
-from ibkr_sync.api.fields import ExactDecimalModelSerializer
+from ibkr_sync.api.fields import ExactDecimalField, ExactDecimalModelSerializer
 
-from ..models import Account, Instrument, Position, SecType
+from ..models import (
+    MONEY_DIGITS,
+    QUANTITY_DIGITS,
+    Account,
+    AccountSnapshot,
+    CashBalance,
+    Instrument,
+    Position,
+    SecType,
+)
+from .holdings import holding
 
 
 class AccountSerializer(serializers.ModelSerializer):
@@ -70,11 +88,248 @@ class PositionSerializer(ExactDecimalModelSerializer):
             "opened_at",
             "last_synced_at",
             "closed_at",
+            "market_price",
+            "market_value",
+            "unrealized_pnl",
+            "realized_pnl",
+            "valued_at",
         ]
         read_only_fields = fields
 
 
+class PositionAsOfSerializer(ExactDecimalModelSerializer):
+    """A position as it was held at a past moment: rebuilt from the change log, so only
+    what the log records (no market values, which it does not)."""
+
+    account = serializers.CharField(
+        source="account.external_id", read_only=True, help_text="The broker's account id."
+    )
+    broker = serializers.CharField(source="account.broker", read_only=True)
+    instrument = InstrumentSerializer(read_only=True)
+    quantity = ExactDecimalField(
+        source="holding.quantity",
+        read_only=True,
+        help_text="Signed; negative is short. As held at as_of.",
+        **QUANTITY_DIGITS,
+    )
+    average_cost = ExactDecimalField(
+        source="holding.average_cost",
+        read_only=True,
+        allow_null=True,
+        help_text="As the broker reported it then; null if it reported none.",
+        **MONEY_DIGITS,
+    )
+    cost_basis = ExactDecimalField(
+        source="holding.cost_basis",
+        read_only=True,
+        allow_null=True,
+        help_text="quantity x average cost, to 10 decimal places as a sync stores it.",
+        **MONEY_DIGITS,
+    )
+    since = serializers.DateTimeField(
+        source="holding.since",
+        read_only=True,
+        allow_null=True,
+        help_text="When this quantity and cost took effect: the finish of the sync that "
+        "recorded them. Null for a position older than the change log that had not "
+        "changed by as_of.",
+    )
+
+    class Meta:
+        model = Position
+        fields = [
+            "id",
+            "broker",
+            "account",
+            "instrument",
+            "quantity",
+            "average_cost",
+            "cost_basis",
+            "since",
+        ]
+        read_only_fields = fields
+
+    def to_representation(self, position: Position) -> dict:
+        position.holding = holding(position)
+        return super().to_representation(position)
+
+
+class _Page(serializers.Serializer):
+    next = serializers.URLField(
+        allow_null=True, help_text="The next page; null on the last. Follow it as it is."
+    )
+    previous = serializers.URLField(allow_null=True, help_text="The previous page, if any.")
+
+
+@extend_schema_serializer(component_name="PaginatedPositionList")
+class PositionPageSerializer(_Page):
+    """The positions as they are now (documents `GET /portfolio/positions`)."""
+
+    results = PositionSerializer(many=True)
+
+
+@extend_schema_serializer(component_name="PaginatedPositionAsOfList")
+class PositionAsOfPageSerializer(_Page):
+    """The positions held at `as_of` (documents `GET /portfolio/positions?as_of=`)."""
+
+    as_of = serializers.DateTimeField(help_text="The moment answered, as read.")
+    complete = serializers.BooleanField(
+        help_text="False when as_of is before the change log begins and some positions "
+        "(of those the filters select) are older than the log: what they held then "
+        "cannot be told, and they are not listed. True otherwise."
+    )
+    results = PositionAsOfSerializer(many=True)
+
+
+class CashBalanceSerializer(ExactDecimalModelSerializer):
+    account = serializers.CharField(
+        source="account.external_id", read_only=True, help_text="The broker's account id."
+    )
+    broker = serializers.CharField(source="account.broker", read_only=True)
+    base_amount = ExactDecimalField(
+        read_only=True,
+        allow_null=True,
+        max_digits=None,
+        decimal_places=None,
+        help_text="amount x exchange_rate, every digit of the product: the amount in the "
+        "account's base currency at IBKR's own rate; null when IBKR reported no rate.",
+    )
+    base_currency = serializers.CharField(
+        source="account.base_currency",
+        read_only=True,
+        help_text="The account's base currency, which exchange_rate converts to; empty if "
+        "not known yet.",
+    )
+
+    class Meta:
+        model = CashBalance
+        fields = [
+            "id",
+            "broker",
+            "account",
+            "currency",
+            "amount",
+            "exchange_rate",
+            "base_amount",
+            "base_currency",
+            "synced_at",
+        ]
+        read_only_fields = fields
+        extra_kwargs = {
+            "exchange_rate": {
+                "help_text": "To the account's base currency, as IBKR reports it; null if "
+                "IBKR reported none."
+            },
+            "synced_at": {"help_text": "When a sync last read this balance."},
+        }
+
+
+# --- points in time in the query string ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Moment:
+    """A point in time as the caller wrote it: `start`, aware; for a plain date, the whole
+    day, up to `end` (the next day's start, excluded; None past 9999-12-31)."""
+
+    start: dt.datetime
+    end: dt.datetime | None
+    is_date: bool
+
+
+_ISO_EXAMPLES = "e.g. 2026-11-20T09:30:00Z, 2026-11-20T10:30:00+01:00"
+
+
+class MomentField(serializers.CharField):
+    """An ISO 8601 date-time in the query string; with `dates`, a plain date too.
+
+    A date-time with an offset (`Z`, `+01:00`) is that instant. One without an offset, and
+    a plain date, are read in the server's time zone (the TIME_ZONE setting), as Django
+    reads naive times: a date is that whole day there, from its midnight to the next.
+    The value is a `Moment`, in UTC.
+    """
+
+    def __init__(self, *, dates: bool, **kwargs) -> None:
+        kwargs.setdefault("max_length", 64)
+        super().__init__(**kwargs)
+        self.dates = dates
+
+    def run_validation(self, data=empty) -> Moment:
+        text = super().run_validation(data)  # a string: length, NUL characters
+        try:
+            return self.parse(text)
+        except OverflowError:
+            raise serializers.ValidationError(
+                f"{text!r} is out of range: in UTC it is before year 1 or after year 9999."
+            ) from None
+
+    def parse(self, text: str) -> Moment:
+        zone = timezone.get_current_timezone()
+        try:
+            day = dt.date.fromisoformat(text)
+        except ValueError:
+            day = None
+        if day is not None:
+            if not self.dates:
+                raise serializers.ValidationError(
+                    f"{text!r} is a date; give a date-time, {_ISO_EXAMPLES}."
+                )
+            start = dt.datetime.combine(day, dt.time.min, tzinfo=zone)
+            try:
+                end = dt.datetime.combine(day + dt.timedelta(days=1), dt.time.min, tzinfo=zone)
+            except OverflowError:  # 9999-12-31: to the end of time
+                end = None
+            return Moment(start.astimezone(dt.UTC), end and end.astimezone(dt.UTC), True)
+        try:
+            moment = dt.datetime.fromisoformat(text)
+        except ValueError:
+            hint = (
+                " A + in a query string means a space: write the offset's + as %2B."
+                if " " in text
+                else ""
+            )
+            kinds = "a date or date-time" if self.dates else "a date-time"
+            raise serializers.ValidationError(
+                f"{text!r} is not {kinds} in ISO 8601, "
+                f"{'e.g. 2026-11-20, ' if self.dates else ''}{_ISO_EXAMPLES}.{hint}"
+            ) from None
+        if timezone.is_naive(moment):
+            moment = moment.replace(tzinfo=zone)
+        moment = moment.astimezone(dt.UTC)
+        return Moment(moment, moment, False)
+
+
+@extend_schema_field(
+    {
+        "type": "string",
+        "example": "2026-11-20",
+        "description": "ISO 8601 date or date-time.",
+    }
+)
+class DateOrDateTimeField(MomentField):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(dates=True, **kwargs)
+
+
+@extend_schema_field({"type": "string", "format": "date-time"})
+class DateTimeQueryField(MomentField):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(dates=False, **kwargs)
+
+
+# --- filters ------------------------------------------------------------------------------
+
+
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
+
+
+def _currency(value: str) -> str:
+    value = value.strip().upper()
+    if not _CURRENCY.match(value):
+        raise serializers.ValidationError(
+            f"{value!r} is not a currency code; use three letters, e.g. USD."
+        )
+    return value
 
 
 class PositionFilterSerializer(serializers.Serializer):
@@ -101,9 +356,31 @@ class PositionFilterSerializer(serializers.Serializer):
         max_length=64,
         help_text="Case-insensitive part of the symbol or local symbol, e.g. aap.",
     )
+    as_of = DateTimeQueryField(
+        required=False,
+        help_text="A past moment (ISO 8601 date-time; without an offset, in the server's "
+        "time zone): the positions held then, rebuilt from the sync's change log, with "
+        "the quantity and average cost they had. Not with status.",
+    )
 
     def validate_account(self, value: str) -> str:
         return value.strip()
+
+    def validate_as_of(self, value: Moment) -> Moment:
+        now = timezone.now()
+        if value.start > now:
+            raise serializers.ValidationError(
+                f"{self.initial_data['as_of']!r} is in the future (it is now "
+                f"{now:%Y-%m-%dT%H:%M:%SZ}): the change log tells only the past."
+            )
+        return value
+
+    def validate(self, attrs: dict) -> dict:
+        if "as_of" in attrs and "status" in attrs:
+            raise serializers.ValidationError(
+                "status cannot be combined with as_of: as_of lists what was held then."
+            )
+        return attrs
 
     def validate_sec_type(self, value: str) -> str:
         value = value.strip().upper()
@@ -114,12 +391,105 @@ class PositionFilterSerializer(serializers.Serializer):
         return value
 
     def validate_currency(self, value: str) -> str:
-        value = value.strip().upper()
-        if not _CURRENCY.match(value):
-            raise serializers.ValidationError(
-                f"{value!r} is not a currency code; use three letters, e.g. USD."
-            )
-        return value
+        return _currency(value)
 
     def validate_symbol(self, value: str) -> str:
         return value.strip()
+
+
+class CashFilterSerializer(serializers.Serializer):
+    """The filters of `GET /portfolio/cash`; all optional, combined with AND."""
+
+    account = serializers.CharField(
+        required=False, max_length=32, help_text="The broker's account id, e.g. U1234567."
+    )
+    currency = serializers.CharField(
+        required=False, max_length=8, help_text="ISO currency code, e.g. EUR (any case)."
+    )
+
+    def validate_account(self, value: str) -> str:
+        return value.strip()
+
+    def validate_currency(self, value: str) -> str:
+        return _currency(value)
+
+
+# --- an account's history -----------------------------------------------------------------
+
+
+class AccountSnapshotSerializer(ExactDecimalModelSerializer):
+    account = serializers.CharField(
+        source="account.external_id", read_only=True, help_text="The broker's account id."
+    )
+    broker = serializers.CharField(source="account.broker", read_only=True)
+
+    class Meta:
+        model = AccountSnapshot
+        fields = [
+            "id",
+            "broker",
+            "account",
+            "taken_at",
+            "currency",
+            "net_liquidation",
+            "total_cash_value",
+            "gross_position_value",
+            "unrealized_pnl",
+            "realized_pnl",
+            "available_funds",
+            "buying_power",
+            "sync_run",
+        ]
+        read_only_fields = fields
+        extra_kwargs = {
+            "taken_at": {"help_text": "When the sync read these values."},
+            **{
+                name: {"help_text": f"IBKR's {tag}, in the base currency; null if none."}
+                for name, tag in {
+                    "net_liquidation": "NetLiquidation",
+                    "total_cash_value": "TotalCashValue",
+                    "gross_position_value": "GrossPositionValue",
+                    "unrealized_pnl": "UnrealizedPnL",
+                    "realized_pnl": "RealizedPnL",
+                    "available_funds": "AvailableFunds",
+                    "buying_power": "BuyingPower",
+                }.items()
+            },
+        }
+
+
+class HistoryFilterSerializer(serializers.Serializer):
+    """The query of `GET /portfolio/accounts/<external_id>/history`: `from` and `to`,
+    both optional, both included. A date-time without an offset, and a date, are read
+    in the server's time zone; a date `from` starts at that day's midnight, a date `to`
+    includes that whole day."""
+
+    def get_fields(self) -> dict[str, serializers.Field]:
+        # `from` is a Python keyword: the fields are named here, not as attributes.
+        return {
+            "from": DateOrDateTimeField(
+                required=False,
+                help_text="The first time included (ISO 8601 date or date-time); "
+                "omitted: from the first snapshot.",
+            ),
+            "to": DateOrDateTimeField(
+                required=False,
+                help_text="The last time included (ISO 8601 date or date-time; a date "
+                "includes that whole day); omitted: up to the last snapshot.",
+            ),
+        }
+
+    def validate(self, attrs: dict) -> dict:
+        start, end = attrs.get("from"), attrs.get("to")
+        if start is not None and end is not None:
+            after = (
+                end.end is not None and start.start >= end.end
+                if end.is_date
+                else start.start > end.start
+            )
+            if after:
+                raise serializers.ValidationError(
+                    f"from ({self.initial_data['from']}) is after to "
+                    f"({self.initial_data['to']}): nothing can be between them."
+                )
+        return attrs

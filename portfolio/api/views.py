@@ -1,22 +1,47 @@
-"""`GET /portfolio/accounts` and `GET /portfolio/positions`: read-only, filtered, paginated;
-and the JSON 404 for every other path under `/portfolio/`."""
+"""`GET /portfolio/accounts`, `/portfolio/accounts/<external_id>/history`,
+`/portfolio/positions` and `/portfolio/cash`: read-only, filtered, paginated; and the JSON
+404 for every other path under `/portfolio/`."""
 
+import datetime as dt
 import difflib
 import re
 
 from django.db.models import Count, Q, QuerySet
 from django.urls import Resolver404, URLPattern, URLResolver, get_resolver, resolve
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import (
+    OpenApiParameter,
+    OpenApiResponse,
+    PolymorphicProxySerializer,
+    extend_schema,
+)
 from rest_framework import serializers
 from rest_framework.exceptions import NotFound
 from rest_framework.permissions import AllowAny
+from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from ibkr_sync.api.base import PAGE_PARAMS, ReadOnlyListView, error_responses
+from ibkr_sync.api.base import (
+    PAGE_PARAMS,
+    OldestFirstCursorPagination,
+    ReadOnlyListView,
+    error_responses,
+)
 from ibkr_sync.api.errors import ErrorEnvelopeMixin, validated_query
 
-from ..models import Account, Position
-from .serializers import AccountSerializer, PositionFilterSerializer, PositionSerializer
+from ..models import Account, AccountSnapshot, CashBalance, Position
+from .holdings import held_at, is_complete, log_start
+from .serializers import (
+    AccountSerializer,
+    AccountSnapshotSerializer,
+    CashBalanceSerializer,
+    CashFilterSerializer,
+    HistoryFilterSerializer,
+    PositionAsOfPageSerializer,
+    PositionAsOfSerializer,
+    PositionFilterSerializer,
+    PositionPageSerializer,
+    PositionSerializer,
+)
 
 
 @extend_schema(
@@ -41,14 +66,92 @@ class AccountListView(ReadOnlyListView):
 
 @extend_schema(
     tags=["portfolio"],
+    summary="An account's history",
+    description="The account's values (net liquidation, cash, position value, P&L, funds, "
+    "buying power, in its base currency) as each sync that read them found them, oldest "
+    "first, between `from` and `to` (both included, both optional). A date-time without "
+    "an offset, and a plain date, are read in the server's time zone; a date `to` "
+    "includes that whole day. Needs `portfolio.view_accountsnapshot`.",
+    parameters=[
+        OpenApiParameter(
+            "external_id",
+            str,
+            location=OpenApiParameter.PATH,
+            description="The broker's account id, e.g. U1234567.",
+        ),
+        HistoryFilterSerializer,
+    ],
+    responses={
+        200: AccountSnapshotSerializer(many=True),
+        **error_responses(400, 401, 403, 404, 405),
+    },
+)
+class AccountHistoryView(ReadOnlyListView):
+    serializer_class = AccountSnapshotSerializer
+    pagination_class = OldestFirstCursorPagination
+
+    def get_queryset(self) -> QuerySet[AccountSnapshot]:
+        return AccountSnapshot.objects.select_related("account")
+
+    def filter_queryset(self, queryset: QuerySet[AccountSnapshot]) -> QuerySet[AccountSnapshot]:
+        external_id = self.kwargs["external_id"]
+        if not _is_account(external_id):
+            raise NotFound(
+                f"No account {external_id!r}: GET /portfolio/accounts lists the accounts."
+            )
+        bounds = validated_query(self.request, HistoryFilterSerializer, allowed=PAGE_PARAMS)
+        queryset = queryset.filter(account__external_id=external_id)
+        if "from" in bounds:
+            queryset = queryset.filter(taken_at__gte=bounds["from"].start)
+        if "to" in bounds:
+            to = bounds["to"]
+            if not to.is_date:
+                queryset = queryset.filter(taken_at__lte=to.start)
+            elif to.end is not None:
+                queryset = queryset.filter(taken_at__lt=to.end)
+        return queryset
+
+
+def _is_account(external_id: str) -> bool:
+    field = Account._meta.get_field("external_id")
+    if len(external_id) > field.max_length or "\x00" in external_id:
+        return False  # no account has it; PostgreSQL would refuse the NUL in the query
+    return Account.objects.filter(external_id=external_id).exists()
+
+
+@extend_schema(
+    tags=["portfolio"],
     summary="List positions",
     description="Positions, oldest first, filtered by the query parameters (combined with "
-    "AND). Follow `next` for the following page. Needs `portfolio.view_position`.",
+    "AND). Follow `next` for the following page. Needs `portfolio.view_position`.\n\n"
+    "With `as_of`, the positions held at that past moment instead, rebuilt from the "
+    "sync's change log: each with the quantity and average cost it had then and `since` "
+    "(when they took effect), without today's market values; the page says `as_of` (the "
+    "moment read) and `complete` (false when the moment is before the log begins and "
+    "some positions are older than it, so what they held is unknown and they are not "
+    "listed). A change takes effect when its sync finished.",
     parameters=[PositionFilterSerializer],
-    responses={200: PositionSerializer(many=True), **error_responses(400, 401, 403, 405)},
+    responses={
+        200: OpenApiResponse(
+            PolymorphicProxySerializer(
+                component_name="PositionPage",
+                serializers=[PositionPageSerializer, PositionAsOfPageSerializer],
+                resource_type_field_name=None,
+                many=False,
+            ),
+            description="The positions now (PaginatedPositionList), or with as_of those "
+            "held then (PaginatedPositionAsOfList).",
+        ),
+        **error_responses(400, 401, 403, 405),
+    },
 )
 class PositionListView(ReadOnlyListView):
     serializer_class = PositionSerializer
+    as_of: dt.datetime | None = None  # set by a request with ?as_of=
+    complete = True
+
+    def get_serializer_class(self) -> type[serializers.Serializer]:
+        return PositionSerializer if self.as_of is None else PositionAsOfSerializer
 
     def get_queryset(self) -> QuerySet[Position]:
         return Position.objects.select_related("account", "instrument")
@@ -70,6 +173,42 @@ class PositionListView(ReadOnlyListView):
             queryset = queryset.filter(
                 Q(instrument__symbol__icontains=text) | Q(instrument__local_symbol__icontains=text)
             )
+        if "as_of" in filters:
+            when, start = filters["as_of"].start, log_start()
+            self.as_of, self.complete = when, is_complete(queryset, when, start)
+            queryset = held_at(queryset, when, start)
+        return queryset
+
+    def get_paginated_response(self, data) -> Response:
+        response = super().get_paginated_response(data)
+        if self.as_of is not None:
+            moment = serializers.DateTimeField().to_representation(self.as_of)
+            response.data = {"as_of": moment, "complete": self.complete, **response.data}
+        return response
+
+
+@extend_schema(
+    tags=["portfolio"],
+    summary="List cash balances",
+    description="The cash each account holds in each currency, as the last sync that read "
+    "the account's values found it (one row per account and currency), with the amount in "
+    "the account's base currency at IBKR's own exchange rate. Oldest row first, filtered "
+    "by the query parameters (combined with AND). Needs `portfolio.view_cashbalance`.",
+    parameters=[CashFilterSerializer],
+    responses={200: CashBalanceSerializer(many=True), **error_responses(400, 401, 403, 405)},
+)
+class CashBalanceListView(ReadOnlyListView):
+    serializer_class = CashBalanceSerializer
+
+    def get_queryset(self) -> QuerySet[CashBalance]:
+        return CashBalance.objects.select_related("account")
+
+    def filter_queryset(self, queryset: QuerySet[CashBalance]) -> QuerySet[CashBalance]:
+        filters = validated_query(self.request, CashFilterSerializer, allowed=PAGE_PARAMS)
+        if "account" in filters:
+            queryset = queryset.filter(account__external_id=filters["account"])
+        if "currency" in filters:
+            queryset = queryset.filter(currency=filters["currency"])
         return queryset
 
 
@@ -124,7 +263,8 @@ def _is_endpoint(path: str) -> bool:
 
 
 def api_paths() -> list[str]:
-    """The API's paths under /portfolio/ as a client writes them (`.../runs/<id>`)."""
+    """The API's paths under /portfolio/ as a client writes them (`.../runs/<id>`,
+    `.../accounts/<external_id>/history`)."""
     found = []
 
     def walk(patterns, prefix: str) -> None:
@@ -137,7 +277,11 @@ def api_paths() -> list[str]:
                 and route.startswith("portfolio/")
                 and getattr(entry.callback, "cls", None) is not NotFoundView
             ):
-                found.append("/" + re.sub(r"<(?:\w+:)?pk>", "<id>", route))
+                found.append("/" + re.sub(r"<(?:\w+:)?(\w+)>", _placeholder, route))
 
     walk(get_resolver().url_patterns, "")
     return sorted(found)
+
+
+def _placeholder(match: re.Match) -> str:
+    return "<id>" if match[1] == "pk" else f"<{match[1]}>"
