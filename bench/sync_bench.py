@@ -18,7 +18,8 @@ does; "with values" is measured beside them in the same run, against the same ra
 
 for the product's set-based sync and, as the baseline, a naive per-row
 `update_or_create` sync kept only here. Each row shows seconds, the ratio to the raw
-read, queries issued, rows written and the process's peak RSS.
+read, queries issued, rows written and the process's peak RSS up to the end of that step
+(steps run in the order shown, in one process).
 
     python bench/sync_bench.py                                # the full matrix
     python bench/sync_bench.py --positions 10000 --accounts 1 --databases sqlite
@@ -235,6 +236,7 @@ def measure(connection: Any, step: Any, repeat: int, before: Any = None) -> dict
             best = min(best, time.perf_counter() - started)
     return {
         "seconds": best,
+        "rss": peak_rss_mib(),  # the process's peak so far: what this step added shows
         "queries": tally["queries"],
         "written": tally["written"],
         "mirrored": tally["positions+instruments"],
@@ -256,6 +258,9 @@ def _counting(tally: Counter) -> Any:
             if rows <= 0 and statement == "INSERT":  # SQLite with RETURNING: count the rows
                 values = sql.split(" VALUES ", 1)[-1].split(" ON CONFLICT")[0]
                 rows = values.split(" RETURNING")[0].count("(")
+            elif rows <= 0 and sql.lstrip().upper().startswith("WITH"):
+                # SQLite reports no row count for WITH ... UPDATE: the rows it was given
+                rows = sql.split(" VALUES ", 1)[-1].split(") UPDATE ")[0].count("(")
             table = sql.split('"')[1] if '"' in sql else "?"
             tally["written"] += max(rows, 0)
             if table in mirrored:
@@ -538,7 +543,7 @@ def main() -> None:
                             m["queries"],
                             m["written"],
                             m["mirrored"],
-                            f"{out['rss']:.0f}",
+                            f"{m['rss']:.0f}",
                         )
 
 

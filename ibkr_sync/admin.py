@@ -7,8 +7,9 @@ from django.db import transaction
 from django.db.models import Count
 from django.http import HttpRequest, HttpResponseNotAllowed, HttpResponseRedirect
 from django.urls import NoReverseMatch, path, reverse
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 from django.utils.http import url_has_allowed_host_and_scheme
+from django.utils.safestring import mark_safe
 
 from . import conf
 from .exceptions import IbkrSyncError
@@ -52,7 +53,8 @@ class SyncRunAdmin(admin.ModelAdmin):
     list_filter = ("status", "trigger")
     list_select_related = ("user",)
     search_fields = ("=id", "account_filter", "error_message")
-    readonly_fields = [f.name for f in SyncRun._meta.fields] + ["duration"]
+    readonly_fields = [f.name for f in SyncRun._meta.fields if f.name != "account_values"]
+    readonly_fields += ["values_outcome", "duration"]
     date_hierarchy = "started_at"
 
     def has_add_permission(self, request: HttpRequest) -> bool:
@@ -108,6 +110,17 @@ class SyncRunAdmin(admin.ModelAdmin):
             "position_url_name": _admin_url_name(conf.position_model(), "change"),
         }
 
+    @admin.display(description="account values")
+    def values_outcome(self, obj: SyncRun) -> str:
+        """Per account: its values read, or missing and why (its stored ones were kept)."""
+        if not obj.account_values:
+            return "-"
+        return format_html_join(
+            mark_safe("<br>"),
+            "{}: {}",
+            ((account, _values_text(outcome)) for account, outcome in obj.account_values.items()),
+        )
+
     @admin.display(description="duration", ordering="finished_at")
     def duration(self, obj: SyncRun) -> str:
         if obj.duration is None:
@@ -134,10 +147,22 @@ class SyncRunAdmin(admin.ModelAdmin):
         except IbkrSyncError as exc:
             self.message_user(request, f"Sync failed: {exc}", messages.ERROR)
         else:
-            level = messages.WARNING if result.errors else messages.SUCCESS
+            missing = {
+                account: outcome["reason"]
+                for account, outcome in (result.account_values or {}).items()
+                if outcome["status"] == "missing"
+            }
+            level = messages.WARNING if result.errors or missing else messages.SUCCESS
             run_url = reverse("admin:ibkr_sync_syncrun_change", args=[result.sync_run_id])
             link = format_html('<a href="{}">Sync #{}</a>', run_url, result.sync_run_id)
             message = format_html("{} finished: {}; {}.", link, result.scope, result.outcome)
+            if missing:
+                message = format_html(
+                    "{} Values not read for {} (their stored values were kept): {}",
+                    message,
+                    ", ".join(missing),
+                    "; ".join(f"{account}: {reason}" for account, reason in missing.items()),
+                )
             self.message_user(request, message, level)
         return HttpResponseRedirect(self._back_to(request))
 
@@ -149,3 +174,13 @@ class SyncRunAdmin(admin.ModelAdmin):
         ):
             return target
         return reverse("admin:ibkr_sync_syncrun_changelist")
+
+
+def _values_text(outcome: dict) -> str:
+    if outcome.get("status") == "missing":
+        return f"missing ({outcome.get('reason', '')})"
+    text = f"read, base currency {outcome.get('base_currency') or 'unknown'}, "
+    text += f"{outcome.get('positions_valued', 0)} positions valued"
+    if outcome.get("positions_stale"):
+        text += f", {outcome['positions_stale']} kept (traded while read)"
+    return text

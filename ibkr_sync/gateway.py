@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import importlib
 import logging
 import socket
@@ -654,7 +655,10 @@ class IbkrGateway:
                 )
                 return
             # Only the positions read: a flood of rows for others costs no memory.
-            if (read.account, value.con_id) in state.positions:
+            position = state.positions.get((read.account, value.con_id))
+            if position is not None:
+                if value.quantity == position.quantity:  # one Decimal for both, not two
+                    value = dataclasses.replace(value, quantity=position.quantity)
                 read.positions[value.con_id] = value
 
         def on_download_end(fields: list[str]) -> None:

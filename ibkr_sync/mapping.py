@@ -87,8 +87,9 @@ class MappedValues:
     `cash` has a row per currency IBKR reported a cash balance for; `kept_currencies` are
     currencies whose stored row must be left as it is (IBKR sent no value for it, or one
     that cannot be stored), so it is neither updated nor removed. `positions` has the
-    value fields by instrument (conId text) for every position whose values belong to
-    the quantity synced; `stale` counts those whose portfolio row stated another
+    values (in the order of POSITION_VALUE_FIELDS: a tuple, as 10,000s of them are held
+    at once) by instrument (conId text) for every position whose values belong to the
+    quantity synced; `stale` counts those whose portfolio row stated another
     quantity (a trade between the two reads), left as they were.
     """
 
@@ -97,7 +98,7 @@ class MappedValues:
     snapshot: dict[str, Any]
     cash: dict[str, dict[str, Any]]
     kept_currencies: frozenset[str]
-    positions: dict[str, dict[str, Any]]
+    positions: dict[str, tuple[Decimal | None, ...]]
     stale: int
     errors: list[dict[str, Any]]
 
@@ -448,7 +449,8 @@ def map_account_values(
                 raise MappingError(
                     f"{_short(value)} rounds to 0 at the column's {column.places} decimal places"
                 )
-            return fitted
+            # The value as read where it fits as it is: 10,000s are held until written.
+            return value if fitted and fitted == value else fitted
         except MappingError as exc:
             errors.append(
                 {
@@ -505,8 +507,8 @@ def map_account_values(
             stale += 1
             continue
         try:
-            positions[instrument_id] = {
-                name: stored(
+            positions[instrument_id] = tuple(
+                stored(
                     position_columns[name],
                     getattr(value, name),
                     str(position_columns[name].label),
@@ -515,7 +517,7 @@ def map_account_values(
                     sec_type=sec_type,
                 )
                 for name in POSITION_VALUE_FIELDS
-            }
+            )
         except MappingError:
             continue
     return MappedValues(

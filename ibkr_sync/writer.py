@@ -243,11 +243,11 @@ def _apply_values(
     update_rows(
         Position,
         POSITION_VALUE_FIELDS,
-        [
-            (position_pks[item.account_id, instrument_id], *(v[f] for f in POSITION_VALUE_FIELDS))
+        (
+            (position_pks[item.account_id, instrument_id], *values)
             for item in read
-            for instrument_id, v in item.positions.items()
-        ],
+            for instrument_id, values in item.positions.items()
+        ),
         valued_at=now,
     )
 
@@ -306,14 +306,12 @@ def _apply_values(
 def update_rows(
     model: type[models.Model],
     fields: Sequence[str],
-    rows: Sequence[tuple[Any, ...]],
+    rows: Iterable[tuple[Any, ...]],
     **constants: Any,
 ) -> None:
     """UPDATE existing rows given as (pk, *values of `fields`), setting `constants` on each
     too: one statement per batch (UPDATE ... FROM UNNEST on PostgreSQL, UPDATE ... FROM a
     VALUES list on SQLite), where bulk_update's CASE WHEN per field grows with the rows."""
-    if not rows:
-        return
     meta = model._meta
     columns = [meta.get_field(name) for name in fields]
     preset = [(meta.get_field(name), value) for name, value in constants.items()]
@@ -327,17 +325,17 @@ def update_rows(
     if vendor == "sqlite" and connection.Database.sqlite_version_info < (3, 33):
         vendor = "other"  # no UPDATE ... FROM before SQLite 3.33
     if vendor not in ("postgresql", "sqlite"):
-        model.objects.bulk_update(
-            [
-                model(pk=row[0], **dict(zip(fields, row[1:], strict=True)), **constants)
-                for row in rows
-            ],
-            [*fields, *constants],
-            batch_size=BATCH_SIZE,
-        )
+        for chunk in _batches(rows, BATCH_SIZE):
+            model.objects.bulk_update(
+                [
+                    model(pk=row[0], **dict(zip(fields, row[1:], strict=True)), **constants)
+                    for row in chunk
+                ],
+                [*fields, *constants],
+            )
         return
     with connection.cursor() as cursor:
-        for chunk in _chunks(rows, min(BATCH_SIZE, _MAX_PARAMETERS // len(names))):
+        for chunk in _batches(rows, min(BATCH_SIZE, _MAX_PARAMETERS // len(names))):
             if vendor == "postgresql":
                 types = [meta.pk.rel_db_type(connection)]
                 types += [f.db_type(connection).split("(")[0] for f in columns]

@@ -51,6 +51,8 @@ class FakeGateway:
         self.calls: list[str | None] = []
         self.entered = threading.Event()
         self.release: threading.Event | None = None
+        # {account: reason}: the values were asked for, and these could not be read.
+        self.values_missing: dict[str, str] | None = None
 
     def fetch_positions(self, account_id: str | None = None) -> GatewaySnapshot:
         self.calls.append(account_id)
@@ -68,10 +70,20 @@ class FakeGateway:
                 accounts=(account_id,),
                 positions=tuple(p for p in self.positions if p.account == account_id),
                 managed_accounts=self.accounts,
+                **self._values((account_id,)),
             )
         return GatewaySnapshot(
-            accounts=self.accounts, positions=tuple(self.positions), managed_accounts=self.accounts
+            accounts=self.accounts,
+            positions=tuple(self.positions),
+            managed_accounts=self.accounts,
+            **self._values(self.accounts),
         )
+
+    def _values(self, accounts) -> dict:
+        if self.values_missing is None:
+            return {}
+        missing = {a: r for a, r in self.values_missing.items() if a in accounts}
+        return {"values_read": True, "values_missing": missing}
 
 
 @pytest.fixture

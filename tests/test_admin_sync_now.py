@@ -105,6 +105,27 @@ def test_sync_now_from_positions_returns_to_the_same_list_with_the_counts(
     assert f'<a href="{change(run)}">Sync #{run.pk}</a> finished' in response.text
 
 
+def test_sync_now_says_which_accounts_values_were_not_read_and_the_run_shows_why(
+    admin_client, use_gateway
+):
+    use_gateway.values_missing = {"U1111111": "IBKR refused the subscription (error 2101)"}
+
+    response = admin_client.post(SYNC_NOW, {"next": changelist(Position)}, follow=True)
+
+    run = SyncRun.objects.get()
+    [(level, text)] = messages_of(response)
+    assert level == message_levels.WARNING
+    assert text.endswith(
+        "0 errors. Values not read for U1111111 (their stored values were kept): "
+        "U1111111: IBKR refused the subscription (error 2101)"
+    )
+    assert run.account_values == {
+        "U1111111": {"status": "missing", "reason": "IBKR refused the subscription (error 2101)"}
+    }
+    page = admin_client.get(change(run)).text
+    assert "U1111111: missing (IBKR refused the subscription (error 2101))" in page
+
+
 def test_sync_now_for_the_chosen_account_from_accounts(syncing_staff, use_gateway):
     use_gateway.accounts = ("U1111111", "U2222222")
 

@@ -2,6 +2,8 @@
 
 from decimal import Decimal
 
+import pytest
+
 from ibkr_sync.gateway import GatewayAccountValues, GatewayPositionValue
 from ibkr_sync.mapping import map_account_values
 
@@ -79,14 +81,8 @@ def test_position_values_only_for_the_quantity_synced():
         held,
     )
 
-    assert mapped.positions == {
-        "1": {
-            "market_price": D("1.5"),
-            "market_value": D(15),
-            "unrealized_pnl": D(5),
-            "realized_pnl": D(0),
-        }
-    }
+    # In the order of POSITION_VALUE_FIELDS: price, value, unrealized, realized.
+    assert mapped.positions == {"1": (D("1.5"), D(15), D(5), D(0))}
     assert mapped.stale == 1  # BTC: the row was for another quantity; 3 is not synced
 
 
@@ -114,3 +110,48 @@ def test_values_that_do_not_fit_are_errors_not_zeros():
     assert reasons[1].startswith("NetLiquidation (USD): ") and "too large" in reasons[1]
     assert reasons[2].startswith("market value: ") and "too large" in reasons[2]
     assert [e["symbol"] for e in mapped.errors if e["con_id"] == 1] == ["AAPL"]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("old_sqlite", [False, True])
+def test_update_rows_writes_exactly_the_rows_given(monkeypatch, old_sqlite):
+    """One UPDATE ... FROM per batch (or bulk_update where the database has none)."""
+    from django.db import connection
+    from django.utils import timezone
+
+    from ibkr_sync.writer import update_rows
+    from portfolio.models import Account, Instrument, Position
+
+    if old_sqlite:
+        if connection.vendor != "sqlite":
+            pytest.skip("an SQLite before 3.33 only")
+        monkeypatch.setattr(connection.Database, "sqlite_version_info", (3, 31, 1))
+    now = timezone.now()
+    account = Account.objects.create(broker="ibkr", external_id="U1")
+    rows = [
+        Position.objects.create(
+            account=account,
+            instrument=Instrument.objects.create(
+                broker="ibkr", external_id=str(i), symbol=f"S{i}", sec_type="STK"
+            ),
+            quantity=1,
+            opened_at=now,
+            last_synced_at=now,
+        )
+        for i in range(3)
+    ]
+    fields = ("market_price", "market_value", "unrealized_pnl", "realized_pnl")
+    update_rows(
+        Position,
+        fields,
+        (
+            (p.pk, D("1.25") * (i + 1), None, D("-0.0000000001"), D(0))
+            for i, p in enumerate(rows[:2])
+        ),
+        valued_at=now,
+    )
+    stored = {p.pk: p for p in Position.objects.all()}
+    assert [stored[p.pk].market_price for p in rows] == [D("1.25"), D("2.5"), None]
+    assert stored[rows[0].pk].unrealized_pnl == D("-0.0000000001")
+    assert stored[rows[1].pk].market_value is None and stored[rows[1].pk].valued_at == now
+    assert stored[rows[2].pk].valued_at is None
