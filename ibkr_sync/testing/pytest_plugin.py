@@ -14,7 +14,9 @@ Fixtures:
   timeouts). ``sync_positions(...)``, ``manage.py sync_ibkr`` and
   ``POST /portfolio/sync/ibkr`` then read from it through the real IB client. Change
   what it reports between syncs with ``set_positions``, ``upsert_position``,
-  ``remove_position``; inject faults with ``set_faults``.
+  ``remove_position``, its values with ``set_cash``, ``set_exchange_rate``,
+  ``set_market_price`` and ``move_prices``; inject faults with ``set_faults`` (values
+  faults per account too: ``values_hang``, ``values_error``, ``value_edits``, ...).
 
 Example::
 
@@ -53,5 +55,6 @@ def ibkr_simulator(request: pytest.FixtureRequest, ibkr_portfolio: Any) -> Itera
         settings.IBKR_CLIENT_ID = CLIENT_ID
         settings.IBKR_CONNECT_TIMEOUT = 5
         settings.IBKR_REQUEST_TIMEOUT = 10
+        settings.IBKR_VALUES_TIMEOUT = 3
         settings.IBKR_SYNC_GATEWAY_CLASS = "ibkr_sync.gateway.IbkrGateway"
         yield simulator
