@@ -16,7 +16,7 @@ from ibkr_sync.admin import SyncNowMixin
 
 from . import decimals
 from .models import Account, AccountSnapshot, CashBalance, Instrument, Position
-from .overview import cost_basis_overview, status_panels
+from .overview import portfolio_overview, status_panels
 
 
 def number(value: Decimal | None, places: int | None = None, min_places: int = 0) -> str:
@@ -219,14 +219,15 @@ class PositionAdmin(SyncNowMixin, MirroredModelAdmin):
         return [path("overview/", overview, name="portfolio_overview"), *super().get_urls()]
 
     def overview_view(self, request: HttpRequest) -> TemplateResponse:
-        """Net cost basis by account, currency and sec type (`portfolio.overview`)."""
+        """Each account's values and history, and the open positions by currency and sec
+        type (`portfolio.overview`); ?range= picks the history's range (1m, 3m, 1y, all)."""
         if not self.has_view_permission(request):
             raise PermissionDenied
         context = {
             **self.admin_site.each_context(request),
             "title": "Portfolio overview",
             "opts": self.opts,
-            "overview": cost_basis_overview(),
+            "overview": portfolio_overview(request.GET.get("range")),
             "status_panels": status_panels(request),
         }
         return TemplateResponse(request, "admin/portfolio/overview.html", context)
