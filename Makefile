@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format venv bench clean
+.PHONY: demo test lint format venv bench screenshots clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/sync_bench.py $(BENCH_ARGS)
+
+## Take the docs' screenshot of the admin overview again (docs/images/overview.png).
+screenshots: $(STAMP)
+	DOCS_SCREENSHOTS=1 REQUIRE_BROWSER=1 $(PY) -m pytest -q tests/browser/test_overview_browser.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

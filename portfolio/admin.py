@@ -10,21 +10,62 @@ from django.http import HttpRequest
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html
+from django.utils.safestring import mark_safe
 
 from ibkr_sync.admin import SyncNowMixin
 
 from . import decimals
-from .models import Account, Instrument, Position
-from .overview import cost_basis_overview, status_panels
+from .models import Account, AccountSnapshot, CashBalance, Instrument, Position
+from .overview import portfolio_overview, status_panels
 
 
-def plain(value: Decimal | None) -> str:
-    """A Decimal without the column's trailing zeros: 0.5, not 0.5000000000."""
-    return "-" if value is None else decimals.plain(value)
+def number(value: Decimal | None, places: int | None = None, min_places: int = 0) -> str:
+    """A number as the admin shows it: right-aligned in its column, thousands separated,
+    with at least `min_places` decimals; rounded half-even to `places` decimals when
+    given, else exact. The exact value is always its title: no digit is out of reach."""
+    if value is None:
+        return mark_safe('<span class="num">-</span>')
+    if places is None:
+        text = decimals.grouped(value, min_places)
+    else:
+        text = decimals.rounded(value, places, min_places)
+    return format_html('<span class="num" title="{}">{}</span>', decimals.plain(value), text)
+
+
+def number_column(field: str, description: str, places: int | None = None, min_places: int = 0):
+    """A ModelAdmin column (or read-only field) showing `field` by `number`, sorted by
+    the field. Name it `<something>_display`: the admin's stylesheet right-aligns the
+    headers of those columns."""
+
+    @admin.display(description=description, ordering=field)
+    def column(self, obj) -> str:
+        return number(getattr(obj, field), places, min_places)
+
+    return column
+
+
+# How numbers read in lists: amounts of money in cents, prices to at most 4 decimals (at
+# least 2), rates with at least 4, quantities exactly; every one exact on hover. On an
+# object's page, every amount and price exactly (EXACT, with at least 2 decimals).
+MONEY = {"places": 2, "min_places": 2}
+PRICE = {"places": 4, "min_places": 2}
+RATE = {"min_places": 4}
+EXACT = {"min_places": 2}
+
+
+@admin.display(description="account", ordering="account__external_id")
+def account_column(self, obj) -> str:
+    """The account by its id (narrow); its name and broker on hover."""
+    account = obj.account
+    return format_html('<span title="{}">{}</span>', str(account), account.external_id)
 
 
 class SyncedModelAdmin(admin.ModelAdmin):
     """Rows that only a sync creates and deletes."""
+
+    class Media:
+        # Right-aligned numbers; the wide lists fitting a 1400 px window.
+        css = {"all": ("portfolio/admin.css",)}
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
@@ -86,13 +127,8 @@ class InstrumentAdmin(MirroredModelAdmin):
     def positions(self, obj: Instrument) -> str:
         return positions_link("instrument__id__exact", obj.pk)
 
-    @admin.display(description="strike", ordering="strike")
-    def strike_display(self, obj: Instrument) -> str:
-        return plain(obj.strike)
-
-    @admin.display(description="multiplier", ordering="multiplier")
-    def multiplier_display(self, obj: Instrument) -> str:
-        return plain(obj.multiplier)
+    strike_display = number_column("strike", "strike", **PRICE)
+    multiplier_display = number_column("multiplier", "multiplier")
 
 
 class OpenClosedFilter(admin.SimpleListFilter):
@@ -132,9 +168,15 @@ class OpenClosedFilter(admin.SimpleListFilter):
 
 @admin.register(Position)
 class PositionAdmin(SyncNowMixin, MirroredModelAdmin):
+    # What fits a 1400 px wide window, every column visible (the stylesheet puts the
+    # filters above the list below 1700 px): amounts in cents and prices to 4 decimals
+    # (exact on hover and on the position's page), the account by its id. When a sync
+    # last wrote or valued the position is on its page; the overview says when the last
+    # sync ran.
     list_display = (
-        "account", "symbol", "sec_type", "quantity_display", "average_cost_display",
-        "cost_basis_display", "currency", "is_open", "last_synced_at",
+        "account_label", "symbol", "sec_type", "currency", "quantity_display",
+        "average_cost_display", "market_price_display", "cost_basis_display",
+        "market_value_display", "unrealized_pnl_display", "is_open",
     )  # fmt: skip
     list_select_related = ("account", "instrument")
     list_filter = (
@@ -142,9 +184,12 @@ class PositionAdmin(SyncNowMixin, MirroredModelAdmin):
         "instrument__currency",
     )  # fmt: skip
     search_fields = ("instrument__symbol", "instrument__local_symbol", "=instrument__external_id")
+    # Every figure exactly, as IBKR reported it.
     fields = (
-        "account", "instrument", "quantity_display", "average_cost_display",
-        "cost_basis_display", "opened_at", "last_synced_at", "closed_at",
+        "account", "instrument", "quantity_display", "average_cost_exact",
+        "cost_basis_exact", "market_price_exact", "market_value_exact",
+        "unrealized_pnl_exact", "realized_pnl_exact", "valued_at", "opened_at",
+        "last_synced_at", "closed_at",
     )  # fmt: skip
     readonly_fields = fields
     list_per_page = 100
@@ -155,19 +200,34 @@ class PositionAdmin(SyncNowMixin, MirroredModelAdmin):
     # One COUNT per page, of the filtered rows only.
     show_full_result_count = False
 
+    account_label = account_column
+    quantity_display = number_column("quantity", "quantity")
+    average_cost_display = number_column("average_cost", "average cost", **PRICE)
+    market_price_display = number_column("market_price", "market price", **PRICE)
+    cost_basis_display = number_column("cost_basis", "cost basis", **MONEY)
+    market_value_display = number_column("market_value", "market value", **MONEY)
+    unrealized_pnl_display = number_column("unrealized_pnl", "unrealized P&L", **MONEY)
+    average_cost_exact = number_column("average_cost", "average cost", **EXACT)
+    market_price_exact = number_column("market_price", "market price", **EXACT)
+    cost_basis_exact = number_column("cost_basis", "cost basis", **EXACT)
+    market_value_exact = number_column("market_value", "market value", **EXACT)
+    unrealized_pnl_exact = number_column("unrealized_pnl", "unrealized P&L", **EXACT)
+    realized_pnl_exact = number_column("realized_pnl", "realized P&L", **EXACT)
+
     def get_urls(self):
         overview = self.admin_site.admin_view(self.overview_view)
         return [path("overview/", overview, name="portfolio_overview"), *super().get_urls()]
 
     def overview_view(self, request: HttpRequest) -> TemplateResponse:
-        """Net cost basis by account, currency and sec type (`portfolio.overview`)."""
+        """Each account's values and history, and the open positions by currency and sec
+        type (`portfolio.overview`); ?range= picks the history's range (1m, 3m, 1y, all)."""
         if not self.has_view_permission(request):
             raise PermissionDenied
         context = {
             **self.admin_site.each_context(request),
             "title": "Portfolio overview",
             "opts": self.opts,
-            "overview": cost_basis_overview(),
+            "overview": portfolio_overview(request.GET.get("range")),
             "status_panels": status_panels(request),
         }
         return TemplateResponse(request, "admin/portfolio/overview.html", context)
@@ -184,18 +244,82 @@ class PositionAdmin(SyncNowMixin, MirroredModelAdmin):
     def currency(self, obj: Position) -> str:
         return obj.instrument.currency
 
-    @admin.display(description="quantity", ordering="quantity")
-    def quantity_display(self, obj: Position) -> str:
-        return plain(obj.quantity)
-
-    @admin.display(description="average cost", ordering="average_cost")
-    def average_cost_display(self, obj: Position) -> str:
-        return plain(obj.average_cost)
-
-    @admin.display(description="cost basis", ordering="cost_basis")
-    def cost_basis_display(self, obj: Position) -> str:
-        return plain(obj.cost_basis)
-
     @admin.display(description="open", boolean=True, ordering="closed_at")
     def is_open(self, obj: Position) -> bool:
         return obj.closed_at is None
+
+
+@admin.register(CashBalance)
+class CashBalanceAdmin(MirroredModelAdmin):
+    list_display = (
+        "account_label", "currency", "amount_display", "exchange_rate_display",
+        "base_amount_display", "synced_at",
+    )  # fmt: skip
+    list_select_related = ("account",)
+    list_filter = ("account", "currency")
+    search_fields = ("=currency", "account__external_id")
+    fields = (
+        "account", "currency", "amount_exact", "exchange_rate_display", "base_amount_display",
+        "synced_at",
+    )  # fmt: skip
+    readonly_fields = fields
+    ordering = ("account_id", "currency")  # unique together: a stable order
+
+    account_label = account_column
+    amount_display = number_column("amount", "amount", **MONEY)
+    amount_exact = number_column("amount", "amount", **EXACT)
+    exchange_rate_display = number_column("exchange_rate", "IBKR exchange rate", **RATE)
+
+    @admin.display(description="in the base currency")
+    def base_amount_display(self, obj: CashBalance) -> str:
+        """amount x IBKR's rate, in cents (exact on hover), with the base currency's code;
+        "-" without a rate: never the amount as it is."""
+        if obj.exchange_rate is None:
+            return number(None)
+        exact = decimals.exact_product(obj.amount, obj.exchange_rate)
+        return format_html(
+            '<span class="num" title="{}">{} {}</span>',
+            decimals.plain(exact), decimals.money(exact), obj.account.base_currency,
+        )  # fmt: skip
+
+
+@admin.register(AccountSnapshot)
+class AccountSnapshotAdmin(MirroredModelAdmin):
+    list_display = (
+        "account_label", "taken_at", "currency", "net_liquidation_display",
+        "total_cash_value_display", "gross_position_value_display", "unrealized_pnl_display",
+        "realized_pnl_display", "available_funds_display", "buying_power_display",
+    )  # fmt: skip
+    list_select_related = ("account",)
+    list_filter = ("account", "currency")
+    date_hierarchy = "taken_at"
+    fields = (
+        "account", "taken_at", "currency", "net_liquidation_exact", "total_cash_value_exact",
+        "gross_position_value_exact", "unrealized_pnl_exact", "realized_pnl_exact",
+        "available_funds_exact", "buying_power_exact", "sync_run",
+    )  # fmt: skip
+    readonly_fields = fields
+    # Each account's history, the newest first (the (account, taken_at) index's order).
+    ordering = ("account_id", "-taken_at", "-id")
+    show_full_result_count = False
+
+    account_label = account_column
+    net_liquidation_display = number_column("net_liquidation", "net liquidation", **MONEY)
+    total_cash_value_display = number_column("total_cash_value", "total cash value", **MONEY)
+    gross_position_value_display = number_column(
+        "gross_position_value", "gross position value", **MONEY
+    )
+    unrealized_pnl_display = number_column("unrealized_pnl", "unrealized P&L", **MONEY)
+    realized_pnl_display = number_column("realized_pnl", "realized P&L", **MONEY)
+    available_funds_display = number_column("available_funds", "available funds", **MONEY)
+    buying_power_display = number_column("buying_power", "buying power", **MONEY)
+    # On a snapshot's page, every value exactly.
+    net_liquidation_exact = number_column("net_liquidation", "net liquidation", **EXACT)
+    total_cash_value_exact = number_column("total_cash_value", "total cash value", **EXACT)
+    gross_position_value_exact = number_column(
+        "gross_position_value", "gross position value", **EXACT
+    )
+    unrealized_pnl_exact = number_column("unrealized_pnl", "unrealized P&L", **EXACT)
+    realized_pnl_exact = number_column("realized_pnl", "realized P&L", **EXACT)
+    available_funds_exact = number_column("available_funds", "available funds", **EXACT)
+    buying_power_exact = number_column("buying_power", "buying power", **EXACT)

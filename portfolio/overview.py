@@ -1,23 +1,38 @@
-"""The portfolio overview: net cost basis of open positions by account, currency and sec
-type, aggregated in the database, with a small bar chart drawn on the server.
+"""The portfolio overview.
 
-Amounts in different currencies are never added together: every total is per currency.
+Per account: IBKR's latest net liquidation and its history (a line chart), the cash by
+currency and in the account's base currency, and the open positions' net cost basis,
+market value and unrealized P&L by currency and sec type. Then the open positions of all
+accounts by currency and sec type, with a small bar chart per currency. Everything is
+aggregated in the database, in a fixed number of queries whatever the number of rows.
+
+Amounts in different currencies are never added as they are. A total across currencies
+is in the account's base currency, each amount converted at the exchange rate IBKR
+reports for that account (its CashBalance rows), with the conversion shown; an amount in
+a currency without such a rate is shown but not added. Across accounts, totals are per
+currency only (accounts may have different base currencies).
+
 Other apps add their own status (e.g. when the broker was last synced) through
 `register_status_panel`, so this domain module needs to know none of them.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from decimal import ROUND_HALF_EVEN, Decimal
+from decimal import Decimal
 
-from django.db.models import Count, Q, Sum
+from django.db.models import Count, OuterRef, Q, Subquery, Sum
 from django.http import HttpRequest
 
-from .decimals import plain
-from .models import Position
+from . import history
+from .decimals import exact_product, exact_sum, money, plain
+from .decimals import rate as rate_text
+from .models import Account, AccountSnapshot, CashBalance, Position
+
+TIMES = "\N{MULTIPLICATION SIGN}"
 
 StatusPanel = Callable[[HttpRequest], str]
 _status_panels: list[StatusPanel] = []
@@ -34,6 +49,13 @@ def status_panels(request: HttpRequest) -> list[str]:
     return [html for panel in _status_panels if (html := panel(request))]
 
 
+def _plus(total: Decimal | None, value: Decimal | None) -> Decimal | None:
+    """A sum of what was reported: None only while nothing was."""
+    if value is None:
+        return total
+    return value if total is None else exact_sum((total, value))
+
+
 @dataclass
 class Subtotal:
     """Open positions of one group, in one currency."""
@@ -43,6 +65,12 @@ class Subtotal:
     cost_basis: Decimal = Decimal(0)
     # Positions whose average cost the broker did not report: not in `cost_basis`.
     without_cost_basis: int = 0
+    # IBKR's values: None when it reported none for any position of the group; the
+    # positions it reported none for are counted apart, never taken as zero.
+    market_value: Decimal | None = None
+    without_market_value: int = 0
+    unrealized_pnl: Decimal | None = None
+    without_unrealized_pnl: int = 0
 
     @property
     def display(self) -> str:
@@ -52,18 +80,111 @@ class Subtotal:
     def exact(self) -> str:
         return plain(self.cost_basis)
 
-    def add(self, positions: int, cost_basis: Decimal | None, without: int) -> None:
-        self.positions += positions
-        self.cost_basis += cost_basis or 0
-        self.without_cost_basis += without
+    def add(self, row: dict) -> None:
+        """Add one row of the grouped query."""
+        self.positions += row["n"]
+        self.cost_basis = exact_sum((self.cost_basis, row["cost"] or 0))
+        self.without_cost_basis += row["without_cost"]
+        self.market_value = _plus(self.market_value, row["value"])
+        self.without_market_value += row["without_value"]
+        self.unrealized_pnl = _plus(self.unrealized_pnl, row["pnl"])
+        self.without_unrealized_pnl += row["without_pnl"]
+
+    def include(self, other: Subtotal) -> None:
+        """Add another group's figures (e.g. a sec type's, to its currency's total)."""
+        self.positions += other.positions
+        self.cost_basis = exact_sum((self.cost_basis, other.cost_basis))
+        self.without_cost_basis += other.without_cost_basis
+        self.market_value = _plus(self.market_value, other.market_value)
+        self.without_market_value += other.without_market_value
+        self.unrealized_pnl = _plus(self.unrealized_pnl, other.unrealized_pnl)
+        self.without_unrealized_pnl += other.without_unrealized_pnl
 
 
 @dataclass
-class AccountSummary:
-    pk: int
-    external_id: str
-    name: str
-    by_currency: list[Subtotal] = field(default_factory=list)
+class Conversion:
+    """An amount in one currency, and in the account's base currency at IBKR's rate."""
+
+    currency: str
+    amount: Decimal | None
+    rate: Decimal | None  # IBKR's, from `currency` to `base_currency`; None if none
+    base_currency: str
+
+    @property
+    def same_currency(self) -> bool:
+        """Already in the base currency (IBKR's rate for it, if any, is 1)."""
+        return (
+            bool(self.base_currency)
+            and self.currency == self.base_currency
+            and (self.rate is None or self.rate == 1)
+        )
+
+    @property
+    def converted(self) -> Decimal | None:
+        """Exactly amount x rate; None when there is no amount, rate or base currency."""
+        if self.amount is None or not self.base_currency:
+            return None
+        if self.same_currency:
+            return self.amount
+        if self.rate is None:
+            return None
+        return exact_product(self.amount, self.rate)
+
+    @property
+    def exact(self) -> str:
+        return "" if self.converted is None else plain(self.converted)
+
+    @property
+    def why_not(self) -> str:
+        """Why an amount is not converted (empty when it is)."""
+        if self.amount is None or self.converted is not None:
+            return ""
+        if not self.base_currency:
+            return "the account's base currency is unknown"
+        return f"IBKR reported no {self.currency or 'currency'}-{self.base_currency} rate"
+
+    @property
+    def text(self) -> str:
+        """1,000.00 EUR x 1.0850 = 1,085.00 USD (with a multiplication sign), or why it is
+        not converted."""
+        if self.amount is None:
+            return "-"
+        shown = f"{money(self.amount)} {self.currency}".rstrip()
+        if self.same_currency:
+            return shown
+        if self.converted is None:
+            return f"{shown}: not added ({self.why_not})"
+        converted = f"{money(self.converted)} {self.base_currency}"
+        return f"{shown} {TIMES} {rate_text(self.rate)} = {converted}"
+
+
+@dataclass
+class Total:
+    """A total in the base currency of the amounts converted; the others listed apart."""
+
+    base_currency: str
+    conversions: list[Conversion]
+
+    @property
+    def added(self) -> list[Conversion]:
+        return [c for c in self.conversions if c.converted is not None]
+
+    @property
+    def not_added(self) -> list[Conversion]:
+        return [c for c in self.conversions if c.amount is not None and c.converted is None]
+
+    @property
+    def amount(self) -> Decimal | None:
+        added = self.added
+        return exact_sum(c.converted for c in added) if added else None
+
+    @property
+    def display(self) -> str:
+        return "-" if self.amount is None else money(self.amount)
+
+    @property
+    def exact(self) -> str:
+        return "" if self.amount is None else plain(self.amount)
 
 
 @dataclass
@@ -74,74 +195,190 @@ class CurrencySummary:
 
 
 @dataclass
+class AccountSummary:
+    pk: int
+    external_id: str
+    name: str
+    base_currency: str = ""
+    currencies: list[CurrencySummary] = field(default_factory=list)
+    # The latest snapshot with a net liquidation, if any.
+    snapshot: AccountSnapshot | None = None
+    cash: list[Conversion] = field(default_factory=list)
+    # IBKR's exchange rates to the base currency, by currency (its CashBalance rows).
+    rates: dict[str, Decimal] = field(default_factory=dict)
+    history: history.History | None = None
+    chart: dict | None = None
+
+    @property
+    def by_currency(self) -> list[Subtotal]:
+        return [c.total for c in self.currencies]
+
+    @property
+    def positions(self) -> int:
+        return sum(s.positions for s in self.by_currency)
+
+    @property
+    def cash_total(self) -> Total:
+        return Total(self.base_currency, self.cash)
+
+    def _total(self, attribute: str) -> Total:
+        return Total(
+            self.base_currency,
+            [
+                Conversion(s.currency, getattr(s, attribute), self.rates.get(s.currency),
+                           self.base_currency)
+                for s in self.by_currency
+            ],
+        )  # fmt: skip
+
+    @property
+    def converts(self) -> bool:
+        """Whether any open position is in another currency than the base currency."""
+        return any(c.total.currency != self.base_currency for c in self.currencies)
+
+    @property
+    def in_base(self) -> list[tuple[str, Conversion, Conversion]]:
+        """Per currency: its market value and unrealized P&L, converted."""
+        pairs = zip(self.market_value.conversions, self.unrealized_pnl.conversions, strict=True)
+        return [(value.currency, value, pnl) for value, pnl in pairs]
+
+    @property
+    def not_added(self) -> list[str]:
+        """The currencies of positions with IBKR values left out of the totals."""
+        left_out = {c.currency for c in self.market_value.not_added}
+        left_out |= {c.currency for c in self.unrealized_pnl.not_added}
+        return sorted(c or "(none)" for c in left_out)
+
+    @property
+    def market_value(self) -> Total:
+        return self._total("market_value")
+
+    @property
+    def unrealized_pnl(self) -> Total:
+        return self._total("unrealized_pnl")
+
+
+@dataclass
 class Overview:
     accounts: list[AccountSummary]
     currencies: list[CurrencySummary]
+    history_range: history.Range = field(default_factory=lambda: history.chosen_range(None))
+    ranges: tuple[history.Range, ...] = history.RANGES
 
     @property
     def positions(self) -> int:
         return sum(c.total.positions for c in self.currencies)
 
 
-def cost_basis_overview() -> Overview:
-    """One grouped query over the open positions, however many there are."""
-    groups = (
+def _grouped_positions():
+    """Open positions summed by account, currency and sec type: one query."""
+    return (
         Position.objects.filter(closed_at__isnull=True)
-        .values(
-            "account_id",
-            "account__external_id",
-            "account__name",
-            "instrument__currency",
-            "instrument__sec_type",
-        )
+        .values("account_id", "instrument__currency", "instrument__sec_type")
         .annotate(
             n=Count("id"),
-            total=Sum("cost_basis"),
-            without=Count("id", filter=Q(cost_basis__isnull=True)),
+            # (Named apart from the fields they sum: an alias may not shadow a column.)
+            cost=Sum("cost_basis"),
+            without_cost=Count("id", filter=Q(cost_basis__isnull=True)),
+            value=Sum("market_value"),
+            without_value=Count("id", filter=Q(market_value__isnull=True)),
+            pnl=Sum("unrealized_pnl"),
+            without_pnl=Count("id", filter=Q(unrealized_pnl__isnull=True)),
         )
         .order_by()
     )
-    accounts: dict[int, AccountSummary] = {}
-    by_account: dict[tuple[int, str], Subtotal] = {}
-    by_currency: dict[str, Subtotal] = {}
-    by_sec_type: dict[str, dict[str, Subtotal]] = defaultdict(dict)
-    for row in groups:
-        currency, sec_type = row["instrument__currency"], row["instrument__sec_type"]
-        account = accounts.setdefault(
-            row["account_id"],
-            AccountSummary(row["account_id"], row["account__external_id"], row["account__name"]),
-        )
-        targets = (
-            by_account.setdefault((account.pk, currency), Subtotal(currency)),
-            by_currency.setdefault(currency, Subtotal(currency)),
-            by_sec_type[currency].setdefault(sec_type, Subtotal(currency)),
-        )
-        for subtotal in targets:
-            subtotal.add(row["n"], row["total"], row["without"])
 
-    for (pk, _currency), subtotal in sorted(by_account.items()):
-        accounts[pk].by_currency.append(subtotal)
-    currencies = []
-    for currency in sorted(by_currency):
+
+def _summaries(groups: dict[str, dict[str, Subtotal]], chart: bool) -> list[CurrencySummary]:
+    """Per currency (sorted), its total and its sec types, the largest first."""
+    summaries = []
+    for currency in sorted(groups):
+        total = Subtotal(currency)
+        for subtotal in groups[currency].values():
+            total.include(subtotal)
         sec_types = sorted(
-            by_sec_type[currency].items(), key=lambda item: (-abs(item[1].cost_basis), item[0])
+            groups[currency].items(), key=lambda item: (-abs(item[1].cost_basis), item[0])
         )
-        currencies.append(
+        summaries.append(
             CurrencySummary(
-                total=by_currency[currency],
+                total=total,
                 by_sec_type=sec_types,
-                chart=bar_chart([(label, s.cost_basis) for label, s in sec_types]),
+                chart=bar_chart([(t, s.cost_basis) for t, s in sec_types]) if chart else None,
             )
         )
-    return Overview(
-        accounts=sorted(accounts.values(), key=lambda a: a.external_id), currencies=currencies
+    return summaries
+
+
+def _latest_snapshots(accounts: Iterable[Account]) -> dict[int, AccountSnapshot]:
+    ids = [a.latest_snapshot for a in accounts if a.latest_snapshot is not None]
+    return AccountSnapshot.objects.in_bulk(ids) if ids else {}
+
+
+def portfolio_overview(
+    history_range: history.Range | str | None = None, now: dt.datetime | None = None
+) -> Overview:
+    """The whole overview in six queries (the accounts with their latest snapshot's key,
+    those snapshots, the cash, the grouped open positions, and the history's two), however
+    many accounts, positions and snapshots there are."""
+    if not isinstance(history_range, history.Range):
+        history_range = history.chosen_range(history_range)
+    latest = (
+        AccountSnapshot.objects.filter(account=OuterRef("pk"), net_liquidation__isnull=False)
+        .order_by("-taken_at", "-id")
+        .values("id")[:1]
     )
+    accounts = list(
+        Account.objects.only("id", "external_id", "name", "base_currency", "is_paper")
+        .annotate(latest_snapshot=Subquery(latest))
+        # Paper-trading accounts after the real ones.
+        .order_by("is_paper", "external_id", "id")
+    )
+    snapshots = _latest_snapshots(accounts)
+    summaries: dict[int, AccountSummary] = {}
+    for account in accounts:
+        snapshot = snapshots.get(account.latest_snapshot)
+        summaries[account.pk] = AccountSummary(
+            pk=account.pk,
+            external_id=account.external_id,
+            name=account.name,
+            base_currency=account.base_currency or (snapshot.currency if snapshot else ""),
+            snapshot=snapshot,
+        )
 
+    # The queries are not one snapshot of the database: an account a sync adds meanwhile
+    # is left out (of the page's accounts; its open positions still count by currency).
+    cash_rows = CashBalance.objects.order_by("account_id", "currency").values_list(
+        "account_id", "currency", "amount", "exchange_rate"
+    )
+    for account_id, currency, amount, exchange_rate in cash_rows:
+        if (summary := summaries.get(account_id)) is None:
+            continue
+        summary.cash.append(Conversion(currency, amount, exchange_rate, summary.base_currency))
+        if exchange_rate is not None:
+            summary.rates[currency] = exchange_rate
 
-def money(value: Decimal) -> str:
-    """Two decimals with thousands separators: 1,234,567.89 (the exact value is kept for
-    a tooltip)."""
-    return f"{value.quantize(Decimal('0.01'), rounding=ROUND_HALF_EVEN):,}"
+    by_account: dict[int, dict[str, dict[str, Subtotal]]] = defaultdict(lambda: defaultdict(dict))
+    by_currency: dict[str, dict[str, Subtotal]] = defaultdict(dict)
+    for row in _grouped_positions():
+        currency, sec_type = row["instrument__currency"], row["instrument__sec_type"]
+        for groups in (by_account[row["account_id"]], by_currency):
+            groups[currency].setdefault(sec_type, Subtotal(currency)).add(row)
+    for pk, groups in by_account.items():
+        if pk in summaries:
+            summaries[pk].currencies = _summaries(groups, chart=False)
+
+    since = history.range_start(history_range, now)
+    for pk, account_history in history.histories(since).items():
+        if (summary := summaries.get(pk)) is None:
+            continue
+        summary.history = account_history
+        summary.chart = history.line_chart(summary.external_id, account_history, history_range)
+
+    return Overview(
+        accounts=list(summaries.values()),
+        currencies=_summaries(by_currency, chart=True),
+        history_range=history_range,
+    )
 
 
 # Chart geometry, in SVG user units.

@@ -114,10 +114,10 @@ def test_positions_changelist_shows_symbols_and_plain_decimals(admin_client, por
     assert sorted(listed(response)) == ["AAPL", "SAP", "TSLA"]
     html = response.text
     assert ">SAP 261218C00120000<" in html, "derivatives show their local symbol"
-    assert ">0.5<" in html
-    assert ">242.1<" in html
-    assert ">121.05<" in html
-    assert ">-2<" in html
+    assert '<span class="num" title="0.5">0.5</span>' in html, "quantities exactly"
+    assert '<span class="num" title="242.1">242.10</span>' in html, "prices with 2 decimals"
+    assert '<span class="num" title="121.05">121.05</span>' in html
+    assert '<span class="num" title="-2">-2</span>' in html
     assert "0.5000000000" not in html
     assert "242.1000000000" not in html
 

@@ -101,12 +101,17 @@ def test_sync_now_from_positions_then_filter_and_see_what_changed(page, superuse
     # The option's OCC local symbol has padding spaces that HTML collapses on screen.
     assert symbols(page) == ["AAPL", "ESZ6", "SPY 261218C00600000", "TSLA"]
     tsla = next(row for row in rows(page) if row["symbol"] == "TSLA")
-    assert (tsla["account"], tsla["sec_type"], tsla["currency"]) == (
-        f"{ACCOUNT} (Interactive Brokers)", "STK", "USD"
+    assert (tsla["account_label"], tsla["sec_type"], tsla["currency"]) == (
+        ACCOUNT, "STK", "USD"
     )  # fmt: skip
+    # Quantities exactly, prices to 4 decimals, amounts in cents: exact on hover.
     assert (
         tsla["quantity_display"], tsla["average_cost_display"], tsla["cost_basis_display"]
-    ) == ("0.12345678", "242.123456", "29.8917822402")  # fmt: skip
+    ) == ("0.12345678", "242.1235", "29.89")  # fmt: skip
+    cost_basis = page.locator("#result_list tr", has_text="TSLA").locator(
+        "td.field-cost_basis_display .num"
+    )
+    expect(cost_basis).to_have_attribute("title", "29.8917822402")
 
     # At IBKR: the ES future is closed, 5 more AAPL are bought, and some BMW in euros.
     ibkr.remove_position(ACCOUNT, ES_CON_ID)
@@ -160,7 +165,8 @@ def test_sync_now_from_positions_then_filter_and_see_what_changed(page, superuse
         page.get_by_role("link", name="Portfolio overview").click()
     expect(page.locator("#content h1")).to_have_text("Portfolio overview")
     totals = page.locator("#by-currency tbody tr")
-    assert [row.locator("th, td").all_inner_texts() for row in totals.all()] == [
+    # Currency, open positions, net cost basis, without a cost basis (then IBKR's values).
+    assert [row.locator("th, td").all_inner_texts()[:4] for row in totals.all()] == [
         ["EUR", "1", "3,950.40", "0"],
         ["USD", "3", "3,974.41", "0"],  # 2407.5 + 29.8917822402 + 1537.02
     ]
