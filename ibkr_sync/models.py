@@ -258,13 +258,10 @@ class AbstractAccountSnapshot(models.Model):
         on_delete=models.CASCADE,
         related_name="snapshots",
     )
-    sync_run = models.ForeignKey(
-        "ibkr_sync.SyncRun",
-        null=True,
-        blank=True,
-        on_delete=models.SET_NULL,
-        related_name="+",
-        help_text="The sync that read these values.",
+    # The id, not a foreign key: a host's app that has this model in its first migration
+    # must not depend on the sync app's migrations, which depend on the host's positions.
+    sync_run_id = models.PositiveBigIntegerField(
+        "sync run", null=True, blank=True, help_text="The id of the SyncRun that read these values."
     )
     taken_at = models.DateTimeField()
     currency = models.CharField(

@@ -296,7 +296,7 @@ class AccountSnapshotAdmin(MirroredModelAdmin):
     fields = (
         "account", "taken_at", "currency", "net_liquidation_exact", "total_cash_value_exact",
         "gross_position_value_exact", "unrealized_pnl_exact", "realized_pnl_exact",
-        "available_funds_exact", "buying_power_exact", "sync_run",
+        "available_funds_exact", "buying_power_exact", "sync_run_id",
     )  # fmt: skip
     readonly_fields = fields
     # Each account's history, the newest first (the (account, taken_at) index's order).

@@ -76,3 +76,20 @@ def test_portfolio_templates_do_not_use_ibkr_sync():
     assert templates
     for path in templates:
         assert "ibkr_sync" not in path.read_text(), path.name
+
+
+def test_the_abstract_bases_relate_only_to_the_configured_models():
+    """A host's app may hold all its models in its first migration: a relation from a base
+    to the sync app's own models (SyncRun) would make that migration depend on the sync
+    app's, which depend on the host's positions: a circular dependency."""
+    from ibkr_sync import conf, models
+
+    bases = [getattr(models, name) for name in dir(models) if name.startswith("Abstract")]
+    assert len(bases) == 5
+    configured = {conf.model_setting(name) for name in conf.MODEL_SETTINGS}
+    for base in bases:
+        for field in base._meta.get_fields():
+            if field.is_relation:
+                target = field.remote_field.model
+                label = target if isinstance(target, str) else target._meta.label
+                assert label in configured, f"{base.__name__}.{field.name} -> {label}"

@@ -29,7 +29,7 @@ def client(api_client, django_user_model):
 def snapshot(acct, taken_at, net_liquidation="1000", sync_run=None, **values) -> AccountSnapshot:
     return AccountSnapshot.objects.create(
         account=acct,
-        sync_run=sync_run,
+        sync_run_id=None if sync_run is None else sync_run.pk,
         taken_at=taken_at,
         currency=acct.base_currency,
         net_liquidation=None if net_liquidation is None else Decimal(net_liquidation),

@@ -422,6 +422,12 @@ class AccountSnapshotSerializer(ExactDecimalModelSerializer):
         source="account.external_id", read_only=True, help_text="The broker's account id."
     )
     broker = serializers.CharField(source="account.broker", read_only=True)
+    sync_run = serializers.IntegerField(
+        source="sync_run_id",
+        read_only=True,
+        allow_null=True,
+        help_text="The id of the sync run that read these values.",
+    )
 
     class Meta:
         model = AccountSnapshot
