@@ -20,9 +20,10 @@ workers = int(os.environ.get("GUNICORN_WORKERS", min(4, multiprocessing.cpu_coun
 # the gateway during a POST /portfolio/sync/ibkr.
 worker_class = "gthread"
 threads = int(os.environ.get("GUNICORN_THREADS", "4"))
-# A sync answers once the gateway has sent every position: allow for IBKR_CONNECT_TIMEOUT
-# + IBKR_REQUEST_TIMEOUT (10 + 60 s by default) and the database writes.
-timeout = int(os.environ.get("GUNICORN_TIMEOUT", "120"))
+# A sync answers once the gateway has sent every position and every account's values:
+# allow for IBKR_CONNECT_TIMEOUT + 2 x IBKR_REQUEST_TIMEOUT (10 + 60 + 60 s by default) and
+# the database writes.
+timeout = int(os.environ.get("GUNICORN_TIMEOUT", "180"))
 graceful_timeout = 30
 keepalive = 5
 

@@ -14,7 +14,7 @@ from django.utils.safestring import mark_safe
 from . import conf
 from .exceptions import IbkrSyncError
 from .models import PositionChange, SyncRun
-from .services import sync_positions
+from .services import describe_values, sync_positions
 
 
 def _admin_url_name(model, view: str) -> str | None:
@@ -118,7 +118,7 @@ class SyncRunAdmin(admin.ModelAdmin):
         return format_html_join(
             mark_safe("<br>"),
             "{}: {}",
-            ((account, _values_text(outcome)) for account, outcome in obj.account_values.items()),
+            ((account, describe_values(v)) for account, v in obj.account_values.items()),
         )
 
     @admin.display(description="duration", ordering="finished_at")
@@ -174,13 +174,3 @@ class SyncRunAdmin(admin.ModelAdmin):
         ):
             return target
         return reverse("admin:ibkr_sync_syncrun_changelist")
-
-
-def _values_text(outcome: dict) -> str:
-    if outcome.get("status") == "missing":
-        return f"missing ({outcome.get('reason', '')})"
-    text = f"read, base currency {outcome.get('base_currency') or 'unknown'}, "
-    text += f"{outcome.get('positions_valued', 0)} positions valued"
-    if outcome.get("positions_stale"):
-        text += f", {outcome['positions_stale']} kept (traded while read)"
-    return text

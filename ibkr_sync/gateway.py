@@ -47,6 +47,7 @@ import importlib
 import logging
 import socket
 import threading
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -223,6 +224,7 @@ class _ReadState:
     positions: dict[tuple[str, int], GatewayPosition] = field(default_factory=dict)
     # The account whose values are being read, while they are.
     values: _AccountRead | None = None
+    cancelled_values: bool = False
 
     def fail(self, error: IbkrSyncError) -> None:
         # The first failure wins: a 326 is followed by the socket closing, and the
@@ -242,19 +244,31 @@ class _ReadState:
 @dataclass
 class _AccountRead:
     """One account's values as they arrive; `done` is set at its download end or at the
-    first problem (which then is the reason its values are missing)."""
+    first problem (which then is the reason its values are missing). Once done, nothing
+    more is taken into it: an update right behind the download end is not part of it."""
 
     account: str
     done: asyncio.Future
+    # Whether a subscription of ours was cancelled before this one (a 2100 then may be
+    # the answer to that cancel).
+    after_cancel: bool = False
     values: dict[tuple[str, str], Decimal | None] = field(default_factory=dict)
     positions: dict[int, GatewayPositionValue] = field(default_factory=dict)
     problem: str | None = None
+    unreadable_at_start: int = 0
+    unreadable_at_end: int = 0
 
     def spoil(self, reason: str) -> None:
-        if self.problem is None:
-            self.problem = reason
-        if not self.done.done():
-            self.done.set_result(None)
+        if self.done.done():
+            return
+        self.problem = reason
+        self.done.set_result(None)
+
+
+@dataclass(frozen=True)
+class _NotRead:
+    reason: str
+    timed_out: bool = False
 
 
 class IbkrGateway:
@@ -363,43 +377,62 @@ class IbkrGateway:
     ) -> tuple[dict[str, GatewayAccountValues], dict[str, str]]:
         """Each account's values in turn; an account that cannot be read is missing, with
         the reason, and the others are read all the same. Once the session itself has
-        failed (the connection lost, say), the accounts not read yet are missing too."""
+        failed (the connection lost, say), the accounts not read yet are missing too.
+
+        All accounts together get at most IBKR_REQUEST_TIMEOUT, so that a sync holds the
+        lock for a bounded time however many accounts time out; each waits at most its
+        share of what is left, so that accounts that never answer (some TWS versions send
+        no download end for some accounts of a multi-account login) cannot starve the
+        ones after them. Those that timed out are asked once more with what is left.
+        """
         values: dict[str, GatewayAccountValues] = {}
         missing: dict[str, str] = {}
         with contextlib.suppress(ConnectionError):
             ib.client.cancelPositions()  # the positions are read: no updates of them now
-        # All accounts' values together get at most IBKR_REQUEST_TIMEOUT, so that a sync
-        # holds the lock for a bounded time however many accounts time out.
+        held = Counter(p.account for p in state.positions.values() if p.quantity != 0)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.request_timeout
-        for account in accounts:
-            left = deadline - loop.time()
-            if state.failure.done():
-                missing[account] = (
-                    "not read: the session with the IB gateway ended before its values "
-                    f"were asked for ({state.failure.result()})"
-                )
-                continue
-            if left <= 0:
-                missing[account] = (
-                    "not read: the values of the accounts before it took IBKR_REQUEST_TIMEOUT "
-                    f"({self.config.request_timeout:g} s) in all"
-                )
-                continue
-            outcome = await self._read_account_values(ib, state, account, left)
-            if isinstance(outcome, str):
-                missing[account] = outcome
-                logger.warning("The values of account %s were not read: %s", account, outcome)
-            else:
-                values[account] = outcome
+        pending = list(accounts)
+        for attempt in (1, 2):
+            timed_out = []
+            for index, account in enumerate(pending):
+                left = deadline - loop.time()
+                if state.failure.done():
+                    missing[account] = (
+                        "not read: the session with the IB gateway ended before its values "
+                        f"were asked for ({state.failure.result()})"
+                    )
+                    continue
+                if left <= 0:
+                    missing.setdefault(
+                        account,
+                        "not read: the values of the accounts before it took "
+                        f"IBKR_REQUEST_TIMEOUT ({self.config.request_timeout:g} s) in all",
+                    )
+                    continue
+                share = min(self.config.values_timeout, left / (len(pending) - index))
+                outcome = await self._read_account_values(ib, state, account, share, held)
+                if isinstance(outcome, GatewayAccountValues):
+                    values[account] = outcome
+                    missing.pop(account, None)
+                    continue
+                missing[account] = outcome.reason
+                if outcome.timed_out and attempt == 1:
+                    timed_out.append(account)
+            pending = timed_out
+        for account, reason in missing.items():
+            logger.warning("The values of account %s were not read: %s", account, reason)
         return values, missing
 
     async def _read_account_values(
-        self, ib: Any, state: _ReadState, account: str, left: float
-    ) -> GatewayAccountValues | str:
-        timeout = min(self.config.values_timeout, left)
-        read = _AccountRead(account, asyncio.get_running_loop().create_future())
-        unreadable = state.unreadable
+        self, ib: Any, state: _ReadState, account: str, timeout: float, held: Counter
+    ) -> GatewayAccountValues | _NotRead:
+        read = _AccountRead(
+            account,
+            asyncio.get_running_loop().create_future(),
+            after_cancel=state.cancelled_values,
+            unreadable_at_start=state.unreadable,
+        )
         state.values = read
         try:
             ib.client.reqAccountUpdates(True, account)
@@ -407,25 +440,35 @@ class IbkrGateway:
                 {read.done, state.failure}, timeout=timeout, return_when="FIRST_COMPLETED"
             )
         except ConnectionError as exc:
-            return f"not read: the connection to the IB gateway was lost ({exc})"
+            return _NotRead(f"not read: the connection to the IB gateway was lost ({exc})")
         finally:
             state.values = None
-            # TWS serves one account's updates at a time: let go before the next one.
+            # TWS serves one account's updates at a time: let go before the next one
+            # (after a refusal too: a cancel ends only this client's subscription, if any).
             with contextlib.suppress(ConnectionError):
                 ib.client.reqAccountUpdates(False, account)
+                state.cancelled_values = True
         if read.problem is not None:
-            return read.problem
+            return _NotRead(read.problem)
         if read.done not in done:
             if state.failure.done():
-                return f"not read: {state.failure.result()}"
-            return (
-                f"IBKR did not send the account's values within {timeout:.3g} s "
-                "(IBKR_VALUES_TIMEOUT); its stored values were kept"
+                return _NotRead(f"not read: {state.failure.result()}")
+            return _NotRead(
+                f"IBKR did not send the account's values within {timeout:.2g} s "
+                "(IBKR_VALUES_TIMEOUT, or its share of IBKR_REQUEST_TIMEOUT); its stored "
+                "values were kept",
+                timed_out=True,
             )
-        if state.unreadable > unreadable:
-            return (
+        if read.unreadable_at_end > read.unreadable_at_start:
+            return _NotRead(
                 "a message that could not be read arrived with the account's values "
                 f"({state.unreadable_examples[-1]}); its stored values were kept"
+            )
+        if held[account] and not read.positions:
+            return _NotRead(
+                f"IBKR sent no portfolio row for any of the account's {held[account]} "
+                "positions (as for some linked accounts), so their market values are "
+                "unknown; its stored values were kept"
             )
         return GatewayAccountValues(account, read.values, read.positions)
 
@@ -519,15 +562,18 @@ class IbkrGateway:
             )
         elif code in (_ACCOUNT_DATA_UNSUBSCRIBED, _ACCOUNT_DATA_REFUSED):
             read = state.values
-            logger.warning("IB gateway message %s (reqId %s): %s", code, req_id, text)
+            logger.warning("IB gateway message %s (reqId %s): %s", code, req_id, _cut(text))
             # TWS answers in order: a 2100 before any of this account's values ends the
             # subscription just cancelled (some versions confirm a cancel so), not this one.
-            taken_over = read is not None and bool(read.values or read.positions)
+            taken_over = read is not None and (
+                bool(read.values or read.positions) or not read.after_cancel
+            )
             if read is not None and (code == _ACCOUNT_DATA_REFUSED or taken_over):
                 taken = code == _ACCOUNT_DATA_UNSUBSCRIBED
                 read.spoil(
                     f"IBKR {'ended' if taken else 'refused'} the subscription to the "
-                    f"account's values ({'warning' if taken else 'error'} {code}: {text}). "
+                    f"account's values ({'warning' if taken else 'error'} {code}: "
+                    f"{_cut(text)}). "
                     "TWS serves one account's values at a time to all its API clients: "
                     + (
                         "another request took it over"
@@ -536,6 +582,12 @@ class IbkrGateway:
                     )
                     + "; its stored values were kept"
                 )
+        elif code in _REQUEST_FAILED_CODES and state.values is not None:
+            # The account-updates request of one account: its values, not the session.
+            state.values.spoil(
+                f"IBKR rejected the request for the account's values (error {code}: "
+                f"{_cut(text)}); its stored values were kept"
+            )
         elif code in _REQUEST_FAILED_CODES:
             state.fail(
                 GatewayError(
@@ -606,7 +658,7 @@ class IbkrGateway:
 
         def on_account_value(fields: list[str]) -> None:
             read = state.values
-            if read is None:
+            if read is None or read.done.done():
                 return
             if len(fields) != len(ACCOUNT_VALUE_FIELDS) or fields[1] != ACCOUNT_VALUE_VERSION:
                 read.spoil(_values_layout("an account value", fields, len(ACCOUNT_VALUE_FIELDS)))
@@ -639,7 +691,7 @@ class IbkrGateway:
 
         def on_portfolio(fields: list[str]) -> None:
             read = state.values
-            if read is None:
+            if read is None or read.done.done():
                 return
             if len(fields) != len(PORTFOLIO_FIELDS) or fields[1] != PORTFOLIO_VERSION:
                 read.spoil(_values_layout("a portfolio", fields, len(PORTFOLIO_FIELDS)))
@@ -663,11 +715,12 @@ class IbkrGateway:
 
         def on_download_end(fields: list[str]) -> None:
             read = state.values
-            if read is None:
+            if read is None or read.done.done():
                 return
             if len(fields) != 3:
                 read.spoil(_values_layout("an account download end", fields, 3))
-            elif fields[2] == read.account and not read.done.done():
+            elif fields[2] == read.account:
+                read.unreadable_at_end = state.unreadable
                 if read.values:
                     read.done.set_result(None)
                 else:  # complete, but empty: no reason to believe the account holds no cash
@@ -870,6 +923,11 @@ def _position_value_from_wire(fields: list[str]) -> GatewayPositionValue:
         None if number is UNSET else number for number in numbers
     )
     return GatewayPositionValue(con_id, quantity, price, value, unrealized, realized)
+
+
+def _cut(text: str, limit: int = 300) -> str:
+    """A gateway's text as a message quotes it: at most `limit` characters."""
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _values_layout(what: str, fields: list[str], expected: int) -> str:

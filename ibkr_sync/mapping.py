@@ -57,6 +57,9 @@ POSITION_FIELDS = ("quantity", "average_cost", "cost_basis")
 POSITION_VALUE_FIELDS = ("market_price", "market_value", "unrealized_pnl", "realized_pnl")
 #: The AccountSnapshot fields a sync fills from IBKR's account values, by IBKR's tag: the
 #: account's totals in its base currency.
+#: Tags IBKR gives per currency, with their total in the base currency as currency BASE.
+_PER_CURRENCY_TOTALS = frozenset({"UnrealizedPnL", "RealizedPnL"})
+_CURRENCY = re.compile(r"[A-Z]{3}")
 SNAPSHOT_TAGS = {
     "net_liquidation": "NetLiquidation",
     "total_cash_value": "TotalCashValue",
@@ -90,7 +93,8 @@ class MappedValues:
     values (in the order of POSITION_VALUE_FIELDS: a tuple, as 10,000s of them are held
     at once) by instrument (conId text) for every position whose values belong to the
     quantity synced; `stale` counts those whose portfolio row stated another
-    quantity (a trade between the two reads), left as they were.
+    quantity (a trade between the two reads), `unvalued` those IBKR sent no portfolio row
+    for: both are left as they were.
     """
 
     account_id: str
@@ -98,8 +102,10 @@ class MappedValues:
     snapshot: dict[str, Any]
     cash: dict[str, dict[str, Any]]
     kept_currencies: frozenset[str]
+    cash_reported: bool
     positions: dict[str, tuple[Decimal | None, ...]]
     stale: int
+    unvalued: int
     errors: list[dict[str, Any]]
 
 
@@ -431,9 +437,11 @@ def map_account_values(
     cash row and the position's values are left as they were.
 
     The totals are in the base currency: the currency IBKR gives NetLiquidation in (or
-    TotalCashValue). Per-currency tags carry their total in the base currency under the
-    currency "BASE" (P&L), which is preferred to the base currency's own row (the P&L of
-    positions in that currency only).
+    TotalCashValue). Per-currency tags (P&L) carry their total in the base currency under
+    the currency "BASE"; the base currency's own row is the P&L of the positions in that
+    currency only, so it is the account's only when the account has no other currency.
+    A download that carries no CashBalance at all says nothing about the cash: the
+    stored rows are kept (`cash_reported` false).
     """
     account = values.account
     reported = values.values
@@ -441,6 +449,17 @@ def map_account_values(
     base = _base_currency(reported)
     snapshot_model = conf.account_snapshot_model()
     columns, vendor = _columns_of(snapshot_model), _vendor()
+
+    def refuse(label: str, reason: object, con_id: Any = None, **where: str) -> None:
+        errors.append(
+            {
+                "account": account,
+                "con_id": con_id,
+                "symbol": where.get("symbol", label),
+                "sec_type": where.get("sec_type", ""),
+                "reason": f"{label}: {reason}",
+            }
+        )
 
     def stored(column: _Column, value: Any, label: str, con_id: Any = None, **where) -> Any:
         try:
@@ -452,38 +471,47 @@ def map_account_values(
             # The value as read where it fits as it is: 10,000s are held until written.
             return value if fitted and fitted == value else fitted
         except MappingError as exc:
-            errors.append(
-                {
-                    "account": account,
-                    "con_id": con_id,
-                    "symbol": where.get("symbol", label),
-                    "sec_type": where.get("sec_type", ""),
-                    "reason": f"{label}: {exc}",
-                }
-            )
+            refuse(label, exc, con_id, **where)
             raise
 
+    account_columns = _columns_of(conf.account_model())
+    if not all(
+        _fits_quietly(c, base, vendor)
+        for c in (columns["currency"], account_columns["base_currency"])
+    ):
+        base = ""
+    others = {c for _, c in reported if c and c not in (BASE_CURRENCY, base)}
     snapshot: dict[str, Any] = {"currency": base}
-    with_base = (BASE_CURRENCY, base) if base else (BASE_CURRENCY,)
     for name, tag in SNAPSHOT_TAGS.items():
-        value = next((reported[tag, c] for c in with_base if (tag, c) in reported), None)
+        if tag in _PER_CURRENCY_TOTALS:
+            sources = (BASE_CURRENCY,) if others or not base else (BASE_CURRENCY, base)
+        else:
+            sources = (base, BASE_CURRENCY) if base else (BASE_CURRENCY,)
+        value = next((reported[tag, c] for c in sources if (tag, c) in reported), None)
         try:
             snapshot[name] = stored(columns[name], value, f"{tag} ({base or 'base'})")
         except MappingError:
             snapshot[name] = None
-    if not _fits_quietly(columns["currency"], base, vendor):
-        snapshot["currency"] = ""
 
     cash_columns = _columns_of(conf.cash_balance_model())
     cash: dict[str, dict[str, Any]] = {}
     kept: set[str] = set()
+    cash_reported = False
     for (tag, currency), amount in reported.items():
-        if tag != "CashBalance" or currency == BASE_CURRENCY:
+        if tag != "CashBalance":
             continue
-        if amount is None or not _fits_quietly(cash_columns["currency"], currency, vendor):
+        cash_reported = True
+        if currency == BASE_CURRENCY:
+            continue
+        if amount is None:
+            kept.add(currency)  # unknown now: its stored row stays as it was
+            continue
+        if _CURRENCY.fullmatch(currency) is None:
+            refuse("CashBalance", f"{_short(currency)!r} is not a currency code")
             kept.add(currency)
             continue
         try:
+            stored(cash_columns["currency"], currency, f"CashBalance ({currency})")
             cash[currency] = {
                 "amount": stored(cash_columns["amount"], amount, f"CashBalance ({currency})"),
                 "exchange_rate": stored(
@@ -496,8 +524,9 @@ def map_account_values(
             kept.add(currency)
 
     position_columns = _columns_of(conf.position_model())
-    positions: dict[str, dict[str, Any]] = {}
+    positions: dict[str, tuple[Decimal | None, ...]] = {}
     stale = 0
+    unvalued = sum(1 for con_id in held if con_id not in values.positions)
     for con_id, value in values.positions.items():
         position = held.get(con_id)
         if position is None:
@@ -526,8 +555,10 @@ def map_account_values(
         snapshot=snapshot,
         cash=cash,
         kept_currencies=frozenset(kept),
+        cash_reported=cash_reported,
         positions=positions,
         stale=stale,
+        unvalued=unvalued,
         errors=errors,
     )
 

@@ -199,6 +199,23 @@ def _sync_positions(
     return result
 
 
+def describe_values(outcome: dict[str, Any]) -> str:
+    """One account's values outcome in words, for the command and the admin:
+    `read (base USD): 41 positions valued, cash in EUR, USD` or `missing: <reason>`."""
+    if outcome.get("status") == "missing":
+        return f"missing: {outcome.get('reason', '')}"
+    text = f"read (base {outcome.get('base_currency') or 'unknown'}): "
+    text += f"{outcome.get('positions_valued', 0)} positions valued"
+    if outcome.get("positions_stale"):
+        text += f", {outcome['positions_stale']} kept (traded while read)"
+    if outcome.get("positions_unvalued"):
+        text += f", {outcome['positions_unvalued']} kept (no value from IBKR)"
+    currencies = ", ".join(outcome.get("cash_currencies", ()))
+    if not outcome.get("cash_reported", True):
+        return text + ", no cash reported (stored cash kept)"
+    return text + (f", cash in {currencies}" if currencies else ", no cash")
+
+
 def _announce(run: SyncRun, result: SyncResult) -> None:
     """Send the host's signals. A receiver's error changes nothing: `send_robust` logs it
     (logger `django.dispatch`, with its traceback) and goes on to the next receiver."""

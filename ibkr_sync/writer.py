@@ -221,7 +221,7 @@ def _apply_values(
     for account_id in accounts:
         values = snapshot.account_values.get(account_id)
         if values is None:
-            reason = snapshot.values_missing.get(account_id, "not read")
+            reason = _reason(snapshot.values_missing.get(account_id, "not read"))
             counts.values[account_id] = {"status": "missing", "reason": reason}
             continue
         item = map_account_values(values, held[account_id])
@@ -234,7 +234,9 @@ def _apply_values(
             "base_currency": item.base_currency,
             "positions_valued": len(item.positions),
             "positions_stale": item.stale,
+            "positions_unvalued": item.unvalued,
             "cash_currencies": sorted(item.cash),
+            "cash_reported": item.cash_reported,
         }
     if not read:
         return
@@ -252,7 +254,8 @@ def _apply_values(
     )
 
     Cash = conf.cash_balance_model()
-    read_pks = [accounts[item.account_id] for item in read]
+    # A download with no cash balance at all says nothing about the cash: keep it all.
+    read_pks = [accounts[item.account_id] for item in read if item.cash_reported]
     keep = {
         (accounts[item.account_id], currency)
         for item in read
@@ -301,6 +304,12 @@ def _apply_values(
         Account.objects.filter(pk__in=pks).exclude(base_currency=currency).update(
             base_currency=currency
         )
+
+
+def _reason(text: str, limit: int = 500) -> str:
+    """A reason as the run records it: short, and storable in any JSON column (no NUL)."""
+    text = text.replace("\x00", "\ufffd")
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def update_rows(

@@ -85,7 +85,15 @@ class AccountValuesSerializer(serializers.Serializer):
         required=False,
         help_text="Positions traded between the two reads: their values were kept.",
     )
+    positions_unvalued = serializers.IntegerField(
+        required=False,
+        help_text="Positions IBKR sent no portfolio row for: their values were kept.",
+    )
     cash_currencies = serializers.ListField(child=serializers.CharField(), required=False)
+    cash_reported = serializers.BooleanField(
+        required=False,
+        help_text="False: the values carried no cash balance, so the stored cash was kept.",
+    )
 
 
 class ConstantField(serializers.ChoiceField):

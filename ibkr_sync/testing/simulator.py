@@ -970,17 +970,17 @@ class GatewaySimulator:
         if holder is not None and holder[0] is conn and holder[1] != account:
             message = "New account data requested from TWS.  API client has been unsubscribed "
             frames.append(self._error_frame(conn, -1, 2100, message + "from account data."))
+        error = (faults.values_error or {}).get(account)
+        if error is not None:  # a request refused subscribes to nothing
+            frames.append(self._error_frame(conn, -1, error[0], error[1]))
+            await self._send(conn, frames)
+            return
         self._account_subscription = (conn, account)
         if account in faults.drop_during_values:
             logger.info("Dropping the connection instead of %s's values (fault)", account)
             await self._close_after(conn, frames, faults.message_delay)
         if account in faults.values_empty:
             frames.append(make_message(ServerMsg.ACCT_DOWNLOAD_END, 1, account))
-            await self._send(conn, frames)
-            return
-        error = (faults.values_error or {}).get(account)
-        if error is not None:
-            frames.append(self._error_frame(conn, -1, error[0], error[1]))
             await self._send(conn, frames)
             return
         edits = (faults.value_edits or {}).get(account, {})

@@ -77,7 +77,9 @@ def test_a_sync_stores_cash_account_values_and_market_values_exactly(values):
         "base_currency": "USD",
         "positions_valued": 3,
         "positions_stale": 0,
+        "positions_unvalued": 0,
         "cash_currencies": ["EUR", "JPY", "USD"],
+        "cash_reported": True,
     }
     assert {a: v["status"] for a, v in result.account_values.items()} == {
         ACCOUNT: "read", OTHER: "read", EMPTY: "read"

@@ -155,3 +155,58 @@ def test_update_rows_writes_exactly_the_rows_given(monkeypatch, old_sqlite):
     assert stored[rows[0].pk].unrealized_pnl == D("-0.0000000001")
     assert stored[rows[1].pk].market_value is None and stored[rows[1].pk].valued_at == now
     assert stored[rows[2].pk].valued_at is None
+
+
+def test_a_single_currency_accounts_own_pnl_row_is_its_total():
+    one = map_account_values(
+        values({("NetLiquidation", "USD"): D(1), ("UnrealizedPnL", "USD"): D("7.5")}), {}
+    )
+    several = map_account_values(
+        values(
+            {
+                ("NetLiquidation", "USD"): D(1),
+                ("UnrealizedPnL", "USD"): D("7.5"),
+                ("CashBalance", "EUR"): D(3),
+            }
+        ),
+        {},
+    )
+
+    assert one.snapshot["unrealized_pnl"] == D("7.5")
+    assert several.snapshot["unrealized_pnl"] is None  # the USD positions' only: unknown
+
+
+def test_no_cash_balance_at_all_says_nothing_about_the_cash():
+    silent = map_account_values(values({("NetLiquidation", "USD"): D(1)}), {})
+    base_only = map_account_values(
+        values({("NetLiquidation", "USD"): D(1), ("CashBalance", "BASE"): D(0)}), {}
+    )
+
+    assert not silent.cash_reported and silent.cash == {}
+    assert base_only.cash_reported and base_only.cash == {}  # reported: no cash in any
+
+
+def test_a_cash_currency_that_is_not_a_code_is_an_error_and_keeps_nothing_new():
+    mapped = map_account_values(
+        values(
+            {
+                ("NetLiquidation", "USD"): D(1),
+                ("CashBalance", ""): D(5),
+                ("CashBalance", "usd1"): D(5),
+                ("CashBalance", "CHF"): D(5),
+            }
+        ),
+        {},
+    )
+
+    assert list(mapped.cash) == ["CHF"]
+    assert sorted(e["reason"] for e in mapped.errors) == [
+        "CashBalance: '' is not a currency code",
+        "CashBalance: 'usd1' is not a currency code",
+    ]
+
+
+def test_a_base_currency_that_is_not_storable_is_unknown():
+    mapped = map_account_values(values({("NetLiquidation", "USD-LONG-NAME"): D(1)}), {})
+
+    assert mapped.base_currency == "" and mapped.snapshot["net_liquidation"] is None

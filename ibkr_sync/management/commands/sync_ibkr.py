@@ -21,7 +21,7 @@ from ...api.errors import error_body
 from ...api.serializers import SyncResultSerializer, render_json
 from ...decimals import plain
 from ...models import SyncRun
-from ...services import SyncResult, sync_positions
+from ...services import SyncResult, describe_values, sync_positions
 
 # Every exit code: what it means, and the error it stands for, if one. 78 is manage.py's
 # (a malformed setting stops it before any command runs); argparse exits 2 on bad options.
@@ -147,24 +147,12 @@ class Command(BaseCommand):
             details = ", ".join(f"{n} {kind}" for kind, n in counts.items() if kind != "processed")
             self.stdout.write(f"  {account}: {counts['processed']} positions: {details}")
             if account in values:
-                self.stdout.write(f"    values: {_describe_values(values[account])}")
+                self.stdout.write(f"    values: {describe_values(values[account])}")
         for error in result.errors:
             self.stdout.write(
                 f"  error: {error['account']} conId {error['con_id']} "
                 f"{error['symbol']} ({error['sec_type']}): {error['reason']}"
             )
-
-
-def _describe_values(outcome: dict) -> str:
-    """`read (base USD): 12 positions valued, cash in EUR, USD` or `missing: <reason>`."""
-    if outcome["status"] == "missing":
-        return f"missing: {outcome['reason']}"
-    text = f"read (base {outcome['base_currency'] or 'unknown'}): "
-    text += f"{outcome['positions_valued']} positions valued"
-    if outcome["positions_stale"]:
-        text += f", {outcome['positions_stale']} kept (traded while read)"
-    currencies = ", ".join(outcome["cash_currencies"])
-    return text + (f", cash in {currencies}" if currencies else ", no cash reported")
 
 
 def _describe_change(change: dict) -> str:
