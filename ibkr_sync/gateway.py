@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import importlib
 import logging
 import socket
@@ -699,18 +698,14 @@ class IbkrGateway:
             if fields[-1] != read.account:
                 return
             try:
-                value = _position_value_from_wire(fields)
+                value = _position_value_from_wire(fields, state.positions, read.account)
             except WireValueError as exc:
                 read.spoil(
                     f"the portfolio row of contract {_shown_field(fields[2])} {exc}; "
                     "its stored values were kept"
                 )
                 return
-            # Only the positions read: a flood of rows for others costs no memory.
-            position = state.positions.get((read.account, value.con_id))
-            if position is not None:
-                if value.quantity == position.quantity:  # one Decimal for both, not two
-                    value = dataclasses.replace(value, quantity=position.quantity)
+            if value is not None:
                 read.positions[value.con_id] = value
 
         def on_download_end(fields: list[str]) -> None:
@@ -907,22 +902,39 @@ _PORTFOLIO_CON_ID = PORTFOLIO_FIELDS.index("con_id")
 _PORTFOLIO_QUANTITY = PORTFOLIO_FIELDS.index("quantity")
 
 
-def _position_value_from_wire(fields: list[str]) -> GatewayPositionValue:
-    """A portfolio message (layout checked) -> its values; WireValueError if unreadable."""
-    try:
-        con_id = parse_integer(fields[_PORTFOLIO_CON_ID])
-        quantity = parse_decimal(fields[_PORTFOLIO_QUANTITY])
-        numbers = [parse_decimal(text) for text in fields[_PORTFOLIO_VALUES]]
-    except WireValueError as exc:
-        raise WireValueError(f"has an unreadable number ({exc})") from None
+def _position_value_from_wire(
+    fields: list[str], positions: dict[tuple[str, int], GatewayPosition], account: str
+) -> GatewayPositionValue | None:
+    """A portfolio message (layout checked) -> its values, or None for a position that was
+    not read (a flood of rows for others costs no memory); WireValueError if unreadable.
+    The average cost it repeats is the position message's business, and not read here."""
+    con_id = _number(parse_integer, fields[_PORTFOLIO_CON_ID])
     if con_id is UNSET or con_id <= 0:
         raise WireValueError("has no valid contract id")
+    position = positions.get((account, con_id))
+    if position is None:
+        return None
+    quantity = _number(parse_decimal, fields[_PORTFOLIO_QUANTITY])
     if quantity is UNSET:
         raise WireValueError("has no quantity")
-    price, value, _average_cost, unrealized, realized = (
-        None if number is UNSET else number for number in numbers
-    )
+    if quantity == position.quantity:
+        quantity = position.quantity  # one Decimal for both, not two
+    price, value, _, unrealized, realized = fields[_PORTFOLIO_VALUES]
+    price, value = _optional_number(price), _optional_number(value)
+    unrealized, realized = _optional_number(unrealized), _optional_number(realized)
     return GatewayPositionValue(con_id, quantity, price, value, unrealized, realized)
+
+
+def _optional_number(text: str) -> Decimal | None:
+    number = _number(parse_decimal, text)
+    return None if number is UNSET else number
+
+
+def _number(parse: Callable[[str], Any], text: str) -> Any:
+    try:
+        return parse(text)
+    except WireValueError as exc:
+        raise WireValueError(f"has an unreadable number ({exc})") from None
 
 
 def _cut(text: str, limit: int = 300) -> str:

@@ -27,7 +27,7 @@ from . import conf
 from .decimals import plain
 from .exceptions import InvalidAccountId
 from .gateway import GatewayAccountValues, GatewayPosition
-from .models import Broker, SecType
+from .models import SNAPSHOT_TAGS, Broker, SecType
 from .protocol import BASE_CURRENCY, UNSET, WireValueError, is_unset_value, parse_decimal
 
 BROKER = Broker.IBKR
@@ -55,20 +55,9 @@ INSTRUMENT_FIELDS = (
 POSITION_FIELDS = ("quantity", "average_cost", "cost_basis")
 #: The Position fields a sync fills from IBKR's portfolio values (and `valued_at`).
 POSITION_VALUE_FIELDS = ("market_price", "market_value", "unrealized_pnl", "realized_pnl")
-#: The AccountSnapshot fields a sync fills from IBKR's account values, by IBKR's tag: the
-#: account's totals in its base currency.
 #: Tags IBKR gives per currency, with their total in the base currency as currency BASE.
 _PER_CURRENCY_TOTALS = frozenset({"UnrealizedPnL", "RealizedPnL"})
 _CURRENCY = re.compile(r"[A-Z]{3}")
-SNAPSHOT_TAGS = {
-    "net_liquidation": "NetLiquidation",
-    "total_cash_value": "TotalCashValue",
-    "gross_position_value": "GrossPositionValue",
-    "unrealized_pnl": "UnrealizedPnL",
-    "realized_pnl": "RealizedPnL",
-    "available_funds": "AvailableFunds",
-    "buying_power": "BuyingPower",
-}
 
 
 class MappingError(ValueError):

@@ -287,6 +287,19 @@ class AbstractAccountSnapshot(models.Model):
         return f"{self.account.external_id} at {self.taken_at:%Y-%m-%d %H:%M}"
 
 
+#: The AccountSnapshot fields a sync fills from IBKR's account values, by IBKR's tag: the
+#: account's totals in its base currency.
+SNAPSHOT_TAGS = {
+    "net_liquidation": "NetLiquidation",
+    "total_cash_value": "TotalCashValue",
+    "gross_position_value": "GrossPositionValue",
+    "unrealized_pnl": "UnrealizedPnL",
+    "realized_pnl": "RealizedPnL",
+    "available_funds": "AvailableFunds",
+    "buying_power": "BuyingPower",
+}
+
+
 class SyncRun(models.Model):
     """One row per sync attempt, written before the sync starts and kept when it fails.
 

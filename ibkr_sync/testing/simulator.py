@@ -890,10 +890,9 @@ class GatewaySimulator:
         gross: dict[str, Decimal] = {}
         unrealized: dict[str, Decimal] = {}
         for pos in positions:
-            market = _money_value(_market_value(pos))
+            market, pnl = _valuation(pos)[1:3]
             value[pos.currency] = value.get(pos.currency, Decimal(0)) + market
             gross[pos.currency] = gross.get(pos.currency, Decimal(0)) + abs(market)
-            pnl = _money_value(_market_value(pos) - pos.quantity * pos.average_cost)
             unrealized[pos.currency] = unrealized.get(pos.currency, Decimal(0)) + pnl
         currencies = sorted({*cash, *value})
 
@@ -1180,7 +1179,21 @@ def _dec(value: Decimal) -> str:
 def _contract_fields(pos: SimPosition) -> list[str]:
     """The contract as position and portfolio messages carry it, in the order of
     `protocol.CONTRACT_FIELDS` (the layout the gateway reads by)."""
-    return [_wire_text(getattr(pos, name)) for name in CONTRACT_FIELDS]
+    return _static(pos)[0]
+
+
+def _static(pos: SimPosition) -> tuple[list[str], Decimal]:
+    """What a position's frames repeat at every request (its contract's texts, its
+    multiplier), worked out once per position object: a gateway answers 10,000s of rows
+    at once, and only their prices and values change."""
+    cached = pos.__dict__.get("_wire")
+    if cached is None:
+        cached = (
+            [_wire_text(getattr(pos, name)) for name in CONTRACT_FIELDS],
+            pos.multiplier_value,
+        )
+        object.__setattr__(pos, "_wire", cached)  # frozen: a cache, not a field
+    return cached
 
 
 def _wire_text(value: object) -> str:
@@ -1225,9 +1238,15 @@ def _malformed_position_frame(pos: SimPosition | None, kind: str) -> bytes:
 
 def _market_value(pos: SimPosition) -> Decimal:
     try:
-        return pos.quantity * pos.price * pos.multiplier_value
+        return pos.quantity * _price(pos) * _static(pos)[1]
     except (InvalidOperation, ZeroDivisionError):
         return Decimal(0)
+
+
+def _price(pos: SimPosition) -> Decimal:
+    if pos.market_price is not None:
+        return pos.market_price
+    return pos.average_cost / _static(pos)[1]
 
 
 def _money(value: Decimal) -> str:
@@ -1251,21 +1270,34 @@ def _portfolio_frame(pos: SimPosition) -> bytes:
 def _portfolio_fields(pos: SimPosition) -> list[str]:
     """updatePortfolio (7, version 8): the 20 fields ``Decoder.updatePortfolio`` unpacks,
     in the order of ``protocol.PORTFOLIO_FIELDS``."""
-    try:
-        price = pos.price.quantize(_PRICE_STEP)
-    except (InvalidOperation, ZeroDivisionError):
-        price = Decimal(0)
-    value = _market_value(pos)
-    cost = pos.quantity * pos.average_cost
+    price, market, pnl = _valuation(pos)
     return [
         str(PORTFOLIO_MESSAGE_ID),
         PORTFOLIO_VERSION,
         *_contract_fields(pos),
         _dec(pos.quantity),
         _dec(price),
-        _money(value),
+        _dec(market),
         _dec(pos.average_cost),
-        _money(value - cost),
+        _dec(pnl),
         "0",
         pos.account,
     ]
+
+
+def _valuation(pos: SimPosition) -> tuple[Decimal, Decimal, Decimal]:
+    """(market price, market value, unrealized P&L) as the portfolio row and the account's
+    values state them (value and P&L to cents), worked out once per position object:
+    the values and the portfolio rows of a request agree, and a price moves by a new
+    object."""
+    cached = pos.__dict__.get("_value")
+    if cached is None:
+        try:
+            price = _price(pos).quantize(_PRICE_STEP)
+        except (InvalidOperation, ZeroDivisionError):
+            price = Decimal(0)
+        value = _market_value(pos)
+        cost = pos.quantity * pos.average_cost
+        cached = (price, _money_value(value), _money_value(value - cost))
+        object.__setattr__(pos, "_value", cached)  # frozen: a cache, not a field
+    return cached

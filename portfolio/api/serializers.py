@@ -11,6 +11,7 @@ from rest_framework import serializers
 from rest_framework.fields import empty
 
 from ibkr_sync.api.fields import ExactDecimalField, ExactDecimalModelSerializer
+from ibkr_sync.models import SNAPSHOT_TAGS
 
 from ..models import (
     MONEY_DIGITS,
@@ -451,15 +452,7 @@ class AccountSnapshotSerializer(ExactDecimalModelSerializer):
             "taken_at": {"help_text": "When the sync read these values."},
             **{
                 name: {"help_text": f"IBKR's {tag}, in the base currency; null if none."}
-                for name, tag in {
-                    "net_liquidation": "NetLiquidation",
-                    "total_cash_value": "TotalCashValue",
-                    "gross_position_value": "GrossPositionValue",
-                    "unrealized_pnl": "UnrealizedPnL",
-                    "realized_pnl": "RealizedPnL",
-                    "available_funds": "AvailableFunds",
-                    "buying_power": "BuyingPower",
-                }.items()
+                for name, tag in SNAPSHOT_TAGS.items()
             },
         }
 

@@ -113,19 +113,21 @@ def test_values_that_do_not_fit_are_errors_not_zeros():
 
 
 @pytest.mark.django_db
-@pytest.mark.parametrize("old_sqlite", [False, True])
-def test_update_rows_writes_exactly_the_rows_given(monkeypatch, old_sqlite):
-    """One UPDATE ... FROM per batch (or bulk_update where the database has none)."""
+@pytest.mark.parametrize("fallback", [False, True])
+def test_update_rows_writes_exactly_the_rows_given(monkeypatch, fallback):
+    """One UPDATE ... FROM (or bulk_update where the database has none; UNNEST batches on
+    PostgreSQL without COPY)."""
     from django.db import connection
     from django.utils import timezone
 
+    from ibkr_sync import writer
     from ibkr_sync.writer import update_rows
     from portfolio.models import Account, Instrument, Position
 
-    if old_sqlite:
-        if connection.vendor != "sqlite":
-            pytest.skip("an SQLite before 3.33 only")
+    if fallback and connection.vendor == "sqlite":
         monkeypatch.setattr(connection.Database, "sqlite_version_info", (3, 31, 1))
+    elif fallback:
+        monkeypatch.setattr(writer, "_can_copy", lambda cursor: False)
     now = timezone.now()
     account = Account.objects.create(broker="ibkr", external_id="U1")
     rows = [
