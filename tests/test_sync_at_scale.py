@@ -189,3 +189,43 @@ def test_change_rows_of_a_first_sync_point_at_the_created_positions():
     assert changes.count() == 1200
     pairs = set(changes.values_list("position_id", "quantity_after"))
     assert pairs == set(Position.objects.values_list("pk", "quantity"))
+
+
+class ValuedGateway(FakeGateway):
+    """Reports every account's values too: cash, net liquidation, a portfolio row per
+    position (the wire's part is the integration tests'; here only the writes count)."""
+
+    def fetch_positions(self, account_id=None):
+        from ibkr_sync.gateway import GatewayAccountValues, GatewayPositionValue
+
+        snapshot = super().fetch_positions(account_id)
+        values = {
+            account: GatewayAccountValues(
+                account,
+                {("NetLiquidation", "USD"): Decimal("1000.5"), ("CashBalance", "USD"): Decimal(7)},
+                {
+                    p.con_id: GatewayPositionValue(
+                        p.con_id, p.quantity, Decimal("1.5"), Decimal(3), Decimal(1), None
+                    )
+                    for p in snapshot.positions
+                    if p.account == account
+                },
+            )
+            for account in snapshot.accounts
+        }
+        return dataclasses.replace(snapshot, values_read=True, account_values=values)
+
+
+def test_storing_values_costs_queries_by_batches_not_rows():
+    counts = {}
+    for n in (1_000, 3_000):
+        Position.objects.all().delete()
+        gateway = ValuedGateway(generated_gateway(n).positions, accounts=("U1", "U2", "U3"))
+        gateway.positions = [dataclasses.replace(p, account=f"U{1 + i % 3}")
+                             for i, p in enumerate(gateway.positions)]  # fmt: skip
+        sync(gateway)
+        counts[n], _ = queries_of(lambda gateway=gateway: sync(gateway))
+        assert Position.objects.filter(market_price=Decimal("1.5")).count() == n
+    extra_batches = math.ceil(3_000 / BATCH_SIZE) - math.ceil(1_000 / BATCH_SIZE)
+    # SQLite: one UPDATE ... FROM per batch; PostgreSQL: one, whatever the number.
+    assert counts[3_000] - counts[1_000] <= 3 * extra_batches, counts
