@@ -116,6 +116,10 @@ _REQUEST_FAILED_CODES = frozenset({321, 322})
 _MAX_VALUES = 2000
 _ACCOUNT_DATA_UNSUBSCRIBED = 2100
 _ACCOUNT_DATA_REFUSED = 2101
+_ACCOUNT_DATA_CODES = {
+    _ACCOUNT_DATA_UNSUBSCRIBED: ("ended", "warning", "another request took it over"),
+    _ACCOUNT_DATA_REFUSED: ("refused", "error", "another client holds it for a different account"),
+}
 
 _SETUP_CHECKLIST = (
     "Check that TWS or IB Gateway is running and logged in, that 'Enable ActiveX and "
@@ -559,27 +563,22 @@ class IbkrGateway:
                     ib_code=code,
                 )
             )
-        elif code in (_ACCOUNT_DATA_UNSUBSCRIBED, _ACCOUNT_DATA_REFUSED):
-            read = state.values
+        elif code in _ACCOUNT_DATA_CODES:
             logger.warning("IB gateway message %s (reqId %s): %s", code, req_id, _cut(text))
+            read = state.values
             # TWS answers in order: a 2100 before any of this account's values ends the
             # subscription just cancelled (some versions confirm a cancel so), not this one.
-            taken_over = read is not None and (
-                bool(read.values or read.positions) or not read.after_cancel
-            )
-            if read is not None and (code == _ACCOUNT_DATA_REFUSED or taken_over):
-                taken = code == _ACCOUNT_DATA_UNSUBSCRIBED
+            if read is not None and (
+                code == _ACCOUNT_DATA_REFUSED
+                or read.values
+                or read.positions
+                or not read.after_cancel
+            ):
+                what, kind, why = _ACCOUNT_DATA_CODES[code]
                 read.spoil(
-                    f"IBKR {'ended' if taken else 'refused'} the subscription to the "
-                    f"account's values ({'warning' if taken else 'error'} {code}: "
-                    f"{_cut(text)}). "
-                    "TWS serves one account's values at a time to all its API clients: "
-                    + (
-                        "another request took it over"
-                        if taken
-                        else "another client holds it for a different account"
-                    )
-                    + "; its stored values were kept"
+                    f"IBKR {what} the subscription to the account's values ({kind} {code}: "
+                    f"{_cut(text)}). TWS serves one account's values at a time to all its API "
+                    f"clients: {why}; its stored values were kept"
                 )
         elif code in _REQUEST_FAILED_CODES and state.values is not None:
             # The account-updates request of one account: its values, not the session.

@@ -12,7 +12,7 @@ from typing import Any
 from django.db import DatabaseError, connection
 from django.utils import timezone
 
-from . import conf, environment, selectors
+from . import conf, selectors
 from .gateway import IbkrGateway
 from .lock import abandoned_reason
 from .models import SyncRun
@@ -66,10 +66,11 @@ def _last_sync() -> dict[str, Any]:
 def lock_hold_limit() -> float:
     """The longest a healthy sync holds the lock: it connects, reads the positions (and the
     values, which are given at most IBKR_REQUEST_TIMEOUT in all), and writes."""
-    reads = 2 if environment.parse("IBKR_READ_VALUES", conf.get("IBKR_READ_VALUES")) else 1
+    gateway = conf.GatewayConfig.from_settings()
+    reads = 2 if gateway.read_values else 1
     return (
-        float(conf.get("IBKR_CONNECT_TIMEOUT"))
-        + reads * float(conf.get("IBKR_REQUEST_TIMEOUT"))
+        gateway.connect_timeout
+        + reads * gateway.request_timeout
         + float(conf.get("IBKR_SYNC_LOCK_TIMEOUT"))
     )
 
