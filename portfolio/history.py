@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import calendar
 import datetime as dt
+import itertools
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
+from typing import Any
 
 from django.db.models import Case, Count, DateTimeField, F, Max, Min, When, Window
 from django.db.models.functions import RowNumber, Trunc
@@ -226,19 +228,7 @@ def line_chart(account: str, history: History, history_range: Range) -> dict | N
         return round(LEFT + plot_width * (moment - first).total_seconds() / seconds, 1)
 
     with_time = seconds < 3 * 86400
-    if seconds:
-        moments = [first + (last - first) * i / (X_TICKS - 1) for i in range(X_TICKS)]
-    else:
-        moments = [first]
-    x_ticks = [
-        {
-            "x": x(moment),
-            "label": _when(moment, with_time),
-            "anchor": "middle" if seconds == 0 or 0 < i < len(moments) - 1 else
-                      ("start" if i == 0 else "end"),
-        }
-        for i, moment in enumerate(moments)
-    ]  # fmt: skip
+    x_ticks = time_axis(first, last, LEFT, WIDTH - RIGHT)
     places = max(0, -min(t.as_tuple().exponent for t in ticks))
     y_ticks = [{"y": y(t), "label": grouped(t, places)} for t in ticks]
 
@@ -258,7 +248,17 @@ def line_chart(account: str, history: History, history_range: Range) -> dict | N
     ]
 
     in_currency = currency or "its base currency"
-    title = f"Net liquidation of {account} in {in_currency}, {history_range.description}"
+    # The span drawn, not the range asked for: 3M of a history that began an hour ago
+    # shows an hour.
+    span = span_words(first, last)
+    title = f"Net liquidation of {account} in {in_currency}, {span}"
+    # A first point later than the range's start by more than a thinning period: the
+    # history is younger than the range.
+    slack = dt.timedelta(seconds=max(86400, dict(PERIODS).get(history.period, 0)))
+    if history_range.months is not None and (
+        first > months_before(last, history_range.months) + slack
+    ):
+        span += f" (all there is of {history_range.description})"
     lowest = min(points, key=lambda p: (p.value, p.taken_at))
     highest = max(points, key=lambda p: (p.value, p.taken_at))
     if len(points) == 1:
@@ -283,6 +283,7 @@ def line_chart(account: str, history: History, history_range: Range) -> dict | N
         "top": TOP,
         "bottom": bottom,
         "title": title,
+        "span": span,
         "description": description,
         "y_ticks": y_ticks,
         "x_ticks": x_ticks,
@@ -295,3 +296,182 @@ def line_chart(account: str, history: History, history_range: Range) -> dict | N
         "points": len(points),
         "currency": currency,
     }
+
+
+# --- the time axis -------------------------------------------------------------------------
+
+# A label's width in SVG units, per character of the 12 px chart font (generous: digits
+# are about 7 px wide), and the least room between two labels.
+CHAR_WIDTH = 7.5
+LABEL_GAP = 16
+
+
+@dataclass(frozen=True)
+class _Step:
+    """A tick interval of the time axis: a whole number of `unit`s, and the label format
+    for ticks on it."""
+
+    unit: str  # "second", "minute", "hour", "day", "month", "year"
+    count: int
+    format: str
+
+
+_STEPS = (
+    *(_Step("second", n, "%H:%M:%S") for n in (1, 2, 5, 10, 15, 30)),
+    *(_Step("minute", n, "%H:%M") for n in (1, 2, 5, 10, 15, 30)),
+    *(_Step("hour", n, "%H:%M") for n in (1, 2, 3, 6, 12)),
+    *(_Step("day", n, "%-d %b") for n in (1, 2, 7, 14)),
+    *(_Step("month", n, "%b %Y") for n in (1, 2, 3, 6)),
+    *(_Step("year", n, "%Y") for n in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)),
+)
+_UNIT_SECONDS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+
+
+def _aligned(moment: dt.datetime, step: _Step) -> dt.datetime:
+    """The first moment at or after `moment` (local time) that lies on `step`'s grid:
+    a whole multiple of the step within its larger unit (15:30, the 1st of a quarter...)."""
+    local = timezone.localtime(moment)
+    if step.unit == "year":
+        year = local.year + (
+            local > local.replace(month=1, day=1, hour=0, minute=0, second=0, microsecond=0)
+        )
+        year += -year % step.count
+        return _local(year, 1, 1)
+    if step.unit == "month":
+        start = local.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        index = start.year * 12 + start.month - 1 + (local > start)
+        index += -(index % 12) % step.count
+        return _local(index // 12, index % 12 + 1, 1)
+    if step.unit == "day":
+        start = local.replace(hour=0, minute=0, second=0, microsecond=0)
+        day = start.date() + dt.timedelta(days=local > start)
+        if step.count == 7:  # weeks start on Monday
+            day += dt.timedelta(days=-day.weekday() % 7)
+        elif step.count > 1:
+            day += dt.timedelta(days=-(day.day - 1) % step.count)
+        return _local(day.year, day.month, day.day)
+    seconds = _UNIT_SECONDS[step.unit] * step.count
+    midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
+    elapsed = (local - midnight).total_seconds()
+    return midnight + dt.timedelta(seconds=-(-elapsed // seconds) * seconds)
+
+
+def _local(year: int, month: int, day: int) -> dt.datetime:
+    return timezone.make_aware(dt.datetime(year, month, day))
+
+
+def _advance(moment: dt.datetime, step: _Step) -> dt.datetime:
+    local = timezone.localtime(moment)
+    if step.unit == "year":
+        return _local(local.year + step.count, 1, 1)
+    if step.unit == "month":
+        index = local.year * 12 + local.month - 1 + step.count
+        return _local(index // 12, index % 12 + 1, 1)
+    if step.unit == "day":
+        day = local.date() + dt.timedelta(days=step.count)
+        if step.count not in (1, 7) and day.month != local.month:
+            day = day.replace(day=1)  # every 2nd / 14th day starts again each month
+        return _local(day.year, day.month, day.day)
+    return local + dt.timedelta(seconds=_UNIT_SECONDS[step.unit] * step.count)
+
+
+def _tick_moments(first: dt.datetime, last: dt.datetime, step: _Step, limit: int) -> list:
+    moments, moment = [], _aligned(first, step)
+    while moment <= last and len(moments) <= limit:
+        moments.append(moment)
+        moment = _advance(moment, step)
+    return moments
+
+
+def _tick_label(moment: dt.datetime, step: _Step, first: dt.datetime, last: dt.datetime) -> str:
+    local = timezone.localtime(moment)
+    if (
+        step.unit in ("second", "minute", "hour")
+        and local.hour == local.minute == 0
+        and (local.second == 0)
+    ):
+        return local.strftime("%-d %b")  # a new day on an axis of hours
+    if step.unit == "day" and timezone.localtime(first).year != timezone.localtime(last).year:
+        return local.strftime("%-d %b %Y")
+    return local.strftime(step.format)
+
+
+def _label_width(label: str) -> float:
+    return len(label) * CHAR_WIDTH
+
+
+def time_axis(
+    first: dt.datetime, last: dt.datetime, left: float, right: float
+) -> list[dict[str, Any]]:
+    """Ticks for a time axis from `first` to `last` drawn between x = `left` and `right`:
+    on round moments (the quarter hour, midnight, the 1st of a month, New Year), the
+    finest step whose labels all fit side by side, so that no two labels ever overlap
+    whatever the span, from seconds to centuries. Each tick: x, label and text anchor."""
+    if last <= first:
+        return [
+            {"x": round((left + right) / 2, 1), "label": _when(first, True), "anchor": "middle"}
+        ]
+    seconds = (last - first).total_seconds()
+
+    def x(moment: dt.datetime) -> float:
+        return round(left + (right - left) * (moment - first).total_seconds() / seconds, 1)
+
+    for step in _STEPS:
+        # Cheap bound before the labels are made: no more ticks than could ever fit.
+        room = (right - left) / (len(step.format) * 0.6 * CHAR_WIDTH + LABEL_GAP)
+        moments = _tick_moments(first, last, step, limit=int(room) + 1)
+        if not moments or len(moments) > room + 1:
+            continue
+        ticks = [
+            {"x": x(m), "label": _tick_label(m, step, first, last), "anchor": "middle"}
+            for m in moments
+        ]
+        if _fits(ticks, left, right):
+            return ticks
+    # Nothing finer fits: the two ends alone, dated in full.
+    ends = [
+        {"x": left, "label": _when(first, seconds < 3 * 86400), "anchor": "start"},
+        {"x": right, "label": _when(last, seconds < 3 * 86400), "anchor": "end"},
+    ]
+    return ends if _fits(ends, left, right) else ends[1:]
+
+
+def label_extent(tick: dict[str, Any]) -> tuple[float, float]:
+    """Where a tick's label lies along the axis: (left edge, right edge)."""
+    width = _label_width(tick["label"])
+    if tick["anchor"] == "start":
+        return tick["x"], tick["x"] + width
+    if tick["anchor"] == "end":
+        return tick["x"] - width, tick["x"]
+    return tick["x"] - width / 2, tick["x"] + width / 2
+
+
+def _fits(ticks: list[dict[str, Any]], left: float, right: float) -> bool:
+    """Whether the labels fit side by side with LABEL_GAP between them; a label that
+    would run past an end of the plot is anchored there instead (it must still fit)."""
+    edge = left - LEFT + 8  # the value labels' column is free below the axis
+    for tick in ticks:
+        start, end = label_extent(tick)
+        if start < edge:
+            tick["anchor"] = "start"
+        elif end > right + RIGHT:
+            tick["anchor"] = "end"
+    extents = [label_extent(t) for t in ticks]
+    if any(start < edge or end > right + RIGHT for start, end in extents):
+        return False
+    return all(b[0] - a[1] >= LABEL_GAP for a, b in itertools.pairwise(extents))
+
+
+def span_words(first: dt.datetime, last: dt.datetime) -> str:
+    """What a chart spans, in words a title can carry: `5 Dec 2026, 21:40 to 21:48`,
+    `7 Sep to 5 Dec 2026`, `one value, 5 Dec 2026 21:48`."""
+    a, b = timezone.localtime(first), timezone.localtime(last)
+    if a == b:
+        return f"one value, {a:%-d %b %Y %H:%M}"
+    if a.date() == b.date():
+        return f"{a:%-d %b %Y}, {a:%H:%M} to {b:%H:%M}"
+    if (b - a).total_seconds() < 3 * 86400:
+        return f"{a:%-d %b %Y %H:%M} to {b:%-d %b %Y %H:%M}"
+    if a.year == b.year:
+        return f"{a:%-d %b} to {b:%-d %b %Y}"
+    return f"{a:%-d %b %Y} to {b:%-d %b %Y}"
