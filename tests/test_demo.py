@@ -2,6 +2,8 @@
 whatever DATABASE_URL names, and stopping at once, saying why, when a port it needs is
 taken (by a demo already running, say)."""
 
+import datetime as dt
+import itertools
 import os
 import queue
 import signal
@@ -12,10 +14,13 @@ import sys
 import threading
 import time
 import urllib.request
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from django.utils import timezone
 
+from portfolio.models import Account, AccountSnapshot
 from portfolio_site.demo.management.commands import ibkr_demo
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -180,6 +185,12 @@ def test_the_demo_runs_in_its_own_database_whatever_database_url_names(
             ("demo", 1)
         ]
         assert db.execute("SELECT count(*) FROM portfolio_position").fetchone()[0] > 0
+        # Each account's made-up past (90 days), the first sync's snapshot and the second's.
+        per_account = db.execute(
+            "SELECT count(*), count(sync_run_id) FROM portfolio_accountsnapshot GROUP BY account_id"
+        ).fetchall()
+        assert per_account == [(ibkr_demo.HISTORY_DAYS + 2, 2)] * 3
+    assert any("days of made-up history" in line for line in demo.output)
 
 
 @pytest.mark.parametrize("taken", [("gateway",), ("web",), ("gateway", "web")])
@@ -216,3 +227,30 @@ def test_a_port_in_use_stops_the_demo_at_once_saying_which(tmp_path, taken):
         '4012 --addr 127.0.0.1:8012".'
     ]
     assert not demo_file.exists(), "nothing is done before the ports are checked"
+
+
+@pytest.mark.django_db
+def test_the_demo_history_is_a_plausible_past_that_ends_at_the_first_sync():
+    now = timezone.now()
+    owner = Account.objects.create(broker="ibkr", external_id="DU1111111", base_currency="USD")
+    named = Account.objects.create(broker="ibkr", external_id="DU2222222", name="Mine")
+    read = AccountSnapshot.objects.create(
+        account=owner, taken_at=now, currency="USD", net_liquidation=Decimal("100000.12")
+    )
+    AccountSnapshot.objects.create(account=named, taken_at=now, net_liquidation=Decimal(5))
+
+    assert ibkr_demo.seed_history() == 2
+    assert ibkr_demo.seed_history() == 0, "a demo started again keeps the past it has"
+
+    past = list(AccountSnapshot.objects.filter(account=owner).exclude(pk=read.pk))
+    assert len(past) == ibkr_demo.HISTORY_DAYS
+    assert {p.currency for p in past} == {"USD"} and all(p.sync_run_id is None for p in past)
+    assert min(p.taken_at for p in past) == now - dt.timedelta(days=ibkr_demo.HISTORY_DAYS)
+    values = [p.net_liquidation for p in sorted(past, key=lambda p: p.taken_at)]
+    moves = [abs(b / a - 1) for a, b in itertools.pairwise([*values, read.net_liquidation])]
+    assert max(moves) < Decimal("0.06"), "a day's move stays plausible"
+    assert len(set(values)) > 80, "it moves"
+    owner.refresh_from_db()
+    named.refresh_from_db()
+    assert "made up" in owner.name
+    assert named.name == "Mine", "a name of the user's own is kept"

@@ -8,11 +8,14 @@ can be tried at once. Ctrl-C stops everything it started.
 """
 
 import contextlib
+import datetime as dt
 import errno
 import os
+import random
 import re
 import socket
 import sys
+from decimal import Decimal
 from pathlib import Path
 
 from django.conf import settings
@@ -23,6 +26,7 @@ from django.core.management.commands.runserver import naiveip_re
 from django.db import DEFAULT_DB_ALIAS, connections
 from rest_framework.authtoken.models import Token
 
+from ibkr_sync import conf
 from ibkr_sync.testing import (
     GatewaySimulator,
     PortfolioError,
@@ -34,6 +38,9 @@ DEMO_USER = "demo"
 DEMO_PASSWORD = "demo-portfolio"
 DEMO_DATABASE = "demo.sqlite3"
 IB_GATEWAY_PAPER_PORT = 4002
+# Days of made-up history the demo gives each account, so that its chart has a past.
+HISTORY_DAYS = 90
+CENT = Decimal("0.01")
 
 
 class Command(BaseCommand):
@@ -92,6 +99,13 @@ class Command(BaseCommand):
                 f"{', '.join(portfolio.all_accounts())})"
             )
             call_command("sync_ibkr", stdout=self.stdout, stderr=self.stderr)
+            seeded = seed_history()
+            if seeded:
+                self.stdout.write(
+                    f"Added {HISTORY_DAYS} days of made-up history before the first sync to "
+                    f"{seeded} account(s), so that the overview has a chart to show (demo "
+                    "data, not from IBKR; each sync from now on adds a real point)."
+                )
             url = f"http://{addr}"
             sync_command = (
                 f"DEBUG=true DATABASE_URL=sqlite:///{_shown(database_file)} "
@@ -126,6 +140,40 @@ class Command(BaseCommand):
         simulator = GatewaySimulator(portfolio, host="127.0.0.1", port=port, price_drift="0.01")
         simulator.start_in_thread()
         return simulator
+
+
+def seed_history(days: int = HISTORY_DAYS, seed: int = 7) -> int:
+    """Give each account a plausible past: a daily net liquidation for `days` days before
+    its first snapshot, a seeded random walk that ends at the value the first sync read.
+    Only for an account whose history is that one snapshot (a demo started again keeps
+    what it has). The rows carry no sync run (none read them) and the account's name says
+    the history is made up. Returns the number of accounts given a past."""
+    Account, AccountSnapshot = conf.account_model(), conf.account_snapshot_model()
+    rng = random.Random(seed)
+    seeded = 0
+    for account in Account.objects.order_by("pk"):
+        snapshots = list(AccountSnapshot.objects.filter(account=account).order_by("taken_at")[:2])
+        if len(snapshots) != 1 or snapshots[0].net_liquidation is None:
+            continue
+        first = snapshots[0]
+        value, past = first.net_liquidation, []
+        for day in range(1, days + 1):
+            # About 1 % a day, drifting up over time (so walking back, down).
+            value = (value / Decimal(1 + rng.gauss(0.0004, 0.01))).quantize(CENT)
+            past.append(
+                AccountSnapshot(
+                    account=account,
+                    taken_at=first.taken_at - dt.timedelta(days=day),
+                    currency=first.currency,
+                    net_liquidation=value,
+                )
+            )
+        AccountSnapshot.objects.bulk_create(past)
+        if not account.name:
+            account.name = "Demo account: history before the first sync is made up"
+            account.save(update_fields=["name"])
+        seeded += 1
+    return seeded
 
 
 def _project_dir() -> Path:
