@@ -2,8 +2,8 @@ from django.contrib import admin
 from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
+from ibkr_sync.api.read_views import NotFoundView
 from ibkr_sync.api.views import HealthView
-from portfolio.api.views import NotFoundView
 
 from .views import home
 
@@ -11,12 +11,12 @@ urlpatterns = [
     # Also where the admin's "View site" link (its `site_url`, "/") leads.
     path("", home, name="home"),
     path("admin/", admin.site.urls),
-    path("portfolio/", include("portfolio.api.urls")),
+    # The whole API (sync, history, read endpoints, and a JSON 404 for any other path
+    # under it), as a host project mounts it.
     path("portfolio/", include("ibkr_sync.urls")),
-    # Anything else under /portfolio/ (a trailing slash, a typo), and /healthz/: a JSON 404
-    # naming the right path. After the API's own paths; it also keeps APPEND_SLASH from
-    # redirecting.
-    re_path(r"^(?:portfolio(?:/.*)?|healthz/.*)$", NotFoundView.as_view(), name="api-not-found"),
+    # /portfolio without the slash, and /healthz/: the same JSON 404 (no APPEND_SLASH
+    # redirect).
+    re_path(r"^(?:portfolio|healthz/.*)$", NotFoundView.as_view(), name="api-not-found"),
     path("healthz", HealthView.as_view(), name="healthz"),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),

@@ -435,7 +435,7 @@ def test_as_of_anonymous_is_401(api_client, timeline):
 
 def test_every_kind_of_change_is_read():
     """A kind the sync might record one day must be placed here, not ignored."""
-    from portfolio.api.holdings import HELD_AFTER, HELD_BEFORE
+    from ibkr_sync.api.holdings import HELD_AFTER, HELD_BEFORE
 
     assert set(PositionChange.Kind.values) == {*HELD_AFTER, *HELD_BEFORE}
     assert set(HELD_AFTER) - set(HELD_BEFORE) == {"created", "reopened"}

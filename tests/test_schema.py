@@ -7,7 +7,7 @@ from django.urls import URLPattern, URLResolver, get_resolver
 from drf_spectacular.validation import validate_schema
 from rest_framework.test import APIClient
 
-from portfolio.api.views import NotFoundView
+from ibkr_sync.api.read_views import NotFoundView
 
 SYNC_STATUSES = {
     "200", "400", "401", "403", "404", "405", "409", "429", "500", "502", "503", "504",

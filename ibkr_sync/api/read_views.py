@@ -20,17 +20,11 @@ from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from ibkr_sync.api.base import (
-    PAGE_PARAMS,
-    OldestFirstCursorPagination,
-    ReadOnlyListView,
-    error_responses,
-)
-from ibkr_sync.api.errors import ErrorEnvelopeMixin, validated_query
-
-from ..models import Account, AccountSnapshot, CashBalance, Position
+from .. import conf
+from .base import PAGE_PARAMS, OldestFirstCursorPagination, ReadOnlyListView, error_responses
+from .errors import ErrorEnvelopeMixin, validated_query
 from .holdings import held_at, is_complete, log_start
-from .serializers import (
+from .read_serializers import (
     AccountSerializer,
     AccountSnapshotSerializer,
     CashBalanceSerializer,
@@ -44,22 +38,28 @@ from .serializers import (
 )
 
 
+def needs(model) -> str:
+    """The schema's words for the permission an endpoint needs: the model's own `view`
+    permission, in whichever app the IBKR_SYNC_*_MODEL setting puts it."""
+    return f"Needs `{model._meta.app_label}.view_{model._meta.model_name}`."
+
+
 @extend_schema(
     tags=["portfolio"],
     summary="List accounts",
     description="Every account known to the portfolio, with its count of open positions. "
-    "Needs `portfolio.view_account`.",
+    + needs(conf.account_model()),
     responses={200: AccountSerializer(many=True), **error_responses(400, 401, 403, 405)},
 )
 class AccountListView(ReadOnlyListView):
     serializer_class = AccountSerializer
 
-    def get_queryset(self) -> QuerySet[Account]:
-        return Account.objects.annotate(
+    def get_queryset(self) -> QuerySet:
+        return conf.account_model().objects.annotate(
             open_positions=Count("positions", filter=Q(positions__closed_at__isnull=True))
         )
 
-    def filter_queryset(self, queryset: QuerySet[Account]) -> QuerySet[Account]:
+    def filter_queryset(self, queryset: QuerySet) -> QuerySet:
         validated_query(self.request, serializers.Serializer, allowed=PAGE_PARAMS)
         return queryset
 
@@ -71,7 +71,7 @@ class AccountListView(ReadOnlyListView):
     "buying power, in its base currency) as each sync that read them found them, oldest "
     "first, between `from` and `to` (both included, both optional). A date-time without "
     "an offset, and a plain date, are read in the server's time zone; a date `to` "
-    "includes that whole day. Needs `portfolio.view_accountsnapshot`.",
+    "includes that whole day. " + needs(conf.account_snapshot_model()),
     parameters=[
         OpenApiParameter(
             "external_id",
@@ -90,10 +90,10 @@ class AccountHistoryView(ReadOnlyListView):
     serializer_class = AccountSnapshotSerializer
     pagination_class = OldestFirstCursorPagination
 
-    def get_queryset(self) -> QuerySet[AccountSnapshot]:
-        return AccountSnapshot.objects.select_related("account")
+    def get_queryset(self) -> QuerySet:
+        return conf.account_snapshot_model().objects.select_related("account")
 
-    def filter_queryset(self, queryset: QuerySet[AccountSnapshot]) -> QuerySet[AccountSnapshot]:
+    def filter_queryset(self, queryset: QuerySet) -> QuerySet:
         external_id = self.kwargs["external_id"]
         if not _is_account(external_id):
             raise NotFound(
@@ -113,17 +113,17 @@ class AccountHistoryView(ReadOnlyListView):
 
 
 def _is_account(external_id: str) -> bool:
-    field = Account._meta.get_field("external_id")
+    field = conf.account_model()._meta.get_field("external_id")
     if len(external_id) > field.max_length or "\x00" in external_id:
         return False  # no account has it; PostgreSQL would refuse the NUL in the query
-    return Account.objects.filter(external_id=external_id).exists()
+    return conf.account_model().objects.filter(external_id=external_id).exists()
 
 
 @extend_schema(
     tags=["portfolio"],
     summary="List positions",
     description="Positions, oldest first, filtered by the query parameters (combined with "
-    "AND). Follow `next` for the following page. Needs `portfolio.view_position`.\n\n"
+    "AND). Follow `next` for the following page. " + needs(conf.position_model()) + "\n\n"
     "With `as_of`, the positions held at that past moment instead, rebuilt from the "
     "sync's change log: each with the quantity and average cost it had then and `since` "
     "(when they took effect), without today's market values; the page says `as_of` (the "
@@ -153,10 +153,10 @@ class PositionListView(ReadOnlyListView):
     def get_serializer_class(self) -> type[serializers.Serializer]:
         return PositionSerializer if self.as_of is None else PositionAsOfSerializer
 
-    def get_queryset(self) -> QuerySet[Position]:
-        return Position.objects.select_related("account", "instrument")
+    def get_queryset(self) -> QuerySet:
+        return conf.position_model().objects.select_related("account", "instrument")
 
-    def filter_queryset(self, queryset: QuerySet[Position]) -> QuerySet[Position]:
+    def filter_queryset(self, queryset: QuerySet) -> QuerySet:
         filters = validated_query(self.request, PositionFilterSerializer, allowed=PAGE_PARAMS)
         if "account" in filters:
             queryset = queryset.filter(account__external_id=filters["account"])
@@ -193,17 +193,17 @@ class PositionListView(ReadOnlyListView):
     description="The cash each account holds in each currency, as the last sync that read "
     "the account's values found it (one row per account and currency), with the amount in "
     "the account's base currency at IBKR's own exchange rate. Oldest row first, filtered "
-    "by the query parameters (combined with AND). Needs `portfolio.view_cashbalance`.",
+    "by the query parameters (combined with AND). " + needs(conf.cash_balance_model()),
     parameters=[CashFilterSerializer],
     responses={200: CashBalanceSerializer(many=True), **error_responses(400, 401, 403, 405)},
 )
 class CashBalanceListView(ReadOnlyListView):
     serializer_class = CashBalanceSerializer
 
-    def get_queryset(self) -> QuerySet[CashBalance]:
-        return CashBalance.objects.select_related("account")
+    def get_queryset(self) -> QuerySet:
+        return conf.cash_balance_model().objects.select_related("account")
 
-    def filter_queryset(self, queryset: QuerySet[CashBalance]) -> QuerySet[CashBalance]:
+    def filter_queryset(self, queryset: QuerySet) -> QuerySet:
         filters = validated_query(self.request, CashFilterSerializer, allowed=PAGE_PARAMS)
         if "account" in filters:
             queryset = queryset.filter(account__external_id=filters["account"])
@@ -232,7 +232,7 @@ class NotFoundView(ErrorEnvelopeMixin, APIView):
 
 
 def not_found_detail(method: str, path: str) -> str:
-    endpoints = api_paths()
+    endpoints = api_paths(path)
     return (
         f"No API endpoint at {method} {path}.{_hint(path, endpoints)} The endpoints: "
         f"{', '.join(endpoints)} (documented at /api/docs/)."
@@ -248,10 +248,21 @@ def _hint(path: str, endpoints: list[str]) -> str:
             re.escape(endpoint).replace(re.escape("<id>"), "[^/]+"), path
         ):
             return f" Did you mean {endpoint}? <id> is a whole number."
-    prefix = "/portfolio/"
+    prefix = _mount(endpoints)
     tails = {endpoint.removeprefix(prefix): endpoint for endpoint in endpoints}
     close = difflib.get_close_matches(path.removeprefix(prefix), tails, n=1, cutoff=0.75)
     return f" Did you mean {tails[close[0]]}?" if close else ""
+
+
+def _mount(endpoints: list[str]) -> str:
+    """Where the API is mounted: the folder its endpoints share (`/portfolio/` for ours)."""
+    if not endpoints:
+        return "/"
+    shared = endpoints[0]
+    for endpoint in endpoints[1:]:
+        while not endpoint.startswith(shared):
+            shared = shared[:-1]
+    return shared.rsplit("/", 1)[0] + "/"
 
 
 def _is_endpoint(path: str) -> bool:
@@ -262,25 +273,31 @@ def _is_endpoint(path: str) -> bool:
     return getattr(match.func, "cls", None) is not NotFoundView
 
 
-def api_paths() -> list[str]:
-    """The API's paths under /portfolio/ as a client writes them (`.../runs/<id>`,
-    `.../accounts/<external_id>/history`)."""
-    found = []
+def api_paths(path: str = "/") -> list[str]:
+    """The API's paths as a client writes them (`/portfolio/sync/runs/<id>`,
+    `/portfolio/accounts/<external_id>/history`): those of the include that `path` falls
+    in (wherever the project mounted it), or of every include of the app's URLs."""
+    mounts: dict[str, list[str]] = {}
 
-    def walk(patterns, prefix: str) -> None:
+    def walk(patterns, prefix: str, found: list[str]) -> None:
         for entry in patterns:
-            route = prefix + str(entry.pattern)
+            route = prefix + str(entry.pattern).lstrip("^").rstrip("$")
             if isinstance(entry, URLResolver):
-                walk(entry.url_patterns, route)
-            elif (
-                isinstance(entry, URLPattern)
-                and route.startswith("portfolio/")
-                and getattr(entry.callback, "cls", None) is not NotFoundView
-            ):
-                found.append("/" + re.sub(r"<(?:\w+:)?(\w+)>", _placeholder, route))
+                walk(entry.url_patterns, route, found)
+            elif getattr(entry.callback, "cls", None) is NotFoundView:
+                # The app's catch-all: the routes found beside it are the app's.
+                mounts.setdefault(prefix, []).extend(
+                    r for r in found if r.startswith(prefix) and r != prefix
+                )
+            elif isinstance(entry, URLPattern):
+                found.append(route)
 
-    walk(get_resolver().url_patterns, "")
-    return sorted(found)
+    walk(get_resolver().url_patterns, "", [])
+    local = path.lstrip("/")
+    mounts.pop("", None)  # a project's own catch-all at the root is no include of ours
+    matching = [p for p in mounts if local.startswith(p)] or list(mounts)
+    routes = {r for prefix in matching for r in mounts[prefix]}
+    return sorted("/" + re.sub(r"<(?:\w+:)?(\w+)>", _placeholder, r) for r in routes)
 
 
 def _placeholder(match: re.Match) -> str:

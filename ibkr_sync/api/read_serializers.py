@@ -10,20 +10,18 @@ from drf_spectacular.utils import extend_schema_field, extend_schema_serializer
 from rest_framework import serializers
 from rest_framework.fields import empty
 
-from ibkr_sync.api.fields import ExactDecimalField, ExactDecimalModelSerializer
-from ibkr_sync.models import SNAPSHOT_TAGS
-
-from ..models import (
-    MONEY_DIGITS,
-    QUANTITY_DIGITS,
-    Account,
-    AccountSnapshot,
-    CashBalance,
-    Instrument,
-    Position,
-    SecType,
-)
+from .. import conf
+from ..models import MONEY_DIGITS, QUANTITY_DIGITS, SNAPSHOT_TAGS, SecType
+from .fields import ExactDecimalField, ExactDecimalModelSerializer
 from .holdings import holding
+
+# The models the sync writes, whichever the IBKR_SYNC_*_MODEL settings name (ours from the
+# portfolio app, or a host's own): the serializers are bound to them when the URLs load.
+Account = conf.account_model()
+Instrument = conf.instrument_model()
+Position = conf.position_model()
+CashBalance = conf.cash_balance_model()
+AccountSnapshot = conf.account_snapshot_model()
 
 
 class AccountSerializer(serializers.ModelSerializer):
