@@ -11,9 +11,10 @@ from django.utils.html import format_html, format_html_join
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.utils.safestring import mark_safe
 
-from . import conf
-from .exceptions import IbkrSyncError
+from . import conf, throttle
+from .exceptions import IbkrSyncError, InvalidAccountId, SyncAlreadyRunning
 from .models import PositionChange, SyncRun
+from .permissions import Kind, may_view
 from .services import describe_values, sync_positions
 
 
@@ -82,7 +83,10 @@ class SyncRunAdmin(admin.ModelAdmin):
     def _changes_context(self, request: HttpRequest, object_id) -> dict:
         """One page of what the run changed, optionally of one kind: three queries (counts
         by kind, the count for the paginator, and the page with positions, accounts and
-        instruments joined in) at any size."""
+        instruments joined in) at any size. Position changes are positions' data: for a
+        user who may not view positions, nothing (the section is left out, not queried)."""
+        if not may_view(request.user, Kind.POSITION_CHANGES):
+            return {}
         try:
             run_id = int(object_id)
         except ValueError:
@@ -106,8 +110,13 @@ class SyncRunAdmin(admin.ModelAdmin):
                 (value, label, by_kind.get(value, 0)) for value, label in kinds.items()
             ],
             "changes_total": sum(by_kind.values()),
-            # The configured position model's admin page, if the host registered one.
-            "position_url_name": _admin_url_name(conf.position_model(), "change"),
+            # The configured position model's admin page, if the host registered one (and
+            # the user may open it).
+            "position_url_name": (
+                _admin_url_name(conf.position_model(), "change")
+                if may_view(request.user, Kind.POSITIONS)
+                else None
+            ),
         }
 
     @admin.display(description="account values")
@@ -136,35 +145,68 @@ class SyncRunAdmin(admin.ModelAdmin):
 
     def sync_now_view(self, request: HttpRequest):
         """Run a sync for the admin's "Sync now" form (on sync runs, positions, accounts)
-        and go back to the page it was on, with the outcome as a message."""
+        and go back to the page it was on, with the outcome as a message.
+
+        The sync comes out of the user's one sync budget (`throttle`, shared with the API):
+        over it, nothing starts. The message tells of the run only what the user may view
+        (`_outcome_message`): the gateway's error, for one, is sync run data."""
         if request.method != "POST":
             return HttpResponseNotAllowed(["POST"])
         if not request.user.has_perm("ibkr_sync.run_sync"):
             raise PermissionDenied
+        wait = throttle.take(request.user)
+        if wait is not None:
+            self.message_user(request, throttle.refusal(wait), messages.ERROR)
+            return HttpResponseRedirect(self._back_to(request))
         account = request.POST.get("ibkr_account_id", "").strip() or None
         try:
             result = sync_positions(account, trigger=SyncRun.Trigger.ADMIN, user=request.user)
         except IbkrSyncError as exc:
-            self.message_user(request, f"Sync failed: {exc}", messages.ERROR)
+            # The error names the gateway's address (and the accounts it manages): sync
+            # run data. What the user typed wrong, or a sync running, reveals nothing.
+            shown = isinstance(exc, (InvalidAccountId, SyncAlreadyRunning))
+            if shown or may_view(request.user, Kind.SYNC_RUNS):
+                text = f"Sync failed: {exc}"
+            else:
+                text = f"Sync failed ({exc.code}); nothing was changed."
+            self.message_user(request, text, messages.ERROR)
         else:
-            missing = {
-                account: outcome["reason"]
-                for account, outcome in (result.account_values or {}).items()
-                if outcome["status"] == "missing"
-            }
-            level = messages.WARNING if result.errors or missing else messages.SUCCESS
-            run_url = reverse("admin:ibkr_sync_syncrun_change", args=[result.sync_run_id])
-            link = format_html('<a href="{}">Sync #{}</a>', run_url, result.sync_run_id)
-            message = format_html("{} finished: {}; {}.", link, result.scope, result.outcome)
-            if missing:
-                message = format_html(
-                    "{} Values not read for {} (their stored values were kept): {}",
-                    message,
-                    ", ".join(missing),
-                    "; ".join(f"{account}: {reason}" for account, reason in missing.items()),
-                )
-            self.message_user(request, message, level)
+            self.message_user(request, *self._outcome_message(request, result))
         return HttpResponseRedirect(self._back_to(request))
+
+    @staticmethod
+    def _outcome_message(request: HttpRequest, result) -> tuple[str, int]:
+        """A finished sync's message and level. The outcome (finished, with warnings) and
+        the run's number for anyone who ran it; the counts to a user who may view sync
+        runs (they are the run's record) or position changes (they are their sum); the
+        link to the run, and why accounts' values were not read, to sync run viewers."""
+        runs = may_view(request.user, Kind.SYNC_RUNS)
+        counts = runs or may_view(request.user, Kind.POSITION_CHANGES)
+        missing = {
+            account: outcome["reason"]
+            for account, outcome in (result.account_values or {}).items()
+            if outcome["status"] == "missing"
+        }
+        level = messages.WARNING if result.errors or missing else messages.SUCCESS
+        if runs:
+            run_url = reverse("admin:ibkr_sync_syncrun_change", args=[result.sync_run_id])
+            run = format_html('<a href="{}">Sync #{}</a>', run_url, result.sync_run_id)
+        else:
+            run = f"Sync #{result.sync_run_id}"
+        if not counts:
+            warnings = " with warnings" if level == messages.WARNING else ""
+            return format_html("{} finished{}.", run, warnings), level
+        message = format_html("{} finished: {}; {}.", run, result.scope, result.outcome)
+        if missing and runs:
+            message = format_html(
+                "{} Values not read for {} (their stored values were kept): {}",
+                message,
+                ", ".join(missing),
+                "; ".join(f"{account}: {reason}" for account, reason in missing.items()),
+            )
+        elif missing:
+            message = format_html("{} Some accounts' values were not read.", message)
+        return message, level
 
     def _back_to(self, request: HttpRequest) -> str:
         """The page the form was posted from, if it is one of ours; else the run history."""

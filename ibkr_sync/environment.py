@@ -135,7 +135,7 @@ SETTINGS: dict[str, Setting] = {
         86400, _integer(0), "/healthz: the last success may be this old (0: no limit)."
     ),
     "IBKR_SYNC_THROTTLE_RATE": Setting(
-        "6/minute", _rate, "Syncs per user through the API (none: no limit)."
+        "6/minute", _rate, "Syncs per user, API and admin together (none: no limit)."
     ),
     "IBKR_SYNC_GATEWAY_CLASS": Setting(
         "ibkr_sync.gateway.IbkrGateway", _text, "The gateway adapter the sync reads from."

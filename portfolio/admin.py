@@ -13,6 +13,7 @@ from django.utils.html import format_html
 from django.utils.safestring import mark_safe
 
 from ibkr_sync.admin import SyncNowMixin
+from ibkr_sync.permissions import Kind, may_view, visible_kinds
 
 from . import decimals
 from .models import Account, AccountSnapshot, CashBalance, Instrument, Position
@@ -60,12 +61,64 @@ def account_column(self, obj) -> str:
     return format_html('<span title="{}">{}</span>', str(account), account.external_id)
 
 
+def related_text(field: str):
+    """A read-only field showing the object `field` refers to as text, without the link to
+    its admin page: for users who may not view that kind of data (`SyncedModelAdmin`)."""
+
+    @admin.display(description=field)
+    def text(self, obj) -> str:
+        related = getattr(obj, field)
+        return "-" if related is None else str(related)
+
+    return text
+
+
 class SyncedModelAdmin(admin.ModelAdmin):
-    """Rows that only a sync creates and deletes."""
+    """Rows that only a sync creates and deletes.
+
+    A column or field that shows another kind of data than the model's own (`shows`), and
+    a link to a related object's page (`links`), appear only to users who may view that
+    kind (`ibkr_sync.permissions`, as the read API decides); to others the column is left
+    out and the related object is named without a link.
+    """
+
+    #: Column or field name -> the kind of data it shows.
+    shows: dict[str, Kind] = {}
+    #: A foreign key shown as a link to its admin page -> (the field naming it without a
+    #: link, the kind of data that page shows).
+    links: dict[str, tuple[str, Kind]] = {
+        "account": ("account_text", Kind.ACCOUNTS),
+        "instrument": ("instrument_text", Kind.INSTRUMENTS),
+    }
+
+    account_text = related_text("account")
+    instrument_text = related_text("instrument")
 
     class Media:
         # Right-aligned numbers; the wide lists fitting a 1400 px window.
         css = {"all": ("portfolio/admin.css",)}
+
+    def _visible(self, request: HttpRequest, names) -> list:
+        """`names` without those the user may not view, and unlinked where they may not
+        follow the link."""
+        visible = []
+        for name in names:
+            if name in self.shows and not may_view(request.user, self.shows[name]):
+                continue
+            if name in self.links and not may_view(request.user, self.links[name][1]):
+                name = self.links[name][0]
+            visible.append(name)
+        return visible
+
+    def get_list_display(self, request: HttpRequest):
+        return self._visible(request, super().get_list_display(request))
+
+    def get_fields(self, request: HttpRequest, obj=None):
+        return self._visible(request, super().get_fields(request, obj))
+
+    def get_readonly_fields(self, request: HttpRequest, obj=None):
+        unlinked = [text for text, _ in self.links.values()]
+        return [*super().get_readonly_fields(request, obj), *unlinked]
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
@@ -79,6 +132,16 @@ class MirroredModelAdmin(SyncedModelAdmin):
 
     def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
         return False
+
+
+#: What the portfolio overview shows, by section: each account's details, net liquidation
+#: and its history, cash, and open positions. Who may view none of them may not open it.
+OVERVIEW_KINDS = (Kind.ACCOUNTS, Kind.ACCOUNT_SNAPSHOTS, Kind.CASH_BALANCES, Kind.POSITIONS)
+
+
+def may_open_overview(user) -> bool:
+    """Whether `user` may open the overview (and see links to it): any of its sections."""
+    return user.is_active and user.is_staff and any(may_view(user, k) for k in OVERVIEW_KINDS)
 
 
 def positions_link(lookup: str, pk: int) -> str:
@@ -98,6 +161,7 @@ class AccountAdmin(SyncNowMixin, SyncedModelAdmin):
     readonly_fields = (
         "broker", "external_id", "is_paper", "last_synced_at", "created_at", "positions",
     )  # fmt: skip
+    shows = {"positions": Kind.POSITIONS}
     fields = (
         "broker", "external_id", "name", "base_currency", "is_paper", "last_synced_at",
         "positions",
@@ -122,6 +186,7 @@ class InstrumentAdmin(MirroredModelAdmin):
         "strike_display", "right", "created_at", "updated_at", "positions",
     )  # fmt: skip
     readonly_fields = fields
+    shows = {"positions": Kind.POSITIONS}
 
     @admin.display(description="positions")
     def positions(self, obj: Instrument) -> str:
@@ -220,8 +285,10 @@ class PositionAdmin(SyncNowMixin, MirroredModelAdmin):
 
     def overview_view(self, request: HttpRequest) -> TemplateResponse:
         """Each account's values and history, and the open positions by currency and sec
-        type (`portfolio.overview`); ?range= picks the history's range (1m, 3m, 1y, all)."""
-        if not self.has_view_permission(request):
+        type (`portfolio.overview`); ?range= picks the history's range (1m, 3m, 1y, all).
+        Each section only for users who may view its kind of data (`may`); the page for
+        those who may view any of them."""
+        if not may_open_overview(request.user):
             raise PermissionDenied
         context = {
             **self.admin_site.each_context(request),
@@ -229,6 +296,7 @@ class PositionAdmin(SyncNowMixin, MirroredModelAdmin):
             "opts": self.opts,
             "overview": portfolio_overview(request.GET.get("range")),
             "status_panels": status_panels(request),
+            "may": visible_kinds(request.user),
         }
         return TemplateResponse(request, "admin/portfolio/overview.html", context)
 

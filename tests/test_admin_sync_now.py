@@ -88,6 +88,8 @@ def test_sync_now_from_positions_returns_to_the_same_list_with_the_counts(
     syncing_staff, use_gateway
 ):
     back = f"{changelist(Position)}?status=all&q=TSLA"
+    # The link to the run is for those who may view sync runs.
+    syncing_staff.user_permissions.add(Permission.objects.get(codename="view_syncrun"))
 
     response = client_for(syncing_staff).post(SYNC_NOW, {"next": back}, follow=True)
 

@@ -340,8 +340,8 @@ def test_syncs_beyond_the_rate_are_429_with_retry_after(client, use_gateway, set
 
     body = assert_error(response, 429, "throttled")
     assert body["detail"].startswith(
-        "Too many syncs: at most 2/minute per user (IBKR_SYNC_THROTTLE_RATE). "
-        "Expected available in "
+        "Too many syncs: at most 2/minute per user (IBKR_SYNC_THROTTLE_RATE), through the "
+        "API and the admin together. Expected available in "
     )
     assert 1 <= int(response["Retry-After"]) <= 60
     assert len(use_gateway.calls) == 2, "the refused one never reached the gateway"

@@ -22,6 +22,7 @@ OFFERED_TO_HOSTS = {
     "ibkr_sync.decimals",
     "ibkr_sync.models",
     "ibkr_sync.overview",  # the sync status panel
+    "ibkr_sync.permissions",  # which view permission covers which kind of data
 }
 # The sync's core: the one-way flow gateway -> mapping -> services, and what they use.
 CORE = (

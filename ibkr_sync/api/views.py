@@ -17,10 +17,10 @@ from rest_framework.generics import RetrieveAPIView
 from rest_framework.permissions import AllowAny, BasePermission, IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.throttling import UserRateThrottle
+from rest_framework.throttling import BaseThrottle
 from rest_framework.views import APIView
 
-from .. import conf, exceptions
+from .. import exceptions, throttle
 from ..health import check_health
 from ..models import SyncRun
 from ..services import sync_positions
@@ -73,21 +73,22 @@ class CanRunSync(BasePermission):
         return request.user.has_perm("ibkr_sync.run_sync")
 
 
-class SyncRateThrottle(UserRateThrottle):
-    """At most IBKR_SYNC_THROTTLE_RATE syncs per user (e.g. 6/minute; none: no limit).
+class SyncRateThrottle(BaseThrottle):
+    """At most IBKR_SYNC_THROTTLE_RATE syncs per user (e.g. 6/minute; none: no limit), from
+    the one budget the admin's "Sync now" takes from too (`ibkr_sync.throttle`).
 
-    Counted in the default cache: per server process with Django's default in-memory
-    cache, across processes with a shared one (CACHES). Checked after authentication and
-    permission, so only callers who may sync are counted.
+    Checked after authentication and permission, so only callers who may sync are counted.
     """
 
-    scope = "ibkr_sync"
+    def __init__(self) -> None:
+        self._wait: float | None = None
 
-    def get_rate(self) -> str | None:
-        rate = conf.get("IBKR_SYNC_THROTTLE_RATE")
-        if rate is None or str(rate).strip().lower() in ("", "none", "off"):
-            return None
-        return str(rate).strip()
+    def allow_request(self, request: Request, view: APIView) -> bool:
+        self._wait = throttle.take(request.user)
+        return self._wait is None
+
+    def wait(self) -> float | None:
+        return self._wait
 
 
 def _sync_error(description: str) -> OpenApiResponse:
@@ -133,8 +134,8 @@ class IbkrSyncView(ErrorEnvelopeMixin, APIView):
     def throttled(self, request: Request, wait: float | None) -> None:
         raise api_exceptions.Throttled(
             wait,
-            detail=f"Too many syncs: at most {SyncRateThrottle().rate} per user "
-            "(IBKR_SYNC_THROTTLE_RATE).",
+            detail=f"Too many syncs: at most {throttle.rate().text} per user "
+            "(IBKR_SYNC_THROTTLE_RATE), through the API and the admin together.",
         )
 
     @extend_schema(

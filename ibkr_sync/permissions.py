@@ -1,0 +1,108 @@
+"""Who may see which kind of data: the one table the read API and the admin both decide by.
+
+Each kind of data the app reads or shows is covered by the Django `view` permission of the
+model that holds it, as the read API asks for it: positions need the position model's
+(`/portfolio/positions`), cash balances the cash balance model's (`/portfolio/cash`), an
+account's history the snapshot model's (`/portfolio/accounts/<id>/history`), sync runs
+`ibkr_sync.view_syncrun` (`/portfolio/sync/runs`). A position change is a position's past
+(the read API shows it as the positions held at a past moment), so it needs the position
+permission, not the sync run's. The models are swappable (IBKR_SYNC_*_MODEL), so the
+codenames come from the configured models, never a hard-coded `portfolio.`.
+
+An account's external id and broker go with every kind (each endpoint names the account
+of its rows); the account's own fields (its name, whether it is a paper account) are
+account data.
+
+Plain Django, no DRF: the admin imports it without the API's side effects.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+
+from django.contrib.auth import get_permission_codename
+from django.db import models
+
+from . import conf
+
+
+class Kind(enum.Enum):
+    """A kind of data a page, panel, message, link or endpoint shows."""
+
+    ACCOUNTS = "accounts"
+    INSTRUMENTS = "instruments"
+    POSITIONS = "positions"
+    CASH_BALANCES = "cash_balances"
+    ACCOUNT_SNAPSHOTS = "account_snapshots"
+    SYNC_RUNS = "sync_runs"
+    POSITION_CHANGES = "position_changes"
+
+
+def _sync_run_model() -> type[models.Model]:
+    from .models import SyncRun
+
+    return SyncRun
+
+
+def _position_change_model() -> type[models.Model]:
+    from .models import PositionChange
+
+    return PositionChange
+
+
+#: The model whose `view` permission covers each kind (looked up when asked, so a changed
+#: IBKR_SYNC_*_MODEL setting takes effect).
+COVERED_BY: dict[Kind, Callable[[], type[models.Model]]] = {
+    Kind.ACCOUNTS: conf.account_model,
+    Kind.INSTRUMENTS: conf.instrument_model,
+    Kind.POSITIONS: conf.position_model,
+    Kind.CASH_BALANCES: conf.cash_balance_model,
+    Kind.ACCOUNT_SNAPSHOTS: conf.account_snapshot_model,
+    Kind.SYNC_RUNS: _sync_run_model,
+    Kind.POSITION_CHANGES: conf.position_model,
+}
+
+#: The kind of the rows each model holds, where it is not the model the kind names
+#: (a PositionChange row is a position change).
+_HELD_IN: dict[Kind, Callable[[], type[models.Model]]] = {
+    **COVERED_BY,
+    Kind.POSITION_CHANGES: _position_change_model,
+}
+
+
+def view_permission(model: type[models.Model]) -> str:
+    """`app_label.view_modelname` of `model`, as `User.has_perm` takes it."""
+    opts = model._meta
+    return f"{opts.app_label}.{get_permission_codename('view', opts)}"
+
+
+def permission(kind: Kind) -> str:
+    """The permission that lets a user see `kind`."""
+    return view_permission(COVERED_BY[kind]())
+
+
+def kind_of(model: type[models.Model]) -> Kind | None:
+    """The kind of data `model`'s rows are, or None for a model this table does not know
+    (a host's own, covered by its own `view` permission)."""
+    concrete = model._meta.concrete_model
+    for kind, held_in in _HELD_IN.items():
+        if held_in()._meta.concrete_model is concrete:
+            return kind
+    return None
+
+
+def permission_for_rows(model: type[models.Model]) -> str:
+    """The permission needed to read `model`'s rows: its kind's, else its own `view`."""
+    kind = kind_of(model)
+    return view_permission(model) if kind is None else permission(kind)
+
+
+def may_view(user, kind: Kind) -> bool:
+    """Whether `user` may see data of `kind` (anywhere: the API, any admin page)."""
+    return user.has_perm(permission(kind))
+
+
+def visible_kinds(user) -> dict[str, bool]:
+    """For templates: {"positions": True, "cash_balances": False, ...}."""
+    return {kind.value: may_view(user, kind) for kind in Kind}

@@ -1,0 +1,75 @@
+"""One sync budget per user: at most IBKR_SYNC_THROTTLE_RATE syncs (e.g. 6/minute), however
+the user starts them (`POST /portfolio/sync/ibkr` and the admin's "Sync now" take from the
+same budget). The management command is run by an operator, not a user: not counted.
+
+Kept in the default cache under the key and in the form of DRF's `UserRateThrottle`
+(`throttle_ibkr_sync_<user pk>`: the times of the user's syncs in the window, newest
+first), so counts kept before still apply. Per server process with Django's in-memory
+cache, across processes with a shared one (CACHES). Plain Django, no DRF: the admin
+uses it as the API does.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from django.core.cache import cache
+
+from . import conf, environment
+
+SCOPE = "ibkr_sync"
+SETTING = "IBKR_SYNC_THROTTLE_RATE"
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+@dataclass(frozen=True)
+class Rate:
+    syncs: int
+    seconds: int
+    text: str  # as configured, e.g. "6/minute"
+
+
+def rate() -> Rate | None:
+    """The configured budget, or None for no limit (none, off, empty, or None)."""
+    raw = conf.get(SETTING)
+    text = None if raw is None else environment.SETTINGS[SETTING].parse(SETTING, raw)
+    if text is None:
+        return None
+    syncs, period = text.split("/")
+    return Rate(int(syncs), _SECONDS[period[0]], text)
+
+
+def cache_key(user: Any) -> str:
+    """DRF's UserRateThrottle key for our scope."""
+    return f"throttle_{SCOPE}_{user.pk}"
+
+
+def take(user: Any, now: float | None = None) -> float | None:
+    """Take one sync from `user`'s budget: None when it may start (and is counted), else
+    the seconds until the next one may (nothing is counted). Call it only for a sync that
+    is about to start, after authentication and permission checks."""
+    budget = rate()
+    if budget is None:
+        return None
+    now = time.time() if now is None else now
+    key = cache_key(user)
+    history = [t for t in cache.get(key, []) if t > now - budget.seconds]
+    if len(history) >= budget.syncs:
+        # The oldest counted sync leaves the window first: then one more may start.
+        return max(budget.seconds - (now - history[-1]), 0.0)
+    cache.set(key, [now, *history], budget.seconds)
+    return None
+
+
+def refusal(wait: float) -> str:
+    """What a user over budget is told, by the API and the admin alike."""
+    budget = rate()
+    limit = f"at most {budget.text} per user" if budget else "over the limit"
+    seconds = max(math.ceil(wait), 1)
+    return (
+        f"Too many syncs: {limit} ({SETTING}), through the API and the admin together. "
+        f"Try again in {seconds} second{'s' if seconds != 1 else ''}."
+    )
