@@ -119,20 +119,26 @@ def check_models(app_configs=None, **kwargs) -> list:
         except ImproperlyConfigured as exc:
             errors.append(Error(str(exc), id="ibkr_sync.E004"))
             continue
-        have = {f.name: f for f in model._meta.get_fields()}
-        errors += _check_honourable(model, base)
-        for field in base._meta.get_fields():
-            mine = have.get(field.name)
-            if mine is None or mine.get_internal_type() != field.get_internal_type():
-                errors.append(
-                    Error(
-                        f"{name} names {model._meta.label}, which lacks the field "
-                        f"{field.name!r} ({field.get_internal_type()}) that the sync writes.",
-                        hint=f"Build {model.__name__} on ibkr_sync.models.{base.__name__}.",
-                        obj=model,
-                        id="ibkr_sync.E004",
-                    )
+        errors += check_model(model, base, setting=name)
+    return errors
+
+
+def check_model(model: type[models.Model], base: type[models.Model], setting: str) -> list:
+    """The errors of one model the sync writes (named by `setting`), built on `base`."""
+    errors = _check_honourable(model, base)
+    have = {f.name: f for f in model._meta.get_fields()}
+    for field in base._meta.get_fields():
+        mine = have.get(field.name)
+        if mine is None or mine.get_internal_type() != field.get_internal_type():
+            errors.append(
+                Error(
+                    f"{setting} names {model._meta.label}, which lacks the field "
+                    f"{field.name!r} ({field.get_internal_type()}) that the sync writes.",
+                    hint=f"Build {model.__name__} on ibkr_sync.models.{base.__name__}.",
+                    obj=model,
+                    id="ibkr_sync.E004",
                 )
+            )
     return errors
 
 
