@@ -326,8 +326,8 @@ def update_rows(
     too, where bulk_update's CASE WHEN per field grows with the rows: on PostgreSQL one
     UPDATE ... FROM a temporary table the rows are COPYed into (UNNEST arrays per batch
     without psycopg 3), on SQLite one UPDATE ... FROM a VALUES list per batch. The model's
-    `auto_now` fields are set too, as `Model.save()` would; keys and values are in the
-    database's form as `insert_rows` gives them (a UUID key as hex text on SQLite)."""
+    `auto_now` fields are set too, as `Model.save()` would; keys and values are put in the
+    database's form as `insert_rows` puts them (a UUID key as hex text on SQLite)."""
     meta = model._meta
     constants = {
         **{k: v for k, v in touched(model).items() if k not in fields},
@@ -549,7 +549,7 @@ def insert_rows(model: type[models.Model], rows: Iterable[dict[str, Any]]) -> li
     with connection.cursor() as cursor:
         size = min(BATCH_SIZE, _MAX_PARAMETERS // len(plan.fields))
         for chunk in _batches(itertools.chain([first], rows), size):
-            values = [plan.values(row) for row in chunk]
+            values = plan.values(chunk)
             if plan.unnest:
                 cursor.execute(statement, [list(column) for column in zip(*values, strict=True)])
             else:
@@ -572,28 +572,46 @@ class _InsertPlan:
       system checks refuse the fields of a host's own that this cannot fill
       (`ibkr_sync.E007`).
     - Then `pre_save(obj, add=True)`, where the field's class has one of its own:
-      `auto_now` and `auto_now_add` stamps are set for every row, whatever the row gave.
+      `auto_now` and `auto_now_add` stamps are set whatever the row gave, once per
+      statement (Django stamps each object microseconds apart; rows inserted by one
+      statement are inserted at one time); any other field's own pre_save for each row.
     - Then the database's form (`get_db_prep_save`), except where that is the identity for
       the values the writer gives (text, integer, decimal and boolean fields, and foreign
-      keys to such keys): a UUID key is its hex string on SQLite, for instance.
+      keys to such keys): a UUID key is its hex string on SQLite, for instance; a date or a
+      datetime is prepared once per distinct value.
     """
 
     def __init__(self, model: type[models.Model], given: Iterable[str]) -> None:
         given = set(given)
         self.fields = [f for f in model._meta.concrete_fields if _inserted(f, given)]
         self.names = [f.attname for f in self.fields]
-        self.constant: dict[str, Any] = {}  # attname -> the default every row gets
+        # attname -> the prepared value every row gets (a default), or every row of a
+        # statement (an auto_now / auto_now_add stamp, set by `values`).
+        self.fixed: dict[str, Any] = {}
+        self.stamps = [f for f in self.fields if _is_stamp(f)]
         self.per_row: list[models.Field] = []  # fields whose callable default each row calls
+        defaults: dict[str, Any] = {}
         for f in self.fields:
-            if f.attname in given:
+            if f.attname in given or f in self.stamps:
                 continue
             if f.has_default() and callable(f.default):
                 self.per_row.append(f)
             else:
-                self.constant[f.attname] = f.get_default()
-        self.hooks = [f for f in self.fields if _has_pre_save(f)]
-        self.copy = bool(self.per_row or self.hooks)
-        self.prepare = [self._preparer(f, given) for f in self.fields]
+                defaults[f.attname] = f.get_default()
+        self.hooks = [f for f in self.fields if _has_pre_save(f) and f not in self.stamps]
+        self.defaults = defaults if self.hooks else {}  # what a hook may read
+        for name, value in defaults.items():
+            field = self.fields[self.names.index(name)]
+            if field not in self.hooks:
+                self.fixed[name] = field.get_db_prep_save(value, connection)
+        self.prepare = [
+            None
+            if f.attname in self.fixed or f in self.stamps
+            else _given_preparer(f)
+            if f.attname in given and f not in self.hooks
+            else functools.partial(f.get_db_prep_save, connection=connection)
+            for f in self.fields
+        ]
         self.unnest = connection.vendor == "postgresql" and all(map(_unnestable, self.fields))
         pk = model._meta.pk
         self.pk_column = pk.get_col(model._meta.db_table)
@@ -602,28 +620,32 @@ class _InsertPlan:
             *pk.get_db_converters(connection),
         ]
 
-    def _preparer(self, field: models.Field, given: set[str]) -> Any:
-        """A column's value to the database's form: None where it already is."""
-        if field in self.hooks or field in self.per_row:
-            return functools.partial(field.get_db_prep_save, connection=connection)
-        if field.attname in self.constant:
-            prepared = field.get_db_prep_save(self.constant[field.attname], connection)
-            return lambda _value: prepared
-        return _given_preparer(field)
-
-    def values(self, row: dict[str, Any]) -> list[Any]:
-        """The row's values in the database's form, one per column of the statement."""
-        if self.copy:
-            row = {**row, **self.constant}
-            for f in self.per_row:
-                row[f.attname] = f.get_default()
-            instance = _Instance(row)
-            for f in self.hooks:
-                row[f.attname] = f.pre_save(instance, True)
-        return [
-            value if prepare is None else prepare(value)
-            for value, prepare in zip(map(row.get, self.names), self.prepare, strict=True)
-        ]
+    def values(self, rows: Sequence[dict[str, Any]]) -> list[list[Any]]:
+        """The rows of one statement in the database's form, one value per column."""
+        instance = _Instance({})
+        for f in self.stamps:
+            self.fixed[f.attname] = f.get_db_prep_save(f.pre_save(instance, True), connection)
+        fixed, names, prepare = self.fixed, self.names, self.prepare
+        out = []
+        for row in rows:
+            if self.per_row or self.hooks:
+                row = {**self.defaults, **row}
+                for f in self.per_row:
+                    row[f.attname] = f.get_default()
+                instance = _Instance(row)
+                for f in self.hooks:
+                    row[f.attname] = f.pre_save(instance, True)
+            out.append(
+                [
+                    fixed[name]
+                    if name in fixed
+                    else row[name]
+                    if convert is None
+                    else convert(row[name])
+                    for name, convert in zip(names, prepare, strict=True)
+                ]
+            )
+        return out
 
     def key(self, value: Any) -> Any:
         """A primary key RETURNING gave, as the ORM reads it (a UUID, not its hex text)."""
@@ -645,9 +667,13 @@ def _inserted(field: models.Field, given: set[str]) -> bool:
 
 def _has_pre_save(field: models.Field) -> bool:
     """Whether the field's pre_save() may give another value than the one it holds."""
-    if getattr(field, "auto_now", False) or getattr(field, "auto_now_add", False):
-        return True
-    return type(field).pre_save not in _PLAIN_PRE_SAVE
+    return _is_stamp(field) or type(field).pre_save not in _PLAIN_PRE_SAVE
+
+
+def _is_stamp(field: models.Field) -> bool:
+    """An `auto_now` / `auto_now_add` field of Django's own date and time classes."""
+    auto = getattr(field, "auto_now", False) or getattr(field, "auto_now_add", False)
+    return auto and type(field).pre_save in _PLAIN_PRE_SAVE
 
 
 _PLAIN_PRE_SAVE = {
@@ -681,8 +707,8 @@ def _given_preparer(field: models.Field) -> Any:
     target = field.target_field if type(field) is models.ForeignKey else field
     if type(target) in _PLAIN_TYPES:
         return None
-    if type(field) is models.DateTimeField:
-        return _DatetimePreparer(field)
+    if type(field) in (models.DateTimeField, models.DateField):
+        return _CachedPreparer(field)
     return functools.partial(field.get_db_prep_save, connection=connection)
 
 
@@ -735,8 +761,9 @@ def upsert(model: type[models.Model], objs: Sequence[models.Model], **options: A
 _MAX_PARAMETERS = 30_000
 
 
-class _DatetimePreparer:
-    """A DateTimeField's database form of a value, computed once per distinct value."""
+class _CachedPreparer:
+    """A field's database form of a value, computed once per distinct value (the dates and
+    datetimes of a sync repeat: its own time, an option's expiry)."""
 
     def __init__(self, field: models.Field) -> None:
         self.field = field

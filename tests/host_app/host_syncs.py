@@ -263,3 +263,38 @@ def test_a_closed_position_reopens_in_its_own_row(ibkr):
     assert again.quantity == 12 and again.doubled == 24
     (change,) = PositionChange.objects.filter(sync_run_id=result.sync_run_id)
     assert (change.position_id, change.kind) == (aapl.pk, "reopened")
+
+
+def test_the_fast_insert_stores_what_bulk_create_stores_in_every_host_model():
+    """Row for row, insert_rows and Django's bulk_create store the same, but for the values
+    Django itself makes anew for every row (keys, callable defaults, stamps)."""
+    account = Account.objects.create(broker="ibkr", external_id="U1")
+    first, second = (
+        Instrument.objects.create(broker="ibkr", external_id=str(n), symbol=f"S{n}", sec_type="STK")
+        for n in (1, 2)
+    )
+    now = timezone.now()
+    fresh = {"id", "token", "ref", "first_seen_at", "touched_at", "recorded_at", "stored_at"}
+    cases = [
+        (Position, {"account_id": account.pk, "quantity": Decimal("1.5"), "average_cost": None,
+                    "cost_basis": None, "opened_at": now, "last_synced_at": now},
+         ("instrument_id", first.pk, second.pk)),
+        (CashBalance, {"account_id": account.pk, "amount": Decimal(3), "synced_at": now},
+         ("currency", "USD", "EUR")),
+        (AccountSnapshot, {"account_id": account.pk, "sync_run_id": 1, "taken_at": now,
+                           "net_liquidation": Decimal("10.5")},
+         ("currency", "USD", "EUR")),
+    ]  # fmt: skip
+    for model, row, (varied, mine, django) in cases:
+        with Window() as step:
+            (fast,) = writer.insert_rows(model, [{**row, varied: mine}])
+            orm = model.objects.bulk_create([model(**row, **{varied: django})])[0].pk
+        stored = model.objects.in_bulk([fast, orm])
+        assert set(stored) == {fast, orm}, "the key returned is the row's, as the ORM reads it"
+        a, b = (model.objects.filter(pk=pk).values().get() for pk in (fast, orm))
+        assert a.pop(varied) == mine and b.pop(varied) == django
+        differing = {name for name in a if a[name] != b[name]}
+        assert differing <= fresh, (model, {n: (a[n], b[n]) for n in differing - fresh})
+        for name in differing:
+            if name.endswith("_at") and name != "stored_at":
+                assert a[name] in step and b[name] in step
