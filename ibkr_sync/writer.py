@@ -179,7 +179,7 @@ def apply_snapshot(
         )
     for chunk in _chunks(gone):
         Position.objects.filter(pk__in=chunk).update(
-            closed_at=now, last_synced_at=now, **touched(Position)
+            **touched(Position, closed_at=now, last_synced_at=now)
         )
     insert_rows(
         PositionChange,
@@ -306,7 +306,7 @@ def _apply_values(
             by_currency.setdefault(item.base_currency, []).append(accounts[item.account_id])
     for currency, pks in by_currency.items():
         Account.objects.filter(pk__in=pks).exclude(base_currency=currency).update(
-            base_currency=currency, **touched(Account)
+            **touched(Account, base_currency=currency)
         )
 
 
@@ -329,10 +329,7 @@ def update_rows(
     `auto_now` fields are set too, as `Model.save()` would; keys and values are put in the
     database's form as `insert_rows` puts them (a UUID key as hex text on SQLite)."""
     meta = model._meta
-    constants = {
-        **{k: v for k, v in touched(model).items() if k not in fields},
-        **constants,
-    }
+    constants = {k: v for k, v in touched(model, **constants).items() if k not in fields}
     columns = [meta.get_field(name) for name in fields]
     preset = [(meta.get_field(name), value) for name, value in constants.items()]
     qn = connection.ops.quote_name
@@ -472,7 +469,7 @@ def _upsert_accounts(account_ids: Sequence[str], now: dt.datetime) -> dict[str, 
         if a not in accounts
     ]
     accounts.update((a.external_id, a.pk) for a in Account.objects.bulk_create(missing))
-    Account.objects.filter(pk__in=accounts.values()).update(last_synced_at=now, **touched(Account))
+    Account.objects.filter(pk__in=accounts.values()).update(**touched(Account, last_synced_at=now))
     return accounts
 
 
@@ -734,16 +731,17 @@ class _Instance:
         self.__dict__ = values
 
 
-def touched(model: type[models.Model]) -> dict[str, Any]:
-    """The values of the model's `auto_now` fields for an UPDATE now, as `Model.save()`
-    would set them: Django's `QuerySet.update()` and `bulk_update()` leave them alone, so
-    every UPDATE the writer issues sets them itself."""
+def touched(model: type[models.Model], **values: Any) -> dict[str, Any]:
+    """`values` for an UPDATE of the model's rows, with its `auto_now` fields set as
+    `Model.save()` would set them (a value given wins): Django's `QuerySet.update()` and
+    `bulk_update()` leave them alone, so every UPDATE the writer issues sets them itself."""
     instance = _Instance({})
-    return {
+    stamps = {
         f.name: f.pre_save(instance, False)
         for f in model._meta.concrete_fields
         if getattr(f, "auto_now", False) and not f.generated
     }
+    return {**stamps, **values}
 
 
 def upsert(model: type[models.Model], objs: Sequence[models.Model], **options: Any) -> None:
