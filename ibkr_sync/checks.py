@@ -10,11 +10,17 @@ not in the middle of the night as a failed sync.
   number of seconds.
 - ibkr_sync.E003: IBKR_CLIENT_LIBRARY names no known client library.
 - ibkr_sync.E004: an IBKR_SYNC_*_MODEL setting names no installed model, or one that
-  lacks a field the sync writes (build it on the matching abstract base), or that has a
-  required field of its own the sync cannot fill (give it null=True or a default).
+  lacks a field the sync writes (build it on the matching abstract base).
 - ibkr_sync.E005: another IBKR_* setting is malformed (host, client id, health age,
   throttle rate).
 - ibkr_sync.E006: IBKR_SYNC_GATEWAY_CLASS cannot be imported.
+- ibkr_sync.E007: a configured model has what the sync cannot honour when it creates or
+  updates rows as Django's bulk_create would: a field of its own that is required (not
+  null, no default, no db_default, no auto_now / auto_now_add; a text field counts as
+  filled by '' only where it allows blank), a primary key with no default that the
+  database does not generate, a field of the abstract base made NOT NULL where the sync
+  stores nothing (NULL), or a composite primary key (the sync addresses rows by one key
+  column).
 - ibkr_sync.W001: the configured client library is not installed.
 """
 
@@ -25,6 +31,8 @@ import importlib.util
 from django.core.checks import Error, Warning, register
 from django.core.exceptions import ImproperlyConfigured
 from django.db import models
+from django.db.models import CompositePrimaryKey
+from django.db.models.fields import AutoFieldMixin
 from django.utils.module_loading import import_string
 
 from . import conf, environment
@@ -102,7 +110,8 @@ def _check_client_library() -> list:
 
 @register()
 def check_models(app_configs=None, **kwargs) -> list:
-    """Each configured model exists and carries every field its abstract base has."""
+    """Each configured model exists, carries every field its abstract base has (E004), and
+    has nothing the sync cannot honour when it writes rows (E007)."""
     errors = []
     for name, base in _BASES.items():
         try:
@@ -110,41 +119,91 @@ def check_models(app_configs=None, **kwargs) -> list:
         except ImproperlyConfigured as exc:
             errors.append(Error(str(exc), id="ibkr_sync.E004"))
             continue
-        have = {f.name: f for f in model._meta.get_fields()}
-        ours = {f.name for f in base._meta.get_fields()}
-        for extra in model._meta.concrete_fields:
-            if extra.name not in ours and not _fillable(extra):
-                errors.append(
-                    Error(
-                        f"{model._meta.label}.{extra.name} is required (not null, no "
-                        "default), so the sync cannot create rows of the model.",
-                        hint="Give the field null=True or a default.",
-                        obj=model,
-                        id="ibkr_sync.E004",
-                    )
-                )
-        for field in base._meta.get_fields():
-            mine = have.get(field.name)
-            if mine is None or mine.get_internal_type() != field.get_internal_type():
-                errors.append(
-                    Error(
-                        f"{name} names {model._meta.label}, which lacks the field "
-                        f"{field.name!r} ({field.get_internal_type()}) that the sync writes.",
-                        hint=f"Build {model.__name__} on ibkr_sync.models.{base.__name__}.",
-                        obj=model,
-                        id="ibkr_sync.E004",
-                    )
-                )
+        errors += check_model(model, base, setting=name)
     return errors
 
 
-def _fillable(field) -> bool:
-    """Whether a field of a host's own the sync never sets gets a value anyway."""
+def check_model(model: type[models.Model], base: type[models.Model], setting: str) -> list:
+    """The errors of one model the sync writes (named by `setting`), built on `base`."""
+    errors = _check_honourable(model, base)
+    have = {f.name: f for f in model._meta.get_fields()}
+    for field in base._meta.get_fields():
+        mine = have.get(field.name)
+        if mine is None or mine.get_internal_type() != field.get_internal_type():
+            errors.append(
+                Error(
+                    f"{setting} names {model._meta.label}, which lacks the field "
+                    f"{field.name!r} ({field.get_internal_type()}) that the sync writes.",
+                    hint=f"Build {model.__name__} on ibkr_sync.models.{base.__name__}.",
+                    obj=model,
+                    id="ibkr_sync.E004",
+                )
+            )
+    return errors
+
+
+def _check_honourable(model: type[models.Model], base: type[models.Model]) -> list:
+    """What the sync cannot honour in a model, as ibkr_sync.E007 errors.
+
+    The sync fills every field of its base it must, and every other field as Django's
+    bulk_create would (defaults, callable ones per row, auto_now / auto_now_add,
+    db_default, generated fields left to the database). What that cannot fill is refused
+    here, at start-up, rather than found by the first sync as a NOT NULL error."""
+    errors = []
+    label = model._meta.label
+    pk = model._meta.pk
+    if pk is None or isinstance(pk, CompositePrimaryKey):
+        return [
+            Error(
+                f"{label} has a composite primary key; the sync addresses its rows by one "
+                "key column.",
+                hint="Give the model a single-column primary key (the default id, a UUID "
+                "with a default, ...) and a unique constraint for the composite one.",
+                obj=model,
+                id="ibkr_sync.E007",
+            )
+        ]
+    ours = {f.name: f for f in base._meta.get_fields()}
+    for field in model._meta.concrete_fields:
+        theirs = ours.get(field.name)
+        if theirs is not None:
+            if theirs.null and not field.null:
+                errors.append(
+                    Error(
+                        f"{label}.{field.name} is NOT NULL, but the sync stores nothing "
+                        "(NULL) in it when IBKR reports no value.",
+                        hint=f"Keep null=True, as ibkr_sync.models.{base.__name__} has it.",
+                        obj=model,
+                        id="ibkr_sync.E007",
+                    )
+                )
+            continue
+        if not _fillable(field):
+            what = "primary key" if field.primary_key else "field"
+            errors.append(
+                Error(
+                    f"{label}.{field.name} is a required {what} (not null, no default), so "
+                    "the sync cannot create rows of the model.",
+                    hint="Give the field a default (a callable one, such as uuid.uuid4, is "
+                    "called for each row), a db_default, or null=True.",
+                    obj=model,
+                    id="ibkr_sync.E007",
+                )
+            )
+    return errors
+
+
+def _fillable(field: models.Field) -> bool:
+    """Whether a field of a host's own, which the sync never sets, gets a value anyway, as
+    Django's bulk_create gives it one."""
     return (
-        field.primary_key
+        field.generated
+        or isinstance(field, AutoFieldMixin)
         or field.null
         or field.has_default()
+        or field.has_db_default()
         or getattr(field, "auto_now", False)
         or getattr(field, "auto_now_add", False)
-        or field.db_default is not models.NOT_PROVIDED
+        # Model() leaves '' in a text field, which is a value only where blank is allowed.
+        or (field.empty_strings_allowed and field.blank and not field.primary_key)
     )

@@ -3,11 +3,22 @@ default; and checked at start-up by system checks that name the variable."""
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 from django.core.checks import run_checks
+from django.db import models
+from django.test.utils import isolate_apps
 
 from ibkr_sync import conf
-from ibkr_sync.checks import check_models, check_settings
+from ibkr_sync.checks import check_model, check_models, check_settings
+from ibkr_sync.models import (
+    AbstractAccount,
+    AbstractAccountSnapshot,
+    AbstractCashBalance,
+    AbstractInstrument,
+    AbstractPosition,
+)
 
 
 def ids(errors) -> list[str]:
@@ -77,17 +88,27 @@ def test_a_malformed_environment_value_is_an_error_too(settings, monkeypatch):
 def test_a_model_setting_must_name_a_model_built_on_the_abstract_base(settings, value, message):
     settings.IBKR_SYNC_POSITION_MODEL = value
     errors = check_models()
-    assert errors and {e.id for e in errors} == {"ibkr_sync.E004"}
-    assert any(message in e.msg for e in errors), [e.msg for e in errors]
+    # auth.User also has required fields of its own (E007); the missing ones are E004.
+    assert {e.id for e in errors} - {"ibkr_sync.E007"} == {"ibkr_sync.E004"}
+    assert any(message in e.msg and e.id == "ibkr_sync.E004" for e in errors), [
+        e.msg for e in errors
+    ]
 
 
 def test_a_required_field_of_the_hosts_own_is_an_error(settings):
     # auth.Permission has required fields the sync cannot fill (and lacks every one of
     # the account's): both are named.
     settings.IBKR_SYNC_ACCOUNT_MODEL = "auth.Permission"
-    messages = [e.msg for e in check_models()]
-    assert any("auth.Permission.codename is required" in m for m in messages), messages
-    assert any("lacks the field 'external_id'" in m for m in messages)
+    errors = {e.msg: e.id for e in check_models()}
+    required = [m for m, i in errors.items() if "is a required field" in m]
+    assert sorted(required) == [
+        "auth.Permission.codename is a required field (not null, no default), so the sync "
+        "cannot create rows of the model.",
+        "auth.Permission.content_type is a required field (not null, no default), so the "
+        "sync cannot create rows of the model.",
+    ]
+    assert {errors[m] for m in required} == {"ibkr_sync.E007"}
+    assert any("lacks the field 'external_id'" in m for m in errors)
 
 
 def test_the_client_library_must_be_installed(settings, monkeypatch):
@@ -112,3 +133,100 @@ def test_a_changed_model_setting_is_looked_up_anew():
     with override_settings(IBKR_SYNC_POSITION_MODEL="portfolio.Account"):
         assert conf.position_model()._meta.label == "portfolio.Account"
     assert conf.position_model() is Position
+
+
+def host_model(base, **fields):
+    """A host's model on `base` with `fields` of its own, in an app registry of its own."""
+    with isolate_apps("tests"):
+        meta = type("Meta", (), {"app_label": "tests"})
+        return type("HostModel", (base,), {"__module__": __name__, "Meta": meta, **fields})
+
+
+def token() -> str:
+    return "t"
+
+
+# Everything Django's bulk_create fills, and so the sync (tests/host_app syncs into them).
+HONOURED = {
+    "an auto-incremented key": {"id": models.BigAutoField(primary_key=True)},
+    "a UUID key with a default": {"id": models.UUIDField(primary_key=True, default=uuid.uuid4)},
+    "a text key with a callable default": {
+        "id": models.CharField(primary_key=True, max_length=20, default=token)
+    },
+    "a key the database generates": {"id": models.IntegerField(primary_key=True, db_default=1)},
+    "auto_now_add": {"seen": models.DateTimeField(auto_now_add=True)},
+    "auto_now": {"touched": models.DateTimeField(auto_now=True)},
+    "a date's auto_now": {"day": models.DateField(auto_now=True)},
+    "a default": {"source": models.CharField(max_length=8, default="ibkr")},
+    "a callable default": {"ref": models.UUIDField(default=uuid.uuid4)},
+    "a database default": {"priority": models.IntegerField(db_default=7)},
+    "null": {"note": models.TextField(null=True)},
+    "a blank text": {"label": models.CharField(max_length=8, blank=True)},
+    "a generated field": {
+        "doubled": models.GeneratedField(
+            expression=models.F("quantity") * 2,
+            output_field=models.DecimalField(max_digits=31, decimal_places=10),
+            db_persist=True,
+        )
+    },
+    "a nullable foreign key": {
+        "owner": models.ForeignKey("auth.User", null=True, on_delete=models.CASCADE)
+    },
+}
+
+
+@pytest.mark.parametrize("fields", HONOURED.values(), ids=HONOURED)
+@pytest.mark.parametrize("base", [AbstractPosition, AbstractInstrument, AbstractCashBalance])
+def test_a_field_the_sync_fills_as_django_would_passes(base, fields):
+    assert check_model(host_model(base, **fields), base, setting="IBKR_SYNC_X_MODEL") == []
+
+
+REFUSED = {
+    "a UUID key without a default": (
+        {"id": models.UUIDField(primary_key=True)},
+        "id is a required primary key",
+    ),
+    "a text key without a default": (
+        {"id": models.CharField(primary_key=True, max_length=20, blank=True)},
+        "id is a required primary key",
+    ),
+    "a required number": ({"rank": models.IntegerField()}, "rank is a required field"),
+    "a required text": ({"code": models.CharField(max_length=8)}, "code is a required field"),
+    "a required date": ({"day": models.DateField()}, "day is a required field"),
+    "a required foreign key": (
+        {"owner": models.ForeignKey("auth.User", on_delete=models.CASCADE)},
+        "owner is a required field",
+    ),
+    "a base field made NOT NULL": (
+        {"exchange_rate": models.DecimalField(max_digits=30, decimal_places=10)},
+        "exchange_rate is NOT NULL, but the sync stores nothing (NULL) in it",
+    ),
+    "a composite key": (
+        {"pk": models.CompositePrimaryKey("account", "currency")},
+        "has a composite primary key",
+    ),
+}
+
+
+@pytest.mark.parametrize(("fields", "message"), REFUSED.values(), ids=REFUSED)
+def test_what_the_sync_cannot_honour_is_refused_with_its_own_id(fields, message):
+    model = host_model(AbstractCashBalance, **fields)
+    errors = check_model(model, AbstractCashBalance, setting="IBKR_SYNC_CASH_BALANCE_MODEL")
+    assert [e.id for e in errors] == ["ibkr_sync.E007"], [e.msg for e in errors]
+    (error,) = errors
+    assert message in error.msg
+    assert error.obj is model
+    assert error.hint
+
+
+def test_every_abstract_base_field_the_sync_may_leave_empty_must_stay_nullable():
+    # Whatever a host overrides: each nullable field of a base, made NOT NULL, is refused.
+    for base in (AbstractAccount, AbstractInstrument, AbstractPosition, AbstractCashBalance,
+                 AbstractAccountSnapshot):  # fmt: skip
+        for field in base._meta.concrete_fields:
+            if not field.null:
+                continue
+            name, _path, args, kwargs = field.deconstruct()
+            strict = type(field)(*args, **{**kwargs, "null": False})
+            errors = check_model(host_model(base, **{name: strict}), base, setting="X")
+            assert [e.id for e in errors] == ["ibkr_sync.E007"], (base, name)

@@ -133,11 +133,13 @@ def test_fast_insert_stores_exactly_what_bulk_create_stores():
     }  # fmt: skip
     (fast_pk,) = writer.insert_rows(Instrument, [{"external_id": "1", **fields}])
     orm = Instrument.objects.bulk_create([Instrument(external_id="2", **fields)])[0]
-    Instrument.objects.filter(pk=orm.pk).update(created_at=now, updated_at=now)
 
     def stored(pk):
         row = Instrument.objects.filter(pk=pk).values().get()
         del row["id"], row["external_id"]
+        # auto_now_add / auto_now: stamped at the insert, whatever the row gave, by both.
+        stamps = row.pop("created_at"), row.pop("updated_at")
+        assert all(now <= stamp <= timezone.now() for stamp in stamps), stamps
         return row
 
     assert stored(fast_pk) == stored(orm.pk)
