@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import json
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -238,6 +239,8 @@ def _apply_values(
             "cash_currencies": sorted(item.cash),
             "cash_reported": item.cash_reported,
         }
+        if item.cash_kept_reason:
+            counts.values[account_id]["cash_kept_reason"] = _reason(item.cash_kept_reason)
     if not read:
         return
 
@@ -254,13 +257,11 @@ def _apply_values(
     )
 
     Cash = conf.cash_balance_model()
-    # A download with no cash balance at all says nothing about the cash: keep it all.
-    read_pks = [accounts[item.account_id] for item in read if item.cash_reported]
-    keep = {
-        (accounts[item.account_id], currency)
-        for item in read
-        for currency in (*item.cash, *item.kept_currencies)
-    }
+    # The stored set is replaced only by a whole one: an account whose cash this download
+    # cannot be trusted whole keeps every row exactly as it is (none updated, none gone).
+    replaced = [item for item in read if not item.cash_kept_reason]
+    read_pks = [accounts[item.account_id] for item in replaced]
+    keep = {(accounts[item.account_id], currency) for item in replaced for currency in item.cash}
     gone = [
         pk
         for pk, account_pk, currency in Cash.objects.filter(account_id__in=read_pks).values_list(
@@ -273,13 +274,13 @@ def _apply_values(
     Cash.objects.bulk_create(
         [
             Cash(account_id=accounts[item.account_id], currency=currency, synced_at=now, **row)
-            for item in read
+            for item in replaced
             for currency, row in item.cash.items()
         ],
         batch_size=BATCH_SIZE,
         update_conflicts=True,
         unique_fields=["account", "currency"],
-        update_fields=["amount", "exchange_rate", "synced_at"],
+        update_fields=["amount", "exchange_rate", "rate_currency", "synced_at"],
     )
 
     insert_rows(
@@ -523,6 +524,9 @@ def insert_rows(model: type[models.Model], rows: Iterable[dict[str, Any]]) -> li
     prepare = {
         f.attname: _DatetimePreparer(f) for f in fields if isinstance(f, models.DateTimeField)
     }
+    # JSON as its text (a snapshot's exchange rates): what both databases take for a
+    # JSON column, in a VALUES list and in an UNNEST array (text[] cast to jsonb[]) alike.
+    prepare.update((f.attname, _json_text(f)) for f in fields if isinstance(f, models.JSONField))
     qn = connection.ops.quote_name
     head = f"INSERT INTO {qn(meta.db_table)} ({', '.join(qn(f.column) for f in fields)}) "
     tail = f" RETURNING {qn(meta.pk.column)}"
@@ -562,6 +566,13 @@ def insert_rows(model: type[models.Model], rows: Iterable[dict[str, Any]]) -> li
 
 # Below SQLite's default limit of bound parameters per statement (32766 since 3.32).
 _MAX_PARAMETERS = 30_000
+
+
+def _json_text(field: models.JSONField):
+    def prepare(value: Any) -> str | None:
+        return None if value is None else json.dumps(value, cls=field.encoder)
+
+    return prepare
 
 
 class _DatetimePreparer:

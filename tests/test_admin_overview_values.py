@@ -55,8 +55,10 @@ def values(now):
     for days, value in ((400, "100000"), (200, "150000"), (80, "200000"), (20, "250000.5"),
                         (1, "300000.25")):  # fmt: skip
         snapshot(main, now - days * DAY, value)
-    # The latest snapshot, without a net liquidation: the headline keeps the one before.
-    snapshot(main, now - dt.timedelta(hours=1), None, total_cash_value="1")
+    # The latest snapshot, without a net liquidation: the headline keeps the one before;
+    # its rates (IBKR's latest, to its currency) convert the positions' values.
+    snapshot(main, now - dt.timedelta(hours=1), None, total_cash_value="1",
+             exchange_rates={"EUR": "1.085", "USD": "1"})  # fmt: skip
 
     euro = account("U2222222", base_currency="EUR", name="Euro")
     held(euro, "BMW", currency="EUR", quantity="40", cost_basis="3950.4", market_value="4052",
@@ -248,6 +250,7 @@ def test_totals_across_currencies_only_converted_at_the_accounts_own_rates(admin
 
 def test_one_currency_in_the_base_currency_needs_no_conversion_table(admin_client):
     solo = account("U4444444")
+    snapshot(solo, timezone.now(), "1000")
     held(solo, "AAPL", quantity="1", cost_basis="150", market_value="190", unrealized_pnl="40")
 
     html, data = page(admin_client)

@@ -21,12 +21,19 @@ def client(api_client, django_user_model):
     return api_client
 
 
-def cash(acct, currency, amount, exchange_rate=None, synced_at=NOW) -> CashBalance:
+def cash(
+    acct, currency, amount, exchange_rate=None, synced_at=NOW, rate_currency=None
+) -> CashBalance:
+    """A row as a sync writes it: a rate converts to the base currency of its read (the
+    account's, unless `rate_currency` says otherwise)."""
+    if rate_currency is None:
+        rate_currency = "" if exchange_rate is None else acct.base_currency
     return CashBalance.objects.create(
         account=acct,
         currency=currency,
         amount=Decimal(amount),
         exchange_rate=None if exchange_rate is None else Decimal(exchange_rate),
+        rate_currency=rate_currency,
         synced_at=synced_at,
     )
 
