@@ -332,11 +332,11 @@ class AccountSnapshotAdmin(MirroredModelAdmin):
 
     @admin.display(description="IBKR exchange rates")
     def exchange_rates_display(self, obj: AccountSnapshot) -> str:
-        """Each rate IBKR reported, to the snapshot's currency, exactly: `EUR 1.0825`."""
+        """Each rate IBKR reported, to the snapshot's currency, exactly: `EUR-USD 1.0825`."""
         if not obj.exchange_rates:
             return "-"
         return format_html_join(
             mark_safe("<br>"),
-            "{} {} ({}-{})",
-            ((c, r, c, obj.currency) for c, r in sorted(obj.exchange_rates.items())),
+            "{}-{} {}",
+            ((c, obj.currency, r) for c, r in sorted(obj.exchange_rates.items())),
         )

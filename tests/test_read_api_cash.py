@@ -208,3 +208,30 @@ def test_a_tampered_cash_cursor_is_400_never_a_500(client, balances, caplog, nam
     body = assert_error(response, 400, "invalid_query")
     assert "cursor" in body["detail"]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+# --- the currency of base_amount is the one its rate converts to -----------------------------
+
+
+def test_base_amount_is_labelled_with_its_rates_currency_not_the_accounts(client):
+    """The account's base currency changed since the row was read (IBKR switched it, or it
+    was edited before it became read-only): the amount is in the rate's currency."""
+    switched = account("U1111111", base_currency="EUR")
+    cash(switched, "EUR", "1000", "1.0825", rate_currency="USD")
+
+    [row] = client.get("/portfolio/cash").json()["results"]
+
+    assert (row["base_amount"], row["base_currency"]) == ("1082.5", "USD")
+
+
+@pytest.mark.parametrize(
+    ("rate", "rate_currency"),
+    [("0", "USD"), ("-1.0825", "USD"), ("0.0000000001", ""), (None, "")],
+)
+def test_a_rate_that_does_not_convert_gives_no_base_amount(client, rate, rate_currency):
+    cash(account(base_currency="USD"), "EUR", "1000", rate, rate_currency=rate_currency)
+
+    [row] = client.get("/portfolio/cash").json()["results"]
+
+    assert row["base_amount"] is None
+    assert (row["exchange_rate"], row["base_currency"]) == (rate, rate_currency)
