@@ -8,8 +8,9 @@ that did not change, and records every change as a PositionChange of the run.
 
 Then the values of the accounts whose values were read (`_apply_values`): each valued
 position's market price, value and P&L (one UPDATE ... FROM per batch: they change at
-every sync, and they are not position changes), the cash balances per currency (upserted;
-a currency no longer reported goes) and one AccountSnapshot per account. An account
+every sync, and they are not position changes), the cash balances per currency (the
+stored set replaced by a whole one only: upserted, a currency no longer reported goes;
+otherwise kept exactly) and one AccountSnapshot per account. An account
 whose values are missing keeps what it had; the run records why (`SyncRun.account_values`).
 """
 
