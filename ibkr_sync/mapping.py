@@ -14,6 +14,7 @@ in a form that cannot be read back (SQLite).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import re
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from . import conf
 from .decimals import plain
 from .exceptions import InvalidAccountId
 from .gateway import GatewayAccountValues, GatewayPosition
-from .models import SNAPSHOT_TAGS, Broker, SecType
+from .models import SNAPSHOT_TAGS, Broker, SecType, is_rate
 from .protocol import BASE_CURRENCY, UNSET, WireValueError, is_unset_value, parse_decimal
 
 BROKER = Broker.IBKR
@@ -57,11 +58,20 @@ POSITION_FIELDS = ("quantity", "average_cost", "cost_basis")
 POSITION_VALUE_FIELDS = ("market_price", "market_value", "unrealized_pnl", "realized_pnl")
 #: Tags IBKR gives per currency, with their total in the base currency as currency BASE.
 _PER_CURRENCY_TOTALS = frozenset({"UnrealizedPnL", "RealizedPnL"})
-_CURRENCY = re.compile(r"[A-Z]{3}")
 
 
 class MappingError(ValueError):
     """A record that cannot be stored faithfully; the message is the reason."""
+
+
+def currency_code(value: Any) -> str:
+    """A currency code in the one form the product stores and compares: three ASCII
+    letters, upper case. IBKR's `usd` or `Usd` is USD (the same currency, so the same
+    row); anything else is not a code, and MappingError says so (never a row of its own,
+    never a base currency)."""
+    if type(value) is str and len(value) == 3 and value.isascii() and value.isalpha():
+        return value.upper()
+    raise MappingError(f"{_short(value)!r} is not a currency code (three letters, e.g. USD)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,9 +86,11 @@ class MappedPosition:
 class MappedValues:
     """One account's values as its columns store them.
 
-    `cash` has a row per currency IBKR reported a cash balance for; `kept_currencies` are
-    currencies whose stored row must be left as it is (IBKR sent no value for it, or one
-    that cannot be stored), so it is neither updated nor removed. `positions` has the
+    `cash` has a row per currency IBKR reported a cash balance for: the account's whole
+    cash, which replaces the stored set, unless `cash_kept_reason` says why this download's
+    cash cannot be trusted whole (then `cash` is empty and the stored rows are kept
+    exactly as they are). `exchange_rates` are every rate IBKR reported that converts, to
+    the base currency. `positions` has the
     values (in the order of POSITION_VALUE_FIELDS: a tuple, as 10,000s of them are held
     at once) by instrument (conId text) for every position whose values belong to the
     quantity synced; `stale` counts those whose portfolio row stated another
@@ -90,8 +102,9 @@ class MappedValues:
     base_currency: str
     snapshot: dict[str, Any]
     cash: dict[str, dict[str, Any]]
-    kept_currencies: frozenset[str]
+    cash_kept_reason: str
     cash_reported: bool
+    exchange_rates: dict[str, Decimal]
     positions: dict[str, tuple[Decimal | None, ...]]
     stale: int
     unvalued: int
@@ -393,7 +406,8 @@ def map_position(record: GatewayPosition) -> MappedPosition:
     instrument = {
         "symbol": record.symbol.strip(),
         "sec_type": sec_type,
-        "currency": (record.currency or "").strip().upper(),
+        # IBKR may send none (stored empty: unknown); anything sent must be a code.
+        "currency": currency_code(record.currency) if record.currency else "",
         "exchange": (record.exchange or record.primary_exchange or "").strip(),
         "local_symbol": (record.local_symbol or "").strip(),
         "trading_class": (record.trading_class or "").strip(),
@@ -422,22 +436,30 @@ def map_account_values(
 
     `held` is the account's positions being synced, by conId: (quantity, symbol, sec
     type, instrument id). A value that does not fit its column is an error entry and
-    stored as nothing (never as zero): the snapshot's field is empty, the currency's
-    cash row and the position's values are left as they were.
+    stored as nothing (never as zero): the snapshot's field is empty, the position's
+    values are left as they were.
 
+    Every currency is read as a code (`currency_code`: `usd` is USD); a value under a
+    currency that is not one is an error entry, never a row or a base currency of its own.
     The totals are in the base currency: the currency IBKR gives NetLiquidation in (or
     TotalCashValue). Per-currency tags (P&L) carry their total in the base currency under
     the currency "BASE"; the base currency's own row is the P&L of the positions in that
     currency only, so it is the account's only when the account has no other currency.
-    A download that carries no CashBalance at all says nothing about the cash: the
-    stored rows are kept (`cash_reported` false).
+
+    Exchange rates: every rate IBKR sent is kept (in the snapshot, to the base currency),
+    whether or not the account holds cash in its currency, if it converts (positive and
+    finite); any other is an error entry naming the currency and the rate.
+
+    Cash: the stored set is replaced only by a complete, readable set of per-currency
+    balances. A download with none (nothing, or only IBKR's BASE total), or with any
+    balance unset, unstorable or under a non-code, cannot be trusted whole: the stored
+    rows are kept exactly as they are, and `cash_kept_reason` says why.
     """
     account = values.account
-    reported = values.values
     errors: list[dict[str, Any]] = []
-    base = _base_currency(reported)
     snapshot_model = conf.account_snapshot_model()
     columns, vendor = _columns_of(snapshot_model), _vendor()
+    cash_columns = _columns_of(conf.cash_balance_model())
 
     def refuse(label: str, reason: object, con_id: Any = None, **where: str) -> None:
         errors.append(
@@ -463,12 +485,8 @@ def map_account_values(
             refuse(label, exc, con_id, **where)
             raise
 
-    account_columns = _columns_of(conf.account_model())
-    if not all(
-        _fits_quietly(c, base, vendor)
-        for c in (columns["currency"], account_columns["base_currency"])
-    ):
-        base = ""
+    reported, untrusted = _canonical_values(values.values, refuse)
+    base = _base_currency(reported)
     others = {c for _, c in reported if c and c not in (BASE_CURRENCY, base)}
     snapshot: dict[str, Any] = {"currency": base}
     for name, tag in SNAPSHOT_TAGS.items():
@@ -482,35 +500,60 @@ def map_account_values(
         except MappingError:
             snapshot[name] = None
 
-    cash_columns = _columns_of(conf.cash_balance_model())
+    rates: dict[str, Decimal] = {}
+    reported_rates: dict[str, Decimal] = {}  # as sent, where the column holds it
+    for (tag, currency), rate in reported.items():
+        if tag != "ExchangeRate" or currency in ("", BASE_CURRENCY):
+            continue
+        label = f"ExchangeRate ({currency})"
+        if rate is None:
+            refuse(label, f"IBKR sent no value: {currency} amounts are not converted")
+        elif not is_rate(rate):
+            refuse(label, f"{_short(rate)} is not a positive rate: {currency} amounts are "
+                          "not converted")  # fmt: skip
+            # Kept with its balance as sent, so that what reads it can say why it is no rate.
+            with contextlib.suppress(MappingError):
+                reported_rates[currency] = _fit(cash_columns["exchange_rate"], rate, False, vendor)
+        else:
+            with contextlib.suppress(MappingError):
+                rates[currency] = reported_rates[currency] = stored(
+                    cash_columns["exchange_rate"], rate, label
+                )
+    # Rates convert to the base currency of the download: none known, nothing to keep.
+    snapshot["exchange_rates"] = {c: plain(r) for c, r in sorted(rates.items())} if base else {}
+
     cash: dict[str, dict[str, Any]] = {}
-    kept: set[str] = set()
-    cash_reported = False
+    base_total: Decimal | None = None
+    cash_reported = bool(untrusted)
     for (tag, currency), amount in reported.items():
         if tag != "CashBalance":
             continue
         cash_reported = True
         if currency == BASE_CURRENCY:
+            base_total = amount
             continue
         if amount is None:
-            kept.add(currency)  # unknown now: its stored row stays as it was
-            continue
-        if _CURRENCY.fullmatch(currency) is None:
-            refuse("CashBalance", f"{_short(currency)!r} is not a currency code")
-            kept.add(currency)
+            untrusted.append(f"IBKR sent no value for the {currency} balance")
             continue
         try:
-            stored(cash_columns["currency"], currency, f"CashBalance ({currency})")
-            cash[currency] = {
-                "amount": stored(cash_columns["amount"], amount, f"CashBalance ({currency})"),
-                "exchange_rate": stored(
-                    cash_columns["exchange_rate"],
-                    reported.get(("ExchangeRate", currency)),
-                    f"ExchangeRate ({currency})",
-                ),
-            }
+            amount = stored(cash_columns["amount"], amount, f"CashBalance ({currency})")
         except MappingError:
-            kept.add(currency)
+            untrusted.append(f"the {currency} balance cannot be stored")
+            continue
+        rate = reported_rates.get(currency)
+        cash[currency] = {
+            "amount": amount,
+            "exchange_rate": rate,
+            "rate_currency": base if rate is not None else "",
+        }
+    if not cash_reported:
+        untrusted.append("IBKR sent no cash balance")
+    elif not cash and not untrusted:
+        total = "no value" if base_total is None else plain(base_total)
+        untrusted.append(f"IBKR sent only the BASE total of the cash ({total}), no balance "
+                         "per currency")  # fmt: skip
+    if untrusted:
+        cash = {}
 
     position_columns = _columns_of(conf.position_model())
     positions: dict[str, tuple[Decimal | None, ...]] = {}
@@ -543,13 +586,53 @@ def map_account_values(
         base_currency=snapshot["currency"],
         snapshot=snapshot,
         cash=cash,
-        kept_currencies=frozenset(kept),
+        cash_kept_reason="; ".join(untrusted),
         cash_reported=cash_reported,
+        exchange_rates=rates if base else {},
         positions=positions,
         stale=stale,
         unvalued=unvalued,
         errors=errors,
     )
+
+
+#: The tags whose currency is checked: a value under a currency that is not a code is an
+#: error entry (other tags are not read).
+_CHECKED_TAGS = frozenset({"CashBalance", "ExchangeRate", *SNAPSHOT_TAGS.values()})
+_PER_CURRENCY_TAGS = frozenset({"CashBalance", "ExchangeRate"})
+
+
+def _canonical_values(
+    raw: dict[tuple[str, str], Decimal | None], refuse: Any
+) -> tuple[dict[tuple[str, str], Decimal | None], list[str]]:
+    """The values by (tag, currency code), and why the cash cannot be trusted whole, if
+    so. A currency that is not a code is refused (an errors entry, for the tags read); a
+    tag sent twice under one code (`usd` and `USD`) with different values is neither."""
+    reported: dict[tuple[str, str], Decimal | None] = {}
+    untrusted: list[str] = []
+    conflicts: set[tuple[str, str]] = set()
+    for (tag, currency), value in raw.items():
+        # A value that is not money has no currency: only cash and rates must name one.
+        if currency != BASE_CURRENCY and (currency or tag in _PER_CURRENCY_TAGS):
+            try:
+                currency = currency_code(currency)
+            except MappingError as exc:
+                if tag in _CHECKED_TAGS:
+                    refuse(tag, exc)
+                    if tag == "CashBalance":
+                        untrusted.append(f"a balance's currency {_short(currency)!r} is not a code")
+                continue
+        key = (tag, currency)
+        if key in reported and reported[key] != value:
+            conflicts.add(key)
+        reported[key] = value
+    for tag, currency in sorted(conflicts):
+        del reported[tag, currency]
+        if tag in _CHECKED_TAGS:
+            refuse(tag, f"{currency} was sent twice (in different cases) with different values")
+            if tag == "CashBalance":
+                untrusted.append(f"the {currency} balance was sent twice with different values")
+    return reported, untrusted
 
 
 def _base_currency(reported: dict[tuple[str, str], Decimal | None]) -> str:

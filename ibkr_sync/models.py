@@ -27,6 +27,12 @@ DECIMAL_PLACES = 10
 DECIMAL_QUANTUM = Decimal(1).scaleb(-DECIMAL_PLACES)
 
 
+def is_rate(value: Decimal | None) -> bool:
+    """Whether `value` converts an amount: a positive, finite number. A rate of 0 or a
+    negative one (or none) is no rate: an amount in its currency is shown, not added."""
+    return isinstance(value, Decimal) and value.is_finite() and value > 0
+
+
 class Broker(models.TextChoices):
     IBKR = "ibkr", "Interactive Brokers"
 
@@ -223,8 +229,17 @@ class AbstractCashBalance(models.Model):
     exchange_rate = models.DecimalField(
         null=True,
         blank=True,
-        help_text="To the account's base currency, as IBKR reports it; empty if none.",
+        help_text="As IBKR reports it, to rate_currency; empty if none. Only a positive "
+        "rate converts.",
         **MONEY_DIGITS,
+    )
+    # The rate's own currency, read with it: the account's base currency may change later
+    # (IBKR's, or a kept row's from before), and a rate is used only for a total in it.
+    rate_currency = models.CharField(
+        max_length=8,
+        blank=True,
+        help_text="The currency exchange_rate converts to (the base currency IBKR reported "
+        "with the rate); empty if none.",
     )
     synced_at = models.DateTimeField(help_text="When a sync last read it.")
 
@@ -242,9 +257,10 @@ class AbstractCashBalance(models.Model):
 
     @property
     def base_amount(self) -> Decimal | None:
-        """The amount in the account's base currency, at IBKR's own exchange rate, with
-        every digit of the product; None when IBKR reported no rate (never a guess)."""
-        if self.exchange_rate is None:
+        """The amount in `rate_currency`, at IBKR's own exchange rate, with every digit of
+        the product; None without a rate that converts (none, zero, negative) or without
+        the currency it converts to: never a guess, never a product labelled wrongly."""
+        if not (is_rate(self.exchange_rate) and self.rate_currency):
             return None
         return product(self.amount, self.exchange_rate)
 
@@ -274,6 +290,13 @@ class AbstractAccountSnapshot(models.Model):
     realized_pnl = models.DecimalField("realized P&L", null=True, blank=True, **MONEY_DIGITS)
     available_funds = models.DecimalField(null=True, blank=True, **MONEY_DIGITS)
     buying_power = models.DecimalField(null=True, blank=True, **MONEY_DIGITS)
+    exchange_rates = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="Every exchange rate IBKR reported with these values, to `currency`, by "
+        "currency (exact decimal text), whether or not the account holds cash in it; "
+        "rates that do not convert (zero, negative, none) are left out.",
+    )
 
     class Meta:
         abstract = True

@@ -213,6 +213,8 @@ def describe_values(outcome: dict[str, Any]) -> str:
     currencies = ", ".join(outcome.get("cash_currencies", ()))
     if not outcome.get("cash_reported", True):
         return text + ", no cash reported (stored cash kept)"
+    if outcome.get("cash_kept_reason"):
+        return text + f", stored cash kept ({outcome['cash_kept_reason']})"
     return text + (f", cash in {currencies}" if currencies else ", no cash")
 
 

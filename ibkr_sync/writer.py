@@ -8,8 +8,9 @@ that did not change, and records every change as a PositionChange of the run.
 
 Then the values of the accounts whose values were read (`_apply_values`): each valued
 position's market price, value and P&L (one UPDATE ... FROM per batch: they change at
-every sync, and they are not position changes), the cash balances per currency (upserted;
-a currency no longer reported goes) and one AccountSnapshot per account. An account
+every sync, and they are not position changes), the cash balances per currency (the
+stored set replaced by a whole one only: upserted, a currency no longer reported goes;
+otherwise kept exactly) and one AccountSnapshot per account. An account
 whose values are missing keeps what it had; the run records why (`SyncRun.account_values`).
 """
 
@@ -242,6 +243,8 @@ def _apply_values(
             "cash_currencies": sorted(item.cash),
             "cash_reported": item.cash_reported,
         }
+        if item.cash_kept_reason:
+            counts.values[account_id]["cash_kept_reason"] = _reason(item.cash_kept_reason)
     if not read:
         return
 
@@ -258,13 +261,11 @@ def _apply_values(
     )
 
     Cash = conf.cash_balance_model()
-    # A download with no cash balance at all says nothing about the cash: keep it all.
-    read_pks = [accounts[item.account_id] for item in read if item.cash_reported]
-    keep = {
-        (accounts[item.account_id], currency)
-        for item in read
-        for currency in (*item.cash, *item.kept_currencies)
-    }
+    # The stored set is replaced only by a whole one: an account whose cash this download
+    # cannot be trusted whole keeps every row exactly as it is (none updated, none gone).
+    replaced = [item for item in read if not item.cash_kept_reason]
+    read_pks = [accounts[item.account_id] for item in replaced]
+    keep = {(accounts[item.account_id], currency) for item in replaced for currency in item.cash}
     gone = [
         pk
         for pk, account_pk, currency in Cash.objects.filter(account_id__in=read_pks).values_list(
@@ -278,12 +279,12 @@ def _apply_values(
         Cash,
         [
             Cash(account_id=accounts[item.account_id], currency=currency, synced_at=now, **row)
-            for item in read
+            for item in replaced
             for currency, row in item.cash.items()
         ],
         batch_size=BATCH_SIZE,
         unique_fields=["account", "currency"],
-        update_fields=["amount", "exchange_rate", "synced_at"],
+        update_fields=["amount", "exchange_rate", "rate_currency", "synced_at"],
     )
 
     insert_rows(

@@ -9,7 +9,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 
 from ibkr_sync.admin import SyncNowMixin
@@ -71,6 +71,11 @@ def related_text(field: str):
         return "-" if related is None else str(related)
 
     return text
+
+
+#: The fields of the synced models that are the user's own, not IBKR's: the only ones the
+#: admin edits. Every other field is IBKR's, as the last sync read it.
+USER_FIELDS = frozenset({"name"})
 
 
 class SyncedModelAdmin(admin.ModelAdmin):
@@ -158,14 +163,14 @@ class AccountAdmin(SyncNowMixin, SyncedModelAdmin):
     )  # fmt: skip
     list_filter = ("broker", "is_paper")
     search_fields = ("external_id", "name")
-    readonly_fields = (
-        "broker", "external_id", "is_paper", "last_synced_at", "created_at", "positions",
-    )  # fmt: skip
     shows = {"positions": Kind.POSITIONS}
     fields = (
         "broker", "external_id", "name", "base_currency", "is_paper", "last_synced_at",
         "positions",
     )  # fmt: skip
+    # What IBKR reports is not editable (the base currency labels IBKR's totals): only
+    # what is the user's own, the name, is.
+    readonly_fields = tuple(name for name in fields if name not in USER_FIELDS)
 
     @admin.display(description="positions")
     def positions(self, obj: Account) -> str:
@@ -327,8 +332,8 @@ class CashBalanceAdmin(MirroredModelAdmin):
     list_filter = ("account", "currency")
     search_fields = ("=currency", "account__external_id")
     fields = (
-        "account", "currency", "amount_exact", "exchange_rate_display", "base_amount_display",
-        "synced_at",
+        "account", "currency", "amount_exact", "exchange_rate_display", "rate_currency",
+        "base_amount_display", "synced_at",
     )  # fmt: skip
     readonly_fields = fields
     ordering = ("account_id", "currency")  # unique together: a stable order
@@ -340,14 +345,15 @@ class CashBalanceAdmin(MirroredModelAdmin):
 
     @admin.display(description="in the base currency")
     def base_amount_display(self, obj: CashBalance) -> str:
-        """amount x IBKR's rate, in cents (exact on hover), with the base currency's code;
-        "-" without a rate: never the amount as it is."""
-        if obj.exchange_rate is None:
+        """amount x IBKR's rate, in cents (exact on hover), with the code of the currency
+        the rate converts to, as IBKR reported it with the rate (never the account's
+        present one); "-" without a rate that converts: never the amount as it is."""
+        exact = obj.base_amount
+        if exact is None:
             return number(None)
-        exact = decimals.exact_product(obj.amount, obj.exchange_rate)
         return format_html(
             '<span class="num" title="{}">{} {}</span>',
-            decimals.plain(exact), decimals.money(exact), obj.account.base_currency,
+            decimals.plain(exact), decimals.money(exact), obj.rate_currency,
         )  # fmt: skip
 
 
@@ -364,7 +370,7 @@ class AccountSnapshotAdmin(MirroredModelAdmin):
     fields = (
         "account", "taken_at", "currency", "net_liquidation_exact", "total_cash_value_exact",
         "gross_position_value_exact", "unrealized_pnl_exact", "realized_pnl_exact",
-        "available_funds_exact", "buying_power_exact", "sync_run_id",
+        "available_funds_exact", "buying_power_exact", "exchange_rates_display", "sync_run_id",
     )  # fmt: skip
     readonly_fields = fields
     # Each account's history, the newest first (the (account, taken_at) index's order).
@@ -391,3 +397,14 @@ class AccountSnapshotAdmin(MirroredModelAdmin):
     realized_pnl_exact = number_column("realized_pnl", "realized P&L", **EXACT)
     available_funds_exact = number_column("available_funds", "available funds", **EXACT)
     buying_power_exact = number_column("buying_power", "buying power", **EXACT)
+
+    @admin.display(description="IBKR exchange rates")
+    def exchange_rates_display(self, obj: AccountSnapshot) -> str:
+        """Each rate IBKR reported, to the snapshot's currency, exactly: `EUR-USD 1.0825`."""
+        if not obj.exchange_rates:
+            return "-"
+        return format_html_join(
+            mark_safe("<br>"),
+            "{}-{} {}",
+            ((c, obj.currency, r) for c, r in sorted(obj.exchange_rates.items())),
+        )

@@ -7,10 +7,14 @@ accounts by currency and sec type, with a small bar chart per currency. Everythi
 aggregated in the database, in a fixed number of queries whatever the number of rows.
 
 Amounts in different currencies are never added as they are. A total across currencies
-is in the account's base currency, each amount converted at the exchange rate IBKR
-reports for that account (its CashBalance rows), with the conversion shown; an amount in
-a currency without such a rate is shown but not added. Across accounts, totals are per
-currency only (accounts may have different base currencies).
+is in the account's base currency as IBKR reported it with its latest values (the latest
+snapshot's currency: never a field anyone can edit), each amount converted at IBKR's own
+rate to that currency, with the conversion shown: the open positions' values at the rates
+of that snapshot (every rate IBKR reported, with or without cash in the currency), each
+cash balance at the rate read with it, only when that rate converts to the total's
+currency. Only a positive rate converts. An amount without such a rate is shown but not
+added, with the reason. Across accounts, totals are per currency only (accounts may have
+different base currencies).
 
 Other apps add their own status (e.g. when the broker was last synced) through
 `register_status_panel`, so this domain module needs to know none of them.
@@ -26,6 +30,8 @@ from decimal import Decimal
 
 from django.db.models import Count, OuterRef, Q, Subquery, Sum
 from django.http import HttpRequest
+
+from ibkr_sync.models import is_rate
 
 from . import history
 from .decimals import exact_product, exact_sum, money, plain
@@ -103,30 +109,35 @@ class Subtotal:
 
 @dataclass
 class Conversion:
-    """An amount in one currency, and in the account's base currency at IBKR's rate."""
+    """An amount in one currency, and in the total's currency at IBKR's rate."""
 
     currency: str
     amount: Decimal | None
-    rate: Decimal | None  # IBKR's, from `currency` to `base_currency`; None if none
-    base_currency: str
+    rate: Decimal | None  # IBKR's, from `currency`, as reported; None if none
+    base_currency: str  # the total's: IBKR's base currency of the latest values
+    # What `rate` converts to, as IBKR reported it with the rate; None: `base_currency`
+    # (a rate of the latest values). A rate to another currency is no rate for the total.
+    rate_currency: str | None = None
 
     @property
     def same_currency(self) -> bool:
-        """Already in the base currency (IBKR's rate for it, if any, is 1)."""
-        return (
-            bool(self.base_currency)
-            and self.currency == self.base_currency
-            and (self.rate is None or self.rate == 1)
-        )
+        """Already in the total's currency: no rate needed."""
+        return bool(self.base_currency) and self.currency == self.base_currency
+
+    @property
+    def converts(self) -> bool:
+        """Whether `rate` converts to the total's currency: positive, and to that one."""
+        return is_rate(self.rate) and self.rate_currency in (None, self.base_currency)
 
     @property
     def converted(self) -> Decimal | None:
-        """Exactly amount x rate; None when there is no amount, rate or base currency."""
+        """Exactly amount x rate; None when there is no amount, rate that converts to the
+        total's currency, or total's currency."""
         if self.amount is None or not self.base_currency:
             return None
         if self.same_currency:
             return self.amount
-        if self.rate is None:
+        if not self.converts:
             return None
         return exact_product(self.amount, self.rate)
 
@@ -139,9 +150,16 @@ class Conversion:
         """Why an amount is not converted (empty when it is)."""
         if self.amount is None or self.converted is not None:
             return ""
-        if not self.base_currency:
+        currency, base = self.currency or "currency", self.base_currency
+        if not base:
             return "the account's base currency is unknown"
-        return f"IBKR reported no {self.currency or 'currency'}-{self.base_currency} rate"
+        if self.rate is None:
+            return f"IBKR reported no {currency}-{base} rate"
+        if not is_rate(self.rate):
+            return f"IBKR's {currency} rate {plain(self.rate)} is not a positive rate"
+        if not self.rate_currency:
+            return f"IBKR's {currency} rate was read without the currency it converts to"
+        return f"IBKR's {currency} rate converts to {self.rate_currency}, not {base}"
 
     @property
     def text(self) -> str:
@@ -204,8 +222,10 @@ class AccountSummary:
     # The latest snapshot with a net liquidation, if any.
     snapshot: AccountSnapshot | None = None
     cash: list[Conversion] = field(default_factory=list)
-    # IBKR's exchange rates to the base currency, by currency (its CashBalance rows).
+    # IBKR's exchange rates to the base currency, by currency: the latest snapshot's; and
+    # rates to it that do not convert (a cash row's), to say why.
     rates: dict[str, Decimal] = field(default_factory=dict)
+    not_rates: dict[str, Decimal] = field(default_factory=dict)
     history: history.History | None = None
     chart: dict | None = None
 
@@ -225,7 +245,8 @@ class AccountSummary:
         return Total(
             self.base_currency,
             [
-                Conversion(s.currency, getattr(s, attribute), self.rates.get(s.currency),
+                Conversion(s.currency, getattr(s, attribute),
+                           self.rates.get(s.currency, self.not_rates.get(s.currency)),
                            self.base_currency)
                 for s in self.by_currency
             ],
@@ -310,8 +331,21 @@ def _summaries(groups: dict[str, dict[str, Subtotal]], chart: bool) -> list[Curr
 
 
 def _latest_snapshots(accounts: Iterable[Account]) -> dict[int, AccountSnapshot]:
-    ids = [a.latest_snapshot for a in accounts if a.latest_snapshot is not None]
+    ids = {pk for a in accounts for pk in (a.latest_snapshot, a.latest_values) if pk is not None}
     return AccountSnapshot.objects.in_bulk(ids) if ids else {}
+
+
+def _rates(snapshot: AccountSnapshot | None) -> dict[str, Decimal]:
+    """The rates of a snapshot that convert (a row written by hand may hold anything)."""
+    rates = {}
+    for currency, text in ((snapshot and snapshot.exchange_rates) or {}).items():
+        try:
+            rate = Decimal(str(text))
+        except ArithmeticError:
+            continue
+        if is_rate(rate):
+            rates[currency] = rate
+    return rates
 
 
 def portfolio_overview(
@@ -322,40 +356,44 @@ def portfolio_overview(
     many accounts, positions and snapshots there are."""
     if not isinstance(history_range, history.Range):
         history_range = history.chosen_range(history_range)
-    latest = (
-        AccountSnapshot.objects.filter(account=OuterRef("pk"), net_liquidation__isnull=False)
-        .order_by("-taken_at", "-id")
-        .values("id")[:1]
-    )
+    latest = AccountSnapshot.objects.filter(account=OuterRef("pk")).order_by("-taken_at", "-id")
     accounts = list(
-        Account.objects.only("id", "external_id", "name", "base_currency", "is_paper")
-        .annotate(latest_snapshot=Subquery(latest))
+        Account.objects.only("id", "external_id", "name", "is_paper")
+        .annotate(
+            latest_snapshot=Subquery(latest.filter(net_liquidation__isnull=False).values("id")[:1]),
+            # IBKR's latest values: their currency is the totals', their rates convert.
+            latest_values=Subquery(latest.values("id")[:1]),
+        )
         # Paper-trading accounts after the real ones.
         .order_by("is_paper", "external_id", "id")
     )
     snapshots = _latest_snapshots(accounts)
     summaries: dict[int, AccountSummary] = {}
     for account in accounts:
-        snapshot = snapshots.get(account.latest_snapshot)
+        latest = snapshots.get(account.latest_values)
         summaries[account.pk] = AccountSummary(
             pk=account.pk,
             external_id=account.external_id,
             name=account.name,
-            base_currency=account.base_currency or (snapshot.currency if snapshot else ""),
-            snapshot=snapshot,
+            base_currency=latest.currency if latest else "",
+            snapshot=snapshots.get(account.latest_snapshot),
+            rates=_rates(latest),
         )
 
     # The queries are not one snapshot of the database: an account a sync adds meanwhile
     # is left out (of the page's accounts; its open positions still count by currency).
     cash_rows = CashBalance.objects.order_by("account_id", "currency").values_list(
-        "account_id", "currency", "amount", "exchange_rate"
+        "account_id", "currency", "amount", "exchange_rate", "rate_currency"
     )
-    for account_id, currency, amount, exchange_rate in cash_rows:
+    for account_id, currency, amount, exchange_rate, rate_currency in cash_rows:
         if (summary := summaries.get(account_id)) is None:
             continue
-        summary.cash.append(Conversion(currency, amount, exchange_rate, summary.base_currency))
-        if exchange_rate is not None:
-            summary.rates[currency] = exchange_rate
+        summary.cash.append(
+            Conversion(currency, amount, exchange_rate, summary.base_currency, rate_currency)
+        )
+        # A rate to the total's currency that converts nothing: why its positions are out.
+        if rate_currency == summary.base_currency and not is_rate(exchange_rate):
+            summary.not_rates[currency] = exchange_rate
 
     by_account: dict[int, dict[str, dict[str, Subtotal]]] = defaultdict(lambda: defaultdict(dict))
     by_currency: dict[str, dict[str, Subtotal]] = defaultdict(dict)

@@ -56,8 +56,10 @@ def values(now):
     for days, value in ((400, "100000"), (200, "150000"), (80, "200000"), (20, "250000.5"),
                         (1, "300000.25")):  # fmt: skip
         snapshot(main, now - days * DAY, value)
-    # The latest snapshot, without a net liquidation: the headline keeps the one before.
-    snapshot(main, now - dt.timedelta(hours=1), None, total_cash_value="1")
+    # The latest snapshot, without a net liquidation: the headline keeps the one before;
+    # its rates (IBKR's latest, to its currency) convert the positions' values.
+    snapshot(main, now - dt.timedelta(hours=1), None, total_cash_value="1",
+             exchange_rates={"EUR": "1.085", "USD": "1"})  # fmt: skip
 
     euro = account("U2222222", base_currency="EUR", name="Euro")
     held(euro, "BMW", currency="EUR", quantity="40", cost_basis="3950.4", market_value="4052",
@@ -249,6 +251,7 @@ def test_totals_across_currencies_only_converted_at_the_accounts_own_rates(admin
 
 def test_one_currency_in_the_base_currency_needs_no_conversion_table(admin_client):
     solo = account("U4444444")
+    snapshot(solo, timezone.now(), "1000")
     held(solo, "AAPL", quantity="1", cost_basis="150", market_value="190", unrealized_pnl="40")
 
     html, data = page(admin_client)
@@ -288,6 +291,20 @@ def test_all_accounts_by_currency_are_per_currency(admin_client, values):
                     "USD"),
          f"12,345,678,901,234,567,890.12 JPY {TIMES} 0.0068935 = 85,104,937,505,660,493.75 USD",
          Decimal("85104937505660493.75056604937566085")),
+        # Only a positive rate converts, and only to the currency it converts to.
+        (Conversion("EUR", Decimal("1000"), Decimal("0"), "USD"),
+         "1,000.00 EUR: not added (IBKR's EUR rate 0 is not a positive rate)", None),
+        (Conversion("EUR", Decimal("1000"), Decimal("-1.0825"), "USD"),
+         "1,000.00 EUR: not added (IBKR's EUR rate -1.0825 is not a positive rate)", None),
+        (Conversion("EUR", Decimal("1000"), Decimal("1.0825"), "EUR", "USD"),
+         "1,000.00 EUR", Decimal("1000")),  # already in the total's currency
+        (Conversion("USD", Decimal("1000"), Decimal("1"), "EUR", "USD"),
+         "1,000.00 USD: not added (IBKR's USD rate converts to USD, not EUR)", None),
+        (Conversion("USD", Decimal("1000"), Decimal("0.92"), "EUR", ""),
+         "1,000.00 USD: not added (IBKR's USD rate was read without the currency it "
+         "converts to)", None),
+        (Conversion("USD", Decimal("1000"), Decimal("0.92"), "EUR", "EUR"),
+         f"1,000.00 USD {TIMES} 0.9200 = 920.00 EUR", Decimal("920")),
     ],
 )  # fmt: skip
 def test_conversion(conversion, text, converted):
@@ -667,3 +684,63 @@ def test_queries_do_not_grow_with_accounts_positions_or_history(
     assert all(a.chart is not None for a in data.accounts)
     assert sum(c.total.positions for c in data.currencies) == 10 * size * size
     assert all(len(a.history.points) <= history.MAX_POINTS for a in data.accounts)
+
+
+# --- the labels are IBKR's -------------------------------------------------------------------
+
+
+def test_totals_are_in_ibkrs_base_currency_never_the_accounts_field(admin_client, now):
+    """The account's field says EUR (edited before it became read-only); IBKR's latest
+    values are in USD: the totals are in USD, converted at the rates read in USD."""
+    main = account("U1111111", base_currency="EUR")
+    snapshot(main, now, "5000", currency="USD", exchange_rates={"EUR": "1.0825", "USD": "1"})
+    cash(main, "EUR", "1000", "1.0825", rate_currency="USD")
+    cash(main, "USD", "500", "1", rate_currency="USD")
+    held(main, "SAP", currency="EUR", quantity="1", cost_basis="90", market_value="100",
+         unrealized_pnl="10")  # fmt: skip
+
+    html, data = page(admin_client)
+
+    summary_ = summary(data, "U1111111")
+    assert summary_.base_currency == "USD"
+    assert summary_.cash_total.amount == Decimal("1582.5")
+    section = module(html, f"account-{main.pk}")
+    assert "base currency USD" in section
+    assert f"1,000.00 EUR {TIMES} 1.0825 = 1,082.50 USD" in section
+    assert "1,082.50 EUR" not in section
+    assert summary_.market_value.amount == Decimal("108.25")
+
+
+def test_a_rate_that_does_not_convert_is_shown_with_why_and_not_added(admin_client, now):
+    main = account("U1111111")
+    snapshot(main, now, "5000", exchange_rates={"USD": "1"})  # no EUR rate that converts
+    cash(main, "EUR", "1000", "0", rate_currency="USD")
+    cash(main, "USD", "500", "1")
+    held(main, "SAP", currency="EUR", quantity="1", cost_basis="90", market_value="100",
+         unrealized_pnl="10")  # fmt: skip
+
+    html, data = page(admin_client)
+
+    main_ = summary(data, "U1111111")
+    assert main_.cash_total.amount == Decimal("500")
+    assert main_.market_value.amount is None
+    section = module(html, f"account-{main.pk}").replace("&#x27;", "'")
+    assert "1,000.00 EUR: not added (IBKR's EUR rate 0 is not a positive rate)" in section
+    assert "100.00 EUR: not added (IBKR's EUR rate 0 is not a positive rate)" in section
+    cash_table = re.search(r'<table class="cash">.*?</table>', section, re.S).group()
+    assert texts(row(cash_table, 'class="total"')) == ["Total cash", "", "500.00 USD"]
+
+
+def test_rates_of_the_latest_values_convert_positions_without_cash(admin_client, now):
+    main = account("U1111111")
+    snapshot(main, now - DAY, "1", exchange_rates={"JPY": "0.0070"})
+    snapshot(main, now, "2", exchange_rates={"JPY": "0.0067"})  # the latest: its rates
+    held(main, "7203", currency="JPY", quantity="100", cost_basis="250000",
+         market_value="287000", unrealized_pnl="37000")  # fmt: skip
+
+    _, data = page(admin_client)
+
+    main_ = summary(data, "U1111111")
+    assert main_.cash == []
+    assert main_.market_value.amount == Decimal("1922.9")  # 287000 x 0.0067
+    assert main_.unrealized_pnl.amount == Decimal("247.9")

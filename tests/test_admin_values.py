@@ -304,3 +304,73 @@ def test_values_lists_queries_do_not_grow_with_rows(
         response = admin_client.get(url)
 
     assert len(listed(response)) == rows
+
+
+# --- what IBKR reports is not editable ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["account", "instrument", "position", "cash_balance",
+                                  "account_snapshot"])  # fmt: skip
+def test_every_field_ibkr_reports_is_read_only_in_the_admin(rf, admin_user, values, name):
+    """The rule, for every field of every synced model (those a host adds too): only the
+    user's own fields (an account's name) are in a form the admin can save."""
+    from django.contrib import admin
+
+    from ibkr_sync import conf
+    from portfolio.admin import USER_FIELDS
+
+    model = getattr(conf, f"{name}_model")()
+    model_admin = admin.site._registry[model]
+    request = rf.get("/")
+    request.user = admin_user
+    obj = model.objects.first()
+
+    editable = set(model_admin.get_form(request, obj).base_fields)
+    if model_admin.has_change_permission(request, obj):
+        assert editable <= USER_FIELDS, editable
+    ibkrs = {f.name for f in model._meta.concrete_fields if not f.primary_key} - USER_FIELDS
+    assert not ibkrs & editable or not model_admin.has_change_permission(request, obj)
+
+
+def test_an_admin_cannot_change_the_base_currency_only_the_name(admin_client, values):
+    main = values["main"]
+    form = {"name": "Renamed", "base_currency": "EUR", "external_id": "U9", "is_paper": "on",
+            "broker": "ibkr"}  # fmt: skip
+
+    page = admin_client.get(change(main)).text
+    response = admin_client.post(change(main), form)
+
+    assert 'name="base_currency"' not in page and 'name="name"' in page
+    assert response.status_code == 302
+    main.refresh_from_db()
+    assert (main.name, main.base_currency, main.external_id, main.is_paper) == (
+        "Renamed", "USD", "U1111111", False
+    )  # fmt: skip
+
+
+def test_a_cash_rows_base_amount_is_labelled_with_its_rates_currency(admin_client, values):
+    """IBKR switched the account to EUR while a row read in USD was kept: its amount is in
+    USD, whatever the account says now; a rate that does not convert gives none."""
+    main = values["main"]
+    main.base_currency = "EUR"
+    main.save()
+    CashBalance.objects.filter(account=main, currency="JPY").update(
+        exchange_rate=Decimal(0), rate_currency="USD"
+    )
+
+    html = admin_client.get(f"{changelist(CashBalance)}?account__id__exact={main.pk}").text
+
+    assert cells(html, "base_amount_display") == [
+        '<span class="num" title="-1085">-1,085.00 USD</span>',
+        '<span class="num">-</span>',  # JPY at a rate of 0: no amount, never 0.00
+        '<span class="num" title="12345.67">12,345.67 USD</span>',
+    ]
+
+
+def test_a_snapshot_page_lists_ibkrs_rates_with_their_currencies(admin_client, values):
+    main = values["main"]
+    taken = snapshot(main, timezone.now(), "1", exchange_rates={"EUR": "1.0825", "JPY": "0.0067"})
+
+    html = admin_client.get(change(taken)).text
+
+    assert "EUR-USD 1.0825<br>JPY-USD 0.0067" in html

@@ -21,12 +21,19 @@ def client(api_client, django_user_model):
     return api_client
 
 
-def cash(acct, currency, amount, exchange_rate=None, synced_at=NOW) -> CashBalance:
+def cash(
+    acct, currency, amount, exchange_rate=None, synced_at=NOW, rate_currency=None
+) -> CashBalance:
+    """A row as a sync writes it: a rate converts to the base currency of its read (the
+    account's, unless `rate_currency` says otherwise)."""
+    if rate_currency is None:
+        rate_currency = "" if exchange_rate is None else acct.base_currency
     return CashBalance.objects.create(
         account=acct,
         currency=currency,
         amount=Decimal(amount),
         exchange_rate=None if exchange_rate is None else Decimal(exchange_rate),
+        rate_currency=rate_currency,
         synced_at=synced_at,
     )
 
@@ -201,3 +208,30 @@ def test_a_tampered_cash_cursor_is_400_never_a_500(client, balances, caplog, nam
     body = assert_error(response, 400, "invalid_query")
     assert "cursor" in body["detail"]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+# --- the currency of base_amount is the one its rate converts to -----------------------------
+
+
+def test_base_amount_is_labelled_with_its_rates_currency_not_the_accounts(client):
+    """The account's base currency changed since the row was read (IBKR switched it, or it
+    was edited before it became read-only): the amount is in the rate's currency."""
+    switched = account("U1111111", base_currency="EUR")
+    cash(switched, "EUR", "1000", "1.0825", rate_currency="USD")
+
+    [row] = client.get("/portfolio/cash").json()["results"]
+
+    assert (row["base_amount"], row["base_currency"]) == ("1082.5", "USD")
+
+
+@pytest.mark.parametrize(
+    ("rate", "rate_currency"),
+    [("0", "USD"), ("-1.0825", "USD"), ("0.0000000001", ""), (None, "")],
+)
+def test_a_rate_that_does_not_convert_gives_no_base_amount(client, rate, rate_currency):
+    cash(account(base_currency="USD"), "EUR", "1000", rate, rate_currency=rate_currency)
+
+    [row] = client.get("/portfolio/cash").json()["results"]
+
+    assert row["base_amount"] is None
+    assert (row["exchange_rate"], row["base_currency"]) == (rate, rate_currency)

@@ -59,21 +59,36 @@ def held(
     )
 
 
-def cash(owner: Account, currency: str, amount, rate=None) -> CashBalance:
+def cash(owner: Account, currency: str, amount, rate=None, rate_currency=None) -> CashBalance:
+    """A cash row as a sync writes it: a rate converts to the base currency of its read
+    (the account's, unless `rate_currency` says otherwise)."""
+    if rate_currency is None:
+        rate_currency = "" if rate is None else owner.base_currency
     return CashBalance.objects.create(
         account=owner,
         currency=currency,
         amount=D(amount),
         exchange_rate=D(rate),
+        rate_currency=rate_currency,
         synced_at=timezone.now(),
     )
 
 
-def snapshot(owner: Account, taken_at: dt.datetime, net_liquidation, currency=None, **fields):
+def snapshot(
+    owner: Account,
+    taken_at: dt.datetime,
+    net_liquidation,
+    currency=None,
+    exchange_rates=None,
+    **fields,
+):
+    """An account's values as a sync writes them; `exchange_rates` by currency, to its
+    currency (the account's base currency unless given)."""
     return AccountSnapshot.objects.create(
         account=owner,
         taken_at=taken_at,
         currency=owner.base_currency if currency is None else currency,
         net_liquidation=D(net_liquidation),
+        exchange_rates={c: str(r) for c, r in (exchange_rates or {}).items()},
         **{name: D(value) for name, value in fields.items()},
     )

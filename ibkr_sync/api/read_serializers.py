@@ -190,14 +190,17 @@ class CashBalanceSerializer(ExactDecimalModelSerializer):
         allow_null=True,
         max_digits=None,
         decimal_places=None,
-        help_text="amount x exchange_rate, every digit of the product: the amount in the "
-        "account's base currency at IBKR's own rate; null when IBKR reported no rate.",
+        help_text="amount x exchange_rate, every digit of the product: the amount in "
+        "base_currency at IBKR's own rate; null without a rate that converts (none, zero "
+        "or negative) or without the currency it converts to.",
     )
+    # The rate's own currency, read with it: never the account's, which may have changed
+    # since (IBKR switched the base currency while this row was kept).
     base_currency = serializers.CharField(
-        source="account.base_currency",
+        source="rate_currency",
         read_only=True,
-        help_text="The account's base currency, which exchange_rate converts to; empty if "
-        "not known yet.",
+        help_text="The currency exchange_rate converts to and base_amount is in, as IBKR "
+        "reported it with the rate (the base currency of that read); empty if none.",
     )
 
     class Meta:
@@ -216,8 +219,8 @@ class CashBalanceSerializer(ExactDecimalModelSerializer):
         read_only_fields = fields
         extra_kwargs = {
             "exchange_rate": {
-                "help_text": "To the account's base currency, as IBKR reports it; null if "
-                "IBKR reported none."
+                "help_text": "To base_currency, as IBKR reports it; null if IBKR reported "
+                "none. Only a positive rate converts."
             },
             "synced_at": {"help_text": "When a sync last read this balance."},
         }

@@ -94,6 +94,12 @@ class AccountValuesSerializer(serializers.Serializer):
         required=False,
         help_text="False: the values carried no cash balance, so the stored cash was kept.",
     )
+    cash_kept_reason = serializers.CharField(
+        required=False,
+        help_text="Present when this download's cash could not be trusted whole (no "
+        "balance per currency, or one unset, unstorable or under a non-code): why. The "
+        "stored cash was kept exactly as it was.",
+    )
 
 
 class ConstantField(serializers.ChoiceField):

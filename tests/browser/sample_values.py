@@ -87,7 +87,8 @@ def create_sample_values(now: dt.datetime | None = None) -> dict[str, Account]:
     ):
         CashBalance.objects.create(
             account=account, currency=currency, amount=Decimal(amount),
-            exchange_rate=None if rate is None else Decimal(rate), synced_at=now,
+            exchange_rate=None if rate is None else Decimal(rate),
+            rate_currency="" if rate is None else account.base_currency, synced_at=now,
         )  # fmt: skip
 
     closing = now.replace(hour=21, minute=0, second=0, microsecond=0)
@@ -99,12 +100,15 @@ def create_sample_values(now: dt.datetime | None = None) -> dict[str, Account]:
             taken_at=closing - dt.timedelta(days=HISTORY_DAYS - 1 - day),
             currency="USD",
             net_liquidation=net_liquidation(day),
+            # IBKR's rates with the values (none for the yen: the overview leaves it out).
+            exchange_rates={"USD": "1", "EUR": "1.085"},
         )
         for day in range(HISTORY_DAYS)
     )
     AccountSnapshot.objects.create(
         account=paper, taken_at=now - dt.timedelta(hours=1), currency="EUR",
         net_liquidation=Decimal("51234.5"), total_cash_value=Decimal("47696"),
+        exchange_rates={"EUR": "1", "USD": "0.9216"},
     )  # fmt: skip
     SyncRun.objects.create(
         trigger=SyncRun.Trigger.COMMAND, status=SyncRun.Status.SUCCESS, accounts=[MAIN, PAPER],

@@ -270,18 +270,21 @@ def test_no_value_is_stored_as_nothing_never_as_zero(values):
     assert unset[0].unrealized_pnl is None and unset[0].market_value is not None
 
 
-def test_an_unset_cash_balance_keeps_the_currencys_stored_row(values):
+def test_an_unset_cash_balance_keeps_every_stored_cash_row(values):
     sync()
+    kept = stored_values()[0]
     values.set_cash(ACCOUNT, {"USD": "10", "EUR": "20"})
     values.set_faults(value_edits={ACCOUNT: {"CashBalance:EUR": UNSET_DOUBLE}})
 
-    sync()
+    result = sync()
 
-    cash = dict(
-        CashBalance.objects.filter(account__external_id=ACCOUNT).values_list("currency", "amount")
-    )
-    # USD renewed; EUR unknown now, so kept as it was; JPY no longer reported, so gone.
-    assert cash == {"USD": Decimal("10.00"), "EUR": Decimal("5000.25")}
+    # EUR unknown now: the cash cannot be trusted whole, so none of it is renewed (USD)
+    # or removed (JPY, no longer reported): every row exactly as it was.
+    assert [c for c in stored_values()[0] if c[0] == ACCOUNT] == [
+        c for c in kept if c[0] == ACCOUNT
+    ]
+    reason = result.account_values[ACCOUNT]["cash_kept_reason"]
+    assert reason == "IBKR sent no value for the EUR balance"
 
 
 @pytest.mark.parametrize(
@@ -336,11 +339,13 @@ def test_a_value_that_cannot_be_stored_is_an_error_entry(values):
     assert any("market value" in r and "too large" in r for r in reasons), reasons
     snapshot = AccountSnapshot.objects.get(account__external_id=ACCOUNT)
     assert snapshot.net_liquidation is None and snapshot.total_cash_value is not None
-    # A rate of 1E-12 would round to 0 at ten places: not a rate of 0, so not stored (the
-    # currency is kept as it was: here, not there yet).
+    # A rate of 1E-12 would round to 0 at ten places: not a rate of 0, so not stored; the
+    # balance is, without a rate (shown, never converted).
     assert any(r.startswith("ExchangeRate (JPY): ") and "rounds to 0" in r for r in reasons)
     cash = CashBalance.objects.filter(account__external_id=ACCOUNT)
-    assert sorted(cash.values_list("currency", flat=True)) == ["EUR", "USD"]
+    assert sorted(cash.values_list("currency", flat=True)) == ["EUR", "JPY", "USD"]
+    jpy = cash.get(currency="JPY")
+    assert (jpy.exchange_rate, jpy.rate_currency, jpy.base_amount) == (None, "", None)
     held = Position.objects.filter(account__external_id=ACCOUNT)
     assert held.filter(market_value__isnull=True).count() == 1
     assert SyncRun.objects.get().errors == len(result.errors)

@@ -42,7 +42,28 @@ def test_a_cash_balances_base_amount_is_the_exact_product():
         currency="JPY",
         amount=Decimal("98765432101.1234567891"),
         exchange_rate=Decimal("0.0067245127"),
+        rate_currency="USD",
     )
 
     assert str(cash.base_amount) == "664149402.48499236944620417157"
     assert CashBalance(currency="JPY", amount=Decimal("5"), exchange_rate=None).base_amount is None
+
+
+@pytest.mark.parametrize(
+    ("rate", "rate_currency"),
+    [
+        (None, "USD"),
+        (Decimal(0), "USD"),
+        (Decimal("-0"), "USD"),
+        (Decimal("-1.0825"), "USD"),
+        (Decimal("NaN"), "USD"),
+        (Decimal("Infinity"), "USD"),
+        (Decimal("1.0825"), ""),  # converts to a currency nobody knows
+    ],
+)
+def test_only_a_positive_rate_to_a_known_currency_gives_a_base_amount(rate, rate_currency):
+    cash = CashBalance(
+        currency="EUR", amount=Decimal("1000"), exchange_rate=rate, rate_currency=rate_currency
+    )
+
+    assert cash.base_amount is None
