@@ -65,6 +65,7 @@ GRANTS = [
     *((codename,) for codename in VIEW_PERMISSIONS),
     ("view_syncrun", "view_position"),
     ("view_position", "view_cashbalance"),
+    ("view_position", "view_accountsnapshot"),
     ("view_accountsnapshot", "view_syncrun"),
     tuple(VIEW_PERMISSIONS),
 ]
@@ -90,7 +91,10 @@ def data():
     Account.objects.filter(pk=account.pk).update(name="Zanzibar Trust", base_currency="USD")
     Instrument.objects.filter(symbol="AAPL").update(description="Quux Widget Holdings")
     cash(account, "EUR", "987654.32", "1.085")
-    snapshot(account, timezone.now() - dt.timedelta(days=1), "1234567.89")
+    snapshot(
+        account, timezone.now() - dt.timedelta(days=1), "1234567.89",
+        exchange_rates={"USD": "1", "EUR": "1.085"},
+    )  # fmt: skip
     gateway.error = GatewayUnavailable(f"Cannot connect to the IB gateway at {HOST_PORT}.")
     with pytest.raises(GatewayUnavailable):
         sync_positions(trigger=SyncRun.Trigger.COMMAND, gateway=gateway)
@@ -208,8 +212,10 @@ def test_the_overview_leaves_out_what_the_user_may_not_see(django_user_model, da
                 assert text not in html  # the account has cash: never the placeholder
                 continue
             assert (text in html) == (codename in grant), (text, grant)
-    # The amounts in the base currency are converted at the cash rows' rates.
-    assert ('class="in-base"' in html) == ("view_position" in grant and "view_cashbalance" in grant)
+    # The positions' amounts in the base currency are converted at the rates IBKR sent with
+    # the latest values: the account snapshot's.
+    shown = "view_position" in grant and "view_accountsnapshot" in grant
+    assert ('class="in-base"' in html) == shown, grant
 
 
 @pytest.mark.parametrize(("codename", "endpoint"), [
