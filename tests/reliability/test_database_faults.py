@@ -147,7 +147,7 @@ class DatabaseOutage:
         """
 
         def release_first(execute, sql, params, many, context):
-            if "ibkr_sync_syncrun" in sql:
+            if "ibkr_sync_syncrun" in sql and "error_code" in sql:  # the failure's record
                 self.end()
             return execute(sql, params, many, context)
 
