@@ -32,6 +32,21 @@ class SyncAlreadyRunning(IbkrSyncError):
     code = "sync_already_running"
 
 
+class LockLost(SyncAlreadyRunning):
+    """This sync's lock was released while it ran (it looked abandoned: frozen, suspended)
+    and another sync may have run: everything it wrote was rolled back."""
+
+    code = "lock_lost"
+
+
+class SyncInsideTransaction(IbkrSyncError, RuntimeError):
+    """`sync_positions()` was called inside an open transaction: a programming error of
+    the caller (500 / exit 1, as any bug). Its lock would be invisible to other processes
+    and the record of the attempt would go with the caller's rollback."""
+
+    code = "sync_inside_transaction"
+
+
 class DatabaseUnavailable(IbkrSyncError):
     """The database is unavailable: down, unreachable, out of storage or read-only, locked
     for too long, or not migrated (`ibkr_sync.database` says which, in the message)."""

@@ -10,11 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 from django.db import DatabaseError, connection
-from django.utils import timezone
 
 from . import conf, selectors
 from .gateway import IbkrGateway
-from .lock import abandoned_reason
+from .lock import abandoned_reason, database_now
 from .models import SyncRun
 
 
@@ -50,7 +49,8 @@ def _last_sync() -> dict[str, Any]:
     report: dict[str, Any] = {"max_age_seconds": int(max_age)}
     last, success = selectors.last_runs("status", "error_code", "started_at", "finished_at")
     if success is not None:
-        age = (timezone.now() - success.finished_at).total_seconds()
+        # The database's clock, on which runs record their times, not this host's.
+        age = (database_now() - success.finished_at).total_seconds()
         report.update(last_success_at=success.finished_at, age_seconds=int(age))
     if last is not None and last.status == SyncRun.Status.FAILED:
         report.update(status="failed", error_code=last.error_code)
@@ -83,7 +83,7 @@ def _sync_lock() -> dict[str, Any]:
     running = selectors.running_run()
     if running is None:
         return {"status": "ok"}
-    now = timezone.now()
+    now = running.database_now  # the database's clock, as the lock's times
     held = (now - running.started_at).total_seconds()
     report: dict[str, Any] = {"held_seconds": int(held), "limit_seconds": int(lock_hold_limit())}
     if held <= lock_hold_limit():

@@ -13,6 +13,17 @@ Two cases are released at once instead of after the timeout: a row of this very 
 that is not among its running syncs, and a row of a process of this machine (same host
 name, boot and pid namespace) that no longer exists, told apart from a reused pid by
 its start time. Host name and pid alone are not an identity: containers share both.
+
+Time is the database's: every time of a SyncRun (start, heartbeat, end) is the database's
+now, and a heartbeat's age is measured against it, never against a host's clock (a host
+whose clock runs ahead would otherwise take a lock its holder renews every second).
+
+A holder that lost its lock can never commit: it claims the lock again before it writes
+(`claim`) and fences its write transaction with the row (`finish_holding`). Every wait on
+the database during a sync is bounded (`bounded_waits`, `bound_transaction`), so a frozen
+holder blocks the next sync for a bounded time at most. On PostgreSQL the next sync ends
+the database session of an abandoned holder that is still in a transaction (recorded as
+`database_session` when it claimed the lock to write), so its row locks go with it.
 """
 
 from __future__ import annotations
@@ -24,14 +35,19 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from django.db import DatabaseError, IntegrityError, connection, models, transaction
+from django.conf import settings
+from django.db import DatabaseError, IntegrityError, connection, transaction
+from django.db.models.functions import Now
 from django.utils import timezone
+from django.utils.dateparse import parse_datetime
 
-from . import conf
-from .exceptions import SyncAlreadyRunning
+from . import conf, selectors
+from .exceptions import LockLost, SyncAlreadyRunning
 from .models import SyncRun
 
 logger = logging.getLogger(__name__)
@@ -57,9 +73,11 @@ def acquire(*, trigger: str, user: Any, account_id: str | None, dry_run: bool) -
             # Registered as this process's in the same step: another thread of this
             # process must never see the row without it and take it for abandoned.
             with _active_runs_lock, transaction.atomic():
-                run = SyncRun.objects.create(
-                    status=SyncRun.Status.RUNNING, heartbeat_at=timezone.now(), **fields
-                )
+                bound_transaction("IBKR_SYNC_LOCK_TIMEOUT")
+                run = SyncRun.objects.create(status=SyncRun.Status.RUNNING, **fields)
+                # The database's clock, not this host's (auto_now_add takes the host's).
+                SyncRun.objects.filter(pk=run.pk).update(started_at=Now(), heartbeat_at=Now())
+                run.refresh_from_db(fields=["started_at", "heartbeat_at"])
                 _active_runs.add(run.pk)
                 return run
         except IntegrityError:
@@ -71,29 +89,33 @@ def acquire(*, trigger: str, user: Any, account_id: str | None, dry_run: bool) -
     )
     if dry_run:
         raise error
-    refused = SyncRun.objects.create(
-        status=SyncRun.Status.FAILED, error_code=error.code, error_message=str(error), **fields
-    )
-    # Finished when it started (auto_now_add stamps started_at as the row is saved).
-    SyncRun.objects.filter(pk=refused.pk).update(finished_at=models.F("started_at"))
+    with bounded_statements():
+        refused = SyncRun.objects.create(
+            status=SyncRun.Status.FAILED, error_code=error.code, error_message=str(error), **fields
+        )
+        # Finished when it started, on the database's clock (one statement, one now).
+        SyncRun.objects.filter(pk=refused.pk).update(started_at=Now(), finished_at=Now())
     raise error
 
 
 def release_abandoned() -> bool:
     """Fail the `running` row if no sync works on it any more; True if the lock is free."""
-    running = SyncRun.objects.filter(status=SyncRun.Status.RUNNING).first()
+    running = selectors.running_run()
     if running is None:
         return True
     reason = abandoned_reason(running)
     if reason is None:
         return False
-    released = SyncRun.objects.filter(pk=running.pk, status=SyncRun.Status.RUNNING).update(
-        status=SyncRun.Status.FAILED,
-        error_code="abandoned",
-        error_message=f"This sync stopped working on its lock before it finished ({reason}); "
-        "the lock was released by a later sync.",
-        finished_at=timezone.now(),
-    )
+    # Its row locks go before its lock: otherwise the next sync would wait on them.
+    session = _end_database_session(running)
+    with bounded_statements():
+        released = SyncRun.objects.filter(pk=running.pk, status=SyncRun.Status.RUNNING).update(
+            status=SyncRun.Status.FAILED,
+            error_code="abandoned",
+            error_message=f"This sync stopped working on its lock before it finished ({reason}); "
+            f"the lock was released by a later sync{session}.",
+            finished_at=Now(),
+        )
     if released:
         logger.warning("Released the lock of abandoned IBKR sync #%s: %s", running.pk, reason)
     return True
@@ -101,13 +123,15 @@ def release_abandoned() -> bool:
 
 def abandoned_reason(run: SyncRun, now: dt.datetime | None = None) -> str | None:
     """Why the `running` row `run` holds the lock for no working sync, or None if one
-    still works on it."""
+    still works on it. `now` is the database's (by default the `database_now` read with
+    the row, else read now): a host's clock may be off by any amount."""
     me = process_identity()
     if run.owner == me.token:
         with _active_runs_lock:
             return None if run.pk in _active_runs else "its process is no longer running it"
     beat = run.heartbeat_at or run.started_at
-    silent = ((now or timezone.now()) - beat).total_seconds()
+    now = now or getattr(run, "database_now", None) or database_now()
+    silent = (now - beat).total_seconds()
     if silent > float(conf.get("IBKR_SYNC_LOCK_TIMEOUT")):
         return f"no heartbeat for {silent:.0f} s"
     owner = _ProcessIdentity.parse(run.owner)
@@ -202,46 +226,206 @@ class Heartbeat:
 
     def _run(self) -> None:
         try:
-            while not self._stop.wait(self.interval):
-                if time.monotonic() > self.deadline:
-                    logger.warning(
-                        "IBKR sync #%s has run for longer than IBKR_SYNC_STALE_AFTER; its lock "
-                        "is no longer renewed",
-                        self.run_pk,
-                    )
-                    return
-                self.beat()
+            with bounded_waits():  # this thread's own connection
+                while not self._stop.wait(self.interval):
+                    if time.monotonic() > self.deadline:
+                        logger.warning(
+                            "IBKR sync #%s has run for longer than IBKR_SYNC_STALE_AFTER; its "
+                            "lock is no longer renewed",
+                            self.run_pk,
+                        )
+                        return
+                    self.beat()
+        except DatabaseError:
+            logger.info("Could not renew the lock of IBKR sync #%s", self.run_pk, exc_info=True)
         finally:
             connection.close()  # this thread's own connection
 
     def beat(self) -> None:
         try:
-            SyncRun.objects.filter(pk=self.run_pk, status=SyncRun.Status.RUNNING).update(
-                heartbeat_at=timezone.now()
-            )
+            with bounded_statements():
+                SyncRun.objects.filter(pk=self.run_pk, status=SyncRun.Status.RUNNING).update(
+                    heartbeat_at=Now()
+                )
         except DatabaseError:
             # The sync itself meets the same database; a missed beat only shortens the lock.
             logger.info("Could not renew the lock of IBKR sync #%s", self.run_pk, exc_info=True)
 
 
+def claim(run: SyncRun) -> None:
+    """Before the write transaction: still the holder? Renews the lock and records the
+    database session that will write (PostgreSQL), so that a later sync can end that
+    session should this one be abandoned mid-write. Raises `LockLost` (nothing written)
+    if the lock was released meanwhile."""
+    with bounded_statements():
+        held = SyncRun.objects.filter(pk=run.pk, status=SyncRun.Status.RUNNING).update(
+            heartbeat_at=Now(), database_session=_database_session()
+        )
+    if not held:
+        raise LockLost(LOCK_LOST)
+
+
 def finish_holding(run: SyncRun) -> None:
     """Save the finished run, if it still holds the lock; otherwise undo the whole sync.
 
-    A sync whose heartbeat stopped for longer than IBKR_SYNC_LOCK_TIMEOUT (a suspended
-    machine, a stalled process) can find its lock released and taken by a later sync: its
-    writes must not land as well.
+    Called inside the write transaction, just before its commit: the fencing token. A
+    sync whose heartbeat stopped for longer than IBKR_SYNC_LOCK_TIMEOUT (a suspended
+    machine, a frozen process) can find its lock released and taken by a later sync: its
+    writes must not land as well. The check is a write, so that it holds on both
+    databases until the commit: the row lock on PostgreSQL (a concurrent release waits,
+    then finds the row no longer running), the database's write lock on SQLite (taken by
+    the write, at the latest; a snapshot older than a release cannot write at all).
     """
-    # Row-locked until the commit, so the lock cannot be released between check and save.
-    holding = SyncRun.objects.select_for_update().filter(pk=run.pk, status=SyncRun.Status.RUNNING)
-    if not holding.exists():
-        raise SyncAlreadyRunning(
-            "This sync's lock was released while it ran (it looked abandoned) and another "
-            "sync may have run meanwhile, so its changes were rolled back. Sync again."
-        )
-    run.save()
+    held = SyncRun.objects.filter(pk=run.pk, status=SyncRun.Status.RUNNING).update(
+        heartbeat_at=Now()
+    )
+    if not held:
+        raise LockLost(LOCK_LOST)
+    run.finished_at = database_now()
+    run.save(update_fields=[*SAVED_AT_THE_END, "finished_at"])
+
+
+#: What a finished sync records of itself (`finish_holding` saves these and its end).
+SAVED_AT_THE_END = (
+    "status", "accounts", "processed", "created", "updated", "unchanged", "reopened",
+    "closed", "errors", "error_details", "account_values",
+)  # fmt: skip
+
+LOCK_LOST = (
+    "This sync's lock was released while it ran (it looked abandoned) and another sync may "
+    "have run meanwhile, so its changes were rolled back. Sync again."
+)
 
 
 def forget(run_pk: int) -> None:
     """This process no longer runs `run_pk` (it finished, however)."""
     with _active_runs_lock:
         _active_runs.discard(run_pk)
+
+
+# --- the database's clock, and bounded waits ---------------------------------------------
+
+
+def database_now() -> dt.datetime:
+    """The database's now, as Django reads its datetimes back (aware in UTC with USE_TZ):
+    every age of the lock is measured on it."""
+    with connection.cursor() as cursor:
+        if connection.vendor == "sqlite":
+            # What Django's Now() writes on SQLite: UTC text, as the datetimes it stores.
+            cursor.execute("SELECT STRFTIME('%Y-%m-%d %H:%M:%f', 'NOW')")
+            now = parse_datetime(cursor.fetchone()[0])
+            return timezone.make_aware(now, dt.UTC) if settings.USE_TZ else now
+        # As Django's Now(): the statement's time, not its transaction's start.
+        cursor.execute(
+            "SELECT STATEMENT_TIMESTAMP()"
+            if connection.vendor == "postgresql"
+            else "SELECT CURRENT_TIMESTAMP"
+        )
+        return cursor.fetchone()[0]
+
+
+def _milliseconds(setting: str) -> int:
+    return max(1, round(float(conf.get(setting)) * 1000))
+
+
+@contextmanager
+def bounded_waits() -> Iterator[None]:
+    """For as long as a sync (or its heartbeat) works: on SQLite, this connection waits
+    for another's write lock at most IBKR_SYNC_LOCK_TIMEOUT (the busy timeout), then
+    fails with "database is locked"; set back afterwards. (PostgreSQL's waits are bounded
+    per transaction: `bound_transaction`.)"""
+    if connection.vendor != "sqlite":
+        yield
+        return
+    with connection.cursor() as cursor:
+        cursor.execute("PRAGMA busy_timeout")
+        before = cursor.fetchone()[0]
+        cursor.execute(f"PRAGMA busy_timeout = {_milliseconds('IBKR_SYNC_LOCK_TIMEOUT')}")
+    try:
+        yield
+    finally:
+        if connection.connection is not None:
+            try:
+                with connection.cursor() as cursor:
+                    cursor.execute(f"PRAGMA busy_timeout = {int(before)}")
+            except DatabaseError:
+                pass  # the connection went with the sync's error: a new one starts afresh
+
+
+def bound_transaction(statement_setting: str = "IBKR_SYNC_STALE_AFTER") -> None:
+    """Inside a transaction, on PostgreSQL: no wait for a row lock longer than
+    IBKR_SYNC_LOCK_TIMEOUT (a frozen holder's rows, the lock row), no statement longer
+    than `statement_setting`; then the statement fails (55P03 / 57014: the sync fails
+    as "database unavailable", and is recorded). For the transaction only (SET LOCAL)."""
+    if connection.vendor != "postgresql":
+        return
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT set_config('lock_timeout', %s, true), "
+            "set_config('statement_timeout', %s, true)",
+            [
+                f"{_milliseconds('IBKR_SYNC_LOCK_TIMEOUT')}ms",
+                f"{_milliseconds(statement_setting)}ms",
+            ],
+        )
+
+
+@contextmanager
+def bounded_statements() -> Iterator[None]:
+    """The lock's own statements, none of them waiting or running longer than
+    IBKR_SYNC_LOCK_TIMEOUT: on PostgreSQL in a transaction of their own that says so; on
+    SQLite as they are (the connection's busy timeout bounds them: `bounded_waits`)."""
+    if connection.vendor != "postgresql":
+        yield
+        return
+    with transaction.atomic():
+        bound_transaction("IBKR_SYNC_LOCK_TIMEOUT")
+        yield
+
+
+def _database_session() -> str:
+    """This connection's session on PostgreSQL, as `pid@backend start` (a pid alone may
+    be reused by a later session); empty elsewhere."""
+    if connection.vendor != "postgresql":
+        return ""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+        )
+        row = cursor.fetchone()
+    return f"{row[0]}@{row[1].isoformat()}" if row and row[1] else ""
+
+
+def _end_database_session(run: SyncRun) -> str:
+    """End the database session of abandoned `run` if it is still in a transaction (a
+    frozen process mid-write): its transaction rolls back and its row locks go, so the
+    next sync need not wait for them. Needs the same database role or pg_signal_backend;
+    without it the session is left and the next sync's waits end at lock_timeout.
+    Returns a note for the run's error message."""
+    pid, _, started = (run.database_session or "").partition("@")
+    if connection.vendor != "postgresql" or not pid.isdigit() or not started:
+        return ""
+    wait = ", 5000" if connection.pg_version >= 140000 else ""  # wait for it to end
+    try:
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute(
+                f"SELECT pg_terminate_backend(pid{wait}) FROM pg_stat_activity "
+                "WHERE pid = %s AND backend_start = %s AND xact_start IS NOT NULL "
+                "AND pid <> pg_backend_pid()",
+                [int(pid), dt.datetime.fromisoformat(started)],
+            )
+            row = cursor.fetchone()
+    except DatabaseError as exc:
+        logger.warning(
+            "Could not end the database session %s of abandoned IBKR sync #%s (%s): its row "
+            "locks stay until it ends; a sync waiting on them fails after "
+            "IBKR_SYNC_LOCK_TIMEOUT. Let the database role signal it (pg_signal_backend).",
+            pid, run.pk, str(exc).strip(),
+        )  # fmt: skip
+        return "; its database session could not be ended (not permitted)"
+    if row is None:
+        return ""  # not in a transaction (or gone): it holds no row locks
+    if not row[0]:
+        return "; its database session did not end in time"
+    logger.warning("Ended the database session %s of abandoned IBKR sync #%s", pid, run.pk)
+    return f"; its database session (pid {pid}) was ended, rolling back its writes"

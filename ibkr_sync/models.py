@@ -389,8 +389,15 @@ class SyncRun(models.Model):
         null=True,
         blank=True,
         editable=False,
-        help_text="Renewed while the sync runs; a running sync silent for longer than "
-        "IBKR_SYNC_LOCK_TIMEOUT holds the lock no more.",
+        help_text="Renewed while the sync runs (the database's clock); a running sync "
+        "silent for longer than IBKR_SYNC_LOCK_TIMEOUT holds the lock no more.",
+    )
+    database_session = models.CharField(
+        max_length=64,
+        blank=True,
+        editable=False,
+        help_text="PostgreSQL: the session that writes (pid@backend start), ended by the "
+        "next sync should this one be abandoned in the middle of its write.",
     )
     started_at = models.DateTimeField(auto_now_add=True, db_index=True)
     finished_at = models.DateTimeField(null=True, blank=True)

@@ -8,6 +8,7 @@ running (that says nothing about the data) and not one still running.
 from __future__ import annotations
 
 from django.db.models import QuerySet
+from django.db.models.functions import Now
 
 from .models import SyncRun
 
@@ -44,5 +45,9 @@ def last_runs(*fields: str) -> tuple[SyncRun | None, SyncRun | None]:
 
 
 def running_run() -> SyncRun | None:
-    """The sync holding the lock, if any (at most one row is running)."""
-    return SyncRun.objects.filter(status=SyncRun.Status.RUNNING).first()
+    """The sync holding the lock, if any (at most one row is running), with the database's
+    now read in the same query (`database_now`): the lock's ages are measured on the
+    database's clock, never on a host's."""
+    return (
+        SyncRun.objects.filter(status=SyncRun.Status.RUNNING).annotate(database_now=Now()).first()
+    )

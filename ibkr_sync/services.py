@@ -2,8 +2,9 @@
 
 Order of work: take the lock (`lock.py`: a `running` SyncRun row, renewed by a heartbeat
 while the sync works), read the gateway (network, outside any transaction), then map and
-apply everything in one transaction (`writer.py`). Any failure leaves every position as
-it was and marks the SyncRun failed with the reason.
+apply everything in one short transaction (`writer.py`), fenced by the lock and with
+every wait bounded. Any failure leaves every position as it was and marks the SyncRun
+failed with the reason. Never inside a caller's transaction: refused.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from django.db import (
     connection,
     transaction,
 )
+from django.db.models.functions import Now
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
 from . import conf, lock, signals
 from .database import is_unavailable, unavailable_message
-from .exceptions import DatabaseUnavailable, IbkrSyncError
+from .exceptions import DatabaseUnavailable, IbkrSyncError, LockLost, SyncInsideTransaction
 from .gateway import GatewaySnapshot
 from .mapping import normalize_account_id
 from .models import PositionChange, SyncRun
@@ -89,15 +91,17 @@ def sync_positions(
 ) -> SyncResult:
     """Bring the database in line with the gateway's positions (of one account, if given).
 
-    Must not run inside a transaction: the SyncRun row (the lock and the audit record)
-    has to be committed on its own so it is visible to other processes and survives a
-    failed sync.
+    Refuses to run inside a transaction (`SyncInsideTransaction`): the SyncRun row (the
+    lock and the audit record) has to be committed on its own so it is visible to other
+    processes and survives a failed sync; the caller's rollback would take it along.
 
     `dry_run` does everything a sync does, under the same lock, then rolls the writes
     back and deletes its SyncRun row: the result says what a sync would change now.
     """
+    _refuse_inside_a_transaction()
     try:
-        return _sync_positions(account_id, trigger, user, gateway, dry_run, progress)
+        with lock.bounded_waits():
+            return _sync_positions(account_id, trigger, user, gateway, dry_run, progress)
     except (DatabaseError, InterfaceError) as exc:
         if not is_unavailable(exc):
             raise
@@ -105,6 +109,24 @@ def sync_positions(
         raise DatabaseUnavailable(
             unavailable_message(exc, outcome="nothing was changed", retry="sync again")
         ) from exc
+
+
+def _refuse_inside_a_transaction() -> None:
+    """Django's own rule for a durable block: no transaction may be open around it. (A
+    test case's wrapping transaction, which stands in for autocommit, does not count.)"""
+    try:
+        if connection.in_atomic_block:
+            with transaction.atomic(durable=True):
+                pass
+        elif not connection.get_autocommit():
+            raise RuntimeError("autocommit is off")
+    except RuntimeError:
+        raise SyncInsideTransaction(
+            "sync_positions() was called inside a transaction: call it outside any "
+            "transaction.atomic() block (and, with ATOMIC_REQUESTS, from a view marked "
+            "transaction.non_atomic_requests). Its lock must be committed on its own to be "
+            "seen by other processes, and the record of a failed sync must survive."
+        ) from None
 
 
 def _sync_positions(
@@ -129,7 +151,10 @@ def _sync_positions(
         snapshot = gateway.fetch_positions(account_id)
         if progress:
             progress("apply", len(snapshot.positions))
-        with transaction.atomic():
+        if not dry_run:
+            lock.claim(run)  # still ours? Then the write transaction, short and bounded.
+        with transaction.atomic(durable=True):
+            lock.bound_transaction()
             accounts, counts = apply_snapshot(snapshot, run, timezone.now())
             totals = {kind: counts.total(kind) for kind in KINDS}
             if dry_run:
@@ -144,7 +169,6 @@ def _sync_positions(
                 counts.errors = _storable(counts.errors)
                 run.error_details = counts.errors
                 run.account_values = counts.values
-                run.finished_at = timezone.now()
                 lock.finish_holding(run)
     except IbkrSyncError as exc:
         if not dry_run:
@@ -160,8 +184,13 @@ def _sync_positions(
             code = DatabaseUnavailable.code
         else:
             code = "internal_error" if isinstance(exc, Exception) else "interrupted"
-        if not dry_run:
-            _fail_run(run, code, f"{type(exc).__name__}: {exc}")
+        recorded = None if dry_run else _fail_run(run, code, f"{type(exc).__name__}: {exc}")
+        if unavailable and recorded is False:
+            # Its end was recorded already: a later sync released its lock and ended its
+            # database session (it was frozen mid-write). Say so, not "database down".
+            log.update(status="failed", code=LockLost.code)
+            logger.warning("IBKR sync failed %s: its lock was released while it ran", _fields(log))
+            raise LockLost(lock.LOCK_LOST) from exc
         log.update(status="failed", code=code)
         if unavailable:  # not a bug: no traceback (the edges say what to check)
             logger.warning("IBKR sync failed %s: %s", _fields(log), exc)
@@ -194,7 +223,7 @@ def _sync_positions(
         account_values=counts.values if snapshot.values_read else None,
     )
     if not dry_run:
-        # Committed already, unless a caller holds an outer transaction: then at its commit.
+        # Committed already (never inside a caller's transaction): sent at once.
         transaction.on_commit(lambda: _announce(run, result))
     return result
 
@@ -272,18 +301,23 @@ def _storable(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-def _fail_run(run: SyncRun, code: str, message: str) -> None:
-    """Record the failure if the database allows; never raise over the sync's own error."""
+def _fail_run(run: SyncRun, code: str, message: str) -> bool | None:
+    """Record the failure if the database allows; never raise over the sync's own error.
+
+    A run's end is recorded once: only a `running` row is failed, so a run released as
+    `abandoned` keeps that first reason. True if recorded, False if its end was recorded
+    already, None if the database would not take it."""
     for attempt in (1, 2):
         try:
             # Only the failure: counts set on the instance by a rolled-back attempt are void.
-            SyncRun.objects.filter(pk=run.pk).update(
-                status=SyncRun.Status.FAILED,
-                error_code=code,
-                error_message=message,
-                finished_at=timezone.now(),
-            )
-            return
+            with lock.bounded_statements():
+                recorded = SyncRun.objects.filter(pk=run.pk, status=SyncRun.Status.RUNNING).update(
+                    status=SyncRun.Status.FAILED,
+                    error_code=code,
+                    error_message=message,
+                    finished_at=Now(),
+                )
+            return bool(recorded)
         except DatabaseError:
             if attempt == 1 and not connection.in_atomic_block:
                 # The connection may have died with the sync (a database restart, a
@@ -291,7 +325,8 @@ def _fail_run(run: SyncRun, code: str, message: str) -> None:
                 connection.close()
                 continue
             logger.exception("Could not record the failure of IBKR sync #%s", run.pk)
-            return
+            return None
         except Exception:
             logger.exception("Could not record the failure of IBKR sync #%s", run.pk)
-            return
+            return None
+    return None

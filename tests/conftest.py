@@ -116,6 +116,29 @@ def reading_from(gateway: Any, settings: Any) -> Iterator[Any]:
         _current_fake.remove(gateway)
 
 
+@contextlib.contextmanager
+def synced_rows_deleted_afterwards() -> Iterator[None]:
+    """Everything syncs write is deleted at the end: how a test gives each hypothesis
+    example a fresh start. (Not a rolled-back transaction: the sync refuses to run inside
+    one, as its record of the attempt would go with the rollback.)"""
+    from ibkr_sync import conf
+    from ibkr_sync.models import PositionChange, SyncRun
+
+    try:
+        yield
+    finally:
+        for model in (
+            PositionChange,
+            conf.cash_balance_model(),
+            conf.account_snapshot_model(),
+            conf.position_model(),
+            conf.instrument_model(),
+            conf.account_model(),
+            SyncRun,
+        ):
+            model.objects.all().delete()
+
+
 @pytest.fixture
 def use_gateway(settings, fake_gateway):
     """Make every entry point (API, command, admin) read from `fake_gateway`."""

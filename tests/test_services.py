@@ -1,14 +1,20 @@
 """The sync service against a real database, with a fake gateway at the adapter boundary."""
 
+import contextlib
 import threading
 from decimal import Decimal
 
 import pytest
-from django.db import connection
+from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 
 from ibkr_sync import writer
-from ibkr_sync.exceptions import GatewayUnavailable, InvalidAccountId, SyncAlreadyRunning
+from ibkr_sync.exceptions import (
+    GatewayUnavailable,
+    InvalidAccountId,
+    SyncAlreadyRunning,
+    SyncInsideTransaction,
+)
 from ibkr_sync.models import PositionChange, SyncRun
 from ibkr_sync.services import sync_positions
 from portfolio.models import Account, Instrument, Position
@@ -362,3 +368,68 @@ def test_run_is_marked_done_in_the_same_transaction_as_its_writes(fake_gateway, 
     assert not Position.objects.exists()
     failed = SyncRun.objects.get()
     assert (failed.status, failed.error_code, failed.created) == ("failed", "internal_error", 0)
+
+
+# --- never inside a caller's transaction ----------------------------------------------------
+
+
+@contextlib.contextmanager
+def callers_transaction(kind):
+    if kind == "atomic":
+        with transaction.atomic():
+            yield
+    elif kind == "nested atomic":
+        with transaction.atomic(), transaction.atomic():
+            yield
+    else:  # autocommit off, as a caller may set it by hand
+        transaction.set_autocommit(False)
+        try:
+            yield
+        finally:
+            transaction.rollback()
+            transaction.set_autocommit(True)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("dry_run", [False, True], ids=["sync", "dry run"])
+@pytest.mark.parametrize("kind", ["atomic", "nested atomic", "autocommit off"])
+def test_a_sync_inside_a_callers_transaction_is_refused_before_anything_starts(
+    fake_gateway, kind, dry_run
+):
+    """The review's finding: inside a caller's transaction the sync ran, and the record of
+    the attempt went with the caller's rollback. Refused, before the lock or the gateway."""
+    with callers_transaction(kind), pytest.raises(SyncInsideTransaction) as raised:
+        sync_positions(trigger=SyncRun.Trigger.COMMAND, gateway=fake_gateway, dry_run=dry_run)
+    assert raised.value.code == "sync_inside_transaction"
+    assert "transaction.atomic()" in str(raised.value)
+    assert fake_gateway.calls == []
+    assert not SyncRun.objects.exists()
+    # Outside it, the same call runs.
+    assert run(fake_gateway).created == len(fake_gateway.positions)
+
+
+def test_a_callers_atomic_inside_a_test_case_is_refused_too(fake_gateway):
+    """A test case's wrapping transaction stands in for autocommit (as for Django's durable
+    blocks); a transaction the caller opens is refused all the same."""
+    with transaction.atomic(), pytest.raises(SyncInsideTransaction):
+        run(fake_gateway)
+    assert fake_gateway.calls == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_edges_answer_a_sync_inside_a_transaction_as_a_bug(use_gateway):
+    """A programming error of the caller: 500 through the API's mapping, exit 1 (as any
+    bug) from the command, with the message and no SyncRun."""
+    from io import StringIO
+
+    from django.core.management import CommandError, call_command
+
+    from ibkr_sync.api.views import status_for
+
+    with transaction.atomic(), pytest.raises(CommandError) as raised:
+        call_command("sync_ibkr", stdout=StringIO(), stderr=StringIO())
+    assert raised.value.returncode == 1
+    assert "inside a transaction" in str(raised.value)
+    assert status_for(SyncInsideTransaction("x")) == 500
+    assert use_gateway.calls == []
+    assert not SyncRun.objects.exists()

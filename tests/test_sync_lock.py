@@ -8,14 +8,17 @@ that happen to match (containers share both), not a process that is alive but id
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import subprocess
 import sys
 import threading
 import time
+from unittest import mock
 
 import pytest
 from django.db import OperationalError, connection
+from django.db.models.functions import Now
 from django.utils import timezone
 
 from ibkr_sync import lock, services
@@ -244,3 +247,116 @@ def test_health_reports_a_lock_held_past_what_a_sync_can_take(settings):
     healthy, report = check_health()
     assert not healthy
     assert report["checks"]["sync_lock"]["status"] == "abandoned"
+
+
+# --- time is the database's -----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def host_clock_off_by(seconds: float):
+    """This process's clock runs `seconds` ahead (or behind): Django's now and time.time."""
+    real_now, real_time = timezone.now, time.time
+    skew = dt.timedelta(seconds=seconds)
+    with (
+        mock.patch("django.utils.timezone.now", side_effect=lambda: real_now() + skew),
+        mock.patch("time.time", side_effect=lambda: real_time() + seconds),
+    ):
+        yield
+
+
+def renewed(row: SyncRun, seconds_ago: float) -> None:
+    """As its holder left it: its heartbeat `seconds_ago` on the database's clock."""
+    SyncRun.objects.filter(pk=row.pk).update(
+        heartbeat_at=Now() - dt.timedelta(seconds=seconds_ago),
+        started_at=Now() - dt.timedelta(seconds=seconds_ago),
+    )
+
+
+@pytest.mark.parametrize("skew", [60, -60, 3600])
+def test_a_host_clock_ahead_or_behind_never_takes_a_renewed_lock(settings, skew):
+    """The review's finding: a process whose clock ran 60 s ahead released a lock renewed
+    every second. Ages are the database's: the taker's clock does not count."""
+    settings.IBKR_SYNC_LOCK_TIMEOUT = 30
+    held = held_by("elsewhere;boot;ns|4242|99|n")
+    renewed(held, 1)
+    with host_clock_off_by(skew):
+        with pytest.raises(SyncAlreadyRunning):
+            run()
+        assert lock.release_abandoned() is False
+        assert check_health()[1]["checks"]["sync_lock"]["status"] == "ok"
+    held.refresh_from_db()
+    assert held.status == "running"
+
+
+@pytest.mark.parametrize("skew", [60, -60, -3600])
+def test_a_lock_silent_on_the_databases_clock_is_released_whatever_the_hosts_clock(settings, skew):
+    settings.IBKR_SYNC_LOCK_TIMEOUT = 30
+    held = held_by("elsewhere;boot;ns|4242|99|n")
+    renewed(held, 31)
+    with host_clock_off_by(skew):
+        assert run().created == 1
+    held.refresh_from_db()
+    assert (held.status, held.error_code) == ("failed", "abandoned")
+    assert "no heartbeat for 31 s" in held.error_message
+
+
+@pytest.mark.parametrize("skew", [60, -60])
+def test_a_holder_with_a_skewed_clock_writes_the_databases_time(skew):
+    """The holder's side: its start, heartbeats and end are the database's now, so its
+    lock's age is right however wrong its own clock is."""
+    with host_clock_off_by(skew):
+        row = lock.acquire(trigger="api", user=None, account_id=None, dry_run=False)
+        try:
+            lock.Heartbeat.beat(mock.Mock(run_pk=row.pk))
+        finally:
+            lock.forget(row.pk)
+    row.refresh_from_db()
+    database = lock.database_now()
+    for stamp in (row.started_at, row.heartbeat_at):
+        assert abs((database - stamp).total_seconds()) < 5, (stamp, database)
+    with host_clock_off_by(skew):
+        result = run()
+    finished = SyncRun.objects.get(pk=result.sync_run_id)
+    assert abs((lock.database_now() - finished.finished_at).total_seconds()) < 5
+    assert dt.timedelta(0) <= finished.finished_at - finished.started_at < dt.timedelta(seconds=5)
+
+
+@pytest.mark.parametrize("skew", [60, -60])
+def test_health_measures_the_lock_and_the_last_sync_on_the_databases_clock(settings, skew):
+    settings.IBKR_SYNC_LOCK_TIMEOUT, settings.IBKR_READ_VALUES = 30, False
+    settings.IBKR_CONNECT_TIMEOUT, settings.IBKR_REQUEST_TIMEOUT = 10, 60
+    run()
+    held = held_by("elsewhere;boot;ns|4242|99|n")
+    renewed(held, 50)
+    SyncRun.objects.filter(pk=held.pk).update(heartbeat_at=Now())
+    with host_clock_off_by(skew):
+        healthy, report = check_health()
+    assert healthy, report
+    assert 49 <= report["checks"]["sync_lock"]["held_seconds"] <= 55
+    assert report["checks"]["last_sync"]["age_seconds"] < 5
+
+
+# --- a run's end is recorded once ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("code", ["sync_already_running", "internal_error", "database_unavailable"])
+def test_a_runs_end_is_recorded_once(settings, code):
+    """The review's finding: a run released as `abandoned` was re-stamped when its process
+    resumed. Whatever a late attempt says, the first end stays."""
+    settings.IBKR_SYNC_LOCK_TIMEOUT = 30
+    held = held_by("elsewhere;boot;ns|4242|99|n")
+    renewed(held, 31)
+    assert lock.release_abandoned() is True
+    held.refresh_from_db()
+    first = (held.status, held.error_code, held.error_message, held.finished_at)
+
+    assert services._fail_run(held, code, "late") is False
+    held.refresh_from_db()
+    assert (held.status, held.error_code, held.error_message, held.finished_at) == first
+
+
+def test_a_successful_runs_end_is_not_overwritten_either():
+    result = run()
+    done = SyncRun.objects.get(pk=result.sync_run_id)
+    assert services._fail_run(done, "internal_error", "late") is False
+    assert SyncRun.objects.get(pk=done.pk).status == "success"

@@ -53,6 +53,9 @@ ERROR_STATUS = {
     exceptions.GatewayTimeout: status.HTTP_504_GATEWAY_TIMEOUT,
     exceptions.GatewayUnavailable: status.HTTP_503_SERVICE_UNAVAILABLE,
     exceptions.GatewayError: status.HTTP_502_BAD_GATEWAY,
+    # A caller's programming error (the sync called inside its transaction): a bug, as
+    # any other 500; the command exits 1 for it likewise.
+    exceptions.SyncInsideTransaction: status.HTTP_500_INTERNAL_SERVER_ERROR,
 }
 
 

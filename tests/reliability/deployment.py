@@ -150,11 +150,13 @@ class Deployment:
 
     # --- processes ------------------------------------------------------------------------
 
-    def manage(self, *args: str, check: bool = False, timeout: float = 120):
+    def manage(
+        self, *args: str, check: bool = False, timeout: float = 120, env: dict | None = None
+    ):
         result = subprocess.run(
             [sys.executable, "manage.py", *args],
             cwd=ROOT,
-            env=self.env,
+            env={**self.env, **(env or {})},
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -163,11 +165,11 @@ class Deployment:
             raise RuntimeError(f"manage.py {' '.join(args)} failed:\n{result.stderr}")
         return result
 
-    def start_sync(self, *args: str) -> subprocess.Popen:
+    def start_sync(self, *args: str, env: dict | None = None) -> subprocess.Popen:
         return subprocess.Popen(
             [sys.executable, "manage.py", "sync_ibkr", *args],
             cwd=ROOT,
-            env=self.env,
+            env={**self.env, **(env or {})},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -23,7 +23,7 @@ from ibkr_sync.mapping import MappingError, map_position
 from ibkr_sync.models import PositionChange, SyncRun
 from ibkr_sync.services import sync_positions
 from portfolio.models import Account, Instrument, Position
-from tests.conftest import FakeGateway
+from tests.conftest import FakeGateway, synced_rows_deleted_afterwards
 from tests.reliability.conftest import database_state
 
 pytestmark = pytest.mark.django_db
@@ -198,9 +198,7 @@ column_values = st.one_of(
 )
 @given(batch=st.lists(column_values, min_size=1, max_size=6))
 def test_any_mix_of_values_at_the_limits_syncs_and_reads_back(batch):
-    from django.db import transaction
-
-    with transaction.atomic():
+    with synced_rows_deleted_afterwards():
         sync(HELD, OTHER)
         result = sync(*batch, OTHER)
         read_back_everything()
@@ -214,4 +212,3 @@ def test_any_mix_of_values_at_the_limits_syncs_and_reads_back(batch):
         state = database_state()
         assert sync(*batch, OTHER).errors == result.errors
         assert database_state() == state
-        transaction.set_rollback(True)

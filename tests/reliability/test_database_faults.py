@@ -8,12 +8,16 @@ the server terminates, a database that will not take writes.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import sqlite3
+import threading
+import time
 
 import pytest
 from django.db import DatabaseError, IntegrityError, connection
+from django.db.models.functions import Now
 
-from ibkr_sync.exceptions import DatabaseUnavailable
+from ibkr_sync.exceptions import DatabaseUnavailable, LockLost
 from ibkr_sync.models import SyncRun
 from ibkr_sync.services import sync_positions
 from portfolio.models import Account, Position
@@ -147,7 +151,7 @@ class DatabaseOutage:
         """
 
         def release_first(execute, sql, params, many, context):
-            if "ibkr_sync_syncrun" in sql:
+            if "ibkr_sync_syncrun" in sql and "error_code" in sql:  # the failure's record
                 self.end()
             return execute(sql, params, many, context)
 
@@ -339,3 +343,196 @@ def test_the_command_exits_9_naming_a_read_only_database(use_gateway):
     assert "read-only" in str(raised.value)
     assert "server is running" not in str(raised.value)
     assert use_gateway.calls == []
+
+
+# --- the lock: a holder that lost it never commits; every wait is bounded -------------------
+
+LOCK_TIMEOUT = 1.5
+
+
+class ReleasedMidWrite(FakeGateway):
+    """After the read, another connection releases the lock (as a later sync does with a
+    holder it took for abandoned) while this sync is in its write transaction."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.release_outcome: list[object] = []
+
+    def fetch_positions(self, account_id=None):
+        snapshot = super().fetch_positions(account_id)
+
+        def release():
+            try:
+                released = SyncRun.objects.filter(status="running").update(
+                    status="failed", error_code="abandoned", error_message="released"
+                )
+                self.release_outcome.append(released)
+            except DatabaseError as exc:  # SQLite: the sync holds the write lock
+                self.release_outcome.append(exc)
+            finally:
+                connection.close()
+
+        def first_position_write(execute, sql, params, many, context):
+            result = execute(sql, params, many, context)
+            if not self.release_outcome and '"portfolio_position"' in sql:
+                other = threading.Thread(target=release)
+                other.start()
+                other.join(LOCK_TIMEOUT + 2)
+            return result
+
+        connection.execute_wrappers.append(first_position_write)
+        return snapshot
+
+
+def test_a_sync_whose_lock_is_released_during_its_write_never_commits(settings):
+    """The fencing token: the run's row is written inside the write transaction before it
+    commits. Either the release wins (the sync rolls back, the run stays `abandoned`) or
+    the sync does (the release changes nothing): never both."""
+    settings.IBKR_SYNC_LOCK_TIMEOUT = LOCK_TIMEOUT
+    held, changed = held_then_changed()
+    sync(FakeGateway(held))
+    before = database_state()
+    gateway = ReleasedMidWrite(changed)
+    try:
+        result = sync(gateway)
+    except LockLost:
+        result = None
+    finally:
+        connection.execute_wrappers.clear()
+    run = SyncRun.objects.first()
+    if connection.vendor == "postgresql":  # the release committed first: fenced off
+        assert gateway.release_outcome == [1]
+        assert result is None
+        assert database_state() == before, "nothing of the fenced-off sync landed"
+        assert (run.status, run.error_code) == ("failed", "abandoned"), "first reason stays"
+    else:  # SQLite: the sync holds the write lock until it commits; the release must wait
+        assert result is not None and result.updated == 1
+        assert gateway.release_outcome != [1]
+        assert (run.status, run.error_code) == ("success", "")
+    assert not SyncRun.objects.filter(status="running").exists()
+
+
+def test_while_a_sync_runs_sqlite_waits_for_a_lock_at_most_the_lock_timeout(settings):
+    """The busy timeout of the sync's connection is IBKR_SYNC_LOCK_TIMEOUT while it runs,
+    and what it was before afterwards."""
+    if connection.vendor != "sqlite":
+        pytest.skip("SQLite's busy timeout")
+    settings.IBKR_SYNC_LOCK_TIMEOUT = 2.5
+
+    def busy_timeout():
+        with connection.cursor() as cursor:
+            cursor.execute("PRAGMA busy_timeout")
+            return cursor.fetchone()[0]
+
+    before = busy_timeout()
+    seen = []
+
+    class Probe(FakeGateway):
+        def fetch_positions(self, account_id=None):
+            seen.append(busy_timeout())
+            return super().fetch_positions(account_id)
+
+    sync(Probe([position()]))
+    assert seen == [2500]
+    assert busy_timeout() == before
+
+
+@pytest.fixture
+def postgresql_session():
+    """Another session on the test database (a process that is frozen, or a host's own
+    transaction), with its identity as the sync records it."""
+    if connection.vendor != "postgresql":
+        pytest.skip("PostgreSQL sessions")
+    import psycopg
+
+    params = connection.get_connection_params()
+    params.pop("cursor_factory", None)
+    params.pop("context", None)
+    sessions = []
+
+    def open_session():
+        session = psycopg.connect(**params)
+        pid, started = session.execute(
+            "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+        ).fetchone()
+        sessions.append(session)
+        return session, f"{pid}@{started.isoformat()}"
+
+    yield open_session
+    for session in sessions:
+        with contextlib.suppress(Exception):
+            session.close()
+
+
+def abandoned_mid_write(session_token: str) -> SyncRun:
+    row = SyncRun.objects.create(trigger="command", status="running", owner="elsewhere;b;n|42|9|n")
+    SyncRun.objects.filter(pk=row.pk).update(
+        heartbeat_at=Now() - dt.timedelta(seconds=LOCK_TIMEOUT + 1), database_session=session_token
+    )
+    return row
+
+
+@pytest.mark.parametrize("state", ["in its write", "idle", "its pid, another session"])
+def test_postgresql_the_next_sync_ends_the_session_of_a_holder_frozen_in_its_write(
+    settings, postgresql_session, state
+):
+    """A frozen holder's row locks would keep the next sync waiting for as long as it stays
+    frozen: its session is ended if it is in a transaction, and only then, and only that
+    session (pid and start time), so the next sync succeeds at once."""
+    settings.IBKR_SYNC_LOCK_TIMEOUT = LOCK_TIMEOUT
+    held, changed = held_then_changed()
+    sync(FakeGateway(held))
+    holder, token = postgresql_session()
+    if state == "in its write":
+        holder.execute("UPDATE portfolio_position SET quantity = quantity + 1000")
+    else:
+        holder.commit()
+    if state == "its pid, another session":
+        pid, _, started = token.partition("@")
+        token = f"{pid}@{(dt.datetime.fromisoformat(started) - dt.timedelta(1)).isoformat()}"
+    row = abandoned_mid_write(token)
+
+    clock = time.monotonic()
+    result = sync(FakeGateway(changed))
+    assert time.monotonic() - clock < LOCK_TIMEOUT
+    assert (result.created, result.updated, result.closed) == (1, 1, 1)
+    row.refresh_from_db()
+    assert row.error_code == "abandoned"
+    if state == "in its write":
+        assert "was ended, rolling back its writes" in row.error_message
+        with pytest.raises(psycopg_errors().OperationalError):
+            holder.execute("SELECT 1")
+        assert Position.objects.get(instrument__symbol="AAPL").quantity == 11, "rolled back"
+    else:
+        assert "database session" not in row.error_message
+        assert holder.execute("SELECT 1").fetchone() == (1,), "left alone"
+
+
+def test_postgresql_a_sync_waits_for_a_row_lock_at_most_the_lock_timeout(
+    settings, postgresql_session
+):
+    """A lock the sync cannot end (a host's own transaction, or a frozen holder whose
+    session may not be signalled): the sync fails after lock_timeout, cleanly and recorded,
+    instead of waiting and renewing its own lock for as long as the other holds on."""
+    settings.IBKR_SYNC_LOCK_TIMEOUT = LOCK_TIMEOUT
+    held, changed = held_then_changed()
+    sync(FakeGateway(held))
+    before = database_state()
+    other, _ = postgresql_session()
+    other.execute("SELECT * FROM portfolio_position FOR UPDATE")
+
+    clock = time.monotonic()
+    with pytest.raises(DatabaseUnavailable, match="locked"):
+        sync(FakeGateway(changed))
+    assert LOCK_TIMEOUT <= time.monotonic() - clock < LOCK_TIMEOUT + 2
+    assert database_state() == before
+    failed = SyncRun.objects.first()
+    assert (failed.status, failed.error_code) == ("failed", "database_unavailable")
+    other.rollback()
+    assert sync(FakeGateway(changed)).updated == 1
+
+
+def psycopg_errors():
+    import psycopg
+
+    return psycopg

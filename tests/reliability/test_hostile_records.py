@@ -12,7 +12,7 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
-from django.db import connection, transaction
+from django.db import connection
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -21,7 +21,7 @@ from ibkr_sync.mapping import MappingError, map_position
 from ibkr_sync.models import SyncRun
 from ibkr_sync.services import sync_positions
 from portfolio.models import Position, SecType
-from tests.conftest import FakeGateway
+from tests.conftest import FakeGateway, synced_rows_deleted_afterwards
 from tests.reliability.conftest import database_state
 
 pytestmark = pytest.mark.django_db
@@ -109,7 +109,7 @@ def as_stored(stored: Decimal, expected: Decimal) -> bool:
     ]
 )  # fmt: skip
 def test_any_records_sync_soundly_and_idempotently(batch):
-    with transaction.atomic():
+    with synced_rows_deleted_afterwards():
         sync(held_positions())
         result = sync(batch)  # must not raise, whatever the records
 
@@ -149,4 +149,3 @@ def test_any_records_sync_soundly_and_idempotently(batch):
         again = sync(batch)
         assert database_state() == state
         assert (again.created, again.updated, again.reopened, again.closed) == (0, 0, 0, 0)
-        transaction.set_rollback(True)

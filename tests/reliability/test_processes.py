@@ -187,3 +187,145 @@ def test_kill_9_mid_sync_changes_nothing_and_the_next_sync_needs_no_clean_up(
     assert runs[-2][1:3] == ("failed", "abandoned")
     assert runs[-1][1] == "success"
     assert not [run for run in runs if run[1] == "running"]
+
+
+# --- a frozen holder never blocks the next sync ------------------------------------------------
+
+LOCK_TIMEOUT = 2.0  # seconds, short for the test (30 s by default)
+# A sync process loads Django and reads the simulator (two loaded cores): the next sync
+# takes this much more than the bounded wait on top of the lock timeout.
+STARTUP = 15.0
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[-1].split()[0]
+
+
+def _frozen_sync(deployment, where: str):
+    """A real `sync_ibkr` that reads the simulator, then stops itself (SIGSTOP) at `where`."""
+    victim = deployment.start_sync(
+        env={
+            "IBKR_SYNC_GATEWAY_CLASS": f"tests.reliability.freezing.{where}",
+            "IBKR_SYNC_LOCK_TIMEOUT": str(LOCK_TIMEOUT),
+        }
+    )
+    assert _wait_for(lambda: victim.poll() is not None or _state(victim.pid) == "T", 60), (
+        "never got to the point where it freezes"
+    )
+    assert victim.poll() is None, victim.communicate()
+    return victim
+
+
+def _next_sync(deployment):
+    """The next sync, from another process, once the frozen one's heartbeat has lapsed."""
+    time.sleep(LOCK_TIMEOUT + 0.5)
+    started = time.monotonic()
+    result = deployment.manage("sync_ibkr", env={"IBKR_SYNC_LOCK_TIMEOUT": str(LOCK_TIMEOUT)})
+    return result, time.monotonic() - started
+
+
+def _resume(victim):
+    os.kill(victim.pid, signal.SIGCONT)
+    out, err = victim.communicate(timeout=60)
+    return victim.returncode, out, err
+
+
+def _kill(victim):
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.communicate(timeout=30)
+
+
+@pytest.mark.parametrize("ending", ["resumes", "is killed"])
+def test_a_sync_frozen_in_its_write_never_blocks_the_next_one(fresh, simulator, ending):
+    """PostgreSQL: the next sync ends the frozen holder's session (its transaction rolls
+    back, its row locks go) and succeeds; the holder, resumed, is fenced off (exit 5).
+    SQLite: a frozen process's open write transaction holds the database's write lock,
+    which no other process can take from it: the next sync fails at once the busy
+    timeout (IBKR_SYNC_LOCK_TIMEOUT) is over, clearly (exit 9, locked), and the syncs
+    after it succeed once the frozen one is gone or has resumed and finished."""
+    first = fresh.manage("sync_ibkr")
+    assert first.returncode == 0, first.stderr
+    before = fresh.positions()
+    simulator.upsert_position(sim_position(quantity="77"))  # a change for both to write
+    _wait_for(lambda: simulator.active_client_ids == [])
+
+    victim = _frozen_sync(fresh, "FrozenInWrite")
+    held = fresh.runs()[-1]
+    assert held[1] == "running"
+    after, seconds = _next_sync(fresh)
+    aapl = lambda: next(r for r in fresh.positions() if r[:2] == (ACCOUNT, "265598"))  # noqa: E731
+
+    try:
+        if fresh.pg is not None:
+            assert after.returncode == 0, after.stderr
+            assert seconds < LOCK_TIMEOUT + STARTUP, seconds
+            assert Decimal(str(aapl()[2])) == 77
+            (message,) = fresh.query("SELECT error_message FROM ibkr_sync_syncrun WHERE id = ?",
+                                     (held[0],))[0]  # fmt: skip
+            assert "no heartbeat" in message and "database session" in message, message
+            assert "was ended" in message, message
+            synced = fresh.positions()
+        else:
+            assert after.returncode == 9, after.stderr
+            assert "locked" in after.stderr, after.stderr
+            assert seconds < LOCK_TIMEOUT + STARTUP, seconds
+            assert fresh.positions() == before, "nothing written while it was frozen"
+            assert fresh.runs()[-1][:2] == (held[0], "running"), "its lock is untouched"
+    finally:
+        if ending == "resumes":
+            code, _out, err = _resume(victim)
+        else:
+            _kill(victim)
+
+    runs = fresh.runs()
+    if ending == "resumes" and fresh.pg is not None:
+        # Its transaction was rolled back with its session; it says its lock went.
+        assert code == 5, err
+        assert "lock was released while it ran" in err
+        assert fresh.positions() == synced, "it wrote nothing after all"
+    elif ending == "resumes":
+        # Nobody could take its lock: it finishes its own sync, once.
+        assert code == 0, err
+        assert Decimal(str(aapl()[2])) == 77
+    # Its end is recorded once: abandoned stays abandoned.
+    first_reason = "abandoned" if fresh.pg is not None else None
+    if first_reason:
+        assert runs[[r[0] for r in runs].index(held[0])][1:3] == ("failed", "abandoned")
+
+    final = fresh.manage("sync_ibkr")  # no manual clean-up, whatever happened
+    assert final.returncode == 0, final.stderr
+    assert "0 created, 0 updated" in final.stdout or "1 updated" in final.stdout
+    assert Decimal(str(aapl()[2])) == 77
+    rows = fresh.positions()
+    assert len(rows) == len({row[:2] for row in rows}), "nothing written twice"
+    assert not [run for run in fresh.runs() if run[1] == "running"]
+
+
+def test_a_sync_frozen_after_its_read_is_fenced_off_once_another_took_its_lock(fresh, simulator):
+    """On both databases: frozen before its write, its lock is taken by the next sync from
+    another process; resumed, it writes nothing (exit 5) and its run stays `abandoned`."""
+    first = fresh.manage("sync_ibkr")
+    assert first.returncode == 0, first.stderr
+    simulator.upsert_position(sim_position(quantity="55"))
+    _wait_for(lambda: simulator.active_client_ids == [])
+
+    victim = _frozen_sync(fresh, "FrozenAfterRead")
+    held = fresh.runs()[-1]
+    simulator.upsert_position(sim_position(quantity="66"))  # what the next one reads
+    _wait_for(lambda: simulator.active_client_ids == [])
+    try:
+        after, seconds = _next_sync(fresh)
+        assert after.returncode == 0, after.stderr
+        assert seconds < LOCK_TIMEOUT + STARTUP, seconds
+        synced = fresh.positions()
+    finally:
+        code, _out, err = _resume(victim)
+
+    assert code == 5, err
+    assert "lock was released while it ran" in err
+    assert fresh.positions() == synced, "the stale read of 55 never landed"
+    aapl = next(r for r in synced if r[:2] == (ACCOUNT, "265598"))
+    assert Decimal(str(aapl[2])) == 66
+    run = next(r for r in fresh.runs() if r[0] == held[0])
+    assert run[1:3] == ("failed", "abandoned"), "the first reason stays"
