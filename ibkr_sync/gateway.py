@@ -36,6 +36,13 @@ Why it is shaped this way:
   like the positions. An account whose values time out, are refused (2100, 2101), are
   not ready or come in a frame that cannot be read is reported missing with the reason:
   it never fails the positions, which were complete before the first value was asked for.
+- What a read decides follows the order of the messages on the wire, never how the bytes
+  were cut into TCP segments or how long apart they came: the client library hands over
+  every message of a segment at once, before our coroutine runs again. So each decision
+  is taken in the message handlers, as each message is read: the positions end at their
+  end marker (what follows is not theirs), an account's values end at their end marker
+  or first problem, the next account's read opens right there, and a failure of the
+  session (a lost link to IBKR: 1100, 2110, 1101) spoils the download it falls into.
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ import importlib
 import logging
 import socket
 import threading
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -98,15 +105,21 @@ _MSG_POSITION_END = 62
 _FIELD_COUNTS = {_MSG_MANAGED_ACCOUNTS: 3, _MSG_NEXT_VALID_ID: 3, _MSG_POSITION_END: 2}
 
 # IB error codes that end a read, decided here and nowhere else. Everything else the
-# gateway says during a read (farm status 2104/2106/2158, 1102 "connectivity restored",
-# ...) is informational and only logged.
-# 1100 and 2110 both mean TWS / Gateway has lost its link to IBKR's servers: what it
-# would report then may be stale or partial, so the read fails and nothing is written
-# (no position is closed because of an outage); the next sync after it recovers reads
-# a fresh snapshot.
+# gateway says during a read is informational and only logged: the data farms' status
+# (2104/2106/2158 OK, 2107/2108 inactive, 2119 connecting, and 2103/2105/2157 one farm's
+# link broken: market, historical and contract data, not the account server the
+# positions and values come from; TWS sends them routinely, at every connect), and 1102
+# "connectivity restored, data maintained".
+# 1100 and 2110 both mean TWS / Gateway has lost its link to IBKR's servers, and 1101
+# that it is back but every request in flight was dropped ("data lost"; the client
+# library's own watchdog restarts on 1100): what it reported around them may be stale or
+# partial. Before the positions' end they fail the read and nothing is written (no
+# position is closed because of an outage); after it, like every failure of the session,
+# they spoil each account whose values had not ended before them on the wire. A 1101 or
+# 1102 after them spoils nothing back. The next sync after it recovers reads afresh.
 _CLIENT_ID_IN_USE = 326
 _GATEWAY_DOWN_CODES = frozenset({502, 504, 1300})
-_SERVER_LINK_DOWN_CODES = frozenset({1100, 2110})
+_SERVER_LINK_DOWN_CODES = frozenset({1100, 1101, 2110})
 _REQUEST_FAILED_CODES = frozenset({321, 322})
 # The account-updates subscription was taken over (2100: TWS serves one account at a
 # time) or refused because another client holds one for a different account (2101): the
@@ -225,15 +238,70 @@ class _ReadState:
             self.unreadable_examples.append(description)
 
     positions: dict[tuple[str, int], GatewayPosition] = field(default_factory=dict)
-    # The account whose values are being read, while they are.
+    # Whether our positions request was sent, and its end (positionEnd) read: the
+    # positions are what came before it on the wire, complete if the session had not
+    # failed by then. What comes after it is the values' business.
+    positions_requested: bool = False
+    positions_ended: bool = False
+    positions_complete: bool = False
+    unreadable_at_positions_end: int = 0
+    # The accounts whose values are to be read, in turn: (account, attempt).
+    values_plan: deque[tuple[str, int]] = field(default_factory=deque)
+    # The account whose values are being read. It is open from the moment the previous
+    # download ended (or the positions did) on the wire, before it is even asked for.
     values: _AccountRead | None = None
-    cancelled_values: bool = False
+    values_requested: bool = False
+    # Every read opened, in turn, until the read's coroutine takes it: some end on the
+    # wire before it gets to them.
+    values_opened: deque[_AccountRead] = field(default_factory=deque)
 
     def fail(self, error: IbkrSyncError) -> None:
         # The first failure wins: a 326 is followed by the socket closing, and the
         # clear reason is the 326, not the close.
         if self.failure is not None and not self.failure.done():
             self.failure.set_result(error)
+            # At this point of the wire, not when the read's coroutine next runs: what
+            # follows the failure in the same segment must not complete the download.
+            if self.values is not None:
+                self.values.spoil(
+                    "not read: the session with the IB gateway failed before the account's "
+                    f"download ended ({_cut(str(error))}); its stored values were kept"
+                )
+
+    def end_positions(self) -> None:
+        """The positions' end, read off the wire: the moment that decides what belongs to
+        the positions and what to the values, whatever TCP segments the bytes came in."""
+        self.positions_ended = True
+        self.positions_complete = self.failure is None or not self.failure.done()
+        self.unreadable_at_positions_end = self.unreadable
+        self.open_next_values_read()
+
+    def open_next_values_read(self) -> None:
+        """Open the next account's read where the previous one ended on the wire.
+
+        Whatever arrives after a download's end (or the positions' end) and before the
+        next account's values is that next account's, however long the read's coroutine
+        takes to ask for them: an undecodable frame, a refusal, a lost link in that gap
+        count for it, as they would had the bytes come a moment later. After a failure of
+        the session nothing more is opened: the accounts left are not read.
+        """
+        self.values = None
+        if not self.values_plan or (self.failure is not None and self.failure.done()):
+            return
+        account, attempt = self.values_plan.popleft()
+        self.values = _AccountRead(
+            account,
+            asyncio.get_running_loop().create_future(),
+            attempt=attempt,
+            after_cancel=self.values_requested,
+            unreadable_at_start=self.unreadable,
+            on_end=self.open_next_values_read,
+        )
+        self.values_opened.append(self.values)
+
+    def reads_left(self, attempt: int) -> int:
+        """The open read and those after it in the same attempt."""
+        return 1 + sum(1 for _, planned in self.values_plan if planned == attempt)
 
     @property
     def decisive_failure(self) -> IbkrSyncError | None:
@@ -248,30 +316,32 @@ class _ReadState:
 class _AccountRead:
     """One account's values as they arrive; `done` is set at its download end or at the
     first problem (which then is the reason its values are missing). Once done, nothing
-    more is taken into it: an update right behind the download end is not part of it."""
+    more is taken into it: an update right behind the download end is not part of it,
+    and the next account's read opens at once (`on_end`)."""
 
     account: str
     done: asyncio.Future
-    # Whether a subscription of ours was cancelled before this one (a 2100 then may be
-    # the answer to that cancel).
+    attempt: int = 1
+    # Whether a subscription of ours was asked for (and so cancelled) before this one (a
+    # 2100 then may be the answer to that cancel).
     after_cancel: bool = False
     values: dict[tuple[str, str], Decimal | None] = field(default_factory=dict)
     positions: dict[int, GatewayPositionValue] = field(default_factory=dict)
     problem: str | None = None
     unreadable_at_start: int = 0
     unreadable_at_end: int = 0
+    on_end: Callable[[], None] | None = None
 
     def spoil(self, reason: str) -> None:
         if self.done.done():
             return
         self.problem = reason
+        self.end()
+
+    def end(self) -> None:
         self.done.set_result(None)
-
-
-@dataclass(frozen=True)
-class _NotRead:
-    reason: str
-    timed_out: bool = False
+        if self.on_end is not None:
+            self.on_end()
 
 
 class IbkrGateway:
@@ -346,14 +416,28 @@ class IbkrGateway:
                     f"Account {account_id} is not managed by the IB gateway at {self.address} "
                     f"(it manages: {', '.join(managed) or 'none'})."
                 )
-            await self._race(ib.reqPositionsAsync(), state, cfg.request_timeout, "send positions")
-            if state.unreadable:
-                raise IncompleteSnapshot(
-                    f"The IB gateway at {self.address} sent {state.unreadable} "
-                    "message(s) that could not be read, so the positions it reported may "
-                    f"be incomplete; nothing was changed. First: {state.unreadable_examples[0]}"
-                )
             accounts = (account_id,) if account_id is not None else managed
+            if cfg.read_values:
+                state.values_plan.extend((account, 1) for account in accounts)
+            state.positions_requested = True
+            try:
+                await self._race(
+                    ib.reqPositionsAsync(), state, cfg.request_timeout, "send positions"
+                )
+            except IbkrSyncError:
+                # A failure after the positions' end on the wire is the values' business,
+                # however soon after it came.
+                if not state.positions_complete:
+                    raise
+            if not state.positions_ended:  # a library without a decoder table: now
+                state.end_positions()
+            if state.unreadable_at_positions_end:
+                raise IncompleteSnapshot(
+                    f"The IB gateway at {self.address} sent "
+                    f"{state.unreadable_at_positions_end} message(s) that could not be read, "
+                    "so the positions it reported may be incomplete; nothing was changed. "
+                    f"First: {state.unreadable_examples[0]}"
+                )
             positions = tuple(
                 p
                 for p in state.positions.values()
@@ -362,7 +446,7 @@ class IbkrGateway:
             server_version = ib.client.serverVersion()
             if not cfg.read_values:
                 return GatewaySnapshot(accounts, positions, managed, server_version)
-            values, missing = await self._read_values(ib, state, accounts)
+            values, missing = await self._read_values(ib, state)
             return GatewaySnapshot(
                 accounts,
                 positions,
@@ -376,11 +460,18 @@ class IbkrGateway:
             await self._disconnect(ib)
 
     async def _read_values(
-        self, ib: Any, state: _ReadState, accounts: tuple[str, ...]
+        self, ib: Any, state: _ReadState
     ) -> tuple[dict[str, GatewayAccountValues], dict[str, str]]:
         """Each account's values in turn; an account that cannot be read is missing, with
         the reason, and the others are read all the same. Once the session itself has
-        failed (the connection lost, say), the accounts not read yet are missing too.
+        failed (the connection lost, the gateway's link to IBKR lost), every account whose
+        download had not ended before it on the wire is missing too.
+
+        What decides an account's outcome is the order of the messages on the wire, never
+        how they were cut into TCP segments: each account's read is opened where the
+        previous one ended (`_ReadState.open_next_values_read`), and ended by its download
+        end or its first problem as the message is read (`_AccountRead.spoil`). This
+        coroutine only asks for the values, waits, and tells a timeout.
 
         All accounts together get at most IBKR_REQUEST_TIMEOUT, so that a sync holds the
         lock for a bounded time however many accounts time out; each waits at most its
@@ -395,85 +486,82 @@ class IbkrGateway:
         held = Counter(p.account for p in state.positions.values() if p.quantity != 0)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.request_timeout
-        pending = list(accounts)
-        for attempt in (1, 2):
-            timed_out = []
-            for index, account in enumerate(pending):
-                left = deadline - loop.time()
-                if state.failure.done():
-                    missing[account] = (
-                        "not read: the session with the IB gateway ended before its values "
-                        f"were asked for ({state.failure.result()})"
-                    )
-                    continue
-                if left <= 0:
-                    missing.setdefault(
-                        account,
-                        "not read: the values of the accounts before it took "
-                        f"IBKR_REQUEST_TIMEOUT ({self.config.request_timeout:g} s) in all",
-                    )
-                    continue
-                share = min(self.config.values_timeout, left / (len(pending) - index))
-                outcome = await self._read_account_values(ib, state, account, share, held)
-                if isinstance(outcome, GatewayAccountValues):
-                    values[account] = outcome
-                    missing.pop(account, None)
-                    continue
-                missing[account] = outcome.reason
-                if outcome.timed_out and attempt == 1:
-                    timed_out.append(account)
-            pending = timed_out
+        while state.values_opened:
+            read = state.values_opened.popleft()
+            account = read.account
+            left = deadline - loop.time()
+            if read.done.done():
+                pass  # ended on the wire before it was asked for (spoiled, say)
+            elif left <= 0:
+                read.spoil(
+                    "not read: the values of the accounts before it took "
+                    f"IBKR_REQUEST_TIMEOUT ({self.config.request_timeout:g} s) in all"
+                )
+                missing.setdefault(account, read.problem or "")
+                continue
+            else:
+                share = min(self.config.values_timeout, left / state.reads_left(read.attempt))
+                await self._read_account_values(ib, state, read, share)
+            outcome = self._account_outcome(state, read, held)
+            if isinstance(outcome, GatewayAccountValues):
+                values[account] = outcome
+                missing.pop(account, None)
+            else:
+                missing[account] = outcome
+        failure = state.failure.result() if state.failure.done() else None
+        for account, _ in state.values_plan:
+            missing[account] = (
+                "not read: the session with the IB gateway ended before its values were "
+                f"asked for ({failure})"
+            )
+        state.values_plan.clear()
         for account, reason in missing.items():
             logger.warning("The values of account %s were not read: %s", account, reason)
         return values, missing
 
     async def _read_account_values(
-        self, ib: Any, state: _ReadState, account: str, timeout: float, held: Counter
-    ) -> GatewayAccountValues | _NotRead:
-        read = _AccountRead(
-            account,
-            asyncio.get_running_loop().create_future(),
-            after_cancel=state.cancelled_values,
-            unreadable_at_start=state.unreadable,
-        )
-        state.values = read
+        self, ib: Any, state: _ReadState, read: _AccountRead, timeout: float
+    ) -> None:
+        """Ask for an account's values and wait for its read to end, at most `timeout`."""
+        state.values_requested = True
         try:
-            ib.client.reqAccountUpdates(True, account)
-            done, _ = await asyncio.wait(
-                {read.done, state.failure}, timeout=timeout, return_when="FIRST_COMPLETED"
-            )
+            ib.client.reqAccountUpdates(True, read.account)
+            await asyncio.wait({read.done}, timeout=timeout)
         except ConnectionError as exc:
-            return _NotRead(f"not read: the connection to the IB gateway was lost ({exc})")
+            read.spoil(f"not read: the connection to the IB gateway was lost ({exc})")
         finally:
-            state.values = None
+            if not read.done.done():
+                if read.attempt == 1:  # asked once more with what is left, after the others
+                    state.values_plan.append((read.account, 2))
+                read.spoil(
+                    f"IBKR did not send the account's values within {timeout:.2g} s "
+                    "(IBKR_VALUES_TIMEOUT, or its share of IBKR_REQUEST_TIMEOUT); its "
+                    "stored values were kept"
+                )
             # TWS serves one account's updates at a time: let go before the next one
             # (after a refusal too: a cancel ends only this client's subscription, if any).
             with contextlib.suppress(ConnectionError):
-                ib.client.reqAccountUpdates(False, account)
-                state.cancelled_values = True
+                ib.client.reqAccountUpdates(False, read.account)
+
+    @staticmethod
+    def _account_outcome(
+        state: _ReadState, read: _AccountRead, held: Counter
+    ) -> GatewayAccountValues | str:
+        """An ended read: the account's values, or the reason they are missing."""
         if read.problem is not None:
-            return _NotRead(read.problem)
-        if read.done not in done:
-            if state.failure.done():
-                return _NotRead(f"not read: {state.failure.result()}")
-            return _NotRead(
-                f"IBKR did not send the account's values within {timeout:.2g} s "
-                "(IBKR_VALUES_TIMEOUT, or its share of IBKR_REQUEST_TIMEOUT); its stored "
-                "values were kept",
-                timed_out=True,
-            )
+            return read.problem
         if read.unreadable_at_end > read.unreadable_at_start:
-            return _NotRead(
+            return (
                 "a message that could not be read arrived with the account's values "
                 f"({state.unreadable_examples[-1]}); its stored values were kept"
             )
-        if held[account] and not read.positions:
-            return _NotRead(
-                f"IBKR sent no portfolio row for any of the account's {held[account]} "
+        if held[read.account] and not read.positions:
+            return (
+                f"IBKR sent no portfolio row for any of the account's {held[read.account]} "
                 "positions (as for some linked accounts), so their market values are "
                 "unknown; its stored values were kept"
             )
-        return GatewayAccountValues(account, read.values, read.positions)
+        return GatewayAccountValues(read.account, read.values, read.positions)
 
     async def _race(
         self, awaitable: Awaitable[T], state: _ReadState, timeout: float, what: str
@@ -557,9 +645,9 @@ class IbkrGateway:
         elif code in _SERVER_LINK_DOWN_CODES:
             state.fail(
                 GatewayUnavailable(
-                    f"The IB gateway at {self.address} has lost its connection to IBKR's "
-                    f"servers (error {code}: {text}); nothing was changed. It reconnects by "
-                    "itself: try again in a few minutes.",
+                    f"The IB gateway at {self.address} lost its connection to IBKR's servers "
+                    f"during the read (error {code}: {text}); nothing was changed. It "
+                    "reconnects by itself: try again in a few minutes.",
                     ib_code=code,
                 )
             )
@@ -632,6 +720,8 @@ class IbkrGateway:
             return
 
         def on_position(fields: list[str]) -> None:
+            if state.positions_ended:  # an update after the read: not part of it
+                return
             try:
                 position = _position_from_wire(fields)
             except (ValueError, ArithmeticError) as exc:
@@ -716,7 +806,7 @@ class IbkrGateway:
             elif fields[2] == read.account:
                 read.unreadable_at_end = state.unreadable
                 if read.values:
-                    read.done.set_result(None)
+                    read.end()
                 else:  # complete, but empty: no reason to believe the account holds no cash
                     read.spoil(
                         "IBKR ended the account's values without sending any of those a "
@@ -776,8 +866,16 @@ class IbkrGateway:
                 _unreadable(state, fields, exc)
             if msg_id == _MSG_ERROR and state.unreadable > seen:
                 self._undecodable_error(state, fields)
+            elif msg_id == _MSG_POSITION_END and state.unreadable == seen:
+                self._positions_end(state)
 
         decoder.interpret = interpret
+
+    @staticmethod
+    def _positions_end(state: _ReadState) -> None:
+        # Ours, not one from before the request (or a second one).
+        if state.positions_requested and not state.positions_ended:
+            state.end_positions()
 
     def _check_managed_accounts(self, state: _ReadState, fields: list[str]) -> None:
         # The library waits for a non-empty list before it calls the session started, so
@@ -808,6 +906,8 @@ class IbkrGateway:
             self.progress("read", len(state.positions))
 
     def _on_position_event(self, state: _ReadState, position: Any) -> None:
+        if state.positions_ended:
+            return
         contract = position.contract
         quantity = _float_decimal(position.position)
         if quantity is None or not position.account or not contract.conId:

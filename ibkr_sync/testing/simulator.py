@@ -150,9 +150,12 @@ class Faults:
       row at ``malformed_index`` (names of ``protocol.POSITION_FIELDS``: ``"quantity"``,
       ``"average_cost"``, ``"con_id"``, ``"msg_id"``, ...), exactly as given: unset
       markers, texts outside the wire grammar, a broken message id.
-    * ``extra_frames``: raw frames (lists of text fields, message id first) sent among the
-      position rows, before positionEnd: an error in another layout, a message id the
-      client does not know, a frame it cannot decode.
+    * ``extra_frames``: items sent among the position rows, before positionEnd: raw frames
+      (lists of text fields, message id first: an error in another layout, a message id
+      the client does not know, a frame it cannot decode), IB error codes (an ``int``:
+      the error with reqId -1 and TWS's text, in the session's layout) and pauses (a
+      ``float``: seconds during which nothing more is written).
+    * ``frames_after_positions``: items of the same kinds, sent right after positionEnd.
     * ``malformed_position``: the position row at ``malformed_index`` (default the first)
       is replaced by a broken frame: ``malformed_kind="quantity"`` sends a non-numeric
       quantity, ``"field_count"`` omits the last field. The other rows and positionEnd
@@ -181,6 +184,18 @@ class Faults:
     * ``portfolio_edits``: ``{account: {field: text}}`` written over the fields
       (names of ``protocol.PORTFOLIO_FIELDS``) of the account's first portfolio row.
     * ``value_frames``: ``{account: [fields, ...]}`` raw frames sent among its values.
+    * ``value_inserts``: ``{account: [(index, [item, ...]), ...]}`` a scripted download:
+      items of the kinds ``extra_frames`` takes, put into the account's download at
+      ``index`` of its frames, as a slice assignment would (0: before the first value;
+      -1: just before accountDownloadEnd; ``len`` or more: after it). Every index refers
+      to the download as the simulator lays it out, whatever the other inserts.
+
+    How the bytes are written, for every answer of every connection:
+
+    * ``segment_size``: written in pieces of this many bytes (1: one byte at a time),
+      each drained before the next, instead of one write per answer; the bytes are the
+      same, only the TCP segments they travel in differ.
+    * ``segment_delay``: seconds between those pieces.
     """
 
     refuse_connections: bool = False
@@ -194,7 +209,8 @@ class Faults:
     malformed_index: int = 0
     no_managed_accounts: bool = False
     position_edits: dict[str, str] | None = None
-    extra_frames: list[list[str]] | None = None
+    extra_frames: list[list[str] | int | float] | None = None
+    frames_after_positions: list[list[str] | int | float] | None = None
     error_on_connect: tuple[int, str] | None = None
     error_on_positions: tuple[int, str] | None = None
     values_hang: frozenset[str] | set[str] = frozenset()
@@ -206,6 +222,9 @@ class Faults:
     value_edits: dict[str, dict[str, str]] | None = None
     portfolio_edits: dict[str, dict[str, str]] | None = None
     value_frames: dict[str, list[list[str]]] | None = None
+    value_inserts: dict[str, list[tuple[int, list[list[str] | int | float]]]] | None = None
+    segment_size: int | None = None
+    segment_delay: float = 0.0
 
 
 class _Connection:
@@ -739,23 +758,62 @@ class GatewaySimulator:
             await handler(conn, fields)
 
     async def _send(
-        self, conn: _Connection, frames: list[bytes], delay: float | None = None
+        self, conn: _Connection, frames: Sequence[bytes | float], delay: float | None = None
     ) -> None:
-        """Write frames in one batch and drain once; with a delay, one by one."""
+        """Write frames in one batch and drain once; with a delay, one by one. A float
+        among the frames is a pause (a scripted answer's): what comes before it is
+        written, then nothing for that many seconds."""
         if not frames or conn.closing:
             return
+        faults = self._fault_snapshot()
         if delay is None:
-            delay = self._fault_snapshot().message_delay
-        if delay > 0:
-            for data in frames:
-                await asyncio.sleep(delay)
+            delay = faults.message_delay
+        batch: list[bytes] = []
+        for item in [*frames, None]:
+            if isinstance(item, bytes) and delay <= 0:
+                batch.append(item)
+                continue
+            if batch:
+                await self._write(conn, b"".join(batch), faults)
+                batch = []
+            if item is None:
+                return
+            await asyncio.sleep(item if isinstance(item, float) else delay)
+            if conn.closing:
+                raise _CloseConnection
+            if isinstance(item, bytes):
+                await self._write(conn, item, faults)
+
+    @staticmethod
+    async def _write(conn: _Connection, data: bytes, faults: Faults) -> None:
+        """Write bytes as one piece, or in the pieces ``segment_size`` asks for."""
+        size = faults.segment_size
+        if not size or size >= len(data):
+            conn.writer.write(data)
+            await conn.writer.drain()
+            return
+        for start in range(0, len(data), size):
+            if start and faults.segment_delay > 0:
+                await asyncio.sleep(faults.segment_delay)
                 if conn.closing:
                     raise _CloseConnection
-                conn.writer.write(data)
-                await conn.writer.drain()
-        else:
-            conn.writer.write(frames[0] if len(frames) == 1 else b"".join(frames))
+            conn.writer.write(data[start : start + size])
             await conn.writer.drain()
+
+    def _script(
+        self, conn: _Connection, items: Iterable[list[str] | int | float]
+    ) -> list[bytes | float]:
+        """A scripted answer's items as what ``_send`` writes: raw frames as they are, an
+        IB error code as its error (reqId -1, TWS's text), a pause as it is."""
+        out: list[bytes | float] = []
+        for item in items:
+            if isinstance(item, float):
+                out.append(item)
+            elif isinstance(item, int):
+                out.append(self._error_frame(conn, -1, item, ""))
+            else:
+                out.append(_text_frame(list(item)))
+        return out
 
     async def _close_after(self, conn: _Connection, frames: list[bytes], delay: float) -> None:
         """Send frames, then close gracefully so the client reads them before the EOF."""
@@ -841,12 +899,13 @@ class GatewaySimulator:
         if faults.malformed_position:
             bad = rows[index] if rows else None
             frames[index : index + 1] = [_malformed_position_frame(bad, faults.malformed_kind)]
-        frames += [_text_frame(list(extra)) for extra in faults.extra_frames or ()]
+        frames += self._script(conn, faults.extra_frames or ())
         if faults.drop_after_positions is not None:
             count = max(faults.drop_after_positions, 0)
             logger.info("Dropping connection after %d position rows (fault injection)", count)
             await self._close_after(conn, frames[:count], faults.message_delay)
         frames.append(make_message(ServerMsg.POSITION_END, 1))
+        frames += self._script(conn, faults.frames_after_positions or ())
         logger.debug("Sending %d positions to client %s", len(rows), conn.client_id)
         await self._send(conn, frames, faults.message_delay)
 
@@ -982,6 +1041,7 @@ class GatewaySimulator:
             frames.append(make_message(ServerMsg.ACCT_DOWNLOAD_END, 1, account))
             await self._send(conn, frames)
             return
+        notices, frames = frames, []
         edits = (faults.value_edits or {}).get(account, {})
         for tag, value, currency in self._account_values(account) if accounts else []:
             if tag == "AccountReady" and account in faults.values_not_ready:
@@ -1002,13 +1062,23 @@ class GatewaySimulator:
             message = "New account data requested from TWS.  API client has been unsubscribed "
             frames.append(self._error_frame(conn, -1, 2100, message + "from account data."))
             self._account_subscription = None
-            await self._send(conn, frames, faults.message_delay)
+            await self._send(conn, notices + frames, faults.message_delay)
             return
         frames += [_text_frame(row) for row in rows]
         frames.append(make_message(ServerMsg.ACCT_UPDATE_TIME, 1, time.strftime("%H:%M")))
         if account not in faults.values_hang:
             frames.append(make_message(ServerMsg.ACCT_DOWNLOAD_END, 1, account))
-        await self._send(conn, frames, faults.message_delay)
+        script: list[bytes | float] = list(frames)
+        inserts = (faults.value_inserts or {}).get(account, ())
+        # Each index of the download as laid out above; the last position first, so that
+        # an insert does not move the places of the others.
+        places = [
+            (slice(index, index).indices(len(frames))[0], order, items)
+            for order, (index, items) in enumerate(inserts)
+        ]
+        for place, _, items in sorted(places, reverse=True, key=lambda p: p[:2]):
+            script[place:place] = self._script(conn, items)
+        await self._send(conn, notices + script, faults.message_delay)
 
     async def _req_account_updates_multi(self, conn: _Connection, fields: list[str]) -> None:
         """reqAccountUpdatesMulti (76, v1, reqId, acct, model, ledger) -> 73 rows + end 74."""

@@ -39,3 +39,26 @@ def starting_portfolio() -> Portfolio:
                          exchange="SMART"),
         ],
     )  # fmt: skip
+
+
+#: How the simulator writes its answers: the same bytes, cut into other TCP segments. A
+#: "pause" is the test's own: seconds of silence around the messages it scripts.
+SEGMENTATIONS = {
+    "one write": {},
+    "7-byte pieces": {"segment_size": 7},
+    "one byte at a time": {"segment_size": 1},
+    "48-byte pieces 5 ms apart": {"segment_size": 48, "segment_delay": 0.005},
+    "frame by frame 10 ms apart": {"message_delay": 0.01},
+    "0.3 s pause around the scripted messages": {"pause": 0.3},
+}
+
+
+def scripted(segmentation: dict, items: list) -> list:
+    """Scripted items (frames, IB error codes), with the segmentation's pause around them."""
+    pause = segmentation.get("pause")
+    return [pause, *items, pause] if pause else list(items)
+
+
+def segmented(segmentation: dict, **faults) -> dict:
+    """Simulator faults, written the segmentation's way."""
+    return {**{k: v for k, v in segmentation.items() if k != "pause"}, **faults}

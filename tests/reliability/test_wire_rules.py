@@ -9,6 +9,10 @@ incomplete; a message id the library does not know stays harmless.
 Each case tampers with the wire fields of a position that is already stored. Had the read
 not been refused, that position would be closed (it is missing from what was read) or
 given a made-up value: the database must be exactly as it was.
+
+(c) The positions are what came before their end (positionEnd) on the wire: a failure
+of the session, a frame that cannot be read or a position update after it is not theirs,
+however the bytes were cut into TCP segments (each case is run at every segmentation).
 """
 
 from __future__ import annotations
@@ -23,8 +27,17 @@ from ibkr_sync import protocol
 from ibkr_sync.models import SyncRun
 from ibkr_sync.services import sync_positions
 from ibkr_sync.testing import Portfolio
+from ibkr_sync.testing.simulator import _position_fields
 from portfolio.models import Position
-from tests.integration.conftest import ACCOUNT
+from tests.integration.conftest import (
+    ACCOUNT,
+    EMPTY,
+    OTHER,
+    SEGMENTATIONS,
+    scripted,
+    segmented,
+    sim_position,
+)
 from tests.reliability.conftest import database_state
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db]
@@ -246,3 +259,79 @@ def test_a_flood_of_unreadable_frames_is_counted_not_kept(ibkr, stored, sync_cli
     assert "sent 20000 message(s) that could not be read" in detail
     assert "['6l',0" in detail or "[6l,0" in detail
     assert database_state() == stored
+
+
+LINK_LOST = [1100, 2110, 1101]
+
+
+@pytest.mark.parametrize("segmentation", SEGMENTATIONS.values(), ids=SEGMENTATIONS)
+@pytest.mark.parametrize("code", LINK_LOST)
+def test_a_lost_link_before_the_positions_end_fails_the_read(
+    code, segmentation, ibkr, stored, sync_client
+):
+    ibkr.set_faults(**segmented(segmentation, extra_frames=scripted(segmentation, [code])))
+    ibkr.remove_position(ACCOUNT, 265598)  # a read taken as complete would close it
+
+    response = sync_client.post(URL)
+
+    assert response.status_code == 503, response.content
+    assert response.json()["code"] == "gateway_unavailable"
+    assert str(code) in response.json()["detail"]
+    assert database_state() == stored
+
+
+@pytest.mark.parametrize("segmentation", SEGMENTATIONS.values(), ids=SEGMENTATIONS)
+@pytest.mark.parametrize("code", LINK_LOST)
+def test_a_lost_link_right_after_the_positions_end_spoils_only_the_values(
+    code, segmentation, ibkr, stored, settings
+):
+    settings.IBKR_REQUEST_TIMEOUT = 10
+    ibkr.set_faults(
+        **segmented(segmentation, frames_after_positions=scripted(segmentation, [code]))
+    )
+    ibkr.remove_position(ACCOUNT, 265598)
+
+    result = sync_positions(trigger=SyncRun.Trigger.COMMAND)
+
+    assert (result.closed, result.unchanged) == (1, 3)  # complete before the notice
+    assert {a: v["status"] for a, v in result.account_values.items()} == dict.fromkeys(
+        (ACCOUNT, OTHER, EMPTY), "missing"
+    )
+    assert all(str(code) in v["reason"] for v in result.account_values.values())
+
+
+@pytest.mark.parametrize("segmentation", SEGMENTATIONS.values(), ids=SEGMENTATIONS)
+def test_a_frame_that_cannot_be_read_after_the_positions_end_spoils_the_first_values(
+    segmentation, ibkr, stored, settings
+):
+    settings.IBKR_REQUEST_TIMEOUT = 10
+    settings.IBKR_VALUES_TIMEOUT = 5
+    ibkr.set_faults(
+        **segmented(segmentation, frames_after_positions=scripted(segmentation, [["6l", "2"]]))
+    )
+    ibkr.remove_position(ACCOUNT, 265598)
+
+    result = sync_positions(trigger=SyncRun.Trigger.COMMAND)
+
+    assert (result.closed, result.unchanged) == (1, 3)
+    outcome = result.account_values
+    assert {a: v["status"] for a, v in outcome.items()} == {
+        ACCOUNT: "missing", OTHER: "read", EMPTY: "read"
+    }  # fmt: skip
+    assert "could not be read" in outcome[ACCOUNT]["reason"]
+
+
+@pytest.mark.parametrize("segmentation", SEGMENTATIONS.values(), ids=SEGMENTATIONS)
+def test_a_position_update_after_the_positions_end_is_not_part_of_the_read(
+    segmentation, ibkr, stored, settings
+):
+    settings.IBKR_REQUEST_TIMEOUT = 10
+    update = _position_fields(sim_position(quantity="999"))  # AAPL of ACCOUNT, traded
+    ibkr.set_faults(
+        **segmented(segmentation, frames_after_positions=scripted(segmentation, [update]))
+    )
+
+    result = sync_positions(trigger=SyncRun.Trigger.COMMAND)
+
+    assert (result.unchanged, result.updated, result.errors) == (4, 0, [])
+    assert aapl_row().quantity == Decimal("10")

@@ -681,3 +681,76 @@ def test_prices_drift_between_syncs_when_asked_to():
         second = {row[2]: Decimal(row[14]) for row in _download(client, "DU1234567")[1]}
     assert first.keys() == second.keys() and first != second
     assert all(abs(second[k] / first[k] - 1) <= Decimal("0.0201") for k in first if first[k])
+
+
+# -- scripted answers and how they are cut into segments ---------------------------------------
+
+
+def _raw_download(
+    client: WireClient, account: str, after_end: int = 0
+) -> tuple[list[bytes], list[list[str]]]:
+    """The bytes of an account's download as each recv() returned them, and its frames
+    (up to its end, and `after_end` frames more)."""
+    client.send(ClientMsg.REQ_ACCT_DATA, 2, True, account)
+    end = ["54", "1", account]
+    chunks: list[bytes] = []
+    buffer = FrameBuffer()
+    frames: list[list[str]] = []
+    client.sock.settimeout(3)
+    while end not in frames or len(frames) - frames.index(end) - 1 < after_end:
+        chunks.append(client.sock.recv(1 << 16))
+        assert chunks[-1], "the simulator closed the connection"
+        frames += [p.decode().split("\0")[:-1] for p in buffer.feed(chunks[-1])]
+    client.send(ClientMsg.REQ_ACCT_DATA, 2, False, account)
+    return chunks, frames
+
+
+def _without_time(frames: list[list[str]]) -> list[list[str]]:
+    return [f for f in frames if f[0] != str(int(ServerMsg.ACCT_UPDATE_TIME))]
+
+
+@pytest.mark.parametrize(("size", "delay"), [(1, 0.0), (7, 0.0), (32, 0.005), (200, 0.02)])
+def test_segmentation_cuts_the_same_bytes_into_other_segments(sim, size, delay):
+    with connect(sim) as client:
+        whole, frames = _raw_download(client, EMPTY_ACCOUNT)
+        sim.set_faults(segment_size=size, segment_delay=delay)
+        started = time.monotonic()
+        pieces, cut = _raw_download(client, EMPTY_ACCOUNT)
+        elapsed = time.monotonic() - started
+    assert _without_time(cut) == _without_time(frames)
+    count = -(-len(b"".join(whole)) // size)  # the pieces written
+    assert len(pieces) > 1
+    if delay:  # pieces that far apart arrive alone (allowing for a busy machine)
+        assert len(pieces) >= count // 2
+        assert sum(len(piece) <= size for piece in pieces) >= count // 2
+        assert elapsed >= (count - 1) * delay
+
+
+def test_value_inserts_go_where_their_index_says_in_the_given_order(sim):
+    account = "DU1234567"
+    late = ["6", "2", "NetLiquidation", "1", "USD", account]
+    with connect(sim) as client:
+        _, plain = _raw_download(client, account)
+        sim.set_faults(
+            value_inserts={account: [(0, [1100]), (10**6, [2104]), (-1, [late]), (0, [0.05, 1102])]}
+        )
+        started = time.monotonic()
+        _, scripted = _raw_download(client, account, after_end=1)
+        elapsed = time.monotonic() - started
+    assert [int(f[3]) for f in scripted if f[0] == "4"] == [1100, 1102, 2104]
+    assert scripted[0][3] == "1100" and scripted[1][3] == "1102"
+    assert scripted[-3] == late and scripted[-2] == ["54", "1", account]
+    assert scripted[-1][3] == "2104"
+    assert _without_time([f for f in scripted if f[0] != "4" and f != late]) == _without_time(plain)
+    assert elapsed >= 0.05  # the pause
+
+
+def test_frames_after_positions_follow_the_position_end(sim):
+    sim.set_faults(frames_after_positions=[1100, ["999", "1"]], extra_frames=[2104])
+    with connect(sim) as client:
+        result = client.request_positions()
+        following = [client.recv(), client.recv()]
+    assert result.end_received and len(result.positions) == len(SAMPLE)
+    assert [e.code for e in result.errors] == [2104]
+    assert parse_error_message(following[0], client.server_version).code == 1100
+    assert following[1].fields == ("999", "1")
