@@ -23,7 +23,7 @@ urlpatterns = [
     path(
         "api/redoc/",
         # The stock template loads web fonts from a CDN; this one loads nothing remote.
-        SpectacularRedocView.as_view(url_name="schema", template_name="portfolio/api/redoc.html"),
+        SpectacularRedocView.as_view(url_name="schema", template_name="api/redoc.html"),
         name="redoc",
     ),
 ]

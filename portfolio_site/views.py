@@ -3,7 +3,7 @@
 from django.http import HttpRequest, HttpResponseRedirect
 from django.shortcuts import redirect
 
-from portfolio.admin import may_open_overview
+from ibkr_sync.admin.portfolio import may_open_overview
 
 
 def home(request: HttpRequest) -> HttpResponseRedirect:

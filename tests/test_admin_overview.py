@@ -12,9 +12,9 @@ from django.utils import timezone
 
 from ibkr_sync.exceptions import GatewayUnavailable, SyncAlreadyRunning
 from ibkr_sync.models import SyncRun
+from ibkr_sync.overview import Subtotal, bar_chart
 from ibkr_sync.services import sync_positions
 from portfolio.models import Position
-from portfolio.overview import Subtotal, bar_chart
 from tests.conftest import FakeGateway, position
 from tests.test_admin import client_for
 

@@ -12,9 +12,9 @@ import pytest
 from django.urls import reverse
 from django.utils import timezone
 
-from portfolio import history
+from ibkr_sync import history
+from ibkr_sync.overview import TIMES, Conversion, Total, portfolio_overview
 from portfolio.models import AccountSnapshot
-from portfolio.overview import TIMES, Conversion, Total, portfolio_overview
 from tests.test_admin_overview import OVERVIEW_MAX_QUERIES, module
 from tests.values import account, cash, held, snapshot
 
@@ -626,7 +626,7 @@ def test_a_range_longer_than_the_history_says_so():
 def test_an_account_a_sync_adds_while_the_page_is_read_is_left_for_the_next_one(
     admin_client, values, now, monkeypatch
 ):
-    from portfolio import overview
+    from ibkr_sync import overview
 
     read = overview._latest_snapshots
 

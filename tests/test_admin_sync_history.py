@@ -7,7 +7,7 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from ibkr_sync.admin import CHANGES_PER_PAGE
+from ibkr_sync.admin.sync_runs import CHANGES_PER_PAGE
 from ibkr_sync.exceptions import GatewayTimeout
 from ibkr_sync.models import SyncRun
 from ibkr_sync.services import sync_positions

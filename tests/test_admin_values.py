@@ -11,7 +11,7 @@ import pytest
 from django.urls import reverse
 from django.utils import timezone
 
-from portfolio.admin import PositionAdmin, number
+from ibkr_sync.admin.portfolio import PositionAdmin, number
 from portfolio.models import AccountSnapshot, CashBalance, Position
 from tests.test_admin import add, change, changelist
 from tests.values import account, cash, held, snapshot
@@ -118,7 +118,7 @@ def test_positions_list_shows_ibkr_values_right_aligned_and_exact_on_hover(admin
     # The columns' headers, and the stylesheet that right-aligns them.
     for header in ("Market price", "Market value", "Unrealized P&amp;L"):
         assert f">{header}</a>" in html
-    assert "portfolio/admin.css" in html
+    assert "ibkr_sync/admin.css" in html
 
 
 @pytest.mark.parametrize(
@@ -317,7 +317,7 @@ def test_every_field_ibkr_reports_is_read_only_in_the_admin(rf, admin_user, valu
     from django.contrib import admin
 
     from ibkr_sync import conf
-    from portfolio.admin import USER_FIELDS
+    from ibkr_sync.admin.portfolio import USER_FIELDS
 
     model = getattr(conf, f"{name}_model")()
     model_admin = admin.site._registry[model]

@@ -1,7 +1,7 @@
 """The reuse boundary: `ibkr_sync` writes into whichever models the settings name and
 needs nothing of `portfolio`; `portfolio` (the default domain app) is built on what
-`ibkr_sync` offers every host (the abstract model bases, the decimal formatter), and its
-templates name none of the sync app's URLs."""
+`ibkr_sync` offers every host (the abstract model bases, the admin classes) and nothing
+else: models and a line of admin registration each, as a host's own app."""
 
 import ast
 from pathlib import Path
@@ -14,14 +14,13 @@ IBKR_SYNC = Path(ibkr_sync.__file__).parent
 
 # What a host's own portfolio app may use of ibkr_sync, as `portfolio` does.
 OFFERED_TO_HOSTS = {
-    "ibkr_sync.admin",  # SyncNowMixin
+    "ibkr_sync.admin",  # the admin classes of the five models, SyncNowMixin
     "ibkr_sync.api.base",
     "ibkr_sync.api.errors",
     "ibkr_sync.api.fields",
     "ibkr_sync.database",
     "ibkr_sync.decimals",
     "ibkr_sync.models",
-    "ibkr_sync.overview",  # the sync status panel
     "ibkr_sync.permissions",  # which view permission covers which kind of data
 }
 # The sync's core: the one-way flow gateway -> mapping -> services, and what they use.
@@ -72,11 +71,17 @@ def test_ibkr_sync_migrations_reach_the_models_through_the_settings():
         assert "'portfolio." not in text and '"portfolio.' not in text, path.name
 
 
-def test_portfolio_templates_do_not_use_ibkr_sync():
-    templates = sorted((PORTFOLIO / "templates").rglob("*.html"))
-    assert templates
-    for path in templates:
-        assert "ibkr_sync" not in path.read_text(), path.name
+def test_portfolio_is_only_models_and_their_registration():
+    """Everything a host with its own models gets (read API, admin classes, overview,
+    templates, static files) lives in ibkr_sync: our portfolio app has nothing more."""
+    files = {
+        path.relative_to(PORTFOLIO).as_posix()
+        for path in PORTFOLIO.rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts
+    }
+    assert {f for f in files if not f.startswith("migrations/")} == {
+        "__init__.py", "admin.py", "apps.py", "models.py"
+    }  # fmt: skip
 
 
 def test_the_abstract_bases_relate_only_to_the_configured_models():

@@ -21,11 +21,11 @@ import pytest
 from django.utils import timezone
 from playwright.sync_api import Page, expect
 
-from portfolio import history
-from portfolio.admin import PositionAdmin
-from portfolio.decimals import money
+from ibkr_sync import history
+from ibkr_sync.admin import PositionAdmin
+from ibkr_sync.decimals import money
+from ibkr_sync.overview import TIMES
 from portfolio.models import Account, AccountSnapshot
-from portfolio.overview import TIMES
 from tests.browser.sample_values import (
     HISTORY_DAYS,
     MAIN,

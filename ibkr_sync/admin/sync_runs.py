@@ -11,11 +11,11 @@ from django.utils.html import format_html, format_html_join
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.utils.safestring import mark_safe
 
-from . import conf, throttle
-from .exceptions import IbkrSyncError, InvalidAccountId, SyncAlreadyRunning
-from .models import PositionChange, SyncRun
-from .permissions import Kind, may_view
-from .services import describe_values, sync_positions
+from .. import conf, throttle
+from ..exceptions import IbkrSyncError, InvalidAccountId, SyncAlreadyRunning
+from ..models import PositionChange, SyncRun
+from ..permissions import Kind, may_view
+from ..services import describe_values, sync_positions
 
 
 def _admin_url_name(model, view: str) -> str | None:

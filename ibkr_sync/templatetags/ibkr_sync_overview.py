@@ -1,9 +1,9 @@
 """The admin index's link to the portfolio overview: only for users who may open it, and
-naming only what they may see there (`portfolio.admin.OVERVIEW_KINDS`)."""
+naming only what they may see there (`ibkr_sync.admin.portfolio.OVERVIEW_KINDS`)."""
 
 from django import template
 
-from ibkr_sync.permissions import Kind, may_view
+from ..permissions import Kind, may_view
 
 register = template.Library()
 
@@ -16,9 +16,9 @@ CONTENTS = (
 )
 
 
-@register.inclusion_tag("admin/portfolio/overview_link.html", takes_context=True)
+@register.inclusion_tag("admin/ibkr_sync/overview_link.html", takes_context=True)
 def overview_link(context) -> dict:
-    from ..admin import may_open_overview
+    from ..admin.portfolio import may_open_overview
 
     user = context["request"].user
     if not may_open_overview(user):

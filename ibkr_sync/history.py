@@ -20,8 +20,8 @@ from django.db.models import Case, Count, DateTimeField, F, Max, Min, When, Wind
 from django.db.models.functions import RowNumber, Trunc
 from django.utils import timezone
 
+from . import conf
 from .decimals import grouped, money
-from .models import AccountSnapshot
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ class History:
 
 def histories(since: dt.datetime | None) -> dict[int, History]:
     """Each account's net liquidation since `since` (None: ever), in two queries."""
-    snapshots = AccountSnapshot.objects.filter(net_liquidation__isnull=False)
+    snapshots = conf.account_snapshot_model().objects.filter(net_liquidation__isnull=False)
     if since is not None:
         snapshots = snapshots.filter(taken_at__gte=since)
     stats = (

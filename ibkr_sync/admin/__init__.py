@@ -1,0 +1,39 @@
+"""The app's admin, for any project's admin site.
+
+Registered here: the sync history (`SyncRun`, with each run's changes). Offered to
+register on the models the sync writes, a line each (`portfolio/admin.py` does it for our
+portfolio app; a host does the same for its own models):
+
+    from django.contrib import admin
+    from ibkr_sync.admin import AccountAdmin, PositionAdmin, ...
+
+    admin.site.register(Holding, PositionAdmin)
+
+`AccountAdmin`, `InstrumentAdmin`, `PositionAdmin` (with the portfolio overview at
+`overview/`), `CashBalanceAdmin` and `AccountSnapshotAdmin`: read-only lists with the
+number formatting, filters and search, and Sync now on accounts and positions.
+`SyncNowMixin` adds Sync now to any other `ModelAdmin`.
+"""
+
+from .portfolio import (
+    AccountAdmin,
+    AccountSnapshotAdmin,
+    CashBalanceAdmin,
+    InstrumentAdmin,
+    MirroredModelAdmin,
+    PositionAdmin,
+    SyncedModelAdmin,
+)
+from .sync_runs import SyncNowMixin, SyncRunAdmin
+
+__all__ = [
+    "AccountAdmin",
+    "AccountSnapshotAdmin",
+    "CashBalanceAdmin",
+    "InstrumentAdmin",
+    "MirroredModelAdmin",
+    "PositionAdmin",
+    "SyncNowMixin",
+    "SyncRunAdmin",
+    "SyncedModelAdmin",
+]
