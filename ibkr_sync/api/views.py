@@ -101,7 +101,10 @@ SYNC_RESPONSES = {
         "ibkr_account_id is not one IBKR account id (invalid_account_id), or the request has "
         "an unknown query parameter or a body (invalid_query); nothing was started."
     ),
-    401: _sync_error("No or invalid credentials (not_authenticated, authentication_failed)."),
+    401: _sync_error(
+        "No or invalid credentials, or credentials of another scheme than "
+        "`Authorization: Token <key>` (not_authenticated, authentication_failed)."
+    ),
     403: _sync_error("Lacks ibkr_sync.run_sync (permission_denied), or no CSRF token."),
     404: _sync_error("The gateway does not manage that account (unknown_account)."),
     405: _sync_error("Anything but POST (method_not_allowed)."),
