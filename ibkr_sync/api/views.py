@@ -119,8 +119,9 @@ SYNC_RESPONSES = {
     ),
     500: _sync_error("An unexpected error of the server; nothing was changed (internal_error)."),
     503: _sync_error(
-        "TWS / IB Gateway unreachable, refused, or dropped (gateway_unavailable), or the "
-        "database did not answer (database_unavailable)."
+        "TWS / IB Gateway unreachable, refused, or dropped (gateway_unavailable), something "
+        "else answering at its address (not_a_gateway), or the database did not answer "
+        "(database_unavailable)."
     ),
     504: _sync_error("No complete answer within the timeouts (gateway_timeout)."),
 }
