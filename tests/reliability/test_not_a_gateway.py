@@ -105,6 +105,7 @@ def test_the_api_says_at_once_what_answered_instead_of_a_gateway(kind, ibkr, set
     assert (run.status, run.error_code) == (SyncRun.Status.FAILED, "not_a_gateway")
 
 
+@pytest.mark.processes
 def test_a_real_web_server_is_named_as_one(node_http, ibkr, settings, sync_client):
     settings.IBKR_CONNECT_TIMEOUT = LONG_TIMEOUT
     settings.IBKR_PORT = node_http
