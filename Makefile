@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format venv bench screenshots clean
+.PHONY: demo test test-fast lint format venv bench screenshots clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ demo: $(STAMP)
 ## Run the test suite (DATABASE_URL picks the database; SQLite by default).
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+## The inner loop: every test but the browser tests and those that start processes.
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not processes and not browser" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

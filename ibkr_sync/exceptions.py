@@ -70,6 +70,14 @@ class GatewayUnavailable(GatewayError):
     code = "gateway_unavailable"
 
 
+class NotAGateway(GatewayUnavailable):
+    """Something answered at the gateway's address, but not as TWS / IB Gateway does: a
+    web server, another service, a proxy with no gateway behind it. Said at once, rather
+    than after the connect timeout, so that the port is checked and not the timeouts."""
+
+    code = "not_a_gateway"
+
+
 class GatewayTimeout(GatewayError):
     code = "gateway_timeout"
 

@@ -52,6 +52,7 @@ import contextlib
 import importlib
 import logging
 import socket
+import struct
 import threading
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
@@ -69,6 +70,7 @@ from .exceptions import (
     IbkrSyncError,
     IncompleteSnapshot,
     NoManagedAccounts,
+    NotAGateway,
     SyncAlreadyRunning,
     UnknownAccount,
 )
@@ -138,6 +140,16 @@ _SETUP_CHECKLIST = (
     "Check that TWS or IB Gateway is running and logged in, that 'Enable ActiveX and "
     "Socket Clients' is checked in its API settings, that the API port matches "
     "IBKR_PORT, and that this machine's IP address is in its trusted IPs."
+)
+
+# What a gateway answers the API handshake with: one frame of two NUL-terminated fields,
+# its server version and the connection time (`176`, `20240105 10:00:00 EST`). A first
+# frame longer than this, or empty, is not such an answer.
+_MAX_HANDSHAKE_REPLY = 1024
+_PORT_CHECKLIST = (
+    "Check that IBKR_HOST and IBKR_PORT name the API port of TWS / IB Gateway (its API "
+    "settings' 'Socket port'; by default 7496 live / 7497 paper for TWS, 4001 / 4002 for "
+    "IB Gateway)."
 )
 
 _process_lock = threading.Lock()
@@ -223,10 +235,23 @@ def _float_decimal(value: float | None) -> Decimal | None:
 
 
 @dataclass
+class _Handshake:
+    """What the peer sent in answer to the API handshake, until it is known to be TWS."""
+
+    connected: bool = False
+    # A gateway's handshake answer arrived: from then on the frames are the library's.
+    answered: bool = False
+    # It is known not to be a gateway: nothing more of its bytes is looked at.
+    refused: bool = False
+    received: bytearray = field(default_factory=bytearray)
+
+
+@dataclass
 class _ReadState:
     """What one read has seen so far; filled by library callbacks on the private loop."""
 
     failure: asyncio.Future | None = None
+    handshake: _Handshake = field(default_factory=_Handshake)
     # Frames that could not be read: any of them makes the read incomplete.
     unreadable: int = 0
     # The first few, for the error message: a hostile peer's flood costs a count, no memory.
@@ -380,7 +405,8 @@ class IbkrGateway:
                 "Another sync is reading from the IB gateway in this process; try again later."
             )
         try:
-            return _run_in_private_loop(lambda: self._read(account_id))
+            with _library_log_kept(self.config.library):
+                return _run_in_private_loop(lambda: self._read(account_id))
         finally:
             _process_lock.release()
 
@@ -399,6 +425,7 @@ class IbkrGateway:
         connection = getattr(ib.client, "conn", None)
         if connection is not None and hasattr(connection, "disconnected"):
             connection.disconnected += lambda message: self._on_socket_closed(state, message)
+            self._guard_handshake(connection, state)
         self._decode_positions_ourselves(ib, state)
         self._decode_values_ourselves(ib, state)
         self._guard_decoding(ib, state)
@@ -594,6 +621,10 @@ class IbkrGateway:
                 + _SETUP_CHECKLIST
             ) from None
         except ConnectionError as exc:
+            if isinstance(exc, ConnectionResetError) and not state.handshake.answered:
+                # Reset while connecting: it accepted the connection, then reset it at
+                # once (as when it closes at once, only sooner).
+                raise self._not_a_gateway("reset it at once", closed=True) from None
             raise GatewayUnavailable(
                 f"The connection to the IB gateway at {self.address} was lost while waiting "
                 f"for it to {what} ({exc}); nothing was changed. " + _SETUP_CHECKLIST
@@ -700,6 +731,88 @@ class IbkrGateway:
                 f"{f' ({message})' if message else ''} before the read finished; nothing "
                 "was changed. " + _SETUP_CHECKLIST
             )
+        )
+
+    def _guard_handshake(self, connection: Any, state: _ReadState) -> None:
+        """Look at what answers the API handshake before the client library does.
+
+        The library takes the first four bytes it receives as a frame length and waits
+        for that many bytes: a web server's `HTTP/1.1 400` is a frame of 1.2 GB to it,
+        and a peer that sends something else (or nothing, and closes) leaves it waiting
+        for the connect timeout, which is then blamed. Here the first frame is held back
+        until it is complete and checked: a gateway's answer (two fields, the first its
+        server version) goes on to the library, anything else fails the read at once,
+        naming the address and what answered.
+        """
+        handshake = state.handshake
+        made, received = connection.connection_made, connection.data_received
+        lost = connection.connection_lost
+
+        def connection_made(transport: Any) -> None:
+            handshake.connected = True
+            made(transport)
+
+        def connection_lost(exc: Exception | None) -> None:
+            # Before the library hears of it (it would call it a lost connection).
+            self._closed_unanswered(state)
+            lost(exc)
+
+        def data_received(data: bytes) -> None:
+            if handshake.answered:
+                received(data)
+                return
+            if handshake.refused:
+                return
+            handshake.received += data
+            verdict = _handshake_verdict(bytes(handshake.received))
+            if verdict is None:  # not complete yet
+                return
+            if verdict:
+                handshake.refused = True
+                state.fail(self._not_a_gateway(verdict))
+                return
+            handshake.answered = True
+            held, handshake.received = bytes(handshake.received), bytearray()
+            received(held)
+
+        # Instance attributes: asyncio calls the protocol's methods by name.
+        connection.connection_made = connection_made
+        connection.data_received = data_received
+        connection.connection_lost = connection_lost
+
+    def _closed_unanswered(self, state: _ReadState) -> None:
+        """A peer that accepted the connection and closed it (or reset it) before answering
+        the API handshake: a gateway does not, unless it refuses this client. (After a
+        connect timeout the read has failed already; the first failure stands.)"""
+        handshake = state.handshake
+        if not handshake.connected or handshake.answered or handshake.refused:
+            return
+        handshake.refused = True
+        if handshake.received:
+            what = (
+                f"it sent {_shown_bytes(bytes(handshake.received))}, which is not an answer "
+                "to the API handshake, and closed the connection"
+            )
+        else:
+            what = "it closed the connection without answering the API handshake"
+        state.fail(self._not_a_gateway(what, closed=True))
+
+    def _not_a_gateway(self, what: str, *, closed: bool = False) -> GatewayUnavailable:
+        """What answered is not TWS (`not_a_gateway`); or, for a peer that closed without a
+        word, a gateway refusing this client as likely as another service, so it stays
+        `gateway_unavailable`, saying both."""
+        if closed:
+            return GatewayUnavailable(
+                f"{self.address} accepted the connection, but {what}; nothing was changed. "
+                "TWS / IB Gateway does so to a client it refuses: check that this machine's "
+                "IP address is in its trusted IPs (and 'Allow connections from localhost "
+                "only' off for another machine), and that a proxy in front of it (a "
+                "container's published port) has it running behind. Or something other "
+                "than TWS listens there: " + _PORT_CHECKLIST
+            )
+        return NotAGateway(
+            f"{self.address} answered, but not as TWS / IB Gateway: {what}; nothing was "
+            "changed. " + _PORT_CHECKLIST
         )
 
     def _decode_positions_ourselves(self, ib: Any, state: _ReadState) -> None:
@@ -933,6 +1046,38 @@ class IbkrGateway:
         self._received(state, received)
 
 
+def _handshake_verdict(data: bytes) -> str | None:
+    """What is wrong with `data` (the bytes received so far) as a gateway's answer to the
+    API handshake: "" if it is one, None if it cannot be told yet, else what it is."""
+    if data[:4] == b"HTTP"[: len(data)] and len(data) < 5:
+        return None
+    if data.startswith(b"HTTP/"):
+        status = data.split(b"\r\n", 1)[0].split(b"\n", 1)[0]
+        return f"it speaks HTTP ({_shown_bytes(status)})"
+    if len(data) < 4:
+        return None
+    (length,) = struct.unpack(">I", data[:4])
+    if length == 0 or length > _MAX_HANDSHAKE_REPLY:
+        return (
+            f"its first frame would be {length:,} bytes long, which no answer to the API "
+            f"handshake is (it sent {_shown_bytes(data)})"
+        )
+    if len(data) < 4 + length:
+        return None
+    fields = data[4 : 4 + length].split(b"\0")
+    if len(fields) != 3 or fields[2] != b"" or not fields[0].isdigit():
+        return (
+            "its first frame is not an answer to the API handshake (a server version and "
+            f"a time): it sent {_shown_bytes(data[: 4 + length])}"
+        )
+    return ""
+
+
+def _shown_bytes(data: bytes, limit: int = 40) -> str:
+    """Bytes a peer sent, as a message quotes them: the first `limit`, printable."""
+    return repr(data[:limit])[1:] + ("..." if len(data) > limit else "")
+
+
 def _position_from_wire(fields: list[str]) -> GatewayPosition:
     """A position message (id 61, version 3), in the layout the client library decodes.
 
@@ -1078,12 +1223,79 @@ class _DecoderLog:
         return getattr(self._logger, name)
 
 
+# The loggers of the client libraries (their client, wrapper, ib and decoder are children
+# of these) and of the event library they emit through.
+_LIBRARY_LOGGERS = {"ib_insync": ("ib_insync", "eventkit"), "ib_async": ("ib_async", "eventkit")}
+_READ_THREAD = "ibkr-gateway-read"
+# Marks the library's records as re-logged here, for a handler that shows both.
+LIBRARY_RECORD = "ibkr_library_record"
+
+
+class _LibraryLog(logging.Handler):
+    """Takes the client library's records during a read: re-logged at DEBUG under
+    `ibkr_sync.gateway`, for a host that wants them. A record another thread logs
+    meanwhile (a host's own use of the library) goes on to the host's handlers, as if
+    it had propagated."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.threadName != _READ_THREAD:
+            logging.getLogger().callHandlers(record)
+            return
+        logger.debug(
+            "%s %s: %s",
+            record.name,
+            record.levelname,
+            record.getMessage(),
+            exc_info=record.exc_info,
+            extra={LIBRARY_RECORD: True},
+        )
+
+
+@contextlib.contextmanager
+def _library_log_kept(library: str) -> Any:
+    """Keep the client library's log off the host's handlers for the duration of a read.
+
+    The library logs what we turn into one clear error (`API connection failed: ...`,
+    `Make sure API port on TWS/IBG is open`, a frame it could not decode) at ERROR. In a
+    host whose root logger has a console handler, or none at all (Python then prints
+    WARNING and above on stderr), those lines would appear before the error we raise:
+    before the one line `sync_ibkr` promises, or in a web server's console. Handlers
+    configured on the library's own loggers (IBKR_LIBRARY_LOG_LEVEL, `sync_ibkr -v 2`)
+    still get every record. One read at a time per process, so nothing races the
+    saving and restoring.
+    """
+    kept = []
+    handler = _LibraryLog()
+    for name in _LIBRARY_LOGGERS.get(library, (library, "eventkit")):
+        library_logger = logging.getLogger(name)
+        kept.append((library_logger, library_logger.propagate))
+        library_logger.addHandler(handler)
+        library_logger.propagate = False
+    try:
+        yield
+    finally:
+        for library_logger, propagate in kept:
+            library_logger.removeHandler(handler)
+            library_logger.propagate = propagate
+
+
+def _on_loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """An exception the private loop would log (a callback of the library that failed):
+    ours to record, not the host's console's; the read's own outcome says what failed."""
+    logger.debug(
+        "In the IB client's event loop: %s",
+        context.get("message"),
+        exc_info=context.get("exception"),
+    )
+
+
 def _run_in_private_loop(make_coroutine: Any) -> Any:
     """Run a coroutine on a new event loop in a new thread; return its result or raise."""
     outcome: dict[str, Any] = {}
 
     def worker() -> None:
         loop = asyncio.new_event_loop()
+        loop.set_exception_handler(_on_loop_exception)
         asyncio.set_event_loop(loop)
         try:
             outcome["result"] = loop.run_until_complete(make_coroutine())
@@ -1101,7 +1313,7 @@ def _run_in_private_loop(make_coroutine: Any) -> Any:
                 asyncio.set_event_loop(None)
                 loop.close()
 
-    thread = threading.Thread(target=worker, name="ibkr-gateway-read", daemon=True)
+    thread = threading.Thread(target=worker, name=_READ_THREAD, daemon=True)
     thread.start()
     thread.join()
     if "error" in outcome:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 from collections.abc import Iterator
 from decimal import Decimal
@@ -17,6 +18,45 @@ from ibkr_sync.gateway import GatewayPosition, GatewaySnapshot
 # What a host's tests get from the installed distribution (entry point pytest11); this
 # source tree is not installed, so its fixtures are taken in here.
 from ibkr_sync.testing.pytest_plugin import ibkr_portfolio, ibkr_simulator  # noqa: F401
+
+# --- the `processes` marker holds: `make test-fast` leaves out every test that starts one ---
+
+# Audit events of starting a program (subprocess, asyncio's subprocesses, os.system, ...).
+_PROCESS_EVENTS = frozenset(
+    {"subprocess.Popen", "os.system", "os.posix_spawn", "os.spawn", "os.exec", "os.fork"}
+)
+# The running test, if it may start processes; what an unmarked one started.
+_running: dict[str, Any] = {"test": None, "allowed": True, "started": []}
+
+
+def _audit(event: str, args: tuple) -> None:
+    if event in _PROCESS_EVENTS and not _running["allowed"]:
+        _running["started"].append(f"{event} {str(args[1] if len(args) > 1 else args)[:120]}")
+
+
+sys.addaudithook(_audit)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    marked = any(item.get_closest_marker(name) for name in ("processes", "browser"))
+    _running.update(test=item.nodeid, allowed=marked, started=[])
+    try:
+        return (yield)
+    finally:
+        _running.update(test=None, allowed=True, started=[])
+
+
+@pytest.fixture(autouse=True)
+def _processes_are_marked():
+    """A test that starts a process (in its fixtures too) must be marked `processes`."""
+    yield
+    if _running["started"]:
+        pytest.fail(
+            "started a process without the `processes` marker (make test-fast would run "
+            "it): " + "; ".join(_running["started"][:3]),
+            pytrace=False,
+        )
 
 
 def position(

@@ -11,7 +11,7 @@ from tests.reliability.matrix import GATEWAY_FAULTS
 
 ROOT = Path(__file__).resolve().parent.parent
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.processes]
 
 
 def run(*args: str) -> str:

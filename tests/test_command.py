@@ -213,6 +213,7 @@ def closed_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.processes
 def test_gateway_not_listening_exits_3_with_one_clear_line(command_env, closed_port):
     result = manage("sync_ibkr", env={**command_env, "IBKR_PORT": str(closed_port)})
 
@@ -225,6 +226,7 @@ def test_gateway_not_listening_exits_3_with_one_clear_line(command_env, closed_p
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.processes
 def test_invalid_account_exits_2(command_env):
     result = manage("sync_ibkr", "--account", "bogus!", env=command_env)
 
@@ -236,6 +238,7 @@ def test_invalid_account_exits_2(command_env):
     ]
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -253,6 +256,7 @@ def test_bad_options_exit_2_with_one_line(command_env, args, message):
     assert result.stderr.splitlines() == [f"manage.py sync_ibkr: error: {message} (see --help)"]
 
 
+@pytest.mark.processes
 def test_malformed_port_setting_stops_with_a_message_naming_it(command_env):
     result = manage("sync_ibkr", env={**command_env, "IBKR_PORT": "abc"})
 
@@ -263,6 +267,7 @@ def test_malformed_port_setting_stops_with_a_message_naming_it(command_env):
     ]
 
 
+@pytest.mark.processes
 def test_quiet_under_cron_prints_only_the_error_and_exits_3(command_env, closed_port):
     result = manage("sync_ibkr", "--quiet", env={**command_env, "IBKR_PORT": str(closed_port)})
 
@@ -275,6 +280,7 @@ def test_quiet_under_cron_prints_only_the_error_and_exits_3(command_env, closed_
 # --- one line on stderr, whatever fails, whatever the log level -----------------------------
 
 
+@pytest.mark.processes
 def test_log_level_info_under_cron_prints_only_the_error(command_env, closed_port):
     """LOG_LEVEL=INFO (the README's production setting) does not add the sync's log lines
     to what cron mails: those are for `-v 2`."""
@@ -286,6 +292,7 @@ def test_log_level_info_under_cron_prints_only_the_error(command_env, closed_por
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+@pytest.mark.processes
 def test_log_level_info_quiet_success_prints_nothing(command_env, simulator):
     env = {**command_env, "IBKR_PORT": str(simulator.port), "LOG_LEVEL": "INFO"}
 
@@ -322,6 +329,7 @@ def sync_losing_the_database(env, simulator, lose):
     return process.returncode, out, err
 
 
+@pytest.mark.processes
 def test_database_file_damaged_mid_sync_is_exit_9_with_one_line(command_env, simulator, tmp_path):
     source = Path(command_env["DATABASE_URL"].removeprefix("sqlite:///"))
     copy = tmp_path / "db.sqlite3"
@@ -373,6 +381,7 @@ def postgresql_env(command_env):
     admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@pytest.mark.processes
 def test_database_server_gone_mid_sync_is_exit_9_with_one_line(postgresql_env, simulator):
     env, server_gone = postgresql_env
 

@@ -6,6 +6,7 @@ import datetime as dt
 import itertools
 import os
 import queue
+import re
 import signal
 import socket
 import sqlite3
@@ -193,15 +194,35 @@ def test_the_demo_runs_in_its_own_database_whatever_database_url_names(
     assert any("days of made-up history" in line for line in demo.output)
 
 
+def hold(port: int) -> socket.socket | None:
+    """Take `port` on loopback as a running server does (None if it cannot be had)."""
+    holder = socket.socket()
+    try:
+        holder.bind(("127.0.0.1", port))
+    except OSError:
+        holder.close()
+        return None
+    holder.listen()
+    return holder
+
+
+def bindable(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 @pytest.mark.parametrize("taken", [("gateway",), ("web",), ("gateway", "web")])
-def test_a_port_in_use_stops_the_demo_at_once_saying_which(tmp_path, taken):
+def test_a_port_in_use_stops_the_demo_at_once_suggesting_ports_that_are_free(tmp_path, taken):
     ports = {"gateway": free_port(), "web": free_port()}
-    holders = []
-    for name in taken:
-        holder = socket.socket()
-        holder.bind(("127.0.0.1", ports[name]))
-        holder.listen()
-        holders.append(holder)
+    holders = [hold(ports[name]) for name in taken]
+    # The first ports a suggestion would try (the port asked for + 10) are taken too: a
+    # suggestion must be tried, not assumed.
+    holders += [hold(ports[name] + 10) for name in ports]
     demo_file = tmp_path / "demo.sqlite3"
     try:
         result = manage(
@@ -209,9 +230,19 @@ def test_a_port_in_use_stops_the_demo_at_once_saying_which(tmp_path, taken):
             "--addr", f"127.0.0.1:{ports['web']}", "--database", str(demo_file),
             env=demo_env(), check=False,
         )  # fmt: skip
+        lines = result.stderr.splitlines()
+        suggested = re.search(
+            r'make demo DEMO_ARGS="--gateway-port (\d+) --addr 127\.0\.0\.1:(\d+)" '
+            r"\(free just now\)\.$",
+            lines[0] if lines else "",
+        )
+        assert suggested, result.stderr
+        gateway, web = (int(port) for port in suggested.groups())
+        assert bindable(gateway) and bindable(web), "the suggested ports are free"
     finally:
         for holder in holders:
-            holder.close()
+            if holder is not None:
+                holder.close()
 
     named = {
         "gateway": f"{ports['gateway']} (for the IB Gateway simulator, --gateway-port)",
@@ -220,12 +251,15 @@ def test_a_port_in_use_stops_the_demo_at_once_saying_which(tmp_path, taken):
     which = " and ".join(named[name] for name in taken)
     assert result.returncode == 1
     assert result.stdout == ""
-    assert result.stderr.splitlines() == [
+    assert lines == [
         f"CommandError: {'Port' if len(taken) == 1 else 'Ports'} {which} "
         f"{'is' if len(taken) == 1 else 'are'} already in use, perhaps by a demo that is "
         'running: stop it, or choose free ports, e.g. make demo DEMO_ARGS="--gateway-port '
-        '4012 --addr 127.0.0.1:8012".'
+        f'{gateway} --addr 127.0.0.1:{web}" (free just now).'
     ]
+    assert gateway != web
+    assert gateway not in (ports["gateway"], ports["gateway"] + 10, ports["web"])
+    assert web not in (ports["web"], ports["web"] + 10, ports["gateway"])
     assert not demo_file.exists(), "nothing is done before the ports are checked"
 
 
@@ -254,3 +288,27 @@ def test_the_demo_history_is_a_plausible_past_that_ends_at_the_first_sync():
     named.refresh_from_db()
     assert "made up" in owner.name
     assert named.name == "Mine", "a name of the user's own is kept"
+
+
+def test_the_demo_started_twice_suggests_ports_the_first_one_does_not_hold(tmp_path):
+    """`make demo` run twice: the second says the first holds its ports, and suggests
+    ports the first does not hold (they were the same ones before)."""
+    web = f"127.0.0.1:{free_port()}"
+    gateway = str(free_port())
+    first = Demo("--addr", web, "--gateway-port", gateway, "--database",
+                 str(tmp_path / "first.sqlite3"), env=demo_env())  # fmt: skip
+    try:
+        first.wait_for("The demo is up")
+        second = manage(
+            "ibkr_demo", "--addr", web, "--gateway-port", gateway,
+            "--database", str(tmp_path / "second.sqlite3"), env=demo_env(), check=False,
+        )  # fmt: skip
+        suggested = re.search(r'--gateway-port (\d+) --addr 127\.0\.0\.1:(\d+)"', second.stderr)
+        assert suggested, second.stderr
+        assert all(bindable(int(port)) for port in suggested.groups()), second.stderr
+    finally:
+        first.stop()
+
+    assert second.returncode == 1
+    assert "are already in use, perhaps by a demo that is running" in second.stderr
+    assert len(second.stderr.splitlines()) == 1

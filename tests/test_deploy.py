@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 
+# Every test here starts manage.py or gunicorn.
+pytestmark = pytest.mark.processes
+
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 GUNICORN = Path(sys.executable).with_name("gunicorn")
 

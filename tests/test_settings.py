@@ -18,6 +18,9 @@ from django.test import override_settings
 
 from ibkr_sync.conf import GatewayConfig
 
+# Settings are read in a process of their own (two tests read them in this one).
+pytestmark = pytest.mark.processes
+
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 SETTINGS_FILE = PROJECT_DIR / "portfolio_site" / "settings.py"
 SETTINGS_VARS = (

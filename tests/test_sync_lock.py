@@ -84,6 +84,7 @@ def test_a_lock_nobody_renews_is_released_whoever_left_it(settings, owner):
     assert SyncRun.objects.get(pk=result.sync_run_id).status == "success"
 
 
+@pytest.mark.processes
 def test_a_live_idle_process_holds_no_lock_once_its_heartbeat_stopped(settings, sleeper):
     """The review's wedge: a web server whose sync could not record its failure is alive
     for hours; its row must not block every other process for IBKR_SYNC_STALE_AFTER."""
@@ -100,6 +101,7 @@ def test_a_live_idle_process_holds_no_lock_once_its_heartbeat_stopped(settings, 
     assert held.error_code == "abandoned"
 
 
+@pytest.mark.processes
 def test_a_lock_of_an_ended_process_of_this_machine_is_released_at_once():
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)  # fmt: skip
@@ -110,6 +112,7 @@ def test_a_lock_of_an_ended_process_of_this_machine_is_released_at_once():
     assert "its process has ended" in held.error_message
 
 
+@pytest.mark.processes
 def test_a_reused_pid_is_not_the_process_that_took_the_lock(sleeper):
     # Same machine, a live pid, but not the process that started then: released.
     held = held_by(other_process_token(sleeper.pid, "1"), silent_for=0)

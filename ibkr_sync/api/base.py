@@ -25,7 +25,8 @@ def error_responses(*statuses: int) -> dict[int, OpenApiResponse]:
     """Schema entries for the error answers a read endpoint can give."""
     reasons = {
         400: "A query parameter is malformed or unknown (code invalid_query).",
-        401: "No or invalid credentials (code not_authenticated / authentication_failed).",
+        401: "No or invalid credentials, or credentials of another scheme than "
+        "`Authorization: Token <key>` (code not_authenticated / authentication_failed).",
         403: "The user lacks the permission named in detail (code permission_denied).",
         404: "No such row (code not_found).",
         405: "Only GET is allowed (code method_not_allowed).",

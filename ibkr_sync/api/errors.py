@@ -1,6 +1,7 @@
 """One error shape for every API answer that is not a success."""
 
 import logging
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -8,7 +9,11 @@ from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.core.exceptions import SuspiciousOperation
 from django.http import Http404, QueryDict
 from rest_framework import exceptions, serializers, status
-from rest_framework.authentication import SessionAuthentication, TokenAuthentication
+from rest_framework.authentication import (
+    SessionAuthentication,
+    TokenAuthentication,
+    get_authorization_header,
+)
 from rest_framework.exceptions import APIException
 from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.renderers import JSONRenderer
@@ -18,6 +23,8 @@ from rest_framework.response import Response
 from ..database import DATABASE_UNAVAILABLE, is_unavailable, unavailable_message
 
 logger = logging.getLogger("django.request")
+
+_SCHEME = re.compile(rb"[A-Za-z][A-Za-z0-9_.+-]{0,19}")
 
 
 class InvalidQuery(APIException):
@@ -50,6 +57,29 @@ def flatten(detail: Any) -> str:
     return str(detail)
 
 
+def other_scheme(request: Request) -> str | None:
+    """Why the request's Authorization header is not this API's (`Token <key>`), or None.
+
+    Token authentication passes over any other scheme (`Bearer`, `Basic`, `JWT`), so a
+    caller who sent one would otherwise hear that no credentials were provided, and look
+    for the fault in the token. The scheme is compared as DRF compares it, without
+    regard to case (`token` is taken). It is named only if it looks like a scheme: a
+    bare key sent alone is not echoed.
+    """
+    header = get_authorization_header(request).split()
+    keyword = TokenAuthentication.keyword
+    if not header or header[0].lower() == keyword.lower().encode():
+        return None
+    if len(header) > 1 and _SCHEME.fullmatch(header[0]):
+        given = f"not the {header[0].decode()!r} scheme"
+    else:
+        given = "not this header, which names no scheme"
+    return (
+        f"This API takes `Authorization: {keyword} <key>`, {given}; nothing was done. "
+        "A user's key is made with `manage.py drf_create_token <username>`."
+    )
+
+
 class ErrorEnvelopeMixin:
     """Answer every error in one shape: authentication, permission, method, not found,
     input, a database that is unavailable (503, wherever in the request it fails: the
@@ -59,11 +89,21 @@ class ErrorEnvelopeMixin:
     It also carries the API's own policy, so that it holds in a host project whatever
     that project's REST_FRAMEWORK setting says (and changes none of the host's views):
     token then session authentication (an anonymous caller gets 401 with
-    `WWW-Authenticate: Token`), JSON answers only, and no request bodies parsed."""
+    `WWW-Authenticate: Token`, and one who sent credentials of another scheme a 401 that
+    names the one it takes), JSON answers only, and no request bodies parsed."""
 
     authentication_classes = [TokenAuthentication, SessionAuthentication]
     renderer_classes = [JSONRenderer]
     parser_classes = [JSONParser, FormParser, MultiPartParser]
+
+    def permission_denied(self, request: Request, message=None, code=None) -> None:
+        # Only a caller that no authenticator took: a browser session behind a proxy's
+        # HTTP Basic login (which sends `Authorization: Basic` with every request) passes.
+        if request.authenticators and not request.successful_authenticator:
+            reason = other_scheme(request)
+            if reason is not None:
+                raise exceptions.AuthenticationFailed(reason)
+        super().permission_denied(request, message, code)
 
     def handle_exception(self, exc: Exception) -> Response:
         if is_unavailable(exc):

@@ -105,7 +105,10 @@ SYNC_RESPONSES = {
         "ibkr_account_id is not one IBKR account id (invalid_account_id), or the request has "
         "an unknown query parameter or a body (invalid_query); nothing was started."
     ),
-    401: _sync_error("No or invalid credentials (not_authenticated, authentication_failed)."),
+    401: _sync_error(
+        "No or invalid credentials, or credentials of another scheme than "
+        "`Authorization: Token <key>` (not_authenticated, authentication_failed)."
+    ),
     403: _sync_error("Lacks ibkr_sync.run_sync (permission_denied), or no CSRF token."),
     404: _sync_error("The gateway does not manage that account (unknown_account)."),
     405: _sync_error("Anything but POST (method_not_allowed)."),
@@ -120,8 +123,9 @@ SYNC_RESPONSES = {
     ),
     500: _sync_error("An unexpected error of the server; nothing was changed (internal_error)."),
     503: _sync_error(
-        "TWS / IB Gateway unreachable, refused, or dropped (gateway_unavailable), or the "
-        "database did not answer (database_unavailable)."
+        "TWS / IB Gateway unreachable, refused, or dropped (gateway_unavailable), something "
+        "else answering at its address (not_a_gateway), or the database did not answer "
+        "(database_unavailable)."
     ),
     504: _sync_error("No complete answer within the timeouts (gateway_timeout)."),
 }

@@ -38,6 +38,16 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test of this directory is a browser test (`make test-fast` leaves them out):
+    Chromium is a process of its own."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in item.path.parents:
+            item.add_marker(pytest.mark.browser)
+            item.add_marker(pytest.mark.processes)
+
+
 @pytest.fixture
 def page(live_server, monkeypatch) -> Iterator[Page]:
     """A fresh headless Chromium page, with its own profile, for one test.

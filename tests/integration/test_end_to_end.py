@@ -179,6 +179,7 @@ def test_endpoint_through_a_real_wsgi_server_thread(ibkr, live_server, syncer, s
     assert caught.value.code == 504
 
 
+@pytest.mark.processes
 def test_sync_ibkr_in_a_real_process(ibkr, tmp_path):
     env = {
         **os.environ,

@@ -36,6 +36,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = [
+    pytest.mark.processes,
     pytest.mark.skipif(
         os.environ.get("IBKR_PACKAGING_TESTS") != "1",
         reason="builds and installs the wheel: IBKR_PACKAGING_TESTS=1 to run",

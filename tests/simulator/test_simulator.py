@@ -559,6 +559,7 @@ def test_async_api():
     assert asyncio.run(main()) == 25
 
 
+@pytest.mark.processes
 def test_management_command_serves_and_stops_on_sigterm(tmp_path):
     portfolio = tmp_path / "p.json"
     save_portfolio(Portfolio(["DU1", "DU2"], [SimPosition("DU1", 1, "X", quantity="2")]), portfolio)

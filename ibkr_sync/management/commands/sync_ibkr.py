@@ -20,6 +20,7 @@ from ... import exceptions
 from ...api.errors import error_body
 from ...api.serializers import SyncResultSerializer, render_json
 from ...decimals import plain
+from ...gateway import LIBRARY_RECORD
 from ...models import SyncRun
 from ...services import SyncResult, describe_values, sync_positions
 
@@ -305,6 +306,9 @@ def _sync_log_on(stderr, verbosity: int):
     saved = []
     if verbosity >= 2:
         shown = logging.StreamHandler(_PlainLines(stderr))
+        # The library's records reach it from the library's loggers: not a second time as
+        # the gateway re-logs them (at DEBUG, -v 3).
+        shown.addFilter(lambda record: not getattr(record, LIBRARY_RECORD, False))
         shown.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         level = logging.DEBUG if verbosity >= 3 else logging.INFO
         for name in _LIBRARY_LOGGERS:

@@ -213,16 +213,39 @@ def _host_and_port(addr: str) -> tuple[str, int]:
 
 def _check_ports_free(ports: list[tuple[int, str, str]]) -> None:
     """Stop before doing anything if a port the demo needs is taken (by a demo running
-    already, say): one line naming each, and the option that picks another. Port 0 is
-    any free port."""
+    already, say): one line naming each, and the options with ports that are free at this
+    moment (each tried by binding it, as the servers will). Port 0 is any free port."""
     taken = [f"{port} ({what})" for port, host, what in ports if port and _port_taken(host, port)]
     if taken:
+        (gateway_port, gateway_host, _), (web_port, web_host, _) = ports
+        gateway_port = gateway_port or IB_GATEWAY_PAPER_PORT
+        free_gateway = _free_port_near(gateway_host, gateway_port, avoid={web_port})
+        free_web = _free_port_near(web_host, web_port, avoid={gateway_port, free_gateway})
+        web = f"[{web_host}]" if ":" in web_host else web_host
         raise CommandError(
             f"{'Port' if len(taken) == 1 else 'Ports'} {' and '.join(taken)} "
             f"{'is' if len(taken) == 1 else 'are'} already in use, "
             "perhaps by a demo that is running: stop it, or choose free ports, e.g. "
-            'make demo DEMO_ARGS="--gateway-port 4012 --addr 127.0.0.1:8012".'
+            f'make demo DEMO_ARGS="--gateway-port {free_gateway} --addr {web}:{free_web}" '
+            "(free just now)."
         )
+
+
+def _free_port_near(host: str, port: int, avoid: frozenset[int] | set[int] = frozenset()) -> int:
+    """A port of `host` that is free now: the first of port + 10, + 20, ... (easy to tell
+    apart from the one asked for), or else one the system picks."""
+    for candidate in range(port + 10, min(port + 200, 65536), 10):
+        if candidate in avoid:
+            continue
+        try:
+            if not _port_taken(host, candidate):
+                return candidate
+        except CommandError:  # not ours to bind (a privileged port, say): the next one
+            continue
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
 
 
 def _port_taken(host: str, port: int) -> bool:
