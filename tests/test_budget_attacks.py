@@ -3,8 +3,11 @@
 import threading
 
 import pytest
+from django.contrib.auth.models import Permission
+from rest_framework.test import APIClient
 
 from ibkr_sync import throttle
+from ibkr_sync.models import SyncRun
 
 pytestmark = pytest.mark.django_db
 
@@ -42,3 +45,21 @@ def test_concurrent_syncs_never_take_more_than_the_budget(settings, tmp_path, ba
     for thread in threads:
         thread.join()
     assert len(taken) == 3
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["?ibkr_acount_id=U1234567", "?ibkr_account_id=not-an-id", "?ibkr_account_id=U1&x=1"],
+)
+def test_a_request_refused_as_invalid_takes_nothing_from_the_budget(
+    django_user_model, settings, query
+):
+    settings.IBKR_SYNC_THROTTLE_RATE = "2/minute"
+    user = django_user_model.objects.create_user("mallory", password="pw-123456")
+    user.user_permissions.add(Permission.objects.get(codename="run_sync"))
+    api = APIClient()
+    api.force_authenticate(user)
+    statuses = [api.post(SYNC + query).status_code for _ in range(4)]
+    assert statuses == [400, 400, 400, 400]
+    assert throttle.take(user) is None  # the budget is whole: no sync was started
+    assert not SyncRun.objects.exists()
