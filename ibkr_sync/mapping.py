@@ -486,7 +486,7 @@ def map_account_values(
             raise
 
     reported, untrusted = _canonical_values(values.values, refuse)
-    base = _base_currency(reported)
+    base = _base_currency(reported, refuse)
     others = {c for _, c in reported if c and c not in (BASE_CURRENCY, base)}
     snapshot: dict[str, Any] = {"currency": base}
     for name, tag in SNAPSHOT_TAGS.items():
@@ -632,12 +632,24 @@ def _canonical_values(
     return reported, untrusted
 
 
-def _base_currency(reported: dict[tuple[str, str], Decimal | None]) -> str:
-    for tag in ("NetLiquidation", "TotalCashValue"):
-        for t, currency in reported:
-            if t == tag and currency and currency != BASE_CURRENCY:
-                return currency
-    return ""
+#: The totals IBKR gives in the account's base currency only: the currency they name is it.
+_BASE_TAGS = ("NetLiquidation", "TotalCashValue")
+
+
+def _base_currency(reported: dict[tuple[str, str], Decimal | None], refuse: Any) -> str:
+    """The one currency IBKR gives the account's totals in, or "" if none. Totals in two
+    currencies name none (an errors entry): which one the rates convert to cannot be told,
+    so no rate is kept under either and no total is taken in either."""
+    named = sorted({c for t, c in reported if t in _BASE_TAGS and c and c != BASE_CURRENCY})
+    if len(named) > 1:
+        refuse(
+            "base currency",
+            f"IBKR gave the account's totals ({', '.join(_BASE_TAGS)}) in "
+            f"{' and '.join(named)}: no base currency, so no rate is kept and no total "
+            "is taken from this download",
+        )
+        return ""
+    return named[0] if named else ""
 
 
 def _fits_quietly(column: _Column, value: Any, vendor: str) -> bool:

@@ -9,6 +9,7 @@ from rest_framework.test import APIClient
 
 from ibkr_sync.models import SyncRun
 from ibkr_sync.services import sync_positions
+from portfolio.models import Account, AccountSnapshot, CashBalance
 from tests.integration.conftest import ACCOUNT
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db]
@@ -66,3 +67,42 @@ def test_a_cash_kept_reason_tells_no_cash_amount(values, monkeypatch, django_use
     for shown in {total, str(Decimal(total).normalize()), f"{Decimal(total):,}"}:
         assert shown not in text
     assert total not in str(SyncRun.objects.get(pk=result.sync_run_id).account_values)
+
+
+# --- one base currency, or none -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        ["6", "2", "NetLiquidation", "90", "EUR", ACCOUNT],
+        ["6", "2", "TotalCashValue", "90", "eur", ACCOUNT],
+    ],
+    ids=["net liquidation in two", "total cash in another"],
+)
+def test_totals_in_two_currencies_name_no_base_currency(values, frame):
+    """IBKR gives the account's totals in its base currency. A download that gives them in
+    two cannot say which the rates convert to: no base currency, no rate kept under one
+    (an errors entry says why), the account's base currency as it was."""
+    sync()
+    assert Account.objects.get(external_id=ACCOUNT).base_currency == "USD"
+    values.set_faults(value_frames={ACCOUNT: [frame]})
+
+    result = sync()
+
+    assert result.account_values[ACCOUNT]["status"] == "read"
+    assert result.account_values[ACCOUNT]["base_currency"] == ""
+    assert any(
+        e["account"] == ACCOUNT and "EUR" in e["reason"] and "USD" in e["reason"]
+        for e in result.errors
+    )
+    latest = AccountSnapshot.objects.filter(account__external_id=ACCOUNT).latest("taken_at")
+    assert latest.currency == "" and latest.exchange_rates == {}
+    assert latest.net_liquidation is None and latest.total_cash_value is None
+    assert Account.objects.get(external_id=ACCOUNT).base_currency == "USD"
+    # No cash row converts to a currency the download did not establish.
+    for row in CashBalance.objects.filter(account__external_id=ACCOUNT):
+        assert row.rate_currency in ("", "USD") and (row.rate_currency or row.base_amount is None)
+    assert not CashBalance.objects.filter(
+        account__external_id=ACCOUNT, synced_at=latest.taken_at, rate_currency="USD"
+    ).exists()
