@@ -486,7 +486,7 @@ def map_account_values(
             raise
 
     reported, untrusted = _canonical_values(values.values, refuse)
-    base = _base_currency(reported)
+    base = _base_currency(reported, refuse)
     others = {c for _, c in reported if c and c not in (BASE_CURRENCY, base)}
     snapshot: dict[str, Any] = {"currency": base}
     for name, tag in SNAPSHOT_TAGS.items():
@@ -523,14 +523,12 @@ def map_account_values(
     snapshot["exchange_rates"] = {c: plain(r) for c, r in sorted(rates.items())} if base else {}
 
     cash: dict[str, dict[str, Any]] = {}
-    base_total: Decimal | None = None
     cash_reported = bool(untrusted)
     for (tag, currency), amount in reported.items():
         if tag != "CashBalance":
             continue
         cash_reported = True
         if currency == BASE_CURRENCY:
-            base_total = amount
             continue
         if amount is None:
             untrusted.append(f"IBKR sent no value for the {currency} balance")
@@ -549,9 +547,8 @@ def map_account_values(
     if not cash_reported:
         untrusted.append("IBKR sent no cash balance")
     elif not cash and not untrusted:
-        total = "no value" if base_total is None else plain(base_total)
-        untrusted.append(f"IBKR sent only the BASE total of the cash ({total}), no balance "
-                         "per currency")  # fmt: skip
+        # No amount in a reason: sync run viewers read it, who may not view cash.
+        untrusted.append("IBKR sent only the BASE total of the cash, no balance per currency")
     if untrusted:
         cash = {}
 
@@ -635,12 +632,24 @@ def _canonical_values(
     return reported, untrusted
 
 
-def _base_currency(reported: dict[tuple[str, str], Decimal | None]) -> str:
-    for tag in ("NetLiquidation", "TotalCashValue"):
-        for t, currency in reported:
-            if t == tag and currency and currency != BASE_CURRENCY:
-                return currency
-    return ""
+#: The totals IBKR gives in the account's base currency only: the currency they name is it.
+_BASE_TAGS = ("NetLiquidation", "TotalCashValue")
+
+
+def _base_currency(reported: dict[tuple[str, str], Decimal | None], refuse: Any) -> str:
+    """The one currency IBKR gives the account's totals in, or "" if none. Totals in two
+    currencies name none (an errors entry): which one the rates convert to cannot be told,
+    so no rate is kept under either and no total is taken in either."""
+    named = sorted({c for t, c in reported if t in _BASE_TAGS and c and c != BASE_CURRENCY})
+    if len(named) > 1:
+        refuse(
+            "base currency",
+            f"IBKR gave the account's totals ({', '.join(_BASE_TAGS)}) in "
+            f"{' and '.join(named)}: no base currency, so no rate is kept and no total "
+            "is taken from this download",
+        )
+        return ""
+    return named[0] if named else ""
 
 
 def _fits_quietly(column: _Column, value: Any, vendor: str) -> bool:

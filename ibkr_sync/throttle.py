@@ -12,7 +12,11 @@ uses it as the API does.
 from __future__ import annotations
 
 import math
+import threading
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +27,11 @@ from . import conf, environment
 SCOPE = "ibkr_sync"
 SETTING = "IBKR_SYNC_THROTTLE_RATE"
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+# How long a sync waits for another request of the same user to take from the budget, and
+# how long the cache keeps the lock of a process that died holding it.
+_LOCK_WAIT = 2.0
+_LOCK_EXPIRY = 5
+_threads = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -54,14 +63,36 @@ def take(user: Any, now: float | None = None) -> float | None:
     budget = rate()
     if budget is None:
         return None
-    now = time.time() if now is None else now
     key = cache_key(user)
-    history = [t for t in cache.get(key, []) if t > now - budget.seconds]
-    if len(history) >= budget.syncs:
-        # The oldest counted sync leaves the window first: then one more may start.
-        return max(budget.seconds - (now - history[-1]), 0.0)
-    cache.set(key, [now, *history], budget.seconds)
-    return None
+    with _exclusive(key) as held:
+        if not held:
+            return 1.0
+        now = time.time() if now is None else now
+        history = [t for t in cache.get(key, []) if t > now - budget.seconds]
+        if len(history) >= budget.syncs:
+            # The oldest counted sync leaves the window first: then one more may start.
+            return max(budget.seconds - (now - history[-1]), 0.0)
+        cache.set(key, [now, *history], budget.seconds)
+        return None
+
+
+@contextmanager
+def _exclusive(key: str) -> Iterator[bool]:
+    """The user's count read and written by one request at a time: True once held, False
+    if another held it for longer than _LOCK_WAIT."""
+    lock, token = f"{key}:lock", uuid.uuid4().hex
+    deadline = time.monotonic() + _LOCK_WAIT
+    with _threads:
+        while not cache.add(lock, token, _LOCK_EXPIRY):
+            if time.monotonic() > deadline:
+                yield False
+                return
+            time.sleep(0.005)
+        try:
+            yield True
+        finally:
+            if cache.get(lock) == token:
+                cache.delete(lock)
 
 
 def refusal(wait: float) -> str:

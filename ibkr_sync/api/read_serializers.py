@@ -326,8 +326,12 @@ _CURRENCY = re.compile(r"^[A-Z]{3}$")
 
 
 def _currency(value: str) -> str:
-    value = value.strip().upper()
-    if not _CURRENCY.match(value):
+    """A code in the one form the sync stores (`mapping.currency_code`): three ASCII
+    letters, in any case. Checked before upper-casing: a dotless i or a sharp s is no
+    letter of a code, though its upper case is."""
+    value = value.strip()
+    value = value.upper() if value.isascii() else value
+    if not _CURRENCY.fullmatch(value):
         raise serializers.ValidationError(
             f"{value!r} is not a currency code; use three letters, e.g. USD."
         )

@@ -80,7 +80,8 @@ class SyncRateThrottle(BaseThrottle):
     """At most IBKR_SYNC_THROTTLE_RATE syncs per user (e.g. 6/minute; none: no limit), from
     the one budget the admin's "Sync now" takes from too (`ibkr_sync.throttle`).
 
-    Checked after authentication and permission, so only callers who may sync are counted.
+    Checked by the view once the request is known to start a sync (after authentication,
+    permission and the query's checks): a request refused as invalid takes nothing.
     """
 
     def __init__(self) -> None:
@@ -136,7 +137,10 @@ class IbkrSyncView(ErrorEnvelopeMixin, APIView):
     """Sync positions from the IB gateway; `?ibkr_account_id=U1234567` limits it to one."""
 
     permission_classes = [IsAuthenticated, CanRunSync]
-    throttle_classes = [SyncRateThrottle]
+    # Not DRF's throttling step, which comes before the request is validated: `post` takes
+    # from the budget once the request is known to start a sync.
+    throttle_classes: list = []
+    sync_throttles = [SyncRateThrottle]
 
     def throttled(self, request: Request, wait: float | None) -> None:
         raise api_exceptions.Throttled(
@@ -172,6 +176,9 @@ class IbkrSyncView(ErrorEnvelopeMixin, APIView):
         # be ignored and sync every account. Nothing starts until the request is right.
         refuse_request_body(request, hint="e.g. POST /portfolio/sync/ibkr?ibkr_account_id=U1234567")
         params = validated_query(request, SyncRequestSerializer, invalid=InvalidAccountIdQuery)
+        for budget in (cls() for cls in self.sync_throttles):
+            if not budget.allow_request(request, self):
+                self.throttled(request, budget.wait())
         try:
             result = sync_positions(
                 params.get("ibkr_account_id"),

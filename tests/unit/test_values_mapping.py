@@ -335,9 +335,9 @@ def test_rates_without_a_base_currency_convert_to_nothing_known():
     ("cash", "reason"),
     [
         ({("CashBalance", "BASE"): D("50081.25")},
-         "IBKR sent only the BASE total of the cash (50081.25), no balance per currency"),
+         "IBKR sent only the BASE total of the cash, no balance per currency"),
         ({("CashBalance", "BASE"): None},
-         "IBKR sent only the BASE total of the cash (no value), no balance per currency"),
+         "IBKR sent only the BASE total of the cash, no balance per currency"),
         ({}, "IBKR sent no cash balance"),
         ({("CashBalance", "USD"): D(1), ("CashBalance", "EUR"): None},
          "IBKR sent no value for the EUR balance"),
