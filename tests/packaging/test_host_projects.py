@@ -1,17 +1,21 @@
-"""The distribution in someone else's project: the wheel built from this repository,
-installed into a fresh virtualenv, in two projects made with `django-admin startproject`:
+"""The distribution in someone else's project, set up as README section 9 says, word for
+word: its snippets are taken from the README (not restated here), into projects made
+with `django-admin startproject`, with the wheel built from this repository installed in
+a fresh virtualenv:
 
-- plain: the apps as the README's "Add to an existing project" says, with our
-  `portfolio` app;
-- own: a host whose own app is called `portfolio`, with models of its own names built on
-  the abstract bases plus fields of its own, named in IBKR_SYNC_*_MODEL, and a
-  `positions_changed` receiver; our `portfolio` app is not installed.
+- own: an app `holdings` made with `startapp`, whose five models are built on the
+  abstract bases (section 9's `holdings/models.py`, `holdings/admin.py`, `settings.py`,
+  `urls.py`), then section 9's commands (`makemigrations`, `migrate`, `sync_ibkr` with the
+  gateway's address from the environment);
+- shadow: the same, in an app called `portfolio` (which shadows ours), with a
+  `positions_changed` receiver;
+- plain: our `portfolio` app (section 9's settings for it).
 
-In each: `migrate`, `check`, `sync_ibkr` against the simulator (its address from the
-environment only, as the user's documentation promises), the POST, the admin's lists
-and sync history, and the host's receiver after commit; then the host's own pytest
-suite with the plugin's `ibkr_simulator` fixture. On the database DATABASE_URL names
-(SQLite otherwise).
+In each: `check`, `sync_ibkr` against the simulator, the POST, every read endpoint with
+data (as_of too), a JSON 404, the admin's lists read-only, the overview with values, the
+sync history, the host's receiver after commit; then the host's own pytest suite with
+the plugin's `ibkr_simulator` fixture. On the database DATABASE_URL names (SQLite
+otherwise).
 
 Slow (it installs the wheel's dependencies): runs when IBKR_PACKAGING_TESTS=1, as CI
 does.
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -122,55 +127,56 @@ def database_settings() -> str:
         admin.execute(f"DROP DATABASE IF EXISTS test_{name} WITH (FORCE)")
 
 
-APPS = """
-INSTALLED_APPS += ["rest_framework", "rest_framework.authtoken", {apps}]
-"""
-URLS = """
-from django.urls import include
-urlpatterns += [path("portfolio/", include("ibkr_sync.urls"))]
-"""
-
-OWN_MODELS = '''
-from django.db import models
-
-from ibkr_sync.models import (
-    AbstractAccount,
-    AbstractAccountSnapshot,
-    AbstractCashBalance,
-    AbstractInstrument,
-    AbstractPosition,
-)
+README = ROOT / "README.md"
 
 
-class BrokerAccount(AbstractAccount):
-    nickname = models.CharField(max_length=50, blank=True, default="")
+def section_9() -> str:
+    text = README.read_text(encoding="utf-8")
+    return text.split("\n## 9. ", 1)[1].split("\n## ", 1)[0]
 
 
-class Security(AbstractInstrument):
-    price_source = models.CharField(max_length=20, default="polygon")
+def snippets() -> dict[str, str]:
+    """Section 9's Python snippets by the file their first line names (`# urls.py`)."""
+    found = {}
+    for block in re.findall(r"```python\n(.*?)```", section_9(), flags=re.S):
+        first, _, code = block.partition("\n")
+        if first.startswith("# "):
+            found[first[2:].strip()] = code
+    return found
 
 
-class Holding(AbstractPosition):
-    notes = models.TextField(null=True, blank=True)
+def commands() -> list[str]:
+    """Section 9's shell commands that set up a host with its own models."""
+    block = section_9().split("Then create the tables and sync", 1)[1]
+    return [
+        line.strip()
+        for line in block.split("```sh\n", 1)[1].split("```", 1)[0].splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
 
 
-class Cash(AbstractCashBalance):
-    pass
+def test_section_9_has_every_snippet_a_host_needs():
+    assert set(snippets()) >= {
+        "holdings/models.py", "holdings/admin.py", "settings.py", "urls.py",
+        "settings.py (with our portfolio app)",
+    }  # fmt: skip
+    assert commands()[:2] == [
+        "python manage.py makemigrations holdings",
+        "python manage.py migrate",
+    ]
+    assert "manage.py sync_ibkr" in commands()[2]
 
 
-class ValueHistory(AbstractAccountSnapshot):
-    pass
-
+# A receiver of the host's own (the shadow host): what it heard, after commit.
+HEARD_MODEL = """
 
 class HeardChange(models.Model):
-    """What the host's receiver heard (after commit)."""
-
     sync_run_id = models.IntegerField()
     kind = models.CharField(max_length=16)
     symbol = models.CharField(max_length=64)
     positions_stored = models.IntegerField()
-'''
-OWN_APPS = """
+"""
+HEARD_APPS = """
 from django.apps import AppConfig
 
 
@@ -179,51 +185,30 @@ class PortfolioConfig(AppConfig):
     name = "portfolio"
 
     def ready(self):
+        from ibkr_sync import conf
         from ibkr_sync.signals import positions_changed
 
         def heard(sender, sync_run, changes, **kwargs):
-            from .models import HeardChange, Holding
+            from .models import HeardChange
 
             for change in changes:
                 HeardChange.objects.create(
                     sync_run_id=sync_run.pk, kind=change["kind"], symbol=change["symbol"],
-                    positions_stored=Holding.objects.count(),
+                    positions_stored=conf.position_model().objects.count(),
                 )
 
         positions_changed.connect(heard, weak=False)
 """
-OWN_ADMIN = """
-from django.contrib import admin
 
-from ibkr_sync.admin import SyncNowMixin
-
-from .models import BrokerAccount, Holding, Security
-
-
-@admin.register(Holding)
-class HoldingAdmin(SyncNowMixin, admin.ModelAdmin):
-    list_display = ("account", "instrument", "quantity", "notes")
-
-
-admin.site.register(BrokerAccount)
-admin.site.register(Security)
-"""
-OWN_SETTINGS = """
-IBKR_SYNC_ACCOUNT_MODEL = "portfolio.BrokerAccount"
-IBKR_SYNC_INSTRUMENT_MODEL = "portfolio.Security"
-IBKR_SYNC_POSITION_MODEL = "portfolio.Holding"
-IBKR_SYNC_CASH_BALANCE_MODEL = "portfolio.Cash"
-IBKR_SYNC_ACCOUNT_SNAPSHOT_MODEL = "portfolio.ValueHistory"
-"""
-
-# Run inside the host, with its settings: the POST, the admin pages, what was stored.
+# Run inside the host, with its settings: the POST, the read API, the admin, what was stored.
 CHECK_SCRIPT = """
-import json, sys
+import json, re
 import django
 django.setup()
 from django.contrib.auth import get_user_model
 from django.test import Client
 from django.test.utils import setup_test_environment
+from django.utils import timezone
 
 setup_test_environment()  # the test client's host name is allowed
 from ibkr_sync import conf
@@ -243,19 +228,56 @@ out["post"] = [response.status_code, response.json()]
 position_model = conf.position_model()
 out["position_model"] = position_model._meta.label
 out["positions"] = position_model.objects.count()
-label = position_model._meta
-changelist = client.get(f"/admin/{label.app_label}/{label.model_name}/")
-out["changelist"] = [changelist.status_code, "Sync now" in changelist.content.decode()]
+account = conf.account_model().objects.order_by("external_id").first()
+# Every read endpoint, with data.
+reads = {
+    "accounts": "/portfolio/accounts",
+    "positions": "/portfolio/positions",
+    "as_of": "/portfolio/positions?as_of=" + timezone.now().isoformat().replace("+", "%2B"),
+    "cash": "/portfolio/cash",
+    "history": f"/portfolio/accounts/{account.external_id}/history",
+    "runs": "/portfolio/sync/runs",
+}
+out["reads"] = {}
+for name, url in reads.items():
+    answer = client.get(url)
+    out["reads"][name] = [answer.status_code, len(answer.json().get("results", []))]
+run_id = client.get("/portfolio/sync/runs").json()["results"][0]["id"]
+out["reads"]["run"] = [client.get(f"/portfolio/sync/runs/{run_id}").status_code, 1]
+schema = client.get("/portfolio/nothing-here")
+slash = client.post("/portfolio/sync/ibkr/", HTTP_AUTHORIZATION=f"Token {token}")
+out["not_found"] = [
+    [schema.status_code, schema.headers["Content-Type"], schema.json()["code"]],
+    [slash.status_code, slash.json()["code"], "/portfolio/sync/ibkr?" in slash.json()["detail"]],
+]
+# The admin: every model's list, read-only; the overview with IBKR's values.
+out["admin"] = {}
+for model in (conf.account_model(), conf.instrument_model(), position_model,
+              conf.cash_balance_model(), conf.account_snapshot_model()):
+    meta = model._meta
+    listed = client.get(f"/admin/{meta.app_label}/{meta.model_name}/")
+    html = listed.content.decode()
+    row = model.objects.order_by("pk").first()
+    page = client.get(f"/admin/{meta.app_label}/{meta.model_name}/{row.pk}/change/")
+    fields = r'<(?:input|select|textarea)[^>]*name="([a-z_]+)"'
+    inputs = set(re.findall(fields, page.content.decode()))
+    out["admin"][meta.model_name] = {
+        "list": listed.status_code, "sync_now": "Sync now" in html,
+        "add": f"/admin/{meta.app_label}/{meta.model_name}/add/" in html,
+        "page": page.status_code, "inputs": sorted(inputs - {"csrfmiddlewaretoken"}),
+    }
+meta = position_model._meta
+overview = client.get(f"/admin/{meta.app_label}/{meta.model_name}/overview/")
+text = overview.content.decode()
+out["overview"] = [overview.status_code, account.external_id in text, "Net liquidation" in text,
+                   "<h3>Cash</h3>" in text, "Open positions" in text]
 history = client.get("/admin/ibkr_sync/syncrun/")
 out["history"] = [history.status_code, history.content.decode().count("ibkr-badge-success")]
-run = client.get("/portfolio/sync/runs")
-out["runs_api"] = [run.status_code, len(run.json()["results"])]
-read = client.get("/portfolio/positions")
-out["positions_api"] = [read.status_code, len(read.json().get("results", []))]
+from django.apps import apps
 try:
-    from portfolio.models import HeardChange
+    HeardChange = apps.get_model("portfolio", "HeardChange")
     out["heard"] = sorted(HeardChange.objects.values_list("kind", "symbol", "positions_stored"))
-except ImportError:
+except LookupError:
     out["heard"] = None
 print(json.dumps(out))
 """
@@ -282,6 +304,7 @@ def free_port() -> int:
 
 
 def make_host(venv: Path, where: Path, kind: str, database: str) -> tuple[Path, dict]:
+    """A `startproject` host set up with section 9's snippets for `kind`."""
     python = venv / "bin" / "python"
     env = {
         k: v for k, v in os.environ.items()
@@ -289,48 +312,71 @@ def make_host(venv: Path, where: Path, kind: str, database: str) -> tuple[Path, 
     }  # fmt: skip
     where.mkdir()
     run([venv / "bin" / "django-admin", "startproject", "hostsite", where], cwd=where, env=env)
+    env["DJANGO_SETTINGS_MODULE"] = "hostsite.settings"
+    env["PYTHONPATH"] = str(where)
+    given = snippets()
     settings_py = where / "hostsite" / "settings.py"
     if kind == "plain":
-        apps = '"portfolio", "ibkr_sync"'
+        settings = given["settings.py (with our portfolio app)"]
     else:
-        # By hand: startapp refuses a name an installed module has (the wheel's own
-        # `portfolio`, which the host's app, first on the path, shadows).
-        app = where / "portfolio"
-        (app / "migrations").mkdir(parents=True)
-        for empty in (app / "__init__.py", app / "migrations" / "__init__.py"):
-            empty.write_text("")
-        (where / "portfolio" / "models.py").write_text(OWN_MODELS)
-        (where / "portfolio" / "apps.py").write_text(OWN_APPS)
-        (where / "portfolio" / "admin.py").write_text(OWN_ADMIN)
-        apps = '"portfolio", "ibkr_sync"'
-    settings_py.write_text(
-        settings_py.read_text()
-        + APPS.format(apps=apps)
-        + (OWN_SETTINGS if kind == "own" else "")
-        + database
-    )
+        settings = given["settings.py"]
+        if kind == "own":
+            run([python, "manage.py", "startapp", "holdings"], cwd=where, env=env)
+            app = where / "holdings"
+            files = {
+                "models.py": given["holdings/models.py"],
+                "admin.py": given["holdings/admin.py"],
+            }
+        else:
+            # The same snippets in an app called `portfolio`, made by hand: startapp refuses
+            # a name an installed module has (the wheel's own `portfolio`, which the host's
+            # app, first on the path, shadows).
+            app = where / "portfolio"
+            (app / "migrations").mkdir(parents=True)
+            (app / "migrations" / "__init__.py").write_text("")
+            (app / "__init__.py").write_text("")
+            settings = settings.replace("holdings", "portfolio")
+            files = {
+                "models.py": given["holdings/models.py"] + HEARD_MODEL,
+                "admin.py": given["holdings/admin.py"],
+                "apps.py": HEARD_APPS,
+            }
+        for name, code in files.items():
+            (app / name).write_text(code)
+    settings_py.write_text(settings_py.read_text() + "\n" + settings + database)
     urls = where / "hostsite" / "urls.py"
-    urls.write_text(urls.read_text() + URLS)
+    urls.write_text(urls.read_text() + "\n" + given["urls.py"])
     (where / "pytest.ini").write_text("[pytest]\nDJANGO_SETTINGS_MODULE = hostsite.settings\n")
     (where / "tests").mkdir()
     (where / "tests" / "test_sync.py").write_text(HOST_TEST)
-    env["DJANGO_SETTINGS_MODULE"] = "hostsite.settings"
-    env["PYTHONPATH"] = str(where)
-    if kind == "own":
-        run([python, "manage.py", "makemigrations", "portfolio"], cwd=where, env=env)
     return python, env
 
 
-@pytest.mark.parametrize("kind", ["plain", "own"])
-def test_the_wheel_works_in_a_freshly_generated_project(venv, tmp_path, kind, database_settings):
+def readme_command(line: str, python: Path, app: str, port: int) -> tuple[list[str], dict]:
+    """One of section 9's shell lines as a list of arguments (the host's python, its own
+    app's name) and the environment assignments before it (the gateway's port: the
+    simulator's)."""
+    words = line.replace("holdings", app).split()
+    assignments = {}
+    while "=" in words[0]:
+        name, value = words.pop(0).split("=", 1)
+        assignments[name] = str(port) if name == "IBKR_PORT" else value
+    assert words[0] == "python", line
+    return [str(python), *words[1:]], assignments
+
+
+@pytest.mark.parametrize("kind", ["own", "shadow", "plain"])
+def test_section_9_as_written_in_a_freshly_generated_project(
+    venv, tmp_path, kind, database_settings
+):
     where = tmp_path / f"host_{kind}"
     python, env = make_host(venv, where, kind, database_settings)
-
-    run([python, "manage.py", "migrate", "-v", "0"], cwd=where, env=env)
-    check = run([python, "manage.py", "check"], cwd=where, env=env)
-    assert "no issues" in check.stdout
-
     port = free_port()
+    app = {"own": "holdings", "shadow": "portfolio"}.get(kind)
+    setup = commands() if app else ["python manage.py migrate"]
+    if not app:
+        setup.append(commands()[-1])  # the sync line, as for any host
+
     simulator = subprocess.Popen(
         [python, "manage.py", "ibkr_simulator", "--port", str(port)],
         cwd=where, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -344,13 +390,19 @@ def test_the_wheel_works_in_a_freshly_generated_project(venv, tmp_path, kind, da
             time.sleep(0.2)
         else:
             pytest.fail("the simulator did not start")
-        # Nothing about IBKR in the host's settings: the address comes from the environment.
-        gateway = {**env, "IBKR_HOST": "127.0.0.1", "IBKR_PORT": str(port),
-                   "IBKR_CLIENT_ID": "31"}  # fmt: skip
-        synced = run([python, "manage.py", "sync_ibkr", "--json"], cwd=where, env=gateway)
-        first = json.loads(synced.stdout)
-        assert first["status"] == "success" and first["created"] > 0, first
+        outputs = []
+        for line in setup:
+            args, assignments = readme_command(line, python, app or "", port)
+            outputs.append(run(args, cwd=where, env={**env, **assignments}).stdout)
+        check = run([python, "manage.py", "check"], cwd=where, env=env)
+        assert "no issues" in check.stdout
+        # The README's sync line: one summary line, positions created.
+        summary = outputs[-1].strip().splitlines()[0]
+        created = int(re.search(r": (\d+) created", summary).group(1))
+        assert summary.startswith("IBKR sync #1: ") and created > 0, outputs[-1]
 
+        # Nothing about IBKR in the host's settings: the address comes from the environment.
+        gateway = {**env, "IBKR_HOST": "127.0.0.1", "IBKR_PORT": str(port)}
         (where / "check_host.py").write_text(CHECK_SCRIPT)
         out = json.loads(run([python, "check_host.py"], cwd=where, env=gateway).stdout)
     finally:
@@ -360,23 +412,36 @@ def test_the_wheel_works_in_a_freshly_generated_project(venv, tmp_path, kind, da
     assert out["anonymous"] == [401, "not_authenticated", "Token"]
     status, body = out["post"]
     assert status == 200 and body["status"] == "success", body
-    assert body["unchanged"] == first["created"], "the second sync changed nothing"
-    assert out["positions"] == first["created"]
-    assert out["changelist"] == [200, True], "the host's list has Sync now"
+    assert body["unchanged"] == created, "the second sync changed nothing"
+    assert out["positions"] == created
+    expected_model = {"own": "holdings.Holding", "shadow": "portfolio.Holding"}
+    assert out["position_model"] == expected_model.get(kind, "portfolio.Position")
+    # The one include serves the read API over the host's models, every endpoint with data.
+    reads = out["reads"]
+    assert reads["positions"] == [200, created] and reads["as_of"] == [200, created]
+    assert reads["accounts"][0] == 200 and reads["accounts"][1] >= 1
+    assert reads["cash"][0] == 200 and reads["cash"][1] >= 1
+    assert reads["history"] == [200, 2], "a snapshot per sync"
+    assert reads["runs"] == [200, 2] and reads["run"] == [200, 1]
+    assert out["not_found"] == [[404, "application/json", "not_found"], [404, "not_found", True]]
+    # The admin: read-only lists (no Add, nothing to edit but an account's name), Sync now.
+    admin = out["admin"]
+    assert all(page["list"] == 200 and page["page"] == 200 for page in admin.values()), admin
+    assert not any(page["add"] for page in admin.values()), admin
+    accounts = {"brokeraccount", "account"}
+    for name, page in admin.items():
+        editable = ["_continue", "_save", "name"] if name in accounts else []
+        assert page["inputs"] == editable, (name, page)
+    syncing = {name for name, page in admin.items() if page["sync_now"]}
+    assert syncing == {name for name in admin if name in accounts | {"holding", "position"}}
+    assert out["overview"] == [200, True, True, True, True]
     assert out["history"][0] == 200 and out["history"][1] >= 2
-    assert out["runs_api"] == [200, 2]
-    if kind == "own":
-        assert out["position_model"] == "portfolio.Holding"
-        # The one include serves the read API over the host's own models.
-        assert out["positions_api"] == [200, first["created"]]
+    if kind == "shadow":
         heard = out["heard"]
-        assert len(heard) == first["created"]
+        assert len(heard) == created
         assert {kind for kind, _, _ in heard} == {"created"}
         # After commit: the receiver saw every position stored.
-        assert {stored for _, _, stored in heard} == {first["created"]}
-    else:
-        assert out["position_model"] == "portfolio.Position"
-        assert out["positions_api"] == [200, first["created"]]
+        assert {stored for _, _, stored in heard} == {created}
 
     # The host's own suite, with the plugin registered by the distribution.
     suite = run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"],
