@@ -19,7 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 HOST_SYNCS = Path("tests/host_app/host_syncs.py")
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.processes]
 
 
 def test_syncs_into_a_hosts_own_models_fill_every_field_as_django_would():
