@@ -348,6 +348,20 @@ def test_one_sync_run_with_its_error_details(client, runs):
     assert "host" in body
 
 
+def test_a_runs_error_details_are_position_data(api_client, django_user_model, runs):
+    """Each entry names an account's record (symbol, contract id, a value): a user who
+    may view sync runs but not positions gets the count, not the entries."""
+    partial = runs[2]
+    Permission.objects.get(codename="view_position").user_set.remove(runs[1].user)
+    api_client.force_authenticate(runs[1].user)
+
+    body = api_client.get(f"/portfolio/sync/runs/{partial.pk}").json()
+
+    assert body["errors"] == 1
+    assert body["error_details"] is None
+    assert "ODD" not in str(body)
+
+
 def test_unknown_sync_run_is_404_in_the_error_shape(client, runs):
     assert_error(client.get("/portfolio/sync/runs/999999"), 404, "not_found")
 

@@ -7,6 +7,7 @@ from rest_framework.renderers import JSONRenderer
 from ..exceptions import InvalidAccountId
 from ..mapping import normalize_account_id
 from ..models import PositionChange, SyncRun
+from ..permissions import Kind, may_view
 from .fields import ExactDecimalField
 
 
@@ -195,12 +196,26 @@ class SyncRunSerializer(serializers.ModelSerializer):
 
 
 class SyncRunDetailSerializer(SyncRunSerializer):
-    error_details = SyncErrorSerializer(many=True, read_only=True)
+    error_details = SyncErrorSerializer(
+        many=True,
+        read_only=True,
+        allow_null=True,
+        help_text="The records that could not be stored, each with its reason. Each names "
+        "an account's record (a symbol, a contract id, a value), so it is position data: "
+        "null for a user who may not view positions (`errors` still counts them).",
+    )
     account_values = serializers.DictField(child=AccountValuesSerializer(), read_only=True)
 
     class Meta(SyncRunSerializer.Meta):
         fields = [*SyncRunSerializer.Meta.fields, "error_details", "account_values", "host"]
         read_only_fields = fields
+
+    def to_representation(self, run: SyncRun) -> dict:
+        data = super().to_representation(run)
+        request = self.context.get("request")
+        if request is None or not may_view(request.user, Kind.POSITIONS):
+            data["error_details"] = None
+        return data
 
 
 class SyncRunFilterSerializer(serializers.Serializer):
