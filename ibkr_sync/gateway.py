@@ -51,6 +51,7 @@ import asyncio
 import contextlib
 import importlib
 import logging
+import re
 import socket
 import struct
 import threading
@@ -151,6 +152,9 @@ _PORT_CHECKLIST = (
     "settings' 'Socket port'; by default 7496 live / 7497 paper for TWS, 4001 / 4002 for "
     "IB Gateway)."
 )
+
+# How long a connect timeout's follow-up asks the peer whether it speaks HTTP.
+_HTTP_PROBE_TIMEOUT = 0.5
 
 _process_lock = threading.Lock()
 
@@ -604,6 +608,18 @@ class IbkrGateway:
             raise failure.result()
         if task not in done:
             await self._cancel(task)
+            handshake = state.handshake
+            if what == "connect" and handshake.connected and not handshake.received:
+                # Accepted, and not a word back: a web server waiting for the end of a
+                # request line does that, as does TWS showing its "accept?" dialog.
+                status_line = await self._http_status_line()
+                if status_line:
+                    raise NotAGateway(
+                        f"{self.address} answered, but not as TWS / IB Gateway: it did not "
+                        f"answer the API handshake within {timeout:g} s, and it speaks "
+                        f"HTTP ({_cut(status_line, 60)!r} to a request on a connection of "
+                        "its own): a web server; nothing was changed. " + _PORT_CHECKLIST
+                    )
             raise GatewayTimeout(
                 f"The IB gateway at {self.address} did not {what} within {timeout:g} s "
                 "(IBKR_CONNECT_TIMEOUT / IBKR_REQUEST_TIMEOUT); nothing was changed."
@@ -634,6 +650,25 @@ class IbkrGateway:
                 f"Cannot connect to the IB gateway at {self.address}: "
                 f"{exc.strerror or exc}. " + _SETUP_CHECKLIST
             ) from None
+
+    async def _http_status_line(self, timeout: float = _HTTP_PROBE_TIMEOUT) -> str:
+        """The status line the peer answers an HTTP request with, on a connection of its
+        own, or "" (no answer within `timeout`, or not HTTP). Asked only after a connect
+        timeout, when the peer accepted and said nothing."""
+        writer = None
+        try:
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_connection(self.config.host, self.config.port)
+                writer.write(f"HEAD / HTTP/1.0\r\nHost: {self.config.host}\r\n\r\n".encode())
+                await writer.drain()
+                line = await reader.readline()
+        except (OSError, TimeoutError, ValueError):
+            return ""
+        finally:
+            if writer is not None:
+                writer.close()
+        text = line.decode("latin-1").strip()
+        return text if re.match(r"HTTP/\d(\.\d)? \d{3}", text) else ""
 
     @staticmethod
     async def _cancel(task: asyncio.Future) -> None:

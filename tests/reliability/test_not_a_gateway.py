@@ -13,6 +13,8 @@ client library's own log lines never reach the host's handlers during a read.
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import logging
 import os
 import shutil
@@ -335,3 +337,36 @@ def test_the_command_prints_its_one_line_in_a_host_project(config, target, host_
         assert message.startswith(f"Cannot connect to the IB gateway at 127.0.0.1:{port}: ")
     else:
         assert_says_what_answered(message, target, port)
+
+
+@contextlib.contextmanager
+def waiting_web_server():
+    """A web server as Django's runserver and gunicorn are: it waits for the end of a
+    request line, so it says nothing to the API handshake (which has none)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_web_server_that_waits_for_a_request_line_is_named_after_the_timeout(
+    ibkr, settings, sync_client
+):
+    with waiting_web_server() as port:
+        settings.IBKR_PORT = port
+        started = time.monotonic()
+        response = sync_client.post(URL)
+        elapsed = time.monotonic() - started
+
+    assert response.status_code == 503, response.content
+    body = response.json()
+    assert body["code"] == "not_a_gateway"
+    assert body["detail"].startswith(f"127.0.0.1:{port} answered, but not as TWS / IB Gateway: ")
+    assert "it speaks HTTP (" in body["detail"] and "HTTP/1.0 501" in body["detail"]
+    assert CHECK in body["detail"]
+    assert CONNECT_TIMEOUT * 0.9 <= elapsed <= CONNECT_TIMEOUT + 1.0
