@@ -16,7 +16,9 @@ its start time. Host name and pid alone are not an identity: containers share bo
 
 Time is the database's: every time of a SyncRun (start, heartbeat, end) is the database's
 now, and a heartbeat's age is measured against it, never against a host's clock (a host
-whose clock runs ahead would otherwise take a lock its holder renews every second).
+whose clock runs ahead would otherwise take a lock its holder renews every second). On
+SQLite, whose "database clock" is each process's own, a heartbeat silent by its age is
+also watched for one beat before its lock is released (`_watch_heartbeat`).
 
 A holder that lost its lock can never commit: it claims the lock again before it writes
 (`claim`) and fences its write transaction with the row (`finish_holding`). Every wait on
@@ -115,6 +117,10 @@ def release_abandoned() -> bool:
     reason = abandoned_reason(running)
     if reason is None:
         return False
+    if reason.startswith(SILENT) and connection.vendor == "sqlite":
+        watched = _watch_heartbeat(running)
+        if watched != "silent":
+            return watched == "ended"
     # Its hold on the database goes before its lock: otherwise the next sync would wait on it.
     ended = end_hold_on_database(running)
     try:
@@ -152,12 +158,42 @@ def abandoned_reason(run: SyncRun, now: dt.datetime | None = None) -> str | None
     now = now or getattr(run, "database_now", None) or database_now()
     silent = (now - beat).total_seconds()
     if silent > float(conf.get("IBKR_SYNC_LOCK_TIMEOUT")):
-        return f"no heartbeat for {silent:.0f} s"
+        return f"{SILENT} {silent:.0f} s"
     owner = _ProcessIdentity.parse(run.owner)
     on_this_machine = owner is not None and owner.machine and owner.machine == me.machine
     if on_this_machine and _start_time(owner.pid) != owner.started:
         return "its process has ended"
     return None
+
+
+#: How the reason of a lock released for its heartbeat's age starts.
+SILENT = "no heartbeat for"
+
+
+def _watch_heartbeat(run: SyncRun) -> str:
+    """SQLite: whether the heartbeat of `run`, silent by its age, stays so for one beat on
+    this process's monotonic clock: "silent", "renewed" (its holder works on it) or
+    "ended" (its holder finished meanwhile). SQLite runs inside each process and reads
+    that process's clock, so on SQLite "the database's clock" is only as right as two
+    processes' clocks agree (a shared folder of another machine, a clock faked for one
+    process); a holder that is still renewing is seen renewing, whatever the clocks say.
+    Not watched: a holder known to have ended, or known stopped (it cannot renew)."""
+    holder = _ProcessIdentity.parse(run.owner)
+    if holder is not None and holder.machine and holder.machine == process_identity().machine:
+        stat = _stat(holder.pid)
+        if stat is None or stat[1] != holder.started or stat[0] in ("T", "t", "Z", "X"):
+            return "silent"
+    beat = run.heartbeat_at
+    interval = float(conf.get("IBKR_SYNC_LOCK_TIMEOUT")) / 3
+    deadline = time.monotonic() + 1.5 * interval + 0.5  # a beat, and its write's wait
+    while time.monotonic() < deadline:
+        time.sleep(min(0.1, interval / 4))
+        now = SyncRun.objects.filter(pk=run.pk).values_list("status", "heartbeat_at").first()
+        if now is None or now[0] != SyncRun.Status.RUNNING:
+            return "ended"
+        if now[1] != beat:
+            return "renewed"
+    return "silent"
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import pytest
 
 from ibkr_sync.testing import GatewaySimulator, generate_portfolio
 from tests.integration.conftest import ACCOUNT, sim_position, starting_portfolio
-from tests.reliability.deployment import Deployment
+from tests.reliability.deployment import ROOT, Deployment
 
 pytestmark = [pytest.mark.integration, pytest.mark.processes]
 
@@ -451,3 +452,55 @@ def test_sqlite_a_stopped_process_that_is_not_the_holder_is_never_signalled(
     assert after.returncode == 0, after.stderr
     assert fresh.query("SELECT status, error_code FROM ibkr_sync_syncrun WHERE id = ?",
                        (run_id,)) == [("failed", "abandoned")]  # fmt: skip
+
+
+# --- time is the database's, across real processes ----------------------------------------------
+
+SKEW = 60  # seconds the second process's clock runs ahead
+
+
+def test_a_process_whose_clock_runs_60_s_ahead_never_takes_a_renewed_lock(fresh, simulator):
+    """A healthy sync renews its lock (held mid-read by a slow gateway); a second
+    `sync_ibkr` whose clock runs 60 s ahead (libfaketime: every clock of that process,
+    the C library's and so SQLite's too) is refused (exit 5), leaves the lock alone, and
+    the healthy sync finishes (exit 0)."""
+    faketime = shutil.which("faketime")
+    if faketime is None:
+        pytest.skip("needs libfaketime's `faketime` (apt-get install faketime)")
+    ahead = subprocess.run(
+        [faketime, "-f", f"+{SKEW}s", sys.executable, "-c", "import time; print(time.time())"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert float(ahead.stdout) - time.time() > SKEW - 5, "faketime moves the process's clock"
+    first = fresh.manage("sync_ibkr")
+    assert first.returncode == 0, first.stderr
+    _wait_for(lambda: simulator.active_client_ids == [])
+
+    gate = threading.Event()
+    simulator.set_faults(hold_positions=gate)
+    healthy = fresh.start_sync(env={"IBKR_SYNC_LOCK_TIMEOUT": str(LOCK_TIMEOUT)})
+    try:
+        assert _wait_for(lambda: simulator.active_client_ids != [], 60), "never read"
+        (held,) = fresh.query("SELECT id FROM ibkr_sync_syncrun WHERE status = 'running'")
+        time.sleep(LOCK_TIMEOUT)  # renewed a few times meanwhile
+        skewed = subprocess.run(
+            [faketime, "-f", f"+{SKEW}s", sys.executable, "manage.py", "sync_ibkr"],
+            cwd=ROOT,
+            env={**fresh.env, "IBKR_SYNC_LOCK_TIMEOUT": str(LOCK_TIMEOUT)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert skewed.returncode == 5, skewed.stderr
+        assert "Another IBKR sync is running" in skewed.stderr, skewed.stderr
+        assert fresh.query("SELECT status FROM ibkr_sync_syncrun WHERE id = ?", held) == [
+            ("running",)
+        ], "the healthy sync's lock was left alone"
+        assert healthy.poll() is None
+    finally:
+        gate.set()
+    _out, err = healthy.communicate(timeout=60)
+    assert healthy.returncode == 0, err
+    runs = {run[0]: run[1:3] for run in fresh.runs()}
+    assert runs[held[0]] == ("success", "")
+    assert not [run for run in runs.values() if run[0] == "running"]
