@@ -131,6 +131,12 @@ SETTINGS: dict[str, Setting] = {
         30.0, _seconds, "A lock not renewed for this long is released by the next sync."
     ),
     "IBKR_SYNC_STALE_AFTER": Setting(900.0, _seconds, "The longest one sync holds the lock."),
+    "IBKR_SYNC_END_FROZEN_HOLDERS": Setting(
+        True,
+        _boolean,
+        "The next sync ends an abandoned sync's hold on the database: its PostgreSQL session, "
+        "its stopped process on this machine (SQLite) (true/false).",
+    ),
     "IBKR_SYNC_MAX_AGE": Setting(
         86400, _integer(0), "/healthz: the last success may be this old (0: no limit)."
     ),

@@ -16,14 +16,18 @@ its start time. Host name and pid alone are not an identity: containers share bo
 
 Time is the database's: every time of a SyncRun (start, heartbeat, end) is the database's
 now, and a heartbeat's age is measured against it, never against a host's clock (a host
-whose clock runs ahead would otherwise take a lock its holder renews every second).
+whose clock runs ahead would otherwise take a lock its holder renews every second). On
+SQLite, whose "database clock" is each process's own, a heartbeat silent by its age is
+also watched for one beat before its lock is released (`_watch_heartbeat`).
 
 A holder that lost its lock can never commit: it claims the lock again before it writes
 (`claim`) and fences its write transaction with the row (`finish_holding`). Every wait on
 the database during a sync is bounded (`bounded_waits`, `bound_transaction`), so a frozen
-holder blocks the next sync for a bounded time at most. On PostgreSQL the next sync ends
-the database session of an abandoned holder that is still in a transaction (recorded as
-`database_session` when it claimed the lock to write), so its row locks go with it.
+holder blocks the next sync for a bounded time at most, and the next sync ends what an
+abandoned holder still holds of the database (`end_hold_on_database`): on PostgreSQL its
+session, if it is in a transaction (recorded as `database_session` when it claimed the
+lock to write), so its row locks go with it; on SQLite, whose write lock only the end of
+the holding process gives back, its process, if it is a stopped process of this machine.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import select
+import signal
 import socket
 import threading
 import time
@@ -41,13 +47,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
-from django.db import DatabaseError, IntegrityError, connection, transaction
+from django.db import DatabaseError, IntegrityError, OperationalError, connection, transaction
 from django.db.models.functions import Now
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
-from . import conf, selectors
-from .exceptions import LockLost, SyncAlreadyRunning
+from . import conf, environment, selectors
+from .database import unavailable_message
+from .exceptions import DatabaseUnavailable, LockLost, SyncAlreadyRunning
 from .models import SyncRun
 
 logger = logging.getLogger(__name__)
@@ -68,6 +75,10 @@ def acquire(*, trigger: str, user: Any, account_id: str | None, dry_run: bool) -
         "pid": os.getpid(),
         "owner": process_identity().token,
     }
+    if connection.vendor == "sqlite" and _write_lock_taken():
+        # A holder stopped in its write keeps SQLite's write lock: the row below would wait
+        # for it in vain. Released (and the holder ended) first, if it is abandoned.
+        release_abandoned()
     for _attempt in range(2):
         try:
             # Registered as this process's in the same step: another thread of this
@@ -106,16 +117,30 @@ def release_abandoned() -> bool:
     reason = abandoned_reason(running)
     if reason is None:
         return False
-    # Its row locks go before its lock: otherwise the next sync would wait on them.
-    session = _end_database_session(running)
-    with bounded_statements():
-        released = SyncRun.objects.filter(pk=running.pk, status=SyncRun.Status.RUNNING).update(
-            status=SyncRun.Status.FAILED,
-            error_code="abandoned",
-            error_message=f"This sync stopped working on its lock before it finished ({reason}); "
-            f"the lock was released by a later sync{session}.",
-            finished_at=Now(),
-        )
+    if reason.startswith(SILENT) and connection.vendor == "sqlite":
+        watched = _watch_heartbeat(running)
+        if watched != "silent":
+            return watched == "ended"
+    # Its hold on the database goes before its lock: otherwise the next sync would wait on it.
+    ended = end_hold_on_database(running)
+    try:
+        with bounded_statements():
+            released = SyncRun.objects.filter(pk=running.pk, status=SyncRun.Status.RUNNING).update(
+                status=SyncRun.Status.FAILED,
+                error_code="abandoned",
+                error_message=f"This sync stopped working on its lock before it finished "
+                f"({reason}); the lock was released by a later sync{ended}.",
+                finished_at=Now(),
+            )
+    except OperationalError as exc:
+        if connection.vendor != "sqlite" or not _busy(exc):
+            raise
+        # Still locked: a holder this sync may not end. Say who it is, and what to do.
+        raise DatabaseUnavailable(
+            unavailable_message(exc, outcome="nothing was changed", retry="sync again")
+            + " "
+            + _holder_of_the_database(running, reason)
+        ) from exc
     if released:
         logger.warning("Released the lock of abandoned IBKR sync #%s: %s", running.pk, reason)
     return True
@@ -133,12 +158,42 @@ def abandoned_reason(run: SyncRun, now: dt.datetime | None = None) -> str | None
     now = now or getattr(run, "database_now", None) or database_now()
     silent = (now - beat).total_seconds()
     if silent > float(conf.get("IBKR_SYNC_LOCK_TIMEOUT")):
-        return f"no heartbeat for {silent:.0f} s"
+        return f"{SILENT} {silent:.0f} s"
     owner = _ProcessIdentity.parse(run.owner)
     on_this_machine = owner is not None and owner.machine and owner.machine == me.machine
     if on_this_machine and _start_time(owner.pid) != owner.started:
         return "its process has ended"
     return None
+
+
+#: How the reason of a lock released for its heartbeat's age starts.
+SILENT = "no heartbeat for"
+
+
+def _watch_heartbeat(run: SyncRun) -> str:
+    """SQLite: whether the heartbeat of `run`, silent by its age, stays so for one beat on
+    this process's monotonic clock: "silent", "renewed" (its holder works on it) or
+    "ended" (its holder finished meanwhile). SQLite runs inside each process and reads
+    that process's clock, so on SQLite "the database's clock" is only as right as two
+    processes' clocks agree (a shared folder of another machine, a clock faked for one
+    process); a holder that is still renewing is seen renewing, whatever the clocks say.
+    Not watched: a holder known to have ended, or known stopped (it cannot renew)."""
+    holder = _ProcessIdentity.parse(run.owner)
+    if holder is not None and holder.machine and holder.machine == process_identity().machine:
+        stat = _stat(holder.pid)
+        if stat is None or stat[1] != holder.started or stat[0] in ("T", "t", "Z", "X"):
+            return "silent"
+    beat = run.heartbeat_at
+    interval = float(conf.get("IBKR_SYNC_LOCK_TIMEOUT")) / 3
+    deadline = time.monotonic() + 1.5 * interval + 0.5  # a beat, and its write's wait
+    while time.monotonic() < deadline:
+        time.sleep(min(0.1, interval / 4))
+        now = SyncRun.objects.filter(pk=run.pk).values_list("status", "heartbeat_at").first()
+        if now is None or now[0] != SyncRun.Status.RUNNING:
+            return "ended"
+        if now[1] != beat:
+            return "renewed"
+    return "silent"
 
 
 @dataclass(frozen=True)
@@ -182,12 +237,20 @@ def process_identity() -> _ProcessIdentity:
 def _start_time(pid: int) -> str | None:
     """The kernel's start time of process `pid` (field 22 of /proc/PID/stat), or None if
     there is no such process (or no /proc)."""
+    stat = _stat(pid)
+    return stat[1] if stat else None
+
+
+def _stat(pid: int) -> tuple[str, str] | None:
+    """(state, start time) of process `pid` (fields 3 and 22 of /proc/PID/stat: `T` stopped
+    by a signal, `t` by a debugger, `Z` ended but not yet reaped), or None if there is no
+    such process (or no /proc)."""
     stat = _read(f"/proc/{pid}/stat")
     if stat is None:
         return None
     # The command name (field 2) is in parentheses and may hold spaces.
     fields = stat.rsplit(")", 1)[-1].split()
-    return fields[19] if len(fields) > 19 else None
+    return (fields[0], fields[19]) if len(fields) > 19 else None
 
 
 def _pid_namespace() -> str:
@@ -381,6 +444,140 @@ def bounded_statements() -> Iterator[None]:
     with transaction.atomic():
         bound_transaction("IBKR_SYNC_LOCK_TIMEOUT")
         yield
+
+
+def end_hold_on_database(run: SyncRun) -> str:
+    """End what abandoned `run`'s holder still holds of the database, so that the next sync
+    need not wait for it: on PostgreSQL its session, if it is in a transaction; on SQLite
+    (written only by processes of one machine) its process, if it is a stopped process of
+    this machine and the database's write lock is taken. IBKR_SYNC_END_FROZEN_HOLDERS off:
+    nothing is ended, and the next sync's waits end at IBKR_SYNC_LOCK_TIMEOUT. Returns a
+    note for the run's error message."""
+    if not environment.parse(
+        "IBKR_SYNC_END_FROZEN_HOLDERS", conf.get("IBKR_SYNC_END_FROZEN_HOLDERS")
+    ):
+        return ""
+    if connection.vendor == "postgresql":
+        return _end_database_session(run)
+    if connection.vendor == "sqlite":
+        return _end_stopped_process(run)
+    return ""
+
+
+#: How long the next sync waits for a process it ended to be gone (its locks with it).
+PROCESS_END_WAIT = 5.0
+
+
+def _end_stopped_process(run: SyncRun) -> str:
+    """SQLite: end the process of abandoned `run` if it is stopped (SIGSTOP, SIGTSTP, a
+    debugger) while the database's write lock is taken: a stopped process holds the lock
+    for as long as it stays stopped, and only its end gives it back (the kernel releases
+    its file locks; its transaction never commits). SIGKILL, because a SIGTERM would wait
+    for as long as the process stays stopped. Only that process: of this machine, by its
+    pid and start time (a pid reused by another process is never signalled), never this
+    process. Returns a note for the run's error message."""
+    holder = _ProcessIdentity.parse(run.owner)
+    me = process_identity()
+    if holder is None or not holder.machine or holder.machine != me.machine:
+        return ""
+    if holder.pid == me.pid or not _write_lock_taken():
+        return ""
+    # A handle on the process itself: the signal cannot reach another that reuses its pid.
+    try:
+        handle = os.pidfd_open(holder.pid)
+    except OSError:
+        return ""  # gone already, or no pidfd (Linux < 5.3): it is not signalled
+    try:
+        stat = _stat(holder.pid)
+        if stat is None or stat[1] != holder.started or stat[0] not in ("T", "t"):
+            return ""  # another process now, or not stopped: it may be working
+        try:
+            signal.pidfd_send_signal(handle, signal.SIGKILL)
+        except ProcessLookupError:
+            return ""
+        except PermissionError:
+            logger.warning(
+                "Could not end the stopped process %s of abandoned IBKR sync #%s: it holds "
+                "the database's write lock until it is resumed or ended (not permitted).",
+                holder.pid, run.pk,
+            )  # fmt: skip
+            return f"; its process {holder.pid} was stopped and could not be ended (not permitted)"
+        gone = select.poll()
+        gone.register(handle, select.POLLIN)  # readable once the process has ended
+        ended = bool(gone.poll(PROCESS_END_WAIT * 1000))
+    finally:
+        os.close(handle)
+    if not ended:
+        return f"; its process {holder.pid} was stopped, and did not end in time when ended"
+    logger.warning(
+        "Ended the stopped process %s of abandoned IBKR sync #%s, which held the database's "
+        "write lock",
+        holder.pid, run.pk,
+    )  # fmt: skip
+    return (
+        f"; its process {holder.pid} was stopped and was ended so that its database lock "
+        "was released"
+    )
+
+
+def _write_lock_taken() -> bool:
+    """SQLite: whether another connection holds the database's write lock right now (asked
+    without waiting). False inside a transaction, where it cannot be asked."""
+    if connection.in_atomic_block:
+        return False
+    with connection.cursor() as cursor:
+        cursor.execute("PRAGMA busy_timeout")
+        before = cursor.fetchone()[0]
+        cursor.execute("PRAGMA busy_timeout = 0")
+        try:
+            cursor.execute("BEGIN IMMEDIATE")
+        except OperationalError as exc:
+            return _busy(exc)
+        else:
+            cursor.execute("ROLLBACK")
+            return False
+        finally:
+            cursor.execute(f"PRAGMA busy_timeout = {int(before)}")
+
+
+def _busy(exc: BaseException) -> bool:
+    """SQLite's "database is locked": another connection holds the write lock."""
+    return "database is locked" in str(exc)
+
+
+def _holder_of_the_database(run: SyncRun, reason: str) -> str:
+    """What an operator needs when an abandoned holder keeps the database locked: which
+    process it is, why it was not ended, and what to do."""
+    holder = _ProcessIdentity.parse(run.owner)
+    where = f"pid {holder.pid if holder else run.pid} on host {run.host or 'unknown'}"
+    text = f"The lock of IBKR sync #{run.pk} is abandoned ({reason}), but its process ({where})"
+    if holder is None or not holder.machine or holder.machine != process_identity().machine:
+        return (
+            f"{text} is not of this machine, so it was not ended: end it there, or wait "
+            "for it to end."
+        )
+    stat = _stat(holder.pid)
+    if stat is None or stat[1] != holder.started:
+        return (
+            f"{text} has ended; another connection holds the database's write lock: find "
+            "the process that has the database open in a long transaction."
+        )
+    if not environment.parse(
+        "IBKR_SYNC_END_FROZEN_HOLDERS", conf.get("IBKR_SYNC_END_FROZEN_HOLDERS")
+    ):
+        return (
+            f"{text} may hold the database; IBKR_SYNC_END_FROZEN_HOLDERS is off, so it was "
+            f"not ended: resume it (kill -CONT {holder.pid}) or end it (kill {holder.pid})."
+        )
+    if stat[0] in ("T", "t"):
+        return (
+            f"{text} is stopped and could not be ended: resume it (kill -CONT {holder.pid}) "
+            f"or end it (kill -KILL {holder.pid})."
+        )
+    return (
+        f"{text} is running (state {stat[0]}), so it was not ended: it may still be "
+        f"writing. If it hangs, end it (kill {holder.pid}), then sync again."
+    )
 
 
 def _database_session() -> str:

@@ -243,6 +243,7 @@ def test_defaults_when_nothing_is_set(project_copy):
         "IBKR_CLIENT_LIBRARY": "ib_insync",
         "IBKR_SYNC_LOCK_TIMEOUT": 30.0,
         "IBKR_SYNC_STALE_AFTER": 900.0,
+        "IBKR_SYNC_END_FROZEN_HOLDERS": True,
         "IBKR_SYNC_MAX_AGE": 86400,
         "IBKR_SYNC_THROTTLE_RATE": "6/minute",
         "IBKR_SYNC_GATEWAY_CLASS": "ibkr_sync.gateway.IbkrGateway",

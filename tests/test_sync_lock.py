@@ -32,6 +32,11 @@ from tests.conftest import FakeGateway, position
 pytestmark = pytest.mark.django_db
 
 
+# Short, for tests that wait for a silent lock to be released: on SQLite the next sync
+# watches a heartbeat that looks silent for a beat (a third of it) before it releases it.
+LOCK_TIMEOUT = 3
+
+
 def run(gateway=None):
     gateway = gateway or FakeGateway([position()])
     return sync_positions(trigger=SyncRun.Trigger.COMMAND, gateway=gateway)
@@ -75,12 +80,12 @@ def test_a_renewed_lock_of_another_host_is_respected():
 
 @pytest.mark.parametrize("owner", ["elsewhere;boot;ns|4242|99|n", "", "garbage"])
 def test_a_lock_nobody_renews_is_released_whoever_left_it(settings, owner):
-    settings.IBKR_SYNC_LOCK_TIMEOUT = 30
-    held = held_by(owner, silent_for=31)
+    settings.IBKR_SYNC_LOCK_TIMEOUT = LOCK_TIMEOUT
+    held = held_by(owner, silent_for=LOCK_TIMEOUT + 1)
     result = run()
     held.refresh_from_db()
     assert (held.status, held.error_code) == ("failed", "abandoned")
-    assert "no heartbeat for 31 s" in held.error_message
+    assert "no heartbeat for 4 s" in held.error_message
     assert SyncRun.objects.get(pk=result.sync_run_id).status == "success"
 
 
@@ -88,13 +93,13 @@ def test_a_lock_nobody_renews_is_released_whoever_left_it(settings, owner):
 def test_a_live_idle_process_holds_no_lock_once_its_heartbeat_stopped(settings, sleeper):
     """The review's wedge: a web server whose sync could not record its failure is alive
     for hours; its row must not block every other process for IBKR_SYNC_STALE_AFTER."""
-    settings.IBKR_SYNC_LOCK_TIMEOUT = 30
+    settings.IBKR_SYNC_LOCK_TIMEOUT = LOCK_TIMEOUT
     started = lock._start_time(sleeper.pid)
-    held = held_by(other_process_token(sleeper.pid, started), silent_for=5)
+    held = held_by(other_process_token(sleeper.pid, started), silent_for=1)
     with pytest.raises(SyncAlreadyRunning):
         run()  # alive and renewed recently: it may be working
     SyncRun.objects.filter(pk=held.pk).update(
-        heartbeat_at=timezone.now() - dt.timedelta(seconds=31)
+        heartbeat_at=timezone.now() - dt.timedelta(seconds=LOCK_TIMEOUT + 1)
     )
     assert run().created == 1
     held.refresh_from_db()
@@ -293,14 +298,14 @@ def test_a_host_clock_ahead_or_behind_never_takes_a_renewed_lock(settings, skew)
 
 @pytest.mark.parametrize("skew", [60, -60, -3600])
 def test_a_lock_silent_on_the_databases_clock_is_released_whatever_the_hosts_clock(settings, skew):
-    settings.IBKR_SYNC_LOCK_TIMEOUT = 30
+    settings.IBKR_SYNC_LOCK_TIMEOUT = LOCK_TIMEOUT
     held = held_by("elsewhere;boot;ns|4242|99|n")
-    renewed(held, 31)
+    renewed(held, LOCK_TIMEOUT + 1)
     with host_clock_off_by(skew):
         assert run().created == 1
     held.refresh_from_db()
     assert (held.status, held.error_code) == ("failed", "abandoned")
-    assert "no heartbeat for 31 s" in held.error_message
+    assert "no heartbeat for 4 s" in held.error_message
 
 
 @pytest.mark.parametrize("skew", [60, -60])
@@ -346,9 +351,9 @@ def test_health_measures_the_lock_and_the_last_sync_on_the_databases_clock(setti
 def test_a_runs_end_is_recorded_once(settings, code):
     """The review's finding: a run released as `abandoned` was re-stamped when its process
     resumed. Whatever a late attempt says, the first end stays."""
-    settings.IBKR_SYNC_LOCK_TIMEOUT = 30
+    settings.IBKR_SYNC_LOCK_TIMEOUT = LOCK_TIMEOUT
     held = held_by("elsewhere;boot;ns|4242|99|n")
-    renewed(held, 31)
+    renewed(held, LOCK_TIMEOUT + 1)
     assert lock.release_abandoned() is True
     held.refresh_from_db()
     first = (held.status, held.error_code, held.error_message, held.finished_at)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import signal
+import time
+from pathlib import Path
 
 from django.db import connection
 
@@ -48,6 +50,30 @@ class FrozenInWrite(IbkrGateway):
             ):
                 frozen.append(True)
                 _freeze()
+            return result
+
+        connection.execute_wrappers.append(after_first_position_write)  # the sync's thread
+        return snapshot
+
+
+class HungInWrite(IbkrGateway):
+    """Hangs, running (not stopped), inside the write transaction just after its first
+    write to the position table, until the file named by HUNG_UNTIL exists: a sync stuck
+    in its write. It says so by creating that name with `.hung` added."""
+
+    def fetch_positions(self, account_id: str | None = None) -> GatewaySnapshot:
+        snapshot = super().fetch_positions(account_id)
+        until = Path(os.environ["HUNG_UNTIL"])
+        hung: list[bool] = []
+
+        def after_first_position_write(execute, sql, params, many, context):
+            result = execute(sql, params, many, context)
+            if not hung and connection.in_atomic_block and '"portfolio_position"' in sql:
+                hung.append(True)
+                until.with_name(until.name + ".hung").touch()
+                deadline = time.monotonic() + 120
+                while not until.exists() and time.monotonic() < deadline:
+                    time.sleep(0.05)
             return result
 
         connection.execute_wrappers.append(after_first_position_write)  # the sync's thread
