@@ -256,6 +256,20 @@ def test_bad_options_exit_2_with_one_line(command_env, args, message):
     assert result.stderr.splitlines() == [f"manage.py sync_ibkr: error: {message} (see --help)"]
 
 
+@pytest.mark.django_db
+def test_a_malformed_setting_the_app_reads_itself_is_a_configuration_error(settings):
+    """As in a host project, whose settings leave the IBKR_* values to the app: the
+    command's own check says so (exit 78), not Django's system-check report (exit 1)."""
+    settings.IBKR_PORT = "abc"
+
+    with pytest.raises(CommandError) as raised:
+        call_command("sync_ibkr")
+
+    assert raised.value.returncode == 78
+    assert str(raised.value) == "Configuration error: IBKR_PORT must be an integer, got 'abc'."
+    assert not SyncRun.objects.exists()
+
+
 @pytest.mark.processes
 def test_malformed_port_setting_stops_with_a_message_naming_it(command_env):
     result = manage("sync_ibkr", env={**command_env, "IBKR_PORT": "abc"})

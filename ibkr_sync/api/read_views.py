@@ -7,7 +7,15 @@ import difflib
 import re
 
 from django.db.models import Count, Q, QuerySet
-from django.urls import Resolver404, URLPattern, URLResolver, get_resolver, resolve
+from django.urls import (
+    NoReverseMatch,
+    Resolver404,
+    URLPattern,
+    URLResolver,
+    get_resolver,
+    resolve,
+    reverse,
+)
 from drf_spectacular.utils import (
     OpenApiParameter,
     OpenApiResponse,
@@ -235,8 +243,17 @@ def not_found_detail(method: str, path: str) -> str:
     endpoints = api_paths(path)
     return (
         f"No API endpoint at {method} {path}.{_hint(path, endpoints)} The endpoints: "
-        f"{', '.join(endpoints)} (documented at /api/docs/)."
+        f"{', '.join(endpoints)}{_documented()}."
     )
+
+
+def _documented() -> str:
+    """Where the API's documentation is, if the project serves drf-spectacular's pages
+    under the URL name `swagger-ui` (this project's); nothing where it does not."""
+    try:
+        return f" (documented at {reverse('swagger-ui')})"
+    except NoReverseMatch:
+        return ""
 
 
 def _hint(path: str, endpoints: list[str]) -> str:

@@ -271,6 +271,8 @@ overview = client.get(f"/admin/{meta.app_label}/{meta.model_name}/overview/")
 text = overview.content.decode()
 out["overview"] = [overview.status_code, account.external_id in text, "Net liquidation" in text,
                    "<h3>Cash</h3>" in text, "Open positions" in text]
+health = Client().get("/healthz")
+out["health"] = [health.status_code, health.json()["checks"]["last_sync"]["status"]]
 history = client.get("/admin/ibkr_sync/syncrun/")
 out["history"] = [history.status_code, history.content.decode().count("ibkr-badge-success")]
 from django.apps import apps
@@ -396,6 +398,13 @@ def test_section_9_as_written_in_a_freshly_generated_project(
             outputs.append(run(args, cwd=where, env={**env, **assignments}).stdout)
         check = run([python, "manage.py", "check"], cwd=where, env=env)
         assert "no issues" in check.stdout
+        # A malformed setting: one line, exit 78, as in our project (not a check report).
+        bad = run([python, "manage.py", "sync_ibkr"], cwd=where, check=False,
+                  env={**env, "IBKR_PORT": "abc"})  # fmt: skip
+        assert (bad.returncode, bad.stdout) == (78, ""), bad.stderr
+        assert bad.stderr.splitlines() == [
+            "Configuration error: IBKR_PORT must be an integer, got 'abc'."
+        ]
         # The README's sync line: one summary line, positions created.
         summary = outputs[-1].strip().splitlines()[0]
         created = int(re.search(r": (\d+) created", summary).group(1))
@@ -435,6 +444,7 @@ def test_section_9_as_written_in_a_freshly_generated_project(
     syncing = {name for name, page in admin.items() if page["sync_now"]}
     assert syncing == {name for name in admin if name in accounts | {"holding", "position"}}
     assert out["overview"] == [200, True, True, True, True]
+    assert out["health"] == [200, "ok"], "section 9's /healthz: the last sync succeeded"
     assert out["history"][0] == 200 and out["history"][1] >= 2
     if kind == "shadow":
         heard = out["heard"]

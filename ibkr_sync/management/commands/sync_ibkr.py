@@ -61,6 +61,22 @@ class Command(BaseCommand):
         + "."
     )
 
+    def execute(self, *args, **options):
+        """A malformed setting is a configuration error (exit 78, one line) in any project:
+        in this project its settings module refuses it before any command runs; in a
+        host's, whose settings leave the IBKR_* variables to the app, the app's own checks
+        find it here, before Django's system checks would make it exit 1 with a report."""
+        from ...checks import check_settings
+
+        problems = [e for e in check_settings() if e.is_serious()]
+        if problems:
+            message = "Configuration error: " + " ".join(e.msg for e in problems)
+            if getattr(self, "_called_from_command_line", False):
+                self.stderr.write(message)
+                sys.exit(78)
+            raise CommandError(message, returncode=78)
+        return super().execute(*args, **options)
+
     def create_parser(self, prog_name: str, subcommand: str, **kwargs) -> CommandParser:
         parser = super().create_parser(prog_name, subcommand, **kwargs)
         if parser.called_from_command_line:
