@@ -12,9 +12,9 @@ from typing import Any
 from django.db import DatabaseError, connection
 
 from . import conf, selectors
-from .gateway import IbkrGateway
 from .lock import abandoned_reason, database_now
 from .models import SyncRun
+from .sources.tws import IbkrGateway
 
 
 def check_health(*, gateway: bool = False) -> tuple[bool, dict[str, Any]]:

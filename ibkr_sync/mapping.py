@@ -1,4 +1,5 @@
-"""Pure functions from the gateway's records to model field values. No I/O, no ORM.
+"""Pure functions from a source's records (`snapshot.py`) to model field values. No I/O,
+no ORM, and nothing of any source: no tag, no wire message.
 
 Validation comes first and fails with `MappingError(reason)`: the service counts such a
 record in `errors` and leaves its stored row alone. Values are converted with `Decimal`
@@ -27,9 +28,11 @@ from django.db import connection, models
 from . import conf
 from .decimals import plain
 from .exceptions import InvalidAccountId
-from .gateway import GatewayAccountValues, GatewayPosition
-from .models import SNAPSHOT_TAGS, Broker, SecType, is_rate
-from .protocol import BASE_CURRENCY, UNSET, WireValueError, is_unset_value, parse_decimal
+from .models import Broker, SecType, is_rate
+from .protocol import UNSET, WireValueError, is_unset_value, parse_decimal
+from .snapshot import CASH, EXCHANGE_RATE, TOTALS, AccountValues, CurrencyError, PositionRecord
+from .snapshot import currency_code as _currency_code
+from .snapshot import shown as _short
 
 BROKER = Broker.IBKR
 
@@ -56,8 +59,6 @@ INSTRUMENT_FIELDS = (
 POSITION_FIELDS = ("quantity", "average_cost", "cost_basis")
 #: The Position fields a sync fills from IBKR's portfolio values (and `valued_at`).
 POSITION_VALUE_FIELDS = ("market_price", "market_value", "unrealized_pnl", "realized_pnl")
-#: Tags IBKR gives per currency, with their total in the base currency as currency BASE.
-_PER_CURRENCY_TOTALS = frozenset({"UnrealizedPnL", "RealizedPnL"})
 
 
 class MappingError(ValueError):
@@ -68,10 +69,11 @@ def currency_code(value: Any) -> str:
     """A currency code in the one form the product stores and compares: three ASCII
     letters, upper case. IBKR's `usd` or `Usd` is USD (the same currency, so the same
     row); anything else is not a code, and MappingError says so (never a row of its own,
-    never a base currency)."""
-    if type(value) is str and len(value) == 3 and value.isascii() and value.isalpha():
-        return value.upper()
-    raise MappingError(f"{_short(value)!r} is not a currency code (three letters, e.g. USD)")
+    never a base currency). The rule is `snapshot.currency_code`, which sources apply."""
+    try:
+        return _currency_code(value)
+    except CurrencyError as exc:
+        raise MappingError(str(exc)) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,16 +301,6 @@ def _fit_text(column: _Column, value: Any) -> None:
             raise MappingError(f"{column.label} is not valid text") from None
 
 
-def _short(value: Any, limit: int = 40) -> str:
-    if isinstance(value, Decimal) and value.is_finite():
-        text = format(value, "E") if abs(value.adjusted()) > limit else plain(value)
-    elif isinstance(value, int) and value.bit_length() > 128:
-        text = format(Decimal(value), ".6E")
-    else:
-        text = str(value)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 def contract_id_text(con_id: int) -> str:
     """The conId as the Instrument's external_id (a conId of any length, without int's
     4300-digit limit on str())."""
@@ -332,7 +324,7 @@ def parse_expiry(text: str) -> tuple[dt.date | None, str]:
 
 
 def _describe(
-    record: GatewayPosition, sec_type: str, strike: Decimal | None, right: str, mult: Any
+    record: PositionRecord, sec_type: str, strike: Decimal | None, right: str, mult: Any
 ) -> str:
     """A readable one-line name, by the validated (upper-cased) security type."""
     parts = [(record.local_symbol or record.symbol).strip()]
@@ -362,7 +354,7 @@ def is_storable_account_id(value: str) -> bool:
     return True
 
 
-def map_position(record: GatewayPosition) -> MappedPosition:
+def map_position(record: PositionRecord) -> MappedPosition:
     """One gateway position -> field values for its Instrument and Position rows, each
     checked against its column (`fit`)."""
     if not record.account:
@@ -430,7 +422,7 @@ def map_position(record: GatewayPosition) -> MappedPosition:
 
 
 def map_account_values(
-    values: GatewayAccountValues, held: dict[int, tuple[Decimal, str, str, str]]
+    values: AccountValues, held: dict[int, tuple[Decimal, str, str, str]]
 ) -> MappedValues:
     """An account's values -> AccountSnapshot, CashBalance and Position value fields.
 
@@ -439,12 +431,9 @@ def map_account_values(
     stored as nothing (never as zero): the snapshot's field is empty, the position's
     values are left as they were.
 
-    Every currency is read as a code (`currency_code`: `usd` is USD); a value under a
-    currency that is not one is an error entry, never a row or a base currency of its own.
-    The totals are in the base currency: the currency IBKR gives NetLiquidation in (or
-    TotalCashValue). Per-currency tags (P&L) carry their total in the base currency under
-    the currency "BASE"; the base currency's own row is the P&L of the positions in that
-    currency only, so it is the account's only when the account has no other currency.
+    Which figure is which, and in which currency, the source has decided (its
+    `AccountValues`, every currency a code); what it could not interpret (`problems`)
+    is an error entry each.
 
     Exchange rates: every rate IBKR sent is kept (in the snapshot, to the base currency),
     whether or not the account holds cash in its currency, if it converts (positive and
@@ -452,8 +441,8 @@ def map_account_values(
 
     Cash: the stored set is replaced only by a complete, readable set of per-currency
     balances. A download with none (nothing, or only IBKR's BASE total), or with any
-    balance unset, unstorable or under a non-code, cannot be trusted whole: the stored
-    rows are kept exactly as they are, and `cash_kept_reason` says why.
+    balance unset, unstorable or under a non-code (`cash_problems`), cannot be trusted
+    whole: the stored rows are kept exactly as they are, and `cash_kept_reason` says why.
     """
     account = values.account
     errors: list[dict[str, Any]] = []
@@ -485,27 +474,22 @@ def map_account_values(
             refuse(label, exc, con_id, **where)
             raise
 
-    reported, untrusted = _canonical_values(values.values, refuse)
-    base = _base_currency(reported, refuse)
-    others = {c for _, c in reported if c and c not in (BASE_CURRENCY, base)}
+    for problem in values.problems:
+        refuse(problem.label, problem.reason)
+    base = values.base_currency
     snapshot: dict[str, Any] = {"currency": base}
-    for name, tag in SNAPSHOT_TAGS.items():
-        if tag in _PER_CURRENCY_TOTALS:
-            sources = (BASE_CURRENCY,) if others or not base else (BASE_CURRENCY, base)
-        else:
-            sources = (base, BASE_CURRENCY) if base else (BASE_CURRENCY,)
-        value = next((reported[tag, c] for c in sources if (tag, c) in reported), None)
+    for name in TOTALS:
+        label = f"{values.name_of(name)} ({base or 'base'})"
         try:
-            snapshot[name] = stored(columns[name], value, f"{tag} ({base or 'base'})")
+            snapshot[name] = stored(columns[name], values.totals.get(name), label)
         except MappingError:
             snapshot[name] = None
 
     rates: dict[str, Decimal] = {}
     reported_rates: dict[str, Decimal] = {}  # as sent, where the column holds it
-    for (tag, currency), rate in reported.items():
-        if tag != "ExchangeRate" or currency in ("", BASE_CURRENCY):
-            continue
-        label = f"ExchangeRate ({currency})"
+    rate_name = values.name_of(EXCHANGE_RATE)
+    for currency, rate in values.exchange_rates.items():
+        label = f"{rate_name} ({currency})"
         if rate is None:
             refuse(label, f"IBKR sent no value: {currency} amounts are not converted")
         elif not is_rate(rate):
@@ -523,18 +507,15 @@ def map_account_values(
     snapshot["exchange_rates"] = {c: plain(r) for c, r in sorted(rates.items())} if base else {}
 
     cash: dict[str, dict[str, Any]] = {}
-    cash_reported = bool(untrusted)
-    for (tag, currency), amount in reported.items():
-        if tag != "CashBalance":
-            continue
-        cash_reported = True
-        if currency == BASE_CURRENCY:
-            continue
+    untrusted = list(values.cash_problems)
+    cash_reported = bool(untrusted) or values.cash_total_reported or bool(values.cash)
+    cash_name = values.name_of(CASH)
+    for currency, amount in values.cash.items():
         if amount is None:
             untrusted.append(f"IBKR sent no value for the {currency} balance")
             continue
         try:
-            amount = stored(cash_columns["amount"], amount, f"CashBalance ({currency})")
+            amount = stored(cash_columns["amount"], amount, f"{cash_name} ({currency})")
         except MappingError:
             untrusted.append(f"the {currency} balance cannot be stored")
             continue
@@ -591,65 +572,6 @@ def map_account_values(
         unvalued=unvalued,
         errors=errors,
     )
-
-
-#: The tags whose currency is checked: a value under a currency that is not a code is an
-#: error entry (other tags are not read).
-_CHECKED_TAGS = frozenset({"CashBalance", "ExchangeRate", *SNAPSHOT_TAGS.values()})
-_PER_CURRENCY_TAGS = frozenset({"CashBalance", "ExchangeRate"})
-
-
-def _canonical_values(
-    raw: dict[tuple[str, str], Decimal | None], refuse: Any
-) -> tuple[dict[tuple[str, str], Decimal | None], list[str]]:
-    """The values by (tag, currency code), and why the cash cannot be trusted whole, if
-    so. A currency that is not a code is refused (an errors entry, for the tags read); a
-    tag sent twice under one code (`usd` and `USD`) with different values is neither."""
-    reported: dict[tuple[str, str], Decimal | None] = {}
-    untrusted: list[str] = []
-    conflicts: set[tuple[str, str]] = set()
-    for (tag, currency), value in raw.items():
-        # A value that is not money has no currency: only cash and rates must name one.
-        if currency != BASE_CURRENCY and (currency or tag in _PER_CURRENCY_TAGS):
-            try:
-                currency = currency_code(currency)
-            except MappingError as exc:
-                if tag in _CHECKED_TAGS:
-                    refuse(tag, exc)
-                    if tag == "CashBalance":
-                        untrusted.append(f"a balance's currency {_short(currency)!r} is not a code")
-                continue
-        key = (tag, currency)
-        if key in reported and reported[key] != value:
-            conflicts.add(key)
-        reported[key] = value
-    for tag, currency in sorted(conflicts):
-        del reported[tag, currency]
-        if tag in _CHECKED_TAGS:
-            refuse(tag, f"{currency} was sent twice (in different cases) with different values")
-            if tag == "CashBalance":
-                untrusted.append(f"the {currency} balance was sent twice with different values")
-    return reported, untrusted
-
-
-#: The totals IBKR gives in the account's base currency only: the currency they name is it.
-_BASE_TAGS = ("NetLiquidation", "TotalCashValue")
-
-
-def _base_currency(reported: dict[tuple[str, str], Decimal | None], refuse: Any) -> str:
-    """The one currency IBKR gives the account's totals in, or "" if none. Totals in two
-    currencies name none (an errors entry): which one the rates convert to cannot be told,
-    so no rate is kept under either and no total is taken in either."""
-    named = sorted({c for t, c in reported if t in _BASE_TAGS and c and c != BASE_CURRENCY})
-    if len(named) > 1:
-        refuse(
-            "base currency",
-            f"IBKR gave the account's totals ({', '.join(_BASE_TAGS)}) in "
-            f"{' and '.join(named)}: no base currency, so no rate is kept and no total "
-            "is taken from this download",
-        )
-        return ""
-    return named[0] if named else ""
 
 
 def _fits_quietly(column: _Column, value: Any, vendor: str) -> bool:

@@ -310,9 +310,11 @@ class AbstractAccountSnapshot(models.Model):
         return f"{self.account.external_id} at {self.taken_at:%Y-%m-%d %H:%M}"
 
 
-#: The AccountSnapshot fields a sync fills from IBKR's account values, by IBKR's tag: the
-#: account's totals in its base currency.
-SNAPSHOT_TAGS = {
+#: The AccountSnapshot fields a sync fills with the account's totals (in its base
+#: currency), each with the name IBKR's account window gives the figure: labels for
+#: people (the read API's help texts). Which value of a report fills a field is the
+#: source's business (`ibkr_sync.sources`), never read from here.
+SNAPSHOT_TOTALS = {
     "net_liquidation": "NetLiquidation",
     "total_cash_value": "TotalCashValue",
     "gross_position_value": "GrossPositionValue",
@@ -321,6 +323,8 @@ SNAPSHOT_TAGS = {
     "available_funds": "AvailableFunds",
     "buying_power": "BuyingPower",
 }
+#: Its former name, for host code that imported it.
+SNAPSHOT_TAGS = SNAPSHOT_TOTALS
 
 
 class SyncRun(models.Model):

@@ -1,6 +1,6 @@
 """The TWS API's rules for the values we read off the wire: numbers and "no value".
 
-Pure and standard-library only, so the gateway (which reads) and the simulator (which
+Pure and standard-library only, so the TWS source (which reads) and the simulator (which
 writes) share one statement of them.
 
 Numbers. TWS writes integers as plain decimal digits and decimals / doubles as Java and
@@ -72,23 +72,6 @@ ACCOUNT_VALUE_MESSAGE_ID: Final = 6
 ACCOUNT_VALUE_VERSION: Final = "2"
 ACCOUNT_VALUE_FIELDS: Final = ("msg_id", "version", "tag", "value", "currency", "account")
 ACCOUNT_DOWNLOAD_END_MESSAGE_ID: Final = 54
-#: The currency IBKR gives a per-currency value's total in the account's base currency.
-BASE_CURRENCY: Final = "BASE"
-#: The account values a sync reads (every other tag is passed over unread): the account's
-#: totals in its base currency, and per currency its cash and IBKR's exchange rate.
-ACCOUNT_VALUE_TAGS: Final = frozenset(
-    {
-        "NetLiquidation",
-        "TotalCashValue",
-        "GrossPositionValue",
-        "UnrealizedPnL",
-        "RealizedPnL",
-        "AvailableFunds",
-        "BuyingPower",
-        "CashBalance",
-        "ExchangeRate",
-    }
-)
 
 
 class _Unset(Enum):

@@ -29,18 +29,18 @@ from django.utils.module_loading import import_string
 from . import conf, lock, signals
 from .database import is_unavailable, unavailable_message
 from .exceptions import DatabaseUnavailable, IbkrSyncError, LockLost, SyncInsideTransaction
-from .gateway import GatewaySnapshot
 from .mapping import normalize_account_id
 from .models import PositionChange, SyncRun
+from .snapshot import Snapshot
 from .writer import KINDS, apply_snapshot
 
 logger = logging.getLogger(__name__)
 
 
 class PositionSource(Protocol):
-    """What the service needs from a gateway (tests pass a fake)."""
+    """What the service needs from a source (tests pass a fake): one read, as a snapshot."""
 
-    def fetch_positions(self, account_id: str | None = None) -> GatewaySnapshot: ...
+    def fetch_positions(self, account_id: str | None = None) -> Snapshot: ...
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The set-based writer: one gateway snapshot applied to the configured models.
+"""The set-based writer: one source's snapshot applied to the configured models.
 
 Runs inside the sync's transaction (the service owns it). Reads existing rows as plain
 tuples in a fixed number of queries, inserts new rows batch by batch (one multi-row
@@ -12,6 +12,13 @@ every sync, and they are not position changes), the cash balances per currency (
 stored set replaced by a whole one only: upserted, a currency no longer reported goes;
 otherwise kept exactly) and one AccountSnapshot per account. An account
 whose values are missing keeps what it had; the run records why (`SyncRun.account_values`).
+
+Two kinds of time. What the data describes, the source's moment (`as_of`: of the
+account's values, else of the snapshot): a position's `valued_at` and a snapshot's
+`taken_at`, so that values read minutes before a slow write carry the minute they
+describe. What a sync did, the write's own moment (`now`): `opened_at`, `closed_at`,
+`last_synced_at`, a cash row's `synced_at`, which say when a sync wrote or confirmed
+the row. A source that gives no moment (a host's fake) is taken as of the write.
 """
 
 from __future__ import annotations
@@ -29,7 +36,6 @@ from django.db import connection, models
 from django.db.models.fields import AutoFieldMixin
 
 from . import conf
-from .gateway import GatewaySnapshot
 from .mapping import (
     BROKER,
     INSTRUMENT_FIELDS,
@@ -44,6 +50,7 @@ from .mapping import (
     map_position,
 )
 from .models import PositionChange, SyncRun
+from .snapshot import Snapshot
 
 # Rows per statement: below SQLite's bound-parameter limit for the widest statement.
 BATCH_SIZE = 500
@@ -69,9 +76,7 @@ class Counts:
         return {a: {kind: self.tally[a, kind] for kind in KINDS} for a in accounts}
 
 
-def apply_snapshot(
-    snapshot: GatewaySnapshot, run: SyncRun, now: dt.datetime
-) -> tuple[list[str], Counts]:
+def apply_snapshot(snapshot: Snapshot, run: SyncRun, now: dt.datetime) -> tuple[list[str], Counts]:
     Position = conf.position_model()
     counts = Counts()
     mapped: dict[tuple[str, str], MappedPosition] = {}
@@ -203,7 +208,7 @@ def apply_snapshot(
 
 
 def _apply_values(
-    snapshot: GatewaySnapshot,
+    snapshot: Snapshot,
     run: SyncRun,
     now: dt.datetime,
     accounts: dict[str, int],
@@ -223,6 +228,8 @@ def _apply_values(
             instrument_id,
         )
     read: list[MappedValues] = []
+    # The moment each account's values describe (see the module's docstring).
+    as_of: dict[str, dt.datetime] = {}
     for account_id in accounts:
         values = snapshot.account_values.get(account_id)
         if values is None:
@@ -231,6 +238,7 @@ def _apply_values(
             continue
         item = map_account_values(values, held[account_id])
         read.append(item)
+        as_of[account_id] = values.as_of or snapshot.as_of or now
         for error in item.errors:
             counts.add(account_id, "errors")
             counts.errors.append(error)
@@ -251,13 +259,12 @@ def _apply_values(
     Position = conf.position_model()
     update_rows(
         Position,
-        POSITION_VALUE_FIELDS,
+        (*POSITION_VALUE_FIELDS, "valued_at"),
         (
-            (position_pks[item.account_id, instrument_id], *values)
+            (position_pks[item.account_id, instrument_id], *values, as_of[item.account_id])
             for item in read
             for instrument_id, values in item.positions.items()
         ),
-        valued_at=now,
     )
 
     Cash = conf.cash_balance_model()
@@ -293,7 +300,7 @@ def _apply_values(
             {
                 "account_id": accounts[item.account_id],
                 "sync_run_id": run.pk,
-                "taken_at": now,
+                "taken_at": as_of[item.account_id],
                 **item.snapshot,
             }
             for item in read

@@ -23,21 +23,81 @@ OFFERED_TO_HOSTS = {
     "ibkr_sync.models",
     "ibkr_sync.permissions",  # which view permission covers which kind of data
 }
-# The sync's core: the one-way flow gateway -> mapping -> services, and what they use.
+# The sync's core: the one-way flow source -> snapshot -> mapping -> writer -> services,
+# and what they use.
 CORE = (
     "conf", "database", "decimals", "exceptions", "gateway", "health", "lock", "mapping",
-    "models", "overview", "protocol", "selectors", "services", "signals", "writer",
+    "models", "overview", "protocol", "selectors", "services", "signals", "snapshot",
+    "writer",
 )  # fmt: skip
+# The IB client libraries (and the event library they ship): imported under the TWS
+# source's package only.
+CLIENT_LIBRARIES = {"ib_insync", "ib_async", "eventkit"}
+TWS_SOURCE = IBKR_SYNC / "sources" / "tws"
+# What reads a source's records, and must know no source: the configured source class
+# is the one way to one (`IBKR_SYNC_GATEWAY_CLASS`).
+SOURCE_NEUTRAL = ("snapshot", "mapping", "writer", "services")
 
 
-def imported_modules(source: str) -> set[str]:
+def imported_modules(source: str, package: str = "") -> set[str]:
+    """The modules `source` imports; relative imports resolved against `package` (the
+    dotted package of the file) when given, else left out."""
     modules = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             modules.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
             modules.add(node.module or "")
+        elif isinstance(node, ast.ImportFrom) and package:
+            parts = package.split(".")
+            base = parts[: len(parts) - node.level + 1]
+            if node.module:
+                modules.add(".".join([*base, node.module]))
+            else:
+                modules.update(".".join([*base, alias.name]) for alias in node.names)
     return modules
+
+
+def package_of(path: Path) -> str:
+    return ".".join(("ibkr_sync", *path.relative_to(IBKR_SYNC).parent.parts))
+
+
+def test_only_the_tws_source_imports_the_client_library():
+    """`ib_insync` / `ib_async` (and `eventkit`) are imported under `sources/tws/` only,
+    whether by an import statement or by name (`importlib.import_module`)."""
+    importers = set()
+    for path in sorted(IBKR_SYNC.rglob("*.py")):
+        text = path.read_text()
+        modules = imported_modules(text, package_of(path))
+        by_name = "import_module(" in text
+        if {m.split(".")[0] for m in modules} & CLIENT_LIBRARIES or by_name:
+            importers.add(path)
+    assert importers, "the TWS source imports the client library"
+    for path in importers:
+        assert TWS_SOURCE in path.parents, f"{path} imports the client library"
+
+
+def test_the_source_neutral_modules_know_no_source():
+    """snapshot, mapping, writer and services read records, not a source: nothing of
+    `sources.tws` or `gateway`; the service reaches the source through the setting."""
+    for name in SOURCE_NEUTRAL:
+        path = IBKR_SYNC / f"{name}.py"
+        for module in imported_modules(path.read_text(), "ibkr_sync"):
+            assert not module.startswith(("ibkr_sync.sources", "ibkr_sync.gateway")), (
+                f"{name}.py imports {module}"
+            )
+            assert module.split(".")[0] not in CLIENT_LIBRARIES, f"{name}.py imports {module}"
+    assert "IBKR_SYNC_GATEWAY_CLASS" in (IBKR_SYNC / "services.py").read_text()
+
+
+def test_the_simulator_writes_by_the_protocol_not_the_source():
+    """The simulator and its portfolio share the wire's rules (`protocol`) and the
+    records (`snapshot`) with the source; it imports nothing of the source itself."""
+    for path in sorted((IBKR_SYNC / "testing").glob("*.py")):
+        for module in imported_modules(path.read_text(), package_of(path)):
+            assert not module.startswith(("ibkr_sync.sources", "ibkr_sync.gateway")), (
+                f"{path.name} imports {module}"
+            )
 
 
 def test_portfolio_uses_only_what_ibkr_sync_offers_every_host():

@@ -200,15 +200,17 @@ class ValuedGateway(FakeGateway):
     position (the wire's part is the integration tests'; here only the writes count)."""
 
     def fetch_positions(self, account_id=None):
-        from ibkr_sync.gateway import GatewayAccountValues, GatewayPositionValue
+        from ibkr_sync.snapshot import AccountValues, PositionValue
 
         snapshot = super().fetch_positions(account_id)
         values = {
-            account: GatewayAccountValues(
+            account: AccountValues(
                 account,
-                {("NetLiquidation", "USD"): Decimal("1000.5"), ("CashBalance", "USD"): Decimal(7)},
-                {
-                    p.con_id: GatewayPositionValue(
+                base_currency="USD",
+                totals={"net_liquidation": Decimal("1000.5")},
+                cash={"USD": Decimal(7)},
+                positions={
+                    p.con_id: PositionValue(
                         p.con_id, p.quantity, Decimal("1.5"), Decimal(3), Decimal(1), None
                     )
                     for p in snapshot.positions

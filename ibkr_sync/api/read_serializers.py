@@ -11,7 +11,7 @@ from rest_framework import serializers
 from rest_framework.fields import empty
 
 from .. import conf
-from ..models import MONEY_DIGITS, QUANTITY_DIGITS, SNAPSHOT_TAGS, SecType
+from ..models import MONEY_DIGITS, QUANTITY_DIGITS, SNAPSHOT_TOTALS, SecType
 from .fields import ExactDecimalField, ExactDecimalModelSerializer
 from .holdings import holding
 
@@ -457,7 +457,7 @@ class AccountSnapshotSerializer(ExactDecimalModelSerializer):
             "taken_at": {"help_text": "When the sync read these values."},
             **{
                 name: {"help_text": f"IBKR's {tag}, in the base currency; null if none."}
-                for name, tag in SNAPSHOT_TAGS.items()
+                for name, tag in SNAPSHOT_TOTALS.items()
             },
         }
 

@@ -158,12 +158,12 @@ class SimPosition:
         return _replace(self, quantity=_to_decimal("quantity", quantity))
 
     def as_gateway_position(self) -> Any:
-        """This position as the app's gateway adapter hands it on (a `GatewayPosition`),
-        for feeding the sync directly, without the wire, in tests and benchmarks."""
-        from ..gateway import GatewayPosition
+        """This position as a source hands it on (a `snapshot.PositionRecord`), for
+        feeding the sync directly, without the wire, in tests and benchmarks."""
+        from ..snapshot import PositionRecord
 
-        fields = GatewayPosition.__dataclass_fields__
-        return GatewayPosition(
+        fields = PositionRecord.__dataclass_fields__
+        return PositionRecord(
             **{name: getattr(self, name) for name in fields if hasattr(self, name)}
         )
 

@@ -175,7 +175,7 @@ def test_the_library_decoding_fallback_reads_the_same_positions(ibkr, monkeypatc
     """Positions come off the wire through our decoder; a library version without a
     decoder table falls back to its position events, with the same result."""
     ours = IbkrGateway().fetch_positions()
-    monkeypatch.setattr("ibkr_sync.gateway._MSG_POSITION", -1)  # "no such handler"
+    monkeypatch.setattr("ibkr_sync.sources.tws.decoding._MSG_POSITION", -1)  # "no such handler"
 
     library = IbkrGateway().fetch_positions()
 

@@ -458,3 +458,26 @@ def test_a_flood_of_values_is_refused_not_kept(values):
     assert "more than 2000 distinct values" in result.account_values[ACCOUNT]["reason"]
     # Rows of positions that were not read are passed over: OTHER values its one position.
     assert result.account_values[OTHER]["positions_valued"] == 1
+
+
+def test_a_tws_reads_moments_are_what_its_values_are_stored_as_of(values):
+    """The TWS source dates its snapshot when the end of positions is read, and each
+    account's values when their download end is: those moments are stored, not the
+    write's."""
+    from ibkr_sync.sources.tws import TwsSource
+
+    class Recording(TwsSource):
+        def fetch_positions(self, account_id=None):
+            self.snapshot = super().fetch_positions(account_id)
+            return self.snapshot
+
+    source = Recording()
+    result = sync(gateway=source)
+
+    snapshot = source.snapshot
+    read = snapshot.account_values[ACCOUNT]
+    assert snapshot.source == "tws" and snapshot.as_of.utcoffset() is not None
+    assert result.started_at <= snapshot.as_of <= read.as_of <= result.finished_at
+    assert position("AAPL").valued_at == read.as_of
+    assert AccountSnapshot.objects.get(account__external_id=ACCOUNT).taken_at == read.as_of
+    assert position("AAPL").last_synced_at > read.as_of  # the write's own time

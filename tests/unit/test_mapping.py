@@ -179,9 +179,10 @@ def test_the_gateway_reads_positions_in_the_protocols_layout():
     import ast
     import inspect
 
-    from ibkr_sync import gateway, protocol
+    from ibkr_sync import protocol
+    from ibkr_sync.sources.tws import decoding
 
-    tree = ast.parse(inspect.getsource(gateway._position_from_wire))
+    tree = ast.parse(inspect.getsource(decoding._position_from_wire))
     (unpacking,) = [
         node
         for node in ast.walk(tree)
@@ -195,5 +196,5 @@ def test_the_gateway_reads_positions_in_the_protocols_layout():
     fields[protocol.POSITION_FIELDS.index("con_id")] = "7"
     for name in ("strike", "quantity", "average_cost"):
         fields[protocol.POSITION_FIELDS.index(name)] = "1"
-    read = gateway._position_from_wire(fields)
+    read = decoding._position_from_wire(fields)
     assert (read.account, read.symbol, read.currency) == ("<account>", "<symbol>", "<currency>")

@@ -5,18 +5,19 @@ from decimal import Decimal
 import pytest
 
 from ibkr_sync.decimals import plain
-from ibkr_sync.gateway import GatewayAccountValues, GatewayPositionValue
 from ibkr_sync.mapping import MappingError, currency_code, map_account_values
+from ibkr_sync.snapshot import PositionRecord, PositionValue
+from ibkr_sync.sources.tws import account_values
 
 D = Decimal
 
 
 def values(reported, positions=()):
-    return GatewayAccountValues("U1", dict(reported), {p.con_id: p for p in positions})
+    return account_values("U1", dict(reported), {p.con_id: p for p in positions})
 
 
 def priced(con_id, quantity="10", price="1.5", value="15", unrealized="5", realized=None):
-    return GatewayPositionValue(
+    return PositionValue(
         con_id,
         D(quantity),
         D(price),
@@ -402,10 +403,9 @@ def test_a_whole_set_replaces_with_each_rate_and_its_currency():
     ("currency", "stored"), [("USD", "USD"), ("usd", "USD"), ("Eur", "EUR"), ("", "")]
 )
 def test_an_instruments_currency_is_its_code_or_none_sent(currency, stored):
-    from ibkr_sync.gateway import GatewayPosition
     from ibkr_sync.mapping import map_position
 
-    record = GatewayPosition("U1", 1, "AAPL", "STK", D(1), D(1), currency=currency)
+    record = PositionRecord("U1", 1, "AAPL", "STK", D(1), D(1), currency=currency)
 
     assert map_position(record).instrument["currency"] == stored
 
@@ -413,10 +413,9 @@ def test_an_instruments_currency_is_its_code_or_none_sent(currency, stored):
 @pytest.mark.django_db
 @pytest.mark.parametrize("currency", ["US", "USDX", " USD", "U$D", "ÜSD", "x" * 9])
 def test_an_instrument_whose_currency_is_not_a_code_is_the_records_error(currency):
-    from ibkr_sync.gateway import GatewayPosition
     from ibkr_sync.mapping import map_position
 
-    record = GatewayPosition("U1", 1, "AAPL", "STK", D(1), D(1), currency=currency)
+    record = PositionRecord("U1", 1, "AAPL", "STK", D(1), D(1), currency=currency)
 
     with pytest.raises(MappingError, match="is not a currency code"):
         map_position(record)

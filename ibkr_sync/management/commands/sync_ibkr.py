@@ -20,9 +20,9 @@ from ... import exceptions
 from ...api.errors import error_body
 from ...api.serializers import SyncResultSerializer, render_json
 from ...decimals import plain
-from ...gateway import LIBRARY_RECORD
 from ...models import SyncRun
 from ...services import SyncResult, describe_values, sync_positions
+from ...sources.tws import LIBRARY_RECORD
 
 # Every exit code: what it means, and the error it stands for, if one. 78 is manage.py's
 # (a malformed setting stops it before any command runs); argparse exits 2 on bad options.

@@ -1,0 +1,176 @@
+"""What a source hands the sync: frozen, source-neutral records of one read.
+
+A source (TWS / IB Gateway today, `sources/tws/`; IBKR's Flex Web Service next) reads
+the broker in its own terms and returns a `Snapshot` in these: exact `Decimal`s, None
+where the broker gave no value, currencies as codes, and each account's values already
+interpreted (which figure is the net liquidation, which currency is the base, which cash
+balances came). No tag, no wire, no client library: mapping, the writer and the service
+read these records and nothing of the source, so that any source fits them.
+
+Standard library only (and `decimals`, for how a message shows a number).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Final
+
+from .decimals import plain
+
+#: The account totals a source may report, by the AccountSnapshot field each fills, in the
+#: base currency: the keys of `AccountValues.totals`.
+TOTALS: Final = (
+    "net_liquidation",
+    "total_cash_value",
+    "gross_position_value",
+    "unrealized_pnl",
+    "realized_pnl",
+    "available_funds",
+    "buying_power",
+)
+#: The names `AccountValues.names` may give, besides the totals: for error messages.
+CASH: Final = "cash"
+EXCHANGE_RATE: Final = "exchange_rate"
+
+
+class CurrencyError(ValueError):
+    """A value that is not a currency code; the message says so."""
+
+
+def currency_code(value: Any) -> str:
+    """A currency code in the one form the product stores and compares: three ASCII
+    letters, upper case. IBKR's `usd` or `Usd` is USD (the same currency, so the same
+    row); anything else is not a code, and CurrencyError says so."""
+    if type(value) is str and len(value) == 3 and value.isascii() and value.isalpha():
+        return value.upper()
+    raise CurrencyError(f"{shown(value)!r} is not a currency code (three letters, e.g. USD)")
+
+
+def shown(value: Any, limit: int = 40) -> str:
+    """A value as a message quotes it: cut to `limit` characters, a huge number in
+    scientific notation (never its thousands of digits)."""
+    if isinstance(value, Decimal) and value.is_finite():
+        text = format(value, "E") if abs(value.adjusted()) > limit else plain(value)
+    elif isinstance(value, int) and value.bit_length() > 128:
+        text = format(Decimal(value), ".6E")
+    else:
+        text = str(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+@dataclass(frozen=True, slots=True)
+class PositionRecord:
+    """One position row as the source reported it, before any mapping.
+
+    `average_cost` is None when IBKR reported none (one of its "no value" markers); a
+    quantity is always a number, since a read with an unset quantity is incomplete.
+    """
+
+    account: str
+    con_id: int
+    symbol: str
+    sec_type: str
+    quantity: Decimal
+    average_cost: Decimal | None
+    currency: str = ""
+    exchange: str = ""
+    primary_exchange: str = ""
+    local_symbol: str = ""
+    trading_class: str = ""
+    multiplier: str = ""
+    last_trade_date: str = ""
+    strike: Decimal | None = None
+    right: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PositionValue:
+    """IBKR's values of one position, None where it sent "no value".
+
+    `quantity` is the position's quantity as the same report states it: the values
+    belong to that quantity, which may differ from the position read moments before if a
+    trade happened in between.
+    """
+
+    con_id: int
+    quantity: Decimal
+    market_price: Decimal | None
+    market_value: Decimal | None
+    unrealized_pnl: Decimal | None
+    realized_pnl: Decimal | None
+
+
+@dataclass(frozen=True, slots=True)
+class ValueProblem:
+    """Something the source found while interpreting an account's values, that the sync
+    records as an error entry of the account (`label: reason`): a value under a currency
+    that is not a code, totals in two currencies, one value sent twice differently."""
+
+    label: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class AccountValues:
+    """One account's values as of `as_of`, interpreted by the source.
+
+    - `base_currency`: the one currency the account's totals are in ("" if the source
+      could not tell: then no total and no rate is taken).
+    - `totals`: by AccountSnapshot field (`TOTALS`), in the base currency, None where the
+      broker sent no value; a total not reported is absent.
+    - `cash`: the balance per currency (a code), as reported, None where no value came.
+    - `cash_total_reported`: a cash total in the base currency came (IBKR's BASE row),
+      which says the account's cash was reported, but not per currency.
+    - `cash_problems`: why the balances cannot be trusted whole, found while reading them
+      (a balance under a currency that is not a code, one sent twice differently): any
+      of them keeps the stored cash as it is.
+    - `exchange_rates`: every rate reported, per currency, to the base currency.
+    - `positions`: the position values, by conId.
+    - `problems`: what could not be interpreted (error entries of the account).
+    - `names`: what the source calls a figure (a total's field name, `CASH`,
+      `EXCHANGE_RATE`), so that an error names it as the broker's own report does.
+    """
+
+    account: str
+    as_of: dt.datetime | None = None
+    base_currency: str = ""
+    totals: dict[str, Decimal | None] = field(default_factory=dict)
+    cash: dict[str, Decimal | None] = field(default_factory=dict)
+    cash_total_reported: bool = False
+    cash_problems: tuple[str, ...] = ()
+    exchange_rates: dict[str, Decimal | None] = field(default_factory=dict)
+    positions: dict[int, PositionValue] = field(default_factory=dict)
+    problems: tuple[ValueProblem, ...] = ()
+    names: dict[str, str] = field(default_factory=dict)
+
+    def name_of(self, figure: str) -> str:
+        """How an error message names a figure: the source's name, else the field's."""
+        return self.names.get(figure, figure)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Every open position of the accounts read, complete; and, when asked for, each
+    account's values, or why they could not be read.
+
+    `source` names where it came from ("tws"); `as_of` is the moment the positions
+    describe (an aware datetime: for a TWS read, when the gateway's end of positions
+    arrived). None (a host's fake source) means the moment the sync writes them.
+    """
+
+    accounts: tuple[str, ...]
+    positions: tuple[PositionRecord, ...]
+    managed_accounts: tuple[str, ...] = ()
+    server_version: int | None = None
+    # Whether values were asked for; then every account read is in exactly one of these.
+    values_read: bool = False
+    account_values: dict[str, AccountValues] = field(default_factory=dict)
+    values_missing: dict[str, str] = field(default_factory=dict)
+    source: str = ""
+    as_of: dt.datetime | None = None
+
+    def __post_init__(self) -> None:
+        if self.as_of is not None and self.as_of.utcoffset() is None:
+            raise ValueError("a snapshot's as_of must be an aware datetime")

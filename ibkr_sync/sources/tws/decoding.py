@@ -1,0 +1,444 @@
+"""Frames off the wire into records: positions, portfolio rows, account values; and the
+guard every frame of the session goes through.
+
+Positions and values are read from the message fields, not through the client library:
+it turns them into floats (which would round fractional quantities) and keeps each
+twice, which at 10,000s of positions is most of a read's time and memory. The numbers
+are read with the TWS wire grammar (`protocol.py`), so IBKR's "no value" markers never
+become numbers. A frame that cannot be read is recorded: during the positions it makes
+the read incomplete (a position we could not read must never be closed as gone), during
+an account's values it spoils that account's values only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from decimal import Decimal
+from sys import intern
+from typing import Any
+
+from ...conf import GatewayConfig
+from ...exceptions import NoManagedAccounts
+from ...protocol import (
+    ACCOUNT_DOWNLOAD_END_MESSAGE_ID,
+    ACCOUNT_VALUE_FIELDS,
+    ACCOUNT_VALUE_MESSAGE_ID,
+    ACCOUNT_VALUE_VERSION,
+    PORTFOLIO_FIELDS,
+    PORTFOLIO_MESSAGE_ID,
+    PORTFOLIO_VERSION,
+    POSITION_FIELDS,
+    POSITION_MESSAGE_ID,
+    POSITION_VERSION,
+    UNSET,
+    WireValueError,
+    parse_decimal,
+    parse_integer,
+)
+from ...snapshot import PositionRecord, PositionValue
+from .errors import TwsErrors, logger
+from .state import _now, _ReadState
+from .values import READ_TAGS
+
+# Message ids of the TWS protocol that we read ourselves or look at.
+_MSG_ERROR = 4
+_MSG_NEXT_VALID_ID = 9
+_MSG_MANAGED_ACCOUNTS = 15
+_MSG_POSITION = POSITION_MESSAGE_ID
+_MSG_POSITION_END = 62
+# The exact field counts of the messages that start and end a read besides the positions
+# (which `_position_from_wire` checks): the library would take a short one as it is.
+_FIELD_COUNTS = {_MSG_MANAGED_ACCOUNTS: 3, _MSG_NEXT_VALID_ID: 3, _MSG_POSITION_END: 2}
+
+# An account has a few dozen values a sync reads (a handful per currency it holds): far
+# more is not an account's values, and would only cost memory.
+_MAX_VALUES = 2000
+
+
+class Decoding(TwsErrors):
+    """How the source reads the frames of a session (mixed into the source)."""
+
+    config: GatewayConfig
+    address: str
+    progress: Callable[[str, int], None] | None
+
+    def _decode_positions_ourselves(self, ib: Any, state: _ReadState) -> None:
+        """Read position messages straight off the wire, instead of through the library.
+
+        The library turns each message into floats and two Contract objects, logs it,
+        and keeps it twice; at 10,000s of positions that is most of a read's time and
+        memory, and its floats would round fractional quantities. Here each message
+        becomes one PositionRecord with exact decimals. A message that cannot be read
+        is recorded: a read during which that happened is incomplete and must not close
+        positions. The end-of-positions message still goes to the library, which ends
+        its request. Should a library version not expose its decoder table, positions
+        are taken from its position events instead.
+        """
+        handlers = getattr(ib.client.decoder, "handlers", None)
+        if not isinstance(handlers, dict) or _MSG_POSITION not in handlers:
+            ib.positionEvent += lambda position: self._on_position_event(state, position)
+            return
+
+        def on_position(fields: list[str]) -> None:
+            if state.positions_ended:  # an update after the read: not part of it
+                return
+            try:
+                position = _position_from_wire(fields)
+            except (ValueError, ArithmeticError) as exc:
+                _unreadable(state, fields, exc)
+            else:
+                self._received(state, position)
+
+        handlers[_MSG_POSITION] = on_position
+
+    def _decode_values_ourselves(self, ib: Any, state: _ReadState) -> None:
+        """Read account values, portfolio rows and the download-end marker off the wire.
+
+        The library turns them into floats (and keeps them per account in a way that is
+        empty for linked accounts); here they are read exactly, for the account being
+        read only. A frame of another layout, or a value outside the wire grammar, spoils
+        that account's values (never the positions, never another account's values).
+        Frames arriving when no account is being read (a late update) are passed over.
+        """
+        handlers = getattr(ib.client.decoder, "handlers", None)
+        if not isinstance(handlers, dict):
+            return
+
+        def on_account_value(fields: list[str]) -> None:
+            read = state.values
+            if read is None or read.done.done():
+                return
+            if len(fields) != len(ACCOUNT_VALUE_FIELDS) or fields[1] != ACCOUNT_VALUE_VERSION:
+                read.spoil(_values_layout("an account value", fields, len(ACCOUNT_VALUE_FIELDS)))
+                return
+            _, _, tag, text, currency, account = fields
+            if account != read.account:
+                return
+            if tag == "AccountReady":
+                if text.strip().lower() == "false":
+                    read.spoil(
+                        "IBKR reported the account's values as not ready (AccountReady "
+                        "false: it is resetting them); its stored values were kept"
+                    )
+                return
+            if tag not in READ_TAGS:
+                return
+            try:
+                value = parse_decimal(text)
+            except WireValueError as exc:
+                read.spoil(
+                    f"its {tag} ({currency or 'no currency'}) is unreadable: {exc}; its "
+                    "stored values were kept"
+                )
+                return
+            key = (intern(tag), intern(currency))
+            if key not in read.values and len(read.values) >= _MAX_VALUES:
+                read.spoil(f"more than {_MAX_VALUES} distinct values; its stored values were kept")
+                return
+            read.values[key] = None if value is UNSET else value
+
+        def on_portfolio(fields: list[str]) -> None:
+            read = state.values
+            if read is None or read.done.done():
+                return
+            if len(fields) != len(PORTFOLIO_FIELDS) or fields[1] != PORTFOLIO_VERSION:
+                read.spoil(_values_layout("a portfolio", fields, len(PORTFOLIO_FIELDS)))
+                return
+            if fields[-1] != read.account:
+                return
+            try:
+                value = _position_value_from_wire(fields, state.positions, read.account)
+            except WireValueError as exc:
+                read.spoil(
+                    f"the portfolio row of contract {_shown_field(fields[2])} {exc}; "
+                    "its stored values were kept"
+                )
+                return
+            if value is not None:
+                read.positions[value.con_id] = value
+
+        def on_download_end(fields: list[str]) -> None:
+            read = state.values
+            if read is None or read.done.done():
+                return
+            if len(fields) != 3:
+                read.spoil(_values_layout("an account download end", fields, 3))
+            elif fields[2] == read.account:
+                read.unreadable_at_end = state.unreadable
+                if read.values:
+                    read.as_of = _now()
+                    read.end()
+                else:  # complete, but empty: no reason to believe the account holds no cash
+                    read.spoil(
+                        "IBKR ended the account's values without sending any of those a "
+                        "sync reads; its stored values were kept"
+                    )
+
+        handlers[ACCOUNT_VALUE_MESSAGE_ID] = on_account_value
+        handlers[PORTFOLIO_MESSAGE_ID] = on_portfolio
+        handlers[ACCOUNT_DOWNLOAD_END_MESSAGE_ID] = on_download_end
+
+    def _guard_decoding(self, ib: Any, state: _ReadState) -> None:
+        """Every frame of the session is decoded under our eye, not only positions.
+
+        The library's own dispatch logs a frame it cannot decode (a message id that is not
+        a number, too few fields for its layout) and carries on, and its generated
+        handlers do the same one level down. Here both are caught: such a frame is
+        recorded as unreadable. An error frame we cannot decode is still looked at for
+        its code, so a "lost connection to IBKR" (1100) in an odd layout still stops the
+        read with its own reason. A message id the library does not know is a newer
+        server's message and stays harmless.
+        """
+        decoder = ib.client.decoder
+        handlers = getattr(decoder, "handlers", None)
+        decoder.logger = _DecoderLog(decoder.logger, state.note_unreadable)
+        if not isinstance(handlers, dict):
+            return
+
+        read_position = handlers.get(_MSG_POSITION)
+        position_id = str(_MSG_POSITION)
+
+        def interpret(fields: list[str]) -> None:
+            # Thousands a read: straight to our position decoder.
+            if read_position is not None and fields and fields[0] == position_id:
+                read_position(fields)
+                return
+            try:
+                msg_id = parse_integer(fields[0]) if fields else UNSET
+                if msg_id is UNSET:
+                    raise WireValueError("no message id")
+            except WireValueError as exc:
+                _unreadable(state, fields, exc)
+                return
+            handler = handlers.get(msg_id)
+            if handler is None:
+                logger.debug("Ignoring message %s, unknown to the client library", msg_id)
+                return
+            expected = _FIELD_COUNTS.get(msg_id)
+            if expected is not None and len(fields) != expected:
+                _unreadable(state, fields, f"{len(fields)} fields instead of {expected}")
+                return
+            if msg_id == _MSG_MANAGED_ACCOUNTS:
+                self._check_managed_accounts(state, fields)
+            seen = state.unreadable
+            try:
+                handler(fields)
+            except Exception as exc:
+                _unreadable(state, fields, exc)
+            if msg_id == _MSG_ERROR and state.unreadable > seen:
+                self._undecodable_error(state, fields)
+            elif msg_id == _MSG_POSITION_END and state.unreadable == seen:
+                self._positions_end(state)
+
+        decoder.interpret = interpret
+
+    @staticmethod
+    def _positions_end(state: _ReadState) -> None:
+        # Ours, not one from before the request (or a second one).
+        if state.positions_requested and not state.positions_ended:
+            state.end_positions()
+
+    def _check_managed_accounts(self, state: _ReadState, fields: list[str]) -> None:
+        # The library waits for a non-empty list before it calls the session started, so
+        # without this an empty one would surface as a connect timeout. (Its layout, three
+        # fields, was checked before.)
+        if not [account for account in fields[2].split(",") if account.strip()]:
+            state.fail(
+                NoManagedAccounts(
+                    f"The IB gateway at {self.address} reports no managed accounts, so there "
+                    "is nothing to read; nothing was changed. Check that TWS / IB Gateway has "
+                    "finished logging in to an account (not only started), then sync again."
+                )
+            )
+
+    def _undecodable_error(self, state: _ReadState, fields: list[str]) -> None:
+        """An error frame the library could not decode: act on its code if it has one."""
+        try:
+            code = parse_integer(fields[3])
+        except (IndexError, WireValueError):
+            return
+        if code is not UNSET:
+            text = fields[4] if len(fields) > 4 else ""
+            self._on_error(state, -1, code, text)
+
+    def _received(self, state: _ReadState, position: PositionRecord) -> None:
+        state.positions[(position.account, position.con_id)] = position
+        if self.progress is not None:
+            self.progress("read", len(state.positions))
+
+    def _on_position_event(self, state: _ReadState, position: Any) -> None:
+        if state.positions_ended:
+            return
+        contract = position.contract
+        quantity = _float_decimal(position.position)
+        if quantity is None or not position.account or not contract.conId:
+            state.note_unreadable(f"a position of contract {contract.conId!r}: unset fields")
+            return
+        received = PositionRecord(
+            account=position.account,
+            con_id=contract.conId,
+            symbol=contract.symbol,
+            sec_type=contract.secType,
+            quantity=quantity,
+            average_cost=_float_decimal(position.avgCost),
+            currency=contract.currency,
+            exchange=contract.exchange,
+            primary_exchange=contract.primaryExchange,
+            local_symbol=contract.localSymbol,
+            trading_class=contract.tradingClass,
+            multiplier=str(contract.multiplier or ""),
+            last_trade_date=contract.lastTradeDateOrContractMonth,
+            strike=_float_decimal(contract.strike),
+            right=contract.right,
+        )
+        self._received(state, received)
+
+
+def _float_decimal(value: float | None) -> Decimal | None:
+    """A library float as the decimal the wire carried (repr() is the shortest text that
+    round-trips), or None for IBKR's "no value" markers."""
+    if value is None:
+        return None
+    number = parse_decimal(repr(float(value)))
+    return None if number is UNSET else number
+
+
+def _position_from_wire(fields: list[str]) -> PositionRecord:
+    """A position message (id 61, version 3), in the layout the client library decodes.
+
+    Numbers are read with the TWS wire grammar, exactly. What makes the whole read
+    incomplete (a ValueError here): another layout or version, a record that names no
+    account or no valid contract id (we could not tell which stored position it is, so
+    none could safely be closed), and an unset or unreadable quantity (never read as 0,
+    which means "closed") or an unreadable average cost or strike. An unset average cost
+    is None; an unset strike is None as well.
+    """
+    if len(fields) != len(POSITION_FIELDS):
+        raise ValueError(f"{len(fields)} fields instead of {len(POSITION_FIELDS)}")
+    (
+        _,
+        version,
+        account,
+        con_id,
+        symbol,
+        sec_type,
+        last_trade_date,
+        strike,
+        right,
+        multiplier,
+        exchange,
+        currency,
+        local_symbol,
+        trading_class,
+        quantity,
+        average_cost,
+    ) = fields  # fmt: skip  (the order of protocol.POSITION_FIELDS; a test holds them equal)
+    if version != POSITION_VERSION:
+        raise ValueError(f"position message version {version!r} instead of {POSITION_VERSION}")
+    if not account:
+        raise ValueError("no account id")
+    parsed_con_id = parse_integer(con_id)
+    if parsed_con_id is UNSET or parsed_con_id <= 0:
+        raise ValueError(f"contract id {con_id!r} is not a contract id")
+    parsed_quantity = parse_decimal(quantity)
+    if parsed_quantity is UNSET:
+        raise ValueError(f"the quantity of contract {parsed_con_id} is unset ({quantity!r})")
+    parsed_cost = parse_decimal(average_cost)
+    parsed_strike = parse_decimal(strike)
+    # Texts that repeat across positions (account, currency, ...) are kept once each.
+    return PositionRecord(
+        account=intern(account),
+        con_id=parsed_con_id,
+        symbol=symbol,
+        sec_type=intern(sec_type),
+        quantity=parsed_quantity,
+        average_cost=None if parsed_cost is UNSET else parsed_cost,
+        currency=intern(currency),
+        exchange=intern(exchange),
+        local_symbol=local_symbol,
+        trading_class=intern(trading_class),
+        multiplier=intern(multiplier),
+        last_trade_date=intern(last_trade_date),
+        strike=None if parsed_strike is UNSET else parsed_strike,
+        right=intern(right),
+    )
+
+
+_PORTFOLIO_VALUES = slice(
+    PORTFOLIO_FIELDS.index("market_price"), PORTFOLIO_FIELDS.index("realized_pnl") + 1
+)
+_PORTFOLIO_CON_ID = PORTFOLIO_FIELDS.index("con_id")
+_PORTFOLIO_QUANTITY = PORTFOLIO_FIELDS.index("quantity")
+
+
+def _position_value_from_wire(
+    fields: list[str], positions: dict[tuple[str, int], PositionRecord], account: str
+) -> PositionValue | None:
+    """A portfolio message (layout checked) -> its values, or None for a position that was
+    not read (a flood of rows for others costs no memory); WireValueError if unreadable.
+    The average cost it repeats is the position message's business, and not read here."""
+    con_id = _number(parse_integer, fields[_PORTFOLIO_CON_ID])
+    if con_id is UNSET or con_id <= 0:
+        raise WireValueError("has no valid contract id")
+    position = positions.get((account, con_id))
+    if position is None:
+        return None
+    quantity = _number(parse_decimal, fields[_PORTFOLIO_QUANTITY])
+    if quantity is UNSET:
+        raise WireValueError("has no quantity")
+    if quantity == position.quantity:
+        quantity = position.quantity  # one Decimal for both, not two
+    price, value, _, unrealized, realized = fields[_PORTFOLIO_VALUES]
+    price, value = _optional_number(price), _optional_number(value)
+    unrealized, realized = _optional_number(unrealized), _optional_number(realized)
+    return PositionValue(con_id, quantity, price, value, unrealized, realized)
+
+
+def _optional_number(text: str) -> Decimal | None:
+    number = _number(parse_decimal, text)
+    return None if number is UNSET else number
+
+
+def _number(parse: Callable[[str], Any], text: str) -> Any:
+    try:
+        return parse(text)
+    except WireValueError as exc:
+        raise WireValueError(f"has an unreadable number ({exc})") from None
+
+
+def _values_layout(what: str, fields: list[str], expected: int) -> str:
+    version = fields[1] if len(fields) > 1 else ""
+    return (
+        f"{what} message came in a layout this sync does not read ({len(fields)} fields, "
+        f"version {_shown_field(version)}; expected {expected}); its stored values were kept"
+    )
+
+
+def _shown_field(text: str) -> str:
+    return repr(text[:40] + ("..." if len(text) > 40 else ""))
+
+
+def _unreadable(state: _ReadState, fields: list[str], reason: object) -> None:
+    """Record a frame that could not be read, named by its first fields (never a secret:
+    message id, version, account, contract id)."""
+    head = ",".join(repr(f)[1:-1][:40] for f in fields[:4])
+    state.note_unreadable(f"[{head}]: {reason}")
+
+
+class _DecoderLog:
+    """Stands in for the client library decoder's logger: an exception it logs is a frame
+    it could not decode (its handlers catch their own errors and only log them)."""
+
+    def __init__(self, logger: logging.Logger, on_failure: Callable[[str], None]) -> None:
+        self._logger = logger
+        self._on_failure = on_failure
+
+    def exception(self, message: str, *args: Any, **kwargs: Any) -> None:
+        self._on_failure(str(message).split(":", 1)[0] + " failed in the client library")
+        self._logger.warning(message, *args, exc_info=True)
+
+    error = exception
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._logger, name)

@@ -1,0 +1,495 @@
+"""The TWS source: one read of a running TWS / IB Gateway, through the IB client library.
+
+Here: the event loop, timeouts, the connection's lifetime, the handshake and the race of
+every request against the session's failures (the codes are `errors.py`'s, the frames
+`decoding.py`'s, the values `values.py`'s). The rest of the project sees only
+`TwsSource.fetch_positions()` and the source-neutral `snapshot.Snapshot` it returns,
+with `Decimal` values and snake_case names, `source` "tws" and `as_of` the moment the
+gateway's end of positions was read (each account's values: the moment its download
+end was read), the moments the data describes rather than when it is written.
+
+Why it is shaped this way:
+
+- Each read runs in a private thread with its own event loop. A WSGI worker thread has
+  no event loop (ib_insync needs one, even to be imported), and inside a running loop
+  (ASGI, async views) the library's blocking calls fail while their work goes on in the
+  background holding the client id. A private loop avoids both, and it is closed with
+  its thread when the read ends, so nothing dangles.
+- We connect with the bare API handshake and then ask for positions once, waiting for
+  the gateway's end-of-positions marker. `IB.connect()` also reads positions, but it
+  only logs a start-up request that timed out, so its position list may be silently
+  incomplete; a snapshot here is complete or it is an error, never a short portfolio
+  that would close positions that are still held.
+- Quantities and average costs are taken from the wire text, not from the library's
+  floats, so fractional shares arrive exactly as the gateway sent them, read with the TWS
+  wire grammar (`protocol.py`): IBKR's "no value" markers never become numbers.
+- Every frame of the session goes through one guard: a frame the client library cannot
+  decode, or one in a layout we do not expect, makes the read incomplete. The library
+  would only log it, and a position we could not read must never be closed as gone.
+- One read at a time per process: a dropped IB connection cancels blocking calls of
+  every other IB instance in the process.
+- After the positions, in the same connection, each account's values (`_read_values`):
+  one account-updates subscription at a time (`reqAccountUpdates`, which TWS serves for
+  one account at a time), read up to its download-end marker, then cancelled. It is the
+  one request that gives both the account's values (cash and exchange rate per currency,
+  net liquidation, P&L) and every position's market value, for any number of accounts
+  and for linked and advisor accounts alike (`reqAccountSummary` has no position values
+  and refuses group "All" to an advisor with more than 50 sub-accounts; `reqPnLSingle`
+  would be one subscription per position). The messages are read off the wire, exactly,
+  like the positions. An account whose values time out, are refused (2100, 2101), are
+  not ready or come in a frame that cannot be read is reported missing with the reason:
+  it never fails the positions, which were complete before the first value was asked for.
+- What a read decides follows the order of the messages on the wire, never how the bytes
+  were cut into TCP segments or how long apart they came: the client library hands over
+  every message of a segment at once, before our coroutine runs again. So each decision
+  is taken in the message handlers, as each message is read: the positions end at their
+  end marker (what follows is not theirs), an account's values end at their end marker
+  or first problem, the next account's read opens right there, and a failure of the
+  session (a lost link to IBKR: 1100, 2110, 1101) spoils the download it falls into.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import re
+import socket
+import struct
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from ...conf import GatewayConfig
+from ...exceptions import (
+    GatewayTimeout,
+    GatewayUnavailable,
+    IbkrSyncError,
+    IncompleteSnapshot,
+    NotAGateway,
+    SyncAlreadyRunning,
+    UnknownAccount,
+)
+from ...snapshot import Snapshot
+from .decoding import Decoding
+from .errors import _PORT_CHECKLIST, _SETUP_CHECKLIST, _cut, _shown_bytes, logger
+from .state import _ReadState
+from .values import ValuesRead
+
+T = TypeVar("T")
+
+#: What a snapshot of this source names as its source.
+SOURCE = "tws"
+
+# What a gateway answers the API handshake with: one frame of two NUL-terminated fields,
+# its server version and the connection time (`176`, `20240105 10:00:00 EST`). A first
+# frame longer than this, or empty, is not such an answer.
+_MAX_HANDSHAKE_REPLY = 1024
+# How long a connect timeout's follow-up asks the peer whether it speaks HTTP.
+_HTTP_PROBE_TIMEOUT = 0.5
+
+_process_lock = threading.Lock()
+
+
+class TwsSource(ValuesRead, Decoding):
+    """Reads managed accounts and positions from a running TWS / IB Gateway."""
+
+    def __init__(
+        self,
+        config: GatewayConfig | None = None,
+        *,
+        progress: Callable[[str, int], None] | None = None,
+    ) -> None:
+        self.config = config or GatewayConfig.from_settings()
+        # Told ("read", positions received so far) as they arrive, for a progress display.
+        self.progress = progress
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.config.port}"
+
+    def port_is_open(self, timeout: float = 2.0) -> bool:
+        """Whether the gateway's API port accepts a TCP connection. A plain connect, no API
+        handshake: it takes no client id and disturbs no running sync."""
+        try:
+            with socket.create_connection(
+                (self.config.host, self.config.port),
+                timeout=min(timeout, self.config.connect_timeout),
+            ):
+                return True
+        except OSError:
+            return False
+
+    def fetch_positions(self, account_id: str | None = None) -> Snapshot:
+        """Connect read-only, read every position (of one account, if given), disconnect."""
+        if not _process_lock.acquire(blocking=False):
+            raise SyncAlreadyRunning(
+                "Another sync is reading from the IB gateway in this process; try again later."
+            )
+        try:
+            with _library_log_kept(self.config.library):
+                return _run_in_private_loop(lambda: self._read(account_id))
+        finally:
+            _process_lock.release()
+
+    # --- everything below runs on the private event loop --------------------------------
+
+    async def _read(self, account_id: str | None) -> Snapshot:
+        cfg = self.config
+        library = importlib.import_module(cfg.library)
+        ib = library.IB()
+        ib.RequestTimeout = cfg.request_timeout
+        state = _ReadState(failure=asyncio.get_running_loop().create_future())
+        ib.errorEvent += lambda *args: self._on_error(state, *args)
+        ib.client.apiError += lambda message: self._on_api_error(state, message)
+        # The library reports a socket closed before the handshake finished only in its
+        # log; without this the read would wait for the connect timeout.
+        connection = getattr(ib.client, "conn", None)
+        if connection is not None and hasattr(connection, "disconnected"):
+            connection.disconnected += lambda message: self._on_socket_closed(state, message)
+            self._guard_handshake(connection, state)
+        self._decode_positions_ourselves(ib, state)
+        self._decode_values_ourselves(ib, state)
+        self._guard_decoding(ib, state)
+        try:
+            ib.wrapper.clientId = cfg.client_id
+            await self._race(
+                ib.client.connectAsync(cfg.host, cfg.port, cfg.client_id, cfg.connect_timeout),
+                state,
+                cfg.connect_timeout,
+                "connect",
+            )
+            managed = tuple(ib.client.getAccounts())
+            if account_id is not None and account_id not in managed:
+                raise UnknownAccount(
+                    f"Account {account_id} is not managed by the IB gateway at {self.address} "
+                    f"(it manages: {', '.join(managed) or 'none'})."
+                )
+            accounts = (account_id,) if account_id is not None else managed
+            if cfg.read_values:
+                state.values_plan.extend((account, 1) for account in accounts)
+            state.positions_requested = True
+            try:
+                await self._race(
+                    ib.reqPositionsAsync(), state, cfg.request_timeout, "send positions"
+                )
+            except IbkrSyncError:
+                # A failure after the positions' end on the wire is the values' business,
+                # however soon after it came.
+                if not state.positions_complete:
+                    raise
+            if not state.positions_ended:  # a library without a decoder table: now
+                state.end_positions()
+            if state.unreadable_at_positions_end:
+                raise IncompleteSnapshot(
+                    f"The IB gateway at {self.address} sent "
+                    f"{state.unreadable_at_positions_end} message(s) that could not be read, "
+                    "so the positions it reported may be incomplete; nothing was changed. "
+                    f"First: {state.unreadable_examples[0]}"
+                )
+            positions = tuple(
+                p
+                for p in state.positions.values()
+                if p.quantity != 0 and (account_id is None or p.account == account_id)
+            )
+            server_version = ib.client.serverVersion()
+            read = {"source": SOURCE, "as_of": state.positions_as_of}
+            if not cfg.read_values:
+                return Snapshot(accounts, positions, managed, server_version, **read)
+            values, missing = await self._read_values(ib, state)
+            return Snapshot(
+                accounts,
+                positions,
+                managed,
+                server_version,
+                values_read=True,
+                account_values=values,
+                values_missing=missing,
+                **read,
+            )
+        finally:
+            await self._disconnect(ib)
+
+    async def _race(
+        self, awaitable: Awaitable[T], state: _ReadState, timeout: float, what: str
+    ) -> T:
+        """Await a library call, but give up at once on a fatal gateway error or timeout."""
+        task = asyncio.ensure_future(awaitable)
+        failure = state.failure
+        done, _ = await asyncio.wait(
+            {task, failure}, timeout=timeout, return_when="FIRST_COMPLETED"
+        )
+        if state.decisive_failure is not None or (failure in done and task not in done):
+            await self._cancel(task)
+            raise failure.result()
+        if task not in done:
+            await self._cancel(task)
+            handshake = state.handshake
+            if what == "connect" and handshake.connected and not handshake.received:
+                # Accepted, and not a word back: a web server waiting for the end of a
+                # request line does that, as does TWS showing its "accept?" dialog.
+                status_line = await self._http_status_line()
+                if status_line:
+                    raise NotAGateway(
+                        f"{self.address} answered, but not as TWS / IB Gateway: it did not "
+                        f"answer the API handshake within {timeout:g} s, and it speaks "
+                        f"HTTP ({_cut(status_line, 60)!r} to a request on a connection of "
+                        "its own): a web server; nothing was changed. " + _PORT_CHECKLIST
+                    )
+            raise GatewayTimeout(
+                f"The IB gateway at {self.address} did not {what} within {timeout:g} s "
+                "(IBKR_CONNECT_TIMEOUT / IBKR_REQUEST_TIMEOUT); nothing was changed."
+            )
+        try:
+            return task.result()
+        except TimeoutError:  # before OSError: in 3.11 it is a subclass of it
+            raise GatewayTimeout(
+                f"The IB gateway at {self.address} did not {what} within {timeout:g} s; "
+                "nothing was changed."
+            ) from None
+        except ConnectionRefusedError:
+            raise GatewayUnavailable(
+                f"Cannot connect to the IB gateway at {self.address}: connection refused. "
+                + _SETUP_CHECKLIST
+            ) from None
+        except ConnectionError as exc:
+            if isinstance(exc, ConnectionResetError) and not state.handshake.answered:
+                # Reset while connecting: it accepted the connection, then reset it at
+                # once (as when it closes at once, only sooner).
+                raise self._not_a_gateway("reset it at once", closed=True) from None
+            raise GatewayUnavailable(
+                f"The connection to the IB gateway at {self.address} was lost while waiting "
+                f"for it to {what} ({exc}); nothing was changed. " + _SETUP_CHECKLIST
+            ) from None
+        except OSError as exc:
+            raise GatewayUnavailable(
+                f"Cannot connect to the IB gateway at {self.address}: "
+                f"{exc.strerror or exc}. " + _SETUP_CHECKLIST
+            ) from None
+
+    async def _http_status_line(self, timeout: float = _HTTP_PROBE_TIMEOUT) -> str:
+        """The status line the peer answers an HTTP request with, on a connection of its
+        own, or "" (no answer within `timeout`, or not HTTP). Asked only after a connect
+        timeout, when the peer accepted and said nothing."""
+        writer = None
+        try:
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_connection(self.config.host, self.config.port)
+                writer.write(f"HEAD / HTTP/1.0\r\nHost: {self.config.host}\r\n\r\n".encode())
+                await writer.drain()
+                line = await reader.readline()
+        except (OSError, TimeoutError, ValueError):
+            return ""
+        finally:
+            if writer is not None:
+                writer.close()
+        text = line.decode("latin-1").strip()
+        return text if re.match(r"HTTP/\d(\.\d)? \d{3}", text) else ""
+
+    @staticmethod
+    async def _cancel(task: asyncio.Future) -> None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    async def _disconnect(self, ib: Any) -> None:
+        try:
+            ib.disconnect()
+        except ConnectionError:
+            # Socket up, API handshake unfinished (e.g. after error 326): IB.disconnect()
+            # raises 'Not connected'; close the socket underneath instead.
+            ib.client.disconnect()
+        except Exception:
+            logger.debug("Error while disconnecting from %s", self.address, exc_info=True)
+        # Let the transport's close callbacks run before the loop goes away.
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+
+    def _guard_handshake(self, connection: Any, state: _ReadState) -> None:
+        """Look at what answers the API handshake before the client library does.
+
+        The library takes the first four bytes it receives as a frame length and waits
+        for that many bytes: a web server's `HTTP/1.1 400` is a frame of 1.2 GB to it,
+        and a peer that sends something else (or nothing, and closes) leaves it waiting
+        for the connect timeout, which is then blamed. Here the first frame is held back
+        until it is complete and checked: a gateway's answer (two fields, the first its
+        server version) goes on to the library, anything else fails the read at once,
+        naming the address and what answered.
+        """
+        handshake = state.handshake
+        made, received = connection.connection_made, connection.data_received
+        lost = connection.connection_lost
+
+        def connection_made(transport: Any) -> None:
+            handshake.connected = True
+            made(transport)
+
+        def connection_lost(exc: Exception | None) -> None:
+            # Before the library hears of it (it would call it a lost connection).
+            self._closed_unanswered(state)
+            lost(exc)
+
+        def data_received(data: bytes) -> None:
+            if handshake.answered:
+                received(data)
+                return
+            if handshake.refused:
+                return
+            handshake.received += data
+            verdict = _handshake_verdict(bytes(handshake.received))
+            if verdict is None:  # not complete yet
+                return
+            if verdict:
+                handshake.refused = True
+                state.fail(self._not_a_gateway(verdict))
+                return
+            handshake.answered = True
+            held, handshake.received = bytes(handshake.received), bytearray()
+            received(held)
+
+        # Instance attributes: asyncio calls the protocol's methods by name.
+        connection.connection_made = connection_made
+        connection.data_received = data_received
+        connection.connection_lost = connection_lost
+
+    def _closed_unanswered(self, state: _ReadState) -> None:
+        """A peer that accepted the connection and closed it (or reset it) before answering
+        the API handshake: a gateway does not, unless it refuses this client. (After a
+        connect timeout the read has failed already; the first failure stands.)"""
+        handshake = state.handshake
+        if not handshake.connected or handshake.answered or handshake.refused:
+            return
+        handshake.refused = True
+        if handshake.received:
+            what = (
+                f"it sent {_shown_bytes(bytes(handshake.received))}, which is not an answer "
+                "to the API handshake, and closed the connection"
+            )
+        else:
+            what = "it closed the connection without answering the API handshake"
+        state.fail(self._not_a_gateway(what, closed=True))
+
+
+def _handshake_verdict(data: bytes) -> str | None:
+    """What is wrong with `data` (the bytes received so far) as a gateway's answer to the
+    API handshake: "" if it is one, None if it cannot be told yet, else what it is."""
+    if data[:4] == b"HTTP"[: len(data)] and len(data) < 5:
+        return None
+    if data.startswith(b"HTTP/"):
+        status = data.split(b"\r\n", 1)[0].split(b"\n", 1)[0]
+        return f"it speaks HTTP ({_shown_bytes(status)})"
+    if len(data) < 4:
+        return None
+    (length,) = struct.unpack(">I", data[:4])
+    if length == 0 or length > _MAX_HANDSHAKE_REPLY:
+        return (
+            f"its first frame would be {length:,} bytes long, which no answer to the API "
+            f"handshake is (it sent {_shown_bytes(data)})"
+        )
+    if len(data) < 4 + length:
+        return None
+    fields = data[4 : 4 + length].split(b"\0")
+    if len(fields) != 3 or fields[2] != b"" or not fields[0].isdigit():
+        return (
+            "its first frame is not an answer to the API handshake (a server version and "
+            f"a time): it sent {_shown_bytes(data[: 4 + length])}"
+        )
+    return ""
+
+
+# The loggers of the client libraries (their client, wrapper, ib and decoder are children
+# of these) and of the event library they emit through.
+_LIBRARY_LOGGERS = {"ib_insync": ("ib_insync", "eventkit"), "ib_async": ("ib_async", "eventkit")}
+_READ_THREAD = "ibkr-gateway-read"
+# Marks the library's records as re-logged here, for a handler that shows both.
+LIBRARY_RECORD = "ibkr_library_record"
+
+
+class _LibraryLog(logging.Handler):
+    """Takes the client library's records during a read: re-logged at DEBUG under
+    `ibkr_sync.gateway`, for a host that wants them. A record another thread logs
+    meanwhile (a host's own use of the library) goes on to the host's handlers, as if
+    it had propagated."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.threadName != _READ_THREAD:
+            logging.getLogger().callHandlers(record)
+            return
+        logger.debug(
+            "%s %s: %s",
+            record.name,
+            record.levelname,
+            record.getMessage(),
+            exc_info=record.exc_info,
+            extra={LIBRARY_RECORD: True},
+        )
+
+
+@contextlib.contextmanager
+def _library_log_kept(library: str) -> Any:
+    """Keep the client library's log off the host's handlers for the duration of a read.
+
+    The library logs what we turn into one clear error (`API connection failed: ...`,
+    `Make sure API port on TWS/IBG is open`, a frame it could not decode) at ERROR. In a
+    host whose root logger has a console handler, or none at all (Python then prints
+    WARNING and above on stderr), those lines would appear before the error we raise:
+    before the one line `sync_ibkr` promises, or in a web server's console. Handlers
+    configured on the library's own loggers (IBKR_LIBRARY_LOG_LEVEL, `sync_ibkr -v 2`)
+    still get every record. One read at a time per process, so nothing races the
+    saving and restoring.
+    """
+    kept = []
+    handler = _LibraryLog()
+    for name in _LIBRARY_LOGGERS.get(library, (library, "eventkit")):
+        library_logger = logging.getLogger(name)
+        kept.append((library_logger, library_logger.propagate))
+        library_logger.addHandler(handler)
+        library_logger.propagate = False
+    try:
+        yield
+    finally:
+        for library_logger, propagate in kept:
+            library_logger.removeHandler(handler)
+            library_logger.propagate = propagate
+
+
+def _on_loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """An exception the private loop would log (a callback of the library that failed):
+    ours to record, not the host's console's; the read's own outcome says what failed."""
+    logger.debug(
+        "In the IB client's event loop: %s",
+        context.get("message"),
+        exc_info=context.get("exception"),
+    )
+
+
+def _run_in_private_loop(make_coroutine: Any) -> Any:
+    """Run a coroutine on a new event loop in a new thread; return its result or raise."""
+    outcome: dict[str, Any] = {}
+
+    def worker() -> None:
+        loop = asyncio.new_event_loop()
+        loop.set_exception_handler(_on_loop_exception)
+        asyncio.set_event_loop(loop)
+        try:
+            outcome["result"] = loop.run_until_complete(make_coroutine())
+        except BaseException as exc:
+            outcome["error"] = exc
+        finally:
+            try:
+                pending = asyncio.all_tasks(loop)
+                for task in pending:
+                    task.cancel()
+                if pending:
+                    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            finally:
+                asyncio.set_event_loop(None)
+                loop.close()
+
+    thread = threading.Thread(target=worker, name=_READ_THREAD, daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
