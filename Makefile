@@ -37,9 +37,11 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/sync_bench.py $(BENCH_ARGS)
 
-## Take the docs' screenshot of the admin overview again (docs/images/overview.png).
+## Take the docs' screenshots of the admin again (docs/images/: overview, admin-index,
+## sync-runs, sync-run, positions), at 1400 x 900.
 screenshots: $(STAMP)
-	DOCS_SCREENSHOTS=1 REQUIRE_BROWSER=1 $(PY) -m pytest -q tests/browser/test_overview_browser.py
+	DOCS_SCREENSHOTS=1 REQUIRE_BROWSER=1 $(PY) -m pytest -q tests/browser/test_overview_browser.py \
+		tests/browser/test_layout_browser.py -k "overview_charts or (every_admin_page and 1400x900)"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

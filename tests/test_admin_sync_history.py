@@ -86,25 +86,30 @@ def test_the_list_shows_status_badges_trigger_user_duration_and_counts(
         )
     }
     assert cells["status_badge"] == "Success"
-    assert (cells["trigger"], cells["user"]) == ("Admin", "admin")
-    assert (cells["processed"], cells["updated"], cells["closed"]) == ("1", "1", "1")
+    assert cells["triggered_by"] == "Admin (admin)"
+    # The counts in one column, those that are not zero.
+    assert cells["counts"] == "1 position: 1 updated, 1 closed"
+    assert cells["error"] == "-"
     assert re.fullmatch(r"\d+\.\d\d s", cells["duration"])
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d", cells["started"])
+    # A failed run's error code and message in the list.
+    assert "<code>gateway_timeout</code> No complete answer from the IB gateway" in html
 
 
 def test_a_runs_page_lists_what_it_changed(admin_client, history):
     first = admin_client.get(change(history["first"])).text
     assert sorted(change_rows(first)) == [
-        ("Created", "U1111111", "AAPL", "STK", "-", "10", "-", "150.25"),
-        ("Created", "U1111111", "TSLA", "STK", "-", "0.5", "-", "242.1"),
+        ("Created", "U1111111", "AAPL", "STK", "USD", "-", "10", "-", "150.25"),
+        ("Created", "U1111111", "TSLA", "STK", "USD", "-", "0.5", "-", "242.1"),
     ]
     second = admin_client.get(change(history["second"])).text
     assert change_rows(second) == [
-        ("Updated", "U1111111", "AAPL", "STK", "10", "15", "150.25", "160.5"),
-        ("Closed", "U1111111", "TSLA", "STK", "0.5", "-", "242.1", "-"),
+        ("Updated", "U1111111", "AAPL", "STK", "USD", "10", "15", "150.25", "160.5"),
+        ("Closed", "U1111111", "TSLA", "STK", "USD", "0.5", "-", "242.1", "-"),
     ]
     third = admin_client.get(change(history["third"])).text
     assert change_rows(third) == [
-        ("Re-opened", "U1111111", "TSLA", "STK", "-", "2", "-", "150.25"),
+        ("Re-opened", "U1111111", "TSLA", "STK", "USD", "-", "2", "-", "150.25"),
     ]
     tsla = Position.objects.get(instrument__symbol="TSLA")
     assert f'href="{change(tsla)}">TSLA</a>' in third, "each change links to its position"

@@ -125,7 +125,11 @@ def test_sync_now_says_which_accounts_values_were_not_read_and_the_run_shows_why
         "U1111111": {"status": "missing", "reason": "IBKR refused the subscription (error 2101)"}
     }
     page = admin_client.get(change(run)).text
-    assert "U1111111: missing: IBKR refused the subscription (error 2101)" in page
+    # Readable, not JSON: the account, that its values are missing, and why.
+    assert (
+        '<li><strong>U1111111</strong> <span class="ibkr-badge ibkr-badge-values-missing">'
+        "values missing</span> IBKR refused the subscription (error 2101)</li>"
+    ) in page
 
 
 def test_sync_now_for_the_chosen_account_from_accounts(syncing_staff, use_gateway):

@@ -18,30 +18,56 @@ from django.utils.safestring import mark_safe
 from .. import conf, decimals
 from ..overview import portfolio_overview, status_panels
 from ..permissions import Kind, may_view, visible_kinds
+from .columns import when_column
 from .sync_runs import SyncNowMixin
 
 
-def number(value: Decimal | None, places: int | None = None, min_places: int = 0) -> str:
+def number(
+    value: Decimal | None, places: int | None = None, min_places: int = 0, currency: str = ""
+) -> str:
     """A number as the admin shows it: right-aligned in its column, thousands separated,
     with at least `min_places` decimals; rounded half-even to `places` decimals when
-    given, else exact. The exact value is always its title: no digit is out of reach."""
+    given, else exact. The exact value is always its title: no digit is out of reach.
+    An amount on an object's page has its currency's code after it (`currency`)."""
     if value is None:
-        return mark_safe('<span class="num">-</span>')
-    if places is None:
-        text = decimals.grouped(value, min_places)
+        shown = mark_safe('<span class="num">-</span>')
     else:
-        text = decimals.rounded(value, places, min_places)
-    return format_html('<span class="num" title="{}">{}</span>', decimals.plain(value), text)
+        if places is None:
+            text = decimals.grouped(value, min_places)
+        else:
+            text = decimals.rounded(value, places, min_places)
+        shown = format_html('<span class="num" title="{}">{}</span>', decimals.plain(value), text)
+    if value is None or not currency:
+        return shown
+    return format_html('{} <span class="currency">{}</span>', shown, currency)
 
 
-def number_column(field: str, description: str, places: int | None = None, min_places: int = 0):
+def _attribute(obj, path: str):
+    """`obj`'s attribute at a dotted `path` ("instrument.currency"), or "" on the way."""
+    for name in path.split("."):
+        obj = getattr(obj, name, None)
+        if obj is None:
+            return ""
+    return obj
+
+
+def number_column(
+    field: str,
+    description: str,
+    places: int | None = None,
+    min_places: int = 0,
+    currency: str | None = None,
+):
     """A ModelAdmin column (or read-only field) showing `field` by `number`, sorted by
     the field. Name it `<something>_display`: the admin's stylesheet right-aligns the
-    headers of those columns."""
+    headers of those columns. `currency`: the dotted path of the amount's currency code
+    on the object, shown after the amount (on object pages; a list has its own currency
+    column)."""
 
     @admin.display(description=description, ordering=field)
     def column(self, obj) -> str:
-        return number(getattr(obj, field), places, min_places)
+        code = _attribute(obj, currency) if currency else ""
+        return number(getattr(obj, field), places, min_places, code)
 
     return column
 
@@ -53,6 +79,10 @@ MONEY = {"places": 2, "min_places": 2}
 PRICE = {"places": 4, "min_places": 2}
 RATE = {"min_places": 4}
 EXACT = {"min_places": 2}
+# ... with the currency's code after it: an amount in the object's own currency, or in
+# its instrument's.
+EXACT_AMOUNT = {**EXACT, "currency": "currency"}
+EXACT_HELD = {**EXACT, "currency": "instrument.currency"}
 
 
 @admin.display(description="account", ordering="account__external_id")
@@ -159,7 +189,7 @@ def positions_link(lookup: str, pk: int) -> str:
 
 class AccountAdmin(SyncNowMixin, SyncedModelAdmin):
     list_display = (
-        "external_id", "broker", "name", "base_currency", "is_paper", "last_synced_at",
+        "external_id", "broker", "name", "base_currency", "is_paper", "last_synced",
         "positions",
     )  # fmt: skip
     list_filter = ("broker", "is_paper")
@@ -172,6 +202,8 @@ class AccountAdmin(SyncNowMixin, SyncedModelAdmin):
     # What IBKR reports is not editable (the base currency labels IBKR's totals): only
     # what is the user's own, the name, is.
     readonly_fields = tuple(name for name in fields if name not in USER_FIELDS)
+
+    last_synced = when_column("last_synced_at", "last synced at")
 
     @admin.display(description="positions")
     def positions(self, obj) -> str:
@@ -188,7 +220,7 @@ class InstrumentAdmin(MirroredModelAdmin):
     fields = (
         "broker", "external_id", "symbol", "sec_type", "description", "currency", "exchange",
         "local_symbol", "trading_class", "multiplier_display", "expiry", "contract_month",
-        "strike_display", "right", "created_at", "updated_at", "positions",
+        "strike_exact", "right", "created_at", "updated_at", "positions",
     )  # fmt: skip
     readonly_fields = fields
     shows = {"positions": Kind.POSITIONS}
@@ -198,6 +230,7 @@ class InstrumentAdmin(MirroredModelAdmin):
         return positions_link("instrument__id__exact", obj.pk)
 
     strike_display = number_column("strike", "strike", **PRICE)
+    strike_exact = number_column("strike", "strike", **EXACT_AMOUNT)
     multiplier_display = number_column("multiplier", "multiplier")
 
 
@@ -276,12 +309,12 @@ class PositionAdmin(SyncNowMixin, MirroredModelAdmin):
     cost_basis_display = number_column("cost_basis", "cost basis", **MONEY)
     market_value_display = number_column("market_value", "market value", **MONEY)
     unrealized_pnl_display = number_column("unrealized_pnl", "unrealized P&L", **MONEY)
-    average_cost_exact = number_column("average_cost", "average cost", **EXACT)
-    market_price_exact = number_column("market_price", "market price", **EXACT)
-    cost_basis_exact = number_column("cost_basis", "cost basis", **EXACT)
-    market_value_exact = number_column("market_value", "market value", **EXACT)
-    unrealized_pnl_exact = number_column("unrealized_pnl", "unrealized P&L", **EXACT)
-    realized_pnl_exact = number_column("realized_pnl", "realized P&L", **EXACT)
+    average_cost_exact = number_column("average_cost", "average cost", **EXACT_HELD)
+    market_price_exact = number_column("market_price", "market price", **EXACT_HELD)
+    cost_basis_exact = number_column("cost_basis", "cost basis", **EXACT_HELD)
+    market_value_exact = number_column("market_value", "market value", **EXACT_HELD)
+    unrealized_pnl_exact = number_column("unrealized_pnl", "unrealized P&L", **EXACT_HELD)
+    realized_pnl_exact = number_column("realized_pnl", "realized P&L", **EXACT_HELD)
 
     def get_urls(self):
         overview = self.admin_site.admin_view(self.overview_view)
@@ -324,7 +357,7 @@ class PositionAdmin(SyncNowMixin, MirroredModelAdmin):
 class CashBalanceAdmin(MirroredModelAdmin):
     list_display = (
         "account_label", "currency", "amount_display", "exchange_rate_display",
-        "base_amount_display", "synced_at",
+        "base_amount_display", "synced",
     )  # fmt: skip
     list_select_related = ("account",)
     list_filter = ("account", "currency")
@@ -338,8 +371,9 @@ class CashBalanceAdmin(MirroredModelAdmin):
 
     account_label = account_column
     amount_display = number_column("amount", "amount", **MONEY)
-    amount_exact = number_column("amount", "amount", **EXACT)
+    amount_exact = number_column("amount", "amount", **EXACT_AMOUNT)
     exchange_rate_display = number_column("exchange_rate", "IBKR exchange rate", **RATE)
+    synced = when_column("synced_at", "synced at")
 
     @admin.display(description="in the base currency")
     def base_amount_display(self, obj) -> str:
@@ -357,7 +391,7 @@ class CashBalanceAdmin(MirroredModelAdmin):
 
 class AccountSnapshotAdmin(MirroredModelAdmin):
     list_display = (
-        "account_label", "taken_at", "currency", "net_liquidation_display",
+        "account_label", "taken", "currency", "net_liquidation_display",
         "total_cash_value_display", "gross_position_value_display", "unrealized_pnl_display",
         "realized_pnl_display", "available_funds_display", "buying_power_display",
     )  # fmt: skip
@@ -375,6 +409,7 @@ class AccountSnapshotAdmin(MirroredModelAdmin):
     show_full_result_count = False
 
     account_label = account_column
+    taken = when_column("taken_at", "taken at")
     net_liquidation_display = number_column("net_liquidation", "net liquidation", **MONEY)
     total_cash_value_display = number_column("total_cash_value", "total cash value", **MONEY)
     gross_position_value_display = number_column(
@@ -385,15 +420,15 @@ class AccountSnapshotAdmin(MirroredModelAdmin):
     available_funds_display = number_column("available_funds", "available funds", **MONEY)
     buying_power_display = number_column("buying_power", "buying power", **MONEY)
     # On a snapshot's page, every value exactly.
-    net_liquidation_exact = number_column("net_liquidation", "net liquidation", **EXACT)
-    total_cash_value_exact = number_column("total_cash_value", "total cash value", **EXACT)
+    net_liquidation_exact = number_column("net_liquidation", "net liquidation", **EXACT_AMOUNT)
+    total_cash_value_exact = number_column("total_cash_value", "total cash value", **EXACT_AMOUNT)
     gross_position_value_exact = number_column(
-        "gross_position_value", "gross position value", **EXACT
+        "gross_position_value", "gross position value", **EXACT_AMOUNT
     )
-    unrealized_pnl_exact = number_column("unrealized_pnl", "unrealized P&L", **EXACT)
-    realized_pnl_exact = number_column("realized_pnl", "realized P&L", **EXACT)
-    available_funds_exact = number_column("available_funds", "available funds", **EXACT)
-    buying_power_exact = number_column("buying_power", "buying power", **EXACT)
+    unrealized_pnl_exact = number_column("unrealized_pnl", "unrealized P&L", **EXACT_AMOUNT)
+    realized_pnl_exact = number_column("realized_pnl", "realized P&L", **EXACT_AMOUNT)
+    available_funds_exact = number_column("available_funds", "available funds", **EXACT_AMOUNT)
+    buying_power_exact = number_column("buying_power", "buying power", **EXACT_AMOUNT)
 
     @admin.display(description="IBKR exchange rates")
     def exchange_rates_display(self, obj) -> str:

@@ -1,4 +1,11 @@
-"""SyncRun history, and the admin's "Sync now" control (a thin edge over the service)."""
+"""SyncRun history, and the admin's "Sync now" control (a thin edge over the service).
+
+A run's page reads as a story: its outcome first (status, when, how long, who or what
+started it, and for a failure its error, prominently), then the accounts and what was read
+of each account's values, then what changed (the counts, then the changes list), and last,
+folded away, the diagnostics (the lock's internals, the raw JSON)."""
+
+import json
 
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
@@ -9,13 +16,14 @@ from django.http import HttpRequest, HttpResponseNotAllowed, HttpResponseRedirec
 from django.urls import NoReverseMatch, path, reverse
 from django.utils.html import format_html, format_html_join
 from django.utils.http import url_has_allowed_host_and_scheme
-from django.utils.safestring import mark_safe
+from django.utils.text import Truncator
 
 from .. import conf, throttle
 from ..exceptions import IbkrSyncError, InvalidAccountId, SyncAlreadyRunning
 from ..models import PositionChange, SyncRun
 from ..permissions import Kind, may_view
 from ..services import describe_values, sync_positions
+from .columns import when_column
 
 
 def _admin_url_name(model, view: str) -> str | None:
@@ -43,20 +51,72 @@ class SyncNowMixin:
 # change per position, tens of thousands of them.
 CHANGES_PER_PAGE = 100
 
+# A failed run's message in the list, cut to what a cell reads in three lines or so (the
+# whole message on hover and on the run's page).
+ERROR_IN_LIST_CHARS = 90
+
+# The counts a run records, in the words its list and page say them.
+COUNTS = (
+    ("created", "created"),
+    ("updated", "updated"),
+    ("reopened", "re-opened"),
+    ("closed", "closed"),
+    ("unchanged", "unchanged"),
+    ("errors", "not stored"),
+)
+
+
+def changes_text(run: SyncRun) -> str:
+    """`15 positions: 2 updated, 1 closed, 12 unchanged`: the counts that are not zero."""
+    if run.status == SyncRun.Status.RUNNING:
+        return "running"
+    counts = [f"{getattr(run, field)} {label}" for field, label in COUNTS if getattr(run, field)]
+    positions = f"{run.processed} position{'' if run.processed == 1 else 's'}"
+    if not run.processed and not counts:
+        return "none read" if run.status == SyncRun.Status.FAILED else "0 positions"
+    return f"{positions}: {', '.join(counts)}" if counts else positions
+
 
 @admin.register(SyncRun)
 class SyncRunAdmin(admin.ModelAdmin):
+    # What fits a 1280 px wide window beside the admin's sidebar (the filters go above
+    # the list below 1700 px): the counts in one column, a failed run's error in another.
     list_display = (
-        "id", "started_at", "status_badge", "trigger", "user", "account_filter", "processed",
-        "created", "updated", "unchanged", "reopened", "closed", "errors", "duration",
+        "id", "started", "status_badge", "triggered_by", "scope", "counts", "error",
+        "duration",
     )  # fmt: skip
-    list_display_links = ("id", "started_at")
+    list_display_links = ("id", "started")
     list_filter = ("status", "trigger")
     list_select_related = ("user",)
     search_fields = ("=id", "account_filter", "error_message")
-    readonly_fields = [f.name for f in SyncRun._meta.fields if f.name != "account_values"]
-    readonly_fields += ["values_outcome", "duration"]
     date_hierarchy = "started_at"
+    fieldsets = (
+        (None, {"fields": (
+            "status_badge", "error_box", "started_at", "finished_at", "duration",
+            "triggered_by", "scope",
+        )}),
+        ("Accounts", {"fields": ("accounts_display", "values_outcome")}),
+        ("What changed", {"fields": ("counts", "error_details_display")}),
+        ("Diagnostics", {
+            "classes": ("collapse",),
+            "description": "The sync lock's holder, as the run recorded it, and the run's "
+                           "raw record.",
+            "fields": (
+                "owner", "host", "pid", "heartbeat_at", "database_session", "raw_record",
+            ),
+        }),
+    )  # fmt: skip
+    readonly_fields = (
+        "status_badge", "error_box", "started_at", "finished_at", "duration",
+        "triggered_by", "scope", "accounts_display", "values_outcome", "counts",
+        "error_details_display", "owner", "host", "pid", "heartbeat_at", "database_session",
+        "raw_record",
+    )  # fmt: skip
+
+    class Media:
+        css = {"all": ("ibkr_sync/admin.css",)}
+
+    started = when_column("started_at", "started at")
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
@@ -70,15 +130,97 @@ class SyncRunAdmin(admin.ModelAdmin):
 
     @admin.display(description="status", ordering="status")
     def status_badge(self, obj: SyncRun) -> str:
-        # A failed run says why on hover; its change page shows the whole message.
+        # A failed run's message is also on hover; the error column shows it.
         return format_html(
             '<span class="ibkr-badge ibkr-badge-{}" title="{}">{}</span>',
             obj.status, obj.error_message, obj.get_status_display(),
         )  # fmt: skip
 
+    @admin.display(description="triggered by", ordering="trigger")
+    def triggered_by(self, obj: SyncRun) -> str:
+        """`Admin (root)`, `API (svc)`, `Management command`."""
+        if obj.user_id is None:
+            return obj.get_trigger_display()
+        return f"{obj.get_trigger_display()} ({obj.user})"
+
+    @admin.display(description="accounts asked for", ordering="account_filter")
+    def scope(self, obj: SyncRun) -> str:
+        return obj.account_filter or "All"
+
+    @admin.display(description="error", ordering="error_code")
+    def error(self, obj: SyncRun) -> str:
+        """A failed run's error code and message, the message cut to a readable length
+        (whole on hover, and on the run's page: `error_box`)."""
+        if not obj.error_code and not obj.error_message:
+            return "-"
+        return format_html(
+            '<span class="ibkr-error-cell" title="{}"><code>{}</code> {}</span>',
+            obj.error_message, obj.error_code or "error",
+            Truncator(obj.error_message).chars(ERROR_IN_LIST_CHARS),
+        )  # fmt: skip
+
+    @admin.display(description="error")
+    def error_box(self, obj: SyncRun) -> str:
+        """On a failed run's page, right under its status: the code and the whole message."""
+        return format_html(
+            '<div class="ibkr-error" role="alert"><code>{}</code><p>{}</p></div>',
+            obj.error_code or "error", obj.error_message,
+        )  # fmt: skip
+
+    @admin.display(description="changes")
+    def counts(self, obj: SyncRun) -> str:
+        return changes_text(obj)
+
+    @admin.display(description="accounts reconciled")
+    def accounts_display(self, obj: SyncRun) -> str:
+        return ", ".join(str(a) for a in obj.accounts or ()) or "None"
+
+    @admin.display(description="records not stored")
+    def error_details_display(self, obj: SyncRun) -> str:
+        """Each record the sync could not store, and why: `U1234567 XYZ (STK): reason`."""
+        if not obj.error_details:
+            return "None"
+        items = format_html_join(
+            "",
+            "<li>{}: {}</li>",
+            (
+                (self._record_label(detail), detail.get("reason", ""))
+                if isinstance(detail, dict)
+                else ("?", detail)
+                for detail in obj.error_details
+            ),
+        )
+        return format_html('<ul class="ibkr-details">{}</ul>', items)
+
+    @staticmethod
+    def _record_label(detail: dict) -> str:
+        sec_type = f" ({detail['sec_type']})" if detail.get("sec_type") else ""
+        return f"{detail.get('account', '')} {detail.get('symbol', '')}{sec_type}".strip()
+
+    @admin.display(description="raw record (JSON)")
+    def raw_record(self, obj: SyncRun) -> str:
+        record = {
+            "accounts": obj.accounts,
+            "account_values": obj.account_values,
+            "error_details": obj.error_details,
+        }
+        return format_html(
+            '<pre class="ibkr-raw">{}</pre>', json.dumps(record, indent=2, sort_keys=True)
+        )
+
     def change_view(self, request: HttpRequest, object_id, form_url="", extra_context=None):
         extra_context = {**(extra_context or {}), **self._changes_context(request, object_id)}
         return super().change_view(request, object_id, form_url, extra_context)
+
+    def get_fieldsets(self, request: HttpRequest, obj=None):
+        # A failure's error whole, under its status (`error_box`); a run without one has
+        # no error row.
+        fieldsets = super().get_fieldsets(request, obj)
+        if obj is not None and not (obj.error_code or obj.error_message):
+            first, options = fieldsets[0]
+            fields = tuple(f for f in options["fields"] if f != "error_box")
+            fieldsets = ((first, {**options, "fields": fields}), *fieldsets[1:])
+        return fieldsets
 
     def _changes_context(self, request: HttpRequest, object_id) -> dict:
         """One page of what the run changed, optionally of one kind: three queries (counts
@@ -123,12 +265,31 @@ class SyncRunAdmin(admin.ModelAdmin):
     def values_outcome(self, obj: SyncRun) -> str:
         """Per account: its values read, or missing and why (its stored ones were kept)."""
         if not obj.account_values:
-            return "-"
-        return format_html_join(
-            mark_safe("<br>"),
-            "{}: {}",
-            ((account, describe_values(v)) for account, v in obj.account_values.items()),
+            return "Not read"
+        rows = format_html_join(
+            "",
+            '<li><strong>{}</strong> <span class="ibkr-badge ibkr-badge-values-{}">{}</span> {}'
+            "</li>",
+            (
+                (account, *self._values_words(outcome))
+                for account, outcome in obj.account_values.items()
+            ),
         )
+        return format_html('<ul class="ibkr-values">{}</ul>', rows)
+
+    @staticmethod
+    def _values_words(outcome) -> tuple[str, str, str]:
+        """(status, its label, the rest of `describe_values`'s words)."""
+        if not isinstance(outcome, dict):
+            return ("missing", "?", str(outcome))
+        status = "missing" if outcome.get("status") == "missing" else "read"
+        text = describe_values(outcome)
+        rest = text.split(":", 1)[1].strip() if ":" in text else text
+        if status == "read" and text.startswith("read (base "):
+            # `read (base USD): 41 positions valued, ...` -> `base USD: 41 positions ...`
+            base, _, details = text[len("read (") :].partition("): ")
+            rest = f"{base}; {details}"
+        return (status, "values read" if status == "read" else "values missing", rest)
 
     @admin.display(description="duration", ordering="finished_at")
     def duration(self, obj: SyncRun) -> str:

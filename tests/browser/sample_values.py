@@ -115,3 +115,137 @@ def create_sample_values(now: dt.datetime | None = None) -> dict[str, Account]:
         processed=9, created=9, finished_at=timezone.now(),
     )  # fmt: skip
     return {MAIN: main, PAPER: paper}
+
+
+# The admin's pages, as a person with a few accounts sees them: a third account holding
+# every common sec type, snapshots and sync runs minutes apart, and failed runs whose
+# messages are long, so that a column, filter or label that does not fit shows.
+TRUST = "U7777777"
+TRUST_NAME = "Family trust with a long name"
+LONG_FAILURE = (
+    "Cannot connect to the IB gateway at 127.0.0.1:4002: connection refused. Is TWS or "
+    "IB Gateway running there, with 'Enable ActiveX and Socket Clients' ticked and this "
+    "host among the trusted IPs? Nothing was changed; the stored positions were kept."
+)
+TIMEOUT_FAILURE = (
+    "No complete answer from the IB gateway within 30 s (positions of U1234567, "
+    "DU7654321 and U7777777 asked for); the gateway may be busy or its market data farm "
+    "disconnected. Nothing was changed."
+)
+#: Minutes between consecutive runs and between the trust's snapshots.
+MINUTES_APART = 3
+
+
+def create_admin_sample(now: dt.datetime | None = None) -> dict[str, object]:
+    """`create_sample_values` and more: a third account with FUT, FUND, WAR, CASH and BOND
+    positions (the others already hold STK, OPT and CRYPTO), six net liquidation snapshots
+    minutes apart, and five sync runs minutes apart: successful ones (one with changes,
+    one with an account whose values were missing) and failed ones with long messages."""
+    from ibkr_sync.models import PositionChange
+
+    now = now or timezone.now()
+    accounts = create_sample_values(now)
+    trust = Account.objects.create(
+        broker="ibkr", external_id=TRUST, name=TRUST_NAME, base_currency="CHF",
+        last_synced_at=now - dt.timedelta(minutes=MINUTES_APART),
+    )  # fmt: skip
+    es = _instrument(495512551, "ES", "FUT", "USD", exchange="CME", local_symbol="ESZ6",
+                     multiplier=Decimal(50), expiry=dt.date(2026, 12, 18))  # fmt: skip
+    fund = _instrument(48840001, "VWRL", "FUND", "CHF", exchange="FUNDSERV",
+                       description="Vanguard FTSE All-World UCITS ETF fund units")  # fmt: skip
+    warrant = _instrument(
+        61110001, "UBSW", "WAR", "CHF", exchange="SWB", local_symbol="UBS WAR 251219 24",
+        strike=Decimal(24), right="C",
+    )  # fmt: skip
+    forex = _instrument(12087792, "EUR", "CASH", "USD", exchange="IDEALPRO",
+                        local_symbol="EUR.USD")  # fmt: skip
+    bond = _instrument(
+        52110001, "T", "BOND", "USD", exchange="SMART", local_symbol="T 4 1/4 11/15/34",
+        description="US Treasury 4.25% 2034",
+    )  # fmt: skip
+    nestle = _instrument(39470001, "NESN", "STK", "CHF", exchange="EBS")
+    held = [
+        _position(trust, es, "-2", "251234.5", "5032.25", now, multiplier=50),
+        _position(trust, fund, "310.125", "95.4321", "104.12", now),
+        _position(trust, warrant, "5000", "0.412", "0.385", now),
+        _position(trust, forex, "25000", "1.0712", "1.0850", now),
+        _position(trust, bond, "100000", "0.9825", "0.99125", now),
+        _position(trust, nestle, "80", "98.5", "84.32", now),
+    ]
+    for currency, amount, rate in (("CHF", "18250.4", "1"), ("USD", "-3200.55", "0.8841")):
+        CashBalance.objects.create(
+            account=trust, currency=currency, amount=Decimal(amount),
+            exchange_rate=Decimal(rate), rate_currency="CHF",
+            synced_at=now - dt.timedelta(minutes=MINUTES_APART),
+        )  # fmt: skip
+    AccountSnapshot.objects.bulk_create(
+        AccountSnapshot(
+            account=trust, taken_at=now - dt.timedelta(minutes=MINUTES_APART * (6 - i)),
+            currency="CHF", net_liquidation=Decimal("812345.67") + 125 * i,
+            total_cash_value=Decimal("15420.9"), gross_position_value=Decimal("796924.77"),
+            unrealized_pnl=Decimal("-4321.09"), realized_pnl=Decimal("1234.5"),
+            available_funds=Decimal("400123.45"), buying_power=Decimal("1600493.8"),
+            exchange_rates={"CHF": "1", "USD": "0.8841"},
+        )
+        for i in range(6)
+    )  # fmt: skip
+
+    lock = {
+        "host": "portfolio-app-7d9f8c6b5-x2k4q",
+        "pid": 4242,
+        "owner": "portfolio-app-7d9f8c6b5-x2k4q:4242:1764969600.123456",
+        "database_session": "81234@2026-12-05 06:00:01.123456+00",
+    }
+    read = {
+        "status": "read", "base_currency": "USD", "positions_valued": 7,
+        "positions_stale": 0, "positions_unvalued": 0, "cash_currencies": ["EUR", "JPY", "USD"],
+        "cash_reported": True,
+    }  # fmt: skip
+    runs = [
+        # (minutes ago, status, trigger, error code, message, counts, values)
+        (4 * MINUTES_APART, "success", "command", "", "",
+         {"processed": 15, "created": 15}, {MAIN: read}),
+        (3 * MINUTES_APART, "failed", "admin", "gateway_unavailable", LONG_FAILURE, {}, {}),
+        (2 * MINUTES_APART, "success", "api", "", "",
+         {"processed": 15, "updated": 2, "unchanged": 11, "closed": 1, "reopened": 1},
+         {MAIN: read, PAPER: {"status": "missing", "reason": "no account values from IBKR "
+                                                            "within 10 s (stored values kept)"},
+          TRUST: {**read, "base_currency": "CHF", "cash_currencies": ["CHF", "USD"]}}),
+        (MINUTES_APART, "failed", "command", "gateway_timeout", TIMEOUT_FAILURE, {}, {}),
+    ]  # fmt: skip
+    created = []
+    for minutes, status, trigger, code, message, counts, values in runs:
+        started = now - dt.timedelta(minutes=minutes)
+        run = SyncRun.objects.create(
+            trigger=trigger, status=status, accounts=[MAIN, PAPER, TRUST] if values else [],
+            error_code=code, error_message=message, account_values=values,
+            heartbeat_at=started + dt.timedelta(seconds=2), **lock, **counts,
+        )  # fmt: skip
+        SyncRun.objects.filter(pk=run.pk).update(
+            started_at=started, finished_at=started + dt.timedelta(seconds=2.71828)
+        )
+        created.append(run)
+    # The run `create_sample_values` recorded, before these.
+    first = SyncRun.objects.exclude(pk__in=[run.pk for run in created]).get()
+    SyncRun.objects.filter(pk=first.pk).update(
+        started_at=now - dt.timedelta(minutes=5 * MINUTES_APART),
+        finished_at=now - dt.timedelta(minutes=5 * MINUTES_APART, seconds=-3),
+    )
+    changed = created[2]
+    for position, kind, before, after in (
+        (held[0], "updated", "-1", "-2"),
+        (held[1], "updated", "300", "310.125"),
+        (held[2], "reopened", None, "5000"),
+    ):
+        PositionChange.objects.create(
+            sync_run=changed, position=position, kind=kind,
+            quantity_before=None if before is None else Decimal(before),
+            quantity_after=Decimal(after), average_cost_after=position.average_cost,
+        )  # fmt: skip
+    closed = _position(trust, _instrument(77001, "OLD", "STK", "CHF"), "5", "10", "9", now)
+    Position.objects.filter(pk=closed.pk).update(closed_at=now - dt.timedelta(minutes=6))
+    PositionChange.objects.create(
+        sync_run=changed, position=closed, kind="closed", quantity_before=Decimal(5),
+        average_cost_before=Decimal(10),
+    )  # fmt: skip
+    return {**accounts, TRUST: trust, "runs": created}

@@ -152,9 +152,9 @@ def test_sync_now_from_positions_then_filter_and_see_what_changed(page, superuse
     changes = page.locator("#sync-run-changes tbody tr")
     expect(changes).to_have_count(3)
     assert [row.locator("td").all_inner_texts() for row in changes.all()] == [
-        ["Updated", ACCOUNT, "AAPL", "STK", "10", "15", "150.25", "160.5"],
-        ["Closed", ACCOUNT, "ESZ6", "FUT", "-2", "-", "251234.5", "-"],
-        ["Created", OTHER, "BMW", "STK", "-", "40", "-", "98.76"],
+        ["Updated", ACCOUNT, "AAPL", "STK", "USD", "10", "15", "150.25", "160.5"],
+        ["Closed", ACCOUNT, "ESZ6", "FUT", "USD", "-2", "-", "251234.5", "-"],
+        ["Created", OTHER, "BMW", "STK", "EUR", "-", "40", "-", "98.76"],
     ]
     screenshot(page, tmp_path / "sync-run.png")
 
