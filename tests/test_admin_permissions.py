@@ -323,3 +323,25 @@ def test_a_finished_sync_now_tells_each_user_what_they_may_view(django_user_mode
         assert text == f"Sync #{run.pk} finished with warnings."
     for kind in (Kind.POSITIONS, Kind.CASH_BALANCES, Kind.ACCOUNTS):
         assert not present(text, kind)
+
+
+@pytest.mark.parametrize(
+    "grant", [("view_syncrun",), ("view_syncrun", "view_position")], ids=grant_id
+)
+def test_a_runs_records_not_stored_are_position_data_on_its_page(django_user_model, grant):
+    run = SyncRun.objects.create(
+        trigger="command", status="success", processed=2, errors=1, finished_at=timezone.now(),
+        error_details=[{"account": "U1111111", "con_id": 5, "symbol": "ODDSYMBOL",
+                        "sec_type": "NOPE", "reason": "unsupported security type 'NOPE'"}],
+    )  # fmt: skip
+
+    html = (
+        staff_with(django_user_model, grant)
+        .get(reverse("admin:ibkr_sync_syncrun_change", args=[run.pk]))
+        .text
+    )
+
+    shown = "view_position" in grant
+    assert ("ODDSYMBOL" in html) == shown
+    assert ("records not stored" in html.lower()) == shown
+    assert "2 positions: 1 not stored" in html, "the count is sync run data"

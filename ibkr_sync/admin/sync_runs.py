@@ -199,11 +199,8 @@ class SyncRunAdmin(admin.ModelAdmin):
 
     @admin.display(description="raw record (JSON)")
     def raw_record(self, obj: SyncRun) -> str:
-        record = {
-            "accounts": obj.accounts,
-            "account_values": obj.account_values,
-            "error_details": obj.error_details,
-        }
+        # The records not stored are above, for those who may view positions.
+        record = {"accounts": obj.accounts, "account_values": obj.account_values}
         return format_html(
             '<pre class="ibkr-raw">{}</pre>', json.dumps(record, indent=2, sort_keys=True)
         )
@@ -215,12 +212,18 @@ class SyncRunAdmin(admin.ModelAdmin):
     def get_fieldsets(self, request: HttpRequest, obj=None):
         # A failure's error whole, under its status (`error_box`); a run without one has
         # no error row.
+        # The records not stored name positions (a symbol, a contract id, a value): position
+        # data, shown only to those who may view positions, as the API's error_details.
         fieldsets = super().get_fieldsets(request, obj)
+        hidden = set()
         if obj is not None and not (obj.error_code or obj.error_message):
-            first, options = fieldsets[0]
-            fields = tuple(f for f in options["fields"] if f != "error_box")
-            fieldsets = ((first, {**options, "fields": fields}), *fieldsets[1:])
-        return fieldsets
+            hidden.add("error_box")
+        if not may_view(request.user, Kind.POSITIONS):
+            hidden.add("error_details_display")
+        return tuple(
+            (name, {**options, "fields": tuple(f for f in options["fields"] if f not in hidden)})
+            for name, options in fieldsets
+        )
 
     def _changes_context(self, request: HttpRequest, object_id) -> dict:
         """One page of what the run changed, optionally of one kind: three queries (counts
