@@ -269,13 +269,17 @@ class SyncRunAdmin(admin.ModelAdmin):
         """Per account: its values read, or missing and why (its stored ones were kept)."""
         if not obj.account_values:
             return "Not read"
+        # In the order the sync read the accounts (PostgreSQL's jsonb keeps no key order).
+        values = obj.account_values
+        order = [a for a in obj.accounts or () if a in values]
+        order += sorted(a for a in values if a not in order)
         rows = format_html_join(
             "",
             '<li><strong>{}</strong> <span class="ibkr-badge ibkr-badge-values-{}">{}</span> {}'
             "</li>",
             (
-                (account, *self._values_words(outcome))
-                for account, outcome in obj.account_values.items()
+                (account, *self._values_words(values[account]))
+                for account in order
             ),
         )
         return format_html('<ul class="ibkr-values">{}</ul>', rows)
