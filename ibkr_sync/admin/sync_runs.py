@@ -277,10 +277,7 @@ class SyncRunAdmin(admin.ModelAdmin):
             "",
             '<li><strong>{}</strong> <span class="ibkr-badge ibkr-badge-values-{}">{}</span> {}'
             "</li>",
-            (
-                (account, *self._values_words(values[account]))
-                for account in order
-            ),
+            ((account, *self._values_words(values[account])) for account in order),
         )
         return format_html('<ul class="ibkr-values">{}</ul>', rows)
 
