@@ -4,6 +4,7 @@ place defaults are written); `checks.py` validates them at start-up. Also the mo
 sync writes (IBKR_SYNC_*_MODEL), looked up once and forgotten when a setting changes.
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 from django.apps import apps
@@ -39,8 +40,10 @@ class GatewayConfig:
     values_timeout: float = 30.0
 
     @classmethod
-    def from_settings(cls) -> "GatewayConfig":
-        return cls(
+    def from_settings(cls, connection=None) -> "GatewayConfig":
+        """The settings' gateway; with a `Connection`, its address, client id and the
+        timeouts it sets, the settings' for the rest."""
+        config = cls(
             host=get("IBKR_HOST"),
             port=int(get("IBKR_PORT")),
             client_id=int(get("IBKR_CLIENT_ID")),
@@ -50,6 +53,17 @@ class GatewayConfig:
             read_values=environment.parse("IBKR_READ_VALUES", get("IBKR_READ_VALUES")),
             values_timeout=float(get("IBKR_VALUES_TIMEOUT")),
         )
+        if connection is None:
+            return config
+        overrides = {
+            "host": connection.host,
+            "port": connection.port,
+            "client_id": connection.client_id,
+        }
+        for name in ("connect_timeout", "request_timeout", "values_timeout"):
+            if getattr(connection, name) is not None:
+                overrides[name] = float(getattr(connection, name))
+        return dataclasses.replace(config, **overrides)
 
 
 #: The settings naming the models the sync writes, and their defaults.

@@ -100,3 +100,21 @@ class NoManagedAccounts(GatewayError):
     """The gateway answered the handshake but manages no account (not logged in yet)."""
 
     code = "no_managed_accounts"
+
+
+class UnknownConnection(IbkrSyncError, LookupError):
+    """No connection has the name asked for."""
+
+    code = "unknown_connection"
+
+
+class ConnectionRequired(IbkrSyncError, ValueError):
+    """Several connections are configured and none was named."""
+
+    code = "connection_required"
+
+
+class ConnectionDisabled(IbkrSyncError):
+    """The connection named is disabled: enable it to sync it."""
+
+    code = "connection_disabled"

@@ -55,7 +55,7 @@ from django.utils.dateparse import parse_datetime
 from . import conf, environment, selectors
 from .database import unavailable_message
 from .exceptions import DatabaseUnavailable, LockLost, SyncAlreadyRunning
-from .models import SyncRun
+from .models import DEFAULT_LOCK_KEY, Connection, SyncRun
 
 logger = logging.getLogger(__name__)
 
@@ -64,12 +64,24 @@ _active_runs: set[int] = set()
 _active_runs_lock = threading.Lock()
 
 
-def acquire(*, trigger: str, user: Any, account_id: str | None, dry_run: bool) -> SyncRun:
-    """Take the lock: a `running` row. A sync refused it is recorded as failed; a dry run,
-    which leaves no record, is not."""
+def acquire(
+    *,
+    trigger: str,
+    user: Any,
+    account_id: str | None,
+    dry_run: bool,
+    connection_row: Connection | None = None,
+) -> SyncRun:
+    """Take the lock of the connection (`connection_row`; None: the settings' gateway): a
+    `running` row with its key. A sync refused it is recorded as failed; a dry run, which
+    leaves no record, is not."""
+    key = DEFAULT_LOCK_KEY if connection_row is None else connection_row.lock_key
     fields = {
         "trigger": trigger,
         "user": user if getattr(user, "is_authenticated", False) else None,
+        "connection": connection_row,
+        "connection_name": "" if connection_row is None else connection_row.name,
+        "lock_key": key,
         "account_filter": account_id or "",
         "host": socket.gethostname(),
         "pid": os.getpid(),
@@ -77,8 +89,10 @@ def acquire(*, trigger: str, user: Any, account_id: str | None, dry_run: bool) -
     }
     if connection.vendor == "sqlite" and _write_lock_taken():
         # A holder stopped in its write keeps SQLite's write lock: the row below would wait
-        # for it in vain. Released (and the holder ended) first, if it is abandoned.
-        release_abandoned()
+        # for it in vain. Released (and the holder ended) first, if it is abandoned,
+        # whichever connection's lock it holds (SQLite has one write lock for all).
+        for running in selectors.running_runs():
+            release_abandoned(running.lock_key)
     for _attempt in range(2):
         try:
             # Registered as this process's in the same step: another thread of this
@@ -92,10 +106,11 @@ def acquire(*, trigger: str, user: Any, account_id: str | None, dry_run: bool) -
                 _active_runs.add(run.pk)
                 return run
         except IntegrityError:
-            if not release_abandoned():
+            if not release_abandoned(key):
                 break
+    of = "" if connection_row is None else f" of connection {connection_row.name!r}"
     error = SyncAlreadyRunning(
-        f"Another IBKR sync is running; this {'dry run' if dry_run else 'one'} was not "
+        f"Another IBKR sync{of} is running; this {'dry run' if dry_run else 'one'} was not "
         "started. Try again when it finishes."
     )
     if dry_run:
@@ -109,9 +124,10 @@ def acquire(*, trigger: str, user: Any, account_id: str | None, dry_run: bool) -
     raise error
 
 
-def release_abandoned() -> bool:
-    """Fail the `running` row if no sync works on it any more; True if the lock is free."""
-    running = selectors.running_run()
+def release_abandoned(key: str = DEFAULT_LOCK_KEY) -> bool:
+    """Fail the `running` row of lock `key` if no sync works on it any more; True if that
+    lock is free."""
+    running = selectors.running_run(key)
     if running is None:
         return True
     reason = abandoned_reason(running)

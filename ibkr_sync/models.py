@@ -14,6 +14,8 @@ or writes is here, so a subclass cannot miss one.
 from decimal import Decimal
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import Q
 
@@ -327,12 +329,149 @@ SNAPSHOT_TOTALS = {
 SNAPSHOT_TAGS = SNAPSHOT_TOTALS
 
 
+def _validate_host(value: str) -> None:
+    if not value.strip() or any(c.isspace() or c in "/@" for c in value.strip()):
+        raise ValidationError("A host name or IP address, such as 127.0.0.1 or ib-gateway.")
+
+
+class Connection(models.Model):
+    """One IBKR login the installation syncs: a TWS / IB Gateway at an address.
+
+    With no rows, a sync reads the gateway the settings (or the environment:
+    IBKR_HOST, IBKR_PORT, IBKR_CLIENT_ID) name, as it always has. A connection's own
+    fields override those settings for its syncs; a timeout left empty is the setting's.
+    Each connection has a lock of its own: two connections sync at the same time.
+    """
+
+    class Kind(models.TextChoices):
+        TWS = "tws", "TWS / IB Gateway"
+
+    name = models.SlugField(
+        max_length=64,
+        unique=True,
+        help_text="How commands, the API and the admin name it: letters, digits, - and _.",
+    )
+    kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.TWS)
+    enabled = models.BooleanField(
+        default=True, help_text="A disabled connection is left out of sync_ibkr --all."
+    )
+    host = models.CharField(
+        max_length=255,
+        default="127.0.0.1",
+        validators=[_validate_host],
+        help_text="Host of its TWS / IB Gateway.",
+    )
+    port = models.PositiveIntegerField(
+        default=7497,
+        validators=[MinValueValidator(1), MaxValueValidator(65535)],
+        help_text="The gateway's API port (TWS paper 7497, live 7496; IB Gateway paper "
+        "4002, live 4001).",
+    )
+    client_id = models.PositiveIntegerField(
+        default=1,
+        validators=[MaxValueValidator(2**31 - 1)],
+        help_text="A client id no other tool uses on this gateway.",
+    )
+    connect_timeout = models.FloatField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0.1), MaxValueValidator(3600)],
+        help_text="Seconds to wait for the handshake; empty: IBKR_CONNECT_TIMEOUT.",
+    )
+    request_timeout = models.FloatField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0.1), MaxValueValidator(3600)],
+        help_text="Seconds to wait for the positions; empty: IBKR_REQUEST_TIMEOUT.",
+    )
+    values_timeout = models.FloatField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0.1), MaxValueValidator(3600)],
+        help_text="Seconds to wait for one account's values; empty: IBKR_VALUES_TIMEOUT.",
+    )
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="ibkr_connections",
+        help_text="The user it belongs to, if any.",
+    )
+    note = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(port__gte=1, port__lte=65535), name="ibkr_sync_connection_port"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def lock_key(self) -> str:
+        """The key of its lock (the id: a rename while it syncs changes nothing)."""
+        return f"connection:{self.pk}"
+
+
+#: The lock key of syncs of the settings' (environment's) gateway, with no connection.
+DEFAULT_LOCK_KEY = ""
+
+
+class AccountReport(models.Model):
+    """The newest snapshot applied to one account: which connection reported it, and the
+    moment the snapshot describes. An older snapshot of the account, from any connection,
+    is refused for it (two logins may report one account: an adviser's and its own).
+
+    Kept by the sync app itself, keyed by the account's id, so that a host's own account
+    model needs no fields for it."""
+
+    broker = models.CharField(max_length=16, choices=Broker.choices)
+    external_id = models.CharField(max_length=32, help_text="The broker's account id.")
+    connection = models.ForeignKey(
+        Connection, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    connection_name = models.CharField(
+        max_length=64,
+        blank=True,
+        help_text="The connection that last reported it; empty: the settings' gateway.",
+    )
+    source = models.CharField(max_length=16, help_text="What read it (tws).")
+    as_of = models.DateTimeField(help_text="The moment the applied snapshot describes.")
+    sync_run = models.ForeignKey(
+        "SyncRun", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    applied_at = models.DateTimeField(help_text="When it was applied.")
+
+    class Meta:
+        ordering = ["broker", "external_id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["broker", "external_id"], name="ibkr_sync_accountreport_unique_account"
+            )
+        ]
+
+    def __str__(self) -> str:
+        by = self.connection_name or "the settings' gateway"
+        return f"{self.external_id}: by {by}, as of {self.as_of:%Y-%m-%d %H:%M:%S}"
+
+
 class SyncRun(models.Model):
     """One row per sync attempt, written before the sync starts and kept when it fails.
 
-    At most one row is `running` at a time, enforced by a partial unique constraint: that
-    is the lock that keeps two syncs (in any process or app server sharing the database)
-    from interleaving, and it works the same on PostgreSQL and SQLite.
+    At most one row per connection (`lock_key`) is `running` at a time, enforced by a
+    partial unique constraint: that is the lock that keeps two syncs of one connection
+    (in any process or app server sharing the database) from interleaving, and it works
+    the same on PostgreSQL and SQLite. Syncs of different connections run side by side.
     """
 
     class Trigger(models.TextChoices):
@@ -352,6 +491,26 @@ class SyncRun(models.Model):
         blank=True,
         on_delete=models.SET_NULL,
         related_name="ibkr_sync_runs",
+    )
+    connection = models.ForeignKey(
+        Connection,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="sync_runs",
+        help_text="The connection synced; empty: the settings' gateway.",
+    )
+    connection_name = models.CharField(
+        max_length=64,
+        blank=True,
+        help_text="The connection's name when it ran (kept if the connection is removed).",
+    )
+    lock_key = models.CharField(
+        max_length=80,
+        blank=True,
+        editable=False,
+        help_text="Whose lock a running sync holds: its connection's, or the settings' "
+        "gateway's (empty).",
     )
     account_filter = models.CharField(
         max_length=32, blank=True, help_text="The ibkr_account_id asked for; empty for all."
@@ -373,6 +532,12 @@ class SyncRun(models.Model):
         blank=True,
         help_text="Per account: whether its values (cash, net liquidation, P&L, market "
         "values) were read ('read') or not ('missing', with the reason).",
+    )
+    accounts_refused = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="Accounts reported but not written, with the reason: a newer snapshot of "
+        "them (from another connection) was applied already.",
     )
     error_code = models.CharField(max_length=64, blank=True)
     error_message = models.TextField(blank=True)
@@ -412,9 +577,9 @@ class SyncRun(models.Model):
         permissions = [("run_sync", "Can run an IBKR portfolio sync")]
         constraints = [
             models.UniqueConstraint(
-                fields=["status"],
+                fields=["lock_key"],
                 condition=Q(status="running"),
-                name="ibkr_sync_one_running_sync",
+                name="ibkr_sync_one_running_sync_per_lock",
             )
         ]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from django.db.models import QuerySet
 from django.db.models.functions import Now
 
-from .models import SyncRun
+from .models import DEFAULT_LOCK_KEY, SyncRun
 
 # A sync refused because another one was running says nothing about the data's age.
 NOT_A_FAILURE = ("sync_already_running",)
@@ -44,10 +44,18 @@ def last_runs(*fields: str) -> tuple[SyncRun | None, SyncRun | None]:
     return last, last_successful_run(*fields)
 
 
-def running_run() -> SyncRun | None:
-    """The sync holding the lock, if any (at most one row is running), with the database's
-    now read in the same query (`database_now`): the lock's ages are measured on the
-    database's clock, never on a host's."""
+def running_run(key: str = DEFAULT_LOCK_KEY) -> SyncRun | None:
+    """The sync holding lock `key` (a connection's, or the settings' gateway's), if any (at
+    most one row per key is running), with the database's now read in the same query
+    (`database_now`): the lock's ages are measured on the database's clock, never on a
+    host's."""
+    return running_runs().filter(lock_key=key).first()
+
+
+def running_runs() -> QuerySet[SyncRun]:
+    """Every sync holding a lock, each with the database's now (`database_now`)."""
     return (
-        SyncRun.objects.filter(status=SyncRun.Status.RUNNING).annotate(database_now=Now()).first()
+        SyncRun.objects.filter(status=SyncRun.Status.RUNNING)
+        .annotate(database_now=Now())
+        .order_by("lock_key")
     )

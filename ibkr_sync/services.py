@@ -10,6 +10,7 @@ failed with the reason. Never inside a caller's transaction: refused.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -24,13 +25,18 @@ from django.db import (
 )
 from django.db.models.functions import Now
 from django.utils import timezone
-from django.utils.module_loading import import_string
 
-from . import conf, lock, signals
+from . import connections, lock, signals
 from .database import is_unavailable, unavailable_message
-from .exceptions import DatabaseUnavailable, IbkrSyncError, LockLost, SyncInsideTransaction
+from .exceptions import (
+    DatabaseUnavailable,
+    GatewayError,
+    IbkrSyncError,
+    LockLost,
+    SyncInsideTransaction,
+)
 from .mapping import normalize_account_id
-from .models import PositionChange, SyncRun
+from .models import Connection, PositionChange, SyncRun
 from .snapshot import Snapshot
 from .writer import KINDS, apply_snapshot
 
@@ -58,6 +64,8 @@ class SyncResult:
     started_at: dt.datetime
     finished_at: dt.datetime
     dry_run: bool = False
+    # The connection synced (its name); empty: the settings' gateway.
+    connection: str = ""
     # A dry run only: what a sync would change, position by position.
     changes: list[dict[str, Any]] | None = None
     # Per account, when values were asked for: {"status": "read", ...} or
@@ -88,8 +96,13 @@ def sync_positions(
     gateway: PositionSource | None = None,
     dry_run: bool = False,
     progress: Progress | None = None,
+    connection: str | Connection | None = None,
 ) -> SyncResult:
     """Bring the database in line with the gateway's positions (of one account, if given).
+
+    `connection` names the `Connection` to sync (its name, or the row); None: the only
+    connection, or the settings' gateway when there is none (`connections.resolve`).
+    Syncs of different connections run side by side; each connection has its own lock.
 
     Refuses to run inside a transaction (`SyncInsideTransaction`): the SyncRun row (the
     lock and the audit record) has to be committed on its own so it is visible to other
@@ -101,7 +114,8 @@ def sync_positions(
     _refuse_inside_a_transaction()
     try:
         with lock.bounded_waits():
-            return _sync_positions(account_id, trigger, user, gateway, dry_run, progress)
+            target = connections.resolve(connection)
+            return _sync_positions(account_id, trigger, user, gateway, dry_run, progress, target)
     except (DatabaseError, InterfaceError) as exc:
         if not is_unavailable(exc):
             raise
@@ -136,18 +150,26 @@ def _sync_positions(
     gateway: PositionSource | None,
     dry_run: bool,
     progress: Progress | None,
+    target: connections.Target,
 ) -> SyncResult:
     if account_id is not None:
         account_id = normalize_account_id(account_id)
-    run = lock.acquire(trigger=trigger, user=user, account_id=account_id, dry_run=dry_run)
+    run = lock.acquire(
+        trigger=trigger,
+        user=user,
+        account_id=account_id,
+        dry_run=dry_run,
+        connection_row=target.connection,
+    )
     heartbeat = lock.Heartbeat(run.pk)
     clock = time.monotonic()
     log = {"run": run.pk, "trigger": trigger, "account": account_id or "all", "dry_run": dry_run}
+    if target.connection is not None:
+        log["connection"] = target.name
     logger.info("IBKR sync started %s", _fields(log))
     try:
         if gateway is None:
-            gateway_class = import_string(conf.get("IBKR_SYNC_GATEWAY_CLASS"))
-            gateway = gateway_class(progress=progress) if progress else gateway_class()
+            gateway = target.source(progress)
         snapshot = gateway.fetch_positions(account_id)
         if progress:
             progress("apply", len(snapshot.positions))
@@ -219,6 +241,7 @@ def _sync_positions(
         started_at=run.started_at,
         finished_at=timezone.now() if dry_run else run.finished_at,
         dry_run=dry_run,
+        connection=target.name,
         changes=preview if dry_run else None,
         account_values=counts.values if snapshot.values_read else None,
     )
@@ -226,6 +249,58 @@ def _sync_positions(
         # Committed already (never inside a caller's transaction): sent at once.
         transaction.on_commit(lambda: _announce(run, result))
     return result
+
+
+@dataclass(frozen=True)
+class ConnectionOutcome:
+    """One connection's part of `sync_all`: its result, or the error it failed with."""
+
+    connection: str  # its name; empty: the settings' gateway
+    result: SyncResult | None = None
+    error: IbkrSyncError | None = None
+
+
+def sync_all(
+    *,
+    trigger: str,
+    user: Any = None,
+    dry_run: bool = False,
+    progress: Callable[[str, str, int], None] | None = None,
+) -> list[ConnectionOutcome]:
+    """Sync every enabled connection, one after another, in name order (the settings'
+    gateway when no connection is configured): one failing connection (down, locked)
+    stops none of the others. `progress` is told (connection, phase, count)."""
+    outcomes = []
+    for target in connections.enabled_targets():
+        told = None
+        if progress is not None:
+            told = functools.partial(progress, target.name)
+        try:
+            result = sync_positions(
+                trigger=trigger,
+                user=user,
+                dry_run=dry_run,
+                progress=told,
+                connection=target.connection,
+            )
+        except IbkrSyncError as exc:
+            outcomes.append(ConnectionOutcome(target.name, error=exc))
+        else:
+            outcomes.append(ConnectionOutcome(target.name, result=result))
+    return outcomes
+
+
+def check_connection(connection: str | Connection | None = None) -> Any:
+    """The handshake only, with the connection a sync of `connection` would read (resolved
+    as a sync resolves it, disabled or not): what the gateway says of itself, its server
+    version and the accounts it manages (a `Handshake`), or the error a sync would fail
+    with, in the same words. Reads no positions and takes no lock: a running sync of the
+    connection makes it fail as "client id in use", as a second client would."""
+    target = connections.resolve(connection, enabled=False)
+    source = target.source()
+    if not hasattr(source, "handshake"):
+        raise GatewayError(f"{type(source).__name__} cannot test a connection (no handshake).")
+    return source.handshake()
 
 
 def describe_values(outcome: dict[str, Any]) -> str:

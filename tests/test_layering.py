@@ -36,7 +36,7 @@ CLIENT_LIBRARIES = {"ib_insync", "ib_async", "eventkit"}
 TWS_SOURCE = IBKR_SYNC / "sources" / "tws"
 # What reads a source's records, and must know no source: the configured source class
 # is the one way to one (`IBKR_SYNC_GATEWAY_CLASS`).
-SOURCE_NEUTRAL = ("snapshot", "mapping", "writer", "services")
+SOURCE_NEUTRAL = ("snapshot", "mapping", "writer", "services", "connections")
 
 
 def imported_modules(source: str, package: str = "") -> set[str]:
@@ -79,7 +79,8 @@ def test_only_the_tws_source_imports_the_client_library():
 
 def test_the_source_neutral_modules_know_no_source():
     """snapshot, mapping, writer and services read records, not a source: nothing of
-    `sources.tws` or `gateway`; the service reaches the source through the setting."""
+    `sources.tws` or `gateway`; the service reaches the source through the setting, by
+    way of the connection it syncs."""
     for name in SOURCE_NEUTRAL:
         path = IBKR_SYNC / f"{name}.py"
         for module in imported_modules(path.read_text(), "ibkr_sync"):
@@ -87,7 +88,7 @@ def test_the_source_neutral_modules_know_no_source():
                 f"{name}.py imports {module}"
             )
             assert module.split(".")[0] not in CLIENT_LIBRARIES, f"{name}.py imports {module}"
-    assert "IBKR_SYNC_GATEWAY_CLASS" in (IBKR_SYNC / "services.py").read_text()
+    assert "IBKR_SYNC_GATEWAY_CLASS" in (IBKR_SYNC / "connections.py").read_text()
 
 
 def test_the_simulator_writes_by_the_protocol_not_the_source():

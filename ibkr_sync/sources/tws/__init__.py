@@ -15,7 +15,7 @@ only one that knows TWS's messages and account value tags. Split by concern:
 
 from ...conf import GatewayConfig
 from .errors import LOGGER_NAME
-from .session import LIBRARY_RECORD, SOURCE, TwsSource
+from .session import LIBRARY_RECORD, SOURCE, Handshake, TwsSource
 from .values import account_values
 
 #: The name host settings and code know the source by.
@@ -26,6 +26,7 @@ __all__ = [
     "LOGGER_NAME",
     "SOURCE",
     "GatewayConfig",
+    "Handshake",
     "IbkrGateway",
     "TwsSource",
     "account_values",

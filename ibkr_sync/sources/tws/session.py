@@ -26,8 +26,9 @@ Why it is shaped this way:
 - Every frame of the session goes through one guard: a frame the client library cannot
   decode, or one in a layout we do not expect, makes the read incomplete. The library
   would only log it, and a position we could not read must never be closed as gone.
-- One read at a time per process: a dropped IB connection cancels blocking calls of
-  every other IB instance in the process.
+- One read at a time per gateway login (address and client id) in a process; reads of
+  different gateways run side by side, each in its own thread and event loop, so a
+  dropped connection of one cancels nothing of another.
 - After the positions, in the same connection, each account's values (`_read_values`):
   one account-updates subscription at a time (`reqAccountUpdates`, which TWS serves for
   one account at a time), read up to its download-end marker, then cancelled. It is the
@@ -51,6 +52,7 @@ Why it is shaped this way:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import importlib
 import logging
@@ -59,6 +61,7 @@ import socket
 import struct
 import threading
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ...conf import GatewayConfig
@@ -89,7 +92,20 @@ _MAX_HANDSHAKE_REPLY = 1024
 # How long a connect timeout's follow-up asks the peer whether it speaks HTTP.
 _HTTP_PROBE_TIMEOUT = 0.5
 
-_process_lock = threading.Lock()
+# One read at a time per gateway login (address and client id) in this process: a second
+# would be refused by the gateway (client id in use) after its connect timeout. Reads of
+# different gateways run side by side, each in a thread and event loop of its own.
+_reads_lock = threading.Lock()
+_reading: set[tuple[str, int, int]] = set()
+
+
+@dataclass(frozen=True)
+class Handshake:
+    """What a gateway says when a client connects: no positions, no values."""
+
+    address: str
+    server_version: int
+    accounts: tuple[str, ...]
 
 
 class TwsSource(ValuesRead, Decoding):
@@ -123,23 +139,56 @@ class TwsSource(ValuesRead, Decoding):
 
     def fetch_positions(self, account_id: str | None = None) -> Snapshot:
         """Connect read-only, read every position (of one account, if given), disconnect."""
-        if not _process_lock.acquire(blocking=False):
-            raise SyncAlreadyRunning(
-                "Another sync is reading from the IB gateway in this process; try again later."
-            )
+        with self._one_read():
+            return _run_in_private_loop(lambda: self._read(account_id))
+
+    def handshake(self) -> Handshake:
+        """Connect, read what the gateway says of itself (its server version and the
+        accounts it manages), disconnect: no positions, no values. Fails as a sync would,
+        with the same errors (refused, not a gateway, timeout, client id in use)."""
+        with self._one_read():
+            return _run_in_private_loop(self._handshake)
+
+    @contextlib.contextmanager
+    def _one_read(self) -> Any:
+        cfg = self.config
+        login = (cfg.host, cfg.port, cfg.client_id)
+        with _reads_lock:
+            if login in _reading:
+                raise SyncAlreadyRunning(
+                    f"Another sync is reading from the IB gateway at {self.address} with "
+                    f"client id {cfg.client_id} in this process; try again later."
+                )
+            _reading.add(login)
         try:
-            with _library_log_kept(self.config.library):
-                return _run_in_private_loop(lambda: self._read(account_id))
+            with _library_log_kept(cfg.library):
+                yield
         finally:
-            _process_lock.release()
+            with _reads_lock:
+                _reading.discard(login)
 
     # --- everything below runs on the private event loop --------------------------------
 
-    async def _read(self, account_id: str | None) -> Snapshot:
+    async def _handshake(self) -> Handshake:
+        ib, state = self._session()
         cfg = self.config
-        library = importlib.import_module(cfg.library)
+        try:
+            await self._connect(ib, state)
+            client = ib.client
+            return Handshake(
+                address=self.address,
+                server_version=client.serverVersion(),
+                accounts=tuple(client.getAccounts()),
+            )
+        finally:
+            await self._disconnect(ib)
+            logger.debug("Handshake with %s (client id %s) done", self.address, cfg.client_id)
+
+    def _session(self) -> tuple[Any, _ReadState]:
+        """A client of the library, every message of its session going through our guards."""
+        library = importlib.import_module(self.config.library)
         ib = library.IB()
-        ib.RequestTimeout = cfg.request_timeout
+        ib.RequestTimeout = self.config.request_timeout
         state = _ReadState(failure=asyncio.get_running_loop().create_future())
         ib.errorEvent += lambda *args: self._on_error(state, *args)
         ib.client.apiError += lambda message: self._on_api_error(state, message)
@@ -152,14 +201,23 @@ class TwsSource(ValuesRead, Decoding):
         self._decode_positions_ourselves(ib, state)
         self._decode_values_ourselves(ib, state)
         self._guard_decoding(ib, state)
+        return ib, state
+
+    async def _connect(self, ib: Any, state: _ReadState) -> None:
+        cfg = self.config
+        ib.wrapper.clientId = cfg.client_id
+        await self._race(
+            ib.client.connectAsync(cfg.host, cfg.port, cfg.client_id, cfg.connect_timeout),
+            state,
+            cfg.connect_timeout,
+            "connect",
+        )
+
+    async def _read(self, account_id: str | None) -> Snapshot:
+        cfg = self.config
+        ib, state = self._session()
         try:
-            ib.wrapper.clientId = cfg.client_id
-            await self._race(
-                ib.client.connectAsync(cfg.host, cfg.port, cfg.client_id, cfg.connect_timeout),
-                state,
-                cfg.connect_timeout,
-                "connect",
-            )
+            await self._connect(ib, state)
             managed = tuple(ib.client.getAccounts())
             if account_id is not None and account_id not in managed:
                 raise UnknownAccount(
@@ -435,22 +493,34 @@ def _library_log_kept(library: str) -> Any:
     WARNING and above on stderr), those lines would appear before the error we raise:
     before the one line `sync_ibkr` promises, or in a web server's console. Handlers
     configured on the library's own loggers (IBKR_LIBRARY_LOG_LEVEL, `sync_ibkr -v 2`)
-    still get every record. One read at a time per process, so nothing races the
-    saving and restoring.
+    still get every record. Reads of several gateways may overlap in a process: the
+    first to start keeps the log, the last to end gives it back.
     """
-    kept = []
-    handler = _LibraryLog()
-    for name in _LIBRARY_LOGGERS.get(library, (library, "eventkit")):
-        library_logger = logging.getLogger(name)
-        kept.append((library_logger, library_logger.propagate))
-        library_logger.addHandler(handler)
-        library_logger.propagate = False
+    names = _LIBRARY_LOGGERS.get(library, (library, "eventkit"))
+    with _log_lock:
+        for name in names:
+            if _log_holders[name] == 0:
+                library_logger = logging.getLogger(name)
+                _log_kept[name] = library_logger.propagate
+                library_logger.addHandler(_log_handler)
+                library_logger.propagate = False
+            _log_holders[name] += 1
     try:
         yield
     finally:
-        for library_logger, propagate in kept:
-            library_logger.removeHandler(handler)
-            library_logger.propagate = propagate
+        with _log_lock:
+            for name in names:
+                _log_holders[name] -= 1
+                if _log_holders[name] == 0:
+                    library_logger = logging.getLogger(name)
+                    library_logger.removeHandler(_log_handler)
+                    library_logger.propagate = _log_kept.pop(name)
+
+
+_log_lock = threading.Lock()
+_log_holders: collections.Counter[str] = collections.Counter()
+_log_kept: dict[str, bool] = {}
+_log_handler = _LibraryLog()
 
 
 def _on_loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:

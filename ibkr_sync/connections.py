@@ -1,0 +1,112 @@
+"""Which gateway a sync reads: a `Connection` row, or the settings' gateway.
+
+With no connection rows, a sync reads the gateway the settings (or the environment:
+IBKR_HOST, IBKR_PORT, IBKR_CLIENT_ID) name, exactly as before connections existed. With
+one row, naming it is optional; with several, a sync names one (or `sync_ibkr --all`
+syncs every enabled one). Every entry point resolves its connection here, so each says
+the same thing of a name that does not exist, and builds its source here, so each reads
+a connection the same way.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from django.utils.module_loading import import_string
+
+from . import conf
+from .exceptions import ConnectionDisabled, ConnectionRequired, UnknownConnection
+from .models import DEFAULT_LOCK_KEY, Connection
+
+# A name as the model takes it (a slug): anything else names no connection, and is never
+# sent to the database (PostgreSQL refuses a NUL in a query).
+_NAME = re.compile(r"[-a-zA-Z0-9_]{1,64}")
+
+
+@dataclass(frozen=True)
+class Target:
+    """What one sync reads: a connection, or (`connection` None) the settings' gateway."""
+
+    connection: Connection | None
+
+    @property
+    def name(self) -> str:
+        """The connection's name; empty for the settings' gateway."""
+        return "" if self.connection is None else self.connection.name
+
+    @property
+    def label(self) -> str:
+        """How messages name it."""
+        return "the settings' gateway" if self.connection is None else f"connection {self.name}"
+
+    @property
+    def lock_key(self) -> str:
+        return DEFAULT_LOCK_KEY if self.connection is None else self.connection.lock_key
+
+    def config(self) -> conf.GatewayConfig:
+        """The gateway's address, client id and timeouts: the connection's fields over the
+        settings'."""
+        return conf.GatewayConfig.from_settings(self.connection)
+
+    def source(self, progress: Any = None) -> Any:
+        """The source that reads it (IBKR_SYNC_GATEWAY_CLASS, given the connection's
+        configuration; the settings' gateway's class is called as it always was)."""
+        source_class = import_string(conf.get("IBKR_SYNC_GATEWAY_CLASS"))
+        options: dict[str, Any] = {}
+        if self.connection is not None:
+            options["config"] = self.config()
+        if progress is not None:
+            options["progress"] = progress
+        return source_class(**options)
+
+
+def resolve(name: str | Connection | None = None, *, enabled: bool = True) -> Target:
+    """The target a sync of `name` reads (None: the only connection, or the settings'
+    gateway when there is none). Raises `UnknownConnection` for a name no connection
+    has, `ConnectionRequired` when several exist and none is named, and, with
+    `enabled`, `ConnectionDisabled` for a disabled one."""
+    if isinstance(name, Connection):
+        connection = name
+    elif name is None or name == "":
+        connections = list(Connection.objects.order_by("name")[:2])
+        if not connections:
+            return Target(None)
+        if len(connections) > 1:
+            names = ", ".join(Connection.objects.order_by("name").values_list("name", flat=True))
+            raise ConnectionRequired(
+                f"Several IBKR connections are configured ({names}): name the one to sync "
+                "(sync_ibkr --connection NAME, ?connection=NAME), or sync them all "
+                "(sync_ibkr --all)."
+            )
+        connection = connections[0]
+    else:
+        connection = find(name)
+    if enabled and not connection.enabled:
+        raise ConnectionDisabled(
+            f"Connection {connection.name} is disabled; enable it (on its admin page) to sync it."
+        )
+    return Target(connection)
+
+
+def find(name: str) -> Connection:
+    """The connection named `name`, or `UnknownConnection`."""
+    connection = None
+    if isinstance(name, str) and _NAME.fullmatch(name):
+        connection = Connection.objects.filter(name=name).first()
+    if connection is None:
+        shown = name if isinstance(name, str) and len(name) <= 64 else f"{str(name)[:64]}..."
+        raise UnknownConnection(
+            f"No IBKR connection is named {shown!r}; `manage.py ibkr_connection list` lists them."
+        )
+    return connection
+
+
+def enabled_targets() -> list[Target]:
+    """What `sync_ibkr --all` syncs, in name order: every enabled connection, or the
+    settings' gateway when no connection is configured."""
+    connections = list(Connection.objects.order_by("name"))
+    if not connections:
+        return [Target(None)]
+    return [Target(connection) for connection in connections if connection.enabled]
