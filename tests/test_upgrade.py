@@ -33,7 +33,6 @@ def upgraded_from_one_gateway():
     executor = MigrationExecutor(connection)
     executor.loader.build_graph()
     migrate(executor.loader.graph.leaf_nodes())
-    yield
 
 
 def test_the_history_and_a_held_lock_carry_over(upgraded_from_one_gateway):
