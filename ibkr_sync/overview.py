@@ -16,9 +16,14 @@ currency. Only a positive rate converts. An amount without such a rate is shown 
 added, with the reason. Across accounts, totals are per currency only (accounts may have
 different base currencies).
 
+Each account also says which connection last reported it, and the moment that report
+describes (`AccountReport`, by broker and account id): sync run data, which the page
+shows only to users who may view sync runs.
+
 It reads whichever models the IBKR_SYNC_*_MODEL settings name (our portfolio app's, or a
 host's own); the admin shows it from the position model's admin (`admin.portfolio`), with
-the sync's status panel (`status.py`) at the top.
+the sync's status panel (`status.py`: a line per connection when there are connections)
+at the top.
 """
 
 from __future__ import annotations
@@ -30,12 +35,13 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 from django.db.models import Count, OuterRef, Q, Subquery, Sum
+from django.db.models.functions import Coalesce
 from django.http import HttpRequest
 
 from . import conf, history
 from .decimals import exact_product, exact_sum, money, plain
 from .decimals import rate as rate_text
-from .models import is_rate
+from .models import AccountReport, is_rate
 from .status import sync_status_panel
 
 TIMES = "\N{MULTIPLICATION SIGN}"
@@ -220,6 +226,10 @@ class AccountSummary:
     not_rates: dict[str, Decimal] = field(default_factory=dict)
     history: history.History | None = None
     chart: dict | None = None
+    # The connection that last reported the account (its name; empty: the settings'
+    # gateway, or no report yet) and the moment that report describes.
+    reported_by: str = ""
+    reported_as_of: dt.datetime | None = None
 
     @property
     def by_currency(self) -> list[Subtotal]:
@@ -354,6 +364,9 @@ def portfolio_overview(
         .objects.filter(account=OuterRef("pk"))
         .order_by("-taken_at", "-id")
     )
+    report = AccountReport.objects.filter(
+        broker=OuterRef("broker"), external_id=OuterRef("external_id")
+    )
     accounts = list(
         conf.account_model()
         .objects.only("id", "external_id", "name", "is_paper")
@@ -361,6 +374,11 @@ def portfolio_overview(
             latest_snapshot=Subquery(latest.filter(net_liquidation__isnull=False).values("id")[:1]),
             # IBKR's latest values: their currency is the totals', their rates convert.
             latest_values=Subquery(latest.values("id")[:1]),
+            # Its connection's name now (as it was, if it was removed since).
+            reported_by=Subquery(
+                report.values(name=Coalesce("connection__name", "connection_name"))[:1]
+            ),
+            reported_as_of=Subquery(report.values("as_of")[:1]),
         )
         # Paper-trading accounts after the real ones.
         .order_by("is_paper", "external_id", "id")
@@ -376,6 +394,8 @@ def portfolio_overview(
             base_currency=latest.currency if latest else "",
             snapshot=snapshots.get(account.latest_snapshot),
             rates=_rates(latest),
+            reported_by=account.reported_by or "",
+            reported_as_of=account.reported_as_of,
         )
 
     # The queries are not one snapshot of the database: an account a sync adds meanwhile

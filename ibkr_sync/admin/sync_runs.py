@@ -23,6 +23,7 @@ from ..exceptions import IbkrSyncError, InvalidAccountId, SyncAlreadyRunning
 from ..models import PositionChange, SyncRun
 from ..permissions import Kind, may_view
 from ..services import describe_values, sync_positions
+from ..status import sync_status_panel
 from .columns import when_column
 
 
@@ -82,20 +83,23 @@ class SyncRunAdmin(admin.ModelAdmin):
     # What fits a 1280 px wide window beside the admin's sidebar (the filters go above
     # the list below 1700 px): the counts in one column, a failed run's error in another.
     list_display = (
-        "id", "started", "status_badge", "triggered_by", "scope", "counts", "error",
-        "duration",
+        "id", "started", "status_badge", "connection_display", "triggered_by", "scope",
+        "counts", "error", "duration",
     )  # fmt: skip
     list_display_links = ("id", "started")
-    list_filter = ("status", "trigger")
+    # The connection filter lists the connections (and "-" for the settings' gateway or a
+    # removed connection); shown only once there is a connection.
+    list_filter = ("status", "trigger", "connection")
     list_select_related = ("user",)
-    search_fields = ("=id", "account_filter", "error_message")
+    search_fields = ("=id", "connection_name", "account_filter", "error_message")
     date_hierarchy = "started_at"
     fieldsets = (
         (None, {"fields": (
             "status_badge", "error_box", "started_at", "finished_at", "duration",
-            "triggered_by", "scope",
+            "connection_display", "triggered_by", "scope",
         )}),
-        ("Accounts", {"fields": ("accounts_display", "values_outcome")}),
+        ("Accounts", {"fields": ("accounts_display", "accounts_refused_display",
+                                 "values_outcome")}),
         ("What changed", {"fields": ("counts", "error_details_display")}),
         ("Diagnostics", {
             "classes": ("collapse",),
@@ -108,7 +112,8 @@ class SyncRunAdmin(admin.ModelAdmin):
     )  # fmt: skip
     readonly_fields = (
         "status_badge", "error_box", "started_at", "finished_at", "duration",
-        "triggered_by", "scope", "accounts_display", "values_outcome", "counts",
+        "connection_display", "triggered_by", "scope", "accounts_display",
+        "accounts_refused_display", "values_outcome", "counts",
         "error_details_display", "owner", "host", "pid", "heartbeat_at", "database_session",
         "raw_record",
     )  # fmt: skip
@@ -135,6 +140,32 @@ class SyncRunAdmin(admin.ModelAdmin):
             '<span class="ibkr-badge ibkr-badge-{}" title="{}">{}</span>',
             obj.status, obj.error_message, obj.get_status_display(),
         )  # fmt: skip
+
+    @admin.display(description="connection", ordering="connection_name")
+    def connection_display(self, obj: SyncRun) -> str:
+        """The connection's name when it ran (kept if it was removed or renamed since);
+        `-` for the settings' gateway (no connection)."""
+        return obj.connection_name or "-"
+
+    @admin.display(description="accounts refused")
+    def accounts_refused_display(self, obj: SyncRun) -> str:
+        """Accounts the connection reported but the sync did not write, and why (a newer
+        snapshot of them, from another connection, was applied already)."""
+        refused = obj.accounts_refused or {}
+        if not refused:
+            return "None"
+        items = format_html_join(
+            "",
+            "<li><strong>{}</strong>: {}</li>",
+            ((account, self._refusal_words(refused[account])) for account in sorted(refused)),
+        )
+        return format_html('<ul class="ibkr-details">{}</ul>', items)
+
+    @staticmethod
+    def _refusal_words(reason) -> str:
+        if isinstance(reason, dict):
+            return reason.get("reason") or ", ".join(f"{k}: {v}" for k, v in reason.items())
+        return str(reason)
 
     @admin.display(description="triggered by", ordering="trigger")
     def triggered_by(self, obj: SyncRun) -> str:
@@ -205,6 +236,12 @@ class SyncRunAdmin(admin.ModelAdmin):
             '<pre class="ibkr-raw">{}</pre>', json.dumps(record, indent=2, sort_keys=True)
         )
 
+    def changelist_view(self, request: HttpRequest, extra_context=None):
+        # Above the history: the sync's status (a line per connection, when there are
+        # connections), to those who may view sync runs, as on the overview.
+        extra_context = {**(extra_context or {}), "status_panel": sync_status_panel(request)}
+        return super().changelist_view(request, extra_context)
+
     def change_view(self, request: HttpRequest, object_id, form_url="", extra_context=None):
         extra_context = {**(extra_context or {}), **self._changes_context(request, object_id)}
         return super().change_view(request, object_id, form_url, extra_context)
@@ -218,6 +255,10 @@ class SyncRunAdmin(admin.ModelAdmin):
         hidden = set()
         if obj is not None and not (obj.error_code or obj.error_message):
             hidden.add("error_box")
+        if obj is not None and not obj.connection_name:
+            hidden.add("connection_display")  # the settings' gateway: as before connections
+        if obj is not None and not obj.accounts_refused:
+            hidden.add("accounts_refused_display")
         if not may_view(request.user, Kind.POSITIONS):
             hidden.add("error_details_display")
         return tuple(

@@ -253,6 +253,35 @@ class SyncLockCheckSerializer(serializers.Serializer):
     )
 
 
+class ConnectionLastSyncSerializer(LastSyncCheckSerializer):
+    status = serializers.ChoiceField(
+        choices=["ok", "stale", "failed", "unreachable", "logged_out", "never"],
+        help_text="As `checks.last_sync`, and a latest sync that failed because the "
+        "gateway could not be reached (refused, no answer, not a gateway, no answer in "
+        "time) is `unreachable`; because it is not logged in to IBKR (it manages no "
+        "account) or lost its link to IBKR's servers, `logged_out`. `last_success_at` "
+        "and `age_seconds`: when it was last fine.",
+    )
+
+
+class ConnectionHealthSerializer(serializers.Serializer):
+    id = serializers.IntegerField(help_text="The connection's id.")
+    name = serializers.CharField(
+        required=False,
+        help_text="Only to a staff user, logged in to the admin, who may view sync runs.",
+    )
+    enabled = serializers.BooleanField()
+    status = serializers.ChoiceField(
+        choices=["ok", "unhealthy", "disabled"],
+        help_text="ok when each of its checks is; a disabled connection counts for nothing.",
+    )
+    last_sync = ConnectionLastSyncSerializer()
+    sync_lock = SyncLockCheckSerializer(help_text="Its own lock, with its own timeouts.")
+    gateway = HealthCheckSerializer(
+        required=False, help_text="Only with ?gateway=1, for an enabled connection."
+    )
+
+
 class HealthChecksSerializer(serializers.Serializer):
     database = HealthCheckSerializer()
     last_sync = LastSyncCheckSerializer()
@@ -263,3 +292,9 @@ class HealthChecksSerializer(serializers.Serializer):
 class HealthSerializer(serializers.Serializer):
     status = serializers.ChoiceField(choices=["ok", "unhealthy"])
     checks = HealthChecksSerializer()
+    connections = ConnectionHealthSerializer(
+        many=True,
+        required=False,
+        help_text="Each connection, in name order; left out when there is none (the "
+        "settings' gateway is the one checked).",
+    )

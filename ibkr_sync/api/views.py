@@ -13,6 +13,7 @@ from django.utils.decorators import method_decorator
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import exceptions as api_exceptions
 from rest_framework import status
+from rest_framework.authentication import SessionAuthentication
 from rest_framework.generics import RetrieveAPIView
 from rest_framework.permissions import AllowAny, BasePermission, IsAuthenticated
 from rest_framework.request import Request
@@ -23,6 +24,7 @@ from rest_framework.views import APIView
 from .. import exceptions, throttle
 from ..health import check_health
 from ..models import SyncRun
+from ..permissions import Kind, may_view
 from ..services import sync_positions
 from .base import PAGE_PARAMS, ReadOnlyListView, error_responses
 from .errors import (
@@ -247,19 +249,52 @@ def _log_health(gateway: bool, healthy: bool, report: dict) -> None:
         if previous is False:
             health_logger.info("Health check healthy again")
         return
-    failing = ", ".join(
-        f"{name}={check['status']}"
-        for name, check in report["checks"].items()
-        if check["status"] != "ok"
-    )
+    failing = [
+        ", ".join(
+            f"{name}={check['status']}"
+            for name, check in report["checks"].items()
+            if check["status"] != "ok"
+        )
+    ]
+    # Each unhealthy connection, by its id: `connection 2: last_sync=unreachable`.
+    for entry in report.get("connections", ()):
+        if entry["status"] in ("ok", "disabled"):
+            continue
+        checks = ", ".join(
+            f"{name}={entry[name]['status']}"
+            for name in ("last_sync", "sync_lock", "gateway")
+            if name in entry and entry[name]["status"] != "ok"
+        )
+        failing.append(f"connection {entry['id']}: {checks}")
+    failing = "; ".join(part for part in failing if part)
     level = logging.INFO if previous is False else logging.WARNING  # once when it turns
     health_logger.log(level, "Health check unhealthy: %s", failing)
+
+
+class _AdminSessionIfAny(SessionAuthentication):
+    """The admin's session, if the caller has one; never refuses a request (a health check
+    answers everyone, whatever it sends: a bad token is not even read)."""
+
+    def authenticate(self, request: Request):
+        try:
+            return super().authenticate(request)
+        except api_exceptions.AuthenticationFailed:
+            return None
+
+
+def _may_see_names(request: Request) -> bool:
+    """Whether the answer names each connection: only to a staff user, logged in to the
+    admin, who may view sync runs. A name may tell who uses the installation; everyone
+    else reads ids."""
+    user = request.user
+    return bool(user.is_authenticated and user.is_staff and may_view(user, Kind.SYNC_RUNS))
 
 
 class HealthView(APIView):
     """`GET /healthz` for load balancers and monitoring: no login, nothing sensitive."""
 
-    authentication_classes = []
+    # Only to tell a staff user (who may read connections' names) from everyone else.
+    authentication_classes = [_AdminSessionIfAny]
     permission_classes = [AllowAny]
 
     @extend_schema(
@@ -267,10 +302,16 @@ class HealthView(APIView):
         summary="Health check",
         description="200 when the database answers and the last sync succeeded less than "
         "IBKR_SYNC_MAX_AGE seconds ago; 503 otherwise. `?gateway=1` also tries a TCP "
-        "connection to TWS / IB Gateway (no API session). No authentication.",
+        "connection to TWS / IB Gateway (no API session). With connections, "
+        "`connections` lists each one's state by id (named only to a staff user, logged "
+        "in to the admin, who may view sync runs), and the answer is 503 when any enabled "
+        "connection is unhealthy. No authentication.",
         parameters=[
             OpenApiParameter(
-                "gateway", bool, description="Also check that the gateway's port accepts."
+                "gateway",
+                bool,
+                description="Also check that the gateway's port (each enabled connection's) "
+                "accepts.",
             )
         ],
         responses={200: HealthSerializer, 503: HealthSerializer},
@@ -278,7 +319,7 @@ class HealthView(APIView):
     )
     def get(self, request: Request) -> Response:
         wanted = request.query_params.get("gateway", "").lower() in {"1", "true", "yes"}
-        healthy, report = check_health(gateway=wanted)
+        healthy, report = check_health(gateway=wanted, names=_may_see_names(request))
         response = Response(
             HealthSerializer(report).data,
             status=status.HTTP_200_OK if healthy else status.HTTP_503_SERVICE_UNAVAILABLE,
