@@ -1,8 +1,9 @@
 """System checks of the app's settings (`manage.py check`, and before every command).
 
-Each setting is checked as the app will read it (the host's settings, else the
-environment, else the default), so a typo shows at start-up with the variable's name,
-not in the middle of the night as a failed sync.
+Each setting is checked by reading it as the app will (`conf.app_settings`: the host's
+settings, else the environment, else the default, parsed by `environment`'s parsers), so
+a typo shows at start-up with the variable's name, not in the middle of the night as a
+failed sync.
 
 - ibkr_sync.E001: IBKR_PORT is not a port (1..65535).
 - ibkr_sync.E002: a timeout (IBKR_CONNECT_TIMEOUT, IBKR_REQUEST_TIMEOUT,
@@ -36,6 +37,7 @@ from django.db.models.fields import AutoFieldMixin
 from django.utils.module_loading import import_string
 
 from . import conf, environment
+from .conf import app_settings
 from .models import (
     AbstractAccount,
     AbstractAccountSnapshot,
@@ -65,13 +67,16 @@ _BASES = {
 @register()
 def check_settings(app_configs=None, **kwargs) -> list:
     errors = []
+    values = {}
     for name in environment.SETTINGS:
         try:
-            environment.parse(name, conf.get(name))
+            values[name] = getattr(app_settings, name)
         except ImproperlyConfigured as exc:
             errors.append(Error(str(exc), hint=_hint(name), id=_IDS.get(name, "ibkr_sync.E005")))
-    errors += _check_gateway_class()
-    errors += _check_client_library()
+    if "IBKR_SYNC_GATEWAY_CLASS" in values:
+        errors += _check_gateway_class(values["IBKR_SYNC_GATEWAY_CLASS"])
+    if "IBKR_CLIENT_LIBRARY" in values:
+        errors += _check_client_library(values["IBKR_CLIENT_LIBRARY"])
     return errors
 
 
@@ -79,8 +84,7 @@ def _hint(name: str) -> str:
     return f"Set {name} in the settings or the environment, or leave it out for the default."
 
 
-def _check_gateway_class() -> list:
-    path = conf.get("IBKR_SYNC_GATEWAY_CLASS")
+def _check_gateway_class(path: str) -> list:
     try:
         import_string(path)
     except ImportError as exc:
@@ -94,9 +98,8 @@ def _check_gateway_class() -> list:
     return []
 
 
-def _check_client_library() -> list:
-    library = conf.get("IBKR_CLIENT_LIBRARY")
-    if library in environment.CLIENT_LIBRARIES and importlib.util.find_spec(library) is None:
+def _check_client_library(library: str) -> list:
+    if importlib.util.find_spec(library) is None:
         return [
             Warning(
                 f"IBKR_CLIENT_LIBRARY is {library!r}, which is not installed: syncs will fail.",

@@ -1,11 +1,18 @@
-"""The app's settings as it reads them, when used (so `override_settings` works): the
-host's settings, else the environment, else the default (`environment.SETTINGS`, the one
-place defaults are written); `checks.py` validates them at start-up. Also the models the
-sync writes (IBKR_SYNC_*_MODEL), looked up once and forgotten when a setting changes.
+"""The app's settings, in one object: `app_settings.IBKR_PORT` is the port as an int,
+`app_settings.IBKR_CONNECT_TIMEOUT` seconds as a float, `app_settings.IBKR_READ_VALUES` a
+bool (as DRF's `api_settings`). Each is read when used: the host's settings win (so
+`override_settings` works), what they leave out is read from the environment, else the
+default (`environment.SETTINGS`, the one place defaults are written), and parsed by
+`environment`'s parsers; `checks.py` validates them at start-up through the same object.
+Also the models the sync writes (IBKR_SYNC_*_MODEL), looked up once and forgotten when a
+setting changes; and `GatewayConfig`, the settings' gateway, which a `Connection`'s fields
+override per sync.
 """
 
 import dataclasses
+import os
 from dataclasses import dataclass
+from typing import Any
 
 from django.apps import apps
 from django.conf import settings
@@ -18,14 +25,111 @@ from . import environment
 #: The defaults, written once in `environment.SETTINGS`.
 DEFAULTS = {name: setting.default for name, setting in environment.SETTINGS.items()}
 
+#: The settings naming the models the sync writes, and their defaults. Read from the
+#: host's settings only (never the environment): they shape the migrations, as
+#: AUTH_USER_MODEL does.
+MODEL_SETTINGS = {
+    "IBKR_SYNC_ACCOUNT_MODEL": "portfolio.Account",
+    "IBKR_SYNC_INSTRUMENT_MODEL": "portfolio.Instrument",
+    "IBKR_SYNC_POSITION_MODEL": "portfolio.Position",
+    "IBKR_SYNC_CASH_BALANCE_MODEL": "portfolio.CashBalance",
+    "IBKR_SYNC_ACCOUNT_SNAPSHOT_MODEL": "portfolio.AccountSnapshot",
+}
 
-def get(name: str):
-    """A setting of the app: the host's settings win; what they leave out is read from the
-    environment (IBKR_PORT=4002 manage.py sync_ibkr), else its default. Read when used,
-    so `override_settings` and a changed environment take effect."""
-    if hasattr(settings, name):
-        return getattr(settings, name)
-    return environment.from_environment(name)
+_UNSET = object()
+
+
+class AppSettings:
+    """The app's settings as typed attributes.
+
+    `app_settings.NAME` is setting NAME from the host's settings, else the environment
+    (`IBKR_PORT=4002 manage.py sync_ibkr` in a project whose settings leave it out), else
+    its default, parsed as `environment.SETTINGS[NAME]` says: a malformed value raises
+    ImproperlyConfigured naming the setting. None set in the host's settings is the
+    default (the throttle rate's None is "no limit"). The model settings are the host's
+    "app_label.ModelName", else the portfolio app's.
+
+    A value is parsed once: what was parsed is kept with the raw value it came from and
+    where (settings, environment, default), and used while they are the same, so a changed
+    environment, or a setting changed without `setting_changed`, is read anew;
+    `setting_changed` (override_settings) forgets it as well.
+    """
+
+    IBKR_HOST: str
+    IBKR_PORT: int
+    IBKR_CLIENT_ID: int
+    IBKR_CONNECT_TIMEOUT: float
+    IBKR_REQUEST_TIMEOUT: float
+    IBKR_READ_VALUES: bool
+    IBKR_VALUES_TIMEOUT: float
+    IBKR_CLIENT_LIBRARY: str
+    IBKR_SYNC_LOCK_TIMEOUT: float
+    IBKR_SYNC_STALE_AFTER: float
+    IBKR_SYNC_END_FROZEN_HOLDERS: bool
+    IBKR_SYNC_MAX_AGE: int
+    IBKR_SYNC_THROTTLE_RATE: str | None
+    IBKR_SYNC_GATEWAY_CLASS: str
+    IBKR_SYNC_ACCOUNT_MODEL: str
+    IBKR_SYNC_INSTRUMENT_MODEL: str
+    IBKR_SYNC_POSITION_MODEL: str
+    IBKR_SYNC_CASH_BALANCE_MODEL: str
+    IBKR_SYNC_ACCOUNT_SNAPSHOT_MODEL: str
+
+    def __init__(self) -> None:
+        # name -> (where, raw, parsed)
+        self._parsed: dict[str, tuple[str, Any, Any]] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        if name in environment.SETTINGS:
+            return self._read(name)
+        if name in MODEL_SETTINGS:
+            return getattr(settings, name, MODEL_SETTINGS[name])
+        raise AttributeError(f"{name!r} is not a setting of ibkr_sync.")
+
+    def __dir__(self) -> list[str]:
+        return sorted({*super().__dir__(), *environment.SETTINGS, *MODEL_SETTINGS})
+
+    def raw(self, name: str) -> tuple[str, Any]:
+        """Where setting `name` is taken from ("settings", "environment" or "default") and
+        its value there, unparsed (None for the default)."""
+        value = getattr(settings, name, _UNSET)
+        if value is not _UNSET:
+            return "settings", value
+        text = os.environ.get(name)
+        return ("default", None) if text is None else ("environment", text)
+
+    def _read(self, name: str) -> Any:
+        where, raw = self.raw(name)
+        kept = self._parsed.get(name)
+        if kept is not None and kept[0] == where and _same(kept[1], raw):
+            return kept[2]
+        if where == "settings":
+            value = environment.parse_setting(name, raw)
+        else:
+            value = environment.parse(name, raw)
+        self._parsed[name] = (where, raw, value)
+        return value
+
+    def reload(self, setting: str | None = None) -> None:
+        """Forget what was parsed of `setting` (of every setting, with None)."""
+        if setting is None:
+            self._parsed.clear()
+        else:
+            self._parsed.pop(setting, None)
+
+
+def _same(kept: Any, raw: Any) -> bool:
+    # 1 == 1.0 == True, but "1.0" is no port: a value of another type is parsed anew.
+    return kept is raw or (type(kept) is type(raw) and kept == raw)
+
+
+#: The app's settings (`app_settings.IBKR_PORT`).
+app_settings = AppSettings()
+
+
+def get(name: str) -> Any:
+    """Setting `name`, typed: `getattr(app_settings, name)`."""
+    return getattr(app_settings, name)
 
 
 @dataclass(frozen=True)
@@ -44,14 +148,14 @@ class GatewayConfig:
         """The settings' gateway; with a `Connection`, its address, client id and the
         timeouts it sets, the settings' for the rest."""
         config = cls(
-            host=get("IBKR_HOST"),
-            port=int(get("IBKR_PORT")),
-            client_id=int(get("IBKR_CLIENT_ID")),
-            connect_timeout=float(get("IBKR_CONNECT_TIMEOUT")),
-            request_timeout=float(get("IBKR_REQUEST_TIMEOUT")),
-            library=get("IBKR_CLIENT_LIBRARY"),
-            read_values=environment.parse("IBKR_READ_VALUES", get("IBKR_READ_VALUES")),
-            values_timeout=float(get("IBKR_VALUES_TIMEOUT")),
+            host=app_settings.IBKR_HOST,
+            port=app_settings.IBKR_PORT,
+            client_id=app_settings.IBKR_CLIENT_ID,
+            connect_timeout=app_settings.IBKR_CONNECT_TIMEOUT,
+            request_timeout=app_settings.IBKR_REQUEST_TIMEOUT,
+            library=app_settings.IBKR_CLIENT_LIBRARY,
+            read_values=app_settings.IBKR_READ_VALUES,
+            values_timeout=app_settings.IBKR_VALUES_TIMEOUT,
         )
         if connection is None:
             return config
@@ -66,19 +170,9 @@ class GatewayConfig:
         return dataclasses.replace(config, **overrides)
 
 
-#: The settings naming the models the sync writes, and their defaults.
-MODEL_SETTINGS = {
-    "IBKR_SYNC_ACCOUNT_MODEL": "portfolio.Account",
-    "IBKR_SYNC_INSTRUMENT_MODEL": "portfolio.Instrument",
-    "IBKR_SYNC_POSITION_MODEL": "portfolio.Position",
-    "IBKR_SYNC_CASH_BALANCE_MODEL": "portfolio.CashBalance",
-    "IBKR_SYNC_ACCOUNT_SNAPSHOT_MODEL": "portfolio.AccountSnapshot",
-}
-
-
 def model_setting(name: str) -> str:
     """The "app_label.ModelName" a model setting names."""
-    return getattr(settings, name, MODEL_SETTINGS[name])
+    return getattr(app_settings, name)
 
 
 _models: dict[str, type[models.Model]] = {}
@@ -135,6 +229,7 @@ def account_snapshot_model() -> type[models.Model]:
 
 def reload(*, setting: str, **kwargs) -> None:
     """Forget what was read of a setting that changed (`override_settings`, tests)."""
+    app_settings.reload(setting)
     if setting in MODEL_SETTINGS:
         _models.pop(setting, None)
 

@@ -2,10 +2,12 @@
 
 A host project may set any of them in its settings module; the app reads what the
 settings do not set from the environment (`IBKR_HOST=... manage.py sync_ibkr`, as the
-user's documentation promises), and falls back to the default. A malformed value is an
-error that names the variable, both when a project reads the environment into its
-settings at start-up (`read_environment`, as this project's settings do) and in the
-app's system checks (`ibkr_sync.checks`).
+user's documentation promises), and falls back to the default (`conf.app_settings`). A
+malformed value is an error that names the variable, wherever it is read: when a project
+reads the environment into its settings at start-up (`read_environment`, as this
+project's settings do), in the app's system checks (`ibkr_sync.checks`) and when the app
+reads a setting. The parsers (`integer`, `seconds`, `boolean`, `choice`, `host`, `rate`)
+serve a project's own settings too, with the same messages.
 
 Standard library and Django's exception only: a settings module can import it.
 """
@@ -49,7 +51,9 @@ def _integer(minimum: int, maximum: int | None = None) -> Callable[[str, Any], i
     return lambda name, raw: integer(name, raw, minimum, maximum)
 
 
-def _seconds(name: str, raw: Any) -> float:
+def seconds(name: str, raw: Any) -> float:
+    """`raw` as a number of seconds, more than 0 and at most an hour, or
+    ImproperlyConfigured naming `name`."""
     try:
         value = float(str(raw).strip())
     except ValueError:
@@ -63,7 +67,8 @@ def _choice(*choices: str) -> Callable[[str, Any], str]:
     return lambda name, raw: choice(name, raw, choices)
 
 
-def _host(name: str, raw: Any) -> str:
+def host(name: str, raw: Any) -> str:
+    """`raw` as a host name or address (not empty), or ImproperlyConfigured naming `name`."""
     value = str(raw).strip()
     if not value:
         raise ImproperlyConfigured(f"{name} must not be empty.")
@@ -74,19 +79,19 @@ _RATE = re.compile(r"(\d+)\s*/\s*(s|sec|second|m|min|minute|h|hour|d|day)", re.I
 _NO_LIMIT = ("", "none", "off")
 
 
-def _rate(name: str, raw: Any) -> str | None:
+def rate(name: str, raw: Any) -> str | None:
     """A request rate such as `6/minute` (per second, minute, hour or day), or None for no
     limit (empty, `none` or `off`)."""
     if raw is None:
         return None
-    text = str(raw).strip()
-    if text.lower() in _NO_LIMIT:
+    value = str(raw).strip()
+    if value.lower() in _NO_LIMIT:
         return None
-    match = _RATE.fullmatch(text)
+    match = _RATE.fullmatch(value)
     if not match or int(match[1]) < 1:
         raise ImproperlyConfigured(
             f"{name} must be a rate such as 6/minute (a number of requests per second, "
-            f"minute, hour or day), or none for no limit; got {text!r}."
+            f"minute, hour or day), or none for no limit; got {value!r}."
         )
     return f"{int(match[1])}/{match[2].lower()}"
 
@@ -95,45 +100,53 @@ _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
 
-def _boolean(name: str, raw: Any) -> bool:
+def boolean(name: str, raw: Any) -> bool:
+    """`raw` as true (1, true, yes, on) or false (0, false, no, off), in any case, or
+    ImproperlyConfigured naming `name`."""
     if isinstance(raw, bool):
         return raw
-    text = str(raw).strip().lower()
-    if text in _TRUE or text in _FALSE:
-        return text in _TRUE
+    word = str(raw).strip().lower()
+    if word in _TRUE or word in _FALSE:
+        return word in _TRUE
     raise ImproperlyConfigured(f"{name} must be true or false, got {raw!r}.")
 
 
-def _text(name: str, raw: Any) -> str:
+def text(name: str, raw: Any) -> str:
+    """`raw` as text, without surrounding blanks."""
     return str(raw).strip()
 
 
 @dataclass(frozen=True)
 class Setting:
     default: Any
+    #: The setting's value from text or a settings value, or ImproperlyConfigured naming
+    #: it; what it returns, it also accepts (each parser is idempotent).
     parse: Callable[[str, Any], Any]
     doc: str
+    #: None set in a host's settings is a value of its own (the throttle rate's "no
+    #: limit", as `read_environment` stores `none`), not "unset: the default".
+    nullable: bool = False
 
 
 #: Every setting of the app, with its default: the one place they are written.
 SETTINGS: dict[str, Setting] = {
-    "IBKR_HOST": Setting("127.0.0.1", _host, "Host of TWS / IB Gateway."),
+    "IBKR_HOST": Setting("127.0.0.1", host, "Host of TWS / IB Gateway."),
     "IBKR_PORT": Setting(7497, _integer(1, 65535), "Its API port (TWS paper: 7497)."),
     "IBKR_CLIENT_ID": Setting(1, _integer(0, 2**31 - 1), "A client id no other tool uses."),
-    "IBKR_CONNECT_TIMEOUT": Setting(10.0, _seconds, "Seconds to wait for the handshake."),
-    "IBKR_REQUEST_TIMEOUT": Setting(60.0, _seconds, "Seconds to wait for the positions."),
+    "IBKR_CONNECT_TIMEOUT": Setting(10.0, seconds, "Seconds to wait for the handshake."),
+    "IBKR_REQUEST_TIMEOUT": Setting(60.0, seconds, "Seconds to wait for the positions."),
     "IBKR_READ_VALUES": Setting(
-        True, _boolean, "Also read cash, account values and market values (true/false)."
+        True, boolean, "Also read cash, account values and market values (true/false)."
     ),
-    "IBKR_VALUES_TIMEOUT": Setting(30.0, _seconds, "Seconds to wait for one account's values."),
+    "IBKR_VALUES_TIMEOUT": Setting(30.0, seconds, "Seconds to wait for one account's values."),
     "IBKR_CLIENT_LIBRARY": Setting("ib_insync", _choice(*CLIENT_LIBRARIES), "The IB client."),
     "IBKR_SYNC_LOCK_TIMEOUT": Setting(
-        30.0, _seconds, "A lock not renewed for this long is released by the next sync."
+        30.0, seconds, "A lock not renewed for this long is released by the next sync."
     ),
-    "IBKR_SYNC_STALE_AFTER": Setting(900.0, _seconds, "The longest one sync holds the lock."),
+    "IBKR_SYNC_STALE_AFTER": Setting(900.0, seconds, "The longest one sync holds the lock."),
     "IBKR_SYNC_END_FROZEN_HOLDERS": Setting(
         True,
-        _boolean,
+        boolean,
         "The next sync ends an abandoned sync's hold on the database: its PostgreSQL session, "
         "its stopped process on this machine (SQLite) (true/false).",
     ),
@@ -141,21 +154,32 @@ SETTINGS: dict[str, Setting] = {
         86400, _integer(0), "/healthz: the last success may be this old (0: no limit)."
     ),
     "IBKR_SYNC_THROTTLE_RATE": Setting(
-        "6/minute", _rate, "Syncs per user, API and admin together (none: no limit)."
+        "6/minute",
+        rate,
+        "Syncs per user, API and admin together (none: no limit).",
+        nullable=True,
     ),
     "IBKR_SYNC_GATEWAY_CLASS": Setting(
-        "ibkr_sync.gateway.IbkrGateway", _text, "The gateway adapter the sync reads from."
+        "ibkr_sync.gateway.IbkrGateway", text, "The gateway adapter the sync reads from."
     ),
 }
 
 
 def parse(name: str, raw: Any) -> Any:
     """`raw` (environment text, or a settings value) as setting `name` holds it, or
-    ImproperlyConfigured naming the variable."""
+    ImproperlyConfigured naming the variable; None is unset: the default."""
     setting = SETTINGS[name]
     if raw is None:
         raw = setting.default
     return setting.parse(name, raw)
+
+
+def parse_setting(name: str, value: Any) -> Any:
+    """`value`, set in a host's settings, as setting `name` holds it: as `parse`, except
+    that None is a value of its own where the setting says so (`Setting.nullable`)."""
+    if value is None and SETTINGS[name].nullable:
+        return SETTINGS[name].parse(name, None)
+    return parse(name, value)
 
 
 def from_environment(name: str, environ: Mapping[str, str] | None = None) -> Any:

@@ -52,7 +52,8 @@ from django.db.models.functions import Now
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
-from . import conf, environment, selectors
+from . import selectors
+from .conf import app_settings
 from .database import unavailable_message
 from .exceptions import DatabaseUnavailable, LockLost, SyncAlreadyRunning
 from .models import DEFAULT_LOCK_KEY, Connection, SyncRun
@@ -173,7 +174,7 @@ def abandoned_reason(run: SyncRun, now: dt.datetime | None = None) -> str | None
     beat = run.heartbeat_at or run.started_at
     now = now or getattr(run, "database_now", None) or database_now()
     silent = (now - beat).total_seconds()
-    if silent > float(conf.get("IBKR_SYNC_LOCK_TIMEOUT")):
+    if silent > app_settings.IBKR_SYNC_LOCK_TIMEOUT:
         return f"{SILENT} {silent:.0f} s"
     owner = _ProcessIdentity.parse(run.owner)
     on_this_machine = owner is not None and owner.machine and owner.machine == me.machine
@@ -200,7 +201,7 @@ def _watch_heartbeat(run: SyncRun) -> str:
         if stat is None or stat[1] != holder.started or stat[0] in ("T", "t", "Z", "X"):
             return "silent"
     beat = run.heartbeat_at
-    interval = float(conf.get("IBKR_SYNC_LOCK_TIMEOUT")) / 3
+    interval = app_settings.IBKR_SYNC_LOCK_TIMEOUT / 3
     deadline = time.monotonic() + 1.5 * interval + 0.5  # a beat, and its write's wait
     while time.monotonic() < deadline:
         time.sleep(min(0.1, interval / 4))
@@ -290,8 +291,8 @@ class Heartbeat:
 
     def __init__(self, run_pk: int) -> None:
         self.run_pk = run_pk
-        self.interval = float(conf.get("IBKR_SYNC_LOCK_TIMEOUT")) / 3
-        self.deadline = time.monotonic() + float(conf.get("IBKR_SYNC_STALE_AFTER"))
+        self.interval = app_settings.IBKR_SYNC_LOCK_TIMEOUT / 3
+        self.deadline = time.monotonic() + app_settings.IBKR_SYNC_STALE_AFTER
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._run, name=f"ibkr-sync-heartbeat-{run_pk}", daemon=True
@@ -404,7 +405,7 @@ def database_now() -> dt.datetime:
 
 
 def _milliseconds(setting: str) -> int:
-    return max(1, round(float(conf.get(setting)) * 1000))
+    return max(1, round(getattr(app_settings, setting) * 1000))
 
 
 @contextmanager
@@ -469,9 +470,7 @@ def end_hold_on_database(run: SyncRun) -> str:
     this machine and the database's write lock is taken. IBKR_SYNC_END_FROZEN_HOLDERS off:
     nothing is ended, and the next sync's waits end at IBKR_SYNC_LOCK_TIMEOUT. Returns a
     note for the run's error message."""
-    if not environment.parse(
-        "IBKR_SYNC_END_FROZEN_HOLDERS", conf.get("IBKR_SYNC_END_FROZEN_HOLDERS")
-    ):
+    if not app_settings.IBKR_SYNC_END_FROZEN_HOLDERS:
         return ""
     if connection.vendor == "postgresql":
         return _end_database_session(run)
@@ -578,9 +577,7 @@ def _holder_of_the_database(run: SyncRun, reason: str) -> str:
             f"{text} has ended; another connection holds the database's write lock: find "
             "the process that has the database open in a long transaction."
         )
-    if not environment.parse(
-        "IBKR_SYNC_END_FROZEN_HOLDERS", conf.get("IBKR_SYNC_END_FROZEN_HOLDERS")
-    ):
+    if not app_settings.IBKR_SYNC_END_FROZEN_HOLDERS:
         return (
             f"{text} may hold the database; IBKR_SYNC_END_FROZEN_HOLDERS is off, so it was "
             f"not ended: resume it (kill -CONT {holder.pid}) or end it (kill {holder.pid})."

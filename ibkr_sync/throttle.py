@@ -22,7 +22,7 @@ from typing import Any
 
 from django.core.cache import cache
 
-from . import conf, environment
+from .conf import app_settings
 
 SCOPE = "ibkr_sync"
 SETTING = "IBKR_SYNC_THROTTLE_RATE"
@@ -43,8 +43,7 @@ class Rate:
 
 def rate() -> Rate | None:
     """The configured budget, or None for no limit (none, off, empty, or None)."""
-    raw = conf.get(SETTING)
-    text = None if raw is None else environment.SETTINGS[SETTING].parse(SETTING, raw)
+    text = app_settings.IBKR_SYNC_THROTTLE_RATE
     if text is None:
         return None
     syncs, period = text.split("/")

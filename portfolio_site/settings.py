@@ -30,6 +30,8 @@ elif _env_file.strip():
     environ.Env.read_env(_env_file)
 
 
+# The project's own settings are parsed by the app's parsers (ibkr_sync/environment.py),
+# so they take the same words and fail with the same messages as the IBKR_* ones.
 def _env_int(name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
     return environment.integer(name, env.str(name, default=str(default)), minimum, maximum)
 
@@ -39,18 +41,10 @@ def _env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
 
 
 def _env_bool(name: str, default: bool) -> bool:
-    raw = env.str(name, default="").strip().lower()
-    if not raw:
-        return default
-    if raw in _TRUE:
-        return True
-    if raw in _FALSE:
-        return False
-    raise ImproperlyConfigured(f"{name} must be true or false, got {raw!r}.")
+    """true/yes/on/1 or false/no/off/0; unset or empty: `default`."""
+    raw = env.str(name, default="")
+    return environment.boolean(name, raw) if raw.strip() else default
 
-
-_TRUE = ("true", "yes", "on", "1")
-_FALSE = ("false", "no", "off", "0")
 
 # Off unless asked for: a server started without configuration is a production server.
 # Local development and the demo set DEBUG=true (`make demo` does; see .env.example).

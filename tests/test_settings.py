@@ -184,6 +184,25 @@ def test_development_keeps_plain_http_and_local_hosts():
     assert values["SECURE_HSTS_SECONDS"] == 0
 
 
+def test_the_projects_switches_take_the_words_of_the_apps_and_empty_is_the_default():
+    result = run_python(
+        PRINT_SECURITY,
+        clean_env(
+            **PRODUCTION,
+            SECURE_SSL_REDIRECT=" NO ",
+            SESSION_COOKIE_SECURE="",
+            CSRF_COOKIE_SECURE="Off",
+            SECURE_PROXY_SSL="Yes",
+        ),
+    )
+
+    assert result.returncode == 0, result.stderr
+    values = json.loads(result.stdout)
+    assert (values["SECURE_SSL_REDIRECT"], values["CSRF_COOKIE_SECURE"]) == (False, False)
+    assert values["SESSION_COOKIE_SECURE"] is True, "empty: the production default"
+    assert values["SECURE_PROXY_SSL_HEADER"] == ["HTTP_X_FORWARDED_PROTO", "https"]
+
+
 def readme_production_env() -> dict[str, str]:
     """The `.env` the README's production section shows, with its placeholders filled."""
     readme = (PROJECT_DIR / "README.md").read_text(encoding="utf-8")
