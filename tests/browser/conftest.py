@@ -32,12 +32,6 @@ CHROMIUM_FLAGS = [
 ]
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "browser: drives a real headless Chromium against the live server"
-    )
-
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Every test of this directory is a browser test (`make test-fast` leaves them out):
     Chromium is a process of its own."""
