@@ -123,14 +123,14 @@ def test_update_rows_writes_exactly_the_rows_given(monkeypatch, fallback):
     from django.db import connection
     from django.utils import timezone
 
-    from ibkr_sync import writer
-    from ibkr_sync.writer import update_rows
+    from ibkr_sync import bulk
+    from ibkr_sync.bulk import update_rows
     from portfolio.models import Account, Instrument, Position
 
     if fallback and connection.vendor == "sqlite":
         monkeypatch.setattr(connection.Database, "sqlite_version_info", (3, 31, 1))
     elif fallback:
-        monkeypatch.setattr(writer, "_can_copy", lambda cursor: False)
+        monkeypatch.setattr(bulk, "_can_copy", lambda cursor: False)
     now = timezone.now()
     account = Account.objects.create(broker="ibkr", external_id="U1")
     rows = [
