@@ -34,7 +34,7 @@ from typing import Any
 from django.db import connection
 
 from . import bulk, conf
-from .bulk import chunks, insert_rows, touched, update_rows, upsert
+from .bulk import chunks, insert_missing, insert_rows, touched, update_rows, upsert
 from .mapping import (
     BROKER,
     INSTRUMENT_FIELDS,
@@ -363,25 +363,41 @@ _SQLITE_DECIMAL = Context(prec=15)
 
 def _upsert_accounts(account_ids: Sequence[str], now: dt.datetime) -> dict[str, Any]:
     """Create the accounts not seen before, stamp all as synced; return id -> pk (of the
-    model's own type: an integer, a UUID, a text)."""
+    model's own type: an integer, a UUID, a text). Inserted ON CONFLICT DO NOTHING: a
+    sync of another connection may create the same account at the same moment."""
     Account = conf.account_model()
     accounts = dict(
         Account.objects.filter(broker=BROKER, external_id__in=account_ids).values_list(
             "external_id", "pk"
         )
     )
-    missing = [
-        Account(broker=BROKER, external_id=a, is_paper=is_paper_account(a), last_synced_at=now)
-        for a in account_ids
-        if a not in accounts
-    ]
-    accounts.update((a.external_id, a.pk) for a in Account.objects.bulk_create(missing))
+    created = insert_missing(
+        Account,
+        (
+            {
+                "broker": BROKER,
+                "external_id": a,
+                "is_paper": is_paper_account(a),
+                "last_synced_at": now,
+            }
+            for a in account_ids
+            if a not in accounts
+        ),
+        _UNIQUE,
+    )
+    accounts.update((external_id, pk) for (_, external_id), pk in created.items())
     Account.objects.filter(pk__in=accounts.values()).update(**touched(Account, last_synced_at=now))
     return accounts
 
 
 def _upsert_instruments(items: Iterable[MappedPosition], now: dt.datetime) -> dict[str, Any]:
-    """Create or update the instruments of the mapped positions; return conId -> pk."""
+    """Create or update the instruments of the mapped positions; return conId -> pk.
+
+    Instruments are shared by every connection: syncs of several connections holding the
+    same contracts write them at the same moment. New ones are inserted ON CONFLICT DO
+    NOTHING (one that another sync inserted meanwhile is taken as it is: the next sync
+    updates it if it differs), changed ones upserted, each in the order of their conIds
+    (two syncs that wait for each other's rows wait in one order)."""
     Instrument = conf.instrument_model()
     wanted = {item.instrument_id: item.instrument for item in items}
     ids: dict[str, Any] = {}
@@ -398,21 +414,29 @@ def _upsert_instruments(items: Iterable[MappedPosition], now: dt.datetime) -> di
     # Upserts on (broker, external_id), as for positions: cheaper than bulk_update.
     upsert(
         Instrument,
-        changed,
+        sorted(changed, key=lambda instrument: instrument.external_id),
         batch_size=bulk.BATCH_SIZE // 4,
-        unique_fields=["broker", "external_id"],
+        unique_fields=list(_UNIQUE),
         update_fields=[*INSTRUMENT_FIELDS, "updated_at"],
     )
-    new = [conid for conid in wanted if conid not in ids]
-    rows = (
-        {
-            "broker": BROKER,
-            "external_id": conid,
-            "created_at": now,
-            "updated_at": now,
-            **wanted[conid],
-        }
-        for conid in new
+    created = insert_missing(
+        Instrument,
+        (
+            {
+                "broker": BROKER,
+                "external_id": conid,
+                "created_at": now,
+                "updated_at": now,
+                **wanted[conid],
+            }
+            for conid in wanted
+            if conid not in ids
+        ),
+        _UNIQUE,
     )
-    ids.update(zip(new, insert_rows(Instrument, rows), strict=True))
+    ids.update((conid, pk) for (_, conid), pk in created.items())
     return ids
+
+
+#: The unique key of an account and of an instrument.
+_UNIQUE = ("broker", "external_id")

@@ -6,6 +6,7 @@ is refused as before; what they share (instruments) is written safely by both.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from decimal import Decimal
 
@@ -90,8 +91,6 @@ def test_a_sync_of_one_connection_never_closes_what_another_reported(gateways):
 
 
 def test_two_connections_sync_at_the_same_moment(gateways, concurrent_threads):
-    if db_connection.vendor == "postgresql":
-        pytest.xfail("the instrument insert assumes one writer (a duplicate key)")
     home, office = gateways
     held = threading.Event()
     home.set_faults(hold_positions=held)
@@ -196,3 +195,60 @@ def test_without_connections_the_settings_gateway_is_read_as_before(ibkr_simulat
     run = SyncRun.objects.get()
     assert (run.connection, run.connection_name, run.lock_key) == (None, "", "")
     assert Position.objects.filter(quantity=Decimal("10")).exists()
+
+
+SHARED = [(300000 + i, f"S{i:02d}") for i in range(30)]  # the contracts every one holds
+
+
+def test_twenty_first_syncs_at_the_same_moment_share_their_instruments(
+    settings, concurrent_threads
+):
+    """Twenty connections, each its own gateway and account, all holding the same 30
+    contracts: their first syncs, released at one moment, all succeed, and every contract
+    is one instrument."""
+    settings.IBKR_CONNECT_TIMEOUT = 10
+    settings.IBKR_REQUEST_TIMEOUT = 60
+    settings.IBKR_SYNC_GATEWAY_CLASS = "ibkr_sync.gateway.IbkrGateway"
+    settings.IBKR_PORT = 1
+    held = threading.Event()
+    names = [f"c{i:02d}" for i in range(20)]
+    with contextlib.ExitStack() as stack:
+        for i, name in enumerate(names):
+            account = f"U30000{i:02d}"
+            own = sim_position(account=account, con_id=400000 + i, symbol=f"OWN{i}")
+            shared = [sim_position(account=account, con_id=c, symbol=s) for c, s in SHARED]
+            simulator = stack.enter_context(
+                GatewaySimulator(Portfolio(accounts=[account], positions=[own, *shared]))
+            )
+            simulator.set_faults(hold_positions=held)
+            Connection.objects.create(name=name, port=simulator.port, client_id=CLIENT_ID)
+        results, errors = {}, {}
+
+        def run(name):
+            try:
+                results[name] = sync(name)
+            except Exception as exc:  # reported below
+                errors[name] = exc
+            finally:
+                db_connection.close()
+
+        threads = [threading.Thread(target=run, args=(name,)) for name in names]
+        for thread in threads:
+            thread.start()
+        try:
+            for _ in range(400):  # every sync has its lock and waits for its positions
+                if SyncRun.objects.filter(status="running").count() == len(names):
+                    break
+                threading.Event().wait(0.05)
+            assert SyncRun.objects.filter(status="running").count() == len(names)
+        finally:
+            held.set()
+            for thread in threads:
+                thread.join(120)
+    assert not errors, errors
+    assert sorted(results) == names
+    assert all(result.created == len(SHARED) + 1 for result in results.values())
+    assert Instrument.objects.count() == len(SHARED) + len(names)
+    assert Instrument.objects.filter(external_id__in=[str(c) for c, _ in SHARED]).count() == 30
+    assert Position.objects.open().count() == len(names) * (len(SHARED) + 1)
+    assert set(SyncRun.objects.values_list("status", flat=True)) == {"success"}
