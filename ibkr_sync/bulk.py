@@ -5,9 +5,9 @@ values, as Django's `bulk_create` / `bulk_update` would, only faster at 10,000s 
 
 - `insert_rows`: a multi-row INSERT ... RETURNING per batch (UNNEST arrays on
   PostgreSQL), every field filled as `bulk_create` fills it (`_InsertPlan`).
-- `insert_missing`: the same INSERT with ON CONFLICT DO NOTHING on a unique key, for
-  rows that concurrent writers may insert at the same moment; the keys of every row,
-  inserted by it or by another.
+- `insert_missing` / `insert_new`: the same INSERT with ON CONFLICT DO NOTHING on a
+  unique key, for rows that concurrent writers may insert at the same moment; the keys
+  of every row, inserted by it or by another (`insert_new`: of those it inserted).
 - `update_rows`: one UPDATE ... FROM per batch (a COPYed scratch table on PostgreSQL).
 - `upsert`: `bulk_create(update_conflicts=True)` that renews `auto_now` stamps too.
 - `touched`: the values of an UPDATE with its `auto_now` stamps.
@@ -149,24 +149,17 @@ def insert_missing(
     """INSERT the rows whose `unique` fields (a unique constraint's, plain text or integer
     columns) no row has yet, ON CONFLICT DO NOTHING; return the primary key of every
     row given, by its `unique` values: inserted by this statement, or by another writer,
-    before or at the same moment.
+    before or at the same moment (read back: RETURNING gives only the rows inserted).
 
     Concurrent writers of the same new rows (syncs of several connections holding the
     same contracts) all succeed: on PostgreSQL a row another transaction is inserting
     makes this one wait for it to commit, then skips it; on SQLite writers take turns.
-    The rows are inserted in the order of their `unique` values, so that two writers
-    waiting for each other's rows wait in one order, never in a circle. The keys of the
-    rows skipped are read back afterwards (RETURNING gives only the rows inserted). As
-    fast as `insert_rows` when nothing conflicts: one more column RETURNED, no more
+    As fast as `insert_rows` when nothing conflicts: one more column RETURNED, no more
     statements.
     """
+    rows = list(rows)
+    keys = insert_new(model, rows, unique)
     names = [model._meta.get_field(name).attname for name in unique]
-    rows = sorted(rows, key=lambda row: tuple(row[name] for name in names))
-    if not rows:
-        return {}
-    keys: dict[tuple[Any, ...], Any] = {
-        tuple(key): pk for pk, *key in _insert(model, rows, conflict=unique)
-    }
     skipped = [row for row in rows if tuple(row[name] for name in names) not in keys]
     for chunk in chunks(skipped):
         found = model._default_manager.filter(
@@ -174,12 +167,24 @@ def insert_missing(
         ).values_list(*names, "pk")
         keys.update((tuple(key), pk) for *key, pk in found)
     missing = [row for row in skipped if tuple(row[name] for name in names) not in keys]
-    if missing:  # a conflict on another constraint than `unique`
+    if missing:  # refused by another unique constraint than `unique`
         raise IntegrityError(
             f"{model._meta.label}: {len(missing)} row(s) were neither inserted nor found by "
-            f"{', '.join(unique)} (another unique constraint refused them)."
+            f"{', '.join(unique)}."
         )
     return keys
+
+
+def insert_new(
+    model: type[models.Model], rows: Iterable[dict[str, Any]], unique: Sequence[str]
+) -> dict[tuple[Any, ...], Any]:
+    """`insert_missing` without reading back: the primary keys of the rows this statement
+    inserted only, by their `unique` values. The rows are inserted in the order of their
+    `unique` values, so that two writers waiting for each other's rows wait in one order,
+    never in a circle."""
+    names = [model._meta.get_field(name).attname for name in unique]
+    rows = sorted(rows, key=lambda row: tuple(row[name] for name in names))
+    return {tuple(key): pk for pk, *key in _insert(model, rows, conflict=unique)}
 
 
 def _insert(

@@ -1,10 +1,21 @@
-"""The set-based writer: one source's snapshot applied to the configured models.
+"""The set-based writer: one mapped snapshot (`mapping.MappedSnapshot`) written to the
+configured models. It maps nothing: the service maps the snapshot before the write
+transaction, and the writer only writes.
 
-Runs inside the sync's transaction (the service owns it). Reads existing rows as plain
-tuples in a fixed number of queries, inserts new rows batch by batch (one multi-row
-INSERT ... RETURNING per batch; UNNEST arrays on PostgreSQL), upserts changed rows,
-closes the rows no longer reported with one UPDATE per batch, writes nothing for rows
-that did not change, and records every change as a PositionChange of the run.
+Runs inside the sync's transaction (the service owns it). First the accounts
+(`_claim_accounts`): each account's `AccountReport`, the newest snapshot applied to it,
+locked for the transaction (in one order, so that two syncs reporting the same account
+take turns, never wait in a circle); an account whose stored report is newer than this
+snapshot's moment for it is refused (`Written.refused`): nothing of it is written, and
+the other accounts are applied as usual.
+
+Then the positions of the accounts applied: existing rows read as plain tuples in a
+fixed number of queries, new rows inserted batch by batch (`bulk.insert_rows`), changed
+rows upserted, the rows no longer reported closed with one UPDATE per batch, nothing
+written for rows that did not change, every change recorded as a PositionChange of the
+run. Only the accounts the snapshot reported are reconciled: no sync closes a position
+of an account it did not report. Instruments and accounts, which syncs of several
+connections share, are inserted ON CONFLICT DO NOTHING (`bulk.insert_missing`).
 
 Then the values of the accounts whose values were read (`_apply_values`): each valued
 position's market price, value and P&L (one UPDATE ... FROM per batch: they change at
@@ -14,11 +25,12 @@ otherwise kept exactly) and one AccountSnapshot per account. An account
 whose values are missing keeps what it had; the run records why (`SyncRun.account_values`).
 
 Two kinds of time. What the data describes, the source's moment (`as_of`: of the
-account's values, else of the snapshot): a position's `valued_at` and a snapshot's
-`taken_at`, so that values read minutes before a slow write carry the minute they
-describe. What a sync did, the write's own moment (`now`): `opened_at`, `closed_at`,
-`last_synced_at`, a cash row's `synced_at`, which say when a sync wrote or confirmed
-the row. A source that gives no moment (a host's fake) is taken as of the write.
+account's values, else of the snapshot): a position's `valued_at`, a snapshot's
+`taken_at` and an account's report, so that values read minutes before a slow write
+carry the minute they describe. What a sync did, the write's own moment (`now`):
+`opened_at`, `closed_at`, `last_synced_at`, a cash row's `synced_at`, which say when a
+sync wrote or confirmed the row. A source that gives no moment (a host's fake) is taken
+as of the write.
 """
 
 from __future__ import annotations
@@ -34,33 +46,32 @@ from typing import Any
 from django.db import connection
 
 from . import bulk, conf
-from .bulk import chunks, insert_missing, insert_rows, touched, update_rows, upsert
+from .bulk import chunks, insert_missing, insert_new, insert_rows, touched, update_rows, upsert
 from .mapping import (
     BROKER,
     INSTRUMENT_FIELDS,
     POSITION_VALUE_FIELDS,
     MappedPosition,
-    MappedValues,
-    MappingError,
-    contract_id_text,
+    MappedSnapshot,
     is_paper_account,
-    is_storable_account_id,
-    map_account_values,
-    map_position,
 )
-from .models import PositionChange, SyncRun
-from .snapshot import Snapshot
+from .models import AccountReport, Connection, PositionChange, SyncRun
+from .outcomes import RecordError, ValuesOutcome
 
 KINDS = ("processed", "created", "updated", "unchanged", "reopened", "closed", "errors")
 
 
 @dataclass
-class Counts:
+class Written:
+    """What the writer did: the accounts applied, counted per kind, the records that
+    could not be stored, each account's values outcome (when values were read), and the
+    accounts refused with the reason."""
+
+    accounts: list[str] = field(default_factory=list)
     tally: Counter = field(default_factory=Counter)  # (account, kind) -> count
-    errors: list[dict[str, Any]] = field(default_factory=list)
-    # Per account whose values were asked for: {"status": "read", ...} or
-    # {"status": "missing", "reason": ...}; empty when values were not asked for.
-    values: dict[str, dict[str, Any]] = field(default_factory=dict)
+    errors: list[RecordError] = field(default_factory=list)
+    values: dict[str, ValuesOutcome] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
 
     def add(self, account: str, kind: str) -> None:
         self.tally[account, kind] += 1
@@ -72,36 +83,32 @@ class Counts:
         return {a: {kind: self.tally[a, kind] for kind in KINDS} for a in accounts}
 
 
-def apply_snapshot(snapshot: Snapshot, run: SyncRun, now: dt.datetime) -> tuple[list[str], Counts]:
-    Position = conf.position_model()
-    counts = Counts()
-    mapped: dict[tuple[str, str], MappedPosition] = {}
-    unmapped: set[tuple[str, str]] = set()
-    for record in snapshot.positions:
-        counts.add(record.account, "processed")
-        try:
-            item = map_position(record)
-        except MappingError as exc:
-            # Its stored row, if any, is left exactly as it was (not closed).
-            unmapped.add((record.account, contract_id_text(record.con_id)))
-            counts.add(record.account, "errors")
-            counts.errors.append(
-                {
-                    "account": record.account,
-                    # A conId too long for any integer column: its reason says so.
-                    "con_id": record.con_id if abs(record.con_id) < 2**63 else None,
-                    "symbol": record.symbol,
-                    "sec_type": record.sec_type,
-                    "reason": str(exc),
-                }
-            )
-            continue
-        mapped[(item.account_id, item.instrument_id)] = item
+#: The name it had before it said more than counts.
+Counts = Written
 
-    # The accounts to reconcile: an account id that could not even be stored (too long,
-    # a NUL) belongs to records already counted as errors, and creates no Account.
-    reported = {*snapshot.accounts, *(a for a, _ in mapped), *(a for a, _ in unmapped)}
-    account_ids = sorted(a for a in reported if is_storable_account_id(a))
+
+def apply_snapshot(
+    snapshot: MappedSnapshot,
+    run: SyncRun,
+    now: dt.datetime,
+    *,
+    connection_row: Connection | None = None,
+    connection_name: str = "",
+) -> Written:
+    """Write `snapshot`, reported by `connection_row` (None: the settings' gateway), as
+    `run`; `now` is the write's moment."""
+    Position = conf.position_model()
+    written = Written()
+    written.refused = _claim_accounts(snapshot, run, now, connection_row, connection_name)
+    snapshot = snapshot.without(set(written.refused))
+    for account, count in snapshot.processed.items():
+        written.tally[account, "processed"] += count
+    for error in snapshot.errors:
+        written.add(error.account, "errors")
+    written.errors = list(snapshot.errors)
+    written.values = dict(snapshot.outcomes)
+    mapped, unmapped = snapshot.positions, snapshot.unmapped
+    account_ids = written.accounts = list(snapshot.accounts)
     accounts = _upsert_accounts(account_ids, now)
     instruments = _upsert_instruments(mapped.values(), now)
 
@@ -119,7 +126,7 @@ def apply_snapshot(snapshot: Snapshot, run: SyncRun, now: dt.datetime) -> tuple[
         row = existing.get(key)
         if row is None:
             to_create.append(item)
-            counts.add(item.account_id, "created")
+            written.add(item.account_id, "created")
             continue
         pk, _, _, quantity, average_cost, closed_at = row
         if closed_at is not None:
@@ -129,9 +136,9 @@ def apply_snapshot(snapshot: Snapshot, run: SyncRun, now: dt.datetime) -> tuple[
         ):
             kind, before = PositionChange.Kind.UPDATED, (quantity, average_cost)
         else:
-            counts.add(item.account_id, "unchanged")
+            written.add(item.account_id, "unchanged")
             continue
-        counts.add(item.account_id, kind)
+        written.add(item.account_id, kind)
         to_change[kind].append(
             Position(
                 account_id=accounts[item.account_id],
@@ -148,7 +155,7 @@ def apply_snapshot(snapshot: Snapshot, run: SyncRun, now: dt.datetime) -> tuple[
     for key, (pk, _, _, quantity, average_cost, closed_at) in existing.items():
         if closed_at is None and key not in mapped and key not in unmapped:
             gone.append(pk)
-            counts.add(key[0], "closed")
+            written.add(key[0], "closed")
             changes.append(
                 _change(run, pk, PositionChange.Kind.CLOSED, (quantity, average_cost), None)
             )
@@ -193,65 +200,28 @@ def apply_snapshot(snapshot: Snapshot, run: SyncRun, now: dt.datetime) -> tuple[
             ),
         ),
     )
-    if snapshot.values_read:
+    if snapshot.values:
         position_pks = {key: row[0] for key, row in existing.items() if key in mapped}
         position_pks.update(
             ((item.account_id, item.instrument_id), pk)
             for pk, item in zip(created_pks, to_create, strict=True)
         )
-        _apply_values(snapshot, run, now, accounts, mapped, position_pks, counts)
-    return account_ids, counts
+        _apply_values(snapshot, run, now, accounts, position_pks)
+    return written
 
 
 def _apply_values(
-    snapshot: Snapshot,
+    snapshot: MappedSnapshot,
     run: SyncRun,
     now: dt.datetime,
-    accounts: dict[str, int],
-    mapped: dict[tuple[str, str], MappedPosition],
-    position_pks: dict[tuple[str, str], int],
-    counts: Counts,
+    accounts: dict[str, Any],
+    position_pks: dict[tuple[str, str], Any],
 ) -> None:
-    """Store the values of every account whose values were read; record for each account
-    synced whether they were read or why not. A fixed number of statements per batch of
-    rows, whatever the number of accounts."""
-    held: dict[str, dict[int, tuple[Decimal, str, str, str]]] = {a: {} for a in accounts}
-    for (account_id, instrument_id), item in mapped.items():
-        held[account_id][int(instrument_id)] = (
-            item.position["quantity"],
-            item.instrument["symbol"],
-            item.instrument["sec_type"],
-            instrument_id,
-        )
-    read: list[MappedValues] = []
+    """Store the values of every account whose values were read. A fixed number of
+    statements per batch of rows, whatever the number of accounts."""
+    read = list(snapshot.values.values())
     # The moment each account's values describe (see the module's docstring).
-    as_of: dict[str, dt.datetime] = {}
-    for account_id in accounts:
-        values = snapshot.account_values.get(account_id)
-        if values is None:
-            reason = _reason(snapshot.values_missing.get(account_id, "not read"))
-            counts.values[account_id] = {"status": "missing", "reason": reason}
-            continue
-        item = map_account_values(values, held[account_id])
-        read.append(item)
-        as_of[account_id] = values.as_of or snapshot.as_of or now
-        for error in item.errors:
-            counts.add(account_id, "errors")
-            counts.errors.append(error)
-        counts.values[account_id] = {
-            "status": "read",
-            "base_currency": item.base_currency,
-            "positions_valued": len(item.positions),
-            "positions_stale": item.stale,
-            "positions_unvalued": item.unvalued,
-            "cash_currencies": sorted(item.cash),
-            "cash_reported": item.cash_reported,
-        }
-        if item.cash_kept_reason:
-            counts.values[account_id]["cash_kept_reason"] = _reason(item.cash_kept_reason)
-    if not read:
-        return
-
+    as_of = {account: snapshot.as_of_of(account, now) for account in snapshot.values}
     Position = conf.position_model()
     update_rows(
         Position,
@@ -314,12 +284,6 @@ def _apply_values(
         )
 
 
-def _reason(text: str, limit: int = 500) -> str:
-    """A reason as the run records it: short, and storable in any JSON column (no NUL)."""
-    text = text.replace("\x00", "\ufffd")
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 _UPDATED = ("quantity", "average_cost", "cost_basis", "last_synced_at")
 _CHANGED_FIELDS = {"updated": _UPDATED, "reopened": (*_UPDATED, "opened_at", "closed_at")}
 
@@ -359,6 +323,86 @@ def _sqlite_stored(value: Any) -> Any:
 
 
 _SQLITE_DECIMAL = Context(prec=15)
+
+
+def _claim_accounts(
+    snapshot: MappedSnapshot,
+    run: SyncRun,
+    now: dt.datetime,
+    connection_row: Connection | None,
+    connection_name: str,
+) -> dict[str, str]:
+    """Lock each reported account's `AccountReport` for this transaction; refuse the
+    accounts whose stored report is newer than this snapshot's moment for them (returned,
+    with the reason); record this snapshot as the newest of the others.
+
+    An equal moment is not older: a snapshot may be applied again. The reports are
+    inserted where missing (ON CONFLICT DO NOTHING: a report another sync is inserting
+    makes this one wait for its commit), then locked FOR UPDATE, both in the order of
+    the account ids: two syncs that report the same account take turns, and the later
+    decides on what the earlier committed. (SQLite: a sync's write transaction is the
+    only one at a time already, IMMEDIATE; FOR UPDATE is not needed there.)"""
+    if not snapshot.accounts:
+        return {}
+    as_of = {account: snapshot.as_of_of(account, now) for account in snapshot.accounts}
+    mine = {
+        "connection_id": None if connection_row is None else connection_row.pk,
+        "connection_name": connection_name,
+        "source": snapshot.source,
+        "sync_run_id": run.pk,
+        "applied_at": now,
+    }
+    insert_new(
+        AccountReport,
+        (
+            {"broker": BROKER, "external_id": a, "as_of": as_of[a], **mine}
+            for a in snapshot.accounts
+        ),
+        _UNIQUE,
+    )
+    stored = (
+        AccountReport.objects.select_for_update()
+        .filter(broker=BROKER, external_id__in=snapshot.accounts)
+        .order_by("external_id")
+        .values_list("external_id", "as_of", "connection_name", "sync_run_id")
+    )
+    refused: dict[str, str] = {}
+    applied = []
+    for account, stored_as_of, by, run_pk in stored:
+        if stored_as_of > as_of[account]:
+            refused[account] = _refusal(account, stored_as_of, by, as_of[account])
+        elif run_pk != run.pk:  # this sync's own report (inserted just now) is in place
+            applied.append(
+                AccountReport(broker=BROKER, external_id=account, as_of=as_of[account], **mine)
+            )
+    upsert(
+        AccountReport,
+        applied,
+        batch_size=bulk.BATCH_SIZE,
+        unique_fields=list(_UNIQUE),
+        update_fields=[
+            "connection",
+            "connection_name",
+            "source",
+            "as_of",
+            "sync_run",
+            "applied_at",
+        ],
+    )
+    return refused
+
+
+def _refusal(account: str, newer: dt.datetime, by: str, this: dt.datetime) -> str:
+    """Why an account was refused, for whoever reads the run: which report is newer."""
+    source = f"connection {by}" if by else "the settings' gateway"
+    return (
+        f"{account} was not written: {source} reported it as of {_moment(newer)}, after "
+        f"this snapshot ({_moment(this)}); that newer report stands."
+    )
+
+
+def _moment(value: dt.datetime) -> str:
+    return value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + " UTC"
 
 
 def _upsert_accounts(account_ids: Sequence[str], now: dt.datetime) -> dict[str, Any]:
