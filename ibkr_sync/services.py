@@ -1,10 +1,11 @@
 """The sync: the one entry point that writes positions, for the API, command and admin.
 
 Order of work: take the lock (`lock.py`: a `running` SyncRun row, renewed by a heartbeat
-while the sync works), read the gateway (network, outside any transaction), then map and
-apply everything in one short transaction (`writer.py`), fenced by the lock and with
-every wait bounded. Any failure leaves every position as it was and marks the SyncRun
-failed with the reason. Never inside a caller's transaction: refused.
+while the sync works), read the gateway (network, outside any transaction), map its
+snapshot (`mapping.map_snapshot`, outside too), then write it in one short transaction
+(`writer.py`), fenced by the lock and with every wait bounded. Any failure leaves every
+position as it was and marks the SyncRun failed with the reason. Never inside a caller's
+transaction: refused.
 """
 
 from __future__ import annotations

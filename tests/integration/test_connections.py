@@ -365,3 +365,47 @@ def test_a_single_account_sync_reconciles_that_account_only(two_logins):
     result = services.sync_positions(ADVISER_ONLY, trigger="command", connection="adviser")
     assert result.accounts == [ADVISER_ONLY] and result.closed == 0
     assert held_in_the_shared_account() == {"AAPL": Decimal("10"), "ADV": Decimal("10")}
+
+
+def test_two_syncs_of_one_account_at_the_same_moment_take_turns(two_logins, concurrent_threads):
+    adviser, own = two_logins
+    held = threading.Event()
+    adviser.set_faults(hold_positions=held)
+    own.set_faults(hold_positions=held)
+    results, errors = {}, {}
+
+    def run(name):
+        try:
+            results[name] = sync(name)
+        except Exception as exc:  # reported below
+            errors[name] = exc
+        finally:
+            db_connection.close()
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in ("adviser", "own")]
+    for thread in threads:
+        thread.start()
+    for _ in range(200):
+        if SyncRun.objects.filter(status="running").count() == 2:
+            break
+        threading.Event().wait(0.05)
+    held.set()
+    for thread in threads:
+        thread.join(30)
+    assert not errors, errors
+    # Both wrote the shared account's positions (or one was refused as the older): never
+    # a duplicate, and the account's report is the snapshot that stands.
+    refused = [name for name, result in results.items() if result.accounts_refused]
+    assert len(refused) <= 1
+    from ibkr_sync.models import AccountReport
+
+    report = AccountReport.objects.get(external_id=SHARED_ACCOUNT)
+    stood = results[report.connection_name]
+    assert SHARED_ACCOUNT in stood.accounts and not stood.accounts_refused
+    assert report.sync_run_id == stood.sync_run_id
+    expected = (
+        {"AAPL": Decimal("10"), "ADV": Decimal("10")}
+        if report.connection_name == "adviser"
+        else {"AAPL": Decimal("20"), "OWN": Decimal("10")}
+    )
+    assert held_in_the_shared_account() == expected
