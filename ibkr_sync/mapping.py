@@ -18,7 +18,9 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import re
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, replace
+from dataclasses import field as dataclass_field
 from decimal import ROUND_HALF_EVEN, Context, Decimal, InvalidOperation
 from functools import cache
 from typing import Any
@@ -29,8 +31,17 @@ from . import conf
 from .decimals import plain
 from .exceptions import InvalidAccountId
 from .models import Broker, SecType, is_rate
+from .outcomes import RecordError, ValuesOutcome
 from .protocol import UNSET, WireValueError, is_unset_value, parse_decimal
-from .snapshot import CASH, EXCHANGE_RATE, TOTALS, AccountValues, CurrencyError, PositionRecord
+from .snapshot import (
+    CASH,
+    EXCHANGE_RATE,
+    TOTALS,
+    AccountValues,
+    CurrencyError,
+    PositionRecord,
+    Snapshot,
+)
 from .snapshot import currency_code as _currency_code
 from .snapshot import shown as _short
 
@@ -110,7 +121,7 @@ class MappedValues:
     positions: dict[str, tuple[Decimal | None, ...]]
     stale: int
     unvalued: int
-    errors: list[dict[str, Any]]
+    errors: list[RecordError]
 
 
 def normalize_account_id(value: str) -> str:
@@ -445,20 +456,20 @@ def map_account_values(
     whole: the stored rows are kept exactly as they are, and `cash_kept_reason` says why.
     """
     account = values.account
-    errors: list[dict[str, Any]] = []
+    errors: list[RecordError] = []
     snapshot_model = conf.account_snapshot_model()
     columns, vendor = _columns_of(snapshot_model), _vendor()
     cash_columns = _columns_of(conf.cash_balance_model())
 
     def refuse(label: str, reason: object, con_id: Any = None, **where: str) -> None:
         errors.append(
-            {
-                "account": account,
-                "con_id": con_id,
-                "symbol": where.get("symbol", label),
-                "sec_type": where.get("sec_type", ""),
-                "reason": f"{label}: {reason}",
-            }
+            RecordError(
+                account=account,
+                con_id=con_id,
+                symbol=where.get("symbol", label),
+                sec_type=where.get("sec_type", ""),
+                reason=f"{label}: {reason}",
+            )
         )
 
     def stored(column: _Column, value: Any, label: str, con_id: Any = None, **where) -> Any:
@@ -580,3 +591,134 @@ def _fits_quietly(column: _Column, value: Any, vendor: str) -> bool:
     except MappingError:
         return False
     return True
+
+
+# --- a whole snapshot -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MappedSnapshot:
+    """A snapshot as its rows store it, mapped before the write transaction so that the
+    writer only writes.
+
+    - `accounts`: the accounts to reconcile, sorted: every account reported whose id the
+      Account table can store (an id that cannot be stored belongs to records already
+      counted as errors).
+    - `positions`: the mapped positions by (account, conId text); `unmapped`: the
+      (account, conId text) of records that could not be mapped (their stored rows are
+      left exactly as they were, not closed).
+    - `processed`: the records read per account (as the source named it).
+    - `errors`: the records that could not be stored: positions, then values.
+    - `values`: the mapped values of the accounts whose values were read, with the
+      moment they describe (`values_as_of`, None if the source gave none); `outcomes`:
+      per account, whether its values were read, when values were asked for
+      (`values_read`).
+    """
+
+    source: str
+    as_of: dt.datetime | None
+    accounts: tuple[str, ...]
+    positions: dict[tuple[str, str], MappedPosition]
+    unmapped: frozenset[tuple[str, str]]
+    processed: Counter
+    errors: tuple[RecordError, ...]
+    values_read: bool = False
+    values: dict[str, MappedValues] = dataclass_field(default_factory=dict)
+    values_as_of: dict[str, dt.datetime | None] = dataclass_field(default_factory=dict)
+    outcomes: dict[str, ValuesOutcome] = dataclass_field(default_factory=dict)
+
+    def as_of_of(self, account: str, now: dt.datetime) -> dt.datetime:
+        """The moment an account's data describes: its values' if read, else the
+        snapshot's, else (a source that gives none) `now`, the write's."""
+        return self.values_as_of.get(account) or self.as_of or now
+
+    def without(self, accounts: set[str] | frozenset[str]) -> MappedSnapshot:
+        """The same snapshot with nothing of `accounts` (refused: not written, not counted)."""
+        if not accounts:
+            return self
+        return replace(
+            self,
+            accounts=tuple(a for a in self.accounts if a not in accounts),
+            positions={k: v for k, v in self.positions.items() if k[0] not in accounts},
+            unmapped=frozenset(k for k in self.unmapped if k[0] not in accounts),
+            processed=Counter({a: n for a, n in self.processed.items() if a not in accounts}),
+            errors=tuple(e for e in self.errors if e.account not in accounts),
+            values={a: v for a, v in self.values.items() if a not in accounts},
+            values_as_of={a: t for a, t in self.values_as_of.items() if a not in accounts},
+            outcomes={a: o for a, o in self.outcomes.items() if a not in accounts},
+        )
+
+
+def map_snapshot(snapshot: Snapshot) -> MappedSnapshot:
+    """A whole snapshot -> its rows' field values (`map_position` per record, then the
+    values of every account read, `map_account_values`). No I/O: the service runs it
+    before the write transaction."""
+    processed: Counter = Counter()
+    errors: list[RecordError] = []
+    mapped: dict[tuple[str, str], MappedPosition] = {}
+    unmapped: set[tuple[str, str]] = set()
+    for record in snapshot.positions:
+        processed[record.account] += 1
+        try:
+            item = map_position(record)
+        except MappingError as exc:
+            unmapped.add((record.account, contract_id_text(record.con_id)))
+            errors.append(
+                RecordError(
+                    account=record.account,
+                    # A conId too long for any integer column: its reason says so.
+                    con_id=record.con_id if abs(record.con_id) < 2**63 else None,
+                    symbol=record.symbol,
+                    sec_type=record.sec_type,
+                    reason=str(exc),
+                )
+            )
+            continue
+        mapped[(item.account_id, item.instrument_id)] = item
+    reported = {*snapshot.accounts, *(a for a, _ in mapped), *(a for a, _ in unmapped)}
+    accounts = tuple(sorted(a for a in reported if is_storable_account_id(a)))
+
+    values: dict[str, MappedValues] = {}
+    values_as_of: dict[str, dt.datetime | None] = {}
+    outcomes: dict[str, ValuesOutcome] = {}
+    if snapshot.values_read:
+        held: dict[str, dict[int, tuple[Decimal, str, str, str]]] = {a: {} for a in accounts}
+        for (account_id, instrument_id), item in mapped.items():
+            held[account_id][int(instrument_id)] = (
+                item.position["quantity"],
+                item.instrument["symbol"],
+                item.instrument["sec_type"],
+                instrument_id,
+            )
+        for account_id in accounts:
+            read = snapshot.account_values.get(account_id)
+            if read is None:
+                reason = snapshot.values_missing.get(account_id, "not read")
+                outcomes[account_id] = ValuesOutcome.missing(reason)
+                continue
+            item = map_account_values(read, held[account_id])
+            values[account_id] = item
+            values_as_of[account_id] = read.as_of
+            errors.extend(item.errors)
+            outcomes[account_id] = ValuesOutcome.read(
+                base_currency=item.base_currency,
+                positions_valued=len(item.positions),
+                positions_stale=item.stale,
+                positions_unvalued=item.unvalued,
+                cash_currencies=tuple(item.cash),
+                cash_reported=item.cash_reported,
+                cash_kept_reason=item.cash_kept_reason,
+            )
+    return MappedSnapshot(
+        source=snapshot.source,
+        as_of=snapshot.as_of,
+        accounts=accounts,
+        positions=mapped,
+        unmapped=frozenset(unmapped),
+        processed=processed,
+        errors=tuple(errors),
+        values_read=snapshot.values_read,
+        values=values,
+        values_as_of=values_as_of,
+        outcomes=outcomes,
+    )

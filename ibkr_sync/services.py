@@ -1,10 +1,11 @@
 """The sync: the one entry point that writes positions, for the API, command and admin.
 
 Order of work: take the lock (`lock.py`: a `running` SyncRun row, renewed by a heartbeat
-while the sync works), read the gateway (network, outside any transaction), then map and
-apply everything in one short transaction (`writer.py`), fenced by the lock and with
-every wait bounded. Any failure leaves every position as it was and marks the SyncRun
-failed with the reason. Never inside a caller's transaction: refused.
+while the sync works), read the gateway (network, outside any transaction), map its
+snapshot (`mapping.map_snapshot`, outside too), then write it in one short transaction
+(`writer.py`), fenced by the lock and with every wait bounded. Any failure leaves every
+position as it was and marks the SyncRun failed with the reason. Never inside a caller's
+transaction: refused.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from django.db import (
@@ -35,8 +36,9 @@ from .exceptions import (
     LockLost,
     SyncInsideTransaction,
 )
-from .mapping import normalize_account_id
+from .mapping import map_snapshot, normalize_account_id
 from .models import Connection, PositionChange, SyncRun
+from .outcomes import ValuesOutcome
 from .snapshot import Snapshot
 from .writer import KINDS, apply_snapshot
 
@@ -71,6 +73,9 @@ class SyncResult:
     # Per account, when values were asked for: {"status": "read", ...} or
     # {"status": "missing", "reason": ...} (its stored values were kept).
     account_values: dict[str, dict[str, Any]] | None = None
+    # The accounts reported but not written, with the reason: a newer snapshot of them
+    # (from another connection) was applied already. Not among `accounts`.
+    accounts_refused: dict[str, str] = field(default_factory=dict)
 
     @property
     def scope(self) -> str:
@@ -171,14 +176,25 @@ def _sync_positions(
         if gateway is None:
             gateway = target.source(progress)
         snapshot = gateway.fetch_positions(account_id)
+        # Mapped before the write transaction, which then only writes.
+        mapped = map_snapshot(snapshot)
         if progress:
             progress("apply", len(snapshot.positions))
         if not dry_run:
             lock.claim(run)  # still ours? Then the write transaction, short and bounded.
         with transaction.atomic(durable=True):
             lock.bound_transaction()
-            accounts, counts = apply_snapshot(snapshot, run, timezone.now())
-            totals = {kind: counts.total(kind) for kind in KINDS}
+            written = apply_snapshot(
+                mapped,
+                run,
+                timezone.now(),
+                connection_row=target.connection,
+                connection_name=target.name,
+            )
+            accounts = written.accounts
+            totals = {kind: written.total(kind) for kind in KINDS}
+            errors = [error.as_dict() for error in written.errors]
+            values = {account: outcome.as_dict() for account, outcome in written.values.items()}
             if dry_run:
                 preview = _changes_of(run)
                 transaction.set_rollback(True)
@@ -188,9 +204,9 @@ def _sync_positions(
                     setattr(run, kind, value)
                 run.status = SyncRun.Status.SUCCESS
                 run.accounts = accounts
-                counts.errors = _storable(counts.errors)
-                run.error_details = counts.errors
-                run.account_values = counts.values
+                run.error_details = errors
+                run.account_values = values
+                run.accounts_refused = written.refused
                 lock.finish_holding(run)
     except IbkrSyncError as exc:
         if not dry_run:
@@ -228,22 +244,25 @@ def _sync_positions(
             SyncRun.objects.filter(pk=run.pk).delete()
 
     log.update(status="success", accounts=",".join(accounts) or "none", **totals)
+    if written.refused:
+        log.update(refused=",".join(written.refused))
     if snapshot.values_read:
-        missing = sorted(a for a, v in counts.values.items() if v["status"] == "missing")
+        missing = sorted(a for a, v in values.items() if v["status"] == "missing")
         log.update(values_missing=",".join(missing) or "none")
     logger.info("IBKR sync finished %s duration=%.3fs", _fields(log), time.monotonic() - clock)
     result = SyncResult(
         sync_run_id=None if dry_run else run.pk,
         accounts=accounts,
         **{kind: value for kind, value in totals.items() if kind != "errors"},
-        errors=counts.errors,
-        by_account=counts.by_account(accounts),
+        errors=errors,
+        by_account=written.by_account(accounts),
         started_at=run.started_at,
         finished_at=timezone.now() if dry_run else run.finished_at,
         dry_run=dry_run,
         connection=target.name,
         changes=preview if dry_run else None,
-        account_values=counts.values if snapshot.values_read else None,
+        account_values=values if snapshot.values_read else None,
+        accounts_refused=dict(written.refused),
     )
     if not dry_run:
         # Committed already (never inside a caller's transaction): sent at once.
@@ -303,23 +322,13 @@ def check_connection(connection: str | Connection | None = None) -> Any:
     return source.handshake()
 
 
-def describe_values(outcome: dict[str, Any]) -> str:
+def describe_values(outcome: dict[str, Any] | ValuesOutcome) -> str:
     """One account's values outcome in words, for the command and the admin:
-    `read (base USD): 41 positions valued, cash in EUR, USD` or `missing: <reason>`."""
-    if outcome.get("status") == "missing":
-        return f"missing: {outcome.get('reason', '')}"
-    text = f"read (base {outcome.get('base_currency') or 'unknown'}): "
-    text += f"{outcome.get('positions_valued', 0)} positions valued"
-    if outcome.get("positions_stale"):
-        text += f", {outcome['positions_stale']} kept (traded while read)"
-    if outcome.get("positions_unvalued"):
-        text += f", {outcome['positions_unvalued']} kept (no value from IBKR)"
-    currencies = ", ".join(outcome.get("cash_currencies", ()))
-    if not outcome.get("cash_reported", True):
-        return text + ", no cash reported (stored cash kept)"
-    if outcome.get("cash_kept_reason"):
-        return text + f", stored cash kept ({outcome['cash_kept_reason']})"
-    return text + (f", cash in {currencies}" if currencies else ", no cash")
+    `read (base USD): 41 positions valued, cash in EUR, USD` or `missing: <reason>`
+    (as a run stored it, or as a sync returned it)."""
+    if not isinstance(outcome, ValuesOutcome):
+        outcome = ValuesOutcome.from_dict(outcome)
+    return outcome.describe()
 
 
 def _announce(run: SyncRun, result: SyncResult) -> None:
@@ -365,15 +374,6 @@ def _fields(values: dict[str, Any]) -> str:
         f"{key}={str(value).lower() if isinstance(value, bool) else value}"
         for key, value in values.items()
     )
-
-
-def _storable(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The unmappable records' details as any JSON column takes them (PostgreSQL's jsonb
-    refuses a NUL character, which a hostile record may carry in its symbol)."""
-    return [
-        {k: v.replace("\x00", "\ufffd") if isinstance(v, str) else v for k, v in e.items()}
-        for e in errors
-    ]
 
 
 def _fail_run(run: SyncRun, code: str, message: str) -> bool | None:

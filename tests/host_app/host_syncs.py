@@ -15,7 +15,7 @@ from decimal import Decimal
 import pytest
 from django.utils import timezone
 
-from ibkr_sync import conf, writer
+from ibkr_sync import bulk, conf
 from ibkr_sync.checks import check_models
 from ibkr_sync.models import PositionChange
 from ibkr_sync.services import sync_positions
@@ -51,7 +51,7 @@ def ibkr(ibkr_simulator, settings, monkeypatch):
     settings.IBKR_VALUES_TIMEOUT = 2
     ibkr_simulator.set_cash(ACCOUNT, {"USD": "-1200.50", "EUR": "5000.25"})
     ibkr_simulator.set_cash(OTHER, {"USD": "10"})
-    monkeypatch.setattr(writer, "BATCH_SIZE", 4)
+    monkeypatch.setattr(bulk, "BATCH_SIZE", 4)
     return ibkr_simulator
 
 
@@ -287,7 +287,7 @@ def test_the_fast_insert_stores_what_bulk_create_stores_in_every_host_model():
     ]  # fmt: skip
     for model, row, (varied, mine, django) in cases:
         with Window() as step:
-            (fast,) = writer.insert_rows(model, [{**row, varied: mine}])
+            (fast,) = bulk.insert_rows(model, [{**row, varied: mine}])
             orm = model.objects.bulk_create([model(**row, **{varied: django})])[0].pk
         stored = model.objects.in_bulk([fast, orm])
         assert set(stored) == {fast, orm}, "the key returned is the row's, as the ORM reads it"

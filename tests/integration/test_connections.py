@@ -6,6 +6,7 @@ is refused as before; what they share (instruments) is written safely by both.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from decimal import Decimal
 
@@ -90,8 +91,6 @@ def test_a_sync_of_one_connection_never_closes_what_another_reported(gateways):
 
 
 def test_two_connections_sync_at_the_same_moment(gateways, concurrent_threads):
-    if db_connection.vendor == "postgresql":
-        pytest.xfail("the instrument insert assumes one writer (a duplicate key)")
     home, office = gateways
     held = threading.Event()
     home.set_faults(hold_positions=held)
@@ -196,3 +195,217 @@ def test_without_connections_the_settings_gateway_is_read_as_before(ibkr_simulat
     run = SyncRun.objects.get()
     assert (run.connection, run.connection_name, run.lock_key) == (None, "", "")
     assert Position.objects.filter(quantity=Decimal("10")).exists()
+
+
+SHARED = [(300000 + i, f"S{i:02d}") for i in range(30)]  # the contracts every one holds
+
+
+def test_twenty_first_syncs_at_the_same_moment_share_their_instruments(
+    settings, concurrent_threads
+):
+    """Twenty connections, each its own gateway and account, all holding the same 30
+    contracts: their first syncs, released at one moment, all succeed, and every contract
+    is one instrument."""
+    settings.IBKR_CONNECT_TIMEOUT = 10
+    settings.IBKR_REQUEST_TIMEOUT = 60
+    settings.IBKR_SYNC_GATEWAY_CLASS = "ibkr_sync.gateway.IbkrGateway"
+    settings.IBKR_PORT = 1
+    held = threading.Event()
+    names = [f"c{i:02d}" for i in range(20)]
+    with contextlib.ExitStack() as stack:
+        for i, name in enumerate(names):
+            account = f"U30000{i:02d}"
+            own = sim_position(account=account, con_id=400000 + i, symbol=f"OWN{i}")
+            shared = [sim_position(account=account, con_id=c, symbol=s) for c, s in SHARED]
+            simulator = stack.enter_context(
+                GatewaySimulator(Portfolio(accounts=[account], positions=[own, *shared]))
+            )
+            simulator.set_faults(hold_positions=held)
+            Connection.objects.create(name=name, port=simulator.port, client_id=CLIENT_ID)
+        results, errors = {}, {}
+
+        def run(name):
+            try:
+                results[name] = sync(name)
+            except Exception as exc:  # reported below
+                errors[name] = exc
+            finally:
+                db_connection.close()
+
+        threads = [threading.Thread(target=run, args=(name,)) for name in names]
+        for thread in threads:
+            thread.start()
+        try:
+            for _ in range(400):  # every sync has its lock and waits for its positions
+                if SyncRun.objects.filter(status="running").count() == len(names):
+                    break
+                threading.Event().wait(0.05)
+            assert SyncRun.objects.filter(status="running").count() == len(names)
+        finally:
+            held.set()
+            for thread in threads:
+                thread.join(120)
+    assert not errors, errors
+    assert sorted(results) == names
+    assert all(result.created == len(SHARED) + 1 for result in results.values())
+    assert Instrument.objects.count() == len(SHARED) + len(names)
+    assert Instrument.objects.filter(external_id__in=[str(c) for c, _ in SHARED]).count() == 30
+    assert Position.objects.open().count() == len(names) * (len(SHARED) + 1)
+    assert set(SyncRun.objects.values_list("status", flat=True)) == {"success"}
+
+
+# --- an account two connections report (an adviser's login and the account's own) --------
+
+SHARED_ACCOUNT = "U5000005"
+ADVISER_ONLY = "U6000006"
+
+
+@pytest.fixture
+def two_logins(settings):
+    settings.IBKR_CONNECT_TIMEOUT = 5
+    settings.IBKR_REQUEST_TIMEOUT = 10
+    settings.IBKR_VALUES_TIMEOUT = 3
+    settings.IBKR_SYNC_GATEWAY_CLASS = "ibkr_sync.gateway.IbkrGateway"
+    settings.IBKR_PORT = 1
+    adviser = Portfolio(
+        accounts=[SHARED_ACCOUNT, ADVISER_ONLY],
+        positions=[
+            sim_position(account=SHARED_ACCOUNT, quantity="10"),
+            sim_position(account=SHARED_ACCOUNT, con_id=5001, symbol="ADV"),
+            sim_position(account=ADVISER_ONLY, con_id=6001, symbol="SIX"),
+        ],
+    )
+    own = Portfolio(
+        accounts=[SHARED_ACCOUNT],
+        positions=[
+            sim_position(account=SHARED_ACCOUNT, quantity="20"),
+            sim_position(account=SHARED_ACCOUNT, con_id=5002, symbol="OWN"),
+        ],
+    )
+    with GatewaySimulator(adviser) as a, GatewaySimulator(own) as o:
+        Connection.objects.create(name="adviser", port=a.port, client_id=CLIENT_ID)
+        Connection.objects.create(name="own", port=o.port, client_id=CLIENT_ID)
+        yield a, o
+
+
+def held_in_the_shared_account():
+    return dict(
+        Position.objects.open()
+        .filter(account__external_id=SHARED_ACCOUNT)
+        .values_list("instrument__symbol", "quantity")
+    )
+
+
+def a_newer_sync_of(name, newer):
+    """A progress callback: once this sync has read its gateway (its snapshot is now the
+    older), sync `name` to the end (a newer snapshot), then let this one write."""
+
+    def progress(phase, count):
+        if phase == "apply" and name not in newer:
+            newer[name] = sync(name)
+
+    return progress
+
+
+def test_the_newer_snapshot_of_an_account_wins_whichever_sync_writes_last(two_logins):
+    from ibkr_sync.models import AccountReport
+    from portfolio.models import AccountSnapshot
+
+    sync("own")
+    newer = {}
+    older = sync("adviser", progress=a_newer_sync_of("own", newer))
+    own = newer["own"]
+
+    # The adviser's snapshot was read first: refused for the shared account, reported.
+    assert list(older.accounts_refused) == [SHARED_ACCOUNT]
+    reason = older.accounts_refused[SHARED_ACCOUNT]
+    assert "connection own reported it as of" in reason and "after this snapshot" in reason
+    assert older.accounts == [ADVISER_ONLY] and own.accounts == [SHARED_ACCOUNT]
+    assert SHARED_ACCOUNT not in older.by_account
+    assert (older.processed, older.created, older.closed) == (1, 1, 0)
+    # Nothing of it written: the own login's positions stand, none closed, none added.
+    assert held_in_the_shared_account() == {"AAPL": Decimal("20"), "OWN": Decimal("10")}
+    run = SyncRun.objects.get(pk=older.sync_run_id)
+    assert run.accounts_refused == older.accounts_refused
+    assert (
+        run.accounts == [ADVISER_ONLY]
+        and not run.changes.filter(position__account__external_id=SHARED_ACCOUNT).exists()
+    )
+    account = Account.objects.get(external_id=SHARED_ACCOUNT)
+    own_run = SyncRun.objects.get(pk=own.sync_run_id)
+    assert account.last_synced_at <= own_run.finished_at
+    # Values were read for both accounts; only the applied one's were stored.
+    assert set(older.account_values) == {ADVISER_ONLY}
+    assert AccountSnapshot.objects.filter(sync_run_id=run.pk).count() == 1
+    assert not AccountSnapshot.objects.filter(account=account, sync_run_id=run.pk).exists()
+    report = AccountReport.objects.get(external_id=SHARED_ACCOUNT)
+    assert (report.connection.name, report.sync_run_id) == ("own", own.sync_run_id)
+    assert AccountReport.objects.get(external_id=ADVISER_ONLY).connection_name == "adviser"
+
+    # Read after the own login's: the adviser's snapshot is the newer now, and wins.
+    latest = sync("adviser")
+    assert latest.accounts_refused == {} and latest.accounts == [SHARED_ACCOUNT, ADVISER_ONLY]
+    assert held_in_the_shared_account() == {"AAPL": Decimal("10"), "ADV": Decimal("10")}
+    assert AccountReport.objects.get(external_id=SHARED_ACCOUNT).connection_name == "adviser"
+
+
+def test_a_dry_run_reports_the_refusal_too(two_logins):
+    sync("own")
+    newer = {}
+    preview = sync("adviser", dry_run=True, progress=a_newer_sync_of("own", newer))
+    assert list(preview.accounts_refused) == [SHARED_ACCOUNT]
+    assert preview.accounts == [ADVISER_ONLY]
+    assert {change["account"] for change in preview.changes} == {ADVISER_ONLY}
+    assert held_in_the_shared_account() == {"AAPL": Decimal("20"), "OWN": Decimal("10")}
+    assert not Account.objects.filter(external_id=ADVISER_ONLY).exists()
+
+
+def test_a_single_account_sync_reconciles_that_account_only(two_logins):
+    sync("adviser")
+    result = services.sync_positions(ADVISER_ONLY, trigger="command", connection="adviser")
+    assert result.accounts == [ADVISER_ONLY] and result.closed == 0
+    assert held_in_the_shared_account() == {"AAPL": Decimal("10"), "ADV": Decimal("10")}
+
+
+def test_two_syncs_of_one_account_at_the_same_moment_take_turns(two_logins, concurrent_threads):
+    adviser, own = two_logins
+    held = threading.Event()
+    adviser.set_faults(hold_positions=held)
+    own.set_faults(hold_positions=held)
+    results, errors = {}, {}
+
+    def run(name):
+        try:
+            results[name] = sync(name)
+        except Exception as exc:  # reported below
+            errors[name] = exc
+        finally:
+            db_connection.close()
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in ("adviser", "own")]
+    for thread in threads:
+        thread.start()
+    for _ in range(200):
+        if SyncRun.objects.filter(status="running").count() == 2:
+            break
+        threading.Event().wait(0.05)
+    held.set()
+    for thread in threads:
+        thread.join(30)
+    assert not errors, errors
+    # Both wrote the shared account's positions (or one was refused as the older): never
+    # a duplicate, and the account's report is the snapshot that stands.
+    refused = [name for name, result in results.items() if result.accounts_refused]
+    assert len(refused) <= 1
+    from ibkr_sync.models import AccountReport
+
+    report = AccountReport.objects.get(external_id=SHARED_ACCOUNT)
+    stood = results[report.connection_name]
+    assert SHARED_ACCOUNT in stood.accounts and not stood.accounts_refused
+    assert report.sync_run_id == stood.sync_run_id
+    expected = (
+        {"AAPL": Decimal("10"), "ADV": Decimal("10")}
+        if report.connection_name == "adviser"
+        else {"AAPL": Decimal("20"), "OWN": Decimal("10")}
+    )
+    assert held_in_the_shared_account() == expected

@@ -108,11 +108,11 @@ def test_values_that_do_not_fit_are_errors_not_zeros():
     assert mapped.cash == {"EUR": {"amount": D(1), "exchange_rate": None, "rate_currency": ""}}
     assert mapped.snapshot["exchange_rates"] == {}
     assert mapped.positions == {}
-    reasons = sorted(error["reason"] for error in mapped.errors)
+    reasons = sorted(error.reason for error in mapped.errors)
     assert reasons[0].startswith("ExchangeRate (EUR): 0.00000000001 rounds to 0")
     assert reasons[1].startswith("NetLiquidation (USD): ") and "too large" in reasons[1]
     assert reasons[2].startswith("market value: ") and "too large" in reasons[2]
-    assert [e["symbol"] for e in mapped.errors if e["con_id"] == 1] == ["AAPL"]
+    assert [e.symbol for e in mapped.errors if e.con_id == 1] == ["AAPL"]
 
 
 @pytest.mark.django_db
@@ -123,14 +123,14 @@ def test_update_rows_writes_exactly_the_rows_given(monkeypatch, fallback):
     from django.db import connection
     from django.utils import timezone
 
-    from ibkr_sync import writer
-    from ibkr_sync.writer import update_rows
+    from ibkr_sync import bulk
+    from ibkr_sync.bulk import update_rows
     from portfolio.models import Account, Instrument, Position
 
     if fallback and connection.vendor == "sqlite":
         monkeypatch.setattr(connection.Database, "sqlite_version_info", (3, 31, 1))
     elif fallback:
-        monkeypatch.setattr(writer, "_can_copy", lambda cursor: False)
+        monkeypatch.setattr(bulk, "_can_copy", lambda cursor: False)
     now = timezone.now()
     account = Account.objects.create(broker="ibkr", external_id="U1")
     rows = [
@@ -192,7 +192,7 @@ def test_a_base_currency_that_is_not_a_code_is_unknown_and_an_error():
     mapped = map_account_values(values({("NetLiquidation", "USD-LONG-NAME"): D(1)}), {})
 
     assert mapped.base_currency == "" and mapped.snapshot["net_liquidation"] is None
-    assert [e["reason"] for e in mapped.errors] == [
+    assert [e.reason for e in mapped.errors] == [
         "NetLiquidation: 'USD-LONG-NAME' is not a currency code (three letters, e.g. USD)"
     ]
 
@@ -252,7 +252,7 @@ def test_a_currency_sent_twice_in_different_cases_with_different_amounts_is_neit
 
     assert mapped.cash == {}
     assert "USD balance was sent twice" in mapped.cash_kept_reason
-    assert [e["reason"] for e in mapped.errors] == [
+    assert [e.reason for e in mapped.errors] == [
         "CashBalance: USD was sent twice (in different cases) with different values"
     ]
 
@@ -291,9 +291,9 @@ def test_a_rate_that_does_not_convert_is_no_rate_and_an_error_naming_it(rate, st
     assert mapped.snapshot["exchange_rates"] == {"USD": "1"}
     assert "EUR" not in mapped.exchange_rates
     [error] = mapped.errors
-    assert error["reason"].startswith("ExchangeRate (EUR): ")
+    assert error.reason.startswith("ExchangeRate (EUR): ")
     if stored_rate is not None:
-        assert f": {plain(stored_rate)} is not a positive rate: EUR amounts" in error["reason"]
+        assert f": {plain(stored_rate)} is not a positive rate: EUR amounts" in error.reason
     assert mapped.cash_kept_reason == ""
 
 
@@ -368,7 +368,7 @@ def test_a_cash_currency_that_is_not_a_code_is_an_error_entry(currency):
     )
 
     assert mapped.cash == {}
-    assert [e["reason"] for e in mapped.errors] == [
+    assert [e.reason for e in mapped.errors] == [
         f"CashBalance: {currency!r} is not a currency code (three letters, e.g. USD)"
     ]
 
