@@ -46,15 +46,20 @@ def sync(connection, account="U1111111", fails=None) -> SyncRun:
 
 
 def reported(account, connection, as_of=None):
-    return AccountReport.objects.create(
+    """The account's report as a sync of `connection` at `as_of` leaves it (the sync
+    before wrote one: set to the moment the test needs)."""
+    report, _ = AccountReport.objects.update_or_create(
         broker="ibkr",
         external_id=account,
-        connection=connection,
-        connection_name=connection.name,
-        source="tws",
-        as_of=as_of or timezone.now() - dt.timedelta(minutes=3),
-        applied_at=timezone.now(),
+        defaults={
+            "connection": connection,
+            "connection_name": connection.name,
+            "source": "tws",
+            "as_of": as_of or timezone.now() - dt.timedelta(minutes=3),
+            "applied_at": timezone.now(),
+        },
     )
+    return report
 
 
 def held(connection, seconds) -> SyncRun:
