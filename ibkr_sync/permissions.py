@@ -4,7 +4,8 @@ Each kind of data the app reads or shows is covered by the Django `view` permiss
 model that holds it, as the read API asks for it: positions need the position model's
 (`/portfolio/positions`), cash balances the cash balance model's (`/portfolio/cash`), an
 account's history the snapshot model's (`/portfolio/accounts/<id>/history`), sync runs
-`ibkr_sync.view_syncrun` (`/portfolio/sync/runs`). A position change is a position's past
+`ibkr_sync.view_syncrun` (`/portfolio/sync/runs`), the connections a sync reads (a
+gateway's address and client id) `ibkr_sync.view_connection`. A position change is a position's past
 (the read API shows it as the positions held at a past moment), so it needs the position
 permission, not the sync run's. The models are swappable (IBKR_SYNC_*_MODEL), so the
 codenames come from the configured models, never a hard-coded `portfolio.`.
@@ -37,12 +38,19 @@ class Kind(enum.Enum):
     ACCOUNT_SNAPSHOTS = "account_snapshots"
     SYNC_RUNS = "sync_runs"
     POSITION_CHANGES = "position_changes"
+    CONNECTIONS = "connections"
 
 
 def _sync_run_model() -> type[models.Model]:
     from .models import SyncRun
 
     return SyncRun
+
+
+def _connection_model() -> type[models.Model]:
+    from .models import Connection
+
+    return Connection
 
 
 def _position_change_model() -> type[models.Model]:
@@ -61,6 +69,7 @@ COVERED_BY: dict[Kind, Callable[[], type[models.Model]]] = {
     Kind.ACCOUNT_SNAPSHOTS: conf.account_snapshot_model,
     Kind.SYNC_RUNS: _sync_run_model,
     Kind.POSITION_CHANGES: conf.position_model,
+    Kind.CONNECTIONS: _connection_model,
 }
 
 #: The kind of the rows each model holds, where it is not the model the kind names

@@ -16,7 +16,7 @@ from django.utils import timezone
 
 from ibkr_sync import permissions
 from ibkr_sync.exceptions import GatewayUnavailable
-from ibkr_sync.models import SyncRun
+from ibkr_sync.models import Connection, SyncRun
 from ibkr_sync.permissions import Kind
 from ibkr_sync.services import sync_positions
 from portfolio.models import Account, AccountSnapshot, CashBalance, Instrument, Position
@@ -38,6 +38,7 @@ MARKERS = {
     Kind.ACCOUNTS: ("Zanzibar Trust",),  # an account's name
     Kind.INSTRUMENTS: ("Quux Widget Holdings",),  # an instrument's description
     Kind.SYNC_RUNS: (HOST_PORT,),  # a failed run's message
+    Kind.CONNECTIONS: ("marigold-gw.lan",),  # a connection's host
 }
 
 #: Each registered model's pages show its own kind.
@@ -48,6 +49,7 @@ MODELS = {
     CashBalance: Kind.CASH_BALANCES,
     AccountSnapshot: Kind.ACCOUNT_SNAPSHOTS,
     SyncRun: Kind.SYNC_RUNS,
+    Connection: Kind.CONNECTIONS,
 }
 
 VIEW_PERMISSIONS = {
@@ -57,6 +59,7 @@ VIEW_PERMISSIONS = {
     "view_cashbalance": Kind.CASH_BALANCES,
     "view_accountsnapshot": Kind.ACCOUNT_SNAPSHOTS,
     "view_syncrun": Kind.SYNC_RUNS,
+    "view_connection": Kind.CONNECTIONS,
 }
 
 #: Every single view permission, none, and combinations that meet on one page.
@@ -67,6 +70,7 @@ GRANTS = [
     ("view_position", "view_cashbalance"),
     ("view_position", "view_accountsnapshot"),
     ("view_accountsnapshot", "view_syncrun"),
+    ("view_connection", "view_syncrun"),
     tuple(VIEW_PERMISSIONS),
 ]
 
@@ -98,6 +102,7 @@ def data():
     gateway.error = GatewayUnavailable(f"Cannot connect to the IB gateway at {HOST_PORT}.")
     with pytest.raises(GatewayUnavailable):
         sync_positions(trigger=SyncRun.Trigger.COMMAND, gateway=gateway)
+    Connection.objects.create(name="marigold", host="marigold-gw.lan", port=4002, client_id=8)
     return {
         "success": SyncRun.objects.get(pk=success.sync_run_id),
         "failed": SyncRun.objects.get(status="failed"),

@@ -68,8 +68,8 @@ def test_sync_returns_the_full_result_and_writes_the_positions(client, syncer, u
     assert response.status_code == 200
     body = response.json()
     assert set(body) == {
-        "status", "sync_run_id", "dry_run", "accounts", "processed", "created", "updated",
-        "unchanged", "reopened", "closed", "errors", "by_account", "account_values",
+        "status", "sync_run_id", "dry_run", "connection", "accounts", "processed", "created",
+        "updated", "unchanged", "reopened", "closed", "errors", "by_account", "account_values",
         "started_at", "finished_at",
     }  # fmt: skip
     assert (body["status"], body["dry_run"]) == ("success", False)
@@ -177,7 +177,7 @@ def test_an_unknown_query_parameter_is_400_naming_it_and_syncs_nothing(
     body = assert_error(client.post(f"{URL}?{query}"), 400, "invalid_query")
 
     assert f"Unknown query parameter(s): {named}." in body["detail"]
-    assert "Known: ibkr_account_id." in body["detail"]
+    assert "Known: connection, ibkr_account_id." in body["detail"]
     assert use_gateway.calls == []
     assert not SyncRun.objects.exists()
 

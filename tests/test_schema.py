@@ -216,3 +216,18 @@ def test_the_account_history_is_documented_with_its_bounds_and_404(schema):
     }
     for name in ("net_liquidation", "total_cash_value", "buying_power", "unrealized_pnl"):
         assert (snapshot[name]["type"], snapshot[name]["format"]) == ("string", "decimal")
+
+
+def test_the_sync_endpoint_documents_the_connection_and_its_errors(schema):
+    operation = schema["paths"]["/portfolio/sync/ibkr"]["post"]
+    connection = next(p for p in operation["parameters"] if p["name"] == "connection")
+    responses = operation["responses"]
+    result = schema["components"]["schemas"]["SyncResult"]["properties"]["connection"]
+
+    assert (connection["in"], connection["schema"]["type"]) == ("query", "string")
+    assert "ibkr_connection list" in connection["description"]
+    assert "connection_required" in responses["400"]["description"]
+    assert "unknown_connection" in responses["404"]["description"]
+    assert "connection_disabled" in responses["409"]["description"]
+    assert (result["type"], result["nullable"]) == ("string", True)
+    assert "null for the settings' gateway" in result["description"]

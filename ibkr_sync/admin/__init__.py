@@ -1,6 +1,7 @@
 """The app's admin, for any project's admin site.
 
-Registered here: the sync history (`SyncRun`, with each run's changes). Offered to
+Registered here: the sync history (`SyncRun`, with each run's changes) and the
+connections a sync reads (`Connection`, with "Test connection"). Offered to
 register on the models the sync writes, a line each (`portfolio/admin.py` does it for our
 portfolio app; a host does the same for its own models):
 
@@ -15,6 +16,7 @@ number formatting, filters and search, and Sync now on accounts and positions.
 `SyncNowMixin` adds Sync now to any other `ModelAdmin`.
 """
 
+from .connections import ConnectionAdmin
 from .portfolio import (
     AccountAdmin,
     AccountSnapshotAdmin,
@@ -30,6 +32,7 @@ __all__ = [
     "AccountAdmin",
     "AccountSnapshotAdmin",
     "CashBalanceAdmin",
+    "ConnectionAdmin",
     "InstrumentAdmin",
     "MirroredModelAdmin",
     "PositionAdmin",

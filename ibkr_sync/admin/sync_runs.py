@@ -18,8 +18,15 @@ from django.utils.html import format_html, format_html_join
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.utils.text import Truncator
 
-from .. import conf, throttle
-from ..exceptions import IbkrSyncError, InvalidAccountId, SyncAlreadyRunning
+from .. import conf, connections, throttle
+from ..exceptions import (
+    ConnectionDisabled,
+    ConnectionRequired,
+    IbkrSyncError,
+    InvalidAccountId,
+    SyncAlreadyRunning,
+    UnknownConnection,
+)
 from ..models import PositionChange, SyncRun
 from ..permissions import Kind, may_view
 from ..services import describe_values, sync_positions
@@ -360,17 +367,38 @@ class SyncRunAdmin(admin.ModelAdmin):
             return HttpResponseNotAllowed(["POST"])
         if not request.user.has_perm("ibkr_sync.run_sync"):
             raise PermissionDenied
+        try:
+            # The connection chosen (with several), before the budget is taken: a choice
+            # that cannot be synced starts nothing.
+            target = connections.resolve(request.POST.get("connection", "").strip() or None)
+        except IbkrSyncError as exc:
+            self.message_user(request, f"Sync not started: {exc}", messages.ERROR)
+            return HttpResponseRedirect(self._back_to(request))
         wait = throttle.take(request.user)
         if wait is not None:
             self.message_user(request, throttle.refusal(wait), messages.ERROR)
             return HttpResponseRedirect(self._back_to(request))
         account = request.POST.get("ibkr_account_id", "").strip() or None
         try:
-            result = sync_positions(account, trigger=SyncRun.Trigger.ADMIN, user=request.user)
+            result = sync_positions(
+                account,
+                trigger=SyncRun.Trigger.ADMIN,
+                user=request.user,
+                connection=target.connection,
+            )
         except IbkrSyncError as exc:
             # The error names the gateway's address (and the accounts it manages): sync
             # run data. What the user typed wrong, or a sync running, reveals nothing.
-            shown = isinstance(exc, (InvalidAccountId, SyncAlreadyRunning))
+            shown = isinstance(
+                exc,
+                (
+                    InvalidAccountId,
+                    SyncAlreadyRunning,
+                    UnknownConnection,
+                    ConnectionRequired,
+                    ConnectionDisabled,
+                ),
+            )
             if shown or may_view(request.user, Kind.SYNC_RUNS):
                 text = f"Sync failed: {exc}"
             else:
@@ -401,8 +429,10 @@ class SyncRunAdmin(admin.ModelAdmin):
             run = f"Sync #{result.sync_run_id}"
         if not counts:
             warnings = " with warnings" if level == messages.WARNING else ""
-            return format_html("{} finished{}.", run, warnings), level
-        message = format_html("{} finished: {}; {}.", run, result.scope, result.outcome)
+            of = f" of connection {result.connection}" if result.connection else ""
+            return format_html("{}{} finished{}.", run, of, warnings), level
+        of = f" of connection {result.connection}" if result.connection else ""
+        message = format_html("{}{} finished: {}; {}.", run, of, result.scope, result.outcome)
         if missing and runs:
             message = format_html(
                 "{} Values not read for {} (their stored values were kept): {}",

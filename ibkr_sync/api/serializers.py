@@ -126,6 +126,10 @@ class SyncResultSerializer(serializers.Serializer):
     dry_run = serializers.BooleanField(
         help_text="True: nothing was written; the counts say what a sync would change."
     )
+    connection = serializers.SerializerMethodField(
+        help_text="The connection synced (its name); null for the settings' gateway "
+        "(IBKR_HOST, IBKR_PORT, IBKR_CLIENT_ID), synced when no connection is configured."
+    )
     accounts = serializers.ListField(child=serializers.CharField())
     processed = serializers.IntegerField()
     created = serializers.IntegerField()
@@ -146,6 +150,9 @@ class SyncResultSerializer(serializers.Serializer):
     )
     started_at = serializers.DateTimeField()
     finished_at = serializers.DateTimeField()
+
+    def get_connection(self, result) -> str | None:
+        return result.connection or None
 
     def to_representation(self, result) -> dict[str, Any]:
         data = super().to_representation(result)

@@ -21,7 +21,7 @@ from rest_framework.response import Response
 from rest_framework.throttling import BaseThrottle
 from rest_framework.views import APIView
 
-from .. import exceptions, throttle
+from .. import connections, exceptions, throttle
 from ..health import check_health
 from ..models import SyncRun
 from ..permissions import Kind, may_view
@@ -49,6 +49,9 @@ from .serializers import (
 # One HTTP status per failure, decided here only. Anything else is our own bug: 500.
 ERROR_STATUS = {
     exceptions.InvalidAccountId: status.HTTP_400_BAD_REQUEST,
+    exceptions.ConnectionRequired: status.HTTP_400_BAD_REQUEST,
+    exceptions.UnknownConnection: status.HTTP_404_NOT_FOUND,
+    exceptions.ConnectionDisabled: status.HTTP_409_CONFLICT,
     exceptions.DatabaseUnavailable: status.HTTP_503_SERVICE_UNAVAILABLE,
     exceptions.UnknownAccount: status.HTTP_404_NOT_FOUND,
     exceptions.SyncAlreadyRunning: status.HTTP_409_CONFLICT,
@@ -105,17 +108,25 @@ def _sync_error(description: str) -> OpenApiResponse:
 SYNC_RESPONSES = {
     200: OpenApiResponse(SyncResultSerializer, description="The sync ran; counts and errors."),
     400: _sync_error(
-        "ibkr_account_id is not one IBKR account id (invalid_account_id), or the request has "
-        "an unknown query parameter or a body (invalid_query); nothing was started."
+        "ibkr_account_id is not one IBKR account id (invalid_account_id); several "
+        "connections are configured and none was named (connection_required); or the "
+        "request has an unknown query parameter, an empty or repeated connection, or a body "
+        "(invalid_query); nothing was started."
     ),
     401: _sync_error(
         "No or invalid credentials, or credentials of another scheme than "
         "`Authorization: Token <key>` (not_authenticated, authentication_failed)."
     ),
     403: _sync_error("Lacks ibkr_sync.run_sync (permission_denied), or no CSRF token."),
-    404: _sync_error("The gateway does not manage that account (unknown_account)."),
+    404: _sync_error(
+        "No connection has that name (unknown_connection), or the gateway does not manage "
+        "that account (unknown_account)."
+    ),
     405: _sync_error("Anything but POST (method_not_allowed)."),
-    409: _sync_error("Another sync is running (sync_already_running)."),
+    409: _sync_error(
+        "Another sync of the same connection is running (sync_already_running), or the "
+        "connection named is disabled (connection_disabled)."
+    ),
     429: _sync_error(
         "Too many syncs by this user: more than IBKR_SYNC_THROTTLE_RATE (throttled). The "
         "Retry-After header says in how many seconds to try again."
@@ -136,7 +147,8 @@ SYNC_RESPONSES = {
 
 @method_decorator(transaction.non_atomic_requests, name="dispatch")
 class IbkrSyncView(ErrorEnvelopeMixin, APIView):
-    """Sync positions from the IB gateway; `?ibkr_account_id=U1234567` limits it to one."""
+    """Sync positions from the IB gateway; `?ibkr_account_id=U1234567` limits it to one
+    account, `?connection=NAME` names the connection to sync."""
 
     permission_classes = [IsAuthenticated, CanRunSync]
     # Not DRF's throttling step, which comes before the request is validated: `post` takes
@@ -158,6 +170,13 @@ class IbkrSyncView(ErrorEnvelopeMixin, APIView):
         "database in line, all or nothing. Needs `ibkr_sync.run_sync`.",
         parameters=[
             OpenApiParameter(
+                "connection",
+                str,
+                description="The connection to sync, by name (as `manage.py ibkr_connection "
+                "list` shows it). Optional with one connection, or none (then the gateway of "
+                "IBKR_HOST, IBKR_PORT, IBKR_CLIENT_ID); required with several.",
+            ),
+            OpenApiParameter(
                 "ibkr_account_id",
                 str,
                 description="Sync (read and reconcile) only this account, e.g. U1234567.",
@@ -177,7 +196,15 @@ class IbkrSyncView(ErrorEnvelopeMixin, APIView):
         # As strict as the read API: a misspelt or misplaced parameter would otherwise
         # be ignored and sync every account. Nothing starts until the request is right.
         refuse_request_body(request, hint="e.g. POST /portfolio/sync/ibkr?ibkr_account_id=U1234567")
-        params = validated_query(request, SyncRequestSerializer, invalid=InvalidAccountIdQuery)
+        params = validated_query(
+            request, SyncRequestSerializer, allowed=("connection",), invalid=InvalidAccountIdQuery
+        )
+        try:
+            # Which connection, before the budget is taken: a name that is wrong is the
+            # caller's input, refused as such (nothing started, nothing recorded).
+            target = connections.resolve(_connection_param(request))
+        except exceptions.IbkrSyncError as exc:
+            return error_response(status_for(exc), exc.code, str(exc))
         for budget in (cls() for cls in self.sync_throttles):
             if not budget.allow_request(request, self):
                 self.throttled(request, budget.wait())
@@ -186,10 +213,29 @@ class IbkrSyncView(ErrorEnvelopeMixin, APIView):
                 params.get("ibkr_account_id"),
                 trigger=SyncRun.Trigger.API,
                 user=request.user,
+                connection=target.connection,
             )
         except exceptions.IbkrSyncError as exc:
             return error_response(status_for(exc), exc.code, str(exc))
         return Response(SyncResultSerializer(result).data, status=status.HTTP_200_OK)
+
+
+def _connection_param(request: Request) -> str | None:
+    """`?connection=NAME`: at most once, never empty; None when not given."""
+    given = request.query_params.getlist("connection")
+    if not given:
+        return None
+    if len(given) > 1:
+        raise InvalidQuery(
+            "connection was given more than once; give one connection's name, e.g. "
+            "?connection=home."
+        )
+    if not given[0]:
+        raise InvalidQuery(
+            "connection is empty: give a connection's name (e.g. ?connection=home), or "
+            "leave the parameter out when only one connection, or none, is configured."
+        )
+    return given[0]
 
 
 # --- sync history ---------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from django import template
 from .. import conf
 from ..decimals import plain as plain_decimal
 from ..mapping import BROKER
+from ..models import Connection
 
 register = template.Library()
 
@@ -26,9 +27,15 @@ def sync_now_form(context) -> dict:
     # On a changelist filtered to one account (its own filter, or a link from the
     # account's page), offer to sync that account.
     chosen = request.GET.get("account__id__exact", "")
+    # With several connections a sync names one: offered are the enabled ones. With one,
+    # or none (the settings' gateway), there is nothing to choose.
+    names = list(Connection.objects.order_by("name").values_list("name", "enabled"))
+    offered = [name for name, enabled in names if enabled] if len(names) > 1 else []
     return {
         "can_run_sync": True,
         "accounts": [(external_id, str(pk) == chosen) for pk, external_id in accounts],
+        "connections": offered,
+        "several_connections": len(names) > 1,
         "next": request.get_full_path(),
     }
 

@@ -6,6 +6,10 @@ README's table are written from it.
 `--json` prints the API's JSON (the same serializer), `--dry-run` reports what a sync
 would change and writes nothing, `--quiet` prints nothing unless it fails (cron mails
 only then). On a terminal, stderr shows progress while a large portfolio arrives.
+
+`--connection NAME` syncs one configured connection (optional with one or none);
+`--all` syncs every enabled connection one after another (`services.sync_all`), a line
+each, and exits with the code of the first failure.
 """
 
 import logging
@@ -21,15 +25,27 @@ from ...api.errors import error_body
 from ...api.serializers import SyncResultSerializer, render_json
 from ...decimals import plain
 from ...models import SyncRun
-from ...services import SyncResult, describe_values, sync_positions
+from ...services import ConnectionOutcome, SyncResult, describe_values, sync_all, sync_positions
 from ...sources.tws import LIBRARY_RECORD
 
 # Every exit code: what it means, and the error it stands for, if one. 78 is manage.py's
 # (a malformed setting stops it before any command runs); argparse exits 2 on bad options.
-EXITS: tuple[tuple[int, type[exceptions.IbkrSyncError] | None, str], ...] = (
+# An exit code may stand for several errors (a tuple).
+_Errors = type[exceptions.IbkrSyncError] | tuple[type[exceptions.IbkrSyncError], ...] | None
+EXITS: tuple[tuple[int, _Errors, str], ...] = (
     (0, None, "success"),
     (1, None, "unexpected error (a bug: the traceback is printed)"),
-    (2, exceptions.InvalidAccountId, "bad arguments (e.g. a malformed account id)"),
+    (
+        2,
+        (
+            exceptions.InvalidAccountId,
+            exceptions.UnknownConnection,
+            exceptions.ConnectionRequired,
+            exceptions.ConnectionDisabled,
+        ),
+        "bad arguments (e.g. a malformed account id, an unknown or disabled connection, "
+        "several connections and none named)",
+    ),
     (3, exceptions.GatewayUnavailable, "gateway unavailable"),
     (4, exceptions.GatewayTimeout, "gateway timeout"),
     (5, exceptions.SyncAlreadyRunning, "another sync is running"),
@@ -44,7 +60,12 @@ EXITS: tuple[tuple[int, type[exceptions.IbkrSyncError] | None, str], ...] = (
     ),
     (78, None, "configuration error (a malformed setting, named in the message)"),
 )
-EXIT_CODES = {error: code for code, error, _ in EXITS if error is not None}
+EXIT_CODES = {
+    error: code
+    for code, errors, _ in EXITS
+    if errors is not None
+    for error in (errors if isinstance(errors, tuple) else (errors,))
+}
 
 _LIBRARY_LOGGERS = ("ibkr_sync", "ib_insync", "ib_async", "eventkit")
 
@@ -53,13 +74,9 @@ def exit_code_for(error: exceptions.IbkrSyncError) -> int:
     return exceptions.lookup(EXIT_CODES, error, 1)
 
 
-class Command(BaseCommand):
-    help = (
-        "Sync positions from the running TWS / IB Gateway (IBKR_HOST, IBKR_PORT, "
-        "IBKR_CLIENT_ID) into the database. Exit codes: "
-        + "; ".join(f"{code} {meaning}" for code, _, meaning in EXITS)
-        + "."
-    )
+class IbkrCommand(BaseCommand):
+    """What the app's commands share: a malformed setting is exit 78 in one line, and bad
+    options are one line and exit 2 (`sync_ibkr`, `ibkr_connection`)."""
 
     def execute(self, *args, **options):
         """A malformed setting is a configuration error (exit 78, one line) in any project:
@@ -81,13 +98,43 @@ class Command(BaseCommand):
         parser = super().create_parser(prog_name, subcommand, **kwargs)
         if parser.called_from_command_line:
             # Bad options are one line and exit 2 too, not argparse's usage block first.
-            def error(message: str) -> None:
-                parser.exit(2, f"{parser.prog}: error: {message} (see --help)\n")
-
-            parser.error = error
+            one_line_errors(parser)
         return parser
 
+
+def one_line_errors(parser: CommandParser) -> None:
+    """Bad options are one line and exit 2, not argparse's usage block first."""
+
+    def error(message: str) -> None:
+        parser.exit(2, f"{parser.prog}: error: {message} (see --help)\n")
+
+    parser.error = error
+
+
+class Command(IbkrCommand):
+    help = (
+        "Sync positions from the running TWS / IB Gateway into the database: a "
+        "configured connection's (--connection NAME, or every enabled one with --all), or "
+        "with none configured IBKR_HOST, IBKR_PORT, IBKR_CLIENT_ID's. Exit codes: "
+        + "; ".join(f"{code} {meaning}" for code, _, meaning in EXITS)
+        + "."
+    )
+
     def add_arguments(self, parser: CommandParser) -> None:
+        which = parser.add_mutually_exclusive_group()
+        which.add_argument(
+            "--connection",
+            metavar="NAME",
+            help="Sync this connection (`manage.py ibkr_connection list`); optional with "
+            "one connection or none (then IBKR_HOST, IBKR_PORT, IBKR_CLIENT_ID).",
+        )
+        which.add_argument(
+            "--all",
+            action="store_true",
+            dest="sync_all",
+            help="Sync every enabled connection, one after another: a line each, and the "
+            "exit code of the first that failed (0 when all succeed).",
+        )
         parser.add_argument(
             "--account",
             metavar="ACCOUNT_ID",
@@ -104,7 +151,8 @@ class Command(BaseCommand):
             "--json",
             action="store_true",
             dest="as_json",
-            help="Print the result (or the error) as the REST API's JSON, on stdout.",
+            help="Print the result (or the error) as the REST API's JSON, on stdout; with "
+            "--all, a list of them, one per connection.",
         )
         output.add_argument(
             "--quiet",
@@ -116,6 +164,8 @@ class Command(BaseCommand):
         self,
         *args,
         account: str | None = None,
+        connection: str | None = None,
+        sync_all: bool = False,
         dry_run: bool = False,
         as_json: bool = False,
         quiet: bool = False,
@@ -123,13 +173,30 @@ class Command(BaseCommand):
         **options,
     ) -> None:
         quiet = quiet or verbosity < 1
+        if sync_all:
+            if account is not None:
+                self._usage_error(
+                    "--all syncs every account of every connection; --account goes with "
+                    "one connection (--connection NAME)"
+                )
+            self._handle_all(dry_run=dry_run, as_json=as_json, quiet=quiet, verbosity=verbosity)
+            return
+        if connection is not None and not connection.strip():
+            self._usage_error(
+                "--connection is empty: give a connection's name (`manage.py "
+                "ibkr_connection list` lists them)"
+            )
         try:
             with (
                 _sync_log_on(self.stderr, verbosity),
                 _progress_on(self.stderr, enabled=not quiet) as progress,
             ):
                 result = sync_positions(
-                    account, trigger=SyncRun.Trigger.COMMAND, dry_run=dry_run, progress=progress
+                    account,
+                    trigger=SyncRun.Trigger.COMMAND,
+                    dry_run=dry_run,
+                    progress=progress,
+                    connection=connection,
                 )
         except exceptions.IbkrSyncError as exc:
             if as_json:
@@ -140,14 +207,58 @@ class Command(BaseCommand):
         elif not quiet:
             self._report(result, verbosity)
 
+    def _usage_error(self, message: str) -> None:
+        """A combination of options that cannot go together: one line, exit 2, as
+        argparse says of a bad option."""
+        raise CommandError(f"{message}.", returncode=2)
+
+    def _handle_all(self, *, dry_run: bool, as_json: bool, quiet: bool, verbosity: int) -> None:
+        """Every enabled connection, one after another: a line each (a success on stdout,
+        a failure on stderr, each naming its connection), then the exit code of the first
+        failure."""
+        with (
+            _sync_log_on(self.stderr, verbosity),
+            _progress_on(self.stderr, enabled=not quiet) as progress,
+        ):
+            told = None if progress is None else (lambda _name, phase, n: progress(phase, n))
+            try:
+                outcomes = sync_all(trigger=SyncRun.Trigger.COMMAND, dry_run=dry_run, progress=told)
+            except exceptions.IbkrSyncError as exc:  # the connections could not be listed
+                if as_json:
+                    self.stdout.write(render_json(error_body(exc.code, str(exc))))
+                raise CommandError(str(exc), returncode=exit_code_for(exc)) from exc
+        if as_json:
+            self.stdout.write(render_json([_outcome_json(o) for o in outcomes]))
+        if not outcomes:
+            if not quiet and not as_json:
+                self.stdout.write("No IBKR connection is enabled: nothing was synced.")
+            return
+        failed = [o for o in outcomes if o.error is not None]
+        for outcome in outcomes:
+            if outcome.error is not None:
+                self.stderr.write(
+                    f"{_label(outcome.connection)}: failed ({outcome.error.code}): {outcome.error}"
+                )
+            elif not quiet and not as_json:
+                self._report(outcome.result, verbosity)
+        if failed:
+            first = failed[0]
+            raise CommandError(
+                f"{len(failed)} of {len(outcomes)} IBKR connection(s) failed: "
+                + ", ".join(_name(o.connection) for o in failed)
+                + f"; the exit code is the first one's ({first.error.code}).",
+                returncode=exit_code_for(first.error),
+            )
+
     def _report(self, result: SyncResult, verbosity: int) -> None:
         values = result.account_values or {}
         missing = [a for a, v in values.items() if v["status"] == "missing"]
         style = self.style.WARNING if result.errors or missing else self.style.SUCCESS
+        of = f" of connection {result.connection}" if result.connection else ""
         if result.dry_run:
-            title = "IBKR sync dry run (nothing written)"
+            title = f"IBKR sync dry run{of} (nothing written)"
         else:
-            title = f"IBKR sync #{result.sync_run_id}"
+            title = f"IBKR sync #{result.sync_run_id}{of}"
         self.stdout.write(style(f"{title}: {result.scope}: {result.outcome}"))
         for change in result.changes or ():
             self.stdout.write(_describe_change(change))
@@ -170,6 +281,23 @@ class Command(BaseCommand):
                 f"  error: {error['account']} conId {error['con_id']} "
                 f"{error['symbol']} ({error['sec_type']}): {error['reason']}"
             )
+
+
+def _name(connection: str) -> str:
+    return connection or "the settings' gateway"
+
+
+def _label(connection: str) -> str:
+    return f"IBKR sync of connection {connection}" if connection else "IBKR sync"
+
+
+def _outcome_json(outcome: ConnectionOutcome) -> dict:
+    """One connection's part of `--all --json`: the API's answer for it, or its error
+    shape naming the connection."""
+    if outcome.error is None:
+        return SyncResultSerializer(outcome.result).data
+    body = error_body(outcome.error.code, str(outcome.error))
+    return {**body, "connection": outcome.connection or None}
 
 
 def _describe_change(change: dict) -> str:

@@ -1,0 +1,165 @@
+"""The connections a sync reads, in the admin: their list, their form, and "Test
+connection" (the handshake only: the server version and the accounts the gateway manages,
+or the error a sync would fail with, in its words), on a connection's page and as an
+action on the list. A thin edge over `services.check_connection`, as `manage.py
+ibkr_connection test` is.
+
+Seeing them needs `ibkr_sync.view_connection`, editing `change_connection`; a test also
+needs `ibkr_sync.run_sync`: it connects to the gateway with the connection's client id,
+as a sync does.
+"""
+
+from __future__ import annotations
+
+from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
+from django.db import transaction
+from django.db.models import OuterRef, Subquery
+from django.http import HttpRequest, HttpResponseNotAllowed, HttpResponseRedirect
+from django.shortcuts import get_object_or_404
+from django.urls import path, reverse
+from django.utils.html import format_html
+
+from .. import selectors
+from ..exceptions import IbkrSyncError
+from ..models import Connection, SyncRun
+from ..permissions import Kind, may_view
+from ..services import check_connection
+from .columns import when
+
+RUN_SYNC = "ibkr_sync.run_sync"
+
+
+def tested(connection: Connection) -> tuple[str, int]:
+    """A connection's test, as the admin says it: its message and level."""
+    try:
+        handshake = check_connection(connection)
+    except IbkrSyncError as exc:
+        return f"Connection {connection.name}: {exc}", messages.ERROR
+    accounts = ", ".join(handshake.accounts) or "none"
+    return (
+        f"Connection {connection.name} ({handshake.address}): ok: server version "
+        f"{handshake.server_version}, accounts {accounts}",
+        messages.SUCCESS,
+    )
+
+
+@admin.register(Connection)
+class ConnectionAdmin(admin.ModelAdmin):
+    list_display = (
+        "name", "kind", "enabled", "address", "client_id", "owner", "last_sync",
+    )  # fmt: skip
+    list_display_links = ("name",)
+    list_filter = ("enabled", "kind")
+    list_select_related = ("owner",)
+    search_fields = ("name", "host", "note")
+    actions = ("test_connections",)
+    autocomplete_fields = ()
+    raw_id_fields = ("owner",)
+    fieldsets = (
+        (None, {"fields": ("name", "kind", "enabled", "owner", "note")}),
+        ("Gateway", {
+            "description": "The TWS / IB Gateway this connection reads: its host, its API "
+                           "port, and a client id no other tool uses on it.",
+            "fields": ("host", "port", "client_id"),
+        }),
+        ("Timeouts", {
+            "classes": ("collapse",),
+            "description": "Seconds; empty: the settings' (IBKR_CONNECT_TIMEOUT, "
+                           "IBKR_REQUEST_TIMEOUT, IBKR_VALUES_TIMEOUT).",
+            "fields": ("connect_timeout", "request_timeout", "values_timeout"),
+        }),
+    )  # fmt: skip
+    change_form_template = "admin/ibkr_sync/connection/change_form.html"
+
+    class Media:
+        css = {"all": ("ibkr_sync/admin.css",)}
+
+    def get_queryset(self, request: HttpRequest):
+        # Each connection's latest sync (a sync refused because another one was running
+        # says nothing of the connection, as for /healthz), in the list's one query.
+        latest = (
+            SyncRun.objects.filter(connection=OuterRef("pk"))
+            .exclude(error_code__in=selectors.NOT_A_FAILURE)
+            .order_by("-pk")
+        )
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(
+                last_run_id=Subquery(latest.values("pk")[:1]),
+                last_run_status=Subquery(latest.values("status")[:1]),
+                last_run_error=Subquery(latest.values("error_code")[:1]),
+                last_run_at=Subquery(latest.values("started_at")[:1]),
+            )
+        )
+
+    def get_list_display(self, request: HttpRequest):
+        # A sync's outcome is sync run data.
+        shown = super().get_list_display(request)
+        if not may_view(request.user, Kind.SYNC_RUNS):
+            shown = tuple(column for column in shown if column != "last_sync")
+        return shown
+
+    @admin.display(description="address", ordering="host")
+    def address(self, obj: Connection) -> str:
+        return obj.address
+
+    @admin.display(description="last sync", ordering="last_run_at")
+    def last_sync(self, obj: Connection) -> str:
+        if getattr(obj, "last_run_id", None) is None:
+            return "never"
+        status = obj.last_run_status
+        label = dict(SyncRun.Status.choices).get(status, status)
+        if obj.last_run_error:
+            label = f"{label} ({obj.last_run_error})"
+        return format_html(
+            '<a href="{}"><span class="ibkr-badge ibkr-badge-{}">{}</span></a> {}',
+            reverse("admin:ibkr_sync_syncrun_change", args=[obj.last_run_id]),
+            status,
+            label,
+            when(obj.last_run_at),
+        )
+
+    # --- Test connection ------------------------------------------------------------------
+
+    def may_test(self, request: HttpRequest) -> bool:
+        return self.has_view_permission(request) and request.user.has_perm(RUN_SYNC)
+
+    def get_actions(self, request: HttpRequest):
+        actions = super().get_actions(request)
+        if not self.may_test(request):
+            actions.pop("test_connections", None)
+        return actions
+
+    @admin.action(description="Test the selected connections (the handshake only)")
+    def test_connections(self, request: HttpRequest, queryset) -> None:
+        if not self.may_test(request):
+            raise PermissionDenied
+        for connection in queryset.order_by("name"):
+            self.message_user(request, *tested(connection))
+
+    def get_urls(self):
+        # No request-wide transaction (ATOMIC_REQUESTS) around a wait on the gateway.
+        test = transaction.non_atomic_requests(self.admin_site.admin_view(self.test_view))
+        return [
+            path("<path:object_id>/test/", test, name="ibkr_sync_connection_test"),
+            *super().get_urls(),
+        ]
+
+    def test_view(self, request: HttpRequest, object_id: str):
+        """The change page's "Test connection" button: the handshake, then back to the
+        page with what the gateway said (or the error) as a message."""
+        if request.method != "POST":
+            return HttpResponseNotAllowed(["POST"])
+        if not self.may_test(request):
+            raise PermissionDenied
+        connection = get_object_or_404(Connection, pk=object_id)
+        self.message_user(request, *tested(connection))
+        return HttpResponseRedirect(
+            reverse("admin:ibkr_sync_connection_change", args=[connection.pk])
+        )
+
+    def change_view(self, request: HttpRequest, object_id, form_url="", extra_context=None):
+        extra_context = {**(extra_context or {}), "can_test": self.may_test(request)}
+        return super().change_view(request, object_id, form_url, extra_context)
