@@ -148,6 +148,12 @@ class SyncResultSerializer(serializers.Serializer):
         "values) were read, or why not (its stored values were kept); null when the sync "
         "does not read values (IBKR_READ_VALUES=false).",
     )
+    accounts_refused = serializers.DictField(
+        child=serializers.CharField(),
+        help_text="Accounts the connection reported but this sync did not write, with the "
+        "reason: a newer snapshot of them (from another connection) was applied already. "
+        "Empty when none.",
+    )
     started_at = serializers.DateTimeField()
     finished_at = serializers.DateTimeField()
 
@@ -168,6 +174,9 @@ def render_json(data: Any) -> str:
 
 class SyncRunSerializer(serializers.ModelSerializer):
     user = serializers.SerializerMethodField(help_text="Who started it; null for the command.")
+    connection = serializers.SerializerMethodField(
+        help_text="The connection synced (its name when it ran); null for the settings' gateway."
+    )
     duration_seconds = serializers.SerializerMethodField()
 
     class Meta:
@@ -177,8 +186,10 @@ class SyncRunSerializer(serializers.ModelSerializer):
             "status",
             "trigger",
             "user",
+            "connection",
             "account_filter",
             "accounts",
+            "accounts_refused",
             "processed",
             "created",
             "updated",
@@ -193,6 +204,9 @@ class SyncRunSerializer(serializers.ModelSerializer):
             "duration_seconds",
         ]
         read_only_fields = fields
+
+    def get_connection(self, run: SyncRun) -> str | None:
+        return run.connection_name or None
 
     def get_user(self, run: SyncRun) -> str | None:
         return None if run.user is None else run.user.get_username()

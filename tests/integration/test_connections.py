@@ -409,3 +409,32 @@ def test_two_syncs_of_one_account_at_the_same_moment_take_turns(two_logins, conc
         else {"AAPL": Decimal("20"), "OWN": Decimal("10")}
     )
     assert held_in_the_shared_account() == expected
+
+
+def test_every_edge_says_which_accounts_were_not_written(two_logins, admin_client):
+    """A newer snapshot of the shared account is applied already (its moment is ahead of
+    any read now): the command, the API's answer and the run's record name it."""
+    import datetime as dt
+    from io import StringIO
+
+    from django.core.management import call_command
+    from django.utils import timezone
+
+    from ibkr_sync.models import AccountReport
+
+    sync("own")
+    AccountReport.objects.filter(external_id=SHARED_ACCOUNT).update(
+        as_of=timezone.now() + dt.timedelta(hours=1)
+    )
+    out = StringIO()
+    call_command("sync_ibkr", "--connection", "adviser", stdout=out)
+    assert f"Not written: {SHARED_ACCOUNT}: " in out.getvalue()
+    assert "connection own reported it as of" in out.getvalue()
+
+    answer = admin_client.post("/portfolio/sync/ibkr?connection=adviser").json()
+    assert list(answer["accounts_refused"]) == [SHARED_ACCOUNT]
+    assert answer["accounts"] == [ADVISER_ONLY]
+    run = admin_client.get(f"/portfolio/sync/runs/{answer['sync_run_id']}").json()
+    assert run["connection"] == "adviser"
+    assert run["accounts_refused"] == answer["accounts_refused"]
+    assert held_in_the_shared_account() == {"AAPL": Decimal("20"), "OWN": Decimal("10")}

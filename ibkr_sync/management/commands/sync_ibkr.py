@@ -253,7 +253,8 @@ class Command(IbkrCommand):
     def _report(self, result: SyncResult, verbosity: int) -> None:
         values = result.account_values or {}
         missing = [a for a, v in values.items() if v["status"] == "missing"]
-        style = self.style.WARNING if result.errors or missing else self.style.SUCCESS
+        refused = result.accounts_refused
+        style = self.style.WARNING if result.errors or missing or refused else self.style.SUCCESS
         of = f" of connection {result.connection}" if result.connection else ""
         if result.dry_run:
             title = f"IBKR sync dry run{of} (nothing written)"
@@ -262,6 +263,9 @@ class Command(IbkrCommand):
         self.stdout.write(style(f"{title}: {result.scope}: {result.outcome}"))
         for change in result.changes or ():
             self.stdout.write(_describe_change(change))
+        for account, reason in refused.items():
+            # Always said: an account a sync reported and did not write.
+            self.stdout.write(self.style.WARNING(f"Not written: {account}: {reason}"))
         if missing and verbosity < 2:
             self.stdout.write(
                 self.style.WARNING(
