@@ -191,7 +191,10 @@ class FakeFlexService:
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name="fake-flex-service", daemon=True
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="fake-flex-service",
+            daemon=True,
         )
         self._thread.start()
         return self
@@ -230,10 +233,9 @@ class FakeFlexService:
                 status, body, content_type = self._scripted(scripted)
             else:
                 status, body, content_type = self._answer(endpoint, params)
-            self._send(
-                handler, status, body, content_type, scripted is not None and scripted.truncate
-            )
         finally:
+            # A request is in flight until its answer is ready: recorded before it is sent,
+            # so that the client's next request never overlaps it in the record.
             with self._lock:
                 self._in_flight[token_hash] -= 1
                 self.requests.append(
@@ -247,6 +249,7 @@ class FakeFlexService:
                         ended=time.monotonic(),
                     )
                 )
+        self._send(handler, status, body, content_type, scripted is not None and scripted.truncate)
 
     def _scripted(self, answer: Answer) -> tuple[int, bytes, str]:
         if answer.code is not None:
