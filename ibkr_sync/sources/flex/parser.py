@@ -1,0 +1,688 @@
+"""Activity Flex statements (XML) into the records of `records.py`.
+
+- Safe: the standard library's XML parser through `defusedxml` (a statement comes from
+  the network): no DTD, no entity, no external reference; any of them refuses the whole
+  document (`FlexFormatError`).
+- Incremental: `iterparse`, each element removed from its parent once read, so that a
+  statement of any size is read in bounded memory. `iter_records` streams the records
+  one by one; `parse_flex` collects them (for statements that fit in memory).
+- All or nothing: XML that is not well formed (a truncated download), a document that is
+  no `FlexQueryResponse`, or an error answer (`FlexStatementResponse` with an
+  `ErrorCode`) raise a `FlexError`. `parse_flex` then returns nothing; a consumer of
+  `iter_records` must drop what it had from the same document.
+- Lenient with what IBKR adds: an element, an attribute or an enum value we do not know
+  is kept (a row's `raw`) or counted (`StatementEnd.rows_ignored`), never fatal; a value
+  that cannot be read is None on its record with a problem that says why, and the row
+  is kept.
+
+Which rows are transactions. `Trades` holds executions (`<Trade levelOfDetail=
+"EXECUTION">`) and, depending on the query, orders, symbol and asset summaries and
+closed lots of them (other elements or other `levelOfDetail`s): only executions are
+trades. `CashTransactions` rows are `DETAIL`s, or summaries of them: only details are
+cash transactions. A row without `levelOfDetail` (a query that left the column out) is
+what its section holds at the finest level. `OpenPositions` may add each position's lots
+(`LOT`) to its `SUMMARY`: positions are the summaries. Rows in the currency
+`BASE_SUMMARY` are totals over currencies, never a currency: the cash report's becomes
+the statement's `CashTotal`; elsewhere they are skipped. What was skipped is counted.
+A conversion rate of -1 is IBKR's "no rate that day" (None).
+
+Values are read by `values.py` (numbers, no value, dates, the time zone).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import IO, Any, Final
+from xml.etree.ElementTree import ParseError
+
+import defusedxml.ElementTree as SafeElementTree
+from defusedxml import DefusedXmlException
+
+from ...snapshot import CurrencyError, currency_code
+from . import values as V
+from .errors import FlexError, FlexFormatError, error_for
+from .records import (
+    AccountInformation,
+    CashBalance,
+    CashTotal,
+    CashTransaction,
+    Contract,
+    CorporateAction,
+    ExchangeRate,
+    FlexResponse,
+    HeldPosition,
+    NetAssetValue,
+    OptionEvent,
+    Statement,
+    StatementEnd,
+    StatementHeader,
+    Trade,
+    frozen_raw,
+)
+
+ROOT: Final = "FlexQueryResponse"
+ERROR_ROOT: Final = "FlexStatementResponse"
+STATEMENT: Final = "FlexStatement"
+ACCOUNT_INFORMATION: Final = "AccountInformation"
+BASE_SUMMARY: Final = "BASE_SUMMARY"
+#: IBKR's rate for a currency it has no rate for on that day.
+NO_RATE: Final = -1
+#: The moment of a statement's day that its `as_of` is: the end of the period's last day.
+END_OF_DAY: Final = dt.time(23, 59, 59)
+
+_CASH_KINDS: Final = {
+    "dividends": "dividend",
+    "dividend": "dividend",
+    "withholding tax": "withholding_tax",
+    "871(m) withholding": "withholding_tax",
+    "payment in lieu of dividends": "payment_in_lieu",
+    "payment in lieu of dividend": "payment_in_lieu",
+    "broker interest paid": "interest",
+    "broker interest received": "interest",
+    "bond interest paid": "interest",
+    "bond interest received": "interest",
+    "broker fees": "fee",
+    "other fees": "fee",
+    "commission adjustments": "fee",
+    "advisor fees": "fee",
+    "deposits": "deposit",
+    "withdrawals": "withdrawal",
+}
+_DEPOSITS_WITHDRAWALS: Final = frozenset({"deposits/withdrawals", "deposits & withdrawals"})
+_OPTION_EVENT_KINDS: Final = {
+    "assignment": "assignment",
+    "exercise": "exercise",
+    "expiration": "expiration",
+    "cash settlement": "cash_settlement",
+    "buy": "buy",
+    "sell": "sell",
+}
+_CORPORATE_ACTION_KINDS: Final = {
+    "FS": "forward_split",
+    "RS": "reverse_split",
+    "SO": "spinoff",
+    "SD": "stock_dividend",
+    "TC": "merger",
+    "TO": "tender",
+    "DW": "delisted",
+    "IC": "identifier_change",
+    "RI": "rights_issue",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseEnd:
+    """The last record of a stream: the response's name and kind, how many statements
+    it held, and its own problems."""
+
+    query_name: str
+    kind: str
+    statements: int
+    problems: tuple[str, ...] = ()
+
+
+def parse_flex(
+    source: str | bytes | IO[bytes],
+    *,
+    zone: dt.tzinfo = V.EASTERN,
+    period: tuple[dt.date, dt.date] | None = None,
+) -> FlexResponse:
+    """A whole response, collected: every statement with its records.
+
+    `source` is a path, a binary file, or the document itself as bytes. `zone` is the
+    zone the statement's times are in; `period` the period the caller asked for, which
+    settles slashed dates the statement's own do not.
+    """
+    statements: list[Statement] = []
+    outside: list[AccountInformation] = []
+    parts: dict[str, Any] = {}
+    end: ResponseEnd | None = None
+    for record in iter_records(source, zone=zone, period=period):
+        match record:
+            case StatementHeader():
+                parts = {"header": record, **{name: [] for name in _COLLECTED.values()}}
+            case StatementEnd():
+                statements.append(_statement(parts, record, outside))
+                parts = {}
+            case AccountInformation() if not parts:
+                outside.append(record)
+            case AccountInformation():
+                parts["account_information"] = record
+            case CashTotal():
+                parts["cash_total"] = record
+            case ResponseEnd():
+                end = record
+            case _:
+                parts[_COLLECTED[type(record)]].append(record)
+    assert end is not None
+    return FlexResponse(
+        query_name=end.query_name,
+        kind=end.kind,
+        statements=tuple(statements),
+        account_information=tuple(outside),
+        problems=end.problems,
+    )
+
+
+def iter_records(
+    source: str | bytes | IO[bytes],
+    *,
+    zone: dt.tzinfo = V.EASTERN,
+    period: tuple[dt.date, dt.date] | None = None,
+) -> Iterator[Any]:
+    """The records of a response in document order, one at a time: for each statement a
+    `StatementHeader`, its rows' records, a `StatementEnd`; `AccountInformation`
+    wherever it stands; a `ResponseEnd` last. Raises FlexError (and yields nothing more)
+    on a document that is not a whole, readable statement."""
+    if isinstance(source, bytes | bytearray):
+        import io
+
+        source = io.BytesIO(source)
+    reader = _Reader(zone, period)
+    try:
+        yield from reader.read(source)
+    except ParseError as error:
+        raise FlexFormatError(
+            f"the statement is not well-formed XML ({error}): truncated or damaged; "
+            "nothing of it was used"
+        ) from None
+    except DefusedXmlException as error:
+        raise FlexFormatError(
+            f"the statement was refused: it declares {_what_was_refused(error)}, which "
+            "a Flex statement never does; nothing of it was used"
+        ) from None
+
+
+def _what_was_refused(error: DefusedXmlException) -> str:
+    name = type(error).__name__
+    if "DTD" in name:
+        return "a document type (DTD)"
+    if "External" in name:
+        return "an external reference"
+    return "entities"
+
+
+class _Row:
+    """One element's attributes, read by the value rules; what could not be read is
+    kept in `problems` (`attribute: why`)."""
+
+    __slots__ = ("attrs", "order", "problems", "zone")
+
+    def __init__(self, attrs: dict[str, str], order: str | None, zone: dt.tzinfo) -> None:
+        self.attrs = attrs
+        self.order = order
+        self.zone = zone
+        self.problems: list[str] = []
+
+    def _read(self, name: str, reader: Callable, *args: Any) -> Any:
+        try:
+            return reader(self.attrs.get(name), *args)
+        except V.ValueRuleError as error:
+            self.problems.append(f"{name}: {error}")
+            return None
+
+    def text(self, name: str) -> str:
+        return V.text(self.attrs.get(name))
+
+    def ident(self, name: str) -> str | None:
+        return V.text(self.attrs.get(name)) or None
+
+    def decimal(self, name: str) -> Any:
+        return self._read(name, V.decimal)
+
+    def integer(self, name: str) -> Any:
+        return self._read(name, V.integer)
+
+    def date(self, name: str) -> dt.date | None:
+        return self._read(name, V.date, self.order)
+
+    def date_time(self, name: str) -> tuple[dt.date | None, dt.datetime | None]:
+        value = self._read(name, V.date_time, self.order, self.zone)
+        return value if value is not None else (None, None)
+
+    def currency(self, name: str = "currency") -> str:
+        value = self.text(name)
+        if not value:
+            return ""
+        try:
+            return currency_code(value)
+        except CurrencyError as error:
+            self.problems.append(f"{name}: {error}")
+            return ""
+
+    def contract(self) -> Contract:
+        sec_type = self.text("assetCategory")
+        right = self.text("putCall").upper()
+        if not right and sec_type in ("OPT", "FOP", "FSFOP"):
+            right = self.text("subCategory").upper()
+        return Contract(
+            con_id=self.integer("conid"),
+            symbol=self.text("symbol"),
+            sec_type=sec_type,
+            currency=self.currency(),
+            multiplier=self.decimal("multiplier"),
+            expiry=self.date("expiry"),
+            strike=self.decimal("strike"),
+            right=right if right in ("P", "C") else "",
+            description=self.text("description"),
+            isin=self.text("isin"),
+            listing_exchange=self.text("listingExchange"),
+            underlying_con_id=self.integer("underlyingConid"),
+            underlying_symbol=self.text("underlyingSymbol"),
+        )
+
+    def has_contract(self) -> bool:
+        return bool(self.text("conid") or self.text("symbol"))
+
+    def done(self) -> dict[str, Any]:
+        return {"raw": frozen_raw(self.attrs), "problems": tuple(self.problems)}
+
+
+class _Reader:
+    def __init__(self, zone: dt.tzinfo, period: tuple[dt.date, dt.date] | None) -> None:
+        self.zone = zone
+        self.period = period
+        self.statements = 0
+        self.problems: list[str] = []
+        # The statement being read.
+        self.statement: StatementHeader | None = None
+        self.statement_depth = 0
+        self.order: str | None = None
+        self.read_counts: Counter[str] = Counter()
+        self.skipped: Counter[str] = Counter()
+        self.ignored: Counter[str] = Counter()
+        self.sections: list[str] = []
+        self.section_rows = 0
+        self.row_problems = 0
+
+    def read(self, source: str | IO[bytes]) -> Iterator[Any]:
+        stack: list[Any] = []
+        root_attrs: dict[str, str] = {}
+        error_fields: dict[str, str] = {}
+        declared: list[str] = []
+        events = SafeElementTree.iterparse(
+            source, events=("start", "end"), forbid_dtd=True, forbid_entities=True
+        )
+        for event, element in events:
+            if event == "start":
+                stack.append(element)
+                depth = len(stack)
+                if depth == 1:
+                    if element.tag not in (ROOT, ERROR_ROOT):
+                        raise FlexFormatError(
+                            f"not a Flex statement: the document is a <{element.tag[:40]}>, "
+                            f"not a <{ROOT}>; nothing of it was used"
+                        )
+                    root_attrs = dict(element.attrib)
+                elif stack[0].tag == ROOT:
+                    if element.tag == "FlexStatements" and depth == 2:
+                        declared.append(element.get("count", ""))
+                    if element.tag == STATEMENT and self.statement is None:
+                        yield self._start_statement(element, depth)
+                    elif self.statement is not None and depth == self.statement_depth + 1:
+                        self.sections.append(element.tag)
+                        self.section_rows = 0
+                continue
+            depth = len(stack)
+            if stack[0].tag == ERROR_ROOT:
+                if depth == 2:
+                    error_fields[element.tag] = (element.text or "").strip()
+                if depth == 1:
+                    raise self._error_response(error_fields)
+            elif depth >= 2:
+                yield from self._end(element, depth, stack)
+            stack.pop()
+            if stack:
+                stack[-1].remove(element)
+        counts = [int(c) for c in declared if c.isdigit()]
+        if counts and sum(counts) != self.statements:
+            self.problems.append(
+                f"the response says it holds {sum(counts)} statement(s) and holds {self.statements}"
+            )
+        yield ResponseEnd(
+            query_name=root_attrs.get("queryName", ""),
+            kind=root_attrs.get("type", ""),
+            statements=self.statements,
+            problems=tuple(self.problems),
+        )
+
+    def _error_response(self, fields: dict[str, str]) -> FlexError:
+        code_text = fields.get("ErrorCode", "")
+        code = int(code_text) if code_text.isdigit() else None
+        if code is None and fields.get("Status", "").lower() == "success":
+            return FlexFormatError(
+                "the answer is the Flex Web Service's acknowledgement of a request, not a statement"
+            )
+        return error_for(code, fields.get("ErrorMessage", ""))
+
+    def _start_statement(self, element: Any, depth: int) -> StatementHeader:
+        attrs = dict(element.attrib)
+        try:
+            self.order = V.slash_order(
+                attrs.get("fromDate"),
+                attrs.get("toDate"),
+                attrs.get("whenGenerated"),
+                expected=self.period,
+            )
+        except V.AmbiguousDateFormat as error:
+            raise FlexFormatError(f"statement {self.statements + 1}: {error}") from None
+        row = _Row(attrs, self.order, self.zone)
+        to_date = row.date("toDate")
+        _, generated_at = row.date_time("whenGenerated")
+        self.statement = StatementHeader(
+            index=self.statements,
+            account=row.text("accountId"),
+            from_date=row.date("fromDate"),
+            to_date=to_date,
+            as_of=dt.datetime.combine(to_date, END_OF_DAY, self.zone) if to_date else None,
+            generated_at=generated_at,
+            period=row.text("period"),
+            **row.done(),
+        )
+        self.statement_depth = depth
+        self.read_counts, self.skipped, self.ignored = Counter(), Counter(), Counter()
+        self.sections, self.row_problems = [], 0
+        return self.statement
+
+    def _end(self, element: Any, depth: int, stack: list[Any]) -> Iterator[Any]:
+        statement = self.statement
+        if statement is None:
+            if element.tag == ACCOUNT_INFORMATION:
+                yield self._account_information(dict(element.attrib), None)
+            return
+        relative = depth - self.statement_depth
+        if relative == 0:
+            yield StatementEnd(
+                index=statement.index,
+                account=statement.account,
+                rows_read=dict(self.read_counts),
+                rows_skipped=dict(self.skipped),
+                rows_ignored=dict(self.ignored),
+                sections=tuple(self.sections),
+                problems=self.row_problems,
+            )
+            self.statements += 1
+            self.statement = None
+        elif relative == 1:
+            if element.tag == ACCOUNT_INFORMATION:
+                record = self._account_information(dict(element.attrib), statement)
+                self.read_counts[ACCOUNT_INFORMATION] += 1
+                yield record
+            elif self.section_rows == 0 and element.attrib:
+                self.ignored[element.tag] += 1  # a section of one element (ChangeInNAV)
+        elif relative == 2:
+            self.section_rows += 1
+            section = stack[self.statement_depth].tag
+            path = f"{section}/{element.tag}"
+            handler = _HANDLERS.get(path)
+            if handler is None:
+                self.ignored[path] += 1
+                return
+            row = _Row(dict(element.attrib), self.order, self.zone)
+            record = handler(self, row, statement)
+            if record is None:
+                self.skipped[path] += 1
+                return
+            self.read_counts[path] += 1
+            self.row_problems += len(record.problems)
+            yield record
+        else:
+            section = stack[self.statement_depth].tag
+            self.ignored[
+                "/".join([section, *(e.tag for e in stack[self.statement_depth + 1 :])])
+            ] += 1
+
+    def _account_information(
+        self, attrs: dict[str, str], statement: StatementHeader | None
+    ) -> AccountInformation:
+        row = _Row(attrs, self.order, self.zone)
+        account = row.text("accountId") or (statement.account if statement else "")
+        return AccountInformation(
+            account=account, base_currency=row.currency(), name=row.text("name"), **row.done()
+        )
+
+    # --- the rows ---
+
+    def _account(self, row: _Row, statement: StatementHeader) -> str:
+        return row.text("accountId") or statement.account
+
+    def position(self, row: _Row, statement: StatementHeader) -> HeldPosition | None:
+        if row.text("levelOfDetail").upper() not in ("", "SUMMARY"):
+            return None
+        return HeldPosition(
+            account=self._account(row, statement),
+            contract=row.contract(),
+            quantity=row.decimal("position"),
+            mark_price=row.decimal("markPrice"),
+            market_value=row.decimal("positionValue"),
+            cost_basis_price=row.decimal("costBasisPrice"),
+            cost_basis=row.decimal("costBasisMoney"),
+            unrealized_pnl=row.decimal("fifoPnlUnrealized"),
+            fx_rate_to_base=row.decimal("fxRateToBase"),
+            report_date=row.date("reportDate"),
+            **row.done(),
+        )
+
+    def cash(self, row: _Row, statement: StatementHeader) -> CashBalance | CashTotal:
+        account = self._account(row, statement)
+        if row.text("currency") == BASE_SUMMARY:
+            return CashTotal(
+                account=account,
+                ending_cash=row.decimal("endingCash"),
+                ending_settled_cash=row.decimal("endingSettledCash"),
+                **row.done(),
+            )
+        return CashBalance(
+            account=account,
+            currency=row.currency(),
+            ending_cash=row.decimal("endingCash"),
+            ending_settled_cash=row.decimal("endingSettledCash"),
+            **row.done(),
+        )
+
+    def net_asset_value(self, row: _Row, statement: StatementHeader) -> NetAssetValue | None:
+        if row.text("currency") == BASE_SUMMARY:
+            return None
+        return NetAssetValue(
+            account=self._account(row, statement),
+            date=row.date("reportDate"),
+            currency=row.currency(),
+            total=row.decimal("total"),
+            cash=row.decimal("cash"),
+            stock=row.decimal("stock"),
+            options=row.decimal("options"),
+            **row.done(),
+        )
+
+    def exchange_rate(self, row: _Row, statement: StatementHeader) -> ExchangeRate:
+        rate = row.decimal("rate")
+        if rate == NO_RATE:
+            rate = None
+        elif rate is not None and rate <= 0:
+            row.problems.append(f"rate: {V.shown(row.attrs.get('rate'))} is no rate")
+            rate = None
+        return ExchangeRate(
+            date=row.date("reportDate"),
+            from_currency=row.currency("fromCurrency"),
+            to_currency=row.currency("toCurrency"),
+            rate=rate,
+            **row.done(),
+        )
+
+    def trade(self, row: _Row, statement: StatementHeader) -> Trade | None:
+        if row.text("levelOfDetail").upper() not in ("", "EXECUTION"):
+            return None
+        if row.text("currency") == BASE_SUMMARY:
+            return None
+        day, traded_at = row.date_time("dateTime")
+        trade_date = row.date("tradeDate") or day
+        if traded_at is None and trade_date is not None and row.text("tradeTime"):
+            time = row._read("tradeTime", V.time_of_day)
+            if time is not None:
+                traded_at = dt.datetime.combine(trade_date, time, self.zone)
+        buy_sell = row.text("buySell")
+        codes = tuple(code for code in row.text("notes").split(";") if code.strip())
+        side = buy_sell.upper()
+        return Trade(
+            account=self._account(row, statement),
+            transaction_id=row.ident("transactionID"),
+            trade_id=row.ident("tradeID"),
+            contract=row.contract(),
+            trade_date=trade_date,
+            traded_at=traded_at,
+            settle_date=row.date("settleDateTarget"),
+            buy_sell="BUY"
+            if side.startswith("BUY")
+            else "SELL"
+            if side.startswith("SELL")
+            else buy_sell,
+            quantity=row.decimal("quantity"),
+            price=row.decimal("tradePrice"),
+            proceeds=row.decimal("proceeds"),
+            commission=row.decimal("ibCommission"),
+            commission_currency=row.currency("ibCommissionCurrency"),
+            currency=row.currency(),
+            realized_pnl=row.decimal("fifoPnlRealized"),
+            fx_rate_to_base=row.decimal("fxRateToBase"),
+            taxes=row.decimal("taxes"),
+            net_cash=row.decimal("netCash"),
+            open_close=row.text("openCloseIndicator"),
+            codes=codes,
+            cancelled="(CA.)" in side or "Ca" in codes,
+            transaction_type=row.text("transactionType"),
+            order_id=row.ident("ibOrderID"),
+            execution_id=row.text("ibExecID"),
+            **row.done(),
+        )
+
+    def cash_transaction(self, row: _Row, statement: StatementHeader) -> CashTransaction | None:
+        if row.text("levelOfDetail").upper() not in ("", "DETAIL"):
+            return None
+        if row.text("currency") == BASE_SUMMARY:
+            return None
+        type_text = row.text("type")
+        amount = row.decimal("amount")
+        normalised = " ".join(type_text.lower().split())
+        kind = _CASH_KINDS.get(normalised)
+        if normalised in _DEPOSITS_WITHDRAWALS:
+            kind = "withdrawal" if amount is not None and amount < 0 else "deposit"
+        day, happened_at = row.date_time("dateTime")
+        settle_date = row.date("settleDate")
+        report_date = row.date("reportDate")
+        return CashTransaction(
+            account=self._account(row, statement),
+            transaction_id=row.ident("transactionID"),
+            kind=kind or "other",
+            type_text=type_text,
+            date=day or settle_date or report_date,
+            happened_at=happened_at,
+            amount=amount,
+            currency=row.currency(),
+            contract=row.contract() if row.has_contract() else None,
+            description=row.text("description"),
+            action_id=row.ident("actionID"),
+            settle_date=settle_date,
+            report_date=report_date,
+            ex_date=row.date("exDate"),
+            fx_rate_to_base=row.decimal("fxRateToBase"),
+            code=row.text("code"),
+            trade_id=row.ident("tradeID"),
+            client_reference=row.text("clientReference"),
+            **row.done(),
+        )
+
+    def corporate_action(self, row: _Row, statement: StatementHeader) -> CorporateAction | None:
+        if row.text("levelOfDetail").upper() not in ("", "DETAIL"):
+            return None
+        type_code = row.text("type")
+        day, happened_at = row.date_time("dateTime")
+        return CorporateAction(
+            account=self._account(row, statement),
+            transaction_id=row.ident("transactionID"),
+            action_id=row.ident("actionID"),
+            kind=_CORPORATE_ACTION_KINDS.get(type_code.upper(), "other"),
+            type_code=type_code,
+            contract=row.contract() if row.has_contract() else None,
+            report_date=row.date("reportDate"),
+            happened_at=happened_at,
+            date=day or row.date("reportDate"),
+            description=row.text("description") or row.text("actionDescription"),
+            quantity=row.decimal("quantity"),
+            amount=row.decimal("amount"),
+            proceeds=row.decimal("proceeds"),
+            value=row.decimal("value"),
+            currency=row.currency(),
+            realized_pnl=row.decimal("fifoPnlRealized"),
+            **row.done(),
+        )
+
+    def option_event(self, row: _Row, statement: StatementHeader) -> OptionEvent:
+        type_text = row.text("transactionType")
+        return OptionEvent(
+            account=self._account(row, statement),
+            transaction_id=row.ident("transactionID"),
+            kind=_OPTION_EVENT_KINDS.get(" ".join(type_text.lower().split()), "other"),
+            type_text=type_text,
+            contract=row.contract(),
+            date=row.date("date"),
+            quantity=row.decimal("quantity"),
+            price=row.decimal("tradePrice"),
+            mark_price=row.decimal("markPrice"),
+            proceeds=row.decimal("proceeds"),
+            realized_pnl=row.decimal("realizedPnl"),
+            currency=row.currency(),
+            trade_id=row.ident("tradeID"),
+            **row.done(),
+        )
+
+
+#: The rows read, by `Section/Row`; every other row is counted as ignored.
+_HANDLERS: Final[dict[str, Callable]] = {
+    "OpenPositions/OpenPosition": _Reader.position,
+    "CashReport/CashReportCurrency": _Reader.cash,
+    "EquitySummaryInBase/EquitySummaryByReportDateInBase": _Reader.net_asset_value,
+    "ConversionRates/ConversionRate": _Reader.exchange_rate,
+    "Trades/Trade": _Reader.trade,
+    "Trades/Order": lambda *_: None,
+    "Trades/SymbolSummary": lambda *_: None,
+    "Trades/AssetSummary": lambda *_: None,
+    "Trades/Lot": lambda *_: None,
+    "Trades/WashSale": lambda *_: None,
+    "CashTransactions/CashTransaction": _Reader.cash_transaction,
+    "CorporateActions/CorporateAction": _Reader.corporate_action,
+    "OptionEAE/OptionEAE": _Reader.option_event,
+}
+_COLLECTED: Final = {
+    HeldPosition: "positions",
+    CashBalance: "cash",
+    NetAssetValue: "net_asset_values",
+    ExchangeRate: "exchange_rates",
+    Trade: "trades",
+    CashTransaction: "cash_transactions",
+    CorporateAction: "corporate_actions",
+    OptionEvent: "option_events",
+}
+
+
+def _statement(
+    parts: dict[str, Any], end: StatementEnd, outside: list[AccountInformation]
+) -> Statement:
+    header: StatementHeader = parts["header"]
+    information = parts.get("account_information")
+    if information is None:
+        information = next((a for a in outside if a.account == header.account), None)
+    by_day: dict[Any, NetAssetValue] = {}
+    for value in parts["net_asset_values"]:
+        by_day[(value.account, value.date)] = value
+    return Statement(
+        header=header,
+        end=end,
+        base_currency=information.base_currency if information else "",
+        account_information=information,
+        cash_total=parts.get("cash_total"),
+        **{name: tuple(parts[name]) for name in _COLLECTED.values() if name != "net_asset_values"},
+        net_asset_values=tuple(by_day.values()),
+    )

@@ -1,0 +1,233 @@
+"""The rules for the values of a Flex statement: numbers, "no value", dates and times.
+
+Every value of an Activity Flex statement is the text of an XML attribute. Standard
+library only, pure: the parser reads by these rules, and nothing else decides them.
+
+No value. IBKR leaves an attribute empty, or writes `--` or `N/A`, where it has no
+value (an exchange of a book trade, an `exchOrderId`, a strike of a stock): each of them
+is None for a number or a date, "" for a text.
+
+Numbers. Plain decimal text as IBKR prints it: an optional minus sign, ASCII digits with
+an optional fraction, an optional exponent. Read into a `Decimal` from the text itself,
+never through a float, so `0.1` is exactly one tenth and `-0` stays what IBKR wrote.
+Anything else (`1,234.5`, `+1`, `0x10`, `NaN`, a placeholder like `XXXXXCAD`) is not a
+number: the field has no value, and the record says why (`ValueRuleError`); it never
+ends the parse.
+
+Dates. A Flex Query's date format is a setting of the query: `yyyyMMdd` (the default),
+`yyyy-MM-dd`, `MM/dd/yyyy`, `MM/dd/yy`, `dd/MM/yyyy`, `dd/MM/yy` or `dd-MMM-yy`. All but
+the slashed ones say which they are by their shape. A slashed date is ambiguous
+(`03/04/2025`): which order a statement uses is decided once per statement, from the
+statement's own `fromDate`, `toDate` and `whenGenerated` (`slash_order`): a part above 12
+tells, and so does the only order in which the period runs forwards and was generated
+after it began; a caller that knows the period it asked for (the client does) settles
+the rest. What is still ambiguous is refused (`AmbiguousDateFormat`), never guessed.
+
+Times. A date-time is the date, a separator (`;`, `,`, a space, or none at all) and the
+time (`HHmmss`, `HH:mm:ss`, `HHmm` or `HH:mm`). Flex writes no time zone: IBKR's
+statements give times in US Eastern time (the zone of its statement day, and of the
+`timestamp` the Flex Web Service itself writes, e.g. `EDT`), so a time is read as
+America/New_York unless the caller names the account's zone. Every datetime returned is
+aware.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from decimal import Decimal, InvalidOperation
+from typing import Final
+from zoneinfo import ZoneInfo
+
+#: The zone Flex statement times are in, unless the caller says otherwise.
+EASTERN: Final = ZoneInfo("America/New_York")
+#: What IBKR writes for "no value".
+NO_VALUE: Final = frozenset({"", "--", "N/A"})
+
+MONTH_DAY: Final = "MDY"
+DAY_MONTH: Final = "DMY"
+
+_DECIMAL: Final = re.compile(
+    r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]{1,4})?"
+).fullmatch
+_INTEGER: Final = re.compile(r"-?[0-9]{1,30}").fullmatch
+_MONTHS: Final = {
+    name: number
+    for number, name in enumerate(
+        ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC"),
+        start=1,
+    )
+}
+# The date part of a value, by shape; the time part after it, if any.
+_DATE: Final = (
+    r"(?:(?P<compact>[0-9]{8})"
+    r"|(?P<iso>[0-9]{4}-[0-9]{2}-[0-9]{2})"
+    r"|(?P<slashed>[0-9]{2}/[0-9]{2}/(?:[0-9]{4}|[0-9]{2}))"
+    r"|(?P<named>[0-9]{2}-[A-Za-z]{3}-[0-9]{2}))"
+)
+_TIME: Final = r"(?P<time>[0-9]{2}:[0-9]{2}(?::[0-9]{2})?|[0-9]{6}|[0-9]{4})"
+_DATE_TIME: Final = re.compile(rf"{_DATE}(?:[;, ]?{_TIME})?").fullmatch
+_TIME_ONLY: Final = re.compile(_TIME).fullmatch
+
+
+class ValueRuleError(ValueError):
+    """A text that is not a value of its kind; the message quotes it (cut)."""
+
+
+class AmbiguousDateFormat(ValueRuleError):
+    """Slashed dates whose order (month/day or day/month) the statement does not tell."""
+
+
+def is_no_value(text: str | None) -> bool:
+    return text is None or text.strip() in NO_VALUE
+
+
+def text(value: str | None) -> str:
+    """A text attribute: "" for no value, else as written (outer spaces removed)."""
+    return "" if is_no_value(value) else value.strip()  # type: ignore[union-attr]
+
+
+def decimal(value: str | None) -> Decimal | None:
+    """An exact number, None for no value; ValueRuleError for what is not a number."""
+    if is_no_value(value):
+        return None
+    stripped = value.strip()  # type: ignore[union-attr]
+    if _DECIMAL(stripped) is None:
+        raise ValueRuleError(f"{shown(stripped)} is not a number")
+    try:
+        return Decimal(stripped)
+    except InvalidOperation:  # pragma: no cover - the grammar admits only numbers
+        raise ValueRuleError(f"{shown(stripped)} is not a number") from None
+
+
+def integer(value: str | None) -> int | None:
+    """A whole number (an id such as a conId), None for no value."""
+    if is_no_value(value):
+        return None
+    stripped = value.strip()  # type: ignore[union-attr]
+    if _INTEGER(stripped) is None:
+        raise ValueRuleError(f"{shown(stripped)} is not a whole number")
+    return int(stripped)
+
+
+def date(value: str | None, order: str | None = None) -> dt.date | None:
+    """A date in any of the query's formats (the date part of a date-time too)."""
+    if is_no_value(value):
+        return None
+    match = _DATE_TIME(value.strip())  # type: ignore[union-attr]
+    if match is None:
+        raise ValueRuleError(f"{shown(value)} is not a date")
+    return _date_of(match, order)
+
+
+def date_time(
+    value: str | None, order: str | None = None, zone: dt.tzinfo = EASTERN
+) -> tuple[dt.date, dt.datetime | None] | None:
+    """A date-time: its date, and the aware moment when a time came with it (None when
+    the value is a date alone). None for no value."""
+    if is_no_value(value):
+        return None
+    match = _DATE_TIME(value.strip())  # type: ignore[union-attr]
+    if match is None:
+        raise ValueRuleError(f"{shown(value)} is not a date-time")
+    day = _date_of(match, order)
+    if match["time"] is None:
+        return day, None
+    return day, dt.datetime.combine(day, _time_of(match["time"]), zone)
+
+
+def time_of_day(value: str | None) -> dt.time | None:
+    """A time alone (an old query's `tradeTime`), None for no value."""
+    if is_no_value(value):
+        return None
+    stripped = value.strip()  # type: ignore[union-attr]
+    if _TIME_ONLY(stripped) is None:
+        raise ValueRuleError(f"{shown(stripped)} is not a time")
+    return _time_of(stripped)
+
+
+def is_slashed(value: str | None) -> bool:
+    match = None if is_no_value(value) else _DATE_TIME(value.strip())  # type: ignore[union-attr]
+    return match is not None and match["slashed"] is not None
+
+
+def slash_order(
+    from_date: str | None,
+    to_date: str | None,
+    generated: str | None,
+    *,
+    expected: tuple[dt.date, dt.date] | None = None,
+) -> str | None:
+    """Which order a statement's slashed dates are in, from its own period: MONTH_DAY,
+    DAY_MONTH, or None when its dates are not slashed. `expected` is the period the
+    caller asked for, if it knows it. AmbiguousDateFormat when nothing tells."""
+    values = [v for v in (from_date, to_date, generated) if is_slashed(v)]
+    if not values:
+        return None
+    candidates = []
+    for order in (MONTH_DAY, DAY_MONTH):
+        try:
+            start, end, made = (
+                None if is_no_value(v) else date(v, order) for v in (from_date, to_date, generated)
+            )
+        except ValueRuleError:
+            continue
+        if start is not None and end is not None and start > end:
+            continue
+        if start is not None and made is not None and made < start:
+            continue
+        if expected is not None and (start, end) != tuple(expected):
+            continue
+        candidates.append(order)
+    if len(candidates) == 1:
+        return candidates[0]
+    period = f"fromDate {shown(from_date)}, toDate {shown(to_date)}"
+    if not candidates:
+        raise AmbiguousDateFormat(
+            f"the statement's dates ({period}) are in no date format a Flex Query has"
+        )
+    raise AmbiguousDateFormat(
+        f"the statement's dates ({period}) may be month/day or day/month: set the Flex "
+        "Query's date format to yyyyMMdd (or yyyy-MM-dd) in Client Portal"
+    )
+
+
+def shown(value: object, limit: int = 40) -> str:
+    """A text as a message quotes it: repr, cut to `limit` characters."""
+    value = str(value)
+    return repr(value if len(value) <= limit else value[:limit] + "...")
+
+
+def _date_of(match: re.Match, order: str | None) -> dt.date:
+    try:
+        if match["compact"]:
+            c = match["compact"]
+            return dt.date(int(c[:4]), int(c[4:6]), int(c[6:]))
+        if match["iso"]:
+            return dt.date.fromisoformat(match["iso"])
+        if match["named"]:
+            day, month, year = match["named"].split("-")
+            if month.upper() not in _MONTHS:
+                raise ValueRuleError(f"{shown(match.group(0))} is not a date")
+            return dt.date(2000 + int(year), _MONTHS[month.upper()], int(day))
+        first, second, year = match["slashed"].split("/")
+        if order is None:
+            raise AmbiguousDateFormat(
+                f"{shown(match['slashed'])} may be month/day or day/month and the statement "
+                "does not say which"
+            )
+        month, day = (first, second) if order == MONTH_DAY else (second, first)
+        full_year = int(year) if len(year) == 4 else 2000 + int(year)
+        return dt.date(full_year, int(month), int(day))
+    except ValueError as error:
+        if isinstance(error, ValueRuleError):
+            raise
+        raise ValueRuleError(f"{shown(match.group(0))} is not a date ({error})") from None
+
+
+def _time_of(value: str) -> dt.time:
+    digits = value.replace(":", "")
+    try:
+        return dt.time(int(digits[:2]), int(digits[2:4]), int(digits[4:6] or 0))
+    except ValueError:
+        raise ValueRuleError(f"{shown(value)} is not a time") from None
