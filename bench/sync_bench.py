@@ -660,13 +660,15 @@ def worker_connections(args: argparse.Namespace) -> dict[str, Any]:
         children = [_start_child(url, name) for name in pair]
         _go(children)  # a first sync in each, not timed: imports, connections, caches
         alone: dict[str, list[float]] = {name: [] for name in pair}
+        cpu: dict[str, list[float]] = {name: [] for name in pair}
         together: list[float] = []
         for _ in range(args.repeat):
             for name, child in zip(pair, children, strict=True):
-                (start, end), *_ = _go([child])
+                (start, end, spent), *_ = _go([child])
                 alone[name].append(end - start)
+                cpu[name].append(spent)
             stamps = _go(children)
-            together.append(max(end for _, end in stamps) - min(start for start, _ in stamps))
+            together.append(max(s[1] for s in stamps) - min(s[0] for s in stamps))
     finally:
         for child in children:
             with contextlib.suppress(Exception):
@@ -687,6 +689,7 @@ def worker_connections(args: argparse.Namespace) -> dict[str, Any]:
         "pair": pair,
         "alone": {name: median(times) for name, times in alone.items()},
         "alone_runs": alone,
+        "alone_cpu": {name: median(times) for name, times in cpu.items()},
         "together": median(together),
         "together_runs": together,
         "rss": peak_rss_mib(),
@@ -707,8 +710,9 @@ def _start_child(url: str, name: str) -> subprocess.Popen:
     return child
 
 
-def _go(children: list[subprocess.Popen]) -> list[tuple[float, float]]:
-    """Tell the children to sync, all at once; each one's (start, end) wall-clock time."""
+def _go(children: list[subprocess.Popen]) -> list[tuple[float, float, float]]:
+    """Tell the children to sync, all at once; each one's (start, end) wall-clock time and
+    the CPU seconds its process spent on the sync."""
     for child in children:
         child.stdin.write("go\n")
     for child in children:
@@ -718,7 +722,7 @@ def _go(children: list[subprocess.Popen]) -> list[tuple[float, float]]:
         answer = json.loads(child.stdout.readline())
         if "error" in answer:
             raise SystemExit(f"a concurrent sync failed: {answer['error']}")
-        stamps.append((answer["start"], answer["end"]))
+        stamps.append((answer["start"], answer["end"], answer["cpu"]))
     return stamps
 
 
@@ -739,7 +743,7 @@ def worker_one_sync(args: argparse.Namespace) -> dict[str, Any]:
     for line in sys.stdin:
         if line.strip() != "go":
             break
-        start = time.time()
+        start, cpu = time.time(), time.process_time()
         try:
             result = services.sync_positions(
                 connection=args.connection, trigger=SyncRun.Trigger.COMMAND
@@ -747,9 +751,10 @@ def worker_one_sync(args: argparse.Namespace) -> dict[str, Any]:
         except Exception as exc:  # reported to the driver, which stops the run
             print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}), flush=True)
             continue
-        end = time.time()
+        end, cpu = time.time(), time.process_time() - cpu
         syncs += 1
-        print(json.dumps({"start": start, "end": end, "outcome": result.outcome}), flush=True)
+        answer = {"start": start, "end": end, "cpu": cpu, "outcome": result.outcome}
+        print(json.dumps(answer), flush=True)
     return {"syncs": syncs}
 
 
@@ -994,16 +999,17 @@ def connections_table(args: argparse.Namespace, dbs: dict[str, str]) -> None:
         singles = median(lambda out: out["sum_of_singles"])
         everything = median(lambda out: out["sync_all"])
         a, b = outs[-1]["pair"]
-        slower = median(lambda out: max(out["alone"].values()))
+        alone = {name: median(lambda out, name=name: out["alone"][name]) for name in (a, b)}
+        slower = max(alone.values())
         together = median(lambda out: out["together"])
         row(db_name, f"{c} single first syncs, summed", f"{first:.3f}", "-", "-")
         row(db_name, f"{c} single syncs, summed", f"{singles:.3f}", "1.00", "-")
         row(db_name, "sync_all", f"{everything:.3f}", f"{everything / singles:.2f}",
             "<= 1.2 x the singles")  # fmt: skip
         for name in (a, b):
-            alone = median(lambda out, name=name: out["alone"][name])
-            row(db_name, f"{name} alone, in a process of its own", f"{alone:.3f}",
-                f"{alone / slower:.2f}", "-")  # fmt: skip
+            cpu = median(lambda out, name=name: out["alone_cpu"][name])
+            row(db_name, f"{name} alone, in a process of its own", f"{alone[name]:.3f}",
+                f"{alone[name] / slower:.2f}", f"- (its process's CPU: {cpu:.3f} s)")  # fmt: skip
         row(db_name, f"{a} and {b} at the same moment, two processes", f"{together:.3f}",
             f"{together / slower:.2f}", "<= 1.3 x the slower alone")  # fmt: skip
     print(f"\n{load_average()} at the end")
