@@ -1,30 +1,42 @@
 """How close to the gateway's own speed does a sync of a large portfolio run?
 
 For each portfolio size N and account count K, the bundled IB Gateway simulator is
-started in a process of its own with N generated positions across K accounts, and each
+started in a process of its own with N generated positions across K accounts (and read
+once, untimed, so that it has every frame's texts at hand as a gateway does), and each
 measurement runs in a fresh Python process (so its peak memory is its own):
 
+  wire       the bare wire read, no client library: the TWS API handshake ("API\\0" and
+             the version range), startApi, then reqPositions until positionEnd, every
+             frame cut out of the stream and split into its fields
   raw        the naive read: ib_insync `IB.connect()` + `reqPositions()`, no database
              (connect already streams every position, reqPositions streams them again)
   first      a sync into an empty database (every account, instrument, position created)
-  unchanged  the same sync again (best of --repeat; nothing may be written)
+  unchanged  the same sync again (median of --repeat; nothing may be written)
   changed    a sync after 10% of quantities changed and 5% of positions closed
   with values  the product's sync as it runs by default: positions and, in the same
              connection, every account's values (cash, net liquidation, P&L, each
-             position's market value), after every price moved (best of --repeat)
+             position's market value), after every price moved (median of --repeat)
 
-The first three steps read positions only (IBKR_READ_VALUES=false), as the naive baseline
-does; "with values" is measured beside them in the same run, against the same raw read.
+The sync steps before "with values" read positions only (IBKR_READ_VALUES=false), as the
+two reads do; "with values" is measured beside them in the same run.
 
 for the product's set-based sync and, as the baseline, a naive per-row
-`update_or_create` sync kept only here. Each row shows seconds, the ratio to the raw
-read, queries issued, rows written and the process's peak RSS up to the end of that step
-(steps run in the order shown, in one process).
+`update_or_create` sync kept only here. Each row shows seconds (the median of --repeat
+runs, and of --runs fresh processes), the ratios to the raw and to the wire read, queries
+issued, rows written and the process's peak RSS up to the end of that step (steps run in
+the order shown, in one process).
 
     python bench/sync_bench.py                                # the full matrix
-    python bench/sync_bench.py --positions 10000 --accounts 1 --databases sqlite
+    python bench/sync_bench.py --positions 10000 --accounts 20 --runs 3 --naive-max 0
+    python bench/sync_bench.py --profile 30 --positions 10000 --accounts 20  # cProfile
+    python bench/sync_bench.py --connections 10 --positions 1000 --accounts 2
     python bench/sync_bench.py --changelist 100000            # admin at scale
     python bench/sync_bench.py --models default,swapped       # also into a host's own models
+
+--connections C: C connections (Connection rows), each a simulator of its own process
+with --positions positions in --accounts accounts of its own and no contract in common;
+the C single syncs (`sync_positions(connection=name)`), `sync_all()`, and two connections
+synced at the same moment by two processes, beside each of them synced alone.
 
 PostgreSQL is reached with --postgres-url (default: postgres://postgres@127.0.0.1:5432/
 portfolio); the benchmark creates and drops its own database `bench_<name>` there, and
@@ -34,11 +46,14 @@ uses a temporary SQLite file otherwise.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
 import resource
+import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -51,6 +66,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ibkr_sync.testing.wire import (  # noqa: E402  (standard library only, no Django)
+    ClientMsg,
+    ServerMsg,
+    handshake_bytes,
+    make_message,
+)
+
 DEFAULT_POSTGRES = "postgres://postgres@127.0.0.1:5432/portfolio"
 CHANGED_EVERY, CLOSED_EVERY = 10, 20  # 10% of quantities changed, 5% of positions closed
 SEED = 1
@@ -59,10 +81,12 @@ SEED = 1
 # --- the simulator, in a process of its own ------------------------------------------------
 
 
-def _simulator_process(conn: Any, positions: int, accounts: int) -> None:
+def _simulator_process(conn: Any, positions: int, accounts: Any, first_con_id: int) -> None:
     from ibkr_sync.testing import GatewaySimulator, generate_portfolio
 
-    portfolio = generate_portfolio(positions, accounts=accounts, seed=SEED)
+    portfolio = generate_portfolio(
+        positions, accounts=accounts, seed=SEED, first_con_id=first_con_id
+    )
     simulator = GatewaySimulator(portfolio, port=0)
     simulator.start_in_thread()
     conn.send(simulator.port)
@@ -88,16 +112,37 @@ def _simulator_process(conn: Any, positions: int, accounts: int) -> None:
 
 
 class Simulator:
-    def __init__(self, positions: int, accounts: int) -> None:
+    """A simulator in a process of its own: `accounts` a count or a list of account ids;
+    `first_con_id` where its contract ids start (simulators that must hold no contract in
+    common start far apart). `wait=False` starts it and returns; `ready()` waits."""
+
+    def __init__(
+        self,
+        positions: int,
+        accounts: Any,
+        first_con_id: int = 100_000_000,
+        wait: bool = True,
+    ) -> None:
         context = multiprocessing.get_context("spawn")
         self.conn, child = context.Pipe()
         self.process = context.Process(
-            target=_simulator_process, args=(child, positions, accounts), daemon=True
+            target=_simulator_process,
+            args=(child, positions, accounts, first_con_id),
+            daemon=True,
         )
         self.process.start()
+        if wait:
+            self.ready()
+
+    def ready(self) -> Simulator:
+        """Wait until it serves, then read it once (not timed): the simulator works out
+        each position's contract texts at its first read (a gateway has its data at hand),
+        and every measurement is of a reader, not of that."""
         if not self.conn.poll(300):
             raise RuntimeError("the simulator did not start")
         self.port = self.conn.recv()
+        wire_read(self.port, client_id=999)
+        return self
 
     def mutate(self) -> tuple[int, int]:
         self.conn.send("mutate")
@@ -139,7 +184,75 @@ def worker_raw(args: argparse.Namespace) -> dict[str, Any]:
             assert len(rows) == args.positions, len(rows)
     finally:
         simulator.stop()
-    return {"seconds": min(times), "rss": peak_rss_mib()}
+    return {"seconds": statistics.median(times), "times": times, "rss": peak_rss_mib()}
+
+
+def wire_read(port: int, client_id: int, timeout: float = 600) -> tuple[int, int]:
+    """The bare wire read, with no client library: the TWS API handshake ("API\\0" and the
+    length-prefixed version range), startApi until nextValidId and managedAccounts, then
+    reqPositions until positionEnd, every frame cut out of the stream and split into its
+    text fields. Returns (position frames, managed accounts)."""
+    length = struct.Struct(">I").unpack_from
+    position_id, end_id = str(int(ServerMsg.POSITION_DATA)), str(int(ServerMsg.POSITION_END))
+    next_id, accounts_id = str(int(ServerMsg.NEXT_VALID_ID)), str(int(ServerMsg.MANAGED_ACCTS))
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buffer = bytearray()
+
+    def frames() -> Any:
+        nonlocal buffer
+        while True:
+            data = sock.recv(1 << 18)
+            if not data:
+                raise ConnectionError("the gateway closed the connection")
+            buffer += data
+            start, size = 0, len(buffer)
+            while size - start >= 4:
+                (n,) = length(buffer, start)
+                if size - start - 4 < n:
+                    break
+                yield buffer[start + 4 : start + 4 + n].decode().split("\0")[:-1]
+                start += 4 + n
+            del buffer[:start]
+
+    try:
+        sock.sendall(handshake_bytes())
+        incoming = frames()
+        version, _ = next(incoming)  # the server version and its connection time
+        assert int(version) > 0, version
+        sock.sendall(make_message(ClientMsg.START_API, 2, client_id, ""))
+        got_id, accounts = False, None
+        while not (got_id and accounts is not None):
+            fields = next(incoming)
+            if fields[0] == next_id:
+                got_id = True
+            elif fields[0] == accounts_id:
+                accounts = [a for a in fields[2].split(",") if a]
+        sock.sendall(make_message(ClientMsg.REQ_POSITIONS, 1))
+        positions = 0
+        for fields in incoming:
+            if fields[0] == position_id:
+                positions += 1
+            elif fields[0] == end_id:
+                return positions, len(accounts)
+    finally:
+        sock.close()
+    raise AssertionError("unreachable")
+
+
+def worker_wire(args: argparse.Namespace) -> dict[str, Any]:
+    """The bare wire read (`wire_read`), with no client library and no database."""
+    simulator = Simulator(args.positions, args.accounts)
+    try:
+        times = []
+        for attempt in range(args.repeat):
+            started = time.perf_counter()
+            positions, accounts = wire_read(simulator.port, client_id=200 + attempt)
+            times.append(time.perf_counter() - started)
+            assert (positions, accounts) == (args.positions, args.accounts), (positions, accounts)
+    finally:
+        simulator.stop()
+    return {"seconds": statistics.median(times), "times": times, "rss": peak_rss_mib()}
 
 
 #: --models: the project's own models, or a host's (bench/swapped_host) named in the
@@ -194,9 +307,12 @@ def worker_sync(args: argparse.Namespace) -> dict[str, Any]:
 
     steps = {}
     try:
-        steps["first"] = measure(connection, sync, repeat=1)
+        profile = args.profile
+        steps["first"] = measure(connection, sync, repeat=1, profile=profile)
         assert steps["first"]["counts"]["created"] == args.positions, steps["first"]
-        steps["unchanged"] = measure(connection, sync, repeat=args.repeat)
+        steps["unchanged"] = measure(connection, sync, repeat=args.repeat, profile=profile)
+        if profile:  # the profile of the first and unchanged syncs is what was asked for
+            return {"steps": steps, "rss": peak_rss_mib()}
         assert steps["unchanged"]["counts"]["unchanged"] == args.positions, steps["unchanged"]
         changed, closed = simulator.mutate()
         steps["changed"] = measure(connection, sync, repeat=1)
@@ -222,26 +338,48 @@ def worker_sync(args: argparse.Namespace) -> dict[str, Any]:
     return {"steps": steps, "rss": peak_rss_mib()}
 
 
-def measure(connection: Any, step: Any, repeat: int, before: Any = None) -> dict[str, Any]:
-    """Best time of `repeat` runs, with the queries and rows written of the last; `before`
+def measure(
+    connection: Any, step: Any, repeat: int, before: Any = None, profile: int = 0
+) -> dict[str, Any]:
+    """Median time of `repeat` runs, with the queries and rows written of the last; `before`
     (not timed) prepares each run."""
-    best = float("inf")
+    times = []
     for _ in range(repeat):
         if before is not None:
             before()
         tally: Counter = Counter()
         with connection.execute_wrapper(_counting(tally)):
             started = time.perf_counter()
-            counts = step()
-            best = min(best, time.perf_counter() - started)
+            counts = profiled(step, profile) if profile else step()
+            times.append(time.perf_counter() - started)
+    if profile:
+        counts, report = counts
     return {
-        "seconds": best,
+        "seconds": statistics.median(times),
+        "times": times,
         "rss": peak_rss_mib(),  # the process's peak so far: what this step added shows
         "queries": tally["queries"],
         "written": tally["written"],
         "mirrored": tally["positions+instruments"],
         "counts": counts,
+        **({"profile": report} if profile else {}),
     }
+
+
+def profiled(step: Any, lines: int) -> tuple[Any, str]:
+    """Run `step` under cProfile: its result, and the top `lines` functions by their own
+    time and by cumulative time."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    result = profiler.runcall(step)
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out).strip_dirs()
+    stats.sort_stats("tottime").print_stats(lines)
+    stats.sort_stats("cumulative").print_stats(lines)
+    return result, out.getvalue()
 
 
 def _counting(tally: Counter) -> Any:
@@ -424,7 +562,210 @@ def _fill(portfolio: Any) -> None:
             cursor.execute("ANALYZE")
 
 
-WORKERS = {"raw": worker_raw, "sync": worker_sync, "changelist": worker_changelist}
+# --- connections: several gateways, one installation ------------------------------------------
+
+#: Contract ids of one connection's simulator start this far from the next one's, so that
+#: no two connections hold a contract in common (1,000s of positions span < 1,000,000).
+CON_ID_SPACING = 10_000_000
+
+
+def connection_accounts(index: int, accounts: int) -> list[str]:
+    """The account ids of the `index`th connection: its own, shared with no other."""
+    return [f"DU{2_000_000 + index * 100 + i:07d}" for i in range(1, accounts + 1)]
+
+
+def create_bench_db(connection: Any, settings: Any) -> str:
+    """Create the benchmark's own database (a temporary SQLite file, or `bench_<name>` on
+    PostgreSQL, never one a test run may be using); return a DATABASE_URL that reaches it,
+    for other processes."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    db = settings.DATABASES["default"]
+    if connection.vendor == "sqlite":
+        path = str(Path(tempfile.mkdtemp()) / "bench.sqlite3")
+        db.setdefault("TEST", {})["NAME"] = path
+        connection.creation.create_test_db(verbosity=0, autoclobber=True)
+        return f"sqlite:///{path}"
+    db.setdefault("TEST", {})["NAME"] = f"bench_{db['NAME']}"
+    connection.creation.create_test_db(verbosity=0, autoclobber=True)
+    parts = urlsplit(os.environ["DATABASE_URL"])
+    return urlunsplit(parts._replace(path=f"/{connection.settings_dict['NAME']}"))
+
+
+def positions_only(settings: Any) -> None:
+    settings.IBKR_REQUEST_TIMEOUT = 600
+    settings.IBKR_VALUES_TIMEOUT = 600
+    settings.IBKR_READ_VALUES = False
+
+
+def worker_connections(args: argparse.Namespace) -> dict[str, Any]:
+    """C connections, each a simulator of its own (its own process) with N positions in K
+    accounts of its own and contracts of its own; the ten single syncs, sync_all, and two
+    connections synced at the same moment by two processes."""
+    setup_django(args.database)
+    from django.conf import settings
+    from django.db import connection
+
+    from ibkr_sync import services
+    from ibkr_sync.models import Connection, SyncRun
+
+    url = create_bench_db(connection, settings)
+    positions_only(settings)
+    count, trigger = args.connections, SyncRun.Trigger.COMMAND
+    simulators = [
+        Simulator(
+            args.positions,
+            connection_accounts(i, args.accounts),
+            first_con_id=100_000_000 + i * CON_ID_SPACING,
+            wait=False,
+        )
+        for i in range(count)
+    ]
+    children: list[subprocess.Popen] = []
+    try:
+        names = [f"gw{i:02d}" for i in range(count)]
+        for name, simulator in zip(names, simulators, strict=True):
+            Connection.objects.create(
+                name=name, host="127.0.0.1", port=simulator.ready().port, client_id=1
+            )
+
+        def single(name: str, expect: str) -> float:
+            started = time.perf_counter()
+            result = services.sync_positions(connection=name, trigger=trigger)
+            elapsed = time.perf_counter() - started
+            assert getattr(result, expect) == args.positions, (name, result.outcome)
+            return elapsed
+
+        def all_at_once() -> float:
+            started = time.perf_counter()
+            outcomes = services.sync_all(trigger=trigger)
+            elapsed = time.perf_counter() - started
+            assert [o.connection for o in outcomes] == names, outcomes
+            failed = [o for o in outcomes if o.result is None]
+            assert not failed, [(o.connection, str(o.error)) for o in failed]
+            assert all(o.result.unchanged == args.positions for o in outcomes), outcomes
+            return elapsed
+
+        first = {name: single(name, "created") for name in names}
+        singles: dict[str, list[float]] = {name: [] for name in names}
+        everything: list[float] = []
+        for _ in range(args.repeat):  # interleaved, so that both see the same load
+            for name in names:
+                singles[name].append(single(name, "unchanged"))
+            everything.append(all_at_once())
+
+        # Two connections at the same moment, each synced by a process of its own (started
+        # and set up beforehand: what is timed is the sync, not Python's start).
+        pair = names[:2]
+        children = [_start_child(url, name) for name in pair]
+        _go(children)  # a first sync in each, not timed: imports, connections, caches
+        alone: dict[str, list[float]] = {name: [] for name in pair}
+        cpu: dict[str, list[float]] = {name: [] for name in pair}
+        together: list[float] = []
+        for _ in range(args.repeat):
+            for name, child in zip(pair, children, strict=True):
+                (start, end, spent), *_ = _go([child])
+                alone[name].append(end - start)
+                cpu[name].append(spent)
+            stamps = _go(children)
+            together.append(max(s[1] for s in stamps) - min(s[0] for s in stamps))
+    finally:
+        for child in children:
+            with contextlib.suppress(Exception):
+                child.stdin.write("stop\n")
+                child.stdin.flush()
+                child.wait(30)
+        for simulator in simulators:
+            simulator.stop()
+        connection.creation.destroy_test_db(settings.DATABASES["default"]["NAME"], verbosity=0)
+    median = statistics.median
+    return {
+        "first": first,
+        "singles": {name: median(times) for name, times in singles.items()},
+        "singles_runs": singles,
+        "sum_of_singles": sum(median(times) for times in singles.values()),
+        "sync_all": median(everything),
+        "sync_all_runs": everything,
+        "pair": pair,
+        "alone": {name: median(times) for name, times in alone.items()},
+        "alone_runs": alone,
+        "alone_cpu": {name: median(times) for name, times in cpu.items()},
+        "together": median(together),
+        "together_runs": together,
+        "rss": peak_rss_mib(),
+    }
+
+
+def _start_child(url: str, name: str) -> subprocess.Popen:
+    command = [sys.executable, __file__, "--worker", "one-sync", "--database", url]
+    child = subprocess.Popen(
+        [*command, "--connection", name],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    line = child.stdout.readline()
+    if line.strip() != "ready":
+        raise SystemExit(f"the sync process for {name} did not start: {line!r}")
+    return child
+
+
+def _go(children: list[subprocess.Popen]) -> list[tuple[float, float, float]]:
+    """Tell the children to sync, all at once; each one's (start, end) wall-clock time and
+    the CPU seconds its process spent on the sync."""
+    for child in children:
+        child.stdin.write("go\n")
+    for child in children:
+        child.stdin.flush()
+    stamps = []
+    for child in children:
+        answer = json.loads(child.stdout.readline())
+        if "error" in answer:
+            raise SystemExit(f"a concurrent sync failed: {answer['error']}")
+        stamps.append((answer["start"], answer["end"], answer["cpu"]))
+    return stamps
+
+
+def worker_one_sync(args: argparse.Namespace) -> dict[str, Any]:
+    """A process that syncs one connection each time it reads "go" (its database set up
+    already), answering with the wall-clock start and end of the sync."""
+    setup_django(args.database)
+    from django.conf import settings
+    from django.db import connection
+
+    from ibkr_sync import services
+    from ibkr_sync.models import SyncRun
+
+    positions_only(settings)
+    connection.ensure_connection()
+    print("ready", flush=True)
+    syncs = 0
+    for line in sys.stdin:
+        if line.strip() != "go":
+            break
+        start, cpu = time.time(), time.process_time()
+        try:
+            result = services.sync_positions(
+                connection=args.connection, trigger=SyncRun.Trigger.COMMAND
+            )
+        except Exception as exc:  # reported to the driver, which stops the run
+            print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}), flush=True)
+            continue
+        end, cpu = time.time(), time.process_time() - cpu
+        syncs += 1
+        answer = {"start": start, "end": end, "cpu": cpu, "outcome": result.outcome}
+        print(json.dumps(answer), flush=True)
+    return {"syncs": syncs}
+
+
+WORKERS = {
+    "wire": worker_wire,
+    "raw": worker_raw,
+    "sync": worker_sync,
+    "changelist": worker_changelist,
+    "connections": worker_connections,
+    "one-sync": worker_one_sync,
+}
 
 
 # --- the driver ------------------------------------------------------------------------------
@@ -440,12 +781,34 @@ def run_worker(kind: str, **options: Any) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def run_worker_median(kind: str, runs: int, **options: Any) -> dict[str, Any]:
+    """`runs` fresh worker processes; each figure (seconds, per step) the median of theirs,
+    the rest as the last run measured it (queries and rows do not vary run to run)."""
+    outs = [run_worker(kind, **options) for _ in range(runs)]
+    out = outs[-1]
+    if "steps" in out:
+        for step, measured in out["steps"].items():
+            times = [o["steps"][step]["seconds"] for o in outs]
+            measured["seconds"], measured["runs"] = statistics.median(times), times
+    else:
+        times = [o["seconds"] for o in outs]
+        out["seconds"], out["runs"] = statistics.median(times), times
+    return out
+
+
 def database_urls(names: list[str], postgres_url: str) -> dict[str, str]:
     urls = {
         "sqlite": f"sqlite:///{Path(tempfile.gettempdir()) / 'bench-unused.sqlite3'}",
         "postgres": postgres_url,
     }
     return {name: urls[name] for name in names}
+
+
+def load_average() -> str:
+    try:
+        return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "load average unknown"
 
 
 def main() -> None:
@@ -455,6 +818,12 @@ def main() -> None:
     parser.add_argument("--databases", default="sqlite,postgres")
     parser.add_argument("--postgres-url", default=DEFAULT_POSTGRES)
     parser.add_argument("--repeat", type=int, default=3, help="runs of the repeatable steps")
+    parser.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="fresh processes per measurement (each figure is the median of them)",
+    )
     parser.add_argument(
         "--naive-max", type=int, default=10_000, help="largest N to run the naive baseline at"
     )
@@ -466,6 +835,22 @@ def main() -> None:
         help="instead: the admin positions changelist with N positions",
     )
     parser.add_argument(
+        "--connections",
+        type=int,
+        default=0,
+        metavar="C",
+        help="instead: C connections (C simulators) of --positions each, synced one by "
+        "one, all at once (sync_all), and two at the same moment in two processes",
+    )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="LINES",
+        help="instead: profile the first and the unchanged sync (cProfile), printing the "
+        "top LINES functions by own and by cumulative time",
+    )
+    parser.add_argument(
         "--models",
         default="default",
         help="comma-separated: default (the portfolio app's), swapped (a host's own models)",
@@ -473,19 +858,30 @@ def main() -> None:
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--implementation", default="product", help=argparse.SUPPRESS)
     parser.add_argument("--database", help=argparse.SUPPRESS)
+    parser.add_argument("--connection", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
-        args.positions, args.accounts = int(args.positions), int(args.accounts)
+        if args.worker != "one-sync":  # which syncs what its connection holds
+            args.positions, args.accounts = int(args.positions), int(args.accounts)
         print(json.dumps(WORKERS[args.worker](args)))
         return
 
     import django
 
-    print(f"Python {sys.version.split()[0]}, Django {django.get_version()}, {os.cpu_count()} CPUs")
+    print(
+        f"Python {sys.version.split()[0]}, Django {django.get_version()}, {os.cpu_count()} CPUs, "
+        f"{load_average()} at the start"
+    )
     dbs = database_urls(args.databases.split(","), args.postgres_url)
     if args.changelist:
         changelist_table(args, dbs)
+        return
+    if args.connections:
+        connections_table(args, dbs)
+        return
+    if args.profile:
+        profile_report(args, dbs)
         return
     row(
         "N",
@@ -495,37 +891,41 @@ def main() -> None:
         "step",
         "seconds",
         "x raw",
+        "x wire",
         "queries",
         "rows written",
         "position+instrument writes",
         "peak RSS MiB",
     )
-    row(*["---"] * 11)
+    row(*["---"] * 12)
     for n in map(int, args.positions.split(",")):
         for k in map(int, args.accounts.split(",")):
-            raw = run_worker("raw", positions=n, accounts=k, repeat=args.repeat)
-            row(
-                n,
-                k,
-                "-",
-                "raw read",
-                "read",
-                f"{raw['seconds']:.3f}",
-                "1.00",
-                "-",
-                "-",
-                "-",
-                f"{raw['rss']:.0f}",
-            )
+            sizes = {"positions": n, "accounts": k, "repeat": args.repeat}
+            wire = run_worker_median("wire", args.runs, **sizes)
+            raw = run_worker_median("raw", args.runs, **sizes)
+            for label, read in (("wire read", wire), ("raw read", raw)):
+                row(
+                    n,
+                    k,
+                    "-",
+                    label,
+                    "read",
+                    f"{read['seconds']:.3f}",
+                    f"{read['seconds'] / raw['seconds']:.2f}",
+                    f"{read['seconds'] / wire['seconds']:.2f}",
+                    "-",
+                    "-",
+                    "-",
+                    f"{read['rss']:.0f}",
+                )
             for db_name, url in dbs.items():
                 impls = [("product", m) for m in args.models.split(",")]
                 impls += [("naive", "default")] if n <= args.naive_max else []
                 for impl, models in impls:
-                    out = run_worker(
+                    out = run_worker_median(
                         "sync",
-                        positions=n,
-                        accounts=k,
-                        repeat=args.repeat,
+                        args.runs,
+                        **sizes,
                         database=url,
                         implementation=impl,
                         models=models,
@@ -540,11 +940,79 @@ def main() -> None:
                             step,
                             f"{m['seconds']:.3f}",
                             f"{m['seconds'] / raw['seconds']:.2f}",
+                            f"{m['seconds'] / wire['seconds']:.2f}",
                             m["queries"],
                             m["written"],
                             m["mirrored"],
                             f"{m['rss']:.0f}",
                         )
+    print(f"\n{load_average()} at the end")
+
+
+def profile_report(args: argparse.Namespace, dbs: dict[str, str]) -> None:
+    n, k = int(args.positions.split(",")[0]), int(args.accounts.split(",")[-1])
+    for db_name, url in dbs.items():
+        out = run_worker(
+            "sync",
+            positions=n,
+            accounts=k,
+            repeat=1,
+            database=url,
+            implementation="product",
+            models="default",
+            profile=args.profile,
+        )
+        for step, measured in out["steps"].items():
+            print(f"\n## {db_name}, {step} sync of {n} positions in {k} accounts "
+                  f"({measured['seconds']:.3f} s under the profiler)\n")  # fmt: skip
+            print(measured["profile"])
+
+
+def connections_table(args: argparse.Namespace, dbs: dict[str, str]) -> None:
+    n, k, c = int(args.positions.split(",")[0]), int(args.accounts.split(",")[-1]), args.connections
+    print(
+        f"{c} connections, each a simulator of its own (its own process) with {n} positions in "
+        f"{k} accounts of its own, no contract in common; positions only. Single and "
+        f"sync_all: unchanged re-syncs, median of {args.repeat} (interleaved); two at once: "
+        "unchanged re-syncs of two connections, each in a process of its own, median of "
+        f"{args.repeat}; with --runs, the median of that many worker processes.\n"
+    )
+    row("database", "step", "seconds", "ratio", "goal")
+    row(*["---"] * 5)
+    for db_name, url in dbs.items():
+        outs = [
+            run_worker(
+                "connections",
+                positions=n,
+                accounts=k,
+                connections=c,
+                repeat=args.repeat,
+                database=url,
+            )
+            for _ in range(args.runs)
+        ]
+
+        def median(figure: Any, outs: list[dict[str, Any]] = outs) -> float:
+            return statistics.median(figure(out) for out in outs)
+
+        first = median(lambda out: sum(out["first"].values()))
+        singles = median(lambda out: out["sum_of_singles"])
+        everything = median(lambda out: out["sync_all"])
+        a, b = outs[-1]["pair"]
+        alone = {name: median(lambda out, name=name: out["alone"][name]) for name in (a, b)}
+        slower = max(alone.values())
+        together = median(lambda out: out["together"])
+        row(db_name, f"{c} single first syncs, summed", f"{first:.3f}", "-", "-")
+        row(db_name, f"{c} single syncs, summed", f"{singles:.3f}", "1.00", "-")
+        row(db_name, "sync_all", f"{everything:.3f}", f"{everything / singles:.2f}",
+            "<= 1.2 x the singles")  # fmt: skip
+        for name in (a, b):
+            cpu = median(lambda out, name=name: out["alone_cpu"][name])
+            row(db_name, f"{name} alone, in a process of its own", f"{alone[name]:.3f}",
+                f"{alone[name] / slower:.2f}", f"- (its process's CPU: {cpu:.3f} s)")  # fmt: skip
+        row(db_name, f"{a} and {b} at the same moment, two processes", f"{together:.3f}",
+            f"{together / slower:.2f}", "<= 1.3 x the slower alone")  # fmt: skip
+    print(f"\n{load_average()} at the end")
 
 
 def row(*cells: Any) -> None:

@@ -365,9 +365,158 @@ def is_storable_account_id(value: str) -> bool:
     return True
 
 
+@dataclass(frozen=True, slots=True)
+class _PositionColumns:
+    """The columns `map_position` fits a record to, for one set of models and database:
+    resolved once, not looked up field by field for each of 10,000s of records."""
+
+    quantity: _Column
+    average_cost: _Column
+    cost_basis: _Column
+    strike: _Column
+    multiplier: _Column
+    account_id: _Column
+    instrument_id: _Column
+    # The instrument's text fields, in the order they are checked.
+    texts: tuple[tuple[str, _Column], ...]
+    description_length: int | None
+
+
+_TEXT_FIELDS = (
+    "symbol",
+    "sec_type",
+    "currency",
+    "exchange",
+    "local_symbol",
+    "trading_class",
+    "right",
+    "contract_month",
+    "description",
+)
+_position_columns: dict[tuple[type[models.Model], ...], _PositionColumns] = {}
+
+
+def _columns_for_positions() -> _PositionColumns:
+    models_ = (conf.position_model(), conf.instrument_model(), conf.account_model())
+    found = _position_columns.get(models_)
+    if found is None:
+        held, contract = _columns_of(models_[0]), _columns_of(models_[1])
+        found = _position_columns[models_] = _PositionColumns(
+            quantity=held["quantity"],
+            average_cost=held["average_cost"],
+            cost_basis=held["cost_basis"],
+            strike=contract["strike"],
+            multiplier=contract["multiplier"],
+            account_id=_columns_of(models_[2])["external_id"],
+            instrument_id=contract["external_id"],
+            texts=tuple((name, contract[name]) for name in _TEXT_FIELDS),
+            description_length=contract["description"].max_length,
+        )
+    return found
+
+
+def _fit_number(column: _Column, value: Any, exact: bool, vendor: str) -> Any:
+    """`_fit` of a decimal column, with a fast path for the common case: a finite Decimal
+    at least ten times below the column's limit, which no rounding can bring to it (and
+    which SQLite's 15 digits cannot either), rounded to the column's places exactly as
+    `_fit_decimal` rounds it. Anything else (None, too large, a quantity with too many
+    places, a column with choices) takes `_fit`, which says what is wrong."""
+    if (
+        type(value) is Decimal
+        and column.decimal
+        and column.choices is None
+        and value.is_finite()
+        and value.adjusted() < column.whole - 1
+    ):
+        stored = value.quantize(column.quantum, rounding=ROUND_HALF_EVEN, context=column.context)
+        if not exact or stored == value:
+            return stored if stored else abs(stored)  # no negative zero
+    return _fit(column, value, exact, vendor)
+
+
+def _fit_texts(columns: tuple[tuple[str, _Column], ...], values: dict[str, Any], vendor: str):
+    """`_fit` of each text column, in order, inline where a value plainly fits: short ASCII
+    text without a NUL, in the column's choices (if it has any)."""
+    for name, column in columns:  # `_plainly_fits`, inline: nine fields a record
+        value = values[name]
+        if not (
+            column.text
+            and column.max_length is not None
+            and type(value) is str
+            and len(value) <= column.max_length
+            and value.isascii()
+            and "\x00" not in value
+            and (column.choices is None or value in column.choices)
+        ):
+            _fit(column, value, False, vendor)
+
+
+def _plainly_fits(column: _Column, value: Any) -> bool:
+    return (
+        column.text
+        and column.max_length is not None
+        and type(value) is str
+        and len(value) <= column.max_length
+        and value.isascii()
+        and "\x00" not in value
+        and (column.choices is None or value in column.choices)
+    )
+
+
+def _record_decimal(value: Any) -> Decimal | None:
+    """`optional_decimal`, inline for what a source gives most: a Decimal it has read,
+    far below every "no value" marker (all of them at least 2**31 - 1 in magnitude)."""
+    if type(value) is Decimal and value.is_finite() and value.adjusted() < 9:
+        return value
+    return optional_decimal(value)
+
+
+# What repeats across records, worked out once per distinct text: the multipliers (a
+# handful), the expiries (dozens), the contract ids' texts are not (each is its own).
+_CACHE_LIMIT = 4096
+_multipliers: dict[str, Decimal | None] = {}
+_expiries: dict[str, tuple[dt.date | None, str]] = {}
+
+
+def _multiplier(value: Any) -> Decimal | None:
+    if type(value) is not str:
+        return optional_decimal(value)
+    number = _multipliers.get(value, _multipliers)
+    if number is _multipliers:
+        number = optional_decimal(value)  # raises for text that is not a number: not kept
+        if len(_multipliers) >= _CACHE_LIMIT:
+            _multipliers.clear()
+        _multipliers[value] = number
+    return number
+
+
+def _expiry(text: Any) -> tuple[dt.date | None, str]:
+    if type(text) is not str:
+        return parse_expiry(text)
+    parsed = _expiries.get(text)
+    if parsed is None:
+        parsed = parse_expiry(text)  # raises for text that is not an expiry: not kept
+        if len(_expiries) >= _CACHE_LIMIT:
+            _expiries.clear()
+        _expiries[text] = parsed
+    return parsed
+
+
+def _contract_id_text(con_id: int) -> str:
+    # str() of an int is its digits, as contract_id_text gives them; past 18 digits (and
+    # int's limit on str()), through contract_id_text.
+    if type(con_id) is int and -(10**18) < con_id < 10**18:
+        return str(con_id)
+    return contract_id_text(con_id)
+
+
 def map_position(record: PositionRecord) -> MappedPosition:
     """One gateway position -> field values for its Instrument and Position rows, each
-    checked against its column (`fit`)."""
+    checked against its column (`fit`).
+
+    10,000s of records a sync: the columns are resolved once (`_columns_for_positions`),
+    values that plainly fit are checked inline and the rest by `_fit` (which words the
+    error), and what repeats across records (multipliers, expiries) is read once."""
     if not record.account:
         raise MappingError("no account id")
     if record.con_id is None or int(record.con_id) <= 0:
@@ -381,36 +530,46 @@ def map_position(record: PositionRecord) -> MappedPosition:
     if right_text not in _RIGHTS:
         raise MappingError(f"unknown option right {_short(record.right)!r}")
 
-    quantity = optional_decimal(record.quantity)
+    quantity = _record_decimal(record.quantity)
     if quantity is None:
         raise MappingError("quantity is missing")
     vendor = _vendor()
-    held, contract = _columns_of(conf.position_model()), _columns_of(conf.instrument_model())
-    quantity = _fit(held["quantity"], quantity, True, vendor)
-    average_cost = _fit(held["average_cost"], optional_decimal(record.average_cost), False, vendor)
+    columns = _columns_for_positions()
+    quantity = _fit_number(columns.quantity, quantity, True, vendor)
+    average_cost = record.average_cost
+    if average_cost is not None:
+        average_cost = _record_decimal(average_cost)
+    average_cost = _fit_number(columns.average_cost, average_cost, False, vendor)
     # From the values as stored, so that it is exactly quantity x stored average cost.
     cost_basis = None if average_cost is None else quantity * average_cost
     position = {
         "quantity": quantity,
         "average_cost": average_cost,
-        "cost_basis": _fit(held["cost_basis"], cost_basis, False, vendor),
+        "cost_basis": _fit_number(columns.cost_basis, cost_basis, False, vendor),
     }
 
-    strike = optional_decimal(record.strike)
-    strike = _fit(contract["strike"], None if strike == 0 else strike, False, vendor)
-    multiplier = optional_decimal(record.multiplier)
-    multiplier = _fit(
-        contract["multiplier"], None if multiplier == 0 else multiplier, False, vendor
+    strike = record.strike
+    if strike is not None:
+        strike = _record_decimal(strike)
+    strike = _fit_number(columns.strike, None if strike == 0 else strike, False, vendor)
+    multiplier = _multiplier(record.multiplier) if record.multiplier is not None else None
+    multiplier = _fit_number(
+        columns.multiplier, None if multiplier == 0 else multiplier, False, vendor
     )
-    expiry, contract_month = parse_expiry(record.last_trade_date)
+    expiry, contract_month = _expiry(record.last_trade_date)
     right = _RIGHTS[right_text]
-    _fit(_columns_of(conf.account_model())["external_id"], record.account, False, vendor)
-    instrument_id = _fit(contract["external_id"], contract_id_text(record.con_id), False, vendor)
+    account = record.account
+    if not _plainly_fits(columns.account_id, account):
+        _fit(columns.account_id, account, False, vendor)
+    instrument_id = _contract_id_text(record.con_id)
+    if not _plainly_fits(columns.instrument_id, instrument_id):
+        _fit(columns.instrument_id, instrument_id, False, vendor)
+    currency = record.currency
     instrument = {
         "symbol": record.symbol.strip(),
         "sec_type": sec_type,
         # IBKR may send none (stored empty: unknown); anything sent must be a code.
-        "currency": currency_code(record.currency) if record.currency else "",
+        "currency": currency_code(currency) if currency else "",
         "exchange": (record.exchange or record.primary_exchange or "").strip(),
         "local_symbol": (record.local_symbol or "").strip(),
         "trading_class": (record.trading_class or "").strip(),
@@ -418,14 +577,15 @@ def map_position(record: PositionRecord) -> MappedPosition:
         "contract_month": contract_month,
         # Derived, so cut to its column rather than refused.
         "description": _describe(record, sec_type, strike, right, multiplier)[
-            : contract["description"].max_length
+            : columns.description_length
         ],
     }
-    for name, value in instrument.items():
-        _fit(contract[name], value, False, vendor)
-    instrument.update(strike=strike, multiplier=multiplier, expiry=expiry)
+    _fit_texts(columns.texts, instrument, vendor)
+    instrument["strike"] = strike
+    instrument["multiplier"] = multiplier
+    instrument["expiry"] = expiry
     return MappedPosition(
-        account_id=record.account,
+        account_id=account,
         instrument_id=instrument_id,
         instrument=instrument,
         position=position,

@@ -1,5 +1,6 @@
 """The benchmarks still run: a tiny version of each, as a subprocess (not timed)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -31,11 +32,60 @@ def test_sync_bench_prints_the_table_for_product_and_baseline():
 
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| 300 ")]
     steps = {(row[3], row[4]) for row in rows}
-    assert steps == {("raw read", "read"), ("product", "with values")} | {
+    assert steps == {("wire read", "read"), ("raw read", "read"), ("product", "with values")} | {
         (impl, step) for impl in ("product", "naive") for step in ("first", "unchanged", "changed")
     }
+    wire = next(row for row in rows if row[3] == "wire read")
+    raw = next(row for row in rows if row[3] == "raw read")
+    assert float(wire[5]) > 0 and wire[7] == "1.00" and raw[6] == "1.00"
     unchanged = next(row for row in rows if row[3:5] == ["product", "unchanged"])
-    assert unchanged[9] == "0", "an unchanged re-sync writes no position or instrument"
+    assert float(unchanged[6]) > 0 and float(unchanged[7]) > 0
+    assert unchanged[10] == "0", "an unchanged re-sync writes no position or instrument"
+
+
+def test_wire_read_reads_every_position_without_a_client_library():
+    out = run(
+        "bench/sync_bench.py", "--worker", "wire", "--positions", "250", "--accounts", "3",
+        "--repeat", "2",
+    )  # fmt: skip
+
+    measured = json.loads(out.strip().splitlines()[-1])  # the worker checked 250 and 3
+    assert len(measured["times"]) == 2 and measured["seconds"] > 0
+
+
+def test_connections_bench_syncs_singly_all_and_two_at_once():
+    out = run(
+        "bench/sync_bench.py", "--connections", "3", "--positions", "40", "--accounts", "2",
+        "--databases", "sqlite", "--repeat", "1",
+    )  # fmt: skip
+
+    rows = {
+        row[1]: row
+        for row in (line.split(" | ") for line in out.splitlines())
+        if row[0] == "| sqlite"
+    }
+    assert set(rows) == {
+        "3 single first syncs, summed",
+        "3 single syncs, summed",
+        "sync_all",
+        "gw00 alone, in a process of its own",
+        "gw01 alone, in a process of its own",
+        "gw00 and gw01 at the same moment, two processes",
+    }
+    assert all(float(row[2]) > 0 for row in rows.values())
+    singles, everything = float(rows["3 single syncs, summed"][2]), float(rows["sync_all"][2])
+    assert float(rows["sync_all"][3]) == pytest.approx(everything / singles, abs=0.1)
+
+
+def test_profile_names_the_sync_functions():
+    out = run(
+        "bench/sync_bench.py", "--profile", "15", "--positions", "200", "--accounts", "2",
+        "--databases", "sqlite",
+    )  # fmt: skip
+
+    assert "## sqlite, first sync of 200 positions" in out
+    assert "## sqlite, unchanged sync of 200 positions" in out
+    assert out.count("apply_snapshot") >= 2  # in both profiles
 
 
 def test_changelist_bench_reports_queries_per_view():

@@ -338,14 +338,19 @@ def _position_from_wire(fields: list[str]) -> PositionRecord:
         raise ValueError(f"position message version {version!r} instead of {POSITION_VERSION}")
     if not account:
         raise ValueError("no account id")
-    parsed_con_id = parse_integer(con_id)
+    # Up to nine ASCII digits is a whole number below every "no value" marker (the least
+    # of them has ten): read as it is; anything else by the wire grammar.
+    if len(con_id) <= 9 and con_id.isascii() and con_id.isdigit():
+        parsed_con_id = int(con_id)
+    else:
+        parsed_con_id = parse_integer(con_id)
     if parsed_con_id is UNSET or parsed_con_id <= 0:
         raise ValueError(f"contract id {con_id!r} is not a contract id")
-    parsed_quantity = parse_decimal(quantity)
+    parsed_quantity = _repeated_decimal(_quantities, quantity)
     if parsed_quantity is UNSET:
         raise ValueError(f"the quantity of contract {parsed_con_id} is unset ({quantity!r})")
-    parsed_cost = parse_decimal(average_cost)
-    parsed_strike = parse_decimal(strike)
+    parsed_cost = parse_decimal(average_cost)  # seldom the same text twice: not kept
+    parsed_strike = _repeated_decimal(_strikes, strike)
     # Texts that repeat across positions (account, currency, ...) are kept once each.
     return PositionRecord(
         account=intern(account),
@@ -363,6 +368,25 @@ def _position_from_wire(fields: list[str]) -> PositionRecord:
         strike=None if parsed_strike is UNSET else parsed_strike,
         right=intern(right),
     )
+
+
+# Quantities and strikes repeat across positions (100 shares, strike 150, none): each
+# distinct text is read by the wire grammar once, and its Decimal (immutable) shared.
+_CACHE_LIMIT = 4096
+_quantities: dict[str, Decimal | Any] = {}
+_strikes: dict[str, Decimal | Any] = {}
+
+
+def _repeated_decimal(cache: dict[str, Decimal | Any], text: str) -> Decimal | Any:
+    """`parse_decimal(text)`, read once per distinct text (a text that is no number raises
+    WireValueError every time, and is never kept)."""
+    value = cache.get(text)
+    if value is None:
+        value = parse_decimal(text)
+        if len(cache) >= _CACHE_LIMIT:
+            cache.clear()
+        cache[text] = value
+    return value
 
 
 _PORTFOLIO_VALUES = slice(
