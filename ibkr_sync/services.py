@@ -30,6 +30,7 @@ from django.utils import timezone
 from . import connections, lock, signals
 from .database import is_unavailable, unavailable_message
 from .exceptions import (
+    ConnectionDisabled,
     DatabaseUnavailable,
     GatewayError,
     IbkrSyncError,
@@ -323,6 +324,8 @@ def sync_all(
                 progress=told,
                 connection=target.connection,
             )
+        except ConnectionDisabled:
+            continue  # disabled since the list was read: left out, as a disabled one is
         except IbkrSyncError as exc:
             outcomes.append(ConnectionOutcome(target.name, error=exc))
         else:

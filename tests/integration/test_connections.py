@@ -467,3 +467,27 @@ def test_a_connection_renamed_while_it_syncs_reports_its_accounts_by_its_new_nam
     assert result.accounts == ["U1000001"]
     report = AccountReport.objects.get(external_id="U1000001")
     assert (report.connection.name, report.connection_name) == ("house", "house")
+
+
+def test_sync_all_goes_on_past_a_connection_removed_before_its_turn(gateways):
+    def remove_office(name, phase, count):
+        if name == "home" and phase == "apply":
+            Connection.objects.filter(name="office").delete()
+
+    outcomes = services.sync_all(trigger="command", progress=remove_office)
+    assert [outcome.connection for outcome in outcomes] == ["home", "office"]
+    assert outcomes[0].result.accounts == ["U1000001"]
+    assert isinstance(outcomes[1].error, UnknownConnection)
+    assert "office" in str(outcomes[1].error)
+    assert list(SyncRun.objects.values_list("connection_name", "status")) == [("home", "success")]
+
+
+def test_sync_all_leaves_out_a_connection_disabled_before_its_turn(gateways):
+    def disable_office(name, phase, count):
+        if name == "home" and phase == "apply":
+            Connection.objects.filter(name="office").update(enabled=False)
+
+    outcomes = services.sync_all(trigger="command", progress=disable_office)
+    assert [outcome.connection for outcome in outcomes] == ["home"]
+    assert outcomes[0].result.accounts == ["U1000001"]
+    assert not Position.objects.filter(account__external_id="U2000002").exists()
