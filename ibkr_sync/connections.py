@@ -68,7 +68,14 @@ def resolve(name: str | Connection | None = None, *, enabled: bool = True) -> Ta
     has, `ConnectionRequired` when several exist and none is named, and, with
     `enabled`, `ConnectionDisabled` for a disabled one."""
     if isinstance(name, Connection):
-        connection = name
+        # As it is now: a row read earlier (sync_ibkr --all's list, a form's choice) may
+        # have been removed, disabled or edited since.
+        connection = Connection.objects.filter(pk=name.pk).first()
+        if connection is None:
+            raise UnknownConnection(
+                f"Connection {name.name} was removed; `manage.py ibkr_connection list` "
+                "lists the connections."
+            )
     elif name is None or name == "":
         connections = list(Connection.objects.order_by("name")[:2])
         if not connections:

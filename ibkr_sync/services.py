@@ -30,11 +30,13 @@ from django.utils import timezone
 from . import connections, lock, signals
 from .database import is_unavailable, unavailable_message
 from .exceptions import (
+    ConnectionDisabled,
     DatabaseUnavailable,
     GatewayError,
     IbkrSyncError,
     LockLost,
     SyncInsideTransaction,
+    UnknownConnection,
 )
 from .mapping import map_snapshot, normalize_account_id
 from .models import Connection, PositionChange, SyncRun
@@ -189,7 +191,7 @@ def _sync_positions(
                 run,
                 timezone.now(),
                 connection_row=target.connection,
-                connection_name=target.name,
+                connection_name=_hold_connection(target),
             )
             accounts = written.accounts
             totals = {kind: written.total(kind) for kind in KINDS}
@@ -270,6 +272,26 @@ def _sync_positions(
     return result
 
 
+def _hold_connection(target: connections.Target) -> str:
+    """Inside the write transaction: the connection's row, locked until the commit, so that
+    it cannot be removed under the write (its accounts' reports refer to it); its name as
+    it is now (renamed while it synced: the new one). `UnknownConnection` if it was removed
+    while it synced: nothing is written. Empty for the settings' gateway."""
+    if target.connection is None:
+        return ""
+    name = (
+        Connection.objects.select_for_update(no_key=True)
+        .filter(pk=target.connection.pk)
+        .values_list("name", flat=True)
+        .first()
+    )
+    if name is None:
+        raise UnknownConnection(
+            f"Connection {target.name} was removed while it synced; nothing was written."
+        )
+    return name
+
+
 @dataclass(frozen=True)
 class ConnectionOutcome:
     """One connection's part of `sync_all`: its result, or the error it failed with."""
@@ -302,6 +324,8 @@ def sync_all(
                 progress=told,
                 connection=target.connection,
             )
+        except ConnectionDisabled:
+            continue  # disabled since the list was read: left out, as a disabled one is
         except IbkrSyncError as exc:
             outcomes.append(ConnectionOutcome(target.name, error=exc))
         else:

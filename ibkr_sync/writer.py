@@ -26,11 +26,12 @@ whose values are missing keeps what it had; the run records why (`SyncRun.accoun
 
 Two kinds of time. What the data describes, the source's moment (`as_of`: of the
 account's values, else of the snapshot): a position's `valued_at`, a snapshot's
-`taken_at` and an account's report, so that values read minutes before a slow write
-carry the minute they describe. What a sync did, the write's own moment (`now`):
-`opened_at`, `closed_at`, `last_synced_at`, a cash row's `synced_at`, which say when a
-sync wrote or confirmed the row. A source that gives no moment (a host's fake) is taken
-as of the write.
+`taken_at`, so that values read minutes before a slow write carry the minute they
+describe; and an account's report, which takes the oldest part written of the account
+(its positions', read before its values: `_reported_moment`). What a sync did, the
+write's own moment (`now`): `opened_at`, `closed_at`, `last_synced_at`, a cash row's
+`synced_at`, which say when a sync wrote or confirmed the row. A source that gives no
+moment (a host's fake) is taken as of the write.
 """
 
 from __future__ import annotations
@@ -344,7 +345,7 @@ def _claim_accounts(
     only one at a time already, IMMEDIATE; FOR UPDATE is not needed there.)"""
     if not snapshot.accounts:
         return {}
-    as_of = {account: snapshot.as_of_of(account, now) for account in snapshot.accounts}
+    as_of = {account: _reported_moment(snapshot, account, now) for account in snapshot.accounts}
     mine = {
         "connection_id": None if connection_row is None else connection_row.pk,
         "connection_name": connection_name,
@@ -390,6 +391,17 @@ def _claim_accounts(
         ],
     )
     return refused
+
+
+def _reported_moment(snapshot: MappedSnapshot, account: str, now: dt.datetime) -> dt.datetime:
+    """The moment that orders an account's reports: the oldest part of what this snapshot
+    writes of it. A source reads the positions first and each account's values after (a
+    TWS read: seconds or minutes later), so positions are as old as the positions' moment
+    even when the values describe a later one; ordering by the values' moment would let
+    older positions overwrite a newer report of them, and refuse newer ones."""
+    positions = snapshot.as_of or now
+    values = snapshot.values_as_of.get(account)
+    return positions if values is None else min(positions, values)
 
 
 def _refusal(account: str, newer: dt.datetime, by: str, this: dt.datetime) -> str:

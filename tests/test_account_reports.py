@@ -15,7 +15,7 @@ import pytest
 
 from ibkr_sync.models import AccountReport, SyncRun
 from ibkr_sync.services import sync_positions
-from ibkr_sync.snapshot import Snapshot
+from ibkr_sync.snapshot import AccountValues, Snapshot
 from portfolio.models import Account, Position
 from tests.conftest import position
 
@@ -91,3 +91,50 @@ def test_a_source_without_a_moment_is_taken_as_of_the_write():
     report = AccountReport.objects.get()
     assert report.as_of == report.applied_at
     assert report.sync_run_id == second.sync_run_id
+
+
+def test_positions_read_before_values_are_as_old_as_the_positions():
+    """A TWS read takes the positions first and each account's values after: a snapshot
+    whose values describe a later moment than its positions is, for its positions, as old
+    as they are. A newer report of the account's positions (another login, read between
+    the two) is not overwritten by these older positions, and refuses them."""
+    between = dt.datetime(2026, 12, 1, 10, 0, tzinfo=dt.UTC)
+    sync(Statement(between, position(quantity="20")))
+    slow = Snapshot(
+        accounts=("U1111111",),
+        positions=(position(quantity="5"),),
+        source="tws",
+        as_of=MORNING,  # the positions: before the other login's read
+        values_read=True,
+        account_values={"U1111111": AccountValues("U1111111", as_of=NOON, base_currency="USD")},
+    )
+    older = sync(_Fixed(slow))
+    assert list(older.accounts_refused) == ["U1111111"]
+    assert Position.objects.get().quantity == Decimal("20")
+    assert AccountReport.objects.get().as_of == between
+
+
+def test_an_account_is_as_new_as_the_oldest_part_written():
+    """Positions read before values: the report's moment is the positions', so a later
+    read of positions alone (values off) that is newer than them is applied."""
+    slow = Snapshot(
+        accounts=("U1111111",),
+        positions=(position(quantity="5"),),
+        source="tws",
+        as_of=MORNING,
+        values_read=True,
+        account_values={"U1111111": AccountValues("U1111111", as_of=NOON, base_currency="USD")},
+    )
+    sync(_Fixed(slow))
+    assert AccountReport.objects.get().as_of == MORNING
+    newer = sync(Statement(dt.datetime(2026, 12, 1, 10, 0, tzinfo=dt.UTC), position(quantity="7")))
+    assert newer.accounts_refused == {}
+    assert Position.objects.get().quantity == Decimal("7")
+
+
+class _Fixed:
+    def __init__(self, snapshot):
+        self.snapshot = snapshot
+
+    def fetch_positions(self, account_id=None):
+        return self.snapshot

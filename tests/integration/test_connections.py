@@ -20,7 +20,7 @@ from ibkr_sync.exceptions import (
     SyncAlreadyRunning,
     UnknownConnection,
 )
-from ibkr_sync.models import Connection, SyncRun
+from ibkr_sync.models import AccountReport, Connection, SyncRun
 from ibkr_sync.testing import GatewaySimulator, Portfolio
 from ibkr_sync.testing.pytest_plugin import CLIENT_ID
 from portfolio.models import Account, Instrument, Position
@@ -438,3 +438,56 @@ def test_every_edge_says_which_accounts_were_not_written(two_logins, admin_clien
     assert run["connection"] == "adviser"
     assert run["accounts_refused"] == answer["accounts_refused"]
     assert held_in_the_shared_account() == {"AAPL": Decimal("20"), "OWN": Decimal("10")}
+
+
+def test_a_connection_removed_while_it_syncs_fails_cleanly_and_writes_nothing(gateways):
+    def remove_home(phase, count):
+        if phase == "apply":
+            Connection.objects.filter(name="home").delete()
+
+    with pytest.raises(UnknownConnection, match="home was removed while it synced"):
+        sync("home", progress=remove_home)
+    run = SyncRun.objects.get()
+    assert (run.status, run.error_code, run.connection_name) == (
+        "failed",
+        "unknown_connection",
+        "home",
+    )
+    assert not Position.objects.exists() and not AccountReport.objects.exists()
+    # The other connection's lock and syncs are untouched.
+    assert sync("office").accounts == ["U2000002"]
+
+
+def test_a_connection_renamed_while_it_syncs_reports_its_accounts_by_its_new_name(gateways):
+    def rename_home(phase, count):
+        if phase == "apply":
+            Connection.objects.filter(name="home").update(name="house")
+
+    result = sync("home", progress=rename_home)
+    assert result.accounts == ["U1000001"]
+    report = AccountReport.objects.get(external_id="U1000001")
+    assert (report.connection.name, report.connection_name) == ("house", "house")
+
+
+def test_sync_all_goes_on_past_a_connection_removed_before_its_turn(gateways):
+    def remove_office(name, phase, count):
+        if name == "home" and phase == "apply":
+            Connection.objects.filter(name="office").delete()
+
+    outcomes = services.sync_all(trigger="command", progress=remove_office)
+    assert [outcome.connection for outcome in outcomes] == ["home", "office"]
+    assert outcomes[0].result.accounts == ["U1000001"]
+    assert isinstance(outcomes[1].error, UnknownConnection)
+    assert "office" in str(outcomes[1].error)
+    assert list(SyncRun.objects.values_list("connection_name", "status")) == [("home", "success")]
+
+
+def test_sync_all_leaves_out_a_connection_disabled_before_its_turn(gateways):
+    def disable_office(name, phase, count):
+        if name == "home" and phase == "apply":
+            Connection.objects.filter(name="office").update(enabled=False)
+
+    outcomes = services.sync_all(trigger="command", progress=disable_office)
+    assert [outcome.connection for outcome in outcomes] == ["home"]
+    assert outcomes[0].result.accounts == ["U1000001"]
+    assert not Position.objects.filter(account__external_id="U2000002").exists()
