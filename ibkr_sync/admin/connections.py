@@ -33,15 +33,13 @@ RUN_SYNC = "ibkr_sync.run_sync"
 def tested(connection: Connection) -> tuple[str, int]:
     """A connection's test, as the admin says it: its message and level."""
     try:
-        handshake = check_connection(connection)
+        check = check_connection(connection)
     except IbkrSyncError as exc:
         return f"Connection {connection.name}: {exc}", messages.ERROR
-    accounts = ", ".join(handshake.accounts) or "none"
-    return (
-        f"Connection {connection.name} ({handshake.address}): ok: server version "
-        f"{handshake.server_version}, accounts {accounts}",
-        messages.SUCCESS,
-    )
+    message = f"Connection {connection.name} ({check.address}): ok: {check.summary}"
+    if check.lacking:
+        return f"{message}; lacking: {'; '.join(check.lacking)}", messages.WARNING
+    return message, messages.SUCCESS
 
 
 @admin.register(Connection)
