@@ -478,3 +478,64 @@ def test_set_token_replaces_an_expired_token(service, monkeypatch):
     )  # fmt: skip
 
     assert sync_positions(trigger="command", connection="myflex").created == 2
+
+
+# --- the admin's form -----------------------------------------------------------------------
+
+
+def _form(**fields) -> dict:
+    return {
+        "name": "myflex", "kind": "flex", "enabled": "on", "host": "127.0.0.1",
+        "port": "7497", "client_id": "1", "flex_query_id": QUERY, "new_flex_token": "",
+        "note": "", **fields,
+    }  # fmt: skip
+
+
+def test_the_admin_takes_a_token_and_never_shows_it_again(service, admin_client):
+    added = admin_client.post(
+        "/admin/ibkr_sync/connection/add/", _form(new_flex_token=TOKEN), follow=True
+    )
+    assert added.status_code == 200 and TOKEN not in added.content.decode()
+    row = Connection.objects.get()
+    assert row.reveal_flex_token() == TOKEN
+    stored = row.flex_token
+
+    page = admin_client.get(f"/admin/ibkr_sync/connection/{row.pk}/change/").content.decode()
+
+    assert TOKEN not in page and stored not in page
+    assert 'type="password"' in page and "Stored Flex token" in page
+    assert '<div class="readonly">set</div>' in page
+    assert 'name="port"' not in page  # a Flex connection's page: no gateway fields
+    # Saved with the token left empty: the stored one is kept.
+    admin_client.post(f"/admin/ibkr_sync/connection/{row.pk}/change/", _form(note="kept"))
+    row.refresh_from_db()
+    assert (row.note, row.flex_token) == ("kept", stored)
+    # A new one replaces it.
+    admin_client.post(
+        f"/admin/ibkr_sync/connection/{row.pk}/change/", _form(new_flex_token=EXPIRED)
+    )
+    row.refresh_from_db()
+    assert row.reveal_flex_token() == EXPIRED
+
+
+def test_the_admin_refuses_a_flex_connection_without_a_token(admin_client):
+    page = admin_client.post("/admin/ibkr_sync/connection/add/", _form())
+
+    assert page.status_code == 200
+    assert "A Flex connection needs its Flex token." in page.content.decode()
+    assert not Connection.objects.exists()
+
+
+def test_the_admin_s_test_connection_for_flex(service, admin_client):
+    row = flex_connection()
+    service.add_statement(
+        QUERY, lambda fd, td: statement_with_values(fd, td, sections=("OpenPositions",))
+    )
+
+    page = admin_client.post(f"/admin/ibkr_sync/connection/{row.pk}/test/", follow=True)
+
+    text = page.content.decode()
+    assert (
+        "Connection myflex (Flex query 445566): ok: Flex query Portfolio: accounts U7654321" in text
+    )
+    assert "lacking: no Cash Report" in text
