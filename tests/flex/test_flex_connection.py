@@ -165,9 +165,6 @@ def test_a_generated_statement(service):
 def test_a_position_gone_from_the_next_statement_is_closed(service):
     flex_connection()
     sync_positions(trigger="command", connection="myflex")
-    service.add_statement(
-        QUERY, lambda fd, td: statement_with_values(fd, td).replace('symbol="SAP"', 'symbol="X"')
-    )
     service.add_statement(QUERY, lambda fd, td: _without_sap(statement_with_values(fd, td)))
 
     result = sync_positions(trigger="command", connection="myflex")
