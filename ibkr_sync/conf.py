@@ -69,6 +69,13 @@ class AppSettings:
     IBKR_SYNC_MAX_AGE: int
     IBKR_SYNC_THROTTLE_RATE: str | None
     IBKR_SYNC_GATEWAY_CLASS: str
+    IBKR_SYNC_FLEX_SOURCE_CLASS: str
+    IBKR_FLEX_BASE_URL: str
+    IBKR_FLEX_CONNECT_TIMEOUT: float
+    IBKR_FLEX_READ_TIMEOUT: float
+    IBKR_FLEX_POLL_BUDGET: float
+    IBKR_SYNC_SECRET_KEY: str
+    IBKR_SYNC_SECRET_KEY_FALLBACKS: tuple
     IBKR_SYNC_ACCOUNT_MODEL: str
     IBKR_SYNC_INSTRUMENT_MODEL: str
     IBKR_SYNC_POSITION_MODEL: str
@@ -168,6 +175,35 @@ class GatewayConfig:
             if getattr(connection, name) is not None:
                 overrides[name] = float(getattr(connection, name))
         return dataclasses.replace(config, **overrides)
+
+
+@dataclass(frozen=True)
+class FlexConfig:
+    """What a Flex connection's sync reads: the service's address, the query, the token
+    (decrypted for the read; in no repr) and the timeouts, from the settings."""
+
+    query_id: str
+    token: str = dataclasses.field(repr=False)
+    base_url: str = environment.SETTINGS["IBKR_FLEX_BASE_URL"].default
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    poll_budget: float = 600.0
+    #: The connection's name, for messages ("" for none).
+    name: str = ""
+
+    @classmethod
+    def from_settings(cls, connection) -> "FlexConfig":
+        """A Flex `Connection`'s query and token over the settings' address and timeouts.
+        Raises `SecretUnreadable` when no configured key decrypts the token."""
+        return cls(
+            query_id=connection.flex_query_id,
+            token=connection.reveal_flex_token(),
+            base_url=app_settings.IBKR_FLEX_BASE_URL,
+            connect_timeout=app_settings.IBKR_FLEX_CONNECT_TIMEOUT,
+            read_timeout=app_settings.IBKR_FLEX_READ_TIMEOUT,
+            poll_budget=app_settings.IBKR_FLEX_POLL_BUDGET,
+            name=connection.name,
+        )
 
 
 def model_setting(name: str) -> str:

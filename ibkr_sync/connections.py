@@ -50,12 +50,22 @@ class Target:
         settings'."""
         return conf.GatewayConfig.from_settings(self.connection)
 
+    @property
+    def kind(self) -> str:
+        return Connection.Kind.TWS if self.connection is None else self.connection.kind
+
     def source(self, progress: Any = None) -> Any:
-        """The source that reads it (IBKR_SYNC_GATEWAY_CLASS, given the connection's
-        configuration; the settings' gateway's class is called as it always was)."""
-        source_class = import_string(conf.get("IBKR_SYNC_GATEWAY_CLASS"))
+        """The source that reads it: for a TWS connection IBKR_SYNC_GATEWAY_CLASS, given
+        the connection's configuration (the settings' gateway's class is called as it
+        always was); for a Flex connection IBKR_SYNC_FLEX_SOURCE_CLASS, given its
+        `conf.FlexConfig` (the token decrypted here, for this read only)."""
         options: dict[str, Any] = {}
-        if self.connection is not None:
+        if self.kind == Connection.Kind.FLEX:
+            source_class = import_string(conf.get("IBKR_SYNC_FLEX_SOURCE_CLASS"))
+            options["config"] = conf.FlexConfig.from_settings(self.connection)
+        else:
+            source_class = import_string(conf.get("IBKR_SYNC_GATEWAY_CLASS"))
+        if self.connection is not None and "config" not in options:
             options["config"] = self.config()
         if progress is not None:
             options["progress"] = progress

@@ -116,6 +116,38 @@ def text(name: str, raw: Any) -> str:
     return str(raw).strip()
 
 
+def url(name: str, raw: Any) -> str:
+    """`raw` as an http(s) URL with a host (a trailing slash dropped), or
+    ImproperlyConfigured naming `name`."""
+    from urllib.parse import urlsplit
+
+    value = str(raw).strip().rstrip("/")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ImproperlyConfigured(
+            f"{name} must be an http(s) URL such as https://host/path, got {value[:80]!r}."
+        )
+    return value
+
+
+def secret(name: str, raw: Any) -> str:
+    """`raw` as a secret (never quoted back): empty, or at least 32 characters."""
+    value = str(raw).strip()
+    if value and len(value) < 32:
+        raise ImproperlyConfigured(
+            f"{name} must be at least 32 characters long (a long random string), or empty."
+        )
+    return value
+
+
+def secrets(name: str, raw: Any) -> tuple[str, ...]:
+    """`raw` as a list of secrets: a list or tuple in the settings, or text separated by
+    commas in the environment; each as `secret` takes it (never quoted back)."""
+    items = raw.split(",") if isinstance(raw, str) else list(raw or ())
+    values = tuple(secret(name, item) for item in items)
+    return tuple(value for value in values if value)
+
+
 @dataclass(frozen=True)
 class Setting:
     default: Any
@@ -161,6 +193,35 @@ SETTINGS: dict[str, Setting] = {
     ),
     "IBKR_SYNC_GATEWAY_CLASS": Setting(
         "ibkr_sync.gateway.IbkrGateway", text, "The gateway adapter the sync reads from."
+    ),
+    "IBKR_SYNC_FLEX_SOURCE_CLASS": Setting(
+        "ibkr_sync.sources.flex.source.FlexSource",
+        text,
+        "The source a Flex connection's sync reads from.",
+    ),
+    "IBKR_FLEX_BASE_URL": Setting(
+        "https://ndcdyn.interactivebrokers.com/AccountManagement/FlexWebService",
+        url,
+        "IBKR's Flex Web Service (requests go to {base}/SendRequest, {base}/GetStatement).",
+    ),
+    "IBKR_FLEX_CONNECT_TIMEOUT": Setting(
+        10.0, seconds, "Seconds to wait for a connection to the Flex Web Service."
+    ),
+    "IBKR_FLEX_READ_TIMEOUT": Setting(
+        60.0, seconds, "Seconds to wait for each read of a Flex Web Service answer."
+    ),
+    "IBKR_FLEX_POLL_BUDGET": Setting(
+        600.0, seconds, "The most time spent waiting while IBKR generates a statement (1019)."
+    ),
+    "IBKR_SYNC_SECRET_KEY": Setting(
+        "",
+        secret,
+        "The key Flex tokens are encrypted with (empty: Django's SECRET_KEY).",
+    ),
+    "IBKR_SYNC_SECRET_KEY_FALLBACKS": Setting(
+        (),
+        secrets,
+        "Former keys, still read (comma-separated); `ibkr_connection rotate-keys` re-encrypts.",
     ),
 }
 

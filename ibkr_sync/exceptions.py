@@ -102,6 +102,13 @@ class NoManagedAccounts(GatewayError):
     code = "no_managed_accounts"
 
 
+class SecretUnreadable(IbkrSyncError):
+    """A secret stored encrypted (a connection's Flex token) that none of the configured
+    keys decrypts: the key changed without the old one among the fallbacks."""
+
+    code = "secret_unreadable"
+
+
 class UnknownConnection(IbkrSyncError, LookupError):
     """No connection has the name asked for."""
 

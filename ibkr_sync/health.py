@@ -31,7 +31,9 @@ from .sources.tws.errors import _SERVER_LINK_DOWN_CODES
 
 # The error codes of a sync that could not reach its gateway (refused, no answer, not a
 # gateway, no answer in time) ...
-UNREACHABLE_CODES = frozenset({"gateway_unavailable", "not_a_gateway", "gateway_timeout"})
+UNREACHABLE_CODES = frozenset(
+    {"gateway_unavailable", "not_a_gateway", "gateway_timeout", "flex_unavailable", "flex_timeout"}
+)
 # ... and of one that reached it while it was not logged in to IBKR (it manages no
 # account), or had lost its link to IBKR's servers (the IB error 1100, 1101 or 2110, which
 # the run's message quotes).
@@ -62,7 +64,13 @@ def check_health(*, gateway: bool = False, names: bool = False) -> tuple[bool, d
             states = None
     report: dict[str, Any] = {"checks": checks}
     if states:
-        ports = _ports([s.connection for s in states if s.connection.enabled]) if gateway else {}
+        # A Flex connection has no gateway port to try.
+        gateways = [
+            s.connection
+            for s in states
+            if s.connection.enabled and s.connection.kind == Connection.Kind.TWS
+        ]
+        ports = _ports(gateways) if gateway else {}
         report["connections"] = [
             _connection(state, ports.get(state.connection.pk), names) for state in states
         ]
@@ -126,7 +134,16 @@ def failure_status(run: SyncRun) -> str:
 def lock_hold_limit(connection_row: Connection | None = None) -> float:
     """The longest a healthy sync holds the lock (of `connection_row`, with its own
     timeouts; None: the settings' gateway's): it connects, reads the positions (and the
-    values, which are given at most IBKR_REQUEST_TIMEOUT in all), and writes."""
+    values, which are given at most IBKR_REQUEST_TIMEOUT in all), and writes. A Flex
+    connection: it connects, waits while IBKR generates the statement, reads it twice
+    at most (the request and the statement), and writes."""
+    if connection_row is not None and connection_row.kind == Connection.Kind.FLEX:
+        return (
+            float(conf.get("IBKR_FLEX_CONNECT_TIMEOUT"))
+            + float(conf.get("IBKR_FLEX_POLL_BUDGET"))
+            + 2 * float(conf.get("IBKR_FLEX_READ_TIMEOUT"))
+            + float(conf.get("IBKR_SYNC_LOCK_TIMEOUT"))
+        )
     gateway = conf.GatewayConfig.from_settings(connection_row)
     reads = 2 if gateway.read_values else 1
     return (

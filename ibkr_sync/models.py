@@ -334,8 +334,20 @@ def _validate_host(value: str) -> None:
         raise ValidationError("A host name or IP address, such as 127.0.0.1 or ib-gateway.")
 
 
+def _validate_query_id(value: str) -> None:
+    if not value.strip().isdigit():
+        raise ValidationError("The Flex Query's id: the number Client Portal shows beside it.")
+
+
 class Connection(models.Model):
-    """One IBKR login the installation syncs: a TWS / IB Gateway at an address.
+    """One IBKR login the installation syncs: a TWS / IB Gateway at an address (kind
+    `tws`), or IBKR's Flex Web Service with a saved Activity Flex Query and a token (kind
+    `flex`: no gateway).
+
+    The Flex token is stored encrypted (`ibkr_sync.crypto`: a key derived from
+    IBKR_SYNC_SECRET_KEY, else SECRET_KEY): `flex_token` holds the ciphertext only; set it
+    with `set_flex_token()`, read it with `reveal_flex_token()` (the Flex source does,
+    right before its requests). It is in no repr, form, message or answer.
 
     With no rows, a sync reads the gateway the settings (or the environment:
     IBKR_HOST, IBKR_PORT, IBKR_CLIENT_ID) name, as it always has. A connection's own
@@ -345,6 +357,7 @@ class Connection(models.Model):
 
     class Kind(models.TextChoices):
         TWS = "tws", "TWS / IB Gateway"
+        FLEX = "flex", "Flex Web Service"
 
     name = models.SlugField(
         max_length=64,
@@ -390,6 +403,20 @@ class Connection(models.Model):
         validators=[MinValueValidator(0.1), MaxValueValidator(3600)],
         help_text="Seconds to wait for one account's values; empty: IBKR_VALUES_TIMEOUT.",
     )
+    flex_query_id = models.CharField(
+        "Flex query id",
+        max_length=32,
+        blank=True,
+        validators=[_validate_query_id],
+        help_text="Flex only: the Activity Flex Query's id (Client Portal, Performance & "
+        "Reports > Flex Queries).",
+    )
+    flex_token = models.TextField(
+        "Flex token (encrypted)",
+        blank=True,
+        editable=False,
+        help_text="Flex only: the Flex Web Service token, encrypted; never shown.",
+    )
     owner = models.ForeignKey(
         settings.AUTH_USER_MODEL,
         null=True,
@@ -407,15 +434,70 @@ class Connection(models.Model):
         constraints = [
             models.CheckConstraint(
                 condition=Q(port__gte=1, port__lte=65535), name="ibkr_sync_connection_port"
-            )
+            ),
+            # A TWS connection has no Flex fields; a Flex one has both.
+            models.CheckConstraint(
+                condition=(Q(kind="tws", flex_query_id="", flex_token=""))
+                | (Q(kind="flex") & ~Q(flex_query_id="") & ~Q(flex_token="")),
+                name="ibkr_sync_connection_fields_of_its_kind",
+            ),
         ]
 
     def __str__(self) -> str:
         return self.name
 
     @property
+    def is_flex(self) -> bool:
+        return self.kind == self.Kind.FLEX
+
+    @property
     def address(self) -> str:
+        """Where it reads: the gateway's host:port, or the Flex query."""
+        if self.is_flex:
+            return f"Flex query {self.flex_query_id}"
         return f"{self.host}:{self.port}"
+
+    # --- the Flex token, encrypted at rest ---
+
+    @property
+    def has_flex_token(self) -> bool:
+        return bool(self.flex_token)
+
+    def set_flex_token(self, token: str) -> None:
+        """Store `token` encrypted with the current key (saved with the row)."""
+        from .crypto import encrypt
+
+        token = (token or "").strip()
+        if not token:
+            raise ValidationError({"flex_token": "The Flex token is empty."})
+        if any(c.isspace() for c in token) or len(token) > 200:
+            raise ValidationError(
+                {"flex_token": "A Flex token is one word (Client Portal shows it once)."}
+            )
+        self.flex_token = encrypt(token)
+
+    def reveal_flex_token(self) -> str:
+        """The token, decrypted (`SecretUnreadable` when no configured key opens it)."""
+        from .crypto import decrypt
+
+        return decrypt(self.flex_token, what=f"The Flex token of connection {self.name}")
+
+    def clean(self) -> None:
+        super().clean()
+        if self.is_flex:
+            problems = {}
+            if not self.flex_query_id.strip():
+                problems["flex_query_id"] = "A Flex connection needs its Flex query id."
+            if not self.flex_token:
+                problems["__all__"] = "A Flex connection needs its Flex token."
+            if problems:
+                raise ValidationError(problems)
+            self.flex_query_id = self.flex_query_id.strip()
+        elif self.flex_query_id or self.flex_token:
+            raise ValidationError(
+                "A TWS / IB Gateway connection has no Flex query id and no Flex token: "
+                "choose the kind Flex Web Service, or leave them empty."
+            )
 
     @property
     def lock_key(self) -> str:

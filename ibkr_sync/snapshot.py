@@ -174,3 +174,20 @@ class Snapshot:
     def __post_init__(self) -> None:
         if self.as_of is not None and self.as_of.utcoffset() is None:
             raise ValueError("a snapshot's as_of must be an aware datetime")
+
+
+@dataclass(frozen=True)
+class ConnectionCheck:
+    """What a source says when a connection is tested (no positions written): where it
+    reads (`address`), the accounts it reports, one line for people (`summary`) and what
+    it lacks for the sync's models (`lacking`: a line each, empty when nothing).
+
+    The TWS source answers its `Handshake` (a server version, the managed accounts),
+    which has the same `address`, `accounts`, `summary` and `lacking`."""
+
+    source: str
+    address: str
+    accounts: tuple[str, ...]
+    summary: str
+    lacking: tuple[str, ...] = ()
+    sections: tuple[str, ...] = ()

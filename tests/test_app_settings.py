@@ -30,6 +30,13 @@ TYPED = {
     "IBKR_SYNC_MAX_AGE": ("3600", 3600),
     "IBKR_SYNC_THROTTLE_RATE": ("10/Hour", "10/hour"),
     "IBKR_SYNC_GATEWAY_CLASS": (" tests.conftest.FakeGateway ", "tests.conftest.FakeGateway"),
+    "IBKR_SYNC_FLEX_SOURCE_CLASS": (" my.FlexSource ", "my.FlexSource"),
+    "IBKR_FLEX_BASE_URL": ("http://127.0.0.1:8080/flex/", "http://127.0.0.1:8080/flex"),
+    "IBKR_FLEX_CONNECT_TIMEOUT": ("3", 3.0),
+    "IBKR_FLEX_READ_TIMEOUT": (120, 120.0),
+    "IBKR_FLEX_POLL_BUDGET": ("300", 300.0),
+    "IBKR_SYNC_SECRET_KEY": (" " + "k" * 40 + " ", "k" * 40),
+    "IBKR_SYNC_SECRET_KEY_FALLBACKS": ("a" * 32 + ", " + "b" * 32, ("a" * 32, "b" * 32)),
 }
 
 

@@ -266,6 +266,15 @@ def test_defaults_when_nothing_is_set(project_copy):
         "IBKR_SYNC_MAX_AGE": 86400,
         "IBKR_SYNC_THROTTLE_RATE": "6/minute",
         "IBKR_SYNC_GATEWAY_CLASS": "ibkr_sync.gateway.IbkrGateway",
+        "IBKR_SYNC_FLEX_SOURCE_CLASS": "ibkr_sync.sources.flex.source.FlexSource",
+        "IBKR_FLEX_BASE_URL": (
+            "https://ndcdyn.interactivebrokers.com/AccountManagement/FlexWebService"
+        ),
+        "IBKR_FLEX_CONNECT_TIMEOUT": 10.0,
+        "IBKR_FLEX_READ_TIMEOUT": 60.0,
+        "IBKR_FLEX_POLL_BUDGET": 600.0,
+        "IBKR_SYNC_SECRET_KEY": "",
+        "IBKR_SYNC_SECRET_KEY_FALLBACKS": [],
         "IBKR_LIBRARY_LOG_LEVEL": "",
     }
 

@@ -11,8 +11,9 @@ as a sync does.
 
 from __future__ import annotations
 
+from django import forms
 from django.contrib import admin, messages
-from django.core.exceptions import PermissionDenied
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
 from django.db.models import OuterRef, Subquery
 from django.http import HttpRequest, HttpResponseNotAllowed, HttpResponseRedirect
@@ -33,19 +34,57 @@ RUN_SYNC = "ibkr_sync.run_sync"
 def tested(connection: Connection) -> tuple[str, int]:
     """A connection's test, as the admin says it: its message and level."""
     try:
-        handshake = check_connection(connection)
+        check = check_connection(connection)
     except IbkrSyncError as exc:
         return f"Connection {connection.name}: {exc}", messages.ERROR
-    accounts = ", ".join(handshake.accounts) or "none"
-    return (
-        f"Connection {connection.name} ({handshake.address}): ok: server version "
-        f"{handshake.server_version}, accounts {accounts}",
-        messages.SUCCESS,
+    message = f"Connection {connection.name} ({check.address}): ok: {check.summary}"
+    if check.lacking:
+        return f"{message}; lacking: {'; '.join(check.lacking)}", messages.WARNING
+    return message, messages.SUCCESS
+
+
+class ConnectionForm(forms.ModelForm):
+    """A connection's form: a Flex token is entered in a password field, never shown
+    again (nor rendered back), and kept as stored when the field is left empty."""
+
+    new_flex_token = forms.CharField(
+        label="Flex token",
+        required=False,
+        strip=True,
+        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "off"}),
+        help_text="Flex only: the token of Client Portal's Flex Web Service page. Stored "
+        "encrypted and never shown; leave empty to keep the stored one.",
     )
+
+    class Meta:
+        model = Connection
+        fields = (
+            "name", "kind", "enabled", "owner", "note", "host", "port", "client_id",
+            "flex_query_id", "connect_timeout", "request_timeout", "values_timeout",
+        )  # fmt: skip
+
+    def clean(self):
+        cleaned = super().clean()
+        token = cleaned.get("new_flex_token")
+        if token:
+            if cleaned.get("kind") != Connection.Kind.FLEX:
+                self.add_error("new_flex_token", "A token is for a Flex Web Service connection.")
+            else:
+                try:
+                    self.instance.set_flex_token(token)
+                except ValidationError as exc:
+                    self.add_error("new_flex_token", " ".join(exc.messages))
+        elif cleaned.get("kind") == Connection.Kind.TWS and self.instance.flex_token:
+            # Changed to a gateway: its Flex query and token go.
+            self.instance.flex_token = ""
+            if "flex_query_id" not in self.fields:
+                self.instance.flex_query_id = ""
+        return cleaned
 
 
 @admin.register(Connection)
 class ConnectionAdmin(admin.ModelAdmin):
+    form = ConnectionForm
     list_display = (
         "name", "kind", "enabled", "address", "client_id", "owner", "last_sync",
     )  # fmt: skip
@@ -59,9 +98,14 @@ class ConnectionAdmin(admin.ModelAdmin):
     fieldsets = (
         (None, {"fields": ("name", "kind", "enabled", "owner", "note")}),
         ("Gateway", {
-            "description": "The TWS / IB Gateway this connection reads: its host, its API "
-                           "port, and a client id no other tool uses on it.",
+            "description": "TWS / IB Gateway only: the gateway this connection reads: its "
+                           "host, its API port, and a client id no other tool uses on it.",
             "fields": ("host", "port", "client_id"),
+        }),
+        ("Flex Web Service", {
+            "description": "Flex Web Service only: the Activity Flex Query's id and the "
+                           "token (Client Portal: Performance & Reports > Flex Queries).",
+            "fields": ("flex_query_id", "new_flex_token", "flex_token_state"),
         }),
         ("Timeouts", {
             "classes": ("collapse",),
@@ -71,6 +115,19 @@ class ConnectionAdmin(admin.ModelAdmin):
         }),
     )  # fmt: skip
     change_form_template = "admin/ibkr_sync/connection/change_form.html"
+    readonly_fields = ("flex_token_state",)
+
+    @admin.display(description="stored Flex token")
+    def flex_token_state(self, obj: Connection | None) -> str:
+        return "set" if obj is not None and obj.has_flex_token else "not set"
+
+    def get_fieldsets(self, request: HttpRequest, obj: Connection | None = None):
+        # A connection's page shows its kind's fields; the add page both.
+        fieldsets = super().get_fieldsets(request, obj)
+        if obj is None or obj.pk is None:
+            return fieldsets
+        hidden = "Gateway" if obj.is_flex else "Flex Web Service"
+        return tuple(f for f in fieldsets if f[0] != hidden)
 
     class Media:
         css = {"all": ("ibkr_sync/admin.css",)}

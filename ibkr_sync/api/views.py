@@ -26,6 +26,7 @@ from ..health import check_health
 from ..models import SyncRun
 from ..permissions import Kind, may_view
 from ..services import sync_positions
+from ..sources import flex
 from .base import PAGE_PARAMS, ReadOnlyListView, error_responses
 from .errors import (
     ErrorEnvelopeMixin,
@@ -58,6 +59,14 @@ ERROR_STATUS = {
     exceptions.GatewayTimeout: status.HTTP_504_GATEWAY_TIMEOUT,
     exceptions.GatewayUnavailable: status.HTTP_503_SERVICE_UNAVAILABLE,
     exceptions.GatewayError: status.HTTP_502_BAD_GATEWAY,
+    # The Flex Web Service, as the gateway: unreachable or throttled 503, still generating
+    # the statement 504, its refusal of the token or query and anything else 502; a token
+    # no configured key decrypts is this server's configuration: 503.
+    flex.FlexUnavailable: status.HTTP_503_SERVICE_UNAVAILABLE,
+    flex.FlexThrottled: status.HTTP_503_SERVICE_UNAVAILABLE,
+    flex.FlexTimeout: status.HTTP_504_GATEWAY_TIMEOUT,
+    flex.FlexError: status.HTTP_502_BAD_GATEWAY,
+    exceptions.SecretUnreadable: status.HTTP_503_SERVICE_UNAVAILABLE,
     # A caller's programming error (the sync called inside its transaction): a bug, as
     # any other 500; the command exits 1 for it likewise.
     exceptions.SyncInsideTransaction: status.HTTP_500_INTERNAL_SERVER_ERROR,

@@ -26,6 +26,7 @@ from ...api.serializers import SyncResultSerializer, render_json
 from ...decimals import plain
 from ...models import SyncRun
 from ...services import ConnectionOutcome, SyncResult, describe_values, sync_all, sync_positions
+from ...sources import flex
 from ...sources.tws import LIBRARY_RECORD
 
 # Every exit code: what it means, and the error it stands for, if one. 78 is manage.py's
@@ -46,17 +47,36 @@ EXITS: tuple[tuple[int, _Errors, str], ...] = (
         "bad arguments (e.g. a malformed account id, an unknown or disabled connection, "
         "several connections and none named)",
     ),
-    (3, exceptions.GatewayUnavailable, "gateway unavailable"),
-    (4, exceptions.GatewayTimeout, "gateway timeout"),
+    (
+        3,
+        (exceptions.GatewayUnavailable, flex.FlexUnavailable, flex.FlexThrottled),
+        "gateway or Flex Web Service unavailable (or too many requests on the Flex token)",
+    ),
+    (
+        4,
+        (exceptions.GatewayTimeout, flex.FlexTimeout),
+        "gateway timeout, or IBKR still generating the Flex statement",
+    ),
     (5, exceptions.SyncAlreadyRunning, "another sync is running"),
-    (6, exceptions.UnknownAccount, "account not managed by the gateway"),
+    (6, exceptions.UnknownAccount, "account not managed by the gateway (or not in the statement)"),
     (7, exceptions.ClientIdInUse, "client id in use"),
-    (8, exceptions.GatewayError, "other gateway error (e.g. an unreadable message)"),
+    (
+        8,
+        (exceptions.GatewayError, flex.FlexError),
+        "other gateway or Flex error (e.g. an unreadable message or statement)",
+    ),
     (
         9,
         exceptions.DatabaseUnavailable,
         "the database is unavailable (down, out of disk space, read-only, locked, not "
         "migrated: the message says which)",
+    ),
+    (
+        10,
+        (flex.FlexAuthError, flex.FlexQueryError, exceptions.SecretUnreadable),
+        "the connection's Flex token or query was refused (expired, invalid, restricted to "
+        "another address, a query without Open Positions) or its stored token cannot be "
+        "decrypted: the message says what to do",
     ),
     (78, None, "configuration error (a malformed setting, named in the message)"),
 )

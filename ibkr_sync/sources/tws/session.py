@@ -107,6 +107,16 @@ class Handshake:
     server_version: int
     accounts: tuple[str, ...]
 
+    #: As `snapshot.ConnectionCheck` has them: what the edges print of any source's test.
+    source = "tws"
+    lacking: tuple[str, ...] = ()
+
+    @property
+    def summary(self) -> str:
+        return (
+            f"server version {self.server_version}, accounts {', '.join(self.accounts) or 'none'}"
+        )
+
 
 class TwsSource(ValuesRead, Decoding):
     """Reads managed accounts and positions from a running TWS / IB Gateway."""

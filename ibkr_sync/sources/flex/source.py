@@ -1,0 +1,330 @@
+"""The Flex source: a Flex connection's statement as the sync's neutral `Snapshot`.
+
+`FlexSource(config).fetch_positions()` asks the Flex Web Service (our `FlexClient`) for
+the latest statement of the connection's Activity Flex Query and hands on, per account:
+
+- its open positions (`OpenPositions`) as `PositionRecord`s;
+- its values as `AccountValues` as of the statement's period end: the cash per currency
+  (`CashReport`'s ending cash; the `BASE_SUMMARY` row says the cash was reported), the
+  net asset value and the cash in the base currency of the period's last day
+  (`EquitySummaryInBase`), the exchange rates to the base currency of the last day that
+  has them (`ConversionRates`), and each position's mark price, value and unrealized
+  P&L.
+
+Which statement. IBKR updates a statement's data once a day, after the day closes; a
+statement ending today is incomplete until then. So the latest statement is the period
+that ends *yesterday* (in US Eastern time, the statement's zone) and begins
+`PERIOD_DAYS - 1` days earlier: a window of a week always holds a business day, so the
+last net asset value and rates are in it whatever day the sync runs. Every request names
+its period (`fd`, `td`), never the query's saved one. The snapshot's `as_of` is the end
+of the period's last day; the writer refuses it, for an account, when a newer snapshot
+of the account was applied already (a gateway's read of today).
+
+What a sync cannot trust is refused whole, and nothing is written: a statement without
+the `OpenPositions` section (a sync would close every position), a position without its
+conId or quantity. A value that cannot be read is an error entry of its account.
+
+`handshake()` (Test connection) asks for a one-day statement (yesterday) and says what
+the query holds: its accounts and sections, and what it lacks for the sync's models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Any, Final
+
+from ...conf import FlexConfig
+from ...exceptions import UnknownAccount
+from ...snapshot import (
+    AccountValues,
+    ConnectionCheck,
+    PositionRecord,
+    PositionValue,
+    Snapshot,
+    ValueProblem,
+)
+from . import SOURCE
+from .client import FlexClient, RetryPolicy
+from .errors import FlexFormatError, FlexQueryError
+from .records import FlexResponse, Statement
+from .values import EASTERN
+
+#: The days of the period a sync asks for, ending yesterday.
+PERIOD_DAYS: Final = 7
+
+#: The sections the sync reads for its models, and what is lost without each.
+SECTIONS: Final = {
+    "OpenPositions": "Open Positions: positions cannot be synced",
+    "CashReport": "Cash Report: cash balances are not synced",
+    "EquitySummaryInBase": "Net Asset Value (NAV) in Base: no net liquidation value",
+    "ConversionRates": "Conversion Rates: no exchange rates (cash is not converted)",
+}
+#: Sections of the history, read by the ledger (not by this sync).
+HISTORY_SECTIONS: Final = ("Trades", "CashTransactions", "CorporateActions", "OptionEAE")
+
+
+def yesterday(zone: dt.tzinfo = EASTERN) -> dt.date:
+    """The last day IBKR has closed, in the statement's zone."""
+    return dt.datetime.now(zone).date() - dt.timedelta(days=1)
+
+
+class FlexSource:
+    """Reads a Flex connection's latest statement (see the module's docstring)."""
+
+    #: How the client waits (a subclass may wait less: tests against a fake service).
+    policy: RetryPolicy = RetryPolicy()
+
+    def __init__(
+        self,
+        config: FlexConfig,
+        *,
+        progress: Callable[[str, int], None] | None = None,
+        today: Callable[[], dt.date] | None = None,
+    ) -> None:
+        self.config = config
+        self.progress = progress
+        self._yesterday = today or yesterday
+
+    def __repr__(self) -> str:
+        return f"FlexSource(query {self.config.query_id}, {self.config.base_url})"
+
+    @property
+    def address(self) -> str:
+        return f"Flex query {self.config.query_id}"
+
+    def client(self) -> FlexClient:
+        return FlexClient(
+            self.config.token,
+            base_url=self.config.base_url,
+            connect_timeout=self.config.connect_timeout,
+            read_timeout=self.config.read_timeout,
+            policy=dataclasses.replace(self.policy, poll_budget=self.config.poll_budget),
+        )
+
+    def period(self) -> tuple[dt.date, dt.date]:
+        """The period a sync asks for: PERIOD_DAYS days, ending yesterday."""
+        to_date = self._yesterday()
+        return to_date - dt.timedelta(days=PERIOD_DAYS - 1), to_date
+
+    def fetch(self, from_date: dt.date, to_date: dt.date) -> FlexResponse:
+        """The statement(s) of a period, parsed."""
+        return self.client().fetch(self.config.query_id, from_date, to_date)
+
+    # --- a sync ---
+
+    def fetch_positions(self, account_id: str | None = None) -> Snapshot:
+        response = self.fetch(*self.period())
+        return snapshot_of(response, account_id, progress=self.progress)
+
+    # --- Test connection ---
+
+    def handshake(self) -> ConnectionCheck:
+        day = self._yesterday()
+        response = self.fetch(day, day)
+        return check_of(response, self.address)
+
+
+def latest_statements(response: FlexResponse) -> dict[str, Statement]:
+    """Each account's latest statement in a response (several may come: accounts,
+    periods), in account order."""
+    latest: dict[str, Statement] = {}
+    for statement in response.statements:
+        account = statement.account
+        kept = latest.get(account)
+        if kept is None or _period_end(statement) >= _period_end(kept):
+            latest[account] = statement
+    return dict(sorted(latest.items()))
+
+
+def _period_end(statement: Statement) -> tuple:
+    return (statement.header.to_date or dt.date.min, statement.header.index)
+
+
+def snapshot_of(
+    response: FlexResponse,
+    account_id: str | None = None,
+    *,
+    progress: Callable[[str, int], None] | None = None,
+) -> Snapshot:
+    """A response's latest statement per account as the sync's snapshot (the statement's
+    period end its `as_of`); `account_id` keeps that account only."""
+    statements = latest_statements(response)
+    if not statements:
+        raise FlexQueryError(
+            "the Flex statement holds no account: check that the query selects the "
+            "account(s) and is an Activity Flex Query; nothing was written"
+        )
+    managed = tuple(statements)
+    if account_id is not None:
+        if account_id not in statements:
+            raise UnknownAccount(
+                f"Account {account_id} is not in the Flex query's statement (it holds "
+                f"{', '.join(managed)}); nothing was written."
+            )
+        statements = {account_id: statements[account_id]}
+    positions: list[PositionRecord] = []
+    values: dict[str, AccountValues] = {}
+    moments = []
+    for account, statement in statements.items():
+        if statement.as_of is None:
+            raise FlexFormatError(
+                f"the statement of {account} has no readable period end (toDate): "
+                "nothing was written"
+            )
+        if "OpenPositions" not in statement.end.sections:
+            raise FlexQueryError(
+                "the Flex query has no Open Positions section: a sync would take every "
+                "position for closed. Add the section to the query in Client Portal; "
+                "nothing was written"
+            )
+        records = [_position(held) for held in statement.positions]
+        positions += records
+        values[account] = account_values(statement)
+        moments.append(statement.as_of)
+    if progress is not None:
+        progress("read", len(positions))
+    return Snapshot(
+        accounts=tuple(statements),
+        positions=tuple(positions),
+        managed_accounts=managed,
+        values_read=True,
+        account_values=values,
+        source=SOURCE,
+        as_of=max(moments),
+    )
+
+
+def _position(held: Any) -> PositionRecord:
+    try:
+        return held.as_position_record()
+    except ValueError as error:
+        raise FlexFormatError(
+            f"a position of the Flex statement cannot be read ({error}"
+            + (f"; {'; '.join(held.problems)}" if held.problems else "")
+            + "): nothing was written"
+        ) from None
+
+
+def account_values(statement: Statement) -> AccountValues:
+    """One statement's values of its account, as of its period end."""
+    account = statement.account
+    problems: list[ValueProblem] = []
+    navs = sorted(
+        (nav for nav in statement.net_asset_values if nav.date is not None),
+        key=lambda nav: nav.date,
+    )
+    last_nav = navs[-1] if navs else None
+    base = statement.base_currency or (last_nav.currency if last_nav else "")
+    totals: dict[str, Decimal | None] = {}
+    if last_nav is not None:
+        if base and last_nav.currency and last_nav.currency != base:
+            problems.append(
+                ValueProblem(
+                    "EquitySummaryInBase",
+                    f"the net asset value is in {last_nav.currency}, the account's base "
+                    f"currency is {base}",
+                )
+            )
+        else:
+            totals["net_liquidation"] = last_nav.total
+            totals["total_cash_value"] = last_nav.cash
+    if "total_cash_value" not in totals and statement.cash_total is not None:
+        totals["total_cash_value"] = statement.cash_total.ending_cash
+    for nav in navs[-1:]:
+        problems += [ValueProblem("EquitySummaryInBase", p) for p in nav.problems]
+
+    cash: dict[str, Decimal | None] = {}
+    cash_problems: list[str] = []
+    for balance in statement.cash:
+        if not balance.currency:
+            cash_problems.append(
+                f"a cash balance without a currency: {'; '.join(balance.problems)}"
+            )
+            continue
+        if balance.currency in cash and cash[balance.currency] != balance.ending_cash:
+            cash_problems.append(f"{balance.currency}: two different ending cash balances")
+        cash[balance.currency] = balance.ending_cash
+        cash_problems += [f"{balance.currency}: {p}" for p in balance.problems]
+
+    rates: dict[str, Decimal | None] = {}
+    if base:
+        dated = [
+            r
+            for r in statement.exchange_rates
+            if r.to_currency == base
+            and r.from_currency
+            and r.date is not None
+            and (statement.header.to_date is None or r.date <= statement.header.to_date)
+        ]
+        if dated:
+            last_day = max(r.date for r in dated)
+            for rate in dated:
+                if rate.date == last_day:
+                    rates[rate.from_currency] = rate.rate
+            rates.setdefault(base, Decimal(1))
+
+    held: dict[int, PositionValue] = {}
+    for position in statement.positions:
+        con_id = position.contract.con_id
+        if con_id is None or position.quantity is None:
+            continue
+        held[con_id] = PositionValue(
+            con_id=con_id,
+            quantity=position.quantity,
+            market_price=position.mark_price,
+            market_value=position.market_value,
+            unrealized_pnl=position.unrealized_pnl,
+            realized_pnl=None,
+        )
+        label = position.contract.symbol or str(con_id)
+        problems += [ValueProblem(label, p) for p in position.problems]
+    return AccountValues(
+        account=account,
+        as_of=statement.as_of,
+        base_currency=base,
+        totals=totals,
+        cash=cash,
+        cash_total_reported=statement.cash_total is not None,
+        cash_problems=tuple(cash_problems),
+        exchange_rates=rates,
+        positions=held,
+        problems=tuple(problems),
+        names={
+            "net_liquidation": "EquitySummaryInBase total",
+            "total_cash_value": "EquitySummaryInBase cash",
+            "cash": "CashReport endingCash",
+            "exchange_rate": "ConversionRate",
+        },
+    )
+
+
+def check_of(response: FlexResponse, address: str) -> ConnectionCheck:
+    """What a test's statement says of the query: accounts, sections, what is lacking."""
+    statements = latest_statements(response)
+    sections: list[str] = []
+    for statement in response.statements:
+        sections += [s for s in statement.end.sections if s not in sections]
+    lacking = [f"no {what}" for name, what in SECTIONS.items() if name not in sections]
+    if statements and not all(s.base_currency for s in statements.values()):
+        lacking.append(
+            "no base currency (Account Information with its Currency): values are read "
+            "only where the net asset value names it"
+        )
+    history = [name for name in HISTORY_SECTIONS if name in sections]
+    summary = (
+        f"Flex query {response.query_name or '(unnamed)'}: accounts "
+        f"{', '.join(statements) or 'none'}; sections {', '.join(sections) or 'none'}"
+    )
+    if history:
+        summary += f" (history: {', '.join(history)})"
+    return ConnectionCheck(
+        source=SOURCE,
+        address=address,
+        accounts=tuple(statements),
+        summary=summary,
+        lacking=tuple(lacking),
+        sections=tuple(sections),
+    )
