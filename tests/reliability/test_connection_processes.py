@@ -123,8 +123,9 @@ def test_the_same_connection_twice_at_once_is_refused_and_it_cannot_be_removed_m
         ),
         (
             ["ibkr_connection", "rename", "x"],
-            "manage.py ibkr_connection: error: argument {add,list,remove,test}: invalid "
-            "choice: 'rename' (choose from 'add', 'list', 'remove', 'test') (see --help)",
+            "manage.py ibkr_connection: error: argument "
+            "{add,list,remove,test,set-token,rotate-keys}: invalid choice: 'rename' (choose "
+            "from 'add', 'list', 'remove', 'test', 'set-token', 'rotate-keys') (see --help)",
         ),
     ],
 )

@@ -50,7 +50,7 @@ def fresh(deployment, simulator):
     """Empty tables and a fault-free gateway with the starting portfolio, for each test."""
     for table in ("ibkr_sync_positionchange", "portfolio_position", "portfolio_instrument",
                   "portfolio_cashbalance", "portfolio_accountsnapshot", "portfolio_account",
-                  "ibkr_sync_syncrun"):  # fmt: skip
+                  "ibkr_sync_accountreport", "ibkr_sync_syncrun"):  # fmt: skip
         deployment.query(f"DELETE FROM {table}")
     simulator.clear_faults()
     simulator.set_portfolio(starting_portfolio())
