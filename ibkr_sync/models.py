@@ -18,6 +18,7 @@ from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import Q
+from django.db.models.functions import Lower
 
 from .conf import model_setting
 from .decimals import plain, product
@@ -440,6 +441,12 @@ class Connection(models.Model):
                 condition=(Q(kind="tws", flex_query_id="", flex_token=""))
                 | (Q(kind="flex") & ~Q(flex_query_id="") & ~Q(flex_token="")),
                 name="ibkr_sync_connection_fields_of_its_kind",
+            ),
+            # `Home` beside `home` would be two connections a person takes for one.
+            models.UniqueConstraint(
+                Lower("name"),
+                name="ibkr_sync_connection_unique_name_any_case",
+                violation_error_message="A connection with this name (in any case) exists.",
             ),
         ]
 

@@ -113,6 +113,15 @@ def test_the_form_shows_what_the_model_refuses_and_saves_nothing(django_user_mod
     home = Connection.objects.get()
     assert (home.address, home.client_id, home.connect_timeout) == ("gw.lan:4002", 7, 2.5)
 
+    # `HOME` beside `home` would be taken for the same connection: refused.
+    response = client.post(
+        ADD, {"name": "HOME", "kind": "tws", "enabled": "on", "host": "gw.lan",
+              "port": "4001", "client_id": "8", "note": ""},
+    )  # fmt: skip
+    assert response.status_code == 200
+    assert "A connection with this name (in any case) exists." in response.text
+    assert list(Connection.objects.values_list("name", flat=True)) == ["home"]
+
 
 def test_test_connection_reports_the_server_version_and_accounts(django_user_model, gateways):
     client = staff(django_user_model, "view_connection", "run_sync")

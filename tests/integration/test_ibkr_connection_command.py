@@ -85,6 +85,10 @@ def test_add_disabled():
             ["taken", "--port", "4002", "--client-id", "1"],
             "name: Connection with this Name already",
         ),
+        (
+            ["Taken", "--port", "4002", "--client-id", "1"],
+            "A connection with this name (in any case) exists.",
+        ),
     ],
 )
 def test_add_refuses_what_the_model_refuses_in_one_line_and_adds_nothing(args, message):
