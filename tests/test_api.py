@@ -2,6 +2,7 @@
 
 import datetime as dt
 import io
+import json
 import socket
 from decimal import Decimal
 from urllib.parse import urlencode
@@ -62,6 +63,7 @@ def closed_port() -> int:
 
 def test_sync_returns_the_full_result_and_writes_the_positions(client, syncer, use_gateway):
     use_gateway.positions.append(position(con_id=5, symbol="ODD", sec_type="NOPE"))
+    syncer.user_permissions.add(Permission.objects.get(codename="view_position"))
 
     response = client.post(URL)
 
@@ -474,3 +476,17 @@ def test_endpoint_opts_out_of_atomic_requests():
     """With ATOMIC_REQUESTS on, a request-wide transaction would hide the SyncRun lock
     from other processes and roll back the record of a failed sync."""
     assert "default" in resolve("/portfolio/sync/ibkr").func._non_atomic_requests
+
+
+def test_the_records_not_stored_are_position_data_in_the_answer(client, use_gateway):
+    """A user who may sync but not view positions (a cron token, say) hears how many
+    records were not stored, not which: each names an account's record, as on the run's
+    own page."""
+    use_gateway.positions.append(position(con_id=5, symbol="ODD", sec_type="NOPE"))
+
+    body = client.post(URL).json()
+
+    assert body["errors"] is None
+    assert body["by_account"]["U1111111"]["errors"] == 1
+    assert "ODD" not in json.dumps(body)
+    assert SyncRun.objects.get(pk=body["sync_run_id"]).errors == 1

@@ -6,6 +6,7 @@ import threading
 from io import StringIO
 
 import pytest
+from django.contrib.auth.models import Permission
 from django.core.management import CommandError, call_command
 from django.db import connection
 from rest_framework.test import APIClient
@@ -57,6 +58,8 @@ def test_json_prints_exactly_what_the_api_answers(use_gateway, syncer):
     Instrument.objects.all().delete()
     Account.objects.all().delete()
     client = APIClient()
+    # The command is the operator's: as the API answers one who may view positions too.
+    syncer.user_permissions.add(Permission.objects.get(codename="view_position"))
     client.force_authenticate(syncer)
     from_api = client.post("/portfolio/sync/ibkr").json()
 

@@ -137,7 +137,13 @@ class SyncResultSerializer(serializers.Serializer):
     unchanged = serializers.IntegerField()
     reopened = serializers.IntegerField()
     closed = serializers.IntegerField()
-    errors = SyncErrorSerializer(many=True)
+    errors = SyncErrorSerializer(
+        many=True,
+        allow_null=True,
+        help_text="The records that could not be stored, each with its reason: position "
+        "data, so null in the API's answer to a user who may not view positions (the "
+        "counts still say how many).",
+    )
     by_account = serializers.DictField(
         child=serializers.DictField(child=serializers.IntegerField())
     )
@@ -164,6 +170,12 @@ class SyncResultSerializer(serializers.Serializer):
         data = super().to_representation(result)
         if result.changes is not None:  # a dry run: what a sync would change
             data["changes"] = PositionChangeSerializer(result.changes, many=True).data
+        request = self.context.get("request")
+        if request is not None and not may_view(request.user, Kind.POSITIONS):
+            # Each names an account's record: position data, as on the run's own page.
+            data["errors"] = None
+            if "changes" in data:
+                data["changes"] = None
         return data
 
 

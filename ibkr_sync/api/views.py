@@ -226,7 +226,8 @@ class IbkrSyncView(ErrorEnvelopeMixin, APIView):
             )
         except exceptions.IbkrSyncError as exc:
             return error_response(status_for(exc), exc.code, str(exc))
-        return Response(SyncResultSerializer(result).data, status=status.HTTP_200_OK)
+        answer = SyncResultSerializer(result, context={"request": request}).data
+        return Response(answer, status=status.HTTP_200_OK)
 
 
 def _connection_param(request: Request) -> str | None:
