@@ -11,7 +11,10 @@ failed sync.
   number of seconds.
 - ibkr_sync.E003: IBKR_CLIENT_LIBRARY names no known client library.
 - ibkr_sync.E004: an IBKR_SYNC_*_MODEL setting names no installed model, or one that
-  lacks a field the sync writes (build it on the matching abstract base).
+  lacks a field the sync writes (build it on the matching abstract base). The ledger's
+  (IBKR_SYNC_TRADE_MODEL, IBKR_SYNC_CASH_TRANSACTION_MODEL,
+  IBKR_SYNC_CORPORATE_ACTION_MODEL) are optional: None, or left out with the portfolio
+  app not installed, keeps no ledger of that kind.
 - ibkr_sync.E005: another IBKR_* setting is malformed (host, client id, health age,
   throttle rate).
 - ibkr_sync.E006: IBKR_SYNC_GATEWAY_CLASS cannot be imported.
@@ -42,8 +45,11 @@ from .models import (
     AbstractAccount,
     AbstractAccountSnapshot,
     AbstractCashBalance,
+    AbstractCashTransaction,
+    AbstractCorporateAction,
     AbstractInstrument,
     AbstractPosition,
+    AbstractTrade,
 )
 
 _IDS = {
@@ -61,6 +67,12 @@ _BASES = {
     "IBKR_SYNC_POSITION_MODEL": AbstractPosition,
     "IBKR_SYNC_CASH_BALANCE_MODEL": AbstractCashBalance,
     "IBKR_SYNC_ACCOUNT_SNAPSHOT_MODEL": AbstractAccountSnapshot,
+}
+#: The ledger's (optional: checked where the host keeps one).
+_LEDGER_BASES = {
+    "IBKR_SYNC_TRADE_MODEL": AbstractTrade,
+    "IBKR_SYNC_CASH_TRANSACTION_MODEL": AbstractCashTransaction,
+    "IBKR_SYNC_CORPORATE_ACTION_MODEL": AbstractCorporateAction,
 }
 
 
@@ -123,6 +135,14 @@ def check_models(app_configs=None, **kwargs) -> list:
             errors.append(Error(str(exc), id="ibkr_sync.E004"))
             continue
         errors += check_model(model, base, setting=name)
+    for name, base in _LEDGER_BASES.items():
+        try:
+            model = conf.lookup_ledger_model(name)
+        except ImproperlyConfigured as exc:
+            errors.append(Error(str(exc), id="ibkr_sync.E004"))
+            continue
+        if model is not None:
+            errors += check_model(model, base, setting=name)
     return errors
 
 

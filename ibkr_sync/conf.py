@@ -4,9 +4,9 @@ bool (as DRF's `api_settings`). Each is read when used: the host's settings win 
 `override_settings` works), what they leave out is read from the environment, else the
 default (`environment.SETTINGS`, the one place defaults are written), and parsed by
 `environment`'s parsers; `checks.py` validates them at start-up through the same object.
-Also the models the sync writes (IBKR_SYNC_*_MODEL), looked up once and forgotten when a
-setting changes; and `GatewayConfig`, the settings' gateway, which a `Connection`'s fields
-override per sync.
+Also the models the sync writes (IBKR_SYNC_*_MODEL; the ledger's optional), looked up
+once and forgotten when a setting changes; and `GatewayConfig`, the settings' gateway,
+which a `Connection`'s fields override per sync.
 """
 
 import dataclasses
@@ -34,6 +34,17 @@ MODEL_SETTINGS = {
     "IBKR_SYNC_POSITION_MODEL": "portfolio.Position",
     "IBKR_SYNC_CASH_BALANCE_MODEL": "portfolio.CashBalance",
     "IBKR_SYNC_ACCOUNT_SNAPSHOT_MODEL": "portfolio.AccountSnapshot",
+    "IBKR_SYNC_TRADE_MODEL": "portfolio.Trade",
+    "IBKR_SYNC_CASH_TRANSACTION_MODEL": "portfolio.CashTransaction",
+    "IBKR_SYNC_CORPORATE_ACTION_MODEL": "portfolio.CorporateAction",
+}
+#: The ledger's model settings, by the kind of row each stores. Optional: None keeps no
+#: ledger of that kind, and so does leaving one out where its default model is not
+#: installed (a host with portfolio models of its own, from before the ledger).
+LEDGER_SETTINGS = {
+    "trades": "IBKR_SYNC_TRADE_MODEL",
+    "cash_transactions": "IBKR_SYNC_CASH_TRANSACTION_MODEL",
+    "corporate_actions": "IBKR_SYNC_CORPORATE_ACTION_MODEL",
 }
 
 _UNSET = object()
@@ -81,6 +92,9 @@ class AppSettings:
     IBKR_SYNC_POSITION_MODEL: str
     IBKR_SYNC_CASH_BALANCE_MODEL: str
     IBKR_SYNC_ACCOUNT_SNAPSHOT_MODEL: str
+    IBKR_SYNC_TRADE_MODEL: str | None
+    IBKR_SYNC_CASH_TRANSACTION_MODEL: str | None
+    IBKR_SYNC_CORPORATE_ACTION_MODEL: str | None
 
     def __init__(self) -> None:
         # name -> (where, raw, parsed)
@@ -261,6 +275,36 @@ def cash_balance_model() -> type[models.Model]:
 def account_snapshot_model() -> type[models.Model]:
     """The account snapshot model the sync writes (IBKR_SYNC_ACCOUNT_SNAPSHOT_MODEL)."""
     return _model("IBKR_SYNC_ACCOUNT_SNAPSHOT_MODEL")
+
+
+def ledger_model(name: str) -> type[models.Model] | None:
+    """The ledger model setting `name` names, or None when the host keeps no ledger of
+    its kind: the setting is None, or left out while its default model (the portfolio
+    app's) is not installed. A model named but not installed is ImproperlyConfigured."""
+    if name in _models:
+        return _models[name]
+    model = lookup_ledger_model(name)
+    _models[name] = model
+    return model
+
+
+def lookup_ledger_model(name: str) -> type[models.Model] | None:
+    """`ledger_model`, not cached (what the system checks examine)."""
+    value = getattr(settings, name, _UNSET)
+    if value is None:
+        return None
+    if value is _UNSET:
+        try:
+            return apps.get_model(MODEL_SETTINGS[name], require_ready=False)
+        except LookupError:
+            return None
+    return lookup_model(name)
+
+
+def ledger_models() -> dict[str, type[models.Model]]:
+    """The ledger's models the host keeps, by kind (`LEDGER_SETTINGS`'s keys)."""
+    found = {kind: ledger_model(name) for kind, name in LEDGER_SETTINGS.items()}
+    return {kind: model for kind, model in found.items() if model is not None}
 
 
 def reload(*, setting: str, **kwargs) -> None:

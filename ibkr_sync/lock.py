@@ -368,7 +368,7 @@ def finish_holding(run: SyncRun) -> None:
 #: What a finished sync records of itself (`finish_holding` saves these and its end).
 SAVED_AT_THE_END = (
     "status", "accounts", "processed", "created", "updated", "unchanged", "reopened",
-    "closed", "errors", "error_details", "account_values", "accounts_refused",
+    "closed", "errors", "error_details", "account_values", "accounts_refused", "ledger",
 )  # fmt: skip
 
 LOCK_LOST = (

@@ -31,16 +31,21 @@ from . import conf
 from .decimals import plain
 from .exceptions import InvalidAccountId
 from .models import Broker, SecType, is_rate
-from .outcomes import RecordError, ValuesOutcome
+from .outcomes import RecordError, ValuesOutcome, storable
 from .protocol import UNSET, WireValueError, is_unset_value, parse_decimal
 from .snapshot import (
     CASH,
     EXCHANGE_RATE,
     TOTALS,
     AccountValues,
+    CashTransaction,
+    Contract,
+    CorporateAction,
     CurrencyError,
     PositionRecord,
     Snapshot,
+    Trade,
+    link_withholding,
 )
 from .snapshot import currency_code as _currency_code
 from .snapshot import shown as _short
@@ -786,6 +791,12 @@ class MappedSnapshot:
     values: dict[str, MappedValues] = dataclass_field(default_factory=dict)
     values_as_of: dict[str, dt.datetime | None] = dataclass_field(default_factory=dict)
     outcomes: dict[str, ValuesOutcome] = dataclass_field(default_factory=dict)
+    # The ledger, by kind (the kinds the host keeps: `conf.ledger_models()`), each row by
+    # its external id; the instruments its rows name, by conId text. Empty when the
+    # source read no ledger (`ledger_read`) or the host keeps none.
+    ledger_read: bool = False
+    ledger: dict[str, dict[str, MappedLedgerRow]] = dataclass_field(default_factory=dict)
+    ledger_instruments: dict[str, dict[str, Any]] = dataclass_field(default_factory=dict)
 
     def as_of_of(self, account: str, now: dt.datetime) -> dt.datetime:
         """The moment an account's data describes: its values' if read, else the
@@ -806,6 +817,10 @@ class MappedSnapshot:
             values={a: v for a, v in self.values.items() if a not in accounts},
             values_as_of={a: t for a, t in self.values_as_of.items() if a not in accounts},
             outcomes={a: o for a, o in self.outcomes.items() if a not in accounts},
+            ledger={
+                kind: {k: row for k, row in rows.items() if row.account_id not in accounts}
+                for kind, rows in self.ledger.items()
+            },
         )
 
 
@@ -869,6 +884,10 @@ def map_snapshot(snapshot: Snapshot) -> MappedSnapshot:
                 cash_reported=item.cash_reported,
                 cash_kept_reason=item.cash_kept_reason,
             )
+    ledger, ledger_instruments = {}, {}
+    if snapshot.ledger_read:
+        ledger, ledger_instruments, ledger_errors = map_ledger(snapshot, set(accounts))
+        errors.extend(ledger_errors)
     return MappedSnapshot(
         source=snapshot.source,
         as_of=snapshot.as_of,
@@ -881,4 +900,215 @@ def map_snapshot(snapshot: Snapshot) -> MappedSnapshot:
         values=values,
         values_as_of=values_as_of,
         outcomes=outcomes,
+        ledger_read=snapshot.ledger_read,
+        ledger=ledger,
+        ledger_instruments=ledger_instruments,
+    )
+
+
+# --- the ledger ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MappedLedgerRow:
+    """One ledger row as its columns store it: `fields` are every column but the account,
+    the instrument (`instrument_id`: a conId text, None for none), the broker and the
+    external id, which key it."""
+
+    account_id: str
+    external_id: str
+    instrument_id: str | None
+    fields: dict[str, Any]
+
+
+#: The columns each kind of ledger row fills from its record (besides its keys).
+LEDGER_FIELDS = {
+    "trades": (
+        "trade_date",
+        "traded_at",
+        "settle_date",
+        "buy_sell",
+        "quantity",
+        "price",
+        "proceeds",
+        "commission",
+        "commission_currency",
+        "currency",
+        "realized_pnl",
+        "fx_rate_to_base",
+        "cancelled",
+        "raw",
+    ),
+    "cash_transactions": (
+        "kind",
+        "type",
+        "date",
+        "amount",
+        "currency",
+        "description",
+        "fx_rate_to_base",
+        "dividend_external_id",
+        "raw",
+    ),
+    "corporate_actions": (
+        "action_id",
+        "date",
+        "type",
+        "quantity",
+        "amount",
+        "currency",
+        "description",
+        "raw",
+    ),
+}
+_LEDGER_LABELS = {
+    "trades": "a trade",
+    "cash_transactions": "a cash transaction",
+    "corporate_actions": "a corporate action",
+}
+
+
+def map_ledger(
+    snapshot: Snapshot, accounts: set[str]
+) -> tuple[dict[str, dict[str, MappedLedgerRow]], dict[str, dict[str, Any]], list[RecordError]]:
+    """The snapshot's ledger -> its rows' field values, for the kinds the host keeps
+    (`conf.ledger_models()`), each by its external id (IBKR's transactionID; the last of
+    a row sent twice, as by two overlapping statements), and the instruments they name.
+    A row that cannot be stored (no id, a value its column cannot hold) is an error of
+    its account, never dropped silently; a contract that cannot be an instrument leaves
+    the row without one (its raw attributes keep the contract) and says so."""
+    models_by_kind = conf.ledger_models()
+    ledger: dict[str, dict[str, MappedLedgerRow]] = {}
+    instruments: dict[str, dict[str, Any]] = {}
+    errors: list[RecordError] = []
+    dividend_of = {
+        tax.transaction_id: income.transaction_id
+        for tax, income in link_withholding(snapshot.cash_transactions)
+        if tax.transaction_id and income.transaction_id
+    }
+    records = {
+        "trades": snapshot.trades,
+        "cash_transactions": snapshot.cash_transactions,
+        "corporate_actions": snapshot.corporate_actions,
+    }
+    for kind, model in models_by_kind.items():
+        rows: dict[str, MappedLedgerRow] = {}
+        for record in records[kind]:
+            contract = record.contract
+            try:
+                if record.account not in accounts:
+                    raise MappingError(f"account {_short(record.account)} was not synced")
+                external_id = record.transaction_id
+                if not external_id:
+                    raise MappingError(
+                        "no transactionID (add Transaction ID to the query's section): not stored"
+                    )
+                values = _ledger_values(kind, record, dividend_of)
+                raw = values.pop("raw")
+                values = fit(model, {"external_id": external_id, **values}, exact=_EXACT)
+                values.pop("external_id")
+                values["raw"] = raw
+            except MappingError as exc:
+                errors.append(_ledger_error(kind, record, contract, str(exc)))
+                continue
+            instrument_id = None
+            if contract is not None and contract.con_id is not None:
+                try:
+                    instrument_id, fields = _ledger_instrument(record.account, contract)
+                except MappingError as exc:
+                    errors.append(
+                        _ledger_error(
+                            kind, record, contract, f"stored without its instrument: {exc}"
+                        )
+                    )
+                else:
+                    instruments.setdefault(instrument_id, fields)
+            rows[external_id] = MappedLedgerRow(
+                account_id=record.account,
+                external_id=external_id,
+                instrument_id=instrument_id,
+                fields=values,
+            )
+        ledger[kind] = rows
+    return ledger, instruments, errors
+
+
+_EXACT = ("quantity",)
+
+
+def _ledger_values(kind: str, record: Any, dividend_of: dict[str, str]) -> dict[str, Any]:
+    raw = {storable(str(k)): storable(str(v)) for k, v in record.raw.items()}
+    if kind == "trades":
+        trade: Trade = record
+        return {
+            "trade_date": trade.trade_date,
+            "traded_at": trade.traded_at,
+            "settle_date": trade.settle_date,
+            "buy_sell": trade.buy_sell,
+            "quantity": trade.quantity,
+            "price": trade.price,
+            "proceeds": trade.proceeds,
+            "commission": trade.commission,
+            "commission_currency": trade.commission_currency,
+            "currency": trade.currency,
+            "realized_pnl": trade.realized_pnl,
+            "fx_rate_to_base": trade.fx_rate_to_base,
+            "cancelled": trade.cancelled,
+            "raw": raw,
+        }
+    if kind == "cash_transactions":
+        tx: CashTransaction = record
+        return {
+            "kind": tx.kind,
+            "type": tx.type_text,
+            "date": tx.date,
+            "amount": tx.amount,
+            "currency": tx.currency,
+            "description": storable(tx.description),
+            "fx_rate_to_base": tx.fx_rate_to_base,
+            "dividend_external_id": dividend_of.get(tx.transaction_id or "", ""),
+            "raw": raw,
+        }
+    action: CorporateAction = record
+    return {
+        "action_id": action.action_id or "",
+        "date": action.date,
+        "type": action.type_code,
+        "quantity": action.quantity,
+        "amount": action.amount,
+        "currency": action.currency,
+        "description": storable(action.description),
+        "raw": raw,
+    }
+
+
+def _ledger_instrument(account: str, contract: Contract) -> tuple[str, dict[str, Any]]:
+    """A ledger row's contract as its Instrument row, mapped as a position's is."""
+    record = PositionRecord(
+        account=account,
+        con_id=contract.con_id,
+        symbol=contract.symbol,
+        sec_type=contract.sec_type,
+        quantity=Decimal(0),
+        average_cost=None,
+        currency=contract.currency,
+        primary_exchange=contract.listing_exchange,
+        multiplier="" if contract.multiplier is None else str(contract.multiplier),
+        last_trade_date=contract.expiry.strftime("%Y%m%d") if contract.expiry else "",
+        strike=contract.strike,
+        right=contract.right,
+    )
+    item = map_position(record)
+    return item.instrument_id, item.instrument
+
+
+def _ledger_error(kind: str, record: Any, contract: Contract | None, reason: str) -> RecordError:
+    con_id = contract.con_id if contract is not None else None
+    ident = record.transaction_id or "(no id)"
+    return RecordError(
+        account=record.account,
+        con_id=con_id if con_id is not None and abs(con_id) < 2**63 else None,
+        symbol=contract.symbol if contract is not None else "",
+        sec_type=contract.sec_type if contract is not None else "",
+        reason=f"{_LEDGER_LABELS[kind]} ({ident}): {reason}",
     )

@@ -4,7 +4,9 @@ audit trail (SyncRun, which doubles as the cross-process sync lock, and Position
 The sync writes into whichever concrete models the settings name, as Django's auth does
 with AUTH_USER_MODEL: IBKR_SYNC_ACCOUNT_MODEL, IBKR_SYNC_INSTRUMENT_MODEL,
 IBKR_SYNC_POSITION_MODEL, IBKR_SYNC_CASH_BALANCE_MODEL and
-IBKR_SYNC_ACCOUNT_SNAPSHOT_MODEL ("app_label.ModelName"; defaults: the `portfolio` app's). A host
+IBKR_SYNC_ACCOUNT_SNAPSHOT_MODEL ("app_label.ModelName"; defaults: the `portfolio` app's),
+and, for the ledger (optional), IBKR_SYNC_TRADE_MODEL, IBKR_SYNC_CASH_TRANSACTION_MODEL and
+IBKR_SYNC_CORPORATE_ACTION_MODEL. A host
 project subclasses the abstract bases below in an app of its own, may add fields of its
 own (nullable or with a default: the sync never sets them), and names its models in the
 settings; `portfolio` is built the same way. Every field and constraint the sync reads
@@ -311,6 +313,185 @@ class AbstractAccountSnapshot(models.Model):
 
     def __str__(self) -> str:
         return f"{self.account.external_id} at {self.taken_at:%Y-%m-%d %H:%M}"
+
+
+# --- the ledger: what happened in an account, from a source that reads history (Flex) ---
+#
+# Each row is keyed on the broker's own id (IBKR's transactionID): a statement imported
+# again writes nothing, a row the broker corrected is updated, none is ever deleted (a
+# cancelled trade is marked). Optional for a host: IBKR_SYNC_TRADE_MODEL,
+# IBKR_SYNC_CASH_TRANSACTION_MODEL and IBKR_SYNC_CORPORATE_ACTION_MODEL name them; a
+# setting of None (or left out where the portfolio app is not installed) keeps no ledger.
+
+
+class CashKind(models.TextChoices):
+    DIVIDEND = "dividend", "Dividend"
+    WITHHOLDING_TAX = "withholding_tax", "Withholding tax"
+    PAYMENT_IN_LIEU = "payment_in_lieu", "Payment in lieu"
+    INTEREST = "interest", "Interest"
+    FEE = "fee", "Fee"
+    DEPOSIT = "deposit", "Deposit"
+    WITHDRAWAL = "withdrawal", "Withdrawal"
+    OTHER = "other", "Other"
+
+
+class AbstractLedgerRow(models.Model):
+    """What every ledger row has: the account, the broker's key of the row, its raw
+    attributes (as text, exactly as the broker sent them: a field can be derived later
+    without downloading the history again) and when a sync created and last changed it."""
+
+    broker = models.CharField(max_length=16, choices=Broker.choices)
+    external_id = models.CharField(
+        max_length=64, help_text="The broker's id of the row (IBKR: transactionID)."
+    )
+    raw = models.JSONField(
+        default=dict, blank=True, help_text="The broker's attributes of the row, as text."
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(
+        auto_now=True, help_text="When a sync last changed it (a correction by the broker)."
+    )
+
+    class Meta:
+        abstract = True
+
+
+class AbstractTrade(AbstractLedgerRow):
+    """One execution: a stock, option, future, bond, or an FX conversion (a trade between
+    two cash currencies). Signed as the broker signs it: a sale's quantity is negative, a
+    purchase's proceeds and a commission paid too."""
+
+    account = models.ForeignKey(
+        model_setting("IBKR_SYNC_ACCOUNT_MODEL"), on_delete=models.PROTECT, related_name="trades"
+    )
+    instrument = models.ForeignKey(
+        model_setting("IBKR_SYNC_INSTRUMENT_MODEL"),
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="trades",
+        help_text="Empty only when the broker named no contract id.",
+    )
+    trade_date = models.DateField(null=True, blank=True)
+    traded_at = models.DateTimeField(null=True, blank=True)
+    settle_date = models.DateField(null=True, blank=True)
+    buy_sell = models.CharField(max_length=16, blank=True, help_text="BUY or SELL.")
+    quantity = models.DecimalField(
+        null=True, blank=True, help_text="Signed: negative for a sale.", **QUANTITY_DIGITS
+    )
+    price = models.DecimalField(null=True, blank=True, **MONEY_DIGITS)
+    proceeds = models.DecimalField(null=True, blank=True, **MONEY_DIGITS)
+    commission = models.DecimalField(
+        null=True, blank=True, help_text="Signed: a commission paid is negative.", **MONEY_DIGITS
+    )
+    commission_currency = models.CharField(max_length=8, blank=True)
+    currency = models.CharField(max_length=8, blank=True)
+    realized_pnl = models.DecimalField("realized P&L", null=True, blank=True, **MONEY_DIGITS)
+    fx_rate_to_base = models.DecimalField(null=True, blank=True, **MONEY_DIGITS)
+    cancelled = models.BooleanField(
+        default=False, help_text="The broker cancelled it: marked, never deleted."
+    )
+
+    class Meta:
+        abstract = True
+        ordering = ["account", "-trade_date", "external_id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["broker", "external_id"], name="%(app_label)s_%(class)s_unique_external_id"
+            )
+        ]
+        indexes = [
+            models.Index(fields=["account", "trade_date"], name="%(app_label)s_%(class)s_date")
+        ]
+
+    def __str__(self) -> str:
+        quantity = "" if self.quantity is None else plain(self.quantity)
+        return f"{self.buy_sell} {quantity} #{self.external_id}".strip()
+
+
+class AbstractCashTransaction(AbstractLedgerRow):
+    """One cash transaction: a dividend, a tax withheld (or its refund), a payment in
+    lieu, interest, a fee, a deposit or withdrawal. `amount` is signed as the broker
+    signs it: a reversal keeps its sign."""
+
+    account = models.ForeignKey(
+        model_setting("IBKR_SYNC_ACCOUNT_MODEL"),
+        on_delete=models.PROTECT,
+        related_name="cash_transactions",
+    )
+    kind = models.CharField(max_length=16, choices=CashKind.choices)
+    type = models.CharField(max_length=64, blank=True, help_text="The broker's own type.")
+    date = models.DateField(null=True, blank=True)
+    amount = models.DecimalField(null=True, blank=True, help_text="Signed.", **MONEY_DIGITS)
+    currency = models.CharField(max_length=8, blank=True)
+    instrument = models.ForeignKey(
+        model_setting("IBKR_SYNC_INSTRUMENT_MODEL"),
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="cash_transactions",
+    )
+    description = models.TextField(blank=True)
+    fx_rate_to_base = models.DecimalField(null=True, blank=True, **MONEY_DIGITS)
+    # The id, not a foreign key: a tax and its dividend may come in different statements,
+    # in either order.
+    dividend_external_id = models.CharField(
+        max_length=64,
+        blank=True,
+        help_text="A withholding tax: the external id of the dividend (or payment in lieu) "
+        "it was withheld from, where the broker's ids tie them.",
+    )
+
+    class Meta:
+        abstract = True
+        ordering = ["account", "-date", "external_id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["broker", "external_id"], name="%(app_label)s_%(class)s_unique_external_id"
+            )
+        ]
+        indexes = [models.Index(fields=["account", "date"], name="%(app_label)s_%(class)s_date")]
+
+    def __str__(self) -> str:
+        amount = "" if self.amount is None else plain(self.amount)
+        return f"{self.get_kind_display()} {amount} {self.currency} #{self.external_id}"
+
+
+class AbstractCorporateAction(AbstractLedgerRow):
+    """One corporate action on a holding (a split, spin-off, merger, ...), as the broker
+    reports it; `type` is the broker's code (IBKR: FS, RS, SO, TC, ...)."""
+
+    account = models.ForeignKey(
+        model_setting("IBKR_SYNC_ACCOUNT_MODEL"),
+        on_delete=models.PROTECT,
+        related_name="corporate_actions",
+    )
+    action_id = models.CharField(max_length=64, blank=True, help_text="IBKR's actionID.")
+    date = models.DateField(null=True, blank=True)
+    type = models.CharField(max_length=16, blank=True)
+    instrument = models.ForeignKey(
+        model_setting("IBKR_SYNC_INSTRUMENT_MODEL"),
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="corporate_actions",
+    )
+    quantity = models.DecimalField(null=True, blank=True, **QUANTITY_DIGITS)
+    amount = models.DecimalField(null=True, blank=True, **MONEY_DIGITS)
+    currency = models.CharField(max_length=8, blank=True)
+    description = models.TextField(blank=True)
+
+    class Meta:
+        abstract = True
+        ordering = ["account", "-date", "external_id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["broker", "external_id"], name="%(app_label)s_%(class)s_unique_external_id"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.type} {self.date} #{self.external_id}"
 
 
 #: The AccountSnapshot fields a sync fills with the account's totals (in its base
@@ -627,6 +808,13 @@ class SyncRun(models.Model):
         blank=True,
         help_text="Accounts reported but not written, with the reason: a newer snapshot of "
         "them (from another connection) was applied already.",
+    )
+    ledger = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="The ledger rows written, by kind (trades, cash_transactions, "
+        "corporate_actions): how many created, updated (corrected by the broker) and "
+        "unchanged. Empty when the source read no ledger (TWS) or none is kept.",
     )
     error_code = models.CharField(max_length=64, blank=True)
     error_message = models.TextField(blank=True)

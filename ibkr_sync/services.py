@@ -78,6 +78,9 @@ class SyncResult:
     # The accounts reported but not written, with the reason: a newer snapshot of them
     # (from another connection) was applied already. Not among `accounts`.
     accounts_refused: dict[str, str] = field(default_factory=dict)
+    # The ledger rows written, by kind: {"trades": {"created": n, "updated": n,
+    # "unchanged": n}, ...}; empty when the source read no ledger (TWS) or none is kept.
+    ledger: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def scope(self) -> str:
@@ -209,6 +212,7 @@ def _sync_positions(
                 run.error_details = errors
                 run.account_values = values
                 run.accounts_refused = written.refused
+                run.ledger = written.ledger
                 lock.finish_holding(run)
     except IbkrSyncError as exc:
         if not dry_run:
@@ -248,6 +252,8 @@ def _sync_positions(
     log.update(status="success", accounts=",".join(accounts) or "none", **totals)
     if written.refused:
         log.update(refused=",".join(written.refused))
+    for kind, tally in written.ledger.items():
+        log[kind] = "/".join(str(tally[name]) for name in ("created", "updated", "unchanged"))
     if snapshot.values_read:
         missing = sorted(a for a, v in values.items() if v["status"] == "missing")
         log.update(values_missing=",".join(missing) or "none")
@@ -265,6 +271,7 @@ def _sync_positions(
         changes=preview if dry_run else None,
         account_values=values if snapshot.values_read else None,
         accounts_refused=dict(written.refused),
+        ledger=written.ledger,
     )
     if not dry_run:
         # Committed already (never inside a caller's transaction): sent at once.

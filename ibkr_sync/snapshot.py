@@ -13,8 +13,10 @@ Standard library only (and `decimals`, for how a message shows a number).
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
+from types import MappingProxyType
 from typing import Any, Final
 
 from .decimals import plain
@@ -150,6 +152,163 @@ class AccountValues:
         return self.names.get(figure, figure)
 
 
+# --- the ledger: what happened in an account (a source that reads history: Flex) ---
+
+#: The kinds of cash transaction.
+CASH_KINDS: Final = (
+    "dividend",
+    "withholding_tax",
+    "payment_in_lieu",
+    "interest",
+    "fee",
+    "deposit",
+    "withdrawal",
+    "other",
+)
+
+
+def _empty_raw() -> Mapping[str, str]:
+    return MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class Contract:
+    """The instrument a row is about, as the broker names it."""
+
+    con_id: int | None
+    symbol: str = ""
+    sec_type: str = ""
+    currency: str = ""
+    multiplier: Decimal | None = None
+    expiry: dt.date | None = None
+    strike: Decimal | None = None
+    right: str = ""  # "P" or "C", "" for what is no option
+    description: str = ""
+    isin: str = ""
+    listing_exchange: str = ""
+    underlying_con_id: int | None = None
+    underlying_symbol: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Trade:
+    """One execution (never an order, symbol or asset summary, nor a closed lot).
+
+    `quantity` is signed as the broker signs it (negative for a sale), `proceeds` and
+    `commission` too (a commission paid is negative). `cancelled`: the broker marked the
+    execution cancelled (`Ca`); `codes` are its notes (`O`, `C`, `A`, `Ep`, `Ex`, ...).
+    `transaction_id` is the broker's key of the row (None where the query left it out).
+    """
+
+    account: str
+    transaction_id: str | None
+    trade_id: str | None
+    contract: Contract
+    trade_date: dt.date | None
+    traded_at: dt.datetime | None
+    settle_date: dt.date | None
+    buy_sell: str  # "BUY", "SELL", or the broker's text when it is neither
+    quantity: Decimal | None
+    price: Decimal | None
+    proceeds: Decimal | None
+    commission: Decimal | None
+    commission_currency: str
+    currency: str
+    realized_pnl: Decimal | None = None
+    fx_rate_to_base: Decimal | None = None
+    taxes: Decimal | None = None
+    net_cash: Decimal | None = None
+    open_close: str = ""
+    codes: tuple[str, ...] = ()
+    cancelled: bool = False
+    transaction_type: str = ""
+    order_id: str | None = None
+    execution_id: str = ""
+    raw: Mapping[str, str] = field(default_factory=_empty_raw, hash=False)
+    problems: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CashTransaction:
+    """One cash transaction (a dividend, a tax, interest, a fee, a deposit, ...).
+
+    `amount` is signed as the broker signs it: a withholding tax is negative, its refund
+    or reversal positive. `kind` is one of CASH_KINDS; `type_text` the broker's own type.
+    `action_id` is the broker's id of the corporate action a dividend and the tax
+    withheld from it share (`link_withholding` pairs them).
+    """
+
+    account: str
+    transaction_id: str | None
+    kind: str
+    type_text: str
+    date: dt.date | None
+    happened_at: dt.datetime | None
+    amount: Decimal | None
+    currency: str
+    contract: Contract | None
+    description: str = ""
+    action_id: str | None = None
+    settle_date: dt.date | None = None
+    report_date: dt.date | None = None
+    ex_date: dt.date | None = None
+    fx_rate_to_base: Decimal | None = None
+    code: str = ""
+    trade_id: str | None = None
+    client_reference: str = ""
+    raw: Mapping[str, str] = field(default_factory=_empty_raw, hash=False)
+    problems: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CorporateAction:
+    """One corporate action on a holding (split, spin-off, merger, ...); `type_code` is
+    the broker's code (`FS`, `RS`, `SO`, `TC`, ...), `kind` our name for it."""
+
+    account: str
+    transaction_id: str | None
+    action_id: str | None
+    kind: str
+    type_code: str
+    contract: Contract | None
+    report_date: dt.date | None
+    happened_at: dt.datetime | None
+    date: dt.date | None
+    description: str = ""
+    quantity: Decimal | None = None
+    amount: Decimal | None = None
+    proceeds: Decimal | None = None
+    value: Decimal | None = None
+    currency: str = ""
+    realized_pnl: Decimal | None = None
+    raw: Mapping[str, str] = field(default_factory=_empty_raw, hash=False)
+    problems: tuple[str, ...] = ()
+
+
+def link_withholding(
+    transactions: tuple[CashTransaction, ...] | list[CashTransaction],
+) -> list[tuple[CashTransaction, CashTransaction]]:
+    """Each withholding tax (or its reversal) with the dividend or payment in lieu it
+    was withheld from, as (tax, income) pairs, where the broker's ids tie them: the
+    same account, action id and contract. A tax whose action has no dividend, or
+    several, is left unpaired."""
+    income: dict[tuple, list[CashTransaction]] = {}
+    for tx in transactions:
+        if tx.kind in ("dividend", "payment_in_lieu") and tx.action_id:
+            income.setdefault(_action_key(tx), []).append(tx)
+    links = []
+    for tx in transactions:
+        if tx.kind == "withholding_tax" and tx.action_id:
+            candidates = income.get(_action_key(tx), [])
+            if len(candidates) == 1:
+                links.append((tx, candidates[0]))
+    return links
+
+
+def _action_key(tx: CashTransaction) -> tuple:
+    return (tx.account, tx.action_id, tx.contract.con_id if tx.contract else None)
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """Every open position of the accounts read, complete; and, when asked for, each
@@ -170,6 +329,14 @@ class Snapshot:
     values_missing: dict[str, str] = field(default_factory=dict)
     source: str = ""
     as_of: dt.datetime | None = None
+    # The ledger, from a source that reads history (Flex; a TWS read has none): every
+    # execution, cash transaction and corporate action of the period read, at the
+    # transaction's level (never a summary of others). `ledger_read`: the source read
+    # it (then an empty tuple is "none happened", not "not read").
+    ledger_read: bool = False
+    trades: tuple[Trade, ...] = ()
+    cash_transactions: tuple[CashTransaction, ...] = ()
+    corporate_actions: tuple[CorporateAction, ...] = ()
 
     def __post_init__(self) -> None:
         if self.as_of is not None and self.as_of.utcoffset() is None:

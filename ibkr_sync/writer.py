@@ -51,6 +51,7 @@ from .bulk import chunks, insert_missing, insert_new, insert_rows, touched, upda
 from .mapping import (
     BROKER,
     INSTRUMENT_FIELDS,
+    LEDGER_FIELDS,
     POSITION_VALUE_FIELDS,
     MappedPosition,
     MappedSnapshot,
@@ -73,6 +74,8 @@ class Written:
     errors: list[RecordError] = field(default_factory=list)
     values: dict[str, ValuesOutcome] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)
+    # The ledger rows, by kind: {"created": n, "updated": n, "unchanged": n}.
+    ledger: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def add(self, account: str, kind: str) -> None:
         self.tally[account, kind] += 1
@@ -208,7 +211,107 @@ def apply_snapshot(
             for pk, item in zip(created_pks, to_create, strict=True)
         )
         _apply_values(snapshot, run, now, accounts, position_pks)
+    if snapshot.ledger:
+        written.ledger = _apply_ledger(snapshot, now, accounts)
     return written
+
+
+#: What a ledger write counts of each kind.
+LEDGER_COUNTS = ("created", "updated", "unchanged")
+
+
+def _apply_ledger(
+    snapshot: MappedSnapshot, now: dt.datetime, accounts: dict[str, Any]
+) -> dict[str, dict[str, int]]:
+    """Store the ledger rows of the accounts applied, keyed on the broker's ids: a row
+    not stored yet is inserted (ON CONFLICT (broker, external_id) DO NOTHING), a stored
+    one that differs (the broker corrected it, cancelled it) is updated, an equal one is
+    left alone; none is deleted. A fixed number of statements per batch of rows: the
+    stored rows are read by their ids as plain tuples, the new ones inserted, the
+    changed ones upserted. The instruments the rows name are inserted where missing
+    (a position's sync keeps them current)."""
+    instruments = _ledger_instruments(snapshot, now)
+    models_by_kind = conf.ledger_models()
+    counts: dict[str, dict[str, int]] = {}
+    for kind, rows in snapshot.ledger.items():
+        model = models_by_kind[kind]
+        fields = LEDGER_FIELDS[kind]
+        tally = dict.fromkeys(LEDGER_COUNTS, 0)
+        counts[kind] = tally
+        stored: dict[str, tuple[Any, ...]] = {}
+        for chunk in chunks(list(rows)):
+            for external_id, *values in model._default_manager.filter(
+                broker=BROKER, external_id__in=chunk
+            ).values_list("external_id", "account_id", "instrument_id", *fields):
+                stored[external_id] = tuple(values)
+        new, changed = [], []
+        for external_id, row in rows.items():
+            values = {
+                "account_id": accounts[row.account_id],
+                "instrument_id": None
+                if row.instrument_id is None
+                else instruments.get(row.instrument_id),
+                **row.fields,
+            }
+            held = stored.get(external_id)
+            if held is None:
+                new.append({"broker": BROKER, "external_id": external_id, **values})
+            elif _differs(
+                held, [values["account_id"], values["instrument_id"], *map(row.fields.get, fields)]
+            ):
+                changed.append(model(broker=BROKER, external_id=external_id, **values))
+            else:
+                tally["unchanged"] += 1
+        inserted = insert_new(model, new, _UNIQUE)
+        tally["created"] += len(inserted)
+        tally["unchanged"] += len(new) - len(inserted)  # inserted by another sync since
+        upsert(
+            model,
+            sorted(changed, key=lambda row: row.external_id),
+            batch_size=bulk.BATCH_SIZE // 4,
+            unique_fields=list(_UNIQUE),
+            update_fields=["account", "instrument", *fields],
+        )
+        tally["updated"] += len(changed)
+    return counts
+
+
+def _ledger_instruments(snapshot: MappedSnapshot, now: dt.datetime) -> dict[str, Any]:
+    """conId text -> the pk of every instrument the ledger's rows name, inserted where
+    missing (ON CONFLICT DO NOTHING, in conId order); a stored one is left as it is."""
+    wanted = {
+        row.instrument_id
+        for rows in snapshot.ledger.values()
+        for row in rows.values()
+        if row.instrument_id is not None
+    }
+    if not wanted:
+        return {}
+    Instrument = conf.instrument_model()
+    ids: dict[str, Any] = {}
+    for chunk in chunks(sorted(wanted)):
+        ids.update(
+            Instrument.objects.filter(broker=BROKER, external_id__in=chunk).values_list(
+                "external_id", "pk"
+            )
+        )
+    created = insert_missing(
+        Instrument,
+        (
+            {
+                "broker": BROKER,
+                "external_id": conid,
+                "created_at": now,
+                "updated_at": now,
+                **snapshot.ledger_instruments[conid],
+            }
+            for conid in sorted(wanted)
+            if conid not in ids
+        ),
+        _UNIQUE,
+    )
+    ids.update((conid, pk) for (_, conid), pk in created.items())
+    return ids
 
 
 def _apply_values(

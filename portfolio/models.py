@@ -1,5 +1,6 @@
 """Broker-agnostic portfolio domain: accounts, instruments and the positions linking them,
-with each account's cash per currency and the history of its values.
+with each account's cash per currency and the history of its values, and the ledger
+(trades, cash transactions, corporate actions) where a source reads it.
 
 Rows mirror what a broker reports; they are written by a broker app's sync service
 (e.g. `ibkr_sync.services`), never edited by hand, and never deleted when a position
@@ -17,8 +18,11 @@ from ibkr_sync.models import (
     AbstractAccount,
     AbstractAccountSnapshot,
     AbstractCashBalance,
+    AbstractCashTransaction,
+    AbstractCorporateAction,
     AbstractInstrument,
     AbstractPosition,
+    AbstractTrade,
     Broker,
     OptionRight,
     PositionQuerySet,
@@ -34,11 +38,14 @@ __all__ = [
     "AccountSnapshot",
     "Broker",
     "CashBalance",
+    "CashTransaction",
+    "CorporateAction",
     "Instrument",
     "OptionRight",
     "Position",
     "PositionQuerySet",
     "SecType",
+    "Trade",
 ]
 
 
@@ -64,4 +71,19 @@ class CashBalance(AbstractCashBalance):
 
 class AccountSnapshot(AbstractAccountSnapshot):
     class Meta(AbstractAccountSnapshot.Meta):
+        pass
+
+
+class Trade(AbstractTrade):
+    class Meta(AbstractTrade.Meta):
+        pass
+
+
+class CashTransaction(AbstractCashTransaction):
+    class Meta(AbstractCashTransaction.Meta):
+        pass
+
+
+class CorporateAction(AbstractCorporateAction):
+    class Meta(AbstractCorporateAction.Meta):
         pass

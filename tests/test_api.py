@@ -72,9 +72,10 @@ def test_sync_returns_the_full_result_and_writes_the_positions(client, syncer, u
     assert set(body) == {
         "status", "sync_run_id", "dry_run", "connection", "accounts", "processed", "created",
         "updated", "unchanged", "reopened", "closed", "errors", "by_account", "account_values",
-        "accounts_refused", "started_at", "finished_at",
+        "accounts_refused", "ledger", "started_at", "finished_at",
     }  # fmt: skip
     assert (body["status"], body["dry_run"], body["accounts_refused"]) == ("success", False, {})
+    assert body["ledger"] == {}  # a TWS read has no ledger
     assert body["accounts"] == ["U1111111"]
     assert {k: body[k] for k in COUNTS if k != "errors"} == {
         "processed": 3, "created": 2, "updated": 0, "unchanged": 0, "reopened": 0, "closed": 0,

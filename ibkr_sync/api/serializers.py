@@ -160,6 +160,12 @@ class SyncResultSerializer(serializers.Serializer):
         "reason: a newer snapshot of them (from another connection) was applied already. "
         "Empty when none.",
     )
+    ledger = serializers.DictField(
+        child=serializers.DictField(child=serializers.IntegerField()),
+        help_text="The ledger rows of the statement, by kind (trades, cash_transactions, "
+        "corporate_actions): how many were created, updated (IBKR corrected them) and "
+        "unchanged. Empty when the source reads no ledger (TWS) or none is kept.",
+    )
     started_at = serializers.DateTimeField()
     finished_at = serializers.DateTimeField()
 
@@ -202,6 +208,7 @@ class SyncRunSerializer(serializers.ModelSerializer):
             "account_filter",
             "accounts",
             "accounts_refused",
+            "ledger",
             "processed",
             "created",
             "updated",

@@ -283,6 +283,8 @@ class Command(IbkrCommand):
         self.stdout.write(style(f"{title}: {result.scope}: {result.outcome}"))
         for change in result.changes or ():
             self.stdout.write(_describe_change(change))
+        if result.ledger:
+            self.stdout.write(f"Ledger: {describe_ledger(result.ledger)}")
         for account, reason in refused.items():
             # Always said: an account a sync reported and did not write.
             self.stdout.write(self.style.WARNING(f"Not written: {account}: {reason}"))
@@ -322,6 +324,15 @@ def _outcome_json(outcome: ConnectionOutcome) -> dict:
         return SyncResultSerializer(outcome.result).data
     body = error_body(outcome.error.code, str(outcome.error))
     return {**body, "connection": outcome.connection or None}
+
+
+def describe_ledger(ledger: dict[str, dict[str, int]]) -> str:
+    """A sync's ledger counts on one line: `trades 12 created, 1 updated, 3 unchanged; ...`."""
+    return "; ".join(
+        f"{kind.replace('_', ' ')} "
+        + ", ".join(f"{tally.get(name, 0)} {name}" for name in ("created", "updated", "unchanged"))
+        for kind, tally in ledger.items()
+    )
 
 
 def _describe_change(change: dict) -> str:

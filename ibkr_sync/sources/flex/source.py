@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any, Final
@@ -62,7 +63,7 @@ SECTIONS: Final = {
     "EquitySummaryInBase": "Net Asset Value (NAV) in Base: no net liquidation value",
     "ConversionRates": "Conversion Rates: no exchange rates (cash is not converted)",
 }
-#: Sections of the history, read by the ledger (not by this sync).
+#: Sections of the history: the ledger (trades, cash transactions, corporate actions).
 HISTORY_SECTIONS: Final = ("Trades", "CashTransactions", "CorporateActions", "OptionEAE")
 
 
@@ -186,6 +187,9 @@ def snapshot_of(
         moments.append(statement.as_of)
     if progress is not None:
         progress("read", len(positions))
+    # The ledger: every statement's transactions of the accounts synced (a response may
+    # hold several periods of one account; the writer keys each row on IBKR's id).
+    ledger = [keyed(s) for s in response.statements if s.account in statements]
     return Snapshot(
         accounts=tuple(statements),
         positions=tuple(positions),
@@ -194,6 +198,59 @@ def snapshot_of(
         account_values=values,
         source=SOURCE,
         as_of=max(moments),
+        ledger_read=True,
+        trades=tuple(trade for s in ledger for trade in s.trades),
+        cash_transactions=tuple(tx for s in ledger for tx in s.cash_transactions),
+        corporate_actions=tuple(action for s in ledger for action in s.corporate_actions),
+    )
+
+
+#: What begins a key the source derived for a row IBKR gave no transactionID (never one
+#: of IBKR's ids, which are digits).
+DERIVED_KEY: Final = "~"
+
+
+def keyed(statement: Statement) -> Statement:
+    """The statement with a key for each ledger row: IBKR's transactionID, or, for a row
+    without one (a query that left the column out), one derived from the row's own
+    attributes: `~` and a digest of the account, the section and every attribute, then
+    `.2`, `.3` ... for the second, third identical row of the statement (two identical
+    fills). So is a row whose id other, different rows of the section carry too (ids
+    redacted to one word). The same statement, or an overlapping one, gives each row the
+    same key again, so importing it again writes nothing; but without IBKR's id a
+    corrected row is a new row, not an update: the README asks for the Transaction ID
+    column."""
+    seen: dict[str, int] = {}
+    # An id that several different rows of one section carry keys none of them (a
+    # statement whose ids were redacted to one word): each is keyed on its attributes.
+    shared: set[tuple[str, str]] = set()
+    for section, records in (
+        ("Trade", statement.trades),
+        ("CashTransaction", statement.cash_transactions),
+        ("CorporateAction", statement.corporate_actions),
+    ):
+        first: dict[str, Any] = {}
+        for record in records:
+            if record.transaction_id:
+                kept = first.setdefault(record.transaction_id, record.raw)
+                if kept != record.raw:
+                    shared.add((section, record.transaction_id))
+
+    def key(section: str, record: Any) -> Any:
+        if record.transaction_id and (section, record.transaction_id) not in shared:
+            return record
+        text = "\x1f".join(
+            [section, record.account, *(f"{k}={v}" for k, v in sorted(record.raw.items()))]
+        )
+        digest = DERIVED_KEY + hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()[:32]
+        seen[digest] = n = seen.get(digest, 0) + 1
+        return dataclasses.replace(record, transaction_id=digest if n == 1 else f"{digest}.{n}")
+
+    return dataclasses.replace(
+        statement,
+        trades=tuple(key("Trade", t) for t in statement.trades),
+        cash_transactions=tuple(key("CashTransaction", t) for t in statement.cash_transactions),
+        corporate_actions=tuple(key("CorporateAction", a) for a in statement.corporate_actions),
     )
 
 
