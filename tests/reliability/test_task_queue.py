@@ -8,12 +8,15 @@ tests skip without it, except with REQUIRE_REDIS=1 (as in CI), where they fail.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -279,3 +282,49 @@ def test_a_sync_queued_while_another_holds_the_lock_is_refused_not_run_twice(
     gate.set()
     assert _finished(fresh, holding)["status"] == "success"
 
+
+# --- the API ----------------------------------------------------------------------------
+
+
+def _get(site: Deployment, url: str) -> tuple[int, dict]:
+    request = urllib.request.Request(url, headers={"Authorization": f"Token {site.token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_the_api_answers_202_and_the_run_goes_queued_running_success(fresh, workers, simulator):
+    gate = threading.Event()
+    simulator.set_faults(hold_positions=gate)
+    reply = fresh.post()
+    assert reply.status == 202, reply.body
+    body = json.loads(reply.body)
+    assert body["status"] == "queued" and body["connection"] is None
+    location = body["url"]
+    assert location == f"{fresh.base_url}/portfolio/sync/runs/{body['sync_run_id']}"
+    code, queued = _get(fresh, location)
+    assert (code, queued["status"]) == (200, "queued")  # no worker yet
+
+    workers()
+    assert _wait_for(lambda: _get(fresh, location)[1]["status"] == "running")
+    gate.set()
+    run = _wait_for(lambda: (r := _get(fresh, location)[1])["status"] != "running" and r)
+    assert run["status"] == "success", run
+    assert (run["processed"], run["created"], run["errors"]) == (STARTING_POSITIONS,) * 2 + (0,)
+    assert run["trigger"] == "api" and run["user"] == "syncer"
+    assert run["error_code"] == ""
+
+
+def test_a_queued_sync_fails_with_the_code_the_synchronous_answer_has(fresh, workers):
+    workers()
+    reply = fresh.post("/portfolio/sync/ibkr?ibkr_account_id=U9999999")
+    assert reply.status == 202, reply.body
+    run_id = json.loads(reply.body)["sync_run_id"]
+
+    run = _finished(fresh, run_id)
+    assert (run["status"], run["error_code"]) == ("failed", "unknown_account")
+    # The same sync in the request, as without the queue: the same code.
+    synchronous = fresh.manage("sync_ibkr", "--account", "U9999999")
+    assert synchronous.returncode == 6, synchronous.stderr
