@@ -23,6 +23,8 @@ from typing import Any
 from django.core.exceptions import ImproperlyConfigured
 
 CLIENT_LIBRARIES = ("ib_insync", "ib_async")
+#: IBKR_SYNC_TASK_QUEUE: "" runs every sync in-process; "celery" queues them.
+TASK_QUEUES = ("", "celery")
 
 
 def integer(name: str, raw: Any, minimum: int, maximum: int | None = None) -> int:
@@ -222,6 +224,12 @@ SETTINGS: dict[str, Setting] = {
         (),
         secrets,
         "Former keys, still read (comma-separated); `ibkr_connection rotate-keys` re-encrypts.",
+    ),
+    "IBKR_SYNC_TASK_QUEUE": Setting(
+        "",
+        _choice(*TASK_QUEUES),
+        "Where the API's and the admin's syncs run: empty, in the request (synchronously); "
+        "celery, on a Celery worker (the API answers 202 with the queued run).",
     ),
 }
 

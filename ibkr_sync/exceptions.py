@@ -125,3 +125,10 @@ class ConnectionDisabled(IbkrSyncError):
     """The connection named is disabled: enable it to sync it."""
 
     code = "connection_disabled"
+
+
+class QueueUnavailable(IbkrSyncError):
+    """The task queue (IBKR_SYNC_TASK_QUEUE) did not take the sync: its broker is down or
+    unreachable, or the queue's library is not installed. The run is recorded as failed."""
+
+    code = "queue_unavailable"

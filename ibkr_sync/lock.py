@@ -72,10 +72,15 @@ def acquire(
     account_id: str | None,
     dry_run: bool,
     connection_row: Connection | None = None,
+    queued: SyncRun | None = None,
 ) -> SyncRun:
     """Take the lock of the connection (`connection_row`; None: the settings' gateway): a
     `running` row with its key. A sync refused it is recorded as failed; a dry run, which
-    leaves no record, is not."""
+    leaves no record, is not.
+
+    `queued`: a `queued` row (a sync a worker took from the task queue) becomes the lock
+    itself, in one conditional UPDATE: claimed once, however often its task is delivered
+    (`QueuedRunTaken` when it is no longer queued); refused, it is failed."""
     key = DEFAULT_LOCK_KEY if connection_row is None else connection_row.lock_key
     fields = {
         "trigger": trigger,
@@ -100,6 +105,10 @@ def acquire(
             # process must never see the row without it and take it for abandoned.
             with _active_runs_lock, transaction.atomic():
                 bound_transaction("IBKR_SYNC_LOCK_TIMEOUT")
+                if queued is not None:
+                    run = _claim_queued(queued, fields)
+                    _active_runs.add(run.pk)
+                    return run
                 run = SyncRun.objects.create(status=SyncRun.Status.RUNNING, **fields)
                 # The database's clock, not this host's (auto_now_add takes the host's).
                 SyncRun.objects.filter(pk=run.pk).update(started_at=Now(), heartbeat_at=Now())
@@ -116,6 +125,9 @@ def acquire(
     )
     if dry_run:
         raise error
+    if queued is not None:
+        fail_queued(queued, error.code, str(error))
+        raise error
     with bounded_statements():
         refused = SyncRun.objects.create(
             status=SyncRun.Status.FAILED, error_code=error.code, error_message=str(error), **fields
@@ -123,6 +135,36 @@ def acquire(
         # Finished when it started, on the database's clock (one statement, one now).
         SyncRun.objects.filter(pk=refused.pk).update(started_at=Now(), finished_at=Now())
     raise error
+
+
+class QueuedRunTaken(Exception):
+    """The queued run is no longer queued: another delivery of its task took it (or it
+    was failed meanwhile). Nothing to do."""
+
+
+def _claim_queued(queued: SyncRun, fields: dict[str, Any]) -> SyncRun:
+    """Inside `acquire`'s transaction: the `queued` row turned `running` (the lock), or
+    `QueuedRunTaken`; an IntegrityError if another row holds the connection's lock."""
+    mine = {name: fields[name] for name in ("host", "pid", "owner")}
+    claimed = SyncRun.objects.filter(pk=queued.pk, status=SyncRun.Status.QUEUED).update(
+        status=SyncRun.Status.RUNNING, started_at=Now(), heartbeat_at=Now(), **mine
+    )
+    if not claimed:
+        raise QueuedRunTaken(queued.pk)
+    return SyncRun.objects.get(pk=queued.pk)
+
+
+def fail_queued(run: SyncRun, code: str, message: str) -> bool:
+    """Fail a run that is still `queued` (it never held the lock); True if it was."""
+    with bounded_statements():
+        failed = SyncRun.objects.filter(pk=run.pk, status=SyncRun.Status.QUEUED).update(
+            status=SyncRun.Status.FAILED,
+            error_code=code,
+            error_message=message,
+            started_at=Now(),
+            finished_at=Now(),
+        )
+    return bool(failed)
 
 
 def release_abandoned(key: str = DEFAULT_LOCK_KEY) -> bool:

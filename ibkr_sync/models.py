@@ -750,6 +750,9 @@ class SyncRun(models.Model):
         ADMIN = "admin", "Admin"
 
     class Status(models.TextChoices):
+        # Waiting for a worker (IBKR_SYNC_TASK_QUEUE): not the lock; the worker turns it
+        # into `running` by taking the lock, or fails it.
+        QUEUED = "queued", "Queued"
         RUNNING = "running", "Running"
         SUCCESS = "success", "Success"
         FAILED = "failed", "Failed"
@@ -844,6 +847,13 @@ class SyncRun(models.Model):
         editable=False,
         help_text="PostgreSQL: the session that writes (pid@backend start), ended by the "
         "next sync should this one be abandoned in the middle of its write.",
+    )
+    queued_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        editable=False,
+        help_text="When it was queued for a worker (IBKR_SYNC_TASK_QUEUE); empty: it ran "
+        "where it was started.",
     )
     started_at = models.DateTimeField(auto_now_add=True, db_index=True)
     finished_at = models.DateTimeField(null=True, blank=True)

@@ -24,7 +24,7 @@ def counting_runs(connections: Iterable[int] | None = None) -> QuerySet[SyncRun]
     """Finished syncs that tell how the data stands, newest first; with `connections`
     (ids), only the syncs of those connections."""
     runs = (
-        SyncRun.objects.exclude(status=SyncRun.Status.RUNNING)
+        SyncRun.objects.filter(status__in=(SyncRun.Status.SUCCESS, SyncRun.Status.FAILED))
         .exclude(error_code__in=NOT_A_FAILURE)
         .order_by("-started_at", "-id")
     )

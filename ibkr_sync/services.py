@@ -28,6 +28,7 @@ from django.db.models.functions import Now
 from django.utils import timezone
 
 from . import connections, lock, signals
+from .conf import app_settings
 from .database import is_unavailable, unavailable_message
 from .exceptions import (
     ConnectionDisabled,
@@ -35,11 +36,12 @@ from .exceptions import (
     GatewayError,
     IbkrSyncError,
     LockLost,
+    QueueUnavailable,
     SyncInsideTransaction,
     UnknownConnection,
 )
 from .mapping import map_snapshot, normalize_account_id
-from .models import Connection, PositionChange, SyncRun
+from .models import DEFAULT_LOCK_KEY, Connection, PositionChange, SyncRun
 from .outcomes import ValuesOutcome
 from .snapshot import Snapshot
 from .writer import KINDS, apply_snapshot
@@ -135,6 +137,131 @@ def sync_positions(
         ) from exc
 
 
+def queues() -> bool:
+    """Whether syncs started by the API and the admin go to the task queue
+    (IBKR_SYNC_TASK_QUEUE) rather than run in the request."""
+    return bool(app_settings.IBKR_SYNC_TASK_QUEUE)
+
+
+def queue_sync(
+    account_id: str | None = None,
+    *,
+    trigger: str,
+    user: Any = None,
+    connection: str | Connection | None = None,
+) -> SyncRun:
+    """Record a `queued` sync of `connection` (resolved as `sync_positions` resolves it)
+    and hand it to the task queue once the current transaction commits (at once outside
+    one): a worker runs it (`run_queued`). The row is not the lock: any number of syncs
+    of one connection may be queued; the worker takes the lock when it starts one, and a
+    queued row that no worker ever takes blocks nothing.
+
+    Raises what `sync_positions` raises for its arguments, `DatabaseUnavailable`, and
+    `QueueUnavailable` when the queue refuses the task (the run is then failed)."""
+    if account_id is not None:
+        account_id = normalize_account_id(account_id)
+    try:
+        target = connections.resolve(connection)
+        with lock.bounded_statements():
+            run = SyncRun.objects.create(
+                status=SyncRun.Status.QUEUED,
+                trigger=trigger,
+                user=user if getattr(user, "is_authenticated", False) else None,
+                connection=target.connection,
+                connection_name=target.name,
+                lock_key=DEFAULT_LOCK_KEY
+                if target.connection is None
+                else target.connection.lock_key,
+                account_filter=account_id or "",
+            )
+            # The database's clock, as every time of a run.
+            SyncRun.objects.filter(pk=run.pk).update(queued_at=Now(), started_at=Now())
+    except (DatabaseError, InterfaceError) as exc:
+        if not is_unavailable(exc):
+            raise
+        raise DatabaseUnavailable(
+            unavailable_message(exc, outcome="nothing was queued", retry="sync again")
+        ) from exc
+    run.refresh_from_db()
+    kind = Connection.Kind.TWS if target.connection is None else target.connection.kind
+    transaction.on_commit(functools.partial(_dispatch, run, kind))
+    logger.info("IBKR sync queued %s", _fields({"run": run.pk, "trigger": trigger}))
+    return run
+
+
+def _dispatch(run: SyncRun, kind: str) -> None:
+    """Hand queued `run` to the queue (the task module imports Celery; nothing else of the
+    app does). A refusal fails the run, and is `QueueUnavailable`."""
+    try:
+        from . import tasks
+
+        tasks.enqueue(run.pk, kind)
+    except Exception as exc:
+        message = (
+            f"The task queue (IBKR_SYNC_TASK_QUEUE={app_settings.IBKR_SYNC_TASK_QUEUE}) did "
+            f"not take the sync: {type(exc).__name__}: {exc}. Is its broker running?"
+        )
+        logger.warning("IBKR sync #%s could not be queued: %s", run.pk, message)
+        lock.fail_queued(run, QueueUnavailable.code, message)
+        raise QueueUnavailable(message) from exc
+
+
+def run_queued(sync_run_id: int, progress: Progress | None = None) -> SyncResult | None:
+    """Run the queued sync `sync_run_id` (a worker's part): its row becomes the lock, and
+    the sync goes as `sync_positions` does, recorded in that same row. None if the row is
+    not `queued` (gone, or taken by another delivery of its task: nothing is run twice).
+    A sync refused the lock fails the row as `sync_already_running`; every failure is
+    recorded in the row and raised, as by `sync_positions`."""
+    _refuse_inside_a_transaction()
+    try:
+        with lock.bounded_waits():
+            run = (
+                SyncRun.objects.select_related("user", "connection")
+                .filter(pk=sync_run_id, status=SyncRun.Status.QUEUED)
+                .first()
+            )
+            if run is None:
+                logger.info("IBKR sync #%s is not queued (any more): not run", sync_run_id)
+                return None
+            try:
+                target = _queued_target(run)
+            except IbkrSyncError as exc:
+                lock.fail_queued(run, exc.code, str(exc))
+                raise
+            try:
+                return _sync_positions(
+                    run.account_filter or None, run.trigger, run.user, None, False, progress,
+                    target, queued=run,
+                )  # fmt: skip
+            except lock.QueuedRunTaken:
+                logger.info("IBKR sync #%s was taken by another worker: not run", sync_run_id)
+                return None
+    except (DatabaseError, InterfaceError) as exc:
+        if not is_unavailable(exc):
+            raise
+        raise DatabaseUnavailable(
+            unavailable_message(exc, outcome="nothing was changed", retry="sync again")
+        ) from exc
+
+
+def _queued_target(run: SyncRun) -> connections.Target:
+    """What queued `run` syncs, as things are now: its connection (removed or disabled
+    since it was queued: refused), or the settings' gateway while no connection exists."""
+    if run.connection is not None:
+        return connections.resolve(run.connection)
+    if run.connection_name:
+        raise UnknownConnection(
+            f"Connection {run.connection_name} was removed after this sync was queued."
+        )
+    target = connections.resolve(None)
+    if target.connection is not None:
+        raise UnknownConnection(
+            "This sync of the settings' gateway was queued before a connection was "
+            "configured; sync the connection instead."
+        )
+    return target
+
+
 def _refuse_inside_a_transaction() -> None:
     """Django's own rule for a durable block: no transaction may be open around it. (A
     test case's wrapping transaction, which stands in for autocommit, does not count.)"""
@@ -161,6 +288,7 @@ def _sync_positions(
     dry_run: bool,
     progress: Progress | None,
     target: connections.Target,
+    queued: SyncRun | None = None,
 ) -> SyncResult:
     if account_id is not None:
         account_id = normalize_account_id(account_id)
@@ -170,6 +298,7 @@ def _sync_positions(
         account_id=account_id,
         dry_run=dry_run,
         connection_row=target.connection,
+        queued=queued,
     )
     heartbeat = lock.Heartbeat(run.pk)
     clock = time.monotonic()

@@ -241,3 +241,24 @@ LOGGING = {
         },
     },
 }
+
+# --- The task queue (IBKR_SYNC_TASK_QUEUE=celery) ------------------------------------------
+# Celery reads its settings from here (the CELERY_ namespace, portfolio_site/celery.py).
+# Unused unless IBKR_SYNC_TASK_QUEUE=celery: by default every sync runs in-process.
+CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="redis://127.0.0.1:6379/0")
+# A queued sync's message is acknowledged when the sync has ended (acks_late): the broker
+# hands it to another worker if it is not acknowledged within the visibility timeout, so
+# the timeout must be longer than the longest sync (IBKR_SYNC_STALE_AFTER). A redelivered
+# task whose sync was taken already does nothing.
+CELERY_VISIBILITY_TIMEOUT = _env_int(
+    "CELERY_VISIBILITY_TIMEOUT",
+    max(3600, 2 * int(IBKR_SYNC_STALE_AFTER)),  # noqa: F821 (read_environment)
+    minimum=int(IBKR_SYNC_STALE_AFTER) + 1,  # noqa: F821
+)
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": CELERY_VISIBILITY_TIMEOUT}
+# A sync takes seconds to minutes: a worker takes one task at a time from the broker.
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_ACKS_LATE = True
+# Outcomes are in the SyncRun rows (GET /portfolio/sync/runs/<id>): no result backend.
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True

@@ -37,6 +37,7 @@ TYPED = {
     "IBKR_FLEX_POLL_BUDGET": ("300", 300.0),
     "IBKR_SYNC_SECRET_KEY": (" " + "k" * 40 + " ", "k" * 40),
     "IBKR_SYNC_SECRET_KEY_FALLBACKS": ("a" * 32 + ", " + "b" * 32, ("a" * 32, "b" * 32)),
+    "IBKR_SYNC_TASK_QUEUE": (" celery ", "celery"),
 }
 
 

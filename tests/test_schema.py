@@ -10,7 +10,7 @@ from rest_framework.test import APIClient
 from ibkr_sync.api.read_views import NotFoundView
 
 SYNC_STATUSES = {
-    "200", "400", "401", "403", "404", "405", "409", "429", "500", "502", "503", "504",
+    "200", "202", "400", "401", "403", "404", "405", "409", "429", "500", "502", "503", "504",
 }  # fmt: skip
 
 
@@ -70,7 +70,11 @@ def test_the_sync_endpoint_documents_every_answer_in_the_error_shape(schema):
     assert responses["200"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/SyncResult"
     }
-    for status in SYNC_STATUSES - {"200"}:
+    assert responses["202"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/SyncQueued"
+    }
+    assert "Location" in responses["202"]["headers"]
+    for status in SYNC_STATUSES - {"200", "202"}:
         body = responses[status]["content"]["application/json"]["schema"]
         assert body == {"$ref": "#/components/schemas/Error"}, status
         assert responses[status]["description"], status

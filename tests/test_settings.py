@@ -275,6 +275,7 @@ def test_defaults_when_nothing_is_set(project_copy):
         "IBKR_FLEX_POLL_BUDGET": 600.0,
         "IBKR_SYNC_SECRET_KEY": "",
         "IBKR_SYNC_SECRET_KEY_FALLBACKS": [],
+        "IBKR_SYNC_TASK_QUEUE": "",
         "IBKR_LIBRARY_LOG_LEVEL": "",
     }
 

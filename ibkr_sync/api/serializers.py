@@ -114,6 +114,21 @@ class ConstantField(serializers.ChoiceField):
         return self.value
 
 
+class SyncQueuedSerializer(serializers.Serializer):
+    """A sync handed to the task queue (IBKR_SYNC_TASK_QUEUE): the API's 202 answer."""
+
+    status = ConstantField(
+        "queued",
+        help_text="Queued for a worker: its run (`url`, also the Location header) goes "
+        "queued, running, then success or failed.",
+    )
+    sync_run_id = serializers.IntegerField(help_text="The run: GET /portfolio/sync/runs/<id>.")
+    connection = serializers.CharField(
+        allow_null=True, help_text="The connection to sync; null for the settings' gateway."
+    )
+    url = serializers.URLField(help_text="The run's URL, where its outcome will be.")
+
+
 class SyncResultSerializer(serializers.Serializer):
     """A sync's result: the API's answer and `sync_ibkr --json`'s output, one shape."""
 

@@ -9,6 +9,7 @@ import threading
 
 from django.db import transaction
 from django.db.models import QuerySet
+from django.urls import reverse
 from django.utils.decorators import method_decorator
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import exceptions as api_exceptions
@@ -25,7 +26,7 @@ from .. import connections, exceptions, throttle
 from ..health import check_health
 from ..models import SyncRun
 from ..permissions import Kind, may_view
-from ..services import sync_positions
+from ..services import queue_sync, queues, sync_positions
 from ..sources import flex
 from .base import PAGE_PARAMS, ReadOnlyListView, error_responses
 from .errors import (
@@ -40,6 +41,7 @@ from .pagination import NewestFirstCursorPagination
 from .permissions import CanViewModel
 from .serializers import (
     HealthSerializer,
+    SyncQueuedSerializer,
     SyncRequestSerializer,
     SyncResultSerializer,
     SyncRunDetailSerializer,
@@ -67,6 +69,8 @@ ERROR_STATUS = {
     flex.FlexTimeout: status.HTTP_504_GATEWAY_TIMEOUT,
     flex.FlexError: status.HTTP_502_BAD_GATEWAY,
     exceptions.SecretUnreadable: status.HTTP_503_SERVICE_UNAVAILABLE,
+    # The task queue's broker did not take the sync (IBKR_SYNC_TASK_QUEUE).
+    exceptions.QueueUnavailable: status.HTTP_503_SERVICE_UNAVAILABLE,
     # A caller's programming error (the sync called inside its transaction): a bug, as
     # any other 500; the command exits 1 for it likewise.
     exceptions.SyncInsideTransaction: status.HTTP_500_INTERNAL_SERVER_ERROR,
@@ -115,7 +119,16 @@ def _sync_error(description: str) -> OpenApiResponse:
 
 # The schema of every answer of the sync endpoint; the codes are those of exceptions.py.
 SYNC_RESPONSES = {
-    200: OpenApiResponse(SyncResultSerializer, description="The sync ran; counts and errors."),
+    200: OpenApiResponse(
+        SyncResultSerializer,
+        description="The sync ran; counts and errors (the default: no task queue).",
+    ),
+    202: OpenApiResponse(
+        SyncQueuedSerializer,
+        description="With a task queue (IBKR_SYNC_TASK_QUEUE=celery): the sync was queued "
+        "for a worker. Its run, at the Location header's URL, goes `queued`, `running`, then "
+        "`success` or `failed` with the same codes and counts as the synchronous answer.",
+    ),
     400: _sync_error(
         "ibkr_account_id is not one IBKR account id (invalid_account_id); several "
         "connections are configured and none was named (connection_required); or the "
@@ -147,8 +160,9 @@ SYNC_RESPONSES = {
     500: _sync_error("An unexpected error of the server; nothing was changed (internal_error)."),
     503: _sync_error(
         "TWS / IB Gateway unreachable, refused, or dropped (gateway_unavailable), something "
-        "else answering at its address (not_a_gateway), or the database did not answer "
-        "(database_unavailable)."
+        "else answering at its address (not_a_gateway), the database did not answer "
+        "(database_unavailable), or the task queue did not take the sync "
+        "(queue_unavailable)."
     ),
     504: _sync_error("No complete answer within the timeouts (gateway_timeout)."),
 }
@@ -176,7 +190,9 @@ class IbkrSyncView(ErrorEnvelopeMixin, APIView):
         tags=["sync"],
         summary="Sync positions from IBKR",
         description="Reads every position from the running TWS / IB Gateway and brings the "
-        "database in line, all or nothing. Needs `ibkr_sync.run_sync`.",
+        "database in line, all or nothing. Needs `ibkr_sync.run_sync`. By default the sync "
+        "runs in the request (200); with a task queue (IBKR_SYNC_TASK_QUEUE=celery) it is "
+        "queued for a worker (202, its run at the Location header's URL).",
         parameters=[
             OpenApiParameter(
                 "connection",
@@ -189,6 +205,13 @@ class IbkrSyncView(ErrorEnvelopeMixin, APIView):
                 "ibkr_account_id",
                 str,
                 description="Sync (read and reconcile) only this account, e.g. U1234567.",
+            ),
+            OpenApiParameter(
+                "Location",
+                str,
+                location=OpenApiParameter.HEADER,
+                response=[202],
+                description="The queued sync's run: GET it for its status and outcome.",
             ),
             OpenApiParameter(
                 "Retry-After",
@@ -217,6 +240,8 @@ class IbkrSyncView(ErrorEnvelopeMixin, APIView):
         for budget in (cls() for cls in self.sync_throttles):
             if not budget.allow_request(request, self):
                 self.throttled(request, budget.wait())
+        if queues():
+            return self._queue(request, params.get("ibkr_account_id"), target)
         try:
             result = sync_positions(
                 params.get("ibkr_account_id"),
@@ -228,6 +253,23 @@ class IbkrSyncView(ErrorEnvelopeMixin, APIView):
             return error_response(status_for(exc), exc.code, str(exc))
         answer = SyncResultSerializer(result, context={"request": request}).data
         return Response(answer, status=status.HTTP_200_OK)
+
+    def _queue(self, request: Request, account_id: str | None, target) -> Response:
+        """IBKR_SYNC_TASK_QUEUE: the sync is queued; 202 and where its run is."""
+        try:
+            run = queue_sync(
+                account_id,
+                trigger=SyncRun.Trigger.API,
+                user=request.user,
+                connection=target.connection,
+            )
+        except exceptions.IbkrSyncError as exc:
+            return error_response(status_for(exc), exc.code, str(exc))
+        url = request.build_absolute_uri(reverse("ibkr_sync:sync-run", kwargs={"pk": run.pk}))
+        answer = SyncQueuedSerializer(
+            {"sync_run_id": run.pk, "connection": target.connection and target.name, "url": url}
+        ).data
+        return Response(answer, status=status.HTTP_202_ACCEPTED, headers={"Location": url})
 
 
 def _connection_param(request: Request) -> str | None:

@@ -1,0 +1,66 @@
+"""The sync as a Celery task (IBKR_SYNC_TASK_QUEUE=celery): the only module of the app that
+imports Celery, and only when a sync is queued or a worker loads the tasks, so the app
+works without Celery installed.
+
+`sync_connection(sync_run_id)` runs one queued `SyncRun` (`services.queue_sync` records it
+and sends this task once its transaction commits), thin over `services.run_queued`:
+
+- Idempotent. Running it claims the `queued` row once, in one conditional UPDATE that
+  turns it into the connection's lock (`running`); a second delivery of the same task
+  (a redelivery after a lost worker, a duplicate) finds it no longer queued and does
+  nothing. The lock in the database, not the queue, keeps two syncs of one connection
+  apart: a task that finds another sync holding the lock fails its run as
+  `sync_already_running`.
+- `acks_late`: the message is acknowledged when the sync has ended, so a worker that
+  dies before taking the row leaves the task to another; one that dies mid-sync leaves
+  a `running` row whose heartbeat stops, released by the next sync after
+  IBKR_SYNC_LOCK_TIMEOUT (at once on the same machine, where its process is seen gone),
+  and its redelivered task does nothing. The broker's visibility timeout (Redis:
+  `CELERY_BROKER_TRANSPORT_OPTIONS["visibility_timeout"]`) must be longer than the
+  longest sync (IBKR_SYNC_STALE_AFTER); otherwise a running sync's task is delivered to
+  another worker meanwhile (which then does nothing).
+- Routed by the connection's kind: TWS / IB Gateway syncs to `GATEWAY_QUEUE`, Flex
+  downloads to `FLEX_QUEUE`. A worker consumes both unless told otherwise (the project's
+  Celery app declares them).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import shared_task
+
+# Nothing of Django's models at import: the project's Celery app reads QUEUES while it is
+# configured, before Django is set up.
+#: The queues the sync's tasks go to, by the connection's kind.
+GATEWAY_QUEUE = "ibkr_sync.gateway"
+FLEX_QUEUE = "ibkr_sync.flex"
+QUEUES = (GATEWAY_QUEUE, FLEX_QUEUE)
+
+
+def queue_for(kind: str) -> str:
+    """The queue a sync of a connection of `kind` goes to."""
+    return FLEX_QUEUE if kind == "flex" else GATEWAY_QUEUE
+
+
+@shared_task(name="ibkr_sync.sync_connection", acks_late=True, ignore_result=True)
+def sync_connection(sync_run_id: int) -> dict[str, Any] | None:
+    """Run queued sync `sync_run_id`; its outcome is in its `SyncRun` row (the API's
+    `GET /portfolio/sync/runs/<id>`). Returns the run's status, or None when it was not
+    queued (any more): nothing was run."""
+    from . import services
+    from .exceptions import IbkrSyncError
+
+    try:
+        result = services.run_queued(sync_run_id)
+    except IbkrSyncError as exc:
+        # Recorded in the run (its code and message): an outcome, not the task's error.
+        return {"sync_run_id": sync_run_id, "status": "failed", "code": exc.code}
+    if result is None:
+        return None
+    return {"sync_run_id": sync_run_id, "status": "success"}
+
+
+def enqueue(sync_run_id: int, kind: str) -> None:
+    """Send `sync_connection(sync_run_id)` to its kind's queue."""
+    sync_connection.apply_async(args=[sync_run_id], queue=queue_for(kind))
