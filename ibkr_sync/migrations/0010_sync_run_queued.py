@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('ibkr_sync', '0008_connection_name_any_case'),
+        ('ibkr_sync', '0009_sync_run_ledger'),
     ]
 
     operations = [
