@@ -13,7 +13,7 @@ from playwright.sync_api import Page, expect
 from ibkr_sync.models import Connection, SyncRun
 from ibkr_sync.testing import GatewaySimulator, Portfolio
 from portfolio.models import Position
-from tests.integration.conftest import sim_position
+from tests.integration.conftest import negotiated_version, sim_position
 
 from .test_admin_browser import log_in, open_admin_page, rows, superuser  # noqa: F401
 
@@ -81,8 +81,8 @@ def test_add_test_and_sync_connections_in_the_admin(page, superuser, gateway):  
     open_admin_page(page, "IBKR sync", "Connections")
     add_connection(page, "paper", gateway.port, 61)
     assert press_test_connection(page) == (
-        f"Connection paper (127.0.0.1:{gateway.port}): ok: server version 176, accounts "
-        "DU1111111, DU2222222"
+        f"Connection paper (127.0.0.1:{gateway.port}): ok: server version "
+        f"{negotiated_version()}, accounts DU1111111, DU2222222"
     )
     assert not SyncRun.objects.exists()
 

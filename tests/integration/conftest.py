@@ -62,3 +62,16 @@ def scripted(segmentation: dict, items: list) -> list:
 def segmented(segmentation: dict, **faults) -> dict:
     """Simulator faults, written the segmentation's way."""
     return {**{k: v for k, v in segmentation.items() if k != "pause"}, **faults}
+
+
+def negotiated_version() -> int:
+    """The server version a handshake with the simulator settles on: the lower of the
+    client library's highest and the simulator's (176 for ib_insync, 178 for ib_async)."""
+    import importlib
+
+    from django.conf import settings
+
+    from ibkr_sync.testing.simulator import MAX_SERVER_VERSION
+
+    library = importlib.import_module(settings.IBKR_CLIENT_LIBRARY)
+    return min(library.client.Client.MaxClientVersion, MAX_SERVER_VERSION)

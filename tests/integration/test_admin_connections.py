@@ -15,6 +15,7 @@ from ibkr_sync.models import Connection, SyncRun
 from ibkr_sync.testing import GatewaySimulator, Portfolio
 from ibkr_sync.testing.pytest_plugin import CLIENT_ID
 from portfolio.models import Position
+from tests.integration.conftest import negotiated_version
 
 from .conftest import sim_position
 
@@ -133,7 +134,8 @@ def test_test_connection_reports_the_server_version_and_accounts(django_user_mod
     assert "Test connection" in page
     assert response.status_code == 302 and response.url == change_url(home)
     assert said(response) == [
-        f"Connection home (127.0.0.1:{home.port}): ok: server version 176, accounts U1000001"
+        f"Connection home (127.0.0.1:{home.port}): ok: server version "
+        f"{negotiated_version()}, accounts U1000001"
     ]
     assert not SyncRun.objects.exists() and not Position.objects.exists()
 
@@ -163,7 +165,7 @@ def test_the_action_tests_each_selected_connection(django_user_model, gateways):
     messages = said(response)
     assert len(messages) == 2
     assert messages[0].startswith("Connection down: Cannot connect to the IB gateway")
-    assert messages[1].endswith("ok: server version 176, accounts U2000002")
+    assert messages[1].endswith(f"ok: server version {negotiated_version()}, accounts U2000002")
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from django.core.management import CommandError, call_command
 
 from ibkr_sync.models import Connection, SyncRun
 from ibkr_sync.testing.pytest_plugin import CLIENT_ID
+from tests.integration.conftest import negotiated_version
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -163,7 +164,7 @@ def test_test_does_the_handshake_only_and_says_what_the_gateway_said(gateway):
 
     assert (code, err) == (0, "")
     accounts = ", ".join(gateway.accounts)
-    assert out == f"ok: server version 176, accounts {accounts}\n"
+    assert out == f"ok: server version {negotiated_version()}, accounts {accounts}\n"
     assert not SyncRun.objects.exists()
 
 
@@ -171,7 +172,7 @@ def test_test_without_connections_tests_the_settings_gateway(settings, ibkr_simu
     out, _, code = ibkr_connection("test")
 
     accounts = ", ".join(ibkr_simulator.accounts)
-    assert (code, out) == (0, f"ok: server version 176, accounts {accounts}\n")
+    assert (code, out) == (0, f"ok: server version {negotiated_version()}, accounts {accounts}\n")
 
 
 def test_test_of_a_gateway_that_is_down_says_it_in_the_syncs_words_and_exit_code(gateway):
