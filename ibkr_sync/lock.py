@@ -220,7 +220,7 @@ def abandoned_reason(run: SyncRun, now: dt.datetime | None = None) -> str | None
         return f"{SILENT} {silent:.0f} s"
     owner = _ProcessIdentity.parse(run.owner)
     on_this_machine = owner is not None and owner.machine and owner.machine == me.machine
-    if on_this_machine and _start_time(owner.pid) != owner.started:
+    if on_this_machine and not _alive(owner.pid, owner.started):
         return "its process has ended"
     return None
 
@@ -291,6 +291,14 @@ def process_identity() -> _ProcessIdentity:
         machine = f"{socket.gethostname()};{boot};{namespace}" if boot and namespace else ""
         _identity = _ProcessIdentity(machine, pid, started, uuid.uuid4().hex[:12])
     return _identity
+
+
+def _alive(pid: int, started: str) -> bool:
+    """Whether process `pid`, started at `started`, still runs: not gone, not another
+    process under a reused pid, and not a zombie (ended, not yet reaped: in a container
+    whose first process reaps no orphans, it never is)."""
+    stat = _stat(pid)
+    return stat is not None and stat[1] == started and stat[0] not in ("Z", "X")
 
 
 def _start_time(pid: int) -> str | None:

@@ -118,6 +118,26 @@ def test_a_lock_of_an_ended_process_of_this_machine_is_released_at_once():
 
 
 @pytest.mark.processes
+def test_a_lock_of_a_zombie_process_is_released_at_once():
+    """A holder killed and not yet reaped (in a container whose first process reaps no
+    orphans, never) is a zombie: ended, though its pid and start time are still there."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.monotonic() + 10
+        while lock._stat(child.pid)[0] != "Z":  # ended, not reaped: we do not wait()
+            assert time.monotonic() < deadline, "the child did not end"
+            time.sleep(0.02)
+        started = lock._start_time(child.pid)
+        held = held_by(other_process_token(child.pid, started), silent_for=0)
+        assert run().created == 1
+        held.refresh_from_db()
+        assert (held.status, held.error_code) == ("failed", "abandoned")
+        assert "its process has ended" in held.error_message
+    finally:
+        child.wait()
+
+
+@pytest.mark.processes
 def test_a_reused_pid_is_not_the_process_that_took_the_lock(sleeper):
     # Same machine, a live pid, but not the process that started then: released.
     held = held_by(other_process_token(sleeper.pid, "1"), silent_for=0)

@@ -27,7 +27,7 @@ from ..exceptions import (
     SyncAlreadyRunning,
     UnknownConnection,
 )
-from ..models import PositionChange, SyncRun
+from ..models import Connection, PositionChange, SyncRun
 from ..permissions import Kind, may_view
 from ..services import describe_values, sync_positions
 from ..status import sync_status_panel
@@ -83,6 +83,11 @@ def changes_text(run: SyncRun) -> str:
     if not run.processed and not counts:
         return "none read" if run.status == SyncRun.Status.FAILED else "0 positions"
     return f"{positions}: {', '.join(counts)}" if counts else positions
+
+
+def _any_connection() -> bool:
+    """Whether a connection exists, or a run of one (since removed) is on record."""
+    return Connection.objects.exists() or SyncRun.objects.exclude(connection_name="").exists()
 
 
 @admin.register(SyncRun)
@@ -252,6 +257,13 @@ class SyncRunAdmin(admin.ModelAdmin):
     def change_view(self, request: HttpRequest, object_id, form_url="", extra_context=None):
         extra_context = {**(extra_context or {}), **self._changes_context(request, object_id)}
         return super().change_view(request, object_id, form_url, extra_context)
+
+    def get_list_display(self, request: HttpRequest):
+        # Without connections (none now, none ever synced) the list is as it was before
+        # connections: no column of dashes taking the width the error needs.
+        if not _any_connection():
+            return tuple(f for f in self.list_display if f != "connection_display")
+        return self.list_display
 
     def get_fieldsets(self, request: HttpRequest, obj=None):
         # A failure's error whole, under its status (`error_box`); a run without one has
