@@ -442,17 +442,9 @@ def _fit_number(column: _Column, value: Any, exact: bool, vendor: str) -> Any:
 def _fit_texts(columns: tuple[tuple[str, _Column], ...], values: dict[str, Any], vendor: str):
     """`_fit` of each text column, in order, inline where a value plainly fits: short ASCII
     text without a NUL, in the column's choices (if it has any)."""
-    for name, column in columns:  # `_plainly_fits`, inline: nine fields a record
+    for name, column in columns:
         value = values[name]
-        if not (
-            column.text
-            and column.max_length is not None
-            and type(value) is str
-            and len(value) <= column.max_length
-            and value.isascii()
-            and "\x00" not in value
-            and (column.choices is None or value in column.choices)
-        ):
+        if not _plainly_fits(column, value):
             _fit(column, value, False, vendor)
 
 
