@@ -67,6 +67,14 @@ class OptionRight(models.TextChoices):
     PUT = "P", "Put"
 
 
+def unique_external_id() -> models.UniqueConstraint:
+    """One row per broker id: an account, a contract, a trade, a cash transaction, a
+    corporate action (IBKR's own ids, so that a re-import finds what it wrote)."""
+    return models.UniqueConstraint(
+        fields=["broker", "external_id"], name="%(app_label)s_%(class)s_unique_external_id"
+    )
+
+
 class AbstractAccount(models.Model):
     """A broker account (IBKR: U1234567, DU... for paper trading)."""
 
@@ -83,11 +91,7 @@ class AbstractAccount(models.Model):
     class Meta:
         abstract = True
         ordering = ["broker", "external_id"]
-        constraints = [
-            models.UniqueConstraint(
-                fields=["broker", "external_id"], name="%(app_label)s_%(class)s_unique_external_id"
-            )
-        ]
+        constraints = [unique_external_id()]
 
     def __str__(self) -> str:
         return f"{self.external_id} ({self.get_broker_display()})"
@@ -128,11 +132,7 @@ class AbstractInstrument(models.Model):
     class Meta:
         abstract = True
         ordering = ["symbol", "sec_type", "external_id"]
-        constraints = [
-            models.UniqueConstraint(
-                fields=["broker", "external_id"], name="%(app_label)s_%(class)s_unique_external_id"
-            )
-        ]
+        constraints = [unique_external_id()]
 
     def __str__(self) -> str:
         label = self.local_symbol or self.symbol
@@ -395,11 +395,7 @@ class AbstractTrade(AbstractLedgerRow):
     class Meta:
         abstract = True
         ordering = ["account", "-trade_date", "external_id"]
-        constraints = [
-            models.UniqueConstraint(
-                fields=["broker", "external_id"], name="%(app_label)s_%(class)s_unique_external_id"
-            )
-        ]
+        constraints = [unique_external_id()]
         indexes = [
             models.Index(fields=["account", "trade_date"], name="%(app_label)s_%(class)s_date")
         ]
@@ -445,11 +441,7 @@ class AbstractCashTransaction(AbstractLedgerRow):
     class Meta:
         abstract = True
         ordering = ["account", "-date", "external_id"]
-        constraints = [
-            models.UniqueConstraint(
-                fields=["broker", "external_id"], name="%(app_label)s_%(class)s_unique_external_id"
-            )
-        ]
+        constraints = [unique_external_id()]
         indexes = [models.Index(fields=["account", "date"], name="%(app_label)s_%(class)s_date")]
 
     def __str__(self) -> str:
@@ -484,11 +476,7 @@ class AbstractCorporateAction(AbstractLedgerRow):
     class Meta:
         abstract = True
         ordering = ["account", "-date", "external_id"]
-        constraints = [
-            models.UniqueConstraint(
-                fields=["broker", "external_id"], name="%(app_label)s_%(class)s_unique_external_id"
-            )
-        ]
+        constraints = [unique_external_id()]
 
     def __str__(self) -> str:
         return f"{self.type} {self.date} #{self.external_id}"
