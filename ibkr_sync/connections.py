@@ -127,3 +127,38 @@ def enabled_targets() -> list[Target]:
     if not connections:
         return [Target(None)]
     return [Target(connection) for connection in connections if connection.enabled]
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """What `rotate_flex_tokens` did: tokens re-encrypted under the current key, tokens
+    current already, and the connections whose token no configured key decrypts."""
+
+    rotated: int
+    current: int
+    unreadable: tuple[str, ...]
+
+
+def rotate_flex_tokens() -> Rotation:
+    """Re-encrypt every stored Flex token under the current key (IBKR_SYNC_SECRET_KEY),
+    reading it with any configured one (IBKR_SYNC_SECRET_KEY_FALLBACKS): after a key
+    change, so that the former key can go. A token no key decrypts is left as it is."""
+    from . import crypto
+    from .exceptions import SecretUnreadable
+
+    rotated = current = 0
+    unreadable = []
+    for connection in Connection.objects.exclude(flex_token="").order_by("name"):
+        if crypto.is_current(connection.flex_token):
+            current += 1
+            continue
+        try:
+            connection.flex_token = crypto.rotate(
+                connection.flex_token, what=f"The Flex token of connection {connection.name}"
+            )
+        except SecretUnreadable:
+            unreadable.append(connection.name)
+            continue
+        connection.save(update_fields=["flex_token", "updated_at"])
+        rotated += 1
+    return Rotation(rotated, current, tuple(unreadable))

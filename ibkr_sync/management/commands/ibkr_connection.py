@@ -191,24 +191,11 @@ class Command(IbkrCommand):
         self.stdout.write(f"Saved a new Flex token for connection {name} (encrypted).")
 
     def _rotate_keys(self, **options) -> None:
-        from ... import crypto
-
-        rotated = current = 0
-        unreadable = []
-        for connection in Connection.objects.exclude(flex_token="").order_by("name"):
-            if crypto.is_current(connection.flex_token):
-                current += 1
-                continue
-            try:
-                connection.flex_token = crypto.rotate(
-                    connection.flex_token, what=f"The Flex token of connection {connection.name}"
-                )
-            except exceptions.SecretUnreadable:
-                unreadable.append(connection.name)
-                continue
-            connection.save(update_fields=["flex_token", "updated_at"])
-            rotated += 1
-        self.stdout.write(f"{rotated} Flex token(s) re-encrypted, {current} current already.")
+        rotation = connections.rotate_flex_tokens()
+        self.stdout.write(
+            f"{rotation.rotated} Flex token(s) re-encrypted, {rotation.current} current already."
+        )
+        unreadable = rotation.unreadable
         if unreadable:
             raise exceptions.SecretUnreadable(
                 f"No configured key decrypts the Flex token of {', '.join(unreadable)}: put "
