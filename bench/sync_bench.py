@@ -311,13 +311,13 @@ def worker_sync(args: argparse.Namespace) -> dict[str, Any]:
         steps["first"] = measure(connection, sync, repeat=1, profile=profile)
         assert steps["first"]["counts"]["created"] == args.positions, steps["first"]
         steps["unchanged"] = measure(connection, sync, repeat=args.repeat, profile=profile)
-        if profile:  # the profile of the first and unchanged syncs is what was asked for
-            return {"steps": steps, "rss": peak_rss_mib()}
         assert steps["unchanged"]["counts"]["unchanged"] == args.positions, steps["unchanged"]
-        changed, closed = simulator.mutate()
-        steps["changed"] = measure(connection, sync, repeat=1)
-        counts = steps["changed"]["counts"]
-        assert (counts["updated"], counts["closed"]) == (changed, closed), counts
+        closed = 0
+        if not profile:  # profiled: the first, the unchanged and the one with values
+            changed, closed = simulator.mutate()
+            steps["changed"] = measure(connection, sync, repeat=1)
+            counts = steps["changed"]["counts"]
+            assert (counts["updated"], counts["closed"]) == (changed, closed), counts
         if args.implementation != "naive":
             settings.IBKR_READ_VALUES = True
 
@@ -330,7 +330,11 @@ def worker_sync(args: argparse.Namespace) -> dict[str, Any]:
                 return {"unchanged": result.unchanged, "valued": valued}
 
             steps["with values"] = measure(
-                connection, with_values, repeat=args.repeat, before=simulator.move_prices
+                connection,
+                with_values,
+                repeat=args.repeat,
+                before=simulator.move_prices,
+                profile=profile,
             )
     finally:
         simulator.stop()
@@ -847,8 +851,8 @@ def main() -> None:
         type=int,
         default=0,
         metavar="LINES",
-        help="instead: profile the first and the unchanged sync (cProfile), printing the "
-        "top LINES functions by own and by cumulative time",
+        help="instead: profile the first, the unchanged and the with-values sync (cProfile), "
+        "printing the top LINES functions by own and by cumulative time",
     )
     parser.add_argument(
         "--models",

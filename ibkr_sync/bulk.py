@@ -144,7 +144,11 @@ def insert_rows(model: type[models.Model], rows: Iterable[dict[str, Any]]) -> li
 
 
 def insert_missing(
-    model: type[models.Model], rows: Iterable[dict[str, Any]], unique: Sequence[str]
+    model: type[models.Model],
+    rows: Iterable[dict[str, Any]],
+    unique: Sequence[str],
+    *,
+    taken: set[tuple[Any, ...]] | None = None,
 ) -> dict[tuple[Any, ...], Any]:
     """INSERT the rows whose `unique` fields (a unique constraint's, plain text or integer
     columns) no row has yet, ON CONFLICT DO NOTHING; return the primary key of every
@@ -155,12 +159,15 @@ def insert_missing(
     same contracts) all succeed: on PostgreSQL a row another transaction is inserting
     makes this one wait for it to commit, then skips it; on SQLite writers take turns.
     As fast as `insert_rows` when nothing conflicts: one more column RETURNED, no more
-    statements.
+    statements. `taken`, if given, gains the `unique` values of the rows that another
+    writer had inserted (found, not inserted here).
     """
     rows = list(rows)
     keys = insert_new(model, rows, unique)
     names = [model._meta.get_field(name).attname for name in unique]
     skipped = [row for row in rows if tuple(row[name] for name in names) not in keys]
+    if taken is not None:
+        taken.update(tuple(row[name] for name in names) for row in skipped)
     for chunk in chunks(skipped):
         found = model._default_manager.filter(
             **{f"{name}__in": {row[name] for row in chunk} for name in names}

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import re
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from dataclasses import field as dataclass_field
 from decimal import ROUND_HALF_EVEN, Context, Decimal, InvalidOperation
@@ -28,6 +30,7 @@ from typing import Any
 from django.db import connection, models
 
 from . import conf
+from . import snapshot as snapshot_module
 from .decimals import plain
 from .exceptions import InvalidAccountId
 from .models import Broker, SecType, is_rate
@@ -46,6 +49,7 @@ from .snapshot import (
     Snapshot,
     Trade,
     link_withholding,
+    positions_digest,
 )
 from .snapshot import currency_code as _currency_code
 from .snapshot import shown as _short
@@ -385,6 +389,8 @@ class _PositionColumns:
     # The instrument's text fields, in the order they are checked.
     texts: tuple[tuple[str, _Column], ...]
     description_length: int | None
+    # What decides how a record maps to these models here: equal signatures, equal rows.
+    signature: str
 
 
 _TEXT_FIELDS = (
@@ -407,6 +413,7 @@ def _columns_for_positions() -> _PositionColumns:
     if found is None:
         held, contract = _columns_of(models_[0]), _columns_of(models_[1])
         found = _position_columns[models_] = _PositionColumns(
+            signature=_signature(models_),
             quantity=held["quantity"],
             average_cost=held["average_cost"],
             cost_basis=held["cost_basis"],
@@ -418,6 +425,41 @@ def _columns_for_positions() -> _PositionColumns:
             description_length=contract["description"].max_length,
         )
     return found
+
+
+def _signature(models_: tuple[type[models.Model], ...]) -> str:
+    """What the rows of a record depend on besides the record: this code (the mapping's
+    and the records' modules, as installed), the models and every column's bounds, the
+    database. A stored digest of an account's positions (`MappedSnapshot.digests`) holds
+    only while all of it is the same: any upgrade, migration or other database maps
+    every record again once."""
+    digest = hashlib.blake2b(digest_size=20)
+    for module in (__file__, snapshot_module.__file__):
+        try:
+            with open(module, "rb") as source:
+                digest.update(source.read())
+        except OSError:  # no source to read (a frozen install): the models still count
+            digest.update(module.encode())
+    digest.update(_vendor().encode())
+    for model in models_:
+        digest.update(model._meta.label.encode())
+        for name, column in sorted(_columns_of(model).items()):
+            shape = (
+                name,
+                column.null,
+                column.decimal,
+                column.text,
+                column.integer,
+                column.whole,
+                column.places,
+                column.max_length,
+                column.low,
+                column.high,
+                column.blank,
+                sorted(map(str, column.choices or ())),
+            )
+            digest.update(repr(shape).encode())
+    return digest.hexdigest()
 
 
 def _fit_number(column: _Column, value: Any, exact: bool, vendor: str) -> Any:
@@ -702,6 +744,7 @@ def map_account_values(
         cash = {}
 
     position_columns = _columns_of(conf.position_model())
+    value_columns = tuple((name, position_columns[name]) for name in POSITION_VALUE_FIELDS)
     positions: dict[str, tuple[Decimal | None, ...]] = {}
     stale = 0
     unvalued = sum(1 for con_id in held if con_id not in values.positions)
@@ -713,20 +756,18 @@ def map_account_values(
         if value.quantity != quantity:
             stale += 1
             continue
+        row = []
         try:
-            positions[instrument_id] = tuple(
-                stored(
-                    position_columns[name],
-                    getattr(value, name),
-                    str(position_columns[name].label),
-                    con_id,
-                    symbol=symbol,
-                    sec_type=sec_type,
-                )
-                for name in POSITION_VALUE_FIELDS
-            )
+            for name, column in value_columns:
+                number = getattr(value, name)
+                fitted = _plain_value(column, number)  # 10,000s: inline where it plainly fits
+                if fitted is _NOT_PLAIN:
+                    label = str(column.label)
+                    fitted = stored(column, number, label, con_id, symbol=symbol, sec_type=sec_type)
+                row.append(fitted)
         except MappingError:
             continue
+        positions[instrument_id] = tuple(row)
     return MappedValues(
         account_id=account,
         base_currency=snapshot["currency"],
@@ -740,6 +781,32 @@ def map_account_values(
         unvalued=unvalued,
         errors=errors,
     )
+
+
+_NOT_PLAIN = object()
+
+
+def _plain_value(column: _Column, value: Any) -> Any:
+    """A value as `map_account_values` stores it, where that plainly needs no check: None
+    in a nullable column; a finite Decimal ten times below the column's limit, rounded to
+    its places as `_fit_decimal` rounds it, that does not round to 0 (the value as read
+    where it fits as it is; a zero as `_fit_decimal` stores it). Anything else is
+    `_NOT_PLAIN`: `stored` decides, and words the error."""
+    if value is None:
+        return None if column.null else _NOT_PLAIN
+    if (
+        type(value) is Decimal
+        and column.decimal
+        and column.choices is None
+        and value.is_finite()
+        and value.adjusted() < column.whole - 1
+    ):
+        fitted = value.quantize(column.quantum, rounding=ROUND_HALF_EVEN, context=column.context)
+        if fitted:
+            return value if fitted == value else fitted
+        if not value:
+            return abs(fitted)  # no negative zero
+    return _NOT_PLAIN
 
 
 def _fits_quietly(column: _Column, value: Any, vendor: str) -> bool:
@@ -789,6 +856,13 @@ class MappedSnapshot:
     ledger_read: bool = False
     ledger: dict[str, dict[str, MappedLedgerRow]] = dataclass_field(default_factory=dict)
     ledger_instruments: dict[str, dict[str, Any]] = dataclass_field(default_factory=dict)
+    # Per account, the digest of its positions as this snapshot reports them ("" when it
+    # cannot be told: a source without fingerprints, a record that could not be mapped);
+    # `unchanged`: the accounts whose digest is the one stored for them (`known`), so
+    # their stored positions are exactly these records and were not mapped again, with
+    # the number of their records.
+    digests: dict[str, str] = dataclass_field(default_factory=dict)
+    unchanged: dict[str, int] = dataclass_field(default_factory=dict)
 
     def as_of_of(self, account: str, now: dt.datetime) -> dt.datetime:
         """The moment an account's data describes: its values' if read, else the
@@ -813,19 +887,35 @@ class MappedSnapshot:
                 kind: {k: row for k, row in rows.items() if row.account_id not in accounts}
                 for kind, rows in self.ledger.items()
             },
+            digests={a: d for a, d in self.digests.items() if a not in accounts},
+            unchanged={a: n for a, n in self.unchanged.items() if a not in accounts},
         )
 
 
-def map_snapshot(snapshot: Snapshot) -> MappedSnapshot:
+def map_snapshot(snapshot: Snapshot, known: Mapping[str, str] | None = None) -> MappedSnapshot:
     """A whole snapshot -> its rows' field values (`map_position` per record, then the
     values of every account read, `map_account_values`). No I/O: the service runs it
-    before the write transaction."""
+    before the write transaction.
+
+    `known`: per account, the digest of the positions last written for it. An account
+    whose records have that digest now is not mapped again (`MappedSnapshot.unchanged`):
+    its stored rows are exactly what mapping them would give."""
+    digests = _digests(snapshot)
+    unchanged = {a for a, d in digests.items() if d and known and known.get(a) == d}
     processed: Counter = Counter()
     errors: list[RecordError] = []
     mapped: dict[tuple[str, str], MappedPosition] = {}
     unmapped: set[tuple[str, str]] = set()
+    held_unchanged: dict[str, dict[int, tuple[Decimal, str, str, str]]] = {}
+    columns, vendor = _columns_for_positions(), _vendor()
     for record in snapshot.positions:
         processed[record.account] += 1
+        if record.account in unchanged:
+            if snapshot.values_read:  # what the values are checked against
+                held_unchanged.setdefault(record.account, {})[record.con_id] = _held(
+                    record, columns, vendor
+                )
+            continue
         try:
             item = map_position(record)
         except MappingError as exc:
@@ -842,14 +932,23 @@ def map_snapshot(snapshot: Snapshot) -> MappedSnapshot:
             )
             continue
         mapped[(item.account_id, item.instrument_id)] = item
-    reported = {*snapshot.accounts, *(a for a, _ in mapped), *(a for a, _ in unmapped)}
+    reported = {
+        *snapshot.accounts,
+        *(a for a, _ in mapped),
+        *(a for a, _ in unmapped),
+        *unchanged,
+    }
     accounts = tuple(sorted(a for a in reported if is_storable_account_id(a)))
+    # An account with a record that could not be mapped is never taken as unchanged: its
+    # error is reported at every sync.
+    for error in errors:
+        digests[error.account] = ""
 
     values: dict[str, MappedValues] = {}
     values_as_of: dict[str, dt.datetime | None] = {}
     outcomes: dict[str, ValuesOutcome] = {}
     if snapshot.values_read:
-        held: dict[str, dict[int, tuple[Decimal, str, str, str]]] = {a: {} for a in accounts}
+        held = {a: held_unchanged.get(a, {}) for a in accounts}
         for (account_id, instrument_id), item in mapped.items():
             held[account_id][int(instrument_id)] = (
                 item.position["quantity"],
@@ -895,7 +994,38 @@ def map_snapshot(snapshot: Snapshot) -> MappedSnapshot:
         ledger_read=snapshot.ledger_read,
         ledger=ledger,
         ledger_instruments=ledger_instruments,
+        digests={a: digests.get(a, "") for a in accounts},
+        unchanged={a: processed[a] for a in accounts if a in unchanged},
     )
+
+
+def _digests(snapshot: Snapshot) -> dict[str, str]:
+    """Per account reported, the digest of its records (`positions_digest`) under this
+    mapping's signature, or "" where the source gave no fingerprints."""
+    by_account: dict[str, list[PositionRecord]] = {a: [] for a in snapshot.accounts}
+    for record in snapshot.positions:
+        by_account.setdefault(record.account, []).append(record)
+    signature = _columns_for_positions().signature.encode()
+    digests = {}
+    for account, records in by_account.items():
+        digest = positions_digest(records)
+        digests[account] = (
+            hashlib.blake2b(signature + digest.encode(), digest_size=20).hexdigest()
+            if digest
+            else ""
+        )
+    return digests
+
+
+def _held(
+    record: PositionRecord, columns: _PositionColumns, vendor: str
+) -> tuple[Decimal, str, str, str]:
+    """What an account's values are checked against of a record mapped before (so it maps
+    without error): its quantity, symbol, security type and conId text, exactly as
+    `map_position` gives them."""
+    quantity = _fit_number(columns.quantity, _record_decimal(record.quantity), True, vendor)
+    sec_type = (record.sec_type or "").strip().upper()
+    return quantity, record.symbol.strip(), sec_type, _contract_id_text(record.con_id)
 
 
 # --- the ledger ---------------------------------------------------------------------------

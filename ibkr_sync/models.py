@@ -709,6 +709,16 @@ class AccountReport(models.Model):
         "SyncRun", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
     applied_at = models.DateTimeField(help_text="When it was applied.")
+    positions_digest = models.CharField(
+        max_length=64,
+        blank=True,
+        default="",
+        help_text=(
+            "A digest of the positions written for it, as the source reported them; empty "
+            "when none could be taken. A sync that reads the same digest again leaves its "
+            "stored positions as they are without comparing them row by row."
+        ),
+    )
 
     class Meta:
         ordering = ["broker", "external_id"]

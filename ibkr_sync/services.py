@@ -40,11 +40,11 @@ from .exceptions import (
     SyncInsideTransaction,
     UnknownConnection,
 )
-from .mapping import map_snapshot, normalize_account_id
+from .mapping import MappedSnapshot, map_snapshot, normalize_account_id
 from .models import DEFAULT_LOCK_KEY, Connection, PositionChange, SyncRun
 from .outcomes import ValuesOutcome
 from .snapshot import Snapshot
-from .writer import KINDS, apply_snapshot
+from .writer import KINDS, PositionsChanged, Written, apply_snapshot, stored_digests
 
 logger = logging.getLogger(__name__)
 
@@ -310,39 +310,24 @@ def _sync_positions(
         if gateway is None:
             gateway = target.source(progress)
         snapshot = gateway.fetch_positions(account_id)
-        # Mapped before the write transaction, which then only writes.
-        mapped = map_snapshot(snapshot)
+        # Mapped before the write transaction, which then only writes; an account whose
+        # positions have the digest of those last written for it is not mapped again.
+        known = stored_digests(snapshot.accounts)
+        mapped = map_snapshot(snapshot, known)
         if progress:
             progress("apply", len(snapshot.positions))
         if not dry_run:
             lock.claim(run)  # still ours? Then the write transaction, short and bounded.
-        with transaction.atomic(durable=True):
-            lock.bound_transaction()
-            written = apply_snapshot(
-                mapped,
-                run,
-                timezone.now(),
-                connection_row=target.connection,
-                connection_name=_hold_connection(target),
-            )
-            accounts = written.accounts
-            totals = {kind: written.total(kind) for kind in KINDS}
-            errors = [error.as_dict() for error in written.errors]
-            values = {account: outcome.as_dict() for account, outcome in written.values.items()}
-            if dry_run:
-                preview = _changes_of(run)
-                transaction.set_rollback(True)
-            else:
-                # In the same transaction: the run is marked done exactly when its writes are.
-                for kind, value in totals.items():
-                    setattr(run, kind, value)
-                run.status = SyncRun.Status.SUCCESS
-                run.accounts = accounts
-                run.error_details = errors
-                run.account_values = values
-                run.accounts_refused = written.refused
-                run.ledger = written.ledger
-                lock.finish_holding(run)
+        try:
+            written = _write(mapped, run, target, dry_run)
+        except PositionsChanged:
+            # Another sync wrote one of those accounts since: map everything, write again.
+            written = _write(map_snapshot(snapshot), run, target, dry_run)
+        accounts = written.accounts
+        totals = {kind: written.total(kind) for kind in KINDS}
+        errors = [error.as_dict() for error in written.errors]
+        values = {account: outcome.as_dict() for account, outcome in written.values.items()}
+        preview = written.preview
     except IbkrSyncError as exc:
         if not dry_run:
             _fail_run(run, exc.code, str(exc))
@@ -406,6 +391,37 @@ def _sync_positions(
         # Committed already (never inside a caller's transaction): sent at once.
         transaction.on_commit(lambda: _announce(run, result))
     return result
+
+
+def _write(
+    mapped: MappedSnapshot, run: SyncRun, target: connections.Target, dry_run: bool
+) -> Written:
+    """The write transaction: the mapped snapshot written as `run`, which is marked done in
+    the same transaction (exactly when its writes are); a dry run's changes are read, then
+    rolled back."""
+    with transaction.atomic(durable=True):
+        lock.bound_transaction()
+        written = apply_snapshot(
+            mapped,
+            run,
+            timezone.now(),
+            connection_row=target.connection,
+            connection_name=_hold_connection(target),
+        )
+        if dry_run:
+            written.preview = _changes_of(run)
+            transaction.set_rollback(True)
+            return written
+        for kind in KINDS:
+            setattr(run, kind, written.total(kind))
+        run.status = SyncRun.Status.SUCCESS
+        run.accounts = written.accounts
+        run.error_details = [error.as_dict() for error in written.errors]
+        run.account_values = {a: outcome.as_dict() for a, outcome in written.values.items()}
+        run.accounts_refused = written.refused
+        run.ledger = written.ledger
+        lock.finish_holding(run)
+    return written
 
 
 def _hold_connection(target: connections.Target) -> str:

@@ -56,6 +56,7 @@ from .mapping import (
     MappedPosition,
     MappedSnapshot,
     is_paper_account,
+    is_storable_account_id,
 )
 from .models import AccountReport, Connection, PositionChange, SyncRun
 from .outcomes import RecordError, ValuesOutcome
@@ -76,6 +77,8 @@ class Written:
     refused: dict[str, str] = field(default_factory=dict)
     # The ledger rows, by kind: {"created": n, "updated": n, "unchanged": n}.
     ledger: dict[str, dict[str, int]] = field(default_factory=dict)
+    # A dry run's changes, as they would have been recorded (then rolled back).
+    preview: list[dict[str, Any]] | None = None
 
     def add(self, account: str, kind: str) -> None:
         self.tally[account, kind] += 1
@@ -89,6 +92,28 @@ class Written:
 
 #: The name it had before it said more than counts.
 Counts = Written
+
+
+class PositionsChanged(Exception):
+    """Accounts the snapshot took as unchanged (`MappedSnapshot.unchanged`, by the digests
+    read before its write transaction) whose stored positions were written since by
+    another sync: nothing was written; map them again and write again."""
+
+    def __init__(self, accounts: list[str]) -> None:
+        super().__init__(", ".join(accounts))
+        self.accounts = accounts
+
+
+def stored_digests(accounts: Iterable[str]) -> dict[str, str]:
+    """Per account, the digest of the positions last written for it (`AccountReport`),
+    for `mapping.map_snapshot(known=...)`: read before the write transaction, checked
+    again inside it."""
+    storable = [a for a in accounts if is_storable_account_id(a)]  # none other is stored
+    return dict(
+        AccountReport.objects.filter(broker=BROKER, external_id__in=storable)
+        .exclude(positions_digest="")
+        .values_list("external_id", "positions_digest")
+    )
 
 
 def apply_snapshot(
@@ -114,12 +139,25 @@ def apply_snapshot(
     mapped, unmapped = snapshot.positions, snapshot.unmapped
     account_ids = written.accounts = list(snapshot.accounts)
     accounts = _upsert_accounts(account_ids, now)
-    instruments = _upsert_instruments(mapped.values(), now)
+    instruments, taken = _upsert_instruments(mapped.values(), now)
+    if taken:
+        # Instruments another sync inserted meanwhile are kept as it wrote them: the next
+        # sync of the accounts holding them compares their rows again.
+        AccountReport.objects.filter(
+            broker=BROKER,
+            external_id__in=sorted(
+                {item.account_id for item in mapped.values() if item.instrument_id in taken}
+            ),
+        ).update(positions_digest="")
+    # The accounts whose positions are as stored (the same digest): not compared again.
+    for account, count in snapshot.unchanged.items():
+        written.tally[account, "unchanged"] += count
+    compared = [accounts[a] for a in account_ids if a not in snapshot.unchanged]
 
     # Plain rows, not model instances: building 10,000s of instances costs more than
     # the queries. Instances are made only for the rows that will be written.
     account_by_pk = {pk: account_id for account_id, pk in accounts.items()}
-    rows = Position.objects.filter(account_id__in=accounts.values()).values_list(
+    rows = Position.objects.filter(account_id__in=compared).values_list(
         "pk", "account_id", "instrument__external_id", "quantity", "average_cost", "closed_at"
     )
     existing = {(account_by_pk[row[1]], row[2]): row for row in rows}
@@ -206,6 +244,12 @@ def apply_snapshot(
     )
     if snapshot.values:
         position_pks = {key: row[0] for key, row in existing.items() if key in mapped}
+        valued = [accounts[a] for a in snapshot.values if a in snapshot.unchanged]
+        if valued:  # the open rows of the unchanged accounts valued: their keys only
+            rows = Position.objects.filter(
+                account_id__in=valued, closed_at__isnull=True
+            ).values_list("account_id", "instrument__external_id", "pk")
+            position_pks.update(((account_by_pk[a], conid), pk) for a, conid, pk in rows)
         position_pks.update(
             ((item.account_id, item.instrument_id), pk)
             for pk, item in zip(created_pks, to_create, strict=True)
@@ -456,10 +500,17 @@ def _claim_accounts(
         "sync_run_id": run.pk,
         "applied_at": now,
     }
+    digests = snapshot.digests
     insert_new(
         AccountReport,
         (
-            {"broker": BROKER, "external_id": a, "as_of": as_of[a], **mine}
+            {
+                "broker": BROKER,
+                "external_id": a,
+                "as_of": as_of[a],
+                "positions_digest": digests.get(a, ""),
+                **mine,
+            }
             for a in snapshot.accounts
         ),
         _UNIQUE,
@@ -468,17 +519,31 @@ def _claim_accounts(
         AccountReport.objects.select_for_update()
         .filter(broker=BROKER, external_id__in=snapshot.accounts)
         .order_by("external_id")
-        .values_list("external_id", "as_of", "connection_name", "sync_run_id")
+        .values_list("external_id", "as_of", "connection_name", "sync_run_id", "positions_digest")
     )
     refused: dict[str, str] = {}
     applied = []
-    for account, stored_as_of, by, run_pk in stored:
+    stale = []
+    for account, stored_as_of, by, run_pk, stored_digest in stored:
         if stored_as_of > as_of[account]:
             refused[account] = _refusal(account, stored_as_of, by, as_of[account])
+            continue
+        if account in snapshot.unchanged and (
+            run_pk == run.pk or stored_digest != digests[account]
+        ):
+            stale.append(account)  # written by another sync since its digest was read
         elif run_pk != run.pk:  # this sync's own report (inserted just now) is in place
             applied.append(
-                AccountReport(broker=BROKER, external_id=account, as_of=as_of[account], **mine)
+                AccountReport(
+                    broker=BROKER,
+                    external_id=account,
+                    as_of=as_of[account],
+                    positions_digest=digests.get(account, ""),
+                    **mine,
+                )
             )
+    if stale:
+        raise PositionsChanged(stale)
     upsert(
         AccountReport,
         applied,
@@ -491,6 +556,7 @@ def _claim_accounts(
             "as_of",
             "sync_run",
             "applied_at",
+            "positions_digest",
         ],
     )
     return refused
@@ -549,8 +615,11 @@ def _upsert_accounts(account_ids: Sequence[str], now: dt.datetime) -> dict[str, 
     return accounts
 
 
-def _upsert_instruments(items: Iterable[MappedPosition], now: dt.datetime) -> dict[str, Any]:
-    """Create or update the instruments of the mapped positions; return conId -> pk.
+def _upsert_instruments(
+    items: Iterable[MappedPosition], now: dt.datetime
+) -> tuple[dict[str, Any], set[str]]:
+    """Create or update the instruments of the mapped positions; return conId -> pk, and
+    the conIds of those another sync inserted meanwhile (taken as it wrote them).
 
     Instruments are shared by every connection: syncs of several connections holding the
     same contracts write them at the same moment. New ones are inserted ON CONFLICT DO
@@ -578,6 +647,7 @@ def _upsert_instruments(items: Iterable[MappedPosition], now: dt.datetime) -> di
         unique_fields=list(_UNIQUE),
         update_fields=[*INSTRUMENT_FIELDS, "updated_at"],
     )
+    taken: set[tuple[Any, ...]] = set()
     created = insert_missing(
         Instrument,
         (
@@ -592,9 +662,10 @@ def _upsert_instruments(items: Iterable[MappedPosition], now: dt.datetime) -> di
             if conid not in ids
         ),
         _UNIQUE,
+        taken=taken,
     )
     ids.update((conid, pk) for (_, conid), pk in created.items())
-    return ids
+    return ids, {conid for _, conid in taken}
 
 
 #: The unique key of an account and of an instrument.

@@ -73,3 +73,25 @@ def test_a_text_that_is_no_number_raises_every_time_and_is_never_kept():
         with pytest.raises(WireValueError):
             _repeated_decimal(_quantities, "1_000")
     assert "1_000" not in _quantities
+
+
+@pytest.mark.parametrize("field", ["market_price", "market_value", "unrealized_pnl"])
+def test_a_position_value_that_plainly_fits_is_stored_as_the_general_rule_stores_it(field):
+    """`_plain_value` (10,000s of position values a sync) answers what the general rule of
+    `map_account_values` answers, value for value, or leaves the value to it."""
+    from ibkr_sync.mapping import _NOT_PLAIN, _plain_value
+
+    column, vendor = _columns_of(conf.position_model())[field], _vendor()
+    taken = 0
+    for text in [*VALUES, "1E-12", "-1E-12", "0.000000000049", "1E-10"]:
+        value = Decimal(text)
+        fast = _plain_value(column, value)
+        if fast is _NOT_PLAIN:
+            continue
+        taken += 1
+        fitted = _fit(column, value, False, vendor)
+        assert value == 0 or fitted, text  # never a value the general rule refuses
+        expected = value if fitted and fitted == value else fitted
+        assert (fast, str(fast)) == (expected, str(expected)), text
+    assert taken >= len(VALUES) // 2
+    assert _plain_value(column, None) is None

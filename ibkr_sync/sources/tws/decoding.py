@@ -13,6 +13,7 @@ an account's values it spoils that account's values only.
 from __future__ import annotations
 
 import logging
+import struct
 from collections.abc import Callable
 from decimal import Decimal
 from sys import intern
@@ -91,6 +92,16 @@ class Decoding(TwsErrors):
                 self._received(state, position)
 
         handlers[_MSG_POSITION] = on_position
+
+    @staticmethod
+    def _position_frames(ib: Any, received: Callable[[bytes], None]) -> Callable[[bytes], None]:
+        """What takes the session's bytes after the API handshake (instead of the library's
+        own `received`): a `Frames` that hands position messages straight to our position
+        decoder, or `received` itself for a library without a decoder table."""
+        handlers = getattr(ib.client.decoder, "handlers", None)
+        if not isinstance(handlers, dict) or _MSG_POSITION not in handlers:
+            return received
+        return Frames(received, handlers[_MSG_POSITION]).feed
 
     def _decode_values_ourselves(self, ib: Any, state: _ReadState) -> None:
         """Read account values, portfolio rows and the download-end marker off the wire.
@@ -295,6 +306,46 @@ class Decoding(TwsErrors):
         self._received(state, received)
 
 
+class Frames:
+    """Cuts the session's bytes into frames (a four-byte length, then the message), as the
+    client library does, so that position messages go straight to our decoder: at
+    10,000s of positions the library's own cutting (it copies the rest of its buffer at
+    every message) and its dispatch cost more than reading them. Every other frame goes
+    on to the library (`received`) as the very bytes it came in, complete, in the order
+    of the wire; a frame not complete yet waits here for the rest of it.
+    """
+
+    def __init__(self, received: Callable[[bytes], None], position: Callable[[list[str]], None]):
+        self._received = received
+        self._position = position
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        size, start, passed = len(buffer), 0, 0
+        while size - start >= 4:
+            end = start + 4 + _FRAME_LENGTH(buffer, start)[0]
+            if end > size:
+                break  # not complete yet
+            if buffer.startswith(_POSITION_PREFIX, start + 4):
+                if passed < start:  # the library's frames before it, first
+                    self._received(bytes(buffer[passed:start]))
+                message = buffer[start + 4 : end].decode(errors="backslashreplace")
+                fields = message.split("\0")
+                fields.pop()  # after the last field's NUL: nothing (the library drops it too)
+                self._position(fields)
+                passed = end
+            start = end
+        if passed < start:
+            self._received(bytes(buffer[passed:start]))
+        del buffer[:start]
+
+
+_FRAME_LENGTH = struct.Struct(">I").unpack_from
+_POSITION_PREFIX = f"{_MSG_POSITION}\0".encode()
+
+
 def _float_decimal(value: float | None) -> Decimal | None:
     """A library float as the decimal the wire carried (repr() is the shortest text that
     round-trips), or None for IBKR's "no value" markers."""
@@ -352,22 +403,29 @@ def _position_from_wire(fields: list[str]) -> PositionRecord:
     parsed_cost = parse_decimal(average_cost)  # seldom the same text twice: not kept
     parsed_strike = _repeated_decimal(_strikes, strike)
     # Texts that repeat across positions (account, currency, ...) are kept once each.
-    return PositionRecord(
-        account=intern(account),
-        con_id=parsed_con_id,
-        symbol=symbol,
-        sec_type=intern(sec_type),
-        quantity=parsed_quantity,
-        average_cost=None if parsed_cost is UNSET else parsed_cost,
-        currency=intern(currency),
-        exchange=intern(exchange),
-        local_symbol=local_symbol,
-        trading_class=intern(trading_class),
-        multiplier=intern(multiplier),
-        last_trade_date=intern(last_trade_date),
-        strike=None if parsed_strike is UNSET else parsed_strike,
-        right=intern(right),
+    # Every field in PositionRecord's order (a test holds it to the keyword form).
+    return _make_record(
+        intern(account),
+        parsed_con_id,
+        symbol,
+        intern(sec_type),
+        parsed_quantity,
+        None if parsed_cost is UNSET else parsed_cost,
+        intern(currency),
+        intern(exchange),
+        "",  # primary exchange: not in a position message
+        local_symbol,
+        intern(trading_class),
+        intern(multiplier),
+        intern(last_trade_date),
+        None if parsed_strike is UNSET else parsed_strike,
+        intern(right),
+        # The message itself: the same text is the same record (`positions_digest`).
+        "\0".join(fields),
     )
+
+
+_make_record = PositionRecord.make
 
 
 # Quantities and strikes repeat across positions (100 shares, strike 150, none): each

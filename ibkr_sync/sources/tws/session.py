@@ -204,13 +204,13 @@ class TwsSource(ValuesRead, Decoding):
         ib.client.apiError += lambda message: self._on_api_error(state, message)
         # The library reports a socket closed before the handshake finished only in its
         # log; without this the read would wait for the connect timeout.
-        connection = getattr(ib.client, "conn", None)
-        if connection is not None and hasattr(connection, "disconnected"):
-            connection.disconnected += lambda message: self._on_socket_closed(state, message)
-            self._guard_handshake(connection, state)
         self._decode_positions_ourselves(ib, state)
         self._decode_values_ourselves(ib, state)
         self._guard_decoding(ib, state)
+        connection = getattr(ib.client, "conn", None)
+        if connection is not None and hasattr(connection, "disconnected"):
+            connection.disconnected += lambda message: self._on_socket_closed(state, message)
+            self._guard_handshake(connection, state, ib)
         return ib, state
 
     async def _connect(self, ib: Any, state: _ReadState) -> None:
@@ -373,7 +373,7 @@ class TwsSource(ValuesRead, Decoding):
         await asyncio.sleep(0)
         await asyncio.sleep(0)
 
-    def _guard_handshake(self, connection: Any, state: _ReadState) -> None:
+    def _guard_handshake(self, connection: Any, state: _ReadState, ib: Any) -> None:
         """Look at what answers the API handshake before the client library does.
 
         The library takes the first four bytes it receives as a frame length and waits
@@ -382,11 +382,13 @@ class TwsSource(ValuesRead, Decoding):
         for the connect timeout, which is then blamed. Here the first frame is held back
         until it is complete and checked: a gateway's answer (two fields, the first its
         server version) goes on to the library, anything else fails the read at once,
-        naming the address and what answered.
+        naming the address and what answered. What follows it is cut into frames here
+        (`decoding.Frames`), position messages read by us, the rest passed on.
         """
         handshake = state.handshake
         made, received = connection.connection_made, connection.data_received
         lost = connection.connection_lost
+        frames = self._position_frames(ib, received)
 
         def connection_made(transport: Any) -> None:
             handshake.connected = True
@@ -399,7 +401,7 @@ class TwsSource(ValuesRead, Decoding):
 
         def data_received(data: bytes) -> None:
             if handshake.answered:
-                received(data)
+                frames(data)
                 return
             if handshake.refused:
                 return
@@ -413,7 +415,10 @@ class TwsSource(ValuesRead, Decoding):
                 return
             handshake.answered = True
             held, handshake.received = bytes(handshake.received), bytearray()
-            received(held)
+            answer = 4 + struct.unpack(">I", held[:4])[0]
+            received(held[:answer])  # the answer, to the library; what came after it, framed
+            if len(held) > answer:
+                frames(held[answer:])
 
         # Instance attributes: asyncio calls the protocol's methods by name.
         connection.connection_made = connection_made

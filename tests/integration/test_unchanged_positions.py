@@ -1,0 +1,194 @@
+"""An account whose positions did not change is recognised from the wire text, not mapped
+and compared row by row again: real IB client over TCP, the simulator, a real database.
+
+The rule under test: each account's report keeps a digest of the position messages last
+written for it (under the mapping's signature); a sync that reads the same digest leaves
+that account's stored positions as they are. Anything else (a change, another sync's
+write since, an account with a record that could not be stored, a source that gives no
+fingerprints) takes the full comparison, and the result is the same either way.
+"""
+
+from decimal import Decimal
+
+import pytest
+
+from ibkr_sync import mapping, services, writer
+from ibkr_sync.models import AccountReport, PositionChange
+from ibkr_sync.snapshot import PositionRecord, Snapshot
+from portfolio.models import Position
+from tests.integration.conftest import ACCOUNT, EMPTY, OTHER, sim_position
+
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
+
+
+def sync(**options):
+    return services.sync_positions(trigger="command", **options)
+
+
+@pytest.fixture
+def mapped(monkeypatch):
+    """The accounts whose records `map_position` maps, in order (a spy: it maps them)."""
+    seen = []
+    real = mapping.map_position
+
+    def spy(record):
+        seen.append(record.account)
+        return real(record)
+
+    monkeypatch.setattr(mapping, "map_position", spy)
+    return seen
+
+
+def digests():
+    return dict(AccountReport.objects.values_list("external_id", "positions_digest"))
+
+
+def stored():
+    return sorted(
+        Position.objects.values_list(
+            "account__external_id", "instrument__external_id", "quantity", "closed_at"
+        )
+    )
+
+
+def test_an_unchanged_resync_maps_nothing_and_writes_no_position(ibkr, mapped):
+    first = sync()
+    assert first.created == 4 and len(mapped) == 4
+    kept = digests()
+    assert set(kept) == {ACCOUNT, OTHER, EMPTY} and all(len(d) == 40 for d in kept.values())
+    before = stored()
+    mapped.clear()
+
+    second = sync()
+
+    assert mapped == []  # no record mapped again
+    assert (second.processed, second.unchanged, second.created, second.updated) == (4, 4, 0, 0)
+    assert second.by_account[ACCOUNT]["unchanged"] == 3
+    assert second.by_account[OTHER]["unchanged"] == 1
+    assert stored() == before
+    assert not PositionChange.objects.filter(sync_run_id=second.sync_run_id).exists()
+    assert digests() == kept
+
+
+def test_a_change_in_one_account_maps_that_account_only(ibkr, mapped):
+    sync()
+    mapped.clear()
+    ibkr.upsert_position(sim_position(quantity="12.5"))  # AAPL in ACCOUNT
+
+    result = sync()
+
+    assert set(mapped) == {ACCOUNT}
+    assert (result.updated, result.unchanged) == (1, 3)
+    assert Position.objects.get(instrument__symbol="AAPL").quantity == Decimal("12.5")
+    mapped.clear()
+    assert sync().unchanged == 4 and mapped == []
+
+
+def test_a_closed_and_a_reopened_position_are_found_as_before(ibkr):
+    sync()
+    ibkr.remove_position(ACCOUNT, 76792991)
+    assert sync().closed == 1
+    assert sync().unchanged == 3  # the closed one stays closed, nothing reported of it
+    ibkr.upsert_position(sim_position(con_id=76792991, symbol="TSLA", quantity="2"))
+    assert sync().reopened == 1
+    assert Position.objects.get(instrument__symbol="TSLA").closed_at is None
+
+
+def test_unchanged_positions_still_get_their_new_market_values(ibkr, mapped):
+    sync()
+    aapl = Position.objects.get(instrument__symbol="AAPL")
+    mapped.clear()
+    ibkr.set_market_price(ACCOUNT, 265598, "199.5")
+
+    result = sync()
+
+    assert mapped == [] and result.unchanged == 4
+    aapl.refresh_from_db()
+    assert aapl.market_price == Decimal("199.5")
+    assert aapl.market_value == Decimal("1995")
+
+
+def test_another_sync_writing_the_account_meanwhile_makes_this_one_compare_again(
+    ibkr, mapped, monkeypatch
+):
+    """The digests are read before the write transaction; another sync may write one of
+    those accounts before it begins. Inside, the stored digest no longer matches: the
+    snapshot is mapped whole and written again, with the same outcome."""
+    sync()
+    mapped.clear()
+    read = writer.stored_digests
+
+    def read_then_another_sync_writes(accounts):
+        known = read(accounts)
+        AccountReport.objects.filter(external_id=OTHER).update(positions_digest="f" * 40)
+        return known
+
+    monkeypatch.setattr(services, "stored_digests", read_then_another_sync_writes)
+
+    result = sync()
+
+    assert sorted(set(mapped)) == [ACCOUNT, OTHER]  # the second attempt mapped all
+    assert (result.unchanged, result.created, result.updated) == (4, 0, 0)
+    assert digests()[OTHER] != "f" * 40  # this sync's digest is in place again
+
+
+def test_a_digest_cleared_or_changed_means_the_next_sync_compares_again(ibkr, mapped):
+    sync()
+    AccountReport.objects.filter(external_id=ACCOUNT).update(positions_digest="")
+    # A position deleted behind the sync's back is found by the full comparison.
+    Position.objects.filter(instrument__symbol="AAPL").delete()
+    mapped.clear()
+
+    result = sync()
+
+    assert set(mapped) == {ACCOUNT}
+    assert result.created == 1
+    assert Position.objects.filter(instrument__symbol="AAPL", closed_at=None).exists()
+
+
+def test_an_account_with_a_record_that_cannot_be_stored_reports_it_at_every_sync(ibkr, mapped):
+    ibkr.upsert_position(sim_position(con_id=999001, symbol="WHAT", sec_type="NOPE"))
+    first = sync()
+    assert len(first.errors) == 1 and first.errors[0]["account"] == ACCOUNT
+    assert digests()[ACCOUNT] == ""  # never taken as unchanged
+    mapped.clear()
+
+    second = sync()
+
+    assert len(second.errors) == 1
+    assert set(mapped) == {ACCOUNT}  # OTHER unchanged, ACCOUNT compared again
+
+
+def test_a_source_without_fingerprints_is_always_compared(ibkr, mapped):
+    record = PositionRecord(
+        account=ACCOUNT,
+        con_id=265598,
+        symbol="AAPL",
+        sec_type="STK",
+        quantity=Decimal(10),
+        average_cost=Decimal("150.25"),
+        currency="USD",
+    )
+
+    class Fake:
+        def fetch_positions(self, account_id=None):
+            return Snapshot(accounts=(ACCOUNT,), positions=(record,), source="fake")
+
+    sync(gateway=Fake())
+    assert digests()[ACCOUNT] == ""
+    mapped.clear()
+    assert sync(gateway=Fake()).unchanged == 1
+    assert mapped == [ACCOUNT]
+
+
+def test_a_dry_run_takes_the_same_path_and_writes_nothing(ibkr, mapped):
+    sync()
+    kept = digests()
+    ibkr.upsert_position(sim_position(account=OTHER, con_id=8314, symbol="IBM", quantity="1"))
+    mapped.clear()
+
+    preview = sync(dry_run=True)
+
+    assert set(mapped) == {OTHER}
+    assert preview.created == 1 and preview.unchanged == 4
+    assert digests() == kept

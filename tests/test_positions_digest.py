@@ -1,0 +1,168 @@
+"""The pieces that let a sync recognise unchanged positions cheaply: the digest of an
+account's records, the positional record constructor a source uses at 10,000s of
+records, the mapping's signature, and the TWS source's own framing of the session."""
+
+import dataclasses
+import random
+import struct
+from decimal import Decimal
+
+import pytest
+
+from ibkr_sync import mapping
+from ibkr_sync.snapshot import PositionRecord, positions_digest
+from ibkr_sync.sources.tws.decoding import Frames, _position_from_wire
+
+
+def record(fingerprint="61\x003\x00U1\x001", **fields):
+    values = {
+        "account": "U1",
+        "con_id": 1,
+        "symbol": "A",
+        "sec_type": "STK",
+        "quantity": Decimal(1),
+        "average_cost": None,
+    }
+    return PositionRecord(**{**values, **fields}, fingerprint=fingerprint)
+
+
+def test_the_digest_is_of_the_set_in_any_order():
+    a, b, c = record("a"), record("b"), record("c")
+    assert positions_digest([a, b, c]) == positions_digest([c, a, b])
+    assert positions_digest([a, b]) != positions_digest([a, b, c])
+    assert positions_digest([]) == positions_digest(())
+    assert positions_digest([]) != positions_digest([record("")])
+
+
+def test_no_two_sets_join_to_one_text():
+    assert positions_digest([record("ab")]) != positions_digest([record("a"), record("b")])
+    assert positions_digest([record("a\nb")]) != positions_digest([record("a"), record("b")])
+
+
+def test_a_record_without_a_fingerprint_makes_no_digest():
+    assert positions_digest([record("a"), record(None)]) == ""
+
+
+def test_the_fingerprint_is_no_part_of_a_records_equality():
+    assert record("a") == record("b")
+    assert "fingerprint" not in repr(record("secret"))
+
+
+def test_make_builds_the_record_the_keywords_build():
+    names = [f.name for f in dataclasses.fields(PositionRecord)]
+    values = [f"v{i}" for i in range(len(names))]
+    assert PositionRecord.make(*values) == PositionRecord(**dict(zip(names, values, strict=True)))
+    assert PositionRecord.make(*values).fingerprint == values[-1]
+    with pytest.raises(TypeError, match="takes 16 values"):
+        PositionRecord.make(*values[:-1])
+    made = PositionRecord.make(*values)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        made.symbol = "other"
+
+
+def test_a_position_message_decodes_to_the_keyword_record_with_its_text():
+    fields = ["61", "3", "U1234567", "265598", "AAPL", "STK", "", "0.0", "", "", "NASDAQ",
+              "USD", "AAPL", "NMS", "12.5", "150.25"]  # fmt: skip
+    decoded = _position_from_wire(fields)
+    assert decoded == PositionRecord(
+        account="U1234567",
+        con_id=265598,
+        symbol="AAPL",
+        sec_type="STK",
+        quantity=Decimal("12.5"),
+        average_cost=Decimal("150.25"),
+        currency="USD",
+        exchange="NASDAQ",
+        local_symbol="AAPL",
+        trading_class="NMS",
+        strike=Decimal("0.0"),
+    )
+    assert decoded.fingerprint == "\0".join(fields)
+
+
+@pytest.mark.django_db
+def test_the_signature_changes_with_the_models_and_their_columns():
+    from portfolio.models import Account, Instrument, Position
+
+    models = (Position, Instrument, Account)
+    before = mapping._signature(models)
+    assert before == mapping._signature(models)
+    assert before != mapping._signature((Position, Account, Instrument))
+    field = Instrument._meta.get_field("symbol")
+    original = field.max_length
+    mapping._columns.pop(Instrument, None)
+    try:
+        field.max_length = original + 1
+        changed = mapping._signature(models)
+    finally:
+        field.max_length = original
+        mapping._columns.pop(Instrument, None)
+    assert changed != before
+    assert mapping._signature(models) == before
+
+
+def frame(*fields: str) -> bytes:
+    body = "".join(f"{f}\0" for f in fields).encode()
+    return struct.pack(">I", len(body)) + body
+
+
+STREAM = [
+    ("library", frame("9", "1", "1")),
+    ("library", frame("15", "1", "U1,U2")),
+    ("position", frame("61", "3", "U1", "1", "A")),
+    ("position", frame("61", "3", "U1", "2", "B\u00e9")),
+    ("library", frame("4", "2", "-1", "2104", "Market data farm is OK")),
+    ("position", frame("61", "3", "U2", "3", "C")),
+    ("library", frame("62", "1")),
+    ("library", frame("610", "1")),  # a message id that starts with 61: not a position
+]
+
+
+@pytest.mark.parametrize("cut", ["whole", "bytes", "random"])
+def test_frames_pass_every_other_frame_on_as_its_bytes_in_the_order_of_the_wire(cut):
+    seen = []
+    frames = Frames(
+        received=lambda data: seen.append(("library", data)),
+        position=lambda fields: seen.append(("position", fields)),
+    )
+    stream = b"".join(data for _, data in STREAM)
+    if cut == "whole":
+        pieces = [stream]
+    elif cut == "bytes":
+        pieces = [stream[i : i + 1] for i in range(len(stream))]
+    else:
+        rng, pieces, i = random.Random(7), [], 0
+        while i < len(stream):
+            step = rng.randint(1, 40)
+            pieces.append(stream[i : i + step])
+            i += step
+    for piece in pieces:
+        frames.feed(piece)
+
+    # The library's frames, joined as it would have read them, between the positions.
+    merged = []
+    for kind, item in seen:
+        if kind == "library" and merged and merged[-1][0] == "library":
+            merged[-1] = ("library", merged[-1][1] + item)
+        else:
+            merged.append((kind, item))
+    expected = []
+    for kind, data in STREAM:
+        if kind == "position":
+            text = data[4:].decode()
+            expected.append(("position", text.split("\0")[:-1]))
+        elif expected and expected[-1][0] == "library":
+            expected[-1] = ("library", expected[-1][1] + data)
+        else:
+            expected.append(("library", data))
+    assert merged == expected
+
+
+def test_frames_hold_an_incomplete_frame_until_the_rest_comes():
+    seen = []
+    frames = Frames(received=seen.append, position=seen.append)
+    data = frame("61", "3", "U1", "1", "A")
+    frames.feed(data[:-1])
+    assert seen == []
+    frames.feed(data[-1:])
+    assert seen == [["61", "3", "U1", "1", "A"]]
