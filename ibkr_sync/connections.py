@@ -16,8 +16,13 @@ from typing import Any
 
 from django.utils.module_loading import import_string
 
-from . import conf
-from .exceptions import ConnectionDisabled, ConnectionRequired, UnknownConnection
+from . import conf, lock, selectors
+from .exceptions import (
+    ConnectionDisabled,
+    ConnectionRequired,
+    SyncAlreadyRunning,
+    UnknownConnection,
+)
 from .models import DEFAULT_LOCK_KEY, Connection
 
 # A name as the model takes it (a slug): anything else names no connection, and is never
@@ -162,3 +167,21 @@ def rotate_flex_tokens() -> Rotation:
         connection.save(update_fields=["flex_token", "updated_at"])
         rotated += 1
     return Rotation(rotated, current, tuple(unreadable))
+
+
+def remove(connection: Connection) -> int:
+    """Remove a connection, unless a sync of it still runs (`SyncAlreadyRunning`, and the
+    connection stays): its lock must be free, or held by a sync that is gone (released
+    here, as the next sync would release it). Its sync runs are kept, with its name
+    (`connection_name`); returns how many. The command's `remove` and the admin's delete
+    both remove through here."""
+    if not lock.release_abandoned(connection.lock_key):
+        running = selectors.running_run(connection.lock_key)
+        which = "" if running is None else f" (sync #{running.pk})"
+        raise SyncAlreadyRunning(
+            f"Connection {connection.name} is syncing{which}: it was not removed. "
+            "Remove it once the sync has finished."
+        )
+    kept = connection.sync_runs.count()
+    connection.delete()
+    return kept

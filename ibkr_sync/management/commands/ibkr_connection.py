@@ -20,7 +20,7 @@ from django.core.exceptions import ValidationError
 from django.core.management.base import CommandError, CommandParser
 from django.utils import timezone
 
-from ... import conf, connections, exceptions, lock, selectors
+from ... import conf, connections, exceptions, selectors
 from ...models import Connection, SyncRun
 from ...services import check_connection
 from .sync_ibkr import EXITS, IbkrCommand, exit_code_for, one_line_errors
@@ -261,18 +261,7 @@ class Command(IbkrCommand):
             )
 
     def _remove(self, *, name: str, **options) -> None:
-        connection = connections.find(name)
-        # Its lock is free, or held by a sync that is gone (released here, as the next
-        # sync would); a sync that still runs keeps it, and the connection.
-        if not lock.release_abandoned(connection.lock_key):
-            running = selectors.running_run(connection.lock_key)
-            which = "" if running is None else f" (sync #{running.pk})"
-            raise exceptions.SyncAlreadyRunning(
-                f"Connection {connection.name} is syncing{which}: it was not removed. "
-                "Remove it once the sync has finished."
-            )
-        kept = connection.sync_runs.count()
-        connection.delete()  # its runs keep its name (connection_name)
+        kept = connections.remove(connections.find(name))
         runs = f"its {kept} sync run(s) kept" if kept else "it had no sync runs"
         self.stdout.write(f"Removed connection {name} ({runs}).")
 
