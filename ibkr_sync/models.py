@@ -593,7 +593,9 @@ class Connection(models.Model):
         blank=True,
         on_delete=models.SET_NULL,
         related_name="ibkr_connections",
-        help_text="The user it belongs to, if any.",
+        help_text="The user it belongs to, if any: its data (the accounts it last reported, "
+        "and what is under them; its syncs) is then theirs alone, and that of users who may "
+        "see every connection's. Without an owner, everyone's.",
     )
     note = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -601,6 +603,10 @@ class Connection(models.Model):
 
     class Meta:
         ordering = ["name"]
+        # Users own their connections (`owner`): a connection's data (its accounts and
+        # what is under them, its sync runs) is its owner's, unowned ones everyone's, and
+        # every one's to a user with this permission (`ibkr_sync.visibility`).
+        permissions = [("view_all_connections", "Can see every connection's data")]
         constraints = [
             models.CheckConstraint(
                 condition=Q(port__gte=1, port__lte=65535), name="ibkr_sync_connection_port"
