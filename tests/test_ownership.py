@@ -159,8 +159,7 @@ def account_ids(user) -> set[str]:
 
 
 def accounts_in(rows: list[dict]) -> set[str]:
-    return {row["account"] if isinstance(row["account"], str) else row["account"]["external_id"]
-            for row in rows}  # fmt: skip
+    return {row["account"] for row in rows}
 
 
 NAMES = list(SEES)
