@@ -14,9 +14,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from django.db.models import QuerySet
 from django.utils.module_loading import import_string
 
-from . import conf, lock, selectors
+from . import conf, lock, selectors, visibility
 from .exceptions import (
     ConnectionDisabled,
     ConnectionRequired,
@@ -77,15 +78,23 @@ class Target:
         return source_class(**options)
 
 
-def resolve(name: str | Connection | None = None, *, enabled: bool = True) -> Target:
+def resolve(
+    name: str | Connection | None = None, *, enabled: bool = True, user: Any = None
+) -> Target:
     """The target a sync of `name` reads (None: the only connection, or the settings'
     gateway when there is none). Raises `UnknownConnection` for a name no connection
     has, `ConnectionRequired` when several exist and none is named, and, with
-    `enabled`, `ConnectionDisabled` for a disabled one."""
+    `enabled`, `ConnectionDisabled` for a disabled one.
+
+    With `user` (the API's and the admin's syncs; the command is the operator's and
+    passes none): only a connection that user may sync (`visibility`): another owner's
+    answers exactly as a name no connection has, so that it is not told to exist; and the
+    names listed when one must be chosen are only theirs."""
+    mine = Connection.objects.all() if user is None else visibility.visible_connections(user)
     if isinstance(name, Connection):
         # As it is now: a row read earlier (sync_ibkr --all's list, a form's choice) may
         # have been removed, disabled or edited since.
-        connection = Connection.objects.filter(pk=name.pk).first()
+        connection = mine.filter(pk=name.pk).first()
         if connection is None:
             raise UnknownConnection(
                 f"Connection {name.name} was removed; `manage.py ibkr_connection list` "
@@ -96,15 +105,22 @@ def resolve(name: str | Connection | None = None, *, enabled: bool = True) -> Ta
         if not connections:
             return Target(None)
         if len(connections) > 1:
-            names = ", ".join(Connection.objects.order_by("name").values_list("name", flat=True))
+            names = (
+                ", ".join(mine.order_by("name").values_list("name", flat=True))
+                or "none of them yours"
+            )
             raise ConnectionRequired(
                 f"Several IBKR connections are configured ({names}): name the one to sync "
                 "(sync_ibkr --connection NAME, ?connection=NAME), or sync them all "
                 "(sync_ibkr --all)."
             )
         connection = connections[0]
+        if user is not None and not visibility.may_see_connection(user, connection):
+            raise UnknownConnection(
+                "No IBKR connection of yours to sync; `manage.py ibkr_connection list` lists them."
+            )
     else:
-        connection = find(name)
+        connection = find(name, mine)
     if enabled and not connection.enabled:
         raise ConnectionDisabled(
             f"Connection {connection.name} is disabled; enable it (on its admin page) to sync it."
@@ -112,11 +128,13 @@ def resolve(name: str | Connection | None = None, *, enabled: bool = True) -> Ta
     return Target(connection)
 
 
-def find(name: str) -> Connection:
-    """The connection named `name`, or `UnknownConnection`."""
+def find(name: str, among: QuerySet[Connection] | None = None) -> Connection:
+    """The connection named `name` (of `among`: by default every one), or
+    `UnknownConnection`, in the same words whether no connection has the name or one
+    outside `among` has it."""
     connection = None
     if isinstance(name, str) and _NAME.fullmatch(name):
-        connection = Connection.objects.filter(name=name).first()
+        connection = (Connection.objects if among is None else among).filter(name=name).first()
     if connection is None:
         shown = name if isinstance(name, str) and len(name) <= 64 else f"{str(name)[:64]}..."
         raise UnknownConnection(

@@ -5,7 +5,7 @@ Answers are coarse on purpose (the endpoint needs no login): a status per check,
 and the error code of a failed sync, never a host name, an account id or an error text.
 A connection is named by its id; its name (which may tell who uses the installation)
 only when the caller asks for it (`names`: the view, for a staff user who may view sync
-runs).
+runs, and only the connections that user may see: `visibility`).
 
 With no connection, the answer is the settings' gateway's, as it always was. With
 connections, `checks` keeps its keys (`last_sync`: the last sync of any enabled
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -44,9 +45,12 @@ _IB_ERROR = re.compile(r"\berror (\d{3,5})\b")
 _LOCK_ORDER = ("abandoned", "stuck", "ok")
 
 
-def check_health(*, gateway: bool = False, names: bool = False) -> tuple[bool, dict[str, Any]]:
+def check_health(
+    *, gateway: bool = False, names: bool | AbstractSet[int] = False
+) -> tuple[bool, dict[str, Any]]:
     """(healthy, report) for monitoring; with `gateway`, also try the gateway's port (each
-    enabled connection's); with `names`, name each connection (else only its id)."""
+    enabled connection's); with `names` True, name each connection (else only its id),
+    or (a set of ids) those connections only."""
     checks: dict[str, Any] = {"database": _database()}
     checks["last_sync"] = {"status": "unknown"}
     checks["sync_lock"] = {"status": "unknown"}
@@ -185,13 +189,13 @@ def _sync_lock(running: Iterable[SyncRun]) -> dict[str, Any]:
 
 
 def _connection(
-    state: selectors.ConnectionState, port: dict[str, Any] | None, names: bool
+    state: selectors.ConnectionState, port: dict[str, Any] | None, names: bool | AbstractSet[int]
 ) -> dict[str, Any]:
     """One connection's report: its last sync (with when it was last fine), its lock and,
     when checked, its port. A disabled one is listed, and counts for nothing."""
     row = state.connection
     entry: dict[str, Any] = {"id": row.pk}
-    if names:
+    if names is True or (names and row.pk in names):
         entry["name"] = row.name
     entry["enabled"] = row.enabled
     now = next(

@@ -20,7 +20,7 @@ from django.db.models import Case, Count, DateTimeField, F, Max, Min, When, Wind
 from django.db.models.functions import RowNumber, Trunc
 from django.utils import timezone
 
-from . import conf
+from . import conf, visibility
 from .decimals import grouped, money
 
 
@@ -114,9 +114,12 @@ class History:
         return self.points[-1].currency if self.points else ""
 
 
-def histories(since: dt.datetime | None) -> dict[int, History]:
-    """Each account's net liquidation since `since` (None: ever), in two queries."""
+def histories(since: dt.datetime | None, user: Any = None) -> dict[int, History]:
+    """Each account's net liquidation since `since` (None: ever), in two queries; with
+    `user`, of the accounts that user may see only (`visibility`)."""
     snapshots = conf.account_snapshot_model().objects.filter(net_liquidation__isnull=False)
+    if user is not None:
+        snapshots = visibility.visible(snapshots, user, "account")
     if since is not None:
         snapshots = snapshots.filter(taken_at__gte=since)
     stats = (

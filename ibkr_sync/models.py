@@ -591,9 +591,15 @@ class Connection(models.Model):
         settings.AUTH_USER_MODEL,
         null=True,
         blank=True,
-        on_delete=models.SET_NULL,
+        # Not SET_NULL: a connection without an owner is everyone's, so deleting a user
+        # would hand their data to everyone. Give the connection to someone else, or
+        # remove it, first.
+        on_delete=models.PROTECT,
         related_name="ibkr_connections",
-        help_text="The user it belongs to, if any.",
+        help_text="The user it belongs to, if any: its data (the accounts it last reported, "
+        "and what is under them; its syncs) is then theirs alone, and that of users who may "
+        "see every connection's. Without an owner, everyone's. A user who owns a connection "
+        "cannot be deleted until it is given to someone else or removed.",
     )
     note = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -601,6 +607,10 @@ class Connection(models.Model):
 
     class Meta:
         ordering = ["name"]
+        # Users own their connections (`owner`): a connection's data (its accounts and
+        # what is under them, its sync runs) is its owner's, unowned ones everyone's, and
+        # every one's to a user with this permission (`ibkr_sync.visibility`).
+        permissions = [("view_all_connections", "Can see every connection's data")]
         constraints = [
             models.CheckConstraint(
                 condition=Q(port__gte=1, port__lte=65535), name="ibkr_sync_connection_port"

@@ -33,12 +33,13 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import Any
 
 from django.db.models import Count, OuterRef, Q, Subquery, Sum
 from django.db.models.functions import Coalesce
 from django.http import HttpRequest
 
-from . import conf, history
+from . import conf, history, visibility
 from .decimals import exact_product, exact_sum, money, plain
 from .decimals import rate as rate_text
 from .models import AccountReport, is_rate
@@ -293,11 +294,11 @@ class Overview:
         return sum(c.total.positions for c in self.currencies)
 
 
-def _grouped_positions():
-    """Open positions summed by account, currency and sec type: one query."""
+def _grouped_positions(user: Any = None):
+    """Open positions (of the accounts `user` may see) summed by account, currency and sec
+    type: one query."""
     return (
-        conf.position_model()
-        .objects.filter(closed_at__isnull=True)
+        _visible(conf.position_model().objects.filter(closed_at__isnull=True), user, "account")
         .values("account_id", "instrument__currency", "instrument__sec_type")
         .annotate(
             n=Count("id"),
@@ -351,12 +352,19 @@ def _rates(snapshot) -> dict[str, Decimal]:
     return rates
 
 
+def _visible(queryset, user: Any, account: str):
+    return queryset if user is None else visibility.visible(queryset, user, account)
+
+
 def portfolio_overview(
-    history_range: history.Range | str | None = None, now: dt.datetime | None = None
+    history_range: history.Range | str | None = None,
+    now: dt.datetime | None = None,
+    user: Any = None,
 ) -> Overview:
     """The whole overview in six queries (the accounts with their latest snapshot's key,
     those snapshots, the cash, the grouped open positions, and the history's two), however
-    many accounts, positions and snapshots there are."""
+    many accounts, positions and snapshots there are. With `user`, of the accounts that
+    user may see only (`visibility`), the totals by currency included."""
     if not isinstance(history_range, history.Range):
         history_range = history.chosen_range(history_range)
     latest = (
@@ -368,8 +376,8 @@ def portfolio_overview(
         broker=OuterRef("broker"), external_id=OuterRef("external_id")
     )
     accounts = list(
-        conf.account_model()
-        .objects.only("id", "external_id", "name", "is_paper")
+        _visible(conf.account_model().objects.all(), user, "")
+        .only("id", "external_id", "name", "is_paper")
         .annotate(
             latest_snapshot=Subquery(latest.filter(net_liquidation__isnull=False).values("id")[:1]),
             # IBKR's latest values: their currency is the totals', their rates convert.
@@ -401,8 +409,8 @@ def portfolio_overview(
     # The queries are not one snapshot of the database: an account a sync adds meanwhile
     # is left out (of the page's accounts; its open positions still count by currency).
     cash_rows = (
-        conf.cash_balance_model()
-        .objects.order_by("account_id", "currency")
+        _visible(conf.cash_balance_model().objects.all(), user, "account")
+        .order_by("account_id", "currency")
         .values_list("account_id", "currency", "amount", "exchange_rate", "rate_currency")
     )
     for account_id, currency, amount, exchange_rate, rate_currency in cash_rows:
@@ -417,7 +425,7 @@ def portfolio_overview(
 
     by_account: dict[int, dict[str, dict[str, Subtotal]]] = defaultdict(lambda: defaultdict(dict))
     by_currency: dict[str, dict[str, Subtotal]] = defaultdict(dict)
-    for row in _grouped_positions():
+    for row in _grouped_positions(user):
         currency, sec_type = row["instrument__currency"], row["instrument__sec_type"]
         for groups in (by_account[row["account_id"]], by_currency):
             groups[currency].setdefault(sec_type, Subtotal(currency)).add(row)
@@ -426,7 +434,7 @@ def portfolio_overview(
             summaries[pk].currencies = _summaries(groups, chart=False)
 
     since = history.range_start(history_range, now)
-    for pk, account_history in history.histories(since).items():
+    for pk, account_history in history.histories(since, user).items():
         if (summary := summaries.get(pk)) is None:
             continue
         summary.history = account_history

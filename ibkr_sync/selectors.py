@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from django.db.models import Exists, OuterRef, QuerySet, Subquery
 from django.db.models.functions import Now
 
+from . import visibility
 from .models import DEFAULT_LOCK_KEY, Connection, SyncRun
 
 # A sync refused because another one was running says nothing about the data's age.
@@ -55,32 +57,39 @@ def last_runs(
 
 
 def last_runs_or_connections(
-    *fields: str,
+    *fields: str, user: Any = None
 ) -> tuple[SyncRun | None, SyncRun | None, list[ConnectionState] | None]:
     """For a page that shows today's single line without connections and a line per
     connection with them, in as many queries as `last_runs` takes without connections
     (one when the last sync succeeded, two otherwise): (the last sync that counts, the
     last successful one, None) when no connection exists; (the last sync that counts,
     None, every connection's state) when some do (`connection_states`: two more
-    queries)."""
+    queries). With `user`, only the runs and connections that user may see
+    (`visibility`); whether there are connections is the installation's, not theirs."""
+    runs = counting_runs() if user is None else visibility.visible_runs(counting_runs(), user)
     last = (
-        counting_runs()
-        .only(*fields)
+        (runs.only(*fields) if fields else runs)
         .annotate(connections_exist=Exists(Connection.objects.all()))
         .first()
-        if fields
-        else counting_runs().annotate(connections_exist=Exists(Connection.objects.all())).first()
     )
     if last is None:
         # No sync counts yet: the second query asks for the connections instead of the
         # last success (there is none).
-        states = connection_states(*fields)
+        states = connection_states(*fields, user=user)
+        if (
+            not states
+            and user is not None
+            and not visibility.sees_all(user)
+            and Connection.objects.exists()
+        ):
+            return None, None, []  # connections, none of them the user's
         return None, None, states or None
     if last.connections_exist:
-        return last, None, connection_states(*fields)
+        return last, None, connection_states(*fields, user=user)
     if last.status == SyncRun.Status.SUCCESS:
         return last, last, None
-    return last, last_successful_run(*fields), None
+    success = runs.filter(status=SyncRun.Status.SUCCESS)
+    return last, (success.only(*fields) if fields else success).first(), None
 
 
 def running_run(key: str = DEFAULT_LOCK_KEY) -> SyncRun | None:
@@ -122,17 +131,19 @@ _STATE_FIELDS = (
 )  # fmt: skip
 
 
-def connection_states(*fields: str) -> list[ConnectionState]:
-    """Every connection, in name order, with its last sync that counts, its last
-    successful sync and the sync holding its lock: two queries (the connections with
-    their runs' ids; those runs, with the database's now), however many connections and
-    runs there are. `fields`: the runs' fields to load (all when none are given)."""
+def connection_states(*fields: str, user: Any = None) -> list[ConnectionState]:
+    """Every connection (with `user`, every one that user may see: `visibility`), in name
+    order, with its last sync that counts, its last successful sync and the sync holding
+    its lock: two queries (the connections with their runs' ids; those runs, with the
+    database's now), however many connections and runs there are. `fields`: the runs'
+    fields to load (all when none are given)."""
     counting = counting_runs().filter(connection_id=OuterRef("pk")).values("pk")
     running = SyncRun.objects.filter(
         connection_id=OuterRef("pk"), status=SyncRun.Status.RUNNING
     ).values("pk")
+    rows = Connection.objects.all() if user is None else visibility.visible_connections(user)
     connections = list(
-        Connection.objects.annotate(
+        rows.annotate(
             last_run_id=Subquery(counting[:1]),
             last_success_id=Subquery(counting.filter(status=SyncRun.Status.SUCCESS)[:1]),
             running_run_id=Subquery(running[:1]),

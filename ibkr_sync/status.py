@@ -1,7 +1,8 @@
 """The sync's status panel, on the portfolio overview and the sync history: when the
 portfolio was last synced from IBKR, how long ago, and a warning when the latest sync
 failed; with connections, a line per connection (its last success, its latest sync if
-that failed, and whether a sync holds its lock). Sync run data, shown only to users who
+that failed, and whether a sync holds its lock), of the connections the user may see
+(`visibility`). Sync run data, shown only to users who
 may view sync runs (`permissions`); to others the panel is left out."""
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ def sync_status_panel(request: HttpRequest) -> str:
     runs' view permission: a failed run's message names the gateway's host and port."""
     if not permissions.may_view(request.user, permissions.Kind.SYNC_RUNS):
         return ""
-    latest, last_success, states = selectors.last_runs_or_connections(*FIELDS)
+    # Only the syncs and connections the user may see (`visibility`).
+    latest, last_success, states = selectors.last_runs_or_connections(*FIELDS, user=request.user)
     if states is not None:
         lines = [_line(state) for state in states]
         return render_to_string(

@@ -6,7 +6,9 @@ ibkr_connection test` is.
 
 Seeing them needs `ibkr_sync.view_connection`, editing `change_connection`; a test also
 needs `ibkr_sync.run_sync`: it connects to the gateway with the connection's client id,
-as a sync does.
+as a sync does. A user sees (and edits, and tests) only the connections they may see
+(`visibility`: their own, those without an owner; all with
+`ibkr_sync.view_all_connections`), and only such a user assigns owners.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from django.shortcuts import get_object_or_404
 from django.urls import path, reverse
 from django.utils.html import format_html
 
-from .. import selectors
+from .. import selectors, visibility
 from ..exceptions import IbkrSyncError
 from ..models import Connection, SyncRun
 from ..permissions import Kind, may_view
@@ -117,6 +119,15 @@ class ConnectionAdmin(admin.ModelAdmin):
     change_form_template = "admin/ibkr_sync/connection/change_form.html"
     readonly_fields = ("flex_token_state",)
 
+    def get_readonly_fields(self, request: HttpRequest, obj: Connection | None = None):
+        # Who owns a connection decides who sees its data: only a user who sees every
+        # connection's assigns owners (another could take an unowned connection's data,
+        # or hand theirs on). A connection added by anyone else has no owner, as before.
+        fields = super().get_readonly_fields(request, obj)
+        if not visibility.sees_all(request.user):
+            fields = (*fields, "owner")
+        return fields
+
     @admin.display(description="stored Flex token")
     def flex_token_state(self, obj: Connection | None) -> str:
         return "set" if obj is not None and obj.has_flex_token else "not set"
@@ -140,15 +151,13 @@ class ConnectionAdmin(admin.ModelAdmin):
             .exclude(error_code__in=selectors.NOT_A_FAILURE)
             .order_by("-pk")
         )
-        return (
-            super()
-            .get_queryset(request)
-            .annotate(
-                last_run_id=Subquery(latest.values("pk")[:1]),
-                last_run_status=Subquery(latest.values("status")[:1]),
-                last_run_error=Subquery(latest.values("error_code")[:1]),
-                last_run_at=Subquery(latest.values("started_at")[:1]),
-            )
+        # Only the connections the user may see (`visibility`): their own, unowned ones; all
+        # with `view_all_connections`. Another owner's page answers as a removed one's.
+        return visibility.visible_connections(request.user, super().get_queryset(request)).annotate(
+            last_run_id=Subquery(latest.values("pk")[:1]),
+            last_run_status=Subquery(latest.values("status")[:1]),
+            last_run_error=Subquery(latest.values("error_code")[:1]),
+            last_run_at=Subquery(latest.values("started_at")[:1]),
         )
 
     def get_list_display(self, request: HttpRequest):
@@ -211,7 +220,7 @@ class ConnectionAdmin(admin.ModelAdmin):
             return HttpResponseNotAllowed(["POST"])
         if not self.may_test(request):
             raise PermissionDenied
-        connection = get_object_or_404(Connection, pk=object_id)
+        connection = get_object_or_404(self.get_queryset(request), pk=object_id)
         self.message_user(request, *tested(connection))
         return HttpResponseRedirect(
             reverse("admin:ibkr_sync_connection_change", args=[connection.pk])

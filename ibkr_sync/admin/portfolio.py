@@ -15,7 +15,7 @@ from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 
-from .. import conf, decimals
+from .. import conf, decimals, visibility
 from ..overview import portfolio_overview, status_panels
 from ..permissions import Kind, may_view, visible_kinds
 from .columns import when_column
@@ -109,6 +109,18 @@ def related_text(field: str):
 USER_FIELDS = frozenset({"name"})
 
 
+class VisibleAccountFilter(admin.RelatedFieldListFilter):
+    """The account filter of a list, offering only the accounts the user may see
+    (`ibkr_sync.visibility`): another owner's account ids are not listed."""
+
+    def field_choices(self, field, request: HttpRequest, model_admin):
+        accounts = visibility.visible(field.related_model._default_manager.all(), request.user, "")
+        ordering = self.field_admin_ordering(field, request, model_admin)
+        if ordering:
+            accounts = accounts.order_by(*ordering)
+        return [(account.pk, str(account)) for account in accounts]
+
+
 class SyncedModelAdmin(admin.ModelAdmin):
     """Rows that only a sync creates and deletes.
 
@@ -116,7 +128,15 @@ class SyncedModelAdmin(admin.ModelAdmin):
     a link to a related object's page (`links`), appear only to users who may view that
     kind (`ibkr_sync.permissions`, as the read API decides); to others the column is left
     out and the related object is named without a link.
+
+    Only the rows the user may see are listed and opened (`ibkr_sync.visibility`: those
+    of the accounts of their own connections, of connections without an owner and of
+    none; all with `view_all_connections`): `account_path` leads from a row to its account
+    (empty for the account model itself; None for rows of no account, the instruments).
+    Another owner's row's page answers as a row that does not exist.
     """
+
+    account_path: str | None = "account"
 
     #: Column or field name -> the kind of data it shows.
     shows: dict[str, Kind] = {}
@@ -145,6 +165,19 @@ class SyncedModelAdmin(admin.ModelAdmin):
                 name = self.links[name][0]
             visible.append(name)
         return visible
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet:
+        queryset = super().get_queryset(request)
+        if self.account_path is None:
+            return queryset
+        return visibility.visible(queryset, request.user, self.account_path)
+
+    def get_list_filter(self, request: HttpRequest):
+        # The account filter lists only the accounts the user may see.
+        return [
+            ("account", VisibleAccountFilter) if name == "account" else name
+            for name in super().get_list_filter(request)
+        ]
 
     def get_list_display(self, request: HttpRequest):
         return self._visible(request, super().get_list_display(request))
@@ -188,6 +221,7 @@ def positions_link(lookup: str, pk: int) -> str:
 
 
 class AccountAdmin(SyncNowMixin, SyncedModelAdmin):
+    account_path = ""
     list_display = (
         "external_id", "broker", "name", "base_currency", "is_paper", "last_synced",
         "positions",
@@ -211,6 +245,9 @@ class AccountAdmin(SyncNowMixin, SyncedModelAdmin):
 
 
 class InstrumentAdmin(MirroredModelAdmin):
+    # A contract is no account's: every instrument is listed (a position's is shown
+    # with the position, to whoever may see it).
+    account_path = None
     list_display = (
         "symbol", "local_symbol", "sec_type", "currency", "exchange", "expiry", "strike_display",
         "right", "multiplier_display", "external_id", "positions",
@@ -331,7 +368,7 @@ class PositionAdmin(SyncNowMixin, MirroredModelAdmin):
             **self.admin_site.each_context(request),
             "title": "Portfolio overview",
             "opts": self.opts,
-            "overview": portfolio_overview(request.GET.get("range")),
+            "overview": portfolio_overview(request.GET.get("range"), user=request.user),
             "status_panels": status_panels(request),
             "may": visible_kinds(request.user),
         }

@@ -18,7 +18,7 @@ from django.utils.html import format_html, format_html_join
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.utils.text import Truncator
 
-from .. import conf, connections, throttle
+from .. import conf, connections, throttle, visibility
 from ..exceptions import (
     ConnectionDisabled,
     ConnectionRequired,
@@ -90,6 +90,15 @@ def _any_connection() -> bool:
     return Connection.objects.exists() or SyncRun.objects.exclude(connection_name="").exists()
 
 
+class VisibleConnectionFilter(admin.RelatedFieldListFilter):
+    """The connection filter of the sync history, offering only the connections the user
+    may see (`visibility`): another owner's connection's name is not listed."""
+
+    def field_choices(self, field, request: HttpRequest, model_admin):
+        rows = visibility.visible_connections(request.user).order_by("name")
+        return list(rows.values_list("pk", "name"))
+
+
 @admin.register(SyncRun)
 class SyncRunAdmin(admin.ModelAdmin):
     # What fits a 1280 px wide window beside the admin's sidebar (the filters go above
@@ -101,7 +110,7 @@ class SyncRunAdmin(admin.ModelAdmin):
     list_display_links = ("id", "started")
     # The connection filter lists the connections (and "-" for the settings' gateway or a
     # removed connection); shown only once there is a connection.
-    list_filter = ("status", "trigger", "connection")
+    list_filter = ("status", "trigger", ("connection", VisibleConnectionFilter))
     list_select_related = ("user",)
     search_fields = ("=id", "connection_name", "account_filter", "error_message")
     date_hierarchy = "started_at"
@@ -134,6 +143,11 @@ class SyncRunAdmin(admin.ModelAdmin):
         css = {"all": ("ibkr_sync/admin.css",)}
 
     started = when_column("started_at", "started at")
+
+    def get_queryset(self, request: HttpRequest):
+        # The settings' gateway's runs and those of the connections the user may see
+        # (`visibility`); another owner's run's page answers as a run that does not exist.
+        return visibility.visible_runs(super().get_queryset(request), request.user)
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
@@ -298,7 +312,12 @@ class SyncRunAdmin(admin.ModelAdmin):
             return {}  # the admin answers for an unknown object
         kinds = dict(PositionChange.Kind.choices)
         kind = request.GET.get("kind", "")
-        changes = PositionChange.objects.filter(sync_run_id=run_id)
+        # Of a run the user may see, the changes of positions they may see (an account
+        # reported by another owner's connection since).
+        changes = visibility.visible_runs(
+            PositionChange.objects.filter(sync_run_id=run_id), request.user, "sync_run"
+        )
+        changes = visibility.visible(changes, request.user, "position__account")
         by_kind = dict(
             changes.order_by().values_list("kind").annotate(n=Count("id")).values_list("kind", "n")
         )
@@ -382,7 +401,11 @@ class SyncRunAdmin(admin.ModelAdmin):
         try:
             # The connection chosen (with several), before the budget is taken: a choice
             # that cannot be synced starts nothing.
-            target = connections.resolve(request.POST.get("connection", "").strip() or None)
+            # Only a connection the user may sync (`visibility`): another owner's answers
+            # as a name no connection has.
+            target = connections.resolve(
+                request.POST.get("connection", "").strip() or None, user=request.user
+            )
         except IbkrSyncError as exc:
             self.message_user(request, f"Sync not started: {exc}", messages.ERROR)
             return HttpResponseRedirect(self._back_to(request))

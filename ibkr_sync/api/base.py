@@ -3,10 +3,12 @@ error answers of the schema, and a read-only list view with the error shape, the
 permission of its model and cursor pagination (by id; oldest first by time for a
 history)."""
 
+from django.db.models import QuerySet
 from drf_spectacular.utils import OpenApiResponse
 from rest_framework.generics import ListAPIView
 from rest_framework.permissions import IsAuthenticated
 
+from .. import visibility
 from .errors import ErrorEnvelopeMixin, ErrorSerializer
 from .pagination import OldestFirstCursorPagination, StableCursorPagination
 from .permissions import CanViewModel
@@ -35,5 +37,14 @@ def error_responses(*statuses: int) -> dict[int, OpenApiResponse]:
 
 
 class ReadOnlyListView(ErrorEnvelopeMixin, ListAPIView):
+    """A list of rows that belong to accounts: `get_queryset` returns
+    `self.visible(rows)`, the rows the user may see (`ibkr_sync.visibility`: their own
+    connections' accounts, unowned ones', all with `view_all_connections`), `account_path`
+    leading from a row to its account (empty for the account model itself)."""
+
     permission_classes = [IsAuthenticated, CanViewModel]
     pagination_class = StableCursorPagination
+    account_path = "account"
+
+    def visible(self, queryset: QuerySet) -> QuerySet:
+        return visibility.visible(queryset, self.request.user, self.account_path)

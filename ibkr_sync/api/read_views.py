@@ -28,7 +28,7 @@ from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from .. import conf
+from .. import conf, visibility
 from .base import PAGE_PARAMS, OldestFirstCursorPagination, ReadOnlyListView, error_responses
 from .errors import ErrorEnvelopeMixin, validated_query
 from .holdings import held_at, is_complete, log_start
@@ -48,8 +48,13 @@ from .read_serializers import (
 
 def needs(model) -> str:
     """The schema's words for the permission an endpoint needs: the model's own `view`
-    permission, in whichever app the IBKR_SYNC_*_MODEL setting puts it."""
-    return f"Needs `{model._meta.app_label}.view_{model._meta.model_name}`."
+    permission, in whichever app the IBKR_SYNC_*_MODEL setting puts it; and whose rows
+    it lists (`ibkr_sync.visibility`)."""
+    return (
+        f"Needs `{model._meta.app_label}.view_{model._meta.model_name}`. Only the accounts "
+        "of the user's own connections, of connections without an owner and of none (all "
+        "with `ibkr_sync.view_all_connections`)."
+    )
 
 
 @extend_schema(
@@ -61,10 +66,13 @@ def needs(model) -> str:
 )
 class AccountListView(ReadOnlyListView):
     serializer_class = AccountSerializer
+    account_path = ""
 
     def get_queryset(self) -> QuerySet:
-        return conf.account_model().objects.annotate(
-            open_positions=Count("positions", filter=Q(positions__closed_at__isnull=True))
+        return self.visible(
+            conf.account_model().objects.annotate(
+                open_positions=Count("positions", filter=Q(positions__closed_at__isnull=True))
+            )
         )
 
     def filter_queryset(self, queryset: QuerySet) -> QuerySet:
@@ -99,11 +107,12 @@ class AccountHistoryView(ReadOnlyListView):
     pagination_class = OldestFirstCursorPagination
 
     def get_queryset(self) -> QuerySet:
-        return conf.account_snapshot_model().objects.select_related("account")
+        return self.visible(conf.account_snapshot_model().objects.select_related("account"))
 
     def filter_queryset(self, queryset: QuerySet) -> QuerySet:
         external_id = self.kwargs["external_id"]
-        if not _is_account(external_id):
+        # Another owner's account: 404 in the same words as an account that does not exist.
+        if not _is_account(external_id, self.request.user):
             raise NotFound(
                 f"No account {external_id!r}: GET /portfolio/accounts lists the accounts."
             )
@@ -120,11 +129,13 @@ class AccountHistoryView(ReadOnlyListView):
         return queryset
 
 
-def _is_account(external_id: str) -> bool:
+def _is_account(external_id: str, user) -> bool:
+    """Whether an account has that id, and `user` may see it."""
     field = conf.account_model()._meta.get_field("external_id")
     if len(external_id) > field.max_length or "\x00" in external_id:
         return False  # no account has it; PostgreSQL would refuse the NUL in the query
-    return conf.account_model().objects.filter(external_id=external_id).exists()
+    accounts = conf.account_model().objects.filter(external_id=external_id)
+    return visibility.visible(accounts, user, "").exists()
 
 
 @extend_schema(
@@ -162,7 +173,7 @@ class PositionListView(ReadOnlyListView):
         return PositionSerializer if self.as_of is None else PositionAsOfSerializer
 
     def get_queryset(self) -> QuerySet:
-        return conf.position_model().objects.select_related("account", "instrument")
+        return self.visible(conf.position_model().objects.select_related("account", "instrument"))
 
     def filter_queryset(self, queryset: QuerySet) -> QuerySet:
         filters = validated_query(self.request, PositionFilterSerializer, allowed=PAGE_PARAMS)
@@ -209,7 +220,7 @@ class CashBalanceListView(ReadOnlyListView):
     serializer_class = CashBalanceSerializer
 
     def get_queryset(self) -> QuerySet:
-        return conf.cash_balance_model().objects.select_related("account")
+        return self.visible(conf.cash_balance_model().objects.select_related("account"))
 
     def filter_queryset(self, queryset: QuerySet) -> QuerySet:
         filters = validated_query(self.request, CashFilterSerializer, allowed=PAGE_PARAMS)

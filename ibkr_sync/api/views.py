@@ -22,7 +22,7 @@ from rest_framework.response import Response
 from rest_framework.throttling import BaseThrottle
 from rest_framework.views import APIView
 
-from .. import connections, exceptions, throttle
+from .. import connections, exceptions, throttle, visibility
 from ..health import check_health
 from ..models import SyncRun
 from ..permissions import Kind, may_view
@@ -141,8 +141,9 @@ SYNC_RESPONSES = {
     ),
     403: _sync_error("Lacks ibkr_sync.run_sync (permission_denied), or no CSRF token."),
     404: _sync_error(
-        "No connection has that name (unknown_connection), or the gateway does not manage "
-        "that account (unknown_account)."
+        "No connection has that name, or none the user may sync: another user's connection "
+        "answers the same (unknown_connection); or the gateway does not manage that account "
+        "(unknown_account)."
     ),
     405: _sync_error("Anything but POST (method_not_allowed)."),
     409: _sync_error(
@@ -233,8 +234,9 @@ class IbkrSyncView(ErrorEnvelopeMixin, APIView):
         )
         try:
             # Which connection, before the budget is taken: a name that is wrong is the
-            # caller's input, refused as such (nothing started, nothing recorded).
-            target = connections.resolve(_connection_param(request))
+            # caller's input, refused as such (nothing started, nothing recorded); another
+            # owner's connection answers as a name no connection has.
+            target = connections.resolve(_connection_param(request), user=request.user)
         except exceptions.IbkrSyncError as exc:
             return error_response(status_for(exc), exc.code, str(exc))
         for budget in (cls() for cls in self.sync_throttles):
@@ -298,8 +300,9 @@ def _connection_param(request: Request) -> str | None:
 @extend_schema(
     tags=["sync"],
     summary="List sync runs",
-    description="Every sync attempt, newest first, failed ones included. "
-    "Needs `ibkr_sync.view_syncrun`.",
+    description="Every sync attempt, newest first, failed ones included: of the settings' "
+    "gateway and of the connections the user may see (their own, those without an owner; "
+    "all with `ibkr_sync.view_all_connections`). Needs `ibkr_sync.view_syncrun`.",
     parameters=[SyncRunFilterSerializer],
     responses={200: SyncRunSerializer(many=True), **error_responses(400, 401, 403, 405)},
 )
@@ -308,7 +311,7 @@ class SyncRunListView(ReadOnlyListView):
     serializer_class = SyncRunSerializer
 
     def get_queryset(self) -> QuerySet[SyncRun]:
-        return SyncRun.objects.select_related("user")
+        return visibility.visible_runs(SyncRun.objects.select_related("user"), self.request.user)
 
     def filter_queryset(self, queryset: QuerySet[SyncRun]) -> QuerySet[SyncRun]:
         filters = validated_query(self.request, SyncRunFilterSerializer, allowed=PAGE_PARAMS)
@@ -327,7 +330,8 @@ class SyncRunDetailView(ErrorEnvelopeMixin, RetrieveAPIView):
     serializer_class = SyncRunDetailSerializer
 
     def get_queryset(self) -> QuerySet[SyncRun]:
-        return SyncRun.objects.select_related("user")
+        # Another owner's run: 404, as a run that does not exist.
+        return visibility.visible_runs(SyncRun.objects.select_related("user"), self.request.user)
 
 
 # --- health ---------------------------------------------------------------------------------
@@ -380,12 +384,17 @@ class _AdminSessionIfAny(SessionAuthentication):
             return None
 
 
-def _may_see_names(request: Request) -> bool:
-    """Whether the answer names each connection: only to a staff user, logged in to the
-    admin, who may view sync runs. A name may tell who uses the installation; everyone
-    else reads ids."""
+def _names_shown(request: Request) -> bool | frozenset[int]:
+    """Which connections the answer names: only to a staff user, logged in to the admin,
+    who may view sync runs, and of those only the connections they may see
+    (`visibility`: their own, unowned ones; all with `view_all_connections`). A name may
+    tell who uses the installation; everyone else reads ids."""
     user = request.user
-    return bool(user.is_authenticated and user.is_staff and may_view(user, Kind.SYNC_RUNS))
+    if not (user.is_authenticated and user.is_staff and may_view(user, Kind.SYNC_RUNS)):
+        return False
+    if visibility.sees_all(user):
+        return True
+    return frozenset(visibility.visible_connections(user).values_list("pk", flat=True))
 
 
 class HealthView(APIView):
@@ -402,7 +411,8 @@ class HealthView(APIView):
         "IBKR_SYNC_MAX_AGE seconds ago; 503 otherwise. `?gateway=1` also tries a TCP "
         "connection to TWS / IB Gateway (no API session). With connections, "
         "`connections` lists each one's state by id (named only to a staff user, logged "
-        "in to the admin, who may view sync runs), and the answer is 503 when any enabled "
+        "in to the admin, who may view sync runs, and only the connections that user may "
+        "see), and the answer is 503 when any enabled "
         "connection is unhealthy. No authentication.",
         parameters=[
             OpenApiParameter(
@@ -417,7 +427,7 @@ class HealthView(APIView):
     )
     def get(self, request: Request) -> Response:
         wanted = request.query_params.get("gateway", "").lower() in {"1", "true", "yes"}
-        healthy, report = check_health(gateway=wanted, names=_may_see_names(request))
+        healthy, report = check_health(gateway=wanted, names=_names_shown(request))
         response = Response(
             HealthSerializer(report).data,
             status=status.HTTP_200_OK if healthy else status.HTTP_503_SERVICE_UNAVAILABLE,

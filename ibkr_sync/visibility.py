@@ -1,0 +1,125 @@
+"""Whose data a user sees: users own their connections.
+
+A `Connection` may have an owner (a user). An account belongs to the connection that
+last reported it (`AccountReport.connection`: one per account, the newest snapshot
+applied), and everything under the account goes with it: its positions, cash balances,
+snapshots (its history), position changes and ledger rows (trades, cash transactions,
+corporate actions). A sync run belongs to the connection it synced.
+
+Who sees a connection's data (each kind still needs its view permission,
+`ibkr_sync.permissions`):
+
+- its owner;
+- a user with `ibkr_sync.view_all_connections` ("Can see every connection's data"; a
+  superuser has it, as every permission);
+- when it has no owner, everyone, as before connections had owners.
+
+Data of no connection is everyone's, as it always was: an account no connection ever
+reported (the settings' gateway reported it, or nothing yet) and the settings' gateway's
+sync runs. Data of a connection since removed (its account's report and its runs keep
+its name, not its owner) is only for users who see every connection: whose it was is no
+longer known, and it must not become everyone's by a removal.
+
+Why the account's current connection, not "any connection that ever reported it": an
+account reported by two logins (an adviser's and the client's own) is recorded with the
+last one only (`AccountReport` keeps no list), and the rule has to be one the database
+answers in the same query as the rows: the account's one report, in a correlated NOT
+EXISTS. A user whose own connection reports an account reads it from IBKR with their own
+login, so the account becomes theirs to see when that connection's snapshot of it is
+applied; it is no longer theirs once another owner's newer snapshot of it is.
+
+Syncing follows seeing: a user with `ibkr_sync.run_sync` may start syncs of the
+connections they may see (their own, unowned ones; every one with
+`view_all_connections`), never of another's (its name answers as a name no connection
+has). A sync's answer shows what it read (accounts, counts, the gateway's errors), so
+syncing a connection one may not see would show its data. The command (`sync_ibkr`) is
+the operator's and syncs any connection.
+
+Each function here is a queryset filter: no query of its own (beyond the user's
+permissions, read once per request by Django) and no check per row.
+"""
+
+from __future__ import annotations
+
+from django.db.models import Exists, OuterRef, Q, QuerySet
+
+from .models import AccountReport, Connection, SyncRun
+
+#: The permission that shows every connection's data (and with `run_sync`, syncs any).
+VIEW_ALL = "ibkr_sync.view_all_connections"
+
+
+def sees_all(user) -> bool:
+    """Whether `user` sees every connection's data (superusers do)."""
+    return bool(user.is_active and user.has_perm(VIEW_ALL))
+
+
+def _prefix(path: str) -> str:
+    return f"{path}__" if path else ""
+
+
+def _owned_by_another(user, connection: str) -> Q:
+    """Rows whose connection (at the path `connection`) is someone else's, or was removed
+    (its name kept without the row)."""
+    at = _prefix(connection)
+    another = Q(**{f"{at}connection__owner__isnull": False})
+    if user.pk is not None:
+        another &= ~Q(**{f"{at}connection__owner": user.pk})
+    removed = Q(**{f"{at}connection__isnull": True}) & ~Q(**{f"{at}connection_name": ""})
+    return another | removed
+
+
+def visible(queryset: QuerySet, user, account: str = "account") -> QuerySet:
+    """The rows of `queryset` that `user` may see, by the account each belongs to:
+    `account` is the path from the rows to their account (`account` for a position, a
+    cash balance, a snapshot or a ledger row; `position__account` for a position change;
+    empty for the account model itself). Accounts no connection reported stay visible."""
+    if sees_all(user):
+        return queryset
+    at = _prefix(account)
+    foreign = AccountReport.objects.filter(
+        _owned_by_another(user, ""),
+        broker=OuterRef(f"{at}broker"),
+        external_id=OuterRef(f"{at}external_id"),
+    )
+    return queryset.filter(~Exists(foreign))
+
+
+def visible_runs(queryset: QuerySet[SyncRun], user, run: str = "") -> QuerySet:
+    """The sync runs of `queryset` (or, with `run`, the rows whose run is at that path)
+    that `user` may see: the settings' gateway's, and those of connections they may see."""
+    if sees_all(user):
+        return queryset
+    at = _prefix(run)
+    mine = Q(**{f"{at}connection__isnull": True, f"{at}connection_name": ""}) | Q(
+        **{f"{at}connection__isnull": False, f"{at}connection__owner__isnull": True}
+    )
+    if user.pk is not None:
+        mine |= Q(**{f"{at}connection__owner": user.pk})
+    return queryset.filter(mine)
+
+
+def connections_seen(user) -> Q:
+    """The condition on `Connection` rows of those `user` may see (to filter by, or to
+    annotate a list of every connection with)."""
+    if sees_all(user):
+        return Q(pk__isnull=False)
+    mine = Q(owner__isnull=True)
+    if user.pk is not None:
+        mine |= Q(owner=user.pk)
+    return mine
+
+
+def visible_connections(user, queryset: QuerySet[Connection] | None = None) -> QuerySet:
+    """The connections `user` may see, and (given `ibkr_sync.run_sync`) sync: their own,
+    unowned ones; all with `view_all_connections`."""
+    queryset = Connection.objects.all() if queryset is None else queryset
+    return queryset if sees_all(user) else queryset.filter(connections_seen(user))
+
+
+def may_see_connection(user, connection: Connection | None) -> bool:
+    """For one row already read (e.g. a sync's target): the same rule as
+    `visible_connections`. None, the settings' gateway, is everyone's."""
+    if connection is None or connection.owner_id is None or sees_all(user):
+        return True
+    return user.pk is not None and connection.owner_id == user.pk
