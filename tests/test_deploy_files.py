@@ -278,3 +278,25 @@ def test_the_visibility_timeout_outlasts_the_longest_sync_whatever_the_setting()
     refused = read(CELERY_VISIBILITY_TIMEOUT="900")  # not longer than 900 s
     assert refused.returncode != 0
     assert "CELERY_VISIBILITY_TIMEOUT" in refused.stderr
+
+
+@pytest.mark.processes
+def test_check_deploy_passes_with_the_containers_settings(compose):
+    """deploy/env.example (its blanks filled) with what compose sets for the app."""
+    text = (DEPLOY / "env.example").read_text()
+    values = dict(re.findall(r"^([A-Z_][A-Z0-9_]*)=(.*)$", text, flags=re.M))
+    values.update(SECRET_KEY="kT3" + "x9Zq-" * 12, POSTGRES_PASSWORD="secret")
+    values.update(compose["services"]["web"]["environment"])
+    values["DATABASE_URL"] = "sqlite:///unused.sqlite3"  # `check` does not connect
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("IBKR_", "CELERY_"))}
+    env.update(ENV_FILE="", **values)
+    env.pop("DEBUG", None)
+
+    done = subprocess.run(
+        [sys.executable, "manage.py", "check", "--deploy"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+    assert done.returncode == 0, done.stderr
+    warnings = set(re.findall(r"\((\w+\.[EW]\d+)\)", done.stderr))
+    assert warnings <= {"security.W005", "security.W021"}, done.stderr
