@@ -328,3 +328,72 @@ def test_a_queued_sync_fails_with_the_code_the_synchronous_answer_has(fresh, wor
     # The same sync in the request, as without the queue: the same code.
     synchronous = fresh.manage("sync_ibkr", "--account", "U9999999")
     assert synchronous.returncode == 6, synchronous.stderr
+
+
+def _queue_runs(site: Deployment, count: int) -> list[int]:
+    """Queue `count` syncs of the same connection back to back, from one process."""
+    result = site.manage(
+        "shell",
+        "-c",
+        "from ibkr_sync import services; "
+        f"print(*[services.queue_sync(trigger='command').pk for _ in range({count})])",
+        check=True,
+    )
+    return [int(pk) for pk in result.stdout.strip().splitlines()[-1].split()]
+
+
+def test_two_workers_given_two_syncs_of_one_connection_at_once_run_one_refuse_the_other(
+    fresh, workers, simulator
+):
+    gate = threading.Event()
+    simulator.set_faults(hold_positions=gate)
+    workers("a")
+    workers("b")
+    accepted = simulator.connections_accepted
+
+    runs = _queue_runs(fresh, 2)
+    refused = _wait_for(
+        lambda: [r for r in runs if _run(fresh, r)["status"] == "failed"], timeout=60
+    )
+    assert len(refused) == 1, [_run(fresh, r) for r in runs]
+    (holding,) = set(runs) - set(refused)
+    assert _run(fresh, holding)["status"] == "running"
+    assert _run(fresh, refused[0])["error_code"] == "sync_already_running"
+    gate.set()
+
+    assert _finished(fresh, holding)["status"] == "success"
+    assert simulator.connections_accepted - accepted == 1, "the refused one never connected"
+    assert len(fresh.positions()) == STARTING_POSITIONS
+    running = fresh.query("SELECT COUNT(*) FROM ibkr_sync_syncrun WHERE status = 'running'")
+    assert running == [(0,)]
+
+
+@pytest.fixture
+def synchronous(fresh):
+    """The same site without IBKR_SYNC_TASK_QUEUE (the default), Celery still installed
+    and its broker running."""
+    fresh.stop_server()
+    queue = fresh.env.pop("IBKR_SYNC_TASK_QUEUE")
+    fresh.start_server()
+    yield fresh
+    fresh.stop_server()
+    fresh.env["IBKR_SYNC_TASK_QUEUE"] = queue
+    fresh.start_server()
+
+
+def test_without_the_setting_a_sync_runs_in_the_request_and_nothing_is_queued(
+    synchronous, workers, redis_db
+):
+    worker = workers()
+
+    reply = synchronous.post()
+
+    assert reply.status == 200, reply.body
+    body = json.loads(reply.body)
+    assert (body["status"], body["created"]) == ("success", STARTING_POSITIONS)
+    run = _run(synchronous, body["sync_run_id"])
+    assert (run["status"], run["queued_at"]) == ("success", None)
+    assert redis_db.llen("ibkr_sync.gateway") == 0 and redis_db.llen("ibkr_sync.flex") == 0
+    time.sleep(1)
+    assert "ibkr_sync.sync_connection[" not in worker.output(), "no task reached the worker"
+    assert synchronous.runs() == [(body["sync_run_id"], "success", "", "api")]
