@@ -199,7 +199,8 @@ def _dispatch(run: SyncRun, kind: str) -> None:
     except Exception as exc:
         message = (
             f"The task queue (IBKR_SYNC_TASK_QUEUE={app_settings.IBKR_SYNC_TASK_QUEUE}) did "
-            f"not take the sync: {type(exc).__name__}: {exc}. Is its broker running?"
+            f"not take the sync: {type(exc).__name__}: {str(exc).rstrip('.')}. Is its broker "
+            "running?"
         )
         logger.warning("IBKR sync #%s could not be queued: %s", run.pk, message)
         lock.fail_queued(run, QueueUnavailable.code, message)
@@ -466,6 +467,33 @@ def sync_all(
             outcomes.append(ConnectionOutcome(target.name, error=exc))
         else:
             outcomes.append(ConnectionOutcome(target.name, result=result))
+    return outcomes
+
+
+@dataclass(frozen=True)
+class QueuedOutcome:
+    """One connection's part of `queue_all`: its queued run, or the error it was refused
+    with."""
+
+    connection: str  # its name; empty: the settings' gateway
+    run: SyncRun | None = None
+    error: IbkrSyncError | None = None
+
+
+def queue_all(*, trigger: str, user: Any = None) -> list[QueuedOutcome]:
+    """Queue a sync of every enabled connection (`queue_sync` each, in name order; the
+    settings' gateway when no connection is configured): one refused queues the others
+    all the same."""
+    outcomes = []
+    for target in connections.enabled_targets():
+        try:
+            run = queue_sync(trigger=trigger, user=user, connection=target.connection)
+        except ConnectionDisabled:
+            continue  # disabled since the list was read: left out, as a disabled one is
+        except IbkrSyncError as exc:
+            outcomes.append(QueuedOutcome(target.name, error=exc))
+        else:
+            outcomes.append(QueuedOutcome(target.name, run=run))
     return outcomes
 
 
