@@ -529,6 +529,18 @@ class Connection(models.Model):
         TWS = "tws", "TWS / IB Gateway"
         FLEX = "flex", "Flex Web Service"
 
+    class Schedule(models.TextChoices):
+        NONE = "", "None: synced when asked"
+        INTERVAL = "interval", "Every N minutes, hours or days"
+        CRONTAB = "crontab", "Crontab"
+
+    class SchedulePeriod(models.TextChoices):
+        # django-celery-beat's IntervalSchedule periods.
+        DAYS = "days", "days"
+        HOURS = "hours", "hours"
+        MINUTES = "minutes", "minutes"
+        SECONDS = "seconds", "seconds"
+
     name = models.SlugField(
         max_length=64,
         unique=True,
@@ -596,6 +608,53 @@ class Connection(models.Model):
         help_text="The user it belongs to, if any.",
     )
     note = models.TextField(blank=True)
+    # When the task queue syncs it unasked (`schedules.py`: django-celery-beat's
+    # PeriodicTask follows these fields).
+    schedule = models.CharField(
+        max_length=16,
+        choices=Schedule.choices,
+        default=Schedule.NONE,
+        blank=True,
+        help_text="When the task queue syncs it unasked (IBKR_SYNC_TASK_QUEUE and a beat "
+        "process): none, every N minutes (or hours, days), or a crontab.",
+    )
+    schedule_every = models.PositiveIntegerField(
+        "every",
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1), MaxValueValidator(100_000)],
+        help_text="Interval only: every how many periods; empty: the kind's default (a "
+        "gateway every 15 minutes, Flex every day).",
+    )
+    schedule_period = models.CharField(
+        "period",
+        max_length=16,
+        choices=SchedulePeriod.choices,
+        default=SchedulePeriod.MINUTES,
+        blank=True,
+    )
+    schedule_crontab = models.CharField(
+        "crontab",
+        max_length=200,
+        blank=True,
+        help_text="Crontab only: minute hour day-of-month month day-of-week; empty: the "
+        "kind's default (a gateway `*/15 * * * mon-fri`, Flex `30 5 * * tue-sat`: each "
+        "morning after a trading day, once IBKR has closed its statement).",
+    )
+    schedule_timezone = models.CharField(
+        "time zone",
+        max_length=64,
+        default="America/New_York",
+        blank=True,
+        help_text="The crontab's time zone (IBKR's statements are in US Eastern); empty: "
+        "America/New_York.",
+    )
+    schedule_enabled = models.BooleanField(
+        "schedule enabled",
+        default=True,
+        help_text="Untick to pause the schedule and keep it (a disabled connection's "
+        "schedule is paused too).",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -659,6 +718,8 @@ class Connection(models.Model):
         return decrypt(self.flex_token, what=f"The Flex token of connection {self.name}")
 
     def clean(self) -> None:
+        from . import schedules
+
         super().clean()
         if self.is_flex:
             problems = {}
@@ -674,6 +735,7 @@ class Connection(models.Model):
                 "A TWS / IB Gateway connection has no Flex query id and no Flex token: "
                 "choose the kind Flex Web Service, or leave them empty."
             )
+        schedules.clean(self)  # its kind's defaults, once the kind is right
 
     @property
     def lock_key(self) -> str:
@@ -736,6 +798,7 @@ class SyncRun(models.Model):
         API = "api", "API"
         COMMAND = "command", "Management command"
         ADMIN = "admin", "Admin"
+        SCHEDULE = "schedule", "Schedule"
 
     class Status(models.TextChoices):
         # Waiting for a worker (IBKR_SYNC_TASK_QUEUE): not the lock; the worker turns it

@@ -189,6 +189,35 @@ def queue_sync(
     return run
 
 
+def queue_scheduled(connection_id: int) -> SyncRun | None:
+    """A connection's schedule came due (`tasks.sync_scheduled`): queue its sync, as
+    `queue_sync` does (trigger `schedule`), unless a sync of it is queued already or
+    running, which this one would only repeat (a worker down, a sync longer than the
+    schedule's interval: no pile of identical syncs). None when nothing was queued, and
+    why is logged. Raises what `queue_sync` raises (a connection removed or disabled
+    since: `UnknownConnection`, `ConnectionDisabled`)."""
+    row = Connection.objects.filter(pk=connection_id).first()
+    if row is None:
+        raise UnknownConnection(f"Connection #{connection_id} no longer exists.")
+    waiting = (
+        SyncRun.objects.filter(
+            lock_key=row.lock_key,
+            status__in=(SyncRun.Status.QUEUED, SyncRun.Status.RUNNING),
+        )
+        .order_by("pk")
+        .values_list("pk", "status")
+        .first()
+    )
+    if waiting is not None:
+        logger.info(
+            "IBKR sync of connection %s not queued by its schedule: #%s is %s already",
+            row.name,
+            *waiting,
+        )
+        return None
+    return queue_sync(trigger=SyncRun.Trigger.SCHEDULE, connection=row)
+
+
 def _dispatch(run: SyncRun, kind: str) -> None:
     """Hand queued `run` to the queue (the task module imports Celery; nothing else of the
     app does). A refusal fails the run, and is `QueueUnavailable`."""

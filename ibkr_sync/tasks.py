@@ -19,6 +19,9 @@ and sends this task once its transaction commits), thin over `services.run_queue
   `CELERY_BROKER_TRANSPORT_OPTIONS["visibility_timeout"]`) must be longer than the
   longest sync (IBKR_SYNC_STALE_AFTER); otherwise a running sync's task is delivered to
   another worker meanwhile (which then does nothing).
+- `sync_scheduled(connection_id)`: a connection's schedule came due (django-celery-beat,
+  `schedules.py`); it queues that connection's sync as above, unless one is queued or
+  running already.
 - Routed by the connection's kind: TWS / IB Gateway syncs to `GATEWAY_QUEUE`, Flex
   downloads to `FLEX_QUEUE`. A worker consumes both unless told otherwise (the project's
   Celery app declares them).
@@ -26,9 +29,12 @@ and sends this task once its transaction commits), thin over `services.run_queue
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import shared_task
+
+logger = logging.getLogger(__name__)
 
 # Nothing of Django's models at import: the project's Celery app reads QUEUES while it is
 # configured, before Django is set up.
@@ -59,6 +65,27 @@ def sync_connection(sync_run_id: int) -> dict[str, Any] | None:
     if result is None:
         return None
     return {"sync_run_id": sync_run_id, "status": "success"}
+
+
+@shared_task(name="ibkr_sync.sync_scheduled", ignore_result=True)
+def sync_scheduled(connection_id: int) -> dict[str, Any] | None:
+    """A connection's schedule came due (django-celery-beat's `PeriodicTask`, kept in
+    step by `schedules.py`): queue its sync (`services.queue_scheduled`: a queued
+    `SyncRun`, trigger `schedule`, run by `sync_connection` like any other), unless one is
+    queued or running already. Returns the run queued, or None."""
+    from . import services
+    from .exceptions import IbkrSyncError
+
+    try:
+        run = services.queue_scheduled(connection_id)
+    except IbkrSyncError as exc:
+        logger.warning(
+            "Scheduled sync of connection #%s not queued (%s): %s", connection_id, exc.code, exc
+        )
+        return {"connection_id": connection_id, "status": "not_queued", "code": exc.code}
+    if run is None:
+        return None
+    return {"connection_id": connection_id, "status": "queued", "sync_run_id": run.pk}
 
 
 def enqueue(sync_run_id: int, kind: str) -> None:
