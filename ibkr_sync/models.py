@@ -964,3 +964,46 @@ class PositionChange(models.Model):
 
     def __str__(self) -> str:
         return f"{self.get_kind_display()} position #{self.position_id} in sync #{self.sync_run_id}"
+
+
+#: How often a task queue worker says it is alive (`tasks.py`), and after how long without
+#: a word /healthz counts it gone (seconds).
+WORKER_HEARTBEAT = 10.0
+WORKER_SILENT_AFTER = 35.0
+
+
+class QueueWorker(models.Model):
+    """A task queue worker (IBKR_SYNC_TASK_QUEUE) as it last said it was alive: written by
+    the worker every WORKER_HEARTBEAT seconds (`tasks.py`, on the database's clock) and
+    deleted when it stops; read by /healthz ("a worker seen recently"), which so asks the
+    database, never the workers."""
+
+    hostname = models.CharField(max_length=255, unique=True)
+    queues = models.CharField(
+        max_length=1000, blank=True, help_text="The queues it consumes, comma-separated."
+    )
+    started_at = models.DateTimeField()
+    seen_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["hostname"]
+
+    def __str__(self) -> str:
+        return self.hostname
+
+    @classmethod
+    def alive(cls, hostname: str, queues: str = "") -> None:
+        """Worker `hostname` is alive now (the database's now)."""
+        from django.db import IntegrityError
+        from django.db.models.functions import Now
+
+        if cls.objects.filter(hostname=hostname).update(seen_at=Now(), queues=queues):
+            return
+        try:
+            cls.objects.create(hostname=hostname, queues=queues, started_at=Now(), seen_at=Now())
+        except IntegrityError:  # written meanwhile (a restart's overlap): alive all the same
+            cls.objects.filter(hostname=hostname).update(seen_at=Now(), queues=queues)
+
+    @classmethod
+    def gone(cls, hostname: str) -> None:
+        cls.objects.filter(hostname=hostname).delete()

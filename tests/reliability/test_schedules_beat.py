@@ -163,3 +163,45 @@ def test_a_schedule_fires_its_syncs_on_a_worker_and_a_paused_one_fires_no_more(
     finally:
         beat.stop()
         worker.stop()
+
+
+def _health(site: Deployment) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{site.base_url}/healthz", timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_healthz_sees_a_worker_while_it_runs_and_not_once_it_stopped(site, tmp_path):
+    site.start_server()
+    try:
+        started = time.monotonic()
+        code, report = _health(site)
+        assert time.monotonic() - started < 5
+        assert (code, report["checks"]["queue"]["status"]) == (503, "no_worker")
+        assert report["checks"]["queue"]["broker"] == "ok"
+
+        worker = Worker(site, tmp_path / "worker.log", "seen")
+        try:
+            rows = _wait_for(
+                lambda: site.query("SELECT hostname, queues FROM ibkr_sync_queueworker"), 30
+            )
+            [(hostname, queues)] = rows
+            assert hostname.startswith("seen@")
+            assert set(queues.split(",")) >= {"ibkr_sync.gateway", "ibkr_sync.flex"}
+            check = _wait_for(
+                lambda: (c := _health(site)[1]["checks"]["queue"])["status"] == "ok" and c, 15
+            )
+            assert check and check["workers"] == 1, _health(site)
+        finally:
+            worker.stop()
+        # Stopped: its row goes with it, and the queue has no worker.
+        assert site.query("SELECT COUNT(*) FROM ibkr_sync_queueworker") == [(0,)]
+        code, report = _health(site)
+        assert (code, report["checks"]["queue"]["status"]) == (503, "no_worker")
+    finally:
+        site.stop_server()
