@@ -28,6 +28,7 @@ Defaults, per kind, when a schedule is chosen and its fields are left empty:
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from typing import TYPE_CHECKING
@@ -103,11 +104,16 @@ def _check_part(part: str, name: str, low: int, high: int, names: dict[str, int]
         raise ValidationError(f"The {name} field's step in {part!r} is not 1-{high}.")
 
 
+@functools.cache
+def _zones() -> frozenset[str]:
+    return frozenset(available_timezones())  # read off the disk once per process
+
+
 def validate_timezone(name: str) -> str:
     """An IANA time zone's name (e.g. America/New_York), or ValidationError."""
     name = name.strip()
     try:
-        if name and name in available_timezones():
+        if name and name in _zones():
             ZoneInfo(name)
             return name
     except (ZoneInfoNotFoundError, ValueError):
