@@ -7,4 +7,9 @@ class IbkrSyncConfig(AppConfig):
     verbose_name = "IBKR sync"
 
     def ready(self) -> None:
-        from . import checks  # noqa: F401  (registers the system checks)
+        from . import (
+            checks,  # noqa: F401  (registers the system checks)
+            schedules,
+        )
+
+        schedules.connect_signals()

@@ -25,13 +25,18 @@ failed sync.
   database does not generate, a field of the abstract base made NOT NULL where the sync
   stores nothing (NULL), or a composite primary key (the sync addresses rows by one key
   column).
+- ibkr_sync.E008: IBKR_SYNC_TASK_QUEUE names no task queue the app knows, or is `celery`
+  without Celery installed or without a broker to send the syncs to (CELERY_BROKER_URL,
+  in the settings or the environment).
 - ibkr_sync.W001: the configured client library is not installed.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 
+from django.conf import settings
 from django.core.checks import Error, Warning, register
 from django.core.exceptions import ImproperlyConfigured
 from django.db import models
@@ -60,6 +65,7 @@ _IDS = {
     "IBKR_SYNC_LOCK_TIMEOUT": "ibkr_sync.E002",
     "IBKR_SYNC_STALE_AFTER": "ibkr_sync.E002",
     "IBKR_CLIENT_LIBRARY": "ibkr_sync.E003",
+    "IBKR_SYNC_TASK_QUEUE": "ibkr_sync.E008",
 }
 _BASES = {
     "IBKR_SYNC_ACCOUNT_MODEL": AbstractAccount,
@@ -89,6 +95,8 @@ def check_settings(app_configs=None, **kwargs) -> list:
         errors += _check_gateway_class(values["IBKR_SYNC_GATEWAY_CLASS"])
     if "IBKR_CLIENT_LIBRARY" in values:
         errors += _check_client_library(values["IBKR_CLIENT_LIBRARY"])
+    if values.get("IBKR_SYNC_TASK_QUEUE"):
+        errors += _check_task_queue(values["IBKR_SYNC_TASK_QUEUE"])
     return errors
 
 
@@ -108,6 +116,35 @@ def _check_gateway_class(path: str) -> list:
             )
         ]
     return []
+
+
+def _check_task_queue(queue: str) -> list:
+    """IBKR_SYNC_TASK_QUEUE=celery: Celery installed, and a broker named (Celery's own
+    default, a RabbitMQ on localhost, is not one anybody configured)."""
+    errors = []
+    if importlib.util.find_spec("celery") is None:
+        errors.append(
+            Error(
+                f"IBKR_SYNC_TASK_QUEUE is {queue!r}, but Celery is not installed: no sync "
+                "can be queued.",
+                hint="pip install 'django-ibkr-sync[celery]' (Celery with Redis), or leave "
+                "IBKR_SYNC_TASK_QUEUE empty to run every sync in the process that starts it.",
+                id="ibkr_sync.E008",
+            )
+        )
+    broker = str(getattr(settings, "CELERY_BROKER_URL", None) or "").strip()
+    if not broker and not os.environ.get("CELERY_BROKER_URL", "").strip():
+        errors.append(
+            Error(
+                f"IBKR_SYNC_TASK_QUEUE is {queue!r}, but no broker is configured: queued "
+                "syncs would go nowhere.",
+                hint="Set CELERY_BROKER_URL (e.g. redis://127.0.0.1:6379/0) in the settings "
+                "or the environment, configure the project's Celery app from the settings "
+                "(namespace CELERY), and run a worker: celery -A <project> worker.",
+                id="ibkr_sync.E008",
+            )
+        )
+    return errors
 
 
 def _check_client_library(library: str) -> list:

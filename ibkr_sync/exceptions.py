@@ -127,6 +127,13 @@ class ConnectionDisabled(IbkrSyncError):
     code = "connection_disabled"
 
 
+class QueueNotConfigured(IbkrSyncError):
+    """A sync was to be queued (`sync_ibkr --queue`) and no task queue is configured
+    (IBKR_SYNC_TASK_QUEUE is empty)."""
+
+    code = "queue_not_configured"
+
+
 class QueueUnavailable(IbkrSyncError):
     """The task queue (IBKR_SYNC_TASK_QUEUE) did not take the sync: its broker is down or
     unreachable, or the queue's library is not installed. The run is recorded as failed."""

@@ -12,21 +12,32 @@ connections, `checks` keeps its keys (`last_sync`: the last sync of any enabled
 connection; `sync_lock`: the worst of every lock; `gateway`: every enabled connection's
 port) and `connections` lists each connection's own: its last success, its lock, its
 port. The installation is healthy when every enabled connection is.
+
+With a task queue (IBKR_SYNC_TASK_QUEUE), `checks.queue`: the broker accepts a
+connection (tried with a short timeout, the answer kept BROKER_CHECK_CACHE seconds per
+process, so probes never wait on it twice in a row), a worker was seen recently (its
+heartbeat row, `models.QueueWorker`: one query, no call to the workers), and the oldest
+queued sync is not older than IBKR_SYNC_STALE_AFTER (workers keep up).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import re
+import threading
+import time
 from collections.abc import Iterable
 from collections.abc import Set as AbstractSet
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from django.db import DatabaseError, connection
+from django.db.models import Max, Min
 
 from . import conf, selectors
 from .lock import abandoned_reason, database_now
-from .models import Connection, SyncRun
+from .models import WORKER_SILENT_AFTER, Connection, QueueWorker, SyncRun
 from .sources.tws import IbkrGateway
 from .sources.tws.errors import _SERVER_LINK_DOWN_CODES
 
@@ -80,6 +91,8 @@ def check_health(
         ]
     if gateway:
         checks["gateway"] = _gateways(report.get("connections"))
+    if conf.get("IBKR_SYNC_TASK_QUEUE"):
+        checks["queue"] = _queue(database=checks["database"]["status"] == "ok")
     healthy = all(check["status"] == "ok" for check in checks.values()) and all(
         entry["status"] in ("ok", "disabled") for entry in report.get("connections", ())
     )
@@ -235,3 +248,77 @@ def _ports(rows: list[Connection]) -> dict[int, dict[str, Any]]:
 
 def _port(config: conf.GatewayConfig) -> dict[str, Any]:
     return {"status": "ok" if IbkrGateway(config).port_is_open() else "unreachable"}
+
+
+# --- the task queue ------------------------------------------------------------------------
+
+#: The broker's answer is tried at most this often per process (seconds) ...
+BROKER_CHECK_CACHE = 5.0
+#: ... and waited for at most this long.
+BROKER_TIMEOUT = 1.0
+_broker: dict[str, Any] = {"at": None, "reachable": None}
+_broker_lock = threading.Lock()
+
+
+def _broker_reachable() -> bool:
+    """Whether the broker accepts a connection: tried in a thread of its own, waited for
+    BROKER_TIMEOUT (a little more for the thread), and kept BROKER_CHECK_CACHE seconds."""
+    with _broker_lock:
+        now = time.monotonic()
+        if _broker["at"] is not None and now - _broker["at"] < BROKER_CHECK_CACHE:
+            return _broker["reachable"]
+        pool = ThreadPoolExecutor(max_workers=1)
+        try:
+            from . import tasks
+
+            future = pool.submit(tasks.broker_reachable, BROKER_TIMEOUT)
+            reachable = future.result(timeout=BROKER_TIMEOUT + 0.5)
+        except FutureTimeout:
+            reachable = False
+        except ImportError:  # Celery is not installed (system check E008 says so)
+            reachable = False
+        finally:
+            pool.shutdown(wait=False)  # a try that hangs ends on its own timeout
+        _broker.update(at=time.monotonic(), reachable=reachable)
+        return reachable
+
+
+def forget_broker_check() -> None:
+    """The next check tries the broker again (tests; a changed broker setting)."""
+    with _broker_lock:
+        _broker.update(at=None, reachable=None)
+
+
+def _queue(*, database: bool) -> dict[str, Any]:
+    """The task queue's check: `broker` (ok / unreachable), the workers seen within
+    WORKER_SILENT_AFTER seconds and when the last one was, the oldest queued sync's age;
+    status `ok`, else the first of `broker_unreachable`, `no_worker`, `backlog`."""
+    report: dict[str, Any] = {
+        "broker": "ok" if _broker_reachable() else "unreachable",
+        "max_queued_seconds": int(float(conf.get("IBKR_SYNC_STALE_AFTER"))),
+    }
+    if database:
+        try:
+            now = database_now()
+            seen = QueueWorker.objects.aggregate(last=Max("seen_at"))["last"]
+            report["workers"] = QueueWorker.objects.filter(
+                seen_at__gte=now - dt.timedelta(seconds=WORKER_SILENT_AFTER)
+            ).count()
+            if seen is not None:
+                report["worker_seen_seconds"] = max(0, int((now - seen).total_seconds()))
+            oldest = SyncRun.objects.filter(status=SyncRun.Status.QUEUED).aggregate(
+                oldest=Min("queued_at")
+            )["oldest"]
+            if oldest is not None:
+                report["oldest_queued_seconds"] = max(0, int((now - oldest).total_seconds()))
+        except DatabaseError:
+            pass  # the database's own check says so
+    if report["broker"] != "ok":
+        status = "broker_unreachable"
+    elif not report.get("workers"):
+        status = "no_worker"
+    elif report.get("oldest_queued_seconds", 0) > report["max_queued_seconds"]:
+        status = "backlog"
+    else:
+        status = "ok"
+    return {"status": status, **report}

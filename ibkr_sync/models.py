@@ -529,6 +529,18 @@ class Connection(models.Model):
         TWS = "tws", "TWS / IB Gateway"
         FLEX = "flex", "Flex Web Service"
 
+    class Schedule(models.TextChoices):
+        NONE = "", "None: synced when asked"
+        INTERVAL = "interval", "Every N minutes, hours or days"
+        CRONTAB = "crontab", "Crontab"
+
+    class SchedulePeriod(models.TextChoices):
+        # django-celery-beat's IntervalSchedule periods.
+        DAYS = "days", "days"
+        HOURS = "hours", "hours"
+        MINUTES = "minutes", "minutes"
+        SECONDS = "seconds", "seconds"
+
     name = models.SlugField(
         max_length=64,
         unique=True,
@@ -602,6 +614,53 @@ class Connection(models.Model):
         "cannot be deleted until it is given to someone else or removed.",
     )
     note = models.TextField(blank=True)
+    # When the task queue syncs it unasked (`schedules.py`: django-celery-beat's
+    # PeriodicTask follows these fields).
+    schedule = models.CharField(
+        max_length=16,
+        choices=Schedule.choices,
+        default=Schedule.NONE,
+        blank=True,
+        help_text="When the task queue syncs it unasked (IBKR_SYNC_TASK_QUEUE and a beat "
+        "process): none, every N minutes (or hours, days), or a crontab.",
+    )
+    schedule_every = models.PositiveIntegerField(
+        "every",
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1), MaxValueValidator(100_000)],
+        help_text="Interval only: every how many periods; empty: the kind's default (a "
+        "gateway every 15 minutes, Flex every day).",
+    )
+    schedule_period = models.CharField(
+        "period",
+        max_length=16,
+        choices=SchedulePeriod.choices,
+        default=SchedulePeriod.MINUTES,
+        blank=True,
+    )
+    schedule_crontab = models.CharField(
+        "crontab",
+        max_length=200,
+        blank=True,
+        help_text="Crontab only: minute hour day-of-month month day-of-week; empty: the "
+        "kind's default (a gateway `*/15 * * * mon-fri`, Flex `30 5 * * tue-sat`: each "
+        "morning after a trading day, once IBKR has closed its statement).",
+    )
+    schedule_timezone = models.CharField(
+        "time zone",
+        max_length=64,
+        default="America/New_York",
+        blank=True,
+        help_text="The crontab's time zone (IBKR's statements are in US Eastern); empty: "
+        "America/New_York.",
+    )
+    schedule_enabled = models.BooleanField(
+        "schedule enabled",
+        default=True,
+        help_text="Untick to pause the schedule and keep it (a disabled connection's "
+        "schedule is paused too).",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -669,6 +728,8 @@ class Connection(models.Model):
         return decrypt(self.flex_token, what=f"The Flex token of connection {self.name}")
 
     def clean(self) -> None:
+        from . import schedules
+
         super().clean()
         if self.is_flex:
             problems = {}
@@ -684,6 +745,7 @@ class Connection(models.Model):
                 "A TWS / IB Gateway connection has no Flex query id and no Flex token: "
                 "choose the kind Flex Web Service, or leave them empty."
             )
+        schedules.clean(self)  # its kind's defaults, once the kind is right
 
     @property
     def lock_key(self) -> str:
@@ -756,6 +818,7 @@ class SyncRun(models.Model):
         API = "api", "API"
         COMMAND = "command", "Management command"
         ADMIN = "admin", "Admin"
+        SCHEDULE = "schedule", "Schedule"
 
     class Status(models.TextChoices):
         # Waiting for a worker (IBKR_SYNC_TASK_QUEUE): not the lock; the worker turns it
@@ -921,3 +984,46 @@ class PositionChange(models.Model):
 
     def __str__(self) -> str:
         return f"{self.get_kind_display()} position #{self.position_id} in sync #{self.sync_run_id}"
+
+
+#: How often a task queue worker says it is alive (`tasks.py`), and after how long without
+#: a word /healthz counts it gone (seconds).
+WORKER_HEARTBEAT = 10.0
+WORKER_SILENT_AFTER = 35.0
+
+
+class QueueWorker(models.Model):
+    """A task queue worker (IBKR_SYNC_TASK_QUEUE) as it last said it was alive: written by
+    the worker every WORKER_HEARTBEAT seconds (`tasks.py`, on the database's clock) and
+    deleted when it stops; read by /healthz ("a worker seen recently"), which so asks the
+    database, never the workers."""
+
+    hostname = models.CharField(max_length=255, unique=True)
+    queues = models.CharField(
+        max_length=1000, blank=True, help_text="The queues it consumes, comma-separated."
+    )
+    started_at = models.DateTimeField()
+    seen_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["hostname"]
+
+    def __str__(self) -> str:
+        return self.hostname
+
+    @classmethod
+    def alive(cls, hostname: str, queues: str = "") -> None:
+        """Worker `hostname` is alive now (the database's now)."""
+        from django.db import IntegrityError
+        from django.db.models.functions import Now
+
+        if cls.objects.filter(hostname=hostname).update(seen_at=Now(), queues=queues):
+            return
+        try:
+            cls.objects.create(hostname=hostname, queues=queues, started_at=Now(), seen_at=Now())
+        except IntegrityError:  # written meanwhile (a restart's overlap): alive all the same
+            cls.objects.filter(hostname=hostname).update(seen_at=Now(), queues=queues)
+
+    @classmethod
+    def gone(cls, hostname: str) -> None:
+        cls.objects.filter(hostname=hostname).delete()

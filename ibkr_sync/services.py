@@ -189,6 +189,35 @@ def queue_sync(
     return run
 
 
+def queue_scheduled(connection_id: int) -> SyncRun | None:
+    """A connection's schedule came due (`tasks.sync_scheduled`): queue its sync, as
+    `queue_sync` does (trigger `schedule`), unless a sync of it is queued already or
+    running, which this one would only repeat (a worker down, a sync longer than the
+    schedule's interval: no pile of identical syncs). None when nothing was queued, and
+    why is logged. Raises what `queue_sync` raises (a connection removed or disabled
+    since: `UnknownConnection`, `ConnectionDisabled`)."""
+    row = Connection.objects.filter(pk=connection_id).first()
+    if row is None:
+        raise UnknownConnection(f"Connection #{connection_id} no longer exists.")
+    waiting = (
+        SyncRun.objects.filter(
+            lock_key=row.lock_key,
+            status__in=(SyncRun.Status.QUEUED, SyncRun.Status.RUNNING),
+        )
+        .order_by("pk")
+        .values_list("pk", "status")
+        .first()
+    )
+    if waiting is not None:
+        logger.info(
+            "IBKR sync of connection %s not queued by its schedule: #%s is %s already",
+            row.name,
+            *waiting,
+        )
+        return None
+    return queue_sync(trigger=SyncRun.Trigger.SCHEDULE, connection=row)
+
+
 def _dispatch(run: SyncRun, kind: str) -> None:
     """Hand queued `run` to the queue (the task module imports Celery; nothing else of the
     app does). A refusal fails the run, and is `QueueUnavailable`."""
@@ -199,7 +228,8 @@ def _dispatch(run: SyncRun, kind: str) -> None:
     except Exception as exc:
         message = (
             f"The task queue (IBKR_SYNC_TASK_QUEUE={app_settings.IBKR_SYNC_TASK_QUEUE}) did "
-            f"not take the sync: {type(exc).__name__}: {exc}. Is its broker running?"
+            f"not take the sync: {type(exc).__name__}: {str(exc).rstrip('.')}. Is its broker "
+            "running?"
         )
         logger.warning("IBKR sync #%s could not be queued: %s", run.pk, message)
         lock.fail_queued(run, QueueUnavailable.code, message)
@@ -482,6 +512,33 @@ def sync_all(
             outcomes.append(ConnectionOutcome(target.name, error=exc))
         else:
             outcomes.append(ConnectionOutcome(target.name, result=result))
+    return outcomes
+
+
+@dataclass(frozen=True)
+class QueuedOutcome:
+    """One connection's part of `queue_all`: its queued run, or the error it was refused
+    with."""
+
+    connection: str  # its name; empty: the settings' gateway
+    run: SyncRun | None = None
+    error: IbkrSyncError | None = None
+
+
+def queue_all(*, trigger: str, user: Any = None) -> list[QueuedOutcome]:
+    """Queue a sync of every enabled connection (`queue_sync` each, in name order; the
+    settings' gateway when no connection is configured): one refused queues the others
+    all the same."""
+    outcomes = []
+    for target in connections.enabled_targets():
+        try:
+            run = queue_sync(trigger=trigger, user=user, connection=target.connection)
+        except ConnectionDisabled:
+            continue  # disabled since the list was read: left out, as a disabled one is
+        except IbkrSyncError as exc:
+            outcomes.append(QueuedOutcome(target.name, error=exc))
+        else:
+            outcomes.append(QueuedOutcome(target.name, run=run))
     return outcomes
 
 

@@ -19,6 +19,11 @@ and sends this task once its transaction commits), thin over `services.run_queue
   `CELERY_BROKER_TRANSPORT_OPTIONS["visibility_timeout"]`) must be longer than the
   longest sync (IBKR_SYNC_STALE_AFTER); otherwise a running sync's task is delivered to
   another worker meanwhile (which then does nothing).
+- `sync_scheduled(connection_id)`: a connection's schedule came due (django-celery-beat,
+  `schedules.py`); it queues that connection's sync as above, unless one is queued or
+  running already.
+- A worker says it is alive (`models.QueueWorker`, every `WORKER_HEARTBEAT` seconds, from
+  its start to its stop): /healthz reads that row, never asks the workers.
 - Routed by the connection's kind: TWS / IB Gateway syncs to `GATEWAY_QUEUE`, Flex
   downloads to `FLEX_QUEUE`. A worker consumes both unless told otherwise (the project's
   Celery app declares them).
@@ -26,9 +31,14 @@ and sends this task once its transaction commits), thin over `services.run_queue
 
 from __future__ import annotations
 
+import logging
+import threading
 from typing import Any
 
-from celery import shared_task
+from celery import current_app, shared_task
+from celery.signals import worker_ready, worker_shutdown
+
+logger = logging.getLogger(__name__)
 
 # Nothing of Django's models at import: the project's Celery app reads QUEUES while it is
 # configured, before Django is set up.
@@ -61,6 +71,110 @@ def sync_connection(sync_run_id: int) -> dict[str, Any] | None:
     return {"sync_run_id": sync_run_id, "status": "success"}
 
 
+@shared_task(name="ibkr_sync.sync_scheduled", ignore_result=True)
+def sync_scheduled(connection_id: int) -> dict[str, Any] | None:
+    """A connection's schedule came due (django-celery-beat's `PeriodicTask`, kept in
+    step by `schedules.py`): queue its sync (`services.queue_scheduled`: a queued
+    `SyncRun`, trigger `schedule`, run by `sync_connection` like any other), unless one is
+    queued or running already. Returns the run queued, or None."""
+    from . import services
+    from .exceptions import IbkrSyncError
+
+    try:
+        run = services.queue_scheduled(connection_id)
+    except IbkrSyncError as exc:
+        logger.warning(
+            "Scheduled sync of connection #%s not queued (%s): %s", connection_id, exc.code, exc
+        )
+        return {"connection_id": connection_id, "status": "not_queued", "code": exc.code}
+    if run is None:
+        return None
+    return {"connection_id": connection_id, "status": "queued", "sync_run_id": run.pk}
+
+
 def enqueue(sync_run_id: int, kind: str) -> None:
     """Send `sync_connection(sync_run_id)` to its kind's queue."""
     sync_connection.apply_async(args=[sync_run_id], queue=queue_for(kind))
+
+
+def broker_reachable(timeout: float) -> bool:
+    """Whether the broker accepts a connection within `timeout` seconds (one try, no
+    retry): /healthz's question, answered in bounded time."""
+    try:
+        with current_app.connection_for_write(connect_timeout=timeout) as connection:
+            connection.ensure_connection(
+                max_retries=1, interval_start=0, interval_step=0, timeout=timeout
+            )
+            return True
+    except Exception as exc:  # any failure to connect is the answer
+        logger.info("The task queue's broker did not answer: %s: %s", type(exc).__name__, exc)
+        return False
+
+
+# --- the worker's heartbeat ------------------------------------------------------------------
+
+
+class _Heartbeat:
+    """The worker's word that it is alive: `QueueWorker.alive()` at once, then every
+    WORKER_HEARTBEAT seconds, from a thread of the worker's main process; its row deleted
+    when the worker stops (one killed stops writing, and ages out)."""
+
+    def __init__(self, hostname: str, queues: str) -> None:
+        self.hostname = hostname
+        self.queues = queues
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="ibkr-sync-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _run(self) -> None:
+        from django.db import connection
+
+        from .models import WORKER_HEARTBEAT, QueueWorker
+
+        while True:
+            try:
+                QueueWorker.alive(self.hostname, self.queues)
+            except Exception:
+                logger.exception("The worker's heartbeat could not be written")
+            finally:
+                connection.close()  # this thread's own, never left open between beats
+            if self.stopped.wait(WORKER_HEARTBEAT):
+                return
+
+    def stop(self) -> None:
+        from django.db import connection
+
+        from .models import QueueWorker
+
+        self.stopped.set()
+        self.thread.join(5)
+        try:
+            QueueWorker.gone(self.hostname)
+        except Exception:
+            logger.exception("The worker's heartbeat row could not be deleted")
+        finally:
+            connection.close()
+
+
+_heartbeats: dict[str, _Heartbeat] = {}
+
+
+@worker_ready.connect
+def _worker_ready(sender=None, **kwargs) -> None:
+    hostname = getattr(sender, "hostname", None)
+    if not hostname:
+        return
+    try:
+        queues = ",".join(sorted(sender.app.amqp.queues.consume_from))
+    except Exception:
+        queues = ""
+    heartbeat = _heartbeats[hostname] = _Heartbeat(hostname, queues)
+    heartbeat.start()
+
+
+@worker_shutdown.connect
+def _worker_shutdown(sender=None, **kwargs) -> None:
+    for hostname in list(_heartbeats):
+        _heartbeats.pop(hostname).stop()

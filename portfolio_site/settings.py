@@ -7,6 +7,7 @@ confusing connection failure.
 """
 
 import os
+from importlib.util import find_spec
 from pathlib import Path
 
 import environ
@@ -98,6 +99,13 @@ INSTALLED_APPS = [
     "ibkr_sync",
     "portfolio_site.demo",  # manage.py ibkr_demo: this project's, not the apps'
 ]
+# Connections' schedules (django-celery-beat's PeriodicTask, kept in step with each
+# connection's schedule): installed with the task queue's requirements (celery extra),
+# so its tables exist (`migrate`) before the queue is turned on, and nothing of it needs
+# a broker until a beat process runs. Without the package, schedules are kept and do
+# nothing; everything else works as before.
+if find_spec("django_celery_beat") is not None:
+    INSTALLED_APPS.append("django_celery_beat")
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
@@ -262,3 +270,5 @@ CELERY_TASK_ACKS_LATE = True
 # Outcomes are in the SyncRun rows (GET /portfolio/sync/runs/<id>): no result backend.
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# `celery -A portfolio_site beat` reads the connections' schedules from the database.
+CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"

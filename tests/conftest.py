@@ -236,3 +236,16 @@ def ibkr(settings, simulator):
     settings.IBKR_CONNECT_TIMEOUT = 3
     settings.IBKR_REQUEST_TIMEOUT = 3
     return simulator
+
+
+@pytest.fixture
+def task_queue(settings):
+    """IBKR_SYNC_TASK_QUEUE=celery with a real broker (Redis, CELERY_BROKER_URL's database,
+    emptied): the client to read what was sent (`tests.queue_broker.sent`)."""
+    from tests.queue_broker import broker_client
+
+    client = broker_client()
+    settings.IBKR_SYNC_TASK_QUEUE = "celery"
+    yield client
+    client.flushdb()
+    client.close()

@@ -230,3 +230,59 @@ def test_every_abstract_base_field_the_sync_may_leave_empty_must_stay_nullable()
             strict = type(field)(*args, **{**kwargs, "null": False})
             errors = check_model(host_model(base, **{name: strict}), base, setting="X")
             assert [e.id for e in errors] == ["ibkr_sync.E007"], (base, name)
+
+
+# --- the task queue (IBKR_SYNC_TASK_QUEUE) ----------------------------------------------
+
+
+def test_a_task_queue_the_app_does_not_know_is_an_error_naming_the_choices(settings):
+    settings.IBKR_SYNC_TASK_QUEUE = "rq"
+
+    (error,) = check_settings()
+    assert error.id == "ibkr_sync.E008"
+    assert "IBKR_SYNC_TASK_QUEUE must be one of , celery; got 'rq'" in error.msg
+
+
+def test_the_celery_queue_with_celery_and_a_broker_passes(settings):
+    settings.IBKR_SYNC_TASK_QUEUE = "celery"
+    settings.CELERY_BROKER_URL = "redis://127.0.0.1:6379/5"
+
+    assert check_settings() == []
+
+
+def test_the_celery_queue_without_celery_installed_is_an_error_saying_what_to_install(
+    settings, monkeypatch
+):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "celery" else real(name)
+    )
+    settings.IBKR_SYNC_TASK_QUEUE = "celery"
+
+    (error,) = check_settings()
+    assert error.id == "ibkr_sync.E008"
+    assert "Celery is not installed" in error.msg
+    assert "pip install 'django-ibkr-sync[celery]'" in error.hint
+
+
+@pytest.mark.parametrize("broker", [None, "", "  "])
+def test_the_celery_queue_without_a_broker_is_an_error_naming_the_setting(
+    settings, monkeypatch, broker
+):
+    monkeypatch.delenv("CELERY_BROKER_URL", raising=False)
+    settings.IBKR_SYNC_TASK_QUEUE = "celery"
+    if broker is None:
+        del settings.CELERY_BROKER_URL
+    else:
+        settings.CELERY_BROKER_URL = broker
+
+    (error,) = check_settings()
+    assert error.id == "ibkr_sync.E008"
+    assert "no broker is configured" in error.msg
+    assert "Set CELERY_BROKER_URL" in error.hint
+
+    # The environment names one: enough (Celery reads it there too).
+    monkeypatch.setenv("CELERY_BROKER_URL", "redis://127.0.0.1:6379/5")
+    assert check_settings() == []

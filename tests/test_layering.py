@@ -161,3 +161,20 @@ def test_the_abstract_bases_relate_only_to_the_configured_models():
                 target = field.remote_field.model
                 label = target if isinstance(target, str) else target._meta.label
                 assert label in configured, f"{base.__name__}.{field.name} -> {label}"
+
+
+def test_only_the_task_module_imports_celery_and_only_schedules_the_beat():
+    """The app works without Celery: `tasks.py` is the only module that imports it, and
+    `schedules.py` the only one that imports django-celery-beat (which imports Celery:
+    lazily, only when it is installed)."""
+    importers: dict[str, set[str]] = {"celery": set(), "kombu": set(), "django_celery_beat": set()}
+    for path in sorted(IBKR_SYNC.rglob("*.py")):
+        for module in imported_modules(path.read_text(), package_of(path)):
+            top = module.split(".")[0]
+            if top in importers:
+                importers[top].add(path.relative_to(IBKR_SYNC).as_posix())
+    assert importers == {
+        "celery": {"tasks.py"},
+        "kombu": set(),
+        "django_celery_beat": {"schedules.py"},
+    }

@@ -235,3 +235,18 @@ def test_the_sync_endpoint_documents_the_connection_and_its_errors(schema):
     assert "connection_disabled" in responses["409"]["description"]
     assert (result["type"], result["nullable"]) == ("string", True)
     assert "null for the settings' gateway" in result["description"]
+
+
+def test_healthz_documents_the_task_queues_check(schema):
+    components = schema["components"]["schemas"]
+    queue = components["HealthChecks"]["properties"]["queue"]
+    assert queue["allOf"] == [{"$ref": "#/components/schemas/QueueCheck"}]
+    assert "queue" not in components["HealthChecks"]["required"]
+    check = components["QueueCheck"]["properties"]
+    assert set(check) == {
+        "status", "broker", "workers", "worker_seen_seconds", "oldest_queued_seconds",
+        "max_queued_seconds",
+    }  # fmt: skip
+    assert components["QueueCheckStatusEnum"]["enum"] == [
+        "ok", "broker_unreachable", "no_worker", "backlog",
+    ]  # fmt: skip

@@ -23,7 +23,7 @@ from django.shortcuts import get_object_or_404
 from django.urls import path, reverse
 from django.utils.html import format_html
 
-from .. import selectors, visibility
+from .. import schedules, selectors, visibility
 from ..exceptions import IbkrSyncError
 from ..models import Connection, SyncRun
 from ..permissions import Kind, may_view
@@ -63,6 +63,8 @@ class ConnectionForm(forms.ModelForm):
         fields = (
             "name", "kind", "enabled", "owner", "note", "host", "port", "client_id",
             "flex_query_id", "connect_timeout", "request_timeout", "values_timeout",
+            "schedule", "schedule_every", "schedule_period", "schedule_crontab",
+            "schedule_timezone", "schedule_enabled",
         )  # fmt: skip
 
     def clean(self):
@@ -88,7 +90,8 @@ class ConnectionForm(forms.ModelForm):
 class ConnectionAdmin(admin.ModelAdmin):
     form = ConnectionForm
     list_display = (
-        "name", "kind", "enabled", "address", "client_id", "owner", "last_sync",
+        "name", "kind", "enabled", "address", "client_id", "owner", "schedule_display",
+        "last_sync",
     )  # fmt: skip
     list_display_links = ("name",)
     list_filter = ("enabled", "kind")
@@ -109,6 +112,14 @@ class ConnectionAdmin(admin.ModelAdmin):
                            "token (Client Portal: Performance & Reports > Flex Queries).",
             "fields": ("flex_query_id", "new_flex_token", "flex_token_state"),
         }),
+        ("Schedule", {
+            "description": "When the task queue syncs it unasked (IBKR_SYNC_TASK_QUEUE=celery "
+                           "and a beat process). Fields left empty take the kind's default: "
+                           "a gateway every 15 minutes on weekdays, Flex each morning after "
+                           "a trading day (05:30 US Eastern).",
+            "fields": ("schedule", ("schedule_every", "schedule_period"), "schedule_crontab",
+                       "schedule_timezone", "schedule_enabled", "schedule_state"),
+        }),
         ("Timeouts", {
             "classes": ("collapse",),
             "description": "Seconds; empty: the settings' (IBKR_CONNECT_TIMEOUT, "
@@ -117,7 +128,30 @@ class ConnectionAdmin(admin.ModelAdmin):
         }),
     )  # fmt: skip
     change_form_template = "admin/ibkr_sync/connection/change_form.html"
-    readonly_fields = ("flex_token_state",)
+    readonly_fields = ("flex_token_state", "schedule_state")
+
+    @admin.display(description="schedule")
+    def schedule_display(self, obj: Connection) -> str:
+        return schedules.describe(obj)
+
+    @admin.display(description="on the beat")
+    def schedule_state(self, obj: Connection | None) -> str:
+        """What the beat holds for it: its periodic task, enabled or not, when it last
+        fired and how often."""
+        if obj is None or obj.pk is None or not obj.schedule:
+            return "-"
+        if not schedules.beat_installed():
+            return "django-celery-beat is not installed: the schedule is kept, not run."
+        task = schedules.periodic_task(obj.pk)
+        if task is None:
+            return "not on the beat (save the connection again)"
+        state = "enabled" if task.enabled else "paused"
+        if task.last_run_at is None:
+            return format_html("{}: {}; not fired yet", task.name, state)
+        return format_html(
+            "{}: {}; last fired {}, {} time(s)",
+            task.name, state, when(task.last_run_at), task.total_run_count,
+        )  # fmt: skip
 
     def get_readonly_fields(self, request: HttpRequest, obj: Connection | None = None):
         # Who owns a connection decides who sees its data: only a user who sees every

@@ -29,7 +29,7 @@ from ..exceptions import (
 )
 from ..models import Connection, PositionChange, SyncRun
 from ..permissions import Kind, may_view
-from ..services import describe_values, sync_positions
+from ..services import describe_values, queue_sync, queues, sync_positions
 from ..status import sync_status_panel
 from .columns import when_column
 
@@ -389,7 +389,8 @@ class SyncRunAdmin(admin.ModelAdmin):
 
     def sync_now_view(self, request: HttpRequest):
         """Run a sync for the admin's "Sync now" form (on sync runs, positions, accounts)
-        and go back to the page it was on, with the outcome as a message.
+        and go back to the page it was on, with the outcome as a message; with a task
+        queue (IBKR_SYNC_TASK_QUEUE), queue it and say where its outcome will be.
 
         The sync comes out of the user's one sync budget (`throttle`, shared with the API):
         over it, nothing starts. The message tells of the run only what the user may view
@@ -414,6 +415,9 @@ class SyncRunAdmin(admin.ModelAdmin):
             self.message_user(request, throttle.refusal(wait), messages.ERROR)
             return HttpResponseRedirect(self._back_to(request))
         account = request.POST.get("ibkr_account_id", "").strip() or None
+        if queues():
+            self._queue(request, account, target)
+            return HttpResponseRedirect(self._back_to(request))
         try:
             result = sync_positions(
                 account,
@@ -422,26 +426,59 @@ class SyncRunAdmin(admin.ModelAdmin):
                 connection=target.connection,
             )
         except IbkrSyncError as exc:
-            # The error names the gateway's address (and the accounts it manages): sync
-            # run data. What the user typed wrong, or a sync running, reveals nothing.
-            shown = isinstance(
-                exc,
-                (
-                    InvalidAccountId,
-                    SyncAlreadyRunning,
-                    UnknownConnection,
-                    ConnectionRequired,
-                    ConnectionDisabled,
-                ),
-            )
-            if shown or may_view(request.user, Kind.SYNC_RUNS):
-                text = f"Sync failed: {exc}"
-            else:
-                text = f"Sync failed ({exc.code}); nothing was changed."
-            self.message_user(request, text, messages.ERROR)
+            self._refused(request, exc)
         else:
             self.message_user(request, *self._outcome_message(request, result))
         return HttpResponseRedirect(self._back_to(request))
+
+    def _queue(self, request: HttpRequest, account: str | None, target) -> None:
+        """With a task queue (IBKR_SYNC_TASK_QUEUE): the sync handed to a worker, and a
+        message saying so, with the link to the run's page in the sync history (where its
+        outcome will be) for a user who may view sync runs. A refusal is said as a
+        synchronous sync's error is."""
+        try:
+            run = queue_sync(
+                account,
+                trigger=SyncRun.Trigger.ADMIN,
+                user=request.user,
+                connection=target.connection,
+            )
+        except IbkrSyncError as exc:
+            self._refused(request, exc, "Sync not queued")
+            return
+        of = f" of connection {target.name}" if target.connection is not None else ""
+        if may_view(request.user, Kind.SYNC_RUNS):
+            run_url = reverse("admin:ibkr_sync_syncrun_change", args=[run.pk])
+            message = format_html(
+                '<a href="{}">Sync #{}</a>{} queued: a worker runs it; its page in the sync '
+                "history shows its outcome.",
+                run_url,
+                run.pk,
+                of,
+            )
+        else:
+            message = f"Sync #{run.pk}{of} queued: a worker runs it."
+        self.message_user(request, message, messages.INFO)
+
+    def _refused(self, request: HttpRequest, exc: IbkrSyncError, what: str = "Sync failed") -> None:
+        """A sync that failed (or was not queued), as the admin says it: the error names
+        the gateway's address (and the accounts it manages): sync run data. What the user
+        typed wrong, or a sync running, reveals nothing."""
+        shown = isinstance(
+            exc,
+            (
+                InvalidAccountId,
+                SyncAlreadyRunning,
+                UnknownConnection,
+                ConnectionRequired,
+                ConnectionDisabled,
+            ),
+        )
+        if shown or may_view(request.user, Kind.SYNC_RUNS):
+            text = f"{what}: {exc}"
+        else:
+            text = f"{what} ({exc.code}); nothing was changed."
+        self.message_user(request, text, messages.ERROR)
 
     @staticmethod
     def _outcome_message(request: HttpRequest, result) -> tuple[str, int]:

@@ -6,7 +6,7 @@ from rest_framework.renderers import JSONRenderer
 
 from ..exceptions import InvalidAccountId
 from ..mapping import normalize_account_id
-from ..models import PositionChange, SyncRun
+from ..models import WORKER_SILENT_AFTER, PositionChange, SyncRun
 from ..permissions import Kind, may_view
 from .fields import ExactDecimalField
 
@@ -337,11 +337,35 @@ class ConnectionHealthSerializer(serializers.Serializer):
     )
 
 
+class QueueCheckSerializer(serializers.Serializer):
+    status = serializers.ChoiceField(
+        choices=["ok", "broker_unreachable", "no_worker", "backlog"],
+        help_text="broker_unreachable: the broker did not accept a connection; no_worker: "
+        f"no worker said it was alive in the last {int(WORKER_SILENT_AFTER)} seconds; "
+        "backlog: a sync has been queued longer than max_queued_seconds.",
+    )
+    broker = serializers.ChoiceField(choices=["ok", "unreachable"])
+    workers = serializers.IntegerField(
+        required=False,
+        help_text=f"Workers seen alive in the last {int(WORKER_SILENT_AFTER)} seconds.",
+    )
+    worker_seen_seconds = serializers.IntegerField(
+        required=False, help_text="Since a worker last said it was alive; absent: never."
+    )
+    oldest_queued_seconds = serializers.IntegerField(
+        required=False, help_text="The oldest queued sync's wait; absent: none is queued."
+    )
+    max_queued_seconds = serializers.IntegerField(help_text="IBKR_SYNC_STALE_AFTER.")
+
+
 class HealthChecksSerializer(serializers.Serializer):
     database = HealthCheckSerializer()
     last_sync = LastSyncCheckSerializer()
     sync_lock = SyncLockCheckSerializer()
     gateway = HealthCheckSerializer(required=False, help_text="Only with ?gateway=1.")
+    queue = QueueCheckSerializer(
+        required=False, help_text="Only with a task queue (IBKR_SYNC_TASK_QUEUE)."
+    )
 
 
 class HealthSerializer(serializers.Serializer):

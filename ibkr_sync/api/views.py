@@ -412,8 +412,9 @@ class HealthView(APIView):
         "connection to TWS / IB Gateway (no API session). With connections, "
         "`connections` lists each one's state by id (named only to a staff user, logged "
         "in to the admin, who may view sync runs, and only the connections that user may "
-        "see), and the answer is 503 when any enabled "
-        "connection is unhealthy. No authentication.",
+        "see), and the answer is 503 when any enabled connection is unhealthy. With a task "
+        "queue (IBKR_SYNC_TASK_QUEUE), `checks.queue`: the broker reachable, a worker seen "
+        "recently, the oldest queued sync's age; 503 when it is not ok. No authentication.",
         parameters=[
             OpenApiParameter(
                 "gateway",

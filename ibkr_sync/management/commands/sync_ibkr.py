@@ -10,6 +10,10 @@ only then). On a terminal, stderr shows progress while a large portfolio arrives
 `--connection NAME` syncs one configured connection (optional with one or none);
 `--all` syncs every enabled connection one after another (`services.sync_all`), a line
 each, and exits with the code of the first failure.
+
+`--queue` hands the sync (of `--connection`, or of each connection with `--all`) to the
+task queue (IBKR_SYNC_TASK_QUEUE) instead of running it here: a line per queued run, its
+id first. Without it the command runs the sync itself, queue or no queue.
 """
 
 import logging
@@ -25,7 +29,17 @@ from ...api.errors import error_body
 from ...api.serializers import SyncResultSerializer, render_json
 from ...decimals import plain
 from ...models import SyncRun
-from ...services import ConnectionOutcome, SyncResult, describe_values, sync_all, sync_positions
+from ...services import (
+    ConnectionOutcome,
+    QueuedOutcome,
+    SyncResult,
+    describe_values,
+    queue_all,
+    queue_sync,
+    queues,
+    sync_all,
+    sync_positions,
+)
 from ...sources import flex
 from ...sources.tws import LIBRARY_RECORD
 
@@ -43,9 +57,10 @@ EXITS: tuple[tuple[int, _Errors, str], ...] = (
             exceptions.UnknownConnection,
             exceptions.ConnectionRequired,
             exceptions.ConnectionDisabled,
+            exceptions.QueueNotConfigured,
         ),
         "bad arguments (e.g. a malformed account id, an unknown or disabled connection, "
-        "several connections and none named)",
+        "several connections and none named, --queue with no task queue configured)",
     ),
     (
         3,
@@ -77,6 +92,11 @@ EXITS: tuple[tuple[int, _Errors, str], ...] = (
         "the connection's Flex token or query was refused (expired, invalid, restricted to "
         "another address, a query without Open Positions) or its stored token cannot be "
         "decrypted: the message says what to do",
+    ),
+    (
+        11,
+        exceptions.QueueUnavailable,
+        "--queue: the task queue's broker did not take the sync (down or unreachable)",
     ),
     (78, None, "configuration error (a malformed setting, named in the message)"),
 )
@@ -166,6 +186,13 @@ class Command(IbkrCommand):
             help="Read the gateway and work out every change, then write nothing (no "
             "position, no sync record) and report what a sync would change.",
         )
+        parser.add_argument(
+            "--queue",
+            action="store_true",
+            help="Queue the sync for a worker (IBKR_SYNC_TASK_QUEUE) instead of running it "
+            "here: one line per queued run, with its id (with --all, one per connection); "
+            "exit 0 once queued. Without it the sync runs here, queue or no queue.",
+        )
         output = parser.add_mutually_exclusive_group()
         output.add_argument(
             "--json",
@@ -187,12 +214,24 @@ class Command(IbkrCommand):
         connection: str | None = None,
         sync_all: bool = False,
         dry_run: bool = False,
+        queue: bool = False,
         as_json: bool = False,
         quiet: bool = False,
         verbosity: int = 1,
         **options,
     ) -> None:
         quiet = quiet or verbosity < 1
+        if queue:
+            self._handle_queue(
+                account=account,
+                connection=connection,
+                sync_all=sync_all,
+                dry_run=dry_run,
+                as_json=as_json,
+                quiet=quiet,
+                verbosity=verbosity,
+            )
+            return
         if sync_all:
             if account is not None:
                 self._usage_error(
@@ -231,6 +270,77 @@ class Command(IbkrCommand):
         """A combination of options that cannot go together: one line, exit 2, as
         argparse says of a bad option."""
         raise CommandError(f"{message}.", returncode=2)
+
+    def _handle_queue(
+        self,
+        *,
+        account: str | None,
+        connection: str | None,
+        sync_all: bool,
+        dry_run: bool,
+        as_json: bool,
+        quiet: bool,
+        verbosity: int,
+    ) -> None:
+        """`--queue`: the syncs handed to the task queue, a line each (`IBKR sync #12 of
+        connection home queued`); with --all, a refused one is a line on stderr and the
+        exit code is the first refusal's, as `--all` does for failures."""
+        if dry_run:
+            self._usage_error(
+                "--dry-run runs here and writes nothing; it cannot be queued (leave out --queue)"
+            )
+        if sync_all and account is not None:
+            self._usage_error(
+                "--all syncs every account of every connection; --account goes with "
+                "one connection (--connection NAME)"
+            )
+        if connection is not None and not connection.strip():
+            self._usage_error(
+                "--connection is empty: give a connection's name (`manage.py "
+                "ibkr_connection list` lists them)"
+            )
+        try:
+            with _sync_log_on(self.stderr, verbosity):
+                outcomes = self._queue(account, connection, sync_all)
+        except exceptions.IbkrSyncError as exc:
+            if as_json:
+                self.stdout.write(render_json(error_body(exc.code, str(exc))))
+            raise CommandError(str(exc), returncode=exit_code_for(exc)) from exc
+        if as_json:
+            body = [_queued_json(o) for o in outcomes]
+            self.stdout.write(render_json(body if sync_all else body[0]))
+        elif not outcomes and not quiet:
+            self.stdout.write("No IBKR connection is enabled: nothing was queued.")
+        failed = [o for o in outcomes if o.error is not None]
+        for outcome in outcomes:
+            if outcome.error is not None:
+                self.stderr.write(
+                    f"{_label(outcome.connection)}: not queued ({outcome.error.code}): "
+                    f"{outcome.error}"
+                )
+            elif not quiet and not as_json:
+                of = f" of connection {outcome.connection}" if outcome.connection else ""
+                self.stdout.write(f"IBKR sync #{outcome.run.pk}{of} queued")
+        if failed:
+            first = failed[0]
+            raise CommandError(
+                f"{len(failed)} of {len(outcomes)} IBKR connection(s) not queued: "
+                + ", ".join(_name(o.connection) for o in failed)
+                + f"; the exit code is the first one's ({first.error.code}).",
+                returncode=exit_code_for(first.error),
+            )
+
+    @staticmethod
+    def _queue(account: str | None, connection: str | None, sync_all: bool) -> list[QueuedOutcome]:
+        if not queues():
+            raise exceptions.QueueNotConfigured(
+                "--queue needs a task queue: set IBKR_SYNC_TASK_QUEUE=celery (and "
+                "CELERY_BROKER_URL) and run a worker, or leave out --queue to sync here."
+            )
+        if sync_all:
+            return queue_all(trigger=SyncRun.Trigger.COMMAND)
+        run = queue_sync(account, trigger=SyncRun.Trigger.COMMAND, connection=connection)
+        return [QueuedOutcome(run.connection_name, run=run)]
 
     def _handle_all(self, *, dry_run: bool, as_json: bool, quiet: bool, verbosity: int) -> None:
         """Every enabled connection, one after another: a line each (a success on stdout,
@@ -322,6 +432,19 @@ def _outcome_json(outcome: ConnectionOutcome) -> dict:
     shape naming the connection."""
     if outcome.error is None:
         return SyncResultSerializer(outcome.result).data
+    body = error_body(outcome.error.code, str(outcome.error))
+    return {**body, "connection": outcome.connection or None}
+
+
+def _queued_json(outcome: QueuedOutcome) -> dict:
+    """One queued sync as JSON: `{"status": "queued", "sync_run_id", "connection"}` (the
+    API's 202 answer without the URL, which needs a site), or its error shape."""
+    if outcome.error is None:
+        return {
+            "status": "queued",
+            "sync_run_id": outcome.run.pk,
+            "connection": outcome.connection or None,
+        }
     body = error_body(outcome.error.code, str(outcome.error))
     return {**body, "connection": outcome.connection or None}
 
