@@ -39,6 +39,9 @@ MARKERS = {
     Kind.INSTRUMENTS: ("Quux Widget Holdings",),  # an instrument's description
     Kind.SYNC_RUNS: (HOST_PORT,),  # a failed run's message
     Kind.CONNECTIONS: ("marigold-gw.lan",),  # a connection's host
+    Kind.TRADES: ("31415.9265",),  # a trade's price
+    Kind.CASH_TRANSACTIONS: ("Quokka Dividend",),  # a cash transaction's description
+    Kind.CORPORATE_ACTIONS: ("Wombat Split",),  # a corporate action's description
 }
 
 #: Each registered model's pages show its own kind.
