@@ -12,11 +12,12 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
+from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 
 from .. import conf, decimals
-from ..overview import portfolio_overview, status_panels
+from ..overview import ledger_income, portfolio_overview, status_panels
 from ..permissions import COVERED_BY, Kind, may_view, visible_kinds
 from .columns import when_column
 from .sync_runs import SyncNowMixin
@@ -322,16 +323,25 @@ class PositionAdmin(SyncNowMixin, MirroredModelAdmin):
 
     def overview_view(self, request: HttpRequest) -> TemplateResponse:
         """Each account's values and history, and the open positions by currency and sec
-        type (`ibkr_sync.overview`); ?range= picks the history's range (1m, 3m, 1y, all).
+        type (`ibkr_sync.overview`); ?range= picks the history's range (1m, 3m, 1y, all),
+        ?from= and ?to= the days of the income (to those who may view cash transactions).
         Each section only for users who may view its kind of data (`may`); the page for
         those who may view any of them."""
         if not may_open_overview(request.user):
             raise PermissionDenied
+        overview = portfolio_overview(request.GET.get("range"))
+        income = None
+        if may_view(request.user, Kind.CASH_TRANSACTIONS):
+            bases = {account.pk: account.base_currency for account in overview.accounts}
+            income = ledger_income(request.GET, bases, timezone.localdate())
+            for account in overview.accounts if income else ():
+                account.income = income.accounts.get(account.pk)
         context = {
             **self.admin_site.each_context(request),
             "title": "Portfolio overview",
             "opts": self.opts,
-            "overview": portfolio_overview(request.GET.get("range")),
+            "overview": overview,
+            "income": income,
             "status_panels": status_panels(request),
             "may": visible_kinds(request.user),
         }
