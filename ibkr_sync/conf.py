@@ -302,6 +302,21 @@ def lookup_ledger_model(name: str) -> type[models.Model] | None:
     return lookup_model(name)
 
 
+def trade_model() -> type[models.Model] | None:
+    """The trade model (IBKR_SYNC_TRADE_MODEL), or None: no ledger of trades."""
+    return ledger_model("IBKR_SYNC_TRADE_MODEL")
+
+
+def cash_transaction_model() -> type[models.Model] | None:
+    """The cash transaction model (IBKR_SYNC_CASH_TRANSACTION_MODEL), or None."""
+    return ledger_model("IBKR_SYNC_CASH_TRANSACTION_MODEL")
+
+
+def corporate_action_model() -> type[models.Model] | None:
+    """The corporate action model (IBKR_SYNC_CORPORATE_ACTION_MODEL), or None."""
+    return ledger_model("IBKR_SYNC_CORPORATE_ACTION_MODEL")
+
+
 def ledger_models() -> dict[str, type[models.Model]]:
     """The ledger's models the host keeps, by kind (`LEDGER_SETTINGS`'s keys)."""
     found = {kind: ledger_model(name) for kind, name in LEDGER_SETTINGS.items()}

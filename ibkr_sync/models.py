@@ -397,7 +397,9 @@ class AbstractTrade(AbstractLedgerRow):
         ordering = ["account", "-trade_date", "external_id"]
         constraints = [unique_external_id()]
         indexes = [
-            models.Index(fields=["account", "trade_date"], name="%(app_label)s_%(class)s_date")
+            models.Index(fields=["account", "trade_date"], name="%(app_label)s_%(class)s_date"),
+            # The read API's order (oldest first, ties by id): a page is one index range.
+            models.Index(fields=["trade_date", "id"], name="%(app_label)s_%(class)s_list"),
         ]
 
     def __str__(self) -> str:
@@ -442,7 +444,11 @@ class AbstractCashTransaction(AbstractLedgerRow):
         abstract = True
         ordering = ["account", "-date", "external_id"]
         constraints = [unique_external_id()]
-        indexes = [models.Index(fields=["account", "date"], name="%(app_label)s_%(class)s_date")]
+        indexes = [
+            models.Index(fields=["account", "date"], name="%(app_label)s_%(class)s_date"),
+            # The read API's order (oldest first, ties by id): a page is one index range.
+            models.Index(fields=["date", "id"], name="%(app_label)s_%(class)s_list"),
+        ]
 
     def __str__(self) -> str:
         amount = "" if self.amount is None else plain(self.amount)

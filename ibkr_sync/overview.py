@@ -16,6 +16,12 @@ currency. Only a positive rate converts. An amount without such a rate is shown 
 added, with the reason. Across accounts, totals are per currency only (accounts may have
 different base currencies).
 
+Where the project keeps the ledger's cash transactions, each account's income in a range
+of days (default: this year): dividends, the tax withheld from them and the net, payments
+in lieu, interest and fees, per currency and in the base currency at the rate IBKR gave
+each row (`fx_rate_to_base`; a row without one is counted apart, never converted at a
+rate of our own), in one query; shown only to users who may view cash transactions.
+
 Each account also says which connection last reported it, and the moment that report
 describes (`AccountReport`, by broker and account id): sync run data, which the page
 shows only to users who may view sync runs.
@@ -231,6 +237,8 @@ class AccountSummary:
     # gateway, or no report yet) and the moment that report describes.
     reported_by: str = ""
     reported_as_of: dt.datetime | None = None
+    # Its income from the ledger in the range asked for (`ledger_income`), if shown.
+    income: AccountIncome | None = None
 
     @property
     def by_currency(self) -> list[Subtotal]:
@@ -487,3 +495,142 @@ def bar_chart(items: list[tuple[str, Decimal]]) -> dict | None:
         "value_x": CHART_WIDTH - VALUE_WIDTH + 6,
         "bars": bars,
     }
+
+
+# --- income, from the ledger's cash transactions ---------------------------------------------
+
+#: The kinds of cash transaction that are income (or its costs), in the table's order; net
+#: dividends are dividends with the tax withheld from them.
+INCOME_KINDS = ("dividend", "withholding_tax", "payment_in_lieu", "interest", "fee")
+
+
+@dataclass
+class IncomeLine:
+    """One account's income in one currency (`currency`), or in its base currency at
+    IBKR's rates (`in_base`): the amounts by kind, each the exact sum of the rows."""
+
+    currency: str
+    amounts: dict[str, Decimal] = field(default_factory=dict)
+    in_base: bool = False
+
+    def add(self, kind: str, amount: Decimal) -> None:
+        self.amounts[kind] = exact_sum((self.amounts.get(kind, Decimal(0)), amount))
+
+    def get(self, kind: str) -> Decimal | None:
+        return self.amounts.get(kind)
+
+    @property
+    def net_dividends(self) -> Decimal | None:
+        parts = [self.amounts[k] for k in ("dividend", "withholding_tax") if k in self.amounts]
+        return exact_sum(parts) if parts else None
+
+    @property
+    def total(self) -> Decimal:
+        return exact_sum(self.amounts.values())
+
+    @property
+    def columns(self) -> list[Decimal | None]:
+        """The table's columns: dividends, tax, net dividends, in lieu, interest, fees."""
+        return [
+            self.get("dividend"), self.get("withholding_tax"), self.net_dividends,
+            self.get("payment_in_lieu"), self.get("interest"), self.get("fee"),
+        ]  # fmt: skip
+
+
+@dataclass
+class AccountIncome:
+    by_currency: list[IncomeLine]
+    base: IncomeLine  # what converts at IBKR's rates, in the account's base currency
+    # Rows left out of `base`: IBKR gave no rate that converts (never a guessed one).
+    not_converted: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Income:
+    start: dt.date
+    end: dt.date
+    accounts: dict[int, AccountIncome]
+    problem: str = ""  # a bad ?from= / ?to=, said on the page (the default range used)
+
+
+def income_range(query, today: dt.date) -> tuple[dt.date, dt.date, str]:
+    """The days ?from= and ?to= name (YYYY-MM-DD, both included); default: this year up
+    to today. A bad value is said, and the default used instead."""
+    start, end, problems = dt.date(today.year, 1, 1), today, []
+    for name in ("from", "to"):
+        text = (query.get(name) or "").strip()
+        if not text:
+            continue
+        try:
+            day = dt.date.fromisoformat(text) if len(text) == 10 else None
+        except ValueError:
+            day = None
+        if day is None:
+            problems.append(f"{name} {text[:40]!r} is not a date (YYYY-MM-DD)")
+        elif name == "from":
+            start = day
+        else:
+            end = day
+    if start > end:
+        problems.append(f"from {start} is after to {end}")
+        start, end = dt.date(today.year, 1, 1), today
+    return start, end, "; ".join(problems)
+
+
+def account_income(
+    model, start: dt.date, end: dt.date, base_currencies: dict[int, str]
+) -> dict[int, AccountIncome]:
+    """Each account's income between `start` and `end` (both included), by currency and
+    kind, and in its base currency (`base_currencies`, by account id: the accounts shown,
+    those the user may see, and no other) at each row's own rate from IBKR
+    (`fx_rate_to_base`): one query, summed in the database by account, currency, kind and
+    rate, however many rows there are."""
+    rows = (
+        model.objects.filter(
+            account_id__in=list(base_currencies),
+            date__gte=start,
+            date__lte=end,
+            kind__in=INCOME_KINDS,
+        )
+        .values("account_id", "currency", "kind", "fx_rate_to_base")
+        .annotate(total=Sum("amount"), n=Count("id"))
+        .order_by("account_id", "currency", "kind")
+    )
+    lines: dict[int, dict[str, IncomeLine]] = defaultdict(dict)
+    found: dict[int, AccountIncome] = {}
+    for row in rows:
+        pk, currency, kind, amount = row["account_id"], row["currency"], row["kind"], row["total"]
+        if amount is None:
+            continue
+        lines[pk].setdefault(currency, IncomeLine(currency)).add(kind, amount)
+        base = base_currencies.get(pk, "")
+        income = found.setdefault(pk, AccountIncome([], IncomeLine(base, in_base=True)))
+        converted = _to_base(amount, row["fx_rate_to_base"], currency, base)
+        if converted is None:
+            income.not_converted[currency] = income.not_converted.get(currency, 0) + row["n"]
+        else:
+            income.base.add(kind, converted)
+    for pk, income in found.items():
+        income.by_currency = [lines[pk][c] for c in sorted(lines[pk])]
+    return found
+
+
+def _to_base(amount: Decimal, rate: Decimal | None, currency: str, base: str) -> Decimal | None:
+    """amount x IBKR's rate to the account's base currency, exactly; the amount itself in
+    the base currency (where it is known) without a rate; else None: never a rate of our
+    own."""
+    if is_rate(rate):
+        return exact_product(amount, rate)
+    if base and currency == base:
+        return amount
+    return None
+
+
+def ledger_income(query, base_currencies: dict[int, str], today: dt.date) -> Income | None:
+    """The overview's income section, or None while the project keeps no cash
+    transactions."""
+    model = conf.cash_transaction_model()
+    if model is None:
+        return None
+    start, end, problem = income_range(query, today)
+    return Income(start, end, account_income(model, start, end, base_currencies), problem)

@@ -5,10 +5,14 @@ model that holds it, as the read API asks for it: positions need the position mo
 (`/portfolio/positions`), cash balances the cash balance model's (`/portfolio/cash`), an
 account's history the snapshot model's (`/portfolio/accounts/<id>/history`), sync runs
 `ibkr_sync.view_syncrun` (`/portfolio/sync/runs`), the connections a sync reads (a
-gateway's address and client id) `ibkr_sync.view_connection`. A position change is a position's past
-(the read API shows it as the positions held at a past moment), so it needs the position
-permission, not the sync run's. The models are swappable (IBKR_SYNC_*_MODEL), so the
-codenames come from the configured models, never a hard-coded `portfolio.`.
+gateway's address and client id) `ibkr_sync.view_connection`, the ledger's trades, cash
+transactions and corporate actions their models' (`/portfolio/trades`,
+`/portfolio/cash-transactions`). The ledger is optional: while a host keeps no ledger of
+a kind (its IBKR_SYNC_*_MODEL is None) nobody may view that kind, and no model is it. A
+position change is a position's past (the read API shows it as the positions held at a
+past moment), so it needs the position permission, not the sync run's. The models are
+swappable (IBKR_SYNC_*_MODEL), so the codenames come from the configured models, never a
+hard-coded `portfolio.`.
 
 An account's external id and broker go with every kind (each endpoint names the account
 of its rows); the account's own fields (its name, whether it is a paper account) are
@@ -39,6 +43,9 @@ class Kind(enum.Enum):
     SYNC_RUNS = "sync_runs"
     POSITION_CHANGES = "position_changes"
     CONNECTIONS = "connections"
+    TRADES = "trades"
+    CASH_TRANSACTIONS = "cash_transactions"
+    CORPORATE_ACTIONS = "corporate_actions"
 
 
 def _sync_run_model() -> type[models.Model]:
@@ -60,8 +67,8 @@ def _position_change_model() -> type[models.Model]:
 
 
 #: The model whose `view` permission covers each kind (looked up when asked, so a changed
-#: IBKR_SYNC_*_MODEL setting takes effect).
-COVERED_BY: dict[Kind, Callable[[], type[models.Model]]] = {
+#: IBKR_SYNC_*_MODEL setting takes effect); None for a ledger kind the host does not keep.
+COVERED_BY: dict[Kind, Callable[[], type[models.Model] | None]] = {
     Kind.ACCOUNTS: conf.account_model,
     Kind.INSTRUMENTS: conf.instrument_model,
     Kind.POSITIONS: conf.position_model,
@@ -70,11 +77,14 @@ COVERED_BY: dict[Kind, Callable[[], type[models.Model]]] = {
     Kind.SYNC_RUNS: _sync_run_model,
     Kind.POSITION_CHANGES: conf.position_model,
     Kind.CONNECTIONS: _connection_model,
+    Kind.TRADES: conf.trade_model,
+    Kind.CASH_TRANSACTIONS: conf.cash_transaction_model,
+    Kind.CORPORATE_ACTIONS: conf.corporate_action_model,
 }
 
 #: The kind of the rows each model holds, where it is not the model the kind names
 #: (a PositionChange row is a position change).
-_HELD_IN: dict[Kind, Callable[[], type[models.Model]]] = {
+_HELD_IN: dict[Kind, Callable[[], type[models.Model] | None]] = {
     **COVERED_BY,
     Kind.POSITION_CHANGES: _position_change_model,
 }
@@ -86,9 +96,11 @@ def view_permission(model: type[models.Model]) -> str:
     return f"{opts.app_label}.{get_permission_codename('view', opts)}"
 
 
-def permission(kind: Kind) -> str:
-    """The permission that lets a user see `kind`."""
-    return view_permission(COVERED_BY[kind]())
+def permission(kind: Kind) -> str | None:
+    """The permission that lets a user see `kind`; None for a ledger kind the host keeps
+    no ledger of (nobody sees it)."""
+    model = COVERED_BY[kind]()
+    return None if model is None else view_permission(model)
 
 
 def kind_of(model: type[models.Model]) -> Kind | None:
@@ -96,7 +108,8 @@ def kind_of(model: type[models.Model]) -> Kind | None:
     (a host's own, covered by its own `view` permission)."""
     concrete = model._meta.concrete_model
     for kind, held_in in _HELD_IN.items():
-        if held_in()._meta.concrete_model is concrete:
+        held = held_in()
+        if held is not None and held._meta.concrete_model is concrete:
             return kind
     return None
 
@@ -108,8 +121,10 @@ def permission_for_rows(model: type[models.Model]) -> str:
 
 
 def may_view(user, kind: Kind) -> bool:
-    """Whether `user` may see data of `kind` (anywhere: the API, any admin page)."""
-    return user.has_perm(permission(kind))
+    """Whether `user` may see data of `kind` (anywhere: the API, any admin page); never a
+    ledger kind the host does not keep."""
+    perm = permission(kind)
+    return perm is not None and user.has_perm(perm)
 
 
 def visible_kinds(user) -> dict[str, bool]:

@@ -7,14 +7,29 @@ from ibkr_sync.admin import (
     AccountAdmin,
     AccountSnapshotAdmin,
     CashBalanceAdmin,
+    CashTransactionAdmin,
+    CorporateActionAdmin,
     InstrumentAdmin,
     PositionAdmin,
+    TradeAdmin,
 )
 
-from .models import Account, AccountSnapshot, CashBalance, Instrument, Position
+from .models import (
+    Account,
+    AccountSnapshot,
+    CashBalance,
+    CashTransaction,
+    CorporateAction,
+    Instrument,
+    Position,
+    Trade,
+)
 
 admin.site.register(Account, AccountAdmin)
 admin.site.register(Instrument, InstrumentAdmin)
 admin.site.register(Position, PositionAdmin)
 admin.site.register(CashBalance, CashBalanceAdmin)
 admin.site.register(AccountSnapshot, AccountSnapshotAdmin)
+admin.site.register(Trade, TradeAdmin)
+admin.site.register(CashTransaction, CashTransactionAdmin)
+admin.site.register(CorporateAction, CorporateActionAdmin)

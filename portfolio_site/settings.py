@@ -203,6 +203,7 @@ SPECTACULAR_SETTINGS = {
         "SyncRunStatusEnum": "ibkr_sync.models.SyncRun.Status",
         "PositionStatusEnum": ["open", "closed"],
         "ErrorStatusEnum": ["error"],
+        "CashKindEnum": "ibkr_sync.models.CashKind",
     },
 }
 

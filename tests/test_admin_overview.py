@@ -24,8 +24,9 @@ OVERVIEW = reverse("admin:portfolio_overview")
 # Session, user, the accounts (with their latest snapshot's key), those snapshots, the
 # cash, the grouped sum of the open positions, the history (counted per account, then its
 # points), the latest finished sync run (the last success is the same row, or one more
-# query).
-OVERVIEW_MAX_QUERIES = 10
+# query), the income (the ledger's cash transactions summed by account, currency, kind
+# and rate).
+OVERVIEW_MAX_QUERIES = 11
 
 
 def sync(gateway: FakeGateway) -> SyncRun:

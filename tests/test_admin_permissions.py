@@ -19,7 +19,16 @@ from ibkr_sync.exceptions import GatewayUnavailable
 from ibkr_sync.models import Connection, SyncRun
 from ibkr_sync.permissions import Kind
 from ibkr_sync.services import sync_positions
-from portfolio.models import Account, AccountSnapshot, CashBalance, Instrument, Position
+from portfolio.models import (
+    Account,
+    AccountSnapshot,
+    CashBalance,
+    CashTransaction,
+    CorporateAction,
+    Instrument,
+    Position,
+    Trade,
+)
 from tests.conftest import FakeGateway, position
 from tests.integration.conftest import OTHER
 from tests.values import cash, snapshot
@@ -39,6 +48,9 @@ MARKERS = {
     Kind.INSTRUMENTS: ("Quux Widget Holdings",),  # an instrument's description
     Kind.SYNC_RUNS: (HOST_PORT,),  # a failed run's message
     Kind.CONNECTIONS: ("marigold-gw.lan",),  # a connection's host
+    Kind.TRADES: ("31415.9265",),  # a trade's price
+    Kind.CASH_TRANSACTIONS: ("Quokka Dividend",),  # a cash transaction's description
+    Kind.CORPORATE_ACTIONS: ("Wombat Split",),  # a corporate action's description
 }
 
 #: Each registered model's pages show its own kind.
@@ -50,6 +62,9 @@ MODELS = {
     AccountSnapshot: Kind.ACCOUNT_SNAPSHOTS,
     SyncRun: Kind.SYNC_RUNS,
     Connection: Kind.CONNECTIONS,
+    Trade: Kind.TRADES,
+    CashTransaction: Kind.CASH_TRANSACTIONS,
+    CorporateAction: Kind.CORPORATE_ACTIONS,
 }
 
 VIEW_PERMISSIONS = {
@@ -60,6 +75,9 @@ VIEW_PERMISSIONS = {
     "view_accountsnapshot": Kind.ACCOUNT_SNAPSHOTS,
     "view_syncrun": Kind.SYNC_RUNS,
     "view_connection": Kind.CONNECTIONS,
+    "view_trade": Kind.TRADES,
+    "view_cashtransaction": Kind.CASH_TRANSACTIONS,
+    "view_corporateaction": Kind.CORPORATE_ACTIONS,
 }
 
 #: Every single view permission, none, and combinations that meet on one page.
@@ -99,6 +117,19 @@ def data():
     snapshot(
         account, timezone.now() - dt.timedelta(days=1), "1234567.89",
         exchange_rates={"USD": "1", "EUR": "1.085"},
+    )  # fmt: skip
+    aapl = Instrument.objects.get(symbol="AAPL")
+    Trade.objects.create(
+        broker="ibkr", external_id="T1", account=account, instrument=aapl,
+        buy_sell="BUY", quantity=1, price="31415.9265", currency="USD",
+    )  # fmt: skip
+    CashTransaction.objects.create(
+        broker="ibkr", external_id="C1", account=account, instrument=aapl, kind="dividend",
+        amount="1", currency="USD", description="Quokka Dividend",
+    )  # fmt: skip
+    CorporateAction.objects.create(
+        broker="ibkr", external_id="A1", account=account, instrument=aapl, type="FS",
+        description="Wombat Split",
     )  # fmt: skip
     gateway.error = GatewayUnavailable(f"Cannot connect to the IB gateway at {HOST_PORT}.")
     with pytest.raises(GatewayUnavailable):
@@ -229,6 +260,8 @@ def test_the_overview_leaves_out_what_the_user_may_not_see(django_user_model, da
     ("view_cashbalance", "/portfolio/cash"),
     ("view_accountsnapshot", "/portfolio/accounts/U1111111/history"),
     ("view_syncrun", "/portfolio/sync/runs"),
+    ("view_trade", "/portfolio/trades"),
+    ("view_cashtransaction", "/portfolio/cash-transactions"),
 ])  # fmt: skip
 @pytest.mark.parametrize("grant", GRANTS, ids=grant_id)
 def test_the_read_api_and_the_admin_decide_alike(django_user_model, data, grant, codename,
@@ -271,6 +304,20 @@ def test_the_permissions_come_from_the_configured_models(settings):
     from django.contrib.auth.models import Group
 
     assert permissions.kind_of(Group) is Kind.POSITIONS
+
+
+def test_without_a_ledger_nobody_may_view_it_and_no_model_is_it(settings, admin_user):
+    settings.IBKR_SYNC_TRADE_MODEL = None
+    settings.IBKR_SYNC_CASH_TRANSACTION_MODEL = None
+    settings.IBKR_SYNC_CORPORATE_ACTION_MODEL = None
+
+    for kind in (Kind.TRADES, Kind.CASH_TRANSACTIONS, Kind.CORPORATE_ACTIONS):
+        assert permissions.permission(kind) is None
+        assert permissions.may_view(admin_user, kind) is False  # not even a superuser
+    assert permissions.kind_of(Trade) is None
+    assert permissions.permission_for_rows(Trade) == "portfolio.view_trade"
+    assert permissions.visible_kinds(admin_user)["positions"] is True
+    assert permissions.visible_kinds(admin_user)["trades"] is False
 
 
 # --- Sync now's messages ---------------------------------------------------------------------

@@ -491,8 +491,8 @@ def test_a_well_formed_cursor_written_by_hand_still_works(client, book, runs, ur
 
 ENDPOINTS = (
     "/portfolio/accounts, /portfolio/accounts/<external_id>/history, /portfolio/cash, "
-    "/portfolio/positions, /portfolio/sync/ibkr, /portfolio/sync/runs, "
-    "/portfolio/sync/runs/<id>"
+    "/portfolio/cash-transactions, /portfolio/positions, /portfolio/sync/ibkr, "
+    "/portfolio/sync/runs, /portfolio/sync/runs/<id>, /portfolio/trades"
 )
 
 

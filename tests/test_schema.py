@@ -250,3 +250,62 @@ def test_healthz_documents_the_task_queues_check(schema):
     assert components["QueueCheckStatusEnum"]["enum"] == [
         "ok", "broker_unreachable", "no_worker", "backlog",
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("path", "component", "params"),
+    [
+        ("/portfolio/trades", "Trade", {"account", "from", "to", "currency", "symbol"}),
+        (
+            "/portfolio/cash-transactions",
+            "CashTransaction",
+            {"account", "from", "to", "currency", "symbol", "kind"},
+        ),
+    ],
+)
+def test_the_ledger_is_documented_with_its_filters_and_exact_decimals(
+    schema, path, component, params
+):
+    operation = schema["paths"][path]["get"]
+    documented = {p["name"]: p for p in operation["parameters"]}
+    body = operation["responses"]["200"]["content"]["application/json"]["schema"]
+    page = schema["components"]["schemas"][body["$ref"].rsplit("/", 1)[1]]
+    row = schema["components"]["schemas"][component]["properties"]
+
+    assert params | {"cursor", "page_size"} <= set(documented)
+    assert documented["from"]["schema"]["format"] == "date"
+    assert "included" in documented["to"]["description"]
+    assert {"200", "400", "401", "403", "404", "405"} <= set(operation["responses"])
+    assert "404" in operation["description"] and "= None" in operation["description"]
+    assert page["properties"]["results"]["items"] == {"$ref": f"#/components/schemas/{component}"}
+    assert row["instrument"]["allOf"] == [{"$ref": "#/components/schemas/Instrument"}]
+    assert row["instrument"]["nullable"] is True
+    decimals = (
+        ("quantity", "price", "proceeds", "commission", "realized_pnl", "fx_rate_to_base")
+        if component == "Trade"
+        else ("amount", "fx_rate_to_base")
+    )
+    for name in decimals:
+        assert (row[name]["type"], row[name]["format"]) == ("string", "decimal"), name
+
+
+def test_the_cash_transaction_kinds_are_an_enum_of_the_models(schema):
+    from ibkr_sync.models import CashKind
+
+    operation = schema["paths"]["/portfolio/cash-transactions"]["get"]
+    kind = next(p for p in operation["parameters"] if p["name"] == "kind")
+
+    assert kind["schema"]["enum"] == CashKind.values
+    assert schema["components"]["schemas"]["CashKindEnum"]["enum"] == CashKind.values
+
+
+@pytest.mark.django_db
+def test_the_schema_is_served_without_a_ledger(settings):
+    settings.IBKR_SYNC_TRADE_MODEL = None
+    settings.IBKR_SYNC_CASH_TRANSACTION_MODEL = None
+    settings.IBKR_SYNC_CORPORATE_ACTION_MODEL = None
+
+    response = APIClient().get("/api/schema/", {"format": "json"})
+
+    assert response.status_code == 200, response.content
+    validate_schema(response.json())

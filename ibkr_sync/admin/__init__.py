@@ -13,6 +13,8 @@ portfolio app; a host does the same for its own models):
 `AccountAdmin`, `InstrumentAdmin`, `PositionAdmin` (with the portfolio overview at
 `overview/`), `CashBalanceAdmin` and `AccountSnapshotAdmin`: read-only lists with the
 number formatting, filters and search, and Sync now on accounts and positions.
+`TradeAdmin`, `CashTransactionAdmin` and `CorporateActionAdmin`: the ledger's read-only
+lists (shown only while the project keeps that kind of ledger).
 `SyncNowMixin` adds Sync now to any other `ModelAdmin`.
 """
 
@@ -21,10 +23,14 @@ from .portfolio import (
     AccountAdmin,
     AccountSnapshotAdmin,
     CashBalanceAdmin,
+    CashTransactionAdmin,
+    CorporateActionAdmin,
     InstrumentAdmin,
+    LedgerModelAdmin,
     MirroredModelAdmin,
     PositionAdmin,
     SyncedModelAdmin,
+    TradeAdmin,
 )
 from .sync_runs import SyncNowMixin, SyncRunAdmin
 
@@ -32,11 +38,15 @@ __all__ = [
     "AccountAdmin",
     "AccountSnapshotAdmin",
     "CashBalanceAdmin",
+    "CashTransactionAdmin",
     "ConnectionAdmin",
+    "CorporateActionAdmin",
     "InstrumentAdmin",
+    "LedgerModelAdmin",
     "MirroredModelAdmin",
     "PositionAdmin",
     "SyncNowMixin",
     "SyncRunAdmin",
     "SyncedModelAdmin",
+    "TradeAdmin",
 ]

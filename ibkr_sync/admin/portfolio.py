@@ -12,12 +12,13 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
+from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 
 from .. import conf, decimals, visibility
-from ..overview import portfolio_overview, status_panels
-from ..permissions import Kind, may_view, visible_kinds
+from ..overview import ledger_income, portfolio_overview, status_panels
+from ..permissions import COVERED_BY, Kind, may_view, visible_kinds
 from .columns import when_column
 from .sync_runs import SyncNowMixin
 
@@ -359,16 +360,25 @@ class PositionAdmin(SyncNowMixin, MirroredModelAdmin):
 
     def overview_view(self, request: HttpRequest) -> TemplateResponse:
         """Each account's values and history, and the open positions by currency and sec
-        type (`ibkr_sync.overview`); ?range= picks the history's range (1m, 3m, 1y, all).
+        type (`ibkr_sync.overview`); ?range= picks the history's range (1m, 3m, 1y, all),
+        ?from= and ?to= the days of the income (to those who may view cash transactions).
         Each section only for users who may view its kind of data (`may`); the page for
         those who may view any of them."""
         if not may_open_overview(request.user):
             raise PermissionDenied
+        overview = portfolio_overview(request.GET.get("range"), user=request.user)
+        income = None
+        if may_view(request.user, Kind.CASH_TRANSACTIONS):
+            bases = {account.pk: account.base_currency for account in overview.accounts}
+            income = ledger_income(request.GET, bases, timezone.localdate())
+            for account in overview.accounts if income else ():
+                account.income = income.accounts.get(account.pk)
         context = {
             **self.admin_site.each_context(request),
             "title": "Portfolio overview",
             "opts": self.opts,
-            "overview": portfolio_overview(request.GET.get("range"), user=request.user),
+            "overview": overview,
+            "income": income,
             "status_panels": status_panels(request),
             "may": visible_kinds(request.user),
         }
@@ -477,3 +487,138 @@ class AccountSnapshotAdmin(MirroredModelAdmin):
             "{}-{} {}",
             ((c, obj.currency, r) for c, r in sorted(obj.exchange_rates.items())),
         )
+
+
+# --- the ledger ------------------------------------------------------------------------------
+
+
+class LedgerModelAdmin(MirroredModelAdmin):
+    """A kind of the ledger's rows (`kind`): shown only while the project keeps it, on the
+    model the setting names (IBKR_SYNC_TRADE_MODEL ...). With the setting None the model
+    is neither on the index nor open to anyone, and nothing else changes."""
+
+    kind: Kind
+    list_select_related = ("account", "instrument")
+    list_per_page = 100
+    show_full_result_count = False
+
+    account_label = account_column
+
+    def kept(self) -> bool:
+        model = COVERED_BY[self.kind]()
+        return model is not None and model._meta.concrete_model is self.model._meta.concrete_model
+
+    def has_module_permission(self, request: HttpRequest) -> bool:
+        return self.kept() and super().has_module_permission(request)
+
+    def has_view_permission(self, request: HttpRequest, obj=None) -> bool:
+        return self.kept() and super().has_view_permission(request, obj)
+
+    @admin.display(description="symbol", ordering="instrument__symbol")
+    def symbol(self, obj) -> str:
+        instrument = obj.instrument
+        return "-" if instrument is None else instrument.local_symbol or instrument.symbol
+
+    @admin.display(description="sec type", ordering="instrument__sec_type")
+    def sec_type(self, obj) -> str:
+        return "-" if obj.instrument is None else obj.instrument.sec_type
+
+    @admin.display(description="IBKR's attributes")
+    def raw_display(self, obj) -> str:
+        """Every attribute IBKR sent for the row, as it sent it: a name a line, sorted."""
+        if not obj.raw:
+            return "-"
+        return format_html(
+            '<table class="ibkr-attributes"><tbody>{}</tbody></table>',
+            format_html_join(
+                "",
+                '<tr><th scope="row">{}</th><td>{}</td></tr>',
+                sorted((str(k), str(v)) for k, v in obj.raw.items()),
+            ),
+        )
+
+
+class TradeAdmin(LedgerModelAdmin):
+    kind = Kind.TRADES
+    list_display = (
+        "account_label", "trade_date", "symbol", "sec_type", "buy_sell", "quantity_display",
+        "price_display", "proceeds_display", "commission_display", "currency",
+        "realized_pnl_display", "cancelled", "external_id",
+    )  # fmt: skip
+    list_filter = ("account", "currency", "cancelled", "buy_sell")
+    search_fields = (
+        "instrument__symbol", "instrument__local_symbol", "instrument__description",
+        "=external_id",
+    )  # fmt: skip
+    date_hierarchy = "trade_date"
+    fields = (
+        "account", "instrument", "external_id", "trade_date", "traded_at", "settle_date",
+        "buy_sell", "quantity_display", "price_exact", "proceeds_exact", "commission_exact",
+        "commission_currency", "currency", "realized_pnl_exact", "fx_rate_to_base_display",
+        "cancelled", "raw_display", "created_at", "updated_at",
+    )  # fmt: skip
+    readonly_fields = fields
+    # The newest first, ties the last stored first: the (trade_date, id) index's order.
+    ordering = ("-trade_date", "-id")
+
+    quantity_display = number_column("quantity", "quantity")
+    price_display = number_column("price", "price", **PRICE)
+    proceeds_display = number_column("proceeds", "proceeds", **MONEY)
+    commission_display = number_column("commission", "commission", **MONEY)
+    realized_pnl_display = number_column("realized_pnl", "realized P&L", **MONEY)
+    price_exact = number_column("price", "price", **EXACT_AMOUNT)
+    proceeds_exact = number_column("proceeds", "proceeds", **EXACT_AMOUNT)
+    commission_exact = number_column(
+        "commission", "commission", **EXACT, currency="commission_currency"
+    )
+    realized_pnl_exact = number_column("realized_pnl", "realized P&L", **EXACT_AMOUNT)
+    fx_rate_to_base_display = number_column("fx_rate_to_base", "IBKR rate to base", **RATE)
+
+
+class CashTransactionAdmin(LedgerModelAdmin):
+    kind = Kind.CASH_TRANSACTIONS
+    list_display = (
+        "account_label", "date", "kind", "symbol", "amount_display", "currency",
+        "fx_rate_to_base_display", "description", "external_id",
+    )  # fmt: skip
+    list_filter = ("account", "kind", "currency")
+    search_fields = (
+        "instrument__symbol", "instrument__local_symbol", "description", "=external_id",
+    )  # fmt: skip
+    date_hierarchy = "date"
+    fields = (
+        "account", "instrument", "external_id", "kind", "type", "date", "amount_exact",
+        "currency", "fx_rate_to_base_display", "description", "dividend_external_id",
+        "raw_display", "created_at", "updated_at",
+    )  # fmt: skip
+    readonly_fields = fields
+    ordering = ("-date", "-id")
+
+    amount_display = number_column("amount", "amount", **MONEY)
+    amount_exact = number_column("amount", "amount", **EXACT_AMOUNT)
+    fx_rate_to_base_display = number_column("fx_rate_to_base", "IBKR rate to base", **RATE)
+
+
+class CorporateActionAdmin(LedgerModelAdmin):
+    kind = Kind.CORPORATE_ACTIONS
+    list_display = (
+        "account_label", "date", "type", "symbol", "quantity_display", "amount_display",
+        "currency", "description", "external_id",
+    )  # fmt: skip
+    list_filter = ("account", "type", "currency")
+    search_fields = (
+        "instrument__symbol", "instrument__local_symbol", "description", "=external_id",
+        "=action_id",
+    )  # fmt: skip
+    date_hierarchy = "date"
+    fields = (
+        "account", "instrument", "external_id", "action_id", "type", "date",
+        "quantity_display", "amount_exact", "currency", "description", "raw_display",
+        "created_at", "updated_at",
+    )  # fmt: skip
+    readonly_fields = fields
+    ordering = ("-date", "-id")
+
+    quantity_display = number_column("quantity", "quantity")
+    amount_display = number_column("amount", "amount", **MONEY)
+    amount_exact = number_column("amount", "amount", **EXACT_AMOUNT)

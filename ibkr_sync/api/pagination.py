@@ -10,6 +10,7 @@ The price: no total count and no jumping to page 50; clients follow `next`.
 import datetime as dt
 
 from django.core.exceptions import ValidationError
+from django.db.models import F, Q
 from django.utils import timezone
 from rest_framework.exceptions import NotFound
 from rest_framework.pagination import CursorPagination
@@ -88,3 +89,95 @@ class OldestFirstCursorPagination(StableCursorPagination):
     are told apart by DRF's offset within it."""
 
     ordering = ("taken_at", "id")
+
+
+class DateThenIdCursorPagination(StableCursorPagination):
+    """Oldest first by a date (`date_field`), ties in id order: the ledger's lists, whose
+    rows arrive in any order of their dates (a statement of last year imported today).
+
+    The cursor holds the last row's date and id together (`2026-03-13,812`; `,812` for a
+    row without a date, listed first): every row has its own position, so a page is one
+    range of the (date, id) order however many rows share a day, never an offset within
+    a day (which DRF caps at 1,000 rows).
+    """
+
+    date_field = "date"
+
+    def paginate_queryset(self, queryset, request, view=None):
+        self._model = queryset.model
+        self.request = request
+        self.page_size = self.get_page_size(request)
+        self.base_url = request.build_absolute_uri()
+        self.ordering = (self.date_field, "id")
+        self.cursor = self.decode_cursor(request)
+        offset, reverse, position = self.cursor or (0, False, None)
+
+        day = F(self.date_field)
+        if reverse:
+            queryset = queryset.order_by(day.desc(nulls_last=True), F("id").desc())
+        else:
+            queryset = queryset.order_by(day.asc(nulls_first=True), F("id").asc())
+        if position is not None:
+            queryset = queryset.filter(self._beyond(*self._parse(position), before=reverse))
+
+        results = list(queryset[offset : offset + self.page_size + 1])
+        self.page = results[: self.page_size]
+        following = (
+            self._get_position_from_instance(results[-1], self.ordering)
+            if len(results) > len(self.page)
+            else None
+        )
+        if reverse:
+            self.page.reverse()
+            self.has_next = position is not None or offset > 0
+            self.has_previous = following is not None
+            self.next_position, self.previous_position = position, following
+        else:
+            self.has_next = following is not None
+            self.has_previous = position is not None or offset > 0
+            self.next_position, self.previous_position = following, position
+        return self.page
+
+    def _beyond(self, day: dt.date | None, pk: int, *, before: bool) -> Q:
+        """The rows after (`before`: before) the position (day, pk) in the list's order:
+        rows without a date first, then by date, ties by id."""
+        name = self.date_field
+        if not before:
+            if day is None:
+                return Q(**{f"{name}__isnull": False}) | Q(
+                    **{f"{name}__isnull": True, "id__gt": pk}
+                )
+            return Q(**{f"{name}__gt": day}) | Q(**{name: day, "id__gt": pk})
+        if day is None:
+            return Q(**{f"{name}__isnull": True, "id__lt": pk})
+        return (
+            Q(**{f"{name}__lt": day})
+            | Q(**{f"{name}__isnull": True})
+            | Q(**{name: day, "id__lt": pk})
+        )
+
+    def _get_position_from_instance(self, instance, ordering) -> str:
+        day = getattr(instance, self.date_field)
+        return f"{'' if day is None else day.isoformat()},{instance.pk}"
+
+    def _parse(self, raw: str) -> tuple[dt.date | None, int]:
+        """A position as this class writes it, checked: a date (or none) and an id, each
+        a value of its column."""
+        day_text, comma, pk_text = str(raw).partition(",")
+        if not comma:
+            raise ValidationError("no id")
+        day = None
+        if day_text:
+            field = self._model._meta.get_field(self.date_field)
+            day = field.to_python(day_text)
+            field.run_validators(day)
+        pk_field = self._model._meta.pk
+        pk = pk_field.to_python(pk_text)
+        if pk is None:
+            raise ValidationError("no id")
+        pk_field.run_validators(pk)
+        return day, pk
+
+    def _position(self, raw: str) -> str:
+        day, pk = self._parse(raw)
+        return f"{'' if day is None else day.isoformat()},{pk}"

@@ -11,7 +11,7 @@ from rest_framework import serializers
 from rest_framework.fields import empty
 
 from .. import conf
-from ..models import MONEY_DIGITS, QUANTITY_DIGITS, SNAPSHOT_TOTALS, SecType
+from ..models import MONEY_DIGITS, QUANTITY_DIGITS, SNAPSHOT_TOTALS, CashKind, SecType
 from .fields import ExactDecimalField, ExactDecimalModelSerializer
 from .holdings import holding
 
@@ -497,3 +497,149 @@ class HistoryFilterSerializer(serializers.Serializer):
                     f"({self.initial_data['to']}): nothing can be between them."
                 )
         return attrs
+
+
+# --- the ledger ---------------------------------------------------------------------------
+#
+# The ledger's models are optional (IBKR_SYNC_TRADE_MODEL ... None keeps none), so these
+# serializers name their fields themselves rather than binding to a model that may not
+# exist; they read any model built on the abstract bases.
+
+
+def _exact(help_text: str, digits: dict = MONEY_DIGITS) -> ExactDecimalField:
+    return ExactDecimalField(read_only=True, allow_null=True, help_text=help_text, **digits)
+
+
+class _LedgerRowSerializer(serializers.Serializer):
+    id = serializers.IntegerField(read_only=True)
+    broker = serializers.CharField(read_only=True)
+    account = serializers.CharField(
+        source="account.external_id", read_only=True, help_text="The broker's account id."
+    )
+    external_id = serializers.CharField(
+        read_only=True,
+        help_text="IBKR's transactionID of the row (or, where the Flex query has no "
+        "Transaction ID column, `~` and a digest of the row's attributes).",
+    )
+    instrument = InstrumentSerializer(
+        read_only=True,
+        allow_null=True,
+        help_text="The contract, as in a position; null when IBKR named none.",
+    )
+
+
+class TradeSerializer(_LedgerRowSerializer):
+    """One execution, signed as IBKR signs it."""
+
+    trade_date = serializers.DateField(read_only=True, allow_null=True)
+    traded_at = serializers.DateTimeField(
+        read_only=True, allow_null=True, help_text="The execution's moment, if IBKR gave it."
+    )
+    settle_date = serializers.DateField(read_only=True, allow_null=True)
+    buy_sell = serializers.CharField(read_only=True, help_text="BUY or SELL, as IBKR says.")
+    quantity = _exact("Signed: negative for a sale.", QUANTITY_DIGITS)
+    price = _exact("Per unit, in currency.")
+    proceeds = _exact("Signed: a purchase's are negative. In currency.")
+    commission = _exact("Signed: a commission paid is negative. In commission_currency.")
+    commission_currency = serializers.CharField(read_only=True)
+    currency = serializers.CharField(read_only=True, help_text="The trade's currency.")
+    realized_pnl = _exact("As IBKR reports it (FIFO), in currency.")
+    fx_rate_to_base = _exact("IBKR's rate from currency to the account's base currency.")
+    cancelled = serializers.BooleanField(
+        read_only=True, help_text="IBKR cancelled it: marked, never deleted."
+    )
+
+
+class CashTransactionSerializer(_LedgerRowSerializer):
+    """One cash transaction (a dividend, a tax withheld, interest, a fee, a deposit ...)."""
+
+    kind = serializers.ChoiceField(choices=CashKind.choices, read_only=True)
+    type = serializers.CharField(read_only=True, help_text="IBKR's own type, as it wrote it.")
+    date = serializers.DateField(read_only=True, allow_null=True)
+    amount = _exact("Signed as IBKR signs it (a reversal keeps its sign). In currency.")
+    currency = serializers.CharField(read_only=True)
+    description = serializers.CharField(read_only=True)
+    fx_rate_to_base = _exact("IBKR's rate from currency to the account's base currency.")
+    dividend_external_id = serializers.CharField(
+        read_only=True,
+        help_text="A withholding tax: the external_id of the dividend (or payment in lieu) "
+        "it was withheld from, where IBKR's ids tie them; empty otherwise.",
+    )
+
+
+@extend_schema_field({"type": "string", "format": "date", "example": "2026-03-13"})
+class QueryDateField(serializers.CharField):
+    """A calendar date in the query string, YYYY-MM-DD; anything else is named in a 400."""
+
+    def __init__(self, **kwargs) -> None:
+        kwargs.setdefault("max_length", 32)
+        super().__init__(**kwargs)
+
+    def run_validation(self, data=empty) -> dt.date:
+        text = super().run_validation(data)
+        try:
+            return dt.date.fromisoformat(text) if len(text) == 10 else _not_a_date(text)
+        except ValueError:
+            return _not_a_date(text)
+
+
+def _not_a_date(text: str):
+    raise serializers.ValidationError(f"{text!r} is not a date; use YYYY-MM-DD, e.g. 2026-03-13.")
+
+
+class LedgerFilterSerializer(serializers.Serializer):
+    """The filters of the ledger's lists; all optional, combined with AND."""
+
+    account = serializers.CharField(
+        required=False, max_length=32, help_text="The broker's account id, e.g. U1234567."
+    )
+    currency = serializers.CharField(
+        required=False, max_length=8, help_text="ISO currency code of the row, e.g. EUR."
+    )
+    symbol = serializers.CharField(
+        required=False,
+        max_length=64,
+        help_text="Case-insensitive part of the instrument's symbol or local symbol.",
+    )
+
+    def get_fields(self) -> dict[str, serializers.Field]:
+        # `from` is a Python keyword: the bounds are named here, not as attributes.
+        return {
+            **super().get_fields(),
+            "from": QueryDateField(
+                required=False, help_text="The first day included (YYYY-MM-DD)."
+            ),
+            "to": QueryDateField(required=False, help_text="The last day included (YYYY-MM-DD)."),
+        }
+
+    def validate_account(self, value: str) -> str:
+        return value.strip()
+
+    def validate_currency(self, value: str) -> str:
+        return _currency(value)
+
+    def validate_symbol(self, value: str) -> str:
+        return value.strip()
+
+    def validate(self, attrs: dict) -> dict:
+        start, end = attrs.get("from"), attrs.get("to")
+        if start is not None and end is not None and start > end:
+            raise serializers.ValidationError(
+                f"from ({start}) is after to ({end}): no day is between them."
+            )
+        return attrs
+
+
+class CashTransactionFilterSerializer(LedgerFilterSerializer):
+    """The filters of `GET /portfolio/cash-transactions`; all optional, combined with AND."""
+
+    kind = serializers.ChoiceField(
+        required=False,
+        choices=CashKind.values,
+        help_text="The kind of transaction.",
+        error_messages={
+            "invalid_choice": "{input!r} is not a kind of cash transaction; use one of "
+            + ", ".join(CashKind.values)
+            + "."
+        },
+    )

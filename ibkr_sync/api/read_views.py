@@ -1,6 +1,7 @@
 """`GET /portfolio/accounts`, `/portfolio/accounts/<external_id>/history`,
-`/portfolio/positions` and `/portfolio/cash`: read-only, filtered, paginated; and the JSON
-404 for every other path under `/portfolio/`."""
+`/portfolio/positions`, `/portfolio/cash`, and the ledger's `/portfolio/trades` and
+`/portfolio/cash-transactions`: read-only, filtered, paginated; and the JSON 404 for every
+other path under `/portfolio/`."""
 
 import datetime as dt
 import difflib
@@ -28,21 +29,26 @@ from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from .. import conf, visibility
+from .. import conf, permissions, visibility
 from .base import PAGE_PARAMS, OldestFirstCursorPagination, ReadOnlyListView, error_responses
 from .errors import ErrorEnvelopeMixin, validated_query
 from .holdings import held_at, is_complete, log_start
+from .pagination import DateThenIdCursorPagination
 from .read_serializers import (
     AccountSerializer,
     AccountSnapshotSerializer,
     CashBalanceSerializer,
     CashFilterSerializer,
+    CashTransactionFilterSerializer,
+    CashTransactionSerializer,
     HistoryFilterSerializer,
+    LedgerFilterSerializer,
     PositionAsOfPageSerializer,
     PositionAsOfSerializer,
     PositionFilterSerializer,
     PositionPageSerializer,
     PositionSerializer,
+    TradeSerializer,
 )
 
 
@@ -229,6 +235,99 @@ class CashBalanceListView(ReadOnlyListView):
         if "currency" in filters:
             queryset = queryset.filter(currency=filters["currency"])
         return queryset
+
+
+# --- the ledger ------------------------------------------------------------------------------
+
+
+def needs_ledger(setting: str, model) -> str:
+    """The schema's words for a ledger endpoint's permission, and its 404 without one."""
+    perm = (
+        f"`{model._meta.app_label}.view_{model._meta.model_name}`"
+        if model is not None
+        else f"the `view` permission of the {setting} model"
+    )
+    return (
+        f"Needs {perm}. Answers 404 (code not_found) while the project keeps no ledger of "
+        f"this kind ({setting} = None)."
+    )
+
+
+class LedgerListView(ReadOnlyListView):
+    """A list of one kind of the ledger's rows (`kind`), oldest first by `date_field`
+    then id, filtered by account, dates (both included), currency and symbol."""
+
+    kind: permissions.Kind
+    date_field = "date"
+    filter_serializer: type[serializers.Serializer] = LedgerFilterSerializer
+
+    def get_queryset(self) -> QuerySet:
+        model = permissions.COVERED_BY[self.kind]()
+        if model is None:
+            raise NotFound(f"This project keeps no ledger of {self.kind.value.replace('_', ' ')}.")
+        return self.visible(model.objects.select_related("account", "instrument"))
+
+    def filter_queryset(self, queryset: QuerySet) -> QuerySet:
+        filters = validated_query(self.request, self.filter_serializer, allowed=PAGE_PARAMS)
+        if filters.get("account"):
+            queryset = queryset.filter(account__external_id=filters["account"])
+        if "from" in filters:
+            queryset = queryset.filter(**{f"{self.date_field}__gte": filters["from"]})
+        if "to" in filters:
+            queryset = queryset.filter(**{f"{self.date_field}__lte": filters["to"]})
+        if "currency" in filters:
+            queryset = queryset.filter(currency=filters["currency"])
+        if filters.get("symbol"):
+            text = filters["symbol"]
+            queryset = queryset.filter(
+                Q(instrument__symbol__icontains=text) | Q(instrument__local_symbol__icontains=text)
+            )
+        if "kind" in filters:
+            queryset = queryset.filter(kind=filters["kind"])
+        return queryset
+
+
+class TradePagination(DateThenIdCursorPagination):
+    date_field = "trade_date"
+
+
+@extend_schema(
+    tags=["portfolio"],
+    summary="List trades",
+    description="The executions a Flex connection read (stocks, options, futures, bonds, "
+    "FX conversions), oldest trade date first (ties in the order they were stored; rows "
+    "without a date first), filtered by the query parameters (combined with AND; from "
+    "and to are trade dates, both included). Follow `next` for the following page. "
+    + needs_ledger("IBKR_SYNC_TRADE_MODEL", conf.trade_model()),
+    parameters=[LedgerFilterSerializer],
+    responses={200: TradeSerializer(many=True), **error_responses(400, 401, 403, 404, 405)},
+)
+class TradeListView(LedgerListView):
+    serializer_class = TradeSerializer
+    pagination_class = TradePagination
+    kind = permissions.Kind.TRADES
+    date_field = "trade_date"
+
+
+@extend_schema(
+    tags=["portfolio"],
+    summary="List cash transactions",
+    description="The cash transactions a Flex connection read (dividends, withholding tax "
+    "and its refunds, payments in lieu, interest, fees, deposits, withdrawals), oldest "
+    "first (ties in the order they were stored; rows without a date first), filtered by "
+    "the query parameters (combined with AND; from and to are dates, both included). "
+    + needs_ledger("IBKR_SYNC_CASH_TRANSACTION_MODEL", conf.cash_transaction_model()),
+    parameters=[CashTransactionFilterSerializer],
+    responses={
+        200: CashTransactionSerializer(many=True),
+        **error_responses(400, 401, 403, 404, 405),
+    },
+)
+class CashTransactionListView(LedgerListView):
+    serializer_class = CashTransactionSerializer
+    pagination_class = DateThenIdCursorPagination
+    kind = permissions.Kind.CASH_TRANSACTIONS
+    filter_serializer = CashTransactionFilterSerializer
 
 
 # --- unknown paths ----------------------------------------------------------------------------

@@ -4,8 +4,10 @@ from .read_views import (
     AccountHistoryView,
     AccountListView,
     CashBalanceListView,
+    CashTransactionListView,
     NotFoundView,
     PositionListView,
+    TradeListView,
 )
 from .views import IbkrSyncView, SyncRunDetailView, SyncRunListView
 
@@ -21,6 +23,8 @@ urlpatterns = [
     ),
     path("positions", PositionListView.as_view(), name="positions"),
     path("cash", CashBalanceListView.as_view(), name="cash"),
+    path("trades", TradeListView.as_view(), name="trades"),
+    path("cash-transactions", CashTransactionListView.as_view(), name="cash-transactions"),
     # Anything else under the include (a trailing slash, a typo): a JSON 404 naming the
     # path meant, not Django's HTML page (and no APPEND_SLASH redirect). Last, so that it
     # shadows none of the above; mount the include under a prefix of its own.
