@@ -23,8 +23,8 @@ from django.shortcuts import get_object_or_404
 from django.urls import path, reverse
 from django.utils.html import format_html
 
-from .. import schedules, selectors, visibility
-from ..exceptions import IbkrSyncError
+from .. import connections, schedules, selectors, visibility
+from ..exceptions import IbkrSyncError, SyncAlreadyRunning
 from ..models import Connection, SyncRun
 from ..permissions import Kind, may_view
 from ..services import check_connection
@@ -228,9 +228,25 @@ class ConnectionAdmin(admin.ModelAdmin):
 
     def get_actions(self, request: HttpRequest):
         actions = super().get_actions(request)
+        # Removed one at a time, on its page (`delete_model`): each removal may be refused.
+        actions.pop("delete_selected", None)
         if not self.may_test(request):
             actions.pop("test_connections", None)
         return actions
+
+    def delete_model(self, request: HttpRequest, obj: Connection) -> None:
+        """Removed as `manage.py ibkr_connection remove` removes it (`connections.remove`):
+        never while a sync of it runs; its sync runs kept, with its name."""
+        connections.remove(obj)
+
+    def delete_view(self, request: HttpRequest, object_id, extra_context=None):
+        try:
+            return super().delete_view(request, object_id, extra_context)
+        except SyncAlreadyRunning as exc:  # nothing was removed (its transaction rolled back)
+            self.message_user(request, str(exc), messages.ERROR)
+            return HttpResponseRedirect(
+                reverse("admin:ibkr_sync_connection_change", args=[object_id])
+            )
 
     @admin.action(description="Test the selected connections (the handshake only)")
     def test_connections(self, request: HttpRequest, queryset) -> None:
