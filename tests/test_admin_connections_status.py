@@ -288,3 +288,38 @@ def test_reports_add_no_query_to_the_overview(admin_client, django_assert_max_nu
 
     assert response.context["overview"].accounts[0].reported_by == ""
     assert "Last reported by" not in response.text
+
+
+def test_the_owner_of_a_logged_out_gateway_is_told_to_log_in_on_the_connections_pages(
+    django_user_model, home, office
+):
+    """IB Gateway asks for a login once a week: the connections list and the connection's
+    page tell whoever sees the connection (its owner) to log in again; another user who
+    does not see it is told nothing of it."""
+    from django.test import Client
+
+    owner = django_user_model.objects.create_user("owner", password="pw-owner-1", is_staff=True)
+    other = django_user_model.objects.create_user("other", password="pw-other-1", is_staff=True)
+    codes = ["view_connection", "view_syncrun"]
+    for user in (owner, other):
+        user.user_permissions.add(*Permission.objects.filter(codename__in=codes))
+    Connection.objects.filter(pk__in=[home.pk, office.pk]).update(owner=owner)
+    failed = sync(office, fails=NoManagedAccounts("gw-office.example manages no account"))
+    sync(home, fails=GatewayUnavailable("Cannot connect to the home gateway"))
+
+    def warnings(user, url):
+        browser = Client()
+        browser.force_login(user)
+        response = browser.get(url)
+        assert response.status_code == 200
+        return [str(m) for m in response.context["messages"] if m.level_tag == "warning"]
+
+    said = warnings(owner, changelist(Connection))
+    assert said == [
+        f"Connection office: its IB gateway is not logged in to IBKR (sync #{failed.pk} "
+        "failed so). Log in to TWS / IB Gateway again: IBKR asks for a login once a week, "
+        "and no sync reads anything until then."
+    ]  # an unreachable gateway (home) is not a login to do
+    assert warnings(owner, change(office)) == said
+    assert warnings(owner, change(home)) == []
+    assert warnings(other, changelist(Connection)) == []

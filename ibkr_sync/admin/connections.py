@@ -25,6 +25,7 @@ from django.utils.html import format_html
 
 from .. import connections, schedules, selectors, visibility
 from ..exceptions import IbkrSyncError, SyncAlreadyRunning
+from ..health import failure_status
 from ..models import Connection, SyncRun
 from ..permissions import Kind, may_view
 from ..services import check_connection
@@ -278,4 +279,32 @@ class ConnectionAdmin(admin.ModelAdmin):
 
     def change_view(self, request: HttpRequest, object_id, form_url="", extra_context=None):
         extra_context = {**(extra_context or {}), "can_test": self.may_test(request)}
+        if request.method == "GET":
+            self._say_who_needs_a_login(request, self.get_queryset(request).filter(pk=object_id))
         return super().change_view(request, object_id, form_url, extra_context)
+
+    def changelist_view(self, request: HttpRequest, extra_context=None):
+        if request.method == "GET":
+            self._say_who_needs_a_login(request, self.get_queryset(request))
+        return super().changelist_view(request, extra_context)
+
+    def _say_who_needs_a_login(self, request: HttpRequest, queryset) -> None:
+        """A warning for each connection the user sees (their own, to an owner) whose
+        latest sync found its gateway logged out of IBKR: IB Gateway and TWS ask for a
+        login (with two-factor) once a week, and no sync reads anything until then."""
+        if not may_view(request.user, Kind.SYNC_RUNS):
+            return
+        failed = [
+            row.last_run_id
+            for row in queryset
+            if row.last_run_id is not None and row.last_run_status == SyncRun.Status.FAILED
+        ]
+        for run in SyncRun.objects.filter(pk__in=failed).order_by("connection_name"):
+            if failure_status(run) == "logged_out":
+                self.message_user(
+                    request,
+                    f"Connection {run.connection_name}: its IB gateway is not logged in to "
+                    f"IBKR (sync #{run.pk} failed so). Log in to TWS / IB Gateway again: "
+                    "IBKR asks for a login once a week, and no sync reads anything until then.",
+                    messages.WARNING,
+                )
