@@ -789,6 +789,13 @@ class MappedSnapshot:
     ledger_read: bool = False
     ledger: dict[str, dict[str, MappedLedgerRow]] = dataclass_field(default_factory=dict)
     ledger_instruments: dict[str, dict[str, Any]] = dataclass_field(default_factory=dict)
+    # The history of each account's values (Flex: a day each), as AccountSnapshot fields
+    # by the moment they describe (the day's end), oldest first.
+    daily: dict[str, tuple[tuple[dt.datetime, dict[str, Any]], ...]] = dataclass_field(
+        default_factory=dict
+    )
+    # The period the source read (both days included), None for a moment.
+    period: tuple[dt.date, dt.date] | None = None
 
     def as_of_of(self, account: str, now: dt.datetime) -> dt.datetime:
         """The moment an account's data describes: its values' if read, else the
@@ -813,6 +820,7 @@ class MappedSnapshot:
                 kind: {k: row for k, row in rows.items() if row.account_id not in accounts}
                 for kind, rows in self.ledger.items()
             },
+            daily={a: days for a, days in self.daily.items() if a not in accounts},
         )
 
 
@@ -876,6 +884,17 @@ def map_snapshot(snapshot: Snapshot) -> MappedSnapshot:
                 cash_reported=item.cash_reported,
                 cash_kept_reason=item.cash_kept_reason,
             )
+    daily: dict[str, tuple[tuple[dt.datetime, dict[str, Any]], ...]] = {}
+    for account_id in accounts:
+        days = []
+        for read in snapshot.daily_values.get(account_id, ()):
+            if read.as_of is None:
+                continue
+            item = map_account_values(read, {})
+            errors.extend(item.errors)
+            days.append((read.as_of, item.snapshot))
+        if days:
+            daily[account_id] = tuple(sorted(days, key=lambda day: day[0]))
     ledger, ledger_instruments = {}, {}
     if snapshot.ledger_read:
         ledger, ledger_instruments, ledger_errors = map_ledger(snapshot, set(accounts))
@@ -895,6 +914,8 @@ def map_snapshot(snapshot: Snapshot) -> MappedSnapshot:
         ledger_read=snapshot.ledger_read,
         ledger=ledger,
         ledger_instruments=ledger_instruments,
+        daily=daily,
+        period=snapshot.period,
     )
 
 
