@@ -104,12 +104,18 @@ class FlexSource:
         return f"Flex query {self.config.query_id}"
 
     def client(self) -> FlexClient:
+        """The token's client, behind the database's gate (one exchange at a time per
+        token across processes, IBKR's 1018 back-off shared: `token_gate`)."""
+        from ...token_gate import DatabaseGate
+
+        policy = dataclasses.replace(self.policy, poll_budget=self.config.poll_budget)
         return FlexClient(
             self.config.token,
             base_url=self.config.base_url,
             connect_timeout=self.config.connect_timeout,
             read_timeout=self.config.read_timeout,
-            policy=dataclasses.replace(self.policy, poll_budget=self.config.poll_budget),
+            policy=policy,
+            gate=DatabaseGate(spacing=policy.min_interval, wait=policy.poll_budget + 300),
         )
 
     def period(self, after: dt.date | None = None) -> tuple[dt.date, dt.date]:
