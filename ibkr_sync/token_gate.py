@@ -58,7 +58,7 @@ class DatabaseGate:
         lease: float = LEASE,
         wait: float = WAIT,
         spacing: float = 1.0,
-        poll: float = 0.1,
+        poll: float = 0.25,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.lease = lease
