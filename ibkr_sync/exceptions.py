@@ -28,6 +28,13 @@ class InvalidAccountId(IbkrSyncError, ValueError):
     code = "invalid_account_id"
 
 
+class InvalidPeriod(IbkrSyncError, ValueError):
+    """A back-fill's period that cannot be read: it ends before it begins, it holds a day
+    not closed yet, or the connection reads no period (a TWS gateway)."""
+
+    code = "invalid_period"
+
+
 class SyncAlreadyRunning(IbkrSyncError):
     code = "sync_already_running"
 

@@ -863,6 +863,13 @@ class MappedSnapshot:
     # the number of their records.
     digests: dict[str, str] = dataclass_field(default_factory=dict)
     unchanged: dict[str, int] = dataclass_field(default_factory=dict)
+    # The history of each account's values (Flex: a day each), as AccountSnapshot fields
+    # by the moment they describe (the day's end), oldest first.
+    daily: dict[str, tuple[tuple[dt.datetime, dict[str, Any]], ...]] = dataclass_field(
+        default_factory=dict
+    )
+    # The period the source read (both days included), None for a moment.
+    period: tuple[dt.date, dt.date] | None = None
 
     def as_of_of(self, account: str, now: dt.datetime) -> dt.datetime:
         """The moment an account's data describes: its values' if read, else the
@@ -889,6 +896,7 @@ class MappedSnapshot:
             },
             digests={a: d for a, d in self.digests.items() if a not in accounts},
             unchanged={a: n for a, n in self.unchanged.items() if a not in accounts},
+            daily={a: days for a, days in self.daily.items() if a not in accounts},
         )
 
 
@@ -975,6 +983,17 @@ def map_snapshot(snapshot: Snapshot, known: Mapping[str, str] | None = None) -> 
                 cash_reported=item.cash_reported,
                 cash_kept_reason=item.cash_kept_reason,
             )
+    daily: dict[str, tuple[tuple[dt.datetime, dict[str, Any]], ...]] = {}
+    for account_id in accounts:
+        days = []
+        for read in snapshot.daily_values.get(account_id, ()):
+            if read.as_of is None:
+                continue
+            item = map_account_values(read, {})
+            errors.extend(item.errors)
+            days.append((read.as_of, item.snapshot))
+        if days:
+            daily[account_id] = tuple(sorted(days, key=lambda day: day[0]))
     ledger, ledger_instruments = {}, {}
     if snapshot.ledger_read:
         ledger, ledger_instruments, ledger_errors = map_ledger(snapshot, set(accounts))
@@ -996,6 +1015,8 @@ def map_snapshot(snapshot: Snapshot, known: Mapping[str, str] | None = None) -> 
         ledger_instruments=ledger_instruments,
         digests={a: digests.get(a, "") for a in accounts},
         unchanged={a: processed[a] for a in accounts if a in unchanged},
+        daily=daily,
+        period=snapshot.period,
     )
 
 

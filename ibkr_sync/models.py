@@ -896,6 +896,20 @@ class SyncRun(models.Model):
         "corporate_actions): how many created, updated (corrected by the broker) and "
         "unchanged. Empty when the source read no ledger (TWS) or none is kept.",
     )
+    period_from = models.DateField(
+        null=True,
+        blank=True,
+        help_text="The first day of the period read (a Flex statement's); empty for a "
+        "gateway's read of one moment.",
+    )
+    period_to = models.DateField(
+        null=True, blank=True, help_text="The last day of the period read (both included)."
+    )
+    history_only = models.BooleanField(
+        default=False,
+        help_text="Only the history was written (the ledger, each day's values): an older "
+        "window of a back-fill, whose positions and cash are older than the newest window's.",
+    )
     error_code = models.CharField(max_length=64, blank=True)
     error_message = models.TextField(blank=True)
     host = models.CharField(
@@ -1033,3 +1047,21 @@ class QueueWorker(models.Model):
     @classmethod
     def gone(cls, hostname: str) -> None:
         cls.objects.filter(hostname=hostname).delete()
+
+
+class FlexTokenGate(models.Model):
+    """One Flex token's gate across processes (`token_gate.py`): who holds it, until when
+    (a lease on the database's clock, so a holder that died frees it), and the moment
+    before which no request may go on the token (IBKR's 1018 back-off, and the spacing
+    between two processes' requests). Keyed on a digest of the token, never the token."""
+
+    key = models.CharField(max_length=64, unique=True, help_text="A digest of the token.")
+    holder = models.CharField(max_length=255, blank=True)
+    leased_until = models.DateTimeField(null=True, blank=True)
+    not_before = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "Flex token gate"
+
+    def __str__(self) -> str:
+        return f"Flex token {self.key[:8]}..."

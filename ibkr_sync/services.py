@@ -24,6 +24,7 @@ from django.db import (
     connection,
     transaction,
 )
+from django.db.models import Max
 from django.db.models.functions import Now
 from django.utils import timezone
 
@@ -35,6 +36,7 @@ from .exceptions import (
     DatabaseUnavailable,
     GatewayError,
     IbkrSyncError,
+    InvalidPeriod,
     LockLost,
     QueueUnavailable,
     SyncInsideTransaction,
@@ -83,6 +85,13 @@ class SyncResult:
     # The ledger rows written, by kind: {"trades": {"created": n, "updated": n,
     # "unchanged": n}, ...}; empty when the source read no ledger (TWS) or none is kept.
     ledger: dict[str, dict[str, int]] = field(default_factory=dict)
+    # The period the source read (a Flex statement's first and last day), else None.
+    period: tuple[dt.date, dt.date] | None = None
+    # Only the history was written (an older window of a back-fill).
+    history_only: bool = False
+    # The account snapshots written: {"created": n, "updated": n, "unchanged": n} (a
+    # sync's own, and one per day of a Flex statement's period).
+    snapshots: dict[str, int] = field(default_factory=dict)
 
     @property
     def scope(self) -> str:
@@ -319,6 +328,8 @@ def _sync_positions(
     progress: Progress | None,
     target: connections.Target,
     queued: SyncRun | None = None,
+    period: tuple[dt.date, dt.date] | None = None,
+    state: bool = True,
 ) -> SyncResult:
     if account_id is not None:
         account_id = normalize_account_id(account_id)
@@ -339,7 +350,17 @@ def _sync_positions(
     try:
         if gateway is None:
             gateway = target.source(progress)
-        snapshot = gateway.fetch_positions(account_id)
+        if period is not None:
+            # Recorded before the read: a window that fails says which it was.
+            run.period_from, run.period_to = period
+            SyncRun.objects.filter(pk=run.pk).update(period_from=period[0], period_to=period[1])
+            snapshot = gateway.fetch_positions(account_id, period=period)
+        elif target.kind == Connection.Kind.FLEX and (
+            after := _last_period_end(target, account_id)
+        ):
+            snapshot = gateway.fetch_positions(account_id, after=after)
+        else:
+            snapshot = gateway.fetch_positions(account_id)
         # Mapped before the write transaction, which then only writes; an account whose
         # positions have the digest of those last written for it is not mapped again.
         known = stored_digests(snapshot.accounts)
@@ -349,10 +370,10 @@ def _sync_positions(
         if not dry_run:
             lock.claim(run)  # still ours? Then the write transaction, short and bounded.
         try:
-            written = _write(mapped, run, target, dry_run)
+            written = _write(mapped, run, target, dry_run, state)
         except PositionsChanged:
             # Another sync wrote one of those accounts since: map everything, write again.
-            written = _write(map_snapshot(snapshot), run, target, dry_run)
+            written = _write(map_snapshot(snapshot), run, target, dry_run, state)
         accounts = written.accounts
         totals = {kind: written.total(kind) for kind in KINDS}
         errors = [error.as_dict() for error in written.errors]
@@ -416,6 +437,9 @@ def _sync_positions(
         account_values=values if snapshot.values_read else None,
         accounts_refused=dict(written.refused),
         ledger=written.ledger,
+        period=snapshot.period,
+        history_only=not state,
+        snapshots=written.daily,
     )
     if not dry_run:
         # Committed already (never inside a caller's transaction): sent at once.
@@ -424,11 +448,15 @@ def _sync_positions(
 
 
 def _write(
-    mapped: MappedSnapshot, run: SyncRun, target: connections.Target, dry_run: bool
+    mapped: MappedSnapshot,
+    run: SyncRun,
+    target: connections.Target,
+    dry_run: bool,
+    state: bool = True,
 ) -> Written:
-    """The write transaction: the mapped snapshot written as `run`, which is marked done in
-    the same transaction (exactly when its writes are); a dry run's changes are read, then
-    rolled back."""
+    """The write transaction: the mapped snapshot written as `run` (`state` False: its
+    history only), which is marked done in the same transaction (exactly when its writes
+    are); a dry run's changes are read, then rolled back."""
     with transaction.atomic(durable=True):
         lock.bound_transaction()
         written = apply_snapshot(
@@ -437,6 +465,7 @@ def _write(
             timezone.now(),
             connection_row=target.connection,
             connection_name=_hold_connection(target),
+            state=state,
         )
         if dry_run:
             written.preview = _changes_of(run)
@@ -450,8 +479,121 @@ def _write(
         run.account_values = {a: outcome.as_dict() for a, outcome in written.values.items()}
         run.accounts_refused = written.refused
         run.ledger = written.ledger
+        if mapped.period is not None:
+            run.period_from, run.period_to = mapped.period
+        run.history_only = not state
         lock.finish_holding(run)
     return written
+
+
+def _last_period_end(target: connections.Target, account_id: str | None) -> dt.date | None:
+    """The last day of the latest period the connection applied (a success recorded
+    with a period, of every account or of this one), None when there is none."""
+    runs = SyncRun.objects.filter(
+        connection=target.connection,
+        status=SyncRun.Status.SUCCESS,
+        period_to__isnull=False,
+        account_filter__in=["", account_id or ""],
+    )
+    return runs.aggregate(end=Max("period_to"))["end"]
+
+
+@dataclass(frozen=True)
+class WindowOutcome:
+    """One window of a back-fill: its period, and its sync's result or its error."""
+
+    from_date: dt.date
+    to_date: dt.date
+    result: SyncResult | None = None
+    error: IbkrSyncError | None = None
+
+
+@dataclass(frozen=True)
+class BackfillResult:
+    """What `sync_period` did: the windows synced, in order (the last one failed, if
+    `error`), and those not tried after a failure."""
+
+    connection: str
+    windows: list[WindowOutcome]
+    not_tried: list[tuple[dt.date, dt.date]] = field(default_factory=list)
+
+    @property
+    def error(self) -> IbkrSyncError | None:
+        return next((w.error for w in self.windows if w.error is not None), None)
+
+    @property
+    def applied(self) -> list[WindowOutcome]:
+        return [w for w in self.windows if w.error is None]
+
+
+def sync_period(
+    from_date: dt.date,
+    to_date: dt.date | None = None,
+    account_id: str | None = None,
+    *,
+    trigger: str,
+    user: Any = None,
+    connection: str | Connection | None = None,
+    dry_run: bool = False,
+    progress: Progress | None = None,
+    on_window: Callable[[WindowOutcome], None] | None = None,
+) -> BackfillResult:
+    """Back-fill a Flex connection: `from_date`..`to_date` (default: the last day the
+    source has closed) read in consecutive windows of at most a year, oldest first, each
+    a sync of its own (its lock, its `SyncRun` with its period, its transaction).
+
+    The older windows write their history only (the ledger, each day's values): their
+    positions and cash are older than the newest window's, which is synced as any sync
+    (its accounts refused where a newer report of them stands). A window that fails
+    stops the back-fill: the windows before it stay written, and the result says which
+    were applied, which failed and which were not tried. `on_window` is told each
+    window's outcome as it ends.
+
+    Raises `InvalidPeriod` for a period the source cannot read, or a connection that
+    reads no period (a TWS gateway), and what `sync_positions` raises for its arguments.
+    """
+    _refuse_inside_a_transaction()
+    try:
+        with lock.bounded_waits():
+            target = connections.resolve(connection)
+            if target.kind != Connection.Kind.FLEX:
+                raise InvalidPeriod(
+                    f"{target.label.capitalize()} reads a gateway's positions as they are "
+                    "now: only a Flex connection reads a period (--from); nothing was written."
+                )
+            source = target.source(progress)
+            windows = source.windows(from_date, to_date)
+            outcomes: list[WindowOutcome] = []
+            for index, window in enumerate(windows):
+                last = index == len(windows) - 1
+                try:
+                    result = _sync_positions(
+                        account_id, trigger, user, source, dry_run, progress, target,
+                        period=window, state=last,
+                    )  # fmt: skip
+                    outcome = WindowOutcome(*window, result=result)
+                except IbkrSyncError as exc:
+                    outcome = WindowOutcome(*window, error=exc)
+                except (DatabaseError, InterfaceError) as exc:
+                    if not is_unavailable(exc):
+                        raise
+                    message = unavailable_message(
+                        exc, outcome="this window was not written", retry="back-fill again"
+                    )
+                    error = DatabaseUnavailable(message)
+                    outcome = WindowOutcome(*window, error=error)
+                outcomes.append(outcome)
+                if on_window is not None:
+                    on_window(outcome)
+                if outcome.error is not None:
+                    return BackfillResult(target.name, outcomes, windows[index + 1 :])
+            return BackfillResult(target.name, outcomes)
+    except (DatabaseError, InterfaceError) as exc:
+        if not is_unavailable(exc):
+            raise
+        raise DatabaseUnavailable(
+            unavailable_message(exc, outcome="nothing was changed", retry="sync again")
+        ) from exc
 
 
 def _hold_connection(target: connections.Target) -> str:

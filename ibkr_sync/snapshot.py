@@ -385,6 +385,14 @@ class Snapshot:
     trades: tuple[Trade, ...] = ()
     cash_transactions: tuple[CashTransaction, ...] = ()
     corporate_actions: tuple[CorporateAction, ...] = ()
+    # The history of an account's values, from a source that reads a period (Flex: each
+    # day's net asset value in base and that day's exchange rates): per account, one
+    # `AccountValues` per day, as of that day's end, oldest first. Stored as the account's
+    # snapshot of each day, including for an account whose state is refused.
+    daily_values: dict[str, tuple[AccountValues, ...]] = field(default_factory=dict)
+    # The period the source read, both days included (Flex: the statement's fd..td);
+    # None for a read of one moment (TWS).
+    period: tuple[dt.date, dt.date] | None = None
 
     def __post_init__(self) -> None:
         if self.as_of is not None and self.as_of.utcoffset() is None:

@@ -79,6 +79,11 @@ class Written:
     ledger: dict[str, dict[str, int]] = field(default_factory=dict)
     # A dry run's changes, as they would have been recorded (then rolled back).
     preview: list[dict[str, Any]] | None = None
+    # The account snapshots (a sync's, and each day's of a period): the same counts.
+    daily: dict[str, int] = field(default_factory=dict)
+    # The accounts whose history only was written (`state` False: a back-fill's older
+    # window).
+    history_only: list[str] = field(default_factory=list)
 
     def add(self, account: str, kind: str) -> None:
         self.tally[account, kind] += 1
@@ -123,13 +128,22 @@ def apply_snapshot(
     *,
     connection_row: Connection | None = None,
     connection_name: str = "",
+    state: bool = True,
 ) -> Written:
     """Write `snapshot`, reported by `connection_row` (None: the settings' gateway), as
-    `run`; `now` is the write's moment."""
+    `run`; `now` is the write's moment. `state` False writes its history only (an older
+    window of a back-fill: the ledger and the daily values, no position, cash or
+    report), as for an account refused."""
     Position = conf.position_model()
     written = Written()
-    written.refused = _claim_accounts(snapshot, run, now, connection_row, connection_name)
-    snapshot = snapshot.without(set(written.refused))
+    whole = snapshot
+    if state:
+        written.refused = _claim_accounts(snapshot, run, now, connection_row, connection_name)
+        snapshot = snapshot.without(set(written.refused))
+    else:
+        _lock_reports(snapshot.accounts)
+        snapshot = snapshot.without(set(snapshot.accounts))
+        written.history_only = list(whole.accounts)
     for account, count in snapshot.processed.items():
         written.tally[account, "processed"] += count
     for error in snapshot.errors:
@@ -242,6 +256,7 @@ def apply_snapshot(
             ),
         ),
     )
+    snapshots: list[tuple[Any, dt.datetime, dict[str, Any], bool]] = []
     if snapshot.values:
         position_pks = {key: row[0] for key, row in existing.items() if key in mapped}
         valued = [accounts[a] for a in snapshot.values if a in snapshot.unchanged]
@@ -254,10 +269,101 @@ def apply_snapshot(
             ((item.account_id, item.instrument_id), pk)
             for pk, item in zip(created_pks, to_create, strict=True)
         )
-        _apply_values(snapshot, run, now, accounts, position_pks)
-    if snapshot.ledger:
-        written.ledger = _apply_ledger(snapshot, now, accounts)
+        snapshots += _apply_values(snapshot, run, now, accounts, position_pks)
+    # The history (the ledger, each day's values) of every account reported, refused or
+    # not: it describes what happened, keyed so that it is written once, and overwrites
+    # no newer state (see `_apply_snapshots`).
+    history = [a for a in whole.accounts if a not in accounts]
+    if history and (whole.daily or any(whole.ledger.values())):
+        accounts = {**accounts, **_history_accounts(history)}
+    for account, days in whole.daily.items():
+        snapshots += [(accounts[account], moment, fields, False) for moment, fields in days]
+    if snapshots:
+        written.daily = _apply_snapshots(snapshots, run)
+    if whole.ledger:
+        written.ledger = _apply_ledger(whole, now, accounts)
     return written
+
+
+def _lock_reports(account_ids: Sequence[str]) -> None:
+    """Lock the stored reports of `account_ids` for this transaction (none inserted, none
+    changed), in the order of the ids: a history-only write takes turns with a sync
+    writing the same accounts."""
+    list(
+        AccountReport.objects.select_for_update()
+        .filter(broker=BROKER, external_id__in=account_ids)
+        .order_by("external_id")
+        .values_list("pk", flat=True)
+    )
+
+
+def _history_accounts(account_ids: Sequence[str]) -> dict[str, Any]:
+    """id -> pk of accounts whose history only is written: inserted where missing (ON
+    CONFLICT DO NOTHING), a stored one left as it is (no `last_synced_at`: its state was
+    not synced)."""
+    Account = conf.account_model()
+    accounts = dict(
+        Account.objects.filter(broker=BROKER, external_id__in=account_ids).values_list(
+            "external_id", "pk"
+        )
+    )
+    created = insert_missing(
+        Account,
+        (
+            {"broker": BROKER, "external_id": a, "is_paper": is_paper_account(a)}
+            for a in sorted(account_ids)
+            if a not in accounts
+        ),
+        _UNIQUE,
+    )
+    accounts.update((external_id, pk) for (_, external_id), pk in created.items())
+    return accounts
+
+
+def _apply_snapshots(
+    rows: list[tuple[Any, dt.datetime, dict[str, Any], bool]], run: SyncRun
+) -> dict[str, int]:
+    """Store account snapshots, one per (account, taken_at): rows of (account pk, moment,
+    fields, whole). A moment stored already is not stored again: a day's values written
+    again (an overlapping window, a re-run) are left as they are, while a whole snapshot
+    (a sync's values as of its moment, every figure and rate) replaces what is stored at
+    its moment where it differs. Decided on the rows read under the accounts' row locks
+    (FOR UPDATE, in pk order), so two writers of one account take turns. Returns the
+    counts: created, updated, unchanged."""
+    Snapshot = conf.account_snapshot_model()
+    wanted: dict[tuple[Any, dt.datetime], tuple[dict[str, Any], bool]] = {}
+    for account_pk, moment, fields, whole in rows:
+        if whole or (account_pk, moment) not in wanted:
+            wanted[account_pk, moment] = (fields, whole)
+    pks = sorted({account_pk for account_pk, _ in wanted}, key=str)
+    Account = conf.account_model()
+    list(Account.objects.select_for_update().filter(pk__in=pks).order_by("pk").values_list("pk"))
+    names = list(next(iter(wanted.values()))[0])
+    stored: dict[tuple[Any, dt.datetime], tuple[Any, ...]] = {}
+    moments = sorted({moment for _, moment in wanted})
+    for chunk in chunks(moments):
+        for pk, account_pk, taken_at, *values in Snapshot.objects.filter(
+            account_id__in=pks, taken_at__in=chunk
+        ).values_list("pk", "account_id", "taken_at", *names):
+            stored.setdefault((account_pk, taken_at), (pk, *values))
+    counts = dict.fromkeys(LEDGER_COUNTS, 0)
+    new, changed = [], []
+    for (account_pk, moment), (fields, whole) in wanted.items():
+        held = stored.get((account_pk, moment))
+        if held is None:
+            new.append(
+                {"account_id": account_pk, "sync_run_id": run.pk, "taken_at": moment, **fields}
+            )
+        elif whole and _differs(held[1:], [fields[name] for name in names]):
+            changed.append((held[0], fields))
+        else:
+            counts["unchanged"] += 1
+    insert_rows(Snapshot, new)
+    counts["created"] = len(new)
+    for pk, fields in changed:
+        Snapshot.objects.filter(pk=pk).update(sync_run_id=run.pk, **fields)
+    counts["updated"] = len(changed)
+    return counts
 
 
 #: What a ledger write counts of each kind.
@@ -364,9 +470,10 @@ def _apply_values(
     now: dt.datetime,
     accounts: dict[str, Any],
     position_pks: dict[tuple[str, str], Any],
-) -> None:
+) -> list[tuple[Any, dt.datetime, dict[str, Any], bool]]:
     """Store the values of every account whose values were read. A fixed number of
-    statements per batch of rows, whatever the number of accounts."""
+    statements per batch of rows, whatever the number of accounts. Returns each
+    account's snapshot row, for `_apply_snapshots`."""
     read = list(snapshot.values.values())
     # The moment each account's values describe (see the module's docstring).
     as_of = {account: snapshot.as_of_of(account, now) for account in snapshot.values}
@@ -408,18 +515,6 @@ def _apply_values(
         update_fields=["amount", "exchange_rate", "rate_currency", "synced_at"],
     )
 
-    insert_rows(
-        conf.account_snapshot_model(),
-        (
-            {
-                "account_id": accounts[item.account_id],
-                "sync_run_id": run.pk,
-                "taken_at": as_of[item.account_id],
-                **item.snapshot,
-            }
-            for item in read
-        ),
-    )
     # The base currency IBKR reports is the account's: one UPDATE per currency.
     Account = conf.account_model()
     by_currency: dict[str, list[int]] = {}
@@ -430,6 +525,10 @@ def _apply_values(
         Account.objects.filter(pk__in=pks).exclude(base_currency=currency).update(
             **touched(Account, base_currency=currency)
         )
+    # Each account's snapshot as of its values' moment, whole (`_apply_snapshots`).
+    return [
+        (accounts[item.account_id], as_of[item.account_id], item.snapshot, True) for item in read
+    ]
 
 
 _UPDATED = ("quantity", "average_cost", "cost_basis", "last_synced_at")

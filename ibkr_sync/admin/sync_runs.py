@@ -117,7 +117,7 @@ class SyncRunAdmin(admin.ModelAdmin):
     fieldsets = (
         (None, {"fields": (
             "status_badge", "error_box", "started_at", "finished_at", "duration",
-            "connection_display", "triggered_by", "scope",
+            "connection_display", "triggered_by", "scope", "period_display",
         )}),
         ("Accounts", {"fields": ("accounts_display", "accounts_refused_display",
                                  "values_outcome")}),
@@ -133,7 +133,7 @@ class SyncRunAdmin(admin.ModelAdmin):
     )  # fmt: skip
     readonly_fields = (
         "status_badge", "error_box", "started_at", "finished_at", "duration",
-        "connection_display", "triggered_by", "scope", "accounts_display",
+        "connection_display", "triggered_by", "scope", "period_display", "accounts_display",
         "accounts_refused_display", "values_outcome", "counts",
         "error_details_display", "owner", "host", "pid", "heartbeat_at", "database_session",
         "raw_record",
@@ -203,6 +203,19 @@ class SyncRunAdmin(admin.ModelAdmin):
     @admin.display(description="accounts asked for", ordering="account_filter")
     def scope(self, obj: SyncRun) -> str:
         return obj.account_filter or "All"
+
+    @admin.display(description="period read")
+    def period_display(self, obj: SyncRun) -> str:
+        """The days a Flex statement covered (both included), and whether this run wrote
+        its history only (an older window of a back-fill)."""
+        if obj.period_from is None or obj.period_to is None:
+            return "-"
+        text = f"{obj.period_from:%Y-%m-%d} to {obj.period_to:%Y-%m-%d}"
+        if obj.history_only:
+            text += (
+                " (history only: an older window of a back-fill; positions and cash not written)"
+            )
+        return text
 
     @admin.display(description="error", ordering="error_code")
     def error(self, obj: SyncRun) -> str:
@@ -292,6 +305,8 @@ class SyncRunAdmin(admin.ModelAdmin):
             hidden.add("connection_display")  # the settings' gateway: as before connections
         if obj is not None and not obj.accounts_refused:
             hidden.add("accounts_refused_display")
+        if obj is not None and obj.period_to is None:
+            hidden.add("period_display")  # a gateway's read of one moment
         if not may_view(request.user, Kind.POSITIONS):
             hidden.add("error_details_display")
         return tuple(

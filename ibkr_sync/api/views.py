@@ -52,6 +52,7 @@ from .serializers import (
 # One HTTP status per failure, decided here only. Anything else is our own bug: 500.
 ERROR_STATUS = {
     exceptions.InvalidAccountId: status.HTTP_400_BAD_REQUEST,
+    exceptions.InvalidPeriod: status.HTTP_400_BAD_REQUEST,
     exceptions.ConnectionRequired: status.HTTP_400_BAD_REQUEST,
     exceptions.UnknownConnection: status.HTTP_404_NOT_FOUND,
     exceptions.ConnectionDisabled: status.HTTP_409_CONFLICT,

@@ -103,7 +103,12 @@ def test_a_flex_sync_stores_positions_cash_and_the_account_snapshot(service):
         "EUR": Decimal("1758.75"),
     }
     assert cash["EUR"].exchange_rate == Decimal("1.0871") and cash["EUR"].rate_currency == "USD"
-    [snapshot] = conf.account_snapshot_model().objects.filter(account=account)
+    # One snapshot per day of the period (its net asset value); the period end's whole.
+    snapshots = list(conf.account_snapshot_model().objects.filter(account=account))
+    assert sorted(s.taken_at for s in snapshots) == [
+        period_end(end - dt.timedelta(days=n)) for n in range(6, -1, -1)
+    ]
+    snapshot = max(snapshots, key=lambda s: s.taken_at)
     assert snapshot.taken_at == period_end(end)
     assert snapshot.currency == "USD"
     assert snapshot.net_liquidation == Decimal("35806.445")  # the last day's
@@ -128,7 +133,17 @@ def test_the_same_statement_again_changes_nothing(service):
     again = sync_positions(trigger="command", connection="myflex")
 
     assert (again.created, again.updated, again.unchanged, again.closed) == (0, 0, 2, 0)
-    assert conf.account_snapshot_model().objects.count() == 2  # one per sync read
+    # The second sync reads from the first one's end, three days back: days stored once.
+    _, second = service.requests_to(SEND_REQUEST)
+    end = yesterday()
+    assert (second.params["fd"], second.params["td"]) == (
+        f"{end - dt.timedelta(days=2):%Y%m%d}",
+        f"{end:%Y%m%d}",
+    )
+    # Three days again, none stored twice (this fixture numbers its values from the
+    # period's first day: the period end's whole snapshot takes the newer read's values).
+    assert again.snapshots == {"created": 0, "updated": 1, "unchanged": 2}
+    assert conf.account_snapshot_model().objects.count() == 7  # one per day
 
 
 def test_a_real_statement_with_open_positions(service):

@@ -413,9 +413,10 @@ def test_a_reversal_keeps_its_sign_and_its_dividend(service):  # noqa: F811
     assert {t.dividend_external_id for t in taxes} == {"9000010"}
 
 
-def test_the_ledger_of_an_account_refused_is_not_written(service, settings):  # noqa: F811
+def test_the_ledger_of_an_account_refused_is_written_its_state_is_not(service, settings):  # noqa: F811
     """A statement older than what a gateway read of the account since is refused for
-    that account whole, ledger included, as the rest of the account."""
+    that account's state (positions, cash, values); its ledger, IBKR's transactions keyed
+    on their ids, is written all the same: it overwrites nothing newer."""
     Connection.objects.create(name="gateway", host="127.0.0.1", port=4002, client_id=3)
     flex_connection()
     gateway = FakeGateway(
@@ -427,11 +428,14 @@ def test_the_ledger_of_an_account_refused_is_not_written(service, settings):  # 
 
     assert ACCOUNT in result.accounts_refused
     assert result.ledger == {
-        kind: {"created": 0, "updated": 0, "unchanged": 0}
-        for kind in ("trades", "cash_transactions", "corporate_actions")
+        "trades": {"created": 1, "updated": 0, "unchanged": 0},
+        "cash_transactions": {"created": 2, "updated": 0, "unchanged": 0},
+        "corporate_actions": {"created": 1, "updated": 0, "unchanged": 0},
     }
-    assert not Trade().objects.exists() and not CashTransaction().objects.exists()
+    assert Trade().objects.count() == 1 and CashTransaction().objects.count() == 2
     assert AccountReport.objects.get(external_id=ACCOUNT).connection_name == "gateway"
+    [held] = conf.position_model().objects.filter(account__external_id=ACCOUNT)
+    assert held.instrument.symbol == "SAP"  # the gateway's, newer: not closed, not replaced
 
 
 def test_a_dry_run_counts_the_ledger_and_writes_none_of_it(service):  # noqa: F811

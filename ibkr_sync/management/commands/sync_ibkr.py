@@ -16,6 +16,8 @@ task queue (IBKR_SYNC_TASK_QUEUE) instead of running it here: a line per queued 
 id first. Without it the command runs the sync itself, queue or no queue.
 """
 
+import argparse
+import datetime as dt
 import logging
 import sys
 import threading
@@ -30,14 +32,17 @@ from ...api.serializers import SyncResultSerializer, render_json
 from ...decimals import plain
 from ...models import SyncRun
 from ...services import (
+    BackfillResult,
     ConnectionOutcome,
     QueuedOutcome,
     SyncResult,
+    WindowOutcome,
     describe_values,
     queue_all,
     queue_sync,
     queues,
     sync_all,
+    sync_period,
     sync_positions,
 )
 from ...sources import flex
@@ -54,13 +59,15 @@ EXITS: tuple[tuple[int, _Errors, str], ...] = (
         2,
         (
             exceptions.InvalidAccountId,
+            exceptions.InvalidPeriod,
             exceptions.UnknownConnection,
             exceptions.ConnectionRequired,
             exceptions.ConnectionDisabled,
             exceptions.QueueNotConfigured,
         ),
         "bad arguments (e.g. a malformed account id, an unknown or disabled connection, "
-        "several connections and none named, --queue with no task queue configured)",
+        "several connections and none named, --queue with no task queue configured, a bad "
+        "period for --from, or --from for a TWS connection)",
     ),
     (
         3,
@@ -193,6 +200,24 @@ class Command(IbkrCommand):
             "here: one line per queued run, with its id (with --all, one per connection); "
             "exit 0 once queued. Without it the sync runs here, queue or no queue.",
         )
+        parser.add_argument(
+            "--from",
+            metavar="DATE",
+            dest="from_date",
+            type=_date,
+            help="Back-fill a Flex connection from this day (YYYY-MM-DD): its statements "
+            "read in windows of at most 365 days, oldest first, a line each; the older "
+            "windows write their history (trades, cash transactions, corporate actions, "
+            "each day's net asset value), the newest its positions and cash too.",
+        )
+        parser.add_argument(
+            "--to",
+            metavar="DATE",
+            dest="to_date",
+            type=_date,
+            help="The back-fill's last day (YYYY-MM-DD); default: yesterday, the last day "
+            "IBKR has closed (US Eastern).",
+        )
         output = parser.add_mutually_exclusive_group()
         output.add_argument(
             "--json",
@@ -221,6 +246,18 @@ class Command(IbkrCommand):
         **options,
     ) -> None:
         quiet = quiet or verbosity < 1
+        from_date, to_date = options.get("from_date"), options.get("to_date")
+        if to_date is not None and from_date is None:
+            self._usage_error("--to goes with --from (a back-fill's first day)")
+        if from_date is not None and sync_all:
+            self._usage_error("--from back-fills one Flex connection: name it (--connection NAME)")
+        if from_date is not None and queue:
+            self._usage_error("--from runs here, window by window: leave out --queue")
+        if from_date is not None:
+            self._handle_period(
+                from_date, to_date, account, connection, dry_run, as_json, quiet, verbosity
+            )
+            return
         if queue:
             self._handle_queue(
                 account=account,
@@ -265,6 +302,54 @@ class Command(IbkrCommand):
             self.stdout.write(render_json(SyncResultSerializer(result).data))
         elif not quiet:
             self._report(result, verbosity)
+
+    def _handle_period(
+        self, from_date, to_date, account, connection, dry_run, as_json, quiet, verbosity
+    ) -> None:
+        """A back-fill (`services.sync_period`): a line per window as it ends (a success
+        on stdout, a failure on stderr), then, after a failure, which windows were
+        applied and which not tried, and the failure's exit code."""
+
+        def told(outcome: WindowOutcome) -> None:
+            if outcome.error is not None:
+                self.stderr.write(
+                    f"{_window(outcome)}: failed ({outcome.error.code}): {outcome.error}"
+                )
+            elif not quiet and not as_json:
+                self.stdout.write(_describe_window(outcome))
+
+        try:
+            with (
+                _sync_log_on(self.stderr, verbosity),
+                _progress_on(self.stderr, enabled=not quiet) as progress,
+            ):
+                backfill = sync_period(
+                    from_date,
+                    to_date,
+                    account,
+                    trigger=SyncRun.Trigger.COMMAND,
+                    connection=connection,
+                    dry_run=dry_run,
+                    progress=progress,
+                    on_window=told,
+                )
+        except exceptions.IbkrSyncError as exc:
+            if as_json:
+                self.stdout.write(render_json(error_body(exc.code, str(exc))))
+            raise CommandError(str(exc), returncode=exit_code_for(exc)) from exc
+        if as_json:
+            self.stdout.write(render_json(_backfill_json(backfill)))
+        error = backfill.error
+        if error is None:
+            return
+        applied = ", ".join(_window(w) for w in backfill.applied) or "none"
+        not_tried = ", ".join(f"{a} to {b}" for a, b in backfill.not_tried) or "none"
+        raise CommandError(
+            f"The back-fill stopped at {_window(backfill.windows[-1])} ({error.code}); "
+            f"applied: {applied}; not tried: {not_tried}. Back-fill again from "
+            f"{backfill.windows[-1].from_date} (the windows applied write nothing twice).",
+            returncode=exit_code_for(error),
+        )
 
     def _usage_error(self, message: str) -> None:
         """A combination of options that cannot go together: one line, exit 2, as
@@ -417,6 +502,60 @@ class Command(IbkrCommand):
                 f"  error: {error['account']} conId {error['con_id']} "
                 f"{error['symbol']} ({error['sec_type']}): {error['reason']}"
             )
+
+
+def _date(text: str) -> dt.date:
+    """A day as --from and --to take it: YYYY-MM-DD (argparse says what is wrong)."""
+    try:
+        return dt.date.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a day as YYYY-MM-DD") from None
+
+
+def _window(outcome: WindowOutcome) -> str:
+    return f"{outcome.from_date} to {outcome.to_date}"
+
+
+def _describe_window(outcome: WindowOutcome) -> str:
+    """One window of a back-fill on one line: its run, what it wrote."""
+    result = outcome.result
+    title = "dry run" if result.dry_run else f"sync #{result.sync_run_id}"
+    parts = [f"{_window(outcome)}: {title}"]
+    if result.history_only:
+        parts.append("history only")
+    else:
+        parts.append(f"{result.scope}: {result.outcome}")
+        if result.accounts_refused:
+            parts.append(f"not written (newer stands): {', '.join(result.accounts_refused)}")
+    if result.snapshots:
+        parts.append(f"daily values {result.snapshots.get('created', 0)} created")
+    if result.ledger:
+        parts.append(f"ledger: {describe_ledger(result.ledger)}")
+    return "; ".join(parts)
+
+
+def _backfill_json(backfill: BackfillResult) -> dict:
+    """`--from --json`: every window with its result (the API's shape) or its error."""
+
+    def window(outcome: WindowOutcome) -> dict:
+        data: dict = {"from": outcome.from_date.isoformat(), "to": outcome.to_date.isoformat()}
+        if outcome.error is not None:
+            data.update(status="failed", error=error_body(outcome.error.code, str(outcome.error)))
+        else:
+            data.update(
+                status="success",
+                history_only=outcome.result.history_only,
+                snapshots=outcome.result.snapshots,
+                result=SyncResultSerializer(outcome.result).data,
+            )
+        return data
+
+    return {
+        "connection": backfill.connection or None,
+        "status": "failed" if backfill.error is not None else "success",
+        "windows": [window(w) for w in backfill.windows],
+        "not_tried": [{"from": a.isoformat(), "to": b.isoformat()} for a, b in backfill.not_tried],
+    }
 
 
 def _name(connection: str) -> str:

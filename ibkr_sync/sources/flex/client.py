@@ -22,8 +22,10 @@ What this client promises:
   everything else raised at once with what to do.
 - One exchange at a time per token in a process: a lock keyed by a hash of the token,
   held from SendRequest to the statement. `gate` is the hook for the same across
-  processes: a function of that key returning a context manager (a database advisory
-  lock, a file lock), entered inside the process lock.
+  processes: a function of that key returning a context manager (the database's:
+  `ibkr_sync.token_gate`), entered inside the process lock; what it gives may have
+  `renew()` (called before each request) and `throttled(seconds)` (after a 1018, so
+  that other processes wait it out too).
 - The token is never written anywhere: not in a log line (paths are logged without their
   query), an exception message, or the client's repr; texts from elsewhere are scrubbed.
 - Sleeping and the clock are parameters (`sleep`, `clock`), so back-off can be tested
@@ -198,6 +200,7 @@ class FlexClient:
         self.key = token_key(self._token)
         self._interval = self.policy.min_interval
         self._last_request: float | None = None
+        self._held: Any = None  # the gate's hold during an exchange
 
     def __repr__(self) -> str:
         return f"FlexClient(base_url={self.base_url!r}, token=<hidden>)"
@@ -225,10 +228,14 @@ class FlexClient:
             )
         query_id = str(query_id).strip()
         gate = self.gate(self.key) if self.gate is not None else contextlib.nullcontext()
-        with _token_lock(self.key), gate:
-            logger.info("Flex: requesting query %s for %s to %s", query_id, from_date, to_date)
-            reference, url = self._send_request(query_id, from_date, to_date)
-            answer = self._get_statement(reference, url)
+        with _token_lock(self.key), gate as held:
+            self._held = held
+            try:
+                logger.info("Flex: requesting query %s for %s to %s", query_id, from_date, to_date)
+                reference, url = self._send_request(query_id, from_date, to_date)
+                answer = self._get_statement(reference, url)
+            finally:
+                self._held = None
         assert answer.body is not None
         return Download(from_date, to_date, reference, answer.body, answer.size)
 
@@ -337,6 +344,13 @@ class FlexClient:
         """After a 1018: the requests of this client further apart, from now on."""
         self._interval = min(max(self._interval * 2, 2.0), 60.0)
 
+    def throttled(self, delay: float) -> None:
+        """After a 1018: the gate is told to hold every process back for `delay` seconds
+        (a gate whose hold has `throttled`: the database's)."""
+        told = getattr(self._held, "throttled", None)
+        if told is not None:
+            told(delay)
+
     def _get(self, url: str, params: dict[str, str]) -> _Answer:
         parts = urlsplit(url)
         shown = _shown_url(url)
@@ -344,6 +358,9 @@ class FlexClient:
             http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
         )
         self._pace()
+        renew = getattr(self._held, "renew", None)
+        if renew is not None:  # the gate's lease runs from each request
+            renew()
         started = self.clock()
         connection = connection_class(parts.hostname, parts.port, timeout=self.connect_timeout)
         try:
@@ -441,6 +458,7 @@ class _Retry:
             delay = max(self.throttle_delay, 10.0)
             logger.warning("Flex: too many requests on this token (1018); waiting %.0f s", delay)
             self.client.slow_down()
+            self.client.throttled(delay)
             self.client.sleep(delay)
             self.throttle_delay = min(delay * 2, self.client.policy.max_throttle_delay)
             return code

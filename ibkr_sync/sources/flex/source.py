@@ -38,7 +38,7 @@ from decimal import Decimal
 from typing import Any, Final
 
 from ...conf import FlexConfig
-from ...exceptions import UnknownAccount
+from ...exceptions import InvalidPeriod, UnknownAccount
 from ...snapshot import (
     AccountValues,
     ConnectionCheck,
@@ -48,13 +48,20 @@ from ...snapshot import (
     ValueProblem,
 )
 from . import SOURCE
-from .client import FlexClient, RetryPolicy
+from .client import MAX_DAYS, FlexClient, RetryPolicy, windows
 from .errors import FlexFormatError, FlexQueryError
+from .parser import END_OF_DAY
 from .records import FlexResponse, Statement
 from .values import EASTERN
 
-#: The days of the period a sync asks for, ending yesterday.
+#: The days of the period a sync asks for, ending yesterday, when the connection has
+#: applied no statement yet.
 PERIOD_DAYS: Final = 7
+#: The days a sync asks for again before the end of the last statement applied (a late
+#: correction of those days is read, and a day missed by a clock's edge is not lost).
+OVERLAP_DAYS: Final = 3
+#: No statement is older than this: a back-fill from before it is a typing error.
+EARLIEST: Final = dt.date(1990, 1, 1)
 
 #: The sections the sync reads for its models, and what is lost without each.
 SECTIONS: Final = {
@@ -97,18 +104,55 @@ class FlexSource:
         return f"Flex query {self.config.query_id}"
 
     def client(self) -> FlexClient:
+        """The token's client, behind the database's gate (one exchange at a time per
+        token across processes, IBKR's 1018 back-off shared: `token_gate`)."""
+        from ...token_gate import DatabaseGate
+
+        policy = dataclasses.replace(self.policy, poll_budget=self.config.poll_budget)
         return FlexClient(
             self.config.token,
             base_url=self.config.base_url,
             connect_timeout=self.config.connect_timeout,
             read_timeout=self.config.read_timeout,
-            policy=dataclasses.replace(self.policy, poll_budget=self.config.poll_budget),
+            policy=policy,
+            gate=DatabaseGate(spacing=policy.min_interval, wait=policy.poll_budget + 300),
         )
 
-    def period(self) -> tuple[dt.date, dt.date]:
-        """The period a sync asks for: PERIOD_DAYS days, ending yesterday."""
+    def period(self, after: dt.date | None = None) -> tuple[dt.date, dt.date]:
+        """The period a plain sync asks for, ending yesterday: from `after` (the end of
+        the last statement the connection applied) less OVERLAP_DAYS, at most MAX_DAYS
+        days; with none, PERIOD_DAYS days."""
         to_date = self._yesterday()
-        return to_date - dt.timedelta(days=PERIOD_DAYS - 1), to_date
+        if after is None:
+            return to_date - dt.timedelta(days=PERIOD_DAYS - 1), to_date
+        from_date = min(after, to_date) - dt.timedelta(days=OVERLAP_DAYS - 1)
+        return max(from_date, to_date - dt.timedelta(days=MAX_DAYS - 1)), to_date
+
+    def windows(
+        self, from_date: dt.date, to_date: dt.date | None = None
+    ) -> list[tuple[dt.date, dt.date]]:
+        """A back-fill's windows: `from_date`..`to_date` (default: yesterday, the last day
+        IBKR has closed) as consecutive periods of at most MAX_DAYS days, oldest first.
+        `InvalidPeriod` for a period that ends before it begins, or a day IBKR has not
+        closed yet (today, or later)."""
+        last = self._yesterday()
+        to_date = last if to_date is None else to_date
+        for name, day in (("--from", from_date), ("--to", to_date)):
+            if day > last:
+                raise InvalidPeriod(
+                    f"{name} {day} is a day IBKR has not closed yet: the latest statement "
+                    f"day is yesterday, {last} (US Eastern); nothing was written."
+                )
+        if from_date < EARLIEST:
+            raise InvalidPeriod(
+                f"--from {from_date} is before {EARLIEST}: IBKR keeps no statement that old; "
+                "nothing was written."
+            )
+        if to_date < from_date:
+            raise InvalidPeriod(
+                f"--to {to_date} is before --from {from_date}; nothing was written."
+            )
+        return windows(from_date, to_date)
 
     def fetch(self, from_date: dt.date, to_date: dt.date) -> FlexResponse:
         """The statement(s) of a period, parsed."""
@@ -116,9 +160,18 @@ class FlexSource:
 
     # --- a sync ---
 
-    def fetch_positions(self, account_id: str | None = None) -> Snapshot:
-        response = self.fetch(*self.period())
-        return snapshot_of(response, account_id, progress=self.progress)
+    def fetch_positions(
+        self,
+        account_id: str | None = None,
+        *,
+        period: tuple[dt.date, dt.date] | None = None,
+        after: dt.date | None = None,
+    ) -> Snapshot:
+        """The statement of `period` (a back-fill's window), else of `self.period(after)`,
+        as a snapshot whose `period` says which."""
+        period = period or self.period(after)
+        response = self.fetch(*period)
+        return snapshot_of(response, account_id, progress=self.progress, period=period)
 
     # --- Test connection ---
 
@@ -149,9 +202,12 @@ def snapshot_of(
     account_id: str | None = None,
     *,
     progress: Callable[[str, int], None] | None = None,
+    period: tuple[dt.date, dt.date] | None = None,
 ) -> Snapshot:
     """A response's latest statement per account as the sync's snapshot (the statement's
-    period end its `as_of`); `account_id` keeps that account only."""
+    period end its `as_of`); `account_id` keeps that account only. Every statement's
+    ledger and daily values of the accounts kept come along; `period` is what was asked
+    for."""
     statements = latest_statements(response)
     if not statements:
         raise FlexQueryError(
@@ -202,7 +258,72 @@ def snapshot_of(
         trades=tuple(trade for s in ledger for trade in s.trades),
         cash_transactions=tuple(tx for s in ledger for tx in s.cash_transactions),
         corporate_actions=tuple(action for s in ledger for action in s.corporate_actions),
+        daily_values=daily_values([s for s in response.statements if s.account in statements]),
+        period=period,
     )
+
+
+def daily_values(statements: list[Statement]) -> dict[str, tuple[AccountValues, ...]]:
+    """Each account's value of every day its statements hold (EquitySummaryInBase: the
+    net asset value and cash in base; ConversionRates: that day's rates to the base),
+    as of the end of that day in the statement's zone, oldest first. A day two
+    statements hold is taken from the later one."""
+    days: dict[str, dict[dt.date, AccountValues]] = {}
+    for statement in sorted(statements, key=_period_end):
+        base = statement.base_currency
+        zone = statement.as_of.tzinfo if statement.as_of is not None else EASTERN
+        first, last = statement.header.from_date, statement.header.to_date
+        # Each day's rates, by the currency they convert to (the base: the account's, or
+        # where the statement names none, the one its net asset value is in). A day's
+        # rate that does not convert (IBKR's -1: no rate that day) is left out, not an
+        # error a day (the period end's whole snapshot reports its own).
+        rates: dict[tuple[dt.date, str], dict[str, Decimal | None]] = {}
+        for rate in statement.exchange_rates:
+            if (
+                rate.date is not None
+                and rate.from_currency
+                and rate.to_currency
+                and rate.rate is not None
+                and rate.rate.is_finite()
+                and rate.rate > 0
+            ):
+                rates.setdefault((rate.date, rate.to_currency), {})[rate.from_currency] = rate.rate
+        for nav in statement.net_asset_values:
+            if nav.date is None or (first and nav.date < first) or (last and nav.date > last):
+                continue
+            currency = base or nav.currency
+            problems = [ValueProblem(f"EquitySummaryInBase {nav.date}", p) for p in nav.problems]
+            totals: dict[str, Decimal | None] = {}
+            if nav.currency and currency and nav.currency != currency:
+                problems.append(
+                    ValueProblem(
+                        f"EquitySummaryInBase {nav.date}",
+                        f"the net asset value is in {nav.currency}, the account's base "
+                        f"currency is {currency}",
+                    )
+                )
+            else:
+                totals = {"net_liquidation": nav.total, "total_cash_value": nav.cash}
+            day_rates = dict(rates.get((nav.date, currency), {}))
+            if day_rates and currency:
+                day_rates.setdefault(currency, Decimal(1))
+            days.setdefault(statement.account, {})[nav.date] = AccountValues(
+                account=statement.account,
+                as_of=dt.datetime.combine(nav.date, END_OF_DAY, zone),
+                base_currency=currency,
+                totals=totals,
+                exchange_rates=day_rates,
+                problems=tuple(problems),
+                names={
+                    "net_liquidation": f"EquitySummaryInBase total of {nav.date}",
+                    "total_cash_value": f"EquitySummaryInBase cash of {nav.date}",
+                    "exchange_rate": f"ConversionRate of {nav.date}",
+                },
+            )
+    return {
+        account: tuple(by_day[day] for day in sorted(by_day))
+        for account, by_day in sorted(days.items())
+    }
 
 
 #: What begins a key the source derived for a row IBKR gave no transactionID (never one

@@ -1,0 +1,371 @@
+"""A Flex connection's back-fill (`sync_ibkr --from`) and each day's net asset value:
+the real client over real HTTP against the fake Flex Web Service, the source, mapping,
+the writer and the service, into the database (SQLite, or PostgreSQL with
+DATABASE_URL)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import xml.etree.ElementTree as ET
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from django.core.management import call_command, execute_from_command_line
+from django.core.management.base import CommandError
+
+from ibkr_sync import conf
+from ibkr_sync.exceptions import InvalidPeriod
+from ibkr_sync.models import AccountReport, Connection, PositionChange, SyncRun
+from ibkr_sync.services import sync_period, sync_positions
+from ibkr_sync.sources.flex.source import yesterday
+from ibkr_sync.testing.flex_service import SEND_REQUEST, Answer
+
+from .statements import _row, statement_with_values
+from .test_flex_connection import QUERY, flex_connection, period_end, service  # noqa: F401
+
+pytestmark = pytest.mark.django_db
+
+ACCOUNT = "U7654321"
+DATA = Path(__file__).parent.parent / "data" / "flex"
+
+
+def Trade():
+    return conf.ledger_model("IBKR_SYNC_TRADE_MODEL")
+
+
+def quantity_of(to_date: dt.date) -> str:
+    """The Apple position a window's statement holds: a different one for each end."""
+    return str(to_date.toordinal() % 997 + 1)
+
+
+def window_statement(from_date: dt.date, to_date: dt.date) -> str:
+    """The statement of a period: the positions as of its end, each day's net asset value,
+    and one trade on its first day (IBKR's id: the day)."""
+    text = statement_with_values(from_date, to_date, quantity=quantity_of(to_date))
+    trade = _row(
+        "Trade",
+        accountId=ACCOUNT,
+        transactionID=f"8{from_date:%Y%m%d}",
+        tradeID=f"7{from_date:%Y%m%d}",
+        tradeDate=f"{from_date:%Y%m%d}",
+        dateTime=f"{from_date:%Y%m%d};101500",
+        settleDateTarget=f"{from_date:%Y%m%d}",
+        buySell="BUY",
+        quantity="1",
+        tradePrice="100",
+        proceeds="-100",
+        ibCommission="-1",
+        ibCommissionCurrency="USD",
+        fifoPnlRealized="0",
+        fxRateToBase="1",
+        notes="O",
+        levelOfDetail="EXECUTION",
+        assetCategory="STK",
+        symbol="AAPL",
+        conid="265598",
+        currency="USD",
+        multiplier="1",
+        listingExchange="NASDAQ",
+    )
+    return text.replace("</FlexStatement>", f"<Trades>{trade}</Trades>\n</FlexStatement>")
+
+
+def three_windows() -> list[tuple[dt.date, dt.date]]:
+    end = yesterday()
+    start = end - dt.timedelta(days=365 * 2 + 9)
+    return [
+        (start, start + dt.timedelta(days=364)),
+        (start + dt.timedelta(days=365), start + dt.timedelta(days=729)),
+        (start + dt.timedelta(days=730), end),
+    ]
+
+
+def requested(service) -> list[tuple[str, str]]:  # noqa: F811
+    return [(r.params["fd"], r.params["td"]) for r in service.requests_to(SEND_REQUEST)]
+
+
+def as_params(windows) -> list[tuple[str, str]]:
+    return [(f"{a:%Y%m%d}", f"{b:%Y%m%d}") for a, b in windows]
+
+
+def days(windows) -> int:
+    return sum((b - a).days + 1 for a, b in windows)
+
+
+# --- the back-fill ------------------------------------------------------------------------
+
+
+def test_a_back_fill_reads_every_window_oldest_first_and_the_newest_state_wins(service):  # noqa: F811
+    service.add_statement(QUERY, window_statement)
+    flex_connection()
+    windows = three_windows()
+    out = io.StringIO()
+
+    call_command("sync_ibkr", "--connection", "myflex", "--from", f"{windows[0][0]}", stdout=out)
+
+    assert requested(service) == as_params(windows)
+    lines = out.getvalue().splitlines()
+    assert [line.split(":")[0] for line in lines] == [f"{a} to {b}" for a, b in windows]
+    assert "history only" in lines[0] and "history only" in lines[1]
+    assert "history only" not in lines[2] and "2 positions in 1 account(s)" in lines[2]
+    runs = list(SyncRun.objects.order_by("pk"))
+    assert [(r.period_from, r.period_to, r.history_only, r.status) for r in runs] == [
+        (a, b, index < 2, "success") for index, (a, b) in enumerate(windows)
+    ]
+    # The ledger of every window; the state of the newest only.
+    assert sorted(Trade().objects.values_list("external_id", flat=True)) == [
+        f"8{a:%Y%m%d}" for a, _ in windows
+    ]
+    [aapl] = conf.position_model().objects.filter(instrument__symbol="AAPL")
+    assert aapl.quantity == Decimal(quantity_of(windows[-1][1]))
+    assert PositionChange.objects.filter(kind="created").count() == 2  # once, not per window
+    assert AccountReport.objects.get(external_id=ACCOUNT).as_of == period_end(windows[-1][1])
+    # A snapshot per day: the net liquidation history.
+    snapshots = conf.account_snapshot_model().objects.filter(account__external_id=ACCOUNT)
+    assert snapshots.count() == days(windows)
+    first = snapshots.get(taken_at=period_end(windows[0][0]))
+    assert first.net_liquidation == Decimal("35800.445") and first.currency == "USD"
+    last = snapshots.latest()
+    assert last.taken_at == period_end(windows[-1][1])
+    assert last.exchange_rates["EUR"] == "1.0871"  # the whole snapshot of the period end
+
+
+def test_a_back_fill_again_writes_nothing(service):  # noqa: F811
+    service.add_statement(QUERY, window_statement)
+    flex_connection()
+    windows = three_windows()
+    sync_period(windows[0][0], trigger="command", connection="myflex")
+    snapshots = conf.account_snapshot_model().objects.count()
+
+    again = sync_period(windows[0][0], trigger="command", connection="myflex")
+
+    assert again.error is None and len(again.windows) == 3
+    for outcome in again.windows:
+        result = outcome.result
+        assert result.ledger["trades"] == {"created": 0, "updated": 0, "unchanged": 1}
+        assert result.snapshots["created"] == result.snapshots["updated"] == 0
+        assert result.created == result.updated == result.closed == 0
+    assert again.windows[-1].result.unchanged == 2
+    assert conf.account_snapshot_model().objects.count() == snapshots == days(windows)
+    assert Trade().objects.count() == 3
+
+
+def test_an_older_window_writes_its_history_under_a_newer_state(service):  # noqa: F811
+    """A back-fill that ends before the state stored (a plain sync ran first): even its
+    newest window is refused for the account's positions and cash, its ledger and days
+    are written all the same, and the newer state stands."""
+    service.add_statement(QUERY, window_statement)
+    flex_connection()
+    sync_positions(trigger="command", connection="myflex")  # the seven days to yesterday
+    end = yesterday() - dt.timedelta(days=40)
+
+    backfill = sync_period(end - dt.timedelta(days=9), end, trigger="command", connection="myflex")
+
+    [outcome] = backfill.windows
+    assert ACCOUNT in outcome.result.accounts_refused
+    assert outcome.result.ledger["trades"]["created"] == 1
+    assert outcome.result.snapshots["created"] == 10
+    [aapl] = conf.position_model().objects.filter(instrument__symbol="AAPL")
+    assert aapl.quantity == Decimal(quantity_of(yesterday()))
+    assert AccountReport.objects.get(external_id=ACCOUNT).as_of == period_end(yesterday())
+    # The next plain sync reads from the end of the last one applied, not the back-fill's.
+    sync_positions(trigger="command", connection="myflex")
+    fd, td = requested(service)[-1]
+    assert (fd, td) == (f"{yesterday() - dt.timedelta(days=2):%Y%m%d}", f"{yesterday():%Y%m%d}")
+
+
+def test_a_window_failing_midway_says_what_was_applied_and_loses_nothing(service):  # noqa: F811
+    service.add_statement(QUERY, window_statement)
+    flex_connection()
+    windows = three_windows()
+    service.script(SEND_REQUEST, Answer(), Answer.error(1012))  # the second: token expired
+    out, err = io.StringIO(), io.StringIO()
+
+    with pytest.raises(CommandError) as raised:
+        call_command(
+            "sync_ibkr", "--connection", "myflex", "--from", f"{windows[0][0]}",
+            stdout=out, stderr=err,
+        )  # fmt: skip
+
+    assert raised.value.returncode == 10  # the token refused
+    message = str(raised.value)
+    assert f"stopped at {windows[1][0]} to {windows[1][1]}" in message
+    assert f"applied: {windows[0][0]} to {windows[0][1]};" in message
+    assert f"not tried: {windows[2][0]} to {windows[2][1]}" in message
+    assert out.getvalue().startswith(f"{windows[0][0]} to {windows[0][1]}: sync #")
+    assert "failed (flex_auth" in err.getvalue() or "failed (" in err.getvalue()
+    first, second = SyncRun.objects.order_by("pk")
+    assert (first.status, first.period_to) == ("success", windows[0][1])
+    assert (second.status, second.period_from, second.period_to) == (
+        "failed",
+        windows[1][0],
+        windows[1][1],
+    )
+    assert requested(service) == as_params(windows[:2])
+    # The first window's history stays; no state was written (its window was not newest).
+    assert list(Trade().objects.values_list("external_id", flat=True)) == [
+        f"8{windows[0][0]:%Y%m%d}"
+    ]
+    assert conf.account_snapshot_model().objects.count() == days(windows[:1])
+    assert not conf.position_model().objects.exists()
+
+    # Again from the window that failed: the rest is written.
+    again = sync_period(windows[1][0], trigger="command", connection="myflex")
+    assert again.error is None and len(again.windows) == 2
+    assert Trade().objects.count() == 3
+    assert conf.account_snapshot_model().objects.count() == days(windows)
+
+
+def test_the_json_output_has_every_window(service):  # noqa: F811
+    service.add_statement(QUERY, window_statement)
+    flex_connection()
+    end = yesterday()
+    out = io.StringIO()
+
+    call_command(
+        "sync_ibkr", "--connection", "myflex", "--from", f"{end - dt.timedelta(days=400)}",
+        "--json", stdout=out,
+    )  # fmt: skip
+
+    body = json.loads(out.getvalue())
+    assert body["status"] == "success" and body["connection"] == "myflex"
+    assert [(w["from"], w["to"], w["history_only"]) for w in body["windows"]] == [
+        (f"{end - dt.timedelta(days=400)}", f"{end - dt.timedelta(days=36)}", True),
+        (f"{end - dt.timedelta(days=35)}", f"{end}", False),
+    ]
+    assert body["windows"][1]["result"]["created"] == 2
+    assert body["not_tried"] == []
+
+
+def test_quiet_prints_nothing(service):  # noqa: F811
+    service.add_statement(QUERY, window_statement)
+    flex_connection()
+    out = io.StringIO()
+
+    call_command(
+        "sync_ibkr", "--connection", "myflex", "--from", f"{yesterday()}", "--quiet", stdout=out
+    )
+
+    assert out.getvalue() == "" and SyncRun.objects.get().status == "success"
+
+
+# --- what a back-fill refuses ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--from", "2021-02-30"], "is not a day as YYYY-MM-DD"),
+        (["--from", "yesterday"], "is not a day as YYYY-MM-DD"),
+        (["--from", "2022-01-01", "--to", "2021-12-31"], "is before --from"),
+        (["--from", "2099-01-01"], "has not closed yet"),
+        (["--from", "2021-01-01", "--to", "2099-01-01"], "has not closed yet"),
+        (["--from", "0001-01-01"], "IBKR keeps no statement that old"),
+        (["--to", "2021-01-01"], "--to goes with --from"),
+        (["--all", "--from", "2021-01-01"], "--from back-fills one Flex connection"),
+    ],
+)
+@pytest.mark.django_db(transaction=True)  # the command line closes the connections
+def test_a_bad_period_is_exit_2_and_asks_nothing(service, capsys, arguments, message):  # noqa: F811
+    flex_connection()
+
+    which = [] if "--all" in arguments else ["--connection", "myflex"]
+    with pytest.raises(SystemExit) as raised:
+        execute_from_command_line(["manage.py", "sync_ibkr", *which, *arguments])
+
+    assert raised.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not service.requests and not SyncRun.objects.exists()
+
+
+def test_a_tws_connection_is_no_back_fill(service):  # noqa: F811
+    Connection.objects.create(name="gateway", host="127.0.0.1", port=4002, client_id=3)
+
+    with pytest.raises(CommandError) as raised:
+        call_command("sync_ibkr", "--connection", "gateway", "--from", "2021-01-01")
+
+    assert raised.value.returncode == 2
+    assert "only a Flex connection reads a period" in str(raised.value)
+    with pytest.raises(InvalidPeriod):
+        sync_period(dt.date(2021, 1, 1), trigger="command", connection="gateway")
+    assert not SyncRun.objects.exists()
+
+
+# --- each day's net asset value ----------------------------------------------------------
+
+
+def with_net_asset_values(text: str, values: dict[str, str], currency: str) -> str:
+    """A published statement whose query left out Net Asset Value (NAV) in Base, with the
+    section for some of its days (the rest is the statement as published)."""
+    rows = "".join(
+        _row(
+            "EquitySummaryByReportDateInBase",
+            accountId="U1234567",
+            currency=currency,
+            reportDate=day,
+            cash="100",
+            total=total,
+        )
+        for day, total in values.items()
+    )
+    return text.replace(
+        "<ConversionRates>",
+        f"<OpenPositions /><EquitySummaryInBase>{rows}</EquitySummaryInBase><ConversionRates>",
+        1,
+    )
+
+
+def test_each_day_s_snapshot_carries_that_day_s_real_rates(service):  # noqa: F811
+    """A real statement's year of ConversionRates: each day's snapshot holds that day's
+    rates to the base, as the statement has them (read here independently)."""
+    path = DATA / "portfolio-performance" / "testIBFlexStatementFile18.xml"
+    navs = {"20211220": "20100", "20211221": "20093.5", "20221219": "21877.25"}
+    service.add_statement(QUERY, with_net_asset_values(path.read_text(), navs, "EUR"))
+    flex_connection()
+
+    result = sync_positions(trigger="command", connection="myflex")
+
+    assert result.snapshots == {"created": 3, "updated": 0, "unchanged": 0}
+    stored = {
+        s.taken_at: s
+        for s in conf.account_snapshot_model().objects.filter(account__external_id="U1234567")
+    }
+    root = ET.parse(path).getroot()
+    for day, total in navs.items():
+        date = dt.datetime.strptime(day, "%Y%m%d").date()
+        snapshot = stored[period_end(date)]
+        assert snapshot.net_liquidation == Decimal(total) and snapshot.currency == "EUR"
+        expected = {
+            row.get("fromCurrency"): row.get("rate")
+            for row in root.iter("ConversionRate")
+            if row.get("reportDate") == day
+            and row.get("toCurrency") == "EUR"
+            and Decimal(row.get("rate")) > 0  # IBKR's -1: no rate that day
+        }
+        assert len(expected) > 10
+        rates = {c: Decimal(r) for c, r in snapshot.exchange_rates.items()}
+        assert rates == {"EUR": Decimal(1), **{c: Decimal(r) for c, r in expected.items()}}
+    assert stored[period_end(dt.date(2021, 12, 21))].exchange_rates["CHF"] == "0.95947"
+    assert not [e for e in result.errors if "ConversionRate" in e["reason"]]
+
+    # The statement again: no day stored twice.
+    again = sync_positions(trigger="command", connection="myflex")
+    assert again.snapshots == {"created": 0, "updated": 0, "unchanged": 3}
+    assert conf.account_snapshot_model().objects.count() == 3
+
+
+def test_the_run_page_shows_the_period_read(service, admin_client):  # noqa: F811
+    service.add_statement(QUERY, window_statement)
+    flex_connection()
+    end = yesterday()
+    backfill = sync_period(end - dt.timedelta(days=400), trigger="command", connection="myflex")
+    older, newer = (w.result.sync_run_id for w in backfill.windows)
+
+    page = admin_client.get(f"/admin/ibkr_sync/syncrun/{older}/change/").content.decode()
+    assert f"{end - dt.timedelta(days=400)} to {end - dt.timedelta(days=36)}" in page
+    assert "history only" in page
+    page = admin_client.get(f"/admin/ibkr_sync/syncrun/{newer}/change/").content.decode()
+    assert f"{end - dt.timedelta(days=35)} to {end}" in page and "history only" not in page
