@@ -14,7 +14,8 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 venv: $(STAMP)
 
-## Run the product end to end on SQLite against the bundled IB Gateway simulator.
+## Run the product end to end on SQLite against the bundled IB Gateway and Flex Web Service
+## simulators (two connections, both synced).
 demo: $(STAMP)
 	DEBUG=true $(PY) manage.py ibkr_demo $(DEMO_ARGS)
 
