@@ -106,9 +106,10 @@ class Contract:
             "putCall": self.right,
         }
 
-    def value(self, quantity: Decimal) -> Decimal:
-        """The market value of `quantity` at the contract's price (bonds: per 100 face)."""
-        value = quantity * self.price * self.multiplier
+    def value(self, quantity: Decimal, price: Decimal | None = None) -> Decimal:
+        """The market value of `quantity` at `price` (the contract's by default; bonds:
+        per 100 face)."""
+        value = quantity * (self.price if price is None else price) * self.multiplier
         return value / 100 if self.sec_type == "BOND" else value
 
 
@@ -147,6 +148,7 @@ class FlexHistory:
         self.query_name = query_name
         self.accounts = self.portfolio.all_accounts()
         self.contracts: dict[int, Contract] = {}
+        self.prices: dict[tuple[str, int], Decimal] = {}
         self.rows: list[Row] = []
         self._sequence = 0
         for account in self.accounts:
@@ -338,6 +340,8 @@ class FlexHistory:
                 fx_positions[position.symbol] += position.quantity
                 continue
             contract = self._contract(position)
+            # Each account's own price, as the gateway simulator has it (its average cost).
+            price = self.prices[account, contract.con_id] = position.price
             day = self._day(1 / 6 + (index % 4) / 6)
             quantity = position.quantity
             if index == 0 and position.sec_type == "STK" and quantity >= 100:
@@ -347,17 +351,17 @@ class FlexHistory:
                 continue
             if index % 3 == 1:
                 # Bought twice the quantity, then half of it sold a day later, dearer.
-                self._trade(account, contract, quantity * 2, contract.price, day, f"{index}/open")
+                self._trade(account, contract, quantity * 2, price, day, f"{index}/open")
                 self._trade(
                     account,
                     contract,
                     -quantity,
-                    contract.price * Decimal("1.02"),
+                    price * Decimal("1.02"),
                     day + dt.timedelta(days=1),
                     f"{index}/reduce",
                 )
             else:
-                self._trade(account, contract, quantity, contract.price, day, f"{index}/open")
+                self._trade(account, contract, quantity, price, day, f"{index}/open")
         if held:
             self._expiry(account, held)
             self._dividends(account, held)
@@ -517,6 +521,11 @@ class FlexHistory:
 
     # --- what it adds up to ---
 
+    def price(self, account: str, con_id: int) -> Decimal:
+        """The price of a contract in an account's statement: the portfolio's for the
+        account, else the contract's (an option of the history)."""
+        return self.prices.get((account, con_id), self.contracts[con_id].price)
+
     def positions(self, on: dt.date) -> dict[tuple[str, int], Decimal]:
         """(account, conId) -> quantity at the end of `on`, for every contract held."""
         held: dict[tuple[str, int], Decimal] = defaultdict(Decimal)
@@ -546,7 +555,9 @@ class FlexHistory:
             contract = self.contracts[con_id]
             if a != account or contract.sec_type in NO_EQUITY:
                 continue
-            value = contract.value(quantity) * RATES_TO_USD[contract.currency]
+            value = (
+                contract.value(quantity, self.price(a, con_id)) * RATES_TO_USD[contract.currency]
+            )
             if contract.sec_type in OPTIONS:
                 options += value
             else:
@@ -591,16 +602,17 @@ class FlexHistory:
             if held_account != account:
                 continue
             contract = self.contracts[con_id]
-            value = contract.value(quantity)
+            price = self.price(account, con_id)
+            value = contract.value(quantity, price)
             yield _row(
                 "OpenPosition",
                 accountId=account,
                 **contract.attrs(),
                 reportDate=f"{to_date:%Y%m%d}",
                 position=_text(quantity),
-                markPrice=_text(contract.price),
+                markPrice=_text(price),
                 positionValue=_text(_money(value)),
-                costBasisPrice=_text(contract.price),
+                costBasisPrice=_text(price),
                 costBasisMoney=_text(_money(value)),
                 fifoPnlUnrealized="0",
                 side="Long" if quantity > 0 else "Short",

@@ -66,6 +66,17 @@ def test_positions_are_the_sum_of_the_trades_and_the_gateways_quantities(respons
         if p.sec_type != "CASH"
     }
     assert held == gateway
+    # At each account's own price, as the gateway simulator reports it.
+    prices = {
+        (p.account, p.contract.con_id): p.mark_price
+        for s in response.statements
+        for p in s.positions
+    }
+    assert prices == {
+        (p.account, p.con_id): p.price
+        for p in load_sample_portfolio().positions
+        if p.sec_type != "CASH"
+    }
 
 
 def test_cash_is_deposits_trades_dividends_taxes_interest_and_fees(response):
