@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint format venv bench screenshots clean
+.PHONY: demo test test-fast lint format venv bench bench-flex screenshots clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -14,7 +14,8 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 venv: $(STAMP)
 
-## Run the product end to end on SQLite against the bundled IB Gateway simulator.
+## Run the product end to end on SQLite against the bundled IB Gateway and Flex Web Service
+## simulators (two connections, both synced).
 demo: $(STAMP)
 	DEBUG=true $(PY) manage.py ibkr_demo $(DEMO_ARGS)
 
@@ -36,6 +37,11 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/sync_bench.py $(BENCH_ARGS)
+
+## The import of a 250,000-transaction Flex statement against a bare XML pass (SQLite and
+## PostgreSQL: BENCH_ARGS="--database-url postgres://..." or "--databases sqlite").
+bench-flex: $(STAMP)
+	$(PY) bench/flex_bench.py $(BENCH_ARGS)
 
 ## Take the docs' screenshots of the admin again (docs/images/: overview, admin-index,
 ## sync-runs, sync-run, positions), at 1400 x 900.

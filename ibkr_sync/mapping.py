@@ -1134,6 +1134,9 @@ def map_ledger(
         "cash_transactions": snapshot.cash_transactions,
         "corporate_actions": snapshot.corporate_actions,
     }
+    # Each contract mapped once (thousands of rows name the same one): its instrument, or
+    # why it cannot be one.
+    mapped_contracts: dict[Contract, tuple[str, dict[str, Any]] | MappingError] = {}
     for kind, model in models_by_kind.items():
         rows: dict[str, MappedLedgerRow] = {}
         for record in records[kind]:
@@ -1156,15 +1159,21 @@ def map_ledger(
                 continue
             instrument_id = None
             if contract is not None and contract.con_id is not None:
-                try:
-                    instrument_id, fields = _ledger_instrument(record.account, contract)
-                except MappingError as exc:
+                mapped = mapped_contracts.get(contract)
+                if mapped is None:
+                    try:
+                        mapped = _ledger_instrument(record.account, contract)
+                    except MappingError as exc:
+                        mapped = exc
+                    mapped_contracts[contract] = mapped
+                if isinstance(mapped, MappingError):
                     errors.append(
                         _ledger_error(
-                            kind, record, contract, f"stored without its instrument: {exc}"
+                            kind, record, contract, f"stored without its instrument: {mapped}"
                         )
                     )
                 else:
+                    instrument_id, fields = mapped
                     instruments.setdefault(instrument_id, fields)
             rows[external_id] = MappedLedgerRow(
                 account_id=record.account,
@@ -1180,7 +1189,10 @@ _EXACT = ("quantity",)
 
 
 def _ledger_values(kind: str, record: Any, dividend_of: dict[str, str]) -> dict[str, Any]:
-    raw = {storable(str(k)): storable(str(v)) for k, v in record.raw.items()}
+    raw = dict(record.raw)
+    # The parser's attributes are texts: only one holding a NUL needs storable().
+    if not all(type(k) is str and type(v) is str and "\x00" not in k + v for k, v in raw.items()):
+        raw = {storable(str(k)): storable(str(v)) for k, v in raw.items()}
     if kind == "trades":
         trade: Trade = record
         return {

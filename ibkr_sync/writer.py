@@ -376,10 +376,12 @@ def _apply_ledger(
     """Store the ledger rows of the accounts applied, keyed on the broker's ids: a row
     not stored yet is inserted (ON CONFLICT (broker, external_id) DO NOTHING), a stored
     one that differs (the broker corrected it, cancelled it) is updated, an equal one is
-    left alone; none is deleted. A fixed number of statements per batch of rows: the
-    stored rows are read by their ids as plain tuples, the new ones inserted, the
-    changed ones upserted. The instruments the rows name are inserted where missing
-    (a position's sync keeps them current)."""
+    left alone; none is deleted. A fixed number of statements per batch of rows, batch
+    after batch in the order of the ids (so two writers wait for each other's rows in
+    one order): the batch's stored rows read by their ids as plain tuples, its new ones
+    inserted, its changed ones upserted; only one batch's stored rows are held at a
+    time. The instruments the rows name are inserted where missing (a position's sync
+    keeps them current)."""
     instruments = _ledger_instruments(snapshot, now)
     models_by_kind = conf.ledger_models()
     counts: dict[str, dict[str, int]] = {}
@@ -388,42 +390,56 @@ def _apply_ledger(
         fields = LEDGER_FIELDS[kind]
         tally = dict.fromkeys(LEDGER_COUNTS, 0)
         counts[kind] = tally
-        stored: dict[str, tuple[Any, ...]] = {}
-        for chunk in chunks(list(rows)):
-            for external_id, *values in model._default_manager.filter(
-                broker=BROKER, external_id__in=chunk
-            ).values_list("external_id", "account_id", "instrument_id", *fields):
-                stored[external_id] = tuple(values)
-        new, changed = [], []
-        for external_id, row in rows.items():
-            values = {
-                "account_id": accounts[row.account_id],
-                "instrument_id": None
-                if row.instrument_id is None
-                else instruments.get(row.instrument_id),
-                **row.fields,
-            }
-            held = stored.get(external_id)
-            if held is None:
-                new.append({"broker": BROKER, "external_id": external_id, **values})
-            elif _differs(
-                held, [values["account_id"], values["instrument_id"], *map(row.fields.get, fields)]
-            ):
-                changed.append(model(broker=BROKER, external_id=external_id, **values))
-            else:
-                tally["unchanged"] += 1
-        inserted = insert_new(model, new, _UNIQUE)
-        tally["created"] += len(inserted)
-        tally["unchanged"] += len(new) - len(inserted)  # inserted by another sync since
-        upsert(
-            model,
-            sorted(changed, key=lambda row: row.external_id),
-            batch_size=bulk.BATCH_SIZE // 4,
-            unique_fields=list(_UNIQUE),
-            update_fields=["account", "instrument", *fields],
-        )
-        tally["updated"] += len(changed)
+        for chunk in chunks(sorted(rows)):
+            _apply_ledger_batch(model, fields, chunk, rows, accounts, instruments, tally)
     return counts
+
+
+def _apply_ledger_batch(
+    model: type[Any],
+    fields: tuple[str, ...],
+    chunk: Sequence[str],
+    rows: dict[str, Any],
+    accounts: dict[str, Any],
+    instruments: dict[str, Any],
+    tally: dict[str, int],
+) -> None:
+    """One batch of a ledger kind's rows (their external ids `chunk`, in order)."""
+    stored: dict[str, tuple[Any, ...]] = {}
+    for external_id, *values in model._default_manager.filter(
+        broker=BROKER, external_id__in=chunk
+    ).values_list("external_id", "account_id", "instrument_id", *fields):
+        stored[external_id] = tuple(values)
+    new, changed = [], []
+    for external_id in chunk:
+        row = rows[external_id]
+        values = {
+            "account_id": accounts[row.account_id],
+            "instrument_id": None
+            if row.instrument_id is None
+            else instruments.get(row.instrument_id),
+            **row.fields,
+        }
+        held = stored.get(external_id)
+        if held is None:
+            new.append({"broker": BROKER, "external_id": external_id, **values})
+        elif _differs(
+            held, [values["account_id"], values["instrument_id"], *map(row.fields.get, fields)]
+        ):
+            changed.append(model(broker=BROKER, external_id=external_id, **values))
+        else:
+            tally["unchanged"] += 1
+    inserted = insert_new(model, new, _UNIQUE)
+    tally["created"] += len(inserted)
+    tally["unchanged"] += len(new) - len(inserted)  # inserted by another sync since
+    upsert(
+        model,
+        changed,  # in the order of their ids, as the batch is
+        batch_size=bulk.BATCH_SIZE // 4,
+        unique_fields=list(_UNIQUE),
+        update_fields=["account", "instrument", *fields],
+    )
+    tally["updated"] += len(changed)
 
 
 def _ledger_instruments(snapshot: MappedSnapshot, now: dt.datetime) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """`manage.py ibkr_demo` (`make demo`) as a new user runs it: in a SQLite file of its own,
-whatever DATABASE_URL names, and stopping at once, saying why, when a port it needs is
-taken (by a demo already running, say)."""
+whatever DATABASE_URL names, with two connections (the IB Gateway simulator's and the
+fake Flex Web Service's, its token encrypted at rest) synced, and stopping at once,
+saying why, when a port it needs is taken (by a demo already running, say)."""
 
 import datetime as dt
 import itertools
@@ -148,8 +149,9 @@ def test_the_readme_syncs_the_running_demo_as_the_demo_says():
     command = block.split("```sh", 1)[1].split("```", 1)[0]
 
     assert f"DATABASE_URL=sqlite:///{ibkr_demo.DEMO_DATABASE} " in command
-    assert f"IBKR_HOST=127.0.0.1 IBKR_PORT={ibkr_demo.IB_GATEWAY_PAPER_PORT} " in command
-    assert "manage.py sync_ibkr" in command
+    flex = f"http://127.0.0.1:{ibkr_demo.FLEX_SERVICE_PORT}/AccountManagement/FlexWebService"
+    assert f"IBKR_FLEX_BASE_URL={flex} " in command
+    assert "manage.py sync_ibkr --all" in command
 
 
 @pytest.mark.parametrize("named_in", ["environment", "dotenv"])
@@ -167,7 +169,10 @@ def test_the_demo_runs_in_its_own_database_whatever_database_url_names(
     demo_file = tmp_path / "demo" / "demo.sqlite3"
     demo_file.parent.mkdir()
     web = f"127.0.0.1:{free_port()}"
-    demo = Demo("--addr", web, "--gateway-port", "0", "--database", str(demo_file), env=env)
+    demo = Demo(
+        "--addr", web, "--gateway-port", "0", "--flex-port", "0", "--database", str(demo_file),
+        env=env,
+    )  # fmt: skip
     try:
         demo.wait_for("The demo is up")
         demo.wait_for("Database:")
@@ -178,7 +183,20 @@ def test_the_demo_runs_in_its_own_database_whatever_database_url_names(
 
     assert stopped == 0, "\n".join(demo.output)
     assert synced.returncode == 0, synced.stderr
-    assert synced.stdout.startswith("IBKR sync #2: 25 positions in 3 account(s): 0 created")
+    # The demo's first syncs: the Flex statement (as of yesterday's close), then the
+    # gateway's read of now; the Flex statement, older than that read, is written no more.
+    started = "\n".join(demo.output)
+    assert "IBKR sync #1 of connection flex: 23 positions in 3 account(s): 23 created" in started
+    assert "IBKR sync #2 of connection gateway: 25 positions in 3 account(s)" in started
+    lines = synced.stdout.splitlines()
+    assert lines[0].startswith("IBKR sync #3 of connection flex: 0 positions in 0 account(s)")
+    assert sum("Not written: DU" in line for line in lines) == 3
+    assert any(
+        line.startswith(
+            "IBKR sync #4 of connection gateway: 25 positions in 3 account(s): 0 created"
+        )
+        for line in lines
+    ), synced.stdout
     assert files(site) == before, "the site's database was touched"
     assert f"  Database:  {demo_file} (the demo's own)" in demo.output
     with sqlite3.connect(demo_file) as db:
@@ -186,11 +204,27 @@ def test_the_demo_runs_in_its_own_database_whatever_database_url_names(
             ("demo", 1)
         ]
         assert db.execute("SELECT count(*) FROM portfolio_position").fetchone()[0] > 0
-        # Each account's made-up past (90 days), the first sync's snapshot and the second's.
+        # Each account's made-up past (90 days), the first syncs' snapshots (the Flex
+        # statement's and the gateway's) and the second gateway sync's.
         per_account = db.execute(
             "SELECT count(*), count(sync_run_id) FROM portfolio_accountsnapshot GROUP BY account_id"
         ).fetchall()
-        assert per_account == [(ibkr_demo.HISTORY_DAYS + 2, 2)] * 3
+        assert per_account == [(ibkr_demo.HISTORY_DAYS + 3, 3)] * 3
+        connections = db.execute(
+            "SELECT name, kind, flex_query_id, flex_token FROM ibkr_sync_connection ORDER BY name"
+        ).fetchall()
+        assert [row[:3] for row in connections] == [
+            ("flex", "flex", "1234567"),
+            ("gateway", "tws", ""),
+        ]
+        assert connections[0][3].startswith("gAAAA"), "the token is stored encrypted (Fernet)"
+        # The Flex statement's history: trades (an FX conversion, an assignment, an
+        # expiry), dividends with their taxes, interest, fees, deposits.
+        assert db.execute("SELECT count(*) FROM portfolio_trade").fetchone()[0] == 40
+        kinds = dict(
+            db.execute("SELECT kind, count(*) FROM portfolio_cashtransaction GROUP BY kind")
+        )
+        assert kinds == {"deposit": 3, "dividend": 4, "withholding_tax": 8, "interest": 3, "fee": 2}
     assert any("days of made-up history" in line for line in demo.output)
 
 
@@ -216,9 +250,11 @@ def bindable(port: int) -> bool:
     return True
 
 
-@pytest.mark.parametrize("taken", [("gateway",), ("web",), ("gateway", "web")])
+@pytest.mark.parametrize(
+    "taken", [("gateway",), ("web",), ("flex",), ("gateway", "web"), ("gateway", "web", "flex")]
+)
 def test_a_port_in_use_stops_the_demo_at_once_suggesting_ports_that_are_free(tmp_path, taken):
-    ports = {"gateway": free_port(), "web": free_port()}
+    ports = {"gateway": free_port(), "web": free_port(), "flex": free_port()}
     holders = [hold(ports[name]) for name in taken]
     # The first ports a suggestion would try (the port asked for + 10) are taken too: a
     # suggestion must be tried, not assumed.
@@ -227,18 +263,21 @@ def test_a_port_in_use_stops_the_demo_at_once_suggesting_ports_that_are_free(tmp
     try:
         result = manage(
             "ibkr_demo", "--gateway-port", str(ports["gateway"]),
+            "--flex-port", str(ports["flex"]),
             "--addr", f"127.0.0.1:{ports['web']}", "--database", str(demo_file),
             env=demo_env(), check=False,
         )  # fmt: skip
         lines = result.stderr.splitlines()
         suggested = re.search(
-            r'make demo DEMO_ARGS="--gateway-port (\d+) --addr 127\.0\.0\.1:(\d+)" '
-            r"\(free just now\)\.$",
+            r'make demo DEMO_ARGS="--gateway-port (\d+) --flex-port (\d+) '
+            r'--addr 127\.0\.0\.1:(\d+)" \(free just now\)\.$',
             lines[0] if lines else "",
         )
         assert suggested, result.stderr
-        gateway, web = (int(port) for port in suggested.groups())
-        assert bindable(gateway) and bindable(web), "the suggested ports are free"
+        gateway, flex, web = (int(port) for port in suggested.groups())
+        assert bindable(gateway) and bindable(web) and bindable(flex), (
+            "the suggested ports are free"
+        )
     finally:
         for holder in holders:
             if holder is not None:
@@ -247,19 +286,22 @@ def test_a_port_in_use_stops_the_demo_at_once_suggesting_ports_that_are_free(tmp
     named = {
         "gateway": f"{ports['gateway']} (for the IB Gateway simulator, --gateway-port)",
         "web": f"{ports['web']} (for the web server, --addr)",
+        "flex": f"{ports['flex']} (for the Flex Web Service simulator, --flex-port)",
     }
-    which = " and ".join(named[name] for name in taken)
+    which = [named[name] for name in taken]
+    which = which[0] if len(which) == 1 else f"{', '.join(which[:-1])} and {which[-1]}"
     assert result.returncode == 1
     assert result.stdout == ""
     assert lines == [
         f"CommandError: {'Port' if len(taken) == 1 else 'Ports'} {which} "
         f"{'is' if len(taken) == 1 else 'are'} already in use, perhaps by a demo that is "
         'running: stop it, or choose free ports, e.g. make demo DEMO_ARGS="--gateway-port '
-        f'{gateway} --addr 127.0.0.1:{web}" (free just now).'
+        f'{gateway} --flex-port {flex} --addr 127.0.0.1:{web}" (free just now).'
     ]
-    assert gateway != web
-    assert gateway not in (ports["gateway"], ports["gateway"] + 10, ports["web"])
-    assert web not in (ports["web"], ports["web"] + 10, ports["gateway"])
+    assert len({gateway, web, flex}) == 3
+    assert gateway not in (ports["gateway"], ports["gateway"] + 10, ports["web"], ports["flex"])
+    assert web not in (ports["web"], ports["web"] + 10, ports["gateway"], ports["flex"])
+    assert flex not in (ports["flex"], ports["flex"] + 10, ports["gateway"], ports["web"])
     assert not demo_file.exists(), "nothing is done before the ports are checked"
 
 
@@ -294,16 +336,18 @@ def test_the_demo_started_twice_suggests_ports_the_first_one_does_not_hold(tmp_p
     """`make demo` run twice: the second says the first holds its ports, and suggests
     ports the first does not hold (they were the same ones before)."""
     web = f"127.0.0.1:{free_port()}"
-    gateway = str(free_port())
-    first = Demo("--addr", web, "--gateway-port", gateway, "--database",
+    gateway, flex = str(free_port()), str(free_port())
+    first = Demo("--addr", web, "--gateway-port", gateway, "--flex-port", flex, "--database",
                  str(tmp_path / "first.sqlite3"), env=demo_env())  # fmt: skip
     try:
         first.wait_for("The demo is up")
         second = manage(
-            "ibkr_demo", "--addr", web, "--gateway-port", gateway,
+            "ibkr_demo", "--addr", web, "--gateway-port", gateway, "--flex-port", flex,
             "--database", str(tmp_path / "second.sqlite3"), env=demo_env(), check=False,
         )  # fmt: skip
-        suggested = re.search(r'--gateway-port (\d+) --addr 127\.0\.0\.1:(\d+)"', second.stderr)
+        suggested = re.search(
+            r'--gateway-port (\d+) --flex-port (\d+) --addr 127\.0\.0\.1:(\d+)"', second.stderr
+        )
         assert suggested, second.stderr
         assert all(bindable(int(port)) for port in suggested.groups()), second.stderr
     finally:

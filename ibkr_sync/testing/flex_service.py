@@ -13,8 +13,11 @@ statement, or an error answer while it is not ready. It serves:
 - the requests it got (`requests`: path, parameters, headers, when), and the most that
   were ever in flight at once per token (`max_in_flight`), so a test can hold a client to
   its promises;
+- named scenarios of IBKR's error sequences (`SCENARIOS`, `play`): 1019 several times,
+  1018, 1001, 1012, a truncated body, a body that is no XML, a huge body;
 - generated statements of N positions and M trades in the real format
-  (`generate_statement`, `write_statement`), for load tests.
+  (`generate_statement`, `write_statement`), for load tests; `flex_portfolio.py` makes
+  the statements of a simulator portfolio, with a history that adds up to it.
 
 It knows nothing of the Flex source: it writes the format, as IBKR does.
 """
@@ -70,6 +73,8 @@ class Answer:
     body: bytes | None = None
     content_type: str = "text/xml"
     truncate: bool = False
+    #: A body of any size, written piece by piece as it is made (close-delimited).
+    stream: Callable[[], Iterator[bytes]] | None = None
 
     @classmethod
     def error(cls, code: int, message: str = "") -> Answer:
@@ -92,6 +97,13 @@ class Answer:
     @classmethod
     def content(cls, body: bytes, content_type: str = "text/html", status: int = 200) -> Answer:
         return cls(body=body, content_type=content_type, status=status)
+
+    @classmethod
+    def streamed(
+        cls, pieces: Callable[[], Iterator[bytes]], content_type: str = "text/xml"
+    ) -> Answer:
+        """A body made piece by piece while it is sent (a statement of any size)."""
+        return cls(stream=pieces, content_type=content_type)
 
     @classmethod
     def http(cls, status: int, body: bytes = b"") -> Answer:
@@ -131,7 +143,10 @@ class FakeFlexService:
         expired_tokens: tuple[str, ...] = (),
         statement_url: str | None = None,
         timestamp: str = "01 January, 2026 08:00 AM EST",
+        host: str = "127.0.0.1",
+        port: int = 0,
     ) -> None:
+        self.host, self.port = host, port
         self.tokens = set(tokens)
         self.expired_tokens = set(expired_tokens)
         self.statements: dict[str, Statement] = {}
@@ -169,7 +184,13 @@ class FakeFlexService:
     def base_url(self) -> str:
         assert self._server is not None, "the service is not started"
         host, port = self._server.server_address[:2]
+        host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{port}{PATH}"
+
+    def play(self, scenario: str, **options: Any) -> None:
+        """Script the answers of a named scenario (`SCENARIOS`): IBKR's error sequences."""
+        for endpoint, answers in scenario_answers(scenario, **options):
+            self.script(endpoint, *answers)
 
     def requests_to(self, endpoint: str) -> list[Request]:
         return [r for r in self.requests if r.endpoint == endpoint]
@@ -188,7 +209,7 @@ class FakeFlexService:
             def log_message(self, format: str, *args: Any) -> None:
                 pass  # quiet: the tests read `requests`
 
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = http.server.ThreadingHTTPServer((self.host, self.port), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(
             target=self._server.serve_forever,
@@ -229,7 +250,9 @@ class FakeFlexService:
         try:
             if scripted is not None and scripted.delay:
                 time.sleep(scripted.delay)
-            if scripted is not None and (scripted.code is not None or scripted.body is not None):
+            if scripted is not None and scripted.stream is not None:
+                status, body, content_type = 200, b"", scripted.content_type
+            elif scripted is not None and (scripted.code is not None or scripted.body is not None):
                 status, body, content_type = self._scripted(scripted)
             else:
                 status, body, content_type = self._answer(endpoint, params)
@@ -249,6 +272,9 @@ class FakeFlexService:
                         ended=time.monotonic(),
                     )
                 )
+        if scripted is not None and scripted.stream is not None:
+            self._send_stream(handler, scripted.stream(), content_type)
+            return
         self._send(handler, status, body, content_type, scripted is not None and scripted.truncate)
 
     def _scripted(self, answer: Answer) -> tuple[int, bytes, str]:
@@ -323,6 +349,21 @@ class FakeFlexService:
         ).encode()
 
     @staticmethod
+    def _send_stream(
+        handler: http.server.BaseHTTPRequestHandler, pieces: Iterator[bytes], content_type: str
+    ) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Type", f"{content_type}; charset=utf-8")
+        handler.send_header("Connection", "close")
+        handler.end_headers()
+        try:
+            for piece in pieces:
+                handler.wfile.write(piece)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client stopped reading: its choice
+        handler.close_connection = True
+
+    @staticmethod
     def _send(
         handler: http.server.BaseHTTPRequestHandler,
         status: int,
@@ -342,6 +383,56 @@ class FakeFlexService:
         handler.send_header("Content-Length", str(len(body)))
         handler.end_headers()
         handler.wfile.write(body)
+
+
+# --- scripted scenarios: what IBKR answers when things go wrong ---
+
+#: The scenarios `play` and `manage.py ibkr_flex_simulator --script` know, in words.
+SCENARIOS: dict[str, str] = {
+    "in-progress": "GetStatement answers 1019 (statement generation in progress) three "
+    "times, then the statement",
+    "throttled": "SendRequest answers 1018 (too many requests on this token), then as usual",
+    "unavailable": "GetStatement answers 1001 (could not be generated now), then the statement",
+    "expired-token": "SendRequest answers 1012 (the token has expired)",
+    "truncated": "GetStatement's answer is cut in the middle (the connection closes early), "
+    "then the whole statement",
+    "not-xml": "GetStatement answers a maintenance page (HTML, HTTP 200), not XML",
+    "huge": "GetStatement answers a generated statement of --huge-rows trades, made while "
+    "it is sent (about 46 MB at the default 50,000)",
+}
+_MAINTENANCE = (
+    b"<!DOCTYPE html>\n<html><head><title>Scheduled maintenance</title></head>\n"
+    b"<body><h1>Client Portal is down for scheduled maintenance</h1></body></html>\n"
+)
+
+
+def scenario_answers(name: str, *, huge_rows: int = 50_000) -> list[tuple[str, tuple[Answer, ...]]]:
+    """The scripted answers of scenario `name`, per endpoint (KeyError for no scenario)."""
+    if name not in SCENARIOS:
+        raise KeyError(f"no scenario {name!r}: {', '.join(SCENARIOS)}")
+    if name == "in-progress":
+        return [(GET_STATEMENT, (Answer.in_progress(),) * 3)]
+    if name == "throttled":
+        return [(SEND_REQUEST, (Answer.error(1018),))]
+    if name == "unavailable":
+        return [(GET_STATEMENT, (Answer.error(1001),))]
+    if name == "expired-token":
+        return [(SEND_REQUEST, (Answer.error(1012),))]
+    if name == "truncated":
+        return [(GET_STATEMENT, (Answer.truncated(),))]
+    if name == "not-xml":
+        return [(GET_STATEMENT, (Answer.content(_MAINTENANCE),))]
+
+    def pieces() -> Iterator[bytes]:
+        buffer: list[str] = []
+        for piece in iter_statement(positions=50, trades=huge_rows):
+            buffer.append(piece)
+            if len(buffer) >= 500:
+                yield "".join(buffer).encode()
+                buffer.clear()
+        yield "".join(buffer).encode()
+
+    return [(GET_STATEMENT, (Answer.streamed(pieces),))]
 
 
 # --- generated statements, in the real format ---
@@ -548,11 +639,13 @@ def _row(tag: str, **attributes: str) -> str:
 
 __all__ = [
     "GET_STATEMENT",
+    "SCENARIOS",
     "SEND_REQUEST",
     "Answer",
     "FakeFlexService",
     "Request",
     "generate_statement",
     "iter_statement",
+    "scenario_answers",
     "write_statement",
 ]

@@ -205,30 +205,64 @@ def _what_was_refused(error: DefusedXmlException) -> str:
     return "entities"
 
 
+#: The attributes a row's contract is read from (`_Row.contract`).
+_CONTRACT_ATTRIBUTES: Final = (
+    "conid",
+    "symbol",
+    "assetCategory",
+    "putCall",
+    "subCategory",
+    "currency",
+    "multiplier",
+    "expiry",
+    "strike",
+    "description",
+    "isin",
+    "listingExchange",
+    "underlyingConid",
+    "underlyingSymbol",
+)
+#: The most contracts a statement's reader keeps read (rows of one contract share it):
+#: the first ones, a bounded few (a statement of any size is read in bounded memory).
+_CONTRACTS_KEPT: Final = 500
+
+
 class _Row:
     """One element's attributes, read by the value rules; what could not be read is
-    kept in `problems` (`attribute: why`)."""
+    kept in `problems` (`attribute: why`). `contracts`: the contracts read so far in the
+    statement, by their attributes' texts (thousands of rows name the same one)."""
 
-    __slots__ = ("attrs", "order", "problems", "zone")
+    __slots__ = ("attrs", "contracts", "order", "problems", "zone")
 
-    def __init__(self, attrs: dict[str, str], order: str | None, zone: dt.tzinfo) -> None:
+    def __init__(
+        self,
+        attrs: dict[str, str],
+        order: str | None,
+        zone: dt.tzinfo,
+        contracts: dict[tuple, tuple[Contract, tuple[str, ...]]] | None = None,
+    ) -> None:
         self.attrs = attrs
         self.order = order
         self.zone = zone
         self.problems: list[str] = []
+        self.contracts = contracts
 
     def _read(self, name: str, reader: Callable, *args: Any) -> Any:
+        value = self.attrs.get(name)
+        if value is None:  # the query has no such column: no value (the common case)
+            return None
         try:
-            return reader(self.attrs.get(name), *args)
+            return reader(value, *args)
         except V.ValueRuleError as error:
             self.problems.append(f"{name}: {error}")
             return None
 
     def text(self, name: str) -> str:
-        return V.text(self.attrs.get(name))
+        value = self.attrs.get(name)
+        return "" if value is None else V.text(value)
 
     def ident(self, name: str) -> str | None:
-        return V.text(self.attrs.get(name)) or None
+        return self.text(name) or None
 
     def decimal(self, name: str) -> Any:
         return self._read(name, V.decimal)
@@ -254,6 +288,24 @@ class _Row:
             return ""
 
     def contract(self) -> Contract:
+        """The row's contract: read once per statement for the same attributes' texts
+        (the same texts read the same way: the statement's date order is fixed), with
+        the problems reading them found, which each row naming it carries."""
+        if self.contracts is None:
+            return self._contract()
+        key = tuple(map(self.attrs.get, _CONTRACT_ATTRIBUTES))
+        kept = self.contracts.get(key)
+        if kept is None:
+            before = len(self.problems)
+            contract = self._contract()
+            kept = (contract, tuple(self.problems[before:]))
+            if len(self.contracts) < _CONTRACTS_KEPT:
+                self.contracts[key] = kept
+            return contract
+        self.problems.extend(kept[1])
+        return kept[0]
+
+    def _contract(self) -> Contract:
         sec_type = self.text("assetCategory")
         right = self.text("putCall").upper()
         if not right and sec_type in ("OPT", "FOP", "FSFOP"):
@@ -297,6 +349,7 @@ class _Reader:
         self.sections: list[str] = []
         self.section_rows = 0
         self.row_problems = 0
+        self.contracts: dict[tuple, tuple[Contract, tuple[str, ...]]] = {}
 
     def read(self, source: str | IO[bytes]) -> Iterator[Any]:
         stack: list[Any] = []
@@ -385,6 +438,7 @@ class _Reader:
         self.statement_depth = depth
         self.read_counts, self.skipped, self.ignored = Counter(), Counter(), Counter()
         self.sections, self.row_problems = [], 0
+        self.contracts = {}  # a statement's date order may differ from the last one's
         return self.statement
 
     def _end(self, element: Any, depth: int, stack: list[Any]) -> Iterator[Any]:
@@ -421,7 +475,7 @@ class _Reader:
             if handler is None:
                 self.ignored[path] += 1
                 return
-            row = _Row(dict(element.attrib), self.order, self.zone)
+            row = _Row(dict(element.attrib), self.order, self.zone, self.contracts)
             record = handler(self, row, statement)
             if record is None:
                 self.skipped[path] += 1

@@ -84,14 +84,19 @@ def is_no_value(text: str | None) -> bool:
 
 def text(value: str | None) -> str:
     """A text attribute: "" for no value, else as written (outer spaces removed)."""
-    return "" if is_no_value(value) else value.strip()  # type: ignore[union-attr]
+    if value is None:
+        return ""
+    stripped = value.strip()
+    return "" if stripped in NO_VALUE else stripped
 
 
 def decimal(value: str | None) -> Decimal | None:
     """An exact number, None for no value; ValueRuleError for what is not a number."""
-    if is_no_value(value):
+    if value is None:
         return None
-    stripped = value.strip()  # type: ignore[union-attr]
+    stripped = value.strip()
+    if stripped in NO_VALUE:
+        return None
     if _DECIMAL(stripped) is None:
         raise ValueRuleError(f"{shown(stripped)} is not a number")
     try:

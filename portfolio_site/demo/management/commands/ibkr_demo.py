@@ -1,10 +1,12 @@
 """`manage.py ibkr_demo`: the whole product on one machine, with no IBKR account.
 
-Checks that its two ports are free, then, in a SQLite file of its own (`demo.sqlite3` in
-the project; never the database DATABASE_URL names), migrates, creates a demo admin
-login, starts the bundled IB Gateway simulator with a sample portfolio, runs a first
-sync through the real IB client, and serves the site so the admin and the REST endpoint
-can be tried at once. Ctrl-C stops everything it started.
+Checks that its three ports are free, then, in a SQLite file of its own (`demo.sqlite3`
+in the project; never the database DATABASE_URL names), migrates, creates a demo admin
+login, starts the bundled IB Gateway simulator and the fake Flex Web Service with the
+same sample portfolio, creates a connection to each (`gateway`, and `flex` with its
+token encrypted at rest), syncs both (`sync_ibkr --all`: the Flex statement's history
+fills the ledger), and serves the site so the admin and the REST endpoint can be tried at
+once. Ctrl-C stops everything it started.
 """
 
 import contextlib
@@ -13,6 +15,7 @@ import errno
 import os
 import random
 import re
+import secrets
 import socket
 import sys
 from decimal import Decimal
@@ -27,17 +30,25 @@ from django.db import DEFAULT_DB_ALIAS, connections
 from rest_framework.authtoken.models import Token
 
 from ibkr_sync import conf
+from ibkr_sync.management.commands.ibkr_flex_simulator import DEFAULT_QUERY_ID, yesterday
+from ibkr_sync.models import Connection
 from ibkr_sync.testing import (
     GatewaySimulator,
     PortfolioError,
     load_portfolio,
     load_sample_portfolio,
 )
+from ibkr_sync.testing.flex_portfolio import FlexHistory
+from ibkr_sync.testing.flex_service import FakeFlexService
 
 DEMO_USER = "demo"
 DEMO_PASSWORD = "demo-portfolio"
 DEMO_DATABASE = "demo.sqlite3"
 IB_GATEWAY_PAPER_PORT = 4002
+FLEX_SERVICE_PORT = 8760
+#: The demo's two connections (synced in name order: the Flex statement, as of
+#: yesterday's close, before the gateway's read of now).
+GATEWAY_CONNECTION, FLEX_CONNECTION = "gateway", "flex"
 # Days of made-up history the demo gives each account, so that its chart has a past.
 HISTORY_DAYS = 90
 CENT = Decimal("0.01")
@@ -56,6 +67,13 @@ class Command(BaseCommand):
             default=IB_GATEWAY_PAPER_PORT,
             help="Simulator port (default 4002, IB Gateway's paper port; 0: any free port).",
         )
+        parser.add_argument(
+            "--flex-port",
+            type=int,
+            default=FLEX_SERVICE_PORT,
+            help=f"The fake Flex Web Service's port (default {FLEX_SERVICE_PORT}; 0: any free "
+            "port).",
+        )
         parser.add_argument("--positions", help="Portfolio JSON file (default: the sample).")
         parser.add_argument(
             "--database",
@@ -69,6 +87,7 @@ class Command(BaseCommand):
         *args,
         addr: str,
         gateway_port: int,
+        flex_port: int,
         positions: str | None,
         database: str | None,
         **options,
@@ -78,6 +97,7 @@ class Command(BaseCommand):
             [
                 (gateway_port, "127.0.0.1", "for the IB Gateway simulator, --gateway-port"),
                 (port, host, "for the web server, --addr"),
+                (flex_port, "127.0.0.1", "for the Flex Web Service simulator, --flex-port"),
             ]
         )
         try:
@@ -90,15 +110,26 @@ class Command(BaseCommand):
         call_command("migrate", verbosity=0, interactive=False)
         token = self._demo_login()
         simulator = self._start_simulator(portfolio, gateway_port)
+        flex_token = secrets.token_hex(12)
+        flex = FakeFlexService(tokens=(flex_token,), host="127.0.0.1", port=flex_port)
         try:
-            # The app reads its gateway address from settings when it connects.
-            settings.IBKR_HOST, settings.IBKR_PORT = simulator.host, simulator.port
+            history = FlexHistory(portfolio, end=yesterday())
+            flex.add_statement(DEFAULT_QUERY_ID, history)
+            flex.start()
+            # The Flex connection reads the service's address from settings when it syncs.
+            settings.IBKR_FLEX_BASE_URL = flex.base_url
             self.stdout.write(
                 f"IB Gateway simulator listening on {simulator.host}:{simulator.port} "
                 f"({len(portfolio.positions)} positions, accounts: "
                 f"{', '.join(portfolio.all_accounts())})"
             )
-            call_command("sync_ibkr", stdout=self.stdout, stderr=self.stderr)
+            self.stdout.write(
+                f"Flex Web Service simulator listening on {flex.base_url} (query "
+                f"{DEFAULT_QUERY_ID}, the same accounts; trades, cash transactions and option "
+                f"events from {history.start} to {history.end})"
+            )
+            self._demo_connections(simulator, flex_token)
+            call_command("sync_ibkr", "--all", stdout=self.stdout, stderr=self.stderr)
             seeded = seed_history()
             if seeded:
                 self.stdout.write(
@@ -109,22 +140,50 @@ class Command(BaseCommand):
             url = f"http://{addr}"
             sync_command = (
                 f"DEBUG=true DATABASE_URL=sqlite:///{_shown(database_file)} "
-                f"IBKR_HOST={simulator.host} IBKR_PORT={simulator.port} "
-                f"{_shown(Path(sys.executable))} manage.py sync_ibkr"
+                f"IBKR_FLEX_BASE_URL={flex.base_url} "
+                f"{_shown(Path(sys.executable))} manage.py sync_ibkr --all"
             )
             self.stdout.write(
                 self.style.SUCCESS("\nThe demo is up. Press Ctrl-C to stop it.\n")
                 + f"  Admin:     {url}/admin/  (user {DEMO_USER!r}, password {DEMO_PASSWORD!r})\n"
                 f"  Positions: {url}/admin/portfolio/position/\n"
+                + _ledger_links(url)
+                + f"  Connections: {url}/admin/ibkr_sync/connection/ "
+                f"({GATEWAY_CONNECTION!r}: the IB Gateway simulator; {FLEX_CONNECTION!r}: the "
+                "Flex Web Service simulator)\n"
                 f"  Sync API:  curl -X POST -H 'Authorization: Token {token}' "
-                f"{url}/portfolio/sync/ibkr\n"
+                f"{url}/portfolio/sync/ibkr?connection={GATEWAY_CONNECTION}\n"
                 f"  Sync command (another terminal): {sync_command}\n"
                 f"  Database:  {_shown(database_file)} (the demo's own)\n"
             )
             call_command("runserver", addr, use_reloader=False, use_threading=True)
         finally:
+            flex.stop()
             simulator.stop_thread()
             self.stdout.write("IB Gateway simulator stopped.")
+            self.stdout.write("Flex Web Service simulator stopped.")
+
+    def _demo_connections(self, simulator: GatewaySimulator, flex_token: str) -> None:
+        """The demo's two connections, made or brought up to date (a demo started again
+        may run its simulators on other ports; its Flex token is new at every start)."""
+        Connection.objects.update_or_create(
+            name=GATEWAY_CONNECTION,
+            defaults={
+                "kind": Connection.Kind.TWS,
+                "enabled": True,
+                "host": simulator.host,
+                "port": simulator.port,
+                "note": "The bundled IB Gateway simulator (demo).",
+            },
+        )
+        flex = Connection.objects.filter(name=FLEX_CONNECTION).first() or Connection(
+            name=FLEX_CONNECTION, kind=Connection.Kind.FLEX
+        )
+        flex.kind, flex.enabled, flex.flex_query_id = Connection.Kind.FLEX, True, DEFAULT_QUERY_ID
+        flex.note = "The bundled Flex Web Service simulator (demo): a made-up week of history."
+        flex.set_flex_token(flex_token)  # encrypted at rest, as a real token is
+        flex.full_clean()
+        flex.save()
 
     def _demo_login(self) -> str:
         user, _ = get_user_model().objects.get_or_create(
@@ -145,15 +204,17 @@ class Command(BaseCommand):
 def seed_history(days: int = HISTORY_DAYS, seed: int = 7) -> int:
     """Give each account a plausible past: a daily net liquidation for `days` days before
     its first snapshot, a seeded random walk that ends at the value the first sync read.
-    Only for an account whose history is that one snapshot (a demo started again keeps
-    what it has). The rows carry no sync run (none read them) and the account's name says
-    the history is made up. Returns the number of accounts given a past."""
+    Only for an account whose history is the first syncs' snapshots (one per connection;
+    a demo started again keeps what it has). The rows carry no sync run (none read them)
+    and the account's name says the history is made up. Returns the number of accounts
+    given a past."""
     Account, AccountSnapshot = conf.account_model(), conf.account_snapshot_model()
     rng = random.Random(seed)
     seeded = 0
     for account in Account.objects.order_by("pk"):
-        snapshots = list(AccountSnapshot.objects.filter(account=account).order_by("taken_at")[:2])
-        if len(snapshots) != 1 or snapshots[0].net_liquidation is None:
+        # The first syncs of the demo: at most one snapshot of each connection.
+        snapshots = list(AccountSnapshot.objects.filter(account=account).order_by("taken_at")[:3])
+        if not 1 <= len(snapshots) <= 2 or snapshots[0].net_liquidation is None:
             continue
         first = snapshots[0]
         value, past = first.net_liquidation, []
@@ -174,6 +235,19 @@ def seed_history(days: int = HISTORY_DAYS, seed: int = 7) -> int:
             account.save(update_fields=["name"])
         seeded += 1
     return seeded
+
+
+def _ledger_links(url: str) -> str:
+    """The ledger's admin pages (the Flex history's trades and cash transactions), for
+    the kinds the site keeps and its admin shows."""
+    from django.contrib import admin
+
+    pages = [
+        f"{url}/admin/{model._meta.app_label}/{model._meta.model_name}/"
+        for model in conf.ledger_models().values()
+        if model is not None and admin.site.is_registered(model)
+    ]
+    return f"  Ledger:    {', '.join(pages)}\n" if pages else ""
 
 
 def _project_dir() -> Path:
@@ -217,17 +291,24 @@ def _check_ports_free(ports: list[tuple[int, str, str]]) -> None:
     moment (each tried by binding it, as the servers will). Port 0 is any free port."""
     taken = [f"{port} ({what})" for port, host, what in ports if port and _port_taken(host, port)]
     if taken:
-        (gateway_port, gateway_host, _), (web_port, web_host, _) = ports
+        (gateway_port, gateway_host, _), (web_port, web_host, _), (flex_port, flex_host, _) = ports
         gateway_port = gateway_port or IB_GATEWAY_PAPER_PORT
-        free_gateway = _free_port_near(gateway_host, gateway_port, avoid={web_port})
-        free_web = _free_port_near(web_host, web_port, avoid={gateway_port, free_gateway})
+        flex_port = flex_port or FLEX_SERVICE_PORT
+        free_gateway = _free_port_near(gateway_host, gateway_port, avoid={web_port, flex_port})
+        free_web = _free_port_near(
+            web_host, web_port, avoid={gateway_port, free_gateway, flex_port}
+        )
+        free_flex = _free_port_near(
+            flex_host, flex_port, avoid={gateway_port, free_gateway, web_port, free_web}
+        )
         web = f"[{web_host}]" if ":" in web_host else web_host
+        named = taken[0] if len(taken) == 1 else f"{', '.join(taken[:-1])} and {taken[-1]}"
         raise CommandError(
-            f"{'Port' if len(taken) == 1 else 'Ports'} {' and '.join(taken)} "
+            f"{'Port' if len(taken) == 1 else 'Ports'} {named} "
             f"{'is' if len(taken) == 1 else 'are'} already in use, "
             "perhaps by a demo that is running: stop it, or choose free ports, e.g. "
-            f'make demo DEMO_ARGS="--gateway-port {free_gateway} --addr {web}:{free_web}" '
-            "(free just now)."
+            f'make demo DEMO_ARGS="--gateway-port {free_gateway} --flex-port {free_flex} '
+            f'--addr {web}:{free_web}" (free just now).'
         )
 
 
