@@ -204,19 +204,20 @@ class Command(BaseCommand):
 def seed_history(days: int = HISTORY_DAYS, seed: int = 7) -> int:
     """Give each account a plausible past: a daily net liquidation for `days` days before
     its first snapshot, a seeded random walk that ends at the value the first sync read.
-    Only for an account whose history is the first syncs' snapshots (one per connection;
-    a demo started again keeps what it has). The rows carry no sync run (none read them)
-    and the account's name says the history is made up. Returns the number of accounts
-    given a past."""
+    Only for an account whose history is all the syncs' own (the Flex statement's days,
+    each connection's read): a demo started again keeps what it has. The rows carry no
+    sync run (none read them) and the account's name says the history is made up.
+    Returns the number of accounts given a past."""
     Account, AccountSnapshot = conf.account_model(), conf.account_snapshot_model()
     rng = random.Random(seed)
     seeded = 0
     for account in Account.objects.order_by("pk"):
-        # The first syncs of the demo: at most one snapshot of each connection.
-        snapshots = list(AccountSnapshot.objects.filter(account=account).order_by("taken_at")[:3])
-        if not 1 <= len(snapshots) <= 2 or snapshots[0].net_liquidation is None:
+        snapshots = AccountSnapshot.objects.filter(account=account)
+        if snapshots.filter(sync_run_id__isnull=True).count() > 1:
+            continue  # made up already: a past is many rows that no sync read
+        first = snapshots.filter(net_liquidation__isnull=False).order_by("taken_at").first()
+        if first is None:
             continue
-        first = snapshots[0]
         value, past = first.net_liquidation, []
         for day in range(1, days + 1):
             # About 1 % a day, drifting up over time (so walking back, down).
