@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hashlib
+import os
 import re
 from collections import Counter
 from collections.abc import Mapping
@@ -428,13 +429,14 @@ def _columns_for_positions() -> _PositionColumns:
 
 
 def _signature(models_: tuple[type[models.Model], ...]) -> str:
-    """What the rows of a record depend on besides the record: this code (the mapping's
-    and the records' modules, as installed), the models and every column's bounds, the
+    """What the rows of a record depend on besides the record: this code (the mapping's,
+    the records' and the writer's modules, as installed), the models and every column's bounds, the
     database. A stored digest of an account's positions (`MappedSnapshot.digests`) holds
     only while all of it is the same: any upgrade, migration or other database maps
     every record again once."""
     digest = hashlib.blake2b(digest_size=20)
-    for module in (__file__, snapshot_module.__file__):
+    writer = os.path.join(os.path.dirname(__file__), "writer.py")  # it imports this module
+    for module in (__file__, snapshot_module.__file__, writer):
         try:
             with open(module, "rb") as source:
                 digest.update(source.read())

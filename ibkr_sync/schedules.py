@@ -21,8 +21,9 @@ Defaults, per kind, when a schedule is chosen and its fields are left empty:
   changed writes nothing but its run).
 - Flex: once a day at 05:30 US Eastern, Tuesday to Saturday: IBKR closes a business day's
   statement data overnight after the US close (its own guidance: available the next
-  morning), and a Flex sync reads the seven days ending yesterday, so each morning after
-  a trading day brings that day in, with hours to spare for IBKR's batch running late.
+  morning), and a Flex sync reads up to yesterday (from its last statement's end), so
+  each morning after a trading day brings that day in, with hours to spare for IBKR's
+  batch running late.
   Flex also limits how often a token may ask: once a day stays far from its limits.
 """
 

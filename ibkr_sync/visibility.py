@@ -43,6 +43,7 @@ from __future__ import annotations
 
 from django.db.models import Exists, OuterRef, Q, QuerySet
 
+from . import conf
 from .models import AccountReport, Connection, SyncRun
 
 #: The permission that shows every connection's data (and with `run_sync`, syncs any).
@@ -83,6 +84,18 @@ def visible(queryset: QuerySet, user, account: str = "account") -> QuerySet:
         external_id=OuterRef(f"{at}external_id"),
     )
     return queryset.filter(~Exists(foreign))
+
+
+def visible_instruments(queryset: QuerySet, user) -> QuerySet:
+    """The instruments of `queryset` that `user` may see: those a position or a ledger row
+    the user may see names (that someone holds or traded a contract is theirs to know).
+    Everyone's with `view_all_connections`."""
+    if sees_all(user):
+        return queryset
+    named = Exists(visible(conf.position_model().objects.filter(instrument=OuterRef("pk")), user))
+    for model in conf.ledger_models().values():
+        named |= Exists(visible(model.objects.filter(instrument=OuterRef("pk")), user))
+    return queryset.filter(named)
 
 
 def visible_runs(queryset: QuerySet[SyncRun], user, run: str = "") -> QuerySet:

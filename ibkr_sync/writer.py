@@ -45,6 +45,7 @@ from decimal import Context, Decimal
 from typing import Any
 
 from django.db import connection
+from django.db.models import Count
 
 from . import bulk, conf
 from .bulk import chunks, insert_missing, insert_new, insert_rows, touched, update_rows, upsert
@@ -142,6 +143,7 @@ def apply_snapshot(
         snapshot = snapshot.without(set(written.refused))
     else:
         _lock_reports(snapshot.accounts)
+        _report_history(snapshot, run, now, connection_row, connection_name)
         snapshot = snapshot.without(set(snapshot.accounts))
         written.history_only = list(whole.accounts)
     for account, count in snapshot.processed.items():
@@ -163,7 +165,22 @@ def apply_snapshot(
                 {item.account_id for item in mapped.values() if item.instrument_id in taken}
             ),
         ).update(positions_digest="")
-    # The accounts whose positions are as stored (the same digest): not compared again.
+    # The accounts whose positions are as stored (the same digest): not compared again,
+    # once their open rows are counted as many as their records (rows deleted behind the
+    # sync's back, an account deleted and created again: compared whole).
+    if snapshot.unchanged:
+        held = dict(
+            Position.objects.filter(
+                account_id__in=[accounts[a] for a in snapshot.unchanged], closed_at__isnull=True
+            )
+            .order_by()
+            .values("account_id")
+            .annotate(n=Count("pk"))
+            .values_list("account_id", "n")
+        )
+        gone = [a for a, n in snapshot.unchanged.items() if held.get(accounts[a], 0) != n]
+        if gone:
+            raise PositionsChanged(gone)
     for account, count in snapshot.unchanged.items():
         written.tally[account, "unchanged"] += count
     compared = [accounts[a] for a in account_ids if a not in snapshot.unchanged]
@@ -294,6 +311,38 @@ def _lock_reports(account_ids: Sequence[str]) -> None:
         .filter(broker=BROKER, external_id__in=account_ids)
         .order_by("external_id")
         .values_list("pk", flat=True)
+    )
+
+
+def _report_history(
+    snapshot: MappedSnapshot,
+    run: SyncRun,
+    now: dt.datetime,
+    connection_row: Connection | None,
+    connection_name: str,
+) -> None:
+    """An account first known by a history-only write (a back-fill's older window) gets a
+    report all the same, of this connection as of this snapshot's moment, inserted where
+    none is stored (ON CONFLICT DO NOTHING; a stored one is left as it is): whose the
+    account is follows its report (`visibility`), and an account with none would be
+    everyone's. Any newer snapshot's state still applies over it."""
+    insert_new(
+        AccountReport,
+        (
+            {
+                "broker": BROKER,
+                "external_id": account,
+                "as_of": _reported_moment(snapshot, account, now),
+                "connection_id": None if connection_row is None else connection_row.pk,
+                "connection_name": connection_name,
+                "source": snapshot.source,
+                "sync_run_id": run.pk,
+                "applied_at": now,
+                "positions_digest": "",
+            }
+            for account in snapshot.accounts
+        ),
+        _UNIQUE,
     )
 
 
@@ -641,7 +690,7 @@ def _claim_accounts(
     stale = []
     for account, stored_as_of, by, run_pk, stored_digest in stored:
         if stored_as_of > as_of[account]:
-            refused[account] = _refusal(account, stored_as_of, by, as_of[account])
+            refused[account] = _refusal(account, stored_as_of, by, as_of[account], connection_name)
             continue
         if account in snapshot.unchanged and (
             run_pk == run.pk or stored_digest != digests[account]
@@ -688,9 +737,15 @@ def _reported_moment(snapshot: MappedSnapshot, account: str, now: dt.datetime) -
     return positions if values is None else min(positions, values)
 
 
-def _refusal(account: str, newer: dt.datetime, by: str, this: dt.datetime) -> str:
-    """Why an account was refused, for whoever reads the run: which report is newer."""
-    source = f"connection {by}" if by else "the settings' gateway"
+def _refusal(account: str, newer: dt.datetime, by: str, this: dt.datetime, mine: str) -> str:
+    """Why an account was refused, for whoever reads the run (who may see this sync's
+    connection, `mine`, not another's): that a newer report stands, and when."""
+    if not by:
+        source = "the settings' gateway"
+    elif by == mine:
+        source = "this connection"
+    else:  # another connection's name is its owner's to see, not this run's readers'
+        source = "another connection"
     return (
         f"{account} was not written: {source} reported it as of {_moment(newer)}, after "
         f"this snapshot ({_moment(this)}); that newer report stands."

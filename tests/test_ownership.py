@@ -28,7 +28,7 @@ from ibkr_sync import visibility
 from ibkr_sync.models import AccountReport, Connection, PositionChange, SyncRun
 from ibkr_sync.services import sync_positions
 from ibkr_sync.snapshot import AccountValues, PositionValue, Snapshot
-from portfolio.models import Account, AccountSnapshot, CashBalance, Position
+from portfolio.models import Account, AccountSnapshot, CashBalance, Instrument, Position
 from tests.conftest import FakeGateway, position, reading_from
 
 pytestmark = pytest.mark.django_db
@@ -360,6 +360,24 @@ def test_only_a_user_who_sees_every_connection_assigns_owners(world):
     assert shared.owner_id == alice.pk
 
 
+def test_a_connection_a_user_adds_is_theirs_unless_they_assign_owners(world):
+    from django.urls import reverse
+
+    alice, auditor = world["alice"], world["auditor"]
+    for user in (alice, auditor):
+        user.user_permissions.add(Permission.objects.get(codename="add_connection"))
+    form = {
+        "kind": "tws", "enabled": "on", "note": "", "host": "127.0.0.1", "port": "7497",
+        "schedule": "", "schedule_enabled": "on",
+    }  # fmt: skip
+    add = reverse("admin:ibkr_sync_connection_add")
+    response = browser(alice).post(add, {**form, "name": "alices-2nd", "client_id": "21"})
+    assert response.status_code == 302, response.content.decode()[:3000]
+    assert Connection.objects.get(name="alices-2nd").owner == alice
+    browser(auditor).post(add, {**form, "name": "unowned", "client_id": "22", "owner": ""})
+    assert Connection.objects.get(name="unowned").owner is None
+
+
 def test_testing_someone_elses_connection_is_refused_as_unknown(world):
     alice = world["alice"]
     bob = Connection.objects.get(name="bob")
@@ -516,3 +534,17 @@ def test_the_admin_list_takes_as_many_queries_for_many_accounts(world, users):
         response = client.get(changelist(Position))
     assert len(result_rows(response)) == 3 + 20
     assert len(many) == len(few)
+
+
+def test_the_instruments_listed_are_those_of_the_rows_the_user_may_see(world):
+    def listed(user) -> set[str]:
+        response = browser(user).get(changelist(Instrument))
+        assert response.status_code == 200
+        return {row.symbol for row in response.context["cl"].result_list}
+
+    for user in ("alice", "bob", "carol"):
+        world[user].user_permissions.add(Permission.objects.get(codename="view_instrument"))
+    assert listed(world["alice"]) == {"S1", "S3", "S4"}
+    assert listed(world["bob"]) == {"S2", "S3", "S4"}
+    assert listed(world["carol"]) == {"S3", "S4"}
+    assert listed(world["auditor"]) == listed(world["root"]) == {"S1", "S2", "S3", "S4"}

@@ -157,11 +157,18 @@ class ConnectionAdmin(admin.ModelAdmin):
     def get_readonly_fields(self, request: HttpRequest, obj: Connection | None = None):
         # Who owns a connection decides who sees its data: only a user who sees every
         # connection's assigns owners (another could take an unowned connection's data,
-        # or hand theirs on). A connection added by anyone else has no owner, as before.
+        # or hand theirs on). A connection added by anyone else is theirs (`save_model`).
         fields = super().get_readonly_fields(request, obj)
         if not visibility.sees_all(request.user):
             fields = (*fields, "owner")
         return fields
+
+    def save_model(self, request: HttpRequest, obj: Connection, form, change: bool) -> None:
+        # A connection a user adds is theirs, unless they assign owners: unowned, its data
+        # would be everyone's.
+        if not change and not visibility.sees_all(request.user):
+            obj.owner = request.user
+        super().save_model(request, obj, form, change)
 
     @admin.display(description="stored Flex token")
     def flex_token_state(self, obj: Connection | None) -> str:

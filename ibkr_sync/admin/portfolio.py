@@ -246,8 +246,8 @@ class AccountAdmin(SyncNowMixin, SyncedModelAdmin):
 
 
 class InstrumentAdmin(MirroredModelAdmin):
-    # A contract is no account's: every instrument is listed (a position's is shown
-    # with the position, to whoever may see it).
+    # A contract is no account's: the instruments listed are those a position or a
+    # ledger row the user may see names (`visibility.visible_instruments`).
     account_path = None
     list_display = (
         "symbol", "local_symbol", "sec_type", "currency", "exchange", "expiry", "strike_display",
@@ -262,6 +262,9 @@ class InstrumentAdmin(MirroredModelAdmin):
     )  # fmt: skip
     readonly_fields = fields
     shows = {"positions": Kind.POSITIONS}
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet:
+        return visibility.visible_instruments(super().get_queryset(request), request.user)
 
     @admin.display(description="positions")
     def positions(self, obj) -> str:

@@ -369,3 +369,57 @@ def test_the_run_page_shows_the_period_read(service, admin_client):  # noqa: F81
     assert "history only" in page
     page = admin_client.get(f"/admin/ibkr_sync/syncrun/{newer}/change/").content.decode()
     assert f"{end - dt.timedelta(days=35)} to {end}" in page and "history only" not in page
+
+
+def test_a_plain_sync_after_more_than_a_year_asks_for_a_back_fill_and_skips_nothing(service):  # noqa: F811
+    """A plain sync reads from the last statement applied: a gap longer than one statement
+    can cover is never read over silently; the sync says which back-fill reads it."""
+    service.add_statement(QUERY, window_statement)
+    connection = flex_connection()
+    last = yesterday() - dt.timedelta(days=500)
+    sync_period(last - dt.timedelta(days=6), last, trigger="command", connection="myflex")
+    asked = len(requested(service))
+
+    with pytest.raises(InvalidPeriod) as refused:
+        sync_positions(trigger="command", connection=connection.name)
+
+    assert f"ended on {last}" in str(refused.value)
+    assert f"--from {last - dt.timedelta(days=2)}" in str(refused.value)
+    assert len(requested(service)) == asked  # nothing asked of IBKR
+    failed = SyncRun.objects.latest("pk")
+    assert (failed.status, failed.error_code) == ("failed", "invalid_period")
+
+
+def test_a_back_fill_that_stops_midway_leaves_its_history_its_owners_alone(
+    service,  # noqa: F811
+    django_user_model,
+):
+    """The older windows write history only (no positions): the accounts it names are
+    still this connection's (a report of it), so its owner's history is not everyone's
+    while the back-fill runs, nor after it stopped."""
+    from ibkr_sync import visibility
+
+    service.add_statement(QUERY, window_statement)
+    alice = django_user_model.objects.create_user("alice", password="pw-alice-1")
+    bob = django_user_model.objects.create_user("bob", password="pw-bob-1")
+    connection = flex_connection()
+    Connection.objects.filter(pk=connection.pk).update(owner=alice)
+    windows = three_windows()
+    service.script(SEND_REQUEST, Answer(), Answer.error(1012))  # the second window fails
+
+    outcome = sync_period(windows[0][0], trigger="command", connection="myflex")
+
+    assert outcome.error is not None and len(outcome.applied) == 1
+    assert Trade().objects.count() == 1
+    report = AccountReport.objects.get()
+    assert (report.connection_id, report.positions_digest) == (connection.pk, "")
+    snapshots = conf.account_snapshot_model().objects.all()
+    for user, seen in ((alice, 1), (bob, 0)):
+        assert visibility.visible(Trade().objects.all(), user).count() == seen
+        assert visibility.visible(conf.account_model().objects.all(), user, "").count() == seen
+        assert visibility.visible(snapshots, user).exists() == bool(seen)
+
+    # The rest, then a newer state: the report moves on as any sync's would.
+    again = sync_period(windows[1][0], trigger="command", connection="myflex")
+    assert again.error is None
+    assert AccountReport.objects.get().as_of > report.as_of

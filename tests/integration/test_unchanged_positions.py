@@ -192,3 +192,21 @@ def test_a_dry_run_takes_the_same_path_and_writes_nothing(ibkr, mapped):
     assert set(mapped) == {OTHER}
     assert preview.created == 1 and preview.unchanged == 4
     assert digests() == kept
+
+
+def test_an_account_deleted_behind_the_syncs_back_is_written_again_whole(ibkr, mapped):
+    """A host deletes an account's positions, then the account; its report, kept by the
+    sync app, still holds the digest: the open rows are counted, found missing, and the
+    account is compared (and written) whole."""
+    from portfolio.models import Account
+
+    sync()
+    Position.objects.filter(account__external_id=OTHER).delete()
+    Account.objects.filter(external_id=OTHER).delete()
+    mapped.clear()
+
+    result = sync()
+
+    assert set(mapped) == {ACCOUNT, OTHER}  # the second attempt maps all
+    assert result.created == 1 and result.unchanged == 3
+    assert Position.objects.filter(account__external_id=OTHER, closed_at=None).count() == 1

@@ -103,30 +103,43 @@ class FlexSource:
     def address(self) -> str:
         return f"Flex query {self.config.query_id}"
 
-    def client(self) -> FlexClient:
+    def client(self, wait: float | None = None) -> FlexClient:
         """The token's client, behind the database's gate (one exchange at a time per
-        token across processes, IBKR's 1018 back-off shared: `token_gate`)."""
+        token across processes, IBKR's 1018 back-off shared: `token_gate`), waited for
+        at most `wait` seconds (default: another process's whole exchange)."""
         from ...token_gate import DatabaseGate
 
         policy = dataclasses.replace(self.policy, poll_budget=self.config.poll_budget)
+        if wait is None:
+            wait = policy.poll_budget + 300
         return FlexClient(
             self.config.token,
             base_url=self.config.base_url,
             connect_timeout=self.config.connect_timeout,
             read_timeout=self.config.read_timeout,
             policy=policy,
-            gate=DatabaseGate(spacing=policy.min_interval, wait=policy.poll_budget + 300),
+            gate=DatabaseGate(spacing=policy.min_interval, wait=wait),
         )
 
     def period(self, after: dt.date | None = None) -> tuple[dt.date, dt.date]:
         """The period a plain sync asks for, ending yesterday: from `after` (the end of
-        the last statement the connection applied) less OVERLAP_DAYS, at most MAX_DAYS
-        days; with none, PERIOD_DAYS days."""
+        the last statement the connection applied) less OVERLAP_DAYS; with none,
+        PERIOD_DAYS days. `InvalidPeriod` when that is more than MAX_DAYS days (a gap
+        a back-fill must read: never skipped silently)."""
         to_date = self._yesterday()
         if after is None:
             return to_date - dt.timedelta(days=PERIOD_DAYS - 1), to_date
         from_date = min(after, to_date) - dt.timedelta(days=OVERLAP_DAYS - 1)
-        return max(from_date, to_date - dt.timedelta(days=MAX_DAYS - 1)), to_date
+        if from_date < to_date - dt.timedelta(days=MAX_DAYS - 1):
+            # One request reads a year at most: the days between would never be read.
+            raise InvalidPeriod(
+                f"The last statement this connection applied ended on {after}, more than "
+                f"{MAX_DAYS} days before yesterday ({to_date}): one statement cannot cover "
+                "the days since, and a plain sync would miss them. Back-fill them first "
+                f"(manage.py sync_ibkr --connection NAME --from {from_date}); nothing was "
+                "written."
+            )
+        return from_date, to_date
 
     def windows(
         self, from_date: dt.date, to_date: dt.date | None = None
@@ -154,9 +167,11 @@ class FlexSource:
             )
         return windows(from_date, to_date)
 
-    def fetch(self, from_date: dt.date, to_date: dt.date) -> FlexResponse:
+    def fetch(
+        self, from_date: dt.date, to_date: dt.date, *, wait: float | None = None
+    ) -> FlexResponse:
         """The statement(s) of a period, parsed."""
-        return self.client().fetch(self.config.query_id, from_date, to_date)
+        return self.client(wait).fetch(self.config.query_id, from_date, to_date)
 
     # --- a sync ---
 
@@ -176,9 +191,15 @@ class FlexSource:
     # --- Test connection ---
 
     def handshake(self) -> ConnectionCheck:
+        # Asked for by a person waiting (the admin's Test connection): if another
+        # process's exchange holds the token, say so soon rather than wait it out.
         day = self._yesterday()
-        response = self.fetch(day, day)
+        response = self.fetch(day, day, wait=HANDSHAKE_WAIT)
         return check_of(response, self.address)
+
+
+#: The longest a connection's test waits for the token's gate (seconds).
+HANDSHAKE_WAIT = 10.0
 
 
 def latest_statements(response: FlexResponse) -> dict[str, Statement]:
