@@ -279,7 +279,7 @@ try:  # the source the import reads through: the product's, without the waits fo
 
         policy = RetryPolicy(first_poll=0, poll_interval=0.05, min_interval=0)
 
-        def period(self) -> tuple[dt.date, dt.date]:
+        def period(self, after: dt.date | None = None) -> tuple[dt.date, dt.date]:
             return FROM_DATE, TO_DATE
 
 except Exception:

@@ -344,7 +344,9 @@ class QueueCheckSerializer(serializers.Serializer):
         f"no worker said it was alive in the last {int(WORKER_SILENT_AFTER)} seconds; "
         "backlog: a sync has been queued longer than max_queued_seconds.",
     )
-    broker = serializers.ChoiceField(choices=["ok", "unreachable"])
+    # Text, not a choice: an enum named after a field called `broker` would collide with
+    # the models' broker in a host's schema (drf-spectacular names enums by field name).
+    broker = serializers.CharField(help_text="ok, or unreachable.")
     workers = serializers.IntegerField(
         required=False,
         help_text=f"Workers seen alive in the last {int(WORKER_SILENT_AFTER)} seconds.",
