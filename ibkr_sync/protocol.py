@@ -84,6 +84,9 @@ class _Unset(Enum):
 #: What a field that carries one of IBKR's "no value" markers parses to.
 UNSET: Final = _Unset.UNSET
 
+#: The longest message the TWS API frames (its clients' MAX_MSG_LEN, 16 MB less a byte): a
+#: longer length prefix is no message of a gateway.
+MAX_MESSAGE_LENGTH: Final = 0xFFFFFF
 UNSET_INTEGER: Final = 2**31 - 1
 UNSET_LONG: Final = 2**63 - 1
 UNSET_DOUBLE: Final = Decimal("1.7976931348623157E308")

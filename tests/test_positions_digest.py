@@ -166,3 +166,20 @@ def test_frames_hold_an_incomplete_frame_until_the_rest_comes():
     assert seen == []
     frames.feed(data[-1:])
     assert seen == [["61", "3", "U1", "1", "A"]]
+
+
+def test_a_length_prefix_beyond_any_message_stops_the_frames_at_once():
+    """A peer that announces a frame longer than the TWS API's longest message (16 MB) is
+    not waited for while it streams: what came before goes on, nothing after."""
+    from ibkr_sync.protocol import MAX_MESSAGE_LENGTH
+
+    seen, told = [], []
+    frames = Frames(received=seen.append, position=seen.append, too_long=told.append)
+    before = frame("62", "1")
+    frames.feed(before + struct.pack(">I", MAX_MESSAGE_LENGTH + 1) + b"x" * 100)
+    frames.feed(frame("61", "3", "U1", "1", "A"))
+    assert seen == [before] and told == [MAX_MESSAGE_LENGTH + 1]
+    # The longest message itself is a frame, waited for.
+    whole = Frames(received=seen.append, position=seen.append, too_long=told.append)
+    whole.feed(struct.pack(">I", MAX_MESSAGE_LENGTH) + b"y")
+    assert told == [MAX_MESSAGE_LENGTH + 1]

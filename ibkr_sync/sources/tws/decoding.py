@@ -20,12 +20,13 @@ from sys import intern
 from typing import Any
 
 from ...conf import GatewayConfig
-from ...exceptions import NoManagedAccounts
+from ...exceptions import IncompleteSnapshot, NoManagedAccounts
 from ...protocol import (
     ACCOUNT_DOWNLOAD_END_MESSAGE_ID,
     ACCOUNT_VALUE_FIELDS,
     ACCOUNT_VALUE_MESSAGE_ID,
     ACCOUNT_VALUE_VERSION,
+    MAX_MESSAGE_LENGTH,
     PORTFOLIO_FIELDS,
     PORTFOLIO_MESSAGE_ID,
     PORTFOLIO_VERSION,
@@ -93,15 +94,28 @@ class Decoding(TwsErrors):
 
         handlers[_MSG_POSITION] = on_position
 
-    @staticmethod
-    def _position_frames(ib: Any, received: Callable[[bytes], None]) -> Callable[[bytes], None]:
+    def _position_frames(
+        self, ib: Any, state: _ReadState, received: Callable[[bytes], None]
+    ) -> Callable[[bytes], None]:
         """What takes the session's bytes after the API handshake (instead of the library's
         own `received`): a `Frames` that hands position messages straight to our position
-        decoder, or `received` itself for a library without a decoder table."""
+        decoder, or `received` itself for a library without a decoder table. A length
+        prefix longer than any message stops the read at once (the library would keep
+        every byte that follows, waiting for the rest of it)."""
         handlers = getattr(ib.client.decoder, "handlers", None)
         if not isinstance(handlers, dict) or _MSG_POSITION not in handlers:
             return received
-        return Frames(received, handlers[_MSG_POSITION]).feed
+
+        def too_long(length: int) -> None:
+            state.fail(
+                IncompleteSnapshot(
+                    f"The IB gateway at {self.address} sent a message of {length:,} bytes, "
+                    f"longer than any message of the TWS API ({MAX_MESSAGE_LENGTH:,} at "
+                    "most); the read was stopped and nothing was changed."
+                )
+            )
+
+        return Frames(received, handlers[_MSG_POSITION], too_long).feed
 
     def _decode_values_ourselves(self, ib: Any, state: _ReadState) -> None:
         """Read account values, portfolio rows and the download-end marker off the wire.
@@ -312,20 +326,40 @@ class Frames:
     10,000s of positions the library's own cutting (it copies the rest of its buffer at
     every message) and its dispatch cost more than reading them. Every other frame goes
     on to the library (`received`) as the very bytes it came in, complete, in the order
-    of the wire; a frame not complete yet waits here for the rest of it.
+    of the wire; a frame not complete yet waits here for the rest of it. A length prefix
+    beyond the protocol's longest message is no frame: `too_long` is told, and nothing
+    more is taken.
     """
 
-    def __init__(self, received: Callable[[bytes], None], position: Callable[[list[str]], None]):
+    def __init__(
+        self,
+        received: Callable[[bytes], None],
+        position: Callable[[list[str]], None],
+        too_long: Callable[[int], None] = lambda length: None,
+    ):
         self._received = received
         self._position = position
+        self._too_long = too_long
         self._buffer = bytearray()
+        self._stopped = False
 
     def feed(self, data: bytes) -> None:
+        if self._stopped:
+            return
         buffer = self._buffer
         buffer += data
         size, start, passed = len(buffer), 0, 0
         while size - start >= 4:
-            end = start + 4 + _FRAME_LENGTH(buffer, start)[0]
+            length = _FRAME_LENGTH(buffer, start)[0]
+            if length > MAX_MESSAGE_LENGTH:
+                # No gateway's message: what came before it goes on, nothing after it.
+                if passed < start:
+                    self._received(bytes(buffer[passed:start]))
+                self._stopped = True
+                buffer.clear()
+                self._too_long(length)
+                return
+            end = start + 4 + length
             if end > size:
                 break  # not complete yet
             if buffer.startswith(_POSITION_PREFIX, start + 4):

@@ -388,7 +388,7 @@ class TwsSource(ValuesRead, Decoding):
         handshake = state.handshake
         made, received = connection.connection_made, connection.data_received
         lost = connection.connection_lost
-        frames = self._position_frames(ib, received)
+        frames = self._position_frames(ib, state, received)
 
         def connection_made(transport: Any) -> None:
             handshake.connected = True
