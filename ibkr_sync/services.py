@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from django.db import (
     DatabaseError,
@@ -49,6 +49,7 @@ from .snapshot import Snapshot
 from .writer import KINDS, PositionsChanged, Written, apply_snapshot, stored_digests
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class PositionSource(Protocol):
@@ -635,25 +636,31 @@ def sync_all(
     """Sync every enabled connection, one after another, in name order (the settings'
     gateway when no connection is configured): one failing connection (down, locked)
     stops none of the others. `progress` is told (connection, phase, count)."""
+
+    def sync(target: connections.Target) -> SyncResult:
+        told = None if progress is None else functools.partial(progress, target.name)
+        return sync_positions(
+            trigger=trigger, user=user, dry_run=dry_run, progress=told, connection=target.connection
+        )
+
+    return _each_enabled(sync, ConnectionOutcome)
+
+
+def _each_enabled(act: Callable[[connections.Target], Any], outcome: type[T]) -> list[T]:
+    """`act` on every enabled connection in name order (the settings' gateway when none
+    is configured), each one's `outcome` (its name and what `act` returned, or the error
+    it raised): one failing stops none of the others; one disabled since the list was
+    read is left out, as a disabled one is."""
     outcomes = []
     for target in connections.enabled_targets():
-        told = None
-        if progress is not None:
-            told = functools.partial(progress, target.name)
         try:
-            result = sync_positions(
-                trigger=trigger,
-                user=user,
-                dry_run=dry_run,
-                progress=told,
-                connection=target.connection,
-            )
+            done = act(target)
         except ConnectionDisabled:
-            continue  # disabled since the list was read: left out, as a disabled one is
+            continue
         except IbkrSyncError as exc:
-            outcomes.append(ConnectionOutcome(target.name, error=exc))
+            outcomes.append(outcome(target.name, error=exc))
         else:
-            outcomes.append(ConnectionOutcome(target.name, result=result))
+            outcomes.append(outcome(target.name, done))
     return outcomes
 
 
@@ -671,17 +678,10 @@ def queue_all(*, trigger: str, user: Any = None) -> list[QueuedOutcome]:
     """Queue a sync of every enabled connection (`queue_sync` each, in name order; the
     settings' gateway when no connection is configured): one refused queues the others
     all the same."""
-    outcomes = []
-    for target in connections.enabled_targets():
-        try:
-            run = queue_sync(trigger=trigger, user=user, connection=target.connection)
-        except ConnectionDisabled:
-            continue  # disabled since the list was read: left out, as a disabled one is
-        except IbkrSyncError as exc:
-            outcomes.append(QueuedOutcome(target.name, error=exc))
-        else:
-            outcomes.append(QueuedOutcome(target.name, run=run))
-    return outcomes
+    return _each_enabled(
+        lambda target: queue_sync(trigger=trigger, user=user, connection=target.connection),
+        QueuedOutcome,
+    )
 
 
 def check_connection(connection: str | Connection | None = None) -> Any:
