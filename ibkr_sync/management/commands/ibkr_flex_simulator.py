@@ -14,21 +14,14 @@ import datetime as dt
 import signal
 import sys
 import threading
-from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from ibkr_sync.management.commands.ibkr_simulator import add_portfolio_arguments, portfolio_of
 from ibkr_sync.testing.flex_portfolio import FlexHistory
 from ibkr_sync.testing.flex_service import SCENARIOS, FakeFlexService
-from ibkr_sync.testing.portfolio import (
-    SAMPLE_PORTFOLIO_PATH,
-    Portfolio,
-    PortfolioError,
-    generate_portfolio,
-    load_portfolio,
-)
 
 #: The port the simulator listens on by default (no port of IBKR's: the service is HTTPS).
 DEFAULT_PORT = 8760
@@ -59,20 +52,7 @@ class Command(BaseCommand):
             default=DEFAULT_PORT,
             help=f"Port to listen on (default {DEFAULT_PORT}); 0 picks a free one.",
         )
-        source = parser.add_mutually_exclusive_group()
-        source.add_argument(
-            "--positions",
-            metavar="FILE",
-            type=Path,
-            help=f"Portfolio JSON file (default: {SAMPLE_PORTFOLIO_PATH.name}).",
-        )
-        source.add_argument(
-            "--generate", metavar="N", type=int, help="Serve N generated positions instead."
-        )
-        parser.add_argument(
-            "--accounts", metavar="K", type=int, default=2, help="Accounts for --generate."
-        )
-        parser.add_argument("--seed", type=int, default=0, help="Seed for --generate.")
+        add_portfolio_arguments(parser)
         parser.add_argument(
             "--query-id", default=DEFAULT_QUERY_ID, help="The Flex query id it answers."
         )
@@ -106,7 +86,7 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        portfolio = self._portfolio(options)
+        portfolio = portfolio_of(options)
         port = options["port"]
         if not 0 <= port <= 65535:
             raise CommandError(f"--port must be between 0 and 65535, got {port}")
@@ -152,16 +132,3 @@ class Command(BaseCommand):
                 signal.signal(sig, handler)
             service.stop()
         self.stdout.write("Flex Web Service simulator stopped")
-
-    def _portfolio(self, options: dict[str, Any]) -> Portfolio:
-        if options["generate"] is not None:
-            if options["generate"] < 0 or options["accounts"] < 1:
-                raise CommandError("--generate must be >= 0 and --accounts >= 1")
-            return generate_portfolio(
-                options["generate"], accounts=options["accounts"], seed=options["seed"]
-            )
-        path = options["positions"] or SAMPLE_PORTFOLIO_PATH
-        try:
-            return load_portfolio(path)
-        except PortfolioError as exc:
-            raise CommandError(str(exc)) from exc

@@ -36,23 +36,10 @@ class Command(BaseCommand):
         parser.add_argument(
             "--port", type=int, default=4002, help="Port to listen on; 0 picks a free one."
         )
-        source = parser.add_mutually_exclusive_group()
-        source.add_argument(
-            "--positions",
-            metavar="FILE",
-            type=Path,
-            help=f"Portfolio JSON file (default: {SAMPLE_PORTFOLIO_PATH.name}).",
-        )
-        source.add_argument(
-            "--generate", metavar="N", type=int, help="Serve N generated positions instead."
-        )
-        parser.add_argument(
-            "--accounts", metavar="K", type=int, default=2, help="Accounts for --generate."
-        )
-        parser.add_argument("--seed", type=int, default=0, help="Seed for --generate.")
+        add_portfolio_arguments(parser)
 
     def handle(self, *args: Any, **options: Any) -> None:
-        portfolio = self._portfolio(options)
+        portfolio = portfolio_of(options)
         port = options["port"]
         if not 0 <= port <= 65535:
             raise CommandError(f"--port must be between 0 and 65535, got {port}")
@@ -66,19 +53,6 @@ class Command(BaseCommand):
         except KeyboardInterrupt:
             pass  # Ctrl-C before the signal handler was installed (non-Unix): still clean
         self.stdout.write("IB Gateway simulator stopped")
-
-    def _portfolio(self, options: dict[str, Any]) -> Portfolio:
-        if options["generate"] is not None:
-            if options["generate"] < 0 or options["accounts"] < 1:
-                raise CommandError("--generate must be >= 0 and --accounts >= 1")
-            return generate_portfolio(
-                options["generate"], accounts=options["accounts"], seed=options["seed"]
-            )
-        path = options["positions"] or SAMPLE_PORTFOLIO_PATH
-        try:
-            return load_portfolio(path)
-        except PortfolioError as exc:
-            raise CommandError(str(exc)) from exc
 
     async def _serve(self, simulator: GatewaySimulator) -> None:
         """Listen until SIGINT/SIGTERM, then close the server and all connections."""
@@ -99,3 +73,38 @@ class Command(BaseCommand):
             await stop.wait()
         finally:
             await simulator.stop()
+
+
+def add_portfolio_arguments(parser: CommandParser) -> None:
+    """The options that choose the portfolio a simulator serves (this command's and
+    `ibkr_flex_simulator`'s): the sample, a JSON file, or a generated one."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--positions",
+        metavar="FILE",
+        type=Path,
+        help=f"Portfolio JSON file (default: {SAMPLE_PORTFOLIO_PATH.name}).",
+    )
+    source.add_argument(
+        "--generate", metavar="N", type=int, help="Serve N generated positions instead."
+    )
+    parser.add_argument(
+        "--accounts", metavar="K", type=int, default=2, help="Accounts for --generate."
+    )
+    parser.add_argument("--seed", type=int, default=0, help="Seed for --generate.")
+
+
+def portfolio_of(options: dict[str, Any]) -> Portfolio:
+    """The portfolio `add_portfolio_arguments`' options choose; CommandError if they are
+    wrong."""
+    if options["generate"] is not None:
+        if options["generate"] < 0 or options["accounts"] < 1:
+            raise CommandError("--generate must be >= 0 and --accounts >= 1")
+        return generate_portfolio(
+            options["generate"], accounts=options["accounts"], seed=options["seed"]
+        )
+    path = options["positions"] or SAMPLE_PORTFOLIO_PATH
+    try:
+        return load_portfolio(path)
+    except PortfolioError as exc:
+        raise CommandError(str(exc)) from exc
