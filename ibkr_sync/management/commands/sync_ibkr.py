@@ -295,13 +295,18 @@ class Command(IbkrCommand):
                     connection=connection,
                 )
         except exceptions.IbkrSyncError as exc:
-            if as_json:
-                self.stdout.write(render_json(error_body(exc.code, str(exc))))
-            raise CommandError(str(exc), returncode=exit_code_for(exc)) from exc
+            raise self._failed(exc, as_json) from exc
         if as_json:
             self.stdout.write(render_json(SyncResultSerializer(result).data))
         elif not quiet:
             self._report(result, verbosity)
+
+    def _failed(self, exc: exceptions.IbkrSyncError, as_json: bool) -> CommandError:
+        """The command's error for a sync's: printed as the API's JSON error first, with
+        --json; its exit code by `EXITS`."""
+        if as_json:
+            self.stdout.write(render_json(error_body(exc.code, str(exc))))
+        return CommandError(str(exc), returncode=exit_code_for(exc))
 
     def _handle_period(
         self, from_date, to_date, account, connection, dry_run, as_json, quiet, verbosity
@@ -334,9 +339,7 @@ class Command(IbkrCommand):
                     on_window=told,
                 )
         except exceptions.IbkrSyncError as exc:
-            if as_json:
-                self.stdout.write(render_json(error_body(exc.code, str(exc))))
-            raise CommandError(str(exc), returncode=exit_code_for(exc)) from exc
+            raise self._failed(exc, as_json) from exc
         if as_json:
             self.stdout.write(render_json(_backfill_json(backfill)))
         error = backfill.error
@@ -388,9 +391,7 @@ class Command(IbkrCommand):
             with _sync_log_on(self.stderr, verbosity):
                 outcomes = self._queue(account, connection, sync_all)
         except exceptions.IbkrSyncError as exc:
-            if as_json:
-                self.stdout.write(render_json(error_body(exc.code, str(exc))))
-            raise CommandError(str(exc), returncode=exit_code_for(exc)) from exc
+            raise self._failed(exc, as_json) from exc
         if as_json:
             body = [_queued_json(o) for o in outcomes]
             self.stdout.write(render_json(body if sync_all else body[0]))
@@ -439,9 +440,7 @@ class Command(IbkrCommand):
             try:
                 outcomes = sync_all(trigger=SyncRun.Trigger.COMMAND, dry_run=dry_run, progress=told)
             except exceptions.IbkrSyncError as exc:  # the connections could not be listed
-                if as_json:
-                    self.stdout.write(render_json(error_body(exc.code, str(exc))))
-                raise CommandError(str(exc), returncode=exit_code_for(exc)) from exc
+                raise self._failed(exc, as_json) from exc
         if as_json:
             self.stdout.write(render_json([_outcome_json(o) for o in outcomes]))
         if not outcomes:
