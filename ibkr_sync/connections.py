@@ -187,6 +187,23 @@ def rotate_flex_tokens() -> Rotation:
     return Rotation(rotated, current, tuple(unreadable))
 
 
+def add(connection: Connection, *, flex_token: str | None = None) -> Connection:
+    """Save a new connection (a Flex one with its token, encrypted at rest), once it is
+    valid as the admin's form would find it: `ValidationError` otherwise, nothing saved."""
+    if flex_token is not None:
+        connection.set_flex_token(flex_token)
+    connection.full_clean()
+    connection.save()
+    return connection
+
+
+def save_flex_token(connection: Connection, token: str) -> None:
+    """A Flex connection's new token, encrypted at rest (`ValidationError` for a token
+    that is none, nothing saved)."""
+    connection.set_flex_token(token)
+    connection.save(update_fields=["flex_token", "updated_at"])
+
+
 def remove(connection: Connection) -> int:
     """Remove a connection, unless a sync of it still runs (`SyncAlreadyRunning`, and the
     connection stays): its lock must be free, or held by a sync that is gone (released

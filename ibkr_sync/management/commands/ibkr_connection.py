@@ -153,15 +153,13 @@ class Command(IbkrCommand):
         connection = Connection(name=name, kind=kind, enabled=not disabled, **fields)
         if owner is not None:
             connection.owner = _user(owner)
+        token = self._token(options) if flex else None
         try:
-            if flex:
-                connection.set_flex_token(self._token(options))
-            connection.full_clean()
+            connections.add(connection, flex_token=token)
         except ValidationError as exc:
             raise CommandError(
                 f"Connection {name!r} was not added: {_problems(exc)}", returncode=2
             ) from None
-        connection.save()
         state = "" if connection.enabled else " (disabled)"
         where = (
             f"{connection.address}, token saved encrypted"
@@ -182,12 +180,11 @@ class Command(IbkrCommand):
                 returncode=2,
             )
         try:
-            connection.set_flex_token(self._token(options))
+            connections.save_flex_token(connection, self._token(options))
         except ValidationError as exc:
             raise CommandError(
                 f"The token of {name} was not changed: {_problems(exc)}", returncode=2
             ) from None
-        connection.save(update_fields=["flex_token", "updated_at"])
         self.stdout.write(f"Saved a new Flex token for connection {name} (encrypted).")
 
     def _rotate_keys(self, **options) -> None:
