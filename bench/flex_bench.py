@@ -13,7 +13,9 @@ Python process (so that its peak RSS is its own):
              database: the statement downloaded from the fake Flex Web Service over
              loopback HTTP (a process of its own), parsed, mapped, written (positions,
              values, every ledger row) in one transaction
-  re-import  the same sync again: every row read back and found unchanged, nothing written
+  re-import  the same sync again, in a process of its own: the same statement downloaded
+             again, recognised as the one applied last (its digest, and the database as its
+             write left it), so neither parsed nor written
 
 for SQLite (a temporary file) and PostgreSQL (--database-url; the benchmark creates and
 drops its own database `bench_<name>` there). Each row shows seconds, the ratio to the
@@ -216,6 +218,8 @@ def create_bench_db() -> None:
 
 
 def worker_import(args: argparse.Namespace) -> dict[str, Any]:
+    """One sync of the Flex connection (`--step`): the import creates the benchmark's
+    database and leaves it for the re-import, which drops it after."""
     setup_django(args.database)
     from django.conf import settings
     from django.db import connection
@@ -223,51 +227,56 @@ def worker_import(args: argparse.Namespace) -> dict[str, Any]:
     from ibkr_sync.models import Connection
     from ibkr_sync.services import sync_positions
 
-    create_bench_db()
+    if args.step == "import":
+        create_bench_db()
+    else:
+        settings.DATABASES["default"]["NAME"] = connection.settings_dict["NAME"] = args.bench_db
     parent, child = multiprocessing.Pipe()
     server = multiprocessing.Process(target=_serve, args=(args.statement, child), daemon=True)
     server.start()
     settings.IBKR_FLEX_BASE_URL = parent.recv()
     settings.IBKR_SYNC_FLEX_SOURCE_CLASS = "bench.flex_bench.NoWaitFlexSource"
     settings.IBKR_FLEX_READ_TIMEOUT = 600
-    flex = Connection(name="bench", kind=Connection.Kind.FLEX, flex_query_id=QUERY)
-    flex.set_flex_token(TOKEN)
-    flex.save()
-    steps: dict[str, Any] = {}
+    if args.step == "import":
+        flex = Connection(name="bench", kind=Connection.Kind.FLEX, flex_query_id=QUERY)
+        flex.set_flex_token(TOKEN)
+        flex.save()
+    measured: dict[str, Any] = {"bench_db": connection.settings_dict["NAME"]}
+    done = False
     try:
-        for step in ("import", "re-import"):
-            started = time.perf_counter()
-            if args.profile:
-                import cProfile
-                import io
-                import pstats
+        started = time.perf_counter()
+        if args.profile:
+            import cProfile
+            import io
+            import pstats
 
-                profiler = cProfile.Profile()
-                result = profiler.runcall(sync_positions, trigger="command", connection="bench")
-                report = io.StringIO()
-                pstats.Stats(profiler, stream=report).sort_stats("cumulative").print_stats(
-                    args.profile
-                )
-                steps[f"profile {step}"] = report.getvalue()
-            else:
-                result = sync_positions(trigger="command", connection="bench")
-            seconds = time.perf_counter() - started
-            ledger = result.ledger or {}
-            steps[step] = {
-                "seconds": seconds,
-                "rss": peak_rss_mib(),
-                "created": sum(c["created"] for c in ledger.values()),
-                "updated": sum(c["updated"] for c in ledger.values()),
-                "unchanged": sum(c["unchanged"] for c in ledger.values()),
-                "errors": len(result.errors or ()),
-            }
+            profiler = cProfile.Profile()
+            result = profiler.runcall(sync_positions, trigger="command", connection="bench")
+            report = io.StringIO()
+            pstats.Stats(profiler, stream=report).sort_stats("cumulative").print_stats(args.profile)
+            measured["profile"] = report.getvalue()
+        else:
+            result = sync_positions(trigger="command", connection="bench")
+        seconds = time.perf_counter() - started
+        ledger = result.ledger or {}
+        measured.update(
+            seconds=seconds,
+            rss=peak_rss_mib(),
+            created=sum(c["created"] for c in ledger.values()),
+            updated=sum(c["updated"] for c in ledger.values()),
+            unchanged=sum(c["unchanged"] for c in ledger.values()),
+            errors=len(result.errors or ()),
+        )
+        done = True
     finally:
         parent.send("stop")
         server.join(10)
-        connection.creation.destroy_test_db(
-            connection.settings_dict["NAME"], verbosity=0, keepdb=False
-        )
-    return steps
+        if args.step != "import" or not done:
+            connection.close()
+            connection.creation.destroy_test_db(
+                connection.settings_dict["NAME"], verbosity=0, keepdb=False
+            )
+    return measured
 
 
 try:  # the source the import reads through: the product's, without the waits for IBKR
@@ -314,6 +323,8 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--statement", help=argparse.SUPPRESS)
     parser.add_argument("--database", help=argparse.SUPPRESS)
+    parser.add_argument("--step", help=argparse.SUPPRESS)
+    parser.add_argument("--bench-db", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker = {"bare": worker_bare, "parse": worker_parse, "import": worker_import}
@@ -351,9 +362,21 @@ def main() -> None:
             "", parse["rows"], f"{parse['rss']:.0f}")  # fmt: skip
         profiles = []
         for name in databases:
-            steps = run_worker(
-                "import", statement=statement, database=urls[name], profile=args.profile
-            )
+            # Each sync in a process of its own (its peak RSS its own); the re-import
+            # reads the database the import left.
+            steps = {
+                "import": run_worker(
+                    "import",
+                    statement=statement,
+                    database=urls[name],
+                    profile=args.profile,
+                    step="import",
+                )
+            }
+            steps["re-import"] = run_worker(
+                "import", statement=statement, database=urls[name], profile=args.profile,
+                step="re-import", bench_db=steps["import"]["bench_db"],
+            )  # fmt: skip
             for step, goal in (("import", IMPORT_GOAL), ("re-import", REIMPORT_GOAL)):
                 measured = steps[step]
                 ratio = measured["seconds"] / bare["seconds"]
@@ -371,8 +394,8 @@ def main() -> None:
                     f"{measured['rss']:.0f} (< {RSS_GOAL}: "
                     f"{'met' if measured['rss'] < RSS_GOAL else 'missed'})",
                 )  # fmt: skip
-            profiles += [(name, step, steps[f"profile {step}"]) for step in ("import", "re-import")
-                         if f"profile {step}" in steps]  # fmt: skip
+            profiles += [(name, step, steps[step]["profile"]) for step in ("import", "re-import")
+                         if "profile" in steps[step]]  # fmt: skip
         for name, step, profile in profiles:
             print(f"\n## {name}, {step} of {args.transactions} transactions\n")
             print(profile)

@@ -419,7 +419,7 @@ def finish_holding(run: SyncRun) -> None:
 SAVED_AT_THE_END = (
     "status", "accounts", "processed", "created", "updated", "unchanged", "reopened",
     "closed", "errors", "error_details", "account_values", "accounts_refused", "ledger",
-    "period_from", "period_to", "history_only",
+    "period_from", "period_to", "history_only", "statement",
 )  # fmt: skip
 
 LOCK_LOST = (

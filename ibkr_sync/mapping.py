@@ -872,6 +872,8 @@ class MappedSnapshot:
     )
     # The period the source read (both days included), None for a moment.
     period: tuple[dt.date, dt.date] | None = None
+    # The source's digest of all it read (`Snapshot.statement_digest`), "" for none.
+    statement_digest: str = ""
 
     def as_of_of(self, account: str, now: dt.datetime) -> dt.datetime:
         """The moment an account's data describes: its values' if read, else the
@@ -1019,7 +1021,29 @@ def map_snapshot(snapshot: Snapshot, known: Mapping[str, str] | None = None) -> 
         unchanged={a: processed[a] for a in accounts if a in unchanged},
         daily=daily,
         period=snapshot.period,
+        statement_digest=snapshot.statement_digest,
     )
+
+
+def statement_key(digest: str) -> str:
+    """A source's digest of a whole read (`Snapshot.statement_digest`) under this
+    mapping: the same read is written the same way only while the code and the models it
+    fills (positions, instruments, values, the ledger) are the same; an upgrade or a
+    migration reads it again once."""
+    models_ = (
+        conf.position_model(),
+        conf.instrument_model(),
+        conf.account_model(),
+        conf.account_snapshot_model(),
+        *conf.ledger_models().values(),
+    )
+    signature = _statement_signatures.get(models_)
+    if signature is None:
+        signature = _statement_signatures[models_] = _signature(models_)
+    return hashlib.blake2b(f"{signature}:{digest}".encode(), digest_size=20).hexdigest()
+
+
+_statement_signatures: dict[tuple[type[models.Model], ...], str] = {}
 
 
 def _digests(snapshot: Snapshot) -> dict[str, str]:

@@ -910,6 +910,15 @@ class SyncRun(models.Model):
         help_text="Only the history was written (the ledger, each day's values): an older "
         "window of a back-fill, whose positions and cash are older than the newest window's.",
     )
+    statement = models.JSONField(
+        default=dict,
+        blank=True,
+        editable=False,
+        help_text="The statement applied (Flex): its digest, the accounts and moments it "
+        "applied, and what its write left. A download of the same statement, with nothing "
+        "of it changed since, is recorded as unchanged without being read again "
+        "('repeats': the run that applied it).",
+    )
     error_code = models.CharField(max_length=64, blank=True)
     error_message = models.TextField(blank=True)
     host = models.CharField(

@@ -42,11 +42,26 @@ from .exceptions import (
     SyncInsideTransaction,
     UnknownConnection,
 )
-from .mapping import MappedSnapshot, map_snapshot, normalize_account_id
-from .models import DEFAULT_LOCK_KEY, Connection, PositionChange, SyncRun
-from .outcomes import ValuesOutcome
-from .snapshot import Snapshot
-from .writer import KINDS, PositionsChanged, Written, apply_snapshot, stored_digests
+from .mapping import BROKER, MappedSnapshot, map_snapshot, normalize_account_id, statement_key
+from .models import (
+    DEFAULT_LOCK_KEY,
+    AccountReport,
+    Connection,
+    PositionChange,
+    SyncRun,
+)
+from .outcomes import RecordError, ValuesOutcome
+from .snapshot import Repeat, Snapshot
+from .writer import (
+    KINDS,
+    PositionsChanged,
+    Written,
+    apply_snapshot,
+    reported_moments,
+    statement_counts,
+    statement_ranges,
+    stored_digests,
+)
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -351,30 +366,42 @@ def _sync_positions(
     try:
         if gateway is None:
             gateway = target.source(progress)
+        options: dict[str, Any] = {}
+        if getattr(gateway, "tells_repeats", False):
+            # A source that can tell the same read as the last one applied, with nothing
+            # of it changed since, does not read it again (see `_applied_statement`).
+            options["applied"] = functools.partial(_applied_statement, target, account_id, state)
         if period is not None:
             # Recorded before the read: a window that fails says which it was.
             run.period_from, run.period_to = period
             SyncRun.objects.filter(pk=run.pk).update(period_from=period[0], period_to=period[1])
-            snapshot = gateway.fetch_positions(account_id, period=period)
+            snapshot = gateway.fetch_positions(account_id, period=period, **options)
         elif target.kind == Connection.Kind.FLEX and (
             after := _last_period_end(target, account_id)
         ):
-            snapshot = gateway.fetch_positions(account_id, after=after)
+            snapshot = gateway.fetch_positions(account_id, after=after, **options)
         else:
-            snapshot = gateway.fetch_positions(account_id)
-        # Mapped before the write transaction, which then only writes; an account whose
-        # positions have the digest of those last written for it is not mapped again.
-        known = stored_digests(snapshot.accounts)
-        mapped = map_snapshot(snapshot, known)
-        if progress:
-            progress("apply", len(snapshot.positions))
-        if not dry_run:
-            lock.claim(run)  # still ours? Then the write transaction, short and bounded.
-        try:
-            written = _write(mapped, run, target, dry_run, state)
-        except PositionsChanged:
-            # Another sync wrote one of those accounts since: map everything, write again.
-            written = _write(map_snapshot(snapshot), run, target, dry_run, state)
+            snapshot = gateway.fetch_positions(account_id, **options)
+        if snapshot.repeats is not None:
+            if not dry_run:
+                lock.claim(run)
+            written = _write_repeat(snapshot, run, dry_run, state)
+        else:
+            # Mapped before the write transaction, which then only writes; an account
+            # whose positions have the digest of those last written for it is not
+            # mapped again.
+            known = stored_digests(snapshot.accounts)
+            mapped = map_snapshot(snapshot, known)
+            if progress:
+                progress("apply", len(snapshot.positions))
+            if not dry_run:
+                lock.claim(run)  # still ours? Then the write transaction, short and bounded.
+            try:
+                written = _write(mapped, run, target, dry_run, state)
+            except PositionsChanged:
+                # Another sync wrote one of those accounts since: map everything, write
+                # again.
+                written = _write(map_snapshot(snapshot), run, target, dry_run, state)
         accounts = written.accounts
         totals = {kind: written.total(kind) for kind in KINDS}
         errors = [error.as_dict() for error in written.errors]
@@ -483,6 +510,123 @@ def _write(
         if mapped.period is not None:
             run.period_from, run.period_to = mapped.period
         run.history_only = not state
+        if mapped.statement_digest:
+            run.statement = _statement_record(run, mapped, written)
+        lock.finish_holding(run)
+    return written
+
+
+def _statement_record(run: SyncRun, mapped: MappedSnapshot, written: Written) -> dict[str, Any]:
+    """What a run records of the statement it applied, for `_applied_statement` to tell
+    the same statement, and the database as it left it, again: the statement's digest
+    under this mapping, the accounts it covered with the moment it applied to each (None:
+    refused, or its history only), what its write left per account (`statement_counts`),
+    and its per-account tallies and account snapshots, which a repeat reports again."""
+    moments = reported_moments(run, written.accounts)  # the accounts whose state it applied
+    ranges = statement_ranges(mapped, moments)
+    return {
+        "digest": statement_key(mapped.statement_digest),
+        "accounts": {
+            account: moments[account].isoformat() if account in moments else None
+            for account in mapped.accounts
+        },
+        "ranges": ranges,
+        "counts": statement_counts(ranges),
+        "by_account": written.by_account(written.accounts),
+        "snapshots": written.daily,
+    }
+
+
+def _applied_statement(
+    target: connections.Target,
+    account_id: str | None,
+    state: bool,
+    period: tuple[dt.date, dt.date],
+    digest: str,
+) -> Repeat | None:
+    """Whether the statement a Flex source downloaded (`digest`, for `period`) is the one
+    this connection last applied for that period (the same account filter; a back-fill's
+    older window or not), with nothing it wrote changed since: its accounts still hold
+    the moment it applied to them (no newer snapshot of them applied, by any
+    connection) and as many open positions, ledger rows and account snapshots as it
+    left. Reading it again would then write nothing: it is not read again."""
+    last = (
+        SyncRun.objects.filter(
+            connection=target.connection,
+            status=SyncRun.Status.SUCCESS,
+            period_from=period[0],
+            period_to=period[1],
+            account_filter=account_id or "",
+            history_only=not state,
+        )
+        .order_by("-finished_at", "-pk")
+        .first()
+    )
+    record = last.statement if last is not None else None
+    if not record or record.get("digest") != statement_key(digest):
+        return None
+    moments = {
+        account: None if moment is None else dt.datetime.fromisoformat(moment)
+        for account, moment in record["accounts"].items()
+    }
+    applied = {account: moment for account, moment in moments.items() if moment is not None}
+    if state and not applied:
+        return None
+    reports = AccountReport.objects.filter(broker=BROKER, external_id__in=list(applied))
+    held = {
+        account: (connection_id, as_of)
+        for account, connection_id, as_of in reports.values_list(
+            "external_id", "connection_id", "as_of"
+        )
+    }
+    connection_id = target.connection.pk if target.connection is not None else None
+    if any(held.get(a) != (connection_id, moment) for a, moment in applied.items()):
+        return None
+    if statement_counts(record["ranges"]) != record["counts"]:
+        return None
+    return Repeat(run=last.pk, accounts=tuple(moments), as_of=max(applied.values(), default=None))
+
+
+def _write_repeat(snapshot: Snapshot, run: SyncRun, dry_run: bool, state: bool) -> Written:
+    """A statement applied already, found unchanged (`Snapshot.repeats`): nothing is
+    written; `run` records what the run that last recorded it found, every row now
+    unchanged."""
+    last = SyncRun.objects.get(pk=snapshot.repeats)
+    record = last.statement
+    written = Written(
+        accounts=list(last.accounts), history_only=[] if state else list(snapshot.accounts)
+    )
+    for account, tally in record.get("by_account", {}).items():
+        kept = sum(tally.get(kind, 0) for kind in ("created", "updated", "unchanged", "reopened"))
+        written.tally[account, "processed"] += tally.get("processed", 0)
+        written.tally[account, "unchanged"] += kept
+        written.tally[account, "errors"] += tally.get("errors", 0)
+    written.errors = [RecordError(**error) for error in last.error_details]
+    written.values = {
+        account: ValuesOutcome.from_dict(outcome)
+        for account, outcome in last.account_values.items()
+    }
+    written.ledger = {
+        kind: {**dict.fromkeys(tally, 0), "unchanged": sum(tally.values())}
+        for kind, tally in last.ledger.items()
+    }
+    snapshots = record.get("snapshots", {})
+    written.daily = {**dict.fromkeys(snapshots, 0), "unchanged": sum(snapshots.values())}
+    if dry_run:
+        written.preview = []
+        return written
+    with transaction.atomic(durable=True):
+        lock.bound_transaction()
+        for kind in KINDS:
+            setattr(run, kind, written.total(kind))
+        run.status = SyncRun.Status.SUCCESS
+        run.accounts = written.accounts
+        run.error_details = list(last.error_details)
+        run.account_values = dict(last.account_values)
+        run.ledger = written.ledger
+        run.period_from, run.period_to = snapshot.period or (None, None)
+        run.history_only = not state
+        run.statement = {**record, "repeats": record.get("repeats", last.pk)}
         lock.finish_holding(run)
     return written
 

@@ -358,6 +358,17 @@ def _action_key(tx: CashTransaction) -> tuple:
 
 
 @dataclass(frozen=True)
+class Repeat:
+    """A read applied already and found unchanged, as a sync's service tells a source
+    that asks (`FlexSource.fetch_positions`'s `applied`): the sync run that last recorded
+    it, its accounts, and the moment it describes."""
+
+    run: int
+    accounts: tuple[str, ...]
+    as_of: dt.datetime | None
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """Every open position of the accounts read, complete; and, when asked for, each
     account's values, or why they could not be read.
@@ -393,6 +404,14 @@ class Snapshot:
     # The period the source read, both days included (Flex: the statement's fd..td);
     # None for a read of one moment (TWS).
     period: tuple[dt.date, dt.date] | None = None
+    # A digest of what the source read as a whole (Flex: the statement, less the moment
+    # it was generated), where one is cheap to take; "" where none was taken.
+    statement_digest: str = ""
+    # The sync run that last recorded this very read (`Repeat.run`), when the source was
+    # told so and found it again (Flex: the same statement, with nothing of it changed since in the
+    # database): then it read nothing more, and the snapshot holds its accounts and
+    # moment only. A sync records it as unchanged, writing nothing.
+    repeats: int | None = None
 
     def __post_init__(self) -> None:
         if self.as_of is not None and self.as_of.utcoffset() is None:

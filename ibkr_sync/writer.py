@@ -45,7 +45,7 @@ from decimal import Context, Decimal
 from typing import Any
 
 from django.db import connection
-from django.db.models import Count
+from django.db.models import Count, Q
 
 from . import bulk, conf
 from .bulk import chunks, insert_missing, insert_new, insert_rows, touched, update_rows, upsert
@@ -119,6 +119,95 @@ def stored_digests(accounts: Iterable[str]) -> dict[str, str]:
         AccountReport.objects.filter(broker=BROKER, external_id__in=storable)
         .exclude(positions_digest="")
         .values_list("external_id", "positions_digest")
+    )
+
+
+#: Each ledger kind's date column (what a statement's period holds its rows by).
+LEDGER_DATES = {"trades": "trade_date", "cash_transactions": "date", "corporate_actions": "date"}
+
+
+def statement_ranges(
+    snapshot: MappedSnapshot, state: Iterable[str]
+) -> dict[str, dict[str, list[Any] | None]]:
+    """What a snapshot of a period wrote, per account, as ranges to count
+    (`statement_counts`): the open positions of the accounts whose state it applied
+    (`state`), and per ledger kind and for the account snapshots the first and last day
+    (moment) of its rows. JSON-ready (ISO texts)."""
+    state = set(state)
+    ranges: dict[str, dict[str, list[Any] | None]] = {a: {} for a in snapshot.accounts}
+    for account in state & set(ranges):
+        ranges[account]["positions"] = None
+    for kind, rows in snapshot.ledger.items():
+        for row in rows.values():
+            day = row.fields.get(LEDGER_DATES[kind])
+            if day is None or row.account_id not in ranges:
+                continue
+            kept = ranges[row.account_id].setdefault(kind, [day, day])
+            kept[0], kept[1] = min(kept[0], day), max(kept[1], day)
+    for account, tables in ranges.items():
+        moments = [moment for moment, _ in snapshot.daily.get(account, ())]
+        if account in state:  # the account's own snapshot, as of the state applied
+            moment = snapshot.values_as_of.get(account) or snapshot.as_of
+            if moment is not None:
+                moments.append(moment)
+        if moments:
+            tables["snapshots"] = [min(moments), max(moments)]
+    return {
+        account: {
+            table: None if bounds is None else [bound.isoformat() for bound in bounds]
+            for table, bounds in sorted(tables.items())
+        }
+        for account, tables in sorted(ranges.items())
+    }
+
+
+def statement_counts(ranges: dict[str, dict[str, list[str] | None]]) -> dict[str, dict[str, int]]:
+    """The rows stored now in `statement_ranges`' ranges, per account: its open
+    positions; its ledger rows of each kind dated in the range (or undated); its account
+    snapshots taken in the range. A statement applied again is taken for unchanged only
+    while these are as its write left them (`services._applied_statement`)."""
+    Account = conf.account_model()
+    storable = [a for a in ranges if is_storable_account_id(a)]
+    pks = dict(
+        Account.objects.filter(broker=BROKER, external_id__in=storable).values_list(
+            "external_id", "pk"
+        )
+    )
+    ledger = conf.ledger_models()
+    counts: dict[str, dict[str, int]] = {}
+    for account, tables in ranges.items():
+        pk = pks.get(account)
+        counted = counts[account] = {}
+        for table, bounds in tables.items():
+            if pk is None:
+                counted[table] = 0
+            elif table == "positions":
+                rows = conf.position_model().objects.filter(account_id=pk, closed_at__isnull=True)
+                counted[table] = rows.count()
+            elif table == "snapshots":
+                low, high = (dt.datetime.fromisoformat(b) for b in bounds)
+                rows = conf.account_snapshot_model().objects.filter(
+                    account_id=pk, taken_at__range=(low, high)
+                )
+                counted[table] = rows.count()
+            elif table in ledger:
+                column = LEDGER_DATES[table]
+                low, high = (dt.date.fromisoformat(b) for b in bounds)
+                dated = Q(**{f"{column}__range": (low, high)}) | Q(**{f"{column}__isnull": True})
+                rows = ledger[table]._default_manager.filter(dated, account_id=pk)
+                counted[table] = rows.count()
+            else:  # a kind the host no longer keeps: another mapping, never the same
+                counted[table] = -1
+    return counts
+
+
+def reported_moments(run: SyncRun, account_ids: Iterable[str]) -> dict[str, dt.datetime]:
+    """The accounts of `account_ids` whose state `run` applied (their report is its),
+    with the moment it applied to each."""
+    return dict(
+        AccountReport.objects.filter(
+            broker=BROKER, external_id__in=list(account_ids), sync_run=run
+        ).values_list("external_id", "as_of")
     )
 
 

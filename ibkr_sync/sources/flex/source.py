@@ -33,9 +33,11 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
+import os
+import re
 from collections.abc import Callable
 from decimal import Decimal
-from typing import Any, Final
+from typing import IO, Any, Final
 
 from ...conf import FlexConfig
 from ...exceptions import InvalidPeriod, UnknownAccount
@@ -44,13 +46,14 @@ from ...snapshot import (
     ConnectionCheck,
     PositionRecord,
     PositionValue,
+    Repeat,
     Snapshot,
     ValueProblem,
 )
 from . import SOURCE
 from .client import MAX_DAYS, FlexClient, RetryPolicy, windows
 from .errors import FlexFormatError, FlexQueryError
-from .parser import END_OF_DAY
+from .parser import END_OF_DAY, parse_flex
 from .records import FlexResponse, Statement
 from .values import EASTERN
 
@@ -84,6 +87,8 @@ class FlexSource:
 
     #: How the client waits (a subclass may wait less: tests against a fake service).
     policy: RetryPolicy = RetryPolicy()
+    #: `fetch_positions` takes `applied` (a statement applied already is not read again).
+    tells_repeats: Final = True
 
     def __init__(
         self,
@@ -181,12 +186,36 @@ class FlexSource:
         *,
         period: tuple[dt.date, dt.date] | None = None,
         after: dt.date | None = None,
+        applied: Callable[[tuple[dt.date, dt.date], str], Repeat | None] | None = None,
     ) -> Snapshot:
         """The statement of `period` (a back-fill's window), else of `self.period(after)`,
-        as a snapshot whose `period` says which."""
+        as a snapshot whose `period` says which and whose `statement_digest` is the
+        statement's (`statement_digest`).
+
+        `applied(period, digest)`, when given, says whether that very statement was
+        applied already and nothing of what it wrote has changed since (the sync's
+        service asks its database): then the statement is not parsed again, and the
+        snapshot only repeats what was applied (`Snapshot.repeats`)."""
         period = period or self.period(after)
-        response = self.fetch(*period)
-        return snapshot_of(response, account_id, progress=self.progress, period=period)
+        with self.client().download(self.config.query_id, *period) as download:
+            digest = statement_digest(download.body)
+            repeat = applied(period, digest) if applied is not None else None
+            if repeat is not None:
+                return Snapshot(
+                    accounts=repeat.accounts,
+                    positions=(),
+                    managed_accounts=repeat.accounts,
+                    values_read=True,  # as the statement's were (the run says how)
+                    source=SOURCE,
+                    as_of=repeat.as_of,
+                    period=period,
+                    statement_digest=digest,
+                    repeats=repeat.run,
+                )
+            download.body.seek(0)
+            response = parse_flex(download.body, period=period)
+        snapshot = snapshot_of(response, account_id, progress=self.progress, period=period)
+        return dataclasses.replace(snapshot, statement_digest=digest)
 
     # --- Test connection ---
 
@@ -200,6 +229,50 @@ class FlexSource:
 
 #: The longest a connection's test waits for the token's gate (seconds).
 HANDSHAKE_WAIT = 10.0
+
+#: What a download holds that differs from one download of a statement to the next:
+#: the moment IBKR generated it (`FlexStatement whenGenerated`), nothing of its data.
+_GENERATED: Final = re.compile(rb"\swhenGenerated=(?:\"[^\"]{0,64}\"|'[^']{0,64}')")
+#: Bytes a chunk's end keeps for the next (more than the longest `_GENERATED`).
+_CARRY: Final = 128
+_CHUNK: Final = 1 << 20
+
+
+def statement_digest(body: IO[bytes]) -> str:
+    """A digest of a downloaded statement that is the same for every download of the
+    same data (`whenGenerated` left out), salted with this reader's own code (a reader
+    that reads differently reads every statement again). Read in chunks from the body's
+    start: bounded memory whatever its size."""
+    digest = hashlib.sha256(_READER_SALT)
+    body.seek(0)
+    carry = b""
+    while True:
+        chunk = body.read(_CHUNK)
+        data = carry + chunk
+        if not chunk:
+            digest.update(_GENERATED.sub(b"", data))
+            return digest.hexdigest()
+        cut = max(0, len(data) - _CARRY)
+        for match in _GENERATED.finditer(data, max(0, cut - _CARRY), len(data)):
+            if match.start() < cut < match.end():
+                cut = match.end()
+        digest.update(_GENERATED.sub(b"", data[:cut]))
+        carry = data[cut:]
+
+
+def _reader_salt() -> bytes:
+    salt = hashlib.sha256(b"flex-statement/1")
+    for module in ("parser.py", "records.py", "values.py", "source.py"):
+        path = os.path.join(os.path.dirname(__file__), module)
+        try:
+            with open(path, "rb") as code:
+                salt.update(code.read())
+        except OSError:  # no source to read (a frozen install): its name still counts
+            salt.update(module.encode())
+    return salt.digest()
+
+
+_READER_SALT: Final = _reader_salt()
 
 
 def latest_statements(response: FlexResponse) -> dict[str, Statement]:
