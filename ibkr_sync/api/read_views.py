@@ -32,7 +32,8 @@ from rest_framework.views import APIView
 from .. import conf, permissions, visibility
 from .base import PAGE_PARAMS, OldestFirstCursorPagination, ReadOnlyListView, error_responses
 from .errors import ErrorEnvelopeMixin, validated_query
-from .holdings import held_at, is_complete, log_start
+from .explanations import explain_changes, explain_points
+from .holdings import held_at, holding, is_complete, log_start
 from .pagination import DateThenIdCursorPagination
 from .read_serializers import (
     AccountSerializer,
@@ -134,6 +135,11 @@ class AccountHistoryView(ReadOnlyListView):
                 queryset = queryset.filter(taken_at__lt=to.end)
         return queryset
 
+    def paginate_queryset(self, queryset: QuerySet) -> list:
+        page = super().paginate_queryset(queryset)
+        explain_points(page, self.request.user)  # the cash flows: one or two queries
+        return page
+
 
 def _is_account(external_id: str, user) -> bool:
     """Whether an account has that id, and `user` may see it."""
@@ -203,6 +209,14 @@ class PositionListView(ReadOnlyListView):
             self.as_of, self.complete = when, is_complete(queryset, when, start)
             queryset = held_at(queryset, when, start)
         return queryset
+
+    def paginate_queryset(self, queryset: QuerySet) -> list:
+        page = super().paginate_queryset(queryset)
+        if self.as_of is not None:
+            for position in page:
+                position.holding = holding(position)
+            explain_changes(page, self.request.user)  # the changes' trades: one query
+        return page
 
     def get_paginated_response(self, data) -> Response:
         response = super().get_paginated_response(data)
