@@ -94,7 +94,9 @@ class AccountListView(ReadOnlyListView):
     "buying power, in its base currency) as each sync that read them found them, oldest "
     "first, between `from` and `to` (both included, both optional). A date-time without "
     "an offset, and a plain date, are read in the server's time zone; a date `to` "
-    "includes that whole day. " + needs(conf.account_snapshot_model()),
+    "includes that whole day. Each point's `cash_flows`: the account's cash transactions "
+    "since its previous point, per kind and currency (they need the cash transaction "
+    "model's view permission). " + needs(conf.account_snapshot_model()),
     parameters=[
         OpenApiParameter(
             "external_id",
@@ -160,7 +162,10 @@ def _is_account(external_id: str, user) -> bool:
     "(when they took effect), without today's market values; the page says `as_of` (the "
     "moment read) and `complete` (false when the moment is before the log begins and "
     "some positions are older than it, so what they held is unknown and they are not "
-    "listed). A change takes effect when its sync finished.",
+    "listed). A change takes effect when its sync finished. Each row's `change` is the "
+    "change that set its state, with the ledger's trades since the position's previous "
+    "change and whether they add up to it (`explained`); trades need the trade model's "
+    "view permission.",
     parameters=[PositionFilterSerializer],
     responses={
         200: OpenApiResponse(
