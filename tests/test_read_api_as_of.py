@@ -115,7 +115,7 @@ def test_the_answer_says_it_is_a_reconstruction(client, timeline):
     # state (every row listed was held), no sync times of today's rows.
     assert set(aapl) == {
         "id", "broker", "account", "instrument", "quantity", "average_cost", "cost_basis",
-        "since",
+        "since", "change",
     }  # fmt: skip
     assert (aapl["id"], aapl["broker"], aapl["account"]) == (
         timeline["aapl"].pk,
@@ -125,6 +125,11 @@ def test_the_answer_says_it_is_a_reconstruction(client, timeline):
     assert aapl["instrument"]["symbol"] == "AAPL"
     assert (aapl["quantity"], aapl["average_cost"], aapl["cost_basis"]) == ("15", "155.5", "2332.5")
     assert aapl["since"] == iso(at(2))
+    # The change that set it; its trades are the ledger's, which this reader may not view.
+    assert aapl["change"] == {
+        "kind": "updated", "quantity_before": "10", "quantity_after": "15", "at": iso(at(2)),
+        "trades": None, "trades_truncated": False, "explained": None,
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -83,6 +83,9 @@ def held_at(positions: QuerySet, when: dt.datetime, start: dt.datetime | None) -
         last_quantity=Subquery(last.values("quantity_after")[:1]),
         last_average_cost=Subquery(last.values("average_cost_after")[:1]),
         last_at=Subquery(last.values("sync_run__finished_at")[:1]),
+        last_before=Subquery(last.values("quantity_before")[:1]),
+        # The change before it (the second of the same order): the story's beginning.
+        previous_at=Subquery(last.values("sync_run__finished_at")[1:2]),
         next_kind=Subquery(following.values("kind")[:1]),
         next_quantity=Subquery(following.values("quantity_before")[:1]),
         next_average_cost=Subquery(following.values("average_cost_before")[:1]),
@@ -97,18 +100,41 @@ def held_at(positions: QuerySet, when: dt.datetime, start: dt.datetime | None) -
 
 
 @dataclass(frozen=True)
+class Change:
+    """The recorded change that set a holding's state: the sync's `kind`, the quantity
+    before and after it (None: not held), when it took effect (`at`), and when the
+    position's previous change did (`after`; None for its first change)."""
+
+    kind: str
+    quantity_before: Decimal | None
+    quantity_after: Decimal | None
+    at: dt.datetime
+    after: dt.datetime | None
+
+    @property
+    def quantity_changed(self) -> Decimal:
+        """quantity_after - quantity_before, a quantity not held counting as zero."""
+        return (self.quantity_after or Decimal(0)) - (self.quantity_before or Decimal(0))
+
+
+@dataclass(frozen=True)
 class Holding:
     quantity: Decimal
     average_cost: Decimal | None
     cost_basis: Decimal | None
     since: dt.datetime | None  # when this state took effect, if the log says
+    change: Change | None = None  # the change that set it, with `since`
 
 
 def holding(position) -> Holding:
     """What a position of `held_at()` held then."""
     if position.last_kind is not None:
         quantity, cost, since = position.last_quantity, position.last_average_cost, position.last_at
-    elif position.next_kind is not None:
+        change = Change(
+            position.last_kind, position.last_before, quantity, since, position.previous_at
+        )
+        return Holding(quantity, cost, cost_basis(quantity, cost), since, change)
+    if position.next_kind is not None:
         quantity, cost, since = position.next_quantity, position.next_average_cost, None
     else:  # never changed: as it is now
         return Holding(position.quantity, position.average_cost, position.cost_basis, None)

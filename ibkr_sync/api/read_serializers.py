@@ -11,7 +11,15 @@ from rest_framework import serializers
 from rest_framework.fields import empty
 
 from .. import conf
-from ..models import MONEY_DIGITS, QUANTITY_DIGITS, SNAPSHOT_TOTALS, CashKind, SecType
+from ..models import (
+    MONEY_DIGITS,
+    QUANTITY_DIGITS,
+    SNAPSHOT_TOTALS,
+    CashKind,
+    PositionChange,
+    SecType,
+)
+from .explanations import TRADES_PER_CHANGE, ChangeStory
 from .fields import ExactDecimalField, ExactDecimalModelSerializer
 from .holdings import holding
 
@@ -96,6 +104,87 @@ class PositionSerializer(ExactDecimalModelSerializer):
         read_only_fields = fields
 
 
+_WHEN = (
+    "A trade counts at its execution's moment (traded_at), or without one at the end of "
+    "its trade_date (23:59:59 US Eastern, the zone of IBKR's statements)."
+)
+
+
+class ChangeTradeSerializer(serializers.Serializer):
+    """A trade of the ledger, as part of a position's change."""
+
+    external_id = serializers.CharField(read_only=True, help_text="IBKR's transactionID.")
+    trade_date = serializers.DateField(read_only=True, allow_null=True)
+    traded_at = serializers.DateTimeField(
+        read_only=True, allow_null=True, help_text="The execution's moment, if IBKR gave it."
+    )
+    buy_sell = serializers.CharField(read_only=True, help_text="BUY or SELL, as IBKR says.")
+    quantity = ExactDecimalField(
+        read_only=True,
+        allow_null=True,
+        help_text="Signed: negative for a sale.",
+        **QUANTITY_DIGITS,
+    )
+    price = ExactDecimalField(
+        read_only=True, allow_null=True, help_text="Per unit, in currency.", **MONEY_DIGITS
+    )
+    currency = serializers.CharField(read_only=True, help_text="The trade's currency.")
+
+
+class HoldingChangeSerializer(serializers.Serializer):
+    """The change-log entry that set a position's state at as_of, and the ledger's trades
+    that explain it."""
+
+    kind = serializers.ChoiceField(
+        source="change.kind",
+        choices=PositionChange.Kind.choices,
+        read_only=True,
+        help_text="What the sync did to the position.",
+    )
+    quantity_before = ExactDecimalField(
+        source="change.quantity_before",
+        read_only=True,
+        allow_null=True,
+        help_text="Null when it was not held before (created, reopened).",
+        **QUANTITY_DIGITS,
+    )
+    quantity_after = ExactDecimalField(
+        source="change.quantity_after",
+        read_only=True,
+        allow_null=True,
+        help_text="Null when it was not held after (closed).",
+        **QUANTITY_DIGITS,
+    )
+    at = serializers.DateTimeField(
+        source="change.at",
+        read_only=True,
+        help_text="When it took effect (the finish of its sync): the position's since.",
+    )
+    trades = ChangeTradeSerializer(
+        many=True,
+        read_only=True,
+        allow_null=True,
+        help_text="The ledger's trades of the position's account and instrument, not "
+        "cancelled, after the position's previous recorded change (ever before, for its "
+        f"first) and at or before this one; oldest first, at most {TRADES_PER_CHANGE}. "
+        + _WHEN
+        + " Null when the user may not view trades, or the project keeps no ledger of "
+        "trades.",
+    )
+    trades_truncated = serializers.BooleanField(
+        read_only=True,
+        help_text=f"More than {TRADES_PER_CHANGE} trades: only the first are listed "
+        "(explained counts them all).",
+    )
+    explained = serializers.BooleanField(
+        read_only=True,
+        allow_null=True,
+        help_text="True when those trades' quantities add up exactly to quantity_after "
+        "- quantity_before (null counting as zero); false when they do not (the ledger "
+        "lacks trades, or a corporate action changed the quantity). Null with trades.",
+    )
+
+
 class PositionAsOfSerializer(ExactDecimalModelSerializer):
     """A position as it was held at a past moment: rebuilt from the change log, so only
     what the log records (no market values, which it does not)."""
@@ -133,6 +222,13 @@ class PositionAsOfSerializer(ExactDecimalModelSerializer):
         "recorded them. Null for a position older than the change log that had not "
         "changed by as_of.",
     )
+    change = HoldingChangeSerializer(
+        source="change_story",
+        read_only=True,
+        allow_null=True,
+        help_text="The recorded change that set this state (at = since), with the trades "
+        "that explain it; null when since is null.",
+    )
 
     class Meta:
         model = Position
@@ -145,11 +241,18 @@ class PositionAsOfSerializer(ExactDecimalModelSerializer):
             "average_cost",
             "cost_basis",
             "since",
+            "change",
         ]
         read_only_fields = fields
 
     def to_representation(self, position: Position) -> dict:
-        position.holding = holding(position)
+        # The view sets both for a whole page (`explanations.explain_changes`: one query
+        # for its trades); one position on its own tells its change without them.
+        if not hasattr(position, "holding"):
+            position.holding = holding(position)
+        if not hasattr(position, "change_story"):
+            change = position.holding.change
+            position.change_story = None if change is None else ChangeStory(change)
         return super().to_representation(position)
 
 
@@ -423,6 +526,19 @@ class CashFilterSerializer(serializers.Serializer):
 # --- an account's history -----------------------------------------------------------------
 
 
+class CashFlowSerializer(serializers.Serializer):
+    """The cash transactions of one kind and currency between two points of a history."""
+
+    kind = serializers.ChoiceField(choices=CashKind.choices, read_only=True)
+    currency = serializers.CharField(read_only=True)
+    amount = ExactDecimalField(
+        read_only=True,
+        help_text="Their amounts' exact sum, signed as IBKR signs them. In currency.",
+        **MONEY_DIGITS,
+    )
+    count = serializers.IntegerField(read_only=True, help_text="How many transactions.")
+
+
 class AccountSnapshotSerializer(ExactDecimalModelSerializer):
     account = serializers.CharField(
         source="account.external_id", read_only=True, help_text="The broker's account id."
@@ -433,6 +549,18 @@ class AccountSnapshotSerializer(ExactDecimalModelSerializer):
         read_only=True,
         allow_null=True,
         help_text="The id of the sync run that read these values.",
+    )
+    cash_flows = CashFlowSerializer(
+        many=True,
+        read_only=True,
+        allow_null=True,
+        help_text="The account's cash transactions (deposits, dividends, taxes, interest, "
+        "fees ...) after its previous snapshot (whatever the page or the bounds) and at "
+        "or before taken_at, summed per kind and currency, ordered by kind then currency. "
+        "A transaction has a date only: it counts at the end of that day, 23:59:59 US "
+        "Eastern (the zone of IBKR's statements, and the moment of a Flex day's value). "
+        "Null for the account's first snapshot, and when the user may not view cash "
+        "transactions or the project keeps no ledger of them.",
     )
 
     class Meta:
@@ -451,6 +579,7 @@ class AccountSnapshotSerializer(ExactDecimalModelSerializer):
             "available_funds",
             "buying_power",
             "sync_run",
+            "cash_flows",
         ]
         read_only_fields = fields
         extra_kwargs = {

@@ -32,7 +32,8 @@ from rest_framework.views import APIView
 from .. import conf, permissions, visibility
 from .base import PAGE_PARAMS, OldestFirstCursorPagination, ReadOnlyListView, error_responses
 from .errors import ErrorEnvelopeMixin, validated_query
-from .holdings import held_at, is_complete, log_start
+from .explanations import explain_changes, explain_points
+from .holdings import held_at, holding, is_complete, log_start
 from .pagination import DateThenIdCursorPagination
 from .read_serializers import (
     AccountSerializer,
@@ -93,7 +94,9 @@ class AccountListView(ReadOnlyListView):
     "buying power, in its base currency) as each sync that read them found them, oldest "
     "first, between `from` and `to` (both included, both optional). A date-time without "
     "an offset, and a plain date, are read in the server's time zone; a date `to` "
-    "includes that whole day. " + needs(conf.account_snapshot_model()),
+    "includes that whole day. Each point's `cash_flows`: the account's cash transactions "
+    "since its previous point, per kind and currency (they need the cash transaction "
+    "model's view permission). " + needs(conf.account_snapshot_model()),
     parameters=[
         OpenApiParameter(
             "external_id",
@@ -134,6 +137,11 @@ class AccountHistoryView(ReadOnlyListView):
                 queryset = queryset.filter(taken_at__lt=to.end)
         return queryset
 
+    def paginate_queryset(self, queryset: QuerySet) -> list:
+        page = super().paginate_queryset(queryset)
+        explain_points(page, self.request.user)  # the cash flows: one or two queries
+        return page
+
 
 def _is_account(external_id: str, user) -> bool:
     """Whether an account has that id, and `user` may see it."""
@@ -154,7 +162,10 @@ def _is_account(external_id: str, user) -> bool:
     "(when they took effect), without today's market values; the page says `as_of` (the "
     "moment read) and `complete` (false when the moment is before the log begins and "
     "some positions are older than it, so what they held is unknown and they are not "
-    "listed). A change takes effect when its sync finished.",
+    "listed). A change takes effect when its sync finished. Each row's `change` is the "
+    "change that set its state, with the ledger's trades since the position's previous "
+    "change and whether they add up to it (`explained`); trades need the trade model's "
+    "view permission.",
     parameters=[PositionFilterSerializer],
     responses={
         200: OpenApiResponse(
@@ -203,6 +214,14 @@ class PositionListView(ReadOnlyListView):
             self.as_of, self.complete = when, is_complete(queryset, when, start)
             queryset = held_at(queryset, when, start)
         return queryset
+
+    def paginate_queryset(self, queryset: QuerySet) -> list:
+        page = super().paginate_queryset(queryset)
+        if self.as_of is not None:
+            for position in page:
+                position.holding = holding(position)
+            explain_changes(page, self.request.user)  # the changes' trades: one query
+        return page
 
     def get_paginated_response(self, data) -> Response:
         response = super().get_paginated_response(data)

@@ -1,0 +1,210 @@
+"""What the ledger says of a change the read API shows: the trades between a position's
+changes (`GET /portfolio/positions?as_of=`), and an account's cash transactions between
+two points of its history (`GET /portfolio/accounts/<external_id>/history`).
+
+When a ledger row happened. A trade with its execution's moment (`traded_at`) happened
+then. A row with only a date (a trade without `traded_at`, every cash transaction)
+happened at the end of that day, 23:59:59 in US Eastern time: IBKR's statements date
+their rows in that zone, and a Flex statement's day ends then (its `as_of`, and the
+moment of that day's net asset value in an account's history). So a day's rows count
+for a moment from the end of that day on, never earlier; a change or a point taken
+during the day (a gateway's read) is explained by that day's date-only rows only at the
+next one after the day ends. A row with neither is left out: it cannot be placed.
+
+A change's trades: the ledger's trades of the position's account and instrument (the
+same instrument row, matched on its foreign key, as a sync maps a trade's contract id to
+it), not cancelled, that happened after the position's previous change took effect
+(ever before, for its first change) and at or before this one did; oldest first (then by
+id). `explained`: their quantities add up (exact decimals) to the change's quantity
+after minus before (a quantity not held counting as zero). A cash flow of a point: the
+account's cash transactions after the account's previous point and at or before this
+one, summed per kind and currency.
+
+Each is one query for a page whatever its length (and one more for the point before a
+history page), run only when the user may view that kind of ledger row
+(`ibkr_sync.permissions`), over the rows they may see (`ibkr_sync.visibility`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import datetime as dt
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from zoneinfo import ZoneInfo
+
+from django.db.models import Q
+
+from .. import conf, permissions, visibility
+from .holdings import Change
+
+#: The zone of IBKR's statements, whose dates the ledger's date-only rows are.
+STATEMENT_ZONE = ZoneInfo("America/New_York")
+#: A statement day's last moment (as a Flex statement's `as_of`).
+END_OF_DAY = dt.time(23, 59, 59)
+#: The most trades listed with one change: a page stays bounded, whatever the ledger.
+TRADES_PER_CHANGE = 50
+
+
+def day_end(day: dt.date) -> dt.datetime:
+    """When a row dated `day` happened, for the read API: that day's end, US Eastern."""
+    return dt.datetime.combine(day, END_OF_DAY, tzinfo=STATEMENT_ZONE)
+
+
+def first_day_after(moment: dt.datetime) -> dt.date:
+    """The first day whose end is after `moment`."""
+    day = moment.astimezone(STATEMENT_ZONE).date()
+    return day if day_end(day) > moment else day + dt.timedelta(days=1)
+
+
+def last_day_by(moment: dt.datetime) -> dt.date:
+    """The last day whose end is at or before `moment`."""
+    day = moment.astimezone(STATEMENT_ZONE).date()
+    return day if day_end(day) <= moment else day - dt.timedelta(days=1)
+
+
+def trade_moment(trade) -> dt.datetime | None:
+    if trade.traded_at is not None:
+        return trade.traded_at
+    return None if trade.trade_date is None else day_end(trade.trade_date)
+
+
+def _between(day: str, after: dt.datetime | None, until: dt.datetime, moment: str = "") -> Q:
+    """Rows that happened after `after` (None: ever before) and at or before `until`: by
+    their `moment` field where they have one and it is set, else by their `day` field."""
+    dated = Q(**{f"{day}__lte": last_day_by(until)})
+    if after is not None:
+        dated &= Q(**{f"{day}__gte": first_day_after(after)})
+    if not moment:
+        return dated
+    timed = Q(**{f"{moment}__isnull": False, f"{moment}__lte": until})
+    if after is not None:
+        timed &= Q(**{f"{moment}__gt": after})
+    return timed | (Q(**{f"{moment}__isnull": True}) & dated)
+
+
+# --- a position's change and its trades ---------------------------------------------------
+
+
+@dataclass
+class ChangeStory:
+    """A change, with the trades that explain it: None while the user may not view
+    trades (or the project keeps none), and then `explained` is None too."""
+
+    change: Change
+    trades: list | None = None
+    trades_truncated: bool = False
+    explained: bool | None = None
+
+
+def explain_changes(positions: Sequence, user) -> None:
+    """Set `change_story` on each position of a page of `held_at()` whose `holding` has
+    a change (None on the others), with its trades: one query for the whole page."""
+    changed = [p for p in positions if p.holding.change is not None]
+    for position in positions:
+        position.change_story = None
+    if not changed:
+        return
+    model = conf.trade_model()
+    if model is None or not permissions.may_view(user, permissions.Kind.TRADES):
+        for position in changed:
+            position.change_story = ChangeStory(position.holding.change)
+        return
+    changes = [p.holding.change for p in changed]
+    starts = [c.after for c in changes]
+    earliest = None if None in starts else min(starts)
+    trades = model.objects.filter(
+        _between("trade_date", earliest, max(c.at for c in changes), moment="traded_at"),
+        cancelled=False,
+        account_id__in={p.account_id for p in changed},
+        instrument_id__in={p.instrument_id for p in changed},
+    ).only(
+        "id", "account_id", "instrument_id", "external_id", "trade_date", "traded_at",
+        "buy_sell", "quantity", "price", "currency",
+    )  # fmt: skip
+    found = defaultdict(list)
+    for trade in visibility.visible(trades, user):
+        found[trade.account_id, trade.instrument_id].append((trade_moment(trade), trade.pk, trade))
+    for position in changed:
+        change = position.holding.change
+        story = sorted(
+            (moment, pk, trade)
+            for moment, pk, trade in found[position.account_id, position.instrument_id]
+            if (change.after is None or moment > change.after) and moment <= change.at
+        )
+        listed = [trade for _, _, trade in story]
+        quantities = [trade.quantity for trade in listed]
+        explained = None not in quantities and sum(quantities, Decimal(0)) == (
+            change.quantity_changed
+        )
+        position.change_story = ChangeStory(
+            change,
+            trades=listed[:TRADES_PER_CHANGE],
+            trades_truncated=len(listed) > TRADES_PER_CHANGE,
+            explained=explained,
+        )
+
+
+# --- an account's history and its cash flows ------------------------------------------------
+
+
+@dataclass
+class CashFlow:
+    kind: str
+    currency: str
+    amount: Decimal = Decimal(0)
+    count: int = 0
+
+
+@dataclass
+class _Point:
+    flows: dict[tuple[str, str], CashFlow] = field(default_factory=dict)
+
+    def add(self, kind: str, currency: str, amount: Decimal) -> None:
+        flow = self.flows.setdefault((kind, currency), CashFlow(kind, currency))
+        flow.amount += amount
+        flow.count += 1
+
+    def listed(self) -> list[CashFlow]:
+        return [self.flows[key] for key in sorted(self.flows)]
+
+
+def explain_points(snapshots: Sequence, user) -> None:
+    """Set `cash_flows` on each snapshot of a page of one account's history (in its
+    order: taken_at, then id): the account's cash transactions since the point before
+    it (on this page or not), per kind and currency. None for the account's first point
+    (nothing before it to explain a change from), and for every point while the user
+    may not view cash transactions (or the project keeps none). Two queries: the point
+    before the page, and the page's cash transactions."""
+    for snapshot in snapshots:
+        snapshot.cash_flows = None
+    model = conf.cash_transaction_model()
+    if not snapshots or model is None:
+        return
+    if not permissions.may_view(user, permissions.Kind.CASH_TRANSACTIONS):
+        return
+    first, last = snapshots[0], snapshots[-1]
+    before = (
+        type(first)
+        .objects.filter(account_id=first.account_id)
+        .filter(Q(taken_at__lt=first.taken_at) | Q(taken_at=first.taken_at, pk__lt=first.pk))
+        .order_by("-taken_at", "-pk")
+        .values_list("taken_at", flat=True)
+        .first()
+    )
+    moments = [snapshot.taken_at for snapshot in snapshots]
+    points = [_Point() for _ in snapshots]
+    rows = model.objects.filter(
+        _between("date", before or first.taken_at, last.taken_at),
+        account_id=first.account_id,
+        amount__isnull=False,
+    ).only("id", "kind", "currency", "amount", "date")
+    for row in visibility.visible(rows, user):
+        # The first point taken at or after the row: the one whose interval holds it.
+        points[bisect.bisect_left(moments, day_end(row.date))].add(
+            row.kind, row.currency, row.amount
+        )
+    for n, (snapshot, point) in enumerate(zip(snapshots, points, strict=True)):
+        snapshot.cash_flows = None if n == 0 and before is None else point.listed()
