@@ -451,6 +451,10 @@ def _sync_positions(
         log.update(refused=",".join(written.refused))
     for kind, tally in written.ledger.items():
         log[kind] = "/".join(str(tally[name]) for name in ("created", "updated", "unchanged"))
+    if written.daily:  # the account snapshots: a day IBKR corrected since is updated
+        log["snapshots"] = "/".join(
+            str(written.daily[name]) for name in ("created", "updated", "unchanged")
+        )
     if snapshot.values_read:
         missing = sorted(a for a, v in values.items() if v["status"] == "missing")
         log.update(values_missing=",".join(missing) or "none")

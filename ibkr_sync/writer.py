@@ -373,12 +373,15 @@ def _apply_snapshots(
     rows: list[tuple[Any, dt.datetime, dict[str, Any], bool]], run: SyncRun
 ) -> dict[str, int]:
     """Store account snapshots, one per (account, taken_at): rows of (account pk, moment,
-    fields, whole). A moment stored already is not stored again: a day's values written
-    again (an overlapping window, a re-run) are left as they are, while a whole snapshot
-    (a sync's values as of its moment, every figure and rate) replaces what is stored at
-    its moment where it differs. Decided on the rows read under the accounts' row locks
-    (FOR UPDATE, in pk order), so two writers of one account take turns. Returns the
-    counts: created, updated, unchanged."""
+    fields, whole). A moment stored already is not stored again. A whole snapshot (a
+    sync's values as of its moment, every figure and rate) replaces what is stored at its
+    moment where it differs; a day's values read again (an overlapping statement, a
+    re-run) correct the stored row where IBKR changed them since (`_corrected_day`: only
+    the figures that differ, none the day does not carry), and an equal day writes
+    nothing. A row changed names the run that changed it (`sync_run_id`), as the ledger's
+    corrections are counted in the run. Decided on the rows read under the accounts' row
+    locks (FOR UPDATE, in pk order), so two writers of one account take turns. Returns
+    the counts: created, updated (corrected), unchanged."""
     Snapshot = conf.account_snapshot_model()
     wanted: dict[tuple[Any, dt.datetime], tuple[dict[str, Any], bool]] = {}
     for account_pk, moment, fields, whole in rows:
@@ -405,6 +408,8 @@ def _apply_snapshots(
             )
         elif whole and _differs(held[1:], [fields[name] for name in names]):
             changed.append((held[0], fields))
+        elif not whole and (corrected := _corrected_day(names, held[1:], fields)):
+            changed.append((held[0], corrected))
         else:
             counts["unchanged"] += 1
     insert_rows(Snapshot, new)
@@ -413,6 +418,26 @@ def _apply_snapshots(
         Snapshot.objects.filter(pk=pk).update(sync_run_id=run.pk, **fields)
     counts["updated"] = len(changed)
     return counts
+
+
+def _corrected_day(
+    names: Sequence[str], stored: Sequence[Any], fields: dict[str, Any]
+) -> dict[str, Any]:
+    """The fields of a stored snapshot that a day's values read again correct: each
+    figure the day carries (a value, not None) that differs from the stored one, and its
+    rates merged into the stored ones where one differs or is new. What the day does not
+    carry is kept (the period end's row is a whole snapshot: its other figures, its rates
+    read with the cash). Empty: the day is as stored."""
+    corrected: dict[str, Any] = {}
+    for name, held in zip(names, stored, strict=True):
+        value = fields[name]
+        if name == "exchange_rates":
+            merged = {**(held or {}), **(value or {})}
+            if merged != (held or {}):
+                corrected[name] = merged
+        elif value is not None and value != "" and _differs([held], [value]):
+            corrected[name] = value
+    return corrected
 
 
 #: What a ledger write counts of each kind.
