@@ -46,6 +46,7 @@ from typing import Any
 
 from django.db import connection
 from django.db.models import Count
+from django.utils import timezone
 
 from . import bulk, conf
 from .bulk import chunks, insert_missing, insert_new, insert_rows, touched, update_rows, upsert
@@ -113,13 +114,43 @@ class PositionsChanged(Exception):
 def stored_digests(accounts: Iterable[str]) -> dict[str, str]:
     """Per account, the digest of the positions last written for it (`AccountReport`),
     for `mapping.map_snapshot(known=...)`: read before the write transaction, checked
-    again inside it."""
+    again inside it.
+
+    Instruments are shared by every connection and source: an account is left out (its
+    positions mapped and compared again, their instruments written back as this source
+    reports them) when an instrument of one of its open positions was changed after its
+    report was last applied (`Instrument.updated_at` later than `applied_at`: another
+    connection, a Flex import, an edit). Cheap when none changed, as at almost every
+    sync: the reports, then whether any instrument changed since the oldest of them (one
+    scan of the instruments, no join); only if one did, which open positions of these
+    accounts hold such an instrument."""
     storable = [a for a in accounts if is_storable_account_id(a)]  # none other is stored
-    return dict(
-        AccountReport.objects.filter(broker=BROKER, external_id__in=storable)
+    reports = {
+        account: (digest, applied_at)
+        for account, digest, applied_at in AccountReport.objects.filter(
+            broker=BROKER, external_id__in=storable
+        )
         .exclude(positions_digest="")
-        .values_list("external_id", "positions_digest")
-    )
+        .values_list("external_id", "positions_digest", "applied_at")
+    }
+    if not reports:
+        return {}
+    since = min(applied_at for _, applied_at in reports.values())
+    if conf.instrument_model().objects.filter(updated_at__gt=since).exists():
+        held = (
+            conf.position_model()
+            .objects.filter(
+                account__broker=BROKER,
+                account__external_id__in=list(reports),
+                closed_at__isnull=True,
+                instrument__updated_at__gt=since,
+            )
+            .values_list("account__external_id", "instrument__updated_at")
+        )
+        for account, updated_at in held:
+            if account in reports and updated_at > reports[account][1]:
+                del reports[account]
+    return {account: digest for account, (digest, _) in reports.items()}
 
 
 def apply_snapshot(
@@ -155,7 +186,14 @@ def apply_snapshot(
     mapped, unmapped = snapshot.positions, snapshot.unmapped
     account_ids = written.accounts = list(snapshot.accounts)
     accounts = _upsert_accounts(account_ids, now)
-    instruments, taken = _upsert_instruments(mapped.values(), now)
+    instruments, taken, stamped = _upsert_instruments(mapped.values(), now)
+    if stamped and account_ids:
+        # The instruments it wrote were stamped (`updated_at`) after this sync's reports
+        # were applied: the reports take a moment after them, so that a sync's own writes
+        # are not taken for another's change of the instruments (`stored_digests`).
+        AccountReport.objects.filter(
+            broker=BROKER, external_id__in=account_ids, sync_run_id=run.pk
+        ).update(applied_at=timezone.now())
     if taken:
         # Instruments another sync inserted meanwhile are kept as it wrote them: the next
         # sync of the accounts holding them compares their rows again.
@@ -812,9 +850,10 @@ def _upsert_accounts(account_ids: Sequence[str], now: dt.datetime) -> dict[str, 
 
 def _upsert_instruments(
     items: Iterable[MappedPosition], now: dt.datetime
-) -> tuple[dict[str, Any], set[str]]:
-    """Create or update the instruments of the mapped positions; return conId -> pk, and
-    the conIds of those another sync inserted meanwhile (taken as it wrote them).
+) -> tuple[dict[str, Any], set[str], bool]:
+    """Create or update the instruments of the mapped positions; return conId -> pk, the
+    conIds of those another sync inserted meanwhile (taken as it wrote them), and whether
+    it wrote any (created or changed).
 
     Instruments are shared by every connection: syncs of several connections holding the
     same contracts write them at the same moment. New ones are inserted ON CONFLICT DO
@@ -860,7 +899,7 @@ def _upsert_instruments(
         taken=taken,
     )
     ids.update((conid, pk) for (_, conid), pk in created.items())
-    return ids, {conid for _, conid in taken}
+    return ids, {conid for _, conid in taken}, bool(changed or created)
 
 
 #: The unique key of an account and of an instrument.
