@@ -64,11 +64,16 @@ class Target:
         """The source that reads it: for a TWS connection IBKR_SYNC_GATEWAY_CLASS, given
         the connection's configuration (the settings' gateway's class is called as it
         always was); for a Flex connection IBKR_SYNC_FLEX_SOURCE_CLASS, given its
-        `conf.FlexConfig` (the token decrypted here, for this read only)."""
+        `conf.FlexConfig` (the token decrypted here, for this read only) and the gate
+        its client's exchanges take turns at with every process of the installation
+        (`token_gate.DatabaseGate`, on the database they share)."""
         options: dict[str, Any] = {}
         if self.kind == Connection.Kind.FLEX:
+            from .token_gate import DatabaseGate
+
             source_class = import_string(conf.get("IBKR_SYNC_FLEX_SOURCE_CLASS"))
             options["config"] = conf.FlexConfig.from_settings(self.connection)
+            options["gate"] = DatabaseGate
         else:
             source_class = import_string(conf.get("IBKR_SYNC_GATEWAY_CLASS"))
         if self.connection is not None and "config" not in options:

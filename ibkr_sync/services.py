@@ -24,7 +24,7 @@ from django.db import (
     connection,
     transaction,
 )
-from django.db.models import Max
+from django.db.models import F, Max
 from django.db.models.functions import Now
 from django.utils import timezone
 
@@ -220,27 +220,58 @@ def queue_scheduled(connection_id: int) -> SyncRun | None:
     running, which this one would only repeat (a worker down, a sync longer than the
     schedule's interval: no pile of identical syncs). None when nothing was queued, and
     why is logged. Raises what `queue_sync` raises (a connection removed or disabled
-    since: `UnknownConnection`, `ConnectionDisabled`)."""
-    row = Connection.objects.filter(pk=connection_id).first()
+    since: `UnknownConnection`, `ConnectionDisabled`).
+
+    The check and the queued row are one transaction that holds the connection first
+    (`_hold_for_queueing`), so two beats firing the same schedule at the same moment
+    (two beat processes, a beat restarted) queue it once: the second decides on what the
+    first committed. The task is sent once that transaction commits."""
+    try:
+        with transaction.atomic():
+            row = _hold_for_queueing(connection_id)
+            waiting = (
+                SyncRun.objects.filter(
+                    lock_key=row.lock_key,
+                    status__in=(SyncRun.Status.QUEUED, SyncRun.Status.RUNNING),
+                )
+                .order_by("pk")
+                .values_list("pk", "status")
+                .first()
+            )
+            if waiting is not None:
+                logger.info(
+                    "IBKR sync of connection %s not queued by its schedule: #%s is %s already",
+                    row.name,
+                    *waiting,
+                )
+                return None
+            return queue_sync(trigger=SyncRun.Trigger.SCHEDULE, connection=row)
+    except (DatabaseError, InterfaceError) as exc:
+        if not is_unavailable(exc):
+            raise
+        raise DatabaseUnavailable(
+            unavailable_message(exc, outcome="nothing was queued", retry="sync again")
+        ) from exc
+
+
+def _hold_for_queueing(connection_id: int) -> Connection:
+    """Inside `queue_scheduled`'s transaction: the connection's row, held until the commit
+    by whoever queues a scheduled sync of it, waited for at most IBKR_SYNC_LOCK_TIMEOUT.
+    PostgreSQL: the row locked (FOR NO KEY UPDATE, which a sync's write transaction also
+    takes; inserting a run that refers to it is not held up). SQLite, which locks the whole
+    database and ignores FOR UPDATE: the transaction writes first (an UPDATE of the row to
+    itself), which takes the database's write lock at once, whatever the transaction mode
+    (a deferred transaction that read first could not write after another writer).
+    `UnknownConnection` if it no longer exists."""
+    if connection.vendor == "sqlite":
+        held = Connection.objects.filter(pk=connection_id).update(name=F("name"))
+        row = Connection.objects.filter(pk=connection_id).first() if held else None
+    else:
+        lock.bound_transaction("IBKR_SYNC_LOCK_TIMEOUT")
+        row = Connection.objects.select_for_update(no_key=True).filter(pk=connection_id).first()
     if row is None:
         raise UnknownConnection(f"Connection #{connection_id} no longer exists.")
-    waiting = (
-        SyncRun.objects.filter(
-            lock_key=row.lock_key,
-            status__in=(SyncRun.Status.QUEUED, SyncRun.Status.RUNNING),
-        )
-        .order_by("pk")
-        .values_list("pk", "status")
-        .first()
-    )
-    if waiting is not None:
-        logger.info(
-            "IBKR sync of connection %s not queued by its schedule: #%s is %s already",
-            row.name,
-            *waiting,
-        )
-        return None
-    return queue_sync(trigger=SyncRun.Trigger.SCHEDULE, connection=row)
+    return row
 
 
 def _dispatch(run: SyncRun, kind: str) -> None:
@@ -447,6 +478,10 @@ def _sync_positions(
         log.update(refused=",".join(written.refused))
     for kind, tally in written.ledger.items():
         log[kind] = "/".join(str(tally[name]) for name in ("created", "updated", "unchanged"))
+    if written.daily:  # the account snapshots: a day IBKR corrected since is updated
+        log["snapshots"] = "/".join(
+            str(written.daily[name]) for name in ("created", "updated", "unchanged")
+        )
     if snapshot.values_read:
         missing = sorted(a for a, v in values.items() if v["status"] == "missing")
         log.update(values_missing=",".join(missing) or "none")

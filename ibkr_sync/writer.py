@@ -46,6 +46,7 @@ from typing import Any
 
 from django.db import connection
 from django.db.models import Count, Q
+from django.utils import timezone
 
 from . import bulk, conf
 from .bulk import chunks, insert_missing, insert_new, insert_rows, touched, update_rows, upsert
@@ -113,13 +114,43 @@ class PositionsChanged(Exception):
 def stored_digests(accounts: Iterable[str]) -> dict[str, str]:
     """Per account, the digest of the positions last written for it (`AccountReport`),
     for `mapping.map_snapshot(known=...)`: read before the write transaction, checked
-    again inside it."""
+    again inside it.
+
+    Instruments are shared by every connection and source: an account is left out (its
+    positions mapped and compared again, their instruments written back as this source
+    reports them) when an instrument of one of its open positions was changed after its
+    report was last applied (`Instrument.updated_at` later than `applied_at`: another
+    connection, a Flex import, an edit). Cheap when none changed, as at almost every
+    sync: the reports, then whether any instrument changed since the oldest of them (one
+    scan of the instruments, no join); only if one did, which open positions of these
+    accounts hold such an instrument."""
     storable = [a for a in accounts if is_storable_account_id(a)]  # none other is stored
-    return dict(
-        AccountReport.objects.filter(broker=BROKER, external_id__in=storable)
+    reports = {
+        account: (digest, applied_at)
+        for account, digest, applied_at in AccountReport.objects.filter(
+            broker=BROKER, external_id__in=storable
+        )
         .exclude(positions_digest="")
-        .values_list("external_id", "positions_digest")
-    )
+        .values_list("external_id", "positions_digest", "applied_at")
+    }
+    if not reports:
+        return {}
+    since = min(applied_at for _, applied_at in reports.values())
+    if conf.instrument_model().objects.filter(updated_at__gt=since).exists():
+        held = (
+            conf.position_model()
+            .objects.filter(
+                account__broker=BROKER,
+                account__external_id__in=list(reports),
+                closed_at__isnull=True,
+                instrument__updated_at__gt=since,
+            )
+            .values_list("account__external_id", "instrument__updated_at")
+        )
+        for account, updated_at in held:
+            if account in reports and updated_at > reports[account][1]:
+                del reports[account]
+    return {account: digest for account, (digest, _) in reports.items()}
 
 
 #: Each ledger kind's date column (what a statement's period holds its rows by).
@@ -244,7 +275,14 @@ def apply_snapshot(
     mapped, unmapped = snapshot.positions, snapshot.unmapped
     account_ids = written.accounts = list(snapshot.accounts)
     accounts = _upsert_accounts(account_ids, now)
-    instruments, taken = _upsert_instruments(mapped.values(), now)
+    instruments, taken, stamped = _upsert_instruments(mapped.values(), now)
+    if stamped and account_ids:
+        # The instruments it wrote were stamped (`updated_at`) after this sync's reports
+        # were applied: the reports take a moment after them, so that a sync's own writes
+        # are not taken for another's change of the instruments (`stored_digests`).
+        AccountReport.objects.filter(
+            broker=BROKER, external_id__in=account_ids, sync_run_id=run.pk
+        ).update(applied_at=timezone.now())
     if taken:
         # Instruments another sync inserted meanwhile are kept as it wrote them: the next
         # sync of the accounts holding them compares their rows again.
@@ -462,12 +500,15 @@ def _apply_snapshots(
     rows: list[tuple[Any, dt.datetime, dict[str, Any], bool]], run: SyncRun
 ) -> dict[str, int]:
     """Store account snapshots, one per (account, taken_at): rows of (account pk, moment,
-    fields, whole). A moment stored already is not stored again: a day's values written
-    again (an overlapping window, a re-run) are left as they are, while a whole snapshot
-    (a sync's values as of its moment, every figure and rate) replaces what is stored at
-    its moment where it differs. Decided on the rows read under the accounts' row locks
-    (FOR UPDATE, in pk order), so two writers of one account take turns. Returns the
-    counts: created, updated, unchanged."""
+    fields, whole). A moment stored already is not stored again. A whole snapshot (a
+    sync's values as of its moment, every figure and rate) replaces what is stored at its
+    moment where it differs; a day's values read again (an overlapping statement, a
+    re-run) correct the stored row where IBKR changed them since (`_corrected_day`: only
+    the figures that differ, none the day does not carry), and an equal day writes
+    nothing. A row changed names the run that changed it (`sync_run_id`), as the ledger's
+    corrections are counted in the run. Decided on the rows read under the accounts' row
+    locks (FOR UPDATE, in pk order), so two writers of one account take turns. Returns
+    the counts: created, updated (corrected), unchanged."""
     Snapshot = conf.account_snapshot_model()
     wanted: dict[tuple[Any, dt.datetime], tuple[dict[str, Any], bool]] = {}
     for account_pk, moment, fields, whole in rows:
@@ -494,6 +535,8 @@ def _apply_snapshots(
             )
         elif whole and _differs(held[1:], [fields[name] for name in names]):
             changed.append((held[0], fields))
+        elif not whole and (corrected := _corrected_day(names, held[1:], fields)):
+            changed.append((held[0], corrected))
         else:
             counts["unchanged"] += 1
     insert_rows(Snapshot, new)
@@ -502,6 +545,26 @@ def _apply_snapshots(
         Snapshot.objects.filter(pk=pk).update(sync_run_id=run.pk, **fields)
     counts["updated"] = len(changed)
     return counts
+
+
+def _corrected_day(
+    names: Sequence[str], stored: Sequence[Any], fields: dict[str, Any]
+) -> dict[str, Any]:
+    """The fields of a stored snapshot that a day's values read again correct: each
+    figure the day carries (a value, not None) that differs from the stored one, and its
+    rates merged into the stored ones where one differs or is new. What the day does not
+    carry is kept (the period end's row is a whole snapshot: its other figures, its rates
+    read with the cash). Empty: the day is as stored."""
+    corrected: dict[str, Any] = {}
+    for name, held in zip(names, stored, strict=True):
+        value = fields[name]
+        if name == "exchange_rates":
+            merged = {**(held or {}), **(value or {})}
+            if merged != (held or {}):
+                corrected[name] = merged
+        elif value is not None and value != "" and _differs([held], [value]):
+            corrected[name] = value
+    return corrected
 
 
 #: What a ledger write counts of each kind.
@@ -876,9 +939,10 @@ def _upsert_accounts(account_ids: Sequence[str], now: dt.datetime) -> dict[str, 
 
 def _upsert_instruments(
     items: Iterable[MappedPosition], now: dt.datetime
-) -> tuple[dict[str, Any], set[str]]:
-    """Create or update the instruments of the mapped positions; return conId -> pk, and
-    the conIds of those another sync inserted meanwhile (taken as it wrote them).
+) -> tuple[dict[str, Any], set[str], bool]:
+    """Create or update the instruments of the mapped positions; return conId -> pk, the
+    conIds of those another sync inserted meanwhile (taken as it wrote them), and whether
+    it wrote any (created or changed).
 
     Instruments are shared by every connection: syncs of several connections holding the
     same contracts write them at the same moment. New ones are inserted ON CONFLICT DO
@@ -924,7 +988,7 @@ def _upsert_instruments(
         taken=taken,
     )
     ids.update((conid, pk) for (_, conid), pk in created.items())
-    return ids, {conid for _, conid in taken}
+    return ids, {conid for _, conid in taken}, bool(changed or created)
 
 
 #: The unique key of an account and of an instrument.

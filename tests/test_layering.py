@@ -91,6 +91,16 @@ def test_the_source_neutral_modules_know_no_source():
     assert "IBKR_SYNC_GATEWAY_CLASS" in (IBKR_SYNC / "connections.py").read_text()
 
 
+def test_the_sources_import_no_database_layer():
+    """A source reads the broker and returns records: the database (the models, the Flex
+    token's gate on them, the lock) is given to it by whoever builds it
+    (`connections.Target.source`), never imported."""
+    database = ("ibkr_sync.models", "ibkr_sync.token_gate", "ibkr_sync.lock", "django.db")
+    for path in sorted((IBKR_SYNC / "sources").rglob("*.py")):
+        for module in imported_modules(path.read_text(), package_of(path)):
+            assert not module.startswith(database), f"{path.name} imports {module}"
+
+
 def test_the_simulator_writes_by_the_protocol_not_the_source():
     """The simulator and its portfolio share the wire's rules (`protocol`) and the
     records (`snapshot`) with the source; it imports nothing of the source itself."""

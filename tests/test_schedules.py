@@ -4,14 +4,17 @@ paused, deleted with the connection), and the scheduled task queueing a sync thr
 service (a real broker: Redis)."""
 
 import json
+import threading
+import time
 from zoneinfo import ZoneInfo
 
 import pytest
 from celery.schedules import crontab
 from django.core.exceptions import ValidationError
+from django.db import connection as db_connection
 from django_celery_beat.models import CrontabSchedule, IntervalSchedule, PeriodicTask
 
-from ibkr_sync import schedules, tasks
+from ibkr_sync import schedules, services, tasks
 from ibkr_sync.models import Connection, SyncRun
 from tests.queue_broker import sent
 
@@ -201,6 +204,49 @@ def test_the_scheduled_task_queues_a_sync_of_its_connection_once(task_queue):
     SyncRun.objects.filter(pk=run.pk).update(status="success")
     assert tasks.sync_scheduled(row.pk)["status"] == "queued"
     assert SyncRun.objects.filter(status="queued").count() == 1
+
+
+# Threads of one test process share Django's in-memory SQLite test database, whose table
+# locks fail a second writer at once (a deployment's SQLite file makes it wait).
+@pytest.mark.django_db(transaction=True)
+def test_two_beats_firing_at_the_same_moment_queue_one_sync(task_queue, monkeypatch):
+    if db_connection.vendor == "sqlite":
+        pytest.skip("threads on the in-memory SQLite test database")
+    row = Connection.objects.create(name="home", port=4001, client_id=7, schedule="interval")
+    queue_sync = services.queue_sync
+
+    def slow_queue_sync(*args, **kwargs):
+        # Between the check and the queued row: long enough for the other beat to check.
+        time.sleep(0.3)
+        return queue_sync(*args, **kwargs)
+
+    monkeypatch.setattr(services, "queue_sync", slow_queue_sync)
+    start = threading.Barrier(2)
+    outcomes, errors = [], []
+
+    def beat():
+        try:
+            start.wait(5)
+            outcomes.append(tasks.sync_scheduled(row.pk))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+        finally:
+            db_connection.close()
+
+    threads = [threading.Thread(target=beat) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+
+    assert not errors
+    run = SyncRun.objects.get()
+    assert (run.status, run.trigger, run.connection) == ("queued", "schedule", row)
+    queued = [outcome for outcome in outcomes if outcome is not None]
+    assert queued == [{"connection_id": row.pk, "status": "queued", "sync_run_id": run.pk}]
+    assert outcomes.count(None) == 1
+    # The task was sent once, after the queued row was committed.
+    assert sent(task_queue, "ibkr_sync.gateway") == [("ibkr_sync.sync_connection", [run.pk])]
 
 
 @pytest.mark.django_db(transaction=True)

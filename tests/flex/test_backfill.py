@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import re
 import xml.etree.ElementTree as ET
 from decimal import Decimal
 from pathlib import Path
@@ -355,6 +356,86 @@ def test_each_day_s_snapshot_carries_that_day_s_real_rates(service):  # noqa: F8
     again = sync_positions(trigger="command", connection="myflex")
     assert again.snapshots == {"created": 0, "updated": 0, "unchanged": 3}
     assert conf.account_snapshot_model().objects.count() == 3
+
+
+def nav_of(day: dt.date) -> str:
+    """A day's net asset value, the same in every statement that holds the day."""
+    return f"{35000 + day.toordinal() % 1000}.445"
+
+
+def statement_of_days(corrected: dict[dt.date, str] | None = None):
+    """Statements whose days have one value each whatever the period asked for (IBKR's
+    as published), except the days `corrected` (IBKR corrected them since)."""
+    corrected = corrected or {}
+
+    def statement(from_date: dt.date, to_date: dt.date) -> str:
+        text = statement_with_values(from_date, to_date)
+
+        def nav(match: re.Match) -> str:
+            day = dt.datetime.strptime(match["day"], "%Y%m%d").date()
+            cash = f"{13000 + day.toordinal() % 1000}.345"
+            total = corrected.get(day, nav_of(day))
+            return f'reportDate="{match["day"]}" cash="{cash}" stock="1" total="{total}"'
+
+        return re.sub(r'reportDate="(?P<day>\d{8})" cash="[^"]*" stock="[^"]*" '
+                      r'total="[^"]*"', nav, text)  # fmt: skip
+
+    return statement
+
+
+def stored_days() -> dict[dt.datetime, tuple]:
+    return {
+        row[0]: row[1:]
+        for row in conf.account_snapshot_model()
+        .objects.filter(account__external_id=ACCOUNT)
+        .values_list(
+            "taken_at",
+            "sync_run_id",
+            "currency",
+            "net_liquidation",
+            "total_cash_value",
+            "gross_position_value",
+            "unrealized_pnl",
+            "exchange_rates",
+        )
+    }
+
+
+def test_a_day_ibkr_corrected_is_updated_by_an_overlapping_statement(service):  # noqa: F811
+    end = yesterday() - dt.timedelta(days=20)
+    first = (end - dt.timedelta(days=7), end - dt.timedelta(days=3))  # A: days 1-5
+    second = (end - dt.timedelta(days=5), end)  # B: days 3-8
+    fixed = end - dt.timedelta(days=4)  # day 4, in both: IBKR corrected its value
+    service.add_statement(QUERY, statement_of_days())
+    flex_connection()
+    a = sync_period(*first, trigger="command", connection="myflex").windows[0].result
+    assert a.snapshots == {"created": 5, "updated": 0, "unchanged": 0}
+    before = stored_days()
+    assert before[period_end(fixed)][2] == Decimal(nav_of(fixed))
+
+    service.add_statement(QUERY, statement_of_days({fixed: "36123.5"}))
+    b = sync_period(*second, trigger="command", connection="myflex").windows[0].result
+
+    # Days 6-8 new (8: the period end's whole snapshot), day 4 corrected, 3 and 5 as stored.
+    assert b.snapshots == {"created": 3, "updated": 1, "unchanged": 2}
+    after = stored_days()
+    assert len(after) == 8
+    day4 = after[period_end(fixed)]
+    assert day4[2] == Decimal("36123.5")
+    assert day4[0] == b.sync_run_id, "the row names the run that corrected it"
+    # Only the net asset value changed: its cash and that day's rates (A's) are kept.
+    assert day4[1:2] + day4[3:] == before[period_end(fixed)][1:2] + before[period_end(fixed)][3:]
+    # Nothing else touched: A's other days (its period end's whole snapshot too).
+    for moment, row in before.items():
+        if moment != period_end(fixed):
+            assert after[moment] == row, moment
+    whole = after[period_end(first[1])]
+    assert whole[0] == a.sync_run_id and whole[6]["EUR"] == "1.0871"
+
+    # B again: nothing to write.
+    again = sync_period(*second, trigger="command", connection="myflex").windows[0].result
+    assert again.snapshots == {"created": 0, "updated": 0, "unchanged": 6}
+    assert stored_days() == after
 
 
 def test_the_run_page_shows_the_period_read(service, admin_client):  # noqa: F811

@@ -140,10 +140,14 @@ def test_the_same_statement_again_changes_nothing(service):
         f"{end - dt.timedelta(days=2):%Y%m%d}",
         f"{end:%Y%m%d}",
     )
-    # Three days again, none stored twice (this fixture numbers its values from the
-    # period's first day: the period end's whole snapshot takes the newer read's values).
-    assert again.snapshots == {"created": 0, "updated": 1, "unchanged": 2}
+    # Three days again, none stored twice. This fixture numbers its values from the
+    # period's first day, so each day read again differs from what the first statement
+    # said of it: taken as IBKR's correction, each day's row updated (the period end's
+    # whole snapshot too). `test_backfill` has days whose values do not move.
+    assert again.snapshots == {"created": 0, "updated": 3, "unchanged": 0}
     assert conf.account_snapshot_model().objects.count() == 7  # one per day
+    newest = conf.account_snapshot_model().objects.order_by("taken_at")
+    assert newest.last().net_liquidation == Decimal("35802.445")  # the newer read's
 
 
 def test_a_real_statement_with_open_positions(service):

@@ -8,10 +8,14 @@ import datetime as dt
 
 import pytest
 
+from ibkr_sync import connections
+from ibkr_sync.conf import FlexConfig
 from ibkr_sync.lock import database_now
-from ibkr_sync.models import FlexTokenGate
+from ibkr_sync.models import Connection, FlexTokenGate
+from ibkr_sync.services import sync_positions
 from ibkr_sync.sources.flex.client import FlexClient, RetryPolicy, token_key
 from ibkr_sync.sources.flex.errors import FlexThrottled
+from ibkr_sync.sources.flex.source import FlexSource
 from ibkr_sync.testing.flex_service import GET_STATEMENT, SEND_REQUEST, Answer, FakeFlexService
 from ibkr_sync.token_gate import DatabaseGate
 from tests.reliability.deployment import Deployment
@@ -30,6 +34,10 @@ def fake():
     with FakeFlexService(tokens=(TOKEN,)) as service:
         service.add_statement(QUERY, statement_with_values)
         yield service
+
+
+class FastSource(FlexSource):
+    policy = FAST
 
 
 def client(fake, gate: DatabaseGate) -> FlexClient:
@@ -125,3 +133,33 @@ def test_two_processes_with_one_token_never_overlap(tmp_path):
         assert max(service.max_in_flight.values()) == 1
         # The second exchange begins after the first one's statement was answered.
         assert requests[2].started >= requests[1].ended
+
+
+@pytest.mark.django_db
+def test_a_connections_source_takes_turns_at_the_database_gate_a_bare_source_does_not(
+    fake, settings
+):
+    """The gate is given to the source by whoever builds it: a Flex connection's source
+    (`connections.Target.source`) holds the token in the database for its exchange; a
+    `FlexSource` built without one reads behind this process's turn only."""
+    settings.IBKR_FLEX_BASE_URL = fake.base_url
+    settings.IBKR_SYNC_FLEX_SOURCE_CLASS = f"{__name__}.FastSource"
+    settings.IBKR_SYNC_SECRET_KEY = "gate-test-secret-key-0123456789-abcdefgh"
+    row = Connection(name="statements", kind="flex", flex_query_id=QUERY)
+    row.set_flex_token(TOKEN)
+    row.full_clean()
+    row.save()
+    day = dt.date.today() - dt.timedelta(days=1)
+
+    bare = FastSource(FlexConfig(token=TOKEN, query_id=QUERY, base_url=fake.base_url))
+    assert bare.gate is None
+    bare.fetch(day, day)
+    assert not FlexTokenGate.objects.exists()
+
+    assert connections.resolve("statements").source().gate is DatabaseGate
+    result = sync_positions(trigger="command", connection="statements")
+
+    assert result.processed == 2
+    gate = FlexTokenGate.objects.get()
+    assert gate.key == token_key(TOKEN) and TOKEN not in gate.key
+    assert gate.holder == "", "given back after the exchange"

@@ -12,7 +12,7 @@ from decimal import Decimal
 
 import pytest
 
-from ibkr_sync import mapping, services, writer
+from ibkr_sync import conf, mapping, services, writer
 from ibkr_sync.models import AccountReport, PositionChange
 from ibkr_sync.snapshot import PositionRecord, Snapshot
 from portfolio.models import Position
@@ -210,3 +210,60 @@ def test_an_account_deleted_behind_the_syncs_back_is_written_again_whole(ibkr, m
     assert set(mapped) == {ACCOUNT, OTHER}  # the second attempt maps all
     assert result.created == 1 and result.unchanged == 3
     assert Position.objects.filter(account__external_id=OTHER, closed_at=None).count() == 1
+
+
+def test_an_instrument_another_source_changed_is_written_back_by_the_unchanged_resync(ibkr, mapped):
+    """Instruments are shared: another connection (or a Flex import) that reports one of
+    this account's contracts otherwise writes its own view of the row. The gateway's
+    digest is the same at its next sync, but the instrument changed after the account's
+    report was applied: the account is compared again, and the gateway's view of the
+    instrument written back."""
+    sync()
+    Instrument = conf.instrument_model()
+    fields = ("symbol", "exchange", "local_symbol", "trading_class")
+    gateway_view = Instrument.objects.filter(external_id="265598").values_list(*fields).get()
+    mapped.clear()
+    other = Snapshot(
+        accounts=("U9999999",),
+        positions=(
+            PositionRecord(
+                account="U9999999",
+                con_id=265598,
+                symbol="AAPL",
+                sec_type="STK",
+                quantity=Decimal("1"),
+                average_cost=Decimal("100"),
+                currency="USD",
+                exchange="SMART",
+                local_symbol="AAPL.OTHER",
+            ),
+        ),
+        source="flex",
+    )
+    sync(gateway=SnapshotSource(other))
+    changed = Instrument.objects.filter(external_id="265598").values_list(*fields).get()
+    assert changed != gateway_view
+    untouched = Instrument.objects.get(external_id="76792991").updated_at
+    kept = digests()
+    mapped.clear()
+
+    result = sync()
+
+    assert Instrument.objects.filter(external_id="265598").values_list(*fields).get() == (
+        gateway_view
+    )
+    assert set(mapped) == {ACCOUNT}, "only the account holding it is compared again"
+    assert (result.created, result.updated, result.closed, result.unchanged) == (0, 0, 0, 4)
+    assert digests()[ACCOUNT] == kept[ACCOUNT]
+    assert Instrument.objects.get(external_id="76792991").updated_at == untouched
+    assert not PositionChange.objects.filter(sync_run_id=result.sync_run_id).exists()
+
+
+class SnapshotSource:
+    """Another source at the service's boundary: one snapshot."""
+
+    def __init__(self, snapshot):
+        self.snapshot = snapshot
+
+    def fetch_positions(self, account_id=None):
+        return self.snapshot

@@ -479,6 +479,11 @@ class Command(IbkrCommand):
             self.stdout.write(_describe_change(change))
         if result.ledger:
             self.stdout.write(f"Ledger: {describe_ledger(result.ledger)}")
+        if result.snapshots.get("updated"):
+            self.stdout.write(
+                f"Account values: {result.snapshots['updated']} stored snapshot(s) updated "
+                "(a day's values corrected by IBKR since)"
+            )
         for account, reason in refused.items():
             # Always said: an account a sync reported and did not write.
             self.stdout.write(self.style.WARNING(f"Not written: {account}: {reason}"))
@@ -527,7 +532,10 @@ def _describe_window(outcome: WindowOutcome) -> str:
         if result.accounts_refused:
             parts.append(f"not written (newer stands): {', '.join(result.accounts_refused)}")
     if result.snapshots:
-        parts.append(f"daily values {result.snapshots.get('created', 0)} created")
+        daily = f"daily values {result.snapshots.get('created', 0)} created"
+        if result.snapshots.get("updated"):
+            daily += f", {result.snapshots['updated']} updated (corrected by IBKR)"
+        parts.append(daily)
     if result.ledger:
         parts.append(f"ledger: {describe_ledger(result.ledger)}")
     return "; ".join(parts)

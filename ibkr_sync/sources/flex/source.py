@@ -96,10 +96,15 @@ class FlexSource:
         *,
         progress: Callable[[str, int], None] | None = None,
         today: Callable[[], dt.date] | None = None,
+        gate: Callable[..., Callable[[str], Any]] | None = None,
     ) -> None:
         self.config = config
         self.progress = progress
         self._yesterday = today or yesterday
+        # Builds the client's gate for the other processes sharing the token, called as
+        # `gate(spacing=seconds, wait=seconds)` (the sync passes the database's:
+        # `connections.Target.source`); None: only this process's turn per token.
+        self.gate = gate
 
     def __repr__(self) -> str:
         return f"FlexSource(query {self.config.query_id}, {self.config.base_url})"
@@ -109,11 +114,10 @@ class FlexSource:
         return f"Flex query {self.config.query_id}"
 
     def client(self, wait: float | None = None) -> FlexClient:
-        """The token's client, behind the database's gate (one exchange at a time per
-        token across processes, IBKR's 1018 back-off shared: `token_gate`), waited for
-        at most `wait` seconds (default: another process's whole exchange)."""
-        from ...token_gate import DatabaseGate
-
+        """The token's client: one exchange at a time per token in this process, and
+        behind the gate it was given (`gate`: across processes, IBKR's 1018 back-off
+        shared), waited for at most `wait` seconds (default: another process's whole
+        exchange)."""
         policy = dataclasses.replace(self.policy, poll_budget=self.config.poll_budget)
         if wait is None:
             wait = policy.poll_budget + 300
@@ -123,7 +127,7 @@ class FlexSource:
             connect_timeout=self.config.connect_timeout,
             read_timeout=self.config.read_timeout,
             policy=policy,
-            gate=DatabaseGate(spacing=policy.min_interval, wait=wait),
+            gate=None if self.gate is None else self.gate(spacing=policy.min_interval, wait=wait),
         )
 
     def period(self, after: dt.date | None = None) -> tuple[dt.date, dt.date]:
