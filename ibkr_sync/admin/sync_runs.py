@@ -215,6 +215,12 @@ class SyncRunAdmin(admin.ModelAdmin):
             text += (
                 " (history only: an older window of a back-fill; positions and cash not written)"
             )
+        repeats = (obj.statement or {}).get("repeats")
+        if repeats:
+            text += (
+                f"; the same statement that run #{repeats} applied, nothing of it changed "
+                "since: not read again, nothing written"
+            )
         return text
 
     @admin.display(description="error", ordering="error_code")

@@ -273,3 +273,19 @@ def test_a_back_fill_again_reads_none_of_its_windows_again(service, monkeypatch)
         assert after.result.created == after.result.updated == 0
     assert again.windows[-1].result.unchanged == 2
     assert (Trade().objects.count(), conf.account_snapshot_model().objects.count()) == counts
+
+
+def test_the_run_s_page_says_it_repeats_a_run(service, admin_client):  # noqa: F811
+    service.add_statement(QUERY, regenerated)
+    flex_connection()
+    first = sync()
+    again = sync()
+
+    page = admin_client.get(f"/admin/ibkr_sync/syncrun/{again.sync_run_id}/change/")
+
+    assert page.status_code == 200
+    text = page.content.decode()
+    assert f"the same statement that run #{first.sync_run_id} applied" in text
+    assert "not read again, nothing written" in text
+    first_page = admin_client.get(f"/admin/ibkr_sync/syncrun/{first.sync_run_id}/change/")
+    assert "the same statement" not in first_page.content.decode()
