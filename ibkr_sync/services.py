@@ -549,7 +549,8 @@ def _applied_statement(
     older window or not), with nothing it wrote changed since: its accounts still hold
     the moment it applied to them (no newer snapshot of them applied, by any
     connection) and as many open positions, ledger rows and account snapshots as it
-    left. Reading it again would then write nothing: it is not read again."""
+    left; and, applying their state, none of its accounts refused. Reading it again
+    would then write nothing: it is not read again."""
     last = (
         SyncRun.objects.filter(
             connection=target.connection,
@@ -570,7 +571,9 @@ def _applied_statement(
         for account, moment in record["accounts"].items()
     }
     applied = {account: moment for account, moment in moments.items() if moment is not None}
-    if state and not applied:
+    if state and (not applied or len(applied) < len(moments)):
+        # An account refused (a newer report of it stood): a full read refuses it again,
+        # as of the reports stored now, and says so; a repeat would not.
         return None
     reports = AccountReport.objects.filter(broker=BROKER, external_id__in=list(applied))
     held = {

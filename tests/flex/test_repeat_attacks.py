@@ -12,13 +12,26 @@ from decimal import Decimal
 import pytest
 
 from ibkr_sync import conf
-from ibkr_sync.models import SyncRun
+from ibkr_sync.models import AccountReport, Connection, SyncRun
 
+from .statements import statement_with_values
 from .test_backfill import ACCOUNT, Trade
 from .test_flex_connection import QUERY, flex_connection, period_end, service  # noqa: F401
-from .test_repeat import END, START, regenerated, sync
+from .test_repeat import END, START, figures, regenerated, sync
 
 pytestmark = pytest.mark.django_db
+
+OTHER = "U1112223"
+
+
+def two_accounts(from_date: dt.date, to_date: dt.date) -> str:
+    """One download holding two accounts' statements (a query of several accounts)."""
+    first = regenerated(from_date, to_date)
+    second = statement_with_values(from_date, to_date, account=OTHER)
+    statement = second[second.index("<FlexStatement ") : second.index("</FlexStatements>")]
+    return first.replace('<FlexStatements count="1">', '<FlexStatements count="2">').replace(
+        "</FlexStatements>", f"{statement}</FlexStatements>"
+    )
 
 
 def repeated(result) -> bool:
@@ -40,6 +53,29 @@ def test_cash_deleted_since_is_written_again(service):  # noqa: F811
     assert not repeated(again)
     assert set(cash.values_list("currency", flat=True)) == {"USD", "EUR"}
     assert cash.get(currency="EUR").amount == Decimal("1758.75")
+
+
+def test_an_account_refused_is_refused_again_by_the_same_statement(service):  # noqa: F811
+    """A statement of two accounts, one of them refused (another connection reported it
+    later): the same statement again refuses it again, and says so, as a full read does."""
+    service.add_statement(QUERY, two_accounts)
+    flex_connection()
+    first = sync()
+    assert sorted(first.accounts) == [OTHER, ACCOUNT]
+    gateway = Connection.objects.create(name="gateway", kind="tws", host="127.0.0.1", port=4001)
+    AccountReport.objects.filter(external_id=OTHER).update(
+        connection=gateway,
+        connection_name="gateway",
+        as_of=period_end(END) + dt.timedelta(hours=1),
+    )
+    full = sync()  # its report changed: read whole, and refused
+    assert list(full.accounts_refused) == [OTHER] and full.accounts == [ACCOUNT]
+
+    again = sync()
+
+    assert figures(again) == figures(full)
+    run = SyncRun.objects.get(pk=again.sync_run_id)
+    assert run.accounts_refused == full.accounts_refused
 
 
 def _edit_trade(day: dt.date) -> None:
