@@ -13,6 +13,7 @@ import pytest
 
 from ibkr_sync import conf
 from ibkr_sync.models import AccountReport, Connection, SyncRun
+from ibkr_sync.services import sync_period
 
 from .statements import statement_with_values
 from .test_backfill import ACCOUNT, Trade
@@ -76,6 +77,23 @@ def test_an_account_refused_is_refused_again_by_the_same_statement(service):  # 
     assert figures(again) == figures(full)
     run = SyncRun.objects.get(pk=again.sync_run_id)
     assert run.accounts_refused == full.accounts_refused
+
+
+def test_a_connection_renamed_since_reports_its_accounts_under_its_new_name(service):  # noqa: F811
+    """A full read records the connection's name as it is now in its accounts' reports;
+    the same statement after a rename must too."""
+    service.add_statement(QUERY, regenerated)
+    row = flex_connection()
+    sync()
+    row.name = "renamed"
+    row.save()
+
+    again = sync_period(START, END, trigger="command", connection="renamed")
+
+    assert again.error is None
+    report = AccountReport.objects.get(external_id=ACCOUNT)
+    assert report.connection_name == "renamed"
+    assert report.sync_run_id == again.windows[0].result.sync_run_id
 
 
 def _edit_trade(day: dt.date) -> None:
