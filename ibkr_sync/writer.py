@@ -132,18 +132,21 @@ def statement_ranges(
     """What a snapshot of a period wrote, per account, as ranges to count
     (`statement_counts`): the open positions and the cash balances of the accounts whose
     state it applied (`state`), and per ledger kind and for the account snapshots the
-    first and last day (moment) of its rows. JSON-ready (ISO texts)."""
+    first and last day (moment) of its rows (none for a kind whose rows are all
+    undated). JSON-ready (ISO texts)."""
     state = set(state)
     ranges: dict[str, dict[str, list[Any] | None]] = {a: {} for a in snapshot.accounts}
     for account in state & set(ranges):
         ranges[account]["positions"] = ranges[account]["cash"] = None
     for kind, rows in snapshot.ledger.items():
         for row in rows.values():
-            day = row.fields.get(LEDGER_DATES[kind])
-            if day is None or row.account_id not in ranges:
+            if row.account_id not in ranges:
                 continue
-            kept = ranges[row.account_id].setdefault(kind, [day, day])
-            kept[0], kept[1] = min(kept[0], day), max(kept[1], day)
+            # An undated row (a query without its date) counts too: [] while none is dated.
+            kept = ranges[row.account_id].setdefault(kind, [])
+            day = row.fields.get(LEDGER_DATES[kind])
+            if day is not None:
+                kept[:] = [min(kept[0], day), max(kept[1], day)] if kept else [day, day]
     for account, tables in ranges.items():
         moments = [moment for moment, _ in snapshot.daily.get(account, ())]
         if account in state:  # the account's own snapshot, as of the state applied
@@ -195,8 +198,10 @@ def statement_counts(ranges: dict[str, dict[str, list[str] | None]]) -> dict[str
                 counted[table] = rows.count()
             elif table in ledger:
                 column = LEDGER_DATES[table]
-                low, high = (dt.date.fromisoformat(b) for b in bounds)
-                dated = Q(**{f"{column}__range": (low, high)}) | Q(**{f"{column}__isnull": True})
+                dated = Q(**{f"{column}__isnull": True})
+                if bounds:
+                    low, high = (dt.date.fromisoformat(b) for b in bounds)
+                    dated |= Q(**{f"{column}__range": (low, high)})
                 rows = ledger[table]._default_manager.filter(dated, account_id=pk)
                 counted[table] = rows.count()
             else:  # a kind the host no longer keeps: another mapping, never the same

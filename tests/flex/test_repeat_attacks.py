@@ -7,6 +7,7 @@ HTTP against the fake Flex Web Service, the service and the writer, into the dat
 from __future__ import annotations
 
 import datetime as dt
+import re
 from decimal import Decimal
 
 import pytest
@@ -94,6 +95,26 @@ def test_a_connection_renamed_since_reports_its_accounts_under_its_new_name(serv
     report = AccountReport.objects.get(external_id=ACCOUNT)
     assert report.connection_name == "renamed"
     assert report.sync_run_id == again.windows[0].result.sync_run_id
+
+
+def test_an_undated_ledger_row_deleted_since_is_written_again(service):  # noqa: F811
+    """A query may leave a trade's dates out: its row is stored undated, and still counts
+    among what the statement left."""
+
+    def undated(from_date: dt.date, to_date: dt.date) -> str:
+        text = regenerated(from_date, to_date)
+        return re.sub(r' (?:tradeDate|dateTime|settleDateTarget)="[^"]*"', "", text)
+
+    service.add_statement(QUERY, undated)
+    flex_connection()
+    sync()
+    assert list(Trade().objects.values_list("trade_date", flat=True)) == [None]
+    Trade().objects.all().delete()
+
+    again = sync()
+
+    assert not repeated(again)
+    assert again.ledger["trades"]["created"] == 1 and Trade().objects.count() == 1
 
 
 def _edit_trade(day: dt.date) -> None:
