@@ -1028,12 +1028,13 @@ def map_snapshot(snapshot: Snapshot, known: Mapping[str, str] | None = None) -> 
 def statement_key(digest: str) -> str:
     """A source's digest of a whole read (`Snapshot.statement_digest`) under this
     mapping: the same read is written the same way only while the code and the models it
-    fills (positions, instruments, values, the ledger) are the same; an upgrade or a
+    fills (positions, instruments, cash, values, the ledger) are the same; an upgrade or a
     migration reads it again once."""
     models_ = (
         conf.position_model(),
         conf.instrument_model(),
         conf.account_model(),
+        conf.cash_balance_model(),
         conf.account_snapshot_model(),
         *conf.ledger_models().values(),
     )

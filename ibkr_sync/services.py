@@ -583,8 +583,10 @@ def _applied_statement(
     this connection last applied for that period (the same account filter; a back-fill's
     older window or not), with nothing it wrote changed since: its accounts still hold
     the moment it applied to them (no newer snapshot of them applied, by any
-    connection) and as many open positions, ledger rows and account snapshots as it
-    left. Reading it again would then write nothing: it is not read again."""
+    connection) and as many open positions, cash balances, ledger rows and account
+    snapshots as it left; and, applying their state, none of its accounts refused, each
+    reported under the connection's name as it is now. Reading it again would then
+    write nothing: it is not read again."""
     last = (
         SyncRun.objects.filter(
             connection=target.connection,
@@ -605,17 +607,24 @@ def _applied_statement(
         for account, moment in record["accounts"].items()
     }
     applied = {account: moment for account, moment in moments.items() if moment is not None}
-    if state and not applied:
+    if state and (not applied or len(applied) < len(moments)):
+        # An account refused (a newer report of it stood): a full read refuses it again,
+        # as of the reports stored now, and says so; a repeat would not.
         return None
     reports = AccountReport.objects.filter(broker=BROKER, external_id__in=list(applied))
     held = {
-        account: (connection_id, as_of)
-        for account, connection_id, as_of in reports.values_list(
-            "external_id", "connection_id", "as_of"
+        account: (connection_id, name, as_of)
+        for account, connection_id, name, as_of in reports.values_list(
+            "external_id", "connection_id", "connection_name", "as_of"
         )
     }
-    connection_id = target.connection.pk if target.connection is not None else None
-    if any(held.get(a) != (connection_id, moment) for a, moment in applied.items()):
+    # Its name as it is now (a full read records it in the reports: renamed since, the
+    # statement is read again once).
+    connection_id, name = None, ""
+    if target.connection is not None:
+        connection_id = target.connection.pk
+        name = Connection.objects.filter(pk=connection_id).values_list("name", flat=True).first()
+    if any(held.get(a) != (connection_id, name, moment) for a, moment in applied.items()):
         return None
     if statement_counts(record["ranges"]) != record["counts"]:
         return None

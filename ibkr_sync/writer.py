@@ -161,20 +161,23 @@ def statement_ranges(
     snapshot: MappedSnapshot, state: Iterable[str]
 ) -> dict[str, dict[str, list[Any] | None]]:
     """What a snapshot of a period wrote, per account, as ranges to count
-    (`statement_counts`): the open positions of the accounts whose state it applied
-    (`state`), and per ledger kind and for the account snapshots the first and last day
-    (moment) of its rows. JSON-ready (ISO texts)."""
+    (`statement_counts`): the open positions and the cash balances of the accounts whose
+    state it applied (`state`), and per ledger kind and for the account snapshots the
+    first and last day (moment) of its rows (none for a kind whose rows are all
+    undated). JSON-ready (ISO texts)."""
     state = set(state)
     ranges: dict[str, dict[str, list[Any] | None]] = {a: {} for a in snapshot.accounts}
     for account in state & set(ranges):
-        ranges[account]["positions"] = None
+        ranges[account]["positions"] = ranges[account]["cash"] = None
     for kind, rows in snapshot.ledger.items():
         for row in rows.values():
-            day = row.fields.get(LEDGER_DATES[kind])
-            if day is None or row.account_id not in ranges:
+            if row.account_id not in ranges:
                 continue
-            kept = ranges[row.account_id].setdefault(kind, [day, day])
-            kept[0], kept[1] = min(kept[0], day), max(kept[1], day)
+            # An undated row (a query without its date) counts too: [] while none is dated.
+            kept = ranges[row.account_id].setdefault(kind, [])
+            day = row.fields.get(LEDGER_DATES[kind])
+            if day is not None:
+                kept[:] = [min(kept[0], day), max(kept[1], day)] if kept else [day, day]
     for account, tables in ranges.items():
         moments = [moment for moment, _ in snapshot.daily.get(account, ())]
         if account in state:  # the account's own snapshot, as of the state applied
@@ -194,9 +197,10 @@ def statement_ranges(
 
 def statement_counts(ranges: dict[str, dict[str, list[str] | None]]) -> dict[str, dict[str, int]]:
     """The rows stored now in `statement_ranges`' ranges, per account: its open
-    positions; its ledger rows of each kind dated in the range (or undated); its account
-    snapshots taken in the range. A statement applied again is taken for unchanged only
-    while these are as its write left them (`services._applied_statement`)."""
+    positions and its cash balances; its ledger rows of each kind dated in the range (or
+    undated); its account snapshots taken in the range. A statement applied again is
+    taken for unchanged only while these are as its write left them
+    (`services._applied_statement`)."""
     Account = conf.account_model()
     storable = [a for a in ranges if is_storable_account_id(a)]
     pks = dict(
@@ -215,6 +219,8 @@ def statement_counts(ranges: dict[str, dict[str, list[str] | None]]) -> dict[str
             elif table == "positions":
                 rows = conf.position_model().objects.filter(account_id=pk, closed_at__isnull=True)
                 counted[table] = rows.count()
+            elif table == "cash":
+                counted[table] = conf.cash_balance_model().objects.filter(account_id=pk).count()
             elif table == "snapshots":
                 low, high = (dt.datetime.fromisoformat(b) for b in bounds)
                 rows = conf.account_snapshot_model().objects.filter(
@@ -223,8 +229,10 @@ def statement_counts(ranges: dict[str, dict[str, list[str] | None]]) -> dict[str
                 counted[table] = rows.count()
             elif table in ledger:
                 column = LEDGER_DATES[table]
-                low, high = (dt.date.fromisoformat(b) for b in bounds)
-                dated = Q(**{f"{column}__range": (low, high)}) | Q(**{f"{column}__isnull": True})
+                dated = Q(**{f"{column}__isnull": True})
+                if bounds:
+                    low, high = (dt.date.fromisoformat(b) for b in bounds)
+                    dated |= Q(**{f"{column}__range": (low, high)})
                 rows = ledger[table]._default_manager.filter(dated, account_id=pk)
                 counted[table] = rows.count()
             else:  # a kind the host no longer keeps: another mapping, never the same
