@@ -61,6 +61,7 @@ from .writer import (
     statement_counts,
     statement_ranges,
     stored_digests,
+    touch_accounts,
 )
 
 logger = logging.getLogger(__name__)
@@ -661,6 +662,8 @@ def _write_repeat(snapshot: Snapshot, run: SyncRun, dry_run: bool, state: bool) 
         return written
     with transaction.atomic(durable=True):
         lock.bound_transaction()
+        if state:  # its accounts were synced, as a full read stamps them
+            touch_accounts(written.accounts, timezone.now())
         for kind in KINDS:
             setattr(run, kind, written.total(kind))
         run.status = SyncRun.Status.SUCCESS

@@ -37,6 +37,7 @@ moment (a host's fake) is taken as of the write.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import itertools
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -45,7 +46,7 @@ from decimal import Context, Decimal
 from typing import Any
 
 from django.db import connection
-from django.db.models import Count, Q
+from django.db.models import Count, Max, Q
 from django.utils import timezone
 
 from . import bulk, conf
@@ -195,12 +196,15 @@ def statement_ranges(
     }
 
 
-def statement_counts(ranges: dict[str, dict[str, list[str] | None]]) -> dict[str, dict[str, int]]:
-    """The rows stored now in `statement_ranges`' ranges, per account: its open
-    positions and its cash balances; its ledger rows of each kind dated in the range (or
-    undated); its account snapshots taken in the range. A statement applied again is
-    taken for unchanged only while these are as its write left them
-    (`services._applied_statement`)."""
+def statement_counts(ranges: dict[str, dict[str, list[str] | None]]) -> dict[str, dict[str, Any]]:
+    """What is stored now in `statement_ranges`' ranges, per account: a digest of every
+    column of its open positions, of its cash balances and of its account snapshots
+    taken in the range (a few rows each); of its ledger rows of each kind dated in the
+    range (or undated), how many and when the last of them changed (`updated_at`, where
+    the model has it: the ledger is 100,000s of rows, read whole only by a full import).
+    A statement applied again is taken for unchanged only while these are as its write
+    left them (`services._applied_statement`): a row deleted, added, or edited through
+    the ORM since makes it read whole again."""
     Account = conf.account_model()
     storable = [a for a in ranges if is_storable_account_id(a)]
     pks = dict(
@@ -209,7 +213,7 @@ def statement_counts(ranges: dict[str, dict[str, list[str] | None]]) -> dict[str
         )
     )
     ledger = conf.ledger_models()
-    counts: dict[str, dict[str, int]] = {}
+    counts: dict[str, dict[str, Any]] = {}
     for account, tables in ranges.items():
         pk = pks.get(account)
         counted = counts[account] = {}
@@ -217,27 +221,48 @@ def statement_counts(ranges: dict[str, dict[str, list[str] | None]]) -> dict[str
             if pk is None:
                 counted[table] = 0
             elif table == "positions":
-                rows = conf.position_model().objects.filter(account_id=pk, closed_at__isnull=True)
-                counted[table] = rows.count()
+                counted[table] = _rows_digest(
+                    conf.position_model().objects.filter(account_id=pk, closed_at__isnull=True)
+                )
             elif table == "cash":
-                counted[table] = conf.cash_balance_model().objects.filter(account_id=pk).count()
+                counted[table] = _rows_digest(
+                    conf.cash_balance_model().objects.filter(account_id=pk)
+                )
             elif table == "snapshots":
                 low, high = (dt.datetime.fromisoformat(b) for b in bounds)
-                rows = conf.account_snapshot_model().objects.filter(
-                    account_id=pk, taken_at__range=(low, high)
+                counted[table] = _rows_digest(
+                    conf.account_snapshot_model().objects.filter(
+                        account_id=pk, taken_at__range=(low, high)
+                    )
                 )
-                counted[table] = rows.count()
             elif table in ledger:
+                model = ledger[table]
                 column = LEDGER_DATES[table]
                 dated = Q(**{f"{column}__isnull": True})
                 if bounds:
                     low, high = (dt.date.fromisoformat(b) for b in bounds)
                     dated |= Q(**{f"{column}__range": (low, high)})
-                rows = ledger[table]._default_manager.filter(dated, account_id=pk)
-                counted[table] = rows.count()
+                rows = model._default_manager.filter(dated, account_id=pk).order_by()
+                figures = {"n": Count("pk")}
+                if any(f.name == "updated_at" for f in model._meta.concrete_fields):
+                    figures["changed"] = Max("updated_at")
+                found = rows.aggregate(**figures)
+                changed = found.get("changed")
+                counted[table] = [found["n"], changed.isoformat() if changed else None]
             else:  # a kind the host no longer keeps: another mapping, never the same
                 counted[table] = -1
     return counts
+
+
+def _rows_digest(rows: Any) -> str:
+    """A digest of every column of `rows` (in pk order), and how many."""
+    columns = [field.attname for field in rows.model._meta.concrete_fields]
+    digest = hashlib.blake2b(digest_size=16)
+    n = 0
+    for row in rows.order_by("pk").values_list(*columns).iterator(chunk_size=2000):
+        digest.update(repr(row).encode())
+        n += 1
+    return f"{n}:{digest.hexdigest()}"
 
 
 def reported_moments(run: SyncRun, account_ids: Iterable[str]) -> dict[str, dt.datetime]:
@@ -943,6 +968,14 @@ def _upsert_accounts(account_ids: Sequence[str], now: dt.datetime) -> dict[str, 
     accounts.update((external_id, pk) for (_, external_id), pk in created.items())
     Account.objects.filter(pk__in=accounts.values()).update(**touched(Account, last_synced_at=now))
     return accounts
+
+
+def touch_accounts(account_ids: Sequence[str], now: dt.datetime) -> None:
+    """Stamp stored accounts as synced at `now` (a read found them as they are)."""
+    Account = conf.account_model()
+    Account.objects.filter(broker=BROKER, external_id__in=list(account_ids)).update(
+        **touched(Account, last_synced_at=now)
+    )
 
 
 def _upsert_instruments(

@@ -119,8 +119,11 @@ def test_the_same_statement_again_is_not_read_again_and_reports_what_a_full_read
     assert run.status == "success" and run.statement["repeats"] == full.sync_run_id
     assert (run.unchanged, run.created, run.period_from, run.period_to) == (2, 0, START, END)
     assert (Trade().objects.count(), conf.account_snapshot_model().objects.count()) == counts
-    # The account's report is the full read's: nothing was written.
+    # The account's report is the full read's: nothing was written but the account's
+    # stamp, synced now.
     assert AccountReport.objects.get(external_id=ACCOUNT).sync_run_id == full.sync_run_id
+    account = conf.account_model().objects.get(external_id=ACCOUNT)
+    assert account.last_synced_at >= run.started_at
     # And again: a repeat of a repeat names the run that applied it.
     third = sync()
     assert SyncRun.objects.get(pk=third.sync_run_id).statement["repeats"] == full.sync_run_id

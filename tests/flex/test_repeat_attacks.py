@@ -118,13 +118,22 @@ def test_an_undated_ledger_row_deleted_since_is_written_again(service):  # noqa:
 
 
 def _edit_trade(day: dt.date) -> None:
-    Trade().objects.update(price=Decimal("99"))
+    trade = Trade().objects.get()
+    trade.price = Decimal("99")
+    trade.save()
 
 
 def _replace_trade(day: dt.date) -> None:
     # The statement's trade gone, another of the same account and day in its place (as
     # many rows as the statement left).
-    Trade().objects.update(external_id="entered-by-hand")
+    trade = Trade().objects.get()
+    trade.delete()
+    trade.pk, trade.external_id = None, "entered-by-hand"
+    trade.save()
+
+
+def _update_trade(day: dt.date) -> None:
+    Trade().objects.update(price=Decimal("99"))
 
 
 def _edit_period_end(day: dt.date) -> None:
@@ -147,18 +156,33 @@ def _restored(day: dt.date) -> bool:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "a repeat is decided on how many rows the statement left in its ranges, not on "
-        "their content: a row edited, or deleted and replaced by another, since is not "
-        "seen, while a full read writes it again"
-    ),
-)
 @pytest.mark.parametrize(
     "edit",
-    [_edit_trade, _replace_trade, _edit_period_end, _edit_cash],
-    ids=["trade-edited", "trade-replaced", "period-end-snapshot-edited", "cash-edited"],
+    [
+        _edit_trade,
+        _replace_trade,
+        _edit_period_end,
+        _edit_cash,
+        pytest.param(
+            _update_trade,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason=(
+                    "a ledger row is compared by how many rows the statement's range "
+                    "holds and when the last changed (updated_at), not read whole: an "
+                    "UPDATE that bypasses updated_at is not seen (the admin and the API "
+                    "never edit the ledger)"
+                ),
+            ),
+        ),
+    ],
+    ids=[
+        "trade-saved",
+        "trade-replaced",
+        "period-end-snapshot-updated",
+        "cash-updated",
+        "trade-updated-in-sql",
+    ],
 )
 def test_a_row_edited_since_is_written_again(service, edit):  # noqa: F811
     service.add_statement(QUERY, regenerated)
