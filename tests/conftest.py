@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 from collections.abc import Iterator
@@ -45,6 +46,42 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
         return (yield)
     finally:
         _running.update(test=None, allowed=True, started=[])
+
+
+# --- a second run on another database: only the tests a database can change ---------------
+
+#: The fixtures through which a test reaches the database (pytest-django refuses any
+#: other access).
+_DATABASE_FIXTURES = frozenset(
+    {
+        "db",
+        "transactional_db",
+        "django_db_reset_sequences",
+        "django_db_serialized_rollback",
+        "live_server",
+    }
+)
+
+
+def uses_a_database(item: pytest.Item) -> bool:
+    """Whether a test can reach a database: through pytest-django (its marker, or a
+    fixture that needs one), or through a process it starts (the `processes` and
+    `browser` markers: an unmarked test that starts one fails). Every other test runs
+    the same whatever DATABASE_URL names."""
+    if any(item.get_closest_marker(name) for name in ("django_db", "processes", "browser")):
+        return True
+    return bool(_DATABASE_FIXTURES & set(getattr(item, "fixturenames", ())))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """IBKR_TESTS_DATABASE_ONLY=1 (CI's run on its second database) leaves out the tests
+    that reach no database: they ran, the same, on the first."""
+    if os.environ.get("IBKR_TESTS_DATABASE_ONLY") != "1":
+        return
+    kept = [item for item in items if uses_a_database(item)]
+    if len(kept) != len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+        items[:] = kept
 
 
 @pytest.fixture(autouse=True)
