@@ -74,11 +74,15 @@ def uses_a_database(item: pytest.Item) -> bool:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """IBKR_TESTS_DATABASE_ONLY=1 (CI's run on its second database) leaves out the tests
-    that reach no database: they ran, the same, on the first."""
+    """IBKR_TESTS_DATABASE_ONLY=1 (CI's run on its second database) leaves out what ran,
+    the same, on the first: the tests that reach no database, and the browser tests (a
+    page's layout and scripts in Chromium; the views behind them, their queries
+    included, are the admin tests', which run on every database)."""
     if os.environ.get("IBKR_TESTS_DATABASE_ONLY") != "1":
         return
-    kept = [item for item in items if uses_a_database(item)]
+    kept = [
+        item for item in items if uses_a_database(item) and not item.get_closest_marker("browser")
+    ]
     if len(kept) != len(items):
         config.hook.pytest_deselected(items=[item for item in items if item not in kept])
         items[:] = kept
