@@ -10,11 +10,12 @@ transaction: refused.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -150,17 +151,22 @@ def sync_positions(
     back and deletes its SyncRun row: the result says what a sync would change now.
     """
     _refuse_inside_a_transaction()
+    with _unavailable_says("nothing was changed", "sync again"), lock.bounded_waits():
+        target = connections.resolve(connection)
+        return _sync_positions(account_id, trigger, user, gateway, dry_run, progress, target)
+
+
+@contextlib.contextmanager
+def _unavailable_says(outcome: str, retry: str) -> Iterator[None]:
+    """A database that is down, unreachable, out of storage, read-only, locked or not
+    migrated, met in the block, is `DatabaseUnavailable` saying which, what became of the
+    work (`outcome`) and what to do (`retry`); any other database error is raised as it is."""
     try:
-        with lock.bounded_waits():
-            target = connections.resolve(connection)
-            return _sync_positions(account_id, trigger, user, gateway, dry_run, progress, target)
+        yield
     except (DatabaseError, InterfaceError) as exc:
         if not is_unavailable(exc):
             raise
-        # Down, unreachable, out of storage, read-only, locked, not migrated: say which.
-        raise DatabaseUnavailable(
-            unavailable_message(exc, outcome="nothing was changed", retry="sync again")
-        ) from exc
+        raise DatabaseUnavailable(unavailable_message(exc, outcome=outcome, retry=retry)) from exc
 
 
 def queues() -> bool:
@@ -186,7 +192,7 @@ def queue_sync(
     `QueueUnavailable` when the queue refuses the task (the run is then failed)."""
     if account_id is not None:
         account_id = normalize_account_id(account_id)
-    try:
+    with _unavailable_says("nothing was queued", "sync again"):
         target = connections.resolve(connection)
         with lock.bounded_statements():
             run = SyncRun.objects.create(
@@ -202,12 +208,6 @@ def queue_sync(
             )
             # The database's clock, as every time of a run.
             SyncRun.objects.filter(pk=run.pk).update(queued_at=Now(), started_at=Now())
-    except (DatabaseError, InterfaceError) as exc:
-        if not is_unavailable(exc):
-            raise
-        raise DatabaseUnavailable(
-            unavailable_message(exc, outcome="nothing was queued", retry="sync again")
-        ) from exc
     run.refresh_from_db()
     kind = Connection.Kind.TWS if target.connection is None else target.connection.kind
     transaction.on_commit(functools.partial(_dispatch, run, kind))
@@ -227,32 +227,25 @@ def queue_scheduled(connection_id: int) -> SyncRun | None:
     (`_hold_for_queueing`), so two beats firing the same schedule at the same moment
     (two beat processes, a beat restarted) queue it once: the second decides on what the
     first committed. The task is sent once that transaction commits."""
-    try:
-        with transaction.atomic():
-            row = _hold_for_queueing(connection_id)
-            waiting = (
-                SyncRun.objects.filter(
-                    lock_key=row.lock_key,
-                    status__in=(SyncRun.Status.QUEUED, SyncRun.Status.RUNNING),
-                )
-                .order_by("pk")
-                .values_list("pk", "status")
-                .first()
+    with _unavailable_says("nothing was queued", "sync again"), transaction.atomic():
+        row = _hold_for_queueing(connection_id)
+        waiting = (
+            SyncRun.objects.filter(
+                lock_key=row.lock_key,
+                status__in=(SyncRun.Status.QUEUED, SyncRun.Status.RUNNING),
             )
-            if waiting is not None:
-                logger.info(
-                    "IBKR sync of connection %s not queued by its schedule: #%s is %s already",
-                    row.name,
-                    *waiting,
-                )
-                return None
-            return queue_sync(trigger=SyncRun.Trigger.SCHEDULE, connection=row)
-    except (DatabaseError, InterfaceError) as exc:
-        if not is_unavailable(exc):
-            raise
-        raise DatabaseUnavailable(
-            unavailable_message(exc, outcome="nothing was queued", retry="sync again")
-        ) from exc
+            .order_by("pk")
+            .values_list("pk", "status")
+            .first()
+        )
+        if waiting is not None:
+            logger.info(
+                "IBKR sync of connection %s not queued by its schedule: #%s is %s already",
+                row.name,
+                *waiting,
+            )
+            return None
+        return queue_sync(trigger=SyncRun.Trigger.SCHEDULE, connection=row)
 
 
 def _hold_for_queueing(connection_id: int) -> Connection:
@@ -300,35 +293,28 @@ def run_queued(sync_run_id: int, progress: Progress | None = None) -> SyncResult
     A sync refused the lock fails the row as `sync_already_running`; every failure is
     recorded in the row and raised, as by `sync_positions`."""
     _refuse_inside_a_transaction()
-    try:
-        with lock.bounded_waits():
-            run = (
-                SyncRun.objects.select_related("user", "connection")
-                .filter(pk=sync_run_id, status=SyncRun.Status.QUEUED)
-                .first()
-            )
-            if run is None:
-                logger.info("IBKR sync #%s is not queued (any more): not run", sync_run_id)
-                return None
-            try:
-                target = _queued_target(run)
-            except IbkrSyncError as exc:
-                lock.fail_queued(run, exc.code, str(exc))
-                raise
-            try:
-                return _sync_positions(
-                    run.account_filter or None, run.trigger, run.user, None, False, progress,
-                    target, queued=run,
-                )  # fmt: skip
-            except lock.QueuedRunTaken:
-                logger.info("IBKR sync #%s was taken by another worker: not run", sync_run_id)
-                return None
-    except (DatabaseError, InterfaceError) as exc:
-        if not is_unavailable(exc):
+    with _unavailable_says("nothing was changed", "sync again"), lock.bounded_waits():
+        run = (
+            SyncRun.objects.select_related("user", "connection")
+            .filter(pk=sync_run_id, status=SyncRun.Status.QUEUED)
+            .first()
+        )
+        if run is None:
+            logger.info("IBKR sync #%s is not queued (any more): not run", sync_run_id)
+            return None
+        try:
+            target = _queued_target(run)
+        except IbkrSyncError as exc:
+            lock.fail_queued(run, exc.code, str(exc))
             raise
-        raise DatabaseUnavailable(
-            unavailable_message(exc, outcome="nothing was changed", retry="sync again")
-        ) from exc
+        try:
+            return _sync_positions(
+                run.account_filter or None, run.trigger, run.user, None, False, progress,
+                target, queued=run,
+            )  # fmt: skip
+        except lock.QueuedRunTaken:
+            logger.info("IBKR sync #%s was taken by another worker: not run", sync_run_id)
+            return None
 
 
 def _queued_target(run: SyncRun) -> connections.Target:
@@ -745,47 +731,40 @@ def sync_period(
     reads no period (a TWS gateway), and what `sync_positions` raises for its arguments.
     """
     _refuse_inside_a_transaction()
-    try:
-        with lock.bounded_waits():
-            target = connections.resolve(connection)
-            if target.kind != Connection.Kind.FLEX:
-                raise InvalidPeriod(
-                    f"{target.label.capitalize()} reads a gateway's positions as they are "
-                    "now: only a Flex connection reads a period (--from); nothing was written."
+    with _unavailable_says("nothing was changed", "sync again"), lock.bounded_waits():
+        target = connections.resolve(connection)
+        if target.kind != Connection.Kind.FLEX:
+            raise InvalidPeriod(
+                f"{target.label.capitalize()} reads a gateway's positions as they are "
+                "now: only a Flex connection reads a period (--from); nothing was written."
+            )
+        source = target.source(progress)
+        windows = source.windows(from_date, to_date)
+        outcomes: list[WindowOutcome] = []
+        for index, window in enumerate(windows):
+            last = index == len(windows) - 1
+            try:
+                result = _sync_positions(
+                    account_id, trigger, user, source, dry_run, progress, target,
+                    period=window, state=last,
+                )  # fmt: skip
+                outcome = WindowOutcome(*window, result=result)
+            except IbkrSyncError as exc:
+                outcome = WindowOutcome(*window, error=exc)
+            except (DatabaseError, InterfaceError) as exc:
+                if not is_unavailable(exc):
+                    raise
+                message = unavailable_message(
+                    exc, outcome="this window was not written", retry="back-fill again"
                 )
-            source = target.source(progress)
-            windows = source.windows(from_date, to_date)
-            outcomes: list[WindowOutcome] = []
-            for index, window in enumerate(windows):
-                last = index == len(windows) - 1
-                try:
-                    result = _sync_positions(
-                        account_id, trigger, user, source, dry_run, progress, target,
-                        period=window, state=last,
-                    )  # fmt: skip
-                    outcome = WindowOutcome(*window, result=result)
-                except IbkrSyncError as exc:
-                    outcome = WindowOutcome(*window, error=exc)
-                except (DatabaseError, InterfaceError) as exc:
-                    if not is_unavailable(exc):
-                        raise
-                    message = unavailable_message(
-                        exc, outcome="this window was not written", retry="back-fill again"
-                    )
-                    error = DatabaseUnavailable(message)
-                    outcome = WindowOutcome(*window, error=error)
-                outcomes.append(outcome)
-                if on_window is not None:
-                    on_window(outcome)
-                if outcome.error is not None:
-                    return BackfillResult(target.name, outcomes, windows[index + 1 :])
-            return BackfillResult(target.name, outcomes)
-    except (DatabaseError, InterfaceError) as exc:
-        if not is_unavailable(exc):
-            raise
-        raise DatabaseUnavailable(
-            unavailable_message(exc, outcome="nothing was changed", retry="sync again")
-        ) from exc
+                error = DatabaseUnavailable(message)
+                outcome = WindowOutcome(*window, error=error)
+            outcomes.append(outcome)
+            if on_window is not None:
+                on_window(outcome)
+            if outcome.error is not None:
+                return BackfillResult(target.name, outcomes, windows[index + 1 :])
+        return BackfillResult(target.name, outcomes)
 
 
 def _hold_connection(target: connections.Target) -> str:
