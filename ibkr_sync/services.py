@@ -21,6 +21,7 @@ from typing import Any, Protocol, TypeVar
 
 from django.db import (
     DatabaseError,
+    IntegrityError,
     InterfaceError,
     connection,
     transaction,
@@ -195,24 +196,33 @@ def queue_sync(
     with _unavailable_says("nothing was queued", "sync again"):
         target = connections.resolve(connection)
         with lock.bounded_statements():
-            run = SyncRun.objects.create(
-                status=SyncRun.Status.QUEUED,
-                trigger=trigger,
-                user=user if getattr(user, "is_authenticated", False) else None,
-                connection=target.connection,
-                connection_name=target.name,
-                lock_key=DEFAULT_LOCK_KEY
-                if target.connection is None
-                else target.connection.lock_key,
-                account_filter=account_id or "",
-            )
+            run = SyncRun.objects.create(**_queued_row(target, trigger, user, account_id))
             # The database's clock, as every time of a run.
             SyncRun.objects.filter(pk=run.pk).update(queued_at=Now(), started_at=Now())
     run.refresh_from_db()
+    _send_when_committed(run, target)
+    return run
+
+
+def _queued_row(target: connections.Target, trigger: str, user: Any, account_id: str | None):
+    """The fields of a `queued` run of `target` (its times are set by the database)."""
+    return {
+        "status": SyncRun.Status.QUEUED,
+        "trigger": trigger,
+        "user": user if getattr(user, "is_authenticated", False) else None,
+        "connection": target.connection,
+        "connection_name": target.name,
+        "lock_key": DEFAULT_LOCK_KEY if target.connection is None else target.connection.lock_key,
+        "account_filter": account_id or "",
+    }
+
+
+def _send_when_committed(run: SyncRun, target: connections.Target) -> None:
+    """Hand queued `run` to the queue once the current transaction commits (at once outside
+    one); raises `QueueUnavailable` when the queue refuses it then."""
     kind = Connection.Kind.TWS if target.connection is None else target.connection.kind
     transaction.on_commit(functools.partial(_dispatch, run, kind))
-    logger.info("IBKR sync queued %s", _fields({"run": run.pk, "trigger": trigger}))
-    return run
+    logger.info("IBKR sync queued %s", _fields({"run": run.pk, "trigger": run.trigger}))
 
 
 def queue_scheduled(connection_id: int) -> SyncRun | None:
@@ -845,9 +855,45 @@ class QueuedOutcome:
 
 
 def queue_all(*, trigger: str, user: Any = None) -> list[QueuedOutcome]:
-    """Queue a sync of every enabled connection (`queue_sync` each, in name order; the
-    settings' gateway when no connection is configured): one refused queues the others
-    all the same."""
+    """Queue a sync of every enabled connection, in name order (the settings' gateway when
+    no connection is configured), as `queue_sync` queues one: one the queue refuses is
+    failed alone (`QueueUnavailable` in its outcome), the others are queued all the same.
+
+    Their rows are recorded together, in one transaction of three statements whatever
+    their number (a hundred connections queue in a few milliseconds, not one round of
+    queries each, which the workers already running the first syncs would wait for), and
+    each is handed to the queue once that commits. A database that cannot return the ids
+    of a bulk insert, or a connection removed while its row was inserted, queues them one
+    by one (`queue_sync` each) instead."""
+    if not connection.features.can_return_rows_from_bulk_insert:
+        return _queue_each(trigger, user)
+    with _unavailable_says("nothing was queued", "sync again"):
+        targets = connections.enabled_targets()
+        try:
+            # Writes first: on SQLite the transaction takes the write lock at once.
+            with lock.bounded_statements(), transaction.atomic():
+                runs = SyncRun.objects.bulk_create(
+                    SyncRun(**_queued_row(target, trigger, user, None)) for target in targets
+                )
+                ids = [run.pk for run in runs]
+                SyncRun.objects.filter(pk__in=ids).update(queued_at=Now(), started_at=Now())
+        except IntegrityError:
+            return _queue_each(trigger, user)
+        stored = SyncRun.objects.select_related("user", "connection").in_bulk(ids)
+    outcomes = []
+    for pk, target in zip(ids, targets, strict=True):
+        run = stored[pk]
+        try:
+            _send_when_committed(run, target)
+        except QueueUnavailable as exc:
+            outcomes.append(QueuedOutcome(target.name, error=exc))
+        else:
+            outcomes.append(QueuedOutcome(target.name, run))
+    return outcomes
+
+
+def _queue_each(trigger: str, user: Any) -> list[QueuedOutcome]:
+    """`queue_all` one connection at a time."""
     return _each_enabled(
         lambda target: queue_sync(trigger=trigger, user=user, connection=target.connection),
         QueuedOutcome,

@@ -158,3 +158,104 @@ def test_without_queue_the_command_syncs_here_even_with_the_queue_configured(
     assert out.startswith(f"IBKR sync #{run.pk}: 2 positions")
     assert (run.status, run.queued_at) == ("success", None)
     assert task_queue.dbsize() == 0
+
+
+def connections_named(*names: str) -> list[Connection]:
+    return [
+        Connection.objects.create(name=name, port=4001 + i, client_id=1 + i)
+        for i, name in enumerate(names)
+    ]
+
+
+def queued_by_queue_all(connection_names: list[str]) -> tuple[list, int]:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from ibkr_sync import services
+
+    with CaptureQueriesContext(connection) as queries:
+        outcomes = services.queue_all(trigger=SyncRun.Trigger.COMMAND)
+    assert [o.connection for o in outcomes] == connection_names
+    return outcomes, len(queries)
+
+
+def test_queue_all_records_every_run_together_in_queries_that_do_not_grow(task_queue):
+    few = [f"few{i}" for i in range(3)]
+    connections_named(*few)
+    _, queries_for_three = queued_by_queue_all(few)
+
+    Connection.objects.all().delete()
+    SyncRun.objects.all().delete()
+    task_queue.flushdb()
+    many = [f"gw{i:02d}" for i in range(30)]
+    connections_named(*many)
+    outcomes, queries_for_thirty = queued_by_queue_all(many)
+
+    assert queries_for_thirty == queries_for_three
+    runs = SyncRun.objects.in_bulk([o.run.pk for o in outcomes])
+    for outcome in outcomes:
+        run = runs[outcome.run.pk]
+        assert outcome.error is None and outcome.run.pk == run.pk
+        assert (run.status, run.trigger, run.connection_name) == (
+            "queued",
+            "command",
+            outcome.connection,
+        )
+        assert run.connection.name == outcome.connection
+        assert run.lock_key == run.connection.lock_key and run.account_filter == ""
+        assert run.queued_at is not None and run.queued_at == run.started_at
+        assert outcome.run.queued_at == run.queued_at  # the database's time, read back
+    assert sent(task_queue, "ibkr_sync.gateway") == [
+        ("ibkr_sync.sync_connection", [o.run.pk]) for o in outcomes
+    ]
+
+
+def test_queue_all_with_a_connection_removed_meanwhile_queues_the_others_one_by_one(
+    task_queue, monkeypatch
+):
+    from ibkr_sync import connections, services
+
+    connections_named("alpha", "beta", "gamma")
+    listed = connections.enabled_targets()  # read before beta is removed
+    Connection.objects.filter(name="beta").delete()
+    monkeypatch.setattr(connections, "enabled_targets", lambda: listed)
+
+    outcomes = services.queue_all(trigger=SyncRun.Trigger.COMMAND)
+
+    assert [(o.connection, o.error.code if o.error else None) for o in outcomes] == [
+        ("alpha", None),
+        ("beta", "unknown_connection"),
+        ("gamma", None),
+    ]
+    runs = list(SyncRun.objects.order_by("pk").values_list("connection_name", "status"))
+    assert runs == [("alpha", "queued"), ("gamma", "queued")]  # the bulk insert left nothing
+    assert [args for _, args in sent(task_queue, "ibkr_sync.gateway")] == [
+        [outcomes[0].run.pk],
+        [outcomes[2].run.pk],
+    ]
+
+
+def test_queue_all_fails_alone_the_run_the_queue_refuses(task_queue, monkeypatch):
+    from ibkr_sync import services, tasks
+
+    connections_named("alpha", "beta", "gamma")
+    send = tasks.enqueue
+
+    def refuse_beta(sync_run_id: int, kind: str) -> None:
+        if SyncRun.objects.get(pk=sync_run_id).connection_name == "beta":
+            raise ConnectionRefusedError("the broker closed the connection")
+        send(sync_run_id, kind)
+
+    monkeypatch.setattr(tasks, "enqueue", refuse_beta)
+
+    outcomes = services.queue_all(trigger=SyncRun.Trigger.COMMAND)
+
+    assert [(o.connection, o.error.code if o.error else None) for o in outcomes] == [
+        ("alpha", None),
+        ("beta", "queue_unavailable"),
+        ("gamma", None),
+    ]
+    statuses = dict(SyncRun.objects.values_list("connection_name", "status"))
+    assert statuses == {"alpha": "queued", "beta": "failed", "gamma": "queued"}
+    assert "Is its broker running?" in str(outcomes[1].error)
+    assert len(sent(task_queue, "ibkr_sync.gateway")) == 2
