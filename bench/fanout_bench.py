@@ -157,7 +157,7 @@ class Workers:
     """W `celery -A portfolio_site worker --concurrency 1`, each in a process group of its
     own, their logs in files."""
 
-    def __init__(self, count: int, env: dict[str, str], logs: Path) -> None:
+    def __init__(self, count: int, env: dict[str, str], logs: Path, pool: str) -> None:
         self.processes: list[subprocess.Popen] = []
         self.logs = [logs / f"worker{i}.log" for i in range(count)]
         for i, log in enumerate(self.logs):
@@ -175,6 +175,8 @@ class Workers:
                             "INFO",
                             "--concurrency",
                             "1",
+                            "--pool",
+                            pool,
                             "--hostname",
                             f"fanout{i}@%h",
                             "--without-gossip",
@@ -297,7 +299,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
               file=sys.stderr)  # fmt: skip
         silent = SilentGateway()
         return run_phases(args, env, workdir, simulators, silent, lambda: Workers(
-            args.workers, env, workdir))  # fmt: skip
+            args.workers, env, workdir, args.pool))  # fmt: skip
     finally:
         if simulators is not None:
             simulators.stop()
@@ -483,6 +485,13 @@ def main() -> None:
     parser.add_argument("--positions", type=int, default=500, help="M positions each")
     parser.add_argument("--accounts", type=int, default=1, help="accounts per connection")
     parser.add_argument("--workers", type=int, default=4, help="W worker processes")
+    parser.add_argument(
+        "--pool",
+        default="prefork",
+        choices=("prefork", "solo"),
+        help="each worker's pool (prefork: a parent and its child process; "
+        "solo: the task runs in the worker's own process)",
+    )
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379")
     parser.add_argument("--redis-db", type=int, default=6, help="an empty Redis database")
     parser.add_argument("--database-url", help="PostgreSQL server (default: a SQLite file)")
