@@ -209,6 +209,30 @@ def test_a_cancelled_trade_is_not_counted(client, story):
     assert aapl["explained"] is False  # 2 of the 5
 
 
+def test_a_trade_ibkr_cancelled_by_a_row_of_its_own_nets_to_nothing(client, story):
+    """IBKR cancels an execution with a row of its own (its own transaction id, notes
+    `Ca`, the original's side, the quantity reversed: `BUY (Ca.)`, -4), the original
+    left as it was: the purchase and its reversal add up to nothing, and the change is
+    still explained by the trades that made it."""
+    a, aapl = story["aapl"].account, story["aapl"].instrument
+    trade(a, aapl, "T11", "4", "163", moment=at(8))
+    Trade.objects.create(
+        broker="ibkr", account=a, instrument=aapl, external_id="T11-Ca",
+        trade_date=dt.date(2025, 6, 1), traded_at=at(9), buy_sell="BUY",
+        quantity=Decimal("-4"), price=Decimal("163"), currency="USD", cancelled=True,
+    )  # fmt: skip
+
+    aapl_change = changes(as_of(client, at(30)))["U1111111 AAPL"]
+
+    assert aapl_change["trades"] == [
+        listed("T2", "2025-06-01", "BUY", "3", "160", iso(at(5))),
+        listed("T11", "2025-06-01", "BUY", "4", "163", iso(at(8))),
+        listed("T11-Ca", "2025-06-01", "BUY", "-4", "163", iso(at(9))),
+        listed("T3", "2025-06-01", "BUY", "2", "158.25"),
+    ]
+    assert aapl_change["explained"] is True  # 3 + 4 - 4 + 2 = 15 - 10
+
+
 def test_the_trades_listed_are_capped_and_the_sum_counts_them_all(client):
     a, aapl = account(), instrument(1, "AAPL")
     held = position(a, aapl, "55", "1", opened_at=at(1))

@@ -13,10 +13,11 @@ next one after the day ends. A row with neither is left out: it cannot be placed
 
 A change's trades: the ledger's trades of the position's account and instrument (the
 same instrument row, matched on its foreign key, as a sync maps a trade's contract id to
-it), not cancelled, that happened after the position's previous change took effect
-(ever before, for its first change) and at or before this one did; oldest first (then by
-id). `explained`: their quantities add up (exact decimals) to the change's quantity
-after minus before (a quantity not held counting as zero). A cash flow of a point: the
+it), not cancelled (IBKR's own cancellation rows count: `COUNTED`), that happened after
+the position's previous change took effect (ever before, for its first change) and at or
+before this one did; oldest first (then by id). `explained`: their quantities add up
+(exact decimals) to the change's quantity after minus before (a quantity not held
+counting as zero). A cash flow of a point: the
 account's cash transactions after the account's previous point and at or before this
 one, summed per kind and currency.
 
@@ -46,6 +47,18 @@ STATEMENT_ZONE = ZoneInfo("America/New_York")
 END_OF_DAY = dt.time(23, 59, 59)
 #: The most trades listed with one change: a page stays bounded, whatever the ledger.
 TRADES_PER_CHANGE = 50
+
+
+#: The trades that count: those not cancelled, and IBKR's cancellations. IBKR cancels an
+#: execution with a row of its own (notes `Ca`, its own transaction id, the original's
+#: side with the quantity reversed: `BUY (Ca.)`, -10), leaving the original as it was:
+#: the two add up to nothing. A row marked cancelled whose quantity has its side's sign
+#: is a cancelled execution itself (IBKR corrected the row): it does not count.
+COUNTED = (
+    Q(cancelled=False)
+    | Q(cancelled=True, buy_sell="BUY", quantity__lt=0)
+    | Q(cancelled=True, buy_sell="SELL", quantity__gt=0)
+)
 
 
 def day_end(day: dt.date) -> dt.datetime:
@@ -117,7 +130,7 @@ def explain_changes(positions: Sequence, user) -> None:
     earliest = None if None in starts else min(starts)
     trades = model.objects.filter(
         _between("trade_date", earliest, max(c.at for c in changes), moment="traded_at"),
-        cancelled=False,
+        COUNTED,
         account_id__in={p.account_id for p in changed},
         instrument_id__in={p.instrument_id for p in changed},
     ).only(
