@@ -504,3 +504,59 @@ def test_a_user_sees_only_the_trades_and_cash_of_accounts_they_may_see(
             ]
         else:
             assert response.status_code == 404
+
+
+# --- exact decimals ----------------------------------------------------------------------------
+
+WIDE = "1234567890123456789.0123456789"  # 29 digits: a column holds 30, arithmetic keeps 28
+
+
+@pytest.fixture
+def wide_decimals():
+    if connection.vendor == "sqlite":
+        pytest.skip("SQLite keeps 15 significant digits of a decimal (a float)")
+
+
+def test_a_change_is_explained_by_the_exact_sum_of_its_trades(client, wide_decimals):
+    """The quantities are added and compared with every digit the columns hold: a change
+    one ten-billionth away from its trades' sum is not explained."""
+    a, big = account(), instrument(1, "BIG")
+    held = position(a, big, WIDE, "1", opened_at=at(1))
+    change(sync_run(at(2)), held, "created", after=(WIDE, "1"))
+    trade(a, big, "W1", WIDE[:-1] + "8", "1", moment=at(0.5))
+    trade(a, big, "W2", "0.0000000002", "1", moment=at(0.75))  # 8 + 2 = 10: one too many
+
+    row = changes(as_of(client, at(3)))["U1111111 BIG"]
+
+    assert [t["quantity"] for t in row["trades"]] == [WIDE[:-1] + "8", "0.0000000002"]
+    assert row["explained"] is False
+
+
+def test_an_update_is_explained_by_the_exact_difference(client, wide_decimals):
+    a, big = account(), instrument(1, "BIG")
+    held = position(a, big, WIDE, "1", opened_at=at(1))
+    change(sync_run(at(2)), held, "created", after=("0.0000000001", "1"))
+    change(sync_run(at(4)), held, "updated", before=("0.0000000001", "1"), after=(WIDE, "1"))
+    trade(a, big, "W1", WIDE[:-1] + "7", "1", moment=at(3))  # one ten-billionth short
+
+    row = changes(as_of(client, at(5)))["U1111111 BIG"]
+
+    assert (row["kind"], row["quantity_before"], row["explained"]) == (
+        "updated",
+        "0.0000000001",
+        False,
+    )
+    trade(a, big, "W2", "0.0000000001", "1", moment=at(3.5))
+    assert changes(as_of(client, at(5)))["U1111111 BIG"]["explained"] is True
+
+
+def test_cash_flows_are_the_exact_sum_of_their_amounts(client, wide_decimals):
+    a = account("U1111111", base_currency="USD")
+    snapshot(a, day_end(2), "1")
+    snapshot(a, day_end(3), "2")
+    cash(a, "E1", "deposit", dt.date(2026, 11, 3), WIDE)
+    cash(a, "E2", "deposit", dt.date(2026, 11, 3), "0.0000000002")
+
+    assert flows(client.get(HISTORY))[1] == [
+        {"kind": "deposit", "currency": "USD", "amount": WIDE[:-2] + "91", "count": 2}
+    ]

@@ -39,6 +39,7 @@ from zoneinfo import ZoneInfo
 from django.db.models import Q
 
 from .. import conf, permissions, visibility
+from ..decimals import exact_sum
 from .holdings import Change
 
 #: The zone of IBKR's statements, whose dates the ledger's date-only rows are.
@@ -149,9 +150,7 @@ def explain_changes(positions: Sequence, user) -> None:
         )
         listed = [trade for _, _, trade in story]
         quantities = [trade.quantity for trade in listed]
-        explained = None not in quantities and sum(quantities, Decimal(0)) == (
-            change.quantity_changed
-        )
+        explained = None not in quantities and exact_sum(quantities) == change.quantity_changed
         position.change_story = ChangeStory(
             change,
             trades=listed[:TRADES_PER_CHANGE],
@@ -177,7 +176,7 @@ class _Point:
 
     def add(self, kind: str, currency: str, amount: Decimal) -> None:
         flow = self.flows.setdefault((kind, currency), CashFlow(kind, currency))
-        flow.amount += amount
+        flow.amount = exact_sum((flow.amount, amount))
         flow.count += 1
 
     def listed(self) -> list[CashFlow]:

@@ -31,7 +31,7 @@ from decimal import ROUND_HALF_EVEN, Context, Decimal
 
 from django.db.models import Exists, OuterRef, Q, QuerySet, Subquery
 
-from ibkr_sync.decimals import product
+from ibkr_sync.decimals import exact_sum, product
 from ibkr_sync.models import DECIMAL_QUANTUM, PositionChange, SyncRun
 
 Kind = PositionChange.Kind
@@ -113,8 +113,10 @@ class Change:
 
     @property
     def quantity_changed(self) -> Decimal:
-        """quantity_after - quantity_before, a quantity not held counting as zero."""
-        return (self.quantity_after or Decimal(0)) - (self.quantity_before or Decimal(0))
+        """quantity_after - quantity_before, a quantity not held counting as zero; every
+        digit kept (`copy_negate` rounds nothing, as `-` would)."""
+        before = (self.quantity_before or Decimal(0)).copy_negate()
+        return exact_sum((self.quantity_after or Decimal(0), before))
 
 
 @dataclass(frozen=True)
