@@ -14,7 +14,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from ibkr_sync.api.explanations import TRADES_PER_CHANGE
-from ibkr_sync.models import AccountReport, Connection
+from ibkr_sync.models import AccountReport, Connection, SyncRun
 from portfolio.models import AccountSnapshot, CashTransaction, Trade
 from tests.flex.test_flex_connection import flex_connection, service  # noqa: F401
 from tests.flex.test_ledger import sync as flex_sync
@@ -231,6 +231,43 @@ def test_a_trade_ibkr_cancelled_by_a_row_of_its_own_nets_to_nothing(client, stor
         listed("T3", "2025-06-01", "BUY", "2", "158.25"),
     ]
     assert aapl_change["explained"] is True  # 3 + 4 - 4 + 2 = 15 - 10
+
+
+def flex_run(day: dt.date) -> SyncRun:
+    """A Flex sync in the evening (20:00 EDT) of `day`: it applies the statement that ends
+    the day before (IBKR's last closed day), as of that day's end."""
+    end = day - dt.timedelta(days=1)
+    return SyncRun.objects.create(
+        trigger="schedule", status="success", period_from=end - dt.timedelta(days=3),
+        period_to=end, finished_at=dt.datetime.combine(day, dt.time(20), EDT),
+    )  # fmt: skip
+
+
+def test_a_flex_change_is_explained_by_the_trades_up_to_its_statement_s_end(client):
+    """A Flex sync's change is what its statement says: the positions at the end of the
+    statement's last day. The trades that explain it are those after the previous
+    statement's end and up to its own, not those up to when the sync ran: a purchase on
+    the day of an evening sync is in the next day's statement."""
+    a, sap = account(), instrument(14204, "SAP")
+    held = position(a, sap, "22", "150", opened_at=at(0))
+    june = [dt.date(2025, 6, day) for day in range(1, 6)]
+    change(flex_run(june[1]), held, "created", after=("10", "150"))  # June 1's statement
+    change(flex_run(june[2]), held, "updated", before=("10", "150"), after=("15", "150"))
+    change(flex_run(june[3]), held, "updated", before=("15", "150"), after=("22", "150"))
+    for n, (day, quantity) in enumerate(zip(june[:3], ("10", "5", "7"), strict=True)):
+        trade(a, sap, f"S{n}", quantity, "150", moment=dt.datetime.combine(day, dt.time(10), EDT))
+
+    def row(sync_day: dt.date) -> dict:
+        moment = dt.datetime.combine(sync_day, dt.time(21), EDT)
+        return changes(as_of(client, moment))["U1111111 SAP"]
+
+    assert [(t["external_id"], row(june[1])["explained"]) for t in row(june[1])["trades"]] == [
+        ("S0", True)
+    ]
+    assert [t["external_id"] for t in row(june[2])["trades"]] == ["S1"]
+    assert row(june[2])["explained"] is True
+    assert [t["external_id"] for t in row(june[3])["trades"]] == ["S2"]
+    assert row(june[3])["explained"] is True
 
 
 def test_the_trades_listed_are_capped_and_the_sum_counts_them_all(client):

@@ -14,8 +14,12 @@ next one after the day ends. A row with neither is left out: it cannot be placed
 A change's trades: the ledger's trades of the position's account and instrument (the
 same instrument row, matched on its foreign key, as a sync maps a trade's contract id to
 it), not cancelled (IBKR's own cancellation rows count: `COUNTED`), that happened after
-the position's previous change took effect (ever before, for its first change) and at or
-before this one did; oldest first (then by id). `explained`: their quantities add up
+the position's previous change was read (ever before, for its first change) and at or
+before this one was; oldest first (then by id). A change was read when its sync read the
+positions (`read_moments`): a gateway's as its sync finished (when it took effect); a
+Flex sync's at its statement's end, 23:59:59 US Eastern of the statement's last day,
+the day before the sync ran (a purchase on the day of an evening sync is in the next
+day's statement, and explains the next change). `explained`: their quantities add up
 (exact decimals) to the change's quantity after minus before (a quantity not held
 counting as zero). A cash flow of a point: the
 account's cash transactions after the account's previous point and at or before this
@@ -79,6 +83,20 @@ def last_day_by(moment: dt.datetime) -> dt.date:
     return day if day_end(day) <= moment else day - dt.timedelta(days=1)
 
 
+def read_moments(change: Change) -> tuple[dt.datetime | None, dt.datetime]:
+    """The moments a change's state, and its previous change's, were read: the end of
+    the statement's last day for a sync that applied one (a Flex statement's `as_of`),
+    else when the change took effect (a gateway's read, as its sync finished)."""
+    if change.after is None:
+        start = None
+    elif change.previous_statement_day is not None:
+        start = day_end(change.previous_statement_day)
+    else:
+        start = change.after
+    end = change.at if change.statement_day is None else day_end(change.statement_day)
+    return start, end
+
+
 def trade_moment(trade) -> dt.datetime | None:
     if trade.traded_at is not None:
         return trade.traded_at
@@ -126,11 +144,12 @@ def explain_changes(positions: Sequence, user) -> None:
         for position in changed:
             position.change_story = ChangeStory(position.holding.change)
         return
-    changes = [p.holding.change for p in changed]
-    starts = [c.after for c in changes]
+    windows = {p.pk: read_moments(p.holding.change) for p in changed}
+    starts = [start for start, _ in windows.values()]
     earliest = None if None in starts else min(starts)
+    latest = max(end for _, end in windows.values())
     trades = model.objects.filter(
-        _between("trade_date", earliest, max(c.at for c in changes), moment="traded_at"),
+        _between("trade_date", earliest, latest, moment="traded_at"),
         COUNTED,
         account_id__in={p.account_id for p in changed},
         instrument_id__in={p.instrument_id for p in changed},
@@ -143,10 +162,11 @@ def explain_changes(positions: Sequence, user) -> None:
         found[trade.account_id, trade.instrument_id].append((trade_moment(trade), trade.pk, trade))
     for position in changed:
         change = position.holding.change
+        start, end = windows[position.pk]
         story = sorted(
             (moment, pk, trade)
             for moment, pk, trade in found[position.account_id, position.instrument_id]
-            if (change.after is None or moment > change.after) and moment <= change.at
+            if (start is None or moment > start) and moment <= end
         )
         listed = [trade for _, _, trade in story]
         quantities = [trade.quantity for trade in listed]
