@@ -21,9 +21,8 @@ Flex sync's at its statement's end, 23:59:59 US Eastern of the statement's last 
 the day before the sync ran (a purchase on the day of an evening sync is in the next
 day's statement, and explains the next change). `explained`: their quantities add up
 (exact decimals) to the change's quantity after minus before (a quantity not held
-counting as zero). A cash flow of a point: the
-account's cash transactions after the account's previous point and at or before this
-one, summed per kind and currency.
+counting as zero). A cash flow of a point: the account's cash transactions after the
+account's previous point and at or before this one, summed per kind and currency.
 
 Each is one query for a page whatever its length (and one more for the point before a
 history page), run only when the user may view that kind of ledger row
