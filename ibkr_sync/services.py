@@ -59,6 +59,7 @@ from .writer import (
     PositionsChanged,
     Written,
     apply_snapshot,
+    instruments_changed,
     reported_moments,
     statement_counts,
     statement_ranges,
@@ -581,9 +582,10 @@ def _applied_statement(
     older window or not), with nothing it wrote changed since: its accounts still hold
     the moment it applied to them (no newer snapshot of them applied, by any
     connection) and as many open positions, cash balances, ledger rows and account
-    snapshots as it left; and, applying their state, none of its accounts refused, each
-    reported under the connection's name as it is now. Reading it again would then
-    write nothing: it is not read again."""
+    snapshots as it left, and no instrument of their open positions changed since (by
+    another connection's sync or an edit: a full read writes it back); and, applying
+    their state, none of its accounts refused, each reported under the connection's name
+    as it is now. Reading it again would then write nothing: it is not read again."""
     last = (
         SyncRun.objects.filter(
             connection=target.connection,
@@ -609,12 +611,11 @@ def _applied_statement(
         # as of the reports stored now, and says so; a repeat would not.
         return None
     reports = AccountReport.objects.filter(broker=BROKER, external_id__in=list(applied))
-    held = {
-        account: (connection_id, name, as_of)
-        for account, connection_id, name, as_of in reports.values_list(
-            "external_id", "connection_id", "connection_name", "as_of"
-        )
-    }
+    held, applied_at = {}, {}
+    for account, connection_id, name, as_of, when in reports.values_list(
+        "external_id", "connection_id", "connection_name", "as_of", "applied_at"
+    ):
+        held[account], applied_at[account] = (connection_id, name, as_of), when
     # Its name as it is now (a full read records it in the reports: renamed since, the
     # statement is read again once).
     connection_id, name = None, ""
@@ -622,6 +623,10 @@ def _applied_statement(
         connection_id = target.connection.pk
         name = Connection.objects.filter(pk=connection_id).values_list("name", flat=True).first()
     if any(held.get(a) != (connection_id, name, moment) for a, moment in applied.items()):
+        return None
+    if instruments_changed(applied_at):
+        # An instrument its accounts hold was changed since (instruments are shared by
+        # every connection and source): a full read writes it back as the statement has it.
         return None
     if statement_counts(record["ranges"]) != record["counts"]:
         return None

@@ -134,24 +134,36 @@ def stored_digests(accounts: Iterable[str]) -> dict[str, str]:
         .exclude(positions_digest="")
         .values_list("external_id", "positions_digest", "applied_at")
     }
-    if not reports:
-        return {}
-    since = min(applied_at for _, applied_at in reports.values())
-    if conf.instrument_model().objects.filter(updated_at__gt=since).exists():
-        held = (
-            conf.position_model()
-            .objects.filter(
-                account__broker=BROKER,
-                account__external_id__in=list(reports),
-                closed_at__isnull=True,
-                instrument__updated_at__gt=since,
-            )
-            .values_list("account__external_id", "instrument__updated_at")
+    stale = instruments_changed({account: applied for account, (_, applied) in reports.items()})
+    return {account: digest for account, (digest, _) in reports.items() if account not in stale}
+
+
+def instruments_changed(applied: dict[str, dt.datetime]) -> set[str]:
+    """The accounts of `applied` (account -> when its report was last applied) holding an
+    open position whose instrument was changed after that (`Instrument.updated_at`):
+    another connection's or source's sync, or an edit, since; a sync of the account
+    writes it back as its source reports it. One query while no instrument changed since
+    the oldest of them; only if one did, one more for which positions hold it."""
+    if not applied:
+        return set()
+    since = min(applied.values())
+    if not conf.instrument_model().objects.filter(updated_at__gt=since).exists():
+        return set()
+    held = (
+        conf.position_model()
+        .objects.filter(
+            account__broker=BROKER,
+            account__external_id__in=list(applied),
+            closed_at__isnull=True,
+            instrument__updated_at__gt=since,
         )
-        for account, updated_at in held:
-            if account in reports and updated_at > reports[account][1]:
-                del reports[account]
-    return {account: digest for account, (digest, _) in reports.items()}
+        .values_list("account__external_id", "instrument__updated_at")
+    )
+    return {
+        account
+        for account, updated_at in held
+        if account in applied and updated_at > applied[account]
+    }
 
 
 #: Each ledger kind's date column (what a statement's period holds its rows by).

@@ -14,7 +14,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from ibkr_sync.api.explanations import TRADES_PER_CHANGE
-from ibkr_sync.models import AccountReport, Connection
+from ibkr_sync.models import AccountReport, Connection, SyncRun
 from portfolio.models import AccountSnapshot, CashTransaction, Trade
 from tests.flex.test_flex_connection import flex_connection, service  # noqa: F401
 from tests.flex.test_ledger import sync as flex_sync
@@ -207,6 +207,67 @@ def test_a_cancelled_trade_is_not_counted(client, story):
 
     assert aapl["trades"] == [listed("T3", "2025-06-01", "BUY", "2", "158.25")]
     assert aapl["explained"] is False  # 2 of the 5
+
+
+def test_a_trade_ibkr_cancelled_by_a_row_of_its_own_nets_to_nothing(client, story):
+    """IBKR cancels an execution with a row of its own (its own transaction id, notes
+    `Ca`, the original's side, the quantity reversed: `BUY (Ca.)`, -4), the original
+    left as it was: the purchase and its reversal add up to nothing, and the change is
+    still explained by the trades that made it."""
+    a, aapl = story["aapl"].account, story["aapl"].instrument
+    trade(a, aapl, "T11", "4", "163", moment=at(8))
+    Trade.objects.create(
+        broker="ibkr", account=a, instrument=aapl, external_id="T11-Ca",
+        trade_date=dt.date(2025, 6, 1), traded_at=at(9), buy_sell="BUY",
+        quantity=Decimal("-4"), price=Decimal("163"), currency="USD", cancelled=True,
+    )  # fmt: skip
+
+    aapl_change = changes(as_of(client, at(30)))["U1111111 AAPL"]
+
+    assert aapl_change["trades"] == [
+        listed("T2", "2025-06-01", "BUY", "3", "160", iso(at(5))),
+        listed("T11", "2025-06-01", "BUY", "4", "163", iso(at(8))),
+        listed("T11-Ca", "2025-06-01", "BUY", "-4", "163", iso(at(9))),
+        listed("T3", "2025-06-01", "BUY", "2", "158.25"),
+    ]
+    assert aapl_change["explained"] is True  # 3 + 4 - 4 + 2 = 15 - 10
+
+
+def flex_run(day: dt.date) -> SyncRun:
+    """A Flex sync in the evening (20:00 EDT) of `day`: it applies the statement that ends
+    the day before (IBKR's last closed day), as of that day's end."""
+    end = day - dt.timedelta(days=1)
+    return SyncRun.objects.create(
+        trigger="schedule", status="success", period_from=end - dt.timedelta(days=3),
+        period_to=end, finished_at=dt.datetime.combine(day, dt.time(20), EDT),
+    )  # fmt: skip
+
+
+def test_a_flex_change_is_explained_by_the_trades_up_to_its_statement_s_end(client):
+    """A Flex sync's change is what its statement says: the positions at the end of the
+    statement's last day. The trades that explain it are those after the previous
+    statement's end and up to its own, not those up to when the sync ran: a purchase on
+    the day of an evening sync is in the next day's statement."""
+    a, sap = account(), instrument(14204, "SAP")
+    held = position(a, sap, "22", "150", opened_at=at(0))
+    june = [dt.date(2025, 6, day) for day in range(1, 6)]
+    change(flex_run(june[1]), held, "created", after=("10", "150"))  # June 1's statement
+    change(flex_run(june[2]), held, "updated", before=("10", "150"), after=("15", "150"))
+    change(flex_run(june[3]), held, "updated", before=("15", "150"), after=("22", "150"))
+    for n, (day, quantity) in enumerate(zip(june[:3], ("10", "5", "7"), strict=True)):
+        trade(a, sap, f"S{n}", quantity, "150", moment=dt.datetime.combine(day, dt.time(10), EDT))
+
+    def row(sync_day: dt.date) -> dict:
+        moment = dt.datetime.combine(sync_day, dt.time(21), EDT)
+        return changes(as_of(client, moment))["U1111111 SAP"]
+
+    assert [(t["external_id"], row(june[1])["explained"]) for t in row(june[1])["trades"]] == [
+        ("S0", True)
+    ]
+    assert [t["external_id"] for t in row(june[2])["trades"]] == ["S1"]
+    assert row(june[2])["explained"] is True
+    assert [t["external_id"] for t in row(june[3])["trades"]] == ["S2"]
+    assert row(june[3])["explained"] is True
 
 
 def test_the_trades_listed_are_capped_and_the_sum_counts_them_all(client):
@@ -480,3 +541,59 @@ def test_a_user_sees_only_the_trades_and_cash_of_accounts_they_may_see(
             ]
         else:
             assert response.status_code == 404
+
+
+# --- exact decimals ----------------------------------------------------------------------------
+
+WIDE = "1234567890123456789.0123456789"  # 29 digits: a column holds 30, arithmetic keeps 28
+
+
+@pytest.fixture
+def wide_decimals():
+    if connection.vendor == "sqlite":
+        pytest.skip("SQLite keeps 15 significant digits of a decimal (a float)")
+
+
+def test_a_change_is_explained_by_the_exact_sum_of_its_trades(client, wide_decimals):
+    """The quantities are added and compared with every digit the columns hold: a change
+    one ten-billionth away from its trades' sum is not explained."""
+    a, big = account(), instrument(1, "BIG")
+    held = position(a, big, WIDE, "1", opened_at=at(1))
+    change(sync_run(at(2)), held, "created", after=(WIDE, "1"))
+    trade(a, big, "W1", WIDE[:-1] + "8", "1", moment=at(0.5))
+    trade(a, big, "W2", "0.0000000002", "1", moment=at(0.75))  # 8 + 2 = 10: one too many
+
+    row = changes(as_of(client, at(3)))["U1111111 BIG"]
+
+    assert [t["quantity"] for t in row["trades"]] == [WIDE[:-1] + "8", "0.0000000002"]
+    assert row["explained"] is False
+
+
+def test_an_update_is_explained_by_the_exact_difference(client, wide_decimals):
+    a, big = account(), instrument(1, "BIG")
+    held = position(a, big, WIDE, "1", opened_at=at(1))
+    change(sync_run(at(2)), held, "created", after=("0.0000000001", "1"))
+    change(sync_run(at(4)), held, "updated", before=("0.0000000001", "1"), after=(WIDE, "1"))
+    trade(a, big, "W1", WIDE[:-1] + "7", "1", moment=at(3))  # one ten-billionth short
+
+    row = changes(as_of(client, at(5)))["U1111111 BIG"]
+
+    assert (row["kind"], row["quantity_before"], row["explained"]) == (
+        "updated",
+        "0.0000000001",
+        False,
+    )
+    trade(a, big, "W2", "0.0000000001", "1", moment=at(3.5))
+    assert changes(as_of(client, at(5)))["U1111111 BIG"]["explained"] is True
+
+
+def test_cash_flows_are_the_exact_sum_of_their_amounts(client, wide_decimals):
+    a = account("U1111111", base_currency="USD")
+    snapshot(a, day_end(2), "1")
+    snapshot(a, day_end(3), "2")
+    cash(a, "E1", "deposit", dt.date(2026, 11, 3), WIDE)
+    cash(a, "E2", "deposit", dt.date(2026, 11, 3), "0.0000000002")
+
+    assert flows(client.get(HISTORY))[1] == [
+        {"kind": "deposit", "currency": "USD", "amount": WIDE[:-2] + "91", "count": 2}
+    ]

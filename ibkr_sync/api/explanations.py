@@ -13,12 +13,16 @@ next one after the day ends. A row with neither is left out: it cannot be placed
 
 A change's trades: the ledger's trades of the position's account and instrument (the
 same instrument row, matched on its foreign key, as a sync maps a trade's contract id to
-it), not cancelled, that happened after the position's previous change took effect
-(ever before, for its first change) and at or before this one did; oldest first (then by
-id). `explained`: their quantities add up (exact decimals) to the change's quantity
-after minus before (a quantity not held counting as zero). A cash flow of a point: the
-account's cash transactions after the account's previous point and at or before this
-one, summed per kind and currency.
+it), not cancelled (IBKR's own cancellation rows count: `COUNTED`), that happened after
+the position's previous change was read (ever before, for its first change) and at or
+before this one was; oldest first (then by id). A change was read when its sync read the
+positions (`read_moments`): a gateway's as its sync finished (when it took effect); a
+Flex sync's at its statement's end, 23:59:59 US Eastern of the statement's last day,
+the day before the sync ran (a purchase on the day of an evening sync is in the next
+day's statement, and explains the next change). `explained`: their quantities add up
+(exact decimals) to the change's quantity after minus before (a quantity not held
+counting as zero). A cash flow of a point: the account's cash transactions after the
+account's previous point and at or before this one, summed per kind and currency.
 
 Each is one query for a page whatever its length (and one more for the point before a
 history page), run only when the user may view that kind of ledger row
@@ -38,6 +42,7 @@ from zoneinfo import ZoneInfo
 from django.db.models import Q
 
 from .. import conf, permissions, visibility
+from ..decimals import exact_sum
 from .holdings import Change
 
 #: The zone of IBKR's statements, whose dates the ledger's date-only rows are.
@@ -46,6 +51,18 @@ STATEMENT_ZONE = ZoneInfo("America/New_York")
 END_OF_DAY = dt.time(23, 59, 59)
 #: The most trades listed with one change: a page stays bounded, whatever the ledger.
 TRADES_PER_CHANGE = 50
+
+
+#: The trades that count: those not cancelled, and IBKR's cancellations. IBKR cancels an
+#: execution with a row of its own (notes `Ca`, its own transaction id, the original's
+#: side with the quantity reversed: `BUY (Ca.)`, -10), leaving the original as it was:
+#: the two add up to nothing. A row marked cancelled whose quantity has its side's sign
+#: is a cancelled execution itself (IBKR corrected the row): it does not count.
+COUNTED = (
+    Q(cancelled=False)
+    | Q(cancelled=True, buy_sell="BUY", quantity__lt=0)
+    | Q(cancelled=True, buy_sell="SELL", quantity__gt=0)
+)
 
 
 def day_end(day: dt.date) -> dt.datetime:
@@ -63,6 +80,20 @@ def last_day_by(moment: dt.datetime) -> dt.date:
     """The last day whose end is at or before `moment`."""
     day = moment.astimezone(STATEMENT_ZONE).date()
     return day if day_end(day) <= moment else day - dt.timedelta(days=1)
+
+
+def read_moments(change: Change) -> tuple[dt.datetime | None, dt.datetime]:
+    """The moments a change's state, and its previous change's, were read: the end of
+    the statement's last day for a sync that applied one (a Flex statement's `as_of`),
+    else when the change took effect (a gateway's read, as its sync finished)."""
+    if change.after is None:
+        start = None
+    elif change.previous_statement_day is not None:
+        start = day_end(change.previous_statement_day)
+    else:
+        start = change.after
+    end = change.at if change.statement_day is None else day_end(change.statement_day)
+    return start, end
 
 
 def trade_moment(trade) -> dt.datetime | None:
@@ -112,12 +143,13 @@ def explain_changes(positions: Sequence, user) -> None:
         for position in changed:
             position.change_story = ChangeStory(position.holding.change)
         return
-    changes = [p.holding.change for p in changed]
-    starts = [c.after for c in changes]
+    windows = {p.pk: read_moments(p.holding.change) for p in changed}
+    starts = [start for start, _ in windows.values()]
     earliest = None if None in starts else min(starts)
+    latest = max(end for _, end in windows.values())
     trades = model.objects.filter(
-        _between("trade_date", earliest, max(c.at for c in changes), moment="traded_at"),
-        cancelled=False,
+        _between("trade_date", earliest, latest, moment="traded_at"),
+        COUNTED,
         account_id__in={p.account_id for p in changed},
         instrument_id__in={p.instrument_id for p in changed},
     ).only(
@@ -129,16 +161,15 @@ def explain_changes(positions: Sequence, user) -> None:
         found[trade.account_id, trade.instrument_id].append((trade_moment(trade), trade.pk, trade))
     for position in changed:
         change = position.holding.change
+        start, end = windows[position.pk]
         story = sorted(
             (moment, pk, trade)
             for moment, pk, trade in found[position.account_id, position.instrument_id]
-            if (change.after is None or moment > change.after) and moment <= change.at
+            if (start is None or moment > start) and moment <= end
         )
         listed = [trade for _, _, trade in story]
         quantities = [trade.quantity for trade in listed]
-        explained = None not in quantities and sum(quantities, Decimal(0)) == (
-            change.quantity_changed
-        )
+        explained = None not in quantities and exact_sum(quantities) == change.quantity_changed
         position.change_story = ChangeStory(
             change,
             trades=listed[:TRADES_PER_CHANGE],
@@ -164,7 +195,7 @@ class _Point:
 
     def add(self, kind: str, currency: str, amount: Decimal) -> None:
         flow = self.flows.setdefault((kind, currency), CashFlow(kind, currency))
-        flow.amount += amount
+        flow.amount = exact_sum((flow.amount, amount))
         flow.count += 1
 
     def listed(self) -> list[CashFlow]:

@@ -31,7 +31,7 @@ from decimal import ROUND_HALF_EVEN, Context, Decimal
 
 from django.db.models import Exists, OuterRef, Q, QuerySet, Subquery
 
-from ibkr_sync.decimals import product
+from ibkr_sync.decimals import exact_sum, product
 from ibkr_sync.models import DECIMAL_QUANTUM, PositionChange, SyncRun
 
 Kind = PositionChange.Kind
@@ -86,6 +86,9 @@ def held_at(positions: QuerySet, when: dt.datetime, start: dt.datetime | None) -
         last_before=Subquery(last.values("quantity_before")[:1]),
         # The change before it (the second of the same order): the story's beginning.
         previous_at=Subquery(last.values("sync_run__finished_at")[1:2]),
+        # The last day of the statements the two applied (a Flex sync's period), if any.
+        last_statement_day=Subquery(last.values("sync_run__period_to")[:1]),
+        previous_statement_day=Subquery(last.values("sync_run__period_to")[1:2]),
         next_kind=Subquery(following.values("kind")[:1]),
         next_quantity=Subquery(following.values("quantity_before")[:1]),
         next_average_cost=Subquery(following.values("average_cost_before")[:1]),
@@ -103,18 +106,25 @@ def held_at(positions: QuerySet, when: dt.datetime, start: dt.datetime | None) -
 class Change:
     """The recorded change that set a holding's state: the sync's `kind`, the quantity
     before and after it (None: not held), when it took effect (`at`), and when the
-    position's previous change did (`after`; None for its first change)."""
+    position's previous change did (`after`; None for its first change). A change of a
+    sync that applied a statement (a Flex sync) says what held at the end of the
+    statement's last day (`statement_day`), before its sync ran; `previous_statement_day`
+    is the previous change's, if it applied one."""
 
     kind: str
     quantity_before: Decimal | None
     quantity_after: Decimal | None
     at: dt.datetime
     after: dt.datetime | None
+    statement_day: dt.date | None = None
+    previous_statement_day: dt.date | None = None
 
     @property
     def quantity_changed(self) -> Decimal:
-        """quantity_after - quantity_before, a quantity not held counting as zero."""
-        return (self.quantity_after or Decimal(0)) - (self.quantity_before or Decimal(0))
+        """quantity_after - quantity_before, a quantity not held counting as zero; every
+        digit kept (`copy_negate` rounds nothing, as `-` would)."""
+        before = (self.quantity_before or Decimal(0)).copy_negate()
+        return exact_sum((self.quantity_after or Decimal(0), before))
 
 
 @dataclass(frozen=True)
@@ -131,7 +141,13 @@ def holding(position) -> Holding:
     if position.last_kind is not None:
         quantity, cost, since = position.last_quantity, position.last_average_cost, position.last_at
         change = Change(
-            position.last_kind, position.last_before, quantity, since, position.previous_at
+            position.last_kind,
+            position.last_before,
+            quantity,
+            since,
+            position.previous_at,
+            position.last_statement_day,
+            position.previous_statement_day,
         )
         return Holding(quantity, cost, cost_basis(quantity, cost), since, change)
     if position.next_kind is not None:

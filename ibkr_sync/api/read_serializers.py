@@ -165,8 +165,12 @@ class HoldingChangeSerializer(serializers.Serializer):
         read_only=True,
         allow_null=True,
         help_text="The ledger's trades of the position's account and instrument, not "
-        "cancelled, after the position's previous recorded change (ever before, for its "
-        f"first) and at or before this one; oldest first, at most {TRADES_PER_CHANGE}. "
+        "cancelled (IBKR's own cancellation rows, the quantity reversed, are listed: an "
+        "execution and its cancellation add up to nothing), after the position's previous "
+        "recorded change (ever before, for its first) and at or before this one, each "
+        "taken when its sync read the positions (a Flex sync: at its statement's end, "
+        "23:59:59 US Eastern of its last day); oldest "
+        f"first, at most {TRADES_PER_CHANGE}. "
         + _WHEN
         + " Null when the user may not view trades, or the project keeps no ledger of "
         "trades.",

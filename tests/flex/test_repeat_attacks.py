@@ -195,3 +195,23 @@ def test_a_row_edited_since_is_written_again(service, edit):  # noqa: F811
 
     assert not repeated(again)
     assert _restored(END)
+
+
+def test_an_instrument_another_source_changed_since_is_written_back(service):  # noqa: F811
+    """Instruments are shared by every connection and source: one that another sync (or
+    an edit) changed after the statement was applied is written back by a full read of
+    it, as the statement describes it, so the statement is not a repeat."""
+    service.add_statement(QUERY, regenerated)
+    flex_connection()
+    sync()
+    held = conf.position_model().objects.filter(account__external_id=ACCOUNT, closed_at=None)
+    instrument = held.select_related("instrument").first().instrument
+    written = (instrument.local_symbol, instrument.exchange)
+    instrument.local_symbol, instrument.exchange = "ELSEWHERE", "OTHER"
+    instrument.save()  # as another connection's sync or an edit stores it: stamped now
+
+    again = sync()
+
+    assert not repeated(again)
+    instrument.refresh_from_db()
+    assert (instrument.local_symbol, instrument.exchange) == written
