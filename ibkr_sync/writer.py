@@ -1,6 +1,7 @@
 """The set-based writer: one mapped snapshot (`mapping.MappedSnapshot`) written to the
 configured models. It maps nothing: the service maps the snapshot before the write
-transaction, and the writer only writes.
+transaction, and the writer only writes (a streamed ledger's batches are mapped by
+`mapping` as the writer takes them, inside the transaction: `ledger_batches()`).
 
 Runs inside the sync's transaction (the service owns it). First the accounts
 (`_claim_accounts`): each account's `AccountReport`, the newest snapshot applied to it,
