@@ -379,3 +379,33 @@ def test_a_stream_is_read_again_for_a_second_write(service, settings):  # noqa: 
     finally:
         snapshot.ledger.close()
     assert first == again and sum(map(len, first)) == 23
+
+
+def test_a_write_done_again_reads_the_stream_again(service, settings, monkeypatch):  # noqa: F811
+    """A write stopped by another sync's change of positions (`PositionsChanged`) is
+    done again from a new mapping: the stream's batches read again, every row written
+    once, counted once."""
+    from ibkr_sync import services
+
+    monkeypatch.setattr(flex_source, "LEDGER_BATCH", 4)
+    flex_connection()
+    service.add_statement(QUERY, lambda fd, td: plain_statement())
+    apply = services.apply_snapshot
+    calls = []
+
+    def stopped_once(mapped, *args, **kwargs):
+        calls.append(1)
+        written = apply(mapped, *args, **kwargs)  # the ledger read and written ...
+        if len(calls) == 1:
+            raise writer.PositionsChanged(["U1111111"])  # ... then rolled back
+        return written
+
+    monkeypatch.setattr(services, "apply_snapshot", stopped_once)
+
+    result = sync_positions(trigger="command", connection="myflex")
+
+    assert len(calls) == 2
+    assert result.ledger["trades"] == {"created": 23, "updated": 0, "unchanged": 0}
+    assert result.ledger["cash_transactions"] == {"created": 2, "updated": 0, "unchanged": 0}
+    trades = conf.ledger_models()["trades"]._default_manager
+    assert sorted(trades.values_list("external_id", flat=True)) == [str(100 + n) for n in range(23)]
