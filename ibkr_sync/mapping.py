@@ -21,7 +21,7 @@ import hashlib
 import os
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from dataclasses import field as dataclass_field
 from decimal import ROUND_HALF_EVEN, Context, Decimal, InvalidOperation
@@ -46,6 +46,7 @@ from .snapshot import (
     Contract,
     CorporateAction,
     CurrencyError,
+    LedgerBatch,
     PositionRecord,
     Snapshot,
     Trade,
@@ -858,6 +859,10 @@ class MappedSnapshot:
     ledger_read: bool = False
     ledger: dict[str, dict[str, MappedLedgerRow]] = dataclass_field(default_factory=dict)
     ledger_instruments: dict[str, dict[str, Any]] = dataclass_field(default_factory=dict)
+    # A ledger handed on as a stream (`Snapshot.ledger`): its batches, each mapped when
+    # the writer comes to it, inside the write transaction (`ledger` then holds an empty
+    # dict per kind kept, and the batches' errors are not in `errors`).
+    ledger_stream: Callable[[], Iterator[MappedLedger]] | None = None
     # Per account, the digest of its positions as this snapshot reports them ("" when it
     # cannot be told: a source without fingerprints, a record that could not be mapped);
     # `unchanged`: the accounts whose digest is the one stored for them (`known`), so
@@ -874,6 +879,14 @@ class MappedSnapshot:
     period: tuple[dt.date, dt.date] | None = None
     # The source's digest of all it read (`Snapshot.statement_digest`), "" for none.
     statement_digest: str = ""
+
+    def ledger_batches(self) -> Iterator[MappedLedger]:
+        """The mapped ledger, batch by batch: the one mapped before the write (its errors
+        counted in `errors` already), then the stream's, mapped as they come."""
+        if any(self.ledger.values()):
+            yield MappedLedger(self.ledger, self.ledger_instruments, {})
+        if self.ledger_stream is not None:
+            yield from self.ledger_stream()
 
     def as_of_of(self, account: str, now: dt.datetime) -> dt.datetime:
         """The moment an account's data describes: its values' if read, else the
@@ -999,9 +1012,12 @@ def map_snapshot(snapshot: Snapshot, known: Mapping[str, str] | None = None) -> 
         if days:
             daily[account_id] = tuple(sorted(days, key=lambda day: day[0]))
     ledger, ledger_instruments = {}, {}
+    ledger_stream = None
     if snapshot.ledger_read:
         ledger, ledger_instruments, ledger_errors = map_ledger(snapshot, set(accounts))
         errors.extend(ledger_errors)
+        if snapshot.ledger is not None and ledger:
+            ledger_stream = _mapped_stream(snapshot.ledger.batches, set(accounts))
     return MappedSnapshot(
         source=snapshot.source,
         as_of=snapshot.as_of,
@@ -1017,6 +1033,7 @@ def map_snapshot(snapshot: Snapshot, known: Mapping[str, str] | None = None) -> 
         ledger_read=snapshot.ledger_read,
         ledger=ledger,
         ledger_instruments=ledger_instruments,
+        ledger_stream=ledger_stream,
         digests={a: digests.get(a, "") for a in accounts},
         unchanged={a: processed[a] for a in accounts if a in unchanged},
         daily=daily,
@@ -1138,34 +1155,78 @@ _LEDGER_LABELS = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class MappedLedger:
+    """A ledger's batch as its rows store it (`map_ledger_batch`): the rows by kind and
+    external id, the instruments they name by conId text, the errors by kind."""
+
+    rows: dict[str, dict[str, MappedLedgerRow]]
+    instruments: dict[str, dict[str, Any]]
+    errors: dict[str, list[RecordError]]
+
+
 def map_ledger(
     snapshot: Snapshot, accounts: set[str]
 ) -> tuple[dict[str, dict[str, MappedLedgerRow]], dict[str, dict[str, Any]], list[RecordError]]:
-    """The snapshot's ledger -> its rows' field values, for the kinds the host keeps
-    (`conf.ledger_models()`), each by its external id (IBKR's transactionID; the last of
-    a row sent twice, as by two overlapping statements), and the instruments they name.
-    A row that cannot be stored (no id, a value its column cannot hold) is an error of
-    its account, never dropped silently; a contract that cannot be an instrument leaves
-    the row without one (its raw attributes keep the contract) and says so."""
-    models_by_kind = conf.ledger_models()
-    ledger: dict[str, dict[str, MappedLedgerRow]] = {}
-    instruments: dict[str, dict[str, Any]] = {}
-    errors: list[RecordError] = []
+    """The snapshot's ledger (its records in memory) -> its rows' field values, for the
+    kinds the host keeps (`conf.ledger_models()`), each by its external id (IBKR's
+    transactionID; the last of a row sent twice, as by two overlapping statements), and
+    the instruments they name. A row that cannot be stored (no id, a value its column
+    cannot hold) is an error of its account, never dropped silently; a contract that
+    cannot be an instrument leaves the row without one (its raw attributes keep the
+    contract) and says so. Each withholding tax is linked to its dividend
+    (`link_withholding`)."""
     dividend_of = {
         tax.transaction_id: income.transaction_id
         for tax, income in link_withholding(snapshot.cash_transactions)
         if tax.transaction_id and income.transaction_id
     }
+    batch = LedgerBatch(
+        trades=snapshot.trades,
+        cash_transactions=snapshot.cash_transactions,
+        corporate_actions=snapshot.corporate_actions,
+        dividend_of=dividend_of,
+    )
+    mapped = map_ledger_batch(batch, accounts, {})
+    errors = [error for kind_errors in mapped.errors.values() for error in kind_errors]
+    return mapped.rows, mapped.instruments, errors
+
+
+def _mapped_stream(
+    batches: Callable[[], Iterator[LedgerBatch]], accounts: set[str]
+) -> Callable[[], Iterator[MappedLedger]]:
+    """A ledger stream's batches, each mapped as the writer comes to it (`map_ledger_batch`;
+    each contract mapped once over all of them)."""
+
+    def mapped() -> Iterator[MappedLedger]:
+        contracts: dict[Contract, tuple[str, dict[str, Any]] | MappingError] = {}
+        for batch in batches():
+            yield map_ledger_batch(batch, accounts, contracts)
+
+    return mapped
+
+
+def map_ledger_batch(
+    batch: LedgerBatch,
+    accounts: set[str],
+    mapped_contracts: dict[Contract, tuple[str, dict[str, Any]] | MappingError],
+) -> MappedLedger:
+    """A ledger's records -> their rows (`map_ledger`), the batch's taxes linked by its
+    `dividend_of`; `mapped_contracts`: each contract mapped once (thousands of rows name
+    the same one), its instrument or why it cannot be one, kept from batch to batch."""
+    models_by_kind = conf.ledger_models()
+    ledger: dict[str, dict[str, MappedLedgerRow]] = {}
+    instruments: dict[str, dict[str, Any]] = {}
+    errors: dict[str, list[RecordError]] = {}
+    dividend_of = batch.dividend_of
     records = {
-        "trades": snapshot.trades,
-        "cash_transactions": snapshot.cash_transactions,
-        "corporate_actions": snapshot.corporate_actions,
+        "trades": batch.trades,
+        "cash_transactions": batch.cash_transactions,
+        "corporate_actions": batch.corporate_actions,
     }
-    # Each contract mapped once (thousands of rows name the same one): its instrument, or
-    # why it cannot be one.
-    mapped_contracts: dict[Contract, tuple[str, dict[str, Any]] | MappingError] = {}
     for kind, model in models_by_kind.items():
         rows: dict[str, MappedLedgerRow] = {}
+        kind_errors = errors[kind] = []
         for record in records[kind]:
             contract = record.contract
             try:
@@ -1182,7 +1243,7 @@ def map_ledger(
                 values.pop("external_id")
                 values["raw"] = raw
             except MappingError as exc:
-                errors.append(_ledger_error(kind, record, contract, str(exc)))
+                kind_errors.append(_ledger_error(kind, record, contract, str(exc)))
                 continue
             instrument_id = None
             if contract is not None and contract.con_id is not None:
@@ -1194,7 +1255,7 @@ def map_ledger(
                         mapped = exc
                     mapped_contracts[contract] = mapped
                 if isinstance(mapped, MappingError):
-                    errors.append(
+                    kind_errors.append(
                         _ledger_error(
                             kind, record, contract, f"stored without its instrument: {mapped}"
                         )
@@ -1209,7 +1270,7 @@ def map_ledger(
                 fields=values,
             )
         ledger[kind] = rows
-    return ledger, instruments, errors
+    return MappedLedger(ledger, instruments, errors)
 
 
 _EXACT = ("quantity",)

@@ -392,6 +392,7 @@ def _sync_positions(
     if target.connection is not None:
         log["connection"] = target.name
     logger.info("IBKR sync started %s", _fields(log))
+    snapshot: Snapshot | None = None
     try:
         if gateway is None:
             gateway = target.source(progress)
@@ -468,6 +469,8 @@ def _sync_positions(
         # the database refused to record it), it is renewed no more from here on.
         heartbeat.stop()
         lock.forget(run.pk)
+        if snapshot is not None and snapshot.ledger is not None:
+            snapshot.ledger.close()  # what its ledger was read from (a download)
         if dry_run:
             SyncRun.objects.filter(pk=run.pk).delete()
 
@@ -556,7 +559,7 @@ def _statement_record(run: SyncRun, mapped: MappedSnapshot, written: Written) ->
     refused, or its history only), what its write left per account (`statement_counts`),
     and its per-account tallies and account snapshots, which a repeat reports again."""
     moments = reported_moments(run, written.accounts)  # the accounts whose state it applied
-    ranges = statement_ranges(mapped, moments)
+    ranges = statement_ranges(mapped, moments, written)
     return {
         "digest": statement_key(mapped.statement_digest),
         "accounts": {

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from decimal import Decimal
 from types import MappingProxyType
@@ -342,11 +342,11 @@ def link_withholding(
     several, is left unpaired."""
     income: dict[tuple, list[CashTransaction]] = {}
     for tx in transactions:
-        if tx.kind in ("dividend", "payment_in_lieu") and tx.action_id:
+        if tx.kind in INCOME_KINDS and tx.action_id:
             income.setdefault(_action_key(tx), []).append(tx)
     links = []
     for tx in transactions:
-        if tx.kind == "withholding_tax" and tx.action_id:
+        if tx.kind == TAX_KIND and tx.action_id:
             candidates = income.get(_action_key(tx), [])
             if len(candidates) == 1:
                 links.append((tx, candidates[0]))
@@ -354,7 +354,49 @@ def link_withholding(
 
 
 def _action_key(tx: CashTransaction) -> tuple:
-    return (tx.account, tx.action_id, tx.contract.con_id if tx.contract else None)
+    return action_key(tx.account, tx.action_id, tx.contract.con_id if tx.contract else None)
+
+
+def action_key(account: str, action_id: str | None, con_id: int | None) -> tuple:
+    """What ties a withholding tax to its dividend (`link_withholding`): the same
+    account, action id and contract."""
+    return (account, action_id, con_id)
+
+
+#: The cash kinds a tax is withheld from, and the tax's (`link_withholding`).
+INCOME_KINDS: Final = ("dividend", "payment_in_lieu")
+TAX_KIND: Final = "withholding_tax"
+
+
+@dataclass(frozen=True)
+class LedgerBatch:
+    """Part of a ledger handed on as a stream (`LedgerStream`): its records, each with
+    its key (`transaction_id`), and the links of its withholding taxes (`dividend_of`:
+    a tax's key -> its dividend's key, as `link_withholding` pairs them over the whole
+    ledger)."""
+
+    trades: tuple[Trade, ...] = ()
+    cash_transactions: tuple[CashTransaction, ...] = ()
+    corporate_actions: tuple[CorporateAction, ...] = ()
+    dividend_of: Mapping[str, str] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.trades) + len(self.cash_transactions) + len(self.corporate_actions)
+
+
+@dataclass(frozen=True)
+class LedgerStream:
+    """A ledger too large to hold: its records in batches, read when they are written.
+
+    `batches()` reads them (again at each call: a write that is retried reads them
+    anew), in bounded memory: one batch at a time. What a whole ledger in memory
+    promises holds across the batches: every record of one key (a row sent twice, as by
+    two overlapping statements) is in one batch, and each batch's `dividend_of` links
+    its taxes as `link_withholding` would over every record. `close()` frees what the
+    stream reads from (a download); the sync closes it when done."""
+
+    batches: Callable[[], Iterator[LedgerBatch]]
+    close: Callable[[], None] = lambda: None
 
 
 @dataclass(frozen=True)
@@ -396,6 +438,10 @@ class Snapshot:
     trades: tuple[Trade, ...] = ()
     cash_transactions: tuple[CashTransaction, ...] = ()
     corporate_actions: tuple[CorporateAction, ...] = ()
+    # Or, from a source whose ledger is too large to hold (Flex), the ledger as a stream
+    # of batches (then the three tuples above are empty): mapped and written batch by
+    # batch inside the sync's write transaction.
+    ledger: LedgerStream | None = None
     # The history of an account's values, from a source that reads a period (Flex: each
     # day's net asset value in base and that day's exchange rates): per account, one
     # `AccountValues` per day, as of that day's end, oldest first. Stored as the account's

@@ -1,6 +1,7 @@
 """The set-based writer: one mapped snapshot (`mapping.MappedSnapshot`) written to the
 configured models. It maps nothing: the service maps the snapshot before the write
-transaction, and the writer only writes.
+transaction, and the writer only writes (a streamed ledger's batches are mapped by
+`mapping` as the writer takes them, inside the transaction: `ledger_batches()`).
 
 Runs inside the sync's transaction (the service owns it). First the accounts
 (`_claim_accounts`): each account's `AccountReport`, the newest snapshot applied to it,
@@ -56,6 +57,7 @@ from .mapping import (
     INSTRUMENT_FIELDS,
     LEDGER_FIELDS,
     POSITION_VALUE_FIELDS,
+    MappedLedger,
     MappedPosition,
     MappedSnapshot,
     is_paper_account,
@@ -87,6 +89,9 @@ class Written:
     # The accounts whose history only was written (`state` False: a back-fill's older
     # window).
     history_only: list[str] = field(default_factory=list)
+    # Per account and ledger kind, the first and last day of the rows written ([] while
+    # none is dated): what `statement_ranges` counts.
+    ledger_days: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
 
     def add(self, account: str, kind: str) -> None:
         self.tally[account, kind] += 1
@@ -171,26 +176,21 @@ LEDGER_DATES = {"trades": "trade_date", "cash_transactions": "date", "corporate_
 
 
 def statement_ranges(
-    snapshot: MappedSnapshot, state: Iterable[str]
+    snapshot: MappedSnapshot, state: Iterable[str], written: Written
 ) -> dict[str, dict[str, list[Any] | None]]:
-    """What a snapshot of a period wrote, per account, as ranges to count
+    """What a snapshot of a period wrote (`written`), per account, as ranges to count
     (`statement_counts`): the open positions and the cash balances of the accounts whose
     state it applied (`state`), and per ledger kind and for the account snapshots the
     first and last day (moment) of its rows (none for a kind whose rows are all
-    undated). JSON-ready (ISO texts)."""
+    undated: `Written.ledger_days`). JSON-ready (ISO texts)."""
     state = set(state)
     ranges: dict[str, dict[str, list[Any] | None]] = {a: {} for a in snapshot.accounts}
     for account in state & set(ranges):
         ranges[account]["positions"] = ranges[account]["cash"] = None
-    for kind, rows in snapshot.ledger.items():
-        for row in rows.values():
-            if row.account_id not in ranges:
-                continue
-            # An undated row (a query without its date) counts too: [] while none is dated.
-            kept = ranges[row.account_id].setdefault(kind, [])
-            day = row.fields.get(LEDGER_DATES[kind])
-            if day is not None:
-                kept[:] = [min(kept[0], day), max(kept[1], day)] if kept else [day, day]
+    for account, kinds in written.ledger_days.items():
+        if account in ranges:
+            for kind, days in kinds.items():
+                ranges[account][kind] = list(days)
     for account, tables in ranges.items():
         moments = [moment for moment, _ in snapshot.daily.get(account, ())]
         if account in state:  # the account's own snapshot, as of the state applied
@@ -463,14 +463,15 @@ def apply_snapshot(
     # not: it describes what happened, keyed so that it is written once, and overwrites
     # no newer state (see `_apply_snapshots`).
     history = [a for a in whole.accounts if a not in accounts]
-    if history and (whole.daily or any(whole.ledger.values())):
+    if history and whole.daily:
         accounts = {**accounts, **_history_accounts(history)}
+        history = []
     for account, days in whole.daily.items():
         snapshots += [(accounts[account], moment, fields, False) for moment, fields in days]
     if snapshots:
         written.daily = _apply_snapshots(snapshots, run)
     if whole.ledger:
-        written.ledger = _apply_ledger(whole, now, accounts)
+        _apply_ledger(whole, now, accounts, history, written)
     return written
 
 
@@ -617,28 +618,59 @@ LEDGER_COUNTS = ("created", "updated", "unchanged")
 
 
 def _apply_ledger(
-    snapshot: MappedSnapshot, now: dt.datetime, accounts: dict[str, Any]
-) -> dict[str, dict[str, int]]:
-    """Store the ledger rows of the accounts applied, keyed on the broker's ids: a row
-    not stored yet is inserted (ON CONFLICT (broker, external_id) DO NOTHING), a stored
-    one that differs (the broker corrected it, cancelled it) is updated, an equal one is
-    left alone; none is deleted. A fixed number of statements per batch of rows, batch
-    after batch in the order of the ids (so two writers wait for each other's rows in
-    one order): the batch's stored rows read by their ids as plain tuples, its new ones
-    inserted, its changed ones upserted; only one batch's stored rows are held at a
-    time. The instruments the rows name are inserted where missing (a position's sync
-    keeps them current)."""
-    instruments = _ledger_instruments(snapshot, now)
+    snapshot: MappedSnapshot,
+    now: dt.datetime,
+    accounts: dict[str, Any],
+    history: Sequence[str],
+    written: Written,
+) -> None:
+    """Store the ledger rows (`snapshot.ledger_batches()`: the ledger mapped before the
+    write, or a stream's batches, each mapped as it comes), keyed on the broker's ids: a
+    row not stored yet is inserted (ON CONFLICT (broker, external_id) DO NOTHING), a
+    stored one that differs (the broker corrected it, cancelled it) is updated, an equal
+    one is left alone; none is deleted. A fixed number of statements per batch of rows,
+    batch after batch in the order of the ids within a part of the ledger (so two
+    writers wait for each other's rows in one order): the batch's stored rows read by
+    their ids as plain tuples, its new ones inserted, its changed ones upserted; only
+    one batch's stored rows are held at a time. The instruments the rows name are
+    inserted where missing (a position's sync keeps them current). `history`: the
+    accounts whose history only is written, given their rows (`_history_accounts`) once
+    the ledger has any row. Counts into `written`: the ledger's tallies, its errors (of
+    the accounts applied: a refused account's are not reported), its days."""
     models_by_kind = conf.ledger_models()
-    counts: dict[str, dict[str, int]] = {}
-    for kind, rows in snapshot.ledger.items():
-        model = models_by_kind[kind]
-        fields = LEDGER_FIELDS[kind]
-        tally = dict.fromkeys(LEDGER_COUNTS, 0)
-        counts[kind] = tally
-        for chunk in chunks(sorted(rows)):
-            _apply_ledger_batch(model, fields, chunk, rows, accounts, instruments, tally)
-    return counts
+    counts = written.ledger = {kind: dict.fromkeys(LEDGER_COUNTS, 0) for kind in snapshot.ledger}
+    errors: dict[str, list[RecordError]] = {kind: [] for kind in counts}
+    instruments: dict[str, Any] = {}
+    days = written.ledger_days
+    for part in snapshot.ledger_batches():
+        for kind, kind_errors in part.errors.items():
+            errors.setdefault(kind, []).extend(kind_errors)
+        if not any(part.rows.values()):
+            continue
+        if history:
+            accounts = {**accounts, **_history_accounts(history)}
+            history = ()
+        instruments.update(_ledger_instruments(part, now, instruments))
+        for kind, rows in part.rows.items():
+            model = models_by_kind[kind]
+            fields = LEDGER_FIELDS[kind]
+            for chunk in chunks(sorted(rows)):
+                _apply_ledger_batch(model, fields, chunk, rows, accounts, instruments, counts[kind])
+            date = LEDGER_DATES[kind]
+            for row in rows.values():
+                # An undated row (a query without its date) counts too: [] while none is
+                # dated.
+                kept = days.setdefault(row.account_id, {}).setdefault(kind, [])
+                day = row.fields.get(date)
+                if day is not None:
+                    kept[:] = [min(kept[0], day), max(kept[1], day)] if kept else [day, day]
+    # As `MappedSnapshot.without` leaves out the errors of the accounts not applied.
+    left_out = set(snapshot.accounts) - set(written.accounts)
+    for kind_errors in errors.values():
+        for error in kind_errors:
+            if error.account not in left_out:
+                written.errors.append(error)
+                written.add(error.account, "errors")
 
 
 def _apply_ledger_batch(
@@ -688,14 +720,17 @@ def _apply_ledger_batch(
     tally["updated"] += len(changed)
 
 
-def _ledger_instruments(snapshot: MappedSnapshot, now: dt.datetime) -> dict[str, Any]:
-    """conId text -> the pk of every instrument the ledger's rows name, inserted where
-    missing (ON CONFLICT DO NOTHING, in conId order); a stored one is left as it is."""
+def _ledger_instruments(
+    part: MappedLedger, now: dt.datetime, known: dict[str, Any]
+) -> dict[str, Any]:
+    """conId text -> the pk of every instrument a part of the ledger's rows name that is
+    not `known` (found by an earlier part), inserted where missing (ON CONFLICT DO
+    NOTHING, in conId order); a stored one is left as it is."""
     wanted = {
         row.instrument_id
-        for rows in snapshot.ledger.values()
+        for rows in part.rows.values()
         for row in rows.values()
-        if row.instrument_id is not None
+        if row.instrument_id is not None and row.instrument_id not in known
     }
     if not wanted:
         return {}
@@ -715,7 +750,7 @@ def _ledger_instruments(snapshot: MappedSnapshot, now: dt.datetime) -> dict[str,
                 "external_id": conid,
                 "created_at": now,
                 "updated_at": now,
-                **snapshot.ledger_instruments[conid],
+                **part.instruments[conid],
             }
             for conid in sorted(wanted)
             if conid not in ids

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 from django.db import IntegrityError, connection
 from django.test.utils import CaptureQueriesContext
@@ -58,3 +60,45 @@ def test_nothing_to_insert_is_no_statement():
     with CaptureQueriesContext(connection) as queries:
         assert bulk.insert_missing(Instrument, [], UNIQUE) == {}
     assert not queries.captured_queries
+
+
+#: JSON values whose texts hold what an array's text must quote or escape.
+AWKWARD_JSON = [
+    {"a": 'say "hi"', "b": 'back\\slash \\" both', "c": "{braces}, commas"},
+    {"null": None, "list": [1, "two", {"three": 3.5}], "empty": ""},
+    {"unicode": "Zürich \u2013 東京 \u2003 emoji \U0001f600", "control": "tab\tnewline\n"},
+    {},
+    ["NULL", "null", None],
+    "a plain string",
+]
+
+
+def test_a_json_column_s_array_is_the_one_the_driver_would_send(monkeypatch):
+    """On PostgreSQL a JSON column's UNNEST array is written by `_json_array`, not the
+    driver: the same values stored, whatever the JSON texts hold (on SQLite both paths
+    are the one multi-row INSERT)."""
+    from portfolio.models import AccountSnapshot
+
+    account = Account.objects.create(broker="ibkr", external_id="U1234567")
+    moment = dt.datetime(2026, 3, 13, 23, 59, 59, tzinfo=dt.UTC)
+
+    def insert(offset: int) -> dict:
+        rows = [
+            {
+                "account_id": account.pk,
+                "taken_at": moment + dt.timedelta(seconds=offset + n),
+                "exchange_rates": value,
+            }
+            for n, value in enumerate(AWKWARD_JSON)
+        ]
+        pks = bulk.insert_rows(AccountSnapshot, rows)
+        stored = dict(
+            AccountSnapshot.objects.filter(pk__in=pks).values_list("pk", "exchange_rates")
+        )
+        return [stored[pk] for pk in pks]
+
+    ours = insert(0)
+    monkeypatch.setattr(bulk, "_JSON_ARRAYS", False)
+    the_driver_s = insert(100)
+    assert ours == the_driver_s
+    assert ours == AWKWARD_JSON

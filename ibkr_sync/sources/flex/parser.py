@@ -41,7 +41,7 @@ from xml.etree.ElementTree import ParseError
 import defusedxml.ElementTree as SafeElementTree
 from defusedxml import DefusedXmlException
 
-from ...snapshot import CurrencyError, currency_code
+from ...snapshot import INCOME_KINDS, TAX_KIND, CurrencyError, currency_code
 from . import values as V
 from .errors import FlexError, FlexFormatError, error_for
 from .records import (
@@ -54,6 +54,7 @@ from .records import (
     ExchangeRate,
     FlexResponse,
     HeldPosition,
+    LedgerEntry,
     NetAssetValue,
     OptionEvent,
     Statement,
@@ -129,24 +130,37 @@ def parse_flex(
     *,
     zone: dt.tzinfo = V.EASTERN,
     period: tuple[dt.date, dt.date] | None = None,
+    ledger: Callable[[Any], None] | None = None,
 ) -> FlexResponse:
     """A whole response, collected: every statement with its records.
 
     `source` is a path, a binary file, or the document itself as bytes. `zone` is the
     zone the statement's times are in; `period` the period the caller asked for, which
     settles slashed dates the statement's own do not.
+
+    `ledger`, when given, is a first pass's: the statements are collected without their
+    ledger (no trade, cash transaction or corporate action), and each ledger row is
+    handed to `ledger` as a `LedgerEntry` (its values not read, its problems not
+    counted in `StatementEnd.problems`), after its statement's `StatementHeader` and
+    before its `StatementEnd`, which `ledger` is given too.
     """
     statements: list[Statement] = []
     outside: list[AccountInformation] = []
     parts: dict[str, Any] = {}
     end: ResponseEnd | None = None
-    for record in iter_records(source, zone=zone, period=period):
+    for record in iter_records(source, zone=zone, period=period, ledger=ledger is None):
         match record:
+            case LedgerEntry():
+                ledger(record)  # type: ignore[misc]
             case StatementHeader():
                 parts = {"header": record, **{name: [] for name in _COLLECTED.values()}}
+                if ledger is not None:
+                    ledger(record)
             case StatementEnd():
                 statements.append(_statement(parts, record, outside))
                 parts = {}
+                if ledger is not None:
+                    ledger(record)
             case AccountInformation() if not parts:
                 outside.append(record)
             case AccountInformation():
@@ -172,16 +186,18 @@ def iter_records(
     *,
     zone: dt.tzinfo = V.EASTERN,
     period: tuple[dt.date, dt.date] | None = None,
+    ledger: bool = True,
 ) -> Iterator[Any]:
     """The records of a response in document order, one at a time: for each statement a
     `StatementHeader`, its rows' records, a `StatementEnd`; `AccountInformation`
     wherever it stands; a `ResponseEnd` last. Raises FlexError (and yields nothing more)
-    on a document that is not a whole, readable statement."""
+    on a document that is not a whole, readable statement. `ledger` False: each ledger
+    row a `LedgerEntry` (a first pass's: the same rows, their values not read)."""
     if isinstance(source, bytes | bytearray):
         import io
 
         source = io.BytesIO(source)
-    reader = _Reader(zone, period)
+    reader = _Reader(zone, period, ledger)
     try:
         yield from reader.read(source)
     except ParseError as error:
@@ -334,9 +350,12 @@ class _Row:
 
 
 class _Reader:
-    def __init__(self, zone: dt.tzinfo, period: tuple[dt.date, dt.date] | None) -> None:
+    def __init__(
+        self, zone: dt.tzinfo, period: tuple[dt.date, dt.date] | None, ledger: bool = True
+    ) -> None:
         self.zone = zone
         self.period = period
+        self.handlers = _HANDLERS if ledger else _FIRST_PASS_HANDLERS
         self.statements = 0
         self.problems: list[str] = []
         # The statement being read.
@@ -471,7 +490,7 @@ class _Reader:
             self.section_rows += 1
             section = stack[self.statement_depth].tag
             path = f"{section}/{element.tag}"
-            handler = _HANDLERS.get(path)
+            handler = self.handlers.get(path)
             if handler is None:
                 self.ignored[path] += 1
                 return
@@ -566,10 +585,68 @@ class _Reader:
             **row.done(),
         )
 
-    def trade(self, row: _Row, statement: StatementHeader) -> Trade | None:
-        if row.text("levelOfDetail").upper() not in ("", "EXECUTION"):
+    # --- the ledger's rows: which are read (a first pass's and a full read's alike) ---
+
+    @staticmethod
+    def is_trade(row: _Row) -> bool:
+        return (
+            row.text("levelOfDetail").upper() in ("", "EXECUTION")
+            and row.text("currency") != BASE_SUMMARY
+        )
+
+    @staticmethod
+    def is_cash_transaction(row: _Row) -> bool:
+        return (
+            row.text("levelOfDetail").upper() in ("", "DETAIL")
+            and row.text("currency") != BASE_SUMMARY
+        )
+
+    @staticmethod
+    def is_corporate_action(row: _Row) -> bool:
+        return row.text("levelOfDetail").upper() in ("", "DETAIL")
+
+    @staticmethod
+    def cash_kind(row: _Row) -> tuple[str, str, Any]:
+        """A cash transaction's type text, kind and amount."""
+        type_text = row.text("type")
+        amount = row.decimal("amount")
+        normalised = " ".join(type_text.lower().split())
+        kind = _CASH_KINDS.get(normalised)
+        if normalised in _DEPOSITS_WITHDRAWALS:
+            kind = "withdrawal" if amount is not None and amount < 0 else "deposit"
+        return type_text, kind or "other", amount
+
+    def trade_entry(self, row: _Row, statement: StatementHeader) -> LedgerEntry | None:
+        if not self.is_trade(row):
             return None
-        if row.text("currency") == BASE_SUMMARY:
+        return LedgerEntry("Trade", self._account(row, statement), row.ident("transactionID"))
+
+    def cash_transaction_entry(self, row: _Row, statement: StatementHeader) -> LedgerEntry | None:
+        if not self.is_cash_transaction(row):
+            return None
+        kind = _CASH_KINDS.get(" ".join(row.text("type").lower().split()), "other")
+        action_id = row.ident("actionID")
+        con_id = None
+        if action_id and kind in (*INCOME_KINDS, TAX_KIND) and row.has_contract():
+            con_id = row.contract().con_id
+        return LedgerEntry(
+            "CashTransaction",
+            self._account(row, statement),
+            row.ident("transactionID"),
+            kind=kind,  # exact for the kinds a tax is linked by (a deposit's: other)
+            action_id=action_id,
+            con_id=con_id,
+        )
+
+    def corporate_action_entry(self, row: _Row, statement: StatementHeader) -> LedgerEntry | None:
+        if not self.is_corporate_action(row):
+            return None
+        return LedgerEntry(
+            "CorporateAction", self._account(row, statement), row.ident("transactionID")
+        )
+
+    def trade(self, row: _Row, statement: StatementHeader) -> Trade | None:
+        if not self.is_trade(row):
             return None
         day, traded_at = row.date_time("dateTime")
         trade_date = row.date("tradeDate") or day
@@ -613,23 +690,16 @@ class _Reader:
         )
 
     def cash_transaction(self, row: _Row, statement: StatementHeader) -> CashTransaction | None:
-        if row.text("levelOfDetail").upper() not in ("", "DETAIL"):
+        if not self.is_cash_transaction(row):
             return None
-        if row.text("currency") == BASE_SUMMARY:
-            return None
-        type_text = row.text("type")
-        amount = row.decimal("amount")
-        normalised = " ".join(type_text.lower().split())
-        kind = _CASH_KINDS.get(normalised)
-        if normalised in _DEPOSITS_WITHDRAWALS:
-            kind = "withdrawal" if amount is not None and amount < 0 else "deposit"
+        type_text, kind, amount = self.cash_kind(row)
         day, happened_at = row.date_time("dateTime")
         settle_date = row.date("settleDate")
         report_date = row.date("reportDate")
         return CashTransaction(
             account=self._account(row, statement),
             transaction_id=row.ident("transactionID"),
-            kind=kind or "other",
+            kind=kind,
             type_text=type_text,
             date=day or settle_date or report_date,
             happened_at=happened_at,
@@ -649,7 +719,7 @@ class _Reader:
         )
 
     def corporate_action(self, row: _Row, statement: StatementHeader) -> CorporateAction | None:
-        if row.text("levelOfDetail").upper() not in ("", "DETAIL"):
+        if not self.is_corporate_action(row):
             return None
         type_code = row.text("type")
         day, happened_at = row.date_time("dateTime")
@@ -708,6 +778,13 @@ _HANDLERS: Final[dict[str, Callable]] = {
     "CashTransactions/CashTransaction": _Reader.cash_transaction,
     "CorporateActions/CorporateAction": _Reader.corporate_action,
     "OptionEAE/OptionEAE": _Reader.option_event,
+}
+#: A first pass's (`iter_records(ledger=False)`): the ledger's rows as `LedgerEntry`s.
+_FIRST_PASS_HANDLERS: Final[dict[str, Callable]] = {
+    **_HANDLERS,
+    "Trades/Trade": _Reader.trade_entry,
+    "CashTransactions/CashTransaction": _Reader.cash_transaction_entry,
+    "CorporateActions/CorporateAction": _Reader.corporate_action_entry,
 }
 _COLLECTED: Final = {
     HeldPosition: "positions",

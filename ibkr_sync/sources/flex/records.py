@@ -222,6 +222,23 @@ class OptionEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    """A ledger row (a trade, cash transaction or corporate action) as a first pass over
+    a statement sees it, its values not read: the row's `section` (`Trade`,
+    `CashTransaction`, `CorporateAction`), account, transactionID, and for a cash
+    transaction its kind and what ties a tax to its dividend (`action_id`, `con_id`).
+    The rows are the same, in the same order, as a full read's records."""
+
+    section: str
+    account: str
+    transaction_id: str | None
+    kind: str = ""
+    action_id: str | None = None
+    con_id: int | None = None
+    problems: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class StatementEnd:
     """The last record of one statement in a stream: what was read and what not.
 

@@ -35,26 +35,34 @@ import datetime as dt
 import hashlib
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from decimal import Decimal
 from typing import IO, Any, Final
 
 from ...conf import FlexConfig
 from ...exceptions import InvalidPeriod, UnknownAccount
 from ...snapshot import (
+    INCOME_KINDS,
+    TAX_KIND,
     AccountValues,
+    CashTransaction,
     ConnectionCheck,
+    CorporateAction,
+    LedgerBatch,
+    LedgerStream,
     PositionRecord,
     PositionValue,
     Repeat,
     Snapshot,
+    Trade,
     ValueProblem,
+    action_key,
 )
 from . import SOURCE
 from .client import MAX_DAYS, FlexClient, RetryPolicy, windows
 from .errors import FlexFormatError, FlexQueryError
-from .parser import END_OF_DAY, parse_flex
-from .records import FlexResponse, Statement
+from .parser import END_OF_DAY, iter_records, parse_flex
+from .records import FlexResponse, LedgerEntry, Statement, StatementHeader
 from .values import EASTERN
 
 #: The days of the period a sync asks for, ending yesterday, when the connection has
@@ -201,10 +209,12 @@ class FlexSource:
         service asks its database): then the statement is not parsed again, and the
         snapshot only repeats what was applied (`Snapshot.repeats`)."""
         period = period or self.period(after)
-        with self.client().download(self.config.query_id, *period) as download:
+        download = self.client().download(self.config.query_id, *period)
+        try:
             digest = statement_digest(download.body)
             repeat = applied(period, digest) if applied is not None else None
             if repeat is not None:
+                download.close()
                 return Snapshot(
                     accounts=repeat.accounts,
                     positions=(),
@@ -216,10 +226,21 @@ class FlexSource:
                     statement_digest=digest,
                     repeats=repeat.run,
                 )
+            # The first pass: everything but the ledger, whose rows are only indexed
+            # (`LedgerIndex`); the ledger is read again from the download, batch by
+            # batch, when the sync writes it (`LedgerIndex.stream`).
             download.body.seek(0)
-            response = parse_flex(download.body, period=period)
-        snapshot = snapshot_of(response, account_id, progress=self.progress, period=period)
-        return dataclasses.replace(snapshot, statement_digest=digest)
+            index = LedgerIndex(account_id)
+            response = parse_flex(download.body, period=period, ledger=index.add)
+            snapshot = snapshot_of(response, account_id, progress=self.progress, period=period)
+        except BaseException:
+            download.close()
+            raise
+        if not index.rows:
+            download.close()
+            return dataclasses.replace(snapshot, statement_digest=digest)
+        stream = index.stream(download.body, period=period, close=download.close)
+        return dataclasses.replace(snapshot, statement_digest=digest, ledger=stream)
 
     # --- Test connection ---
 
@@ -439,38 +460,224 @@ def keyed(statement: Statement) -> Statement:
     same key again, so importing it again writes nothing; but without IBKR's id a
     corrected row is a new row, not an update: the README asks for the Transaction ID
     column."""
-    seen: dict[str, int] = {}
-    # An id that several different rows of one section carry keys none of them (a
-    # statement whose ids were redacted to one word): each is keyed on its attributes.
-    shared: set[tuple[str, str]] = set()
-    for section, records in (
+    sections = (
         ("Trade", statement.trades),
         ("CashTransaction", statement.cash_transactions),
         ("CorporateAction", statement.corporate_actions),
-    ):
-        first: dict[str, Any] = {}
-        for record in records:
-            if record.transaction_id:
-                kept = first.setdefault(record.transaction_id, record.raw)
-                if kept != record.raw:
-                    shared.add((section, record.transaction_id))
-
-    def key(section: str, record: Any) -> Any:
-        if record.transaction_id and (section, record.transaction_id) not in shared:
-            return record
-        text = "\x1f".join(
-            [section, record.account, *(f"{k}={v}" for k, v in sorted(record.raw.items()))]
-        )
-        digest = DERIVED_KEY + hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()[:32]
-        seen[digest] = n = seen.get(digest, 0) + 1
-        return dataclasses.replace(record, transaction_id=digest if n == 1 else f"{digest}.{n}")
-
+    )
+    shared = _shared_ids((section, record) for section, records in sections for record in records)
+    seen: dict[str, int] = {}
     return dataclasses.replace(
         statement,
-        trades=tuple(key("Trade", t) for t in statement.trades),
-        cash_transactions=tuple(key("CashTransaction", t) for t in statement.cash_transactions),
-        corporate_actions=tuple(key("CorporateAction", a) for a in statement.corporate_actions),
+        trades=tuple(_keyed("Trade", t, shared, seen) for t in statement.trades),
+        cash_transactions=tuple(
+            _keyed("CashTransaction", t, shared, seen) for t in statement.cash_transactions
+        ),
+        corporate_actions=tuple(
+            _keyed("CorporateAction", a, shared, seen) for a in statement.corporate_actions
+        ),
     )
+
+
+def _shared_ids(records: Iterable[tuple[str, Any]]) -> set[tuple[str, str]]:
+    """The (section, id) that several different rows of one statement's section carry
+    (a statement whose ids were redacted to one word): each such row is keyed on its
+    attributes."""
+    shared: set[tuple[str, str]] = set()
+    first: dict[tuple[str, str], Any] = {}
+    for section, record in records:
+        if record.transaction_id:
+            key = (section, record.transaction_id)
+            if first.setdefault(key, record.raw) != record.raw:
+                shared.add(key)
+    return shared
+
+
+def _keyed(section: str, record: Any, shared: set[tuple[str, str]], seen: dict[str, int]) -> Any:
+    """A ledger record with its key (`keyed`); `seen` counts the statement's derived
+    keys so far."""
+    if record.transaction_id and (section, record.transaction_id) not in shared:
+        return record
+    text = "\x1f".join(
+        [section, record.account, *(f"{k}={v}" for k, v in sorted(record.raw.items()))]
+    )
+    digest = DERIVED_KEY + hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()[:32]
+    seen[digest] = n = seen.get(digest, 0) + 1
+    return dataclasses.replace(record, transaction_id=digest if n == 1 else f"{digest}.{n}")
+
+
+#: The ledger records a stream's batch holds at most (besides the rows held to its
+#: end: see `LedgerIndex`).
+LEDGER_BATCH: Final = 5000
+_SECTIONS: Final = {
+    Trade: "Trade",
+    CashTransaction: "CashTransaction",
+    CorporateAction: "CorporateAction",
+}
+
+
+class LedgerIndex:
+    """What a first pass over a statement learns of its ledger (`parse_flex(ledger=...)`),
+    so that a second pass can hand the ledger on in batches (`stream`) with exactly the
+    keys and links the whole ledger in memory gets (`keyed`, `link_withholding`), in
+    bounded memory: per row, only its id.
+
+    - The ids that more than one row of a section carries (a row sent twice, by two
+      overlapping statements; ids redacted to one word): every row of such an id is held
+      to the stream's last batch, where they are keyed together as `keyed` keys them, so
+      that all rows of one key are in one batch (mapping keeps the last).
+    - Rows without an id are keyed on their attributes as they come; if more than one
+      statement has such rows (their keys could meet), they are held to the last batch too.
+    - Each withholding tax's dividend (`link_withholding`: the one income of its
+      account, action id and contract), by the rows' places; a tax whose dividend's key is
+      not known when the tax comes is held to the last batch.
+    """
+
+    def __init__(self, account_id: str | None) -> None:
+        self.account_id = account_id
+        self.rows = 0
+        self._keep = False
+        self._statement = -1
+        self._ids: dict[str, int] = {}
+        self._without_id: set[int] = set()
+        self._odd_ids = False  # an id that looks like a derived key
+        self._income: dict[tuple, list[int]] = {}
+        self._taxes: list[tuple[int, tuple]] = []
+        self._id_of: dict[int, str | None] = {}
+
+    def add(self, record: Any) -> None:
+        if isinstance(record, StatementHeader):
+            self._keep = self.account_id is None or record.account == self.account_id
+            self._statement = record.index
+            return
+        if not isinstance(record, LedgerEntry) or not self._keep:
+            return
+        place = self.rows
+        self.rows += 1
+        ident = record.transaction_id
+        if ident:
+            key = record.section[:3] + ident
+            self._ids[key] = self._ids.get(key, 0) + 1
+            if ident.startswith(DERIVED_KEY):
+                self._odd_ids = True
+        else:
+            self._without_id.add(self._statement)
+        if record.action_id:
+            if record.kind in INCOME_KINDS:
+                link = action_key(record.account, record.action_id, record.con_id)
+                self._income.setdefault(link, []).append(place)
+                self._id_of[place] = ident
+            elif record.kind == TAX_KIND:
+                link = action_key(record.account, record.action_id, record.con_id)
+                self._taxes.append((place, link))
+                self._id_of[place] = ident
+
+    def stream(
+        self,
+        body: IO[bytes],
+        *,
+        period: tuple[dt.date, dt.date] | None,
+        close: Callable[[], None],
+        size: int | None = None,
+    ) -> LedgerStream:
+        """The ledger of the statement `body` (read again from its start at each call of
+        `batches()`) in batches of `size` records (default `LEDGER_BATCH`)."""
+        size = size or LEDGER_BATCH
+        repeated = {key for key, n in self._ids.items() if n > 1}
+        self._ids = {}
+        derived_held = len(self._without_id) > 1 or self._odd_ids
+        links: dict[int, int] = {}
+        for place, link in self._taxes:
+            candidates = self._income.get(link, [])
+            if len(candidates) == 1:
+                links[place] = candidates[0]
+        # The incomes' keys known already: their own ids, when no other row has them.
+        known: dict[int, str] = {}
+        for income in set(links.values()):
+            ident = self._id_of[income]
+            if ident and "Cas" + ident not in repeated:
+                known[income] = ident
+        incomes = frozenset(links.values())
+        account_id = self.account_id
+
+        def batches() -> Iterator[LedgerBatch]:
+            body.seek(0)
+            key_of = dict(known)
+            held: list[tuple[int, int, str, Any, bool]] = []
+            parts: dict[str, list[Any]] = {name: [] for name in _SECTIONS.values()}
+            dividend_of: dict[str, str] = {}
+            keep, statement, seen, place, count = False, -1, {}, -1, 0
+            for record in iter_records(body, period=period):
+                section = _SECTIONS.get(type(record))
+                if section is None:
+                    if isinstance(record, StatementHeader):
+                        keep = account_id is None or record.account == account_id
+                        statement, seen = record.index, {}
+                    continue
+                if not keep:
+                    continue
+                place += 1
+                ident = record.transaction_id
+                if (ident and section[:3] + ident in repeated) or (not ident and derived_held):
+                    held.append((place, statement, section, record, False))
+                    continue
+                record = _keyed(section, record, set(), seen)
+                if place in incomes:
+                    key_of[place] = record.transaction_id
+                if place in links:
+                    income_key = key_of.get(links[place])
+                    if income_key is None:  # its dividend comes later, or at the end
+                        held.append((place, statement, section, record, True))
+                        continue
+                    dividend_of[record.transaction_id] = income_key
+                parts[section].append(record)
+                count += 1
+                if count >= size:
+                    yield _batch(parts, dividend_of)
+                    parts = {name: [] for name in _SECTIONS.values()}
+                    dividend_of, count = {}, 0
+            if count:
+                yield _batch(parts, dividend_of)
+            if held:
+                yield _held_batch(held, links, key_of)
+
+        return LedgerStream(batches=batches, close=close)
+
+
+def _batch(parts: dict[str, list[Any]], dividend_of: dict[str, str]) -> LedgerBatch:
+    return LedgerBatch(
+        trades=tuple(parts["Trade"]),
+        cash_transactions=tuple(parts["CashTransaction"]),
+        corporate_actions=tuple(parts["CorporateAction"]),
+        dividend_of=dividend_of,
+    )
+
+
+def _held_batch(
+    held: list[tuple[int, int, str, Any, bool]], links: dict[int, int], key_of: dict[int, str]
+) -> LedgerBatch:
+    """The rows held to a stream's end, keyed per statement as `keyed` keys them (every
+    row of their ids is among them), in the document's order, with their taxes' links."""
+    by_statement: dict[int, list[tuple[int, str, Any, bool]]] = {}
+    for place, statement, section, record, done in held:
+        by_statement.setdefault(statement, []).append((place, section, record, done))
+    rows: list[tuple[int, str, Any]] = []
+    for members in by_statement.values():
+        shared = _shared_ids((section, record) for _, section, record, done in members if not done)
+        seen: dict[str, int] = {}
+        for place, section, record, done in members:
+            if not done:
+                record = _keyed(section, record, shared, seen)
+            key_of[place] = record.transaction_id
+            rows.append((place, section, record))
+    rows.sort(key=lambda row: row[0])
+    parts: dict[str, list[Any]] = {name: [] for name in _SECTIONS.values()}
+    dividend_of: dict[str, str] = {}
+    for place, section, record in rows:
+        if place in links:
+            dividend_of[record.transaction_id] = key_of[links[place]]
+        parts[section].append(record)
+    return _batch(parts, dividend_of)
 
 
 def _position(held: Any) -> PositionRecord:
