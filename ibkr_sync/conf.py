@@ -164,6 +164,8 @@ class GatewayConfig:
     library: str
     read_values: bool = True
     values_timeout: float = 30.0
+    #: The connection's name, for messages ("" for the settings' gateway).
+    name: str = ""
 
     @classmethod
     def from_settings(cls, connection=None) -> "GatewayConfig":
@@ -182,6 +184,7 @@ class GatewayConfig:
         if connection is None:
             return config
         overrides = {
+            "name": getattr(connection, "name", ""),
             "host": connection.host,
             "port": connection.port,
             "client_id": connection.client_id,
