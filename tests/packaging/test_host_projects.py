@@ -14,8 +14,8 @@ a fresh virtualenv:
 In each: `check`, `sync_ibkr` against the simulator, the POST, every read endpoint with
 data (as_of too), a JSON 404, the admin's lists read-only, the overview with values, the
 sync history, the host's receiver after commit; then the host's own pytest suite with
-the plugin's `ibkr_simulator` fixture. And section 9's trial of a Flex connection on
-the bundled fake Flex Web Service, its lines as written (the token and query id they use
+the plugin's `ibkr_simulator` fixture. And section 9's commands that try a Flex connection on
+the bundled fake Flex Web Service, as written (the token and query id they use
 are those the service prints). On the database DATABASE_URL names (SQLite otherwise).
 
 Slow (it installs the wheel's dependencies): runs when IBKR_PACKAGING_TESTS=1, as CI
@@ -462,7 +462,7 @@ def test_section_9_as_written_in_a_freshly_generated_project(
     shutil.rmtree(where, ignore_errors=True)
 
 
-def flex_trial() -> list[str]:
+def flex_lines() -> list[str]:
     """Section 9's lines that try a Flex connection against the bundled fake service."""
     block = section_9().split("To try it without an IBKR account", 1)[1]
     return [
@@ -480,7 +480,7 @@ def test_section_9_tries_a_flex_connection_on_the_bundled_service(
     for line in commands()[:2]:  # makemigrations, migrate
         args, assignments = readme_command(line, python, "holdings", 0)
         run(args, cwd=where, env={**env, **assignments})
-    start, *lines = flex_trial()
+    start, *lines = flex_lines()
     assert start.split("#")[0].split() == ["python", "manage.py", "ibkr_flex_simulator"]
     port = free_port()
     service = subprocess.Popen(
@@ -491,13 +491,13 @@ def test_section_9_tries_a_flex_connection_on_the_bundled_service(
     try:
         printed = service.stdout.readline()
         assert "listening on" in printed, printed + service.stderr.read()
-        trial = dict(env)
+        flex_env = dict(env)
         synced = None
         for line in lines:
             if line.startswith("export "):
                 name, value = line.removeprefix("export ").split("=", 1)
                 value = value.replace(":8760/", f":{port}/")
-                trial[name] = value
+                flex_env[name] = value
                 # What the README exports is what the service says of itself.
                 if name == "IBKR_FLEX_BASE_URL":
                     assert printed.rstrip().endswith(f"Set IBKR_FLEX_BASE_URL={value}"), printed
@@ -509,7 +509,7 @@ def test_section_9_tries_a_flex_connection_on_the_bundled_service(
                 "--query-id" not in args
                 or f"(query {args[args.index('--query-id') + 1]}, " in printed
             )
-            synced = run(args, cwd=where, env={**trial, **assignments}).stdout
+            synced = run(args, cwd=where, env={**flex_env, **assignments}).stdout
     finally:
         service.terminate()
         service.wait(10)
