@@ -164,6 +164,8 @@ class GatewayConfig:
     library: str
     read_values: bool = True
     values_timeout: float = 30.0
+    #: The connection's name, for messages ("" for the settings' gateway).
+    name: str = ""
 
     @classmethod
     def from_settings(cls, connection=None) -> "GatewayConfig":
@@ -182,6 +184,7 @@ class GatewayConfig:
         if connection is None:
             return config
         overrides = {
+            "name": getattr(connection, "name", ""),
             "host": connection.host,
             "port": connection.port,
             "client_id": connection.client_id,
@@ -247,10 +250,20 @@ def lookup_model(name: str) -> type[models.Model]:
             f"{name} must be of the form 'app_label.ModelName', got {value!r}."
         ) from None
     except LookupError:
+        pass
+    if getattr(settings, name, _UNSET) is _UNSET:
         raise ImproperlyConfigured(
-            f"{name} refers to model {value!r}, which is not installed: add its app to "
-            "INSTALLED_APPS, or leave the setting out to use the portfolio app's model."
-        ) from None
+            f"{name} is not set, and its default, {value!r}, is not installed: set it to "
+            "your own model ('app_label.ModelName', with the other IBKR_SYNC_*_MODEL "
+            "settings), or add 'portfolio' to INSTALLED_APPS to use ours."
+        )
+    hint = "correct the name, or add its app to INSTALLED_APPS"
+    try:
+        apps.get_model(MODEL_SETTINGS[name], require_ready=False)
+        hint += ", or leave the setting out to use the portfolio app's model"
+    except LookupError:
+        pass
+    raise ImproperlyConfigured(f"{name} refers to model {value!r}, which is not installed: {hint}.")
 
 
 def account_model() -> type[models.Model]:

@@ -87,13 +87,34 @@ class Held:
         deadline = time.monotonic() + self.gate.wait
         while not self._take():
             if time.monotonic() >= deadline:
-                raise FlexThrottled(
-                    f"another process has been using this Flex token for over "
-                    f"{self.gate.wait:.0f} s (one request at a time per token): sync again "
-                    "later; nothing was asked of IBKR"
-                )
+                raise FlexThrottled(self._busy())
             self.sleep_a_little()
         return self
+
+    def _busy(self) -> str:
+        """Why the token could not be taken: its holder (and when the lease of one that
+        stopped runs out), or IBKR's back-off."""
+        row = FlexTokenGate.objects.filter(key=self.key).first()
+        now = database_now()
+        said = f"{self.gate.wait:g} s"
+        if row is not None and row.holder and row.leased_until and row.leased_until > now:
+            return (
+                f"another process ({row.holder.rsplit(' thread ', 1)[0]}) has been using this "
+                f"Flex token for over {said} (one request at a time per token): sync again "
+                "later; nothing was asked of IBKR. If that process has stopped, the token "
+                f"is free again at {row.leased_until:%Y-%m-%d %H:%M:%S} UTC, when its lease "
+                "runs out"
+            )
+        if row is not None and row.not_before and row.not_before > now:
+            return (
+                f"IBKR asked for no request on this Flex token before "
+                f"{row.not_before:%Y-%m-%d %H:%M:%S} UTC (too many requests, 1018), more "
+                f"than {said} from now: sync again later; nothing was asked of IBKR"
+            )
+        return (
+            f"another process has been using this Flex token for over {said} (one request "
+            "at a time per token): sync again later; nothing was asked of IBKR"
+        )
 
     def __exit__(self, *exc: object) -> None:
         now = database_now()

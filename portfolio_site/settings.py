@@ -14,6 +14,7 @@ import environ
 from django.core.exceptions import ImproperlyConfigured
 
 from ibkr_sync import environment
+from ibkr_sync.api.schema import ENUM_NAME_OVERRIDES
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -199,12 +200,7 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
-    "ENUM_NAME_OVERRIDES": {
-        "SyncRunStatusEnum": "ibkr_sync.models.SyncRun.Status",
-        "PositionStatusEnum": ["open", "closed"],
-        "ErrorStatusEnum": ["error"],
-        "CashKindEnum": "ibkr_sync.models.CashKind",
-    },
+    "ENUM_NAME_OVERRIDES": ENUM_NAME_OVERRIDES,
 }
 
 # --- Interactive Brokers (TWS / IB Gateway) ---------------------------------------------

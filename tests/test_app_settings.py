@@ -244,3 +244,46 @@ def test_gateway_config_is_typed_and_a_connection_overrides_its_fields(settings)
         from_settings, host="paper.example", port=4004, client_id=23, request_timeout=5.0
     )
     assert type(for_connection.request_timeout) is float
+
+
+def test_a_misspelt_model_setting_says_to_correct_it_or_leave_it_out(settings):
+    settings.IBKR_SYNC_CASH_BALANCE_MODEL = "portfolio.CashBalanse"
+
+    with pytest.raises(ImproperlyConfigured) as caught:
+        conf.lookup_model("IBKR_SYNC_CASH_BALANCE_MODEL")
+
+    assert str(caught.value) == (
+        "IBKR_SYNC_CASH_BALANCE_MODEL refers to model 'portfolio.CashBalanse', which is not "
+        "installed: correct the name, or add its app to INSTALLED_APPS, or leave the setting "
+        "out to use the portfolio app's model."
+    )
+
+
+def test_without_our_portfolio_app_a_model_setting_left_out_is_named_as_missing(
+    settings, monkeypatch
+):
+    """A host with models of its own, without `portfolio`: a setting it left out names
+    our model, which is not there. The message says to set it, not to leave it out."""
+    monkeypatch.setitem(conf.MODEL_SETTINGS, "IBKR_SYNC_CASH_BALANCE_MODEL", "portfolio.Gone")
+    del settings.IBKR_SYNC_CASH_BALANCE_MODEL
+    # A setting left out reads as its default: here the missing model above.
+    monkeypatch.setattr(
+        conf, "model_setting", lambda name: getattr(settings, name, conf.MODEL_SETTINGS[name])
+    )
+
+    with pytest.raises(ImproperlyConfigured) as caught:
+        conf.lookup_model("IBKR_SYNC_CASH_BALANCE_MODEL")
+    assert str(caught.value) == (
+        "IBKR_SYNC_CASH_BALANCE_MODEL is not set, and its default, 'portfolio.Gone', is not "
+        "installed: set it to your own model ('app_label.ModelName', with the other "
+        "IBKR_SYNC_*_MODEL settings), or add 'portfolio' to INSTALLED_APPS to use ours."
+    )
+
+    # Set, and misspelt: leaving it out would not help either.
+    settings.IBKR_SYNC_CASH_BALANCE_MODEL = "holdings.Cahs"
+    with pytest.raises(ImproperlyConfigured) as caught:
+        conf.lookup_model("IBKR_SYNC_CASH_BALANCE_MODEL")
+    assert str(caught.value) == (
+        "IBKR_SYNC_CASH_BALANCE_MODEL refers to model 'holdings.Cahs', which is not "
+        "installed: correct the name, or add its app to INSTALLED_APPS."
+    )

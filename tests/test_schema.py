@@ -4,10 +4,15 @@ import re
 
 import pytest
 from django.urls import URLPattern, URLResolver, get_resolver
+from drf_spectacular.drainage import GENERATOR_STATS
+from drf_spectacular.generators import SchemaGenerator
+from drf_spectacular.plumbing import _load_enum_name_overrides
+from drf_spectacular.settings import patched_settings
 from drf_spectacular.validation import validate_schema
 from rest_framework.test import APIClient
 
 from ibkr_sync.api.read_views import NotFoundView
+from ibkr_sync.api.schema import ENUM_NAME_OVERRIDES
 
 SYNC_STATUSES = {
     "200", "202", "400", "401", "403", "404", "405", "409", "429", "500", "502", "503", "504",
@@ -309,3 +314,29 @@ def test_the_schema_is_served_without_a_ledger(settings):
 
     assert response.status_code == 200, response.content
     validate_schema(response.json())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "warned"),
+    [({}, True), (ENUM_NAME_OVERRIDES, False)],
+    ids=["none", "the_apps"],
+)
+def test_a_host_names_the_enums_with_the_apps_overrides_alone(overrides, warned):
+    """A host's schema gets stable enum names, without drf-spectacular's collision
+    warnings, from `ibkr_sync.api.schema.ENUM_NAME_OVERRIDES` and nothing else (without
+    them, the `status` and `kind` fields collide)."""
+    GENERATOR_STATS.reset()
+    _load_enum_name_overrides.cache_clear()  # read once per language, and kept
+    try:
+        with patched_settings({"ENUM_NAME_OVERRIDES": overrides}), GENERATOR_STATS.silence():
+            schema = SchemaGenerator().get_schema(request=None, public=True)
+        collisions = [w for w in GENERATOR_STATS._warn_cache if "enum naming" in w]
+    finally:
+        GENERATOR_STATS.reset()
+        _load_enum_name_overrides.cache_clear()
+
+    assert bool(collisions) is warned, collisions
+    assert not GENERATOR_STATS._error_cache
+    if not warned:
+        names = set(schema["components"]["schemas"])
+        assert {"SyncRunStatusEnum", "ErrorStatusEnum", "CashKindEnum"} <= names

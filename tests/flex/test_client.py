@@ -222,6 +222,63 @@ def test_a_refused_connection_is_unavailable(clock):
     assert clock.sleeps == [5.0, 10.0]
 
 
+def test_an_unreachable_service_is_named_with_what_to_check(clock):
+    base_url = f"http://127.0.0.1:{free_port()}/AccountManagement/FlexWebService"
+    client = FlexClient(
+        TOKEN, base_url=base_url, sleep=clock.sleep, clock=clock, policy=RetryPolicy(retries=1)
+    )
+    with pytest.raises(FlexUnavailable) as raised:
+        client.fetch(QUERY, JAN_1, JAN_31)
+    assert str(raised.value) == (
+        f"the Flex Web Service at {base_url} could not be reached: the connection was "
+        "refused; check IBKR_FLEX_BASE_URL, and that this machine reaches it (network, "
+        "firewall, proxy)"
+    )
+
+
+@pytest.fixture
+def unresolvable(monkeypatch):
+    """Host names ending in `.invalid`, and those added to the set it gives, do not exist
+    (the resolver says so: EAI_NONAME)."""
+    resolve = socket.getaddrinfo
+    names: set[str] = set()
+
+    def getaddrinfo(host, *args, **kwargs):
+        if str(host).endswith(".invalid") or host in names:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return resolve(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return names
+
+
+def test_a_host_name_that_does_not_exist_is_said_at_once_not_retried(clock, unresolvable):
+    """A misspelt IBKR_FLEX_BASE_URL, or no DNS: the same answer a minute later, so no
+    back-off (which made `ibkr_connection test` wait over a minute to say it)."""
+    base_url = "https://flex.example.invalid/AccountManagement/FlexWebService"
+    client = FlexClient(TOKEN, base_url=base_url, sleep=clock.sleep, clock=clock)
+    with pytest.raises(FlexUnavailable) as raised:
+        client.fetch(QUERY, JAN_1, JAN_31)
+    assert clock.sleeps == []
+    assert str(raised.value) == (
+        f"the Flex Web Service at {base_url} could not be reached: flex.example.invalid is "
+        "not a host name this machine can resolve (Name or service not known); check "
+        "IBKR_FLEX_BASE_URL, and that this machine reaches it (network, firewall, proxy)"
+    )
+
+
+def test_a_statement_url_on_a_host_that_does_not_exist_falls_back_to_the_base(
+    service, clock, unresolvable, caplog
+):
+    unresolvable.add("gdcdyn.interactivebrokers.com")
+    service.statement_url = "https://gdcdyn.interactivebrokers.com/x/GetStatement"
+    caplog.set_level(logging.WARNING, "ibkr_sync.flex")
+    response = client_for(service, clock).fetch(QUERY, JAN_1, JAN_31)
+    assert len(response.statements) == 1
+    assert "not a host name this machine can resolve" in caplog.text
+    assert "fetching from" in caplog.text
+
+
 def test_a_truncated_statement_is_fetched_again(service, clock):
     service.script(GET_STATEMENT, Answer.truncated())
     response = client_for(service, clock).fetch(QUERY, JAN_1, JAN_31)

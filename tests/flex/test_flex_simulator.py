@@ -154,7 +154,8 @@ def test_the_command_serves_the_sample_portfolio_and_plays_a_script(tmp_path):
         assert line.startswith("Flex Web Service simulator listening on http://127.0.0.1:"), (
             line + process.stderr.read()
         )
-        assert "accounts: DU1234567, DU7654321, DU5555555" in line
+        # What a Flex connection needs to reach it: the query id and the token it accepts.
+        assert f"(query {QUERY}, token {TOKEN}, accounts: DU1234567, DU7654321, DU5555555" in line
         assert "history 2026-03-07 to 2026-03-13; scripted: in-progress, truncated" in line
         base_url = line.rsplit("IBKR_FLEX_BASE_URL=", 1)[1].strip()
         clock = Clock()

@@ -70,8 +70,13 @@ def test_a_1018_holds_back_every_process_of_the_token(fake):
     not_before = FlexTokenGate.objects.get().not_before
     assert not_before >= before + dt.timedelta(seconds=10)  # the client's 1018 wait
     asked = len(fake.requests)
-    with pytest.raises(FlexThrottled, match="another process has been using this Flex token"):
+    with pytest.raises(FlexThrottled) as caught:
         client(fake, DatabaseGate(spacing=0.01, wait=0.3)).fetch(QUERY, day, day)
+    assert str(caught.value) == (
+        f"IBKR asked for no request on this Flex token before {not_before:%Y-%m-%d %H:%M:%S} "
+        "UTC (too many requests, 1018), more than 0.3 s from now: sync again later; nothing "
+        "was asked of IBKR"
+    )
     assert len(fake.requests) == asked
 
 
@@ -82,9 +87,17 @@ def test_a_holder_that_died_frees_the_token_after_its_lease(fake):
     FlexTokenGate.objects.create(
         key=token_key(TOKEN), holder="gone pid 1", leased_until=now + dt.timedelta(seconds=30)
     )
-    with pytest.raises(FlexThrottled):
+    with pytest.raises(FlexThrottled) as caught:
         client(fake, DatabaseGate(wait=0.3)).fetch(QUERY, day, day)
     assert not fake.requests  # held by a live lease: nothing asked
+    # Who holds it, and when it is free again if that process has stopped.
+    until = FlexTokenGate.objects.get().leased_until
+    assert str(caught.value) == (
+        "another process (gone pid 1) has been using this Flex token for over 0.3 s (one "
+        "request at a time per token): sync again later; nothing was asked of IBKR. If that "
+        f"process has stopped, the token is free again at {until:%Y-%m-%d %H:%M:%S} UTC, when "
+        "its lease runs out"
+    )
 
     FlexTokenGate.objects.update(leased_until=now - dt.timedelta(seconds=1))
     client(fake, DatabaseGate(wait=0.3, spacing=0.01)).fetch(QUERY, day, day)

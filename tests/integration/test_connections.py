@@ -15,13 +15,15 @@ from django.db import connection as db_connection
 
 from ibkr_sync import connections, services
 from ibkr_sync.exceptions import (
+    ClientIdInUse,
     ConnectionDisabled,
     ConnectionRequired,
+    GatewayUnavailable,
     SyncAlreadyRunning,
     UnknownConnection,
 )
 from ibkr_sync.models import AccountReport, Connection, SyncRun
-from ibkr_sync.testing import GatewaySimulator, Portfolio
+from ibkr_sync.testing import GatewaySimulator, Portfolio, WireClient
 from ibkr_sync.testing.pytest_plugin import CLIENT_ID
 from portfolio.models import Account, Instrument, Position
 
@@ -172,6 +174,30 @@ def test_sync_all_goes_on_past_a_connection_that_is_down(gateways):
     assert [o.connection for o in outcomes] == ["home", "office"]
     assert outcomes[0].error.code == "gateway_unavailable"
     assert outcomes[1].result.created == 2
+
+
+def test_a_connections_failures_name_its_own_fields_not_the_settings(gateways):
+    """A connection's gateway is at the connection's host and port, with its client id:
+    what to check names those, not `IBKR_PORT` / `IBKR_CLIENT_ID`, which it does not read."""
+    home, office = gateways
+    home.stop_thread()
+    with pytest.raises(GatewayUnavailable) as refused:
+        sync("home")
+    message = str(refused.value)
+    assert f"127.0.0.1:{home.port}: connection refused" in message
+    assert "the API port matches connection home's port" in message
+    assert "IBKR_" not in message
+
+    holder = WireClient("127.0.0.1", office.port).connect_api(client_id=CLIENT_ID)
+    try:
+        with pytest.raises(ClientIdInUse) as in_use:
+            sync("office")
+    finally:
+        holder.close()
+    assert "Set connection office's client id to a client id no other tool uses" in str(
+        in_use.value
+    )
+    assert "IBKR_" not in str(in_use.value)
 
 
 def test_a_connection_test_is_the_handshake_only(gateways):

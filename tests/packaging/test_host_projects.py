@@ -14,8 +14,9 @@ a fresh virtualenv:
 In each: `check`, `sync_ibkr` against the simulator, the POST, every read endpoint with
 data (as_of too), a JSON 404, the admin's lists read-only, the overview with values, the
 sync history, the host's receiver after commit; then the host's own pytest suite with
-the plugin's `ibkr_simulator` fixture. On the database DATABASE_URL names (SQLite
-otherwise).
+the plugin's `ibkr_simulator` fixture. And section 9's commands that try a Flex connection on
+the bundled fake Flex Web Service, as written (the token and query id they use
+are those the service prints). On the database DATABASE_URL names (SQLite otherwise).
 
 Slow (it installs the wheel's dependencies): runs when IBKR_PACKAGING_TESTS=1, as CI
 does.
@@ -459,3 +460,60 @@ def test_section_9_as_written_in_a_freshly_generated_project(
     assert suite.returncode == 0, suite.stdout[-3000:] + suite.stderr[-3000:]
     assert "1 passed" in suite.stdout
     shutil.rmtree(where, ignore_errors=True)
+
+
+def flex_lines() -> list[str]:
+    """Section 9's lines that try a Flex connection against the bundled fake service."""
+    block = section_9().split("To try it without an IBKR account", 1)[1]
+    return [
+        line.strip()
+        for line in block.split("```sh\n", 1)[1].split("```", 1)[0].splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+
+
+def test_section_9_tries_a_flex_connection_on_the_bundled_service(
+    venv, tmp_path, database_settings
+):
+    where = tmp_path / "host_flex"
+    python, env = make_host(venv, where, "own", database_settings)
+    for line in commands()[:2]:  # makemigrations, migrate
+        args, assignments = readme_command(line, python, "holdings", 0)
+        run(args, cwd=where, env={**env, **assignments})
+    start, *lines = flex_lines()
+    assert start.split("#")[0].split() == ["python", "manage.py", "ibkr_flex_simulator"]
+    port = free_port()
+    service = subprocess.Popen(
+        [python, "manage.py", "ibkr_flex_simulator", "--port", str(port)],
+        cwd=where, env={**env, "PYTHONUNBUFFERED": "1"}, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        printed = service.stdout.readline()
+        assert "listening on" in printed, printed + service.stderr.read()
+        flex_env = dict(env)
+        synced = None
+        for line in lines:
+            if line.startswith("export "):
+                name, value = line.removeprefix("export ").split("=", 1)
+                value = value.replace(":8760/", f":{port}/")
+                flex_env[name] = value
+                # What the README exports is what the service says of itself.
+                if name == "IBKR_FLEX_BASE_URL":
+                    assert printed.rstrip().endswith(f"Set IBKR_FLEX_BASE_URL={value}"), printed
+                else:
+                    assert f"token {value}," in printed, printed
+                continue
+            args, assignments = readme_command(line, python, "holdings", port)
+            assert (
+                "--query-id" not in args
+                or f"(query {args[args.index('--query-id') + 1]}, " in printed
+            )
+            synced = run(args, cwd=where, env={**flex_env, **assignments}).stdout
+    finally:
+        service.terminate()
+        service.wait(10)
+
+    summary = synced.strip().splitlines()[0]
+    assert summary.startswith("IBKR sync #1 of connection sim-flex: "), synced
+    assert int(re.search(r": (\d+) created", summary).group(1)) > 0, synced

@@ -54,12 +54,15 @@ class Command(BaseCommand):
         )
         add_portfolio_arguments(parser)
         parser.add_argument(
-            "--query-id", default=DEFAULT_QUERY_ID, help="The Flex query id it answers."
+            "--query-id",
+            default=DEFAULT_QUERY_ID,
+            help=f"The Flex query id it answers (default {DEFAULT_QUERY_ID}).",
         )
         parser.add_argument(
             "--token",
             default=DEFAULT_TOKEN,
-            help="The (made-up) token it accepts; any other is answered 1015.",
+            help=f"The (made-up) token it accepts (default {DEFAULT_TOKEN}); any other is "
+            "answered 1015.",
         )
         parser.add_argument(
             "--end-date",
@@ -118,7 +121,7 @@ class Command(BaseCommand):
         try:
             self.stdout.write(
                 f"Flex Web Service simulator listening on {service.base_url} (query "
-                f"{query_id}, accounts: {', '.join(history.accounts)}; history "
+                f"{query_id}, token {token}, accounts: {', '.join(history.accounts)}; history "
                 f"{history.start} to {history.end}"
                 + (f"; scripted: {', '.join(options['script'])}" if options["script"] else "")
                 + f"). Set IBKR_FLEX_BASE_URL={service.base_url}"

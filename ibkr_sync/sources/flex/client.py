@@ -130,6 +130,15 @@ class _Transient(Exception):
     reset, a timeout, an HTTP 5xx, a truncated body. Its text never holds the token."""
 
 
+class _Unreached(_Transient):
+    """A transient failure before any answer: no connection, or none that answered."""
+
+
+class _Unresolvable(_Unreached):
+    """The host name does not exist: asking again later finds the same, so it is not
+    retried (another URL of the exchange, if any, still is tried)."""
+
+
 @dataclass
 class _Answer:
     root: str
@@ -254,7 +263,7 @@ class FlexClient:
             try:
                 answer = self._get(f"{self.base_url}/SendRequest", params)
             except _Transient as reason:
-                retry.transient(str(reason))
+                retry.transient(reason)
                 continue
             if answer.root != "FlexStatementResponse":
                 raise FlexFormatError(
@@ -291,7 +300,7 @@ class FlexClient:
                     )
                     urls.pop(0)
                     continue
-                retry.transient(str(reason))
+                retry.transient(reason)
                 continue
             if answer.root == "FlexQueryResponse":
                 return answer
@@ -374,7 +383,16 @@ class FlexClient:
                 )
                 response = connection.getresponse()
                 answer = self._read(response, shown)
-            except (OSError, http.client.HTTPException) as error:
+            except socket.gaierror as error:
+                if error.errno != socket.EAI_NONAME:  # EAI_AGAIN: the resolver, for now
+                    raise _Unreached(self._scrub(_describe(error, self))) from None
+                raise _Unresolvable(
+                    f"{parts.hostname} is not a host name this machine can resolve "
+                    f"({error.strerror})"
+                ) from None
+            except OSError as error:
+                raise _Unreached(self._scrub(_describe(error, self))) from None
+            except http.client.HTTPException as error:
                 raise _Transient(self._scrub(_describe(error, self))) from None
             logger.info(
                 "Flex: GET %s -> %s <%s> (%.1f s)",
@@ -437,8 +455,17 @@ class _Retry:
         self.throttles = 0
         self.throttle_delay = client.policy.throttle_delay
 
-    def transient(self, reason: str) -> None:
-        self._again(FlexUnavailable(f"the Flex Web Service could not be used: {reason}"), reason)
+    def transient(self, reason: _Transient) -> None:
+        message = f"the Flex Web Service could not be used: {reason}"
+        if isinstance(reason, _Unreached):
+            message = (
+                f"the Flex Web Service at {_shown_url(self.client.base_url)} could not be "
+                f"reached: {reason}; check IBKR_FLEX_BASE_URL, and that this machine reaches "
+                "it (network, firewall, proxy)"
+            )
+        if isinstance(reason, _Unresolvable):
+            raise FlexUnavailable(message)
+        self._again(FlexUnavailable(message), str(reason))
 
     def retryable(self, code: int, message: str) -> None:
         self._again(errors.error_for(code, message), f"IBKR answered {code}")

@@ -53,18 +53,33 @@ _ACCOUNT_DATA_CODES = {
     _ACCOUNT_DATA_REFUSED: ("refused", "error", "another client holds it for a different account"),
 }
 
-_SETUP_CHECKLIST = (
-    "Check that TWS or IB Gateway is running and logged in, that 'Enable ActiveX and "
-    "Socket Clients' is checked in its API settings, that the API port matches "
-    "IBKR_PORT, and that this machine's IP address is in its trusted IPs."
-)
+
+def _where(config: GatewayConfig, what: str) -> str:
+    """Where `what` (host, port, client id) of the gateway a sync reads is set: the
+    connection's, or the settings' (`IBKR_PORT`)."""
+    if config.name:
+        return f"connection {config.name}'s {what}"
+    return "IBKR_" + what.upper().replace(" ", "_")
 
 
-_PORT_CHECKLIST = (
-    "Check that IBKR_HOST and IBKR_PORT name the API port of TWS / IB Gateway (its API "
-    "settings' 'Socket port'; by default 7496 live / 7497 paper for TWS, 4001 / 4002 for "
-    "IB Gateway)."
-)
+def _setup_checklist(config: GatewayConfig) -> str:
+    return (
+        "Check that TWS or IB Gateway is running and logged in, that 'Enable ActiveX and "
+        "Socket Clients' is checked in its API settings, that the API port matches "
+        f"{_where(config, 'port')}, and that this machine's IP address is in its trusted "
+        "IPs."
+    )
+
+
+def _port_checklist(config: GatewayConfig) -> str:
+    names = (
+        f"connection {config.name}'s host and port" if config.name else "IBKR_HOST and IBKR_PORT"
+    )
+    return (
+        f"Check that {names} name the API port of TWS / IB Gateway (its API "
+        "settings' 'Socket port'; by default 7496 live / 7497 paper for TWS, 4001 / 4002 "
+        "for IB Gateway)."
+    )
 
 
 class TwsErrors:
@@ -80,7 +95,8 @@ class TwsErrors:
                 ClientIdInUse(
                     f"The IB gateway at {self.address} refused client id "
                     f"{self.config.client_id}: it is already in use by another API "
-                    "connection. Set IBKR_CLIENT_ID to a client id no other tool uses.",
+                    f"connection. Set {_where(self.config, 'client id')} to a client id no other "
+                    "tool uses.",
                     ib_code=code,
                 )
             )
@@ -88,7 +104,7 @@ class TwsErrors:
             state.fail(
                 GatewayUnavailable(
                     f"The IB gateway at {self.address} reported error {code}: {text}. "
-                    + _SETUP_CHECKLIST,
+                    + _setup_checklist(self.config),
                     ib_code=code,
                 )
             )
@@ -139,7 +155,7 @@ class TwsErrors:
         state.fail(
             GatewayUnavailable(
                 f"The IB gateway at {self.address} closed the API connection ({message}). "
-                + _SETUP_CHECKLIST
+                + _setup_checklist(self.config)
             )
         )
 
@@ -148,7 +164,7 @@ class TwsErrors:
             GatewayUnavailable(
                 f"The IB gateway at {self.address} closed the connection"
                 f"{f' ({message})' if message else ''} before the read finished; nothing "
-                "was changed. " + _SETUP_CHECKLIST
+                "was changed. " + _setup_checklist(self.config)
             )
         )
 
@@ -163,11 +179,11 @@ class TwsErrors:
                 "IP address is in its trusted IPs (and 'Allow connections from localhost "
                 "only' off for another machine), and that a proxy in front of it (a "
                 "container's published port) has it running behind. Or something other "
-                "than TWS listens there: " + _PORT_CHECKLIST
+                "than TWS listens there: " + _port_checklist(self.config)
             )
         return NotAGateway(
             f"{self.address} answered, but not as TWS / IB Gateway: {what}; nothing was "
-            "changed. " + _PORT_CHECKLIST
+            "changed. " + _port_checklist(self.config)
         )
 
 

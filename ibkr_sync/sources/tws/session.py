@@ -76,7 +76,7 @@ from ...exceptions import (
 )
 from ...snapshot import Snapshot
 from .decoding import Decoding
-from .errors import _PORT_CHECKLIST, _SETUP_CHECKLIST, _cut, _shown_bytes, logger
+from .errors import _cut, _port_checklist, _setup_checklist, _shown_bytes, logger
 from .state import _ReadState
 from .values import ValuesRead
 
@@ -303,7 +303,8 @@ class TwsSource(ValuesRead, Decoding):
                         f"{self.address} answered, but not as TWS / IB Gateway: it did not "
                         f"answer the API handshake within {timeout:g} s, and it speaks "
                         f"HTTP ({_cut(status_line, 60)!r} to a request on a connection of "
-                        "its own): a web server; nothing was changed. " + _PORT_CHECKLIST
+                        "its own): a web server; nothing was changed. "
+                        + _port_checklist(self.config)
                     )
             raise GatewayTimeout(
                 f"The IB gateway at {self.address} did not {what} within {timeout:g} s "
@@ -319,7 +320,7 @@ class TwsSource(ValuesRead, Decoding):
         except ConnectionRefusedError:
             raise GatewayUnavailable(
                 f"Cannot connect to the IB gateway at {self.address}: connection refused. "
-                + _SETUP_CHECKLIST
+                + _setup_checklist(self.config)
             ) from None
         except ConnectionError as exc:
             if isinstance(exc, ConnectionResetError) and not state.handshake.answered:
@@ -328,12 +329,12 @@ class TwsSource(ValuesRead, Decoding):
                 raise self._not_a_gateway("reset it at once", closed=True) from None
             raise GatewayUnavailable(
                 f"The connection to the IB gateway at {self.address} was lost while waiting "
-                f"for it to {what} ({exc}); nothing was changed. " + _SETUP_CHECKLIST
+                f"for it to {what} ({exc}); nothing was changed. " + _setup_checklist(self.config)
             ) from None
         except OSError as exc:
             raise GatewayUnavailable(
                 f"Cannot connect to the IB gateway at {self.address}: "
-                f"{exc.strerror or exc}. " + _SETUP_CHECKLIST
+                f"{exc.strerror or exc}. " + _setup_checklist(self.config)
             ) from None
 
     async def _http_status_line(self, timeout: float = _HTTP_PROBE_TIMEOUT) -> str:
