@@ -112,6 +112,24 @@ def _classify(exc: BaseException) -> tuple[str, str] | None:
     return None
 
 
+#: PostgreSQL's "deadlock detected": it ended this transaction to free another.
+DEADLOCK = "40P01"
+
+
+def is_deadlock(exc: BaseException) -> bool:
+    """Whether `exc` is PostgreSQL ending this transaction in a deadlock (two transactions
+    each waiting for a row the other wrote): everything it did was rolled back, and the
+    same transaction run again no longer meets the other, which went on."""
+    error: BaseException | None = exc
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if getattr(error, "sqlstate", None) == DEADLOCK:
+            return True
+        error = error.__cause__
+    return False
+
+
 def is_unavailable(exc: BaseException) -> bool:
     """Whether `exc` says the database is unavailable (down, unreachable, out of storage,
     read-only, locked, not set up), as opposed to a query that is wrong."""

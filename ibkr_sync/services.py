@@ -32,7 +32,7 @@ from django.utils import timezone
 
 from . import connections, lock, signals
 from .conf import app_settings
-from .database import is_unavailable, unavailable_message
+from .database import is_deadlock, is_unavailable, unavailable_message
 from .exceptions import (
     ConnectionDisabled,
     DatabaseUnavailable,
@@ -431,6 +431,17 @@ def _sync_positions(
             except PositionsChanged:
                 # Another sync wrote one of those accounts since: map everything, write
                 # again.
+                written = _write(map_snapshot(snapshot), run, target, dry_run, state)
+            except DatabaseError as exc:
+                if not is_deadlock(exc):
+                    raise
+                # PostgreSQL ended the write in a deadlock with another sync's (both
+                # inserting instruments they share, in orders of their own: a streamed
+                # ledger's batches): nothing of it was kept, the other went on. Write
+                # again, once, mapped whole.
+                logger.info("IBKR sync #%s: its write met another's in a deadlock; again", run.pk)
+                if not dry_run:
+                    lock.claim(run)
                 written = _write(map_snapshot(snapshot), run, target, dry_run, state)
         accounts = written.accounts
         totals = {kind: written.total(kind) for kind in KINDS}
