@@ -21,12 +21,15 @@ its name, not its owner) is only for users who see every connection: whose it wa
 longer known, and it must not become everyone's by a removal.
 
 Why the account's current connection, not "any connection that ever reported it": an
-account reported by two logins (an adviser's and the client's own) is recorded with the
-last one only (`AccountReport` keeps no list), and the rule has to be one the database
-answers in the same query as the rows: the account's one report, in a correlated NOT
-EXISTS. A user whose own connection reports an account reads it from IBKR with their own
-login, so the account becomes theirs to see when that connection's snapshot of it is
-applied; it is no longer theirs once another owner's newer snapshot of it is.
+account reported by two connections is recorded with the last one only (`AccountReport`
+keeps no list), and the rule has to be one the database answers in the same query as the
+rows: the account's one report, in a correlated NOT EXISTS. An account no owner has (no
+report yet, an unowned connection's, the settings' gateway's) becomes the owner's whose
+connection's snapshot of it is applied. An owned account never changes hands by a sync:
+a gateway proves no login (any server that speaks its protocol, at the address a user
+gives their connection, reports whatever account ids it likes), so the writer refuses a
+snapshot of it from a connection of another owner, or of none (`writer._claim_accounts`);
+a user who sees every connection moves it by giving the connection to another owner.
 
 Syncing follows seeing: a user with `ibkr_sync.run_sync` may start syncs of the
 connections they may see (their own, unowned ones; every one with

@@ -6,8 +6,10 @@ Runs inside the sync's transaction (the service owns it). First the accounts
 (`_claim_accounts`): each account's `AccountReport`, the newest snapshot applied to it,
 locked for the transaction (in one order, so that two syncs reporting the same account
 take turns, never wait in a circle); an account whose stored report is newer than this
-snapshot's moment for it is refused (`Written.refused`): nothing of it is written, and
-the other accounts are applied as usual.
+snapshot's moment for it, or is of a connection of another owner than this one's (an
+owned account never changes hands by a sync: `visibility`), is refused
+(`Written.refused`): nothing of it is written, and the other accounts are applied as
+usual.
 
 Then the positions of the accounts applied: existing rows read as plain tuples in a
 fixed number of queries, new rows inserted batch by batch (`bulk.insert_rows`), changed
@@ -842,8 +844,9 @@ def _claim_accounts(
     connection_name: str,
 ) -> dict[str, str]:
     """Lock each reported account's `AccountReport` for this transaction; refuse the
-    accounts whose stored report is newer than this snapshot's moment for them (returned,
-    with the reason); record this snapshot as the newest of the others.
+    accounts whose stored report is newer than this snapshot's moment for them, or of a
+    connection of another owner (returned, with the reason); record this snapshot as the
+    newest of the others.
 
     An equal moment is not older: a snapshot may be applied again. The reports are
     inserted where missing (ON CONFLICT DO NOTHING: a report another sync is inserting
@@ -877,15 +880,22 @@ def _claim_accounts(
         _UNIQUE,
     )
     stored = (
-        AccountReport.objects.select_for_update()
+        AccountReport.objects.select_for_update(of=("self",))
         .filter(broker=BROKER, external_id__in=snapshot.accounts)
         .order_by("external_id")
-        .values_list("external_id", "as_of", "connection_name", "sync_run_id", "positions_digest")
-    )
+        .values_list(
+            "external_id", "as_of", "connection_name", "sync_run_id", "positions_digest",
+            "connection__owner_id",
+        )
+    )  # fmt: skip
+    owner = None if connection_row is None else connection_row.owner_id
     refused: dict[str, str] = {}
     applied = []
     stale = []
-    for account, stored_as_of, by, run_pk, stored_digest in stored:
+    for account, stored_as_of, by, run_pk, stored_digest, stored_owner in stored:
+        if stored_owner is not None and stored_owner != owner:
+            refused[account] = _owned_refusal(account)
+            continue
         if stored_as_of > as_of[account]:
             refused[account] = _refusal(account, stored_as_of, by, as_of[account], connection_name)
             continue
@@ -932,6 +942,17 @@ def _reported_moment(snapshot: MappedSnapshot, account: str, now: dt.datetime) -
     positions = snapshot.as_of or now
     values = snapshot.values_as_of.get(account)
     return positions if values is None else min(positions, values)
+
+
+def _owned_refusal(account: str) -> str:
+    """Why an account another owner's connection reports was refused. A gateway proves no
+    login (any server speaking its protocol, at the address a connection is given,
+    reports whatever account ids it likes), so an owned account is written only by its
+    owner's connections: never taken over, nor made everyone's by an unowned one."""
+    return (
+        f"{account} was not written: a connection of another owner reports it, and it "
+        "stays theirs (a user who sees every connection may give this connection to them)."
+    )
 
 
 def _refusal(account: str, newer: dt.datetime, by: str, this: dt.datetime, mine: str) -> str:
