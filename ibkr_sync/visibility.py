@@ -44,6 +44,8 @@ permissions, read once per request by Django) and no check per row.
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.db.models import Exists, OuterRef, Q, QuerySet
 
 from . import conf
@@ -65,10 +67,16 @@ def _prefix(path: str) -> str:
 def _owned_by_another(user, connection: str) -> Q:
     """Rows whose connection (at the path `connection`) is someone else's, or was removed
     (its name kept without the row)."""
+    return _not_owned_by(user.pk, connection)
+
+
+def _not_owned_by(owner: Any, connection: str) -> Q:
+    """Rows whose connection (at the path `connection`) is of another owner than `owner`
+    (a user's pk; None: of any owner), or was removed (its name kept without the row)."""
     at = _prefix(connection)
     another = Q(**{f"{at}connection__owner__isnull": False})
-    if user.pk is not None:
-        another &= ~Q(**{f"{at}connection__owner": user.pk})
+    if owner is not None:
+        another &= ~Q(**{f"{at}connection__owner": owner})
     removed = Q(**{f"{at}connection__isnull": True}) & ~Q(**{f"{at}connection_name": ""})
     return another | removed
 
@@ -99,6 +107,22 @@ def visible_instruments(queryset: QuerySet, user) -> QuerySet:
     for model in conf.ledger_models().values():
         named |= Exists(visible(model.objects.filter(instrument=OuterRef("pk")), user))
     return queryset.filter(named)
+
+
+def named_by_another_owner(instruments: QuerySet, owner: Any) -> QuerySet:
+    """The instruments of `instruments` that a position or a ledger row names of an account
+    a connection of another owner than `owner` (a user's pk; None: of any owner) reports,
+    or a removed one reported: a sync of `owner`'s connection does not change them
+    (`writer`), as it does not write those accounts."""
+    foreign = AccountReport.objects.filter(
+        _not_owned_by(owner, ""),
+        broker=OuterRef("account__broker"),
+        external_id=OuterRef("account__external_id"),
+    )
+    named = Exists(conf.position_model().objects.filter(Exists(foreign), instrument=OuterRef("pk")))
+    for model in conf.ledger_models().values():
+        named |= Exists(model.objects.filter(Exists(foreign), instrument=OuterRef("pk")))
+    return instruments.filter(named)
 
 
 def visible_runs(queryset: QuerySet[SyncRun], user, run: str = "") -> QuerySet:

@@ -51,7 +51,7 @@ from django.db import connection
 from django.db.models import Count, Max, Q
 from django.utils import timezone
 
-from . import bulk, conf
+from . import bulk, conf, visibility
 from .bulk import chunks, insert_missing, insert_new, insert_rows, touched, update_rows, upsert
 from .mapping import (
     BROKER,
@@ -322,7 +322,8 @@ def apply_snapshot(
     mapped, unmapped = snapshot.positions, snapshot.unmapped
     account_ids = written.accounts = list(snapshot.accounts)
     accounts = _upsert_accounts(account_ids, now)
-    instruments, taken, stamped = _upsert_instruments(mapped.values(), now)
+    owner = None if connection_row is None else connection_row.owner_id
+    instruments, taken, stamped = _upsert_instruments(mapped.values(), now, owner)
     if stamped and account_ids:
         # The instruments it wrote were stamped (`updated_at`) after this sync's reports
         # were applied: the reports take a moment after them, so that a sync's own writes
@@ -1012,11 +1013,16 @@ def touch_accounts(account_ids: Sequence[str], now: dt.datetime) -> None:
 
 
 def _upsert_instruments(
-    items: Iterable[MappedPosition], now: dt.datetime
+    items: Iterable[MappedPosition], now: dt.datetime, owner: Any = None
 ) -> tuple[dict[str, Any], set[str], bool]:
     """Create or update the instruments of the mapped positions; return conId -> pk, the
     conIds of those another sync inserted meanwhile (taken as it wrote them), and whether
     it wrote any (created or changed).
+
+    A stored instrument that rows of another owner's accounts name (`owner`: the syncing
+    connection's; `visibility.named_by_another_owner`) is left as it is: a gateway proves
+    no login, and what one reports of a contract must not change how another owner's
+    positions read (their symbol, currency, multiplier).
 
     Instruments are shared by every connection: syncs of several connections holding the
     same contracts write them at the same moment. New ones are inserted ON CONFLICT DO
@@ -1036,6 +1042,16 @@ def _upsert_instruments(
             fields = wanted[conid]
             if _differs(stored, [fields[name] for name in INSTRUMENT_FIELDS]):
                 changed.append(Instrument(broker=BROKER, external_id=conid, **fields))
+    if changed:
+        kept = set(
+            visibility.named_by_another_owner(
+                Instrument.objects.filter(
+                    broker=BROKER, external_id__in=[row.external_id for row in changed]
+                ),
+                owner,
+            ).values_list("external_id", flat=True)
+        )
+        changed = [row for row in changed if row.external_id not in kept]
     # Upserts on (broker, external_id), as for positions: cheaper than bulk_update.
     upsert(
         Instrument,

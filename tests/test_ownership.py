@@ -581,3 +581,29 @@ def test_a_connection_cannot_take_another_owners_account_by_reporting_it(world):
     shared = sync("U2000002", 9, "shared", as_of=NOON + dt.timedelta(hours=2))
     assert list(shared.accounts_refused) == ["U2000002"]
     assert "U2000002" not in account_ids(world["carol"])
+
+
+def test_a_connection_cannot_change_the_contracts_another_owners_accounts_hold(world):
+    """Instruments are shared by every connection. What a connection's gateway reports of
+    a contract that another owner's account holds (its symbol, currency, multiplier)
+    leaves it as it is: that owner's positions read as their own syncs wrote them."""
+    fake = FakeGateway(
+        [position(account="U7000007", con_id=2, symbol="OTHER", currency="JPY",
+                  multiplier=Decimal(1000))],
+        accounts=("U7000007",),
+    )  # fmt: skip
+    stored = Instrument.objects.filter(external_id="2").values().get()
+
+    sync_positions(trigger="command", gateway=fake, connection="alice")
+
+    assert Instrument.objects.filter(external_id="2").values().get() == stored
+    rows = api(world["bob"]).get("/portfolio/positions").json()["results"]
+    held = {row["instrument"]["symbol"] for row in rows if row["account"] == "U2000002"}
+    assert held == {"S2"}
+    # A contract only the syncing owner's accounts (or none) name is updated as before.
+    mine = FakeGateway([position(account="U7000007", con_id=1, symbol="NEW")], ("U7000007",))
+    sync_positions(trigger="command", gateway=mine, connection="alice")
+    assert Instrument.objects.get(external_id="1").symbol == "NEW"
+    # An unowned connection changes no owned account's contract either.
+    sync_positions(trigger="command", gateway=fake, connection="shared")
+    assert Instrument.objects.filter(external_id="2").values().get() == stored
