@@ -607,3 +607,25 @@ def test_a_connection_cannot_change_the_contracts_another_owners_accounts_hold(w
     # An unowned connection changes no owned account's contract either.
     sync_positions(trigger="command", gateway=fake, connection="shared")
     assert Instrument.objects.filter(external_id="2").values().get() == stored
+
+
+def test_the_position_lists_filters_offer_only_the_users_contracts_kinds(world):
+    """The position list's filters on its contracts' sec type and currency offer the
+    values of the positions the user may see: not those of a contract only another
+    owner's account holds (that someone holds a yen future is theirs to know)."""
+    Instrument.objects.filter(external_id="2").update(sec_type="FUT", currency="JPY")
+
+    def offered(user) -> dict[str, set[str]]:
+        response = browser(user).get(changelist(Position), {"status": "all"})
+        assert response.status_code == 200
+        choices = {}
+        for spec in response.context["cl"].filter_specs:
+            if spec.title in ("sec type", "currency"):
+                choices[spec.title] = {
+                    str(choice["display"]) for choice in spec.choices(response.context["cl"])
+                } - {"All"}
+        return choices
+
+    assert offered(world["alice"]) == {"sec type": {"STK"}, "currency": {"USD"}}
+    assert offered(world["bob"]) == {"sec type": {"STK", "FUT"}, "currency": {"USD", "JPY"}}
+    assert offered(world["auditor"]) == offered(world["bob"])
