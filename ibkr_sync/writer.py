@@ -1042,16 +1042,14 @@ def _upsert_instruments(
             fields = wanted[conid]
             if _differs(stored, [fields[name] for name in INSTRUMENT_FIELDS]):
                 changed.append(Instrument(broker=BROKER, external_id=conid, **fields))
-    if changed:
-        kept = set(
+    kept: set[str] = set()
+    for chunk in chunks([row.external_id for row in changed]):
+        kept.update(
             visibility.named_by_another_owner(
-                Instrument.objects.filter(
-                    broker=BROKER, external_id__in=[row.external_id for row in changed]
-                ),
-                owner,
+                Instrument.objects.filter(broker=BROKER, external_id__in=chunk), owner
             ).values_list("external_id", flat=True)
         )
-        changed = [row for row in changed if row.external_id not in kept]
+    changed = [row for row in changed if row.external_id not in kept]
     # Upserts on (broker, external_id), as for positions: cheaper than bulk_update.
     upsert(
         Instrument,
