@@ -951,8 +951,7 @@ def _owned_refusal(account: str) -> str:
     reports whatever account ids it likes), so an owned account is written only by its
     owner's connections: never taken over, nor made everyone's by an unowned one."""
     return (
-        f"{account} was not written: a connection of another owner reports it, and it "
-        "stays theirs (a user who sees every connection may give this connection to them)."
+        f"{account} was not written: a connection of another owner reports it, and it stays theirs."
     )
 
 
