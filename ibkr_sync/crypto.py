@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
+from django.views.decorators.debug import sensitive_variables
 
 from . import conf
 from .exceptions import SecretUnreadable
@@ -36,7 +37,10 @@ from .exceptions import SecretUnreadable
 _PURPOSE = b"django-ibkr-sync: connection secrets at rest, v1"
 
 
+# The secrets and the values they encrypt are hidden from the error reports Django mails
+# (each frame's variables), should anything here fail.
 @lru_cache(maxsize=32)
+@sensitive_variables("secret", "key")
 def _fernet(secret: str) -> Fernet:
     key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_PURPOSE).derive(
         secret.encode()
@@ -44,6 +48,7 @@ def _fernet(secret: str) -> Fernet:
     return Fernet(base64.urlsafe_b64encode(key))
 
 
+@sensitive_variables("own", "current", "fallbacks")
 def secrets() -> tuple[str, ...]:
     """The secrets keys are derived from, the current one first."""
     own = conf.app_settings.IBKR_SYNC_SECRET_KEY
@@ -61,10 +66,12 @@ def secrets() -> tuple[str, ...]:
     return tuple(dict.fromkeys((current, *fallbacks)))
 
 
+@sensitive_variables("secret")
 def _keys() -> MultiFernet:
     return MultiFernet([_fernet(secret) for secret in secrets()])
 
 
+@sensitive_variables("value")
 def encrypt(value: str) -> str:
     """`value` encrypted with the current key (text, safe to store)."""
     return _fernet(secrets()[0]).encrypt(value.encode()).decode("ascii")

@@ -21,6 +21,7 @@ from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import Q
 from django.db.models.functions import Lower
+from django.views.decorators.debug import sensitive_variables
 
 from .conf import model_setting
 from .decimals import plain, product
@@ -714,6 +715,7 @@ class Connection(models.Model):
     def has_flex_token(self) -> bool:
         return bool(self.flex_token)
 
+    @sensitive_variables("token")
     def set_flex_token(self, token: str) -> None:
         """Store `token` encrypted with the current key (saved with the row)."""
         from .crypto import encrypt

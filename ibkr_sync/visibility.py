@@ -21,12 +21,15 @@ its name, not its owner) is only for users who see every connection: whose it wa
 longer known, and it must not become everyone's by a removal.
 
 Why the account's current connection, not "any connection that ever reported it": an
-account reported by two logins (an adviser's and the client's own) is recorded with the
-last one only (`AccountReport` keeps no list), and the rule has to be one the database
-answers in the same query as the rows: the account's one report, in a correlated NOT
-EXISTS. A user whose own connection reports an account reads it from IBKR with their own
-login, so the account becomes theirs to see when that connection's snapshot of it is
-applied; it is no longer theirs once another owner's newer snapshot of it is.
+account reported by two connections is recorded with the last one only (`AccountReport`
+keeps no list), and the rule has to be one the database answers in the same query as the
+rows: the account's one report, in a correlated NOT EXISTS. An account no owner has (no
+report yet, an unowned connection's, the settings' gateway's) becomes the owner's whose
+connection's snapshot of it is applied. An owned account never changes hands by a sync:
+a gateway proves no login (any server that speaks its protocol, at the address a user
+gives their connection, reports whatever account ids it likes), so the writer refuses a
+snapshot of it from a connection of another owner, or of none (`writer._claim_accounts`);
+a user who sees every connection moves it by giving the connection to another owner.
 
 Syncing follows seeing: a user with `ibkr_sync.run_sync` may start syncs of the
 connections they may see (their own, unowned ones; every one with
@@ -40,6 +43,8 @@ permissions, read once per request by Django) and no check per row.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from django.db.models import Exists, OuterRef, Q, QuerySet
 
@@ -62,10 +67,16 @@ def _prefix(path: str) -> str:
 def _owned_by_another(user, connection: str) -> Q:
     """Rows whose connection (at the path `connection`) is someone else's, or was removed
     (its name kept without the row)."""
+    return _not_owned_by(user.pk, connection)
+
+
+def _not_owned_by(owner: Any, connection: str) -> Q:
+    """Rows whose connection (at the path `connection`) is of another owner than `owner`
+    (a user's pk; None: of any owner), or was removed (its name kept without the row)."""
     at = _prefix(connection)
     another = Q(**{f"{at}connection__owner__isnull": False})
-    if user.pk is not None:
-        another &= ~Q(**{f"{at}connection__owner": user.pk})
+    if owner is not None:
+        another &= ~Q(**{f"{at}connection__owner": owner})
     removed = Q(**{f"{at}connection__isnull": True}) & ~Q(**{f"{at}connection_name": ""})
     return another | removed
 
@@ -96,6 +107,22 @@ def visible_instruments(queryset: QuerySet, user) -> QuerySet:
     for model in conf.ledger_models().values():
         named |= Exists(visible(model.objects.filter(instrument=OuterRef("pk")), user))
     return queryset.filter(named)
+
+
+def named_by_another_owner(instruments: QuerySet, owner: Any) -> QuerySet:
+    """The instruments of `instruments` that a position or a ledger row names of an account
+    a connection of another owner than `owner` (a user's pk; None: of any owner) reports,
+    or a removed one reported: a sync of `owner`'s connection does not change them
+    (`writer`), as it does not write those accounts."""
+    foreign = AccountReport.objects.filter(
+        _not_owned_by(owner, ""),
+        broker=OuterRef("account__broker"),
+        external_id=OuterRef("account__external_id"),
+    )
+    named = Exists(conf.position_model().objects.filter(Exists(foreign), instrument=OuterRef("pk")))
+    for model in conf.ledger_models().values():
+        named |= Exists(model.objects.filter(Exists(foreign), instrument=OuterRef("pk")))
+    return instruments.filter(named)
 
 
 def visible_runs(queryset: QuerySet[SyncRun], user, run: str = "") -> QuerySet:

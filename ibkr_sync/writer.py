@@ -7,8 +7,10 @@ Runs inside the sync's transaction (the service owns it). First the accounts
 (`_claim_accounts`): each account's `AccountReport`, the newest snapshot applied to it,
 locked for the transaction (in one order, so that two syncs reporting the same account
 take turns, never wait in a circle); an account whose stored report is newer than this
-snapshot's moment for it is refused (`Written.refused`): nothing of it is written, and
-the other accounts are applied as usual.
+snapshot's moment for it, or is of a connection of another owner than this one's (an
+owned account never changes hands by a sync: `visibility`), is refused
+(`Written.refused`): nothing of it is written, and the other accounts are applied as
+usual.
 
 Then the positions of the accounts applied: existing rows read as plain tuples in a
 fixed number of queries, new rows inserted batch by batch (`bulk.insert_rows`), changed
@@ -50,7 +52,7 @@ from django.db import connection
 from django.db.models import Count, Max, Q
 from django.utils import timezone
 
-from . import bulk, conf
+from . import bulk, conf, visibility
 from .bulk import chunks, insert_missing, insert_new, insert_rows, touched, update_rows, upsert
 from .mapping import (
     BROKER,
@@ -320,7 +322,8 @@ def apply_snapshot(
     mapped, unmapped = snapshot.positions, snapshot.unmapped
     account_ids = written.accounts = list(snapshot.accounts)
     accounts = _upsert_accounts(account_ids, now)
-    instruments, taken, stamped = _upsert_instruments(mapped.values(), now)
+    owner = None if connection_row is None else connection_row.owner_id
+    instruments, taken, stamped = _upsert_instruments(mapped.values(), now, owner)
     if stamped and account_ids:
         # The instruments it wrote were stamped (`updated_at`) after this sync's reports
         # were applied: the reports take a moment after them, so that a sync's own writes
@@ -877,8 +880,9 @@ def _claim_accounts(
     connection_name: str,
 ) -> dict[str, str]:
     """Lock each reported account's `AccountReport` for this transaction; refuse the
-    accounts whose stored report is newer than this snapshot's moment for them (returned,
-    with the reason); record this snapshot as the newest of the others.
+    accounts whose stored report is newer than this snapshot's moment for them, or of a
+    connection of another owner (returned, with the reason); record this snapshot as the
+    newest of the others.
 
     An equal moment is not older: a snapshot may be applied again. The reports are
     inserted where missing (ON CONFLICT DO NOTHING: a report another sync is inserting
@@ -912,15 +916,22 @@ def _claim_accounts(
         _UNIQUE,
     )
     stored = (
-        AccountReport.objects.select_for_update()
+        AccountReport.objects.select_for_update(of=("self",))
         .filter(broker=BROKER, external_id__in=snapshot.accounts)
         .order_by("external_id")
-        .values_list("external_id", "as_of", "connection_name", "sync_run_id", "positions_digest")
-    )
+        .values_list(
+            "external_id", "as_of", "connection_name", "sync_run_id", "positions_digest",
+            "connection__owner_id",
+        )
+    )  # fmt: skip
+    owner = None if connection_row is None else connection_row.owner_id
     refused: dict[str, str] = {}
     applied = []
     stale = []
-    for account, stored_as_of, by, run_pk, stored_digest in stored:
+    for account, stored_as_of, by, run_pk, stored_digest, stored_owner in stored:
+        if stored_owner is not None and stored_owner != owner:
+            refused[account] = _owned_refusal(account)
+            continue
         if stored_as_of > as_of[account]:
             refused[account] = _refusal(account, stored_as_of, by, as_of[account], connection_name)
             continue
@@ -967,6 +978,16 @@ def _reported_moment(snapshot: MappedSnapshot, account: str, now: dt.datetime) -
     positions = snapshot.as_of or now
     values = snapshot.values_as_of.get(account)
     return positions if values is None else min(positions, values)
+
+
+def _owned_refusal(account: str) -> str:
+    """Why an account another owner's connection reports was refused. A gateway proves no
+    login (any server speaking its protocol, at the address a connection is given,
+    reports whatever account ids it likes), so an owned account is written only by its
+    owner's connections: never taken over, nor made everyone's by an unowned one."""
+    return (
+        f"{account} was not written: a connection of another owner reports it, and it stays theirs."
+    )
 
 
 def _refusal(account: str, newer: dt.datetime, by: str, this: dt.datetime, mine: str) -> str:
@@ -1026,11 +1047,16 @@ def touch_accounts(account_ids: Sequence[str], now: dt.datetime) -> None:
 
 
 def _upsert_instruments(
-    items: Iterable[MappedPosition], now: dt.datetime
+    items: Iterable[MappedPosition], now: dt.datetime, owner: Any = None
 ) -> tuple[dict[str, Any], set[str], bool]:
     """Create or update the instruments of the mapped positions; return conId -> pk, the
     conIds of those another sync inserted meanwhile (taken as it wrote them), and whether
     it wrote any (created or changed).
+
+    A stored instrument that rows of another owner's accounts name (`owner`: the syncing
+    connection's; `visibility.named_by_another_owner`) is left as it is: a gateway proves
+    no login, and what one reports of a contract must not change how another owner's
+    positions read (their symbol, currency, multiplier).
 
     Instruments are shared by every connection: syncs of several connections holding the
     same contracts write them at the same moment. New ones are inserted ON CONFLICT DO
@@ -1050,6 +1076,14 @@ def _upsert_instruments(
             fields = wanted[conid]
             if _differs(stored, [fields[name] for name in INSTRUMENT_FIELDS]):
                 changed.append(Instrument(broker=BROKER, external_id=conid, **fields))
+    kept: set[str] = set()
+    for chunk in chunks([row.external_id for row in changed]):
+        kept.update(
+            visibility.named_by_another_owner(
+                Instrument.objects.filter(broker=BROKER, external_id__in=chunk), owner
+            ).values_list("external_id", flat=True)
+        )
+    changed = [row for row in changed if row.external_id not in kept]
     # Upserts on (broker, external_id), as for positions: cheaper than bulk_update.
     upsert(
         Instrument,

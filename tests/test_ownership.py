@@ -480,16 +480,24 @@ def test_the_command_is_the_operators_and_syncs_any_connection(gateway, world):
 
 
 def test_an_account_is_its_current_connections(world):
-    """An account two logins report (an adviser's and the client's own) is the owner's of
-    the connection whose snapshot of it was applied last."""
-    sync("U1000001", 1, "bob", as_of=NOON + dt.timedelta(hours=1))
-    alice, bob = world["alice"], world["bob"]
-    assert "U1000001" not in account_ids(alice)
-    assert "U1000001" in account_ids(bob)
-    # An older snapshot from alice's connection is refused, and changes nothing of that.
+    """An account two connections of one owner report is recorded with the one whose
+    snapshot of it was applied last; an older snapshot is refused. An account no owner
+    has (an unowned connection's, the settings' gateway's) is taken by the owner whose
+    connection reports it next: it is theirs from then on."""
+    alice, bob, carol = world["alice"], world["bob"], world["carol"]
+    Connection.objects.create(name="alice-adviser", owner=alice, client_id=14)
+    sync("U1000001", 1, "alice-adviser", as_of=NOON + dt.timedelta(hours=1))
+    assert AccountReport.objects.get(external_id="U1000001").connection_name == "alice-adviser"
+    assert "U1000001" in account_ids(alice) and "U1000001" not in account_ids(bob)
+    # An older snapshot from alice's other connection is refused, and changes nothing.
     refused = sync("U1000001", 1, "alice")
     assert list(refused.accounts_refused) == ["U1000001"]
-    assert AccountReport.objects.get(external_id="U1000001").connection_name == "bob"
+    assert "reported it as of" in refused.accounts_refused["U1000001"]
+    assert AccountReport.objects.get(external_id="U1000001").connection_name == "alice-adviser"
+    # The unowned connection's account, reported by bob's: bob's now.
+    sync("U3000003", 3, "bob", as_of=NOON + dt.timedelta(hours=1))
+    assert "U3000003" in account_ids(bob)
+    assert "U3000003" not in account_ids(alice) | account_ids(carol)
 
 
 def test_a_removed_connections_data_is_only_for_those_who_see_all(world):
@@ -548,3 +556,76 @@ def test_the_instruments_listed_are_those_of_the_rows_the_user_may_see(world):
     assert listed(world["bob"]) == {"S2", "S3", "S4"}
     assert listed(world["carol"]) == {"S3", "S4"}
     assert listed(world["auditor"]) == listed(world["root"]) == {"S1", "S2", "S3", "S4"}
+
+
+def test_a_connection_cannot_take_another_owners_account_by_reporting_it(world):
+    """A gateway is no proof of a login: any server that speaks its protocol, at the
+    address a user gives their connection, reports whatever account ids it likes. A
+    snapshot of another owner's account, however new, is refused: nothing of it is
+    written, and the account, its history and its positions stay its owner's."""
+    alice, bob = world["alice"], world["bob"]
+    bobs_positions = list(Position.objects.filter(account__external_id="U2000002").values())
+
+    taken = sync("U2000002", 9, "alice", as_of=NOON + dt.timedelta(hours=1))
+
+    assert list(taken.accounts_refused) == ["U2000002"]
+    assert "another owner" in taken.accounts_refused["U2000002"]
+    assert AccountReport.objects.get(external_id="U2000002").connection_name == "bob"
+    assert "U2000002" not in account_ids(alice)
+    assert api(alice).get("/portfolio/accounts/U2000002/history").status_code == 404
+    assert "U2000002" in account_ids(bob)
+    assert list(Position.objects.filter(account__external_id="U2000002").values()) == (
+        bobs_positions
+    )
+    # Nor by an unowned connection, which would make it everyone's.
+    shared = sync("U2000002", 9, "shared", as_of=NOON + dt.timedelta(hours=2))
+    assert list(shared.accounts_refused) == ["U2000002"]
+    assert "U2000002" not in account_ids(world["carol"])
+
+
+def test_a_connection_cannot_change_the_contracts_another_owners_accounts_hold(world):
+    """Instruments are shared by every connection. What a connection's gateway reports of
+    a contract that another owner's account holds (its symbol, currency, multiplier)
+    leaves it as it is: that owner's positions read as their own syncs wrote them."""
+    fake = FakeGateway(
+        [position(account="U7000007", con_id=2, symbol="OTHER", currency="JPY",
+                  multiplier=Decimal(1000))],
+        accounts=("U7000007",),
+    )  # fmt: skip
+    stored = Instrument.objects.filter(external_id="2").values().get()
+
+    sync_positions(trigger="command", gateway=fake, connection="alice")
+
+    assert Instrument.objects.filter(external_id="2").values().get() == stored
+    rows = api(world["bob"]).get("/portfolio/positions").json()["results"]
+    held = {row["instrument"]["symbol"] for row in rows if row["account"] == "U2000002"}
+    assert held == {"S2"}
+    # A contract only the syncing owner's accounts (or none) name is updated as before.
+    mine = FakeGateway([position(account="U7000007", con_id=1, symbol="NEW")], ("U7000007",))
+    sync_positions(trigger="command", gateway=mine, connection="alice")
+    assert Instrument.objects.get(external_id="1").symbol == "NEW"
+    # An unowned connection changes no owned account's contract either.
+    sync_positions(trigger="command", gateway=fake, connection="shared")
+    assert Instrument.objects.filter(external_id="2").values().get() == stored
+
+
+def test_the_position_lists_filters_offer_only_the_users_contracts_kinds(world):
+    """The position list's filters on its contracts' sec type and currency offer the
+    values of the positions the user may see: not those of a contract only another
+    owner's account holds (that someone holds a yen future is theirs to know)."""
+    Instrument.objects.filter(external_id="2").update(sec_type="FUT", currency="JPY")
+
+    def offered(user) -> dict[str, set[str]]:
+        response = browser(user).get(changelist(Position), {"status": "all"})
+        assert response.status_code == 200
+        choices = {}
+        for spec in response.context["cl"].filter_specs:
+            if spec.title in ("sec type", "currency"):
+                choices[spec.title] = {
+                    str(choice["display"]) for choice in spec.choices(response.context["cl"])
+                } - {"All"}
+        return choices
+
+    assert offered(world["alice"]) == {"sec type": {"STK"}, "currency": {"USD"}}
+    assert offered(world["bob"]) == {"sec type": {"STK", "FUT"}, "currency": {"USD", "JPY"}}
+    assert offered(world["auditor"]) == offered(world["bob"])

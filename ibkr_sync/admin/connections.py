@@ -21,7 +21,9 @@ from django.db.models import OuterRef, Subquery
 from django.http import HttpRequest, HttpResponseNotAllowed, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.urls import path, reverse
+from django.utils.decorators import method_decorator
 from django.utils.html import format_html
+from django.views.decorators.debug import sensitive_post_parameters, sensitive_variables
 
 from .. import connections, schedules, selectors, visibility
 from ..exceptions import IbkrSyncError, SyncAlreadyRunning
@@ -68,6 +70,9 @@ class ConnectionForm(forms.ModelForm):
             "schedule_timezone", "schedule_enabled",
         )  # fmt: skip
 
+    # The token typed, and the cleaned data that holds it: hidden from the error reports
+    # Django mails (the frames' variables), should anything below fail.
+    @sensitive_variables("cleaned", "token")
     def clean(self):
         cleaned = super().clean()
         token = cleaned.get("new_flex_token")
@@ -162,6 +167,14 @@ class ConnectionAdmin(admin.ModelAdmin):
         if not visibility.sees_all(request.user):
             fields = (*fields, "owner")
         return fields
+
+    # The add and change pages: a request that fails (the database, the encryption) is
+    # reported (Django's mail to ADMINS) without the token typed in it.
+    @method_decorator(sensitive_post_parameters("new_flex_token"))
+    def changeform_view(
+        self, request: HttpRequest, object_id=None, form_url="", extra_context=None
+    ):
+        return super().changeform_view(request, object_id, form_url, extra_context)
 
     def save_model(self, request: HttpRequest, obj: Connection, form, change: bool) -> None:
         # A connection a user adds is theirs, unless they assign owners: unowned, its data

@@ -7,7 +7,9 @@ position model's admin also serves the portfolio overview (`overview/`)."""
 from decimal import Decimal
 
 from django.contrib import admin
+from django.contrib.admin.utils import get_fields_from_path
 from django.core.exceptions import PermissionDenied
+from django.db import models
 from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.template.response import TemplateResponse
@@ -122,6 +124,31 @@ class VisibleAccountFilter(admin.RelatedFieldListFilter):
         return [(account.pk, str(account)) for account in accounts]
 
 
+class VisibleValuesFilter(admin.AllValuesFieldListFilter):
+    """A filter on every value a field holds, offering only the values of the rows the
+    user may see. Django's takes a related model's field (`instrument__currency`) from
+    every row of that model: a contract only another owner's account holds would be
+    offered (that someone holds a yen future is theirs to know)."""
+
+    def __init__(self, field, request, params, model, model_admin, field_path):
+        super().__init__(field, request, params, model, model_admin, field_path)
+        self.lookup_choices = (
+            model_admin.get_queryset(request)
+            .distinct()
+            .order_by(field_path)
+            .values_list(field_path, flat=True)
+        )
+
+
+def _takes_every_value(model, name: str) -> bool:
+    """Whether Django's filter for the list_filter entry `name` would list every value
+    of a related model's field (a plain field, not one with choices, a flag or a key)."""
+    if "__" not in name:
+        return False
+    field = get_fields_from_path(model, name)[-1]
+    return not (field.is_relation or field.choices or isinstance(field, models.BooleanField))
+
+
 class SyncedModelAdmin(admin.ModelAdmin):
     """Rows that only a sync creates and deletes.
 
@@ -174,11 +201,18 @@ class SyncedModelAdmin(admin.ModelAdmin):
         return visibility.visible(queryset, request.user, self.account_path)
 
     def get_list_filter(self, request: HttpRequest):
-        # The account filter lists only the accounts the user may see.
-        return [
-            ("account", VisibleAccountFilter) if name == "account" else name
-            for name in super().get_list_filter(request)
-        ]
+        # The account filter lists only the accounts the user may see, and a filter on
+        # the values of a field only those of the rows they may see.
+        filters = []
+        for name in super().get_list_filter(request):
+            if name == "account":
+                name = ("account", VisibleAccountFilter)
+            elif isinstance(name, str) and _takes_every_value(self.model, name):
+                name = (name, VisibleValuesFilter)
+            elif isinstance(name, tuple) and name[1] is admin.AllValuesFieldListFilter:
+                name = (name[0], VisibleValuesFilter)
+            filters.append(name)
+        return filters
 
     def get_list_display(self, request: HttpRequest):
         return self._visible(request, super().get_list_display(request))

@@ -172,8 +172,8 @@ class SyncResultSerializer(serializers.Serializer):
     accounts_refused = serializers.DictField(
         child=serializers.CharField(),
         help_text="Accounts the connection reported but this sync did not write, with the "
-        "reason: a newer snapshot of them (from another connection) was applied already. "
-        "Empty when none.",
+        "reason: a newer snapshot of them (from another connection) was applied already, "
+        "or a connection of another owner reports them. Empty when none.",
     )
     ledger = serializers.DictField(
         child=serializers.DictField(child=serializers.IntegerField()),

@@ -372,3 +372,41 @@ def test_one_exchange_in_flight_per_token_and_a_gate_across_processes(service, c
     assert entered == [token_key(TOKEN)] * 3 and TOKEN not in entered[0]
     spans = sorted((r.started, r.ended) for r in service.requests)
     assert all(a_end <= b_start for (_, a_end), (b_start, _) in itertools.pairwise(spans))
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:notaport/AccountManagement/FlexWebService/GetStatement",
+        "http://127.0.0.1:99999/AccountManagement/FlexWebService/GetStatement",
+        "http://[::1/AccountManagement/FlexWebService/GetStatement",
+    ],
+)
+def test_a_statement_url_that_is_no_url_is_not_followed(service, clock, caplog, url):
+    # Not an error of the server's own: the statement is fetched from the base URL.
+    service.statement_url = url
+    caplog.set_level(logging.WARNING, "ibkr_sync.flex")
+    response = client_for(service, clock).fetch(QUERY, JAN_1, JAN_31)
+    assert len(response.statements) == 1
+    assert "not following the statement Url" in caplog.text
+    assert len(service.requests_to(GET_STATEMENT)) == 1
+    assert TOKEN not in caplog.text
+
+
+@pytest.mark.parametrize("step", ["_read", "_pace"])
+def test_an_unexpected_failure_reports_no_token(service, clock, monkeypatch, settings, step):
+    # What Django's error report (the HTML mail to ADMINS, with each frame's variables)
+    # shows of a failure inside an exchange: not the token.
+    from django.views.debug import ExceptionReporter
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("unexpected")
+
+    settings.DEBUG = False
+    monkeypatch.setattr(FlexClient, step, broken)
+    with pytest.raises(RuntimeError) as raised:
+        client_for(service, clock).fetch(QUERY, JAN_1, JAN_31)
+    error = raised.value
+    report = ExceptionReporter(None, type(error), error, error.__traceback__).get_traceback_html()
+    assert "_send_request" in report and "RuntimeError" in report
+    assert TOKEN not in report

@@ -55,6 +55,7 @@ from urllib.parse import urlencode, urlsplit
 
 import defusedxml.ElementTree as SafeElementTree
 from defusedxml import DefusedXmlException
+from django.views.decorators.debug import sensitive_variables
 
 from . import errors
 from .errors import FlexError, FlexFormatError, FlexThrottled, FlexTimeout, FlexUnavailable
@@ -179,6 +180,9 @@ class FlexClient:
     """One token's client. `base_url` is the service's address (IBKR's by default; the
     setting `IBKR_FLEX_BASE_URL` names it, tests point it at a fake service)."""
 
+    # The token, in this frame and those of each request (their `params`), is hidden from
+    # the error reports Django makes of an unexpected failure (each frame's variables).
+    @sensitive_variables("token")
     def __init__(
         self,
         token: str,
@@ -194,8 +198,8 @@ class FlexClient:
     ) -> None:
         if not token or not token.strip():
             raise FlexError("the Flex token is empty: generate one in Client Portal")
-        parts = urlsplit(base_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        parts = _split(base_url)
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
             raise FlexError(f"the Flex base URL {base_url!r} is not an http(s) URL")
         self._token = token.strip()
         self.base_url = base_url.rstrip("/")
@@ -250,6 +254,7 @@ class FlexClient:
 
     # --- the two steps ---
 
+    @sensitive_variables("params")
     def _send_request(self, query_id: str, from_date: dt.date, to_date: dt.date) -> tuple[str, str]:
         params = {
             "t": self._token,
@@ -278,6 +283,7 @@ class FlexClient:
             if code == errors.IN_PROGRESS:  # not expected here; waited like a retry
                 retry.retryable(code, "in progress")
 
+    @sensitive_variables("params")
     def _get_statement(self, reference: str, url: str) -> _Answer:
         params = {"t": self._token, "q": reference, "v": "3"}
         base = f"{self.base_url}/GetStatement"
@@ -325,7 +331,13 @@ class FlexClient:
         """The Url SendRequest named, if the token may go there."""
         if not url:
             return ""
-        parts = urlsplit(url.strip())
+        parts = _split(url.strip())
+        if parts is None:
+            logger.warning(
+                "Flex: not following the statement Url (not a URL: its host or port cannot "
+                "be read); fetching from the base URL"
+            )
+            return ""
         base = urlsplit(self.base_url)
         trusted = (parts.scheme == "https" and _TRUSTED_HOST.search(parts.hostname or "")) or (
             parts.scheme == base.scheme and parts.hostname == base.hostname
@@ -360,6 +372,7 @@ class FlexClient:
         if told is not None:
             told(delay)
 
+    @sensitive_variables("params")
     def _get(self, url: str, params: dict[str, str]) -> _Answer:
         parts = urlsplit(url)
         shown = _shown_url(url)
@@ -526,6 +539,17 @@ def _fields(data: bytes, scrub: Callable[[str], str]) -> dict[str, str]:
             f"the Flex Web Service's answer is not readable XML ({scrub(str(error))})"
         ) from None
     return {child.tag.lower(): scrub((child.text or "").strip()) for child in root}
+
+
+def _split(url: str):
+    """`url` split, its host and port read; None when they cannot be (a port that is no
+    number or out of range, a broken IPv6 host): no request can go there."""
+    try:
+        parts = urlsplit(url)
+        parts.hostname, parts.port  # noqa: B018 (each raises ValueError when unreadable)
+    except ValueError:
+        return None
+    return parts
 
 
 def _shown_url(url: str) -> str:
