@@ -43,7 +43,14 @@ from .exceptions import (
     SyncInsideTransaction,
     UnknownConnection,
 )
-from .mapping import BROKER, MappedSnapshot, map_snapshot, normalize_account_id, statement_key
+from .mapping import (
+    BROKER,
+    MappedSnapshot,
+    map_snapshot,
+    normalize_account_id,
+    statement_key,
+    written_positions,
+)
 from .models import (
     DEFAULT_LOCK_KEY,
     AccountReport,
@@ -58,6 +65,7 @@ from .writer import (
     PositionsChanged,
     Written,
     apply_snapshot,
+    reported_digests,
     reported_moments,
     statement_counts,
     statement_ranges,
@@ -389,6 +397,13 @@ def _sync_positions(
             # A source that can tell the same read as the last one applied, with nothing
             # of it changed since, does not read it again (see `_applied_statement`).
             options["applied"] = functools.partial(_applied_statement, target, account_id, state)
+        if getattr(gateway, "defers_positions", False):
+            # A source that need not decode the positions of an account as last written
+            # is told the digests written for this connection's accounts (a hint: what
+            # decides is read after the read, `stored_digests`).
+            reported = reported_digests(target.connection)
+            if reported:
+                options["written"] = written_positions(reported)
         if period is not None:
             # Recorded before the read: a window that fails says which it was.
             run.period_from, run.period_to = period
@@ -411,7 +426,7 @@ def _sync_positions(
             known = stored_digests(snapshot.accounts)
             mapped = map_snapshot(snapshot, known)
             if progress:
-                progress("apply", len(snapshot.positions))
+                progress("apply", sum(mapped.processed.values()))
             if not dry_run:
                 lock.claim(run)  # still ours? Then the write transaction, short and bounded.
             try:

@@ -154,6 +154,19 @@ def stored_digests(accounts: Iterable[str]) -> dict[str, str]:
     return {account: digest for account, (digest, _) in reports.items()}
 
 
+def reported_digests(connection_row: Connection | None) -> dict[str, str]:
+    """Per account that `connection_row` (None: the settings' gateway) reported last, the
+    digest of the positions written for it: what a source may be told before it reads
+    (`mapping.written_positions`), so as to leave the positions it finds written already
+    undecoded. A hint only: `stored_digests`, read after the read, decides."""
+    reports = AccountReport.objects.filter(broker=BROKER).exclude(positions_digest="")
+    if connection_row is None:
+        reports = reports.filter(connection__isnull=True, connection_name="")
+    else:
+        reports = reports.filter(connection=connection_row)
+    return dict(reports.values_list("external_id", "positions_digest"))
+
+
 #: Each ledger kind's date column (what a statement's period holds its rows by).
 LEDGER_DATES = {"trades": "trade_date", "cash_transactions": "date", "corporate_actions": "date"}
 
