@@ -397,13 +397,15 @@ def _sync_positions(
             # A source that can tell the same read as the last one applied, with nothing
             # of it changed since, does not read it again (see `_applied_statement`).
             options["applied"] = functools.partial(_applied_statement, target, account_id, state)
+        reported = None
         if getattr(gateway, "defers_positions", False):
             # A source that need not decode the positions of an account as last written
             # is told the digests written for this connection's accounts (a hint: what
-            # decides is read after the read, `stored_digests`).
+            # decides is `stored_digests` after the read, and the write transaction).
             reported = reported_digests(target.connection)
-            if reported:
-                options["written"] = written_positions(reported)
+            written = {account: digest for account, (digest, _) in reported.items() if digest}
+            if written:
+                options["written"] = written_positions(written)
         if period is not None:
             # Recorded before the read: a window that fails says which it was.
             run.period_from, run.period_to = period
@@ -423,7 +425,7 @@ def _sync_positions(
             # Mapped before the write transaction, which then only writes; an account
             # whose positions have the digest of those last written for it is not
             # mapped again.
-            known = stored_digests(snapshot.accounts)
+            known = stored_digests(snapshot.accounts, reported)
             mapped = map_snapshot(snapshot, known)
             if progress:
                 progress("apply", sum(mapped.processed.values()))

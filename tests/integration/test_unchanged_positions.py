@@ -121,8 +121,8 @@ def test_another_sync_writing_the_account_meanwhile_makes_this_one_compare_again
     mapped.clear()
     read = writer.stored_digests
 
-    def read_then_another_sync_writes(accounts):
-        known = read(accounts)
+    def read_then_another_sync_writes(accounts, reported=None):
+        known = read(accounts, reported)
         AccountReport.objects.filter(external_id=OTHER).update(positions_digest="f" * 40)
         return known
 
@@ -300,7 +300,7 @@ def general_path(monkeypatch):
     from ibkr_sync.sources.tws.session import TwsSource
 
     monkeypatch.setattr(TwsSource, "defers_positions", False)
-    monkeypatch.setattr(services, "stored_digests", lambda accounts: {})
+    monkeypatch.setattr(services, "stored_digests", lambda accounts, reported=None: {})
 
 
 def test_the_messages_of_an_unchanged_account_are_not_even_decoded(ibkr, decoded):
@@ -419,3 +419,23 @@ def test_an_account_with_a_contract_twice_is_compared_at_every_sync(ibkr, decode
 
     assert set(decoded) == {ACCOUNT}
     assert result.unchanged == 4 and digests()[ACCOUNT] == ""
+
+
+def test_accounts_another_connection_wrote_last_are_recognised_all_the_same(ibkr, decoded, mapped):
+    """The source is told the digests of the accounts its own connection reported last
+    (a hint); the digests of the others are read after the read, as before: they are
+    not decoded on the way in, and not mapped."""
+    from ibkr_sync.models import Connection
+
+    sync()  # the settings' gateway
+    Connection.objects.create(name="same-login", port=ibkr.port, client_id=31)
+    decoded.clear()
+    mapped.clear()
+
+    result = services.sync_positions(trigger="command", connection="same-login")
+
+    assert set(decoded) == {ACCOUNT, OTHER}  # no hint: decoded on arrival
+    assert mapped == [] and result.unchanged == 4
+    decoded.clear()
+    again = services.sync_positions(trigger="command", connection="same-login")
+    assert decoded == [] and again.unchanged == 4  # its own now: left undecoded
