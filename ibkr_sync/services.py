@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import functools
+import inspect
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -398,7 +399,9 @@ def _sync_positions(
             # of it changed since, does not read it again (see `_applied_statement`).
             options["applied"] = functools.partial(_applied_statement, target, account_id, state)
         reported = None
-        if getattr(gateway, "defers_positions", False):
+        if getattr(gateway, "defers_positions", False) and _takes(
+            gateway.fetch_positions, "written"
+        ):
             # A source that need not decode the positions of an account as last written
             # is told the digests written for this connection's accounts (a hint: what
             # decides is `stored_digests` after the read, and the write transaction).
@@ -782,6 +785,16 @@ def sync_period(
             if outcome.error is not None:
                 return BackfillResult(target.name, outcomes, windows[index + 1 :])
         return BackfillResult(target.name, outcomes)
+
+
+def _takes(method: Callable[..., Any], name: str) -> bool:
+    """Whether `method` takes the keyword `name` (a host's subclass of a source may
+    override it with the older signature)."""
+    try:
+        parameters = inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
 
 def _hold_connection(target: connections.Target) -> str:

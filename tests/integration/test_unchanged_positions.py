@@ -439,3 +439,19 @@ def test_accounts_another_connection_wrote_last_are_recognised_all_the_same(ibkr
     decoded.clear()
     again = services.sync_positions(trigger="command", connection="same-login")
     assert decoded == [] and again.unchanged == 4  # its own now: left undecoded
+
+
+def test_a_hosts_source_with_the_older_signature_is_read_as_before(ibkr, decoded):
+    """A host's subclass of the TWS source that overrides `fetch_positions(account_id)`
+    is not told the digests (it would not take them): every message decoded, the
+    unchanged accounts still not mapped."""
+    from ibkr_sync.sources.tws.session import TwsSource
+
+    class Older(TwsSource):
+        def fetch_positions(self, account_id=None):
+            return super().fetch_positions(account_id)
+
+    sync(gateway=Older())
+    decoded.clear()
+    result = sync(gateway=Older())
+    assert set(decoded) == {ACCOUNT, OTHER} and result.unchanged == 4
