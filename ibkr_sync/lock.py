@@ -407,14 +407,18 @@ def finish_holding(run: SyncRun) -> None:
     databases until the commit: the row lock on PostgreSQL (a concurrent release waits,
     then finds the row no longer running), the database's write lock on SQLite (taken by
     the write, at the latest; a snapshot older than a release cannot write at all).
+    The check and the save are one UPDATE: the run's row is written only if it is still
+    running (still this sync's lock).
     """
+    finished_at = database_now()
     held = SyncRun.objects.filter(pk=run.pk, status=SyncRun.Status.RUNNING).update(
-        heartbeat_at=Now()
+        heartbeat_at=Now(),
+        finished_at=finished_at,
+        **{name: getattr(run, name) for name in SAVED_AT_THE_END},
     )
     if not held:
         raise LockLost(LOCK_LOST)
-    run.finished_at = database_now()
-    run.save(update_fields=[*SAVED_AT_THE_END, "finished_at"])
+    run.finished_at = finished_at
 
 
 #: What a finished sync records of itself (`finish_holding` saves these and its end).
