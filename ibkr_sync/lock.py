@@ -48,6 +48,8 @@ from typing import Any
 
 from django.conf import settings
 from django.db import DatabaseError, IntegrityError, OperationalError, connection, transaction
+from django.db.models import CharField, Expression, Value
+from django.db.models.expressions import RawSQL
 from django.db.models.functions import Now
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
@@ -405,14 +407,18 @@ def finish_holding(run: SyncRun) -> None:
     databases until the commit: the row lock on PostgreSQL (a concurrent release waits,
     then finds the row no longer running), the database's write lock on SQLite (taken by
     the write, at the latest; a snapshot older than a release cannot write at all).
+    The check and the save are one UPDATE: the run's row is written only if it is still
+    running (still this sync's lock).
     """
+    finished_at = database_now()
     held = SyncRun.objects.filter(pk=run.pk, status=SyncRun.Status.RUNNING).update(
-        heartbeat_at=Now()
+        heartbeat_at=Now(),
+        finished_at=finished_at,
+        **{name: getattr(run, name) for name in SAVED_AT_THE_END},
     )
     if not held:
         raise LockLost(LOCK_LOST)
-    run.finished_at = database_now()
-    run.save(update_fields=[*SAVED_AT_THE_END, "finished_at"])
+    run.finished_at = finished_at
 
 
 #: What a finished sync records of itself (`finish_holding` saves these and its end).
@@ -644,17 +650,19 @@ def _holder_of_the_database(run: SyncRun, reason: str) -> str:
     )
 
 
-def _database_session() -> str:
+def _database_session() -> Expression:
     """This connection's session on PostgreSQL, as `pid@backend start` (a pid alone may
-    be reused by a later session); empty elsewhere."""
+    be reused by a later session; the start in ISO 8601, UTC, to the microsecond), taken
+    by the statement that records it (no query of its own); empty elsewhere."""
     if connection.vendor != "postgresql":
-        return ""
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
-        )
-        row = cursor.fetchone()
-    return f"{row[0]}@{row[1].isoformat()}" if row and row[1] else ""
+        return Value("")
+    return RawSQL(
+        "COALESCE((SELECT pid::text || '@' || to_char(backend_start AT TIME ZONE 'UTC', "
+        "'YYYY-MM-DD\"T\"HH24:MI:SS.US') || '+00:00' FROM pg_stat_activity "
+        "WHERE pid = pg_backend_pid()), '')",
+        (),
+        output_field=CharField(),
+    )
 
 
 def _end_database_session(run: SyncRun) -> str:

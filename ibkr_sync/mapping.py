@@ -21,7 +21,7 @@ import hashlib
 import os
 import re
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from dataclasses import field as dataclass_field
 from decimal import ROUND_HALF_EVEN, Context, Decimal, InvalidOperation
@@ -46,6 +46,7 @@ from .snapshot import (
     Contract,
     CorporateAction,
     CurrencyError,
+    DeferredPositions,
     LedgerBatch,
     PositionRecord,
     Snapshot,
@@ -863,11 +864,11 @@ class MappedSnapshot:
     # the writer comes to it, inside the write transaction (`ledger` then holds an empty
     # dict per kind kept, and the batches' errors are not in `errors`).
     ledger_stream: Callable[[], Iterator[MappedLedger]] | None = None
-    # Per account, the digest of its positions as this snapshot reports them ("" when it
-    # cannot be told: a source without fingerprints, a record that could not be mapped);
-    # `unchanged`: the accounts whose digest is the one stored for them (`known`), so
-    # their stored positions are exactly these records and were not mapped again, with
-    # the number of their records.
+    # Per account, the digest of its positions as this snapshot reports them, with the
+    # number of its records (`<digest>:<records>`; "" when it cannot be told: a source
+    # without fingerprints, a record that could not be mapped); `unchanged`: the accounts
+    # whose digest is the one stored for them (`known`), so their stored positions are
+    # exactly these records and were not mapped again, with the number of their records.
     digests: dict[str, str] = dataclass_field(default_factory=dict)
     unchanged: dict[str, int] = dataclass_field(default_factory=dict)
     # The history of each account's values (Flex: a day each), as AccountSnapshot fields
@@ -924,16 +925,27 @@ def map_snapshot(snapshot: Snapshot, known: Mapping[str, str] | None = None) -> 
 
     `known`: per account, the digest of the positions last written for it. An account
     whose records have that digest now is not mapped again (`MappedSnapshot.unchanged`):
-    its stored rows are exactly what mapping them would give."""
-    digests = _digests(snapshot)
-    unchanged = {a for a, d in digests.items() if d and known and known.get(a) == d}
+    its stored rows are exactly what mapping them would give. A source's positions that
+    are decoded when asked for (`DeferredPositions`) are not even decoded for such an
+    account, unless the values read need them."""
+    keys = _digests(snapshot)
+    # The accounts whose digest is the one stored: their stored text, and so the number
+    # of their records (as many as when it was stored: the same messages).
+    unchanged = {a: _written(known.get(a, ""), key) for a, key in keys.items() if key and known}
+    unchanged = {a: written for a, written in unchanged.items() if written is not None}
     processed: Counter = Counter()
     errors: list[RecordError] = []
     mapped: dict[tuple[str, str], MappedPosition] = {}
     unmapped: set[tuple[str, str]] = set()
     held_unchanged: dict[str, dict[int, tuple[Decimal, str, str, str]]] = {}
     columns, vendor = _columns_for_positions(), _vendor()
-    for record in snapshot.positions:
+    records: Iterable[PositionRecord] = snapshot.positions
+    deferred = isinstance(records, DeferredPositions)
+    if deferred and not snapshot.values_read:
+        for account, (_, count) in unchanged.items():
+            processed[account] = count
+        records = records.records(skip=unchanged)
+    for record in records:
         processed[record.account] += 1
         if record.account in unchanged:
             if snapshot.values_read:  # what the values are checked against
@@ -964,6 +976,11 @@ def map_snapshot(snapshot: Snapshot, known: Mapping[str, str] | None = None) -> 
         *unchanged,
     }
     accounts = tuple(sorted(a for a in reported if is_storable_account_id(a)))
+    if deferred:  # decoded now: an account found with a contract twice has none
+        keys = _digests(snapshot)
+    digests = {a: f"{key}:{processed[a]}" if key else "" for a, key in keys.items()}
+    for account, (text, _) in unchanged.items():
+        digests[account] = text
     # An account with a record that could not be mapped is never taken as unchanged: its
     # error is reported at every sync.
     for error in errors:
@@ -1065,21 +1082,53 @@ _statement_signatures: dict[tuple[type[models.Model], ...], str] = {}
 
 
 def _digests(snapshot: Snapshot) -> dict[str, str]:
-    """Per account reported, the digest of its records (`positions_digest`) under this
-    mapping's signature, or "" where the source gave no fingerprints."""
-    by_account: dict[str, list[PositionRecord]] = {a: [] for a in snapshot.accounts}
-    for record in snapshot.positions:
-        by_account.setdefault(record.account, []).append(record)
+    """Per account reported, the digest of its records under this mapping's signature:
+    the source's own digest of an account's positions (`DeferredPositions.digest`), else
+    `positions_digest` of its records' fingerprints; "" where none can be told."""
     signature = _columns_for_positions().signature.encode()
-    digests = {}
-    for account, records in by_account.items():
-        digest = positions_digest(records)
-        digests[account] = (
-            hashlib.blake2b(signature + digest.encode(), digest_size=20).hexdigest()
-            if digest
-            else ""
+    positions = snapshot.positions
+    if isinstance(positions, DeferredPositions):
+        return {
+            account: _salted(signature, positions.digest(account))
+            for account in {*snapshot.accounts, *positions.accounts()}
+        }
+    by_account: dict[str, list[PositionRecord]] = {a: [] for a in snapshot.accounts}
+    for record in positions:
+        by_account.setdefault(record.account, []).append(record)
+    return {
+        account: _salted(signature, positions_digest(records))
+        for account, records in by_account.items()
+    }
+
+
+def _written(stored: str, key: str) -> tuple[str, int] | None:
+    """A stored digest (`<digest>:<records>`) and its number of records, if its digest is
+    `key`; else None."""
+    digest, _, count = stored.rpartition(":")
+    if digest != key or not (count.isascii() and count.isdigit()):
+        return None
+    return stored, int(count)
+
+
+def _salted(signature: bytes, digest: str) -> str:
+    return (
+        hashlib.blake2b(signature + digest.encode(), digest_size=20).hexdigest() if digest else ""
+    )
+
+
+def written_positions(stored: Mapping[str, str]) -> Callable[[str, str], bool]:
+    """For a source that leaves undecoded the positions a sync has written already
+    (`TwsSource.fetch_positions(written=...)`): whether a source's digest of an account's
+    positions is, under this mapping, `stored` for it (what `writer.reported_digests`
+    read). A hint to the source only: `map_snapshot` decides on what it reads after."""
+    signature = _columns_for_positions().signature.encode()
+
+    def written(account: str, digest: str) -> bool:
+        return bool(digest) and stored.get(account, "").rpartition(":")[0] == _salted(
+            signature, digest
         )
-    return digests
+
+    return written
 
 
 def _held(

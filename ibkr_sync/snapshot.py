@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from abc import abstractmethod
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from decimal import Decimal
 from types import MappingProxyType
-from typing import Any, Final
+from typing import Any, Final, overload
 
 from .decimals import plain
 
@@ -133,6 +134,57 @@ def positions_digest(records: Iterable[PositionRecord]) -> str:
         digest.update(len(data).to_bytes(8, "big"))  # so no two sets join to one text
         digest.update(data)
     return digest.hexdigest()
+
+
+class DeferredPositions(Sequence[PositionRecord]):
+    """A source's positions as it read them, each account's turned into records only
+    when they are asked for, with a digest of each account's positions as read.
+
+    A source that reads positions as messages (TWS) keeps the messages and hands them
+    over in this form: a sync need not decode the messages of an account whose digest
+    is the one last written for it (`records(skip=...)`). As a sequence it is
+    every record, decoded once, in the order they were read: what a tuple of them would
+    be. Decoding messages left undecoded may raise what the source's read would have
+    raised for them (an incomplete read): a source leaves undecoded only the messages of
+    accounts it was told were written already, which decoded before.
+    """
+
+    @abstractmethod
+    def accounts(self) -> Collection[str]:
+        """The accounts that positions were read of (without decoding them)."""
+
+    @abstractmethod
+    def digest(self, account: str) -> str:
+        """A digest of the account's positions as read (equal digests: equal messages, in
+        any order, so equal records), "" where none can be told. An account with no
+        position read has the digest of none."""
+
+    @abstractmethod
+    def records(self, skip: Collection[str] = ()) -> tuple[PositionRecord, ...]:
+        """The records of every account but those in `skip`, in the order read."""
+
+    def __len__(self) -> int:
+        return len(self.records())
+
+    @overload
+    def __getitem__(self, index: int) -> PositionRecord: ...
+    @overload
+    def __getitem__(self, index: slice) -> tuple[PositionRecord, ...]: ...
+    def __getitem__(self, index: Any) -> Any:
+        return self.records()[index]
+
+    def __iter__(self) -> Iterator[PositionRecord]:
+        return iter(self.records())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, DeferredPositions | tuple):
+            return self.records() == tuple(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  (a mutable cache inside: not hashable)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__}: {len(self)} positions>"
 
 
 @dataclass(frozen=True, slots=True)
@@ -421,7 +473,9 @@ class Snapshot:
     """
 
     accounts: tuple[str, ...]
-    positions: tuple[PositionRecord, ...]
+    # A tuple of records, or a source's `DeferredPositions` (the same records, decoded
+    # when asked for, with a digest of each account's).
+    positions: Sequence[PositionRecord]
     managed_accounts: tuple[str, ...] = ()
     server_version: int | None = None
     # Whether values were asked for; then every account read is in exactly one of these.

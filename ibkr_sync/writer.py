@@ -43,7 +43,7 @@ import datetime as dt
 import hashlib
 import itertools
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Context, Decimal
 from typing import Any
@@ -119,10 +119,13 @@ class PositionsChanged(Exception):
         self.accounts = accounts
 
 
-def stored_digests(accounts: Iterable[str]) -> dict[str, str]:
+def stored_digests(
+    accounts: Iterable[str], reported: Mapping[str, tuple[str, dt.datetime]] | None = None
+) -> dict[str, str]:
     """Per account, the digest of the positions last written for it (`AccountReport`),
     for `mapping.map_snapshot(known=...)`: read before the write transaction, checked
-    again inside it.
+    again inside it. `reported`: the reports read already (`reported_digests`, before
+    the source read); only the accounts it lacks are read here.
 
     Instruments are shared by every connection and source: an account is left out (its
     positions mapped and compared again, their instruments written back as this source
@@ -133,14 +136,16 @@ def stored_digests(accounts: Iterable[str]) -> dict[str, str]:
     scan of the instruments, no join); only if one did, which open positions of these
     accounts hold such an instrument."""
     storable = [a for a in accounts if is_storable_account_id(a)]  # none other is stored
-    reports = {
-        account: (digest, applied_at)
-        for account, digest, applied_at in AccountReport.objects.filter(
-            broker=BROKER, external_id__in=storable
+    reports = {a: reported[a] for a in storable if a in reported} if reported else {}
+    missing = [a for a in storable if a not in reports]
+    if missing:
+        reports.update(
+            (account, (digest, applied_at))
+            for account, digest, applied_at in AccountReport.objects.filter(
+                broker=BROKER, external_id__in=missing
+            ).values_list("external_id", "positions_digest", "applied_at")
         )
-        .exclude(positions_digest="")
-        .values_list("external_id", "positions_digest", "applied_at")
-    }
+    reports = {account: report for account, report in reports.items() if report[0]}
     stale = instruments_changed({account: applied for account, (_, applied) in reports.items()})
     return {account: digest for account, (digest, _) in reports.items() if account not in stale}
 
@@ -170,6 +175,26 @@ def instruments_changed(applied: dict[str, dt.datetime]) -> set[str]:
         account
         for account, updated_at in held
         if account in applied and updated_at > applied[account]
+    }
+
+
+def reported_digests(connection_row: Connection | None) -> dict[str, tuple[str, dt.datetime]]:
+    """Per account that `connection_row` (None: the settings' gateway) reported last, the
+    digest of the positions written for it ("" for none) and when its report was applied:
+    read before the source reads, to tell it the digests (`mapping.written_positions`:
+    it may leave those positions undecoded), and as `stored_digests`' reports. Another
+    sync may write an account after this: the write transaction finds it, as it finds a
+    write after `stored_digests`."""
+    reports = AccountReport.objects.filter(broker=BROKER)
+    if connection_row is None:
+        reports = reports.filter(connection__isnull=True, connection_name="")
+    else:
+        reports = reports.filter(connection=connection_row)
+    return {
+        account: (digest, applied_at)
+        for account, digest, applied_at in reports.values_list(
+            "external_id", "positions_digest", "applied_at"
+        )
     }
 
 

@@ -8,7 +8,7 @@ import pytest
 from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 
-from ibkr_sync import writer
+from ibkr_sync import lock, writer
 from ibkr_sync.exceptions import (
     GatewayUnavailable,
     InvalidAccountId,
@@ -354,14 +354,14 @@ def test_resync_is_stable_for_values_with_many_digits():
 
 
 def test_run_is_marked_done_in_the_same_transaction_as_its_writes(fake_gateway, monkeypatch):
-    original_save = SyncRun.save
+    finish = lock.finish_holding
 
-    def save(self, *args, **kwargs):
-        if self.status == "success":
-            raise RuntimeError("connection lost at commit")
-        return original_save(self, *args, **kwargs)
+    def finish_then_lose_the_connection(run):
+        finish(run)  # the run's row written as a success, in the write transaction
+        assert SyncRun.objects.get(pk=run.pk).status == "success"
+        raise RuntimeError("connection lost at commit")
 
-    monkeypatch.setattr(SyncRun, "save", save)
+    monkeypatch.setattr(lock, "finish_holding", finish_then_lose_the_connection)
     with pytest.raises(RuntimeError):
         run(fake_gateway)
 

@@ -388,3 +388,26 @@ def test_a_successful_runs_end_is_not_overwritten_either():
     done = SyncRun.objects.get(pk=result.sync_run_id)
     assert services._fail_run(done, "internal_error", "late") is False
     assert SyncRun.objects.get(pk=done.pk).status == "success"
+
+
+def test_a_claim_records_the_database_session_that_will_write():
+    """On PostgreSQL `pid@backend start` (ISO 8601, what the next sync reads back to end
+    that very session should this one freeze mid-write), taken by the claim's own
+    statement; empty elsewhere."""
+    row = SyncRun.objects.create(trigger="api", status="running", owner="me")
+    lock.claim(row)
+    row.refresh_from_db()
+    if connection.vendor != "postgresql":
+        assert row.database_session == ""
+        return
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+        )
+        pid, started = cursor.fetchone()
+    recorded_pid, _, recorded_start = row.database_session.partition("@")
+    assert int(recorded_pid) == pid
+    assert dt.datetime.fromisoformat(recorded_start) == started
+    assert row.database_session == f"{pid}@{started.astimezone(dt.UTC).isoformat()}" or (
+        started.microsecond == 0  # isoformat() leaves out a zero fraction; we print it
+    )

@@ -55,7 +55,10 @@ def test_an_unchanged_resync_maps_nothing_and_writes_no_position(ibkr, mapped):
     first = sync()
     assert first.created == 4 and len(mapped) == 4
     kept = digests()
-    assert set(kept) == {ACCOUNT, OTHER, EMPTY} and all(len(d) == 40 for d in kept.values())
+    assert set(kept) == {ACCOUNT, OTHER, EMPTY}
+    # A digest of the account's messages, and how many records it holds.
+    assert [d.split(":")[1] for d in (kept[ACCOUNT], kept[OTHER], kept[EMPTY])] == ["3", "1", "0"]
+    assert all(len(d.split(":")[0]) == 40 for d in kept.values())
     before = stored()
     mapped.clear()
 
@@ -118,8 +121,8 @@ def test_another_sync_writing_the_account_meanwhile_makes_this_one_compare_again
     mapped.clear()
     read = writer.stored_digests
 
-    def read_then_another_sync_writes(accounts):
-        known = read(accounts)
+    def read_then_another_sync_writes(accounts, reported=None):
+        known = read(accounts, reported)
         AccountReport.objects.filter(external_id=OTHER).update(positions_digest="f" * 40)
         return known
 
@@ -267,3 +270,188 @@ class SnapshotSource:
 
     def fetch_positions(self, account_id=None):
         return self.snapshot
+
+
+# --- the TWS source leaves the messages of an unchanged account undecoded ----------------
+
+
+@pytest.fixture
+def decoded(monkeypatch, settings):
+    """The accounts of the position messages the TWS source decodes, in order (a spy: it
+    decodes them). Positions only: a read of values decodes every position, which the
+    values are read against."""
+    from ibkr_sync.sources.tws import positions
+
+    settings.IBKR_READ_VALUES = False
+    seen = []
+    real = positions._position_from_wire
+
+    def spy(fields):
+        seen.append(fields[2] if len(fields) > 2 else None)
+        return real(fields)
+
+    monkeypatch.setattr(positions, "_position_from_wire", spy)
+    return seen
+
+
+def general_path(monkeypatch):
+    """Every message decoded on arrival, every account compared row by row: the path
+    that takes nothing for unchanged."""
+    from ibkr_sync.sources.tws.session import TwsSource
+
+    monkeypatch.setattr(TwsSource, "defers_positions", False)
+    monkeypatch.setattr(services, "stored_digests", lambda accounts, reported=None: {})
+
+
+def test_the_messages_of_an_unchanged_account_are_not_even_decoded(ibkr, decoded):
+    sync()
+    assert set(decoded) == {ACCOUNT, OTHER}  # a first sync: every message, on arrival
+    decoded.clear()
+
+    assert sync().unchanged == 4
+    assert decoded == []
+
+    ibkr.upsert_position(sim_position(quantity="12.5"))  # AAPL in ACCOUNT
+    result = sync()
+
+    assert decoded == [ACCOUNT] * 3  # its messages only, OTHER's not
+    assert (result.updated, result.unchanged) == (1, 3)
+    assert Position.objects.get(instrument__symbol="AAPL").quantity == Decimal("12.5")
+
+
+def outcome(result):
+    counts = ("processed", "created", "updated", "unchanged", "reopened", "closed", "errors")
+    return [getattr(result, name) for name in counts], result.by_account
+
+
+def history():
+    return sorted(
+        PositionChange.objects.values_list(
+            "position__account__external_id",
+            "position__instrument__external_id",
+            "kind",
+            "quantity_before",
+            "quantity_after",
+        )
+    )
+
+
+def test_undecoded_accounts_give_exactly_the_outcome_of_the_full_comparison(
+    ibkr, decoded, monkeypatch
+):
+    """The same syncs twice from an empty database: once as they run (messages of
+    unchanged accounts left undecoded), once decoding and comparing everything. A
+    change, a close (a zero row), a new position in an account that held none and an
+    unchanged account: the same results, rows and change records."""
+    from ibkr_sync.models import SyncRun
+    from portfolio.models import Account, Instrument
+
+    start = ibkr.positions()
+
+    def run():
+        PositionChange.objects.all().delete()
+        Position.objects.all().delete()
+        Instrument.objects.all().delete()
+        AccountReport.objects.all().delete()
+        SyncRun.objects.all().delete()
+        Account.objects.all().delete()
+        ibkr.set_positions(start)
+        results = [sync()]
+        ibkr.upsert_position(sim_position(quantity="12.5"))  # AAPL in ACCOUNT: changed
+        ibkr.remove_position(ACCOUNT, 76792991)  # TSLA: a zero row, closed
+        ibkr.upsert_position(sim_position(account=EMPTY, con_id=8314, symbol="IBM", quantity="2"))
+        decoded.clear()
+        results.append(sync())
+        changed_decoded = set(decoded)
+        decoded.clear()
+        results.append(sync())  # nothing changed since
+        rows = [(*row[:3], row[3] is not None) for row in stored()]  # closed, not when
+        return [outcome(r) for r in results], rows, history(), changed_decoded, set(decoded)
+
+    fast = run()
+    with monkeypatch.context() as patched:
+        general_path(patched)
+        general = run()
+
+    assert fast[:3] == general[:3]
+    assert fast[3] == {ACCOUNT, EMPTY} and fast[4] == set()  # OTHER never decoded again
+    assert general[3] == general[4] == {ACCOUNT, OTHER, EMPTY}
+
+
+def test_a_malformed_message_among_unchanged_ones_fails_the_read_as_before(
+    ibkr, decoded, monkeypatch
+):
+    """An account whose messages are those written, but one: that one cannot be read.
+    The read fails exactly as when every message is decoded, and nothing is written."""
+    from ibkr_sync.exceptions import IncompleteSnapshot
+
+    sync()
+    before = stored()
+    ibkr.set_faults(position_edits={"quantity": ""})  # the first row: AAPL of ACCOUNT
+    decoded.clear()
+
+    with pytest.raises(IncompleteSnapshot) as fast:
+        sync()
+    assert set(decoded) == {ACCOUNT}  # OTHER's messages, as written, were left
+    with monkeypatch.context() as patched:
+        general_path(patched)
+        with pytest.raises(IncompleteSnapshot) as general:
+            sync()
+
+    assert str(fast.value) == str(general.value)
+    assert "could not be read" in str(fast.value)
+    assert stored() == before
+
+
+def test_an_account_with_a_contract_twice_is_compared_at_every_sync(ibkr, decoded):
+    """Two messages of one contract: which one counts depends on their order on the wire
+    (the last), not on the set of messages, so the account gets no digest."""
+    from ibkr_sync.testing.simulator import _position_fields
+
+    again = _position_fields(sim_position(quantity="7"))  # AAPL of ACCOUNT, once more
+    ibkr.set_faults(extra_frames=[again])
+    sync()
+    assert digests()[ACCOUNT] == "" and digests()[OTHER] != ""
+    assert Position.objects.get(instrument__symbol="AAPL").quantity == Decimal("7")
+    decoded.clear()
+
+    result = sync()
+
+    assert set(decoded) == {ACCOUNT}
+    assert result.unchanged == 4 and digests()[ACCOUNT] == ""
+
+
+def test_accounts_another_connection_wrote_last_are_recognised_all_the_same(ibkr, decoded, mapped):
+    """The source is told the digests of the accounts its own connection reported last
+    (a hint); the digests of the others are read after the read, as before: they are
+    not decoded on the way in, and not mapped."""
+    from ibkr_sync.models import Connection
+
+    sync()  # the settings' gateway
+    Connection.objects.create(name="same-login", port=ibkr.port, client_id=31)
+    decoded.clear()
+    mapped.clear()
+
+    result = services.sync_positions(trigger="command", connection="same-login")
+
+    assert set(decoded) == {ACCOUNT, OTHER}  # no hint: decoded on arrival
+    assert mapped == [] and result.unchanged == 4
+    decoded.clear()
+    again = services.sync_positions(trigger="command", connection="same-login")
+    assert decoded == [] and again.unchanged == 4  # its own now: left undecoded
+
+
+def test_a_hosts_source_with_the_older_signature_is_read_as_before(ibkr, decoded):
+    """A host's subclass of the TWS source that overrides `fetch_positions(account_id)`
+    is not told the digests (it would not take them): every message decoded, the
+    unchanged accounts still not mapped."""
+    from ibkr_sync.sources.tws.session import TwsSource
+
+    class Older(TwsSource):
+        def fetch_positions(self, account_id=None):
+            return super().fetch_positions(account_id)
+
+    sync(gateway=Older())
+    decoded.clear()
+    result = sync(gateway=Older())
+    assert set(decoded) == {ACCOUNT, OTHER} and result.unchanged == 4

@@ -1,5 +1,5 @@
-"""Frames off the wire into records: positions, portfolio rows, account values; and the
-guard every frame of the session goes through.
+"""Frames off the wire into records: positions (kept and decoded by `positions.py`),
+portfolio rows, account values; and the guard every frame of the session goes through.
 
 Positions and values are read from the message fields, not through the client library:
 it turns them into floats (which would round fractional quantities) and keeps each
@@ -30,9 +30,7 @@ from ...protocol import (
     PORTFOLIO_FIELDS,
     PORTFOLIO_MESSAGE_ID,
     PORTFOLIO_VERSION,
-    POSITION_FIELDS,
     POSITION_MESSAGE_ID,
-    POSITION_VERSION,
     UNSET,
     WireValueError,
     parse_decimal,
@@ -40,7 +38,13 @@ from ...protocol import (
 )
 from ...snapshot import PositionRecord, PositionValue
 from .errors import TwsErrors, logger
-from .state import _now, _ReadState
+from .positions import (  # noqa: F401  (_quantities, _repeated_decimal: for tests)
+    PositionMessages,
+    _position_from_wire,
+    _quantities,
+    _repeated_decimal,
+)
+from .state import _now, _ReadState, _unreadable
 from .values import READ_TAGS
 
 # Message ids of the TWS protocol that we read ourselves or look at.
@@ -70,27 +74,23 @@ class Decoding(TwsErrors):
 
         The library turns each message into floats and two Contract objects, logs it,
         and keeps it twice; at 10,000s of positions that is most of a read's time and
-        memory, and its floats would round fractional quantities. Here each message
-        becomes one PositionRecord with exact decimals. A message that cannot be read
-        is recorded: a read during which that happened is incomplete and must not close
-        positions. The end-of-positions message still goes to the library, which ends
-        its request. Should a library version not expose its decoder table, positions
-        are taken from its position events instead.
+        memory, and its floats would round fractional quantities. Here each message is
+        kept as its bytes (`PositionMessages`) and becomes one PositionRecord with exact
+        decimals, on arrival or, for an account the sync has written already, when asked
+        for. A message that cannot be read is recorded: a read during which that happened
+        is incomplete and must not close positions. The end-of-positions message still
+        goes to the library, which ends its request. Should a library version not expose
+        its decoder table, positions are taken from its position events instead.
         """
         handlers = getattr(ib.client.decoder, "handlers", None)
         if not isinstance(handlers, dict) or _MSG_POSITION not in handlers:
             ib.positionEvent += lambda position: self._on_position_event(state, position)
             return
+        messages = state.messages = PositionMessages(state, self.address, self.progress)
 
         def on_position(fields: list[str]) -> None:
-            if state.positions_ended:  # an update after the read: not part of it
-                return
-            try:
-                position = _position_from_wire(fields)
-            except (ValueError, ArithmeticError) as exc:
-                _unreadable(state, fields, exc)
-            else:
-                self._received(state, position)
+            # Decoded by the library (not cut by `Frames`): its text again, as it came.
+            messages.add(("\0".join(fields) + "\0").encode(errors="surrogatepass"))
 
         handlers[_MSG_POSITION] = on_position
 
@@ -98,8 +98,8 @@ class Decoding(TwsErrors):
         self, ib: Any, state: _ReadState, received: Callable[[bytes], None]
     ) -> Callable[[bytes], None]:
         """What takes the session's bytes after the API handshake (instead of the library's
-        own `received`): a `Frames` that hands position messages straight to our position
-        decoder, or `received` itself for a library without a decoder table. A length
+        own `received`): a `Frames` that hands position messages straight to the read's
+        `PositionMessages`, or `received` itself for a library without a decoder table. A length
         prefix longer than any message stops the read at once (the library would keep
         every byte that follows, waiting for the rest of it)."""
         handlers = getattr(ib.client.decoder, "handlers", None)
@@ -115,7 +115,7 @@ class Decoding(TwsErrors):
                 )
             )
 
-        return Frames(received, handlers[_MSG_POSITION], too_long).feed
+        return Frames(received, state.messages.add, too_long).feed
 
     def _decode_values_ourselves(self, ib: Any, state: _ReadState) -> None:
         """Read account values, portfolio rows and the download-end marker off the wire.
@@ -262,6 +262,8 @@ class Decoding(TwsErrors):
     def _positions_end(state: _ReadState) -> None:
         # Ours, not one from before the request (or a second one).
         if state.positions_requested and not state.positions_ended:
+            if state.messages is not None:
+                state.messages.settle()  # what is left to decode, before it is counted
             state.end_positions()
 
     def _check_managed_accounts(self, state: _ReadState, fields: list[str]) -> None:
@@ -322,7 +324,8 @@ class Decoding(TwsErrors):
 
 class Frames:
     """Cuts the session's bytes into frames (a four-byte length, then the message), as the
-    client library does, so that position messages go straight to our decoder: at
+    client library does, so that position messages go straight to us (`position`, each
+    message's bytes without its length): at
     10,000s of positions the library's own cutting (it copies the rest of its buffer at
     every message) and its dispatch cost more than reading them. Every other frame goes
     on to the library (`received`) as the very bytes it came in, complete, in the order
@@ -334,7 +337,7 @@ class Frames:
     def __init__(
         self,
         received: Callable[[bytes], None],
-        position: Callable[[list[str]], None],
+        position: Callable[[bytes], None],
         too_long: Callable[[int], None] = lambda length: None,
     ):
         self._received = received
@@ -365,10 +368,7 @@ class Frames:
             if buffer.startswith(_POSITION_PREFIX, start + 4):
                 if passed < start:  # the library's frames before it, first
                     self._received(bytes(buffer[passed:start]))
-                message = buffer[start + 4 : end].decode(errors="backslashreplace")
-                fields = message.split("\0")
-                fields.pop()  # after the last field's NUL: nothing (the library drops it too)
-                self._position(fields)
+                self._position(bytes(buffer[start + 4 : end]))
                 passed = end
             start = end
         if passed < start:
@@ -387,98 +387,6 @@ def _float_decimal(value: float | None) -> Decimal | None:
         return None
     number = parse_decimal(repr(float(value)))
     return None if number is UNSET else number
-
-
-def _position_from_wire(fields: list[str]) -> PositionRecord:
-    """A position message (id 61, version 3), in the layout the client library decodes.
-
-    Numbers are read with the TWS wire grammar, exactly. What makes the whole read
-    incomplete (a ValueError here): another layout or version, a record that names no
-    account or no valid contract id (we could not tell which stored position it is, so
-    none could safely be closed), and an unset or unreadable quantity (never read as 0,
-    which means "closed") or an unreadable average cost or strike. An unset average cost
-    is None; an unset strike is None as well.
-    """
-    if len(fields) != len(POSITION_FIELDS):
-        raise ValueError(f"{len(fields)} fields instead of {len(POSITION_FIELDS)}")
-    (
-        _,
-        version,
-        account,
-        con_id,
-        symbol,
-        sec_type,
-        last_trade_date,
-        strike,
-        right,
-        multiplier,
-        exchange,
-        currency,
-        local_symbol,
-        trading_class,
-        quantity,
-        average_cost,
-    ) = fields  # fmt: skip  (the order of protocol.POSITION_FIELDS; a test holds them equal)
-    if version != POSITION_VERSION:
-        raise ValueError(f"position message version {version!r} instead of {POSITION_VERSION}")
-    if not account:
-        raise ValueError("no account id")
-    # Up to nine ASCII digits is a whole number below every "no value" marker (the least
-    # of them has ten): read as it is; anything else by the wire grammar.
-    if len(con_id) <= 9 and con_id.isascii() and con_id.isdigit():
-        parsed_con_id = int(con_id)
-    else:
-        parsed_con_id = parse_integer(con_id)
-    if parsed_con_id is UNSET or parsed_con_id <= 0:
-        raise ValueError(f"contract id {con_id!r} is not a contract id")
-    parsed_quantity = _repeated_decimal(_quantities, quantity)
-    if parsed_quantity is UNSET:
-        raise ValueError(f"the quantity of contract {parsed_con_id} is unset ({quantity!r})")
-    parsed_cost = parse_decimal(average_cost)  # seldom the same text twice: not kept
-    parsed_strike = _repeated_decimal(_strikes, strike)
-    # Texts that repeat across positions (account, currency, ...) are kept once each.
-    # Every field in PositionRecord's order (a test holds it to the keyword form).
-    return _make_record(
-        intern(account),
-        parsed_con_id,
-        symbol,
-        intern(sec_type),
-        parsed_quantity,
-        None if parsed_cost is UNSET else parsed_cost,
-        intern(currency),
-        intern(exchange),
-        "",  # primary exchange: not in a position message
-        local_symbol,
-        intern(trading_class),
-        intern(multiplier),
-        intern(last_trade_date),
-        None if parsed_strike is UNSET else parsed_strike,
-        intern(right),
-        # The message itself: the same text is the same record (`positions_digest`).
-        "\0".join(fields),
-    )
-
-
-_make_record = PositionRecord.make
-
-
-# Quantities and strikes repeat across positions (100 shares, strike 150, none): each
-# distinct text is read by the wire grammar once, and its Decimal (immutable) shared.
-_CACHE_LIMIT = 4096
-_quantities: dict[str, Decimal | Any] = {}
-_strikes: dict[str, Decimal | Any] = {}
-
-
-def _repeated_decimal(cache: dict[str, Decimal | Any], text: str) -> Decimal | Any:
-    """`parse_decimal(text)`, read once per distinct text (a text that is no number raises
-    WireValueError every time, and is never kept)."""
-    value = cache.get(text)
-    if value is None:
-        value = parse_decimal(text)
-        if len(cache) >= _CACHE_LIMIT:
-            cache.clear()
-        cache[text] = value
-    return value
 
 
 _PORTFOLIO_VALUES = slice(
@@ -533,13 +441,6 @@ def _values_layout(what: str, fields: list[str], expected: int) -> str:
 
 def _shown_field(text: str) -> str:
     return repr(text[:40] + ("..." if len(text) > 40 else ""))
-
-
-def _unreadable(state: _ReadState, fields: list[str], reason: object) -> None:
-    """Record a frame that could not be read, named by its first fields (never a secret:
-    message id, version, account, contract id)."""
-    head = ",".join(repr(f)[1:-1][:40] for f in fields[:4])
-    state.note_unreadable(f"[{head}]: {reason}")
 
 
 class _DecoderLog:

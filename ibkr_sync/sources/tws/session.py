@@ -22,7 +22,10 @@ Why it is shaped this way:
   that would close positions that are still held.
 - Quantities and average costs are taken from the wire text, not from the library's
   floats, so fractional shares arrive exactly as the gateway sent them, read with the TWS
-  wire grammar (`protocol.py`): IBKR's "no value" markers never become numbers.
+  wire grammar (`protocol.py`): IBKR's "no value" markers never become numbers. The
+  position messages are kept as they came (`positions.py`), with a digest of each
+  account's: a sync that says which digests it wrote last (`written`) has the messages
+  of those accounts left undecoded, which at 10,000s of positions is most of a read.
 - Every frame of the session goes through one guard: a frame the client library cannot
   decode, or one in a layout we do not expect, makes the read incomplete. The library
   would only log it, and a position we could not read must never be closed as gone.
@@ -60,7 +63,7 @@ import re
 import socket
 import struct
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -69,14 +72,14 @@ from ...exceptions import (
     GatewayTimeout,
     GatewayUnavailable,
     IbkrSyncError,
-    IncompleteSnapshot,
     NotAGateway,
     SyncAlreadyRunning,
     UnknownAccount,
 )
-from ...snapshot import Snapshot
+from ...snapshot import PositionRecord, Snapshot
 from .decoding import Decoding
 from .errors import _cut, _port_checklist, _setup_checklist, _shown_bytes, logger
+from .positions import Written, incomplete_read
 from .state import _ReadState
 from .values import ValuesRead
 
@@ -147,10 +150,21 @@ class TwsSource(ValuesRead, Decoding):
         except OSError:
             return False
 
-    def fetch_positions(self, account_id: str | None = None) -> Snapshot:
-        """Connect read-only, read every position (of one account, if given), disconnect."""
+    #: `fetch_positions` takes `written`: it need not decode every position message.
+    defers_positions = True
+
+    def fetch_positions(
+        self, account_id: str | None = None, *, written: Written | None = None
+    ) -> Snapshot:
+        """Connect read-only, read every position (of one account, if given), disconnect.
+
+        `written(account, digest)`: whether `digest` (`PositionMessages.digest`) is that
+        of the positions last written for the account. The messages of such an account
+        are then left undecoded (its records are decoded if asked for); the others are
+        decoded as always, and a message that cannot be read fails the read as always.
+        Not used when the read takes values, which are read against every position."""
         with self._one_read():
-            return _run_in_private_loop(lambda: self._read(account_id))
+            return _run_in_private_loop(lambda: self._read(account_id, written))
 
     def handshake(self) -> Handshake:
         """Connect, read what the gateway says of itself (its server version and the
@@ -223,9 +237,14 @@ class TwsSource(ValuesRead, Decoding):
             "connect",
         )
 
-    async def _read(self, account_id: str | None) -> Snapshot:
+    async def _read(self, account_id: str | None, written: Written | None = None) -> Snapshot:
         cfg = self.config
         ib, state = self._session()
+        messages = state.messages
+        if messages is not None:
+            messages.account = account_id
+            if written is not None and not cfg.read_values:
+                messages.defer(written)
         try:
             await self._connect(ib, state)
             managed = tuple(ib.client.getAccounts())
@@ -248,19 +267,22 @@ class TwsSource(ValuesRead, Decoding):
                 if not state.positions_complete:
                     raise
             if not state.positions_ended:  # a library without a decoder table: now
+                if messages is not None:
+                    messages.settle()
                 state.end_positions()
             if state.unreadable_at_positions_end:
-                raise IncompleteSnapshot(
-                    f"The IB gateway at {self.address} sent "
-                    f"{state.unreadable_at_positions_end} message(s) that could not be read, "
-                    "so the positions it reported may be incomplete; nothing was changed. "
-                    f"First: {state.unreadable_examples[0]}"
+                raise incomplete_read(
+                    self.address, state.unreadable_at_positions_end, state.unreadable_examples
                 )
-            positions = tuple(
-                p
-                for p in state.positions.values()
-                if p.quantity != 0 and (account_id is None or p.account == account_id)
-            )
+            positions: Sequence[PositionRecord]
+            if messages is not None:
+                positions = messages
+            else:  # read from the library's position events
+                positions = tuple(
+                    p
+                    for p in state.positions.values()
+                    if p.quantity != 0 and (account_id is None or p.account == account_id)
+                )
             server_version = ib.client.serverVersion()
             read = {"source": SOURCE, "as_of": state.positions_as_of}
             if not cfg.read_values:

@@ -9,6 +9,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import Any
 
 from ...exceptions import IbkrSyncError
 from ...snapshot import PositionRecord, PositionValue
@@ -43,7 +44,14 @@ class _ReadState:
     # The first few, for the error message: a hostile peer's flood costs a count, no memory.
     unreadable_examples: list[str] = field(default_factory=list)
 
+    # The position messages (`positions.PositionMessages`), where they are read off the wire.
+    messages: Any = None
+
     def note_unreadable(self, description: str) -> None:
+        if self.messages is not None and not self.positions_ended:
+            # Every position message before this frame is decoded first: one that cannot
+            # be read counts before it, as on the wire.
+            self.messages.flush()
         self.unreadable += 1
         if len(self.unreadable_examples) < 3:
             self.unreadable_examples.append(description)
@@ -158,3 +166,10 @@ class _AccountRead:
         self.done.set_result(None)
         if self.on_end is not None:
             self.on_end()
+
+
+def _unreadable(state: _ReadState, fields: list[str], reason: object) -> None:
+    """Record a frame that could not be read, named by its first fields (never a secret:
+    message id, version, account, contract id)."""
+    head = ",".join(repr(f)[1:-1][:40] for f in fields[:4])
+    state.note_unreadable(f"[{head}]: {reason}")
