@@ -30,7 +30,7 @@ FIRST, SECOND = 910001, 910002  # the sync inserts instruments in conId order
 
 
 def other_writer(held: threading.Event, done: threading.Event, errors: list) -> None:
-    """Insert SECOND, wait until another session waits for a lock, insert FIRST, commit."""
+    """Insert SECOND, wait until another session waits for it, insert FIRST, commit."""
     try:
         with transaction.atomic():
             with connection.cursor() as cursor:
@@ -44,9 +44,11 @@ def other_writer(held: threading.Event, done: threading.Event, errors: list) -> 
             deadline = time.monotonic() + 20
             with connection.cursor() as cursor:
                 while True:
+                    # Live lock data (pg_locks), not the per-transaction statistics
+                    # snapshot: a session that waits for a lock this one holds.
                     cursor.execute(
-                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                        "AND pid <> pg_backend_pid() AND datname = current_database()"
+                        "SELECT count(*) FROM pg_locks WHERE NOT granted "
+                        "AND pg_backend_pid() = ANY(pg_blocking_pids(pid))"
                     )
                     if cursor.fetchone()[0]:
                         break
