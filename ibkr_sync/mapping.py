@@ -1124,9 +1124,8 @@ def written_positions(stored: Mapping[str, str]) -> Callable[[str, str], bool]:
     signature = _columns_for_positions().signature.encode()
 
     def written(account: str, digest: str) -> bool:
-        return bool(digest) and stored.get(account, "").rpartition(":")[0] == _salted(
-            signature, digest
-        )
+        key = _salted(signature, digest)
+        return bool(key) and _written(stored.get(account, ""), key) is not None
 
     return written
 
