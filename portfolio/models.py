@@ -10,6 +10,8 @@ The models are the default concrete models of the sync app's abstract bases: a p
 with portfolio models of its own builds them on the same bases and leaves this app out.
 """
 
+from django.db import models
+
 from ibkr_sync.models import (
     DECIMAL_PLACES,
     DECIMAL_QUANTUM,
@@ -56,7 +58,10 @@ class Account(AbstractAccount):
 
 class Instrument(AbstractInstrument):
     class Meta(AbstractInstrument.Meta):
-        pass
+        # Every sync asks whether an instrument changed since its accounts were last
+        # written (`ibkr_sync.writer.instruments_changed`); without this index, a scan of
+        # the whole table. A host's own instrument model may want the same.
+        indexes = [models.Index(fields=["updated_at"], name="portfolio_instrument_upd")]
 
 
 class Position(AbstractPosition):
