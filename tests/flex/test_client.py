@@ -294,6 +294,35 @@ def test_content_that_is_no_statement(service, clock):
     client_for(service, clock).fetch(QUERY, JAN_1, JAN_31)  # a 5xx is retried
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        # A query set to CSV (IBKR quotes every field), with and without a BOM.
+        b'"ClientAccountID","CurrencyPrimary","Symbol","Quantity"\r\n"U1234567","USD","AAPL","10"\r\n',
+        b'\xef\xbb\xbf"ClientAccountID","Symbol"\n"U1234567","AAPL"\n',
+        b"ClientAccountID,Symbol\nU1234567,AAPL\n",
+        # Set to text: fields separated by a pipe, or by tabs.
+        b"ClientAccountID|Symbol|Quantity\nU1234567|AAPL|10\n",
+        b"ClientAccountID\tSymbol\nU1234567\tAAPL\n",
+    ],
+)
+def test_a_statement_in_csv_or_text_names_the_query_format(service, clock, body):
+    service.script(GET_STATEMENT, Answer.content(body, content_type="text/plain"))
+    with pytest.raises(FlexFormatError, match="CSV or text, not XML") as raised:
+        client_for(service, clock).fetch(QUERY, JAN_1, JAN_31)
+    assert "Format: XML" in str(raised.value)
+    assert "base URL" not in str(raised.value)
+    assert len(service.requests_to(GET_STATEMENT)) == 1  # not fetched again
+
+
+def test_a_page_that_is_no_statement_still_points_at_the_address(service, clock):
+    # Not delimited fields: a plain-text error page of a proxy, an empty 200.
+    for body in (b"Service Unavailable", b"", b"  \n"):
+        service.script(GET_STATEMENT, Answer.content(body, content_type="text/plain"))
+        with pytest.raises(FlexFormatError, match="check the Flex base URL"):
+            client_for(service, clock).fetch(QUERY, JAN_1, JAN_31)
+
+
 def test_a_range_longer_than_365_days_is_split_oldest_first(service, clock):
     start = dt.date(2024, 1, 1)
     end = start + dt.timedelta(days=399)

@@ -426,6 +426,13 @@ class FlexClient:
             if response.status >= 500 or response.status == 429:
                 raise _Transient(f"HTTP {response.status} from {shown}")
             kind = response.getheader("Content-Type", "no content type")
+            if 200 <= response.status < 300 and _delimited_text(first):
+                raise FlexFormatError(
+                    "the Flex Web Service sent the statement as CSV or text, not XML: the "
+                    "Flex Query's format must be XML (Client Portal: Performance & Reports > "
+                    "Flex Queries, edit the query, Delivery Configuration, Format: XML); "
+                    "nothing of it was used"
+                )
             raise FlexFormatError(
                 f"{shown} answered HTTP {response.status} ({kind}), not the Flex Web "
                 f"Service's XML: check the Flex base URL"
@@ -528,6 +535,18 @@ def _first_tag(data: bytes) -> str | None:
     """The name of a document's first element (after a BOM, a declaration, comments)."""
     match = _FIRST_TAG.search(data)  # `<?xml` and `<!--` are no element: never matched
     return match.group(1).decode("ascii", "replace") if match else None
+
+
+def _delimited_text(data: bytes) -> bool:
+    """Whether an answer begins as a statement of a Flex Query set to CSV or text rather
+    than XML does: no markup, and a first line of fields (IBKR quotes a CSV's fields and
+    separates a text statement's with `|` or tabs). GetStatement then answers 200 with
+    that body, which no XML reader can tell from a wrong address."""
+    head = data.lstrip(b"\xef\xbb\xbf \t\r\n")
+    if not head or head.startswith(b"<"):
+        return False
+    line = head.split(b"\n", 1)[0]
+    return any(separator in line for separator in (b'","', b",", b"|", b"\t"))
 
 
 def _fields(data: bytes, scrub: Callable[[str], str]) -> dict[str, str]:
