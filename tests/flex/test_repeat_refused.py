@@ -21,7 +21,7 @@ from django.db.models import Model
 
 from ibkr_sync import conf
 from ibkr_sync.models import AccountReport, Connection, PositionChange, SyncRun
-from ibkr_sync.services import sync_positions
+from ibkr_sync.services import SyncResult, sync_positions
 
 from .test_backfill import ACCOUNT, Trade
 from .test_flex_connection import QUERY, flex_connection, period_end, service  # noqa: F401
@@ -77,7 +77,7 @@ def a_gateway_read(account: str = ACCOUNT, *, hours: float = 1) -> Connection:
     return gateway
 
 
-def refused_once(service) -> object:  # noqa: F811
+def refused_once(service) -> SyncResult:  # noqa: F811
     """A statement of two accounts applied, then ACCOUNT read later by a gateway, then
     the statement read whole again: ACCOUNT refused, OTHER applied. Its result."""
     service.add_statement(QUERY, two_accounts)
