@@ -16,7 +16,7 @@ from typing import Any
 
 from django.apps import apps
 from django.conf import settings
-from django.core.exceptions import ImproperlyConfigured
+from django.core.exceptions import FieldDoesNotExist, ImproperlyConfigured
 from django.core.signals import setting_changed
 from django.db import models
 
@@ -166,6 +166,23 @@ class GatewayConfig:
     values_timeout: float = 30.0
     #: The connection's name, for messages ("" for the settings' gateway).
     name: str = ""
+    #: The timeouts the connection sets itself, each with its field's label (the admin's):
+    #: (("connect_timeout", "connect timeout"), ...); the others are the settings'.
+    own_timeouts: tuple[tuple[str, str], ...] = ()
+
+    def timeout_origin(self, timeout: str) -> str:
+        """What set `timeout` ("connect_timeout", "request_timeout", "values_timeout"),
+        for a message that says how long was waited: the connection's field ("connection
+        home's connect timeout"), else the setting (IBKR_CONNECT_TIMEOUT)."""
+        label = dict(self.own_timeouts).get(timeout)
+        if label is not None:
+            return f"connection {self.name}'s {label}"
+        return "IBKR_" + timeout.upper()
+
+    def timeout_said(self, timeout: str) -> str:
+        """`timeout`'s seconds and what set them: "5 s, connection home's connect
+        timeout"."""
+        return f"{getattr(self, timeout):g} s, {self.timeout_origin(timeout)}"
 
     @classmethod
     def from_settings(cls, connection=None) -> "GatewayConfig":
@@ -189,10 +206,20 @@ class GatewayConfig:
             "port": connection.port,
             "client_id": connection.client_id,
         }
+        own = []
         for name in ("connect_timeout", "request_timeout", "values_timeout"):
             if getattr(connection, name) is not None:
                 overrides[name] = float(getattr(connection, name))
-        return dataclasses.replace(config, **overrides)
+                own.append((name, _label(connection, name)))
+        return dataclasses.replace(config, **overrides, own_timeouts=tuple(own))
+
+
+def _label(row: Any, name: str) -> str:
+    """The label of a model row's field `name`, as the admin shows it."""
+    try:
+        return str(row._meta.get_field(name).verbose_name)
+    except (AttributeError, FieldDoesNotExist):  # not a model's row (a host's stand-in)
+        return name.replace("_", " ")
 
 
 @dataclass(frozen=True)

@@ -80,3 +80,12 @@ def exact_sum(values) -> Decimal:
     """The sum of `values` without rounding."""
     with localcontext(prec=_PRECISION):
         return sum(values, Decimal(0))
+
+
+_EXACT = Context(prec=_PRECISION)
+
+
+def running_sum(total: Decimal, value: Decimal) -> Decimal:
+    """`total` + `value` as `exact_sum` adds them (a sum kept as values stream by, one at
+    a time: `exact_sum` of all of them, without holding them)."""
+    return _EXACT.add(total, value)

@@ -68,6 +68,7 @@ from .writer import (
     Written,
     apply_snapshot,
     instruments_changed,
+    refusals,
     reported_digests,
     reported_moments,
     statement_counts,
@@ -406,10 +407,17 @@ def _sync_positions(
         if gateway is None:
             gateway = target.source(progress)
         options: dict[str, Any] = {}
+        repeats: list[Repeat] = []
         if getattr(gateway, "tells_repeats", False):
             # A source that can tell the same read as the last one applied, with nothing
             # of it changed since, does not read it again (see `_applied_statement`).
-            options["applied"] = functools.partial(_applied_statement, target, account_id, state)
+            def applied(period: tuple[dt.date, dt.date], digest: str) -> Repeat | None:
+                repeat = _applied_statement(target, account_id, state, period, digest)
+                if repeat is not None:
+                    repeats.append(repeat)  # what its write tells again (`_write_repeat`)
+                return repeat
+
+            options["applied"] = applied
         reported = None
         if getattr(gateway, "defers_positions", False) and _takes(
             gateway.fetch_positions, "written"
@@ -435,7 +443,8 @@ def _sync_positions(
         if snapshot.repeats is not None:
             if not dry_run:
                 lock.claim(run)
-            written = _write_repeat(snapshot, run, dry_run, state)
+            [repeat] = [r for r in repeats if r.run == snapshot.repeats]
+            written = _write_repeat(snapshot, repeat, run, dry_run, state)
         else:
             # Mapped before the write transaction, which then only writes; an account
             # whose positions have the digest of those last written for it is not
@@ -587,8 +596,10 @@ def _statement_record(run: SyncRun, mapped: MappedSnapshot, written: Written) ->
     """What a run records of the statement it applied, for `_applied_statement` to tell
     the same statement, and the database as it left it, again: the statement's digest
     under this mapping, the accounts it covered with the moment it applied to each (None:
-    refused, or its history only), what its write left per account (`statement_counts`),
-    and its per-account tallies and account snapshots, which a repeat reports again."""
+    refused, or its history only) and the one it was for each account refused (`refused`:
+    a repeat is refused again against the reports stored then), what its write left per
+    account (`statement_counts`), and its per-account tallies and account snapshots,
+    which a repeat reports again."""
     moments = reported_moments(run, written.accounts)  # the accounts whose state it applied
     ranges = statement_ranges(mapped, moments, written)
     return {
@@ -596,6 +607,9 @@ def _statement_record(run: SyncRun, mapped: MappedSnapshot, written: Written) ->
         "accounts": {
             account: moments[account].isoformat() if account in moments else None
             for account in mapped.accounts
+        },
+        "refused": {
+            account: moment.isoformat() for account, moment in written.refused_as_of.items()
         },
         "ranges": ranges,
         "counts": statement_counts(ranges),
@@ -617,9 +631,12 @@ def _applied_statement(
     the moment it applied to them (no newer snapshot of them applied, by any
     connection) and as many open positions, cash balances, ledger rows and account
     snapshots as it left, and no instrument of their open positions changed since (by
-    another connection's sync or an edit: a full read writes it back); and, applying
-    their state, none of its accounts refused, each reported under the connection's name
-    as it is now. Reading it again would then write nothing: it is not read again."""
+    another connection's sync or an edit: a full read writes it back), each reported
+    under the connection's name as it is now; and each account it was refused for
+    (applying their state: a newer report of it stood) refused again by the reports
+    stored now (`writer.refusals`: none gone, none now older), the reason said as a full
+    read would say it now, its history (ledger rows, days) as the statement left it too.
+    Reading it again would then write nothing: it is not read again."""
     last = (
         SyncRun.objects.filter(
             connection=target.connection,
@@ -640,22 +657,34 @@ def _applied_statement(
         for account, moment in record["accounts"].items()
     }
     applied = {account: moment for account, moment in moments.items() if moment is not None}
-    if state and (not applied or len(applied) < len(moments)):
-        # An account refused (a newer report of it stood): a full read refuses it again,
-        # as of the reports stored now, and says so; a repeat would not.
-        return None
-    reports = AccountReport.objects.filter(broker=BROKER, external_id__in=list(applied))
-    held, applied_at = {}, {}
-    for account, connection_id, name, as_of, when in reports.values_list(
-        "external_id", "connection_id", "connection_name", "as_of", "applied_at"
-    ):
-        held[account], applied_at[account] = (connection_id, name, as_of), when
     # Its name as it is now (a full read records it in the reports: renamed since, the
-    # statement is read again once).
+    # statement is read again once; and says it in a refusal's reason).
     connection_id, name = None, ""
     if target.connection is not None:
         connection_id = target.connection.pk
         name = Connection.objects.filter(pk=connection_id).values_list("name", flat=True).first()
+    refused: dict[str, str] = {}
+    if state and len(applied) < len(moments):
+        # An account refused (a newer report of it stood): a full read refuses it again
+        # while that report (or a newer one) stands, and says why as of the reports
+        # stored now; one that would now be applied (its report gone, or older) is read.
+        recorded = record.get("refused") or {}  # none: recorded before it was kept
+        if set(recorded) != set(moments) - set(applied):
+            return None
+        reasons = refusals(
+            {a: dt.datetime.fromisoformat(moment) for a, moment in recorded.items()},
+            target.connection,
+            name or "",
+        )
+        if reasons is None:
+            return None
+        refused = reasons
+    reports = AccountReport.objects.filter(broker=BROKER, external_id__in=list(applied))
+    held, applied_at = {}, {}
+    for account, report_connection, report_name, as_of, when in reports.values_list(
+        "external_id", "connection_id", "connection_name", "as_of", "applied_at"
+    ):
+        held[account], applied_at[account] = (report_connection, report_name, as_of), when
     if any(held.get(a) != (connection_id, name, moment) for a, moment in applied.items()):
         return None
     if instruments_changed(applied_at):
@@ -664,17 +693,27 @@ def _applied_statement(
         return None
     if statement_counts(record["ranges"]) != record["counts"]:
         return None
-    return Repeat(run=last.pk, accounts=tuple(moments), as_of=max(applied.values(), default=None))
+    return Repeat(
+        run=last.pk,
+        accounts=tuple(moments),
+        as_of=max(applied.values(), default=None),
+        refused=refused,
+    )
 
 
-def _write_repeat(snapshot: Snapshot, run: SyncRun, dry_run: bool, state: bool) -> Written:
-    """A statement applied already, found unchanged (`Snapshot.repeats`): nothing is
-    written; `run` records what the run that last recorded it found, every row now
-    unchanged."""
+def _write_repeat(
+    snapshot: Snapshot, repeat: Repeat, run: SyncRun, dry_run: bool, state: bool
+) -> Written:
+    """A statement applied already, found unchanged (`Snapshot.repeats`, as `repeat`
+    found it): nothing is written; `run` records what the run that last recorded it
+    found, every row now unchanged, and the accounts refused again with the reasons a
+    full read gives now."""
     last = SyncRun.objects.get(pk=snapshot.repeats)
     record = last.statement
     written = Written(
-        accounts=list(last.accounts), history_only=[] if state else list(snapshot.accounts)
+        accounts=list(last.accounts),
+        history_only=[] if state else list(snapshot.accounts),
+        refused=dict(repeat.refused),
     )
     for account, tally in record.get("by_account", {}).items():
         kept = sum(tally.get(kind, 0) for kind in ("created", "updated", "unchanged", "reopened"))
@@ -705,6 +744,7 @@ def _write_repeat(snapshot: Snapshot, run: SyncRun, dry_run: bool, state: bool) 
         run.accounts = written.accounts
         run.error_details = list(last.error_details)
         run.account_values = dict(last.account_values)
+        run.accounts_refused = written.refused
         run.ledger = written.ledger
         run.period_from, run.period_to = snapshot.period or (None, None)
         run.history_only = not state

@@ -82,6 +82,9 @@ class Written:
     errors: list[RecordError] = field(default_factory=list)
     values: dict[str, ValuesOutcome] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)
+    # The moment this snapshot was for each account refused (`_reported_moment`): what a
+    # read of the same snapshot again is refused against (`refusals`).
+    refused_as_of: dict[str, dt.datetime] = field(default_factory=dict)
     # The ledger rows, by kind: {"created": n, "updated": n, "unchanged": n}.
     ledger: dict[str, dict[str, int]] = field(default_factory=dict)
     # A dry run's changes, as they would have been recorded (then rolled back).
@@ -332,6 +335,7 @@ def apply_snapshot(
     whole = snapshot
     if state:
         written.refused = _claim_accounts(snapshot, run, now, connection_row, connection_name)
+        written.refused_as_of = {a: _reported_moment(snapshot, a, now) for a in written.refused}
         snapshot = snapshot.without(set(written.refused))
     else:
         _lock_reports(snapshot.accounts)
@@ -954,11 +958,11 @@ def _claim_accounts(
     applied = []
     stale = []
     for account, stored_as_of, by, run_pk, stored_digest, stored_owner in stored:
-        if stored_owner is not None and stored_owner != owner:
-            refused[account] = _owned_refusal(account)
-            continue
-        if stored_as_of > as_of[account]:
-            refused[account] = _refusal(account, stored_as_of, by, as_of[account], connection_name)
+        reason = _refused(
+            account, (stored_as_of, by, stored_owner), as_of[account], owner, connection_name
+        )
+        if reason is not None:
+            refused[account] = reason
             continue
         if account in snapshot.unchanged and (
             run_pk == run.pk or stored_digest != digests[account]
@@ -992,6 +996,50 @@ def _claim_accounts(
         ],
     )
     return refused
+
+
+def _refused(
+    account: str,
+    stored: tuple[dt.datetime, str, Any],
+    this: dt.datetime,
+    owner: Any,
+    connection_name: str,
+) -> str | None:
+    """Why a snapshot of `account` as of `this`, reported by a connection of `owner`
+    named `connection_name`, is refused over its stored report (`stored`: its moment,
+    connection's name and owner), None when it is not: the one rule `_claim_accounts`
+    writes by and `refusals` tells again."""
+    stored_as_of, by, stored_owner = stored
+    if stored_owner is not None and stored_owner != owner:
+        return _owned_refusal(account)
+    if stored_as_of > this:
+        return _refusal(account, stored_as_of, by, this, connection_name)
+    return None
+
+
+def refusals(
+    moments: Mapping[str, dt.datetime], connection_row: Connection | None, connection_name: str
+) -> dict[str, str] | None:
+    """Whether a snapshot of the accounts `moments` (account -> its moment for it, as
+    `_reported_moment` took it) reported by `connection_row` named `connection_name` is
+    refused for every one of them by the reports stored now, and why (in the order of
+    the account ids, as `_claim_accounts` says them); None when one would be applied (its
+    report gone, or no longer newer, or its owner's now). Read outside the write: a
+    statement applied again whose refused accounts are refused again is not read again
+    (`services._applied_statement`)."""
+    owner = None if connection_row is None else connection_row.owner_id
+    stored = (
+        AccountReport.objects.filter(broker=BROKER, external_id__in=list(moments))
+        .order_by("external_id")
+        .values_list("external_id", "as_of", "connection_name", "connection__owner_id")
+    )
+    reasons = {}
+    for account, *report in stored:
+        reason = _refused(account, tuple(report), moments[account], owner, connection_name)
+        if reason is None:
+            return None
+        reasons[account] = reason
+    return reasons if len(reasons) == len(moments) else None
 
 
 def _reported_moment(snapshot: MappedSnapshot, account: str, now: dt.datetime) -> dt.datetime:

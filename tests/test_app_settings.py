@@ -219,6 +219,7 @@ def test_gateway_config_is_typed_and_a_connection_overrides_its_fields(settings)
     settings.IBKR_READ_VALUES = "no"
     settings.IBKR_CLIENT_LIBRARY = "ib_async"
     connection = SimpleNamespace(
+        name="paper",
         host="paper.example",
         port=4004,
         client_id=23,
@@ -241,9 +242,19 @@ def test_gateway_config_is_typed_and_a_connection_overrides_its_fields(settings)
         values_timeout=9.0,
     )
     assert for_connection == dataclasses.replace(
-        from_settings, host="paper.example", port=4004, client_id=23, request_timeout=5.0
+        from_settings,
+        name="paper",
+        host="paper.example",
+        port=4004,
+        client_id=23,
+        request_timeout=5.0,
+        own_timeouts=(("request_timeout", "request timeout"),),
     )
     assert type(for_connection.request_timeout) is float
+    # What set each timeout, for the messages that say how long was waited.
+    assert from_settings.timeout_said("request_timeout") == "45 s, IBKR_REQUEST_TIMEOUT"
+    assert for_connection.timeout_origin("connect_timeout") == "IBKR_CONNECT_TIMEOUT"
+    assert for_connection.timeout_origin("request_timeout") == "connection paper's request timeout"
 
 
 def test_a_misspelt_model_setting_says_to_correct_it_or_leave_it_out(settings):

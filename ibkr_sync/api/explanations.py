@@ -25,24 +25,26 @@ counting as zero). A cash flow of a point: the account's cash transactions after
 account's previous point and at or before this one, summed per kind and currency.
 
 Each is one query for a page whatever its length (and one more for the point before a
-history page), run only when the user may view that kind of ledger row
-(`ibkr_sync.permissions`), over the rows they may see (`ibkr_sync.visibility`).
+history page; a page's trades read in chunks and gone through as they come, so that a
+ledger of 100,000s of trades of one instrument is never held whole), run only when
+the user may view that kind of ledger row (`ibkr_sync.permissions`), over the rows they
+may see (`ibkr_sync.visibility`).
 """
 
 from __future__ import annotations
 
 import bisect
 import datetime as dt
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from django.db.models import Q
 
 from .. import conf, permissions, visibility
-from ..decimals import exact_sum
+from ..decimals import exact_sum, running_sum
 from .holdings import Change
 
 #: The zone of IBKR's statements, whose dates the ledger's date-only rows are.
@@ -96,10 +98,11 @@ def read_moments(change: Change) -> tuple[dt.datetime | None, dt.datetime]:
     return start, end
 
 
-def trade_moment(trade) -> dt.datetime | None:
-    if trade.traded_at is not None:
-        return trade.traded_at
-    return None if trade.trade_date is None else day_end(trade.trade_date)
+def trade_moment(traded_at: dt.datetime | None, trade_date: dt.date | None) -> dt.datetime | None:
+    """When a trade happened: its execution's moment, else its day's end (None: neither)."""
+    if traded_at is not None:
+        return traded_at
+    return None if trade_date is None else day_end(trade_date)
 
 
 def _between(day: str, after: dt.datetime | None, until: dt.datetime, moment: str = "") -> Q:
@@ -130,9 +133,55 @@ class ChangeStory:
     explained: bool | None = None
 
 
+#: The trades' columns a change lists (`ChangeTradeSerializer`), with what places them,
+#: after the primary key.
+TRADE_FIELDS = (
+    "account_id", "instrument_id", "traded_at", "trade_date", "quantity",
+    "external_id", "buy_sell", "price", "currency",
+)  # fmt: skip
+#: The rows read from the database at a time while a page's trades are gone through.
+TRADE_CHUNK = 2000
+
+
+class _Story:
+    """A change's trades as they stream by, in any order: the first `TRADES_PER_CHANGE`
+    by (moment, id) kept (at most twice as many held at a time), how many there were,
+    and their quantities' exact sum (None once one has none: not explained)."""
+
+    def __init__(self, start: dt.datetime | None, end: dt.datetime) -> None:
+        self.start, self.end = start, end
+        self.kept: list[tuple[dt.datetime, Any, tuple]] = []
+        self.count = 0
+        self.total: Decimal | None = Decimal(0)
+
+    def add(self, moment: dt.datetime, pk: Any, row: tuple, quantity: Decimal | None) -> None:
+        self.count += 1
+        if quantity is None:
+            self.total = None
+        elif self.total is not None:
+            self.total = running_sum(self.total, quantity)
+        self.kept.append((moment, pk, row))
+        if len(self.kept) >= 2 * TRADES_PER_CHANGE:
+            self.kept.sort(key=_order)
+            del self.kept[TRADES_PER_CHANGE:]
+
+    def first(self) -> list[tuple]:
+        return [row for _, _, row in sorted(self.kept, key=_order)[:TRADES_PER_CHANGE]]
+
+
+def _order(item: tuple) -> tuple:
+    return item[0], item[1]
+
+
 def explain_changes(positions: Sequence, user) -> None:
     """Set `change_story` on each position of a page of `held_at()` whose `holding` has
-    a change (None on the others), with its trades: one query for the whole page."""
+    a change (None on the others), with its trades: one query for the whole page.
+
+    Its rows are read in chunks as plain values and gone through as they come: a
+    change keeps its first `TRADES_PER_CHANGE` trades and a running exact sum of every
+    quantity (`decimals.running_sum`: SQLite's SUM is not exact), so a ledger of
+    100,000s of trades of one instrument holds a chunk and a page's listed trades in
+    memory, never all its rows; a model instance is made for a listed trade only."""
     changed = [p for p in positions if p.holding.change is not None]
     for position in positions:
         position.change_story = None
@@ -143,38 +192,41 @@ def explain_changes(positions: Sequence, user) -> None:
         for position in changed:
             position.change_story = ChangeStory(position.holding.change)
         return
-    windows = {p.pk: read_moments(p.holding.change) for p in changed}
-    starts = [start for start, _ in windows.values()]
+    stories = {
+        (p.account_id, p.instrument_id): _Story(*read_moments(p.holding.change)) for p in changed
+    }
+    starts = [story.start for story in stories.values()]
     earliest = None if None in starts else min(starts)
-    latest = max(end for _, end in windows.values())
+    latest = max(story.end for story in stories.values())
     trades = model.objects.filter(
         _between("trade_date", earliest, latest, moment="traded_at"),
         COUNTED,
         account_id__in={p.account_id for p in changed},
         instrument_id__in={p.instrument_id for p in changed},
-    ).only(
-        "id", "account_id", "instrument_id", "external_id", "trade_date", "traded_at",
-        "buy_sell", "quantity", "price", "currency",
-    )  # fmt: skip
-    found = defaultdict(list)
-    for trade in visibility.visible(trades, user):
-        found[trade.account_id, trade.instrument_id].append((trade_moment(trade), trade.pk, trade))
+    )
+    names = (model._meta.pk.attname, *TRADE_FIELDS)
+    rows = visibility.visible(trades, user).order_by().values_list(*names)
+    for row in rows.iterator(chunk_size=TRADE_CHUNK):
+        pk, account_id, instrument_id, traded_at, trade_date, quantity = row[:6]
+        story = stories.get((account_id, instrument_id))
+        if story is None:
+            continue
+        moment = trade_moment(traded_at, trade_date)  # never None: `_between` wants one
+        if (story.start is None or moment > story.start) and moment <= story.end:
+            story.add(moment, pk, row, quantity)
+    # An instance as `.only(*names)` would load it (its fields in the model's order).
+    loaded = [f.attname for f in model._meta.concrete_fields if f.attname in names]
+    order = [names.index(name) for name in loaded]
     for position in changed:
         change = position.holding.change
-        start, end = windows[position.pk]
-        story = sorted(
-            (moment, pk, trade)
-            for moment, pk, trade in found[position.account_id, position.instrument_id]
-            if (start is None or moment > start) and moment <= end
-        )
-        listed = [trade for _, _, trade in story]
-        quantities = [trade.quantity for trade in listed]
-        explained = None not in quantities and exact_sum(quantities) == change.quantity_changed
+        story = stories[position.account_id, position.instrument_id]
         position.change_story = ChangeStory(
             change,
-            trades=listed[:TRADES_PER_CHANGE],
-            trades_truncated=len(listed) > TRADES_PER_CHANGE,
-            explained=explained,
+            trades=[
+                model.from_db(rows.db, loaded, [row[i] for i in order]) for row in story.first()
+            ],
+            trades_truncated=story.count > TRADES_PER_CHANGE,
+            explained=story.total is not None and story.total == change.quantity_changed,
         )
 
 

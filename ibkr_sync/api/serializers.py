@@ -304,7 +304,12 @@ class SyncLockCheckSerializer(serializers.Serializer):
     held_seconds = serializers.IntegerField(required=False)
     limit_seconds = serializers.IntegerField(
         required=False,
-        help_text="IBKR_CONNECT_TIMEOUT + IBKR_REQUEST_TIMEOUT + IBKR_SYNC_LOCK_TIMEOUT.",
+        help_text="The longest a healthy sync holds the lock: a gateway's connect "
+        "timeout + its request timeout (twice when values are read) + "
+        "IBKR_SYNC_LOCK_TIMEOUT, each timeout the connection's own where it sets one, else "
+        "the setting's (IBKR_CONNECT_TIMEOUT, IBKR_REQUEST_TIMEOUT); a Flex connection's: "
+        "IBKR_FLEX_CONNECT_TIMEOUT + IBKR_FLEX_POLL_BUDGET + twice IBKR_FLEX_READ_TIMEOUT "
+        "+ IBKR_SYNC_LOCK_TIMEOUT.",
     )
 
 

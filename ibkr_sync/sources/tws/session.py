@@ -233,7 +233,7 @@ class TwsSource(ValuesRead, Decoding):
         await self._race(
             ib.client.connectAsync(cfg.host, cfg.port, cfg.client_id, cfg.connect_timeout),
             state,
-            cfg.connect_timeout,
+            "connect_timeout",
             "connect",
         )
 
@@ -258,9 +258,7 @@ class TwsSource(ValuesRead, Decoding):
                 state.values_plan.extend((account, 1) for account in accounts)
             state.positions_requested = True
             try:
-                await self._race(
-                    ib.reqPositionsAsync(), state, cfg.request_timeout, "send positions"
-                )
+                await self._race(ib.reqPositionsAsync(), state, "request_timeout", "send positions")
             except IbkrSyncError:
                 # A failure after the positions' end on the wire is the values' business,
                 # however soon after it came.
@@ -302,9 +300,11 @@ class TwsSource(ValuesRead, Decoding):
             await self._disconnect(ib)
 
     async def _race(
-        self, awaitable: Awaitable[T], state: _ReadState, timeout: float, what: str
+        self, awaitable: Awaitable[T], state: _ReadState, timeout_name: str, what: str
     ) -> T:
-        """Await a library call, but give up at once on a fatal gateway error or timeout."""
+        """Await a library call, but give up at once on a fatal gateway error or timeout
+        (the config's `timeout_name`: a timeout says how long, and what set it)."""
+        timeout = getattr(self.config, timeout_name)
         task = asyncio.ensure_future(awaitable)
         failure = state.failure
         done, _ = await asyncio.wait(
@@ -329,15 +329,15 @@ class TwsSource(ValuesRead, Decoding):
                         + _port_checklist(self.config)
                     )
             raise GatewayTimeout(
-                f"The IB gateway at {self.address} did not {what} within {timeout:g} s "
-                "(IBKR_CONNECT_TIMEOUT / IBKR_REQUEST_TIMEOUT); nothing was changed."
+                f"The IB gateway at {self.address} did not {what} within "
+                f"{self.config.timeout_said(timeout_name)}; nothing was changed."
             )
         try:
             return task.result()
         except TimeoutError:  # before OSError: in 3.11 it is a subclass of it
             raise GatewayTimeout(
-                f"The IB gateway at {self.address} did not {what} within {timeout:g} s; "
-                "nothing was changed."
+                f"The IB gateway at {self.address} did not {what} within "
+                f"{self.config.timeout_said(timeout_name)}; nothing was changed."
             ) from None
         except ConnectionRefusedError:
             raise GatewayUnavailable(

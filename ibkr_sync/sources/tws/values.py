@@ -202,7 +202,7 @@ class ValuesRead:
         end or its first problem as the message is read (`_AccountRead.spoil`). This
         coroutine only asks for the values, waits, and tells a timeout.
 
-        All accounts together get at most IBKR_REQUEST_TIMEOUT, so that a sync holds the
+        All accounts together get at most the request timeout, so that a sync holds the
         lock for a bounded time however many accounts time out; each waits at most its
         share of what is left, so that accounts that never answer (some TWS versions send
         no download end for some accounts of a multi-account login) cannot starve the
@@ -223,8 +223,8 @@ class ValuesRead:
                 pass  # ended on the wire before it was asked for (spoiled, say)
             elif left <= 0:
                 read.spoil(
-                    "not read: the values of the accounts before it took "
-                    f"IBKR_REQUEST_TIMEOUT ({self.config.request_timeout:g} s) in all"
+                    "not read: the values of the accounts before it took the request "
+                    f"timeout ({self.config.timeout_said('request_timeout')}) in all"
                 )
                 missing.setdefault(account, read.problem or "")
                 continue
@@ -262,10 +262,11 @@ class ValuesRead:
             if not read.done.done():
                 if read.attempt == 1:  # asked once more with what is left, after the others
                     state.values_plan.append((read.account, 2))
+                cfg = self.config
                 read.spoil(
                     f"IBKR did not send the account's values within {timeout:.2g} s "
-                    "(IBKR_VALUES_TIMEOUT, or its share of IBKR_REQUEST_TIMEOUT); its "
-                    "stored values were kept"
+                    f"({cfg.timeout_origin('values_timeout')}, or its share of "
+                    f"{cfg.timeout_origin('request_timeout')}); its stored values were kept"
                 )
             # TWS serves one account's updates at a time: let go before the next one
             # (after a refusal too: a cancel ends only this client's subscription, if any).
