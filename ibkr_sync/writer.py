@@ -42,6 +42,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import itertools
+import logging
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -67,6 +68,8 @@ from .mapping import (
 )
 from .models import AccountReport, Connection, PositionChange, SyncRun
 from .outcomes import RecordError, ValuesOutcome
+
+logger = logging.getLogger(__name__)
 
 KINDS = ("processed", "created", "updated", "unchanged", "reopened", "closed", "errors")
 
@@ -956,6 +959,7 @@ def _claim_accounts(
     for account, stored_as_of, by, run_pk, stored_digest, stored_owner in stored:
         if stored_owner is not None and stored_owner != owner:
             refused[account] = _owned_refusal(account)
+            _log_owned_refusal(account, run, connection_name, owner, stored_owner, by)
             continue
         if stored_as_of > as_of[account]:
             refused[account] = _refusal(account, stored_as_of, by, as_of[account], connection_name)
@@ -1006,12 +1010,34 @@ def _reported_moment(snapshot: MappedSnapshot, account: str, now: dt.datetime) -
 
 
 def _owned_refusal(account: str) -> str:
-    """Why an account another owner's connection reports was refused. A gateway proves no
-    login (any server speaking its protocol, at the address a connection is given,
-    reports whatever account ids it likes), so an owned account is written only by its
-    owner's connections: never taken over, nor made everyone's by an unowned one."""
-    return (
-        f"{account} was not written: a connection of another owner reports it, and it stays theirs."
+    """Why an account another owner holds was refused, as the run says it to whoever may
+    see it. A gateway proves no login (any server speaking its protocol, at the address a
+    connection is given, reports whatever account ids it likes), so an owned account is
+    written only by its owner's connections: never taken over, nor made everyone's by an
+    unowned one.
+
+    The same words for every account a connection may not write, whoever holds it: the
+    run is its syncing user's to read, and "another owner holds it" would tell someone
+    trying account ids that one exists and is someone's. Whose it is goes to the server
+    log only (`_log_owned_refusal`), for the operator."""
+    return f"{account} was not written: this connection may not write it."
+
+
+def _log_owned_refusal(
+    account: str, run: SyncRun, connection_name: str, owner: Any, held_by: Any, by: str
+) -> None:
+    """The details of an ownership refusal, for an operator reading the server log (at
+    WARNING: a connection reporting an account another owner holds is either a login
+    given to the wrong user or someone trying account ids)."""
+    logger.warning(
+        "Sync #%s of connection %s (owner: %s) did not write account %s: it is held by %s "
+        "(last reported by %s).",
+        run.pk,
+        connection_name or "(the settings' gateway)",
+        "none" if owner is None else f"user #{owner}",
+        account,
+        "a user since deleted, or not known" if held_by is None else f"user #{held_by}",
+        by or "the settings' gateway",
     )
 
 

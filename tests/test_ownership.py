@@ -569,7 +569,7 @@ def test_a_connection_cannot_take_another_owners_account_by_reporting_it(world):
     taken = sync("U2000002", 9, "alice", as_of=NOON + dt.timedelta(hours=1))
 
     assert list(taken.accounts_refused) == ["U2000002"]
-    assert "another owner" in taken.accounts_refused["U2000002"]
+    assert taken.accounts_refused["U2000002"] == NOT_YOURS.format("U2000002")
     assert AccountReport.objects.get(external_id="U2000002").connection_name == "bob"
     assert "U2000002" not in account_ids(alice)
     assert api(alice).get("/portfolio/accounts/U2000002/history").status_code == 404
@@ -581,6 +581,39 @@ def test_a_connection_cannot_take_another_owners_account_by_reporting_it(world):
     shared = sync("U2000002", 9, "shared", as_of=NOON + dt.timedelta(hours=2))
     assert list(shared.accounts_refused) == ["U2000002"]
     assert "U2000002" not in account_ids(world["carol"])
+
+
+NOT_YOURS = "{} was not written: this connection may not write it."
+
+
+def test_a_refusal_does_not_tell_the_syncing_user_that_another_owner_holds_the_account(
+    world, settings, caplog
+):
+    """The run's outcome is its syncing user's to read: "another owner holds it" would
+    confirm to someone trying account ids that one exists and is someone's. Each account
+    the connection may not write is refused in the same words; whose it is goes to the
+    server log, for the operator."""
+    alice = world["alice"]
+    alice.user_permissions.add(Permission.objects.get(codename="view_syncrun"))
+    fake = FakeGateway(
+        [position(account="U2000002", con_id=9), position(account="U5000005", con_id=9)],
+        accounts=("U2000002", "U5000005"),
+    )
+    with reading_from(fake, settings), caplog.at_level("WARNING", logger="ibkr_sync.writer"):
+        answer = api(alice).post("/portfolio/sync/ibkr?connection=alice").json()
+
+    assert answer["accounts"] == ["U5000005"]
+    assert answer["accounts_refused"] == {"U2000002": NOT_YOURS.format("U2000002")}
+    run = SyncRun.objects.get(pk=answer["sync_run_id"])
+    page = browser(alice).get(change(SyncRun, run.pk)).content.decode()
+    assert NOT_YOURS.format("U2000002") in page
+    for told in (str(answer), page):
+        assert "another owner" not in told and "theirs" not in told and "bob" not in told
+    # The operator's reason, in the log: whose it is, and which connection reported it.
+    [record] = [r for r in caplog.records if "U2000002" in r.getMessage()]
+    assert record.levelname == "WARNING"
+    assert f"held by user #{world['bob'].pk}" in record.getMessage()
+    assert "last reported by bob" in record.getMessage()
 
 
 def test_a_connection_cannot_change_the_contracts_another_owners_accounts_hold(world):
