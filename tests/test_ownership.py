@@ -342,11 +342,15 @@ def test_only_a_user_who_sees_every_connection_assigns_owners(world):
         "name": "shared", "kind": "tws", "enabled": "on", "owner": alice.pk, "note": "",
         "host": "127.0.0.1", "port": "7497", "client_id": "13",
     }  # fmt: skip
-    page = browser(alice).get(change(Connection, shared.pk))
+    mine = Connection.objects.get(name="alice")
+    page = browser(alice).get(change(Connection, mine.pk))
     assert 'name="owner"' not in page.content.decode()
-    browser(alice).post(change(Connection, shared.pk), {**form, "note": "mine now?"})
-    shared.refresh_from_db()
-    assert (shared.owner_id, shared.note) == (None, "mine now?")  # the note, not the owner
+    browser(alice).post(
+        change(Connection, mine.pk),
+        {**form, "name": "alice", "client_id": "11", "owner": bob_pk(world), "note": "bob's?"},
+    )
+    mine.refresh_from_db()
+    assert (mine.owner_id, mine.note) == (alice.pk, "bob's?")  # the note, not the owner
     # Someone else's connection: not even found.
     bob = Connection.objects.get(name="bob")
     response = browser(alice).post(change(Connection, bob.pk), {**form, "name": "bob"})
@@ -358,6 +362,76 @@ def test_only_a_user_who_sees_every_connection_assigns_owners(world):
     assert response.status_code == 302
     shared.refresh_from_db()
     assert shared.owner_id == alice.pk
+
+
+def bob_pk(world) -> int:
+    return world["bob"].pk
+
+
+GATEWAY_FORM = {
+    "kind": "tws", "enabled": "on", "note": "", "port": "7497", "schedule": "",
+    "schedule_enabled": "on",
+}  # fmt: skip
+
+
+def test_only_a_user_who_sees_every_connection_changes_or_removes_an_unowned_one(world):
+    """An unowned connection's data is everyone's. A user who could change where it reads
+    could point it at a server of their own, which reports whatever positions and account
+    ids it likes, into accounts everyone sees: only a user who sees every connection
+    changes or removes one. Others see it read-only, as they may still see it."""
+    carol, auditor = world["carol"], world["auditor"]
+    for user in (carol, auditor):
+        user.user_permissions.add(
+            *Permission.objects.filter(codename__in=["change_connection", "delete_connection"])
+        )
+    shared = Connection.objects.get(name="shared")
+    to_mine = {**GATEWAY_FORM, "name": "shared", "host": "10.6.6.6", "client_id": "13"}
+
+    page = browser(carol).get(change(Connection, shared.pk))
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert 'name="host"' not in html and 'name="_save"' not in html
+    assert "127.0.0.1" in html  # shown, read-only
+    assert browser(carol).post(change(Connection, shared.pk), to_mine).status_code == 403
+    delete = reverse("admin:ibkr_sync_connection_delete", args=[shared.pk])
+    assert browser(carol).get(delete).status_code == 403
+    assert browser(carol).post(delete, {"post": "yes"}).status_code == 403
+    shared.refresh_from_db()
+    assert (shared.host, shared.owner_id) == ("127.0.0.1", None)
+
+    # A connection of her own she changes as before.
+    own = Connection.objects.create(name="carols", owner=carol, client_id=31)
+    form = {**GATEWAY_FORM, "name": "carols", "host": "10.0.0.31", "client_id": "31"}
+    assert browser(carol).post(change(Connection, own.pk), form).status_code == 302
+    own.refresh_from_db()
+    assert own.host == "10.0.0.31"
+
+    # A user who sees every connection changes and removes an unowned one.
+    response = browser(auditor).post(change(Connection, shared.pk), {**to_mine, "host": "gw"})
+    assert response.status_code == 302
+    shared.refresh_from_db()
+    assert shared.host == "gw"
+    assert browser(auditor).post(delete, {"post": "yes"}).status_code == 302
+    assert not Connection.objects.filter(name="shared").exists()
+
+
+def test_an_unowned_flex_connections_query_and_token_are_not_changed_by_others(world):
+    carol = world["carol"]
+    carol.user_permissions.add(Permission.objects.get(codename="change_connection"))
+    flex = Connection(name="statements", kind="flex", flex_query_id="123456", client_id=15)
+    flex.set_flex_token("1" * 24)
+    flex.save()
+    stored = flex.flex_token
+    form = {
+        "name": "statements", "kind": "flex", "enabled": "on", "note": "", "client_id": "15",
+        "flex_query_id": "999999", "new_flex_token": "2" * 24, "schedule": "",
+        "schedule_enabled": "on",
+    }  # fmt: skip
+
+    assert browser(carol).post(change(Connection, flex.pk), form).status_code == 403
+
+    flex.refresh_from_db()
+    assert (flex.flex_query_id, flex.flex_token) == ("123456", stored)
 
 
 def test_a_connection_a_user_adds_is_theirs_unless_they_assign_owners(world):
