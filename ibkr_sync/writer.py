@@ -7,10 +7,10 @@ Runs inside the sync's transaction (the service owns it). First the accounts
 (`_claim_accounts`): each account's `AccountReport`, the newest snapshot applied to it,
 locked for the transaction (in one order, so that two syncs reporting the same account
 take turns, never wait in a circle); an account whose stored report is newer than this
-snapshot's moment for it, or is of a connection of another owner than this one's (an
-owned account never changes hands by a sync: `visibility`), is refused
-(`Written.refused`): nothing of it is written, and the other accounts are applied as
-usual.
+snapshot's moment for it, or is held by another owner than this connection's (an owned
+account never changes hands by a sync, nor when its connection is removed:
+`visibility`), is refused (`Written.refused`): nothing of it is written, and the other
+accounts are applied as usual.
 
 Then the positions of the accounts applied: existing rows read as plain tuples in a
 fixed number of queries, new rows inserted batch by batch (`bulk.insert_rows`), changed
@@ -539,6 +539,7 @@ def _report_history(
                 "as_of": _reported_moment(snapshot, account, now),
                 "connection_id": None if connection_row is None else connection_row.pk,
                 "connection_name": connection_name,
+                **_owner_of(connection_row),
                 "source": snapshot.source,
                 "sync_run_id": run.pk,
                 "applied_at": now,
@@ -908,9 +909,10 @@ def _claim_accounts(
     connection_name: str,
 ) -> dict[str, str]:
     """Lock each reported account's `AccountReport` for this transaction; refuse the
-    accounts whose stored report is newer than this snapshot's moment for them, or of a
-    connection of another owner (returned, with the reason); record this snapshot as the
-    newest of the others.
+    accounts whose stored report is newer than this snapshot's moment for them, or that
+    another owner than this connection's holds (`_held_by`: its connection's owner, or
+    the one recorded once that connection was removed), returned with the reason; record
+    this snapshot, and this connection's owner, as the newest of the others.
 
     An equal moment is not older: a snapshot may be applied again. The reports are
     inserted where missing (ON CONFLICT DO NOTHING: a report another sync is inserting
@@ -924,6 +926,7 @@ def _claim_accounts(
     mine = {
         "connection_id": None if connection_row is None else connection_row.pk,
         "connection_name": connection_name,
+        **_owner_of(connection_row),
         "source": snapshot.source,
         "sync_run_id": run.pk,
         "applied_at": now,
@@ -949,15 +952,16 @@ def _claim_accounts(
         .order_by("external_id")
         .values_list(
             "external_id", "as_of", "connection_name", "sync_run_id", "positions_digest",
-            "connection__owner_id",
+            "connection_id", "connection__owner_id", "owner_id", "owned",
         )
     )  # fmt: skip
-    owner = None if connection_row is None else connection_row.owner_id
+    owner = mine["owner_id"]
     refused: dict[str, str] = {}
     applied = []
     stale = []
-    for account, stored_as_of, by, run_pk, stored_digest, stored_owner in stored:
-        if stored_owner is not None and stored_owner != owner:
+    for account, stored_as_of, by, run_pk, stored_digest, *holder in stored:
+        owned, stored_owner = _held_by(*holder)
+        if owned and (stored_owner is None or stored_owner != owner):
             refused[account] = _owned_refusal(account)
             _log_owned_refusal(account, run, connection_name, owner, stored_owner, by)
             continue
@@ -988,6 +992,8 @@ def _claim_accounts(
         update_fields=[
             "connection",
             "connection_name",
+            "owner",
+            "owned",
             "source",
             "as_of",
             "sync_run",
@@ -996,6 +1002,27 @@ def _claim_accounts(
         ],
     )
     return refused
+
+
+def _owner_of(connection_row: Connection | None) -> dict[str, Any]:
+    """The owner a report applied by `connection_row` records (`AccountReport.owner`):
+    its owner, if any; none for an unowned connection or the settings' gateway."""
+    owner = None if connection_row is None else connection_row.owner_id
+    return {"owner_id": owner, "owned": owner is not None}
+
+
+def _held_by(
+    connection_id: Any, connection_owner: Any, owner: Any, owned: bool
+) -> tuple[bool, Any]:
+    """Whether a stored report's account is owned, and by whom (a user's pk; None: by a
+    user since deleted, or not known). While its connection exists, that connection's
+    owner decides: a user who sees every connection moves an account by giving its
+    connection to another owner, however that is saved. Once the connection is removed,
+    the owner the report recorded (`AccountReport.owner`, `owned`): the account keeps
+    it, and no other owner's connection takes it (with its history) by reporting its id."""
+    if connection_id is not None:
+        return connection_owner is not None, connection_owner
+    return owned, owner
 
 
 def _reported_moment(snapshot: MappedSnapshot, account: str, now: dt.datetime) -> dt.datetime:

@@ -584,6 +584,102 @@ def test_a_removed_connections_data_is_only_for_those_who_see_all(world):
     assert "alice" not in runs
 
 
+def test_a_removed_connections_accounts_stay_their_owners(world):
+    """An account keeps its owner when its connection is removed (its report records it):
+    another user's connection, pointed at a gateway that reports its id, is refused, and
+    nothing of the account (its history, positions, cash) becomes the claimant's. Only a
+    connection of the same owner writes it again, which shows it to them again."""
+    alice, bob, carol = world["alice"], world["bob"], world["carol"]
+    bobs_positions = list(Position.objects.filter(account__external_id="U2000002").values())
+    Connection.objects.filter(name="bob").delete()
+    report = AccountReport.objects.get(external_id="U2000002")
+    assert (report.connection_id, report.owner_id, report.owned) == (None, bob.pk, True)
+
+    later = NOON + dt.timedelta(hours=1)
+    for claimant in ("alice", "shared"):
+        taken = sync("U2000002", 9, claimant, as_of=later)
+        assert taken.accounts_refused == {"U2000002": NOT_YOURS.format("U2000002")}
+    report.refresh_from_db()
+    assert (report.connection_name, report.owner_id) == ("bob", bob.pk)
+    assert list(Position.objects.filter(account__external_id="U2000002").values()) == (
+        bobs_positions
+    )
+    for user in (alice, bob, carol):
+        assert "U2000002" not in account_ids(user)
+        client = api(user)
+        assert client.get("/portfolio/accounts/U2000002/history").status_code == 404
+        for path in ("/portfolio/positions", "/portfolio/cash"):
+            assert "U2000002" not in accounts_in(client.get(path).json()["results"])
+    assert "U2000002" in account_ids(world["auditor"])
+
+    # A connection of bob's takes it back, and he sees it again.
+    Connection.objects.create(name="bobs-new", owner=bob, client_id=22)
+    assert sync("U2000002", 2, "bobs-new", as_of=later).accounts_refused == {}
+    assert "U2000002" in account_ids(bob) and "U2000002" not in account_ids(alice)
+
+    # An unowned connection's account, removed with it, was everyone's: any connection
+    # still takes it, as before.
+    Connection.objects.filter(name="shared").delete()
+    assert AccountReport.objects.get(external_id="U3000003").owned is False
+    assert sync("U3000003", 3, "alice", as_of=later).accounts_refused == {}
+    assert "U3000003" in account_ids(alice) and "U3000003" not in account_ids(carol)
+
+
+def test_giving_a_connection_to_another_owner_moves_its_accounts_also_once_removed(world):
+    """A user who sees every connection moves an account by giving its connection to
+    another owner: the accounts' reports follow, so the new owner keeps them when the
+    connection is removed, and the former owner's connections cannot take them back."""
+    alice, bob, auditor = world["alice"], world["bob"], world["auditor"]
+    auditor.user_permissions.add(Permission.objects.get(codename="change_connection"))
+    connection = Connection.objects.get(name="alice")
+    form = {
+        **GATEWAY_FORM, "name": "alice", "host": "127.0.0.1", "client_id": "11",
+        "owner": bob.pk,
+    }  # fmt: skip
+    response = browser(auditor).post(change(Connection, connection.pk), form)
+    assert response.status_code == 302
+    assert AccountReport.objects.get(external_id="U1000001").owner_id == bob.pk
+    assert "U1000001" in account_ids(bob) and "U1000001" not in account_ids(alice)
+
+    Connection.objects.filter(name="alice").delete()
+    Connection.objects.create(name="alices-new", owner=alice, client_id=21)
+    later = NOON + dt.timedelta(hours=1)
+    assert list(sync("U1000001", 1, "alices-new", as_of=later).accounts_refused) == ["U1000001"]
+    assert "U1000001" not in account_ids(alice)
+    Connection.objects.create(name="bobs-new", owner=bob, client_id=22)
+    assert sync("U1000001", 1, "bobs-new", as_of=later).accounts_refused == {}
+    assert "U1000001" in account_ids(bob)
+
+
+def test_an_owner_changed_without_save_is_the_one_a_removal_keeps(world):
+    """A change of owner saved by `update()` (no signal) still decides while the
+    connection exists, and is what its accounts keep once it is removed."""
+    alice, bob = world["alice"], world["bob"]
+    Connection.objects.filter(name="alice").update(owner=bob)
+    assert "U1000001" in account_ids(bob) and "U1000001" not in account_ids(alice)
+    Connection.objects.filter(name="alice").delete()
+    report = AccountReport.objects.get(external_id="U1000001")
+    assert (report.owner_id, report.owned) == (bob.pk, True)
+
+
+def test_the_accounts_of_a_deleted_user_become_nobodys_to_write_and_stay_hidden(world):
+    """A user whose connections are all removed may be deleted. Their accounts do not
+    become everyone's, nor anyone's to take: they are written by no sync, and seen only
+    by users who see every connection."""
+    bob, carol = world["bob"], world["carol"]
+    Connection.objects.filter(name="bob").delete()
+    bob.delete()
+    report = AccountReport.objects.get(external_id="U2000002")
+    assert (report.owner_id, report.owned) == (None, True)
+    Connection.objects.create(name="carols", owner=carol, client_id=31)
+    later = NOON + dt.timedelta(hours=1)
+    for claimant in ("carols", "shared", "alice"):
+        assert list(sync("U2000002", 9, claimant, as_of=later).accounts_refused) == ["U2000002"]
+    for name in ("alice", "carol"):
+        assert "U2000002" not in account_ids(world[name])
+    assert "U2000002" in account_ids(world["auditor"]) & account_ids(world["root"])
+
+
 def test_a_user_who_owns_a_connection_cannot_be_deleted_so_their_data_never_becomes_everyones(
     world,
 ):
