@@ -46,8 +46,9 @@ has). A sync's answer shows what it read (accounts, counts, the gateway's errors
 syncing a connection one may not see would show its data. The command (`sync_ibkr`) is
 the operator's and syncs any connection.
 
-Each function here is a queryset filter: no query of its own (beyond the user's
-permissions, read once per request by Django) and no check per row.
+Each filter here is a queryset filter: no query of its own (beyond the user's
+permissions, read once per request by Django) and no check per row. (The receivers at
+the end, `connect_signals`, keep the reports' recorded owner as their connection's.)
 """
 
 from __future__ import annotations

@@ -649,6 +649,12 @@ def test_giving_a_connection_to_another_owner_moves_its_accounts_also_once_remov
     Connection.objects.create(name="bobs-new", owner=bob, client_id=22)
     assert sync("U1000001", 1, "bobs-new", as_of=later).accounts_refused == {}
     assert "U1000001" in account_ids(bob)
+    # An unowned connection given to an owner: its accounts are theirs, and stay so.
+    shared = Connection.objects.get(name="shared")
+    shared.owner = alice
+    shared.save()
+    report = AccountReport.objects.get(external_id="U3000003")
+    assert (report.owner_id, report.owned) == (alice.pk, True)
 
 
 def test_an_owner_changed_without_save_is_the_one_a_removal_keeps(world):
