@@ -10,6 +10,8 @@ class IbkrSyncConfig(AppConfig):
         from . import (
             checks,  # noqa: F401  (registers the system checks)
             schedules,
+            visibility,
         )
 
         schedules.connect_signals()
+        visibility.connect_signals()

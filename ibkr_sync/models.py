@@ -770,6 +770,12 @@ class AccountReport(models.Model):
     moment the snapshot describes. An older snapshot of the account, from any connection,
     is refused for it (two logins may report one account: an adviser's and its own).
 
+    And whose the account is (`owner`, `owned`): while its connection exists, that
+    connection's owner, whom `owner` follows (each report applied, each save of the
+    connection); once the connection is removed, the one recorded here, so that an owned
+    account keeps its owner and no other user's connection can take it, with its history,
+    by reporting its id (`writer._claim_accounts`, `visibility`).
+
     Kept by the sync app itself, keyed by the account's id, so that a host's own account
     model needs no fields for it."""
 
@@ -782,6 +788,26 @@ class AccountReport(models.Model):
         max_length=64,
         blank=True,
         help_text="The connection that last reported it; empty: the settings' gateway.",
+    )
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        # Not PROTECT: a user whose connections are all removed may still be deleted. The
+        # account does not become everyone's then: `owned` stays set, and an account owned
+        # by a user no longer known is written by no sync and seen only by users who see
+        # every connection.
+        on_delete=models.SET_NULL,
+        related_name="+",
+        help_text="Whose the account is: its connection's owner (kept when the connection "
+        "is removed); empty when it has none, or when that user was deleted (`owned`).",
+    )
+    owned = models.BooleanField(
+        default=False,
+        help_text="Whether the account has an owner: set with `owner`, and kept when that "
+        "user is deleted or was not known (a connection removed before owners were "
+        "recorded here), so that it never becomes everyone's. Only a connection of that "
+        "owner writes an owned account.",
     )
     source = models.CharField(max_length=16, help_text="What read it (tws).")
     as_of = models.DateTimeField(help_text="The moment the applied snapshot describes.")

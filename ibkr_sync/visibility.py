@@ -17,8 +17,14 @@ Who sees a connection's data (each kind still needs its view permission,
 Data of no connection is everyone's, as it always was: an account no connection ever
 reported (the settings' gateway reported it, or nothing yet) and the settings' gateway's
 sync runs. Data of a connection since removed (its account's report and its runs keep
-its name, not its owner) is only for users who see every connection: whose it was is no
-longer known, and it must not become everyone's by a removal.
+its name) is only for users who see every connection: a removal takes it out of sight,
+its owner's included, and it must not become everyone's by a removal. Its accounts stay
+their owner's all the same: each report records the owner of its connection
+(`AccountReport.owner`, kept when the connection goes, `_keep_owner`), and only a
+connection of that owner writes them again (`writer._claim_accounts`), which shows them
+to that owner again. An account whose owner is not known (the user was deleted, or the
+connection was removed before reports recorded owners: `AccountReport.owned` without
+`owner`) is written by no sync and stays for users who see every connection only.
 
 Why the account's current connection, not "any connection that ever reported it": an
 account reported by two connections is recorded with the last one only (`AccountReport`
@@ -28,8 +34,10 @@ report yet, an unowned connection's, the settings' gateway's) becomes the owner'
 connection's snapshot of it is applied. An owned account never changes hands by a sync:
 a gateway proves no login (any server that speaks its protocol, at the address a user
 gives their connection, reports whatever account ids it likes), so the writer refuses a
-snapshot of it from a connection of another owner, or of none (`writer._claim_accounts`);
-a user who sees every connection moves it by giving the connection to another owner.
+snapshot of it from a connection of another owner, or of none (`writer._claim_accounts`),
+also once its own connection is removed; a user who sees every connection moves it by
+giving the connection to another owner (its reports follow, `_follow_owner`; while the
+connection exists, its owner decides in any case).
 
 Syncing follows seeing: a user with `ibkr_sync.run_sync` may start syncs of the
 connections they may see (their own, unowned ones; every one with
@@ -38,15 +46,16 @@ has). A sync's answer shows what it read (accounts, counts, the gateway's errors
 syncing a connection one may not see would show its data. The command (`sync_ibkr`) is
 the operator's and syncs any connection.
 
-Each function here is a queryset filter: no query of its own (beyond the user's
-permissions, read once per request by Django) and no check per row.
+Each filter here is a queryset filter: no query of its own (beyond the user's
+permissions, read once per request by Django) and no check per row. (The receivers at
+the end, `connect_signals`, keep the reports' recorded owner as their connection's.)
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from django.db.models import Exists, OuterRef, Q, QuerySet
+from django.db.models import Exists, OuterRef, Q, QuerySet, Subquery
 
 from . import conf
 from .models import AccountReport, Connection, SyncRun
@@ -155,6 +164,39 @@ def visible_connections(user, queryset: QuerySet[Connection] | None = None) -> Q
     unowned ones; all with `view_all_connections`."""
     queryset = Connection.objects.all() if queryset is None else queryset
     return queryset if sees_all(user) else queryset.filter(connections_seen(user))
+
+
+def _follow_owner(sender, instance: Connection, **kwargs) -> None:
+    """A connection saved: its accounts' reports record its owner as it is now
+    (`AccountReport.owner`), so that giving a connection to another owner moves its
+    accounts. (While the connection exists its owner decides anyway, `writer._held_by`: a
+    change saved by `update()` is followed as well.)"""
+    if kwargs.get("raw"):  # loaddata: the reports are restored as they were dumped
+        return
+    owner = instance.owner_id
+    AccountReport.objects.filter(connection_id=instance.pk).exclude(
+        owner_id=owner, owned=owner is not None
+    ).update(owner_id=owner, owned=owner is not None)
+
+
+def _keep_owner(sender, instance: Connection, **kwargs) -> None:
+    """A connection about to be removed: its accounts' reports record its owner as the
+    database holds it now (a change of owner saved without `save()` included), which they
+    keep once their connection is gone. An owned account stays its owner's: no other
+    owner's connection takes it by reporting its id."""
+    current = Connection.objects.filter(pk=instance.pk)
+    AccountReport.objects.filter(connection_id=instance.pk).update(
+        owner_id=Subquery(current.values("owner_id")[:1]),
+        owned=Exists(current.filter(owner__isnull=False)),
+    )
+
+
+def connect_signals() -> None:
+    """Accounts' reports follow their connection's owner (`apps.ready`)."""
+    from django.db.models.signals import post_save, pre_delete
+
+    post_save.connect(_follow_owner, sender=Connection, dispatch_uid="ibkr_sync.owner.saved")
+    pre_delete.connect(_keep_owner, sender=Connection, dispatch_uid="ibkr_sync.owner.deleted")
 
 
 def may_see_connection(user, connection: Connection | None) -> bool:

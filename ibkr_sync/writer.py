@@ -7,10 +7,10 @@ Runs inside the sync's transaction (the service owns it). First the accounts
 (`_claim_accounts`): each account's `AccountReport`, the newest snapshot applied to it,
 locked for the transaction (in one order, so that two syncs reporting the same account
 take turns, never wait in a circle); an account whose stored report is newer than this
-snapshot's moment for it, or is of a connection of another owner than this one's (an
-owned account never changes hands by a sync: `visibility`), is refused
-(`Written.refused`): nothing of it is written, and the other accounts are applied as
-usual.
+snapshot's moment for it, or is held by another owner than this connection's (an owned
+account never changes hands by a sync, nor when its connection is removed:
+`visibility`), is refused (`Written.refused`): nothing of it is written, and the other
+accounts are applied as usual.
 
 Then the positions of the accounts applied: existing rows read as plain tuples in a
 fixed number of queries, new rows inserted batch by batch (`bulk.insert_rows`), changed
@@ -42,6 +42,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import itertools
+import logging
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -67,6 +68,8 @@ from .mapping import (
 )
 from .models import AccountReport, Connection, PositionChange, SyncRun
 from .outcomes import RecordError, ValuesOutcome
+
+logger = logging.getLogger(__name__)
 
 KINDS = ("processed", "created", "updated", "unchanged", "reopened", "closed", "errors")
 
@@ -540,6 +543,7 @@ def _report_history(
                 "as_of": _reported_moment(snapshot, account, now),
                 "connection_id": None if connection_row is None else connection_row.pk,
                 "connection_name": connection_name,
+                **_owner_of(connection_row),
                 "source": snapshot.source,
                 "sync_run_id": run.pk,
                 "applied_at": now,
@@ -909,9 +913,10 @@ def _claim_accounts(
     connection_name: str,
 ) -> dict[str, str]:
     """Lock each reported account's `AccountReport` for this transaction; refuse the
-    accounts whose stored report is newer than this snapshot's moment for them, or of a
-    connection of another owner (returned, with the reason); record this snapshot as the
-    newest of the others.
+    accounts whose stored report is newer than this snapshot's moment for them, or that
+    another owner than this connection's holds (`_held_by`: its connection's owner, or
+    the one recorded once that connection was removed), returned with the reason; record
+    this snapshot, and this connection's owner, as the newest of the others.
 
     An equal moment is not older: a snapshot may be applied again. The reports are
     inserted where missing (ON CONFLICT DO NOTHING: a report another sync is inserting
@@ -925,6 +930,7 @@ def _claim_accounts(
     mine = {
         "connection_id": None if connection_row is None else connection_row.pk,
         "connection_name": connection_name,
+        **_owner_of(connection_row),
         "source": snapshot.source,
         "sync_run_id": run.pk,
         "applied_at": now,
@@ -950,19 +956,22 @@ def _claim_accounts(
         .order_by("external_id")
         .values_list(
             "external_id", "as_of", "connection_name", "sync_run_id", "positions_digest",
-            "connection__owner_id",
+            "connection_id", "connection__owner_id", "owner_id", "owned",
         )
     )  # fmt: skip
-    owner = None if connection_row is None else connection_row.owner_id
+    owner = mine["owner_id"]
     refused: dict[str, str] = {}
     applied = []
     stale = []
-    for account, stored_as_of, by, run_pk, stored_digest, stored_owner in stored:
+    for account, stored_as_of, by, run_pk, stored_digest, *holder in stored:
+        owned, holder_pk = _held_by(*holder)
         reason = _refused(
-            account, (stored_as_of, by, stored_owner), as_of[account], owner, connection_name
+            account, (stored_as_of, by, owned, holder_pk), as_of[account], owner, connection_name
         )
         if reason is not None:
             refused[account] = reason
+            if _owned_by_another(owned, holder_pk, owner):
+                _log_owned_refusal(account, run, connection_name, owner, holder_pk, by)
             continue
         if account in snapshot.unchanged and (
             run_pk == run.pk or stored_digest != digests[account]
@@ -988,6 +997,8 @@ def _claim_accounts(
         update_fields=[
             "connection",
             "connection_name",
+            "owner",
+            "owned",
             "source",
             "as_of",
             "sync_run",
@@ -998,19 +1009,48 @@ def _claim_accounts(
     return refused
 
 
+def _owner_of(connection_row: Connection | None) -> dict[str, Any]:
+    """The owner a report applied by `connection_row` records (`AccountReport.owner`):
+    its owner, if any; none for an unowned connection or the settings' gateway."""
+    owner = None if connection_row is None else connection_row.owner_id
+    return {"owner_id": owner, "owned": owner is not None}
+
+
+def _held_by(
+    connection_id: Any, connection_owner: Any, owner: Any, owned: bool
+) -> tuple[bool, Any]:
+    """Whether a stored report's account is owned, and by whom (a user's pk; None: by a
+    user since deleted, or not known). While its connection exists, that connection's
+    owner decides: a user who sees every connection moves an account by giving its
+    connection to another owner, however that is saved. Once the connection is removed,
+    the owner the report recorded (`AccountReport.owner`, `owned`): the account keeps
+    it, and no other owner's connection takes it (with its history) by reporting its id."""
+    if connection_id is not None:
+        return connection_owner is not None, connection_owner
+    return owned, owner
+
+
+def _owned_by_another(owned: bool, holder: Any, owner: Any) -> bool:
+    """Whether an account held so (`_held_by`) is another owner's than `owner`'s (a
+    user's pk; None: an unowned connection or the settings' gateway): owned, and not by
+    `owner` (an owner since deleted is nobody's to write as)."""
+    return owned and (holder is None or holder != owner)
+
+
 def _refused(
     account: str,
-    stored: tuple[dt.datetime, str, Any],
+    stored: tuple[dt.datetime, str, bool, Any],
     this: dt.datetime,
     owner: Any,
     connection_name: str,
 ) -> str | None:
     """Why a snapshot of `account` as of `this`, reported by a connection of `owner`
     named `connection_name`, is refused over its stored report (`stored`: its moment,
-    connection's name and owner), None when it is not: the one rule `_claim_accounts`
-    writes by and `refusals` tells again."""
-    stored_as_of, by, stored_owner = stored
-    if stored_owner is not None and stored_owner != owner:
+    its connection's name, and whether and by whom the account is held, `_held_by`),
+    None when it is not: the one rule `_claim_accounts` writes by and `refusals` tells
+    again."""
+    stored_as_of, by, owned, holder = stored
+    if _owned_by_another(owned, holder, owner):
         return _owned_refusal(account)
     if stored_as_of > this:
         return _refusal(account, stored_as_of, by, this, connection_name)
@@ -1031,11 +1071,15 @@ def refusals(
     stored = (
         AccountReport.objects.filter(broker=BROKER, external_id__in=list(moments))
         .order_by("external_id")
-        .values_list("external_id", "as_of", "connection_name", "connection__owner_id")
-    )
+        .values_list(
+            "external_id", "as_of", "connection_name",
+            "connection_id", "connection__owner_id", "owner_id", "owned",
+        )
+    )  # fmt: skip
     reasons = {}
-    for account, *report in stored:
-        reason = _refused(account, tuple(report), moments[account], owner, connection_name)
+    for account, as_of, by, *holder in stored:
+        report = (as_of, by, *_held_by(*holder))
+        reason = _refused(account, report, moments[account], owner, connection_name)
         if reason is None:
             return None
         reasons[account] = reason
@@ -1054,12 +1098,34 @@ def _reported_moment(snapshot: MappedSnapshot, account: str, now: dt.datetime) -
 
 
 def _owned_refusal(account: str) -> str:
-    """Why an account another owner's connection reports was refused. A gateway proves no
-    login (any server speaking its protocol, at the address a connection is given,
-    reports whatever account ids it likes), so an owned account is written only by its
-    owner's connections: never taken over, nor made everyone's by an unowned one."""
-    return (
-        f"{account} was not written: a connection of another owner reports it, and it stays theirs."
+    """Why an account another owner holds was refused, as the run says it to whoever may
+    see it. A gateway proves no login (any server speaking its protocol, at the address a
+    connection is given, reports whatever account ids it likes), so an owned account is
+    written only by its owner's connections: never taken over, nor made everyone's by an
+    unowned one.
+
+    The same words for every account a connection may not write, whoever holds it: the
+    run is its syncing user's to read, and "another owner holds it" would tell someone
+    trying account ids that one exists and is someone's. Whose it is goes to the server
+    log only (`_log_owned_refusal`), for the operator."""
+    return f"{account} was not written: this connection may not write it."
+
+
+def _log_owned_refusal(
+    account: str, run: SyncRun, connection_name: str, owner: Any, held_by: Any, by: str
+) -> None:
+    """The details of an ownership refusal, for an operator reading the server log (at
+    WARNING: a connection reporting an account another owner holds is either a login
+    given to the wrong user or someone trying account ids)."""
+    logger.warning(
+        "Sync #%s of connection %s (owner: %s) did not write account %s: it is held by %s "
+        "(last reported by %s).",
+        run.pk,
+        connection_name or "(the settings' gateway)",
+        "none" if owner is None else f"user #{owner}",
+        account,
+        "a user since deleted, or not known" if held_by is None else f"user #{held_by}",
+        by or "the settings' gateway",
     )
 
 

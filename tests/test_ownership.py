@@ -342,11 +342,15 @@ def test_only_a_user_who_sees_every_connection_assigns_owners(world):
         "name": "shared", "kind": "tws", "enabled": "on", "owner": alice.pk, "note": "",
         "host": "127.0.0.1", "port": "7497", "client_id": "13",
     }  # fmt: skip
-    page = browser(alice).get(change(Connection, shared.pk))
+    mine = Connection.objects.get(name="alice")
+    page = browser(alice).get(change(Connection, mine.pk))
     assert 'name="owner"' not in page.content.decode()
-    browser(alice).post(change(Connection, shared.pk), {**form, "note": "mine now?"})
-    shared.refresh_from_db()
-    assert (shared.owner_id, shared.note) == (None, "mine now?")  # the note, not the owner
+    browser(alice).post(
+        change(Connection, mine.pk),
+        {**form, "name": "alice", "client_id": "11", "owner": bob_pk(world), "note": "bob's?"},
+    )
+    mine.refresh_from_db()
+    assert (mine.owner_id, mine.note) == (alice.pk, "bob's?")  # the note, not the owner
     # Someone else's connection: not even found.
     bob = Connection.objects.get(name="bob")
     response = browser(alice).post(change(Connection, bob.pk), {**form, "name": "bob"})
@@ -358,6 +362,76 @@ def test_only_a_user_who_sees_every_connection_assigns_owners(world):
     assert response.status_code == 302
     shared.refresh_from_db()
     assert shared.owner_id == alice.pk
+
+
+def bob_pk(world) -> int:
+    return world["bob"].pk
+
+
+GATEWAY_FORM = {
+    "kind": "tws", "enabled": "on", "note": "", "port": "7497", "schedule": "",
+    "schedule_enabled": "on",
+}  # fmt: skip
+
+
+def test_only_a_user_who_sees_every_connection_changes_or_removes_an_unowned_one(world):
+    """An unowned connection's data is everyone's. A user who could change where it reads
+    could point it at a server of their own, which reports whatever positions and account
+    ids it likes, into accounts everyone sees: only a user who sees every connection
+    changes or removes one. Others see it read-only, as they may still see it."""
+    carol, auditor = world["carol"], world["auditor"]
+    for user in (carol, auditor):
+        user.user_permissions.add(
+            *Permission.objects.filter(codename__in=["change_connection", "delete_connection"])
+        )
+    shared = Connection.objects.get(name="shared")
+    to_mine = {**GATEWAY_FORM, "name": "shared", "host": "10.6.6.6", "client_id": "13"}
+
+    page = browser(carol).get(change(Connection, shared.pk))
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert 'name="host"' not in html and 'name="_save"' not in html
+    assert "127.0.0.1" in html  # shown, read-only
+    assert browser(carol).post(change(Connection, shared.pk), to_mine).status_code == 403
+    delete = reverse("admin:ibkr_sync_connection_delete", args=[shared.pk])
+    assert browser(carol).get(delete).status_code == 403
+    assert browser(carol).post(delete, {"post": "yes"}).status_code == 403
+    shared.refresh_from_db()
+    assert (shared.host, shared.owner_id) == ("127.0.0.1", None)
+
+    # A connection of her own she changes as before.
+    own = Connection.objects.create(name="carols", owner=carol, client_id=31)
+    form = {**GATEWAY_FORM, "name": "carols", "host": "10.0.0.31", "client_id": "31"}
+    assert browser(carol).post(change(Connection, own.pk), form).status_code == 302
+    own.refresh_from_db()
+    assert own.host == "10.0.0.31"
+
+    # A user who sees every connection changes and removes an unowned one.
+    response = browser(auditor).post(change(Connection, shared.pk), {**to_mine, "host": "gw"})
+    assert response.status_code == 302
+    shared.refresh_from_db()
+    assert shared.host == "gw"
+    assert browser(auditor).post(delete, {"post": "yes"}).status_code == 302
+    assert not Connection.objects.filter(name="shared").exists()
+
+
+def test_an_unowned_flex_connections_query_and_token_are_not_changed_by_others(world):
+    carol = world["carol"]
+    carol.user_permissions.add(Permission.objects.get(codename="change_connection"))
+    flex = Connection(name="statements", kind="flex", flex_query_id="123456", client_id=15)
+    flex.set_flex_token("1" * 24)
+    flex.save()
+    stored = flex.flex_token
+    form = {
+        "name": "statements", "kind": "flex", "enabled": "on", "note": "", "client_id": "15",
+        "flex_query_id": "999999", "new_flex_token": "2" * 24, "schedule": "",
+        "schedule_enabled": "on",
+    }  # fmt: skip
+
+    assert browser(carol).post(change(Connection, flex.pk), form).status_code == 403
+
+    flex.refresh_from_db()
+    assert (flex.flex_query_id, flex.flex_token) == ("123456", stored)
 
 
 def test_a_connection_a_user_adds_is_theirs_unless_they_assign_owners(world):
@@ -510,6 +584,108 @@ def test_a_removed_connections_data_is_only_for_those_who_see_all(world):
     assert "alice" not in runs
 
 
+def test_a_removed_connections_accounts_stay_their_owners(world):
+    """An account keeps its owner when its connection is removed (its report records it):
+    another user's connection, pointed at a gateway that reports its id, is refused, and
+    nothing of the account (its history, positions, cash) becomes the claimant's. Only a
+    connection of the same owner writes it again, which shows it to them again."""
+    alice, bob, carol = world["alice"], world["bob"], world["carol"]
+    bobs_positions = list(Position.objects.filter(account__external_id="U2000002").values())
+    Connection.objects.filter(name="bob").delete()
+    report = AccountReport.objects.get(external_id="U2000002")
+    assert (report.connection_id, report.owner_id, report.owned) == (None, bob.pk, True)
+
+    later = NOON + dt.timedelta(hours=1)
+    for claimant in ("alice", "shared"):
+        taken = sync("U2000002", 9, claimant, as_of=later)
+        assert taken.accounts_refused == {"U2000002": NOT_YOURS.format("U2000002")}
+    report.refresh_from_db()
+    assert (report.connection_name, report.owner_id) == ("bob", bob.pk)
+    assert list(Position.objects.filter(account__external_id="U2000002").values()) == (
+        bobs_positions
+    )
+    for user in (alice, bob, carol):
+        assert "U2000002" not in account_ids(user)
+        client = api(user)
+        assert client.get("/portfolio/accounts/U2000002/history").status_code == 404
+        for path in ("/portfolio/positions", "/portfolio/cash"):
+            assert "U2000002" not in accounts_in(client.get(path).json()["results"])
+    assert "U2000002" in account_ids(world["auditor"])
+
+    # A connection of bob's takes it back, and he sees it again.
+    Connection.objects.create(name="bobs-new", owner=bob, client_id=22)
+    assert sync("U2000002", 2, "bobs-new", as_of=later).accounts_refused == {}
+    assert "U2000002" in account_ids(bob) and "U2000002" not in account_ids(alice)
+
+    # An unowned connection's account, removed with it, was everyone's: any connection
+    # still takes it, as before.
+    Connection.objects.filter(name="shared").delete()
+    assert AccountReport.objects.get(external_id="U3000003").owned is False
+    assert sync("U3000003", 3, "alice", as_of=later).accounts_refused == {}
+    assert "U3000003" in account_ids(alice) and "U3000003" not in account_ids(carol)
+
+
+def test_giving_a_connection_to_another_owner_moves_its_accounts_also_once_removed(world):
+    """A user who sees every connection moves an account by giving its connection to
+    another owner: the accounts' reports follow, so the new owner keeps them when the
+    connection is removed, and the former owner's connections cannot take them back."""
+    alice, bob, auditor = world["alice"], world["bob"], world["auditor"]
+    auditor.user_permissions.add(Permission.objects.get(codename="change_connection"))
+    connection = Connection.objects.get(name="alice")
+    form = {
+        **GATEWAY_FORM, "name": "alice", "host": "127.0.0.1", "client_id": "11",
+        "owner": bob.pk,
+    }  # fmt: skip
+    response = browser(auditor).post(change(Connection, connection.pk), form)
+    assert response.status_code == 302
+    assert AccountReport.objects.get(external_id="U1000001").owner_id == bob.pk
+    assert "U1000001" in account_ids(bob) and "U1000001" not in account_ids(alice)
+
+    Connection.objects.filter(name="alice").delete()
+    Connection.objects.create(name="alices-new", owner=alice, client_id=21)
+    later = NOON + dt.timedelta(hours=1)
+    assert list(sync("U1000001", 1, "alices-new", as_of=later).accounts_refused) == ["U1000001"]
+    assert "U1000001" not in account_ids(alice)
+    Connection.objects.create(name="bobs-new", owner=bob, client_id=22)
+    assert sync("U1000001", 1, "bobs-new", as_of=later).accounts_refused == {}
+    assert "U1000001" in account_ids(bob)
+    # An unowned connection given to an owner: its accounts are theirs, and stay so.
+    shared = Connection.objects.get(name="shared")
+    shared.owner = alice
+    shared.save()
+    report = AccountReport.objects.get(external_id="U3000003")
+    assert (report.owner_id, report.owned) == (alice.pk, True)
+
+
+def test_an_owner_changed_without_save_is_the_one_a_removal_keeps(world):
+    """A change of owner saved by `update()` (no signal) still decides while the
+    connection exists, and is what its accounts keep once it is removed."""
+    alice, bob = world["alice"], world["bob"]
+    Connection.objects.filter(name="alice").update(owner=bob)
+    assert "U1000001" in account_ids(bob) and "U1000001" not in account_ids(alice)
+    Connection.objects.filter(name="alice").delete()
+    report = AccountReport.objects.get(external_id="U1000001")
+    assert (report.owner_id, report.owned) == (bob.pk, True)
+
+
+def test_the_accounts_of_a_deleted_user_become_nobodys_to_write_and_stay_hidden(world):
+    """A user whose connections are all removed may be deleted. Their accounts do not
+    become everyone's, nor anyone's to take: they are written by no sync, and seen only
+    by users who see every connection."""
+    bob, carol = world["bob"], world["carol"]
+    Connection.objects.filter(name="bob").delete()
+    bob.delete()
+    report = AccountReport.objects.get(external_id="U2000002")
+    assert (report.owner_id, report.owned) == (None, True)
+    Connection.objects.create(name="carols", owner=carol, client_id=31)
+    later = NOON + dt.timedelta(hours=1)
+    for claimant in ("carols", "shared", "alice"):
+        assert list(sync("U2000002", 9, claimant, as_of=later).accounts_refused) == ["U2000002"]
+    for name in ("alice", "carol"):
+        assert "U2000002" not in account_ids(world[name])
+    assert "U2000002" in account_ids(world["auditor"]) & account_ids(world["root"])
+
+
 def test_a_user_who_owns_a_connection_cannot_be_deleted_so_their_data_never_becomes_everyones(
     world,
 ):
@@ -569,7 +745,7 @@ def test_a_connection_cannot_take_another_owners_account_by_reporting_it(world):
     taken = sync("U2000002", 9, "alice", as_of=NOON + dt.timedelta(hours=1))
 
     assert list(taken.accounts_refused) == ["U2000002"]
-    assert "another owner" in taken.accounts_refused["U2000002"]
+    assert taken.accounts_refused["U2000002"] == NOT_YOURS.format("U2000002")
     assert AccountReport.objects.get(external_id="U2000002").connection_name == "bob"
     assert "U2000002" not in account_ids(alice)
     assert api(alice).get("/portfolio/accounts/U2000002/history").status_code == 404
@@ -581,6 +757,39 @@ def test_a_connection_cannot_take_another_owners_account_by_reporting_it(world):
     shared = sync("U2000002", 9, "shared", as_of=NOON + dt.timedelta(hours=2))
     assert list(shared.accounts_refused) == ["U2000002"]
     assert "U2000002" not in account_ids(world["carol"])
+
+
+NOT_YOURS = "{} was not written: this connection may not write it."
+
+
+def test_a_refusal_does_not_tell_the_syncing_user_that_another_owner_holds_the_account(
+    world, settings, caplog
+):
+    """The run's outcome is its syncing user's to read: "another owner holds it" would
+    confirm to someone trying account ids that one exists and is someone's. Each account
+    the connection may not write is refused in the same words; whose it is goes to the
+    server log, for the operator."""
+    alice = world["alice"]
+    alice.user_permissions.add(Permission.objects.get(codename="view_syncrun"))
+    fake = FakeGateway(
+        [position(account="U2000002", con_id=9), position(account="U5000005", con_id=9)],
+        accounts=("U2000002", "U5000005"),
+    )
+    with reading_from(fake, settings), caplog.at_level("WARNING", logger="ibkr_sync.writer"):
+        answer = api(alice).post("/portfolio/sync/ibkr?connection=alice").json()
+
+    assert answer["accounts"] == ["U5000005"]
+    assert answer["accounts_refused"] == {"U2000002": NOT_YOURS.format("U2000002")}
+    run = SyncRun.objects.get(pk=answer["sync_run_id"])
+    page = browser(alice).get(change(SyncRun, run.pk)).content.decode()
+    assert NOT_YOURS.format("U2000002") in page
+    for told in (str(answer), page):
+        assert "another owner" not in told and "theirs" not in told and "bob" not in told
+    # The operator's reason, in the log: whose it is, and which connection reported it.
+    [record] = [r for r in caplog.records if "U2000002" in r.getMessage()]
+    assert record.levelname == "WARNING"
+    assert f"held by user #{world['bob'].pk}" in record.getMessage()
+    assert "last reported by bob" in record.getMessage()
 
 
 def test_a_connection_cannot_change_the_contracts_another_owners_accounts_hold(world):

@@ -8,7 +8,9 @@ Seeing them needs `ibkr_sync.view_connection`, editing `change_connection`; a te
 needs `ibkr_sync.run_sync`: it connects to the gateway with the connection's client id,
 as a sync does. A user sees (and edits, and tests) only the connections they may see
 (`visibility`: their own, those without an owner; all with
-`ibkr_sync.view_all_connections`), and only such a user assigns owners.
+`ibkr_sync.view_all_connections`), and only such a user assigns owners. An unowned
+connection, whose data is everyone's, is changed and removed only by such a user too:
+others see its page read-only (`has_change_permission`).
 """
 
 from __future__ import annotations
@@ -158,6 +160,27 @@ class ConnectionAdmin(admin.ModelAdmin):
             "{}: {}; last fired {}, {} time(s)",
             task.name, state, when(task.last_run_at), task.total_run_count,
         )  # fmt: skip
+
+    def has_change_permission(self, request: HttpRequest, obj: Connection | None = None) -> bool:
+        # An unowned connection's data is everyone's: a user who could change where it
+        # reads (its gateway's host and port, its Flex query and token) could point it at
+        # a server of their own, which reports whatever positions and account ids it
+        # likes, and write them into accounts everyone sees (or take unowned accounts).
+        # Only a user who sees every connection changes one; others see it read-only.
+        return super().has_change_permission(request, obj) and self._may_edit(request, obj)
+
+    def has_delete_permission(self, request: HttpRequest, obj: Connection | None = None) -> bool:
+        # Removing an unowned connection takes its data out of everyone's sight: the same
+        # rule as changing it.
+        return super().has_delete_permission(request, obj) and self._may_edit(request, obj)
+
+    @staticmethod
+    def _may_edit(request: HttpRequest, obj: Connection | None) -> bool:
+        """Whether the user may change or remove `obj` (None: the list, or a connection not
+        named): their own, any with `view_all_connections`, an unowned one only then."""
+        if obj is None or visibility.sees_all(request.user):
+            return True
+        return obj.owner_id is not None and obj.owner_id == request.user.pk
 
     def get_readonly_fields(self, request: HttpRequest, obj: Connection | None = None):
         # Who owns a connection decides who sees its data: only a user who sees every

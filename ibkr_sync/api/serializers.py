@@ -173,7 +173,8 @@ class SyncResultSerializer(serializers.Serializer):
         child=serializers.CharField(),
         help_text="Accounts the connection reported but this sync did not write, with the "
         "reason: a newer snapshot of them (from another connection) was applied already, "
-        "or a connection of another owner reports them. Empty when none.",
+        "or this connection may not write them (the answer does not say whose they are). "
+        "Empty when none.",
     )
     ledger = serializers.DictField(
         child=serializers.DictField(child=serializers.IntegerField()),
