@@ -243,29 +243,59 @@ def queue_scheduled(connection_id: int) -> SyncRun | None:
     why is logged. Raises what `queue_sync` raises (a connection removed or disabled
     since: `UnknownConnection`, `ConnectionDisabled`).
 
+    What only looks queued or running does not count, or the schedule would stop for good
+    (nothing else would ever sync the connection again): a `running` row whose holder
+    stopped working on it (a worker killed mid-sync: `lock.release_abandoned`, as the next
+    sync of any kind releases it) is released first; a `queued` row that has waited longer
+    than IBKR_SYNC_STALE_AFTER (the broker lost its task, or no worker serves its queue:
+    `/healthz` calls that a backlog) is failed, naming the run queued in its place. Its
+    task, should it come after all, finds it no longer queued and runs nothing; so at
+    most one live queued run per connection is left however long the workers are away.
+
     The check and the queued row are one transaction that holds the connection first
     (`_hold_for_queueing`), so two beats firing the same schedule at the same moment
     (two beat processes, a beat restarted) queue it once: the second decides on what the
     first committed. The task is sent once that transaction commits."""
-    with _unavailable_says("nothing was queued", "sync again"), transaction.atomic():
-        row = _hold_for_queueing(connection_id)
-        waiting = (
-            SyncRun.objects.filter(
-                lock_key=row.lock_key,
-                status__in=(SyncRun.Status.QUEUED, SyncRun.Status.RUNNING),
+    with _unavailable_says("nothing was queued", "sync again"):
+        # Before the transaction that holds the connection: an abandoned holder may still
+        # hold its row (a frozen write), which releasing it ends.
+        lock.release_abandoned(Connection(pk=connection_id).lock_key)
+        with transaction.atomic():
+            row = _hold_for_queueing(connection_id)
+            waiting = SyncRun.objects.filter(
+                lock_key=row.lock_key, status__in=(SyncRun.Status.QUEUED, SyncRun.Status.RUNNING)
             )
-            .order_by("pk")
-            .values_list("pk", "status")
-            .first()
-        )
-        if waiting is not None:
-            logger.info(
-                "IBKR sync of connection %s not queued by its schedule: #%s is %s already",
-                row.name,
-                *waiting,
+            lost = waiting.filter(
+                status=SyncRun.Status.QUEUED,
+                queued_at__lt=Now() - dt.timedelta(seconds=app_settings.IBKR_SYNC_STALE_AFTER),
             )
-            return None
-        return queue_sync(trigger=SyncRun.Trigger.SCHEDULE, connection=row)
+            live = waiting.exclude(pk__in=lost.values("pk")).order_by("pk")
+            live = live.values_list("pk", "status").first()
+            if live is not None:
+                logger.info(
+                    "IBKR sync of connection %s not queued by its schedule: #%s is %s already",
+                    row.name,
+                    *live,
+                )
+                return None
+            lost = list(lost.order_by("pk"))
+            run = queue_sync(trigger=SyncRun.Trigger.SCHEDULE, connection=row)
+            for stale in lost:
+                _fail_lost(stale, replaced_by=run)
+            return run
+
+
+def _fail_lost(run: SyncRun, *, replaced_by: SyncRun) -> None:
+    """Fail queued `run`, which no worker took within IBKR_SYNC_STALE_AFTER, as
+    `abandoned` (by the queue), naming the run queued in its place."""
+    message = (
+        f"No worker took this sync within IBKR_SYNC_STALE_AFTER "
+        f"({app_settings.IBKR_SYNC_STALE_AFTER:g} s) of its queueing: the task queue lost "
+        f"it, or no worker serves its queue. Its schedule queued sync #{replaced_by.pk} "
+        "instead."
+    )
+    if lock.fail_queued(run, "abandoned", message):
+        logger.warning("IBKR sync #%s was never taken from the queue: %s", run.pk, message)
 
 
 def _hold_for_queueing(connection_id: int) -> Connection:
@@ -321,6 +351,7 @@ def run_queued(sync_run_id: int, progress: Progress | None = None) -> SyncResult
         )
         if run is None:
             logger.info("IBKR sync #%s is not queued (any more): not run", sync_run_id)
+            _end_if_abandoned(sync_run_id)
             return None
         try:
             target = _queued_target(run)
@@ -335,6 +366,22 @@ def run_queued(sync_run_id: int, progress: Progress | None = None) -> SyncResult
         except lock.QueuedRunTaken:
             logger.info("IBKR sync #%s was taken by another worker: not run", sync_run_id)
             return None
+
+
+def _end_if_abandoned(sync_run_id: int) -> None:
+    """A task delivered again after the worker that ran it died (`acks_late`: the broker
+    hands an unacknowledged task to another worker): its run is still `running`, worked on
+    by nobody. Its record is ended now (`lock.release_abandoned`, as the next sync of its
+    connection would end it), not left `running` for whoever polls it until then; a run
+    whose holder still works on it (a visibility timeout shorter than its sync) is left
+    alone, and nothing is run again."""
+    key = (
+        SyncRun.objects.filter(pk=sync_run_id, status=SyncRun.Status.RUNNING)
+        .values_list("lock_key", flat=True)
+        .first()
+    )
+    if key is not None:
+        lock.release_abandoned(key)
 
 
 def _queued_target(run: SyncRun) -> connections.Target:

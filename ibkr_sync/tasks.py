@@ -15,13 +15,15 @@ and sends this task once its transaction commits), thin over `services.run_queue
   dies before taking the row leaves the task to another; one that dies mid-sync leaves
   a `running` row whose heartbeat stops, released by the next sync after
   IBKR_SYNC_LOCK_TIMEOUT (at once on the same machine, where its process is seen gone),
-  and its redelivered task does nothing. The broker's visibility timeout (Redis:
+  and its redelivered task runs nothing (it ends that row as `abandoned`, the next sync's
+  part, rather than leave it `running` until then). The broker's visibility timeout (Redis:
   `CELERY_BROKER_TRANSPORT_OPTIONS["visibility_timeout"]`) must be longer than the
   longest sync (IBKR_SYNC_STALE_AFTER); otherwise a running sync's task is delivered to
   another worker meanwhile (which then does nothing).
 - `sync_scheduled(connection_id)`: a connection's schedule came due (django-celery-beat,
   `schedules.py`); it queues that connection's sync as above, unless one is queued or
-  running already.
+  running already (a lock whose holder died, a run queued so long that its task was
+  lost, do not count: `services.queue_scheduled`).
 - A worker says it is alive (`models.QueueWorker`, every `WORKER_HEARTBEAT` seconds, from
   its start to its stop): /healthz reads that row, never asks the workers.
 - Routed by the connection's kind: TWS / IB Gateway syncs to `GATEWAY_QUEUE`, Flex

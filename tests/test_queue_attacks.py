@@ -1,0 +1,127 @@
+"""The task queue attacked where it meets the lock and the schedules: a worker that died,
+a task the broker lost, a task delivered again after its worker died. Each must end with
+no connection's syncs stopped for good and no run left `queued` or `running` forever.
+
+A real broker (Redis, `task_queue`); the workers' part is called as a worker calls it.
+"""
+
+import datetime as dt
+
+import pytest
+from django.db.models.functions import Now
+
+from ibkr_sync import services, tasks
+from ibkr_sync.models import Connection, SyncRun
+from tests.queue_broker import sent
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+LOCK_TIMEOUT = 3
+# A worker of another machine, so that only its heartbeat's age tells it is gone.
+ELSEWHERE = "elsewhere;boot;ns|4242|99|n"
+
+
+def _aged(row: SyncRun, **seconds_ago: float) -> SyncRun:
+    """`row` with its times set `seconds_ago` on the database's clock."""
+    SyncRun.objects.filter(pk=row.pk).update(
+        **{field: Now() - dt.timedelta(seconds=ago) for field, ago in seconds_ago.items()}
+    )
+    row.refresh_from_db()
+    return row
+
+
+def _held_by_a_dead_worker(row: Connection) -> SyncRun:
+    """The running row a worker killed mid-sync leaves: its heartbeat silent for longer
+    than the lock's timeout."""
+    run = SyncRun.objects.create(
+        trigger="schedule",
+        status="running",
+        connection=row,
+        connection_name=row.name,
+        lock_key=row.lock_key,
+        owner=ELSEWHERE,
+    )
+    return _aged(run, started_at=LOCK_TIMEOUT + 5, heartbeat_at=LOCK_TIMEOUT + 5)
+
+
+def test_a_schedule_is_not_stopped_for_good_by_a_sync_whose_worker_died(task_queue, settings):
+    settings.IBKR_SYNC_LOCK_TIMEOUT = LOCK_TIMEOUT
+    row = Connection.objects.create(name="home", port=4001, client_id=7, schedule="interval")
+    dead = _held_by_a_dead_worker(row)
+
+    outcome = tasks.sync_scheduled(row.pk)
+
+    assert outcome is not None and outcome["status"] == "queued", outcome
+    dead.refresh_from_db()
+    assert (dead.status, dead.error_code) == ("failed", "abandoned")
+    queued = SyncRun.objects.get(status="queued")
+    assert queued.pk == outcome["sync_run_id"] and queued.trigger == "schedule"
+    assert sent(task_queue, "ibkr_sync.gateway") == [("ibkr_sync.sync_connection", [queued.pk])]
+
+
+def test_a_schedule_respects_a_sync_whose_worker_still_renews_its_lock(task_queue, settings):
+    settings.IBKR_SYNC_LOCK_TIMEOUT = LOCK_TIMEOUT
+    row = Connection.objects.create(name="home", port=4001, client_id=7, schedule="interval")
+    alive = _aged(_held_by_a_dead_worker(row), heartbeat_at=0)
+
+    assert tasks.sync_scheduled(row.pk) is None
+    alive.refresh_from_db()
+    assert alive.status == "running"
+    assert SyncRun.objects.count() == 1 and task_queue.dbsize() == 0
+
+
+def test_a_schedule_is_not_stopped_for_good_by_a_queued_sync_whose_task_was_lost(
+    task_queue, settings
+):
+    settings.IBKR_SYNC_STALE_AFTER = 60
+    row = Connection.objects.create(name="home", port=4001, client_id=7, schedule="interval")
+    lost = services.queue_sync(trigger="schedule", connection=row)
+    task_queue.flushdb()  # the broker lost it (restarted without persistence, flushed)
+
+    # Queued a little while ago: it may still be waiting for a worker; nothing more.
+    _aged(lost, queued_at=30, started_at=30)
+    assert tasks.sync_scheduled(row.pk) is None
+    # Waiting longer than a sync may take (IBKR_SYNC_STALE_AFTER): the queue lost it, or
+    # cannot serve it. The next firing replaces it, and no pile grows.
+    _aged(lost, queued_at=61, started_at=61)
+    outcome = tasks.sync_scheduled(row.pk)
+
+    assert outcome is not None and outcome["status"] == "queued", outcome
+    lost.refresh_from_db()
+    assert (lost.status, lost.error_code) == ("failed", "abandoned")
+    assert "IBKR_SYNC_STALE_AFTER" in lost.error_message
+    assert f"#{outcome['sync_run_id']}" in lost.error_message
+    assert SyncRun.objects.filter(status="queued").count() == 1
+    # Its task, should the broker deliver it after all, runs nothing.
+    assert tasks.sync_connection(lost.pk) is None
+    lost.refresh_from_db()
+    assert lost.status == "failed"
+
+
+def test_a_task_delivered_again_after_its_worker_died_ends_its_run(task_queue, settings):
+    settings.IBKR_SYNC_LOCK_TIMEOUT = LOCK_TIMEOUT
+    row = Connection.objects.create(name="home", port=4001, client_id=7)
+    run = services.queue_sync(trigger="api", connection=row)
+    # A worker took it, and was killed mid-sync: the row is `running`, its heartbeat silent.
+    SyncRun.objects.filter(pk=run.pk).update(status="running", owner=ELSEWHERE)
+    _aged(run, started_at=LOCK_TIMEOUT + 5, heartbeat_at=LOCK_TIMEOUT + 5)
+
+    # acks_late: the broker hands its message to another worker.
+    assert tasks.sync_connection(run.pk) is None
+
+    run.refresh_from_db()
+    assert (run.status, run.error_code) == ("failed", "abandoned")
+    assert run.finished_at is not None
+
+
+def test_a_task_delivered_again_while_its_sync_runs_leaves_it_alone(task_queue, settings):
+    settings.IBKR_SYNC_LOCK_TIMEOUT = LOCK_TIMEOUT
+    row = Connection.objects.create(name="home", port=4001, client_id=7)
+    run = services.queue_sync(trigger="api", connection=row)
+    SyncRun.objects.filter(pk=run.pk).update(status="running", owner=ELSEWHERE)
+    _aged(run, started_at=1, heartbeat_at=0)
+
+    assert tasks.sync_connection(run.pk) is None
+
+    run.refresh_from_db()
+    assert run.status == "running"
