@@ -251,6 +251,9 @@ LOGGING = {
 # Celery reads its settings from here (the CELERY_ namespace, portfolio_site/celery.py).
 # Unused unless IBKR_SYNC_TASK_QUEUE=celery: by default every sync runs in-process.
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="redis://127.0.0.1:6379/0")
+# Error reports hide settings by their names only: the password inside a URL (the broker's,
+# a cache's) would go out whole in the report mailed to ADMINS and on DEBUG's error page.
+DEFAULT_EXCEPTION_REPORTER_FILTER = "ibkr_sync.reporting.ReporterFilter"
 # A queued sync's message is acknowledged when the sync has ended (acks_late): the broker
 # hands it to another worker if it is not acknowledged within the visibility timeout, so
 # the timeout must be longer than the longest sync (IBKR_SYNC_STALE_AFTER). A redelivered
