@@ -263,7 +263,16 @@ CELERY_VISIBILITY_TIMEOUT = _env_int(
     max(3600, 2 * int(IBKR_SYNC_STALE_AFTER)),  # noqa: F821 (read_environment)
     minimum=int(IBKR_SYNC_STALE_AFTER) + 1,  # noqa: F821
 )
-CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": CELERY_VISIBILITY_TIMEOUT}
+# Every wait on the broker bounded (Redis: kombu waits forever by default): a broker that
+# accepts connections and never answers (frozen, or gone behind a firewall that keeps the
+# connection open) would hold the request that queues a sync, and leave its run queued
+# for good when the request is killed. Bounded, the publish fails: the run is failed as
+# queue_unavailable and the caller told so.
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "visibility_timeout": CELERY_VISIBILITY_TIMEOUT,
+    "socket_connect_timeout": 5,
+    "socket_timeout": 10,
+}
 # A sync takes seconds to minutes: a worker takes one task at a time from the broker.
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_ACKS_LATE = True
