@@ -239,18 +239,23 @@ def queue_scheduled(connection_id: int) -> SyncRun | None:
     """A connection's schedule came due (`tasks.sync_scheduled`): queue its sync, as
     `queue_sync` does (trigger `schedule`), unless a sync of it is queued already or
     running, which this one would only repeat (a worker down, a sync longer than the
-    schedule's interval: no pile of identical syncs). None when nothing was queued, and
-    why is logged. Raises what `queue_sync` raises (a connection removed or disabled
-    since: `UnknownConnection`, `ConnectionDisabled`).
+    schedule's interval: no pile of identical syncs). Returns the run queued, or the
+    queued run whose task was sent again (below); None when nothing was sent, and why is
+    logged. Raises what `queue_sync` raises (a connection removed or disabled since:
+    `UnknownConnection`, `ConnectionDisabled`).
 
-    What only looks queued or running does not count, or the schedule would stop for good
-    (nothing else would ever sync the connection again): a `running` row whose holder
-    stopped working on it (a worker killed mid-sync: `lock.release_abandoned`, as the next
-    sync of any kind releases it) is released first; a `queued` row that has waited longer
-    than IBKR_SYNC_STALE_AFTER (the broker lost its task, or no worker serves its queue:
-    `/healthz` calls that a backlog) is failed, naming the run queued in its place. Its
-    task, should it come after all, finds it no longer queued and runs nothing; so at
-    most one live queued run per connection is left however long the workers are away.
+    What only looks queued or running must not stop the schedule for good (nothing else
+    would ever sync the connection again):
+
+    - a `running` row whose holder stopped working on it (a worker killed mid-sync) is
+      released first (`lock.release_abandoned`, as the next sync of any kind releases it);
+    - a `queued` row that has waited longer than IBKR_SYNC_STALE_AFTER (`/healthz` calls
+      that a backlog) may be one whose task the broker lost (restarted without its data,
+      flushed, or the process that queued it killed before it sent the task), or one
+      still waiting behind others: its task is sent again, no new run is queued. Lost, the
+      new task runs it; waiting, whichever delivery comes first takes it and the other
+      does nothing (`run_queued`). Replacing it by a new run instead would send the
+      connection's sync to the back of a long queue at each firing, never to be reached.
 
     The check and the queued row are one transaction that holds the connection first
     (`_hold_for_queueing`), so two beats firing the same schedule at the same moment
@@ -265,11 +270,11 @@ def queue_scheduled(connection_id: int) -> SyncRun | None:
             waiting = SyncRun.objects.filter(
                 lock_key=row.lock_key, status__in=(SyncRun.Status.QUEUED, SyncRun.Status.RUNNING)
             )
-            lost = waiting.filter(
+            overdue = waiting.filter(
                 status=SyncRun.Status.QUEUED,
                 queued_at__lt=Now() - dt.timedelta(seconds=app_settings.IBKR_SYNC_STALE_AFTER),
             )
-            live = waiting.exclude(pk__in=lost.values("pk")).order_by("pk")
+            live = waiting.exclude(pk__in=overdue.values("pk")).order_by("pk")
             live = live.values_list("pk", "status").first()
             if live is not None:
                 logger.info(
@@ -278,24 +283,19 @@ def queue_scheduled(connection_id: int) -> SyncRun | None:
                     *live,
                 )
                 return None
-            lost = list(lost.order_by("pk"))
-            run = queue_sync(trigger=SyncRun.Trigger.SCHEDULE, connection=row)
-            for stale in lost:
-                _fail_lost(stale, replaced_by=run)
-            return run
-
-
-def _fail_lost(run: SyncRun, *, replaced_by: SyncRun) -> None:
-    """Fail queued `run`, which no worker took within IBKR_SYNC_STALE_AFTER, as
-    `abandoned` (by the queue), naming the run queued in its place."""
-    message = (
-        f"No worker took this sync within IBKR_SYNC_STALE_AFTER "
-        f"({app_settings.IBKR_SYNC_STALE_AFTER:g} s) of its queueing: the task queue lost "
-        f"it, or no worker serves its queue. Its schedule queued sync #{replaced_by.pk} "
-        "instead."
-    )
-    if lock.fail_queued(run, "abandoned", message):
-        logger.warning("IBKR sync #%s was never taken from the queue: %s", run.pk, message)
+            overdue = list(overdue.order_by("pk"))
+            if not overdue:
+                return queue_sync(trigger=SyncRun.Trigger.SCHEDULE, connection=row)
+            for run in overdue:
+                logger.warning(
+                    "IBKR sync #%s of connection %s has waited in the queue longer than "
+                    "IBKR_SYNC_STALE_AFTER: its task is sent again (lost by the broker, or "
+                    "behind others: it runs once either way)",
+                    run.pk,
+                    row.name,
+                )
+                transaction.on_commit(functools.partial(_dispatch, run, row.kind))
+            return overdue[0]
 
 
 def _hold_for_queueing(connection_id: int) -> Connection:

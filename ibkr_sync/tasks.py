@@ -22,8 +22,8 @@ and sends this task once its transaction commits), thin over `services.run_queue
   another worker meanwhile (which then does nothing).
 - `sync_scheduled(connection_id)`: a connection's schedule came due (django-celery-beat,
   `schedules.py`); it queues that connection's sync as above, unless one is queued or
-  running already (a lock whose holder died, a run queued so long that its task was
-  lost, do not count: `services.queue_scheduled`).
+  running already (a lock whose holder died is released; a run queued so long that its
+  task may be lost has it sent again: `services.queue_scheduled`).
 - A worker says it is alive (`models.QueueWorker`, every `WORKER_HEARTBEAT` seconds, from
   its start to its stop): /healthz reads that row, never asks the workers.
 - Routed by the connection's kind: TWS / IB Gateway syncs to `GATEWAY_QUEUE`, Flex
@@ -78,7 +78,8 @@ def sync_scheduled(connection_id: int) -> dict[str, Any] | None:
     """A connection's schedule came due (django-celery-beat's `PeriodicTask`, kept in
     step by `schedules.py`): queue its sync (`services.queue_scheduled`: a queued
     `SyncRun`, trigger `schedule`, run by `sync_connection` like any other), unless one is
-    queued or running already. Returns the run queued, or None."""
+    queued or running already. Returns the run queued (or whose task was sent again), or
+    None."""
     from . import services
     from .exceptions import IbkrSyncError
 

@@ -71,7 +71,7 @@ def test_a_schedule_respects_a_sync_whose_worker_still_renews_its_lock(task_queu
 
 
 def test_a_schedule_is_not_stopped_for_good_by_a_queued_sync_whose_task_was_lost(
-    task_queue, settings
+    task_queue, settings, use_gateway
 ):
     settings.IBKR_SYNC_STALE_AFTER = 60
     row = Connection.objects.create(name="home", port=4001, client_id=7, schedule="interval")
@@ -81,21 +81,39 @@ def test_a_schedule_is_not_stopped_for_good_by_a_queued_sync_whose_task_was_lost
     # Queued a little while ago: it may still be waiting for a worker; nothing more.
     _aged(lost, queued_at=30, started_at=30)
     assert tasks.sync_scheduled(row.pk) is None
-    # Waiting longer than a sync may take (IBKR_SYNC_STALE_AFTER): the queue lost it, or
-    # cannot serve it. The next firing replaces it, and no pile grows.
+    assert task_queue.dbsize() == 0
+    # Waiting longer than a sync may take (IBKR_SYNC_STALE_AFTER): the broker may have
+    # lost it. Its task is sent again; no new run.
     _aged(lost, queued_at=61, started_at=61)
     outcome = tasks.sync_scheduled(row.pk)
 
-    assert outcome is not None and outcome["status"] == "queued", outcome
-    lost.refresh_from_db()
-    assert (lost.status, lost.error_code) == ("failed", "abandoned")
-    assert "IBKR_SYNC_STALE_AFTER" in lost.error_message
-    assert f"#{outcome['sync_run_id']}" in lost.error_message
-    assert SyncRun.objects.filter(status="queued").count() == 1
-    # Its task, should the broker deliver it after all, runs nothing.
+    assert outcome == {"connection_id": row.pk, "status": "queued", "sync_run_id": lost.pk}
+    assert list(SyncRun.objects.values_list("pk", "status")) == [(lost.pk, "queued")]
+    assert sent(task_queue, "ibkr_sync.gateway") == [("ibkr_sync.sync_connection", [lost.pk])]
+    # The task sent again runs it; the first one, should the broker have it after all,
+    # runs nothing.
+    assert tasks.sync_connection(lost.pk) == {"sync_run_id": lost.pk, "status": "success"}
     assert tasks.sync_connection(lost.pk) is None
     lost.refresh_from_db()
-    assert lost.status == "failed"
+    assert lost.status == "success"
+    assert SyncRun.objects.count() == 1
+
+
+def test_a_queued_sync_waiting_behind_a_long_queue_keeps_its_place(task_queue, settings):
+    """A backlog longer than the schedule's interval: the connection's queued run keeps its
+    first message (its place in the queue); a firing only adds one that runs nothing once
+    the run was taken."""
+    settings.IBKR_SYNC_STALE_AFTER = 60
+    row = Connection.objects.create(name="home", port=4001, client_id=7, schedule="interval")
+    waiting = _aged(services.queue_sync(trigger="schedule", connection=row), queued_at=61)
+
+    for _ in range(3):
+        assert tasks.sync_scheduled(row.pk)["sync_run_id"] == waiting.pk
+
+    assert SyncRun.objects.count() == 1
+    assert (
+        sent(task_queue, "ibkr_sync.gateway") == [("ibkr_sync.sync_connection", [waiting.pk])] * 4
+    )
 
 
 def test_a_task_delivered_again_after_its_worker_died_ends_its_run(task_queue, settings):
