@@ -10,7 +10,7 @@ import datetime as dt
 import pytest
 from django.db.models.functions import Now
 
-from ibkr_sync import services, tasks
+from ibkr_sync import connections, services, tasks
 from ibkr_sync.models import Connection, SyncRun
 from tests.queue_broker import sent
 
@@ -143,3 +143,27 @@ def test_a_task_delivered_again_while_its_sync_runs_leaves_it_alone(task_queue, 
 
     run.refresh_from_db()
     assert run.status == "running"
+
+
+def test_a_queued_sync_of_a_connection_removed_is_failed_with_the_removal(task_queue, settings):
+    """Nothing can run it any more; left `queued`, a run whose task the broker lost (or
+    that waits behind a long queue) would count as a backlog in /healthz for good."""
+    settings.IBKR_SYNC_STALE_AFTER = 60
+    row = Connection.objects.create(name="home", port=4001, client_id=7)
+    other = Connection.objects.create(name="work", port=4002, client_id=8)
+    queued = services.queue_sync(trigger="api", connection=row)
+    elsewhere = services.queue_sync(trigger="api", connection=other)
+    task_queue.flushdb()  # lost
+
+    connections.remove(row)
+
+    queued.refresh_from_db()
+    assert (queued.status, queued.error_code) == ("failed", "unknown_connection")
+    assert "home was removed" in queued.error_message
+    assert queued.finished_at is not None
+    elsewhere.refresh_from_db()
+    assert elsewhere.status == "queued", "another connection's queued sync is left alone"
+    # Its task, should it come after all, runs nothing.
+    assert tasks.sync_connection(queued.pk) is None
+    _aged(elsewhere, queued_at=61)
+    assert SyncRun.objects.filter(status="queued").count() == 1
