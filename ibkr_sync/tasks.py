@@ -55,22 +55,66 @@ def queue_for(kind: str) -> str:
     return FLEX_QUEUE if kind == "flex" else GATEWAY_QUEUE
 
 
-@shared_task(name="ibkr_sync.sync_connection", acks_late=True, ignore_result=True)
-def sync_connection(sync_run_id: int) -> dict[str, Any] | None:
+#: A task that met the database away is sent again this many times at most, after
+#: RETRY_FIRST seconds, then twice as long each time up to RETRY_MOST (about 25 minutes):
+#: each pause well below the broker's visibility timeout, past which Redis would hand a
+#: task held for later to another worker too.
+RETRIES = 10
+RETRY_FIRST = 5
+RETRY_MOST = 300
+
+
+@shared_task(name="ibkr_sync.sync_connection", acks_late=True, ignore_result=True, bind=True)
+def sync_connection(self, sync_run_id: int, attempt: int = 0) -> dict[str, Any] | None:
     """Run queued sync `sync_run_id`; its outcome is in its `SyncRun` row (the API's
     `GET /portfolio/sync/runs/<id>`). Returns the run's status, or None when it was not
-    queued (any more): nothing was run."""
+    queued (any more): nothing was run.
+
+    The database away (`DatabaseUnavailable`) is the one failure the run may not record:
+    met before the run was read, the run is still `queued`, and this task's message is
+    acknowledged all the same when it returns (acks_late acknowledges a failure too), so
+    nothing would ever run it. The task is sent again instead, after a pause that grows
+    (`RETRIES`, `RETRY_FIRST`, `RETRY_MOST`); the next delivery runs the run, ends it if
+    it was left `running` (`services.run_queued`), or finds it ended and does nothing."""
     from . import services
-    from .exceptions import IbkrSyncError
+    from .exceptions import DatabaseUnavailable, IbkrSyncError
 
     try:
         result = services.run_queued(sync_run_id)
+    except DatabaseUnavailable as exc:
+        return _again(self, sync_run_id, attempt, exc)
     except IbkrSyncError as exc:
         # Recorded in the run (its code and message): an outcome, not the task's error.
         return {"sync_run_id": sync_run_id, "status": "failed", "code": exc.code}
     if result is None:
         return None
     return {"sync_run_id": sync_run_id, "status": "success"}
+
+
+def _again(task, sync_run_id: int, attempt: int, error: Exception) -> dict[str, Any]:
+    """Send `sync_connection(sync_run_id)` again, to the queue it came from, after a pause;
+    after RETRIES, give up (the run stays as the database last had it, and is logged)."""
+    if attempt >= RETRIES:
+        logger.error(
+            "IBKR sync #%s not run: the database did not answer in %s tries (%s)",
+            sync_run_id,
+            attempt + 1,
+            error,
+        )
+        return {"sync_run_id": sync_run_id, "status": "failed", "code": error.code}
+    delay = min(RETRY_FIRST * 2**attempt, RETRY_MOST)
+    delivery = getattr(task.request, "delivery_info", None) or {}
+    queue = delivery.get("routing_key") or GATEWAY_QUEUE
+    logger.warning(
+        "IBKR sync #%s: the database did not answer (%s); its task is sent again in %s s",
+        sync_run_id,
+        error,
+        delay,
+    )
+    sync_connection.apply_async(
+        args=[sync_run_id], kwargs={"attempt": attempt + 1}, queue=queue, countdown=delay
+    )
+    return {"sync_run_id": sync_run_id, "status": "retrying", "code": error.code}
 
 
 @shared_task(name="ibkr_sync.sync_scheduled", ignore_result=True)

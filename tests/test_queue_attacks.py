@@ -167,3 +167,100 @@ def test_a_queued_sync_of_a_connection_removed_is_failed_with_the_removal(task_q
     assert tasks.sync_connection(queued.pk) is None
     _aged(elsewhere, queued_at=61)
     assert SyncRun.objects.filter(status="queued").count() == 1
+
+
+# --- a queued run, read by whoever may not see it -----------------------------------------
+
+
+@pytest.fixture
+def owners(django_user_model):
+    from django.contrib.auth.models import Permission
+    from django.core.cache import cache
+
+    cache.clear()  # the sync budgets
+    made = {}
+    for name in ("alice", "bob"):
+        user = django_user_model.objects.create_user(name, password=f"pw-{name}-123")
+        user.user_permissions.add(
+            *Permission.objects.filter(codename__in=["run_sync", "view_syncrun"])
+        )
+        made[name] = user
+    return made
+
+
+def test_a_queued_run_is_read_by_those_who_see_its_connection_only(task_queue, owners):
+    from rest_framework.test import APIClient
+
+    def as_user(user):
+        client = APIClient()
+        if user is not None:
+            client.force_authenticate(user)
+        return client
+
+    Connection.objects.create(name="alices", owner=owners["alice"], client_id=11)
+    Connection.objects.create(name="shared", client_id=13)
+    alice, bob, anonymous = as_user(owners["alice"]), as_user(owners["bob"]), as_user(None)
+
+    queued = alice.post("/portfolio/sync/ibkr?connection=alices")
+    assert queued.status_code == 202, queued.json()
+    location = queued["Location"]
+    own = SyncRun.objects.get(pk=queued.json()["sync_run_id"])
+    assert own.status == "queued" and location.endswith(f"/portfolio/sync/runs/{own.pk}")
+    # Bob cannot queue a sync of it, nor read its queued run: 404, as a run that does not
+    # exist (its id tells nothing), in the list neither.
+    assert bob.post("/portfolio/sync/ibkr?connection=alices").status_code == 404
+    missing = bob.get(f"/portfolio/sync/runs/{own.pk + 1000}")
+    foreign = bob.get(location)
+    assert foreign.status_code == missing.status_code == 404
+    assert foreign.json()["code"] == missing.json()["code"]
+    assert own.pk not in [row["id"] for row in bob.get("/portfolio/sync/runs").json()["results"]]
+    assert anonymous.get(location).status_code == 401
+    assert alice.get(location).json()["status"] == "queued"
+    # An unowned connection's queued run is everyone's, as its other runs.
+    shared = bob.post("/portfolio/sync/ibkr?connection=shared")
+    assert shared.status_code == 202
+    assert alice.get(shared["Location"]).json()["status"] == "queued"
+    assert SyncRun.objects.filter(status="queued").count() == 2
+
+
+# --- the database away when a worker takes a task ------------------------------------------
+
+
+def _database_down_once(monkeypatch):
+    """The worker's first read of its run fails as a database that does not answer."""
+    from django.db import OperationalError
+    from django.db.models import QuerySet
+
+    first = QuerySet.first
+    calls = {"failed": 0}
+
+    def first_fails_once(self):
+        if self.model is SyncRun and not calls["failed"]:
+            calls["failed"] += 1
+            raise OperationalError("could not connect to server: Connection refused")
+        return first(self)
+
+    monkeypatch.setattr(QuerySet, "first", first_fails_once)
+    return calls
+
+
+def test_a_task_taken_while_the_database_is_away_is_sent_again_not_lost(
+    task_queue, monkeypatch, use_gateway
+):
+    """The task's message is acknowledged when the task returns (acks_late acknowledges a
+    failure too): a run the worker could not even read stays `queued`, and no message is
+    left to run it."""
+    row = Connection.objects.create(name="home", port=4001, client_id=7)
+    run = services.queue_sync(trigger="api", connection=row)
+    task_queue.flushdb()  # the worker took the message
+    calls = _database_down_once(monkeypatch)
+
+    outcome = tasks.sync_connection(run.pk)
+
+    assert calls["failed"] == 1
+    assert outcome["status"] == "retrying", outcome
+    run.refresh_from_db()
+    assert run.status == "queued"
+    assert sent(task_queue, "ibkr_sync.gateway") == [("ibkr_sync.sync_connection", [run.pk])]
+    # The database back, the task sent again runs it.
+    assert tasks.sync_connection(run.pk)["status"] == "success"
