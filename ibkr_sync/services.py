@@ -368,6 +368,18 @@ def run_queued(sync_run_id: int, progress: Progress | None = None) -> SyncResult
             return None
 
 
+def queued_kind(sync_run_id: int) -> str | None:
+    """The kind of the connection queued run `sync_run_id` syncs, as it is now (the
+    settings' gateway's: TWS); None if the run is not queued (any more)."""
+    with _unavailable_says("nothing was changed", "sync again"):
+        found = (
+            SyncRun.objects.filter(pk=sync_run_id, status=SyncRun.Status.QUEUED)
+            .values_list("connection__kind")
+            .first()
+        )
+    return None if found is None else found[0] or Connection.Kind.TWS
+
+
 def _end_if_abandoned(sync_run_id: int) -> None:
     """A task delivered again after the worker that ran it died (`acks_late`: the broker
     hands an unacknowledged task to another worker): its run is still `running`, worked on

@@ -28,7 +28,8 @@ and sends this task once its transaction commits), thin over `services.run_queue
   its start to its stop): /healthz reads that row, never asks the workers.
 - Routed by the connection's kind: TWS / IB Gateway syncs to `GATEWAY_QUEUE`, Flex
   downloads to `FLEX_QUEUE`. A worker consumes both unless told otherwise (the project's
-  Celery app declares them).
+  Celery app declares them); a task taken from the other kind's queue (the connection's
+  kind changed while it waited) is sent on to its own.
 """
 
 from __future__ import annotations
@@ -75,11 +76,28 @@ def sync_connection(self, sync_run_id: int, attempt: int = 0) -> dict[str, Any] 
     acknowledged all the same when it returns (acks_late acknowledges a failure too), so
     nothing would ever run it. The task is sent again instead, after a pause that grows
     (`RETRIES`, `RETRY_FIRST`, `RETRY_MOST`); the next delivery runs the run, ends it if
-    it was left `running` (`services.run_queued`), or finds it ended and does nothing."""
+    it was left `running` (`services.run_queued`), or finds it ended and does nothing.
+
+    Taken from the other kind's queue (its connection's kind changed while it waited),
+    it is sent to its kind's queue and not run here: gateway and Flex workers may be
+    apart (`-Q`), each where its kind of sync can run."""
     from . import services
     from .exceptions import DatabaseUnavailable, IbkrSyncError
 
     try:
+        arrived = (getattr(self.request, "delivery_info", None) or {}).get("routing_key")
+        if arrived in QUEUES:
+            kind = services.queued_kind(sync_run_id)
+            if kind is not None and queue_for(kind) != arrived:
+                logger.info(
+                    "IBKR sync #%s taken from %s: its connection is now of kind %s, sent to %s",
+                    sync_run_id,
+                    arrived,
+                    kind,
+                    queue_for(kind),
+                )
+                enqueue(sync_run_id, kind)
+                return {"sync_run_id": sync_run_id, "status": "requeued", "queue": queue_for(kind)}
         result = services.run_queued(sync_run_id)
     except DatabaseUnavailable as exc:
         return _again(self, sync_run_id, attempt, exc)

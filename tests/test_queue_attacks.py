@@ -264,3 +264,27 @@ def test_a_task_taken_while_the_database_is_away_is_sent_again_not_lost(
     assert sent(task_queue, "ibkr_sync.gateway") == [("ibkr_sync.sync_connection", [run.pk])]
     # The database back, the task sent again runs it.
     assert tasks.sync_connection(run.pk)["status"] == "success"
+
+
+# --- a connection whose kind changed while its sync waited ----------------------------------
+
+
+def test_a_sync_queued_before_its_connection_became_flex_goes_to_the_flex_queue(task_queue):
+    """Gateway workers and Flex workers may be apart (`-Q`): a Flex download taken from the
+    gateway queue would run where Flex downloads are not meant to (and the other way
+    round). The task goes where the connection's kind says now, and runs there."""
+    row = Connection.objects.create(name="home", port=4001, client_id=7)
+    run = services.queue_sync(trigger="api", connection=row)
+    assert sent(task_queue, "ibkr_sync.gateway") == [("ibkr_sync.sync_connection", [run.pk])]
+    task_queue.flushdb()  # a gateway worker took it ...
+    row.kind, row.flex_query_id = "flex", "123456"  # ... after the connection became Flex
+    row.set_flex_token("1" * 24)
+    row.save()
+
+    outcome = tasks.sync_connection.apply(args=[run.pk], routing_key="ibkr_sync.gateway").get()
+
+    assert outcome == {"sync_run_id": run.pk, "status": "requeued", "queue": "ibkr_sync.flex"}
+    run.refresh_from_db()
+    assert run.status == "queued", "not run on the gateway queue"
+    assert sent(task_queue, "ibkr_sync.flex") == [("ibkr_sync.sync_connection", [run.pk])]
+    assert task_queue.llen("ibkr_sync.gateway") == 0
