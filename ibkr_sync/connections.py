@@ -214,7 +214,12 @@ def remove(connection: Connection) -> int:
     connection stays): its lock must be free, or held by a sync that is gone (released
     here, as the next sync would release it). Its sync runs are kept, with its name
     (`connection_name`); returns how many. The command's `remove` and the admin's delete
-    both remove through here."""
+    both remove through here.
+
+    Its queued syncs (IBKR_SYNC_TASK_QUEUE) are failed with it, as their worker would fail
+    them (`unknown_connection`): nothing can run them any more, and one whose task the
+    broker lost, or that waits behind a long queue, would otherwise stay `queued` (a
+    backlog in /healthz) for good. A task of one that comes later runs nothing."""
     if not lock.release_abandoned(connection.lock_key):
         running = selectors.running_run(connection.lock_key)
         which = "" if running is None else f" (sync #{running.pk})"
@@ -223,5 +228,11 @@ def remove(connection: Connection) -> int:
             "Remove it once the sync has finished."
         )
     kept = connection.sync_runs.count()
+    key, name = connection.lock_key, connection.name
     connection.delete()
+    lock.fail_all_queued(
+        key,
+        UnknownConnection.code,
+        f"Connection {name} was removed after this sync was queued.",
+    )
     return kept

@@ -169,6 +169,18 @@ def fail_queued(run: SyncRun, code: str, message: str) -> bool:
     return bool(failed)
 
 
+def fail_all_queued(key: str, code: str, message: str) -> int:
+    """Fail every `queued` run of lock `key` (none of them holds it); how many."""
+    with bounded_statements():
+        return SyncRun.objects.filter(lock_key=key, status=SyncRun.Status.QUEUED).update(
+            status=SyncRun.Status.FAILED,
+            error_code=code,
+            error_message=message,
+            started_at=Now(),
+            finished_at=Now(),
+        )
+
+
 def release_abandoned(key: str = DEFAULT_LOCK_KEY) -> bool:
     """Fail the `running` row of lock `key` if no sync works on it any more; True if that
     lock is free."""

@@ -240,33 +240,63 @@ def queue_scheduled(connection_id: int) -> SyncRun | None:
     """A connection's schedule came due (`tasks.sync_scheduled`): queue its sync, as
     `queue_sync` does (trigger `schedule`), unless a sync of it is queued already or
     running, which this one would only repeat (a worker down, a sync longer than the
-    schedule's interval: no pile of identical syncs). None when nothing was queued, and
-    why is logged. Raises what `queue_sync` raises (a connection removed or disabled
-    since: `UnknownConnection`, `ConnectionDisabled`).
+    schedule's interval: no pile of identical syncs). Returns the run queued, or the
+    queued run whose task was sent again (below); None when nothing was sent, and why is
+    logged. Raises what `queue_sync` raises (a connection removed or disabled since:
+    `UnknownConnection`, `ConnectionDisabled`).
+
+    What only looks queued or running must not stop the schedule for good (nothing else
+    would ever sync the connection again):
+
+    - a `running` row whose holder stopped working on it (a worker killed mid-sync) is
+      released first (`lock.release_abandoned`, as the next sync of any kind releases it);
+    - a `queued` row that has waited longer than IBKR_SYNC_STALE_AFTER (`/healthz` calls
+      that a backlog) may be one whose task the broker lost (restarted without its data,
+      flushed, or the process that queued it killed before it sent the task), or one
+      still waiting behind others: its task is sent again, no new run is queued. Lost, the
+      new task runs it; waiting, whichever delivery comes first takes it and the other
+      does nothing (`run_queued`). Replacing it by a new run instead would send the
+      connection's sync to the back of a long queue at each firing, never to be reached.
 
     The check and the queued row are one transaction that holds the connection first
     (`_hold_for_queueing`), so two beats firing the same schedule at the same moment
     (two beat processes, a beat restarted) queue it once: the second decides on what the
     first committed. The task is sent once that transaction commits."""
-    with _unavailable_says("nothing was queued", "sync again"), transaction.atomic():
-        row = _hold_for_queueing(connection_id)
-        waiting = (
-            SyncRun.objects.filter(
-                lock_key=row.lock_key,
-                status__in=(SyncRun.Status.QUEUED, SyncRun.Status.RUNNING),
+    with _unavailable_says("nothing was queued", "sync again"):
+        # Before the transaction that holds the connection: an abandoned holder may still
+        # hold its row (a frozen write), which releasing it ends.
+        lock.release_abandoned(Connection(pk=connection_id).lock_key)
+        with transaction.atomic():
+            row = _hold_for_queueing(connection_id)
+            waiting = SyncRun.objects.filter(
+                lock_key=row.lock_key, status__in=(SyncRun.Status.QUEUED, SyncRun.Status.RUNNING)
             )
-            .order_by("pk")
-            .values_list("pk", "status")
-            .first()
-        )
-        if waiting is not None:
-            logger.info(
-                "IBKR sync of connection %s not queued by its schedule: #%s is %s already",
-                row.name,
-                *waiting,
+            overdue = waiting.filter(
+                status=SyncRun.Status.QUEUED,
+                queued_at__lt=Now() - dt.timedelta(seconds=app_settings.IBKR_SYNC_STALE_AFTER),
             )
-            return None
-        return queue_sync(trigger=SyncRun.Trigger.SCHEDULE, connection=row)
+            live = waiting.exclude(pk__in=overdue.values("pk")).order_by("pk")
+            live = live.values_list("pk", "status").first()
+            if live is not None:
+                logger.info(
+                    "IBKR sync of connection %s not queued by its schedule: #%s is %s already",
+                    row.name,
+                    *live,
+                )
+                return None
+            overdue = list(overdue.order_by("pk"))
+            if not overdue:
+                return queue_sync(trigger=SyncRun.Trigger.SCHEDULE, connection=row)
+            for run in overdue:
+                logger.warning(
+                    "IBKR sync #%s of connection %s has waited in the queue longer than "
+                    "IBKR_SYNC_STALE_AFTER: its task is sent again (lost by the broker, or "
+                    "behind others: it runs once either way)",
+                    run.pk,
+                    row.name,
+                )
+                transaction.on_commit(functools.partial(_dispatch, run, row.kind))
+            return overdue[0]
 
 
 def _hold_for_queueing(connection_id: int) -> Connection:
@@ -322,6 +352,7 @@ def run_queued(sync_run_id: int, progress: Progress | None = None) -> SyncResult
         )
         if run is None:
             logger.info("IBKR sync #%s is not queued (any more): not run", sync_run_id)
+            _end_if_abandoned(sync_run_id)
             return None
         try:
             target = _queued_target(run)
@@ -336,6 +367,34 @@ def run_queued(sync_run_id: int, progress: Progress | None = None) -> SyncResult
         except lock.QueuedRunTaken:
             logger.info("IBKR sync #%s was taken by another worker: not run", sync_run_id)
             return None
+
+
+def queued_kind(sync_run_id: int) -> str | None:
+    """The kind of the connection queued run `sync_run_id` syncs, as it is now (the
+    settings' gateway's: TWS); None if the run is not queued (any more)."""
+    with _unavailable_says("nothing was changed", "sync again"):
+        found = (
+            SyncRun.objects.filter(pk=sync_run_id, status=SyncRun.Status.QUEUED)
+            .values_list("connection__kind")
+            .first()
+        )
+    return None if found is None else found[0] or Connection.Kind.TWS
+
+
+def _end_if_abandoned(sync_run_id: int) -> None:
+    """A task delivered again after the worker that ran it died (`acks_late`: the broker
+    hands an unacknowledged task to another worker): its run is still `running`, worked on
+    by nobody. Its record is ended now (`lock.release_abandoned`, as the next sync of its
+    connection would end it), not left `running` for whoever polls it until then; a run
+    whose holder still works on it (a visibility timeout shorter than its sync) is left
+    alone, and nothing is run again."""
+    key = (
+        SyncRun.objects.filter(pk=sync_run_id, status=SyncRun.Status.RUNNING)
+        .values_list("lock_key", flat=True)
+        .first()
+    )
+    if key is not None:
+        lock.release_abandoned(key)
 
 
 def _queued_target(run: SyncRun) -> connections.Target:

@@ -15,18 +15,21 @@ and sends this task once its transaction commits), thin over `services.run_queue
   dies before taking the row leaves the task to another; one that dies mid-sync leaves
   a `running` row whose heartbeat stops, released by the next sync after
   IBKR_SYNC_LOCK_TIMEOUT (at once on the same machine, where its process is seen gone),
-  and its redelivered task does nothing. The broker's visibility timeout (Redis:
+  and its redelivered task runs nothing (it ends that row as `abandoned`, the next sync's
+  part, rather than leave it `running` until then). The broker's visibility timeout (Redis:
   `CELERY_BROKER_TRANSPORT_OPTIONS["visibility_timeout"]`) must be longer than the
   longest sync (IBKR_SYNC_STALE_AFTER); otherwise a running sync's task is delivered to
   another worker meanwhile (which then does nothing).
 - `sync_scheduled(connection_id)`: a connection's schedule came due (django-celery-beat,
   `schedules.py`); it queues that connection's sync as above, unless one is queued or
-  running already.
+  running already (a lock whose holder died is released; a run queued so long that its
+  task may be lost has it sent again: `services.queue_scheduled`).
 - A worker says it is alive (`models.QueueWorker`, every `WORKER_HEARTBEAT` seconds, from
   its start to its stop): /healthz reads that row, never asks the workers.
 - Routed by the connection's kind: TWS / IB Gateway syncs to `GATEWAY_QUEUE`, Flex
   downloads to `FLEX_QUEUE`. A worker consumes both unless told otherwise (the project's
-  Celery app declares them).
+  Celery app declares them); a task taken from the other kind's queue (the connection's
+  kind changed while it waited) is sent on to its own.
 """
 
 from __future__ import annotations
@@ -53,16 +56,51 @@ def queue_for(kind: str) -> str:
     return FLEX_QUEUE if kind == "flex" else GATEWAY_QUEUE
 
 
-@shared_task(name="ibkr_sync.sync_connection", acks_late=True, ignore_result=True)
-def sync_connection(sync_run_id: int) -> dict[str, Any] | None:
+#: A task that met the database away is sent again this many times at most, after
+#: RETRY_FIRST seconds, then twice as long each time up to RETRY_MOST (about 25 minutes):
+#: each pause well below the broker's visibility timeout, past which Redis would hand a
+#: task held for later to another worker too.
+RETRIES = 10
+RETRY_FIRST = 5
+RETRY_MOST = 300
+
+
+@shared_task(name="ibkr_sync.sync_connection", acks_late=True, ignore_result=True, bind=True)
+def sync_connection(self, sync_run_id: int, attempt: int = 0) -> dict[str, Any] | None:
     """Run queued sync `sync_run_id`; its outcome is in its `SyncRun` row (the API's
     `GET /portfolio/sync/runs/<id>`). Returns the run's status, or None when it was not
-    queued (any more): nothing was run."""
+    queued (any more): nothing was run.
+
+    The database away (`DatabaseUnavailable`) is the one failure the run may not record:
+    met before the run was read, the run is still `queued`, and this task's message is
+    acknowledged all the same when it returns (acks_late acknowledges a failure too), so
+    nothing would ever run it. The task is sent again instead, after a pause that grows
+    (`RETRIES`, `RETRY_FIRST`, `RETRY_MOST`); the next delivery runs the run, ends it if
+    it was left `running` (`services.run_queued`), or finds it ended and does nothing.
+
+    Taken from the other kind's queue (its connection's kind changed while it waited),
+    it is sent to its kind's queue and not run here: gateway and Flex workers may be
+    apart (`-Q`), each where its kind of sync can run."""
     from . import services
-    from .exceptions import IbkrSyncError
+    from .exceptions import DatabaseUnavailable, IbkrSyncError
 
     try:
+        arrived = (getattr(self.request, "delivery_info", None) or {}).get("routing_key")
+        if arrived in QUEUES:
+            kind = services.queued_kind(sync_run_id)
+            if kind is not None and queue_for(kind) != arrived:
+                logger.info(
+                    "IBKR sync #%s taken from %s: its connection is now of kind %s, sent to %s",
+                    sync_run_id,
+                    arrived,
+                    kind,
+                    queue_for(kind),
+                )
+                enqueue(sync_run_id, kind)
+                return {"sync_run_id": sync_run_id, "status": "requeued", "queue": queue_for(kind)}
         result = services.run_queued(sync_run_id)
+    except DatabaseUnavailable as exc:
+        return _again(self, sync_run_id, attempt, exc)
     except IbkrSyncError as exc:
         # Recorded in the run (its code and message): an outcome, not the task's error.
         return {"sync_run_id": sync_run_id, "status": "failed", "code": exc.code}
@@ -71,12 +109,39 @@ def sync_connection(sync_run_id: int) -> dict[str, Any] | None:
     return {"sync_run_id": sync_run_id, "status": "success"}
 
 
+def _again(task, sync_run_id: int, attempt: int, error: Exception) -> dict[str, Any]:
+    """Send `sync_connection(sync_run_id)` again, to the queue it came from, after a pause;
+    after RETRIES, give up (the run stays as the database last had it, and is logged)."""
+    if attempt >= RETRIES:
+        logger.error(
+            "IBKR sync #%s not run: the database did not answer in %s tries (%s)",
+            sync_run_id,
+            attempt + 1,
+            error,
+        )
+        return {"sync_run_id": sync_run_id, "status": "failed", "code": error.code}
+    delay = min(RETRY_FIRST * 2**attempt, RETRY_MOST)
+    delivery = getattr(task.request, "delivery_info", None) or {}
+    queue = delivery.get("routing_key") or GATEWAY_QUEUE
+    logger.warning(
+        "IBKR sync #%s: the database did not answer (%s); its task is sent again in %s s",
+        sync_run_id,
+        error,
+        delay,
+    )
+    sync_connection.apply_async(
+        args=[sync_run_id], kwargs={"attempt": attempt + 1}, queue=queue, countdown=delay
+    )
+    return {"sync_run_id": sync_run_id, "status": "retrying", "code": error.code}
+
+
 @shared_task(name="ibkr_sync.sync_scheduled", ignore_result=True)
 def sync_scheduled(connection_id: int) -> dict[str, Any] | None:
     """A connection's schedule came due (django-celery-beat's `PeriodicTask`, kept in
     step by `schedules.py`): queue its sync (`services.queue_scheduled`: a queued
     `SyncRun`, trigger `schedule`, run by `sync_connection` like any other), unless one is
-    queued or running already. Returns the run queued, or None."""
+    queued or running already. Returns the run queued (or whose task was sent again), or
+    None."""
     from . import services
     from .exceptions import IbkrSyncError
 

@@ -11,7 +11,11 @@ already shares (SQLite or PostgreSQL, no broker):
 - Taken by one conditional UPDATE: free (no holder, or its lease run out) and past its
   `not_before`. The lease (`lease` seconds) is renewed at each request of the exchange
   (`renew`), so a holder that died frees the token within a lease, and one working never
-  loses it.
+  loses it. A holder that was a process of this machine (same host name, boot and pid
+  namespace, as the sync lock tells them: `lock.process_identity`) and has ended (a
+  worker killed mid-exchange) frees it at once: the next sync of its connection, which
+  takes the lock once the dead worker's heartbeat is silent, does not wait out the lease
+  too.
 - `not_before`: when the gate is given back, the next request on the token may go no
   sooner than `spacing` seconds later (IBKR: one request a second); after a 1018, no
   sooner than the client's back-off (`throttled`): a later process waits it out too.
@@ -37,7 +41,7 @@ from typing import Final
 from django.db import IntegrityError, transaction
 from django.db.models import Q
 
-from .lock import database_now
+from .lock import _alive, database_now, process_identity
 from .models import FlexTokenGate
 from .sources.flex.errors import FlexThrottled
 
@@ -79,13 +83,15 @@ class Held:
         self.key = key
         self.holder = (
             f"{socket.gethostname()[:100]} pid {os.getpid()} thread "
-            f"{threading.get_ident()} {uuid.uuid4().hex[:12]}"
+            f"{threading.get_ident()} {uuid.uuid4().hex[:12]}{_whereabouts()}"
         )
 
     def __enter__(self) -> Held:
         self._ensure_row()
         deadline = time.monotonic() + self.gate.wait
         while not self._take():
+            if self._free_if_ended():
+                continue
             if time.monotonic() >= deadline:
                 raise FlexThrottled(self._busy())
             self.sleep_a_little()
@@ -157,5 +163,46 @@ class Held:
             .update(holder=self.holder, leased_until=now + dt.timedelta(seconds=self.gate.lease))
         )
 
+    def _free_if_ended(self) -> bool:
+        """Free the token if its holder was a process of this machine that has ended;
+        True if it was freed."""
+        holder = FlexTokenGate.objects.filter(key=self.key).values_list("holder", flat=True)
+        holder = holder.first()
+        if not holder or not _ended_here(holder):
+            return False
+        return bool(
+            FlexTokenGate.objects.filter(key=self.key, holder=holder).update(
+                holder="", leased_until=None
+            )
+        )
+
     def sleep_a_little(self) -> None:
         self.gate.sleep(self.gate.poll)
+
+
+def _whereabouts() -> str:
+    """` @BOOT;NAMESPACE;START`: where this process's pid means this process (the boot, the
+    pid namespace) and when it started, for `_ended_here`; empty where the system does not
+    tell (then only the lease frees a holder that died)."""
+    me = process_identity()
+    if not me.machine or not me.started:
+        return ""
+    _host, boot, namespace = me.machine.rsplit(";", 2)
+    return f" @{boot};{namespace};{me.started}"
+
+
+def _ended_here(holder: str) -> bool:
+    """Whether gate holder `holder` (as `Held` names it) was a process of this machine
+    that no longer runs."""
+    parts = holder.split(" ")
+    if len(parts) != 7 or parts[1] != "pid" or not parts[2].isdigit():
+        return False
+    host, pid, where = parts[0], int(parts[2]), parts[6]
+    mine = _whereabouts()
+    if not mine or host != socket.gethostname()[:100] or where.count(";") != 2:
+        return False
+    boot, namespace, started = where.removeprefix("@").split(";")
+    my_boot, my_namespace, _started = mine.strip().removeprefix("@").split(";")
+    if (boot, namespace) != (my_boot, my_namespace):
+        return False
+    return not _alive(pid, started)

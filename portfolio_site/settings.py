@@ -251,6 +251,9 @@ LOGGING = {
 # Celery reads its settings from here (the CELERY_ namespace, portfolio_site/celery.py).
 # Unused unless IBKR_SYNC_TASK_QUEUE=celery: by default every sync runs in-process.
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="redis://127.0.0.1:6379/0")
+# Error reports hide settings by their names only: the password inside a URL (the broker's,
+# a cache's) would go out whole in the report mailed to ADMINS and on DEBUG's error page.
+DEFAULT_EXCEPTION_REPORTER_FILTER = "ibkr_sync.reporting.ReporterFilter"
 # A queued sync's message is acknowledged when the sync has ended (acks_late): the broker
 # hands it to another worker if it is not acknowledged within the visibility timeout, so
 # the timeout must be longer than the longest sync (IBKR_SYNC_STALE_AFTER). A redelivered
@@ -260,7 +263,16 @@ CELERY_VISIBILITY_TIMEOUT = _env_int(
     max(3600, 2 * int(IBKR_SYNC_STALE_AFTER)),  # noqa: F821 (read_environment)
     minimum=int(IBKR_SYNC_STALE_AFTER) + 1,  # noqa: F821
 )
-CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": CELERY_VISIBILITY_TIMEOUT}
+# Every wait on the broker bounded (Redis: kombu waits forever by default): a broker that
+# accepts connections and never answers (frozen, or gone behind a firewall that keeps the
+# connection open) would hold the request that queues a sync, and leave its run queued
+# for good when the request is killed. Bounded, the publish fails: the run is failed as
+# queue_unavailable and the caller told so.
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "visibility_timeout": CELERY_VISIBILITY_TIMEOUT,
+    "socket_connect_timeout": 5,
+    "socket_timeout": 10,
+}
 # A sync takes seconds to minutes: a worker takes one task at a time from the broker.
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_ACKS_LATE = True

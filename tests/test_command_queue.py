@@ -3,6 +3,8 @@ instead of run in the command; without --queue the command syncs itself, queue o
 queue."""
 
 import json
+import socket
+import time
 from io import StringIO
 
 import pytest
@@ -259,3 +261,33 @@ def test_queue_all_fails_alone_the_run_the_queue_refuses(task_queue, monkeypatch
     assert statuses == {"alpha": "queued", "beta": "failed", "gamma": "queued"}
     assert "Is its broker running?" in str(outcomes[1].error)
     assert len(sent(task_queue, "ibkr_sync.gateway")) == 2
+
+
+@pytest.fixture
+def silent_broker():
+    """A port that accepts connections and never answers (a frozen Redis, a half-open
+    path through a firewall): the kernel completes each handshake, nothing reads."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)
+        yield sock.getsockname()[1]
+
+
+@pytest.mark.processes
+def test_a_broker_that_accepts_and_never_answers_fails_the_run_in_bounded_time(
+    command_env,  # noqa: F811
+    silent_broker,
+):
+    env = {
+        **command_env,
+        "IBKR_SYNC_TASK_QUEUE": "celery",
+        "CELERY_BROKER_URL": f"redis://127.0.0.1:{silent_broker}/5",
+    }
+    started = time.monotonic()
+    result = manage("sync_ibkr", "--queue", env=env)  # its own timeout: 60 s
+
+    assert time.monotonic() - started < 40, "the publish waited on the silent broker"
+    assert result.returncode == 11, result.stderr
+    assert "Is its broker running?" in result.stderr
+    runs = manage("shell", "-c", SHOW_RUNS, env=env, check=True).stdout.split()
+    assert runs[-1:] == ["failed:queue_unavailable"], "no run left queued"

@@ -5,6 +5,7 @@ against the fake Flex Web Service (which records when each request began and end
 from __future__ import annotations
 
 import datetime as dt
+import os
 
 import pytest
 
@@ -176,3 +177,40 @@ def test_a_connections_source_takes_turns_at_the_database_gate_a_bare_source_doe
     gate = FlexTokenGate.objects.get()
     assert gate.key == token_key(TOKEN) and TOKEN not in gate.key
     assert gate.holder == "", "given back after the exchange"
+
+
+@pytest.mark.django_db
+@pytest.mark.processes
+def test_a_holder_of_this_machine_that_ended_frees_the_token_at_once(fake):
+    """A worker killed mid-exchange: its process is gone, which this machine can tell (as
+    the sync lock tells it); the next exchange does not wait out its lease."""
+    import subprocess
+    import sys
+
+    from ibkr_sync import lock
+    from ibkr_sync.token_gate import Held
+
+    day = dt.date(2026, 3, 13)
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        started = lock._start_time(process.pid)
+        # Named as that process's own gate would name it (its pid, its start time).
+        mine = Held(DatabaseGate(), token_key(TOKEN)).holder
+        holder = mine.replace(f" pid {os.getpid()} ", f" pid {process.pid} ").rsplit(";", 1)[0]
+        holder = f"{holder};{started}"
+        FlexTokenGate.objects.create(
+            key=token_key(TOKEN),
+            holder=holder,
+            leased_until=database_now() + dt.timedelta(seconds=300),
+        )
+        # Alive: its lease holds.
+        with pytest.raises(FlexThrottled):
+            client(fake, DatabaseGate(wait=0.3)).fetch(QUERY, day, day)
+    finally:
+        process.kill()
+        process.wait()
+
+    client(fake, DatabaseGate(wait=0.3, spacing=0.01)).fetch(QUERY, day, day)
+
+    assert [r.endpoint for r in fake.requests] == [SEND_REQUEST, GET_STATEMENT]
+    assert FlexTokenGate.objects.get().holder == ""

@@ -283,6 +283,31 @@ def test_a_sync_queued_while_another_holds_the_lock_is_refused_not_run_twice(
     assert _finished(fresh, holding)["status"] == "success"
 
 
+def test_a_task_taken_from_the_other_kinds_queue_is_sent_on_and_runs_there(
+    fresh, workers, simulator
+):
+    """As after its connection changed kind while it waited: a TWS sync's task on the Flex
+    queue. The worker sees where it took it from (the message's routing key)."""
+    result = fresh.manage(
+        "shell",
+        "-c",
+        "from unittest import mock; from ibkr_sync import services, tasks; "
+        # Its one task on the Flex queue, none on its own.
+        "held = mock.patch.object(services, '_dispatch'); held.start(); "
+        "run = services.queue_sync(trigger='command'); held.stop(); "
+        "tasks.sync_connection.apply_async(args=[run.pk], queue=tasks.FLEX_QUEUE); "
+        "print(run.pk)",
+        check=True,
+    )
+    run_id = int(result.stdout.strip().splitlines()[-1])
+    worker = workers()
+
+    run = _finished(fresh, run_id)
+    assert run["status"] == "success", run
+    assert f"IBKR sync #{run_id} taken from ibkr_sync.flex" in worker.output()
+    assert fresh.runs() == [(run_id, "success", "", "command")]
+
+
 # --- the API ----------------------------------------------------------------------------
 
 

@@ -1,0 +1,53 @@
+"""A broker's password (`CELERY_BROKER_URL=redis://:secret@host`) is in no error report:
+Django's reports list the settings, and hide by a setting's name only (`PASSWORD`,
+`SECRET`, `KEY`...): a URL-valued setting such as the broker's, a cache's LOCATION or a
+result backend went out whole, in the report mailed to ADMINS and on DEBUG's error page."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from django.views.debug import ExceptionReporter, get_default_exception_reporter_filter
+
+SECRET = "s3cretBrokerPassw0rd"
+
+
+def _reports() -> list[str]:
+    try:
+        raise RuntimeError("something failed")
+    except RuntimeError:
+        kind, error, tb = sys.exc_info()
+    reporter = ExceptionReporter(None, kind, error, tb, is_email=True)
+    return [reporter.get_traceback_text(), reporter.get_traceback_html()]
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("CELERY_BROKER_URL", f"redis://:{SECRET}@redis.internal:6379/0"),
+        ("CELERY_BROKER_URL", f"amqp://worker:{SECRET}@rabbit.internal:5672//"),
+        ("CELERY_RESULT_BACKEND", f"rediss://default:{SECRET}@cache.internal/1"),
+        (
+            "CACHES",
+            {"default": {"BACKEND": "x", "LOCATION": f"redis://user:{SECRET}@cache:6379/2"}},
+        ),
+    ],
+)
+def test_a_password_in_a_url_valued_setting_is_in_no_error_report(settings, name, value):
+    setattr(settings, name, value)
+    get_default_exception_reporter_filter.cache_clear()
+
+    reports = _reports()
+
+    for report in reports:
+        assert SECRET not in report
+    # The rest of the URL stays, to tell which broker it was.
+    assert "6379" in reports[0] or "5672" in reports[0] or "cache.internal" in reports[0]
+
+
+def test_a_url_without_a_password_is_reported_as_it_is(settings):
+    settings.CELERY_BROKER_URL = "redis://127.0.0.1:6379/0"
+    get_default_exception_reporter_filter.cache_clear()
+
+    assert "redis://127.0.0.1:6379/0" in _reports()[0]
