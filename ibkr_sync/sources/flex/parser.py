@@ -43,13 +43,14 @@ import datetime as dt
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import IO, Any, Final
 from xml.parsers.expat import ExpatError
 
 from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import DefusedXMLParser
 
-from ...snapshot import INCOME_KINDS, TAX_KIND, CurrencyError, currency_code
+from ...snapshot import INCOME_KINDS, TAX_KIND, CurrencyError, _positional_maker, currency_code
 from . import values as V
 from .errors import FlexError, FlexFormatError, error_for
 from .records import (
@@ -69,7 +70,6 @@ from .records import (
     StatementEnd,
     StatementHeader,
     Trade,
-    frozen_raw,
 )
 
 ROOT: Final = "FlexQueryResponse"
@@ -297,6 +297,9 @@ class _Row:
         self.problems: list[str] = []
         self.contracts = contracts
 
+    # Each reader looks its attribute up itself and calls its value rule once: a row of
+    # the ledger reads some 30 of them, and a trade reads the most.
+
     def _read(self, name: str, reader: Callable, *args: Any) -> Any:
         value = self.attrs.get(name)
         if value is None:  # the query has no such column: no value (the common case)
@@ -312,20 +315,42 @@ class _Row:
         return "" if value is None else V.text(value)
 
     def ident(self, name: str) -> str | None:
-        return self.text(name) or None
+        value = self.attrs.get(name)
+        return None if value is None else V.text(value) or None
 
     def decimal(self, name: str) -> Any:
-        return self._read(name, V.decimal)
+        value = self.attrs.get(name)
+        if value is None:
+            return None
+        try:
+            return V.decimal(value)
+        except V.ValueRuleError as error:
+            self.problems.append(f"{name}: {error}")
+            return None
 
     def integer(self, name: str) -> Any:
         return self._read(name, V.integer)
 
     def date(self, name: str) -> dt.date | None:
-        return self._read(name, V.date, self.order)
+        value = self.attrs.get(name)
+        if value is None:
+            return None
+        try:
+            return V.date(value, self.order)
+        except V.ValueRuleError as error:
+            self.problems.append(f"{name}: {error}")
+            return None
 
     def date_time(self, name: str) -> tuple[dt.date | None, dt.datetime | None]:
-        value = self._read(name, V.date_time, self.order, self.zone)
-        return value if value is not None else (None, None)
+        value = self.attrs.get(name)
+        if value is None:
+            return None, None
+        try:
+            read = V.date_time(value, self.order, self.zone)
+        except V.ValueRuleError as error:
+            self.problems.append(f"{name}: {error}")
+            return None, None
+        return read if read is not None else (None, None)
 
     def currency(self, name: str = "currency") -> str:
         value = self.text(name)
@@ -380,7 +405,9 @@ class _Row:
         return bool(self.text("conid") or self.text("symbol"))
 
     def done(self) -> dict[str, Any]:
-        return {"raw": frozen_raw(self.attrs), "problems": tuple(self.problems)}
+        # The attributes are the dict expat made for this element, which nothing changes
+        # and nothing else keeps: the record's read-only view of it needs no copy.
+        return {"raw": MappingProxyType(self.attrs), "problems": tuple(self.problems)}
 
 
 class _Reader:
@@ -726,45 +753,49 @@ class _Reader:
     def trade(self, row: _Row, statement: StatementHeader) -> Trade | None:
         if not self.is_trade(row):
             return None
+        text, decimal = row.text, row.decimal
         day, traded_at = row.date_time("dateTime")
         trade_date = row.date("tradeDate") or day
-        if traded_at is None and trade_date is not None and row.text("tradeTime"):
+        if traded_at is None and trade_date is not None and text("tradeTime"):
             time = row._read("tradeTime", V.time_of_day)
             if time is not None:
                 traded_at = dt.datetime.combine(trade_date, time, self.zone)
-        buy_sell = row.text("buySell")
-        codes = tuple(code for code in row.text("notes").split(";") if code.strip())
+        buy_sell = text("buySell")
+        codes = tuple(code for code in text("notes").split(";") if code.strip())
         side = buy_sell.upper()
-        return Trade(
-            account=self._account(row, statement),
-            transaction_id=row.ident("transactionID"),
-            trade_id=row.ident("tradeID"),
-            contract=row.contract(),
-            trade_date=trade_date,
-            traded_at=traded_at,
-            settle_date=row.date("settleDateTarget"),
-            buy_sell="BUY"
+        # Every field in `Trade`'s order (`_make_trade`), each read in that order too (a
+        # row's problems are in the order of its fields).
+        return _make_trade(
+            text("accountId") or statement.account,  # account
+            row.ident("transactionID"),  # transaction_id
+            row.ident("tradeID"),  # trade_id
+            row.contract(),  # contract
+            trade_date,
+            traded_at,
+            row.date("settleDateTarget"),  # settle_date
+            "BUY"  # buy_sell
             if side.startswith("BUY")
             else "SELL"
             if side.startswith("SELL")
             else buy_sell,
-            quantity=row.decimal("quantity"),
-            price=row.decimal("tradePrice"),
-            proceeds=row.decimal("proceeds"),
-            commission=row.decimal("ibCommission"),
-            commission_currency=row.currency("ibCommissionCurrency"),
-            currency=row.currency(),
-            realized_pnl=row.decimal("fifoPnlRealized"),
-            fx_rate_to_base=row.decimal("fxRateToBase"),
-            taxes=row.decimal("taxes"),
-            net_cash=row.decimal("netCash"),
-            open_close=row.text("openCloseIndicator"),
-            codes=codes,
-            cancelled="(CA.)" in side or "Ca" in codes,
-            transaction_type=row.text("transactionType"),
-            order_id=row.ident("ibOrderID"),
-            execution_id=row.text("ibExecID"),
-            **row.done(),
+            decimal("quantity"),  # quantity
+            decimal("tradePrice"),  # price
+            decimal("proceeds"),  # proceeds
+            decimal("ibCommission"),  # commission
+            row.currency("ibCommissionCurrency"),  # commission_currency
+            row.currency(),  # currency
+            decimal("fifoPnlRealized"),  # realized_pnl
+            decimal("fxRateToBase"),  # fx_rate_to_base
+            decimal("taxes"),  # taxes
+            decimal("netCash"),  # net_cash
+            text("openCloseIndicator"),  # open_close
+            codes,
+            "(CA.)" in side or "Ca" in codes,  # cancelled
+            text("transactionType"),  # transaction_type
+            row.ident("ibOrderID"),  # order_id
+            text("ibExecID"),  # execution_id
+            MappingProxyType(row.attrs),  # raw
+            tuple(row.problems),  # problems
         )
 
     def cash_transaction(self, row: _Row, statement: StatementHeader) -> CashTransaction | None:
@@ -774,26 +805,28 @@ class _Reader:
         day, happened_at = row.date_time("dateTime")
         settle_date = row.date("settleDate")
         report_date = row.date("reportDate")
-        return CashTransaction(
-            account=self._account(row, statement),
-            transaction_id=row.ident("transactionID"),
-            kind=kind,
-            type_text=type_text,
-            date=day or settle_date or report_date,
-            happened_at=happened_at,
-            amount=amount,
-            currency=row.currency(),
-            contract=row.contract() if row.has_contract() else None,
-            description=row.text("description"),
-            action_id=row.ident("actionID"),
-            settle_date=settle_date,
-            report_date=report_date,
-            ex_date=row.date("exDate"),
-            fx_rate_to_base=row.decimal("fxRateToBase"),
-            code=row.text("code"),
-            trade_id=row.ident("tradeID"),
-            client_reference=row.text("clientReference"),
-            **row.done(),
+        # Every field in `CashTransaction`'s order, read in that order (`trade`).
+        return _make_cash_transaction(
+            row.text("accountId") or statement.account,  # account
+            row.ident("transactionID"),  # transaction_id
+            kind,
+            type_text,
+            day or settle_date or report_date,  # date
+            happened_at,
+            amount,
+            row.currency(),  # currency
+            row.contract() if row.has_contract() else None,  # contract
+            row.text("description"),  # description
+            row.ident("actionID"),  # action_id
+            settle_date,
+            report_date,
+            row.date("exDate"),  # ex_date
+            row.decimal("fxRateToBase"),  # fx_rate_to_base
+            row.text("code"),  # code
+            row.ident("tradeID"),  # trade_id
+            row.text("clientReference"),  # client_reference
+            MappingProxyType(row.attrs),  # raw
+            tuple(row.problems),  # problems
         )
 
     def corporate_action(self, row: _Row, statement: StatementHeader) -> CorporateAction | None:
@@ -864,6 +897,10 @@ _FIRST_PASS_HANDLERS: Final[dict[str, Callable]] = {
     "CashTransactions/CashTransaction": _Reader.cash_transaction_entry,
     "CorporateActions/CorporateAction": _Reader.corporate_action_entry,
 }
+#: A `Trade`, a `CashTransaction` from its fields, every one, in order (a ledger has
+#: 100,000s: the generated `__init__` costs more than half as much again).
+_make_trade: Final = _positional_maker(Trade)
+_make_cash_transaction: Final = _positional_maker(CashTransaction)
 _COLLECTED: Final = {
     HeldPosition: "positions",
     CashBalance: "cash",
