@@ -255,6 +255,7 @@ def _named(attrs: dict[str, str]) -> dict[str, str]:
     return {("{" + name if "}" in name else name): value for name, value in attrs.items()}
 
 
+_NO_VALUE: Final = V.NO_VALUE
 #: The attributes a row's contract is read from (`_Row.contract`).
 _CONTRACT_ATTRIBUTES: Final = (
     "conid",
@@ -311,12 +312,15 @@ class _Row:
             return None
 
     def text(self, name: str) -> str:
+        # `V.text`, inline (a trade reads a dozen texts): no value is "".
         value = self.attrs.get(name)
-        return "" if value is None else V.text(value)
+        if value is None:
+            return ""
+        value = value.strip()
+        return "" if value in _NO_VALUE else value
 
     def ident(self, name: str) -> str | None:
-        value = self.attrs.get(name)
-        return None if value is None else V.text(value) or None
+        return self.text(name) or None
 
     def decimal(self, name: str) -> Any:
         value = self.attrs.get(name)
