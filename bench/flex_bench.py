@@ -7,8 +7,8 @@ Python process (so that its peak RSS is its own):
 
   bare       `xml.etree.ElementTree.iterparse` over the file, each element cleared once
              read: the least any reader of the file pays
-  parse      our parser (`parse_flex`, through defusedxml): every row a record, every
-             value an exact Decimal, date or time, as an import reads it
+  parse      our parser (`parse_flex`, expat armed by defusedxml): every row a record,
+             every value an exact Decimal, date or time, as an import reads it
   import     the whole sync of a Flex connection (`sync_positions`) into an empty
              database: the statement downloaded from the fake Flex Web Service over
              loopback HTTP (a process of its own), parsed, mapped, written (positions,

@@ -102,3 +102,36 @@ def test_a_json_column_s_array_is_the_one_the_driver_would_send(monkeypatch):
     the_driver_s = insert(100)
     assert ours == the_driver_s
     assert ours == AWKWARD_JSON
+
+
+def test_a_datetime_and_a_json_object_are_prepared_as_django_prepares_them():
+    """The writer's own preparers (`_datetime_preparer`, `_json_preparer`) call the
+    backend's adaptation directly for an aware datetime and a dict: each value exactly
+    what the field's `get_db_prep_save` gives, on either database; any other value goes
+    that way itself."""
+    from zoneinfo import ZoneInfo
+
+    from portfolio.models import AccountSnapshot, Trade
+
+    moments = [
+        dt.datetime(2025, 3, 9, 1, 59, 59, 123456, tzinfo=ZoneInfo("America/New_York")),
+        dt.datetime(2025, 3, 9, 3, 0, tzinfo=ZoneInfo("America/New_York")),
+        dt.datetime(2025, 11, 2, 1, 30, fold=1, tzinfo=ZoneInfo("America/New_York")),
+        dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
+        dt.datetime(2026, 1, 1, 5, 45, tzinfo=dt.timezone(dt.timedelta(hours=5, minutes=45))),
+        None,
+    ]
+    field = Trade._meta.get_field("traded_at")
+    prepared = bulk._given_preparer(field)
+    for moment in moments:
+        assert prepared(moment) == field.get_db_prep_save(moment, connection)
+        assert type(prepared(moment)) is type(field.get_db_prep_save(moment, connection))
+    field = AccountSnapshot._meta.get_field("exchange_rates")
+    prepared = bulk._given_preparer(field)
+    for value in [*AWKWARD_JSON, None]:
+        ours, django_s = prepared(value), field.get_db_prep_save(value, connection)
+        assert type(ours) is type(django_s)
+        if hasattr(ours, "obj"):  # PostgreSQL: a Jsonb wrapper, dumped by the driver
+            assert (ours.obj, ours.dumps(ours.obj)) == (django_s.obj, django_s.dumps(django_s.obj))
+        else:
+            assert ours == django_s

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import datetime as dt
 import tracemalloc
+import xml.etree.ElementTree as PlainXml
 from decimal import Decimal
 
 import pytest
+from defusedxml import DTDForbidden, EntitiesForbidden, ExternalReferenceForbidden
 
 from ibkr_sync.sources.flex import (
     FlexAuthError,
@@ -18,6 +20,7 @@ from ibkr_sync.sources.flex import (
     parse_flex,
 )
 from ibkr_sync.sources.flex import values as V
+from ibkr_sync.sources.flex.parser import _expat_parser
 from ibkr_sync.sources.flex.records import Trade
 from ibkr_sync.testing.flex_service import generate_statement, write_statement
 
@@ -422,10 +425,47 @@ EXTERNAL_ENTITY = b"""<?xml version="1.0"?>
 """
 
 
+_STATEMENT_OF_NOTHING = (
+    b'<FlexQueryResponse queryName="Q" type="AF"><FlexStatements count="0"/></FlexQueryResponse>'
+)
+# Every way a document type can come: each refuses the document before anything of it is
+# read (a parameter entity, an external DTD: nothing is fetched or expanded).
+DOCUMENT_TYPES = {
+    "plain": b"<!DOCTYPE FlexQueryResponse>",
+    "internal-subset": b"<!DOCTYPE FlexQueryResponse [<!ELEMENT FlexQueryResponse ANY>]>",
+    "parameter-entity": b"<!DOCTYPE r [<!ENTITY % p \"<!ENTITY x 'y'>\"> %p;]>",
+    "external-dtd": b'<!DOCTYPE FlexQueryResponse SYSTEM "http://127.0.0.1:9/flex.dtd">',
+    "public-dtd": b'<!DOCTYPE FlexQueryResponse PUBLIC "-//X//Y//EN" "file:///etc/passwd">',
+    "unparsed-entity": b'<!DOCTYPE r [<!NOTATION n SYSTEM "x"><!ENTITY u SYSTEM "y" NDATA n>]>',
+}
+
+
 @pytest.mark.parametrize("document", [BILLION_LAUGHS, EXTERNAL_ENTITY], ids=["laughs", "external"])
 def test_hostile_xml_is_refused_whole(document):
     with pytest.raises(FlexFormatError, match="refused"):
         parse_flex(document)
+
+
+@pytest.mark.parametrize("doctype", DOCUMENT_TYPES.values(), ids=DOCUMENT_TYPES.keys())
+def test_any_document_type_is_refused_whole(doctype):
+    records = []
+    with pytest.raises(FlexFormatError, match=r"refused: it declares a document type \(DTD\)"):
+        records.extend(iter_records(b'<?xml version="1.0"?>\n' + doctype + _STATEMENT_OF_NOTHING))
+    assert records == []
+
+
+def test_the_refusals_are_defusedxmls_own():
+    """The parser is the one defusedxml arms: its handlers raise its exceptions."""
+    with pytest.raises(DTDForbidden):
+        _expat_parser().Parse(b"<!DOCTYPE r><r/>", True)
+    # Behind a document type, which is refused first: armed all the same.
+    parser = _expat_parser()
+    with pytest.raises(EntitiesForbidden):
+        parser.EntityDeclHandler("e", False, "v", None, None, None, None)
+    with pytest.raises(EntitiesForbidden):
+        parser.UnparsedEntityDeclHandler("u", None, "y", None, "n")
+    with pytest.raises(ExternalReferenceForbidden):
+        _expat_parser().ExternalEntityRefHandler("c", None, "file:///etc/passwd", None)
 
 
 def test_a_truncated_statement_is_an_error_not_a_partial_result():
@@ -488,3 +528,43 @@ def test_a_50_mb_statement_is_read_in_bounded_memory(tmp_path):
     assert counts["trades"] == 52_000
     # Measured: about 0.6 MB for the 50 MB file.
     assert peak < size / 25, f"peak {peak / 1e6:.1f} MB for a {size / 1e6:.0f} MB statement"
+
+
+def test_rows_raw_attributes_are_what_elementtree_reads():
+    """The rows are read from expat's attributes, not from ElementTree's elements: the
+    same names (a namespaced one as `{uri}name`), values (references resolved) and order."""
+    row_xml = trade(symbol="A&amp;B&#x41;&lt;&quot; x", notes="P;&#10;Ca")
+    row_xml = row_xml.replace("<Trade ", '<Trade xmlns:q="urn:q" q:extra="1" xml:lang="en" ')
+    xml = statement(f"<Trades>{row_xml}</Trades>")
+    [row] = [r for r in iter_records(xml.encode()) if isinstance(r, Trade)]
+    element = PlainXml.fromstring(xml).find(".//Trade")
+    assert list(row.raw.items()) == list(element.attrib.items())
+    assert row.raw["{urn:q}extra"] == "1" and row.contract.symbol == 'A&BA<" x'
+
+
+@pytest.mark.parametrize(
+    ("fields", "code", "message"),
+    [
+        (
+            b"<ErrorCode> 10<!-- c -->19 </ErrorCode>"
+            b"<ErrorMessage>a &amp; <![CDATA[<b>]]></ErrorMessage>",
+            1019,
+            "a & <b>",
+        ),
+        (
+            b"<ErrorCode>1020<i>x</i>9</ErrorCode><ErrorMessage>m&#233;<?pi x?>!</ErrorMessage>",
+            1020,
+            "mé!",
+        ),
+    ],
+)
+def test_an_error_answers_fields_are_their_text_as_elementtree_reads_it(fields, code, message):
+    document = (
+        b"<FlexStatementResponse><Status>Fail</Status>" + fields + b"</FlexStatementResponse>"
+    )
+    root = PlainXml.fromstring(document)
+    assert int(root.find("ErrorCode").text.strip()) == code
+    with pytest.raises(FlexError) as raised:
+        parse_flex(document)
+    assert raised.value.flex_code == code
+    assert message in str(raised.value)
