@@ -9,8 +9,11 @@ locked for the transaction (in one order, so that two syncs reporting the same a
 take turns, never wait in a circle); an account whose stored report is newer than this
 snapshot's moment for it, or is held by another owner than this connection's (an owned
 account never changes hands by a sync, nor when its connection is removed:
-`visibility`), is refused (`Written.refused`): nothing of it is written, and the other
-accounts are applied as usual.
+`visibility`), is refused (`Written.refused`): nothing of its state is written, and the
+other accounts are applied as usual. The history (the ledger, each day's values) of an
+account refused because a newer report stands is written all the same (it describes
+what happened, keyed so that it is written once); of an account another owner holds,
+nothing: neither in a full write nor in a history-only one (`_claim_history`).
 
 Then the positions of the accounts applied: existing rows read as plain tuples in a
 fixed number of queries, new rows inserted batch by batch (`bulk.insert_rows`), changed
@@ -88,6 +91,10 @@ class Written:
     # The moment this snapshot was for each account refused (`_reported_moment`): what a
     # read of the same snapshot again is refused against (`refusals`).
     refused_as_of: dict[str, dt.datetime] = field(default_factory=dict)
+    # The accounts of `refused` that another owner holds (`_owned_by_another`): nothing
+    # of them was written, their history neither (an account refused because a newer
+    # report of it stands has its history written).
+    refused_owned: list[str] = field(default_factory=list)
     # The ledger rows, by kind: {"created": n, "updated": n, "unchanged": n}.
     ledger: dict[str, dict[str, int]] = field(default_factory=dict)
     # A dry run's changes, as they would have been recorded (then rolled back).
@@ -215,7 +222,8 @@ def statement_ranges(
     (`statement_counts`): the open positions and the cash balances of the accounts whose
     state it applied (`state`), and per ledger kind and for the account snapshots the
     first and last day (moment) of its rows (none for a kind whose rows are all
-    undated: `Written.ledger_days`). JSON-ready (ISO texts)."""
+    undated: `Written.ledger_days`); none of an account another owner holds
+    (`Written.refused_owned`: nothing of it was written). JSON-ready (ISO texts)."""
     state = set(state)
     ranges: dict[str, dict[str, list[Any] | None]] = {a: {} for a in snapshot.accounts}
     for account in state & set(ranges):
@@ -225,6 +233,8 @@ def statement_ranges(
             for kind, days in kinds.items():
                 ranges[account][kind] = list(days)
     for account, tables in ranges.items():
+        if account in written.refused_owned:
+            continue
         moments = [moment for moment, _ in snapshot.daily.get(account, ())]
         if account in state:  # the account's own snapshot, as of the state applied
             moment = snapshot.values_as_of.get(account) or snapshot.as_of
@@ -332,17 +342,28 @@ def apply_snapshot(
     """Write `snapshot`, reported by `connection_row` (None: the settings' gateway), as
     `run`; `now` is the write's moment. `state` False writes its history only (an older
     window of a back-fill: the ledger and the daily values, no position, cash or
-    report), as for an account refused."""
+    report), as for an account refused because a newer report of it stands.
+
+    An account another owner holds (`_owned_by_another`) gets nothing written, its
+    history neither, whatever `state`: a statement proves no login any more than a
+    gateway does, and its ledger and days would overwrite the owner's (rows keyed by the
+    broker's ids) or add to them."""
     Position = conf.position_model()
     written = Written()
-    whole = snapshot
     if state:
-        written.refused = _claim_accounts(snapshot, run, now, connection_row, connection_name)
+        written.refused, owned = _claim_accounts(
+            snapshot, run, now, connection_row, connection_name
+        )
         written.refused_as_of = {a: _reported_moment(snapshot, a, now) for a in written.refused}
+    else:
+        owned = _claim_history(snapshot, run, now, connection_row, connection_name)
+        written.refused = {account: _owned_refusal(account) for account in owned}
+    written.refused_owned = owned
+    # What this sync writes the history of: every account reported but another owner's.
+    whole = snapshot.without(set(owned))
+    if state:
         snapshot = snapshot.without(set(written.refused))
     else:
-        _lock_reports(snapshot.accounts)
-        _report_history(snapshot, run, now, connection_row, connection_name)
         snapshot = snapshot.without(set(snapshot.accounts))
         written.history_only = list(whole.accounts)
     for account, count in snapshot.processed.items():
@@ -494,9 +515,10 @@ def apply_snapshot(
             for pk, item in zip(created_pks, to_create, strict=True)
         )
         snapshots += _apply_values(snapshot, run, now, accounts, position_pks)
-    # The history (the ledger, each day's values) of every account reported, refused or
-    # not: it describes what happened, keyed so that it is written once, and overwrites
-    # no newer state (see `_apply_snapshots`).
+    # The history (the ledger, each day's values) of every account reported, refused
+    # because a newer report stands or not: it describes what happened, keyed so that it
+    # is written once, and overwrites no newer state (see `_apply_snapshots`). Not of an
+    # account another owner holds (`whole` has nothing of it).
     history = [a for a in whole.accounts if a not in accounts]
     if history and whole.daily:
         accounts = {**accounts, **_history_accounts(history)}
@@ -510,16 +532,37 @@ def apply_snapshot(
     return written
 
 
-def _lock_reports(account_ids: Sequence[str]) -> None:
-    """Lock the stored reports of `account_ids` for this transaction (none inserted, none
-    changed), in the order of the ids: a history-only write takes turns with a sync
-    writing the same accounts."""
-    list(
-        AccountReport.objects.select_for_update()
-        .filter(broker=BROKER, external_id__in=account_ids)
+def _claim_history(
+    snapshot: MappedSnapshot,
+    run: SyncRun,
+    now: dt.datetime,
+    connection_row: Connection | None,
+    connection_name: str,
+) -> list[str]:
+    """A history-only write's accounts (a back-fill's older window): each one's report
+    inserted where none is stored (`_report_history`), then locked for this transaction
+    (none changed), both in the order of the ids, as `_claim_accounts` does: a
+    history-only write takes turns with a sync writing the same accounts. Returns the
+    accounts another owner than this connection's holds (`_held_by`, `_owned_by_another`):
+    their history is not written, as their state would not be."""
+    _report_history(snapshot, run, now, connection_row, connection_name)
+    stored = (
+        AccountReport.objects.select_for_update(of=("self",))
+        .filter(broker=BROKER, external_id__in=snapshot.accounts)
         .order_by("external_id")
-        .values_list("pk", flat=True)
-    )
+        .values_list(
+            "external_id", "connection_name", "connection_id", "connection__owner_id",
+            "owner_id", "owned",
+        )
+    )  # fmt: skip
+    owner = None if connection_row is None else connection_row.owner_id
+    refused = []
+    for account, by, *holder in stored:
+        owned, holder_pk = _held_by(*holder)
+        if _owned_by_another(owned, holder_pk, owner):
+            refused.append(account)
+            _log_owned_refusal(account, run, connection_name, owner, holder_pk, by)
+    return refused
 
 
 def _report_history(
@@ -911,12 +954,14 @@ def _claim_accounts(
     now: dt.datetime,
     connection_row: Connection | None,
     connection_name: str,
-) -> dict[str, str]:
+) -> tuple[dict[str, str], list[str]]:
     """Lock each reported account's `AccountReport` for this transaction; refuse the
     accounts whose stored report is newer than this snapshot's moment for them, or that
     another owner than this connection's holds (`_held_by`: its connection's owner, or
-    the one recorded once that connection was removed), returned with the reason; record
-    this snapshot, and this connection's owner, as the newest of the others.
+    the one recorded once that connection was removed), returned with the reason, and
+    those of them another owner holds (nothing of them is written, their history
+    neither); record this snapshot, and this connection's owner, as the newest of the
+    others.
 
     An equal moment is not older: a snapshot may be applied again. The reports are
     inserted where missing (ON CONFLICT DO NOTHING: a report another sync is inserting
@@ -925,7 +970,7 @@ def _claim_accounts(
     decides on what the earlier committed. (SQLite: a sync's write transaction is the
     only one at a time already, IMMEDIATE; FOR UPDATE is not needed there.)"""
     if not snapshot.accounts:
-        return {}
+        return {}, []
     as_of = {account: _reported_moment(snapshot, account, now) for account in snapshot.accounts}
     mine = {
         "connection_id": None if connection_row is None else connection_row.pk,
@@ -961,6 +1006,7 @@ def _claim_accounts(
     )  # fmt: skip
     owner = mine["owner_id"]
     refused: dict[str, str] = {}
+    foreign: list[str] = []
     applied = []
     stale = []
     for account, stored_as_of, by, run_pk, stored_digest, *holder in stored:
@@ -971,6 +1017,7 @@ def _claim_accounts(
         if reason is not None:
             refused[account] = reason
             if _owned_by_another(owned, holder_pk, owner):
+                foreign.append(account)
                 _log_owned_refusal(account, run, connection_name, owner, holder_pk, by)
             continue
         if account in snapshot.unchanged and (
@@ -1006,7 +1053,7 @@ def _claim_accounts(
             "positions_digest",
         ],
     )
-    return refused
+    return refused, foreign
 
 
 def _owner_of(connection_row: Connection | None) -> dict[str, Any]:
@@ -1084,6 +1131,26 @@ def refusals(
             return None
         reasons[account] = reason
     return reasons if len(reasons) == len(moments) else None
+
+
+def owned_refusals(accounts: Iterable[str], connection_row: Connection | None) -> dict[str, str]:
+    """The accounts of `accounts` that another owner than `connection_row`'s holds by the
+    reports stored now (`_held_by`, `_owned_by_another`), in the order of their ids, each
+    with the reason `_claim_accounts` and `_claim_history` give: a snapshot of them
+    reported by `connection_row` writes nothing of them, their history neither. Read
+    outside the write, for `services._applied_statement`: a statement applied again is
+    not read again while these are the accounts it was refused so for."""
+    owner = None if connection_row is None else connection_row.owner_id
+    stored = (
+        AccountReport.objects.filter(broker=BROKER, external_id__in=list(accounts))
+        .order_by("external_id")
+        .values_list("external_id", "connection_id", "connection__owner_id", "owner_id", "owned")
+    )
+    return {
+        account: _owned_refusal(account)
+        for account, *holder in stored
+        if _owned_by_another(*_held_by(*holder), owner)
+    }
 
 
 def _reported_moment(snapshot: MappedSnapshot, account: str, now: dt.datetime) -> dt.datetime:
