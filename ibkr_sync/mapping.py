@@ -1427,6 +1427,25 @@ def _ledger_instrument(account: str, contract: Contract) -> tuple[str, dict[str,
     return item.instrument_id, item.instrument
 
 
+def ledger_row_error(
+    kind: str, row: MappedLedgerRow, instruments: Mapping[str, Mapping[str, Any]], reason: str
+) -> RecordError:
+    """A mapped ledger row the writer did not store (`instruments`: its batch's, by conId
+    text), said as a record that could not be mapped is (`_ledger_error`)."""
+    instrument = instruments.get(row.instrument_id or "", {})
+    con_id = None
+    if row.instrument_id is not None and len(row.instrument_id) < 20:
+        con_id = int(row.instrument_id)
+    return RecordError(
+        account=row.account_id,
+        # A conId too long for any integer column: none, as `_ledger_error` gives.
+        con_id=con_id if con_id is not None and abs(con_id) < 2**63 else None,
+        symbol=instrument.get("symbol", ""),
+        sec_type=instrument.get("sec_type", ""),
+        reason=f"{_LEDGER_LABELS[kind]} ({row.external_id}): {reason}",
+    )
+
+
 def _ledger_error(kind: str, record: Any, contract: Contract | None, reason: str) -> RecordError:
     con_id = contract.con_id if contract is not None else None
     ident = record.transaction_id or "(no id)"

@@ -13,7 +13,8 @@ account never changes hands by a sync, nor when its connection is removed:
 other accounts are applied as usual. The history (the ledger, each day's values) of an
 account refused because a newer report stands is written all the same (it describes
 what happened, keyed so that it is written once); of an account another owner holds,
-nothing: neither in a full write nor in a history-only one (`_claim_history`).
+nothing: neither in a full write nor in a history-only one (`_claim_history`), and no
+ledger row stored under one account is ever moved to another (`_apply_ledger_batch`).
 
 Then the positions of the accounts applied: existing rows read as plain tuples in a
 fixed number of queries, new rows inserted batch by batch (`bulk.insert_rows`), changed
@@ -64,10 +65,12 @@ from .mapping import (
     LEDGER_FIELDS,
     POSITION_VALUE_FIELDS,
     MappedLedger,
+    MappedLedgerRow,
     MappedPosition,
     MappedSnapshot,
     is_paper_account,
     is_storable_account_id,
+    ledger_row_error,
 )
 from .models import AccountReport, Connection, PositionChange, SyncRun
 from .outcomes import RecordError, ValuesOutcome
@@ -528,7 +531,7 @@ def apply_snapshot(
     if snapshots:
         written.daily = _apply_snapshots(snapshots, run)
     if whole.ledger:
-        _apply_ledger(whole, now, accounts, history, written)
+        _apply_ledger(whole, now, accounts, history, written, run, connection_name)
     return written
 
 
@@ -702,12 +705,16 @@ def _apply_ledger(
     accounts: dict[str, Any],
     history: Sequence[str],
     written: Written,
+    run: SyncRun,
+    connection_name: str,
 ) -> None:
     """Store the ledger rows (`snapshot.ledger_batches()`: the ledger mapped before the
     write, or a stream's batches, each mapped as it comes), keyed on the broker's ids: a
     row not stored yet is inserted (ON CONFLICT (broker, external_id) DO NOTHING), a
     stored one that differs (the broker corrected it, cancelled it) is updated, an equal
-    one is left alone; none is deleted. A fixed number of statements per batch of rows,
+    one is left alone; none is deleted, and none changes account (`_apply_ledger_batch`:
+    a row whose id is stored under another account is not written, and is an error of
+    the account it was reported for). A fixed number of statements per batch of rows,
     batch after batch in the order of the ids within a part of the ledger (so two
     writers wait for each other's rows in one order): the batch's stored rows read by
     their ids as plain tuples, its new ones inserted, its changed ones upserted; only
@@ -715,10 +722,13 @@ def _apply_ledger(
     inserted where missing (a position's sync keeps them current). `history`: the
     accounts whose history only is written, given their rows (`_history_accounts`) once
     the ledger has any row. Counts into `written`: the ledger's tallies, its errors (of
-    the accounts applied: a refused account's are not reported), its days."""
+    the accounts applied: a refused account's are not reported; but a row not written
+    because its id is another account's is said for every account whose history is
+    written), its days (of the rows written or found as stored)."""
     models_by_kind = conf.ledger_models()
     counts = written.ledger = {kind: dict.fromkeys(LEDGER_COUNTS, 0) for kind in snapshot.ledger}
     errors: dict[str, list[RecordError]] = {kind: [] for kind in counts}
+    elsewhere: list[RecordError] = []
     instruments: dict[str, Any] = {}
     days = written.ledger_days
     for part in snapshot.ledger_batches():
@@ -733,10 +743,23 @@ def _apply_ledger(
         for kind, rows in part.rows.items():
             model = models_by_kind[kind]
             fields = LEDGER_FIELDS[kind]
+            refused: dict[str, Any] = {}
             for chunk in chunks(sorted(rows)):
-                _apply_ledger_batch(model, fields, chunk, rows, accounts, instruments, counts[kind])
+                refused.update(
+                    _apply_ledger_batch(
+                        model, fields, chunk, rows, accounts, instruments, counts[kind]
+                    )
+                )
+            if refused:
+                elsewhere += [
+                    ledger_row_error(kind, rows[key], part.instruments, _ELSEWHERE)
+                    for key in sorted(refused)
+                ]
+                _log_ledger_elsewhere(kind, rows, refused, run, connection_name)
             date = LEDGER_DATES[kind]
             for row in rows.values():
+                if row.external_id in refused:
+                    continue
                 # An undated row (a query without its date) counts too: [] while none is
                 # dated.
                 kept = days.setdefault(row.account_id, {}).setdefault(kind, [])
@@ -750,6 +773,55 @@ def _apply_ledger(
             if error.account not in left_out:
                 written.errors.append(error)
                 written.add(error.account, "errors")
+    for error in elsewhere:
+        written.errors.append(error)
+        written.add(error.account, "errors")
+
+
+#: Why a ledger row was not written whose id is stored under another account (whose, the
+#: server log says: `_log_ledger_elsewhere`).
+_ELSEWHERE = (
+    "not written: a row of this id is stored under another account, and a stored row "
+    "never changes account"
+)
+
+
+def _log_ledger_elsewhere(
+    kind: str,
+    rows: Mapping[str, MappedLedgerRow],
+    refused: Mapping[str, Any],
+    run: SyncRun,
+    connection_name: str,
+) -> None:
+    """For an operator reading the server log (at WARNING, as an account refused for
+    another owner: a statement reporting another account's ids is either a login given to
+    the wrong user or someone trying ids): the rows of a kind not written because their
+    ids are stored under another account, with that account, the first few by id."""
+    Account = conf.account_model()
+    shown = sorted(refused)[:_LOGGED]
+    stored = dict(
+        Account.objects.filter(pk__in={refused[key] for key in shown}).values_list(
+            "pk", "external_id"
+        )
+    )
+    logger.warning(
+        "Sync #%s of connection %s did not write %d %s whose ids are stored under another "
+        "account: %s%s.",
+        run.pk,
+        connection_name or "(the settings' gateway)",
+        len(refused),
+        kind,
+        ", ".join(
+            f"{key} (reported for {rows[key].account_id}, stored under "
+            f"{stored.get(refused[key], 'an account since removed')})"
+            for key in shown
+        ),
+        "" if len(refused) <= len(shown) else ", ...",
+    )
+
+
+#: How many rows of a kind `_log_ledger_elsewhere` names.
+_LOGGED = 10
 
 
 def _apply_ledger_batch(
@@ -760,14 +832,29 @@ def _apply_ledger_batch(
     accounts: dict[str, Any],
     instruments: dict[str, Any],
     tally: dict[str, int],
-) -> None:
-    """One batch of a ledger kind's rows (their external ids `chunk`, in order)."""
+) -> dict[str, Any]:
+    """One batch of a ledger kind's rows (their external ids `chunk`, in order). Returns
+    the rows not written because their id is stored under another account than the one
+    they are reported for, each with that account's pk.
+
+    A stored row keeps its account: the broker's id is unique to one transaction of one
+    account, so the same id reported for another account is no correction of the row,
+    and a statement proves no login (a connection pointed at a fake Flex service reports
+    any ids it likes, for accounts of its own). Moving the row would hand another
+    account's transaction, and whoever owns it, to this statement's account. So the
+    stored rows are compared and upserted only under their own account, none is moved
+    (the upsert does not set the account), and a row inserted by another sync since this
+    one read the batch is checked the same way. A legitimate statement never meets the
+    rule: the rows it sends twice (overlapping statements) are of one account, and an id
+    that several different rows carry (redacted) keys them on their attributes, their
+    account among them (`sources.flex.source.keyed`)."""
     stored: dict[str, tuple[Any, ...]] = {}
     for external_id, *values in model._default_manager.filter(
         broker=BROKER, external_id__in=chunk
     ).values_list("external_id", "account_id", "instrument_id", *fields):
         stored[external_id] = tuple(values)
     new, changed = [], []
+    elsewhere: dict[str, Any] = {}
     for external_id in chunk:
         row = rows[external_id]
         values = {
@@ -780,23 +867,33 @@ def _apply_ledger_batch(
         held = stored.get(external_id)
         if held is None:
             new.append({"broker": BROKER, "external_id": external_id, **values})
-        elif _differs(
-            held, [values["account_id"], values["instrument_id"], *map(row.fields.get, fields)]
-        ):
+        elif held[0] != values["account_id"]:
+            elsewhere[external_id] = held[0]
+        elif _differs(held[1:], [values["instrument_id"], *map(row.fields.get, fields)]):
             changed.append(model(broker=BROKER, external_id=external_id, **values))
         else:
             tally["unchanged"] += 1
     inserted = insert_new(model, new, _UNIQUE)
     tally["created"] += len(inserted)
-    tally["unchanged"] += len(new) - len(inserted)  # inserted by another sync since
+    if len(inserted) < len(new):  # inserted by another sync since: of which account?
+        mine = {row["external_id"]: row["account_id"] for row in new}
+        done = {key for _, key in inserted}
+        taken = [key for key in mine if key not in done]
+        for external_id, account_pk in model._default_manager.filter(
+            broker=BROKER, external_id__in=taken
+        ).values_list("external_id", "account_id"):
+            if account_pk != mine[external_id]:
+                elsewhere[external_id] = account_pk
+        tally["unchanged"] += len(taken) - len(elsewhere.keys() & set(taken))
     upsert(
         model,
         changed,  # in the order of their ids, as the batch is
         batch_size=bulk.BATCH_SIZE // 4,
         unique_fields=list(_UNIQUE),
-        update_fields=["account", "instrument", *fields],
+        update_fields=["instrument", *fields],
     )
     tally["updated"] += len(changed)
+    return elsewhere
 
 
 def _ledger_instruments(

@@ -2,14 +2,17 @@
 reports whatever account ids and transaction ids it likes. An account another owner
 holds gets nothing written by such a statement, its history (ledger rows, account
 snapshots) neither, in a full sync as in a back-fill's history-only window, the ledger
-streamed or whole. Alice's and an unowned connection try it on bob's account. The real
-client over real HTTP against the fake Flex Web Service, the source, mapping, the
-writer and the service, into the database (SQLite, or PostgreSQL with DATABASE_URL)."""
+streamed or whole; and a ledger row stored under one account is never moved to another
+by a statement reporting its id. Alice's and an unowned connection try it on bob's
+account and bob's ids. The real client over real HTTP against the fake Flex Web
+Service, the source, mapping, the writer and the service, into the database (SQLite, or
+PostgreSQL with DATABASE_URL)."""
 
 from __future__ import annotations
 
 import datetime as dt
 import io
+import logging
 
 import pytest
 from django.contrib.auth.models import Permission
@@ -34,6 +37,7 @@ ALICE, BOB, SHARED = "U1000001", "U2000002", "U3000003"
 BOBS = {"trades": "9000001", "cash_transactions": "9100001", "corporate_actions": "9200001"}
 QUERIES = {"alice": "111111", "bob": "222222", "shared": "333333"}
 NOT_YOURS = "{} was not written: this connection may not write it."
+ELSEWHERE = "stored under another account"
 END = yesterday()
 #: Bob's own statement: a week, its ledger on the first day.
 WEEK = (END - dt.timedelta(days=6), END)
@@ -171,6 +175,16 @@ def nothing_written(result) -> bool:
     ledger = all(not any(tally.values()) for tally in result.ledger.values())
     daily = not any(result.snapshots.values())
     return ledger and daily and result.created == result.updated == result.unchanged == 0
+
+
+def elsewhere(result) -> list[tuple[str, str]]:
+    """The result's errors of rows not written because their ids are another account's:
+    (account, reason)."""
+    return [(e["account"], e["reason"]) for e in result.errors if ELSEWHERE in e["reason"]]
+
+
+def said_of_bob(result) -> str:
+    return str(result) + str(SyncRun.objects.get(pk=result.sync_run_id).error_details)
 
 
 # --- an account another owner holds -------------------------------------------------------
@@ -323,3 +337,152 @@ def test_the_same_statement_again_refuses_it_again_and_writes_nothing(
         assert not result.accounts_refused
     assert older.snapshots["created"] == 365 and newest.accounts == [BOB]
     assert older.ledger["trades"] == {"created": 0, "updated": 1, "unchanged": 0}
+
+
+# --- a ledger row's id stored under another account ------------------------------------------
+
+
+@pytest.mark.parametrize("connection", ["alice", "shared"])
+def test_an_id_of_another_account_does_not_move_its_row(
+    owners,
+    service,  # noqa: F811
+    source,
+    connection,
+    caplog,
+):
+    """The connection's own account reports bob's trade, dividend and split ids (and
+    trades of its own): bob's rows stay his, exactly; each of the three is an error of
+    the connection's account that does not say whose the id is; its other rows are
+    written. The server log names the account the ids are stored under."""
+    own = ALICE if connection == "alice" else SHARED
+    service.add_statement(
+        QUERIES[connection], lambda fd, td: statement(fd, td, own, price="666", mine=3)
+    )
+    bobs = rows_of(BOB)
+
+    with caplog.at_level(logging.WARNING, logger="ibkr_sync.writer"):
+        result = sync_positions(trigger="command", connection=connection)
+
+    assert result.accounts == [own] and not result.accounts_refused
+    assert rows_of(BOB) == bobs
+    refused = elsewhere(result)
+    assert sorted(refused) == sorted(
+        (own, f"{label} ({BOBS[kind]}): not written: a row of this id is {ELSEWHERE}, and a "
+              "stored row never changes account")
+        for kind, label in (
+            ("trades", "a trade"), ("cash_transactions", "a cash transaction"),
+            ("corporate_actions", "a corporate action"),
+        )
+    )  # fmt: skip
+    assert len(result.errors) == 3 and result.by_account[own]["errors"] == 3
+    assert BOB not in said_of_bob(result) and "bob" not in said_of_bob(result)
+    [error] = [e for e in result.errors if "a trade" in e["reason"]]
+    assert (error["con_id"], error["symbol"], error["sec_type"]) == (265598, "AAPL", "STK")
+    # Its own trades are written; bob's ids are counted as nothing.
+    trades = conf.ledger_models()["trades"]._default_manager.filter(account__external_id=own)
+    assert trades.count() == 3
+    assert result.ledger["trades"] == {"created": 3, "updated": 0, "unchanged": 0}
+    assert result.ledger["cash_transactions"] == {"created": 0, "updated": 0, "unchanged": 0}
+    # The operator's log says where the ids are.
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert f"{BOBS['trades']} (reported for {own}, stored under {BOB})" in logged
+    # Again: the same, nothing moved.
+    again = sync_positions(trigger="command", connection=connection)
+    assert sorted(elsewhere(again)) == sorted(refused) and rows_of(BOB) == bobs
+
+
+def test_an_id_of_another_account_in_a_back_fill_window(owners, service, source):  # noqa: F811
+    """In a history-only window too: bob's rows stay his, the window says which rows it
+    did not write."""
+    service.add_statement(
+        QUERIES["alice"], lambda fd, td: statement(fd, td, ALICE, price="666", mine=2)
+    )
+    bobs = rows_of(BOB)
+
+    outcome = sync_period(END - dt.timedelta(days=400), END, trigger="command", connection="alice")
+
+    assert outcome.error is None
+    older, newest = (window.result for window in outcome.windows)
+    assert older.history_only and not older.accounts_refused
+    for result in (older, newest):
+        assert len(elsewhere(result)) == 3 and {a for a, _ in elsewhere(result)} == {ALICE}
+    # Her own trades: written by the older window, moved to the newer one's day by it.
+    assert older.ledger["trades"] == {"created": 2, "updated": 0, "unchanged": 0}
+    assert newest.ledger["trades"] == {"created": 0, "updated": 2, "unchanged": 0}
+    assert rows_of(BOB) == bobs
+
+
+def test_an_id_of_another_account_sent_twice_in_one_download(owners, service, source):  # noqa: F811
+    """Two overlapping statements of alice's account in one download, both with bob's
+    ids (rows sent twice: the stream holds them to its last batch): not written either."""
+    older = (END - dt.timedelta(days=8), END - dt.timedelta(days=2))
+    service.add_statement(
+        QUERIES["alice"],
+        lambda fd, td: download(
+            statement(*older, ALICE, price="666", mine=1),
+            statement(fd, td, ALICE, price="666", mine=4),
+        ),
+    )
+    bobs = rows_of(BOB)
+
+    result = sync_positions(trigger="command", connection="alice")
+
+    assert rows_of(BOB) == bobs
+    assert len(elsewhere(result)) == 3
+    trades = conf.ledger_models()["trades"]._default_manager.filter(account__external_id=ALICE)
+    assert trades.count() == 4
+
+
+def test_an_account_s_own_ids_are_corrected_as_before(owners, service, source):  # noqa: F811
+    """The rule takes nothing from a legitimate statement: alice's own rows, corrected
+    by IBKR in the next statement, are updated in her account."""
+    mine = {k: f"7{v}" for k, v in BOBS.items()}
+    service.add_statement(QUERIES["alice"], lambda fd, td: statement(fd, td, ALICE, ids=mine))
+    first = sync_positions(trigger="command", connection="alice")
+    assert not first.errors
+    service.add_statement(
+        QUERIES["alice"], lambda fd, td: statement(fd, td, ALICE, ids=mine, price="99")
+    )
+
+    again = sync_positions(trigger="command", connection="alice")
+
+    assert not again.errors
+    assert again.ledger == {kind: {"created": 0, "updated": 1, "unchanged": 0} for kind in BOBS}
+    trade = conf.ledger_models()["trades"]._default_manager.get(external_id=mine["trades"])
+    assert (trade.account.external_id, trade.price) == (ALICE, 99)
+
+
+def test_an_id_another_sync_inserted_meanwhile_is_not_taken_either(
+    owners,
+    service,  # noqa: F811
+    source,
+    monkeypatch,
+):
+    """Bob's trade inserted by his own sync between alice's read of the batch's stored
+    rows and her insert (PostgreSQL: two syncs at once): her row is not inserted over
+    it, and is an error of hers as a row found stored is, not an unchanged row."""
+    from ibkr_sync import writer
+
+    Trade = conf.ledger_models()["trades"]._default_manager
+    bobs_trade = Trade.filter(external_id=BOBS["trades"]).values().get()
+    Trade.filter(external_id=BOBS["trades"]).delete()
+    insert_new = writer.insert_new
+
+    def bob_first(model, rows, unique):
+        rows = list(rows)
+        if any(row.get("external_id") == BOBS["trades"] for row in rows):
+            Trade.bulk_create([Trade.model(**bobs_trade)])
+        return insert_new(model, rows, unique)
+
+    monkeypatch.setattr(writer, "insert_new", bob_first)
+    service.add_statement(QUERIES["alice"], lambda fd, td: statement(fd, td, ALICE, mine=2))
+
+    result = sync_positions(trigger="command", connection="alice")
+
+    stamps = {"created_at", "updated_at"}  # bob's insert stamps them anew
+    after = Trade.filter(external_id=BOBS["trades"]).values().get()
+    assert {k: v for k, v in after.items() if k not in stamps} == {
+        k: v for k, v in bobs_trade.items() if k not in stamps
+    }
+    assert [reason for _, reason in elsewhere(result) if "a trade" in reason]
+    assert result.ledger["trades"] == {"created": 2, "updated": 0, "unchanged": 0}
