@@ -895,9 +895,12 @@ class MappedSnapshot:
         return self.values_as_of.get(account) or self.as_of or now
 
     def without(self, accounts: set[str] | frozenset[str]) -> MappedSnapshot:
-        """The same snapshot with nothing of `accounts` (refused: not written, not counted)."""
+        """The same snapshot with nothing of `accounts` (refused: not written, not counted):
+        neither their state nor their history, the ledger's rows and errors of a stream's
+        batches included (left out as each batch is mapped)."""
         if not accounts:
             return self
+        stream = self.ledger_stream
         return replace(
             self,
             accounts=tuple(a for a in self.accounts if a not in accounts),
@@ -912,6 +915,7 @@ class MappedSnapshot:
                 kind: {k: row for k, row in rows.items() if row.account_id not in accounts}
                 for kind, rows in self.ledger.items()
             },
+            ledger_stream=None if stream is None else _stream_without(stream, accounts),
             digests={a: d for a, d in self.digests.items() if a not in accounts},
             unchanged={a: n for a, n in self.unchanged.items() if a not in accounts},
             daily={a: days for a, days in self.daily.items() if a not in accounts},
@@ -1212,6 +1216,23 @@ class MappedLedger:
     instruments: dict[str, dict[str, Any]]
     errors: dict[str, list[RecordError]]
 
+    def without(self, accounts: set[str] | frozenset[str]) -> MappedLedger:
+        """The same batch with no row and no error of `accounts`, and only the instruments
+        its rows still name."""
+        rows = {
+            kind: {key: row for key, row in kind_rows.items() if row.account_id not in accounts}
+            for kind, kind_rows in self.rows.items()
+        }
+        named = {row.instrument_id for kind_rows in rows.values() for row in kind_rows.values()}
+        return MappedLedger(
+            rows,
+            {conid: fields for conid, fields in self.instruments.items() if conid in named},
+            {
+                kind: [error for error in kind_errors if error.account not in accounts]
+                for kind, kind_errors in self.errors.items()
+            },
+        )
+
 
 def map_ledger(
     snapshot: Snapshot, accounts: set[str]
@@ -1252,6 +1273,19 @@ def _mapped_stream(
             yield map_ledger_batch(batch, accounts, contracts)
 
     return mapped
+
+
+def _stream_without(
+    stream: Callable[[], Iterator[MappedLedger]], accounts: set[str] | frozenset[str]
+) -> Callable[[], Iterator[MappedLedger]]:
+    """A mapped stream whose batches hold nothing of `accounts` (`MappedSnapshot.without`)."""
+    accounts = frozenset(accounts)
+
+    def batches() -> Iterator[MappedLedger]:
+        for part in stream():
+            yield part.without(accounts)
+
+    return batches
 
 
 def map_ledger_batch(
@@ -1391,6 +1425,25 @@ def _ledger_instrument(account: str, contract: Contract) -> tuple[str, dict[str,
     )
     item = map_position(record)
     return item.instrument_id, item.instrument
+
+
+def ledger_row_error(
+    kind: str, row: MappedLedgerRow, instruments: Mapping[str, Mapping[str, Any]], reason: str
+) -> RecordError:
+    """A mapped ledger row the writer did not store (`instruments`: its batch's, by conId
+    text), said as a record that could not be mapped is (`_ledger_error`)."""
+    instrument = instruments.get(row.instrument_id or "", {})
+    con_id = None
+    if row.instrument_id is not None and len(row.instrument_id) < 20:
+        con_id = int(row.instrument_id)
+    return RecordError(
+        account=row.account_id,
+        # A conId too long for any integer column: none, as `_ledger_error` gives.
+        con_id=con_id if con_id is not None and abs(con_id) < 2**63 else None,
+        symbol=instrument.get("symbol", ""),
+        sec_type=instrument.get("sec_type", ""),
+        reason=f"{_LEDGER_LABELS[kind]} ({row.external_id}): {reason}",
+    )
 
 
 def _ledger_error(kind: str, record: Any, contract: Contract | None, reason: str) -> RecordError:

@@ -68,6 +68,7 @@ from .writer import (
     Written,
     apply_snapshot,
     instruments_changed,
+    owned_refusals,
     refusals,
     reported_digests,
     reported_moments,
@@ -656,9 +657,11 @@ def _statement_record(run: SyncRun, mapped: MappedSnapshot, written: Written) ->
     the same statement, and the database as it left it, again: the statement's digest
     under this mapping, the accounts it covered with the moment it applied to each (None:
     refused, or its history only) and the one it was for each account refused (`refused`:
-    a repeat is refused again against the reports stored then), what its write left per
-    account (`statement_counts`), and its per-account tallies and account snapshots,
-    which a repeat reports again."""
+    a repeat is refused again against the reports stored then), the accounts of which it
+    wrote nothing because another owner holds them (`refused_owned`: a repeat is taken
+    only while these are the ones), what its write left per account
+    (`statement_counts`), and its per-account tallies and account snapshots, which a
+    repeat reports again."""
     moments = reported_moments(run, written.accounts)  # the accounts whose state it applied
     ranges = statement_ranges(mapped, moments, written)
     return {
@@ -670,6 +673,7 @@ def _statement_record(run: SyncRun, mapped: MappedSnapshot, written: Written) ->
         "refused": {
             account: moment.isoformat() for account, moment in written.refused_as_of.items()
         },
+        "refused_owned": sorted(written.refused_owned),
         "ranges": ranges,
         "counts": statement_counts(ranges),
         "by_account": written.by_account(written.accounts),
@@ -694,8 +698,12 @@ def _applied_statement(
     under the connection's name as it is now; and each account it was refused for
     (applying their state: a newer report of it stood) refused again by the reports
     stored now (`writer.refusals`: none gone, none now older), the reason said as a full
-    read would say it now, its history (ledger rows, days) as the statement left it too.
-    Reading it again would then write nothing: it is not read again."""
+    read would say it now, its history (ledger rows, days) as the statement left it too;
+    and the accounts another owner holds now (`writer.owned_refusals`: a full read writes
+    nothing of them, their history neither) exactly those it wrote nothing of for that
+    reason, in a back-fill's older window as in a full sync (one held so since, or no
+    longer: read whole, which writes or refuses it as things are now). Reading it again
+    would then write nothing: it is not read again."""
     last = (
         SyncRun.objects.filter(
             connection=target.connection,
@@ -722,7 +730,12 @@ def _applied_statement(
     if target.connection is not None:
         connection_id = target.connection.pk
         name = Connection.objects.filter(pk=connection_id).values_list("name", flat=True).first()
-    refused: dict[str, str] = {}
+    # An account another owner holds: nothing of it is written, its history neither. A
+    # record without the list (kept before it was) wrote the history of every account.
+    owned = owned_refusals(moments, target.connection)
+    if set(owned) != set(record.get("refused_owned") or ()):
+        return None
+    refused: dict[str, str] = {} if state else owned
     if state and len(applied) < len(moments):
         # An account refused (a newer report of it stood): a full read refuses it again
         # while that report (or a newer one) stands, and says why as of the reports
@@ -771,7 +784,7 @@ def _write_repeat(
     record = last.statement
     written = Written(
         accounts=list(last.accounts),
-        history_only=[] if state else list(snapshot.accounts),
+        history_only=[] if state else [a for a in snapshot.accounts if a not in repeat.refused],
         refused=dict(repeat.refused),
     )
     for account, tally in record.get("by_account", {}).items():
@@ -789,7 +802,8 @@ def _write_repeat(
         for kind, tally in last.ledger.items()
     }
     snapshots = record.get("snapshots", {})
-    written.daily = {**dict.fromkeys(snapshots, 0), "unchanged": sum(snapshots.values())}
+    if snapshots:  # none written (an account refused, a statement without days): none said
+        written.daily = {**dict.fromkeys(snapshots, 0), "unchanged": sum(snapshots.values())}
     if dry_run:
         written.preview = []
         return written

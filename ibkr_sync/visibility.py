@@ -35,9 +35,11 @@ connection's snapshot of it is applied. An owned account never changes hands by 
 a gateway proves no login (any server that speaks its protocol, at the address a user
 gives their connection, reports whatever account ids it likes), so the writer refuses a
 snapshot of it from a connection of another owner, or of none (`writer._claim_accounts`),
-also once its own connection is removed; a user who sees every connection moves it by
-giving the connection to another owner (its reports follow, `_follow_owner`; while the
-connection exists, its owner decides in any case).
+also once its own connection is removed: nothing of it is written, its history (ledger
+rows, each day's values) neither, also by a back-fill's history-only window
+(`writer._claim_history`), as a Flex statement proves no login either; a user who sees
+every connection moves it by giving the connection to another owner (its reports follow,
+`_follow_owner`; while the connection exists, its owner decides in any case).
 
 Syncing follows seeing: a user with `ibkr_sync.run_sync` may start syncs of the
 connections they may see (their own, unowned ones; every one with

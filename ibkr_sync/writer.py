@@ -9,8 +9,12 @@ locked for the transaction (in one order, so that two syncs reporting the same a
 take turns, never wait in a circle); an account whose stored report is newer than this
 snapshot's moment for it, or is held by another owner than this connection's (an owned
 account never changes hands by a sync, nor when its connection is removed:
-`visibility`), is refused (`Written.refused`): nothing of it is written, and the other
-accounts are applied as usual.
+`visibility`), is refused (`Written.refused`): nothing of its state is written, and the
+other accounts are applied as usual. The history (the ledger, each day's values) of an
+account refused because a newer report stands is written all the same (it describes
+what happened, keyed so that it is written once); of an account another owner holds,
+nothing: neither in a full write nor in a history-only one (`_claim_history`), and no
+ledger row stored under one account is ever moved to another (`_apply_ledger_batch`).
 
 Then the positions of the accounts applied: existing rows read as plain tuples in a
 fixed number of queries, new rows inserted batch by batch (`bulk.insert_rows`), changed
@@ -61,10 +65,12 @@ from .mapping import (
     LEDGER_FIELDS,
     POSITION_VALUE_FIELDS,
     MappedLedger,
+    MappedLedgerRow,
     MappedPosition,
     MappedSnapshot,
     is_paper_account,
     is_storable_account_id,
+    ledger_row_error,
 )
 from .models import AccountReport, Connection, PositionChange, SyncRun
 from .outcomes import RecordError, ValuesOutcome
@@ -88,6 +94,10 @@ class Written:
     # The moment this snapshot was for each account refused (`_reported_moment`): what a
     # read of the same snapshot again is refused against (`refusals`).
     refused_as_of: dict[str, dt.datetime] = field(default_factory=dict)
+    # The accounts of `refused` that another owner holds (`_owned_by_another`): nothing
+    # of them was written, their history neither (an account refused because a newer
+    # report of it stands has its history written).
+    refused_owned: list[str] = field(default_factory=list)
     # The ledger rows, by kind: {"created": n, "updated": n, "unchanged": n}.
     ledger: dict[str, dict[str, int]] = field(default_factory=dict)
     # A dry run's changes, as they would have been recorded (then rolled back).
@@ -215,7 +225,8 @@ def statement_ranges(
     (`statement_counts`): the open positions and the cash balances of the accounts whose
     state it applied (`state`), and per ledger kind and for the account snapshots the
     first and last day (moment) of its rows (none for a kind whose rows are all
-    undated: `Written.ledger_days`). JSON-ready (ISO texts)."""
+    undated: `Written.ledger_days`); none of an account another owner holds
+    (`Written.refused_owned`: nothing of it was written). JSON-ready (ISO texts)."""
     state = set(state)
     ranges: dict[str, dict[str, list[Any] | None]] = {a: {} for a in snapshot.accounts}
     for account in state & set(ranges):
@@ -225,6 +236,8 @@ def statement_ranges(
             for kind, days in kinds.items():
                 ranges[account][kind] = list(days)
     for account, tables in ranges.items():
+        if account in written.refused_owned:
+            continue
         moments = [moment for moment, _ in snapshot.daily.get(account, ())]
         if account in state:  # the account's own snapshot, as of the state applied
             moment = snapshot.values_as_of.get(account) or snapshot.as_of
@@ -332,17 +345,28 @@ def apply_snapshot(
     """Write `snapshot`, reported by `connection_row` (None: the settings' gateway), as
     `run`; `now` is the write's moment. `state` False writes its history only (an older
     window of a back-fill: the ledger and the daily values, no position, cash or
-    report), as for an account refused."""
+    report), as for an account refused because a newer report of it stands.
+
+    An account another owner holds (`_owned_by_another`) gets nothing written, its
+    history neither, whatever `state`: a statement proves no login any more than a
+    gateway does, and its ledger and days would overwrite the owner's (rows keyed by the
+    broker's ids) or add to them."""
     Position = conf.position_model()
     written = Written()
-    whole = snapshot
     if state:
-        written.refused = _claim_accounts(snapshot, run, now, connection_row, connection_name)
+        written.refused, owned = _claim_accounts(
+            snapshot, run, now, connection_row, connection_name
+        )
         written.refused_as_of = {a: _reported_moment(snapshot, a, now) for a in written.refused}
+    else:
+        owned = _claim_history(snapshot, run, now, connection_row, connection_name)
+        written.refused = {account: _owned_refusal(account) for account in owned}
+    written.refused_owned = owned
+    # What this sync writes the history of: every account reported but another owner's.
+    whole = snapshot.without(set(owned))
+    if state:
         snapshot = snapshot.without(set(written.refused))
     else:
-        _lock_reports(snapshot.accounts)
-        _report_history(snapshot, run, now, connection_row, connection_name)
         snapshot = snapshot.without(set(snapshot.accounts))
         written.history_only = list(whole.accounts)
     for account, count in snapshot.processed.items():
@@ -494,9 +518,10 @@ def apply_snapshot(
             for pk, item in zip(created_pks, to_create, strict=True)
         )
         snapshots += _apply_values(snapshot, run, now, accounts, position_pks)
-    # The history (the ledger, each day's values) of every account reported, refused or
-    # not: it describes what happened, keyed so that it is written once, and overwrites
-    # no newer state (see `_apply_snapshots`).
+    # The history (the ledger, each day's values) of every account reported, refused
+    # because a newer report stands or not: it describes what happened, keyed so that it
+    # is written once, and overwrites no newer state (see `_apply_snapshots`). Not of an
+    # account another owner holds (`whole` has nothing of it).
     history = [a for a in whole.accounts if a not in accounts]
     if history and whole.daily:
         accounts = {**accounts, **_history_accounts(history)}
@@ -506,20 +531,41 @@ def apply_snapshot(
     if snapshots:
         written.daily = _apply_snapshots(snapshots, run)
     if whole.ledger:
-        _apply_ledger(whole, now, accounts, history, written)
+        _apply_ledger(whole, now, accounts, history, written, run, connection_name)
     return written
 
 
-def _lock_reports(account_ids: Sequence[str]) -> None:
-    """Lock the stored reports of `account_ids` for this transaction (none inserted, none
-    changed), in the order of the ids: a history-only write takes turns with a sync
-    writing the same accounts."""
-    list(
-        AccountReport.objects.select_for_update()
-        .filter(broker=BROKER, external_id__in=account_ids)
+def _claim_history(
+    snapshot: MappedSnapshot,
+    run: SyncRun,
+    now: dt.datetime,
+    connection_row: Connection | None,
+    connection_name: str,
+) -> list[str]:
+    """A history-only write's accounts (a back-fill's older window): each one's report
+    inserted where none is stored (`_report_history`), then locked for this transaction
+    (none changed), both in the order of the ids, as `_claim_accounts` does: a
+    history-only write takes turns with a sync writing the same accounts. Returns the
+    accounts another owner than this connection's holds (`_held_by`, `_owned_by_another`):
+    their history is not written, as their state would not be."""
+    _report_history(snapshot, run, now, connection_row, connection_name)
+    stored = (
+        AccountReport.objects.select_for_update(of=("self",))
+        .filter(broker=BROKER, external_id__in=snapshot.accounts)
         .order_by("external_id")
-        .values_list("pk", flat=True)
-    )
+        .values_list(
+            "external_id", "connection_name", "connection_id", "connection__owner_id",
+            "owner_id", "owned",
+        )
+    )  # fmt: skip
+    owner = None if connection_row is None else connection_row.owner_id
+    refused = []
+    for account, by, *holder in stored:
+        owned, holder_pk = _held_by(*holder)
+        if _owned_by_another(owned, holder_pk, owner):
+            refused.append(account)
+            _log_owned_refusal(account, run, connection_name, owner, holder_pk, by)
+    return refused
 
 
 def _report_history(
@@ -659,12 +705,16 @@ def _apply_ledger(
     accounts: dict[str, Any],
     history: Sequence[str],
     written: Written,
+    run: SyncRun,
+    connection_name: str,
 ) -> None:
     """Store the ledger rows (`snapshot.ledger_batches()`: the ledger mapped before the
     write, or a stream's batches, each mapped as it comes), keyed on the broker's ids: a
     row not stored yet is inserted (ON CONFLICT (broker, external_id) DO NOTHING), a
     stored one that differs (the broker corrected it, cancelled it) is updated, an equal
-    one is left alone; none is deleted. A fixed number of statements per batch of rows,
+    one is left alone; none is deleted, and none changes account (`_apply_ledger_batch`:
+    a row whose id is stored under another account is not written, and is an error of
+    the account it was reported for). A fixed number of statements per batch of rows,
     batch after batch in the order of the ids within a part of the ledger (so two
     writers wait for each other's rows in one order): the batch's stored rows read by
     their ids as plain tuples, its new ones inserted, its changed ones upserted; only
@@ -672,10 +722,13 @@ def _apply_ledger(
     inserted where missing (a position's sync keeps them current). `history`: the
     accounts whose history only is written, given their rows (`_history_accounts`) once
     the ledger has any row. Counts into `written`: the ledger's tallies, its errors (of
-    the accounts applied: a refused account's are not reported), its days."""
+    the accounts applied: a refused account's are not reported; but a row not written
+    because its id is another account's is said for every account whose history is
+    written), its days (of the rows written or found as stored)."""
     models_by_kind = conf.ledger_models()
     counts = written.ledger = {kind: dict.fromkeys(LEDGER_COUNTS, 0) for kind in snapshot.ledger}
     errors: dict[str, list[RecordError]] = {kind: [] for kind in counts}
+    elsewhere: list[RecordError] = []
     instruments: dict[str, Any] = {}
     days = written.ledger_days
     for part in snapshot.ledger_batches():
@@ -690,10 +743,23 @@ def _apply_ledger(
         for kind, rows in part.rows.items():
             model = models_by_kind[kind]
             fields = LEDGER_FIELDS[kind]
+            refused: dict[str, Any] = {}
             for chunk in chunks(sorted(rows)):
-                _apply_ledger_batch(model, fields, chunk, rows, accounts, instruments, counts[kind])
+                refused.update(
+                    _apply_ledger_batch(
+                        model, fields, chunk, rows, accounts, instruments, counts[kind]
+                    )
+                )
+            if refused:
+                elsewhere += [
+                    ledger_row_error(kind, rows[key], part.instruments, _ELSEWHERE)
+                    for key in sorted(refused)
+                ]
+                _log_ledger_elsewhere(kind, rows, refused, run, connection_name)
             date = LEDGER_DATES[kind]
             for row in rows.values():
+                if row.external_id in refused:
+                    continue
                 # An undated row (a query without its date) counts too: [] while none is
                 # dated.
                 kept = days.setdefault(row.account_id, {}).setdefault(kind, [])
@@ -707,6 +773,55 @@ def _apply_ledger(
             if error.account not in left_out:
                 written.errors.append(error)
                 written.add(error.account, "errors")
+    for error in elsewhere:
+        written.errors.append(error)
+        written.add(error.account, "errors")
+
+
+#: Why a ledger row was not written whose id is stored under another account (whose, the
+#: server log says: `_log_ledger_elsewhere`).
+_ELSEWHERE = (
+    "not written: a row of this id is stored under another account, and a stored row "
+    "never changes account"
+)
+
+
+def _log_ledger_elsewhere(
+    kind: str,
+    rows: Mapping[str, MappedLedgerRow],
+    refused: Mapping[str, Any],
+    run: SyncRun,
+    connection_name: str,
+) -> None:
+    """For an operator reading the server log (at WARNING, as an account refused for
+    another owner: a statement reporting another account's ids is either a login given to
+    the wrong user or someone trying ids): the rows of a kind not written because their
+    ids are stored under another account, with that account, the first few by id."""
+    Account = conf.account_model()
+    shown = sorted(refused)[:_LOGGED]
+    stored = dict(
+        Account.objects.filter(pk__in={refused[key] for key in shown}).values_list(
+            "pk", "external_id"
+        )
+    )
+    logger.warning(
+        "Sync #%s of connection %s did not write %d %s whose ids are stored under another "
+        "account: %s%s.",
+        run.pk,
+        connection_name or "(the settings' gateway)",
+        len(refused),
+        kind,
+        ", ".join(
+            f"{key} (reported for {rows[key].account_id}, stored under "
+            f"{stored.get(refused[key], 'an account since removed')})"
+            for key in shown
+        ),
+        "" if len(refused) <= len(shown) else ", ...",
+    )
+
+
+#: How many rows of a kind `_log_ledger_elsewhere` names.
+_LOGGED = 10
 
 
 def _apply_ledger_batch(
@@ -717,14 +832,29 @@ def _apply_ledger_batch(
     accounts: dict[str, Any],
     instruments: dict[str, Any],
     tally: dict[str, int],
-) -> None:
-    """One batch of a ledger kind's rows (their external ids `chunk`, in order)."""
+) -> dict[str, Any]:
+    """One batch of a ledger kind's rows (their external ids `chunk`, in order). Returns
+    the rows not written because their id is stored under another account than the one
+    they are reported for, each with that account's pk.
+
+    A stored row keeps its account: the broker's id is unique to one transaction of one
+    account, so the same id reported for another account is no correction of the row,
+    and a statement proves no login (a connection pointed at a fake Flex service reports
+    any ids it likes, for accounts of its own). Moving the row would hand another
+    account's transaction, and whoever owns it, to this statement's account. So the
+    stored rows are compared and upserted only under their own account, none is moved
+    (the upsert does not set the account), and a row inserted by another sync since this
+    one read the batch is checked the same way. A legitimate statement never meets the
+    rule: the rows it sends twice (overlapping statements) are of one account, and an id
+    that several different rows carry (redacted) keys them on their attributes, their
+    account among them (`sources.flex.source.keyed`)."""
     stored: dict[str, tuple[Any, ...]] = {}
     for external_id, *values in model._default_manager.filter(
         broker=BROKER, external_id__in=chunk
     ).values_list("external_id", "account_id", "instrument_id", *fields):
         stored[external_id] = tuple(values)
     new, changed = [], []
+    elsewhere: dict[str, Any] = {}
     for external_id in chunk:
         row = rows[external_id]
         values = {
@@ -737,23 +867,33 @@ def _apply_ledger_batch(
         held = stored.get(external_id)
         if held is None:
             new.append({"broker": BROKER, "external_id": external_id, **values})
-        elif _differs(
-            held, [values["account_id"], values["instrument_id"], *map(row.fields.get, fields)]
-        ):
+        elif held[0] != values["account_id"]:
+            elsewhere[external_id] = held[0]
+        elif _differs(held[1:], [values["instrument_id"], *map(row.fields.get, fields)]):
             changed.append(model(broker=BROKER, external_id=external_id, **values))
         else:
             tally["unchanged"] += 1
     inserted = insert_new(model, new, _UNIQUE)
     tally["created"] += len(inserted)
-    tally["unchanged"] += len(new) - len(inserted)  # inserted by another sync since
+    if len(inserted) < len(new):  # inserted by another sync since: of which account?
+        mine = {row["external_id"]: row["account_id"] for row in new}
+        done = {key for _, key in inserted}
+        taken = [key for key in mine if key not in done]
+        for external_id, account_pk in model._default_manager.filter(
+            broker=BROKER, external_id__in=taken
+        ).values_list("external_id", "account_id"):
+            if account_pk != mine[external_id]:
+                elsewhere[external_id] = account_pk
+        tally["unchanged"] += len(taken) - len(elsewhere.keys() & set(taken))
     upsert(
         model,
         changed,  # in the order of their ids, as the batch is
         batch_size=bulk.BATCH_SIZE // 4,
         unique_fields=list(_UNIQUE),
-        update_fields=["account", "instrument", *fields],
+        update_fields=["instrument", *fields],
     )
     tally["updated"] += len(changed)
+    return elsewhere
 
 
 def _ledger_instruments(
@@ -911,12 +1051,14 @@ def _claim_accounts(
     now: dt.datetime,
     connection_row: Connection | None,
     connection_name: str,
-) -> dict[str, str]:
+) -> tuple[dict[str, str], list[str]]:
     """Lock each reported account's `AccountReport` for this transaction; refuse the
     accounts whose stored report is newer than this snapshot's moment for them, or that
     another owner than this connection's holds (`_held_by`: its connection's owner, or
-    the one recorded once that connection was removed), returned with the reason; record
-    this snapshot, and this connection's owner, as the newest of the others.
+    the one recorded once that connection was removed), returned with the reason, and
+    those of them another owner holds (nothing of them is written, their history
+    neither); record this snapshot, and this connection's owner, as the newest of the
+    others.
 
     An equal moment is not older: a snapshot may be applied again. The reports are
     inserted where missing (ON CONFLICT DO NOTHING: a report another sync is inserting
@@ -925,7 +1067,7 @@ def _claim_accounts(
     decides on what the earlier committed. (SQLite: a sync's write transaction is the
     only one at a time already, IMMEDIATE; FOR UPDATE is not needed there.)"""
     if not snapshot.accounts:
-        return {}
+        return {}, []
     as_of = {account: _reported_moment(snapshot, account, now) for account in snapshot.accounts}
     mine = {
         "connection_id": None if connection_row is None else connection_row.pk,
@@ -961,6 +1103,7 @@ def _claim_accounts(
     )  # fmt: skip
     owner = mine["owner_id"]
     refused: dict[str, str] = {}
+    foreign: list[str] = []
     applied = []
     stale = []
     for account, stored_as_of, by, run_pk, stored_digest, *holder in stored:
@@ -971,6 +1114,7 @@ def _claim_accounts(
         if reason is not None:
             refused[account] = reason
             if _owned_by_another(owned, holder_pk, owner):
+                foreign.append(account)
                 _log_owned_refusal(account, run, connection_name, owner, holder_pk, by)
             continue
         if account in snapshot.unchanged and (
@@ -1006,7 +1150,7 @@ def _claim_accounts(
             "positions_digest",
         ],
     )
-    return refused
+    return refused, foreign
 
 
 def _owner_of(connection_row: Connection | None) -> dict[str, Any]:
@@ -1084,6 +1228,26 @@ def refusals(
             return None
         reasons[account] = reason
     return reasons if len(reasons) == len(moments) else None
+
+
+def owned_refusals(accounts: Iterable[str], connection_row: Connection | None) -> dict[str, str]:
+    """The accounts of `accounts` that another owner than `connection_row`'s holds by the
+    reports stored now (`_held_by`, `_owned_by_another`), in the order of their ids, each
+    with the reason `_claim_accounts` and `_claim_history` give: a snapshot of them
+    reported by `connection_row` writes nothing of them, their history neither. Read
+    outside the write, for `services._applied_statement`: a statement applied again is
+    not read again while these are the accounts it was refused so for."""
+    owner = None if connection_row is None else connection_row.owner_id
+    stored = (
+        AccountReport.objects.filter(broker=BROKER, external_id__in=list(accounts))
+        .order_by("external_id")
+        .values_list("external_id", "connection_id", "connection__owner_id", "owner_id", "owned")
+    )
+    return {
+        account: _owned_refusal(account)
+        for account, *holder in stored
+        if _owned_by_another(*_held_by(*holder), owner)
+    }
 
 
 def _reported_moment(snapshot: MappedSnapshot, account: str, now: dt.datetime) -> dt.datetime:

@@ -130,6 +130,31 @@ def test_the_same_statement_again_is_not_read_again_and_reports_what_a_full_read
     assert figures(third) == figures(full)
 
 
+def test_the_same_window_without_daily_values_again_says_none(service, monkeypatch):  # noqa: F811
+    """A back-fill's older window whose statement holds no day's values (a query without
+    the NAV section) writes no account snapshot: its repeat says none either, as a full
+    read does, and succeeds."""
+    from .statements import statement_with_values
+
+    service.add_statement(
+        QUERY,
+        lambda fd, td: statement_with_values(fd, td, sections=("OpenPositions", "CashReport")),
+    )
+    flex_connection()
+    start = END - dt.timedelta(days=400)
+    first = sync_period(start, END, trigger="command", connection="myflex")
+    older = first.windows[0].result
+    assert older.history_only and older.snapshots == {}
+    parsing_fails(monkeypatch)
+
+    again = sync_period(start, END, trigger="command", connection="myflex")
+
+    assert again.error is None, again.error
+    repeat = again.windows[0].result
+    assert SyncRun.objects.get(pk=repeat.sync_run_id).statement["repeats"] == older.sync_run_id
+    assert repeat.history_only and repeat.snapshots == {}
+
+
 def test_a_dry_run_of_the_same_statement_keeps_no_run(service, monkeypatch):  # noqa: F811
     service.add_statement(QUERY, regenerated)
     flex_connection()

@@ -143,23 +143,17 @@ def test_the_repeat_and_a_full_read_now_give_the_same_outcome_and_rows(
     assert unstamped(stored()) == rows
 
 
-@pytest.mark.parametrize(
-    "change",
-    ["later", "by this connection", "by another owner"],
-)
+@pytest.mark.parametrize("change", ["later", "by this connection"])
 def test_the_reason_is_the_one_a_full_read_gives_now(service, monkeypatch, change):  # noqa: F811
     """The newer report changed since, and still stands: the repeat says it as it is now
     (its moment, whose it is), word for word as a full read of the statement does."""
     refused_once(service)
     if change == "later":
         a_gateway_read(hours=5)
-    elif change == "by this connection":
+    else:
         AccountReport.objects.filter(external_id=ACCOUNT).update(
             connection=Connection.objects.get(name="myflex"), connection_name="myflex"
         )
-    else:
-        owner = get_user_model().objects.create_user("owner", password="pw-owner-123")
-        Connection.objects.filter(name="gateway").update(owner=owner)
     parsing_fails(monkeypatch)
     again = sync()
     assert repeated(again)
@@ -171,11 +165,39 @@ def test_the_reason_is_the_one_a_full_read_gives_now(service, monkeypatch, chang
     assert not repeated(full)
     assert again.accounts_refused == full.accounts_refused
     assert figures(again) == figures(full)
-    if change == "by another owner":
-        # Whose it is is not said (`writer._owned_refusal`), by the repeat either.
-        assert "may not write it" in again.accounts_refused[ACCOUNT]
-    elif change == "by this connection":
+    if change == "by this connection":
         assert "this connection reported it" in again.accounts_refused[ACCOUNT]
+
+
+def test_an_account_another_owner_holds_since_is_read_whole(service, monkeypatch):  # noqa: F811
+    """The newer report's connection given to an owner since: a full read now writes
+    nothing of the account, its history neither (`writer.apply_snapshot`), where the
+    statement's write left its history written; so the statement is read whole, not
+    repeated. Then the same statement again is the repeat, which says the refusal as the
+    full read did, and whose it is neither."""
+    refused_once(service)
+    owner = get_user_model().objects.create_user("owner", password="pw-owner-123")
+    Connection.objects.filter(name="gateway").update(owner=owner)
+    history = {
+        label: rows
+        for label, rows in unstamped(stored()).items()
+        if label.endswith(("Trade", "AccountSnapshot"))
+    }
+
+    full = sync()
+
+    assert not repeated(full) and full.accounts == [OTHER]
+    assert full.accounts_refused[ACCOUNT] == (
+        f"{ACCOUNT} was not written: this connection may not write it."
+    )
+    assert full.ledger["trades"] == {"created": 0, "updated": 0, "unchanged": 0}
+    assert {label: unstamped(stored())[label] for label in history} == history
+    parsing_fails(monkeypatch)
+
+    again = sync()
+
+    assert repeated(again)
+    assert figures(again) == figures(full)
 
 
 def test_an_account_refused_no_more_is_read_and_applied(service):  # noqa: F811

@@ -529,8 +529,10 @@ def _describe_window(outcome: WindowOutcome) -> str:
         parts.append("history only")
     else:
         parts.append(f"{result.scope}: {result.outcome}")
-        if result.accounts_refused:
-            parts.append(f"not written (newer stands): {', '.join(result.accounts_refused)}")
+    if result.accounts_refused:
+        # A newer report stands, or (also in a history-only window) this connection may
+        # not write the account: the run's page and --json say which, in neutral words.
+        parts.append(f"not written: {', '.join(result.accounts_refused)}")
     if result.snapshots:
         daily = f"daily values {result.snapshots.get('created', 0)} created"
         if result.snapshots.get("updated"):
