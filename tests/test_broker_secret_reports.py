@@ -62,6 +62,10 @@ def test_a_url_without_a_password_is_reported_as_it_is(settings):
         "amqp://worker:Zq7pre@Zq7mid@Zq7post@rabbit.internal:5672//",
         "redis://:Zq7pre@Zq7post@redis.internal",
         "redis://:Zq7pre@Zq7post@redis.internal?ssl_cert_reqs=none",
+        # And in the user name (an e-mail address as a broker's user): the password is
+        # what follows its first ":".
+        "amqp://svc@example.com:Zq7pre@Zq7post@rabbit.internal:5672//",
+        "rediss://svc@example.com:Zq7pre@Zq7post@cache.internal:6380/0",
     ],
 )
 def test_a_password_holding_an_at_sign_is_hidden_whole(settings, value):
