@@ -20,8 +20,12 @@ from typing import Any
 
 from django.views.debug import SafeExceptionReporterFilter
 
-# scheme://user:password@ (the user may be empty: redis://:password@host)
-_URL_PASSWORD = re.compile(r"(?P<head>\b[a-z][a-z0-9+.\-]*://[^:@/\s]*:)[^@/\s]+(?=@)", re.I)
+# scheme://user:password@ (the user may be empty: redis://:password@host). As the URL's
+# parsers read it (urllib's, kombu's), the credentials run to the last "@" of the URL's
+# authority (which ends at "/", "?", "#" or a space), and the password is what follows
+# their first ":": an "@" left unencoded in the user (an e-mail address) or the password
+# is part of it.
+_URL_PASSWORD = re.compile(r"(?P<head>\b[a-z][a-z0-9+.\-]*://[^:/?#\s]*:)[^/?#\s]+(?=@)", re.I)
 
 
 def hide_url_passwords(text: str, substitute: str = "********************") -> str:

@@ -11,6 +11,7 @@ transaction: refused.
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime as dt
 import functools
 import inspect
@@ -623,12 +624,13 @@ def _write(
     are); a dry run's changes are read, then rolled back."""
     with transaction.atomic(durable=True):
         lock.bound_transaction()
+        connection_row, connection_name = _hold_connection(target)
         written = apply_snapshot(
             mapped,
             run,
             timezone.now(),
-            connection_row=target.connection,
-            connection_name=_hold_connection(target),
+            connection_row=connection_row,
+            connection_name=connection_name,
             state=state,
         )
         if dry_run:
@@ -726,13 +728,19 @@ def _applied_statement(
     applied = {account: moment for account, moment in moments.items() if moment is not None}
     # Its name as it is now (a full read records it in the reports: renamed since, the
     # statement is read again once; and says it in a refusal's reason).
-    connection_id, name = None, ""
-    if target.connection is not None:
-        connection_id = target.connection.pk
-        name = Connection.objects.filter(pk=connection_id).values_list("name", flat=True).first()
+    # Its owner as it is now too (given to another owner since, the accounts it may write
+    # are that owner's: `_hold_connection`).
+    connection_id, name, row = None, "", target.connection
+    if row is not None:
+        connection_id = row.pk
+        found = Connection.objects.filter(pk=connection_id).values_list("name", "owner_id").first()
+        if found is None:  # removed since: a full read says so
+            return None
+        name, owner = found
+        row = _owned_now(row, owner)
     # An account another owner holds: nothing of it is written, its history neither. A
     # record without the list (kept before it was) wrote the history of every account.
-    owned = owned_refusals(moments, target.connection)
+    owned = owned_refusals(moments, row)
     if set(owned) != set(record.get("refused_owned") or ()):
         return None
     refused: dict[str, str] = {} if state else owned
@@ -745,8 +753,8 @@ def _applied_statement(
             return None
         reasons = refusals(
             {a: dt.datetime.fromisoformat(moment) for a, moment in recorded.items()},
-            target.connection,
-            name or "",
+            row,
+            name,
         )
         if reasons is None:
             return None
@@ -939,24 +947,38 @@ def _takes(method: Callable[..., Any], name: str) -> bool:
     return name in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
 
-def _hold_connection(target: connections.Target) -> str:
+def _hold_connection(target: connections.Target) -> tuple[Connection | None, str]:
     """Inside the write transaction: the connection's row, locked until the commit, so that
-    it cannot be removed under the write (its accounts' reports refer to it); its name as
-    it is now (renamed while it synced: the new one). `UnknownConnection` if it was removed
-    while it synced: nothing is written. Empty for the settings' gateway."""
+    it cannot be removed or given to another owner under the write (its accounts' reports
+    refer to it); the row with its owner as it is now, and its name as it is now (renamed
+    or given to another owner while it synced: the new ones; the owner decides which
+    accounts it may write, `writer._claim_accounts`). `UnknownConnection` if it was
+    removed while it synced: nothing is written. (None, "") for the settings' gateway."""
     if target.connection is None:
-        return ""
-    name = (
+        return None, ""
+    found = (
         Connection.objects.select_for_update(no_key=True)
         .filter(pk=target.connection.pk)
-        .values_list("name", flat=True)
+        .values_list("name", "owner_id")
         .first()
     )
-    if name is None:
+    if found is None:
         raise UnknownConnection(
             f"Connection {target.name} was removed while it synced; nothing was written."
         )
-    return name
+    name, owner = found
+    return _owned_now(target.connection, owner), name
+
+
+def _owned_now(row: Connection, owner: Any) -> Connection:
+    """`row`, read when its sync began, with the owner the database holds now (`owner`):
+    given to another owner since, a copy with the new one (the sync's own row is left as
+    it was read)."""
+    if row.owner_id == owner:
+        return row
+    row = copy.copy(row)
+    row.owner_id = owner
+    return row
 
 
 @dataclass(frozen=True)

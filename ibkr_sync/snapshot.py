@@ -456,7 +456,8 @@ class Repeat:
     """A read applied already and found unchanged, as a sync's service tells a source
     that asks (`FlexSource.fetch_positions`'s `applied`): the sync run that last recorded
     it, its accounts, and the moment it describes; and the accounts it is refused for
-    (a newer report of them stands), with the reason a full read would give now."""
+    (a newer report of them stands, or another owner holds them: then its history is
+    not written either), with the reason a full read would give now."""
 
     run: int
     accounts: tuple[str, ...]

@@ -51,3 +51,45 @@ def test_a_url_without_a_password_is_reported_as_it_is(settings):
     get_default_exception_reporter_filter.cache_clear()
 
     assert "redis://127.0.0.1:6379/0" in _reports()[0]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        # An "@" left unencoded in a password: the URL's parsers (kombu's, urllib's) take
+        # the password up to the last "@" before the host, so the broker is reached.
+        "redis://:Zq7pre@Zq7post@redis.internal:6379/0",
+        "amqp://worker:Zq7pre@Zq7mid@Zq7post@rabbit.internal:5672//",
+        "redis://:Zq7pre@Zq7post@redis.internal",
+        "redis://:Zq7pre@Zq7post@redis.internal?ssl_cert_reqs=none",
+        # And in the user name (an e-mail address as a broker's user): the password is
+        # what follows its first ":".
+        "amqp://svc@example.com:Zq7pre@Zq7post@rabbit.internal:5672//",
+        "rediss://svc@example.com:Zq7pre@Zq7post@cache.internal:6380/0",
+    ],
+)
+def test_a_password_holding_an_at_sign_is_hidden_whole(settings, value):
+    from urllib.parse import urlsplit
+
+    from ibkr_sync.reporting import hide_url_passwords
+
+    password = urlsplit(value).password
+    assert password is not None and "@" in password
+    hidden = hide_url_passwords(value, "*")
+
+    assert hidden == value.replace(f":{password}@", ":*@", 1)
+    settings.CELERY_BROKER_URL = value
+    get_default_exception_reporter_filter.cache_clear()
+    for report in _reports():
+        for piece in password.split("@"):  # no piece of it, the one after an "@" neither
+            assert piece not in report
+
+
+def test_urls_side_by_side_each_keep_their_host(settings):
+    from ibkr_sync.reporting import hide_url_passwords
+
+    text = "redis://:a@h1:6379;redis://:b@h2:6379/0 amqp://u:c@h3//"
+
+    assert hide_url_passwords(text, "*") == (
+        "redis://:*@h1:6379;redis://:*@h2:6379/0 amqp://u:*@h3//"
+    )

@@ -625,6 +625,51 @@ def test_a_removed_connections_accounts_stay_their_owners(world):
     assert "U3000003" in account_ids(alice) and "U3000003" not in account_ids(carol)
 
 
+class GivenAwayWhileRead(Statement):
+    """A source during whose read the connection is given to another owner (a user who
+    sees every connection saves its page while it syncs)."""
+
+    def __init__(self, account: str, con_id: int, connection: str, owner, **options) -> None:
+        super().__init__(account, con_id, **options)
+        self.connection, self.owner = connection, owner
+
+    def fetch_positions(self, account_id=None) -> Snapshot:
+        row = Connection.objects.get(name=self.connection)
+        row.owner = self.owner
+        row.save()
+        return super().fetch_positions(account_id)
+
+
+def test_a_connection_given_to_another_owner_while_it_syncs_writes_as_its_new_owners(world):
+    """The owner a sync writes as is the connection's as the write finds it (its row
+    locked for the write, its name read then too), not the one it had when the sync
+    began: a sync of alice's second connection, given to bob while it read, must not take
+    alice's account into a connection that is now bob's, which would show it to bob."""
+    alice, bob = world["alice"], world["bob"]
+    Connection.objects.create(name="alice-2", owner=alice, client_id=21)
+    source = GivenAwayWhileRead("U1000001", 1, "alice-2", bob, as_of=NOON + dt.timedelta(hours=1))
+
+    result = sync_positions(trigger="command", gateway=source, connection="alice-2")
+
+    assert Connection.objects.get(name="alice-2").owner == bob
+    assert result.accounts_refused == {"U1000001": NOT_YOURS.format("U1000001")}
+    report = AccountReport.objects.get(external_id="U1000001")
+    assert (report.connection_name, report.owner_id) == ("alice", alice.pk)
+    assert "U1000001" not in account_ids(bob)
+    assert "U1000001" in account_ids(alice)
+
+    # And the other way: a connection given to alice while it read writes her account.
+    Connection.objects.create(name="bobs-spare", owner=bob, client_id=23)
+    source = GivenAwayWhileRead(
+        "U1000001", 1, "bobs-spare", alice, as_of=NOON + dt.timedelta(hours=2)
+    )
+    result = sync_positions(trigger="command", gateway=source, connection="bobs-spare")
+    assert result.accounts_refused == {}
+    report.refresh_from_db()
+    assert (report.connection_name, report.owner_id) == ("bobs-spare", alice.pk)
+    assert "U1000001" in account_ids(alice) and "U1000001" not in account_ids(bob)
+
+
 def test_giving_a_connection_to_another_owner_moves_its_accounts_also_once_removed(world):
     """A user who sees every connection moves an account by giving its connection to
     another owner: the accounts' reports follow, so the new owner keeps them when the

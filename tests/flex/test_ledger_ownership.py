@@ -18,6 +18,7 @@ import pytest
 from django.contrib.auth.models import Permission
 from django.core.management import call_command
 from django.db.models import Model
+from django.utils.module_loading import import_string
 from rest_framework.test import APIClient
 
 from ibkr_sync import conf
@@ -337,6 +338,41 @@ def test_the_same_statement_again_refuses_it_again_and_writes_nothing(
         assert not result.accounts_refused
     assert older.snapshots["created"] == 365 and newest.accounts == [BOB]
     assert older.ledger["trades"] == {"created": 0, "updated": 1, "unchanged": 0}
+
+
+def test_a_connection_given_to_the_owner_while_it_reads_the_same_statement_reads_it(
+    owners,
+    service,  # noqa: F811
+    source,
+    monkeypatch,
+):
+    """The same statement again, its connection given to the owner of the account it was
+    refused for while it read (after its sync began): that account is now its owner's to
+    write, so the statement is no repeat (`services._applied_statement` asks with the
+    connection's owner as it is now, not as the sync found it) and is read whole, the
+    account written."""
+    if source == "whole":
+        pytest.skip("the whole ledger's source tells no repeats")
+    service.add_statement(QUERIES["alice"], lambda fd, td: statement(fd, td, BOB, price="666"))
+    first = sync_period(*WEEK, trigger="command", connection="alice").windows[0].result
+    assert first.accounts_refused == {BOB: NOT_YOURS.format(BOB)}
+    source_class = import_string(SOURCES[source])
+    read = source_class.fetch_positions
+
+    def given_to_bob_meanwhile(self, *args, **kwargs):
+        row = Connection.objects.get(name="alice")
+        row.owner = owners["bob"]
+        row.save()
+        return read(self, *args, **kwargs)
+
+    monkeypatch.setattr(source_class, "fetch_positions", given_to_bob_meanwhile)
+
+    again = sync_period(*WEEK, trigger="command", connection="alice").windows[0].result
+
+    assert Connection.objects.get(name="alice").owner == owners["bob"]
+    assert "repeats" not in SyncRun.objects.get(pk=again.sync_run_id).statement
+    assert again.accounts == [BOB] and not again.accounts_refused
+    assert AccountReport.objects.get(external_id=BOB).connection_name == "alice"
 
 
 # --- a ledger row's id stored under another account ------------------------------------------

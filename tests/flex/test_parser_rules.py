@@ -568,3 +568,35 @@ def test_an_error_answers_fields_are_their_text_as_elementtree_reads_it(fields, 
         parse_flex(document)
     assert raised.value.flex_code == code
     assert message in str(raised.value)
+
+
+@pytest.mark.parametrize("encoding", ["shift_jis", "big5", "utf-32", "no-such-encoding"])
+def test_an_encoding_the_parser_cannot_read_is_refused_as_a_format_error(encoding):
+    """expat reads UTF-8, UTF-16 and single-byte encodings; another one declared (a
+    multi-byte one, or one not known) is refused by the parser itself, which raised a bare
+    ValueError or LookupError: the sync failed as an internal error, with a traceback."""
+    document = f'<?xml version="1.0" encoding="{encoding}"?>'.encode() + _STATEMENT_OF_NOTHING
+    records = []
+    with pytest.raises(FlexFormatError, match=r"refused: its encoding cannot be read"):
+        records.extend(iter_records(document))
+    assert records == []
+
+
+@pytest.mark.parametrize("encoding", ["iso-8859-1", "windows-1252", "utf-16"])
+def test_an_encoding_the_parser_reads_is_read(encoding):
+    declared = f'<?xml version="1.0" encoding="{encoding}"?>'
+    document = (declared + _STATEMENT_OF_NOTHING.decode()).encode(encoding)
+    assert parse_flex(document).query_name == "Q"
+
+
+def test_a_value_error_of_a_rule_is_not_taken_for_an_encoding(monkeypatch):
+    """Only expat's own refusal is the encoding's: an error raised while a row is read
+    stays what it is."""
+    from ibkr_sync.sources.flex import parser
+
+    def broken(self, tag, attrs):
+        raise ValueError("a rule's own fault")
+
+    monkeypatch.setattr(parser._Reader, "_start", broken)
+    with pytest.raises(ValueError, match="a rule's own fault"):
+        parse_flex(_STATEMENT_OF_NOTHING)

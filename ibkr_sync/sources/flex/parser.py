@@ -14,10 +14,11 @@
   chunk handed on before the next is read, so that a statement of any size is read in
   bounded memory. `iter_records` streams the records one by one; `parse_flex` collects
   them (for statements that fit in memory).
-- All or nothing: XML that is not well formed (a truncated download), a document that is
-  no `FlexQueryResponse`, or an error answer (`FlexStatementResponse` with an
-  `ErrorCode`) raise a `FlexError`. `parse_flex` then returns nothing; a consumer of
-  `iter_records` must drop what it had from the same document.
+- All or nothing: XML that is not well formed (a truncated download) or in an encoding
+  expat cannot read (`_expats_own`), a document that is no `FlexQueryResponse`, or an
+  error answer (`FlexStatementResponse` with an `ErrorCode`) raise a `FlexError`.
+  `parse_flex` then returns nothing; a consumer of `iter_records` must drop what it had
+  from the same document.
 - Lenient with what IBKR adds: an element, an attribute or an enum value we do not know
   is kept (a row's `raw`) or counted (`StatementEnd.rows_ignored`), never fatal; a value
   that cannot be read is None on its record with a problem that says why, and the row
@@ -247,6 +248,16 @@ def _expat_parser() -> Any:
     return parser
 
 
+def _expats_own(error: BaseException) -> bool:
+    """Whether `error` is expat's refusal of the document's declared encoding, raised by
+    `Parse` itself (no handler of ours ran: its traceback ends in the caller's frame): a
+    multi-byte one other than UTF-8 and UTF-16 (`ValueError`), or one Python does not
+    know (`LookupError`). Not `ExpatError`: the document is not even read."""
+    return isinstance(error, ValueError | LookupError) and (
+        error.__traceback__ is not None and error.__traceback__.tb_next is None
+    )
+
+
 def _named(attrs: dict[str, str]) -> dict[str, str]:
     """The attributes with their names as ElementTree writes them: a name in a
     namespace as `{uri}name` (never in a Flex statement: checked in one step)."""
@@ -461,11 +472,16 @@ class _Reader:
                 data = file.read(_CHUNK)
                 try:
                     parser.Parse(data, not data)
-                except BaseException:
+                except BaseException as error:
                     # What was read before the fault is handed on first, as the rows
                     # before it were; then the fault.
                     yield from records
                     records.clear()
+                    if _expats_own(error):
+                        raise FlexFormatError(
+                            f"the statement was refused: its encoding cannot be read ({error}); "
+                            "a Flex statement is UTF-8; nothing of it was used"
+                        ) from None
                     raise
                 if records:
                     yield from records
