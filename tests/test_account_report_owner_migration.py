@@ -10,22 +10,14 @@ import datetime as dt
 
 import pytest
 from django.conf import settings
-from django.db import connection
-from django.db.migrations.executor import MigrationExecutor
 
 from ibkr_sync.models import AccountReport
+from tests.migrations import migrate, migrate_to_latest
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 BEFORE = [("ibkr_sync", "0016_syncrun_statement")]
 AFTER = [("ibkr_sync", "0017_account_report_owner")]
-
-
-def migrate(targets):
-    executor = MigrationExecutor(connection)
-    executor.loader.build_graph()
-    executor.migrate(targets)
-    return executor.loader.project_state(targets).apps
 
 
 @pytest.fixture
@@ -53,9 +45,7 @@ def migrated():
         migrate(AFTER)
         yield alice.pk
     finally:
-        executor = MigrationExecutor(connection)
-        executor.loader.build_graph()
-        migrate(executor.loader.graph.leaf_nodes())
+        migrate_to_latest()
 
 
 def test_each_report_records_its_connections_owner(migrated):

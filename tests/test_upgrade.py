@@ -4,22 +4,15 @@ history and a sync holding the lock at that moment carry over, and it syncs as b
 from __future__ import annotations
 
 import pytest
-from django.db import IntegrityError, connection, transaction
-from django.db.migrations.executor import MigrationExecutor
+from django.db import IntegrityError, transaction
 
 from ibkr_sync import services
 from ibkr_sync.models import Connection, SyncRun
+from tests.migrations import migrate, migrate_to_latest
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 BEFORE = [("ibkr_sync", "0005_sync_lock_database_session")]
-
-
-def migrate(targets):
-    executor = MigrationExecutor(connection)
-    executor.loader.build_graph()
-    executor.migrate(targets)
-    return executor.loader.project_state(targets).apps
 
 
 @pytest.fixture
@@ -30,9 +23,7 @@ def upgraded_from_one_gateway():
     OldRun = old.get_model("ibkr_sync", "SyncRun")
     OldRun.objects.create(trigger="command", status="success", processed=2, created=2)
     OldRun.objects.create(trigger="command", status="running", owner="elsewhere")
-    executor = MigrationExecutor(connection)
-    executor.loader.build_graph()
-    migrate(executor.loader.graph.leaf_nodes())
+    migrate_to_latest()
 
 
 def test_the_history_and_a_held_lock_carry_over(upgraded_from_one_gateway):
