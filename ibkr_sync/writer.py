@@ -583,18 +583,7 @@ def _report_history(
     insert_new(
         AccountReport,
         (
-            {
-                "broker": BROKER,
-                "external_id": account,
-                "as_of": _reported_moment(snapshot, account, now),
-                "connection_id": None if connection_row is None else connection_row.pk,
-                "connection_name": connection_name,
-                **_owner_of(connection_row),
-                "source": snapshot.source,
-                "sync_run_id": run.pk,
-                "applied_at": now,
-                "positions_digest": "",
-            }
+            _report_of(snapshot, account, run, now, connection_row, connection_name)
             for account in snapshot.accounts
         ),
         _UNIQUE,
@@ -1068,30 +1057,14 @@ def _claim_accounts(
     only one at a time already, IMMEDIATE; FOR UPDATE is not needed there.)"""
     if not snapshot.accounts:
         return {}, []
-    as_of = {account: _reported_moment(snapshot, account, now) for account in snapshot.accounts}
-    mine = {
-        "connection_id": None if connection_row is None else connection_row.pk,
-        "connection_name": connection_name,
-        **_owner_of(connection_row),
-        "source": snapshot.source,
-        "sync_run_id": run.pk,
-        "applied_at": now,
-    }
     digests = snapshot.digests
-    insert_new(
-        AccountReport,
-        (
-            {
-                "broker": BROKER,
-                "external_id": a,
-                "as_of": as_of[a],
-                "positions_digest": digests.get(a, ""),
-                **mine,
-            }
-            for a in snapshot.accounts
-        ),
-        _UNIQUE,
-    )
+    reports = {
+        account: _report_of(
+            snapshot, account, run, now, connection_row, connection_name, digests.get(account, "")
+        )
+        for account in snapshot.accounts
+    }
+    insert_new(AccountReport, reports.values(), _UNIQUE)
     stored = (
         AccountReport.objects.select_for_update(of=("self",))
         .filter(broker=BROKER, external_id__in=snapshot.accounts)
@@ -1101,15 +1074,16 @@ def _claim_accounts(
             "connection_id", "connection__owner_id", "owner_id", "owned",
         )
     )  # fmt: skip
-    owner = mine["owner_id"]
+    owner = _owner_of(connection_row)["owner_id"]
     refused: dict[str, str] = {}
     foreign: list[str] = []
     applied = []
     stale = []
     for account, stored_as_of, by, run_pk, stored_digest, *holder in stored:
         owned, holder_pk = _held_by(*holder)
+        this = reports[account]["as_of"]
         reason = _refused(
-            account, (stored_as_of, by, owned, holder_pk), as_of[account], owner, connection_name
+            account, (stored_as_of, by, owned, holder_pk), this, owner, connection_name
         )
         if reason is not None:
             refused[account] = reason
@@ -1122,15 +1096,7 @@ def _claim_accounts(
         ):
             stale.append(account)  # written by another sync since its digest was read
         elif run_pk != run.pk:  # this sync's own report (inserted just now) is in place
-            applied.append(
-                AccountReport(
-                    broker=BROKER,
-                    external_id=account,
-                    as_of=as_of[account],
-                    positions_digest=digests.get(account, ""),
-                    **mine,
-                )
-            )
+            applied.append(AccountReport(**reports[account]))
     if stale:
         raise PositionsChanged(stale)
     upsert(
@@ -1151,6 +1117,32 @@ def _claim_accounts(
         ],
     )
     return refused, foreign
+
+
+def _report_of(
+    snapshot: MappedSnapshot,
+    account: str,
+    run: SyncRun,
+    now: dt.datetime,
+    connection_row: Connection | None,
+    connection_name: str,
+    digest: str = "",
+) -> dict[str, Any]:
+    """The report of `account` that `snapshot`, applied by `connection_row` (named
+    `connection_name`) as `run` at `now`, records: its moment for the account
+    (`_reported_moment`), the connection and its owner, the positions' `digest`."""
+    return {
+        "broker": BROKER,
+        "external_id": account,
+        "as_of": _reported_moment(snapshot, account, now),
+        "connection_id": None if connection_row is None else connection_row.pk,
+        "connection_name": connection_name,
+        **_owner_of(connection_row),
+        "source": snapshot.source,
+        "sync_run_id": run.pk,
+        "applied_at": now,
+        "positions_digest": digest,
+    }
 
 
 def _owner_of(connection_row: Connection | None) -> dict[str, Any]:
