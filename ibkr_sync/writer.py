@@ -553,11 +553,8 @@ def _claim_history(
         AccountReport.objects.select_for_update(of=("self",))
         .filter(broker=BROKER, external_id__in=snapshot.accounts)
         .order_by("external_id")
-        .values_list(
-            "external_id", "connection_name", "connection_id", "connection__owner_id",
-            "owner_id", "owned",
-        )
-    )  # fmt: skip
+        .values_list("external_id", "connection_name", *_HOLDER)
+    )
     owner = None if connection_row is None else connection_row.owner_id
     refused = []
     for account, by, *holder in stored:
@@ -1071,7 +1068,7 @@ def _claim_accounts(
         .order_by("external_id")
         .values_list(
             "external_id", "as_of", "connection_name", "sync_run_id", "positions_digest",
-            "connection_id", "connection__owner_id", "owner_id", "owned",
+            *_HOLDER,
         )
     )  # fmt: skip
     owner = _owner_of(connection_row)["owner_id"]
@@ -1152,6 +1149,10 @@ def _owner_of(connection_row: Connection | None) -> dict[str, Any]:
     return {"owner_id": owner, "owned": owner is not None}
 
 
+#: The columns of a stored report that tell whose its account is (`_held_by`'s arguments).
+_HOLDER = ("connection_id", "connection__owner_id", "owner_id", "owned")
+
+
 def _held_by(
     connection_id: Any, connection_owner: Any, owner: Any, owned: bool
 ) -> tuple[bool, Any]:
@@ -1209,7 +1210,7 @@ def refusals(
         .order_by("external_id")
         .values_list(
             "external_id", "as_of", "connection_name",
-            "connection_id", "connection__owner_id", "owner_id", "owned",
+            *_HOLDER,
         )
     )  # fmt: skip
     reasons = {}
@@ -1233,7 +1234,7 @@ def owned_refusals(accounts: Iterable[str], connection_row: Connection | None) -
     stored = (
         AccountReport.objects.filter(broker=BROKER, external_id__in=list(accounts))
         .order_by("external_id")
-        .values_list("external_id", "connection_id", "connection__owner_id", "owner_id", "owned")
+        .values_list("external_id", *_HOLDER)
     )
     return {
         account: _owned_refusal(account)
