@@ -915,7 +915,8 @@ class SyncRun(models.Model):
         default=dict,
         blank=True,
         help_text="Accounts reported but not written, with the reason: a newer snapshot of "
-        "them (from another connection) was applied already.",
+        "them (from another connection) was applied already, or this connection may not "
+        "write them (another owner's connection holds them).",
     )
     ledger = models.JSONField(
         default=dict,
