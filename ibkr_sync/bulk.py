@@ -411,10 +411,18 @@ def _given_preparer(field: models.Field) -> Any:
 
 def _datetime_preparer(field: models.Field) -> Any:
     adapt, prepare = connection.ops.adapt_datetimefield_value, field.get_db_prep_save
+    # A sync's rows share their moments (the write's `now`: every position's opened_at
+    # and last_synced_at, every value's valued_at): the same object is adapted once. A
+    # datetime is immutable, so the same object has the same database form.
+    last: list[Any] = [None, None]
 
     def prepared(value: Any) -> Any:
+        if value is last[0]:
+            return last[1]
         if type(value) is dt.datetime and value.utcoffset() is not None:
-            return adapt(value)
+            last[1] = adapt(value)
+            last[0] = value
+            return last[1]
         return prepare(value, connection)
 
     return prepared

@@ -126,6 +126,10 @@ def test_a_datetime_and_a_json_object_are_prepared_as_django_prepares_them():
     for moment in moments:
         assert prepared(moment) == field.get_db_prep_save(moment, connection)
         assert type(prepared(moment)) is type(field.get_db_prep_save(moment, connection))
+    # The same moment again (a sync's rows share the write's), after others and after
+    # None: the form of that moment, never the last one's.
+    for moment in [*moments, *reversed(moments), moments[0], moments[0], None, moments[3]]:
+        assert prepared(moment) == field.get_db_prep_save(moment, connection)
     field = AccountSnapshot._meta.get_field("exchange_rates")
     prepared = bulk._given_preparer(field)
     for value in [*AWKWARD_JSON, None]:
