@@ -37,8 +37,15 @@ def test_without_conflicts_it_costs_the_statements_of_insert_rows():
     with CaptureQueriesContext(connection) as missing:
         keys = bulk.insert_missing(Instrument, rows, UNIQUE)
     assert len(keys) == len(rows) == Instrument.objects.count()
-    assert len(missing.captured_queries) == 2  # one INSERT per batch, nothing read back
-    assert all("ON CONFLICT" in q["sql"] for q in missing.captured_queries)
+    statements = [q["sql"] for q in missing.captured_queries]
+    inserts = [sql for sql in statements if sql.startswith("INSERT")]
+    assert all("ON CONFLICT" in sql for sql in inserts)
+    if connection.vendor == "postgresql":
+        # COPYed into the scratch table (the driver's COPY, not a statement of Django's),
+        # then one INSERT ... SELECT: a fixed number of statements, whatever the rows.
+        assert len(inserts) == 1 and len(statements) == 4, statements
+    else:
+        assert len(inserts) == len(statements) == 2  # one INSERT per batch, nothing read back
 
 
 def test_rows_are_inserted_in_the_order_of_their_key():
@@ -139,3 +146,77 @@ def test_a_datetime_and_a_json_object_are_prepared_as_django_prepares_them():
             assert (ours.obj, ours.dumps(ours.obj)) == (django_s.obj, django_s.dumps(django_s.obj))
         else:
             assert ours == django_s
+
+
+#: Texts that COPY's text format must escape: its separators, its NULL, backslashes.
+AWKWARD_TEXTS = [
+    "tab\there",
+    "new\nline",
+    "back\\slash",
+    "\\N",
+    "",
+    "NULL",
+    "q\"u'o",
+    "Zürich 東京",
+]
+
+
+@pytest.mark.parametrize("through", ["copy", "statements"])
+def test_more_rows_than_a_statement_takes_are_stored_as_given_and_keyed_in_order(
+    through, monkeypatch
+):
+    """More rows than one statement takes: on PostgreSQL with psycopg 3 COPYed into a
+    scratch table and inserted from it (`_copy_and_insert`), elsewhere (and with
+    `_can_copy` off) a statement per batch. Either way every value is stored exactly as
+    given (texts COPY must escape, NULLs, exact decimals, aware datetimes, JSON), and
+    the keys come back in the rows' order."""
+    from decimal import Decimal
+
+    from portfolio.models import AccountSnapshot
+
+    if through == "statements":
+        monkeypatch.setattr(bulk, "_can_copy", lambda cursor: False)
+    account = Account.objects.create(broker="ibkr", external_id="U1234567")
+    moment = dt.datetime(2026, 3, 13, 23, 59, 59, 123456, tzinfo=dt.UTC)
+    n = bulk.BATCH_SIZE * 2 + 7
+    rows = [
+        {
+            "account_id": account.pk,
+            "taken_at": moment - dt.timedelta(days=i),
+            "currency": "USD" if i % 3 else "CHF",
+            "net_liquidation": None if i % 5 == 0 else Decimal(f"-{i}.{i:08d}"),
+            "exchange_rates": AWKWARD_JSON[i % len(AWKWARD_JSON)],
+        }
+        for i in range(n)
+    ]
+    with CaptureQueriesContext(connection) as queries:
+        pks = bulk.insert_rows(AccountSnapshot, rows)
+    inserts = [q for q in queries.captured_queries if q["sql"].startswith("INSERT")]
+    copied = connection.vendor == "postgresql" and through == "copy"
+    assert len(inserts) == (1 if copied else 3)
+    fields = list(rows[0])
+    stored = {
+        row[0]: dict(zip(fields, row[1:], strict=True))
+        for row in AccountSnapshot.objects.filter(pk__in=pks).values_list("pk", *fields)
+    }
+    assert [stored[pk] for pk in pks] == rows
+
+    texts = [
+        {
+            "broker": "ibkr",
+            "external_id": str(i),
+            "symbol": AWKWARD_TEXTS[i % len(AWKWARD_TEXTS)],
+            "description": AWKWARD_TEXTS[(i + 3) % len(AWKWARD_TEXTS)] * 3,
+            "sec_type": "STK",
+            "multiplier": Decimal("0.000001") * i,
+        }
+        for i in range(n)
+    ]
+    keys = bulk.insert_missing(Instrument, texts[: bulk.BATCH_SIZE + 1] + texts, UNIQUE)
+    assert len(keys) == n
+    fields = list(texts[0])
+    stored = {
+        row[0]: dict(zip(fields, row[1:], strict=True))
+        for row in Instrument.objects.values_list("pk", *fields)
+    }
+    assert [stored[keys["ibkr", row["external_id"]]] for row in texts] == texts
