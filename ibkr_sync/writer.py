@@ -730,7 +730,7 @@ def _apply_ledger(
             model = models_by_kind[kind]
             fields = LEDGER_FIELDS[kind]
             refused: dict[str, Any] = {}
-            for chunk in chunks(sorted(rows)):
+            for chunk in chunks(sorted(rows), LEDGER_BATCH):
                 refused.update(
                     _apply_ledger_batch(
                         model, fields, chunk, rows, accounts, instruments, counts[kind]
@@ -808,6 +808,12 @@ def _log_ledger_elsewhere(
 
 #: How many rows of a kind `_log_ledger_elsewhere` names.
 _LOGGED = 10
+
+#: A ledger kind's rows per batch (`_apply_ledger_batch`): its stored rows read by their
+#: ids in one query, its new ones inserted in one step (on PostgreSQL COPYed, then one
+#: INSERT: `bulk.insert_new`). The ids of one query stay far below SQLite's limit of
+#: bound parameters.
+LEDGER_BATCH = 5_000
 
 
 def _apply_ledger_batch(
