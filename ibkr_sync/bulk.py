@@ -4,7 +4,8 @@ Nothing here knows positions or brokers; each helper takes a model and rows of p
 values, as Django's `bulk_create` / `bulk_update` would, only faster at 10,000s of rows:
 
 - `insert_rows`: a multi-row INSERT ... RETURNING per batch (UNNEST arrays on
-  PostgreSQL), every field filled as `bulk_create` fills it (`_InsertPlan`).
+  PostgreSQL; more rows than a batch there: COPYed, then one INSERT ... SELECT), every
+  field filled as `bulk_create` fills it (`_InsertPlan`).
 - `insert_missing` / `insert_new`: the same INSERT with ON CONFLICT DO NOTHING on a
   unique key, for rows that concurrent writers may insert at the same moment; the keys
   of every row, inserted by it or by another (`insert_new`: of those it inserted).
@@ -139,7 +140,9 @@ def insert_rows(model: type[models.Model], rows: Iterable[dict[str, Any]]) -> li
     A batch is one statement of the form Django's own bulk_create issues (tests compare
     the two): on PostgreSQL INSERT ... SELECT * FROM UNNEST(one array per column), unless a
     column cannot be an array (as Django decides), elsewhere a multi-row INSERT ... VALUES;
-    both RETURNING the new keys, in the rows' order.
+    both RETURNING the new keys, in the rows' order. On PostgreSQL with psycopg 3, more rows
+    than one statement takes are COPYed and inserted by one statement instead
+    (`_copy_and_insert`).
     """
     return _insert(model, rows)
 
