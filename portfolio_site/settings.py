@@ -141,7 +141,24 @@ TEMPLATES = [
 WSGI_APPLICATION = "portfolio_site.wsgi.application"
 ASGI_APPLICATION = "portfolio_site.asgi.application"
 
-DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}")}
+
+def _database_url(name: str, default: str) -> dict:
+    """The database the URL in `name` names (unset or empty: `default`). One whose scheme
+    names no database stops start-up naming the variable, never its value (it holds the
+    password): without this, no scheme at all failed as a KeyError, an unknown one as a
+    missing module."""
+    raw = env.str(name, default="").strip() or default
+    scheme = raw.split("://", 1)[0] if "://" in raw else ""
+    if scheme not in environ.Env.DB_SCHEMES:
+        raise ImproperlyConfigured(
+            f"{name} must be a database URL such as postgres://USER:PASSWORD@HOST:5432/NAME "
+            "or sqlite:///PATH; "
+            + (f"its scheme {scheme!r} names no database." if scheme else "it has no scheme.")
+        )
+    return environ.Env.db_url_config(raw)
+
+
+DATABASES = {"default": _database_url("DATABASE_URL", f"sqlite:///{BASE_DIR / 'db.sqlite3'}")}
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # WAL lets the admin read while a sync writes; the busy timeout makes a second
     # writer wait for the lock instead of failing at once with "database is locked".

@@ -118,6 +118,9 @@ def copy_env(copy: Path, **values: str) -> dict[str, str]:
         ("SECURE_SSL_REDIRECT", "2", "SECURE_SSL_REDIRECT must be true or false, got '2'."),
         ("SECURE_HSTS_SECONDS", "1y", "SECURE_HSTS_SECONDS must be an integer, got '1y'."),
         ("SECURE_PROXY_SSL", "https", "SECURE_PROXY_SSL must be true or false, got 'https'."),
+        ("DATABASE_URL", "db.sqlite3", "DATABASE_URL must be a database URL such as "),
+        ("DATABASE_URL", "user:secret@db:5432/portfolio", "it has no scheme."),
+        ("DATABASE_URL", "postgress://u:secret@db/x", "its scheme 'postgress' names no database."),
     ],
 )
 def test_malformed_value_stops_start_up_naming_the_variable(name, value, message):
@@ -127,6 +130,20 @@ def test_malformed_value_stops_start_up_naming_the_variable(name, value, message
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith("django.core.exceptions.ImproperlyConfigured: "), result.stderr
     assert message in last_line
+    assert "secret" not in result.stderr  # a URL's password is never repeated
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_database_url_is_the_default_database(value):
+    """As every other setting: set but empty is unset (a `.env` line `DATABASE_URL=`)."""
+    code = (
+        "import django; django.setup(); from django.conf import settings as s; "
+        "print(s.DATABASES['default']['ENGINE'], s.DATABASES['default']['NAME'])"
+    )
+    result = run_python(code, clean_env(DATABASE_URL=value))
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["django.db.backends.sqlite3", str(PROJECT_DIR / "db.sqlite3")]
 
 
 PRINT_SECURITY = (
