@@ -215,6 +215,43 @@ def test_a_query_without_open_positions_is_refused_and_nothing_is_written(servic
     assert SyncRun.objects.order_by("-pk").first().error_code == "flex_query_rejected"
 
 
+@pytest.mark.parametrize(
+    ("row", "named"),
+    [
+        ('<OpenPosition accountId="U7654321" currency="EUR"', "OpenPositions"),
+        ('<CashReportCurrency accountId="U7654321" currency="EUR"', "CashReport"),
+        ('<EquitySummaryByReportDateInBase accountId="U7654321"', "EquitySummaryInBase"),
+    ],
+)
+def test_a_row_of_another_account_in_a_statement_is_refused_and_nothing_is_written(
+    service, row, named
+):
+    # A statement is its account's (FlexStatement accountId): a row naming another
+    # account is no part of it. Taken as that account's whole report, it would close
+    # every other position of that account, and write one account's cash as another's.
+    flex_connection()
+    sync_positions(trigger="command", connection="myflex")
+    service.add_statement(
+        QUERY,
+        lambda fd, td: statement_with_values(fd, td, quantity="99").replace(
+            row, row.replace("U7654321", "U1111111")
+        ),
+    )
+
+    with pytest.raises(CommandError) as raised:
+        call_command("sync_ibkr", "--connection", "myflex", stdout=io.StringIO())
+
+    message = str(raised.value)
+    assert "U1111111" in message and named in message and "nothing was written" in message
+    assert not conf.account_model().objects.filter(external_id="U1111111").exists()
+    assert not AccountReport.objects.filter(external_id="U1111111").exists()
+    assert sorted(conf.position_model().objects.open().values_list("quantity", flat=True)) == [
+        Decimal("-15"),
+        Decimal("120"),
+    ]
+    assert SyncRun.objects.order_by("-pk").first().error_code == "flex_format_error"
+
+
 def test_an_expired_token_says_what_to_do_with_its_own_exit_code(service, api_client, syncer):
     flex_connection(token=EXPIRED)
 

@@ -22,7 +22,9 @@ of the account was applied already (a gateway's read of today).
 
 What a sync cannot trust is refused whole, and nothing is written: a statement without
 the `OpenPositions` section (a sync would close every position), a position without its
-conId or quantity. A value that cannot be read is an error entry of its account.
+conId or quantity, a position, cash or net asset value row naming an account other than
+its statement's (it would be taken for that account's whole state). A value that
+cannot be read is an error entry of its account.
 
 `handshake()` (Test connection) asks for a one-day statement (yesterday) and says what
 the query holds: its accounts and sections, and what it lacks for the sync's models.
@@ -356,6 +358,7 @@ def snapshot_of(
                 "position for closed. Add the section to the query in Client Portal; "
                 "nothing was written"
             )
+        _own_rows_only(statement)
         records = [_position(held) for held in statement.positions]
         positions += records
         values[account] = account_values(statement)
@@ -678,6 +681,28 @@ def _held_batch(
             dividend_of[record.transaction_id] = key_of[links[place]]
         parts[section].append(record)
     return _batch(parts, dividend_of)
+
+
+def _own_rows_only(statement: Statement) -> None:
+    """Refuses a statement with a row of its state that names another account: a
+    statement is its account's (`FlexStatement accountId`), and its positions, cash and
+    net asset values are that account's whole state. Taken as another account's, such a
+    row would close every other position of that account and write one account's cash
+    and value as another's."""
+    account = statement.account
+    sections = (
+        ("OpenPositions", statement.positions),
+        ("CashReport", (*statement.cash, *filter(None, [statement.cash_total]))),
+        ("EquitySummaryInBase", statement.net_asset_values),
+    )
+    for section, rows in sections:
+        others = sorted({row.account for row in rows} - {account})
+        if others:
+            raise FlexFormatError(
+                f"the statement of {account} holds {section} rows of "
+                f"{', '.join(map(repr, others[:5]))}: a Flex statement's rows are its own "
+                "account's (each account has its own statement); nothing was written"
+            )
 
 
 def _position(held: Any) -> PositionRecord:
