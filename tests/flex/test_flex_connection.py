@@ -252,6 +252,33 @@ def test_a_row_of_another_account_in_a_statement_is_refused_and_nothing_is_writt
     assert SyncRun.objects.order_by("-pk").first().error_code == "flex_format_error"
 
 
+def test_a_contract_listed_twice_in_open_positions_is_refused_and_nothing_is_written(service):
+    # OpenPositions holds one summary row per position. Two of one contract (as split by
+    # an advisor's models, or sent twice) are no single quantity: taking either one
+    # stores a wrong position, so neither is taken.
+    flex_connection()
+    sync_positions(trigger="command", connection="myflex")
+
+    def twice(fd, td):
+        xml = statement_with_values(fd, td, quantity="99")
+        start = xml.index('<OpenPosition accountId="U7654321" currency="USD"')
+        end = xml.index("/>", start) + 2
+        return xml[:end] + xml[start:end].replace('position="99"', 'position="21"') + xml[end:]
+
+    service.add_statement(QUERY, twice)
+
+    with pytest.raises(CommandError) as raised:
+        call_command("sync_ibkr", "--connection", "myflex", stdout=io.StringIO())
+
+    message = str(raised.value)
+    assert "265598" in message and "twice" in message and "nothing was written" in message
+    assert sorted(conf.position_model().objects.open().values_list("quantity", flat=True)) == [
+        Decimal("-15"),
+        Decimal("120"),
+    ]
+    assert SyncRun.objects.order_by("-pk").first().error_code == "flex_format_error"
+
+
 def test_an_expired_token_says_what_to_do_with_its_own_exit_code(service, api_client, syncer):
     flex_connection(token=EXPIRED)
 

@@ -23,7 +23,8 @@ of the account was applied already (a gateway's read of today).
 What a sync cannot trust is refused whole, and nothing is written: a statement without
 the `OpenPositions` section (a sync would close every position), a position without its
 conId or quantity, a position, cash or net asset value row naming an account other than
-its statement's (it would be taken for that account's whole state). A value that
+its statement's (it would be taken for that account's whole state), a contract with two
+summary rows in OpenPositions (neither is the position's quantity). A value that
 cannot be read is an error entry of its account.
 
 `handshake()` (Test connection) asks for a one-day statement (yesterday) and says what
@@ -358,7 +359,7 @@ def snapshot_of(
                 "position for closed. Add the section to the query in Client Portal; "
                 "nothing was written"
             )
-        _own_rows_only(statement)
+        _whole_state(statement)
         records = [_position(held) for held in statement.positions]
         positions += records
         values[account] = account_values(statement)
@@ -683,13 +684,26 @@ def _held_batch(
     return _batch(parts, dividend_of)
 
 
-def _own_rows_only(statement: Statement) -> None:
-    """Refuses a statement with a row of its state that names another account: a
-    statement is its account's (`FlexStatement accountId`), and its positions, cash and
-    net asset values are that account's whole state. Taken as another account's, such a
-    row would close every other position of that account and write one account's cash
-    and value as another's."""
+def _whole_state(statement: Statement) -> None:
+    """Refuses a statement whose positions, cash and net asset values are not one
+    account's state: a row naming another account (a statement is its account's,
+    `FlexStatement accountId`: taken as another account's, such a row would close every
+    other position of that account and write one account's cash and value as
+    another's), or a contract with two summary rows in OpenPositions (one row is one
+    position: of two, as an advisor's models split a holding or a row sent twice,
+    neither is the account's quantity)."""
     account = statement.account
+    seen: set[int] = set()
+    for held in statement.positions:
+        con_id = held.contract.con_id
+        if con_id is not None and con_id in seen:
+            raise FlexFormatError(
+                f"the statement of {account} lists conId {con_id} "
+                f"({held.contract.symbol or 'a contract'}) twice in OpenPositions: one "
+                "position has one summary row (a query of an advisor's models splits "
+                "them); nothing was written"
+            )
+        seen.add(con_id)
     sections = (
         ("OpenPositions", statement.positions),
         ("CashReport", (*statement.cash, *filter(None, [statement.cash_total]))),
