@@ -332,6 +332,28 @@ def test_an_older_statement_is_refused_for_an_account_a_gateway_read_since(servi
     assert AccountReport.objects.get(external_id="U7654321").connection_name == "gateway"
 
 
+def test_a_statement_that_ends_after_the_period_asked_for_is_refused(service):
+    # Every request names its period, ending yesterday (the last day IBKR has closed). A
+    # statement ending later is not the one asked for (a query's own period, a day not
+    # closed yet): taken as the account's state as of its end, it would be "newer" than
+    # every gateway read until that day, and a gateway's sync refused meanwhile.
+    flex_connection()
+    service.add_statement(
+        QUERY, lambda fd, td: statement_with_values(fd, td + dt.timedelta(days=30))
+    )
+
+    with pytest.raises(CommandError) as raised:
+        call_command("sync_ibkr", "--connection", "myflex", stdout=io.StringIO())
+
+    message = str(raised.value)
+    end = yesterday()
+    assert f"{end + dt.timedelta(days=30)}" in message and f"{end}" in message
+    assert "nothing was written" in message
+    assert not conf.position_model().objects.exists()
+    assert not AccountReport.objects.exists()
+    assert SyncRun.objects.get().error_code == "flex_format_error"
+
+
 # --- Test connection ------------------------------------------------------------------------
 
 

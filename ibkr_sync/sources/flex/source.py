@@ -24,7 +24,9 @@ What a sync cannot trust is refused whole, and nothing is written: a statement w
 the `OpenPositions` section (a sync would close every position), a position without its
 conId or quantity, a position, cash or net asset value row naming an account other than
 its statement's (it would be taken for that account's whole state), a contract with two
-summary rows in OpenPositions (neither is the position's quantity). A value that
+summary rows in OpenPositions (neither is the position's quantity), a statement ending
+after the period asked for (not the statement asked for: its state would be "newer"
+than any gateway's read until that day). A value that
 cannot be read is an error entry of its account.
 
 `handshake()` (Test connection) asks for a one-day statement (yesterday) and says what
@@ -351,6 +353,13 @@ def snapshot_of(
         if statement.as_of is None:
             raise FlexFormatError(
                 f"the statement of {account} has no readable period end (toDate): "
+                "nothing was written"
+            )
+        if period is not None and statement.header.to_date > period[1]:  # type: ignore[operator]
+            raise FlexFormatError(
+                f"the statement of {account} ends on {statement.header.to_date}, after the "
+                f"period asked for ({period[0]} to {period[1]}): it is not the statement "
+                "asked for (a day IBKR has not closed, or the query's own period); "
                 "nothing was written"
             )
         if "OpenPositions" not in statement.end.sections:
