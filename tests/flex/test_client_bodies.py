@@ -36,10 +36,23 @@ STATEMENT_HEAD = (
 )
 
 
+def acknowledged(connection: socket.socket, stop: threading.Event) -> None:
+    connection.sendall(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nContent-Length: "
+        + str(len(ACKNOWLEDGED)).encode()
+        + b"\r\nConnection: close\r\n\r\n"
+        + ACKNOWLEDGED
+    )
+
+
 @contextmanager
-def flex_service(get_statement: Callable[[socket.socket], None]) -> Iterator[str]:
-    """SendRequest acknowledges; GetStatement is `get_statement`'s to write on the socket
-    (after the request is read). Yields the base URL."""
+def flex_service(
+    get_statement: Callable[[socket.socket, threading.Event], None],
+    send_request: Callable[[socket.socket, threading.Event], None] = acknowledged,
+) -> Iterator[str]:
+    """SendRequest is `send_request`'s (by default: acknowledged), GetStatement
+    `get_statement`'s to write on the socket (after the request is read). Yields the
+    base URL."""
     listener = socket.create_server(("127.0.0.1", 0))
     stop = threading.Event()
 
@@ -53,12 +66,7 @@ def flex_service(get_statement: Callable[[socket.socket], None]) -> Iterator[str
                 request += data
             try:
                 if b"/SendRequest?" in request.split(b"\r\n", 1)[0]:
-                    connection.sendall(
-                        b"HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nContent-Length: "
-                        + str(len(ACKNOWLEDGED)).encode()
-                        + b"\r\nConnection: close\r\n\r\n"
-                        + ACKNOWLEDGED
-                    )
+                    send_request(connection, stop)
                 else:
                     get_statement(connection, stop)
             except OSError:  # the client hung up: what it should do
@@ -143,4 +151,31 @@ def test_a_statement_within_the_bounds_is_read():
         response = client(base_url, download_budget=5.0, max_statement_bytes=len(body)).fetch(
             QUERY, JAN_1, JAN_31
         )
+    assert [s.account for s in response.statements] == ["U7654321"]
+
+
+def test_an_acknowledgement_cut_short_of_its_length_is_asked_for_again():
+    answers = iter([ACKNOWLEDGED[: len(ACKNOWLEDGED) // 2], ACKNOWLEDGED])
+
+    def cut_once(connection: socket.socket, stop: threading.Event) -> None:
+        body = next(answers, ACKNOWLEDGED)
+        connection.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nContent-Length: "
+            + str(len(ACKNOWLEDGED)).encode()
+            + b"\r\nConnection: close\r\n\r\n"
+            + body
+        )
+
+    body = STATEMENT_HEAD + b"</OpenPositions></FlexStatement></FlexStatements></FlexQueryResponse>"
+
+    def whole(connection: socket.socket, stop: threading.Event) -> None:
+        connection.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nContent-Length: "
+            + str(len(body)).encode()
+            + b"\r\nConnection: close\r\n\r\n"
+            + body
+        )
+
+    with flex_service(whole, send_request=cut_once) as base_url:
+        response = client(base_url).fetch(QUERY, JAN_1, JAN_31)
     assert [s.account for s in response.statements] == ["U7654321"]

@@ -477,7 +477,9 @@ class _Body:
     """An answer's body as it arrives, within the policy's bounds on the whole of it: each
     read takes what the socket has (`read1`: a few bytes a second never add up to one
     read that waits for a whole chunk), and the time since the answer began and the bytes
-    so far are checked after each."""
+    so far are checked after each. A body that ends before its `Content-Length` is cut
+    short (`_Transient`: asked for again), whatever it is, as http.client does not say
+    so itself."""
 
     def __init__(
         self,
@@ -500,6 +502,11 @@ class _Body:
         while wanted > 0:
             data = self.response.read1(min(wanted, _CHUNK))
             if not data:
+                if self.response.length:  # the connection ended before the length said
+                    raise _Transient(
+                        f"the answer from {self.shown} ended after {self.size} bytes, "
+                        f"{self.response.length} before the end its length says"
+                    )
                 break
             parts.append(data)
             wanted -= len(data)
