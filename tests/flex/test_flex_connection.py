@@ -332,6 +332,30 @@ def test_an_older_statement_is_refused_for_an_account_a_gateway_read_since(servi
     assert AccountReport.objects.get(external_id="U7654321").connection_name == "gateway"
 
 
+def test_a_query_with_the_lots_of_open_positions_only_is_refused_and_closes_nothing(service):
+    # Open Positions may be set to Lot rows only (no Summary): each position is then its
+    # lots, none of them the position. Read as "no summary, so no position", every
+    # position would be closed.
+    flex_connection()
+    sync_positions(trigger="command", connection="myflex")
+    service.add_statement(
+        QUERY,
+        lambda fd, td: statement_with_values(fd, td).replace(
+            'levelOfDetail="SUMMARY"', 'levelOfDetail="LOT"'
+        ),
+    )
+
+    with pytest.raises(CommandError) as raised:
+        call_command("sync_ibkr", "--connection", "myflex", stdout=io.StringIO())
+
+    message = str(raised.value)
+    assert "Lot" in message and "Summary" in message and "nothing was written" in message
+    assert conf.position_model().objects.open().count() == 2
+    out = io.StringIO()
+    call_command("ibkr_connection", "test", "myflex", stdout=out)
+    assert "lots only" in out.getvalue()
+
+
 def test_a_statement_that_ends_after_the_period_asked_for_is_refused(service):
     # Every request names its period, ending yesterday (the last day IBKR has closed). A
     # statement ending later is not the one asked for (a query's own period, a day not

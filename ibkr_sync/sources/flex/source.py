@@ -22,12 +22,12 @@ of the account was applied already (a gateway's read of today).
 
 What a sync cannot trust is refused whole, and nothing is written: a statement without
 the `OpenPositions` section (a sync would close every position), a position without its
-conId or quantity, a position, cash or net asset value row naming an account other than
-its statement's (it would be taken for that account's whole state), a contract with two
-summary rows in OpenPositions (neither is the position's quantity), a statement ending
-after the period asked for (not the statement asked for: its state would be "newer"
-than any gateway's read until that day). A value that
-cannot be read is an error entry of its account.
+conId or quantity, Open Positions of lots only (none of them a position), a position,
+cash or net asset value row naming an account other than its statement's (it would be
+taken for that account's whole state), a contract with two summary rows in OpenPositions
+(neither is the position's quantity), a statement ending after the period asked for (not
+the statement asked for: its state would be "newer" than any gateway's read until that
+day). A value that cannot be read is an error entry of its account.
 
 `handshake()` (Test connection) asks for a one-day statement (yesterday) and says what
 the query holds: its accounts and sections, and what it lacks for the sync's models.
@@ -695,13 +695,21 @@ def _held_batch(
 
 def _whole_state(statement: Statement) -> None:
     """Refuses a statement whose positions, cash and net asset values are not one
-    account's state: a row naming another account (a statement is its account's,
-    `FlexStatement accountId`: taken as another account's, such a row would close every
-    other position of that account and write one account's cash and value as
-    another's), or a contract with two summary rows in OpenPositions (one row is one
-    position: of two, as an advisor's models split a holding or a row sent twice,
-    neither is the account's quantity)."""
+    account's state: Open Positions with lots and no summary (a query set to Lot only:
+    read as no position, every position would be closed), a row naming another account
+    (a statement is its account's, `FlexStatement accountId`: taken as another
+    account's, such a row would close every other position of that account and write one
+    account's cash and value as another's), or a contract with two summary rows in
+    OpenPositions (one row is one position: of two, as an advisor's models split a
+    holding or a row sent twice, neither is the account's quantity)."""
     account = statement.account
+    row = "OpenPositions/OpenPosition"
+    if statement.end.rows_skipped.get(row) and not statement.end.rows_read.get(row):
+        raise FlexQueryError(
+            f"the statement of {account} has the lots of its open positions and no "
+            "position itself: the query's Open Positions is set to Lot only. Check "
+            "Summary in its options in Client Portal; nothing was written"
+        )
     seen: set[int] = set()
     for held in statement.positions:
         con_id = held.contract.con_id
@@ -839,6 +847,13 @@ def check_of(response: FlexResponse, address: str) -> ConnectionCheck:
     for statement in response.statements:
         sections += [s for s in statement.end.sections if s not in sections]
     lacking = [f"no {what}" for name, what in SECTIONS.items() if name not in sections]
+    row = "OpenPositions/OpenPosition"
+    if any(
+        s.end.rows_skipped.get(row) and not s.end.rows_read.get(row) for s in statements.values()
+    ):
+        lacking.append(
+            "Open Positions has lots only (Lot): check Summary, or positions cannot be synced"
+        )
     if statements and not all(s.base_currency for s in statements.values()):
         lacking.append(
             "no base currency (Account Information with its Currency): values are read "
