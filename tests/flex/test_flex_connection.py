@@ -406,6 +406,30 @@ def test_test_connection_says_what_a_query_lacks(service):
     assert any("Cash Report" in line for line in check.lacking)
 
 
+def test_test_connection_says_a_ledger_section_has_only_summaries(service):
+    # Trades set to Orders (or symbol summaries) and Cash Transactions to Summary: their
+    # rows are totals of transactions, never stored; the sync would store none.
+    def summaries(fd, td):
+        ledger = (
+            '<Trades><Order accountId="U7654321" currency="USD" assetCategory="STK" '
+            'symbol="AAPL" conid="265598" quantity="10" levelOfDetail="ORDER" /></Trades>'
+            '<CashTransactions><CashTransaction accountId="U7654321" currency="USD" '
+            'type="Dividends" amount="12" levelOfDetail="SUMMARY" /></CashTransactions>'
+        )
+        return statement_with_values(fd, td).replace(
+            "</FlexStatement>", ledger + "</FlexStatement>"
+        )
+
+    service.add_statement(QUERY, summaries)
+    flex_connection()
+
+    check = check_connection("myflex")
+
+    assert any("Trades" in line and "Execution" in line for line in check.lacking)
+    assert any("Cash Transactions" in line and "Detail" in line for line in check.lacking)
+    assert not any("Corporate Actions" in line for line in check.lacking)
+
+
 def test_test_connection_with_an_expired_token(service):
     flex_connection(token=EXPIRED)
 

@@ -840,6 +840,32 @@ def account_values(statement: Statement) -> AccountValues:
     )
 
 
+#: A section whose rows are all summaries of the ones read (its level of detail set to
+#: them only): the section, its row read, and what a test says of it.
+_SUMMARIES_ONLY: Final = (
+    (
+        "OpenPositions",
+        "OpenPosition",
+        "Open Positions has lots only (Lot): check Summary, or positions cannot be synced",
+    ),
+    (
+        "Trades",
+        "Trade",
+        "Trades has orders or summaries only: check Execution, or no trade is stored",
+    ),
+    (
+        "CashTransactions",
+        "CashTransaction",
+        "Cash Transactions has summaries only: check Detail, or no cash transaction is stored",
+    ),
+    (
+        "CorporateActions",
+        "CorporateAction",
+        "Corporate Actions has summaries only: check Detail, or no corporate action is stored",
+    ),
+)
+
+
 def check_of(response: FlexResponse, address: str) -> ConnectionCheck:
     """What a test's statement says of the query: accounts, sections, what is lacking."""
     statements = latest_statements(response)
@@ -847,13 +873,13 @@ def check_of(response: FlexResponse, address: str) -> ConnectionCheck:
     for statement in response.statements:
         sections += [s for s in statement.end.sections if s not in sections]
     lacking = [f"no {what}" for name, what in SECTIONS.items() if name not in sections]
-    row = "OpenPositions/OpenPosition"
-    if any(
-        s.end.rows_skipped.get(row) and not s.end.rows_read.get(row) for s in statements.values()
-    ):
-        lacking.append(
-            "Open Positions has lots only (Lot): check Summary, or positions cannot be synced"
-        )
+    for section, row, what in _SUMMARIES_ONLY:
+        if any(
+            not s.end.rows_read.get(f"{section}/{row}")
+            and any(path.startswith(f"{section}/") for path in s.end.rows_skipped)
+            for s in statements.values()
+        ):
+            lacking.append(what)
     if statements and not all(s.base_currency for s in statements.values()):
         lacking.append(
             "no base currency (Account Information with its Currency): values are read "
