@@ -215,6 +215,70 @@ def test_a_query_without_open_positions_is_refused_and_nothing_is_written(servic
     assert SyncRun.objects.order_by("-pk").first().error_code == "flex_query_rejected"
 
 
+@pytest.mark.parametrize(
+    ("row", "named"),
+    [
+        ('<OpenPosition accountId="U7654321" currency="EUR"', "OpenPositions"),
+        ('<CashReportCurrency accountId="U7654321" currency="EUR"', "CashReport"),
+        ('<EquitySummaryByReportDateInBase accountId="U7654321"', "EquitySummaryInBase"),
+    ],
+)
+def test_a_row_of_another_account_in_a_statement_is_refused_and_nothing_is_written(
+    service, row, named
+):
+    # A statement is its account's (FlexStatement accountId): a row naming another
+    # account is no part of it. Taken as that account's whole report, it would close
+    # every other position of that account, and write one account's cash as another's.
+    flex_connection()
+    sync_positions(trigger="command", connection="myflex")
+    service.add_statement(
+        QUERY,
+        lambda fd, td: statement_with_values(fd, td, quantity="99").replace(
+            row, row.replace("U7654321", "U1111111")
+        ),
+    )
+
+    with pytest.raises(CommandError) as raised:
+        call_command("sync_ibkr", "--connection", "myflex", stdout=io.StringIO())
+
+    message = str(raised.value)
+    assert "U1111111" in message and named in message and "nothing was written" in message
+    assert not conf.account_model().objects.filter(external_id="U1111111").exists()
+    assert not AccountReport.objects.filter(external_id="U1111111").exists()
+    assert sorted(conf.position_model().objects.open().values_list("quantity", flat=True)) == [
+        Decimal("-15"),
+        Decimal("120"),
+    ]
+    assert SyncRun.objects.order_by("-pk").first().error_code == "flex_format_error"
+
+
+def test_a_contract_listed_twice_in_open_positions_is_refused_and_nothing_is_written(service):
+    # OpenPositions holds one summary row per position. Two of one contract (as split by
+    # an advisor's models, or sent twice) are no single quantity: taking either one
+    # stores a wrong position, so neither is taken.
+    flex_connection()
+    sync_positions(trigger="command", connection="myflex")
+
+    def twice(fd, td):
+        xml = statement_with_values(fd, td, quantity="99")
+        start = xml.index('<OpenPosition accountId="U7654321" currency="USD"')
+        end = xml.index("/>", start) + 2
+        return xml[:end] + xml[start:end].replace('position="99"', 'position="21"') + xml[end:]
+
+    service.add_statement(QUERY, twice)
+
+    with pytest.raises(CommandError) as raised:
+        call_command("sync_ibkr", "--connection", "myflex", stdout=io.StringIO())
+
+    message = str(raised.value)
+    assert "265598" in message and "twice" in message and "nothing was written" in message
+    assert sorted(conf.position_model().objects.open().values_list("quantity", flat=True)) == [
+        Decimal("-15"),
+        Decimal("120"),
+    ]
+    assert SyncRun.objects.order_by("-pk").first().error_code == "flex_format_error"
+
+
 def test_an_expired_token_says_what_to_do_with_its_own_exit_code(service, api_client, syncer):
     flex_connection(token=EXPIRED)
 
@@ -268,6 +332,52 @@ def test_an_older_statement_is_refused_for_an_account_a_gateway_read_since(servi
     assert AccountReport.objects.get(external_id="U7654321").connection_name == "gateway"
 
 
+def test_a_query_with_the_lots_of_open_positions_only_is_refused_and_closes_nothing(service):
+    # Open Positions may be set to Lot rows only (no Summary): each position is then its
+    # lots, none of them the position. Read as "no summary, so no position", every
+    # position would be closed.
+    flex_connection()
+    sync_positions(trigger="command", connection="myflex")
+    service.add_statement(
+        QUERY,
+        lambda fd, td: statement_with_values(fd, td).replace(
+            'levelOfDetail="SUMMARY"', 'levelOfDetail="LOT"'
+        ),
+    )
+
+    with pytest.raises(CommandError) as raised:
+        call_command("sync_ibkr", "--connection", "myflex", stdout=io.StringIO())
+
+    message = str(raised.value)
+    assert "Lot" in message and "Summary" in message and "nothing was written" in message
+    assert conf.position_model().objects.open().count() == 2
+    out = io.StringIO()
+    call_command("ibkr_connection", "test", "myflex", stdout=out)
+    assert "lots only" in out.getvalue()
+
+
+def test_a_statement_that_ends_after_the_period_asked_for_is_refused(service):
+    # Every request names its period, ending yesterday (the last day IBKR has closed). A
+    # statement ending later is not the one asked for (a query's own period, a day not
+    # closed yet): taken as the account's state as of its end, it would be "newer" than
+    # every gateway read until that day, and a gateway's sync refused meanwhile.
+    flex_connection()
+    service.add_statement(
+        QUERY, lambda fd, td: statement_with_values(fd, td + dt.timedelta(days=30))
+    )
+
+    with pytest.raises(CommandError) as raised:
+        call_command("sync_ibkr", "--connection", "myflex", stdout=io.StringIO())
+
+    message = str(raised.value)
+    end = yesterday()
+    assert f"{end + dt.timedelta(days=30)}" in message and f"{end}" in message
+    assert "nothing was written" in message
+    assert not conf.position_model().objects.exists()
+    assert not AccountReport.objects.exists()
+    assert SyncRun.objects.get().error_code == "flex_format_error"
+
+
 # --- Test connection ------------------------------------------------------------------------
 
 
@@ -294,6 +404,30 @@ def test_test_connection_says_what_a_query_lacks(service):
     assert check.accounts == ("U7654321",)
     assert any("Open Positions: positions cannot be synced" in line for line in check.lacking)
     assert any("Cash Report" in line for line in check.lacking)
+
+
+def test_test_connection_says_a_ledger_section_has_only_summaries(service):
+    # Trades set to Orders (or symbol summaries) and Cash Transactions to Summary: their
+    # rows are totals of transactions, never stored; the sync would store none.
+    def summaries(fd, td):
+        ledger = (
+            '<Trades><Order accountId="U7654321" currency="USD" assetCategory="STK" '
+            'symbol="AAPL" conid="265598" quantity="10" levelOfDetail="ORDER" /></Trades>'
+            '<CashTransactions><CashTransaction accountId="U7654321" currency="USD" '
+            'type="Dividends" amount="12" levelOfDetail="SUMMARY" /></CashTransactions>'
+        )
+        return statement_with_values(fd, td).replace(
+            "</FlexStatement>", ledger + "</FlexStatement>"
+        )
+
+    service.add_statement(QUERY, summaries)
+    flex_connection()
+
+    check = check_connection("myflex")
+
+    assert any("Trades" in line and "Execution" in line for line in check.lacking)
+    assert any("Cash Transactions" in line and "Detail" in line for line in check.lacking)
+    assert not any("Corporate Actions" in line for line in check.lacking)
 
 
 def test_test_connection_with_an_expired_token(service):

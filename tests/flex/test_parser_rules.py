@@ -187,6 +187,100 @@ def test_times_are_us_eastern_unless_the_caller_names_the_zone():
     assert row.traded_at == dt.datetime(2025, 1, 10, 9, 30, 1, tzinfo=zurich)
 
 
+# A query's time format may name the zone ("HHmmss TimeZone", "HH:mm:ss TimeZone"): IBKR
+# then writes its abbreviation after the time, as it does in `whenGenerated`.
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("20240115;143052 EST", dt.datetime(2024, 1, 15, 14, 30, 52, tzinfo=EASTERN)),
+        ("20250707;14:30:52 EDT", dt.datetime(2025, 7, 7, 14, 30, 52, tzinfo=EASTERN)),
+        (
+            "2025-05-22 20:41:57 AEST",
+            dt.datetime(2025, 5, 22, 20, 41, 57, tzinfo=dt.timezone(dt.timedelta(hours=10))),
+        ),
+        ("15-Jan-24;14:30:52 UTC", dt.datetime(2024, 1, 15, 14, 30, 52, tzinfo=dt.UTC)),
+        (
+            "20250110;093001 CET",
+            dt.datetime(2025, 1, 10, 9, 30, 1, tzinfo=dt.timezone(dt.timedelta(hours=1))),
+        ),
+        (
+            "20250110;093001 GMT+08:00",
+            dt.datetime(2025, 1, 10, 9, 30, 1, tzinfo=dt.timezone(dt.timedelta(hours=8))),
+        ),
+    ],
+)
+def test_a_time_with_its_zone_is_that_moment(text, expected):
+    day, moment = V.date_time(text)
+    assert day == expected.date()
+    assert moment == expected
+    assert moment.utcoffset() == expected.utcoffset()
+
+
+def test_the_zone_written_settles_the_hour_a_clock_change_repeats():
+    # 01:30 on the day US Eastern falls back happens twice: EDT first, EST an hour later.
+    _, first = V.date_time("20251102;013000 EDT")
+    _, second = V.date_time("20251102;013000 EST")
+    assert first.utcoffset() == dt.timedelta(hours=-4)
+    assert second.utcoffset() == dt.timedelta(hours=-5)
+    assert second.astimezone(dt.UTC) - first.astimezone(dt.UTC) == dt.timedelta(hours=1)
+
+
+def test_an_abbreviation_of_several_zones_is_read_only_as_the_readers_own():
+    from zoneinfo import ZoneInfo
+
+    # CST is US Central time and China Standard Time: never guessed.
+    with pytest.raises(V.ValueRuleError, match="CST"):
+        V.date_time("20250110;093001 CST")
+    chicago = ZoneInfo("America/Chicago")
+    _, moment = V.date_time("20250110;093001 CST", zone=chicago)
+    assert moment == dt.datetime(2025, 1, 10, 9, 30, 1, tzinfo=chicago)
+    assert moment.utcoffset() == dt.timedelta(hours=-6)
+
+
+def test_a_comma_and_a_space_between_date_and_time():
+    # As a real statement's corporate actions have it: "2013-03-05, 19:45:00".
+    assert V.date_time("2013-03-05, 19:45:00") == (
+        dt.date(2013, 3, 5),
+        dt.datetime(2013, 3, 5, 19, 45, tzinfo=EASTERN),
+    )
+    xml = statement(
+        '<CorporateActions><CorporateAction accountId="U7654321" currency="USD" '
+        'assetCategory="STK" symbol="AAPL" conid="265598" transactionID="9" type="FS" '
+        'reportDate="20130306" dateTime="2013-03-05, 19:45:00" quantity="10" '
+        'levelOfDetail="DETAIL" /></CorporateActions>'
+    )
+    [action] = one(xml).corporate_actions
+    assert action.problems == ()
+    assert action.happened_at == dt.datetime(2013, 3, 5, 19, 45, tzinfo=EASTERN)
+
+
+def test_a_statement_of_slashed_dates_generated_with_its_zone_is_read():
+    aest = dt.timezone(dt.timedelta(hours=10))
+    xml = statement(
+        f"<Trades>{trade(tradeDate='05/06/2025', dateTime='05/06/2025;10:00:00 AEST')}</Trades>",
+        from_date="05/01/2025",
+        to_date="05/21/2025",
+        generated="05/22/2025 20:41:57 AEST",
+    )
+    result = one(xml)
+    assert result.header.to_date == dt.date(2025, 5, 21)
+    assert result.header.generated_at == dt.datetime(2025, 5, 22, 20, 41, 57, tzinfo=aest)
+    assert result.header.problems == ()
+    [row] = result.trades
+    assert row.trade_date == dt.date(2025, 5, 6)
+    assert row.traded_at == dt.datetime(2025, 5, 6, 10, 0, tzinfo=aest)
+    assert row.problems == ()
+
+
+def test_an_old_querys_trade_time_with_its_zone():
+    xml = statement(f"<Trades>{trade(dateTime='', tradeTime='143052 EDT')}</Trades>")
+    [row] = one(xml).trades
+    assert row.traded_at == dt.datetime(
+        2025, 1, 10, 14, 30, 52, tzinfo=dt.timezone(dt.timedelta(hours=-4))
+    )
+    assert row.problems == ()
+
+
 def test_slashed_dates_month_first_told_by_the_statement_itself():
     xml = statement(
         f"<Trades>{trade(tradeDate='01/05/2025', dateTime='01/05/2025;10:00:00')}</Trades>",

@@ -12,7 +12,11 @@ What this client promises:
   at most 365 days; `downloads()` splits a longer range into windows, oldest first.
 - The User-Agent IBKR requires for programmatic access ("Technology/Version"):
   `django-ibkr-sync/<version> Python/<version>`.
-- A connect timeout and a read timeout (each read of the socket), separately.
+- A connect timeout and a read timeout (each read of the socket), separately; and, as
+  an answer that keeps coming a few bytes at a time never trips a read timeout, a bound
+  on each whole answer: it must arrive within `download_budget` seconds and be no larger
+  than `max_statement_bytes` (an answer past either is refused, not retried: it would
+  be as long again).
 - The statement is fetched from the host SendRequest names (its `Url`, followed only to
   an `https` host of interactivebrokers.com or the base URL's own host: the token goes
   with the request), and from the base URL's host when that one cannot be reached.
@@ -103,6 +107,8 @@ class RetryPolicy:
     max_throttle_delay: float = 120.0
     throttles: int = 5  # 1018s in a row before giving up
     min_interval: float = 1.0  # between two requests of this client (IBKR: 1 a second)
+    download_budget: float = 3600.0  # the most time one answer's body may take to arrive
+    max_statement_bytes: int = 4 << 30  # the largest statement taken (spooled to disk)
 
 
 @dataclass
@@ -419,7 +425,8 @@ class FlexClient:
             connection.close()
 
     def _read(self, response: http.client.HTTPResponse, shown: str) -> _Answer:
-        first = response.read(_CHUNK)
+        body = _Body(response, shown, self.clock, self.policy)
+        first = body.read(_CHUNK)
         match = _first_tag(first)
         root = match or ""
         if root not in ("FlexStatementResponse", "FlexQueryResponse"):
@@ -439,14 +446,14 @@ class FlexClient:
                 + (f" (the answer begins with <{root}>)" if root else "")
             )
         if root == "FlexStatementResponse":
-            rest = response.read(_SMALL_ANSWER)
+            rest = body.read(_SMALL_ANSWER)
             return _Answer(root, _fields(first + rest, self._scrub))
         spool = tempfile.SpooledTemporaryFile(max_size=8 << 20)  # noqa: SIM115
         try:
             spool.write(first)
             size = len(first)
             tail = first[-256:]
-            while chunk := response.read(_CHUNK):
+            while chunk := body.read(_CHUNK):
                 spool.write(chunk)
                 size += len(chunk)
                 tail = (tail + chunk)[-256:]
@@ -464,6 +471,69 @@ class FlexClient:
         for form in {self._token, quote(self._token, safe=""), quote_plus(self._token)}:
             text = text.replace(form, "[token]")
         return text
+
+
+class _Body:
+    """An answer's body as it arrives, within the policy's bounds on the whole of it: each
+    read takes what the socket has (`read1`: a few bytes a second never add up to one
+    read that waits for a whole chunk), and the time since the answer began and the bytes
+    so far are checked after each. A body that ends before its `Content-Length` is cut
+    short (`_Transient`: asked for again), whatever it is, as http.client does not say
+    so itself."""
+
+    def __init__(
+        self,
+        response: http.client.HTTPResponse,
+        shown: str,
+        clock: Callable[[], float],
+        policy: RetryPolicy,
+    ) -> None:
+        self.response = response
+        self.shown = shown
+        self.clock = clock
+        self.policy = policy
+        self.deadline = clock() + policy.download_budget
+        self.size = 0
+
+    def read(self, limit: int) -> bytes:
+        """Up to `limit` bytes: fewer only at the body's end (b"" past it)."""
+        parts: list[bytes] = []
+        wanted = limit
+        while wanted > 0:
+            data = self.response.read1(min(wanted, _CHUNK))
+            if not data:
+                if self.response.length:  # the connection ended before the length said
+                    raise _Transient(
+                        f"the answer from {self.shown} ended after {self.size} bytes, "
+                        f"{self.response.length} before the end its length says"
+                    )
+                break
+            parts.append(data)
+            wanted -= len(data)
+            self.size += len(data)
+            self._check()
+        return b"".join(parts)
+
+    def _check(self) -> None:
+        if self.size > self.policy.max_statement_bytes:
+            raise FlexFormatError(
+                f"the answer from {self.shown} is larger than "
+                f"{_size(self.policy.max_statement_bytes)}, more than any statement this "
+                "client takes: ask for a shorter period; nothing of it was used"
+            )
+        if self.clock() > self.deadline:
+            raise FlexUnavailable(
+                f"the answer from {self.shown} did not arrive whole within "
+                f"{self.policy.download_budget:g} s ({self.size} bytes so far): the service "
+                "is too slow now; sync again later; nothing of it was used"
+            )
+
+
+def _size(count: int) -> str:
+    for unit, factor in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if count >= factor:
+            return f"{count / factor:g} {unit}"
+    return f"{count} bytes"
 
 
 class _Retry:

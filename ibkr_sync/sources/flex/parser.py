@@ -777,9 +777,7 @@ class _Reader:
         day, traded_at = row.date_time("dateTime")
         trade_date = row.date("tradeDate") or day
         if traded_at is None and trade_date is not None and text("tradeTime"):
-            time = row._read("tradeTime", V.time_of_day)
-            if time is not None:
-                traded_at = dt.datetime.combine(trade_date, time, self.zone)
+            traded_at = row._read("tradeTime", V.time_on, trade_date, self.zone)
         buy_sell = text("buySell")
         codes = tuple(code for code in text("notes").split(";") if code.strip())
         side = buy_sell.upper()

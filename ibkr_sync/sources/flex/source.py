@@ -22,7 +22,12 @@ of the account was applied already (a gateway's read of today).
 
 What a sync cannot trust is refused whole, and nothing is written: a statement without
 the `OpenPositions` section (a sync would close every position), a position without its
-conId or quantity. A value that cannot be read is an error entry of its account.
+conId or quantity, Open Positions of lots only (none of them a position), a position,
+cash or net asset value row naming an account other than its statement's (it would be
+taken for that account's whole state), a contract with two summary rows in OpenPositions
+(neither is the position's quantity), a statement ending after the period asked for (not
+the statement asked for: its state would be "newer" than any gateway's read until that
+day). A value that cannot be read is an error entry of its account.
 
 `handshake()` (Test connection) asks for a one-day statement (yesterday) and says what
 the query holds: its accounts and sections, and what it lacks for the sync's models.
@@ -350,12 +355,20 @@ def snapshot_of(
                 f"the statement of {account} has no readable period end (toDate): "
                 "nothing was written"
             )
+        if period is not None and statement.header.to_date > period[1]:  # type: ignore[operator]
+            raise FlexFormatError(
+                f"the statement of {account} ends on {statement.header.to_date}, after the "
+                f"period asked for ({period[0]} to {period[1]}): it is not the statement "
+                "asked for (a day IBKR has not closed, or the query's own period); "
+                "nothing was written"
+            )
         if "OpenPositions" not in statement.end.sections:
             raise FlexQueryError(
                 "the Flex query has no Open Positions section: a sync would take every "
                 "position for closed. Add the section to the query in Client Portal; "
                 "nothing was written"
             )
+        _whole_state(statement)
         records = [_position(held) for held in statement.positions]
         positions += records
         values[account] = account_values(statement)
@@ -680,6 +693,49 @@ def _held_batch(
     return _batch(parts, dividend_of)
 
 
+def _whole_state(statement: Statement) -> None:
+    """Refuses a statement whose positions, cash and net asset values are not one
+    account's state: Open Positions with lots and no summary (a query set to Lot only:
+    read as no position, every position would be closed), a row naming another account
+    (a statement is its account's, `FlexStatement accountId`: taken as another
+    account's, such a row would close every other position of that account and write one
+    account's cash and value as another's), or a contract with two summary rows in
+    OpenPositions (one row is one position: of two, as an advisor's models split a
+    holding or a row sent twice, neither is the account's quantity)."""
+    account = statement.account
+    row = "OpenPositions/OpenPosition"
+    if statement.end.rows_skipped.get(row) and not statement.end.rows_read.get(row):
+        raise FlexQueryError(
+            f"the statement of {account} has the lots of its open positions and no "
+            "position itself: the query's Open Positions is set to Lot only. Check "
+            "Summary in its options in Client Portal; nothing was written"
+        )
+    seen: set[int] = set()
+    for held in statement.positions:
+        con_id = held.contract.con_id
+        if con_id is not None and con_id in seen:
+            raise FlexFormatError(
+                f"the statement of {account} lists conId {con_id} "
+                f"({held.contract.symbol or 'a contract'}) twice in OpenPositions: one "
+                "position has one summary row (a query of an advisor's models splits "
+                "them); nothing was written"
+            )
+        seen.add(con_id)
+    sections = (
+        ("OpenPositions", statement.positions),
+        ("CashReport", (*statement.cash, *filter(None, [statement.cash_total]))),
+        ("EquitySummaryInBase", statement.net_asset_values),
+    )
+    for section, rows in sections:
+        others = sorted({row.account for row in rows} - {account})
+        if others:
+            raise FlexFormatError(
+                f"the statement of {account} holds {section} rows of "
+                f"{', '.join(map(repr, others[:5]))}: a Flex statement's rows are its own "
+                "account's (each account has its own statement); nothing was written"
+            )
+
+
 def _position(held: Any) -> PositionRecord:
     try:
         return held.as_position_record()
@@ -784,6 +840,32 @@ def account_values(statement: Statement) -> AccountValues:
     )
 
 
+#: A section whose rows are all summaries of the ones read (its level of detail set to
+#: them only): the section, its row read, and what a test says of it.
+_SUMMARIES_ONLY: Final = (
+    (
+        "OpenPositions",
+        "OpenPosition",
+        "Open Positions has lots only (Lot): check Summary, or positions cannot be synced",
+    ),
+    (
+        "Trades",
+        "Trade",
+        "Trades has orders or summaries only: check Execution, or no trade is stored",
+    ),
+    (
+        "CashTransactions",
+        "CashTransaction",
+        "Cash Transactions has summaries only: check Detail, or no cash transaction is stored",
+    ),
+    (
+        "CorporateActions",
+        "CorporateAction",
+        "Corporate Actions has summaries only: check Detail, or no corporate action is stored",
+    ),
+)
+
+
 def check_of(response: FlexResponse, address: str) -> ConnectionCheck:
     """What a test's statement says of the query: accounts, sections, what is lacking."""
     statements = latest_statements(response)
@@ -791,6 +873,13 @@ def check_of(response: FlexResponse, address: str) -> ConnectionCheck:
     for statement in response.statements:
         sections += [s for s in statement.end.sections if s not in sections]
     lacking = [f"no {what}" for name, what in SECTIONS.items() if name not in sections]
+    for section, row, what in _SUMMARIES_ONLY:
+        if any(
+            not s.end.rows_read.get(f"{section}/{row}")
+            and any(path.startswith(f"{section}/") for path in s.end.rows_skipped)
+            for s in statements.values()
+        ):
+            lacking.append(what)
     if statements and not all(s.base_currency for s in statements.values()):
         lacking.append(
             "no base currency (Account Information with its Currency): values are read "

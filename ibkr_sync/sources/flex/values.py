@@ -23,12 +23,18 @@ tells, and so does the only order in which the period runs forwards and was gene
 after it began; a caller that knows the period it asked for (the client does) settles
 the rest. What is still ambiguous is refused (`AmbiguousDateFormat`), never guessed.
 
-Times. A date-time is the date, a separator (`;`, `,`, a space, or none at all) and the
-time (`HHmmss`, `HH:mm:ss`, `HHmm` or `HH:mm`). Flex writes no time zone: IBKR's
-statements give times in US Eastern time (the zone of its statement day, and of the
-`timestamp` the Flex Web Service itself writes, e.g. `EDT`), so a time is read as
-America/New_York unless the caller names the account's zone. Every datetime returned is
-aware.
+Times. A date-time is the date, a separator (`;`, `,`, a space, none at all, or, in
+older statements, a comma and a space: `2013-03-05, 19:45:00`) and the time (`HHmmss`,
+`HH:mm:ss`, `HHmm` or `HH:mm`), and, when the query's time format is one "with
+TimeZone", the zone's abbreviation after a space (`20250522;204157 AEST`). Without one,
+a time is in US Eastern time (the zone of IBKR's statement day, and of the `timestamp`
+the Flex Web Service itself writes, e.g. `EDT`), so it is read as America/New_York
+unless the caller names the account's zone. With one, the abbreviation says the moment
+(`zone_named`): the reader's zone where that is its own name at that time (EST and EDT
+of US Eastern, which also settle the hour a clock change repeats), else its offset from
+UTC for an abbreviation that names one offset only (`ZONE_OFFSETS`, `GMT+08:00`). One
+that names several (CST: US Central or China; IST; BST) or none known is not guessed:
+the value cannot be read (`ValueRuleError`). Every datetime returned is aware.
 """
 
 from __future__ import annotations
@@ -65,9 +71,29 @@ _DATE: Final = (
     r"|(?P<slashed>[0-9]{2}/[0-9]{2}/(?:[0-9]{4}|[0-9]{2}))"
     r"|(?P<named>[0-9]{2}-[A-Za-z]{3}-[0-9]{2}))"
 )
-_TIME: Final = r"(?P<time>[0-9]{2}:[0-9]{2}(?::[0-9]{2})?|[0-9]{6}|[0-9]{4})"
-_DATE_TIME: Final = re.compile(rf"{_DATE}(?:[;, ]?{_TIME})?").fullmatch
+_TIME: Final = (
+    r"(?P<time>[0-9]{2}:[0-9]{2}(?::[0-9]{2})?|[0-9]{6}|[0-9]{4})"
+    r"(?: ?(?P<zone>(?:GMT|UTC)[+-][0-9]{1,2}(?::?[0-9]{2})?|[A-Za-z]{1,6}))?"
+)
+_DATE_TIME: Final = re.compile(rf"{_DATE}(?:(?:, |[;, ])?{_TIME})?").fullmatch
 _TIME_ONLY: Final = re.compile(_TIME).fullmatch
+_OFFSET: Final = re.compile(r"(?:GMT|UTC)([+-])([0-9]{1,2}):?([0-9]{2})?").fullmatch
+
+#: The abbreviations of zones that name one offset from UTC only, as a query's time
+#: format "with TimeZone" writes them. Abbreviations of several zones (CST: US Central
+#: or China Standard; IST: India, Israel or Ireland; BST: British Summer or Bangladesh)
+#: are not here: they are read only as the reader's own zone names itself.
+ZONE_OFFSETS: Final = {
+    name: dt.timedelta(minutes=minutes)
+    for name, minutes in {
+        "UTC": 0, "GMT": 0, "Z": 0, "WET": 0, "WEST": 60,
+        "CET": 60, "CEST": 120, "MET": 60, "MEST": 120, "EET": 120, "EEST": 180, "MSK": 180,
+        "EST": -300, "EDT": -240, "MST": -420, "MDT": -360, "PST": -480, "PDT": -420,
+        "AKST": -540, "AKDT": -480, "HST": -600,
+        "HKT": 480, "SGT": 480, "AWST": 480, "JST": 540, "KST": 540,
+        "ACST": 570, "ACDT": 630, "AEST": 600, "AEDT": 660, "NZST": 720, "NZDT": 780,
+    }.items()
+}  # fmt: skip
 
 
 class ValueRuleError(ValueError):
@@ -138,17 +164,48 @@ def date_time(
     day = _date_of(match, order)
     if match["time"] is None:
         return day, None
-    return day, dt.datetime.combine(day, _time_of(match["time"]), zone)
+    return day, zone_named(day, _time_of(match["time"]), match["zone"], zone)
 
 
-def time_of_day(value: str | None) -> dt.time | None:
-    """A time alone (an old query's `tradeTime`), None for no value."""
+def time_on(value: str | None, day: dt.date, zone: dt.tzinfo = EASTERN) -> dt.datetime | None:
+    """A time alone (an old query's `tradeTime`, its zone's abbreviation after it or
+    not) as the moment it is on `day`; None for no value."""
     if is_no_value(value):
         return None
     stripped = value.strip()  # type: ignore[union-attr]
-    if _TIME_ONLY(stripped) is None:
+    match = _TIME_ONLY(stripped)
+    if match is None:
         raise ValueRuleError(f"{shown(stripped)} is not a time")
-    return _time_of(stripped)
+    return zone_named(day, _time_of(match["time"]), match["zone"], zone)
+
+
+def zone_named(
+    day: dt.date, time: dt.time, name: str | None, zone: dt.tzinfo = EASTERN
+) -> dt.datetime:
+    """The moment `time` on `day` is in the zone abbreviated `name` (None: in `zone`):
+    `zone` itself where `name` is what it calls itself then (either side of a clock
+    change: `fold`), else the one offset `name` stands for (`ZONE_OFFSETS`, `GMT+hh:mm`).
+    ValueRuleError for an abbreviation of several zones, or of none known."""
+    local = dt.datetime.combine(day, time, zone)
+    if name is None:
+        return local
+    name = name.upper()
+    for fold in (0, 1):
+        moment = local.replace(fold=fold)
+        if moment.tzname() == name:
+            return moment
+    offset = ZONE_OFFSETS.get(name)
+    parts = _OFFSET(name)
+    if parts is not None:
+        sign = -1 if parts[1] == "-" else 1
+        offset = sign * dt.timedelta(hours=int(parts[2]), minutes=int(parts[3] or 0))
+    if offset is None or abs(offset) >= dt.timedelta(hours=24):
+        raise ValueRuleError(
+            f"{shown(name)} is a time zone abbreviation of several zones, or of none known: "
+            "set the Flex Query's time format to one without TimeZone, or name the "
+            "account's zone"
+        )
+    return dt.datetime.combine(day, time, dt.timezone(offset))
 
 
 def is_slashed(value: str | None) -> bool:
