@@ -1,0 +1,285 @@
+"""The TWS source against a second server, written from the client library's decoder.
+
+`decoder_server.py` shares no code with the bundled simulator nor with our protocol
+module: what it sends is the field order of the client library's decoder, at the
+versions IBKR's decoder reads. Each test checks the sync's result against IBKR's rules
+(exact decimals from the wire text, "no value" never a number, every managed account,
+each error code as IBKR documents it), at every server version the client library
+negotiates and however the bytes are cut into TCP segments.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from decimal import Decimal
+
+import pytest
+
+from ibkr_sync.exceptions import (
+    ClientIdInUse,
+    GatewayError,
+    GatewayUnavailable,
+    IncompleteSnapshot,
+)
+from ibkr_sync.gateway import IbkrGateway
+from tests.integration.decoder_server import (
+    CLOSE,
+    SILENCE,
+    DecoderServer,
+    account_time,
+    account_value,
+    download_end,
+    error,
+    frame,
+    managed_accounts,
+    next_valid_id,
+    portfolio,
+    position,
+    position_end,
+)
+
+pytestmark = pytest.mark.integration
+
+A1, A2 = "U1234567", "U7654321"
+
+
+def library_versions() -> tuple[int, int]:
+    """The server versions the configured client library offers, lowest and highest."""
+    from django.conf import settings
+
+    client = importlib.import_module(settings.IBKR_CLIENT_LIBRARY).client.Client
+    return client.MinClientVersion, client.MaxClientVersion
+
+
+def start(accounts: str = f"{A1},{A2}") -> list:
+    return [next_valid_id(), managed_accounts(accounts)]
+
+
+@pytest.fixture
+def serve(settings):
+    """Start a DecoderServer with a script; point the settings at it."""
+    servers = []
+
+    def serve(script: dict, **options) -> DecoderServer:
+        server = DecoderServer(script, **options).__enter__()
+        servers.append(server)
+        settings.IBKR_HOST = "127.0.0.1"
+        settings.IBKR_PORT = server.port
+        settings.IBKR_CLIENT_ID = 23
+        settings.IBKR_CONNECT_TIMEOUT = 3
+        settings.IBKR_REQUEST_TIMEOUT = 4
+        settings.IBKR_VALUES_TIMEOUT = 2
+        settings.IBKR_READ_VALUES = False
+        return server
+
+    yield serve
+    for server in servers:
+        server.__exit__(None, None, None)
+
+
+def read(account: str | None = None):
+    return IbkrGateway().fetch_positions(account)
+
+
+def by_con_id(snapshot):
+    return {(p.account, p.con_id): p for p in snapshot.positions}
+
+
+def version_of(name: str) -> int:
+    """A server version named by what it is to the client library: its lowest, the last
+    before the error message's advancedOrderRejectJson (165), the first with it (166),
+    its highest."""
+    lowest, highest = library_versions()
+    return {"lowest": lowest, "165": 165, "166": 166, "highest": highest}[name]
+
+
+VERSIONS = ["lowest", "165", "166", "highest"]
+#: Bytes per TCP write: each answer in one, one byte at a time, and cuts across fields.
+SEGMENTS = [None, 1, 3, 7]
+
+
+def positions_script(*frames: list, accounts: str = f"{A1},{A2}", before: tuple = ()) -> dict:
+    return {"start": [*start(accounts), *before], "positions": [*frames, position_end()]}
+
+
+# --- positions: exact, and "no value" never a number ---------------------------------------
+
+
+@pytest.mark.parametrize("segment", SEGMENTS)
+@pytest.mark.parametrize("version", VERSIONS)
+def test_positions_are_the_wire_texts_exactly_at_every_version_and_cut(serve, version, segment):
+    version = version_of(version)
+    serve(
+        positions_script(
+            position(A1, "265598", quantity="0.12345678", average_cost="1.0E-4"),
+            position(A1, "3691937", symbol="AMZN", quantity="1E+2",
+                     average_cost="291.2660812"),
+            position(A2, "76792991", symbol="TSLA", quantity="-3",
+                     average_cost="1.7976931348623157E308", strike="1.7976931348623157E308"),
+            before=[error(-1, 2104, "Market data farm connection is OK:usfarm", version)],
+        ),
+        server_version=version,
+        segment=segment,
+    )  # fmt: skip
+
+    snapshot = read()
+
+    assert snapshot.accounts == (A1, A2)
+    assert snapshot.server_version == version
+    got = by_con_id(snapshot)
+    assert set(got) == {(A1, 265598), (A1, 3691937), (A2, 76792991)}
+    assert str(got[A1, 265598].quantity) == "0.12345678"
+    assert got[A1, 265598].average_cost == Decimal("0.0001")
+    assert got[A1, 3691937].quantity == 100
+    assert got[A1, 3691937].average_cost == Decimal("291.2660812")
+    tsla = got[A2, 76792991]
+    assert (tsla.quantity, tsla.average_cost, tsla.strike) == (Decimal(-3), None, None)
+
+
+# --- every managed account ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("accounts", [f"{A1},{A2}", f"{A1},{A2},", f"{A1},,{A2}"])
+def test_every_managed_account_is_read_whatever_commas_the_list_has(serve, accounts):
+    """managedAccounts is one comma-separated text (some gateways end it with a comma):
+    every account in it is read, the one holding nothing too (its stored positions are
+    then closed, as they should be: IBKR said it holds none)."""
+    serve(positions_script(position(A1, "1"), accounts=accounts))
+
+    snapshot = read()
+
+    assert snapshot.accounts == (A1, A2)
+    assert [(p.account, p.con_id) for p in snapshot.positions] == [(A1, 1)]
+
+
+# --- error codes, as IBKR documents them ----------------------------------------------------
+
+# Information: the data farms' status (OK, inactive, connecting, broken: market,
+# historical and contract data, not the account server positions come from),
+# connectivity restored with its data maintained, market data subscriptions, and codes
+# the client itself makes (503, 507: never sent by a gateway).
+INFORMATIONAL = [2104, 2106, 2158, 2107, 2108, 2119, 2103, 2105, 2157, 1102, 10089, 10167,
+                 10197, 2109, 2150, 100, 162, 200, 354, 503, 507]  # fmt: skip
+EXPECTED = {
+    # TWS / IB Gateway lost IBKR's servers, or its data was lost on reconnecting.
+    1100: GatewayUnavailable,
+    1101: GatewayUnavailable,
+    2110: GatewayUnavailable,
+    # Not connected to TWS; its socket port was reset.
+    502: GatewayUnavailable,
+    504: GatewayUnavailable,
+    1300: GatewayUnavailable,
+    326: ClientIdInUse,
+    # A request that could not be validated or processed: the positions' own.
+    321: GatewayError,
+    322: GatewayError,
+}
+
+
+@pytest.mark.parametrize("version", ["lowest", "highest"])
+@pytest.mark.parametrize("code", [*INFORMATIONAL, *EXPECTED], ids=str)
+def test_each_error_code_during_the_positions_means_what_ibkr_documents(serve, code, version):
+    """Each code in an error frame of the layout of the version (5 fields before 166,
+    6 from it on), between two positions, with the "no request" id -1."""
+    version = version_of(version)
+    serve(
+        positions_script(position(A1, "1"), error(-1, code, "text", version), position(A1, "2")),
+        server_version=version,
+    )
+
+    if code in EXPECTED:
+        with pytest.raises(EXPECTED[code]) as raised:
+            read()
+        assert raised.value.ib_code == code
+        assert str(code) in str(raised.value) or code == 326
+    else:
+        snapshot = read()
+        assert {p.con_id for p in snapshot.positions} == {1, 2}
+
+
+# --- the stream: closed mid-frame, lengths at the protocol's limits -----------------------
+
+
+@pytest.mark.parametrize("segment", SEGMENTS)
+@pytest.mark.parametrize("cut", [1, 4, 9, 20])
+def test_a_gateway_closing_mid_frame_before_the_positions_end_fails_the_read(serve, cut, segment):
+    """Closed `cut` bytes into a position frame (inside its length prefix, just after
+    it, mid-field): what came before it is no complete portfolio."""
+    serve(
+        {
+            "start": start(),
+            "positions": [position(A1, "1"), frame(position(A2, "2"))[:cut], CLOSE],
+        },
+        segment=segment,
+    )
+
+    began = time.monotonic()
+    with pytest.raises(GatewayUnavailable, match=r"lost|closed"):
+        read()
+    assert time.monotonic() - began < 2  # not the request timeout (4 s)
+
+
+def test_a_length_prefix_beyond_the_protocols_longest_message_stops_the_read_at_once(serve):
+    serve({"start": start(), "positions": [position(A1, "1"), b"\x01\x00\x00\x00", SILENCE]})
+
+    began = time.monotonic()
+    with pytest.raises(IncompleteSnapshot, match="16,777,216 bytes"):
+        read()
+    assert time.monotonic() - began < 2
+
+
+@pytest.mark.parametrize("segment", SEGMENTS)
+def test_an_empty_frame_among_the_positions_makes_the_read_incomplete(serve, segment):
+    """A length of 0: a frame with no message id, which no decoder can read."""
+    serve(
+        positions_script(position(A1, "1"), b"\x00\x00\x00\x00", position(A2, "2")),
+        segment=segment,
+    )
+
+    with pytest.raises(IncompleteSnapshot):
+        read()
+
+
+# --- account values: exact, and "no value" never a number ---------------------------------
+
+
+def values_script(*rows: list) -> dict:
+    return {
+        "start": start(A1),
+        "positions": [
+            position(A1, "265598", quantity="-100", average_cost="291.2660812"),
+            position_end(),
+        ],
+        ("values", A1): [*rows, account_time(), download_end(A1)],
+    }
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("unset", ["", "1.7976931348623157E308", "2147483647"])
+def test_account_values_are_exact_and_an_unset_one_is_no_value(serve, settings, unset):
+    from ibkr_sync.services import sync_positions
+    from portfolio.models import Position
+
+    serve(
+        values_script(
+            account_value("NetLiquidation", "1E+3", "USD", A1),
+            account_value("TotalCashValue", "100.015", "USD", A1),
+            account_value("CashBalance", unset, "USD", A1),
+            account_value("ExchangeRate", "1.00", "USD", A1),
+            portfolio(A1, "265598", "-100", unset, "-29162.34", "291.2660812", unset,
+                      "-71.44"),
+        )
+    )  # fmt: skip
+    settings.IBKR_READ_VALUES = True
+
+    result = sync_positions(trigger="command")
+
+    assert result.errors == []
+    outcome = result.account_values[A1]
+    assert outcome["status"] == "read", outcome
+    assert outcome["cash_kept_reason"] == "IBKR sent no value for the USD balance"
+    aapl = Position.objects.get()
+    assert (aapl.market_price, aapl.unrealized_pnl) == (None, None)
+    assert aapl.market_value == Decimal("-29162.34")
+    assert aapl.realized_pnl == Decimal("-71.44")
