@@ -137,6 +137,46 @@ def test_positions_are_the_wire_texts_exactly_at_every_version_and_cut(serve, ve
     assert (tsla.quantity, tsla.average_cost, tsla.strike) == (Decimal(-3), None, None)
 
 
+# --- the API handshake: a server version the client library can read -----------------------
+
+
+@pytest.mark.parametrize("offset", [-1, -57])
+def test_a_gateway_older_than_the_client_library_reads_is_named_as_such(serve, offset):
+    """A gateway answers with the highest version both sides speak; one below the client
+    library's lowest is a TWS / IB Gateway too old for it: no setup checklist helps."""
+    lowest, highest = library_versions()
+    serve(positions_script(position(A1, "1")), server_version=lowest + offset)
+
+    with pytest.raises(GatewayError) as raised:
+        read()
+
+    message = str(raised.value)
+    assert f"server version {lowest + offset}" in message
+    assert f"{lowest} to {highest}" in message
+    assert "upgrade" in message.lower()
+    assert "Enable ActiveX" not in message
+
+
+@pytest.mark.parametrize("offset", [1, 24])
+def test_a_server_version_above_what_the_client_offered_is_refused(serve, offset):
+    """IBKR's handshake: the client offers a range, the gateway answers with a version in
+    it. Above it, the gateway's frames are in layouts the client library does not know:
+    at server version 200 an error message has no version field, so a farm's "OK"
+    (captured from a real gateway) would be read as an unreadable frame, or worse."""
+    lowest, highest = library_versions()
+    farm_ok = ["4", "-1", "2104", "Market data farm connection is OK:usfarm", "",
+               "1775425766350"]  # fmt: skip
+    serve(positions_script(position(A1, "1"), before=[farm_ok]), server_version=highest + offset)
+
+    with pytest.raises(GatewayError) as raised:
+        read()
+
+    assert not isinstance(raised.value, IncompleteSnapshot)
+    message = str(raised.value)
+    assert f"server version {highest + offset}" in message
+    assert f"{lowest} to {highest}" in message
+
+
 # --- every managed account ------------------------------------------------------------------
 
 
