@@ -177,6 +177,36 @@ def test_a_server_version_above_what_the_client_offered_is_refused(serve, offset
     assert f"{lowest} to {highest}" in message
 
 
+# --- the API start: frames the client library cannot take before it is ready --------------
+
+
+@pytest.mark.parametrize(
+    "frame_",
+    [
+        [],  # an empty message: no message id
+        ["abc", "1"],  # a message id that is no number
+        ["9", "1"],  # nextValidId without its id
+        ["15", "1"],  # managedAccounts without its list
+        ["9", "1", "x"],  # nextValidId whose id is no number
+    ],
+    ids=repr,
+)
+def test_a_frame_the_library_cannot_take_at_the_api_start_fails_at_once(serve, frame_):
+    """Until the API start (nextValidId and managedAccounts) the client library looks at
+    each frame itself, and a frame it cannot take there is dropped with only a log line,
+    the rest of its TCP segment held back: the start never completes and the read would
+    wait out the connect timeout, blamed on a gateway that "did not connect". It is a
+    frame that could not be read: the read fails at once and says so."""
+    serve(positions_script(position(A1, "1"), before=()) | {"start": [frame_, *start()]})
+
+    began = time.monotonic()
+    with pytest.raises(IncompleteSnapshot) as raised:
+        read()
+
+    assert time.monotonic() - began < 1.5  # not the connect timeout (3 s)
+    assert "could not" in str(raised.value)
+
+
 # --- every managed account ------------------------------------------------------------------
 
 
