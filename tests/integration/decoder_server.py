@@ -13,8 +13,9 @@ bytes, and writes them cut into TCP segments as it is told (all at once, n bytes
 time), so a test can put any byte of any frame at any point of the stream.
 
 A script is a dict from what the client asked to what is sent back, in order:
-"start" (after startApi), "positions" (after reqPositions), and ("values", account)
-(after reqAccountUpdates for that account). An item is a frame (a list of field
+"start" (after startApi), "positions" (after reqPositions), ("values", account)
+(after reqAccountUpdates for that account), and ("request", message id) for any other
+request (its items may be a function of the request's fields). An item is a frame (a list of field
 texts), raw bytes (sent as they are), `CLOSE` (the server closes the connection
 there) or `SILENCE` (nothing more is sent on that request).
 """
@@ -200,8 +201,13 @@ class DecoderServer:
                 key = "positions"
             elif request[0] == _REQ_ACCOUNT_UPDATES and request[2] == "1":
                 key = ("values", request[3])
-            if key in self.script:
-                self._send(connection, self.script[key])
+            elif ("request", request[0]) in self.script:
+                key = ("request", request[0])
+            answer = self.script.get(key)
+            if callable(answer):
+                answer = answer(request)
+            if answer is not None:
+                self._send(connection, answer)
 
     def _send(self, connection: socket.socket, items: list) -> None:
         data = bytearray()

@@ -353,3 +353,41 @@ def test_account_values_are_exact_and_an_unset_one_is_no_value(serve, settings, 
     assert (aapl.market_price, aapl.unrealized_pnl) == (None, None)
     assert aapl.market_value == Decimal("-29162.34")
     assert aapl.realized_pnl == Decimal("-71.44")
+
+
+# --- errors that answer another request ----------------------------------------------------
+
+RESTORED = "Connectivity between IB and Trader Workstation has been restored - data maintained."
+# What TWS answers an account summary of group "All" for an advisor of more than 50
+# accounts (or a third summary subscription at once), to that request's id.
+SUMMARY_REFUSED = "Error processing request.-'bd' : cause - Group 'All' is not allowed"
+REQ_ACCOUNT_SUMMARY = "62"
+
+
+@pytest.mark.parametrize("at", ["start", "positions"])
+@pytest.mark.parametrize("version", ["lowest", "highest"])
+def test_connectivity_restored_during_the_read_sends_no_request_of_its_own(serve, version, at):
+    """A 1102 ("restored, data maintained") is information. The client library answers
+    it by asking for every account's summary (group "All"), a request the read never
+    makes: TWS may refuse it (an advisor of more than 50 accounts, or a third summary
+    subscription at once), and that refusal is no failure of the positions."""
+    version = version_of(version)
+    restored = error(-1, 1102, RESTORED, version)
+    if at == "start":
+        script = positions_script(position(A1, "1"), position(A1, "2"), before=[restored])
+    else:
+        script = positions_script(position(A1, "1"), restored, position(A1, "2"))
+    server = serve(
+        script
+        | {
+            ("request", REQ_ACCOUNT_SUMMARY): lambda request: [
+                error(int(request[2]), 322, SUMMARY_REFUSED, version)
+            ]
+        },
+        server_version=version,
+    )
+
+    snapshot = read()
+
+    assert {p.con_id for p in snapshot.positions} == {1, 2}
+    assert [r[0] for r in server.requests if r[0] == REQ_ACCOUNT_SUMMARY] == []

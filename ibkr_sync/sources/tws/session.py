@@ -215,6 +215,13 @@ class TwsSource(ValuesRead, Decoding):
         ib = library.IB()
         ib.RequestTimeout = self.config.request_timeout
         state = _ReadState(failure=asyncio.get_running_loop().create_future())
+        # The library answers a 1102 ("connectivity restored, data maintained") by asking
+        # for every account's summary (group "All"): a request of its own, which a read
+        # never makes and TWS may refuse (an advisor of more than 50 accounts; a third
+        # summary subscription at once). A read asks for positions and values only.
+        own_reaction = getattr(ib, "_onError", None)
+        if own_reaction is not None:
+            ib.errorEvent -= own_reaction
         ib.errorEvent += lambda *args: self._on_error(state, *args)
         ib.client.apiError += lambda message: self._on_api_error(state, message)
         # The library reports a socket closed before the handshake finished only in its
