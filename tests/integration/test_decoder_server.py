@@ -391,3 +391,58 @@ def test_connectivity_restored_during_the_read_sends_no_request_of_its_own(serve
 
     assert {p.con_id for p in snapshot.positions} == {1, 2}
     assert [r[0] for r in server.requests if r[0] == REQ_ACCOUNT_SUMMARY] == []
+
+
+@pytest.mark.parametrize("code", [321, 322])
+def test_a_request_error_for_another_requests_id_fails_no_positions(serve, code):
+    """A read's requests (positions, account updates) carry no request id, and TWS
+    answers them with the id -1. An error with the id of a request concerns that request:
+    not the read's (another request of the client, as the library's own account summary
+    was), so the positions stand."""
+    serve(
+        positions_script(position(A1, "1"), error(7, code, SUMMARY_REFUSED, 176), position(A1, "2"))
+    )
+
+    snapshot = read()
+
+    assert {p.con_id for p in snapshot.positions} == {1, 2}
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("code", [321, 322])
+def test_a_request_error_for_another_requests_id_spoils_no_accounts_values(serve, settings, code):
+    from ibkr_sync.services import sync_positions
+
+    serve(
+        values_script(
+            account_value("NetLiquidation", "1000", "USD", A1),
+            account_value("CashBalance", "10", "USD", A1),
+            error(7, code, SUMMARY_REFUSED, 176),
+            portfolio(A1, "265598", "-100", "291.6234436", "-29162.34", "291.2660812"),
+        )
+    )
+    settings.IBKR_READ_VALUES = True
+
+    result = sync_positions(trigger="command")
+
+    assert result.account_values[A1]["status"] == "read", result.account_values[A1]
+    assert result.account_values[A1]["positions_valued"] == 1
+
+
+@pytest.mark.django_db
+def test_a_request_error_without_a_request_id_still_spoils_the_accounts_values(serve, settings):
+    """The same code with the id -1 answers the account-updates request itself."""
+    from ibkr_sync.services import sync_positions
+
+    serve(
+        values_script(
+            account_value("NetLiquidation", "1000", "USD", A1),
+            error(-1, 321, "Error validating request.-'bB' : cause - x", 176),
+        )
+    )
+    settings.IBKR_READ_VALUES = True
+
+    result = sync_positions(trigger="command")
+
+    assert result.account_values[A1]["status"] != "read"
+    assert "321" in str(result.account_values[A1])
