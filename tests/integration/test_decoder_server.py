@@ -446,3 +446,31 @@ def test_a_request_error_without_a_request_id_still_spoils_the_accounts_values(s
 
     assert result.account_values[A1]["status"] != "read"
     assert "321" in str(result.account_values[A1])
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("segment", [None, 1])
+def test_a_gateway_closing_mid_frame_during_the_values_keeps_the_positions(
+    serve, settings, segment
+):
+    """The positions ended on the wire before the values were asked for: they are
+    complete and written; the account whose download the close cut is missing, with why."""
+    from ibkr_sync.services import sync_positions
+    from portfolio.models import Position
+
+    script = values_script()
+    script["values", A1] = [
+        account_value("NetLiquidation", "1000", "USD", A1),
+        frame(account_value("CashBalance", "10", "USD", A1))[:11],
+        CLOSE,
+    ]
+    serve(script, segment=segment)
+    settings.IBKR_READ_VALUES = True
+
+    result = sync_positions(trigger="command")
+
+    assert (result.created, result.errors) == (1, [])
+    assert Position.objects.get().quantity == Decimal(-100)
+    outcome = result.account_values[A1]
+    assert outcome["status"] == "missing", outcome
+    assert "closed" in outcome["reason"] or "lost" in outcome["reason"], outcome
