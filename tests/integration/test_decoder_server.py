@@ -21,6 +21,7 @@ from ibkr_sync.exceptions import (
     GatewayError,
     GatewayUnavailable,
     IncompleteSnapshot,
+    NoManagedAccounts,
 )
 from ibkr_sync.gateway import IbkrGateway
 from tests.integration.decoder_server import (
@@ -474,3 +475,21 @@ def test_a_gateway_closing_mid_frame_during_the_values_keeps_the_positions(
     outcome = result.account_values[A1]
     assert outcome["status"] == "missing", outcome
     assert "closed" in outcome["reason"] or "lost" in outcome["reason"], outcome
+
+
+# --- a failure of the session before the positions' end, in the same TCP segment ----------
+
+
+@pytest.mark.parametrize("segment", SEGMENTS)
+def test_a_failure_before_the_positions_end_fails_them_in_any_segment(serve, segment):
+    """The positions are what came before their end on the wire, complete only if the
+    session had not failed by then. A failure the gateway states without an IB code (here
+    a managedAccounts that names no account, among the positions) came before the end,
+    however soon the end followed it: no snapshot."""
+    serve(
+        positions_script(position(A1, "1"), managed_accounts(","), position(A1, "2")),
+        segment=segment,
+    )
+
+    with pytest.raises(NoManagedAccounts):
+        read()

@@ -276,6 +276,10 @@ class TwsSource(ValuesRead, Decoding):
                 if messages is not None:
                     messages.settle()
                 state.end_positions()
+            if not state.positions_complete:
+                # The session failed before the positions' end on the wire, and the end
+                # followed so soon (the same segment) that the request finished too.
+                raise state.failure.result()
             if state.unreadable_at_positions_end:
                 raise incomplete_read(
                     self.address, state.unreadable_at_positions_end, state.unreadable_examples
