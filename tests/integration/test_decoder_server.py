@@ -493,3 +493,22 @@ def test_a_failure_before_the_positions_end_fails_them_in_any_segment(serve, seg
 
     with pytest.raises(NoManagedAccounts):
         read()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("code", [1100, 2110, 502, 504, 1300, 321, 322])
+def test_a_huge_error_text_that_fails_the_read_is_not_stored_whole(serve, code):
+    """An error frame may carry up to 16 MB of text: the failure quotes it cut, as an
+    account's missing values do, never whole into the run, the API's answer or the
+    command's one line."""
+    from ibkr_sync.models import SyncRun
+    from ibkr_sync.services import sync_positions
+
+    serve(positions_script(position(A1, "1"), error(-1, code, "x" * 1_000_000, 176)))
+
+    with pytest.raises(GatewayError) as raised:
+        sync_positions(trigger="command")
+
+    assert raised.value.ib_code == code
+    assert len(str(raised.value)) < 10_000
+    assert len(SyncRun.objects.get().error_message) < 10_000

@@ -107,7 +107,7 @@ class TwsErrors:
         elif code in _GATEWAY_DOWN_CODES:
             state.fail(
                 GatewayUnavailable(
-                    f"The IB gateway at {self.address} reported error {code}: {text}. "
+                    f"The IB gateway at {self.address} reported error {code}: {_cut(text)}. "
                     + _setup_checklist(self.config),
                     ib_code=code,
                 )
@@ -116,7 +116,7 @@ class TwsErrors:
             state.fail(
                 GatewayUnavailable(
                     f"The IB gateway at {self.address} lost its connection to IBKR's servers "
-                    f"during the read (error {code}: {text}); nothing was changed. It "
+                    f"during the read (error {code}: {_cut(text)}); nothing was changed. It "
                     "reconnects by itself: try again in a few minutes.",
                     ib_code=code,
                 )
@@ -150,12 +150,12 @@ class TwsErrors:
             state.fail(
                 GatewayError(
                     f"The IB gateway at {self.address} rejected a request "
-                    f"(error {code}: {text}); nothing was changed.",
+                    f"(error {code}: {_cut(text)}); nothing was changed.",
                     ib_code=code,
                 )
             )
         else:
-            logger.info("IB gateway message %s (reqId %s): %s", code, req_id, text)
+            logger.info("IB gateway message %s (reqId %s): %s", code, req_id, _cut(text))
 
     def _on_api_error(self, state: _ReadState, message: str) -> None:
         state.fail(
