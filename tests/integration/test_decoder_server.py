@@ -228,10 +228,11 @@ def test_every_managed_account_is_read_whatever_commas_the_list_has(serve, accou
 
 # Information: the data farms' status (OK, inactive, connecting, broken: market,
 # historical and contract data, not the account server positions come from),
-# connectivity restored with its data maintained, market data subscriptions, and codes
-# the client itself makes (503, 507: never sent by a gateway).
+# connectivity restored with its data maintained, market data subscriptions, the
+# account-updates subscription's (2100, 2101: no account's values are being read), and
+# codes the client itself makes (503, 507: never sent by a gateway).
 INFORMATIONAL = [2104, 2106, 2158, 2107, 2108, 2119, 2103, 2105, 2157, 1102, 10089, 10167,
-                 10197, 2109, 2150, 100, 162, 200, 354, 503, 507]  # fmt: skip
+                 10197, 2109, 2150, 100, 162, 200, 354, 2100, 2101, 503, 507]  # fmt: skip
 EXPECTED = {
     # TWS / IB Gateway lost IBKR's servers, or its data was lost on reconnecting.
     1100: GatewayUnavailable,
