@@ -37,7 +37,7 @@ from ...protocol import (
     parse_integer,
 )
 from ...snapshot import PositionRecord, PositionValue
-from .errors import TwsErrors, logger
+from .errors import TwsErrors, _cut, logger
 from .positions import (  # noqa: F401  (_quantities, _repeated_decimal: for tests)
     PositionMessages,
     _position_from_wire,
@@ -218,6 +218,7 @@ class Decoding(TwsErrors):
         decoder = ib.client.decoder
         handlers = getattr(decoder, "handlers", None)
         decoder.logger = _DecoderLog(decoder.logger, state.note_unreadable)
+        self._guard_framing(ib, state)
         if not isinstance(handlers, dict):
             return
 
@@ -257,6 +258,38 @@ class Decoding(TwsErrors):
                 self._positions_end(state)
 
         decoder.interpret = interpret
+
+    def _guard_framing(self, ib: Any, state: _ReadState) -> None:
+        """A frame the client library fails on before its decoder sees it fails the read.
+
+        Until the API has started (nextValidId and managedAccounts read) the library
+        looks at each frame itself, to tell when it has: a frame without a message id
+        that is a number, or a nextValidId / managedAccounts in another layout, makes it
+        raise there. Its event library only logs that, the frame is lost and the rest of
+        the TCP segment held back until more bytes come, so the start never completes
+        and the read would wait out the connect timeout, blamed on a gateway that "did
+        not connect". It is a frame that could not be read: the read fails at once, and
+        says so. (After the start every frame goes to the guarded decoder, which raises
+        nothing; should the library fail on one all the same, the same holds.)
+        """
+        connection = getattr(ib.client, "conn", None)
+        failures = getattr(getattr(connection, "hasData", None), "error_event", None)
+        if failures is None:
+            return
+
+        def failed(_event: Any, exc: BaseException) -> None:
+            what = f"{type(exc).__name__}: {_cut(str(exc), 80)}"
+            logger.debug("The client library failed on a frame from %s (%s)", self.address, what)
+            state.note_unreadable(f"a frame the client library could not take ({what})")
+            state.fail(
+                IncompleteSnapshot(
+                    f"The IB gateway at {self.address} sent a message the client library "
+                    f"could not read ({what}); what followed it cannot be trusted, so the "
+                    "read was stopped and nothing was changed."
+                )
+            )
+
+        failures += failed
 
     @staticmethod
     def _positions_end(state: _ReadState) -> None:

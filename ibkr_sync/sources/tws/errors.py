@@ -43,6 +43,10 @@ _CLIENT_ID_IN_USE = 326
 _GATEWAY_DOWN_CODES = frozenset({502, 504, 1300})
 _SERVER_LINK_DOWN_CODES = frozenset({1100, 1101, 2110})
 _REQUEST_FAILED_CODES = frozenset({321, 322})
+# A read's own requests (positions, account updates) carry no request id: TWS answers
+# them with this one. A request error with the id of a request concerns that request,
+# never one of the read's (another of the client's), and is only logged.
+_NO_REQUEST_ID = -1
 # The account-updates subscription was taken over (2100: TWS serves one account at a
 # time) or refused because another client holds one for a different account (2101): the
 # values of the account being read are then incomplete, its positions are not affected.
@@ -103,7 +107,7 @@ class TwsErrors:
         elif code in _GATEWAY_DOWN_CODES:
             state.fail(
                 GatewayUnavailable(
-                    f"The IB gateway at {self.address} reported error {code}: {text}. "
+                    f"The IB gateway at {self.address} reported error {code}: {_cut(text)}. "
                     + _setup_checklist(self.config),
                     ib_code=code,
                 )
@@ -112,7 +116,7 @@ class TwsErrors:
             state.fail(
                 GatewayUnavailable(
                     f"The IB gateway at {self.address} lost its connection to IBKR's servers "
-                    f"during the read (error {code}: {text}); nothing was changed. It "
+                    f"during the read (error {code}: {_cut(text)}); nothing was changed. It "
                     "reconnects by itself: try again in a few minutes.",
                     ib_code=code,
                 )
@@ -134,6 +138,8 @@ class TwsErrors:
                     f"{_cut(text)}). TWS serves one account's values at a time to all its API "
                     f"clients: {why}; its stored values were kept"
                 )
+        elif code in _REQUEST_FAILED_CODES and req_id != _NO_REQUEST_ID:
+            logger.info("IB gateway message %s (reqId %s): %s", code, req_id, _cut(text))
         elif code in _REQUEST_FAILED_CODES and state.values is not None:
             # The account-updates request of one account: its values, not the session.
             state.values.spoil(
@@ -144,12 +150,12 @@ class TwsErrors:
             state.fail(
                 GatewayError(
                     f"The IB gateway at {self.address} rejected a request "
-                    f"(error {code}: {text}); nothing was changed.",
+                    f"(error {code}: {_cut(text)}); nothing was changed.",
                     ib_code=code,
                 )
             )
         else:
-            logger.info("IB gateway message %s (reqId %s): %s", code, req_id, text)
+            logger.info("IB gateway message %s (reqId %s): %s", code, req_id, _cut(text))
 
     def _on_api_error(self, state: _ReadState, message: str) -> None:
         state.fail(

@@ -69,6 +69,7 @@ from typing import Any, TypeVar
 
 from ...conf import GatewayConfig
 from ...exceptions import (
+    GatewayError,
     GatewayTimeout,
     GatewayUnavailable,
     IbkrSyncError,
@@ -214,6 +215,13 @@ class TwsSource(ValuesRead, Decoding):
         ib = library.IB()
         ib.RequestTimeout = self.config.request_timeout
         state = _ReadState(failure=asyncio.get_running_loop().create_future())
+        # The library answers a 1102 ("connectivity restored, data maintained") by asking
+        # for every account's summary (group "All"): a request of its own, which a read
+        # never makes and TWS may refuse (an advisor of more than 50 accounts; a third
+        # summary subscription at once). A read asks for positions and values only.
+        own_reaction = getattr(ib, "_onError", None)
+        if own_reaction is not None:
+            ib.errorEvent -= own_reaction
         ib.errorEvent += lambda *args: self._on_error(state, *args)
         ib.client.apiError += lambda message: self._on_api_error(state, message)
         # The library reports a socket closed before the handshake finished only in its
@@ -268,6 +276,10 @@ class TwsSource(ValuesRead, Decoding):
                 if messages is not None:
                     messages.settle()
                 state.end_positions()
+            if not state.positions_complete:
+                # The session failed before the positions' end on the wire, and the end
+                # followed so soon (the same segment) that the request finished too.
+                raise state.failure.result()
             if state.unreadable_at_positions_end:
                 raise incomplete_read(
                     self.address, state.unreadable_at_positions_end, state.unreadable_examples
@@ -405,7 +417,8 @@ class TwsSource(ValuesRead, Decoding):
         for the connect timeout, which is then blamed. Here the first frame is held back
         until it is complete and checked: a gateway's answer (two fields, the first its
         server version) goes on to the library, anything else fails the read at once,
-        naming the address and what answered. What follows it is cut into frames here
+        naming the address and what answered; so does a server version the library
+        cannot read (`_unreadable_version`). What follows it is cut into frames here
         (`decoding.Frames`), position messages read by us, the rest passed on.
         """
         handshake = state.handshake
@@ -436,9 +449,14 @@ class TwsSource(ValuesRead, Decoding):
                 handshake.refused = True
                 state.fail(self._not_a_gateway(verdict))
                 return
-            handshake.answered = True
             held, handshake.received = bytes(handshake.received), bytearray()
             answer = 4 + struct.unpack(">I", held[:4])[0]
+            unreadable = self._unreadable_version(ib, int(held[4:answer].split(b"\0", 1)[0]))
+            if unreadable is not None:
+                handshake.refused = True
+                state.fail(unreadable)
+                return
+            handshake.answered = True
             received(held[:answer])  # the answer, to the library; what came after it, framed
             if len(held) > answer:
                 frames(held[answer:])
@@ -447,6 +465,38 @@ class TwsSource(ValuesRead, Decoding):
         connection.connection_made = connection_made
         connection.data_received = data_received
         connection.connection_lost = connection_lost
+
+    def _unreadable_version(self, ib: Any, version: int) -> GatewayError | None:
+        """Why a gateway's server version cannot be read by the client library, if so.
+
+        The client offers a range of versions in the handshake (`v157..176`), and a
+        gateway answers with the highest it speaks within it. Below it, TWS / IB Gateway
+        is older than the library reads (the library itself only says "TWS/gateway
+        version must be >= 972" and closes, which would read as a gateway that closed
+        the connection); above it, the gateway's frames come in layouts the library does
+        not know (from 194 on an error message has no version field, so even a data
+        farm's "OK" could not be read), which no gateway does.
+        """
+        client = ib.client
+        lowest = getattr(client, "MinClientVersion", None)
+        highest = getattr(client, "MaxClientVersion", None)
+        if lowest is None or highest is None or lowest <= version <= highest:
+            return None
+        library = self.config.library
+        if version < lowest:
+            return GatewayError(
+                f"The IB gateway at {self.address} answered with server version {version}, "
+                f"older than the client library ({library}) can read ({lowest} to "
+                f"{highest}); nothing was changed. Upgrade TWS / IB Gateway to a current "
+                "version."
+            )
+        return GatewayError(
+            f"The IB gateway at {self.address} answered with server version {version}, "
+            f"outside the versions the client library ({library}) offered ({lowest} to "
+            f"{highest}): its messages would come in layouts the library does not read; "
+            "nothing was changed. A TWS / IB Gateway answers within them: check what "
+            "listens there. " + _port_checklist(self.config)
+        )
 
     def _closed_unanswered(self, state: _ReadState) -> None:
         """A peer that accepted the connection and closed it (or reset it) before answering
