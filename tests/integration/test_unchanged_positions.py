@@ -455,3 +455,23 @@ def test_a_hosts_source_with_the_older_signature_is_read_as_before(ibkr, decoded
     decoded.clear()
     result = sync(gateway=Older())
     assert set(decoded) == {ACCOUNT, OTHER} and result.unchanged == 4
+
+
+@pytest.mark.parametrize("when", ["first sync", "re-sync"])
+def test_a_peer_sending_more_positions_than_any_login_holds_fails_the_read(ibkr, monkeypatch, when):
+    """More position messages before their end than `MAX_POSITION_MESSAGES` (here made
+    3; the simulator's portfolio holds 4) fail the read there, whether its messages are
+    decoded as they come (a first sync) or kept undecoded (a re-sync of the accounts as
+    written): nothing is written, and the process keeps no more of them."""
+    from ibkr_sync.exceptions import IncompleteSnapshot
+    from ibkr_sync.sources.tws import positions
+
+    if when == "re-sync":
+        assert sync().created == 4
+    before = stored()
+    monkeypatch.setattr(positions, "MAX_POSITION_MESSAGES", 3)
+
+    with pytest.raises(IncompleteSnapshot, match="sent more than 3 positions before their end"):
+        sync()
+
+    assert stored() == before

@@ -45,6 +45,13 @@ from .state import _ReadState, _unreadable
 #: is the digest of the positions last written for it (then they are not decoded).
 Written = Callable[[str, str], bool]
 
+#: The most position messages one read keeps: ten times the largest portfolios this app
+#: is measured at, far more than any login holds. A peer that sends more before their
+#: end (a server that is no gateway, or a hostile one: a connection's address is its
+#: owner's to set) fails the read there, instead of growing the process's memory until
+#: the request's timeout.
+MAX_POSITION_MESSAGES = 500_000
+
 
 def _decoder_key() -> bytes:
     """What a digest of messages also stands for: the code that turns them into records
@@ -107,6 +114,15 @@ class PositionMessages(DeferredPositions):
         """One position message (its bytes, without the length prefix)."""
         state = self._state
         if state.positions_ended:  # an update after the read: not part of it
+            return
+        if len(self._messages) >= MAX_POSITION_MESSAGES:
+            state.fail(
+                IncompleteSnapshot(
+                    f"The IB gateway at {self._address} sent more than "
+                    f"{MAX_POSITION_MESSAGES:,} positions before their end, more than any "
+                    "login holds; the read was stopped and nothing was changed."
+                )
+            )
             return
         parts = message.split(b"\0", 3)
         owner = parts[2] if len(parts) > 2 else None
