@@ -338,3 +338,37 @@ def test_a_sync_runs_page_reads_outcome_accounts_changes_then_diagnostics(page, 
         "15 positions: 2 updated, 1 re-opened, 1 closed, 11 unchanged"
     )
     expect(page.locator("#sync-run-changes tbody tr")).to_have_count(4)
+
+
+#: A phone held upright: the admin's own lists scroll sideways inside their box there.
+PHONE = (390, 844)
+
+WIDER_THAN_THE_WINDOW = """() => {
+    const win = window.innerWidth, wide = [];
+    const scrolls = e => ['auto', 'scroll'].includes(getComputedStyle(e).overflowX);
+    for (const e of document.querySelectorAll('#content *')) {
+        const r = e.getBoundingClientRect();
+        if (!r.width || r.right <= win + 1) continue;
+        let box = e.parentElement;
+        while (box && box !== document.body && !scrolls(box)) box = box.parentElement;
+        if (box === document.body || !box) {
+            wide.push([e.tagName.toLowerCase(), ...e.classList].join('.'));
+        }
+    }
+    return [document.documentElement.scrollWidth, [...new Set(wide)].slice(0, 5)];
+}"""
+
+
+@pytest.mark.parametrize("name", PAGES)
+def test_every_admin_page_fits_a_phone_held_upright(page, sample, name):
+    """At a phone's width nothing makes the page wider than the window: a wide table
+    scrolls sideways in a box of its own (as the admin's lists do), the page does not."""
+    width, height = PHONE
+    page.set_viewport_size({"width": width, "height": height})
+    log_in(page, "root")
+
+    response = page.goto(url_of(name, sample))
+
+    assert response.status == 200
+    page_width, wide = page.evaluate(WIDER_THAN_THE_WINDOW)
+    assert (page_width, wide) == (width, []), name
