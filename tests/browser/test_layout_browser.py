@@ -14,6 +14,9 @@ figure with its currency, and times that tell rows apart.
 - Times: a list's moments are shown with their date and time to the minute, so rows
   minutes apart read differently.
 
+At a phone's width (390 x 844), no page is wider than the window: a wide table or chart
+scrolls sideways in a box of its own.
+
 The README's pictures of the admin come from here: DOCS_SCREENSHOTS=1 writes them to
 docs/images/ (at 1400 x 900; otherwise they go to the test's temporary directory,
 checked all the same).
