@@ -32,7 +32,7 @@ import pytest
 from django.urls import reverse
 from playwright.sync_api import Page, expect
 
-from ibkr_sync.models import SyncRun
+from ibkr_sync.models import Connection, SyncRun
 from portfolio.models import Account, AccountSnapshot, CashBalance, Instrument, Position
 from tests.browser.sample_values import (
     LONG_FAILURE,
@@ -80,6 +80,10 @@ def url_of(name: str, sample) -> str:
         return reverse("admin:portfolio_overview")
     if name == "sync run list":
         return reverse("admin:ibkr_sync_syncrun_changelist")
+    if name == "connection list":
+        # A row, so that the list shows its actions (a test of the connections).
+        Connection.objects.get_or_create(name="paper", defaults={"port": 4002, "client_id": 7})
+        return reverse("admin:ibkr_sync_connection_changelist")
     if name == "failed sync run":
         return reverse("admin:ibkr_sync_syncrun_change", args=[runs[1].pk])
     if name == "sync run":
@@ -99,6 +103,7 @@ PAGES = [
     "sync run list",
     "failed sync run",
     "sync run",
+    "connection list",
 ]
 #: The docs' pictures, taken at 1400 x 900.
 DOCS = {
