@@ -153,7 +153,7 @@ def _check_client_library(library: str) -> list:
             Warning(
                 f"IBKR_CLIENT_LIBRARY is {library!r}, which is not installed: syncs will fail.",
                 hint=f"pip install {library.replace('_', '-')}"
-                + (" (or django-ibkr-sync[ib_async])" if library == "ib_async" else ""),
+                + (" (or django-ibkr-sync[ib-async])" if library == "ib_async" else ""),
                 id="ibkr_sync.W001",
             )
         ]

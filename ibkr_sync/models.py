@@ -376,7 +376,7 @@ class AbstractTrade(AbstractLedgerRow):
     trade_date = models.DateField(null=True, blank=True)
     traded_at = models.DateTimeField(null=True, blank=True)
     settle_date = models.DateField(null=True, blank=True)
-    buy_sell = models.CharField(max_length=16, blank=True, help_text="BUY or SELL.")
+    buy_sell = models.CharField("buy/sell", max_length=16, blank=True, help_text="BUY or SELL.")
     quantity = models.DecimalField(
         null=True, blank=True, help_text="Signed: negative for a sale.", **QUANTITY_DIGITS
     )

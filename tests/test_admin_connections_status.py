@@ -242,11 +242,14 @@ def test_each_account_says_which_connection_last_reported_it(admin_client, home,
     assert summaries["U1111111"].reported_as_of == as_of
     assert summaries["U2222222"].reported_by == "office-2"
     html = response.text
-    assert re.search(
-        r'data-connection="home">Last reported by connection <strong>home</strong>, as of '
-        rf'<time datetime="{re.escape(as_of.isoformat())}">',
+    said = re.search(
+        r'data-connection="home">Last reported by connection <strong>home</strong> \(as of '
+        rf'<time datetime="{re.escape(as_of.isoformat())}">([^<]*)</time>\)\.</p>',
         html,
     )
+    assert said, html
+    # A time that ends in "p.m." is not followed by a second full stop.
+    assert not re.search(r"\.\.|\.\.</p>", said.group(0))
     assert 'data-connection="office-2">Last reported by connection' in html
 
 

@@ -81,6 +81,19 @@ def test_a_trade_s_numbers_exact_and_ibkr_s_attributes_readable(admin_client, le
     assert '<th scope="row">notes</th><td>O</td>' in html
 
 
+def test_a_trade_s_side_is_called_buy_sell_on_its_list_its_filter_and_its_page(
+    admin_client, ledger
+):
+    trade = Trade.objects.get(external_id="9000001")
+    listed = admin_client.get(changelist(Trade)).text
+    page = admin_client.get(change(trade)).text
+
+    assert "Buy/sell" in listed and "By buy/sell" in listed
+    assert "<label>Buy/sell:</label>" in page
+    for html in (listed, page):
+        assert "buy sell" not in html.lower()
+
+
 def test_the_trades_list_shows_amounts_in_cents_exact_on_hover(admin_client, ledger):
     html = admin_client.get(changelist(Trade), {"q": "SHIR"}).text
 

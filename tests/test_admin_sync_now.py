@@ -9,11 +9,13 @@ from django.contrib.messages import constants as message_levels
 from django.db import connection
 from django.test import Client
 from django.urls import resolve, reverse
+from django.utils.html import escape
 
 from ibkr_sync.exceptions import GatewayUnavailable
 from ibkr_sync.models import SyncRun
 from portfolio.models import Account, Instrument, Position
 from tests.conftest import FakeGateway, position, reading_from
+from tests.test_account_reports import MORNING, NOON, Statement
 from tests.test_admin import change, changelist, client_for, listed, messages_of, synced
 
 pytestmark = pytest.mark.django_db
@@ -130,6 +132,27 @@ def test_sync_now_says_which_accounts_values_were_not_read_and_the_run_shows_why
         '<li><strong>U1111111</strong> <span class="ibkr-badge ibkr-badge-values-missing">'
         "values missing</span> IBKR refused the subscription (error 2101)</li>"
     ) in page
+
+
+def test_sync_now_says_which_accounts_were_not_written_as_the_command_does(admin_client, settings):
+    """A source's snapshot older than the one applied already writes nothing of those
+    accounts: the message says so and why, as `sync_ibkr` does, rather than a bare
+    "0 positions in 0 account(s)"."""
+    newer = Statement(NOON, position(quantity="10"))
+    with reading_from(newer, settings):
+        admin_client.post(SYNC_NOW, {"next": changelist(Position)}, follow=True)
+    older = Statement(MORNING, position(quantity="5"))
+    with reading_from(older, settings):
+        response = admin_client.post(SYNC_NOW, {"next": changelist(Position)}, follow=True)
+
+    run = SyncRun.objects.latest("pk")
+    [(level, text)] = messages_of(response)
+    assert level == message_levels.WARNING
+    assert "finished: 0 positions in 0 account(s)" in text
+    assert text.endswith(f" {escape(run.accounts_refused['U1111111'])}")
+    assert "U1111111 was not written: " in text
+    assert "as of 2026-12-01 12:00:00.000 UTC" in text
+    assert Position.objects.get().quantity == 10
 
 
 def test_sync_now_for_the_chosen_account_from_accounts(syncing_staff, use_gateway):

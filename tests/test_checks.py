@@ -121,7 +121,7 @@ def test_the_client_library_must_be_installed(settings, monkeypatch):
     settings.IBKR_CLIENT_LIBRARY = "ib_async"
     (warning,) = check_settings()
     assert warning.id == "ibkr_sync.W001"
-    assert "django-ibkr-sync[ib_async]" in warning.hint
+    assert "django-ibkr-sync[ib-async]" in warning.hint
 
 
 def test_a_changed_model_setting_is_looked_up_anew():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 from urllib.parse import urlencode
 
 import pytest
@@ -344,6 +345,20 @@ def test_without_a_ledger_the_endpoints_are_a_json_404(client, ledger, settings)
     settings.IBKR_SYNC_CASH_TRANSACTION_MODEL = None
     assert_error(client.get(CASH, {"kind": "fee"}), 404, "not_found")
     assert_error(client.get(CASH, {"kind": "bogus"}), 404, "not_found")
+
+
+def test_the_json_404_lists_only_the_ledger_endpoints_the_project_keeps(client, settings):
+    """An unknown path's 404 names the endpoints: not one that answers 404 itself."""
+
+    def listed() -> list[str]:
+        detail = assert_error(client.get("/portfolio/nothing-here"), 404, "not_found")["detail"]
+        return re.split(r" \(documented|\.$", detail.split("The endpoints: ")[1])[0].split(", ")
+
+    assert {TRADES, CASH, "/portfolio/positions"} <= set(listed())
+
+    settings.IBKR_SYNC_TRADE_MODEL = None
+    assert TRADES not in listed()
+    assert {CASH, "/portfolio/positions"} <= set(listed())
 
 
 def test_without_a_ledger_anonymous_is_still_401(api_client, settings):

@@ -514,7 +514,8 @@ class SyncRunAdmin(admin.ModelAdmin):
             for account, outcome in (result.account_values or {}).items()
             if outcome["status"] == "missing"
         }
-        level = messages.WARNING if result.errors or missing else messages.SUCCESS
+        refused = result.accounts_refused or {}
+        level = messages.WARNING if result.errors or missing or refused else messages.SUCCESS
         if runs:
             run_url = reverse("admin:ibkr_sync_syncrun_change", args=[result.sync_run_id])
             run = format_html('<a href="{}">Sync #{}</a>', run_url, result.sync_run_id)
@@ -535,6 +536,13 @@ class SyncRunAdmin(admin.ModelAdmin):
             )
         elif missing:
             message = format_html("{} Some accounts' values were not read.", message)
+        # Said as `sync_ibkr` says it: an account the source reported and the sync did not
+        # write (a newer report of it stands); else "0 positions in 0 account(s)" misleads.
+        # Each reason is a sentence naming its account.
+        if refused and runs:
+            message = format_html("{} {}", message, " ".join(refused.values()))
+        elif refused:
+            message = format_html("{} Some accounts were not written.", message)
         return message, level
 
     def _back_to(self, request: HttpRequest) -> str:

@@ -14,6 +14,9 @@ figure with its currency, and times that tell rows apart.
 - Times: a list's moments are shown with their date and time to the minute, so rows
   minutes apart read differently.
 
+At a phone's width (390 x 844), no page is wider than the window: a wide table or chart
+scrolls sideways in a box of its own.
+
 The README's pictures of the admin come from here: DOCS_SCREENSHOTS=1 writes them to
 docs/images/ (at 1400 x 900; otherwise they go to the test's temporary directory,
 checked all the same).
@@ -29,7 +32,7 @@ import pytest
 from django.urls import reverse
 from playwright.sync_api import Page, expect
 
-from ibkr_sync.models import SyncRun
+from ibkr_sync.models import Connection, SyncRun
 from portfolio.models import Account, AccountSnapshot, CashBalance, Instrument, Position
 from tests.browser.sample_values import (
     LONG_FAILURE,
@@ -77,6 +80,10 @@ def url_of(name: str, sample) -> str:
         return reverse("admin:portfolio_overview")
     if name == "sync run list":
         return reverse("admin:ibkr_sync_syncrun_changelist")
+    if name == "connection list":
+        # A row, so that the list shows its actions (a test of the connections).
+        Connection.objects.get_or_create(name="paper", defaults={"port": 4002, "client_id": 7})
+        return reverse("admin:ibkr_sync_connection_changelist")
     if name == "failed sync run":
         return reverse("admin:ibkr_sync_syncrun_change", args=[runs[1].pk])
     if name == "sync run":
@@ -96,6 +103,7 @@ PAGES = [
     "sync run list",
     "failed sync run",
     "sync run",
+    "connection list",
 ]
 #: The docs' pictures, taken at 1400 x 900.
 DOCS = {
@@ -338,3 +346,37 @@ def test_a_sync_runs_page_reads_outcome_accounts_changes_then_diagnostics(page, 
         "15 positions: 2 updated, 1 re-opened, 1 closed, 11 unchanged"
     )
     expect(page.locator("#sync-run-changes tbody tr")).to_have_count(4)
+
+
+#: A phone held upright: the admin's own lists scroll sideways inside their box there.
+PHONE = (390, 844)
+
+WIDER_THAN_THE_WINDOW = """() => {
+    const win = window.innerWidth, wide = [];
+    const scrolls = e => ['auto', 'scroll'].includes(getComputedStyle(e).overflowX);
+    for (const e of document.querySelectorAll('#content *')) {
+        const r = e.getBoundingClientRect();
+        if (!r.width || r.right <= win + 1) continue;
+        let box = e.parentElement;
+        while (box && box !== document.body && !scrolls(box)) box = box.parentElement;
+        if (box === document.body || !box) {
+            wide.push([e.tagName.toLowerCase(), ...e.classList].join('.'));
+        }
+    }
+    return [document.documentElement.scrollWidth, [...new Set(wide)].slice(0, 5)];
+}"""
+
+
+@pytest.mark.parametrize("name", PAGES)
+def test_every_admin_page_fits_a_phone_held_upright(page, sample, name):
+    """At a phone's width nothing makes the page wider than the window: a wide table
+    scrolls sideways in a box of its own (as the admin's lists do), the page does not."""
+    width, height = PHONE
+    page.set_viewport_size({"width": width, "height": height})
+    log_in(page, "root")
+
+    response = page.goto(url_of(name, sample))
+
+    assert response.status == 200
+    page_width, wide = page.evaluate(WIDER_THAN_THE_WINDOW)
+    assert (page_width, wide) == (width, []), name

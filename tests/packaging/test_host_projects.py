@@ -267,6 +267,14 @@ for model in (conf.account_model(), conf.instrument_model(), position_model,
         "add": f"/admin/{meta.app_label}/{meta.model_name}/add/" in html,
         "page": page.status_code, "inputs": sorted(inputs - {"csrfmiddlewaretoken"}),
     }
+# The admin's index names each model as its plural reads.
+index = client.get("/admin/").content.decode()
+out["index"] = sorted(
+    re.search(rf'<a href="/admin/{m._meta.app_label}/{m._meta.model_name}/"[^>]*>([^<]+)</a>',
+              index).group(1)
+    for m in (conf.account_model(), conf.instrument_model(), position_model,
+              conf.cash_balance_model(), conf.account_snapshot_model())
+)
 meta = position_model._meta
 overview = client.get(f"/admin/{meta.app_label}/{meta.model_name}/overview/")
 text = overview.content.decode()
@@ -445,6 +453,11 @@ def test_section_9_as_written_in_a_freshly_generated_project(
     syncing = {name for name, page in admin.items() if page["sync_now"]}
     assert syncing == {name for name in admin if name in accounts | {"holding", "position"}}
     assert out["overview"] == [200, True, True, True, True]
+    assert out["index"] == (
+        ["Account snapshots", "Accounts", "Cash balances", "Instruments", "Positions"]
+        if kind == "plain"
+        else ["Broker accounts", "Cash", "Holdings", "Securities", "Value history"]
+    )
     assert out["health"] == [200, "ok"], "section 9's /healthz: the last sync succeeded"
     assert out["history"][0] == 200 and out["history"][1] >= 2
     if kind == "shadow":
