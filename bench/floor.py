@@ -200,7 +200,7 @@ def same_rows(connection: Any, tables: list[Table]) -> None:
 
 
 def measure(connection: Any, before: dict[str, dict[Any, tuple]], repeat: int) -> dict[str, Any]:
-    """The floor of the step just run (its primary keys `before` it): the median of
+    """The floor of the step just run (`before` it, every table's rows by key): the median of
     `repeat` writes of its rows, and on PostgreSQL of their text."""
     tables, changed = written(connection, before)
     variants = ["values"] + (["text"] if connection.vendor == "postgresql" else [])
