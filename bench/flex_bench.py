@@ -21,9 +21,16 @@ for SQLite (a temporary file) and PostgreSQL (--database-url; the benchmark crea
 drops its own database `bench_<name>` there). Each row shows seconds, the ratio to the
 bare pass, rows, and the process's peak RSS; the goals are printed beside them.
 
+--floor adds the floors: the bare pass keeping a tuple of each ledger row's texts (no
+conversion), and the least the database itself takes to store the import's rows
+(`bench/floor.py`: the rows the product's import created, written again with PostgreSQL's
+COPY or SQLite's executemany in one transaction, no ORM), with the bound they imply
+against the goal (an import at most twice the bare pass).
+
     python bench/flex_bench.py                                  # 250,000 rows, both databases
     python bench/flex_bench.py --transactions 20000 --databases sqlite
     python bench/flex_bench.py --profile 25 --databases sqlite  # cProfile of both syncs
+    python bench/flex_bench.py --floor                          # and what no import goes below
 """
 
 from __future__ import annotations
@@ -165,6 +172,37 @@ def worker_bare(args: argparse.Namespace) -> dict[str, Any]:
     return {"seconds": time.perf_counter() - started, "rows": rows, "rss": peak_rss_mib()}
 
 
+#: The attributes of a ledger row the import keeps (its raw attributes hold every one the
+#: statement has): those `write_statement` writes.
+KEPT = {
+    "Trade": (
+        "accountId", "currency", "assetCategory", "symbol", "conid", "dateTime", "quantity",
+        "tradePrice", "proceeds", "ibCommission", "buySell", "transactionID", "levelOfDetail",
+    ),
+    "CashTransaction": (
+        "accountId", "currency", "assetCategory", "symbol", "conid", "dateTime", "amount",
+        "type", "transactionID", "levelOfDetail",
+    ),
+}  # fmt: skip
+
+
+def worker_parse_floor(args: argparse.Namespace) -> dict[str, Any]:
+    """The bare pass, and a tuple per ledger row of the texts the import keeps (no
+    Decimal, no date): the least a reader that keeps them pays."""
+    import xml.etree.ElementTree as ElementTree
+
+    started = time.perf_counter()
+    records = []
+    for _, element in ElementTree.iterparse(args.statement, events=("end",)):
+        names = KEPT.get(element.tag)
+        if names is not None and element.get("levelOfDetail") in ("EXECUTION", "DETAIL"):
+            get = element.get
+            records.append(tuple([get(name) for name in names]))
+        element.clear()
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "rows": len(records), "rss": peak_rss_mib()}
+
+
 def worker_parse(args: argparse.Namespace) -> dict[str, Any]:
     from ibkr_sync.sources.flex.parser import parse_flex
 
@@ -279,6 +317,47 @@ def worker_import(args: argparse.Namespace) -> dict[str, Any]:
     return measured
 
 
+def worker_floor(args: argparse.Namespace) -> dict[str, Any]:
+    """The database floor of the import (`bench/floor.py`): the product's import into an
+    empty database (not timed), then the very rows it created written again, timed, with
+    the bulk path of the database (PostgreSQL's COPY, SQLite's executemany) in one
+    transaction, in a process of its own like the import."""
+    from bench import floor
+
+    setup_django(args.database)
+    from django.conf import settings
+    from django.db import connection
+
+    from ibkr_sync.models import Connection
+    from ibkr_sync.services import sync_positions
+
+    create_bench_db()
+    parent, child = multiprocessing.Pipe()
+    server = multiprocessing.Process(target=_serve, args=(args.statement, child), daemon=True)
+    server.start()
+    settings.IBKR_FLEX_BASE_URL = parent.recv()
+    settings.IBKR_SYNC_FLEX_SOURCE_CLASS = "bench.flex_bench.NoWaitFlexSource"
+    settings.IBKR_FLEX_READ_TIMEOUT = 600
+    flex = Connection(name="bench", kind=Connection.Kind.FLEX, flex_query_id=QUERY)
+    flex.set_flex_token(TOKEN)
+    flex.save()
+    try:
+        before = floor.rows(connection)
+        try:
+            result = sync_positions(trigger="command", connection="bench")
+        finally:
+            parent.send("stop")
+            server.join(10)
+        created = sum(c["created"] for c in (result.ledger or {}).values())
+        measured = floor.measure(connection, before, repeat=1)
+    finally:
+        connection.close()
+        connection.creation.destroy_test_db(
+            connection.settings_dict["NAME"], verbosity=0, keepdb=False
+        )
+    return {**measured, "created": created, "rss": peak_rss_mib()}
+
+
 try:  # the source the import reads through: the product's, without the waits for IBKR
     from ibkr_sync.sources.flex.client import RetryPolicy
     from ibkr_sync.sources.flex.source import FlexSource
@@ -320,6 +399,13 @@ def main() -> None:
     parser.add_argument("--databases", default="sqlite,postgres")
     parser.add_argument("--database-url", default=DEFAULT_POSTGRES, help="PostgreSQL's URL")
     parser.add_argument("--profile", type=int, default=0, help="cProfile lines of the import")
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also the floors: the bare pass keeping each ledger row's texts, and the "
+        "database floor (the rows the import created, written again with COPY / "
+        "executemany, no ORM)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--statement", help=argparse.SUPPRESS)
     parser.add_argument("--database", help=argparse.SUPPRESS)
@@ -327,7 +413,13 @@ def main() -> None:
     parser.add_argument("--bench-db", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker = {"bare": worker_bare, "parse": worker_parse, "import": worker_import}
+        worker = {
+            "bare": worker_bare,
+            "parse": worker_parse,
+            "import": worker_import,
+            "floor": worker_floor,
+            "parse-floor": worker_parse_floor,
+        }
         print(json.dumps(worker[args.worker](args)))
         return
     if args.transactions < 1 or args.positions < 1 or args.accounts < 1:
@@ -360,7 +452,13 @@ def main() -> None:
             f"{bare['rss']:.0f}")  # fmt: skip
         row("-", "parse", f"{parse['seconds']:.3f}", f"{parse['seconds'] / bare['seconds']:.2f}",
             "", parse["rows"], f"{parse['rss']:.0f}")  # fmt: skip
-        profiles = []
+        if args.floor:
+            kept = run_worker("parse-floor", statement=statement)
+            assert kept["rows"] == args.transactions, kept
+            row("-", "parse floor (bare + a tuple of texts per row)", f"{kept['seconds']:.3f}",
+                f"{kept['seconds'] / bare['seconds']:.2f}", "", kept["rows"],
+                f"{kept['rss']:.0f}")  # fmt: skip
+        profiles, bounds = [], []
         for name in databases:
             # Each sync in a process of its own (its peak RSS its own); the re-import
             # reads the database the import left.
@@ -396,9 +494,43 @@ def main() -> None:
                 )  # fmt: skip
             profiles += [(name, step, steps[step]["profile"]) for step in ("import", "re-import")
                          if "profile" in steps[step]]  # fmt: skip
+            if args.floor:
+                bounds.append(floor_rows(name, urls[name], statement, bare, kept))
+        for bound in bounds:
+            print(f"\n{bound}")
         for name, step, profile in profiles:
             print(f"\n## {name}, {step} of {args.transactions} transactions\n")
             print(profile)
+
+
+def floor_rows(
+    name: str, url: str, statement: Path, bare: dict[str, Any], kept: dict[str, Any]
+) -> str:
+    """The import's database floor, as rows of the table; returns the bounds it implies
+    (the bare pass and the floor, one after the other; the parse floor and the floor of
+    the rows' text) against the goal."""
+    out = run_worker("floor", statement=statement, database=url)
+    assert out["created"] == bare["rows"], out
+    variants = [("database floor", out["seconds"])]
+    if "text_seconds" in out:
+        variants.append(("database floor, text ready", out["text_seconds"]))
+    for label, seconds in variants:
+        row(name, label, f"{seconds:.3f}", f"{seconds / bare['seconds']:.2f}", "",
+            f"{out['rows']} rows, {len(out['tables'])} tables", f"{out['rss']:.0f}")  # fmt: skip
+    bound = (bare["seconds"] + out["seconds"]) / bare["seconds"]
+    least = out.get("text_seconds", out["seconds"])
+    verdict = "within reach" if bound <= IMPORT_GOAL else "out of reach"
+    return (
+        f"{name}: the import cannot take less than the bare pass and the database floor, "
+        f"{bare['seconds']:.3f} + {out['seconds']:.3f} s = {bound:.2f} x the bare pass "
+        f"(goal: <= {IMPORT_GOAL:g} x, {verdict} on this machine; the floor wrote "
+        f"{out['rows']} rows in {len(out['tables'])} tables, changed "
+        f"{out['changed_not_created']} rows it did not create); with the write overlapping "
+        f"the pass on another core, no less than the longer of the two: "
+        f"{max(bare['seconds'], out['seconds']) / bare['seconds']:.2f} x; a reader that keeps each "
+        f"row's texts and hands them to the database as text: {kept['seconds']:.3f} + "
+        f"{least:.3f} s = {(kept['seconds'] + least) / bare['seconds']:.2f} x"
+    )
 
 
 def _load_average() -> str:

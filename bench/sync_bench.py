@@ -20,6 +20,14 @@ measurement runs in a fresh Python process (so its peak memory is its own):
 The sync steps before "with values" read positions only (IBKR_READ_VALUES=false), as the
 two reads do; "with values" is measured beside them in the same run.
 
+--floor adds, after the product's steps, the least the database itself takes to store the
+first sync's rows (`bench/floor.py`: the rows the product's first sync created, written
+again with PostgreSQL's COPY or SQLite's executemany in one transaction, no ORM), and the
+bound it implies: the wire read and that floor against the goal (at most 4 x the wire
+read). With --connections, it adds the CPU seconds a sync alone costs in every process it
+involves (its own, its simulator's, the database server's backend), and the least wall
+time of two at once that this CPU allows on the machine's cores.
+
 for the product's set-based sync and, as the baseline, a naive per-row
 `update_or_create` sync kept only here. Each row shows seconds (the median of --repeat
 runs, and of --runs fresh processes), the ratios to the raw and to the wire read, queries
@@ -30,6 +38,7 @@ the order shown, in one process).
     python bench/sync_bench.py --positions 10000 --accounts 20 --runs 3 --naive-max 0
     python bench/sync_bench.py --profile 30 --positions 10000 --accounts 20  # cProfile
     python bench/sync_bench.py --connections 10 --positions 1000 --accounts 2
+    python bench/sync_bench.py --positions 10000 --accounts 20 --naive-max 0 --floor
     python bench/sync_bench.py --changelist 100000            # admin at scale
     python bench/sync_bench.py --models default,swapped       # also into a host's own models
 
@@ -102,6 +111,8 @@ def _simulator_process(conn: Any, positions: int, accounts: Any, first_con_id: i
                 + [p for p in rows if p.key in untouched]
             )
             conn.send((len(changed), len(closed)))
+        elif command == "cpu":  # this process's CPU seconds, every thread's
+            conn.send(time.process_time())
         elif command == "move prices":
             simulator.move_prices("1.01")
             conn.send("moved")
@@ -146,6 +157,11 @@ class Simulator:
 
     def mutate(self) -> tuple[int, int]:
         self.conn.send("mutate")
+        return self.conn.recv()
+
+    def cpu(self) -> float:
+        """The CPU seconds its process has spent so far (all its threads)."""
+        self.conn.send("cpu")
         return self.conn.recv()
 
     def move_prices(self) -> None:
@@ -340,6 +356,44 @@ def worker_sync(args: argparse.Namespace) -> dict[str, Any]:
         simulator.stop()
         connection.creation.destroy_test_db(db["NAME"], verbosity=0)
     return {"steps": steps, "rss": peak_rss_mib()}
+
+
+def worker_floor(args: argparse.Namespace) -> dict[str, Any]:
+    """The database floor of the first sync (`bench/floor.py`): the product's first sync
+    (not timed), then the very rows it created written again, timed, with the bulk path
+    of the database (PostgreSQL's COPY, SQLite's executemany) in one transaction: the
+    median of --repeat writes."""
+    from bench import floor
+
+    setup_django(args.database, args.models)
+    from django.conf import settings
+    from django.db import connection
+
+    from ibkr_sync.models import SyncRun
+    from ibkr_sync.services import sync_positions
+
+    db = settings.DATABASES["default"]
+    if connection.vendor == "sqlite":
+        db.setdefault("TEST", {})["NAME"] = str(Path(tempfile.mkdtemp()) / "bench.sqlite3")
+    else:
+        db.setdefault("TEST", {})["NAME"] = f"bench_{db['NAME']}"
+    connection.creation.create_test_db(verbosity=0, autoclobber=True)
+    simulator = Simulator(args.positions, args.accounts)
+    settings.IBKR_HOST, settings.IBKR_PORT = "127.0.0.1", simulator.port
+    positions_only(settings)
+    try:
+        before = floor.rows(connection)
+        result = sync_positions(trigger=SyncRun.Trigger.COMMAND)
+        assert result.created == args.positions, result.outcome
+        simulator.stop()
+        simulator = None
+        measured = floor.measure(connection, before, repeat=args.repeat)
+    finally:
+        if simulator is not None:
+            simulator.stop()
+        connection.close()
+        connection.creation.destroy_test_db(db["NAME"], verbosity=0)
+    return {**measured, "rss": peak_rss_mib()}
 
 
 def measure(
@@ -665,12 +719,21 @@ def worker_connections(args: argparse.Namespace) -> dict[str, Any]:
         _go(children)  # a first sync in each, not timed: imports, connections, caches
         alone: dict[str, list[float]] = {name: [] for name in pair}
         cpu: dict[str, list[float]] = {name: [] for name in pair}
+        # Every process a sync involves: its own, its simulator's, the database server's
+        # backend (PostgreSQL; SQLite works in the sync's process).
+        involved: dict[str, list[dict[str, float]]] = {name: [] for name in pair}
+        backends = {name: stamp[3] for name, stamp in zip(pair, _go(children), strict=True)}
         together: list[float] = []
         for _ in range(args.repeat):
-            for name, child in zip(pair, children, strict=True):
-                (start, end, spent), *_ = _go([child])
+            for name, child, simulator in zip(pair, children, simulators[:2], strict=True):
+                served, backend = simulator.cpu(), backend_cpu(backends[name])
+                (start, end, spent, pid), *_ = _go([child])
+                served, backend = simulator.cpu() - served, backend_cpu(pid) - backend
+                if pid != backends[name]:  # another backend: its CPU cannot be told apart
+                    backends[name], backend = pid, float("nan")
                 alone[name].append(end - start)
                 cpu[name].append(spent)
+                involved[name].append({"sync": spent, "simulator": served, "server": backend})
             stamps = _go(children)
             together.append(max(s[1] for s in stamps) - min(s[0] for s in stamps))
     finally:
@@ -694,6 +757,10 @@ def worker_connections(args: argparse.Namespace) -> dict[str, Any]:
         "alone": {name: median(times) for name, times in alone.items()},
         "alone_runs": alone,
         "alone_cpu": {name: median(times) for name, times in cpu.items()},
+        "alone_involved": {
+            name: {part: median(m[part] for m in runs) for part in runs[0]}
+            for name, runs in involved.items()
+        },
         "together": median(together),
         "together_runs": together,
         "rss": peak_rss_mib(),
@@ -714,9 +781,22 @@ def _start_child(url: str, name: str) -> subprocess.Popen:
     return child
 
 
-def _go(children: list[subprocess.Popen]) -> list[tuple[float, float, float]]:
-    """Tell the children to sync, all at once; each one's (start, end) wall-clock time and
-    the CPU seconds its process spent on the sync."""
+def backend_cpu(pid: int | None) -> float:
+    """The CPU seconds a database server's backend process has spent so far (0 without
+    one: SQLite), read from /proc (`schedstat`: nanoseconds on a CPU)."""
+    if pid is None:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/schedstat") as stat:
+            return int(stat.read().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return float("nan")  # not on this machine, or not readable
+
+
+def _go(children: list[subprocess.Popen]) -> list[tuple[float, float, float, int | None]]:
+    """Tell the children to sync, all at once; each one's (start, end) wall-clock time,
+    the CPU seconds its process spent on the sync, and its database backend's process id
+    (PostgreSQL; None if it changed during the sync)."""
     for child in children:
         child.stdin.write("go\n")
     for child in children:
@@ -726,7 +806,7 @@ def _go(children: list[subprocess.Popen]) -> list[tuple[float, float, float]]:
         answer = json.loads(child.stdout.readline())
         if "error" in answer:
             raise SystemExit(f"a concurrent sync failed: {answer['error']}")
-        stamps.append((answer["start"], answer["end"], answer["cpu"]))
+        stamps.append((answer["start"], answer["end"], answer["cpu"], answer["backend"]))
     return stamps
 
 
@@ -747,6 +827,7 @@ def worker_one_sync(args: argparse.Namespace) -> dict[str, Any]:
     for line in sys.stdin:
         if line.strip() != "go":
             break
+        backend = _backend_pid(connection)
         start, cpu = time.time(), time.process_time()
         try:
             result = services.sync_positions(
@@ -757,15 +838,31 @@ def worker_one_sync(args: argparse.Namespace) -> dict[str, Any]:
             continue
         end, cpu = time.time(), time.process_time() - cpu
         syncs += 1
-        answer = {"start": start, "end": end, "cpu": cpu, "outcome": result.outcome}
+        same = _backend_pid(connection) == backend
+        answer = {
+            "start": start,
+            "end": end,
+            "cpu": cpu,
+            "outcome": result.outcome,
+            "backend": backend if same else None,
+        }
         print(json.dumps(answer), flush=True)
     return {"syncs": syncs}
+
+
+def _backend_pid(connection: Any) -> int | None:
+    """The process id of this connection's PostgreSQL backend, as the driver knows it
+    (no query); None on SQLite."""
+    if connection.vendor != "postgresql" or connection.connection is None:
+        return None
+    return connection.connection.info.backend_pid
 
 
 WORKERS = {
     "wire": worker_wire,
     "raw": worker_raw,
     "sync": worker_sync,
+    "floor": worker_floor,
     "changelist": worker_changelist,
     "connections": worker_connections,
     "one-sync": worker_one_sync,
@@ -797,6 +894,8 @@ def run_worker_median(kind: str, runs: int, **options: Any) -> dict[str, Any]:
     else:
         times = [o["seconds"] for o in outs]
         out["seconds"], out["runs"] = statistics.median(times), times
+        if "text_seconds" in out:
+            out["text_seconds"] = statistics.median(o["text_seconds"] for o in outs)
     return out
 
 
@@ -827,6 +926,13 @@ def main() -> None:
         type=int,
         default=1,
         help="fresh processes per measurement (each figure is the median of them)",
+    )
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also the database floor of the first sync (the rows it created, written again "
+        "with COPY / executemany, no ORM) and, with --connections, the CPU a sync costs in "
+        "every process it involves",
     )
     parser.add_argument(
         "--naive-max", type=int, default=10_000, help="largest N to run the naive baseline at"
@@ -902,6 +1008,7 @@ def main() -> None:
         "peak RSS MiB",
     )
     row(*["---"] * 12)
+    bounds: list[str] = []
     for n in map(int, args.positions.split(",")):
         for k in map(int, args.accounts.split(",")):
             sizes = {"positions": n, "accounts": k, "repeat": args.repeat}
@@ -950,7 +1057,48 @@ def main() -> None:
                             m["mirrored"],
                             f"{m['rss']:.0f}",
                         )
+                if args.floor:
+                    bounds.append(floor_rows(args, sizes, db_name, url, wire, raw))
+    for bound in bounds:
+        print(f"\n{bound}")
     print(f"\n{load_average()} at the end")
+
+
+#: The goal of the first sync: at most this many times the wire read.
+FIRST_GOAL = 4.0
+
+
+def floor_rows(
+    args: argparse.Namespace,
+    sizes: dict[str, int],
+    db_name: str,
+    url: str,
+    wire: dict[str, Any],
+    raw: dict[str, Any],
+) -> str:
+    """The first sync's database floor, as rows of the table; returns the bound it implies
+    (the wire read and the floor, one after the other) against the goal."""
+    n, k = sizes["positions"], sizes["accounts"]
+    out = run_worker_median("floor", args.runs, **sizes, database=url, models="default")
+    mirrored = sum(v for t, v in out["tables"].items() if t.endswith(("_position", "_instrument")))
+    variants = [("database floor", out["seconds"])]
+    if "text_seconds" in out:
+        variants.append(("database floor, text ready", out["text_seconds"]))
+    for label, seconds in variants:
+        row(n, k, db_name, label, "first", f"{seconds:.3f}", f"{seconds / raw['seconds']:.2f}",
+            f"{seconds / wire['seconds']:.2f}", len(out["tables"]), out["rows"], mirrored,
+            f"{out['rss']:.0f}")  # fmt: skip
+    bound = (wire["seconds"] + out["seconds"]) / wire["seconds"]
+    overlapped = max(wire["seconds"], out["seconds"]) / wire["seconds"]
+    verdict = "within reach" if bound <= FIRST_GOAL else "out of reach"
+    return (
+        f"{db_name}, N={n} K={k}: the first sync cannot take less than the wire read and the "
+        f"database floor, {wire['seconds']:.3f} + {out['seconds']:.3f} s = {bound:.2f} x the "
+        f"wire read (goal: <= {FIRST_GOAL:g} x, {verdict} on this machine; the floor wrote "
+        f"{out['rows']} rows in {len(out['tables'])} tables, changed "
+        f"{out['changed_not_created']} rows it did not create); with the write overlapping "
+        f"the read on another core, no less than the longer of the two: {overlapped:.2f} x"
+    )
 
 
 def profile_report(args: argparse.Namespace, dbs: dict[str, str]) -> None:
@@ -983,6 +1131,7 @@ def connections_table(args: argparse.Namespace, dbs: dict[str, str]) -> None:
     )
     row("database", "step", "seconds", "ratio", "goal")
     row(*["---"] * 5)
+    floors: list[str] = []
     for db_name, url in dbs.items():
         outs = [
             run_worker(
@@ -1016,7 +1165,53 @@ def connections_table(args: argparse.Namespace, dbs: dict[str, str]) -> None:
                 f"{alone[name] / slower:.2f}", f"- (its process's CPU: {cpu:.3f} s)")  # fmt: skip
         row(db_name, f"{a} and {b} at the same moment, two processes", f"{together:.3f}",
             f"{together / slower:.2f}", "<= 1.3 x the slower alone")  # fmt: skip
+        if args.floor:
+            floors.append(cpu_floor_rows(db_name, outs, alone, slower))
+    for line in floors:
+        print(f"\n{line}")
     print(f"\n{load_average()} at the end")
+
+
+#: Two syncs at the same moment: at most this many times the slower one alone.
+TOGETHER_GOAL = 1.3
+
+
+def cpu_floor_rows(
+    db_name: str, outs: list[dict[str, Any]], alone: dict[str, float], slower: float
+) -> str:
+    """What two syncs at once cannot go below on this machine's cores: the CPU seconds of
+    each sync alone in every process it involves (its own, its simulator's, the database
+    server's backend), as rows of the table; returns the bound their sum over the cores
+    implies, against the goal."""
+    cores = os.cpu_count() or 1
+    totals = {}
+    for name in alone:
+        parts = {
+            part: statistics.median(out["alone_involved"][name][part] for out in outs)
+            for part in ("sync", "simulator", "server")
+        }
+        totals[name] = total = sum(parts.values())
+        detail = ", ".join(f"{part} {seconds:.3f}" for part, seconds in parts.items())
+        row(db_name, f"{name} alone: CPU of every process it involves", f"{total:.3f}",
+            f"{total / alone[name]:.2f}", f"- (CPU s / its wall time; {detail})")  # fmt: skip
+    least = sum(totals.values()) / cores
+    row(db_name, f"two at once, least on {cores} cores: their CPU / {cores}", f"{least:.3f}",
+        f"{least / slower:.2f}", f"<= {TOGETHER_GOAL:g} x the slower alone")  # fmt: skip
+    if least / slower > TOGETHER_GOAL:
+        verdict = "out of reach on this machine, whatever the sync does"
+    else:
+        verdict = (
+            f"within reach: a margin of {TOGETHER_GOAL * slower - least:.3f} s "
+            f"({TOGETHER_GOAL / (least / slower):.2f} x) for whatever else runs, the "
+            "machine's other work included"
+        )
+    both = " + ".join(f"{t:.3f}" for t in totals.values())
+    return (
+        f"{db_name}: two syncs at once need the CPU of both, {both} s, on {cores} cores: "
+        f"at least {least:.3f} s = "
+        f"{least / slower:.2f} x the slower alone ({slower:.3f} s); goal <= "
+        f"{TOGETHER_GOAL:g} x: {verdict}"
+    )
 
 
 def row(*cells: Any) -> None:

@@ -43,6 +43,24 @@ def test_sync_bench_prints_the_table_for_product_and_baseline():
     assert unchanged[10] == "0", "an unchanged re-sync writes no position or instrument"
 
 
+def test_floor_writes_the_rows_of_the_first_sync_again_and_states_the_bound():
+    out = run(
+        "bench/sync_bench.py", "--positions", "300", "--accounts", "2", "--databases", "sqlite",
+        "--naive-max", "0", "--repeat", "2", "--floor",
+    )  # fmt: skip
+
+    rows = {
+        (row[3], row[4]): row
+        for row in (line.split(" | ") for line in out.splitlines() if line.startswith("| 300 "))
+    }
+    first, floor = rows["product", "first"], rows["database floor", "first"]
+    assert float(floor[5]) > 0 and float(floor[7]) > 0
+    assert floor[10] == first[10] == "600", "the positions and instruments the first sync wrote"
+    assert int(floor[9]) >= 900, "every row it created: positions, instruments, changes, ..."
+    assert "sqlite, N=300 K=2: the first sync cannot take less than the wire read" in out
+    assert "changed 0 rows it did not create" in out
+
+
 def test_wire_read_reads_every_position_without_a_client_library():
     out = run(
         "bench/sync_bench.py", "--worker", "wire", "--positions", "250", "--accounts", "3",
@@ -75,6 +93,25 @@ def test_connections_bench_syncs_singly_all_and_two_at_once():
     assert all(float(row[2]) > 0 for row in rows.values())
     singles, everything = float(rows["3 single syncs, summed"][2]), float(rows["sync_all"][2])
     assert float(rows["sync_all"][3]) == pytest.approx(everything / singles, abs=0.1)
+
+
+def test_connections_floor_counts_the_cpu_of_every_process_a_sync_involves():
+    out = run(
+        "bench/sync_bench.py", "--connections", "2", "--positions", "40", "--accounts", "2",
+        "--databases", "sqlite", "--repeat", "1", "--floor",
+    )  # fmt: skip
+
+    rows = {
+        row[1]: row
+        for row in (line.split(" | ") for line in out.splitlines())
+        if row[0] == "| sqlite"
+    }
+    for name in ("gw00", "gw01"):
+        cpu = rows[f"{name} alone: CPU of every process it involves"]
+        assert float(cpu[2]) > 0 and "sync " in cpu[4] and "simulator " in cpu[4]
+    least = next(row for step, row in rows.items() if step.startswith("two at once, least on"))
+    assert float(least[2]) > 0 and least[4].startswith("<= 1.3 x the slower alone")
+    assert "sqlite: two syncs at once need the CPU of both" in out
 
 
 def test_profile_names_the_sync_functions():
