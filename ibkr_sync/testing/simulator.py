@@ -1359,6 +1359,8 @@ def _per_unit(pos: SimPosition, amount: Decimal) -> Decimal:
 def _price(pos: SimPosition) -> Decimal:
     if pos.market_price is not None:
         return pos.market_price
+    if pos.sec_type == "BOND":  # a percent of par; the average cost is per 1 of face
+        return pos.average_cost * 100
     return pos.average_cost / _static(pos)[1]
 
 
@@ -1410,7 +1412,7 @@ def _valuation(pos: SimPosition) -> tuple[Decimal, Decimal, Decimal]:
         except (InvalidOperation, ZeroDivisionError):
             price = Decimal(0)
         value = _market_value(pos)
-        cost = _per_unit(pos, pos.quantity * pos.average_cost)
+        cost = pos.quantity * pos.average_cost  # the cost of one unit of quantity, as IBKR's
         cached = (price, _money_value(value), _money_value(value - cost))
         object.__setattr__(pos, "_value", cached)  # frozen: a cache, not a field
     return cached

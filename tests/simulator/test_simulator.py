@@ -653,9 +653,10 @@ def test_account_values_add_up_with_ibkrs_exchange_rates(sim):
 
 
 def test_account_values_count_bonds_at_percent_of_par_and_futures_by_their_pnl(sim):
-    """IBKR quotes a bond in percent of par (its value is quantity x price / 100) and
-    states a future's notional as its row's market value, but counts only the future's
-    P&L in the net liquidation and none of it in the gross position value."""
+    """IBKR quotes a bond in percent of par (its value is quantity x price / 100; its
+    average cost, as every position's, the cost of one unit of its quantity, 1 of face)
+    and states a future's notional as its row's market value, but counts only the
+    future's P&L in the net liquidation and none of it in the gross position value."""
     account = "DU1234567"
     sim.set_cash(account, {"USD": "1000"})
     with connect(sim) as client:
@@ -664,13 +665,17 @@ def test_account_values_count_bonds_at_percent_of_par_and_futures_by_their_pnl(s
         future = next(row for row in rows if row[4] == "FUT")
         sim.set_market_price(account, int(future[2]), Decimal(future[14]) + 10)
         after, moved = _download(client, account)
+        sim.set_market_price(account, int(bond[2]), "99.765")
+        bond_moved = next(row for row in _download(client, account)[1] if row[4] == "BOND")
     assert [Decimal(bond[i]) for i in (13, 14, 15, 16)] == [
         10000,
         Decimal("98.765"),
         Decimal("9876.50"),
-        Decimal("98.765"),
+        Decimal("0.98765"),
     ]
     assert Decimal(bond[17]) == 0  # bought at the price it is worth
+    assert Decimal(bond_moved[15]) == Decimal("9976.50")
+    assert Decimal(bond_moved[17]) == 100  # 1 point of 10,000 face
     assert Decimal(future[15]) == Decimal(future[13]) * Decimal(future[14]) * 50  # notional
     future = next(row for row in moved if row[4] == "FUT")
     assert Decimal(future[17]) == 10 * 50  # 1 contract, 10 points, multiplier 50
