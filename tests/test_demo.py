@@ -231,6 +231,65 @@ def test_the_demo_runs_in_its_own_database_whatever_database_url_names(
     assert any("days of made-up history" in line for line in demo.output)
 
 
+def test_the_demos_gateway_values_carry_on_from_its_flex_history(tmp_path):
+    """The gateway simulator and the Flex statement tell of the same accounts: the
+    gateway's net liquidation of each, read after the statement's last day, is what that
+    day's net asset value was, but for the prices' drift between syncs (1 % at most); so
+    the overview's chart goes on from the statement's days without a jump."""
+    demo_file = tmp_path / "demo.sqlite3"
+    web = f"127.0.0.1:{free_port()}"
+    demo = Demo(
+        "--addr", web, "--gateway-port", "0", "--flex-port", "0", "--database", str(demo_file),
+        env=demo_env(),
+    )  # fmt: skip
+    try:
+        demo.wait_for("The demo is up")
+        demo.wait_for("Database:")
+        assert demo.serving(f"http://{web}/admin/login/") == 200
+    finally:
+        stopped = demo.stop()
+    assert stopped == 0, "\n".join(demo.output)
+
+    with sqlite3.connect(demo_file) as db:
+        rows = db.execute(
+            "SELECT a.external_id, s.taken_at, s.net_liquidation, r.connection_name "
+            "FROM portfolio_accountsnapshot s JOIN portfolio_account a ON a.id = s.account_id "
+            "LEFT JOIN ibkr_sync_syncrun r ON r.id = s.sync_run_id "
+            "WHERE s.net_liquidation IS NOT NULL ORDER BY a.external_id, s.taken_at, s.id"
+        ).fetchall()
+        held = db.execute(
+            "SELECT a.external_id, p.market_value FROM portfolio_position p "
+            "JOIN portfolio_account a ON a.id = p.account_id "
+            "WHERE p.closed_at IS NULL AND p.market_value IS NOT NULL"
+        ).fetchall()
+    # What the drift of 1 % a price can move an account by: 1 % of its positions' market
+    # values (a future's notional included: its P&L is what the drift moves).
+    drift: dict[str, Decimal] = {}
+    for account, value in held:
+        drift[account] = drift.get(account, Decimal(0)) + abs(Decimal(str(value))) / 100
+    by_account: dict[str, list[tuple[Decimal, str | None]]] = {}
+    for account, _, value, connection in rows:
+        by_account.setdefault(account, []).append((Decimal(str(value)), connection))
+    assert set(by_account) == {"DU1234567", "DU7654321", "DU5555555"}
+    for account, points in by_account.items():
+        flex = [value for value, connection in points if connection == ibkr_demo.FLEX_CONNECTION]
+        gateway = [
+            value for value, connection in points if connection == ibkr_demo.GATEWAY_CONNECTION
+        ]
+        assert flex and gateway, (account, points)
+        assert abs(gateway[-1] - flex[-1]) <= drift.get(account, 0) + 1, (account, flex, gateway)
+        assert abs(gateway[-1] / flex[-1] - 1) < Decimal("0.05"), (account, flex[-1], gateway)
+        values = [value for value, _ in points]
+        moves = [abs(b / a - 1) for a, b in itertools.pairwise(values)]
+        assert max(moves) < Decimal("0.06"), (account, values)
+    # The sample account with a bond and a future: worth what its statement says (about
+    # 166,000), not the future's notional nor the bond's face value times its price.
+    gateway_value = next(
+        v for v, c in reversed(by_account["DU1234567"]) if c == ibkr_demo.GATEWAY_CONNECTION
+    )
+    assert 150_000 < gateway_value < 185_000
+
+
 def hold(port: int) -> socket.socket | None:
     """Take `port` on loopback as a running server does (None if it cannot be had)."""
     holder = socket.socket()

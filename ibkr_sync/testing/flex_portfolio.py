@@ -543,6 +543,16 @@ class FlexHistory:
                     cash[row.account, currency] += amount
         return dict(cash)
 
+    def ending_cash(self, account: str) -> dict[str, Decimal]:
+        """An account's cash per currency at the end of the history (its forex positions
+        included: a statement holds them as cash): what a gateway reading the account
+        after the history reports as its cash balances."""
+        return {
+            currency: amount
+            for (held, currency), amount in sorted(self.cash(self.end).items())
+            if held == account
+        }
+
     def net_asset_value(self, account: str, on: dt.date) -> tuple[Decimal, Decimal, Decimal]:
         """(cash, stock, options) in the base currency at the end of `on`, unrounded."""
         cash = sum(

@@ -75,7 +75,10 @@ class SimPosition:
     threads without copying.
 
     ``market_price`` is optional and only used for reqAccountUpdates' portfolio rows; it
-    defaults to the average cost per unit, i.e. a flat P&L.
+    defaults to the average cost per unit, i.e. a flat P&L. As IBKR states them, the
+    average cost is the cost of one unit of ``quantity`` (a contract's, multiplier
+    included) and a price is per unit of the multiplier; a bond's price is a percent of
+    par and its quantity its face value, so that its average cost is its price / 100.
     """
 
     account: str
@@ -148,9 +151,12 @@ class SimPosition:
 
     @property
     def price(self) -> Decimal:
-        """Market price per unit: ``market_price`` or average cost / multiplier."""
+        """Market price per unit: ``market_price`` or average cost / multiplier (a bond's:
+        average cost x 100, a percent of par)."""
         if self.market_price is not None:
             return self.market_price
+        if self.sec_type == "BOND":
+            return self.average_cost * 100
         return self.average_cost / self.multiplier_value
 
     def with_quantity(self, quantity: Decimal | int | str) -> SimPosition:
@@ -473,7 +479,7 @@ def _generate_one(rng: random.Random, sec_type: str, account: str, con_id: int) 
             local_symbol=f"T {coupon} {maturity[4:6]}/{maturity[6:]}/{maturity[2:4]}",
             trading_class="GOVT",
             quantity=Decimal(rng.randint(1, 50) * 1000),
-            average_cost=_money(rng, "97.5", spread=0.05, places=4),
+            average_cost=_money(rng, "97.5", spread=0.05, places=4) / 100,  # per 1 of face
         )
     if sec_type == "CFD":
         symbol, exchange, currency, trading_class, base = rng.choice(_EU_STOCKS)

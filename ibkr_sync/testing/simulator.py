@@ -17,7 +17,9 @@ What is simulated (see ``GatewaySimulator._handlers`` for the full list):
   and live position updates to clients that subscribed with reqPositions;
 * each account's values for an account-updates subscription (reqAccountUpdates): cash
   and IBKR's exchange rate per currency, the totals in the account's base currency and
-  a portfolio row per position, all consistent with its positions and prices; one
+  a portfolio row per position, all consistent with its positions and prices and
+  counted as IBKR counts them (a bond priced in percent of par; a future's notional in
+  its row's market value but only its P&L in the net liquidation); one
   subscription at a time across clients, as TWS serves them (2100 when a client's own
   new subscription replaces its old one, 2101 when another client holds one for a
   different account); prices that move between syncs on demand (``set_market_price``,
@@ -110,6 +112,9 @@ _LENGTH = struct.Struct(">I")
 _VERSION_RE = re.compile(r"^v(\d+)(?:\.\.(\d+))?(?:\s.*)?$", re.DOTALL)
 _CENT = Decimal("0.01")
 _PRICE_STEP = Decimal("0.00000001")
+#: Security types whose market value (a notional) is no equity: only their P&L counts
+#: in the account's values, as IBKR settles it (futures daily; CFDs as they move).
+MARGIN_ONLY = frozenset({"FUT", "CFD"})
 #: IBKR's exchange rates to the base currency (USD) the simulator sends unless told others.
 DEFAULT_EXCHANGE_RATES = {
     "USD": Decimal(1),
@@ -289,7 +294,9 @@ class GatewaySimulator:
         ``farm_status_messages`` sends the 2104/2106/2158 notices real gateways send on
         connect (ib_insync logs them as "Warning"); off by default to keep logs quiet.
         ``cash_balance`` is every account's cash in ``base_currency`` until ``set_cash``
-        says otherwise; ``exchange_rates`` are IBKR's rates of other currencies to it.
+        says otherwise (besides the balances its forex positions are: at IBKR a forex
+        position is its currency's cash); ``exchange_rates`` are IBKR's rates of other
+        currencies to it.
         ``price_drift`` (e.g. ``"0.01"``) moves each price of an account by up to that
         fraction, at random, whenever its values are asked for: a market that moves
         between syncs (the demo's).
@@ -938,29 +945,50 @@ class GatewaySimulator:
         """(tag, value, currency) rows as TWS sends them for one account: per currency its
         cash, IBKR's exchange rate and P&L, and the totals in the base currency (also as
         currency BASE), all from the account's cash and positions at their prices, rounded
-        to cents per position as the portfolio rows are, so that they add up exactly."""
+        to cents per position as the portfolio rows are, so that they add up exactly.
+
+        As IBKR counts them: the net liquidation is the cash plus the market value of
+        stocks, options, bonds and funds; a future's market value (its notional) is no
+        equity, only its P&L is (in TotalCashValue, as FuturesPNL), and only a CFD's P&L
+        as well; a forex position is the cash balance of its currency, counted once, as
+        cash. The gross position value is the sum of the absolute market values that
+        count."""
         base = self.base_currency
         with self._lock:
             positions = [p for p in self._positions.values() if p.account == account]
-            cash = dict(self._cash.get(account) or {base: self.cash_balance})
+            cash = self._cash.get(account)
+            if cash is None:
+                cash = {base: self.cash_balance}
+                for pos in positions:
+                    if pos.sec_type == "CASH":  # the currency's balance, as IBKR holds it
+                        cash[pos.symbol] = cash.get(pos.symbol, Decimal(0)) + pos.quantity
+            cash = dict(cash)
             rates = dict(self._rates)
         rates[base] = Decimal(1)
         value: dict[str, Decimal] = {}
         gross: dict[str, Decimal] = {}
         unrealized: dict[str, Decimal] = {}
+        futures: dict[str, Decimal] = {}
+        cfds: dict[str, Decimal] = {}
         for pos in positions:
             market, pnl = _valuation(pos)[1:3]
-            value[pos.currency] = value.get(pos.currency, Decimal(0)) + market
-            gross[pos.currency] = gross.get(pos.currency, Decimal(0)) + abs(market)
-            unrealized[pos.currency] = unrealized.get(pos.currency, Decimal(0)) + pnl
-        currencies = sorted({*cash, *value})
+            c = pos.currency
+            unrealized[c] = unrealized.get(c, Decimal(0)) + pnl
+            if pos.sec_type in MARGIN_ONLY:
+                pnls = futures if pos.sec_type == "FUT" else cfds
+                pnls[c] = pnls.get(c, Decimal(0)) + pnl
+            elif pos.sec_type != "CASH":
+                value[c] = value.get(c, Decimal(0)) + market
+                gross[c] = gross.get(c, Decimal(0)) + abs(market)
+        currencies = sorted({*cash, *value, *futures, *cfds})
 
         def in_base(amounts: dict[str, Decimal]) -> Decimal:
             total = sum((a * rates.get(c, Decimal(1)) for c, a in amounts.items()), Decimal(0))
             return _money_value(total)
 
-        cash_base, value_base = in_base(cash), in_base(value)
-        net = cash_base + value_base
+        cash_base, value_base, futures_base = in_base(cash), in_base(value), in_base(futures)
+        total_cash = cash_base + futures_base
+        net = total_cash + value_base + in_base(cfds)
         rows = [
             ("AccountCode", account, ""),
             ("AccountType", "INDIVIDUAL", ""),
@@ -968,12 +996,18 @@ class GatewaySimulator:
         ]
         for c in currencies:
             held = cash.get(c, Decimal(0))
+            settled = futures.get(c, Decimal(0))
             rows += [
                 ("Currency", c, c),
                 ("CashBalance", _money(held), c),
                 ("TotalCashBalance", _money(held), c),
                 ("ExchangeRate", _dec(rates.get(c, Decimal(1))), c),
-                ("NetLiquidationByCurrency", _money(held + value.get(c, Decimal(0))), c),
+                ("FuturesPNL", _money(settled), c),
+                (
+                    "NetLiquidationByCurrency",
+                    _money(held + settled + value.get(c, Decimal(0)) + cfds.get(c, Decimal(0))),
+                    c,
+                ),
                 ("StockMarketValue", _money(value.get(c, Decimal(0))), c),
                 ("UnrealizedPnL", _money(unrealized.get(c, Decimal(0))), c),
                 ("RealizedPnL", "0.00", c),
@@ -983,10 +1017,11 @@ class GatewaySimulator:
             ("CashBalance", _money(cash_base), "BASE"),
             ("TotalCashBalance", _money(cash_base), "BASE"),
             ("ExchangeRate", "1.00", "BASE"),
+            ("FuturesPNL", _money(futures_base), "BASE"),
             ("NetLiquidationByCurrency", _money(net), "BASE"),
             ("UnrealizedPnL", _money(in_base(unrealized)), "BASE"),
             ("RealizedPnL", "0.00", "BASE"),
-            ("TotalCashValue", _money(cash_base), base),
+            ("TotalCashValue", _money(total_cash), base),
             ("GrossPositionValue", _money(in_base(gross)), base),
             ("NetLiquidation", _money(net), base),
             ("NetLiquidation-S", _money(net), base),
@@ -1307,15 +1342,25 @@ def _malformed_position_frame(pos: SimPosition | None, kind: str) -> bytes:
 
 
 def _market_value(pos: SimPosition) -> Decimal:
+    """What updatePortfolio states as the market value: quantity x price x multiplier (a
+    future's notional, too), and a bond's price is a percent of its face value."""
     try:
-        return pos.quantity * _price(pos) * _static(pos)[1]
+        return _per_unit(pos, pos.quantity * _price(pos) * _static(pos)[1])
     except (InvalidOperation, ZeroDivisionError):
         return Decimal(0)
+
+
+def _per_unit(pos: SimPosition, amount: Decimal) -> Decimal:
+    """`amount` (quantity x a price) in money: IBKR quotes a bond in percent of par, so a
+    bond's quantity (its face value) times its price is 100 times its value."""
+    return amount / 100 if pos.sec_type == "BOND" else amount
 
 
 def _price(pos: SimPosition) -> Decimal:
     if pos.market_price is not None:
         return pos.market_price
+    if pos.sec_type == "BOND":  # a percent of par; the average cost is per 1 of face
+        return pos.average_cost * 100
     return pos.average_cost / _static(pos)[1]
 
 
@@ -1367,7 +1412,7 @@ def _valuation(pos: SimPosition) -> tuple[Decimal, Decimal, Decimal]:
         except (InvalidOperation, ZeroDivisionError):
             price = Decimal(0)
         value = _market_value(pos)
-        cost = pos.quantity * pos.average_cost
+        cost = pos.quantity * pos.average_cost  # the cost of one unit of quantity, as IBKR's
         cached = (price, _money_value(value), _money_value(value - cost))
         object.__setattr__(pos, "_value", cached)  # frozen: a cache, not a field
     return cached

@@ -632,14 +632,58 @@ def test_account_values_add_up_with_ibkrs_exchange_rates(sim):
     assert currencies >= {"USD", "EUR", "JPY"}
     cash_base = sum(values["CashBalance", c] * values["ExchangeRate", c] for c in currencies)
     assert values["TotalCashValue", "USD"] == cash_base.quantize(Decimal("0.01"))
-    by_currency = {}
+    by_currency, futures = {}, {}
     for row in rows:  # market value per row, in the position's currency
-        by_currency[row[10]] = by_currency.get(row[10], 0) + Decimal(row[15])
+        sec_type, currency, market = row[4], row[10], Decimal(row[15])
+        if sec_type == "FUT":  # a notional: only the P&L is equity
+            futures[currency] = futures.get(currency, 0) + Decimal(row[17])
+        elif sec_type == "CFD":
+            by_currency[currency] = by_currency.get(currency, 0) + Decimal(row[17])
+        elif sec_type != "CASH":  # a forex position is its currency's cash, counted there
+            by_currency[currency] = by_currency.get(currency, 0) + market
+    assert {row[4] for row in rows} >= {"FUT", "CASH", "BOND"}
     value_base = sum(v * values["ExchangeRate", c] for c, v in by_currency.items())
+    futures_base = sum(v * values["ExchangeRate", c] for c, v in futures.items())
+    assert values["FuturesPNL", "BASE"] == futures_base.quantize(Decimal("0.01"))
+    assert values["TotalCashValue", "USD"] == (cash_base + futures_base).quantize(Decimal("0.01"))
     assert values["NetLiquidation", "USD"] == (
         values["TotalCashValue", "USD"] + value_base.quantize(Decimal("0.01"))
     )
     assert values["ExchangeRate", "BASE"] == 1
+
+
+def test_account_values_count_bonds_at_percent_of_par_and_futures_by_their_pnl(sim):
+    """IBKR quotes a bond in percent of par (its value is quantity x price / 100; its
+    average cost, as every position's, the cost of one unit of its quantity, 1 of face)
+    and states a future's notional as its row's market value, but counts only the
+    future's P&L in the net liquidation and none of it in the gross position value."""
+    account = "DU1234567"
+    sim.set_cash(account, {"USD": "1000"})
+    with connect(sim) as client:
+        before, rows = _download(client, account)
+        bond = next(row for row in rows if row[4] == "BOND")
+        future = next(row for row in rows if row[4] == "FUT")
+        sim.set_market_price(account, int(future[2]), Decimal(future[14]) + 10)
+        after, moved = _download(client, account)
+        sim.set_market_price(account, int(bond[2]), "99.765")
+        bond_moved = next(row for row in _download(client, account)[1] if row[4] == "BOND")
+    assert [Decimal(bond[i]) for i in (13, 14, 15, 16)] == [
+        10000,
+        Decimal("98.765"),
+        Decimal("9876.50"),
+        Decimal("0.98765"),
+    ]
+    assert Decimal(bond[17]) == 0  # bought at the price it is worth
+    assert Decimal(bond_moved[15]) == Decimal("9976.50")
+    assert Decimal(bond_moved[17]) == 100  # 1 point of 10,000 face
+    assert Decimal(future[15]) == Decimal(future[13]) * Decimal(future[14]) * 50  # notional
+    future = next(row for row in moved if row[4] == "FUT")
+    assert Decimal(future[17]) == 10 * 50  # 1 contract, 10 points, multiplier 50
+    assert after["NetLiquidation", "USD"] - before["NetLiquidation", "USD"] == 500
+    assert after["FuturesPNL", "USD"] == 500
+    assert after["TotalCashValue", "USD"] == before["TotalCashValue", "USD"] + 500
+    assert after["GrossPositionValue", "USD"] == before["GrossPositionValue", "USD"]
+    assert before["GrossPositionValue", "USD"] < 200_000 < Decimal(future[15])
 
 
 def test_prices_move_on_demand_and_only_the_values_change(sim):

@@ -485,8 +485,11 @@ class Command(IbkrCommand):
                 "(a day's values corrected by IBKR since)"
             )
         for account, reason in refused.items():
-            # Always said: an account a sync reported and did not write.
-            self.stdout.write(self.style.WARNING(f"Not written: {account}: {reason}"))
+            # Always said: an account a sync reported and did not write. The reason,
+            # written for the run's readers, names the account and says it was not
+            # written: the line says each once.
+            said = reason.removeprefix(f"{account} was not written: ")
+            self.stdout.write(self.style.WARNING(f"Not written: {account}: {said}"))
         if missing and verbosity < 2:
             self.stdout.write(
                 self.style.WARNING(

@@ -38,7 +38,7 @@ from ibkr_sync.testing import (
     load_portfolio,
     load_sample_portfolio,
 )
-from ibkr_sync.testing.flex_portfolio import FlexHistory
+from ibkr_sync.testing.flex_portfolio import RATES_TO_USD, FlexHistory
 from ibkr_sync.testing.flex_service import FakeFlexService
 
 DEMO_USER = "demo"
@@ -109,11 +109,11 @@ class Command(BaseCommand):
         _use_sqlite_file(database_file)
         call_command("migrate", verbosity=0, interactive=False)
         token = self._demo_login()
-        simulator = self._start_simulator(portfolio, gateway_port)
+        history = FlexHistory(portfolio, end=yesterday())
+        simulator = self._start_simulator(portfolio, gateway_port, history)
         flex_token = secrets.token_hex(12)
         flex = FakeFlexService(tokens=(flex_token,), host="127.0.0.1", port=flex_port)
         try:
-            history = FlexHistory(portfolio, end=yesterday())
             flex.add_statement(DEFAULT_QUERY_ID, history)
             flex.start()
             # The Flex connection reads the service's address from settings when it syncs.
@@ -194,9 +194,20 @@ class Command(BaseCommand):
         user.save()
         return Token.objects.get_or_create(user=user)[0].key
 
-    def _start_simulator(self, portfolio, port: int) -> GatewaySimulator:
+    def _start_simulator(self, portfolio, port: int, history: FlexHistory) -> GatewaySimulator:
+        """The gateway simulator of `portfolio`, holding the cash the Flex history ends
+        with, at its rates: the gateway's values carry on from the statement's last day,
+        so that an account's chart goes on where the statement's days end."""
         # Prices move a little at every sync, so that values and their history change.
-        simulator = GatewaySimulator(portfolio, host="127.0.0.1", port=port, price_drift="0.01")
+        simulator = GatewaySimulator(
+            portfolio,
+            host="127.0.0.1",
+            port=port,
+            price_drift="0.01",
+            exchange_rates=dict(RATES_TO_USD),
+        )
+        for account in history.accounts:
+            simulator.set_cash(account, history.ending_cash(account))
         simulator.start_in_thread()
         return simulator
 
