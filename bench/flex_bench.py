@@ -255,6 +255,27 @@ def create_bench_db() -> None:
     connection.creation.create_test_db(verbosity=0, autoclobber=True)
 
 
+def _start_service(statement: str, settings: Any) -> tuple[Any, Any]:
+    """The fake Flex Web Service serving `statement`, in a process of its own, and the
+    settings that point the Flex source at it: (the pipe that stops it, its process)."""
+    parent, child = multiprocessing.Pipe()
+    server = multiprocessing.Process(target=_serve, args=(statement, child), daemon=True)
+    server.start()
+    settings.IBKR_FLEX_BASE_URL = parent.recv()
+    settings.IBKR_SYNC_FLEX_SOURCE_CLASS = "bench.flex_bench.NoWaitFlexSource"
+    settings.IBKR_FLEX_READ_TIMEOUT = 600
+    return parent, server
+
+
+def _add_connection() -> None:
+    """The benchmark's Flex connection, `bench`, with its query and token."""
+    from ibkr_sync.models import Connection
+
+    flex = Connection(name="bench", kind=Connection.Kind.FLEX, flex_query_id=QUERY)
+    flex.set_flex_token(TOKEN)
+    flex.save()
+
+
 def worker_import(args: argparse.Namespace) -> dict[str, Any]:
     """One sync of the Flex connection (`--step`): the import creates the benchmark's
     database and leaves it for the re-import, which drops it after."""
@@ -262,23 +283,15 @@ def worker_import(args: argparse.Namespace) -> dict[str, Any]:
     from django.conf import settings
     from django.db import connection
 
-    from ibkr_sync.models import Connection
     from ibkr_sync.services import sync_positions
 
     if args.step == "import":
         create_bench_db()
     else:
         settings.DATABASES["default"]["NAME"] = connection.settings_dict["NAME"] = args.bench_db
-    parent, child = multiprocessing.Pipe()
-    server = multiprocessing.Process(target=_serve, args=(args.statement, child), daemon=True)
-    server.start()
-    settings.IBKR_FLEX_BASE_URL = parent.recv()
-    settings.IBKR_SYNC_FLEX_SOURCE_CLASS = "bench.flex_bench.NoWaitFlexSource"
-    settings.IBKR_FLEX_READ_TIMEOUT = 600
+    parent, server = _start_service(args.statement, settings)
     if args.step == "import":
-        flex = Connection(name="bench", kind=Connection.Kind.FLEX, flex_query_id=QUERY)
-        flex.set_flex_token(TOKEN)
-        flex.save()
+        _add_connection()
     measured: dict[str, Any] = {"bench_db": connection.settings_dict["NAME"]}
     done = False
     try:
@@ -328,19 +341,11 @@ def worker_floor(args: argparse.Namespace) -> dict[str, Any]:
     from django.conf import settings
     from django.db import connection
 
-    from ibkr_sync.models import Connection
     from ibkr_sync.services import sync_positions
 
     create_bench_db()
-    parent, child = multiprocessing.Pipe()
-    server = multiprocessing.Process(target=_serve, args=(args.statement, child), daemon=True)
-    server.start()
-    settings.IBKR_FLEX_BASE_URL = parent.recv()
-    settings.IBKR_SYNC_FLEX_SOURCE_CLASS = "bench.flex_bench.NoWaitFlexSource"
-    settings.IBKR_FLEX_READ_TIMEOUT = 600
-    flex = Connection(name="bench", kind=Connection.Kind.FLEX, flex_query_id=QUERY)
-    flex.set_flex_token(TOKEN)
-    flex.save()
+    parent, server = _start_service(args.statement, settings)
+    _add_connection()
     try:
         before = floor.rows(connection)
         try:

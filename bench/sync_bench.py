@@ -299,12 +299,7 @@ def worker_sync(args: argparse.Namespace) -> dict[str, Any]:
     from ibkr_sync.models import SyncRun
     from ibkr_sync.services import sync_positions
 
-    db = settings.DATABASES["default"]
-    if connection.vendor == "sqlite":
-        db.setdefault("TEST", {})["NAME"] = str(Path(tempfile.mkdtemp()) / "bench.sqlite3")
-    else:  # its own database, never one a test run may be using
-        db.setdefault("TEST", {})["NAME"] = f"bench_{db['NAME']}"
-    connection.creation.create_test_db(verbosity=0, autoclobber=True)
+    create_bench_db(connection, settings)
     simulator = Simulator(args.positions, args.accounts)
     settings.IBKR_HOST, settings.IBKR_PORT = "127.0.0.1", simulator.port
     settings.IBKR_REQUEST_TIMEOUT = 600
@@ -354,7 +349,7 @@ def worker_sync(args: argparse.Namespace) -> dict[str, Any]:
             )
     finally:
         simulator.stop()
-        connection.creation.destroy_test_db(db["NAME"], verbosity=0)
+        connection.creation.destroy_test_db(connection.settings_dict["NAME"], verbosity=0)
     return {"steps": steps, "rss": peak_rss_mib()}
 
 
@@ -372,12 +367,7 @@ def worker_floor(args: argparse.Namespace) -> dict[str, Any]:
     from ibkr_sync.models import SyncRun
     from ibkr_sync.services import sync_positions
 
-    db = settings.DATABASES["default"]
-    if connection.vendor == "sqlite":
-        db.setdefault("TEST", {})["NAME"] = str(Path(tempfile.mkdtemp()) / "bench.sqlite3")
-    else:
-        db.setdefault("TEST", {})["NAME"] = f"bench_{db['NAME']}"
-    connection.creation.create_test_db(verbosity=0, autoclobber=True)
+    create_bench_db(connection, settings)
     simulator = Simulator(args.positions, args.accounts)
     settings.IBKR_HOST, settings.IBKR_PORT = "127.0.0.1", simulator.port
     positions_only(settings)
@@ -392,7 +382,7 @@ def worker_floor(args: argparse.Namespace) -> dict[str, Any]:
         if simulator is not None:
             simulator.stop()
         connection.close()
-        connection.creation.destroy_test_db(db["NAME"], verbosity=0)
+        connection.creation.destroy_test_db(connection.settings_dict["NAME"], verbosity=0)
     return {**measured, "rss": peak_rss_mib()}
 
 
@@ -533,12 +523,7 @@ def worker_changelist(args: argparse.Namespace) -> dict[str, Any]:
 
     setup_test_environment()
     settings.ALLOWED_HOSTS = ["testserver"]
-    db = settings.DATABASES["default"]
-    if connection.vendor == "sqlite":
-        db.setdefault("TEST", {})["NAME"] = str(Path(tempfile.mkdtemp()) / "bench.sqlite3")
-    else:
-        db.setdefault("TEST", {})["NAME"] = f"bench_{db['NAME']}"
-    connection.creation.create_test_db(verbosity=0, autoclobber=True)
+    create_bench_db(connection, settings)
     try:
         _fill(generate_portfolio(args.positions, accounts=args.accounts, seed=SEED))
         admin = get_user_model().objects.create_superuser("bench", "", "bench")
@@ -569,7 +554,7 @@ def worker_changelist(args: argparse.Namespace) -> dict[str, Any]:
             rows[label] = {"url": url, "median": statistics.median(times), "queries": queries}
         counts = {"positions": Position.objects.count(), "instruments": Instrument.objects.count()}
     finally:
-        connection.creation.destroy_test_db(db["NAME"], verbosity=0)
+        connection.creation.destroy_test_db(connection.settings_dict["NAME"], verbosity=0)
     return {"views": rows, "counts": counts, "rss": peak_rss_mib()}
 
 
