@@ -78,6 +78,9 @@ from .writer import (
     stored_digests,
     touch_accounts,
 )
+from .writer import (
+    refusal_why as refusal_why,  # for the entry points, which say refusals
+)
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -1271,7 +1271,7 @@ def _owned_refusal(account: str) -> str:
     run is its syncing user's to read, and "another owner holds it" would tell someone
     trying account ids that one exists and is someone's. Whose it is goes to the server
     log only (`_log_owned_refusal`), for the operator."""
-    return f"{account} was not written: this connection may not write it."
+    return _not_written(account, "this connection may not write it.")
 
 
 def _log_owned_refusal(
@@ -1301,10 +1301,22 @@ def _refusal(account: str, newer: dt.datetime, by: str, this: dt.datetime, mine:
         source = "this connection"
     else:  # another connection's name is its owner's to see, not this run's readers'
         source = "another connection"
-    return (
-        f"{account} was not written: {source} reported it as of {_moment(newer)}, after "
-        f"this snapshot ({_moment(this)}); that newer report stands."
+    return _not_written(
+        account,
+        f"{source} reported it as of {_moment(newer)}, after this snapshot "
+        f"({_moment(this)}); that newer report stands.",
     )
+
+
+def _not_written(account: str, why: str) -> str:
+    """A refusal's reason, as the run records it: a sentence that names its account."""
+    return f"{account} was not written: {why}"
+
+
+def refusal_why(account: str, reason: str) -> str:
+    """A refusal's reason without the account it names, for a line that names it already
+    (`sync_ibkr`'s "Not written: <account>: ..."); a reason recorded otherwise, whole."""
+    return reason.removeprefix(_not_written(account, ""))
 
 
 def _moment(value: dt.datetime) -> str:

@@ -41,6 +41,7 @@ from ...services import (
     queue_all,
     queue_sync,
     queues,
+    refusal_why,
     sync_all,
     sync_period,
     sync_positions,
@@ -485,10 +486,9 @@ class Command(IbkrCommand):
                 "(a day's values corrected by IBKR since)"
             )
         for account, reason in refused.items():
-            # Always said: an account a sync reported and did not write. The reason,
-            # written for the run's readers, names the account and says it was not
-            # written: the line says each once.
-            said = reason.removeprefix(f"{account} was not written: ")
+            # Always said: an account a sync reported and did not write (the account
+            # once: the recorded reason names it too).
+            said = refusal_why(account, reason)
             self.stdout.write(self.style.WARNING(f"Not written: {account}: {said}"))
         if missing and verbosity < 2:
             self.stdout.write(
